@@ -1,0 +1,170 @@
+//! Batch lifecycle events in one versioned envelope.
+//!
+//! JSON form (what a consumer in any language reads):
+//! ```json
+//! {"id":"evt_01J…","type":"BatchCompleted","version":1,"occurred_at":"2026-11-23T12:00:00.000Z",
+//!  "batch_id":"bat_01J…","client_id":"cli_01J…",
+//!  "payload":{"records_total":3,"records_written":2,"records_unchanged":0,"records_failed":1,"duration_ms":12}}
+//! ```
+//! Events are small: ids and counts, never the records themselves.
+
+use serde::{Deserialize, Serialize};
+
+use crate::ids::{BatchId, ClientId, EventId, ImportId};
+use crate::{ImportFormat, time};
+
+/// The envelope version this code writes and understands.
+pub const ENVELOPE_VERSION: u32 = 1;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Envelope {
+    pub id: EventId,
+    pub version: u32,
+    pub occurred_at: String,
+    pub batch_id: BatchId,
+    pub client_id: ClientId,
+    #[serde(flatten)]
+    pub event: Event,
+}
+
+impl Envelope {
+    pub fn new(batch_id: BatchId, client_id: ClientId, occurred_at_ms: i64, event: Event) -> Self {
+        Self {
+            id: EventId::generate(),
+            version: ENVELOPE_VERSION,
+            occurred_at: time::rfc3339(occurred_at_ms),
+            batch_id,
+            client_id,
+            event,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", content = "payload")]
+pub enum Event {
+    BatchCreated(BatchCreated),
+    BatchReady(BatchReady),
+    BatchCompleted(BatchCompleted),
+    BatchFailed(BatchFailed),
+    BatchRejected(BatchRejected),
+    BatchDead(BatchDead),
+}
+
+impl Event {
+    /// The event's name, as in the envelope's `type`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::BatchCreated(_) => "BatchCreated",
+            Self::BatchReady(_) => "BatchReady",
+            Self::BatchCompleted(_) => "BatchCompleted",
+            Self::BatchFailed(_) => "BatchFailed",
+            Self::BatchRejected(_) => "BatchRejected",
+            Self::BatchDead(_) => "BatchDead",
+        }
+    }
+
+    /// The topic routing key, `batch.<state>`.
+    pub fn routing_key(&self) -> &'static str {
+        match self {
+            Self::BatchCreated(_) => "batch.created",
+            Self::BatchReady(_) => "batch.ready",
+            Self::BatchCompleted(_) => "batch.completed",
+            Self::BatchFailed(_) => "batch.failed",
+            Self::BatchRejected(_) => "batch.rejected",
+            Self::BatchDead(_) => "batch.dead",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BatchCreated {
+    pub import_id: ImportId,
+    pub format: ImportFormat,
+    pub records: u64,
+    pub bytes: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BatchReady {
+    pub import_id: ImportId,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BatchCompleted {
+    pub records_total: u64,
+    pub records_written: u64,
+    pub records_unchanged: u64,
+    pub records_failed: u64,
+    pub duration_ms: u64,
+}
+
+/// One attempt failed; the batch is retried at `retry_at` unless it went `dead`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BatchFailed {
+    pub attempt: u32,
+    pub error: String,
+    pub retry_at: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BatchRejected {
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BatchDead {
+    pub attempts: u32,
+    pub error: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn envelope_round_trips_with_documented_shape() {
+        let env = Envelope::new(
+            BatchId::generate(),
+            ClientId::generate(),
+            0,
+            Event::BatchCompleted(BatchCompleted {
+                records_total: 3,
+                records_written: 2,
+                records_unchanged: 0,
+                records_failed: 1,
+                duration_ms: 12,
+            }),
+        );
+        let v = serde_json::to_value(&env).unwrap();
+        assert_eq!(v["type"], "BatchCompleted");
+        assert_eq!(v["version"], 1);
+        assert_eq!(v["occurred_at"], "1970-01-01T00:00:00.000Z");
+        assert_eq!(v["payload"]["records_failed"], 1);
+        assert!(v["id"].as_str().unwrap().starts_with("evt_"));
+        let back: Envelope = serde_json::from_value(v).unwrap();
+        assert_eq!(back, env);
+    }
+
+    #[test]
+    fn every_event_round_trips() {
+        let events = [
+            Event::BatchCreated(BatchCreated {
+                import_id: ImportId::generate(),
+                format: ImportFormat::Csv,
+                records: 1,
+                bytes: 2,
+            }),
+            Event::BatchReady(BatchReady { import_id: ImportId::generate() }),
+            Event::BatchFailed(BatchFailed { attempt: 1, error: "e".into(), retry_at: "t".into() }),
+            Event::BatchRejected(BatchRejected { reason: "r".into() }),
+            Event::BatchDead(BatchDead { attempts: 5, error: "e".into() }),
+        ];
+        for ev in events {
+            let env = Envelope::new(BatchId::generate(), ClientId::generate(), 1, ev);
+            let json = serde_json::to_string(&env).unwrap();
+            assert!(json.contains(env.event.kind()));
+            assert_eq!(serde_json::from_str::<Envelope>(&json).unwrap(), env);
+        }
+    }
+}

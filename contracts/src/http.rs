@@ -1,0 +1,118 @@
+//! Request and response bodies of the HTTP API. Request bodies reject unknown fields so a
+//! typo is a 400, not a silently ignored setting.
+
+use serde::{Deserialize, Serialize};
+
+use crate::ids::{BatchId, ClientId, ImportId};
+use crate::policy::{Policy, PolicyPatch};
+use crate::{BatchStatus, ImportFormat};
+
+/// Every 4xx and 5xx body: a stable machine-readable `code` and a human `detail`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub code: String,
+    pub detail: String,
+}
+
+/// `POST /v1/imports` answers (202 new, 200 duplicate) and `GET /v1/imports/{id}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImportView {
+    pub id: ImportId,
+    pub batch_id: BatchId,
+    pub status: BatchStatus,
+    pub format: ImportFormat,
+    pub records: u64,
+    pub bytes: u64,
+    /// Hex SHA-256 of the request body.
+    pub checksum: String,
+    pub created_at: String,
+    /// True when this answer is the earlier import with the same payload.
+    pub duplicate: bool,
+}
+
+/// `GET /v1/batches/{id}` and the items of `GET /v1/batches`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BatchView {
+    pub id: BatchId,
+    pub import_id: ImportId,
+    pub status: BatchStatus,
+    pub records_total: u64,
+    /// Records handled so far (the checkpoint); equals `records_total` once completed.
+    pub records_processed: u64,
+    pub records_written: u64,
+    pub records_unchanged: u64,
+    pub records_failed: u64,
+    pub attempts: u32,
+    pub last_error: Option<String>,
+    pub created_at: String,
+    pub started_at: Option<String>,
+    pub completed_at: Option<String>,
+    /// First claim to completion.
+    pub duration_ms: Option<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BatchPage {
+    pub items: Vec<BatchView>,
+    /// Pass as `cursor` to get the next page; absent on the last page.
+    pub next_cursor: Option<String>,
+}
+
+/// One record that could not be stored, with where it came from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecordErrorView {
+    /// 1-based line in the submitted file (CSV: the header is line 1).
+    pub line: u64,
+    pub field: Option<String>,
+    pub code: String,
+    pub detail: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecordErrorPage {
+    pub items: Vec<RecordErrorView>,
+    pub next_cursor: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateClient {
+    pub name: String,
+    #[serde(default)]
+    pub policy: Option<PolicyPatch>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClientView {
+    pub id: ClientId,
+    pub name: String,
+    pub active: bool,
+    pub created_at: String,
+    pub policy: Policy,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateKey {
+    /// A note for operators, e.g. which service holds the key.
+    #[serde(default)]
+    pub label: Option<String>,
+}
+
+/// The only time the secret is ever shown.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyCreated {
+    pub key_id: String,
+    pub client_id: ClientId,
+    pub api_key: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyView {
+    pub key_id: String,
+    pub client_id: ClientId,
+    pub label: Option<String>,
+    pub created_at: String,
+    pub revoked_at: Option<String>,
+    pub last_used_at: Option<String>,
+}

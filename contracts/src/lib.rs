@@ -1,0 +1,19 @@
+//! DataFlow wire types: everything that crosses a process boundary, and nothing that does I/O.
+//!
+//! Layout:
+//! - [`ids`]: prefixed, time-sortable identifiers (`cli_…`, `imp_…`, `bat_…`, `evt_…`).
+//! - [`batch`]: batch lifecycle states and import formats.
+//! - [`policy`]: the per-client policy and its validation.
+//! - [`events`]: the versioned event envelope and the batch lifecycle events.
+//! - [`http`]: request and response bodies of the HTTP API.
+
+pub mod batch;
+pub mod events;
+pub mod http;
+pub mod ids;
+pub mod policy;
+pub mod time;
+
+pub use batch::{BatchStatus, ImportFormat};
+pub use ids::{BatchId, ClientId, EventId, IdError, ImportId};
+pub use policy::Policy;

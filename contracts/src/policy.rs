@@ -1,0 +1,192 @@
+//! The per-client policy: limits and rules applied to every import of one client.
+
+use serde::{Deserialize, Serialize};
+
+/// Upper bound for any field name a policy mentions; longer names are certainly mistakes.
+const MAX_FIELD_NAME: usize = 128;
+
+/// A client's policy as stored and as returned by `GET /admin/clients/{id}/policy`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Policy {
+    /// Largest accepted request body, in bytes (capped by the server's own limit).
+    pub max_payload_bytes: u64,
+    /// Most records one import may carry.
+    pub max_records: u64,
+    /// Fields every record must have, non-empty; records without them become row errors.
+    pub required_fields: Vec<String>,
+    /// The field whose value identifies a record: re-importing the same key updates it.
+    pub key_field: String,
+    /// Records accepted per UTC day across all imports; `None` means unlimited.
+    pub daily_record_quota: Option<u64>,
+    /// Sustained request rate.
+    pub rate_per_minute: u32,
+    /// Requests allowed at once above the sustained rate.
+    pub rate_burst: u32,
+    /// How long an identical payload is answered with the first import instead of a new one.
+    pub dedup_window_secs: u64,
+    /// New batches wait in `awaiting_approval` until an operator approves them.
+    pub approval_required: bool,
+    /// Where batch results are mailed.
+    pub notify_email: Option<String>,
+    /// Where batch events are delivered.
+    pub webhook_url: Option<String>,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Self {
+            max_payload_bytes: 32 * 1024 * 1024,
+            max_records: 1_000_000,
+            required_fields: Vec::new(),
+            key_field: "id".to_owned(),
+            daily_record_quota: None,
+            rate_per_minute: 600,
+            rate_burst: 60,
+            dedup_window_secs: 24 * 3600,
+            approval_required: false,
+            notify_email: None,
+            webhook_url: None,
+        }
+    }
+}
+
+/// A partial update: only the fields present change. `null` clears an optional field.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyPatch {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_payload_bytes: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_records: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub required_fields: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_field: Option<String>,
+    #[serde(default, with = "double_option", skip_serializing_if = "Option::is_none")]
+    pub daily_record_quota: Option<Option<u64>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_per_minute: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_burst: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dedup_window_secs: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub approval_required: Option<bool>,
+    #[serde(default, with = "double_option", skip_serializing_if = "Option::is_none")]
+    pub notify_email: Option<Option<String>>,
+    #[serde(default, with = "double_option", skip_serializing_if = "Option::is_none")]
+    pub webhook_url: Option<Option<String>>,
+}
+
+/// Distinguishes an absent field (`None`) from an explicit `null` (`Some(None)`).
+mod double_option {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    pub fn serialize<T: Serialize, S: Serializer>(v: &Option<Option<T>>, s: S) -> Result<S::Ok, S::Error> {
+        match v {
+            Some(inner) => inner.serialize(s),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, T: Deserialize<'de>, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<Option<T>>, D::Error> {
+        Option::<T>::deserialize(d).map(Some)
+    }
+}
+
+impl Policy {
+    /// Applies a patch and validates the result; the policy is unchanged on error.
+    pub fn patched(&self, patch: &PolicyPatch) -> Result<Policy, String> {
+        let mut p = self.clone();
+        macro_rules! take {
+            ($($f:ident),*) => { $(if let Some(v) = &patch.$f { p.$f = v.clone(); })* };
+        }
+        take!(
+            max_payload_bytes,
+            max_records,
+            required_fields,
+            key_field,
+            daily_record_quota,
+            rate_per_minute,
+            rate_burst,
+            dedup_window_secs,
+            approval_required,
+            notify_email,
+            webhook_url
+        );
+        p.validate()?;
+        Ok(p)
+    }
+
+    /// Checks the rules a policy must satisfy; the message names the offending field.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.max_payload_bytes == 0 {
+            return Err("max_payload_bytes must be at least 1".into());
+        }
+        if self.max_records == 0 {
+            return Err("max_records must be at least 1".into());
+        }
+        if self.rate_per_minute == 0 || self.rate_burst == 0 {
+            return Err("rate_per_minute and rate_burst must be at least 1".into());
+        }
+        check_field_name("key_field", &self.key_field)?;
+        for f in &self.required_fields {
+            check_field_name("required_fields", f)?;
+        }
+        if let Some(email) = &self.notify_email {
+            let (local, domain) = email.split_once('@').unwrap_or(("", ""));
+            if local.is_empty() || !domain.contains('.') || email.chars().any(char::is_whitespace) {
+                return Err(format!("notify_email `{email}` is not an email address"));
+            }
+        }
+        if let Some(url) = &self.webhook_url
+            && !(url.starts_with("https://") || url.starts_with("http://"))
+        {
+            return Err(format!("webhook_url `{url}` must be an http(s) URL"));
+        }
+        Ok(())
+    }
+}
+
+fn check_field_name(what: &str, name: &str) -> Result<(), String> {
+    if name.trim().is_empty() {
+        return Err(format!("{what}: field names must not be empty"));
+    }
+    if name.len() > MAX_FIELD_NAME {
+        return Err(format!("{what}: field name longer than {MAX_FIELD_NAME} bytes"));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_policy_is_valid() {
+        Policy::default().validate().unwrap();
+    }
+
+    #[test]
+    fn patch_distinguishes_absent_from_null() {
+        let base = Policy { notify_email: Some("ops@example.com".into()), ..Policy::default() };
+        let keep: PolicyPatch = serde_json::from_str(r#"{"rate_burst": 5}"#).unwrap();
+        let p = base.patched(&keep).unwrap();
+        assert_eq!(p.rate_burst, 5);
+        assert_eq!(p.notify_email.as_deref(), Some("ops@example.com"));
+        let clear: PolicyPatch = serde_json::from_str(r#"{"notify_email": null}"#).unwrap();
+        assert_eq!(base.patched(&clear).unwrap().notify_email, None);
+    }
+
+    #[test]
+    fn patch_rejects_unknown_fields_and_bad_values() {
+        assert!(serde_json::from_str::<PolicyPatch>(r#"{"rate": 5}"#).is_err());
+        let zero: PolicyPatch = serde_json::from_str(r#"{"rate_per_minute": 0}"#).unwrap();
+        assert!(Policy::default().patched(&zero).is_err());
+        let email: PolicyPatch = serde_json::from_str(r#"{"notify_email": "nope"}"#).unwrap();
+        assert!(Policy::default().patched(&email).unwrap_err().contains("notify_email"));
+    }
+}
