@@ -7,6 +7,7 @@ use crate::ids::{BatchId, ClientId, ImportId};
 use crate::policy::{Policy, PolicyPatch};
 use crate::{BatchStatus, ImportFormat};
 
+
 /// Every 4xx and 5xx body: a stable machine-readable `code` and a human `detail`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ErrorBody {
@@ -115,4 +116,15 @@ pub struct KeyView {
     pub created_at: String,
     pub revoked_at: Option<String>,
     pub last_used_at: Option<String>,
+}
+
+/// `GET /v1/records/{key}`: one stored record.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RecordView {
+    pub key: String,
+    pub data: serde_json::Value,
+    pub checksum: String,
+    /// The batch that last changed it.
+    pub batch_id: BatchId,
+    pub updated_at: String,
 }

@@ -1,1 +1,26 @@
+//! DataFlow's adapters: everything that talks to the outside world or holds shared state,
+//! each with an embedded backend so the whole system runs with no servers.
+//!
+//! Layout:
+//! - [`config`]: the one validated configuration struct.
+//! - [`backends`]: the factory that picks every backend from config.
+//! - [`db`]: the SQL ledger (SQLite or PostgreSQL).
+//! - [`records`]: parsing CSV and NDJSON bodies under limits.
+//! - [`keys`]: API key minting and verification.
+//! - [`limiter`], [`lockout`], [`cache`]: request-path guards.
+//! - [`events`]: the outbox relay and event publishers.
 
+pub mod backends;
+pub mod cache;
+pub mod config;
+pub mod db;
+mod error;
+pub mod events;
+pub mod keys;
+pub mod limiter;
+pub mod lockout;
+pub mod records;
+
+pub use backends::Backends;
+pub use config::Config;
+pub use error::{Error, Result};

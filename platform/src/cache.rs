@@ -1,0 +1,199 @@
+//! Cache-aside for lookups on the request path (API keys, clients and their policies).
+//!
+//! - TTL with ±10 % jitter, so entries loaded together do not expire together;
+//! - single-flight: concurrent misses for one key share one load;
+//! - negative caching: "not found" is kept for a shorter TTL, so unknown keys cannot hammer SQL;
+//! - invalidation wins over in-flight loads: a load that started before an invalidation is
+//!   returned to its callers but never stored.
+//!
+//! This is the in-process tier; a shared tier plugs in behind it.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use futures::FutureExt;
+use futures::future::{BoxFuture, Shared};
+use rand::Rng;
+
+/// Beyond this many entries, expired ones are dropped; if that is not enough, all are.
+const MAX_ENTRIES: usize = 100_000;
+
+type Load<V> = Shared<BoxFuture<'static, Result<Option<V>, String>>>;
+
+enum Slot<V> {
+    Ready { value: Option<V>, expires: Instant },
+    Loading { generation: u64, load: Load<V> },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct CacheStats {
+    pub hits: u64,
+    pub misses: u64,
+}
+
+pub struct Cache<V: Clone> {
+    ttl: Duration,
+    negative_ttl: Duration,
+    slots: Mutex<HashMap<String, Slot<V>>>,
+    generation: AtomicU64,
+    hits: AtomicU64,
+    misses: AtomicU64,
+}
+
+impl<V: Clone + Send + Sync + 'static> Cache<V> {
+    pub fn new(ttl: Duration, negative_ttl: Duration) -> Self {
+        Self {
+            ttl,
+            negative_ttl,
+            slots: Mutex::new(HashMap::new()),
+            generation: AtomicU64::new(0),
+            hits: AtomicU64::new(0),
+            misses: AtomicU64::new(0),
+        }
+    }
+
+    /// The cached value, or the result of `load` (shared with concurrent callers).
+    /// A load error is returned to every waiter and nothing is cached.
+    pub async fn get_or_load<F, Fut>(&self, key: &str, load: F) -> Result<Option<V>, String>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<Option<V>, String>> + Send + 'static,
+    {
+        let (generation, shared) = {
+            let mut slots = self.lock();
+            match slots.get(key) {
+                Some(Slot::Ready { value, expires }) if *expires > Instant::now() => {
+                    self.hits.fetch_add(1, Ordering::Relaxed);
+                    return Ok(value.clone());
+                }
+                Some(Slot::Loading { generation, load }) => {
+                    self.hits.fetch_add(1, Ordering::Relaxed);
+                    (*generation, load.clone())
+                }
+                _ => {
+                    self.misses.fetch_add(1, Ordering::Relaxed);
+                    if slots.len() >= MAX_ENTRIES {
+                        Self::shrink(&mut slots);
+                    }
+                    let generation = self.generation.fetch_add(1, Ordering::Relaxed);
+                    let shared = load().boxed().shared();
+                    slots.insert(key.to_owned(), Slot::Loading { generation, load: shared.clone() });
+                    (generation, shared)
+                }
+            }
+        };
+        let result = shared.await;
+        let mut slots = self.lock();
+        // Store only if our load is still the one registered: an invalidation removed it.
+        if let Some(Slot::Loading { generation: g, .. }) = slots.get(key)
+            && *g == generation
+        {
+            match &result {
+                Ok(value) => {
+                    let ttl = if value.is_some() { self.jittered_ttl() } else { self.negative_ttl };
+                    let slot = Slot::Ready { value: value.clone(), expires: Instant::now() + ttl };
+                    slots.insert(key.to_owned(), slot);
+                }
+                Err(_) => {
+                    slots.remove(key);
+                }
+            }
+        }
+        result
+    }
+
+    /// Drops `key`; the next lookup reloads it. Loads already running are not stored.
+    pub fn invalidate(&self, key: &str) {
+        self.lock().remove(key);
+    }
+
+    pub fn stats(&self) -> CacheStats {
+        CacheStats { hits: self.hits.load(Ordering::Relaxed), misses: self.misses.load(Ordering::Relaxed) }
+    }
+
+    fn jittered_ttl(&self) -> Duration {
+        self.ttl.mul_f64(rand::rng().random_range(0.9..1.1))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Slot<V>>> {
+        self.slots.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn shrink(slots: &mut HashMap<String, Slot<V>>) {
+        let now = Instant::now();
+        slots.retain(|_, s| !matches!(s, Slot::Ready { expires, .. } if *expires <= now));
+        if slots.len() >= MAX_ENTRIES {
+            slots.retain(|_, s| matches!(s, Slot::Loading { .. }));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+    use std::sync::atomic::AtomicUsize;
+
+    fn cache() -> Cache<String> {
+        Cache::new(Duration::from_secs(60), Duration::from_millis(50))
+    }
+
+    #[tokio::test]
+    async fn concurrent_misses_share_one_load() {
+        let c = Arc::new(cache());
+        let loads = Arc::new(AtomicUsize::new(0));
+        let tasks: Vec<_> = (0..20)
+            .map(|_| {
+                let (c, loads) = (c.clone(), loads.clone());
+                tokio::spawn(async move {
+                    c.get_or_load("k", || async move {
+                        loads.fetch_add(1, Ordering::SeqCst);
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        Ok(Some("v".to_owned()))
+                    })
+                    .await
+                })
+            })
+            .collect();
+        for t in tasks {
+            assert_eq!(t.await.unwrap().unwrap().as_deref(), Some("v"));
+        }
+        assert_eq!(loads.load(Ordering::SeqCst), 1);
+        assert_eq!(c.stats().misses, 1);
+        assert_eq!(c.stats().hits, 19);
+    }
+
+    #[tokio::test]
+    async fn negative_entries_expire_quickly_and_errors_are_not_cached() {
+        let c = cache();
+        assert_eq!(c.get_or_load("k", || async { Ok(None) }).await.unwrap(), None);
+        assert_eq!(c.get_or_load("k", || async { Ok(Some("late".into())) }).await.unwrap(), None);
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        assert_eq!(c.get_or_load("k", || async { Ok(Some("v".into())) }).await.unwrap().as_deref(), Some("v"));
+        assert!(c.get_or_load("e", || async { Err("down".to_owned()) }).await.is_err());
+        assert_eq!(c.get_or_load("e", || async { Ok(Some("up".into())) }).await.unwrap().as_deref(), Some("up"));
+    }
+
+    #[tokio::test]
+    async fn invalidation_beats_an_in_flight_load() {
+        let c = Arc::new(cache());
+        let gate = Arc::new(tokio::sync::Notify::new());
+        let (c2, g2) = (c.clone(), gate.clone());
+        let stale = tokio::spawn(async move {
+            c2.get_or_load("k", || async move {
+                g2.notified().await;
+                Ok(Some("old".to_owned()))
+            })
+            .await
+        });
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        c.invalidate("k");
+        gate.notify_one();
+        assert_eq!(stale.await.unwrap().unwrap().as_deref(), Some("old"));
+        let fresh = c.get_or_load("k", || async { Ok(Some("new".to_owned())) }).await.unwrap();
+        assert_eq!(fresh.as_deref(), Some("new"), "the stale load must not have been stored");
+    }
+}

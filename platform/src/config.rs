@@ -1,0 +1,372 @@
+//! Configuration: built-in defaults, then an optional TOML file, then the environment,
+//! merged into one struct and validated once at startup.
+//!
+//! Environment names: `DATABASE_URL` for the ledger, and `DATAFLOW_<KEY>` or
+//! `DATAFLOW_<SECTION>__<KEY>` for everything else (`DATAFLOW_WORKER__CONCURRENCY=8`).
+//! Values are read as TOML scalars (`8`, `true`) and otherwise as strings. Unknown keys are
+//! errors, so a misspelt variable does not silently fall back to a default.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::{Error, Result};
+
+/// Environment variables with the `DATAFLOW_` prefix that are not configuration keys.
+const NON_CONFIG_ENV: &[&str] = &["DATAFLOW_CONFIG", "DATAFLOW_LOG", "DATAFLOW_TEST_"];
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// `sqlite://path` or `postgres://…`. Default: `sqlite://<data_dir>/dataflow.db`.
+    pub database_url: Option<String>,
+    /// Where the embedded database, the generated operator token and server secret live.
+    pub data_dir: PathBuf,
+    /// Address the HTTP API binds.
+    pub listen: SocketAddr,
+    /// Bearer token for `/admin`. Generated into the data folder when unset.
+    pub admin_token: Option<Secret>,
+    /// Key for the HMAC that stores API key secrets. Generated into the data folder when unset.
+    pub secret: Option<Secret>,
+    /// Connections in the SQL pool.
+    pub db_max_connections: u32,
+    pub api: ApiConfig,
+    pub worker: WorkerConfig,
+    pub outbox: OutboxConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            database_url: None,
+            data_dir: PathBuf::from("data"),
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            admin_token: None,
+            secret: None,
+            db_max_connections: 10,
+            api: ApiConfig::default(),
+            worker: WorkerConfig::default(),
+            outbox: OutboxConfig::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ApiConfig {
+    /// Hard cap on any request body; a client's policy can only lower it.
+    pub max_body_bytes: u64,
+    /// Longest accepted value of one field.
+    pub max_field_bytes: usize,
+    /// Longest accepted `Idempotency-Key`.
+    pub max_idempotency_key_len: usize,
+    /// How long a finished idempotent response is replayed.
+    pub idempotency_ttl_secs: u64,
+    /// A request with the same key still "in progress" after this long was abandoned.
+    pub idempotency_lock_secs: u64,
+    /// Whole-request deadline.
+    pub request_timeout_secs: u64,
+    /// Imports one client may have in flight on this process at once.
+    pub max_concurrent_imports_per_client: usize,
+    /// Use the left-most `X-Forwarded-For` address as the client IP (only behind a proxy).
+    pub trust_forwarded_for: bool,
+    /// Failed authentications per IP or key id within `auth_window_secs` before lock-out.
+    pub auth_max_failures: u32,
+    pub auth_window_secs: u64,
+    pub auth_lockout_secs: u64,
+    /// Per-IP limit on requests that carry no valid key.
+    pub anonymous_rate_per_minute: u32,
+    pub anonymous_rate_burst: u32,
+    /// How long a key or client lookup is cached, with ±10 % jitter.
+    pub cache_ttl_ms: u64,
+    /// How long "no such key" is cached.
+    pub cache_negative_ttl_ms: u64,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        Self {
+            max_body_bytes: 64 * 1024 * 1024,
+            max_field_bytes: 64 * 1024,
+            max_idempotency_key_len: 255,
+            idempotency_ttl_secs: 24 * 3600,
+            idempotency_lock_secs: 120,
+            request_timeout_secs: 120,
+            max_concurrent_imports_per_client: 8,
+            trust_forwarded_for: false,
+            auth_max_failures: 10,
+            auth_window_secs: 300,
+            auth_lockout_secs: 300,
+            anonymous_rate_per_minute: 120,
+            anonymous_rate_burst: 30,
+            cache_ttl_ms: 30_000,
+            cache_negative_ttl_ms: 2_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WorkerConfig {
+    /// Batches processed at once by one worker process.
+    pub concurrency: usize,
+    /// Records per committed chunk (and per checkpoint).
+    pub chunk_size: usize,
+    /// Lease length; every chunk renews it.
+    pub lease_secs: u64,
+    /// SQL polling interval when no wake-up arrives.
+    pub poll_interval_ms: u64,
+    /// Attempts before a batch is `dead`.
+    pub max_attempts: u32,
+    /// Retry backoff: base × 2^(attempt-1), capped.
+    pub retry_base_ms: u64,
+    pub retry_max_ms: u64,
+    /// On shutdown, in-flight batches get this long to finish before they are released.
+    pub shutdown_grace_secs: u64,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        Self {
+            concurrency: 4,
+            chunk_size: 5_000,
+            lease_secs: 30,
+            poll_interval_ms: 1_000,
+            max_attempts: 5,
+            retry_base_ms: 1_000,
+            retry_max_ms: 300_000,
+            shutdown_grace_secs: 10,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OutboxConfig {
+    /// Safety-net polling interval; commits wake the relay directly.
+    pub poll_interval_ms: u64,
+    /// Published rows are deleted after this long.
+    pub retention_secs: u64,
+    /// Rows per relay round.
+    pub batch_size: u32,
+}
+
+impl Default for OutboxConfig {
+    fn default() -> Self {
+        Self { poll_interval_ms: 1_000, retention_secs: 7 * 24 * 3600, batch_size: 500 }
+    }
+}
+
+/// A string that never appears in logs or `Debug` output.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Self {
+        Self(s.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(****)")
+    }
+}
+
+impl Config {
+    /// Defaults, then `file` (or `./dataflow.toml` when it exists), then the process environment.
+    pub fn load(file: Option<&Path>) -> Result<Config> {
+        let default_file = Path::new("dataflow.toml");
+        let file = file.or_else(|| default_file.exists().then_some(default_file));
+        let file_text = match file {
+            Some(path) => Some(std::fs::read_to_string(path).map_err(|e| {
+                Error::Config(format!("cannot read config file {}: {e}", path.display()))
+            })?),
+            None => None,
+        };
+        Self::from_sources(file_text.as_deref(), std::env::vars())
+    }
+
+    /// The merge itself, separated from the process environment so tests can drive it.
+    pub fn from_sources(
+        file_text: Option<&str>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config> {
+        let mut merged = toml::Value::try_from(Config::default())
+            .map_err(|e| Error::Config(format!("defaults: {e}")))?;
+        if let Some(text) = file_text {
+            let file: toml::Value =
+                text.parse().map_err(|e| Error::Config(format!("config file: {e}")))?;
+            merge(&mut merged, file);
+        }
+        for (name, raw) in env {
+            let path: Vec<String> = if name == "DATABASE_URL" {
+                vec!["database_url".into()]
+            } else if let Some(rest) = name.strip_prefix("DATAFLOW_") {
+                if NON_CONFIG_ENV.iter().any(|p| name.starts_with(p)) {
+                    continue;
+                }
+                rest.to_ascii_lowercase().split("__").map(str::to_owned).collect()
+            } else {
+                continue;
+            };
+            set_path(&mut merged, &path, scalar(&raw));
+        }
+        let config: Config = merged
+            .try_into()
+            .map_err(|e: toml::de::Error| Error::Config(e.message().to_owned()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Rules that serde's types cannot express.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: &str| Err(Error::Config(m.to_owned()));
+        let url = self.database_url();
+        if !(url.starts_with("sqlite:") || url.starts_with("postgres:") || url.starts_with("postgresql:")) {
+            return bad("database_url must start with sqlite:, postgres: or postgresql:");
+        }
+        if self.db_max_connections == 0 {
+            return bad("db_max_connections must be at least 1");
+        }
+        if self.worker.concurrency == 0 || self.worker.chunk_size == 0 {
+            return bad("worker.concurrency and worker.chunk_size must be at least 1");
+        }
+        if self.worker.chunk_size > 100_000 {
+            return bad("worker.chunk_size must be at most 100000");
+        }
+        if self.worker.lease_secs < 2 {
+            return bad("worker.lease_secs must be at least 2");
+        }
+        if self.worker.max_attempts == 0 {
+            return bad("worker.max_attempts must be at least 1");
+        }
+        if self.api.max_body_bytes == 0 || self.api.max_field_bytes == 0 {
+            return bad("api.max_body_bytes and api.max_field_bytes must be at least 1");
+        }
+        if self.api.auth_max_failures == 0 {
+            return bad("api.auth_max_failures must be at least 1");
+        }
+        if self.api.anonymous_rate_per_minute == 0 || self.api.anonymous_rate_burst == 0 {
+            return bad("api.anonymous_rate_per_minute and api.anonymous_rate_burst must be at least 1");
+        }
+        if self.api.max_concurrent_imports_per_client == 0 {
+            return bad("api.max_concurrent_imports_per_client must be at least 1");
+        }
+        for (name, s) in [("admin_token", &self.admin_token), ("secret", &self.secret)] {
+            if let Some(s) = s
+                && s.expose().len() < 16
+            {
+                return Err(Error::Config(format!("{name} must be at least 16 characters")));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn database_url(&self) -> String {
+        self.database_url.clone().unwrap_or_else(|| {
+            format!("sqlite://{}", self.data_dir.join("dataflow.db").display())
+        })
+    }
+
+    pub fn lease(&self) -> Duration {
+        Duration::from_secs(self.worker.lease_secs)
+    }
+}
+
+fn merge(base: &mut toml::Value, over: toml::Value) {
+    match (base, over) {
+        (toml::Value::Table(b), toml::Value::Table(o)) => {
+            for (k, v) in o {
+                match b.get_mut(&k) {
+                    Some(existing) => merge(existing, v),
+                    None => {
+                        b.insert(k, v);
+                    }
+                }
+            }
+        }
+        (slot, v) => *slot = v,
+    }
+}
+
+fn set_path(root: &mut toml::Value, path: &[String], value: toml::Value) {
+    let mut cur = root;
+    for (i, key) in path.iter().enumerate() {
+        let toml::Value::Table(t) = cur else { return };
+        if i + 1 == path.len() {
+            t.insert(key.clone(), value);
+            return;
+        }
+        cur = t.entry(key.clone()).or_insert_with(|| toml::Value::Table(Default::default()));
+    }
+}
+
+/// `8` → integer, `true` → bool, `[…]` → array; anything else is the raw string.
+fn scalar(raw: &str) -> toml::Value {
+    format!("v = {raw}")
+        .parse::<toml::Table>()
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .filter(|v| !v.is_table())
+        .unwrap_or_else(|| toml::Value::String(raw.to_owned()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn defaults_are_embedded_sqlite_on_loopback() {
+        let c = Config::from_sources(None, env(&[])).unwrap();
+        assert_eq!(c.database_url(), "sqlite://data/dataflow.db");
+        assert_eq!(c.listen.to_string(), "127.0.0.1:8080");
+    }
+
+    #[test]
+    fn env_overrides_file_overrides_defaults() {
+        let file = "listen = \"0.0.0.0:9000\"\n[worker]\nconcurrency = 2\nchunk_size = 10\n";
+        let c = Config::from_sources(
+            Some(file),
+            env(&[
+                ("DATAFLOW_WORKER__CONCURRENCY", "7"),
+                ("DATABASE_URL", "postgres://x@localhost/db"),
+                ("DATAFLOW_TEST_REQUIRE_SERVICES", "1"),
+                ("HOME", "/root"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.listen.port(), 9000);
+        assert_eq!(c.worker.concurrency, 7);
+        assert_eq!(c.worker.chunk_size, 10);
+        assert_eq!(c.database_url(), "postgres://x@localhost/db");
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_errors() {
+        assert!(Config::from_sources(None, env(&[("DATAFLOW_WORKER__CONCURENCY", "2")])).is_err());
+        assert!(Config::from_sources(Some("nope = 1"), env(&[])).is_err());
+        let e = Config::from_sources(None, env(&[("DATAFLOW_WORKER__CONCURRENCY", "0")]));
+        assert!(e.unwrap_err().to_string().contains("concurrency"));
+        assert!(Config::from_sources(None, env(&[("DATABASE_URL", "mysql://x")])).is_err());
+    }
+
+    #[test]
+    fn secrets_do_not_print() {
+        let c = Config::from_sources(None, env(&[("DATAFLOW_ADMIN_TOKEN", "super-secret-token-123")]))
+            .unwrap();
+        assert!(!format!("{c:?}").contains("super-secret"));
+    }
+}

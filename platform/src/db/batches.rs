@@ -1,0 +1,506 @@
+//! Batches: the claim, the fenced lease, chunk commits with checkpoints, completion, retry
+//! and dead-lettering, operator transitions, and the tenant-scoped views.
+//!
+//! The fence: a claim increments `lease_epoch`; every later write by the holder says
+//! `WHERE lease_epoch = :mine AND status = 'processing'`. If another worker took the batch
+//! over, the epoch moved on, zero rows match, and the whole transaction rolls back.
+
+use dataflow_contracts::events::{BatchCompleted, BatchDead, BatchFailed, BatchReady, BatchRejected, Envelope, Event};
+use dataflow_contracts::http::{BatchPage, BatchView, RecordErrorPage, RecordErrorView, RecordView};
+use dataflow_contracts::time::rfc3339;
+use dataflow_contracts::{BatchId, BatchStatus, ClientId, ImportFormat, ImportId, Policy};
+use serde::Serialize;
+use sqlx::Row;
+use sqlx::any::AnyRow;
+
+use super::clients::parse_id;
+use super::{Db, Dialect, Tx, count};
+use crate::{Error, Result};
+
+const BATCH_COLUMNS: &str = "id, import_id, status, records_total, checkpoint, records_written, \
+     records_unchanged, records_failed, attempts, last_error, created_at, started_at, completed_at";
+
+/// A held lease: the right to write to one batch while `epoch` is current.
+#[derive(Debug, Clone)]
+pub struct Lease {
+    pub batch_id: BatchId,
+    pub client_id: ClientId,
+    pub import_id: ImportId,
+    pub owner: String,
+    pub epoch: i64,
+    /// Including this one.
+    pub attempts: u32,
+    /// Records already handled by earlier holders.
+    pub checkpoint: u64,
+    pub records_total: u64,
+    pub format: ImportFormat,
+    /// The policy in force when the import was accepted.
+    pub policy: Policy,
+}
+
+/// One record ready to store.
+#[derive(Debug, Clone, Serialize)]
+pub struct RecordRow {
+    #[serde(rename = "k")]
+    pub key: String,
+    /// The record as a JSON object (embedded as JSON, not as a string).
+    #[serde(rename = "d")]
+    pub data: Box<serde_json::value::RawValue>,
+    #[serde(rename = "c")]
+    pub checksum: String,
+}
+
+/// One record that could not be stored.
+#[derive(Debug, Clone, Serialize)]
+pub struct RowError {
+    pub line: u64,
+    pub field: Option<String>,
+    pub code: String,
+    pub detail: String,
+}
+
+/// What one chunk commits.
+pub struct Chunk {
+    /// Distinct keys, sorted (a stable lock order keeps concurrent batches deadlock-free).
+    pub records: Vec<RecordRow>,
+    pub errors: Vec<RowError>,
+    /// Records of the file covered once this chunk commits.
+    pub checkpoint: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChunkResult {
+    pub written: u64,
+    pub unchanged: u64,
+}
+
+/// The outcome of a failed attempt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FailOutcome {
+    Retry { at_ms: i64 },
+    Dead,
+}
+
+impl Db {
+    /// Claims the oldest ready batch, or one whose lease expired.
+    pub async fn claim_next(&self, owner: &str, lease_ms: i64) -> Result<Option<Lease>> {
+        let sql = self.sql(
+            "UPDATE batches SET status = 'processing', lease_owner = $1, lease_epoch = lease_epoch + 1, \
+                 lease_expires_at = {now} + $2, attempts = attempts + 1, \
+                 started_at = COALESCE(started_at, {now}), updated_at = {now} \
+             WHERE id = (SELECT id FROM batches \
+                         WHERE (status = 'ready' AND available_at <= {now}) \
+                            OR (status = 'processing' AND lease_expires_at < {now}) \
+                         ORDER BY available_at, id LIMIT 1 {skip_locked}) \
+             RETURNING id, client_id, import_id, lease_epoch, attempts, checkpoint, records_total, format, policy",
+        );
+        let row = sqlx::query(sql).bind(owner).bind(lease_ms).fetch_optional(self.pool()).await?;
+        row.map(|r| lease_from_row(&r, owner)).transpose()
+    }
+
+    /// Claims one named batch if it is ready or its lease expired (a wake-up names it).
+    pub async fn claim(&self, batch_id: &BatchId, owner: &str, lease_ms: i64) -> Result<Option<Lease>> {
+        let sql = self.sql(
+            "UPDATE batches SET status = 'processing', lease_owner = $1, lease_epoch = lease_epoch + 1, \
+                 lease_expires_at = {now} + $2, attempts = attempts + 1, \
+                 started_at = COALESCE(started_at, {now}), updated_at = {now} \
+             WHERE id = $3 AND ((status = 'ready' AND available_at <= {now}) \
+                             OR (status = 'processing' AND lease_expires_at < {now})) \
+             RETURNING id, client_id, import_id, lease_epoch, attempts, checkpoint, records_total, format, policy",
+        );
+        let row = sqlx::query(sql)
+            .bind(owner)
+            .bind(lease_ms)
+            .bind(batch_id.as_str())
+            .fetch_optional(self.pool())
+            .await?;
+        row.map(|r| lease_from_row(&r, owner)).transpose()
+    }
+
+    pub async fn load_payload(&self, batch_id: &BatchId) -> Result<Vec<u8>> {
+        sqlx::query_scalar("SELECT body FROM payloads WHERE batch_id = $1")
+            .bind(batch_id.as_str())
+            .fetch_optional(self.pool())
+            .await?
+            .ok_or(Error::NotFound)
+    }
+
+    /// Writes one chunk under the fence, renews the lease and moves the checkpoint.
+    #[tracing::instrument(skip_all, fields(batch_id = %lease.batch_id, checkpoint = chunk.checkpoint))]
+    pub async fn commit_chunk(&self, lease: &Lease, lease_ms: i64, chunk: &Chunk) -> Result<ChunkResult> {
+        let mut tx = self.begin_write().await?;
+        let written = if chunk.records.is_empty() {
+            0
+        } else {
+            let sql = self.sql(match self.dialect {
+                Dialect::Postgres => {
+                    "INSERT INTO records (client_id, record_key, data, checksum, batch_id, updated_at) \
+                     SELECT $1, r.k, r.d::text, r.c, $2, {now} \
+                     FROM json_to_recordset($3::json) AS r(k text, d json, c text) \
+                     ON CONFLICT (client_id, record_key) DO UPDATE \
+                       SET data = excluded.data, checksum = excluded.checksum, \
+                           batch_id = excluded.batch_id, updated_at = excluded.updated_at \
+                     WHERE records.checksum <> excluded.checksum"
+                }
+                Dialect::Sqlite => {
+                    "INSERT INTO records (client_id, record_key, data, checksum, batch_id, updated_at) \
+                     SELECT $1, value ->> 'k', value -> 'd', value ->> 'c', $2, {now} \
+                     FROM json_each($3) WHERE true \
+                     ON CONFLICT (client_id, record_key) DO UPDATE \
+                       SET data = excluded.data, checksum = excluded.checksum, \
+                           batch_id = excluded.batch_id, updated_at = excluded.updated_at \
+                     WHERE records.checksum <> excluded.checksum"
+                }
+            });
+            sqlx::query(sql)
+                .bind(lease.client_id.as_str())
+                .bind(lease.batch_id.as_str())
+                .bind(serde_json::to_string(&chunk.records).unwrap_or_default())
+                .execute(&mut *tx)
+                .await?
+                .rows_affected()
+        };
+        if !chunk.errors.is_empty() {
+            let sql = self.sql(match self.dialect {
+                Dialect::Postgres => {
+                    "INSERT INTO record_errors (batch_id, line, field, code, detail) \
+                     SELECT $1, r.line, r.field, r.code, r.detail \
+                     FROM json_to_recordset($2::json) AS r(line bigint, field text, code text, detail text) \
+                     ON CONFLICT (batch_id, line) DO NOTHING"
+                }
+                Dialect::Sqlite => {
+                    "INSERT INTO record_errors (batch_id, line, field, code, detail) \
+                     SELECT $1, value ->> 'line', value ->> 'field', value ->> 'code', value ->> 'detail' \
+                     FROM json_each($2) WHERE true \
+                     ON CONFLICT (batch_id, line) DO NOTHING"
+                }
+            });
+            sqlx::query(sql)
+                .bind(lease.batch_id.as_str())
+                .bind(serde_json::to_string(&chunk.errors).unwrap_or_default())
+                .execute(&mut *tx)
+                .await?;
+        }
+        let unchanged = chunk.records.len() as u64 - written;
+        let fence = self.sql(
+            "UPDATE batches SET checkpoint = $3, records_written = records_written + $4, \
+                 records_unchanged = records_unchanged + $5, records_failed = records_failed + $6, \
+                 lease_expires_at = {now} + $7, updated_at = {now} \
+             WHERE id = $1 AND lease_epoch = $2 AND status = 'processing'",
+        );
+        let held = sqlx::query(fence)
+            .bind(lease.batch_id.as_str())
+            .bind(lease.epoch)
+            .bind(chunk.checkpoint as i64)
+            .bind(written as i64)
+            .bind(unchanged as i64)
+            .bind(chunk.errors.len() as i64)
+            .bind(lease_ms)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        if held == 0 {
+            tx.rollback().await?;
+            return Err(fence_rejected(lease));
+        }
+        tx.commit().await?;
+        Ok(ChunkResult { written, unchanged })
+    }
+
+    /// Completes the batch under the fence and announces it.
+    pub async fn complete_batch(&self, lease: &Lease) -> Result<BatchCompleted> {
+        let mut tx = self.begin_write().await?;
+        let sql = self.sql(
+            "UPDATE batches SET status = 'completed', completed_at = {now}, updated_at = {now}, \
+                 lease_owner = NULL, lease_expires_at = NULL, last_error = NULL \
+             WHERE id = $1 AND lease_epoch = $2 AND status = 'processing' \
+             RETURNING records_total, records_written, records_unchanged, records_failed, \
+                       started_at, completed_at",
+        );
+        let Some(row) = sqlx::query(sql)
+            .bind(lease.batch_id.as_str())
+            .bind(lease.epoch)
+            .fetch_optional(&mut *tx)
+            .await?
+        else {
+            tx.rollback().await?;
+            return Err(fence_rejected(lease));
+        };
+        let completed_at: i64 = row.try_get("completed_at")?;
+        let started_at: Option<i64> = row.try_get("started_at")?;
+        let done = BatchCompleted {
+            records_total: count(row.try_get("records_total")?),
+            records_written: count(row.try_get("records_written")?),
+            records_unchanged: count(row.try_get("records_unchanged")?),
+            records_failed: count(row.try_get("records_failed")?),
+            duration_ms: count(completed_at - started_at.unwrap_or(completed_at)),
+        };
+        self.announce(&mut tx, lease, completed_at, Event::BatchCompleted(done.clone())).await?;
+        tx.commit().await?;
+        Ok(done)
+    }
+
+    /// Ends a failed attempt: back to `ready` after `backoff_ms`, or `dead` once the
+    /// attempts are used up.
+    pub async fn fail_batch(&self, lease: &Lease, error: &str, max_attempts: u32, backoff_ms: i64) -> Result<FailOutcome> {
+        let error: String = error.chars().take(2000).collect();
+        let mut tx = self.begin_write().await?;
+        let sql = self.sql(
+            "UPDATE batches SET status = CASE WHEN attempts >= $3 THEN 'dead' ELSE 'ready' END, \
+                 available_at = {now} + $4, last_error = $5, updated_at = {now}, \
+                 lease_owner = NULL, lease_expires_at = NULL \
+             WHERE id = $1 AND lease_epoch = $2 AND status = 'processing' \
+             RETURNING status, available_at, updated_at",
+        );
+        let Some(row) = sqlx::query(sql)
+            .bind(lease.batch_id.as_str())
+            .bind(lease.epoch)
+            .bind(i64::from(max_attempts))
+            .bind(backoff_ms)
+            .bind(&error)
+            .fetch_optional(&mut *tx)
+            .await?
+        else {
+            tx.rollback().await?;
+            return Err(fence_rejected(lease));
+        };
+        let status: String = row.try_get("status")?;
+        let at_ms: i64 = row.try_get("available_at")?;
+        let now: i64 = row.try_get("updated_at")?;
+        let (outcome, event) = if status == BatchStatus::Dead.as_str() {
+            (FailOutcome::Dead, Event::BatchDead(BatchDead { attempts: lease.attempts, error }))
+        } else {
+            let retry_at = rfc3339(at_ms);
+            (FailOutcome::Retry { at_ms }, Event::BatchFailed(BatchFailed { attempt: lease.attempts, error, retry_at }))
+        };
+        self.announce(&mut tx, lease, now, event).await?;
+        tx.commit().await?;
+        Ok(outcome)
+    }
+
+    /// Gives a batch back untouched (shutdown): ready at once, the attempt not counted.
+    pub async fn release_batch(&self, lease: &Lease) -> Result<()> {
+        let sql = self.sql(
+            "UPDATE batches SET status = 'ready', attempts = attempts - 1, available_at = {now}, \
+                 updated_at = {now}, lease_owner = NULL, lease_expires_at = NULL \
+             WHERE id = $1 AND lease_epoch = $2 AND status = 'processing'",
+        );
+        let n = sqlx::query(sql)
+            .bind(lease.batch_id.as_str())
+            .bind(lease.epoch)
+            .execute(self.pool())
+            .await?
+            .rows_affected();
+        if n == 0 { Err(fence_rejected(lease)) } else { Ok(()) }
+    }
+
+    async fn announce(&self, tx: &mut Tx, lease: &Lease, at_ms: i64, event: Event) -> Result<()> {
+        let env = Envelope::new(lease.batch_id.clone(), lease.client_id.clone(), at_ms, event);
+        self.enqueue_event(tx, &env).await
+    }
+
+    /// Operator transition `from → to` (approve, reject, retry a dead batch).
+    pub async fn transition_batch(&self, id: &BatchId, action: BatchAction) -> Result<BatchView> {
+        let (from, to) = match action {
+            BatchAction::Approve => (BatchStatus::AwaitingApproval, BatchStatus::Ready),
+            BatchAction::Reject { .. } => (BatchStatus::AwaitingApproval, BatchStatus::Rejected),
+            BatchAction::Retry => (BatchStatus::Dead, BatchStatus::Ready),
+        };
+        let mut tx = self.begin_write().await?;
+        let sql = self.sql(
+            "UPDATE batches SET status = $3, available_at = {now}, updated_at = {now}, \
+                 attempts = CASE WHEN $3 = 'ready' AND status = 'dead' THEN 0 ELSE attempts END, \
+                 completed_at = CASE WHEN $3 = 'rejected' THEN {now} ELSE completed_at END \
+             WHERE id = $1 AND status = $2 RETURNING client_id, import_id, updated_at",
+        );
+        let row = sqlx::query(sql)
+            .bind(id.as_str())
+            .bind(from.as_str())
+            .bind(to.as_str())
+            .fetch_optional(&mut *tx)
+            .await?;
+        let Some(row) = row else {
+            tx.rollback().await?;
+            return match self.get_batch(None, id).await? {
+                Some(b) => Err(Error::Invalid(format!("batch is {}, not {}", b.status, from))),
+                None => Err(Error::NotFound),
+            };
+        };
+        let client_id: ClientId = parse_id(row.try_get("client_id")?)?;
+        let import_id: ImportId = parse_id(row.try_get("import_id")?)?;
+        let now: i64 = row.try_get("updated_at")?;
+        let event = match action {
+            BatchAction::Reject { reason } => Event::BatchRejected(BatchRejected { reason }),
+            BatchAction::Approve | BatchAction::Retry => Event::BatchReady(BatchReady { import_id }),
+        };
+        self.enqueue_event(&mut tx, &Envelope::new(id.clone(), client_id, now, event)).await?;
+        tx.commit().await?;
+        self.get_batch(None, id).await?.ok_or(Error::NotFound)
+    }
+
+    /// One batch; `client` scopes the lookup to one tenant.
+    pub async fn get_batch(&self, client: Option<&ClientId>, id: &BatchId) -> Result<Option<BatchView>> {
+        let sql = sqlx::AssertSqlSafe(format!(
+            "SELECT {BATCH_COLUMNS} FROM batches WHERE id = $1 AND ($2 IS NULL OR client_id = $2)"
+        ));
+        let row = sqlx::query(sql)
+            .bind(id.as_str())
+            .bind(client.map(ClientId::as_str))
+            .fetch_optional(self.pool())
+            .await?;
+        row.as_ref().map(batch_from_row).transpose()
+    }
+
+    /// A client's batches, newest first, optionally of one status.
+    pub async fn list_batches(
+        &self,
+        client: &ClientId,
+        status: Option<BatchStatus>,
+        cursor: Option<&BatchId>,
+        limit: u32,
+    ) -> Result<BatchPage> {
+        let sql = sqlx::AssertSqlSafe(format!(
+            "SELECT {BATCH_COLUMNS} FROM batches \
+             WHERE client_id = $1 AND ($2 IS NULL OR status = $2) AND ($3 IS NULL OR id < $3) \
+             ORDER BY id DESC LIMIT $4"
+        ));
+        let rows = sqlx::query(sql)
+            .bind(client.as_str())
+            .bind(status.map(BatchStatus::as_str))
+            .bind(cursor.map(BatchId::as_str))
+            .bind(i64::from(limit) + 1)
+            .fetch_all(self.pool())
+            .await?;
+        let mut items = rows.iter().map(batch_from_row).collect::<Result<Vec<_>>>()?;
+        let next_cursor = if items.len() > limit as usize {
+            items.truncate(limit as usize);
+            items.last().map(|b| b.id.to_string())
+        } else {
+            None
+        };
+        Ok(BatchPage { items, next_cursor })
+    }
+
+    /// A batch's row errors by line, after `after_line`.
+    pub async fn list_record_errors(&self, batch: &BatchId, after_line: u64, limit: u32) -> Result<RecordErrorPage> {
+        let rows = sqlx::query(
+            "SELECT line, field, code, detail FROM record_errors \
+             WHERE batch_id = $1 AND line > $2 ORDER BY line LIMIT $3",
+        )
+        .bind(batch.as_str())
+        .bind(after_line as i64)
+        .bind(i64::from(limit) + 1)
+        .fetch_all(self.pool())
+        .await?;
+        let mut items = rows
+            .iter()
+            .map(|r| {
+                Ok(RecordErrorView {
+                    line: count(r.try_get("line")?),
+                    field: r.try_get("field")?,
+                    code: r.try_get("code")?,
+                    detail: r.try_get("detail")?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let next_cursor = if items.len() > limit as usize {
+            items.truncate(limit as usize);
+            items.last().map(|e| e.line.to_string())
+        } else {
+            None
+        };
+        Ok(RecordErrorPage { items, next_cursor })
+    }
+
+    /// One stored record of a client.
+    pub async fn get_record(&self, client: &ClientId, key: &str) -> Result<Option<RecordView>> {
+        let row = sqlx::query(
+            "SELECT record_key, data, checksum, batch_id, updated_at FROM records \
+             WHERE client_id = $1 AND record_key = $2",
+        )
+        .bind(client.as_str())
+        .bind(key)
+        .fetch_optional(self.pool())
+        .await?;
+        row.map(|r| {
+            let data: String = r.try_get("data")?;
+            Ok(RecordView {
+                key: r.try_get("record_key")?,
+                data: serde_json::from_str(&data).map_err(|e| Error::Invalid(e.to_string()))?,
+                checksum: r.try_get("checksum")?,
+                batch_id: parse_id(r.try_get("batch_id")?)?,
+                updated_at: rfc3339(r.try_get("updated_at")?),
+            })
+        })
+        .transpose()
+    }
+
+    /// Batches per status, for operators.
+    pub async fn batch_counts(&self) -> Result<Vec<(BatchStatus, u64)>> {
+        let rows = sqlx::query("SELECT status, COUNT(*) AS n FROM batches GROUP BY status")
+            .fetch_all(self.pool())
+            .await?;
+        rows.iter()
+            .map(|r| {
+                let status: String = r.try_get("status")?;
+                Ok((status.parse().map_err(Error::Invalid)?, count(r.try_get("n")?)))
+            })
+            .collect()
+    }
+}
+
+/// What an operator can do to a batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BatchAction {
+    Approve,
+    Reject { reason: String },
+    Retry,
+}
+
+fn fence_rejected(lease: &Lease) -> Error {
+    Error::FenceRejected { batch_id: lease.batch_id.to_string(), epoch: lease.epoch }
+}
+
+fn lease_from_row(r: &AnyRow, owner: &str) -> Result<Lease> {
+    let format: String = r.try_get("format")?;
+    let policy: String = r.try_get("policy")?;
+    Ok(Lease {
+        batch_id: parse_id(r.try_get("id")?)?,
+        client_id: parse_id(r.try_get("client_id")?)?,
+        import_id: parse_id(r.try_get("import_id")?)?,
+        owner: owner.to_owned(),
+        epoch: r.try_get("lease_epoch")?,
+        attempts: u32::try_from(r.try_get::<i64, _>("attempts")?).unwrap_or(u32::MAX),
+        checkpoint: count(r.try_get("checkpoint")?),
+        records_total: count(r.try_get("records_total")?),
+        format: format.parse().map_err(Error::Invalid)?,
+        policy: serde_json::from_str(&policy).map_err(|e| Error::Invalid(format!("stored policy: {e}")))?,
+    })
+}
+
+fn batch_from_row(r: &AnyRow) -> Result<BatchView> {
+    let status: String = r.try_get("status")?;
+    let status: BatchStatus = status.parse().map_err(Error::Invalid)?;
+    let started_at: Option<i64> = r.try_get("started_at")?;
+    let completed_at: Option<i64> = r.try_get("completed_at")?;
+    let total = count(r.try_get("records_total")?);
+    Ok(BatchView {
+        id: parse_id(r.try_get("id")?)?,
+        import_id: parse_id(r.try_get("import_id")?)?,
+        status,
+        records_total: total,
+        records_processed: count(r.try_get("checkpoint")?),
+        records_written: count(r.try_get("records_written")?),
+        records_unchanged: count(r.try_get("records_unchanged")?),
+        records_failed: count(r.try_get("records_failed")?),
+        attempts: u32::try_from(r.try_get::<i64, _>("attempts")?).unwrap_or(u32::MAX),
+        last_error: r.try_get("last_error")?,
+        created_at: rfc3339(r.try_get("created_at")?),
+        started_at: started_at.map(rfc3339),
+        completed_at: completed_at.map(rfc3339),
+        duration_ms: match (started_at, completed_at) {
+            (Some(s), Some(c)) if status == BatchStatus::Completed => Some(count(c - s)),
+            _ => None,
+        },
+    })
+}

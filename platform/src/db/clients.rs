@@ -1,0 +1,211 @@
+//! Tenants, their API keys and their policies.
+
+use dataflow_contracts::http::{ClientView, KeyView};
+use dataflow_contracts::time::rfc3339;
+use dataflow_contracts::{ClientId, Policy};
+use sqlx::Row;
+use sqlx::any::AnyRow;
+
+use super::{Db, flag};
+use crate::{Error, Result};
+
+/// What authentication needs to know about a key.
+#[derive(Debug, Clone)]
+pub struct KeyRecord {
+    pub key_id: String,
+    pub client_id: ClientId,
+    pub secret_hmac: Vec<u8>,
+    pub revoked: bool,
+}
+
+/// A client as the request path sees it.
+#[derive(Debug, Clone)]
+pub struct ClientRecord {
+    pub id: ClientId,
+    pub name: String,
+    pub active: bool,
+    pub policy: Policy,
+    pub created_at: i64,
+}
+
+impl ClientRecord {
+    pub fn view(&self) -> ClientView {
+        ClientView {
+            id: self.id.clone(),
+            name: self.name.clone(),
+            active: self.active,
+            created_at: rfc3339(self.created_at),
+            policy: self.policy.clone(),
+        }
+    }
+}
+
+fn client_from_row(row: &AnyRow) -> Result<ClientRecord> {
+    let policy: String = row.try_get("policy")?;
+    Ok(ClientRecord {
+        id: parse_id(row.try_get("id")?)?,
+        name: row.try_get("name")?,
+        active: flag(row.try_get("active")?),
+        policy: serde_json::from_str(&policy)
+            .map_err(|e| Error::Invalid(format!("stored policy is unreadable: {e}")))?,
+        created_at: row.try_get("created_at")?,
+    })
+}
+
+pub(crate) fn parse_id<T: std::str::FromStr>(s: String) -> Result<T> {
+    s.parse().map_err(|_| Error::Invalid(format!("stored id `{s}` is malformed")))
+}
+
+fn policy_json(policy: &Policy) -> String {
+    serde_json::to_string(policy).unwrap_or_default()
+}
+
+impl Db {
+    pub async fn create_client(&self, name: &str, policy: &Policy) -> Result<ClientRecord> {
+        let name = name.trim();
+        if name.is_empty() || name.len() > 200 {
+            return Err(Error::Invalid("name must be 1 to 200 characters".into()));
+        }
+        policy.validate().map_err(Error::Invalid)?;
+        let id = ClientId::generate();
+        let sql = self.sql(
+            "INSERT INTO clients (id, name, active, policy, created_at, updated_at) \
+             VALUES ($1, $2, 1, $3, {now}, {now}) RETURNING id, name, active, policy, created_at",
+        );
+        let row = sqlx::query(sql)
+            .bind(id.as_str())
+            .bind(name)
+            .bind(policy_json(policy))
+            .fetch_one(self.pool())
+            .await?;
+        client_from_row(&row)
+    }
+
+    pub async fn get_client(&self, id: &ClientId) -> Result<Option<ClientRecord>> {
+        let row = sqlx::query("SELECT id, name, active, policy, created_at FROM clients WHERE id = $1")
+            .bind(id.as_str())
+            .fetch_optional(self.pool())
+            .await?;
+        row.as_ref().map(client_from_row).transpose()
+    }
+
+    pub async fn list_clients(&self) -> Result<Vec<ClientRecord>> {
+        let rows = sqlx::query("SELECT id, name, active, policy, created_at FROM clients ORDER BY id")
+            .fetch_all(self.pool())
+            .await?;
+        rows.iter().map(client_from_row).collect()
+    }
+
+    pub async fn set_client_active(&self, id: &ClientId, active: bool) -> Result<ClientRecord> {
+        let sql = self.sql(
+            "UPDATE clients SET active = $2, updated_at = {now} WHERE id = $1 \
+             RETURNING id, name, active, policy, created_at",
+        );
+        let row = sqlx::query(sql)
+            .bind(id.as_str())
+            .bind(i64::from(active))
+            .fetch_optional(self.pool())
+            .await?
+            .ok_or(Error::NotFound)?;
+        client_from_row(&row)
+    }
+
+    pub async fn set_policy(&self, id: &ClientId, policy: &Policy) -> Result<ClientRecord> {
+        policy.validate().map_err(Error::Invalid)?;
+        let sql = self.sql(
+            "UPDATE clients SET policy = $2, updated_at = {now} WHERE id = $1 \
+             RETURNING id, name, active, policy, created_at",
+        );
+        let row = sqlx::query(sql)
+            .bind(id.as_str())
+            .bind(policy_json(policy))
+            .fetch_optional(self.pool())
+            .await?
+            .ok_or(Error::NotFound)?;
+        client_from_row(&row)
+    }
+
+    pub async fn create_key(
+        &self,
+        client: &ClientId,
+        key_id: &str,
+        secret_hmac: &[u8],
+        label: Option<&str>,
+    ) -> Result<()> {
+        if self.get_client(client).await?.is_none() {
+            return Err(Error::NotFound);
+        }
+        let sql = self.sql(
+            "INSERT INTO api_keys (key_id, client_id, secret_hmac, label, created_at) \
+             VALUES ($1, $2, $3, $4, {now})",
+        );
+        sqlx::query(sql)
+            .bind(key_id)
+            .bind(client.as_str())
+            .bind(secret_hmac.to_vec())
+            .bind(label)
+            .execute(self.pool())
+            .await?;
+        Ok(())
+    }
+
+    pub async fn get_key(&self, key_id: &str) -> Result<Option<KeyRecord>> {
+        let row = sqlx::query(
+            "SELECT key_id, client_id, secret_hmac, revoked_at FROM api_keys WHERE key_id = $1",
+        )
+        .bind(key_id)
+        .fetch_optional(self.pool())
+        .await?;
+        row.map(|r| {
+            Ok(KeyRecord {
+                key_id: r.try_get("key_id")?,
+                client_id: parse_id(r.try_get("client_id")?)?,
+                secret_hmac: r.try_get("secret_hmac")?,
+                revoked: r.try_get::<Option<i64>, _>("revoked_at")?.is_some(),
+            })
+        })
+        .transpose()
+    }
+
+    pub async fn list_keys(&self, client: &ClientId) -> Result<Vec<KeyView>> {
+        let rows = sqlx::query(
+            "SELECT key_id, client_id, label, created_at, revoked_at, last_used_at \
+             FROM api_keys WHERE client_id = $1 ORDER BY created_at, key_id",
+        )
+        .bind(client.as_str())
+        .fetch_all(self.pool())
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(KeyView {
+                    key_id: r.try_get("key_id")?,
+                    client_id: parse_id(r.try_get("client_id")?)?,
+                    label: r.try_get("label")?,
+                    created_at: rfc3339(r.try_get("created_at")?),
+                    revoked_at: r.try_get::<Option<i64>, _>("revoked_at")?.map(rfc3339),
+                    last_used_at: r.try_get::<Option<i64>, _>("last_used_at")?.map(rfc3339),
+                })
+            })
+            .collect()
+    }
+
+    /// Revokes a key; returns the owning client. Revoking twice keeps the first time.
+    pub async fn revoke_key(&self, key_id: &str) -> Result<ClientId> {
+        let sql = self.sql(
+            "UPDATE api_keys SET revoked_at = COALESCE(revoked_at, {now}) WHERE key_id = $1 \
+             RETURNING client_id",
+        );
+        let client: String = sqlx::query_scalar(sql)
+            .bind(key_id)
+            .fetch_optional(self.pool())
+            .await?
+            .ok_or(Error::NotFound)?;
+        parse_id(client)
+    }
+
+    pub async fn touch_key(&self, key_id: &str) -> Result<()> {
+        let sql = self.sql("UPDATE api_keys SET last_used_at = {now} WHERE key_id = $1");
+        sqlx::query(sql).bind(key_id).execute(self.pool()).await?;
+        Ok(())
+    }
+}

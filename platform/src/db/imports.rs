@@ -1,0 +1,331 @@
+//! The submit transaction and what guards it: `Idempotency-Key` (Stripe's semantics),
+//! payload-checksum dedup with a window, and the daily record quota.
+
+use dataflow_contracts::events::{BatchCreated, BatchReady, Envelope, Event};
+use dataflow_contracts::http::ImportView;
+use dataflow_contracts::time::rfc3339;
+use dataflow_contracts::{BatchId, BatchStatus, ClientId, ImportFormat, ImportId, Policy};
+use sqlx::Row;
+use sqlx::any::AnyRow;
+
+use super::clients::parse_id;
+use super::{Db, count};
+use crate::{Error, Result};
+
+const MS_PER_DAY: i64 = 86_400_000;
+
+/// An accepted, parsed import about to be stored.
+pub struct NewImport<'a> {
+    pub client_id: &'a ClientId,
+    pub format: ImportFormat,
+    pub body: &'a [u8],
+    pub records: u64,
+    /// Hex SHA-256 of `body`.
+    pub checksum: &'a str,
+    pub policy: &'a Policy,
+    pub idempotency_key: Option<&'a str>,
+}
+
+pub enum SubmitOutcome {
+    Created(ImportView),
+    /// The same payload arrived within the dedup window; this is the first import.
+    Duplicate(ImportView),
+    /// Accepting these records would pass the daily quota.
+    QuotaExceeded { used: u64, quota: u64, retry_after_ms: u64 },
+}
+
+/// What to do with a request that carries an `Idempotency-Key`.
+#[derive(Debug, PartialEq, Eq)]
+pub enum IdempotencyStart {
+    /// First use (or an expired or abandoned one): go ahead; finish or abort afterwards.
+    Proceed,
+    /// A finished request with this key and the same body: answer with its response.
+    Replay { status: u16, body: String },
+    /// The key was used with a different request.
+    Mismatch,
+    /// The first request with this key is still running.
+    InProgress,
+}
+
+impl Db {
+    /// Claims an idempotency key for a request fingerprinted by `request_hash`.
+    pub async fn idempotency_start(
+        &self,
+        client: &ClientId,
+        key: &str,
+        request_hash: &str,
+        ttl_ms: i64,
+        lock_ms: i64,
+    ) -> Result<IdempotencyStart> {
+        // An expired record, or an in-progress one whose request died, is taken over.
+        let sql = self.sql(
+            "INSERT INTO idempotency_keys (client_id, idem_key, request_hash, created_at) \
+             VALUES ($1, $2, $3, {now}) \
+             ON CONFLICT (client_id, idem_key) DO UPDATE \
+               SET request_hash = excluded.request_hash, created_at = excluded.created_at, \
+                   response_status = NULL, response_body = NULL \
+             WHERE idempotency_keys.created_at < {now} - $4 \
+                OR (idempotency_keys.response_status IS NULL AND idempotency_keys.created_at < {now} - $5) \
+             RETURNING created_at",
+        );
+        let claimed = sqlx::query(sql)
+            .bind(client.as_str())
+            .bind(key)
+            .bind(request_hash)
+            .bind(ttl_ms)
+            .bind(lock_ms)
+            .fetch_optional(self.pool())
+            .await?;
+        if claimed.is_some() {
+            return Ok(IdempotencyStart::Proceed);
+        }
+        let row = sqlx::query(
+            "SELECT request_hash, response_status, response_body FROM idempotency_keys \
+             WHERE client_id = $1 AND idem_key = $2",
+        )
+        .bind(client.as_str())
+        .bind(key)
+        .fetch_optional(self.pool())
+        .await?;
+        let Some(row) = row else {
+            // Deleted by an abort between our two statements: the key is free again.
+            return Box::pin(self.idempotency_start(client, key, request_hash, ttl_ms, lock_ms)).await;
+        };
+        if row.try_get::<String, _>("request_hash")? != request_hash {
+            return Ok(IdempotencyStart::Mismatch);
+        }
+        Ok(match row.try_get::<Option<i64>, _>("response_status")? {
+            None => IdempotencyStart::InProgress,
+            Some(status) => IdempotencyStart::Replay {
+                status: u16::try_from(status).unwrap_or(500),
+                body: row.try_get::<Option<String>, _>("response_body")?.unwrap_or_default(),
+            },
+        })
+    }
+
+    /// Stores the response to replay for a finished request.
+    pub async fn idempotency_finish(&self, client: &ClientId, key: &str, status: u16, body: &str) -> Result<()> {
+        sqlx::query(
+            "UPDATE idempotency_keys SET response_status = $3, response_body = $4 \
+             WHERE client_id = $1 AND idem_key = $2",
+        )
+        .bind(client.as_str())
+        .bind(key)
+        .bind(i64::from(status))
+        .bind(body)
+        .execute(self.pool())
+        .await?;
+        Ok(())
+    }
+
+    /// Releases the key of a request that ended without a result worth replaying.
+    pub async fn idempotency_abort(&self, client: &ClientId, key: &str) -> Result<()> {
+        sqlx::query(
+            "DELETE FROM idempotency_keys WHERE client_id = $1 AND idem_key = $2 AND response_status IS NULL",
+        )
+        .bind(client.as_str())
+        .bind(key)
+        .execute(self.pool())
+        .await?;
+        Ok(())
+    }
+
+    /// The import with this checksum inside the dedup window, if any (a cheap pre-check;
+    /// the submit transaction decides).
+    pub async fn find_duplicate(&self, client: &ClientId, checksum: &str) -> Result<Option<ImportView>> {
+        let sql = self.sql(
+            "SELECT import_id FROM import_checksums \
+             WHERE client_id = $1 AND checksum = $2 AND expires_at > {now}",
+        );
+        let id: Option<String> = sqlx::query_scalar(sql)
+            .bind(client.as_str())
+            .bind(checksum)
+            .fetch_optional(self.pool())
+            .await?;
+        match id {
+            Some(id) => self.get_import(Some(client), &parse_id(id)?).await.map(|v| v.map(duplicate)),
+            None => Ok(None),
+        }
+    }
+
+    /// Stores an import in one transaction: dedup claim, quota, batch, import, payload,
+    /// outbox events and (when given) the idempotent response. Nothing is written unless
+    /// all of it is.
+    #[tracing::instrument(skip_all, fields(client_id = %new.client_id, records = new.records))]
+    pub async fn submit_import(&self, new: &NewImport<'_>) -> Result<SubmitOutcome> {
+        let import_id = ImportId::generate();
+        let batch_id = BatchId::generate();
+        let mut tx = self.begin_write().await?;
+        let now: i64 = sqlx::query_scalar(self.sql("SELECT {now}")).fetch_one(&mut *tx).await?;
+
+        let window_ms = i64::try_from(new.policy.dedup_window_secs.saturating_mul(1000)).unwrap_or(i64::MAX);
+        let claim = self.sql(
+            "INSERT INTO import_checksums (client_id, checksum, import_id, expires_at) \
+             VALUES ($1, $2, $3, $4) \
+             ON CONFLICT (client_id, checksum) DO UPDATE \
+               SET import_id = excluded.import_id, expires_at = excluded.expires_at \
+             WHERE import_checksums.expires_at <= $5 \
+             RETURNING import_id",
+        );
+        let claimed: Option<String> = sqlx::query_scalar(claim)
+            .bind(new.client_id.as_str())
+            .bind(new.checksum)
+            .bind(import_id.as_str())
+            .bind(now.saturating_add(window_ms))
+            .bind(now)
+            .fetch_optional(&mut *tx)
+            .await?;
+        if claimed.is_none() {
+            let first: String = sqlx::query_scalar(
+                "SELECT import_id FROM import_checksums WHERE client_id = $1 AND checksum = $2",
+            )
+            .bind(new.client_id.as_str())
+            .bind(new.checksum)
+            .fetch_one(&mut *tx)
+            .await?;
+            tx.rollback().await?;
+            let view = self.get_import(Some(new.client_id), &parse_id(first)?).await?;
+            return view.map(|v| SubmitOutcome::Duplicate(duplicate(v))).ok_or(Error::NotFound);
+        }
+
+        if let Some(quota) = new.policy.daily_record_quota {
+            let day = now.div_euclid(MS_PER_DAY);
+            let used: Option<i64> = sqlx::query_scalar(
+                "INSERT INTO usage_daily (client_id, day, records) VALUES ($1, $2, $3) \
+                 ON CONFLICT (client_id, day) DO UPDATE SET records = usage_daily.records + excluded.records \
+                 WHERE usage_daily.records + excluded.records <= $4 \
+                 RETURNING records",
+            )
+            .bind(new.client_id.as_str())
+            .bind(day)
+            .bind(new.records as i64)
+            .bind(quota as i64)
+            .fetch_optional(&mut *tx)
+            .await?;
+            if used.is_none() || new.records > quota {
+                let used: i64 = sqlx::query_scalar(
+                    "SELECT COALESCE(MAX(records), 0) FROM usage_daily WHERE client_id = $1 AND day = $2",
+                )
+                .bind(new.client_id.as_str())
+                .bind(day)
+                .fetch_one(&mut *tx)
+                .await?;
+                tx.rollback().await?;
+                let retry_after_ms = ((day + 1) * MS_PER_DAY - now) as u64;
+                return Ok(SubmitOutcome::QuotaExceeded { used: count(used), quota, retry_after_ms });
+            }
+        }
+
+        let status = if new.policy.approval_required { BatchStatus::AwaitingApproval } else { BatchStatus::Ready };
+        let policy_json = serde_json::to_string(new.policy).unwrap_or_default();
+        sqlx::query(
+            "INSERT INTO batches (id, import_id, client_id, status, format, policy, records_total, \
+                                  available_at, created_at, updated_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $8, $8)",
+        )
+        .bind(batch_id.as_str())
+        .bind(import_id.as_str())
+        .bind(new.client_id.as_str())
+        .bind(status.as_str())
+        .bind(new.format.as_str())
+        .bind(policy_json)
+        .bind(new.records as i64)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "INSERT INTO imports (id, client_id, batch_id, checksum, idempotency_key, format, bytes, records, created_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+        )
+        .bind(import_id.as_str())
+        .bind(new.client_id.as_str())
+        .bind(batch_id.as_str())
+        .bind(new.checksum)
+        .bind(new.idempotency_key)
+        .bind(new.format.as_str())
+        .bind(new.body.len() as i64)
+        .bind(new.records as i64)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query("INSERT INTO payloads (batch_id, body) VALUES ($1, $2)")
+            .bind(batch_id.as_str())
+            .bind(new.body.to_vec())
+            .execute(&mut *tx)
+            .await?;
+
+        let created = Event::BatchCreated(BatchCreated {
+            import_id: import_id.clone(),
+            format: new.format,
+            records: new.records,
+            bytes: new.body.len() as u64,
+        });
+        self.enqueue_event(&mut tx, &Envelope::new(batch_id.clone(), new.client_id.clone(), now, created))
+            .await?;
+        if status == BatchStatus::Ready {
+            let ready = Event::BatchReady(BatchReady { import_id: import_id.clone() });
+            self.enqueue_event(&mut tx, &Envelope::new(batch_id.clone(), new.client_id.clone(), now, ready))
+                .await?;
+        }
+
+        let view = ImportView {
+            id: import_id,
+            batch_id,
+            status,
+            format: new.format,
+            records: new.records,
+            bytes: new.body.len() as u64,
+            checksum: new.checksum.to_owned(),
+            created_at: rfc3339(now),
+            duplicate: false,
+        };
+        if let Some(key) = new.idempotency_key {
+            // Same transaction: if the process dies after commit, a retry replays this answer.
+            sqlx::query(
+                "UPDATE idempotency_keys SET response_status = 202, response_body = $3 \
+                 WHERE client_id = $1 AND idem_key = $2",
+            )
+            .bind(new.client_id.as_str())
+            .bind(key)
+            .bind(serde_json::to_string(&view).unwrap_or_default())
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(SubmitOutcome::Created(view))
+    }
+
+    /// An import with its batch's current status; `client` scopes the lookup to one tenant.
+    pub async fn get_import(&self, client: Option<&ClientId>, id: &ImportId) -> Result<Option<ImportView>> {
+        let row = sqlx::query(
+            "SELECT i.id, i.batch_id, b.status, i.format, i.records, i.bytes, i.checksum, i.created_at \
+             FROM imports i JOIN batches b ON b.id = i.batch_id \
+             WHERE i.id = $1 AND ($2 IS NULL OR i.client_id = $2)",
+        )
+        .bind(id.as_str())
+        .bind(client.map(ClientId::as_str))
+        .fetch_optional(self.pool())
+        .await?;
+        row.as_ref().map(import_from_row).transpose()
+    }
+}
+
+fn duplicate(view: ImportView) -> ImportView {
+    ImportView { duplicate: true, ..view }
+}
+
+fn import_from_row(r: &AnyRow) -> Result<ImportView> {
+    let status: String = r.try_get("status")?;
+    let format: String = r.try_get("format")?;
+    Ok(ImportView {
+        id: parse_id(r.try_get("id")?)?,
+        batch_id: parse_id(r.try_get("batch_id")?)?,
+        status: status.parse().map_err(Error::Invalid)?,
+        format: format.parse().map_err(Error::Invalid)?,
+        records: count(r.try_get("records")?),
+        bytes: count(r.try_get("bytes")?),
+        checksum: r.try_get("checksum")?,
+        created_at: rfc3339(r.try_get("created_at")?),
+        duplicate: false,
+    })
+}

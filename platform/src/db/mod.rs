@@ -1,0 +1,167 @@
+//! The SQL ledger: one code path for SQLite and PostgreSQL through sqlx's `Any` driver.
+//!
+//! Statements use `$N` placeholders (both databases accept them). The few places where
+//! the dialects differ are spelled as placeholders in the statement text and filled in by
+//! [`Db::sql`]: `{now}` is the database clock in milliseconds (leases are judged by one clock,
+//! whichever process asks) and `{skip_locked}` is `FOR UPDATE SKIP LOCKED` on PostgreSQL.
+//!
+//! Layout: [`clients`] (tenants, keys, policies), [`imports`] (the submit transaction,
+//! idempotency, dedup, quota), [`batches`] (claims, the fenced lease, views),
+//! [`outbox`] (events written in the same transaction as the change they announce).
+
+pub mod batches;
+pub mod clients;
+pub mod imports;
+pub mod outbox;
+
+pub use batches::{BatchAction, Chunk, ChunkResult, FailOutcome, Lease, RecordRow, RowError};
+pub use clients::{ClientRecord, KeyRecord};
+pub use imports::{IdempotencyStart, NewImport, SubmitOutcome};
+pub use outbox::OutboxRow;
+
+use std::path::Path;
+use std::time::Duration;
+
+use sqlx::any::{AnyPoolOptions, install_default_drivers};
+use sqlx::migrate::Migrator;
+use sqlx::{Any, AnyPool, AssertSqlSafe, Executor, Transaction};
+
+use crate::{Error, Result};
+
+static SQLITE_MIGRATIONS: Migrator = sqlx::migrate!("../migrations/sqlite");
+static POSTGRES_MIGRATIONS: Migrator = sqlx::migrate!("../migrations/postgres");
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dialect {
+    Sqlite,
+    Postgres,
+}
+
+impl Dialect {
+    fn now_ms(self) -> &'static str {
+        match self {
+            Dialect::Sqlite => "CAST(unixepoch('subsec') * 1000 AS INTEGER)",
+            Dialect::Postgres => "CAST(EXTRACT(EPOCH FROM clock_timestamp()) * 1000 AS BIGINT)",
+        }
+    }
+
+    fn skip_locked(self) -> &'static str {
+        match self {
+            Dialect::Sqlite => "",
+            Dialect::Postgres => "FOR UPDATE SKIP LOCKED",
+        }
+    }
+}
+
+pub type Tx = Transaction<'static, Any>;
+
+/// A handle on the ledger; cheap to clone.
+#[derive(Clone)]
+pub struct Db {
+    pool: AnyPool,
+    dialect: Dialect,
+}
+
+impl Db {
+    /// Connects (creating the SQLite file and its folder when needed).
+    pub async fn connect(url: &str, max_connections: u32) -> Result<Db> {
+        install_default_drivers();
+        let dialect = if url.starts_with("sqlite:") { Dialect::Sqlite } else { Dialect::Postgres };
+        let url = match dialect {
+            Dialect::Sqlite => prepare_sqlite_url(url)?,
+            Dialect::Postgres => url.to_owned(),
+        };
+        let mut options = AnyPoolOptions::new()
+            .max_connections(max_connections)
+            .acquire_timeout(Duration::from_secs(10));
+        if dialect == Dialect::Sqlite {
+            options = options.after_connect(|conn, _| {
+                Box::pin(async move {
+                    // WAL lets readers run beside the one writer; NORMAL sync is durable in
+                    // WAL mode against process crashes; the busy timeout queues writers.
+                    conn.execute("PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; \
+                                  PRAGMA busy_timeout = 10000; PRAGMA foreign_keys = ON;")
+                        .await?;
+                    Ok(())
+                })
+            });
+        }
+        let pool = options.connect(&url).await?;
+        Ok(Db { pool, dialect })
+    }
+
+    pub async fn migrate(&self) -> Result<()> {
+        match self.dialect {
+            Dialect::Sqlite => SQLITE_MIGRATIONS.run(&self.pool).await?,
+            Dialect::Postgres => POSTGRES_MIGRATIONS.run(&self.pool).await?,
+        }
+        Ok(())
+    }
+
+    pub fn dialect(&self) -> Dialect {
+        self.dialect
+    }
+
+    pub fn pool(&self) -> &AnyPool {
+        &self.pool
+    }
+
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+
+    /// Fills the dialect placeholders of a statement.
+    pub(crate) fn sql(&self, template: &'static str) -> AssertSqlSafe<String> {
+        AssertSqlSafe(
+            template
+                .replace("{now}", self.dialect.now_ms())
+                .replace("{skip_locked}", self.dialect.skip_locked()),
+        )
+    }
+
+    /// Starts a transaction that will write. SQLite takes the write lock up front, so two
+    /// writers queue on the busy timeout instead of failing when one upgrades its read lock.
+    pub(crate) async fn begin_write(&self) -> Result<Tx> {
+        Ok(match self.dialect {
+            Dialect::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await?,
+            Dialect::Postgres => self.pool.begin().await?,
+        })
+    }
+
+    /// Milliseconds since the epoch on the database clock.
+    pub async fn now_ms(&self) -> Result<i64> {
+        let sql = self.sql("SELECT {now}");
+        Ok(sqlx::query_scalar(sql).fetch_one(&self.pool).await?)
+    }
+
+    /// Cheap reachability check.
+    pub async fn ping(&self) -> Result<()> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+}
+
+/// `sqlite://dir/file.db` → make sure `dir` exists and ask sqlite to create the file.
+fn prepare_sqlite_url(url: &str) -> Result<String> {
+    let rest = url.trim_start_matches("sqlite:").trim_start_matches("//");
+    let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
+    if path != ":memory:"
+        && let Some(dir) = Path::new(path).parent().filter(|d| !d.as_os_str().is_empty())
+    {
+        std::fs::create_dir_all(dir).map_err(|source| Error::Io {
+            context: format!("creating database folder {}", dir.display()),
+            source,
+        })?;
+    }
+    Ok(if query.is_empty() { format!("sqlite://{path}?mode=rwc") } else { url.to_owned() })
+}
+
+/// Maps a stored integer flag back to a bool.
+pub(crate) fn flag(v: i64) -> bool {
+    v != 0
+}
+
+/// Converts a non-negative counter read from SQL.
+pub(crate) fn count(v: i64) -> u64 {
+    u64::try_from(v).unwrap_or(0)
+}
