@@ -1,1 +1,327 @@
+//! The DataFlow worker: claims batches from the SQL ledger, processes their records in
+//! chunks under a fenced lease, and completes, retries or dead-letters them.
+//!
+//! Layout:
+//! - [`Worker::run`]: the claim loop (bounded concurrency, wake-ups, graceful shutdown);
+//! - [`Worker::claim_next`], [`Worker::start`], [`Worker::step`]: one batch, one chunk at a
+//!   time, so tests can drive a worker deterministically;
+//! - [`prepare`]: validation and canonical form of records.
 
+pub mod prepare;
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use dataflow_contracts::events::{BatchCompleted, Envelope, Event};
+use dataflow_platform::config::WorkerConfig;
+use dataflow_platform::db::{Chunk, ChunkResult, Db, FailOutcome, Lease};
+use dataflow_platform::records::{self, Limits};
+use dataflow_platform::{Error, Result};
+use tokio::sync::{Notify, Semaphore, broadcast};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+/// What happened to one batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    Completed(BatchCompleted),
+    /// The attempt failed; the batch is `ready` again from `at_ms`.
+    Retrying { at_ms: i64 },
+    Dead,
+    /// Handed back on shutdown, to resume from its checkpoint.
+    Released,
+    /// Another worker holds the batch now; nothing of this attempt after its last chunk
+    /// was written.
+    LeaseLost,
+}
+
+/// A claimed batch with its records prepared, advanced one chunk per [`Worker::step`].
+pub struct BatchRun {
+    pub lease: Lease,
+    chunks: VecDeque<Chunk>,
+}
+
+impl BatchRun {
+    pub fn remaining_chunks(&self) -> usize {
+        self.chunks.len()
+    }
+}
+
+/// One step of a run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Step {
+    Chunk(ChunkResult),
+    Completed(BatchCompleted),
+}
+
+/// Counters for operators and tests.
+#[derive(Debug, Default)]
+pub struct WorkerStats {
+    pub completed: AtomicU64,
+    pub failed: AtomicU64,
+    pub fence_rejections: AtomicU64,
+}
+
+#[derive(Clone)]
+pub struct Worker {
+    db: Db,
+    config: WorkerConfig,
+    id: String,
+    outbox_wake: Arc<Notify>,
+    stats: Arc<WorkerStats>,
+}
+
+/// Why an attempt failed, and whether another attempt could help.
+struct AttemptError {
+    message: String,
+    permanent: bool,
+}
+
+impl From<Error> for AttemptError {
+    fn from(e: Error) -> Self {
+        AttemptError { message: e.to_string(), permanent: false }
+    }
+}
+
+impl Worker {
+    pub fn new(db: Db, config: WorkerConfig, outbox_wake: Arc<Notify>) -> Self {
+        Self { db, config, id: worker_id(), outbox_wake, stats: Arc::default() }
+    }
+
+    /// This process's worker identity (host, pid and a random part).
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    pub fn stats(&self) -> &WorkerStats {
+        &self.stats
+    }
+
+    fn lease_ms(&self) -> i64 {
+        i64::try_from(self.config.lease_secs.saturating_mul(1000)).unwrap_or(i64::MAX)
+    }
+
+    /// Claims the next available batch, if any.
+    pub async fn claim_next(&self) -> Result<Option<Lease>> {
+        self.db.claim_next(&self.id, self.lease_ms()).await
+    }
+
+    /// Loads and prepares the records after the lease's checkpoint.
+    #[tracing::instrument(skip_all, fields(batch_id = %lease.batch_id, checkpoint = lease.checkpoint))]
+    pub async fn start(&self, lease: Lease) -> Result<BatchRun> {
+        let body = self.db.load_payload(&lease.batch_id).await?;
+        let chunk_size = self.config.chunk_size;
+        let (format, policy, checkpoint) = (lease.format, lease.policy.clone(), lease.checkpoint);
+        let limits = Limits { max_records: u64::MAX, max_field_bytes: usize::MAX };
+        // Parsing and hashing are CPU work; keep them off the async threads.
+        let chunks = tokio::task::spawn_blocking(move || -> Result<VecDeque<Chunk>> {
+            let mut parsed = Vec::new();
+            records::parse(format, &body, limits, |r| parsed.push(r))?;
+            let skip = usize::try_from(checkpoint).unwrap_or(usize::MAX).min(parsed.len());
+            let mut done = checkpoint;
+            Ok(parsed[skip..]
+                .chunks(chunk_size)
+                .map(|slice| {
+                    done += slice.len() as u64;
+                    prepare::prepare_chunk(slice, &policy, done)
+                })
+                .collect())
+        })
+        .await
+        .map_err(|e| Error::Invalid(format!("record preparation panicked: {e}")))??;
+        Ok(BatchRun { lease, chunks })
+    }
+
+    /// Commits the next chunk, or completes the batch when none is left.
+    pub async fn step(&self, run: &mut BatchRun) -> Result<Step> {
+        let result = match run.chunks.front() {
+            Some(chunk) => Step::Chunk(self.db.commit_chunk(&run.lease, self.lease_ms(), chunk).await?),
+            None => {
+                let done = self.db.complete_batch(&run.lease).await?;
+                self.outbox_wake.notify_one();
+                return Ok(Step::Completed(done));
+            }
+        };
+        run.chunks.pop_front();
+        Ok(result)
+    }
+
+    /// Claims and fully processes one batch; `None` when nothing was available.
+    pub async fn try_process_one(&self) -> Result<Option<Outcome>> {
+        match self.claim_next().await? {
+            Some(lease) => Ok(Some(self.process(lease, &CancellationToken::new()).await)),
+            None => Ok(None),
+        }
+    }
+
+    /// Processes a claimed batch to its end. `release` asks to stop at the next chunk
+    /// boundary and hand the batch back.
+    #[tracing::instrument(skip_all, fields(batch_id = %lease.batch_id, attempt = lease.attempts))]
+    pub async fn process(&self, lease: Lease, release: &CancellationToken) -> Outcome {
+        if lease.attempts > self.config.max_attempts {
+            // Its earlier holders died mid-batch too often: a poison batch.
+            let error = AttemptError { message: "abandoned by its worker on every attempt".into(), permanent: true };
+            return self.fail(&lease, error).await;
+        }
+        let worker = self.clone();
+        let task_lease = lease.clone();
+        let release = release.clone();
+        // A panic in processing must end the attempt, not the worker.
+        let joined = tokio::spawn(async move { worker.run_batch(task_lease, &release).await }).await;
+        let result = joined.unwrap_or_else(|e| {
+            Err(AttemptError { message: format!("processing panicked: {}", panic_message(e)), permanent: false })
+        });
+        match result {
+            Ok(outcome) => outcome,
+            Err(e) => self.fail(&lease, e).await,
+        }
+    }
+
+    async fn run_batch(&self, lease: Lease, release: &CancellationToken) -> Result<Outcome, AttemptError> {
+        let mut run = match self.start(lease).await {
+            Ok(run) => run,
+            // A stored payload that no longer parses will not parse next time either.
+            Err(Error::Parse(e)) => {
+                return Err(AttemptError { message: format!("stored payload is unreadable: {e}"), permanent: true });
+            }
+            Err(e) => return Err(e.into()),
+        };
+        loop {
+            if release.is_cancelled() {
+                return Ok(match self.db.release_batch(&run.lease).await {
+                    Ok(()) => Outcome::Released,
+                    Err(e) => self.lease_error(&run.lease, e)?,
+                });
+            }
+            match self.step(&mut run).await {
+                Ok(Step::Chunk(_)) => {}
+                Ok(Step::Completed(done)) => {
+                    self.stats.completed.fetch_add(1, Ordering::Relaxed);
+                    tracing::info!(records = done.records_total, failed = done.records_failed, "batch completed");
+                    return Ok(Outcome::Completed(done));
+                }
+                Err(e) => return self.lease_error(&run.lease, e),
+            }
+        }
+    }
+
+    /// A lost lease is an outcome, not a failure: someone else owns the batch now.
+    fn lease_error(&self, lease: &Lease, e: Error) -> Result<Outcome, AttemptError> {
+        match e {
+            Error::FenceRejected { .. } => {
+                self.stats.fence_rejections.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(batch_id = %lease.batch_id, epoch = lease.epoch, "lease lost; write refused by the fence");
+                Ok(Outcome::LeaseLost)
+            }
+            other => Err(other.into()),
+        }
+    }
+
+    async fn fail(&self, lease: &Lease, error: AttemptError) -> Outcome {
+        self.stats.failed.fetch_add(1, Ordering::Relaxed);
+        let max_attempts = if error.permanent { 0 } else { self.config.max_attempts };
+        let outcome = self.db.fail_batch(lease, &error.message, max_attempts, self.backoff_ms(lease.attempts)).await;
+        self.outbox_wake.notify_one();
+        match outcome {
+            Ok(FailOutcome::Dead) => {
+                tracing::error!(batch_id = %lease.batch_id, error = %error.message, "batch is dead");
+                Outcome::Dead
+            }
+            Ok(FailOutcome::Retry { at_ms }) => {
+                tracing::warn!(batch_id = %lease.batch_id, error = %error.message, retry_at_ms = at_ms, "attempt failed; will retry");
+                Outcome::Retrying { at_ms }
+            }
+            Err(Error::FenceRejected { .. }) => {
+                self.stats.fence_rejections.fetch_add(1, Ordering::Relaxed);
+                Outcome::LeaseLost
+            }
+            Err(e) => {
+                // The lease expires and another attempt picks the batch up.
+                tracing::error!(batch_id = %lease.batch_id, error = %e, "could not record the failed attempt");
+                Outcome::LeaseLost
+            }
+        }
+    }
+
+    fn backoff_ms(&self, attempt: u32) -> i64 {
+        let exp = self.config.retry_base_ms.saturating_mul(1u64 << attempt.saturating_sub(1).min(30));
+        i64::try_from(exp.min(self.config.retry_max_ms)).unwrap_or(i64::MAX)
+    }
+
+    /// The claim loop: up to `concurrency` batches at once, woken by `BatchReady` events
+    /// and by a poll timer. On `shutdown` it stops claiming, lets in-flight batches finish
+    /// for the grace period, then releases what is left at the next chunk boundary.
+    pub async fn run(self, mut events: broadcast::Receiver<Arc<Envelope>>, shutdown: CancellationToken) {
+        tracing::info!(worker_id = %self.id, concurrency = self.config.concurrency, "worker started");
+        let permits = Arc::new(Semaphore::new(self.config.concurrency));
+        let release = CancellationToken::new();
+        let mut tasks = JoinSet::new();
+        let poll = Duration::from_millis(self.config.poll_interval_ms);
+        loop {
+            while tasks.try_join_next().is_some() {}
+            let permit = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+            };
+            match self.claim_next().await {
+                Ok(Some(lease)) => {
+                    let (worker, release) = (self.clone(), release.clone());
+                    tasks.spawn(async move {
+                        worker.process(lease, &release).await;
+                        drop(permit);
+                    });
+                    continue;
+                }
+                Ok(None) => {}
+                Err(e) => tracing::warn!(error = %e, "claim failed; retrying after the poll interval"),
+            }
+            drop(permit);
+            let sleep = tokio::time::sleep(poll);
+            tokio::pin!(sleep);
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = &mut sleep => break,
+                    ev = events.recv() => match ev {
+                        Ok(env) if matches!(env.event, Event::BatchReady(_)) => break,
+                        Ok(_) => continue,
+                        Err(broadcast::error::RecvError::Lagged(_)) => break,
+                        Err(broadcast::error::RecvError::Closed) => { sleep.as_mut().await; break }
+                    },
+                }
+            }
+        }
+        let grace = Duration::from_secs(self.config.shutdown_grace_secs);
+        if tokio::time::timeout(grace, async { while tasks.join_next().await.is_some() {} }).await.is_err() {
+            tracing::info!("grace period over; releasing in-flight batches");
+            release.cancel();
+            while tasks.join_next().await.is_some() {}
+        }
+        tracing::info!(worker_id = %self.id, "worker stopped");
+    }
+}
+
+fn panic_message(e: tokio::task::JoinError) -> String {
+    match e.try_into_panic() {
+        Ok(p) => p
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_owned())
+            .or_else(|| p.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown panic".into()),
+        Err(e) => e.to_string(),
+    }
+}
+
+fn worker_id() -> String {
+    let host = std::fs::read_to_string("/etc/hostname")
+        .ok()
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "host".into());
+    let nonce = dataflow_contracts::EventId::generate();
+    let tail = &nonce.as_str()[nonce.as_str().len() - 6..];
+    format!("{host}-{}-{tail}", std::process::id())
+}
