@@ -1,1 +1,62 @@
-fn main() {}
+//! The `dataflow` binary: parse the command line, load config, set up tracing, run.
+
+use clap::Parser;
+use dataflow::cli::{self, Cli, Command};
+use dataflow::{App, Roles};
+use tracing_subscriber::EnvFilter;
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let filter = EnvFilter::try_from_env("DATAFLOW_LOG").unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(run(cli))
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let config = cli::load_config(&cli)?;
+    let roles = match cli.command.unwrap_or(Command::All) {
+        Command::All => Roles::ALL,
+        Command::Serve => Roles::API,
+        Command::Worker => Roles::WORKER,
+        Command::Migrate => {
+            dataflow_platform::Backends::build(&config).await?;
+            println!("migrations applied to {}", redact(&config.database_url()));
+            return Ok(());
+        }
+        Command::Clients(cmd) => return cli::clients(&config, cmd).await,
+        Command::Keys(cmd) => return cli::keys(&config, cmd).await,
+        Command::Policy(cmd) => return cli::policy(&config, cmd).await,
+        Command::Bench(cli::BenchCmd::Ingest(args)) => return dataflow::bench::ingest(args).await,
+    };
+    let app = App::start(config.clone(), roles, None).await?;
+    if roles.api {
+        if config.admin_token.is_none() {
+            eprintln!(
+                "Operator token for /admin: {} (set DATAFLOW_ADMIN_TOKEN to choose one)",
+                config.data_dir.join("admin-token").display()
+            );
+        }
+        if let Some(addr) = app.addr {
+            eprintln!("DataFlow is listening on http://{addr} (ledger: {})", redact(&config.database_url()));
+        }
+    }
+    let token = app.shutdown_token();
+    tokio::spawn(async move {
+        dataflow::shutdown_signal().await;
+        token.cancel();
+    });
+    app.wait().await;
+    Ok(())
+}
+
+/// The URL without its password, for printing.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => {
+            let creds = &url[s + 3..at];
+            let user = creds.split(':').next().unwrap_or("");
+            format!("{}{user}:****{}", &url[..s + 3], &url[at..])
+        }
+        _ => url.to_owned(),
+    }
+}

@@ -1,1 +1,52 @@
+//! The DataFlow HTTP API.
+//!
+//! Layout:
+//! - [`router`]: every route and layer, assembled once;
+//! - [`auth`]: API keys for `/v1`, the operator token for `/admin`, lock-out;
+//! - [`ratelimit`]: GCRA per client and per anonymous IP, with `RateLimit` headers;
+//! - `routes/`: one module per resource (imports, batches, admin, health);
+//! - [`error`]: the one error type and its JSON form.
 
+pub mod auth;
+pub mod error;
+pub mod ratelimit;
+mod routes;
+pub mod state;
+
+use std::time::Duration;
+
+use axum::extract::{Request, State};
+use axum::http::StatusCode;
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::Router;
+
+pub use error::{ApiError, ApiResult};
+pub use state::AppState;
+
+/// The whole HTTP application.
+pub fn router(state: AppState) -> Router {
+    let v1 = Router::new()
+        .merge(routes::imports::router())
+        .merge(routes::batches::router())
+        .route_layer(middleware::from_fn_with_state(state.clone(), auth::require_api_key));
+    let admin = routes::admin::router()
+        .route_layer(middleware::from_fn_with_state(state.clone(), auth::require_operator));
+    Router::new()
+        .nest("/v1", v1)
+        .nest("/admin", admin)
+        .merge(routes::health::router())
+        .fallback(|| async { ApiError::not_found() })
+        .layer(middleware::from_fn_with_state(state.clone(), deadline))
+        .with_state(state)
+}
+
+/// Bounds the time of every request; a slow sender gets 408 instead of holding a slot.
+async fn deadline(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let limit = Duration::from_secs(state.config.request_timeout_secs);
+    match tokio::time::timeout(limit, next.run(req)).await {
+        Ok(resp) => resp,
+        Err(_) => ApiError::new(StatusCode::REQUEST_TIMEOUT, "request_timeout", "the request took too long")
+            .into_response(),
+    }
+}

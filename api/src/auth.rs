@@ -1,0 +1,124 @@
+//! Authentication: API keys for `/v1`, the operator token for `/admin`.
+//!
+//! Failures are counted per IP and per key id with a TTL; past the threshold the subject
+//! is locked out for a while. Unknown key, wrong secret and revoked key all get the same
+//! 401, so a caller cannot probe which key ids exist.
+
+use std::net::{IpAddr, SocketAddr};
+
+use axum::extract::{ConnectInfo, Request, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use dataflow_platform::db::ClientRecord;
+use dataflow_platform::keys;
+
+use crate::error::ApiError;
+use crate::ratelimit;
+use crate::state::{AppState, ClientIp};
+
+/// The authenticated caller of a `/v1` request.
+#[derive(Debug, Clone)]
+pub struct Principal {
+    pub client: ClientRecord,
+    pub key_id: String,
+}
+
+/// Middleware for `/v1`: authenticates the key, then applies the client's rate limit.
+pub async fn require_api_key(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
+    let ip = client_ip(&state, &req);
+    req.extensions_mut().insert(ClientIp(ip));
+    match authenticate(&state, ip, req.headers()).await {
+        Ok(principal) => {
+            let rate = ratelimit::client_rate(&principal.client.policy);
+            let subject = format!("client:{}", principal.client.id);
+            req.extensions_mut().insert(principal);
+            ratelimit::limited(&state, &subject, rate, req, next).await
+        }
+        Err(e) => ratelimit::anonymous(&state, ip, e).await,
+    }
+}
+
+async fn authenticate(state: &AppState, ip: IpAddr, headers: &HeaderMap) -> Result<Principal, ApiError> {
+    let lockout = &state.backends.lockout;
+    let ip_subject = format!("ip:{ip}");
+    if let Some(left) = lockout.locked(&ip_subject) {
+        return Err(locked(left));
+    }
+    let Some(presented) = bearer(headers).and_then(keys::parse) else {
+        lockout.record_failure(&ip_subject);
+        return Err(ApiError::unauthorized());
+    };
+    let key_subject = format!("key:{}", presented.key_id);
+    if let Some(left) = lockout.locked(&key_subject) {
+        return Err(locked(left));
+    }
+    let key = state.key(presented.key_id).await.map_err(unavailable)?;
+    let valid = key.filter(|k| !k.revoked && state.backends.hasher.verify(&presented, &k.secret_hmac));
+    let Some(key) = valid else {
+        lockout.record_failure(&ip_subject);
+        lockout.record_failure(&key_subject);
+        return Err(ApiError::unauthorized());
+    };
+    let client = state.client(&key.client_id).await.map_err(unavailable)?.ok_or_else(ApiError::unauthorized)?;
+    if !client.active {
+        return Err(ApiError::new(StatusCode::FORBIDDEN, "client_inactive", "this client is deactivated"));
+    }
+    state.touch_key(&key.key_id);
+    Ok(Principal { client, key_id: key.key_id })
+}
+
+/// Middleware for `/admin`: the operator token, compared in constant time, with the same
+/// per-IP lock-out as API keys.
+pub async fn require_operator(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let ip = client_ip(&state, &req);
+    let lockout = &state.backends.lockout;
+    let subject = format!("ip:{ip}");
+    if let Some(left) = lockout.locked(&subject) {
+        return locked(left).into_response();
+    }
+    let expected = state.backends.admin_token.expose().as_bytes();
+    match bearer(req.headers()) {
+        Some(token) if keys::constant_time_eq(token.as_bytes(), expected) => next.run(req).await,
+        _ => {
+            lockout.record_failure(&subject);
+            ApiError::unauthorized().into_response()
+        }
+    }
+}
+
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then_some(token.trim())
+}
+
+fn locked(left: std::time::Duration) -> ApiError {
+    ApiError::too_many(
+        "auth_locked",
+        "too many failed authentication attempts; try again later",
+        left.as_millis() as u64,
+    )
+}
+
+fn unavailable(e: String) -> ApiError {
+    tracing::error!(error = %e, "credential lookup failed");
+    ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "ledger_unavailable", "the ledger is unreachable; retry later")
+}
+
+/// The peer address, or the left-most `X-Forwarded-For` entry when configured to trust it.
+fn client_ip(state: &AppState, req: &Request) -> IpAddr {
+    let peer = req
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map_or(IpAddr::from([127, 0, 0, 1]), |c| c.0.ip());
+    if !state.config.trust_forwarded_for {
+        return peer;
+    }
+    req.headers()
+        .get("x-forwarded-for")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(',').next())
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(peer)
+}

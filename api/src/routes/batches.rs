@@ -1,0 +1,92 @@
+//! `GET /v1/batches`, `/v1/batches/{id}`, `/v1/batches/{id}/errors` and `/v1/records/{key}`:
+//! every query is scoped to the caller's client, so another client's ids answer 404.
+
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Extension, Path, Query, State};
+use axum::routing::get;
+use axum::{Json, Router};
+use dataflow_contracts::http::{BatchPage, BatchView, RecordErrorPage, RecordView};
+use dataflow_contracts::{BatchId, BatchStatus};
+use serde::Deserialize;
+
+use super::{page_limit, parse_path_id, query};
+use crate::auth::Principal;
+use crate::error::{ApiError, ApiResult};
+use crate::state::AppState;
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/batches", get(list))
+        .route("/batches/{id}", get(show))
+        .route("/batches/{id}/errors", get(errors))
+        .route("/records/{key}", get(record))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListQuery {
+    status: Option<String>,
+    cursor: Option<String>,
+    limit: Option<u32>,
+}
+
+async fn list(
+    State(state): State<AppState>,
+    Extension(p): Extension<Principal>,
+    q: Result<Query<ListQuery>, QueryRejection>,
+) -> ApiResult<Json<BatchPage>> {
+    let q = query(q)?;
+    let status = q
+        .status
+        .map(|s| s.parse::<BatchStatus>())
+        .transpose()
+        .map_err(|e| ApiError::bad_request("invalid_status", e))?;
+    let cursor = q
+        .cursor
+        .map(|c| c.parse::<BatchId>())
+        .transpose()
+        .map_err(|_| ApiError::bad_request("invalid_cursor", "cursor must be a next_cursor from a previous page"))?;
+    let page = state.backends.db.list_batches(&p.client.id, status, cursor.as_ref(), page_limit(q.limit)?).await?;
+    Ok(Json(page))
+}
+
+async fn show(
+    State(state): State<AppState>,
+    Extension(p): Extension<Principal>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<BatchView>> {
+    let id: BatchId = parse_path_id(&id)?;
+    let view = state.backends.db.get_batch(Some(&p.client.id), &id).await?;
+    view.map(Json).ok_or_else(ApiError::not_found)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ErrorsQuery {
+    cursor: Option<u64>,
+    limit: Option<u32>,
+}
+
+async fn errors(
+    State(state): State<AppState>,
+    Extension(p): Extension<Principal>,
+    Path(id): Path<String>,
+    q: Result<Query<ErrorsQuery>, QueryRejection>,
+) -> ApiResult<Json<RecordErrorPage>> {
+    let q = query(q)?;
+    let id: BatchId = parse_path_id(&id)?;
+    let db = &state.backends.db;
+    if db.get_batch(Some(&p.client.id), &id).await?.is_none() {
+        return Err(ApiError::not_found());
+    }
+    Ok(Json(db.list_record_errors(&id, q.cursor.unwrap_or(0), page_limit(q.limit)?).await?))
+}
+
+async fn record(
+    State(state): State<AppState>,
+    Extension(p): Extension<Principal>,
+    Path(key): Path<String>,
+) -> ApiResult<Json<RecordView>> {
+    let view = state.backends.db.get_record(&p.client.id, &key).await?;
+    view.map(Json).ok_or_else(ApiError::not_found)
+}

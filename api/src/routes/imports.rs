@@ -1,0 +1,233 @@
+//! `POST /v1/imports` and `GET /v1/imports/{id}`.
+//!
+//! The order of checks is chosen so that nothing is stored for a refused request and the
+//! cheap refusals come first: media type, idempotency key, declared size, body size,
+//! idempotency replay, dedup pre-check, parse, then the one submit transaction.
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Extension, Path, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use dataflow_contracts::http::ImportView;
+use dataflow_contracts::{ImportFormat, ImportId};
+use dataflow_platform::db::{IdempotencyStart, NewImport, SubmitOutcome};
+use dataflow_platform::records::{self, Limits};
+use sha2::{Digest, Sha256};
+
+use super::parse_path_id;
+use crate::auth::Principal;
+use crate::error::{ApiError, ApiResult};
+use crate::state::AppState;
+
+pub fn router() -> Router<AppState> {
+    Router::new().route("/imports", post(submit)).route("/imports/{id}", get(show))
+}
+
+async fn show(
+    State(state): State<AppState>,
+    Extension(p): Extension<Principal>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<ImportView>> {
+    let id: ImportId = parse_path_id(&id)?;
+    let view = state.backends.db.get_import(Some(&p.client.id), &id).await?;
+    view.map(Json).ok_or_else(ApiError::not_found)
+}
+
+async fn submit(
+    State(state): State<AppState>,
+    Extension(p): Extension<Principal>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let client = p.client.id.clone();
+    let content_type = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+    let Some(format) = ImportFormat::from_content_type(content_type) else {
+        return ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            "send text/csv (with a header row) or application/x-ndjson",
+        )
+        .into_response();
+    };
+    let idem_key = match idempotency_key(&state, &headers) {
+        Ok(k) => k,
+        Err(e) => return e.into_response(),
+    };
+    let Some(_slot) = state.import_slot(&client) else {
+        return ApiError::too_many("too_many_concurrent_imports", "too many imports in flight for this client", 1000)
+            .into_response();
+    };
+    let body = match read_body(&state, &p, &headers, body).await {
+        Ok(b) => b,
+        Err(e) => return e.into_response(),
+    };
+    let checksum = hex::encode(Sha256::digest(&body));
+
+    if let Some(key) = &idem_key {
+        let request_hash = format!("{}:{checksum}", format.as_str());
+        let cfg = &state.config;
+        let start = state
+            .backends
+            .db
+            .idempotency_start(
+                &client,
+                key,
+                &request_hash,
+                (cfg.idempotency_ttl_secs * 1000) as i64,
+                (cfg.idempotency_lock_secs * 1000) as i64,
+            )
+            .await;
+        match start {
+            Ok(IdempotencyStart::Proceed) => {}
+            Ok(IdempotencyStart::Replay { status, body }) => return replay(status, body),
+            Ok(IdempotencyStart::Mismatch) => {
+                return ApiError::unprocessable(
+                    "idempotency_key_reused",
+                    "this Idempotency-Key was used with a different request",
+                )
+                .into_response();
+            }
+            Ok(IdempotencyStart::InProgress) => {
+                return ApiError::new(
+                    StatusCode::CONFLICT,
+                    "idempotency_in_progress",
+                    "a request with this Idempotency-Key is still in progress",
+                )
+                .into_response();
+            }
+            Err(e) => return ApiError::from(e).into_response(),
+        }
+    }
+
+    let result = accept(&state, &p, format, &body, &checksum, idem_key.as_deref()).await;
+    if let Some(key) = &idem_key {
+        let finished = match &result {
+            // Created imports stored their answer in the submit transaction itself.
+            Ok((StatusCode::ACCEPTED, _)) => Ok(()),
+            Ok((status, view)) => {
+                let body = serde_json::to_string(view).unwrap_or_default();
+                state.backends.db.idempotency_finish(&client, key, status.as_u16(), &body).await
+            }
+            // Refused requests are not replayed: the sender fixes them and tries again.
+            Err(_) => state.backends.db.idempotency_abort(&client, key).await,
+        };
+        if let Err(e) = finished {
+            tracing::warn!(error = %e, "could not settle the idempotency key; it expires on its own");
+        }
+    }
+    match result {
+        Ok((status, view)) => {
+            let location = format!("/v1/batches/{}", view.batch_id);
+            let mut resp = (status, Json(view)).into_response();
+            if let Ok(v) = HeaderValue::from_str(&location) {
+                resp.headers_mut().insert(header::LOCATION, v);
+            }
+            resp
+        }
+        Err(e) => e.into_response(),
+    }
+}
+
+/// Dedup pre-check, parse and policy, then the submit transaction.
+async fn accept(
+    state: &AppState,
+    p: &Principal,
+    format: ImportFormat,
+    body: &Bytes,
+    checksum: &str,
+    idem_key: Option<&str>,
+) -> ApiResult<(StatusCode, ImportView)> {
+    let db = &state.backends.db;
+    let policy = &p.client.policy;
+    if let Some(first) = db.find_duplicate(&p.client.id, checksum).await? {
+        return Ok((StatusCode::OK, first));
+    }
+    let limits = Limits { max_records: policy.max_records, max_field_bytes: state.config.max_field_bytes };
+    let parse_body = body.clone();
+    let summary = tokio::task::spawn_blocking(move || records::parse(format, &parse_body, limits, |_| {}))
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))??;
+    if let Some(columns) = &summary.columns {
+        let missing = std::iter::once(&policy.key_field)
+            .chain(&policy.required_fields)
+            .find(|f| !columns.contains(f));
+        if let Some(field) = missing {
+            return Err(ApiError::unprocessable(
+                "missing_column",
+                format!("line 1: the header has no column `{field}`, which this client's policy requires"),
+            ));
+        }
+    }
+    let new = NewImport {
+        client_id: &p.client.id,
+        format,
+        body,
+        records: summary.records,
+        checksum,
+        policy,
+        idempotency_key: idem_key,
+    };
+    let outcome = db.submit_import(&new).await?;
+    match outcome {
+        SubmitOutcome::Created(view) => {
+            state.backends.outbox_wake.notify_one();
+            tracing::info!(import_id = %view.id, batch_id = %view.batch_id, records = view.records, "import accepted");
+            Ok((StatusCode::ACCEPTED, view))
+        }
+        SubmitOutcome::Duplicate(view) => Ok((StatusCode::OK, view)),
+        SubmitOutcome::QuotaExceeded { used, quota, retry_after_ms } => Err(ApiError::too_many(
+            "quota_exceeded",
+            format!("daily record quota is {quota}; {used} used today; this import has {}", summary.records),
+            retry_after_ms,
+        )),
+    }
+}
+
+/// Reads the body up to the smaller of the server's and the client's limit.
+async fn read_body(state: &AppState, p: &Principal, headers: &HeaderMap, body: Body) -> ApiResult<Bytes> {
+    let limit = state.config.max_body_bytes.min(p.client.policy.max_payload_bytes);
+    let too_large = || ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", format!("the body is over {limit} bytes"));
+    let declared = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit) {
+        return Err(too_large());
+    }
+    match axum::body::to_bytes(body, usize::try_from(limit).unwrap_or(usize::MAX)).await {
+        Ok(b) if b.is_empty() => Err(ApiError::bad_request("empty_body", "the body is empty")),
+        Ok(b) => Ok(b),
+        Err(e) if is_length_limit(&e) => Err(too_large()),
+        Err(e) => Err(ApiError::bad_request("body_read_failed", format!("could not read the body: {e}"))),
+    }
+}
+
+fn is_length_limit(e: &axum::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(s) = source {
+        if s.is::<http_body_util::LengthLimitError>() {
+            return true;
+        }
+        source = s.source();
+    }
+    false
+}
+
+/// Visible ASCII, bounded length; `None` when absent.
+fn idempotency_key(state: &AppState, headers: &HeaderMap) -> ApiResult<Option<String>> {
+    let Some(raw) = headers.get("idempotency-key") else { return Ok(None) };
+    let max = state.config.max_idempotency_key_len;
+    let key = raw.to_str().ok().filter(|k| !k.is_empty() && k.len() <= max && k.bytes().all(|b| b.is_ascii_graphic()));
+    key.map(|k| Some(k.to_owned())).ok_or_else(|| {
+        ApiError::bad_request(
+            "invalid_idempotency_key",
+            format!("Idempotency-Key must be 1 to {max} visible ASCII characters"),
+        )
+    })
+}
+
+fn replay(status: u16, body: String) -> Response {
+    let status = StatusCode::from_u16(status).unwrap_or(StatusCode::OK);
+    let mut resp = (status, [(header::CONTENT_TYPE, "application/json")], body).into_response();
+    resp.headers_mut().insert("idempotent-replayed", HeaderValue::from_static("true"));
+    resp
+}

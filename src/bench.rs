@@ -1,0 +1,201 @@
+//! `dataflow bench ingest`: submits imports over HTTP to a full in-process DataFlow and
+//! measures the submit rate and the end-to-end rate (first submit → last batch completed).
+//! On PostgreSQL it also loads the same rows with `COPY` into a table of the same shape in
+//! the same database and prints the ratio.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clap::Args;
+use dataflow_contracts::{BatchStatus, Policy};
+use dataflow_platform::Config;
+use sqlx::Connection;
+use tokio::net::TcpListener;
+
+use crate::{App, Roles};
+
+#[derive(Args, Debug, Clone)]
+pub struct IngestArgs {
+    /// Number of imports to submit.
+    #[arg(long, default_value_t = 10)]
+    pub imports: usize,
+    /// Records per import.
+    #[arg(long, default_value_t = 50_000)]
+    pub records: usize,
+    /// `postgres://…` to benchmark PostgreSQL (a scratch database is created and dropped);
+    /// default: SQLite in a temporary folder.
+    #[arg(long)]
+    pub database_url: Option<String>,
+    /// Batches processed at once.
+    #[arg(long, default_value_t = 4)]
+    pub concurrency: usize,
+    /// Records per committed chunk.
+    #[arg(long, default_value_t = 5_000)]
+    pub chunk_size: usize,
+}
+
+pub async fn ingest(args: IngestArgs) -> anyhow::Result<()> {
+    let dir = std::env::temp_dir().join(format!("dataflow-bench-{}", std::process::id()));
+    let scratch = match &args.database_url {
+        Some(url) if url.starts_with("postgres") => Some(ScratchDb::create(url).await?),
+        Some(_) => bail!("--database-url must be a postgres:// URL (SQLite is the default)"),
+        None => None,
+    };
+    let mut config = Config { data_dir: dir.clone(), ..Config::default() };
+    config.database_url = Some(match &scratch {
+        Some(s) => s.url.clone(),
+        None => format!("sqlite://{}", dir.join("bench.db").display()),
+    });
+    config.worker.concurrency = args.concurrency;
+    config.worker.chunk_size = args.chunk_size;
+    config.worker.poll_interval_ms = 100;
+    config.api.max_concurrent_imports_per_client = args.imports.max(1);
+    config.validate()?;
+    let backend = if scratch.is_some() { "postgres" } else { "sqlite" };
+
+    let result = run_ingest(&args, config, backend).await;
+    if let Some(s) = scratch {
+        s.drop_db().await?;
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}
+
+async fn run_ingest(args: &IngestArgs, config: Config, backend: &str) -> anyhow::Result<()> {
+    let app = App::start(config, Roles::ALL, Some(TcpListener::bind("127.0.0.1:0").await?)).await?;
+    let addr = app.addr.context("the API did not start")?;
+    let db = app.backends.db.clone();
+    let policy = Policy {
+        rate_per_minute: 1_000_000,
+        rate_burst: 10_000,
+        max_records: args.records as u64,
+        dedup_window_secs: 0,
+        ..Policy::default()
+    };
+    let client = db.create_client("bench", &policy).await?;
+    let key = app.backends.hasher.generate();
+    db.create_key(&client.id, &key.key_id, &key.hmac, Some("bench")).await?;
+
+    let bodies: Vec<String> = (0..args.imports).map(|i| csv_body(i, args.records)).collect();
+    let bytes: usize = bodies.iter().map(String::len).sum();
+    let http = reqwest::Client::new();
+    let started = Instant::now();
+    for body in bodies {
+        let resp = http
+            .post(format!("http://{addr}/v1/imports"))
+            .bearer_auth(&key.token)
+            .header("content-type", "text/csv")
+            .body(body)
+            .send()
+            .await?;
+        if resp.status() != 202 {
+            bail!("submit answered {}: {}", resp.status(), resp.text().await.unwrap_or_default());
+        }
+    }
+    let submit_s = started.elapsed().as_secs_f64();
+    loop {
+        let counts = db.batch_counts().await?;
+        let done = counts.iter().filter(|(s, _)| s.is_terminal()).map(|(_, n)| n).sum::<u64>();
+        if done >= args.imports as u64 {
+            if let Some((s, n)) = counts.iter().find(|(s, _)| *s != BatchStatus::Completed) {
+                bail!("{n} batches ended {s}");
+            }
+            break;
+        }
+        if started.elapsed() > Duration::from_secs(600) {
+            bail!("batches did not complete within 10 minutes: {counts:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let e2e_s = started.elapsed().as_secs_f64();
+    let total = (args.imports * args.records) as f64;
+    let e2e_rate = total / e2e_s;
+    print!(
+        "name=ingest backend={backend} imports={} records_per_import={} mib={:.1} submit_s={submit_s:.3} \
+         submit_records_per_s={:.0} e2e_s={e2e_s:.3} e2e_records_per_s={e2e_rate:.0}",
+        args.imports,
+        args.records,
+        bytes as f64 / 1_048_576.0,
+        total / submit_s,
+    );
+    if backend == "postgres" {
+        let copy_rate = copy_baseline(&db, args).await?;
+        print!(" copy_records_per_s={copy_rate:.0} ratio_vs_copy={:.2}", e2e_rate / copy_rate);
+    }
+    println!();
+    app.stop().await;
+    Ok(())
+}
+
+/// Rows like `id,name,email,amount,country,created` (about 100 bytes each).
+fn csv_body(import: usize, records: usize) -> String {
+    let mut s = String::with_capacity(records * 110 + 64);
+    s.push_str("id,name,email,amount,country,created\n");
+    for n in 0..records {
+        use std::fmt::Write;
+        let _ = writeln!(
+            s,
+            "i{import}-{n},Customer {n},customer{n}@example.com,{}.{:02},DE,2026-11-{:02}T10:00:00Z",
+            n % 10_000,
+            n % 100,
+            n % 28 + 1
+        );
+    }
+    s
+}
+
+/// `COPY`s the records the benchmark stored into a fresh table of the same shape (with the
+/// same primary key) and returns rows/s: the ceiling for writing these rows.
+async fn copy_baseline(db: &dataflow_platform::db::Db, args: &IngestArgs) -> anyhow::Result<f64> {
+    let url = db.pool().connect_options().database_url.to_string();
+    let mut conn = sqlx::PgConnection::connect(&url).await?;
+    sqlx::query(
+        "CREATE TABLE bench_copy (client_id TEXT NOT NULL, record_key TEXT NOT NULL, data TEXT NOT NULL, \
+         checksum TEXT NOT NULL, batch_id TEXT NOT NULL, updated_at BIGINT NOT NULL, PRIMARY KEY (client_id, record_key))",
+    )
+    .execute(&mut conn)
+    .await?;
+    // The rows as text, prepared before timing: only the load is measured.
+    let rows: Vec<(String, String, String, String, String, i64)> =
+        sqlx::query_as("SELECT client_id, record_key, data, checksum, batch_id, updated_at FROM records")
+            .fetch_all(&mut conn)
+            .await?;
+    anyhow::ensure!(rows.len() == args.imports * args.records, "expected every record stored, found {}", rows.len());
+    let mut text = String::new();
+    for (c, k, d, s, b, u) in &rows {
+        text.push_str(&format!("{c}\t{k}\t{}\t{s}\t{b}\t{u}\n", d.replace('\\', "\\\\")));
+    }
+    sqlx::query("CHECKPOINT").execute(&mut conn).await?;
+    let started = Instant::now();
+    let mut copy = conn.copy_in_raw("COPY bench_copy FROM STDIN").await?;
+    copy.send(text.as_bytes()).await?;
+    copy.finish().await?;
+    Ok(rows.len() as f64 / started.elapsed().as_secs_f64())
+}
+
+/// A throwaway database on the server of a given URL.
+struct ScratchDb {
+    admin_url: String,
+    name: String,
+    url: String,
+}
+
+impl ScratchDb {
+    async fn create(url: &str) -> anyhow::Result<ScratchDb> {
+        let name = format!("dataflow_bench_{}", std::process::id());
+        let base = url.rsplit_once('/').map_or(url, |(b, _)| b);
+        let admin_url = format!("{base}/postgres");
+        let mut conn = sqlx::PgConnection::connect(&admin_url).await.context("connecting to PostgreSQL")?;
+        sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS {name}"))).execute(&mut conn).await?;
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}"))).execute(&mut conn).await?;
+        Ok(ScratchDb { url: format!("{base}/{name}"), admin_url, name })
+    }
+
+    async fn drop_db(self) -> anyhow::Result<()> {
+        let mut conn = sqlx::PgConnection::connect(&self.admin_url).await?;
+        sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name)))
+            .execute(&mut conn)
+            .await?;
+        Ok(())
+    }
+}

@@ -1,0 +1,171 @@
+//! The `dataflow` command line: process roles and operator commands.
+//!
+//! Operator commands work on the ledger directly, so they need no running server. Running
+//! API processes see a change made here within their cache TTL (`api.cache_ttl_ms`); the
+//! same change through `/admin` takes effect on the next request.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+use dataflow_contracts::policy::PolicyPatch;
+use dataflow_contracts::{ClientId, Policy};
+use dataflow_platform::db::Db;
+use dataflow_platform::keys::KeyHasher;
+use dataflow_platform::{Backends, Config};
+
+#[derive(Parser, Debug)]
+#[command(name = "dataflow", version, about = "Durable imports, batch processing and jobs in one binary")]
+pub struct Cli {
+    /// TOML configuration file (default: ./dataflow.toml when present).
+    #[arg(long, global = true, env = "DATAFLOW_CONFIG")]
+    pub config: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// API, worker and outbox relay in one process (the default).
+    All,
+    /// The HTTP API (and the outbox relay).
+    Serve,
+    /// A batch worker (and the outbox relay).
+    Worker,
+    /// Applies the ledger migrations and exits.
+    Migrate,
+    /// Manage clients (tenants).
+    #[command(subcommand)]
+    Clients(ClientsCmd),
+    /// Manage API keys.
+    #[command(subcommand)]
+    Keys(KeysCmd),
+    /// Show or change a client's policy.
+    #[command(subcommand)]
+    Policy(PolicyCmd),
+    /// Benchmarks that print their figures.
+    #[command(subcommand)]
+    Bench(BenchCmd),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ClientsCmd {
+    /// Creates a client with the default policy (or `--policy` JSON on top of it).
+    Create {
+        name: String,
+        #[arg(long)]
+        policy: Option<String>,
+    },
+    List,
+    Deactivate { client_id: String },
+    Activate { client_id: String },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum KeysCmd {
+    /// Mints a key; the secret is printed once and never stored.
+    Create {
+        client_id: String,
+        #[arg(long)]
+        label: Option<String>,
+    },
+    List { client_id: String },
+    Revoke { key_id: String },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum PolicyCmd {
+    Show { client_id: String },
+    /// Applies a JSON patch, e.g. `'{"rate_per_minute": 120, "notify_email": null}'`.
+    Set { client_id: String, patch: String },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum BenchCmd {
+    /// Submits imports over HTTP and measures submit rate and end-to-end records/s.
+    Ingest(crate::bench::IngestArgs),
+}
+
+/// Loads config for operator commands (which touch only the ledger).
+async fn ledger(config: &Config) -> anyhow::Result<std::sync::Arc<Backends>> {
+    Backends::build(config).await.context("opening the ledger")
+}
+
+fn client_id(raw: &str) -> anyhow::Result<ClientId> {
+    raw.parse().with_context(|| format!("`{raw}` is not a client id"))
+}
+
+fn print_json<T: serde::Serialize>(v: &T) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
+pub async fn clients(config: &Config, cmd: ClientsCmd) -> anyhow::Result<()> {
+    let db = ledger(config).await?.db.clone();
+    match cmd {
+        ClientsCmd::Create { name, policy } => {
+            let policy = match policy {
+                Some(json) => {
+                    let patch: PolicyPatch = serde_json::from_str(&json).context("--policy is not a valid policy patch")?;
+                    Policy::default().patched(&patch).map_err(anyhow::Error::msg)?
+                }
+                None => Policy::default(),
+            };
+            print_json(&db.create_client(&name, &policy).await?.view())
+        }
+        ClientsCmd::List => {
+            for c in db.list_clients().await? {
+                let state = if c.active { "active" } else { "inactive" };
+                println!("{}  {:<8}  {}", c.id, state, c.name);
+            }
+            Ok(())
+        }
+        ClientsCmd::Deactivate { client_id: id } => print_json(&db.set_client_active(&client_id(&id)?, false).await?.view()),
+        ClientsCmd::Activate { client_id: id } => print_json(&db.set_client_active(&client_id(&id)?, true).await?.view()),
+    }
+}
+
+pub async fn keys(config: &Config, cmd: KeysCmd) -> anyhow::Result<()> {
+    let backends = ledger(config).await?;
+    let db: &Db = &backends.db;
+    match cmd {
+        KeysCmd::Create { client_id: id, label } => {
+            let id = client_id(&id)?;
+            let hasher: &KeyHasher = &backends.hasher;
+            let key = hasher.generate();
+            db.create_key(&id, &key.key_id, &key.hmac, label.as_deref()).await?;
+            eprintln!("This key is shown once; store it now.");
+            println!("{}", key.token);
+            Ok(())
+        }
+        KeysCmd::List { client_id: id } => print_json(&db.list_keys(&client_id(&id)?).await?),
+        KeysCmd::Revoke { key_id } => {
+            let client = db.revoke_key(&key_id).await?;
+            println!("revoked {key_id} of {client}");
+            Ok(())
+        }
+    }
+}
+
+pub async fn policy(config: &Config, cmd: PolicyCmd) -> anyhow::Result<()> {
+    let db = ledger(config).await?.db.clone();
+    match cmd {
+        PolicyCmd::Show { client_id: id } => {
+            let Some(client) = db.get_client(&client_id(&id)?).await? else { bail!("no client {id}") };
+            print_json(&client.policy)
+        }
+        PolicyCmd::Set { client_id: id, patch } => {
+            let id = client_id(&id)?;
+            let patch: PolicyPatch = serde_json::from_str(&patch).context("the patch is not a valid policy patch")?;
+            let Some(client) = db.get_client(&id).await? else { bail!("no client {id}") };
+            let policy = client.policy.patched(&patch).map_err(anyhow::Error::msg)?;
+            print_json(&db.set_policy(&id, &policy).await?.policy)
+        }
+    }
+}
+
+/// Shared by the process roles: the config with its source named in errors.
+pub fn load_config(cli: &Cli) -> anyhow::Result<Config> {
+    Config::load(cli.config.as_deref()).context("loading configuration")
+}
+

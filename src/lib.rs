@@ -1,0 +1,148 @@
+//! DataFlow: the wiring of one process. [`App::start`] is the whole system on one page:
+//! it builds the backends, then starts the roles this process plays (HTTP API, worker,
+//! outbox relay) and stops them together.
+//!
+//! Layout of the repository (each concern in its own crate):
+//! - `contracts/`: wire types (ids, events, policy, HTTP bodies);
+//! - `platform/`: config, the SQL ledger, limiter, cache, keys, record parsing, outbox relay;
+//! - `api/`: the axum application;
+//! - `worker/`: batch processing under a fenced lease;
+//! - `src/`: this wiring, the CLI (`main.rs`, [`cli`]) and the benchmark ([`bench`]).
+
+pub mod bench;
+pub mod cli;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use dataflow_api::AppState;
+use dataflow_platform::events::{self, RelaySettings};
+use dataflow_platform::{Backends, Config};
+use dataflow_worker::Worker;
+use tokio::net::TcpListener;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+/// Which parts run in this process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Roles {
+    pub api: bool,
+    pub worker: bool,
+}
+
+impl Roles {
+    pub const ALL: Roles = Roles { api: true, worker: true };
+    pub const API: Roles = Roles { api: true, worker: false };
+    pub const WORKER: Roles = Roles { api: false, worker: true };
+}
+
+/// A running DataFlow process.
+pub struct App {
+    pub backends: Arc<Backends>,
+    /// The bound API address, when this process serves HTTP.
+    pub addr: Option<SocketAddr>,
+    /// The batch worker, when this process runs one.
+    pub worker: Option<Worker>,
+    shutdown: CancellationToken,
+    tasks: JoinSet<()>,
+}
+
+impl App {
+    /// Builds the backends and starts the roles. The caller binds the listener (port 0 in
+    /// tests); without one the configured address is bound.
+    pub async fn start(config: Config, roles: Roles, listener: Option<TcpListener>) -> anyhow::Result<App> {
+        let backends = Backends::build(&config).await.context("starting the backends")?;
+        let shutdown = CancellationToken::new();
+        let mut tasks = JoinSet::new();
+
+        // The outbox relay runs wherever outbox rows are written: in every role.
+        let relay = RelaySettings {
+            poll_interval: Duration::from_millis(config.outbox.poll_interval_ms),
+            retention: Duration::from_secs(config.outbox.retention_secs),
+            batch_size: config.outbox.batch_size,
+        };
+        tasks.spawn(events::run_relay(
+            backends.db.clone(),
+            backends.publisher.clone(),
+            backends.outbox_wake.clone(),
+            relay,
+            shutdown.clone(),
+        ));
+
+        let worker = roles.worker.then(|| {
+            Worker::new(backends.db.clone(), config.worker.clone(), backends.outbox_wake.clone())
+        });
+        if let Some(worker) = &worker {
+            // Subscribe before anything can publish, so no wake-up is missed.
+            let events = backends.publisher.subscribe();
+            tasks.spawn(worker.clone().run(events, shutdown.clone()));
+        }
+
+        let mut addr = None;
+        if roles.api {
+            let listener = match listener {
+                Some(l) => l,
+                None => TcpListener::bind(config.listen)
+                    .await
+                    .with_context(|| format!("binding {}", config.listen))?,
+            };
+            addr = Some(listener.local_addr()?);
+            let app = dataflow_api::router(AppState::new(backends.clone(), config.api.clone()));
+            let stop = shutdown.clone();
+            tasks.spawn(async move {
+                let service = app.into_make_service_with_connect_info::<SocketAddr>();
+                let served = axum::serve(listener, service).with_graceful_shutdown(stop.cancelled_owned()).await;
+                if let Err(e) = served {
+                    tracing::error!(error = %e, "HTTP server failed");
+                }
+            });
+            tracing::info!(addr = %addr.map(|a| a.to_string()).unwrap_or_default(), "API listening");
+        }
+        Ok(App { backends, addr, worker, shutdown, tasks })
+    }
+
+    /// A token that stops this process when cancelled.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
+    /// Waits until every role has stopped (after the shutdown token is cancelled).
+    pub async fn wait(mut self) {
+        while self.tasks.join_next().await.is_some() {}
+        self.backends.db.close().await;
+    }
+
+    /// Stops every role gracefully and waits for them.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        self.wait().await;
+    }
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(e) = tokio::signal::ctrl_c().await {
+            tracing::error!(error = %e, "cannot listen for Ctrl-C");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+    tracing::info!("shutdown requested; finishing in-flight work");
+}
