@@ -41,7 +41,10 @@ pub async fn ingest(args: IngestArgs) -> anyhow::Result<()> {
         Some(_) => bail!("--database-url must be a postgres:// URL (SQLite is the default)"),
         None => None,
     };
-    let mut config = Config { data_dir: dir.clone(), ..Config::default() };
+    let mut config = Config {
+        data_dir: dir.clone(),
+        ..Config::default()
+    };
     config.database_url = Some(match &scratch {
         Some(s) => s.url.clone(),
         None => format!("sqlite://{}", dir.join("bench.db").display()),
@@ -51,7 +54,11 @@ pub async fn ingest(args: IngestArgs) -> anyhow::Result<()> {
     config.worker.poll_interval_ms = 100;
     config.api.max_concurrent_imports_per_client = args.imports.max(1);
     config.validate()?;
-    let backend = if scratch.is_some() { "postgres" } else { "sqlite" };
+    let backend = if scratch.is_some() {
+        "postgres"
+    } else {
+        "sqlite"
+    };
 
     let result = run_ingest(&args, config, backend).await;
     if let Some(s) = scratch {
@@ -62,7 +69,12 @@ pub async fn ingest(args: IngestArgs) -> anyhow::Result<()> {
 }
 
 async fn run_ingest(args: &IngestArgs, config: Config, backend: &str) -> anyhow::Result<()> {
-    let app = App::start(config, Roles::ALL, Some(TcpListener::bind("127.0.0.1:0").await?)).await?;
+    let app = App::start(
+        config,
+        Roles::ALL,
+        Some(TcpListener::bind("127.0.0.1:0").await?),
+    )
+    .await?;
     let addr = app.addr.context("the API did not start")?;
     let db = app.backends.db.clone();
     let policy = Policy {
@@ -74,9 +86,12 @@ async fn run_ingest(args: &IngestArgs, config: Config, backend: &str) -> anyhow:
     };
     let client = db.create_client("bench", &policy).await?;
     let key = app.backends.hasher.generate();
-    db.create_key(&client.id, &key.key_id, &key.hmac, Some("bench")).await?;
+    db.create_key(&client.id, &key.key_id, &key.hmac, Some("bench"))
+        .await?;
 
-    let bodies: Vec<String> = (0..args.imports).map(|i| csv_body(i, args.records)).collect();
+    let bodies: Vec<String> = (0..args.imports)
+        .map(|i| csv_body(i, args.records))
+        .collect();
     let bytes: usize = bodies.iter().map(String::len).sum();
     let http = reqwest::Client::new();
     let started = Instant::now();
@@ -89,13 +104,21 @@ async fn run_ingest(args: &IngestArgs, config: Config, backend: &str) -> anyhow:
             .send()
             .await?;
         if resp.status() != 202 {
-            bail!("submit answered {}: {}", resp.status(), resp.text().await.unwrap_or_default());
+            bail!(
+                "submit answered {}: {}",
+                resp.status(),
+                resp.text().await.unwrap_or_default()
+            );
         }
     }
     let submit_s = started.elapsed().as_secs_f64();
     loop {
         let counts = db.batch_counts().await?;
-        let done = counts.iter().filter(|(s, _)| s.is_terminal()).map(|(_, n)| n).sum::<u64>();
+        let done = counts
+            .iter()
+            .filter(|(s, _)| s.is_terminal())
+            .map(|(_, n)| n)
+            .sum::<u64>();
         if done >= args.imports as u64 {
             if let Some((s, n)) = counts.iter().find(|(s, _)| *s != BatchStatus::Completed) {
                 bail!("{n} batches ended {s}");
@@ -120,7 +143,10 @@ async fn run_ingest(args: &IngestArgs, config: Config, backend: &str) -> anyhow:
     );
     if backend == "postgres" {
         let copy_rate = copy_baseline(&db, args).await?;
-        print!(" copy_records_per_s={copy_rate:.0} ratio_vs_copy={:.2}", e2e_rate / copy_rate);
+        print!(
+            " copy_records_per_s={copy_rate:.0} ratio_vs_copy={:.2}",
+            e2e_rate / copy_rate
+        );
     }
     println!();
     app.stop().await;
@@ -156,14 +182,22 @@ async fn copy_baseline(db: &dataflow_platform::db::Db, args: &IngestArgs) -> any
     .execute(&mut conn)
     .await?;
     // The rows as text, prepared before timing: only the load is measured.
-    let rows: Vec<(String, String, String, String, String, i64)> =
-        sqlx::query_as("SELECT client_id, record_key, data, checksum, batch_id, updated_at FROM records")
-            .fetch_all(&mut conn)
-            .await?;
-    anyhow::ensure!(rows.len() == args.imports * args.records, "expected every record stored, found {}", rows.len());
+    let rows: Vec<(String, String, String, String, String, i64)> = sqlx::query_as(
+        "SELECT client_id, record_key, data, checksum, batch_id, updated_at FROM records",
+    )
+    .fetch_all(&mut conn)
+    .await?;
+    anyhow::ensure!(
+        rows.len() == args.imports * args.records,
+        "expected every record stored, found {}",
+        rows.len()
+    );
     let mut text = String::new();
     for (c, k, d, s, b, u) in &rows {
-        text.push_str(&format!("{c}\t{k}\t{}\t{s}\t{b}\t{u}\n", d.replace('\\', "\\\\")));
+        text.push_str(&format!(
+            "{c}\t{k}\t{}\t{s}\t{b}\t{u}\n",
+            d.replace('\\', "\\\\")
+        ));
     }
     sqlx::query("CHECKPOINT").execute(&mut conn).await?;
     let started = Instant::now();
@@ -185,17 +219,32 @@ impl ScratchDb {
         let name = format!("dataflow_bench_{}", std::process::id());
         let base = url.rsplit_once('/').map_or(url, |(b, _)| b);
         let admin_url = format!("{base}/postgres");
-        let mut conn = sqlx::PgConnection::connect(&admin_url).await.context("connecting to PostgreSQL")?;
-        sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS {name}"))).execute(&mut conn).await?;
-        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}"))).execute(&mut conn).await?;
-        Ok(ScratchDb { url: format!("{base}/{name}"), admin_url, name })
+        let mut conn = sqlx::PgConnection::connect(&admin_url)
+            .await
+            .context("connecting to PostgreSQL")?;
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "DROP DATABASE IF EXISTS {name}"
+        )))
+        .execute(&mut conn)
+        .await?;
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+            .execute(&mut conn)
+            .await?;
+        Ok(ScratchDb {
+            url: format!("{base}/{name}"),
+            admin_url,
+            name,
+        })
     }
 
     async fn drop_db(self) -> anyhow::Result<()> {
         let mut conn = sqlx::PgConnection::connect(&self.admin_url).await?;
-        sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name)))
-            .execute(&mut conn)
-            .await?;
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+            self.name
+        )))
+        .execute(&mut conn)
+        .await?;
         Ok(())
     }
 }

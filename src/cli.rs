@@ -15,7 +15,11 @@ use dataflow_platform::keys::KeyHasher;
 use dataflow_platform::{Backends, Config};
 
 #[derive(Parser, Debug)]
-#[command(name = "dataflow", version, about = "Durable imports, batch processing and jobs in one binary")]
+#[command(
+    name = "dataflow",
+    version,
+    about = "Durable imports, batch processing and jobs in one binary"
+)]
 pub struct Cli {
     /// TOML configuration file (default: ./dataflow.toml when present).
     #[arg(long, global = true, env = "DATAFLOW_CONFIG")]
@@ -57,8 +61,12 @@ pub enum ClientsCmd {
         policy: Option<String>,
     },
     List,
-    Deactivate { client_id: String },
-    Activate { client_id: String },
+    Deactivate {
+        client_id: String,
+    },
+    Activate {
+        client_id: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -69,15 +77,24 @@ pub enum KeysCmd {
         #[arg(long)]
         label: Option<String>,
     },
-    List { client_id: String },
-    Revoke { key_id: String },
+    List {
+        client_id: String,
+    },
+    Revoke {
+        key_id: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]
 pub enum PolicyCmd {
-    Show { client_id: String },
+    Show {
+        client_id: String,
+    },
     /// Applies a JSON patch, e.g. `'{"rate_per_minute": 120, "notify_email": null}'`.
-    Set { client_id: String, patch: String },
+    Set {
+        client_id: String,
+        patch: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -92,7 +109,8 @@ async fn ledger(config: &Config) -> anyhow::Result<std::sync::Arc<Backends>> {
 }
 
 fn client_id(raw: &str) -> anyhow::Result<ClientId> {
-    raw.parse().with_context(|| format!("`{raw}` is not a client id"))
+    raw.parse()
+        .with_context(|| format!("`{raw}` is not a client id"))
 }
 
 fn print_json<T: serde::Serialize>(v: &T) -> anyhow::Result<()> {
@@ -106,8 +124,11 @@ pub async fn clients(config: &Config, cmd: ClientsCmd) -> anyhow::Result<()> {
         ClientsCmd::Create { name, policy } => {
             let policy = match policy {
                 Some(json) => {
-                    let patch: PolicyPatch = serde_json::from_str(&json).context("--policy is not a valid policy patch")?;
-                    Policy::default().patched(&patch).map_err(anyhow::Error::msg)?
+                    let patch: PolicyPatch = serde_json::from_str(&json)
+                        .context("--policy is not a valid policy patch")?;
+                    Policy::default()
+                        .patched(&patch)
+                        .map_err(anyhow::Error::msg)?
                 }
                 None => Policy::default(),
             };
@@ -120,8 +141,12 @@ pub async fn clients(config: &Config, cmd: ClientsCmd) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        ClientsCmd::Deactivate { client_id: id } => print_json(&db.set_client_active(&client_id(&id)?, false).await?.view()),
-        ClientsCmd::Activate { client_id: id } => print_json(&db.set_client_active(&client_id(&id)?, true).await?.view()),
+        ClientsCmd::Deactivate { client_id: id } => {
+            print_json(&db.set_client_active(&client_id(&id)?, false).await?.view())
+        }
+        ClientsCmd::Activate { client_id: id } => {
+            print_json(&db.set_client_active(&client_id(&id)?, true).await?.view())
+        }
     }
 }
 
@@ -129,11 +154,15 @@ pub async fn keys(config: &Config, cmd: KeysCmd) -> anyhow::Result<()> {
     let backends = ledger(config).await?;
     let db: &Db = &backends.db;
     match cmd {
-        KeysCmd::Create { client_id: id, label } => {
+        KeysCmd::Create {
+            client_id: id,
+            label,
+        } => {
             let id = client_id(&id)?;
             let hasher: &KeyHasher = &backends.hasher;
             let key = hasher.generate();
-            db.create_key(&id, &key.key_id, &key.hmac, label.as_deref()).await?;
+            db.create_key(&id, &key.key_id, &key.hmac, label.as_deref())
+                .await?;
             eprintln!("This key is shown once; store it now.");
             println!("{}", key.token);
             Ok(())
@@ -151,13 +180,21 @@ pub async fn policy(config: &Config, cmd: PolicyCmd) -> anyhow::Result<()> {
     let db = ledger(config).await?.db.clone();
     match cmd {
         PolicyCmd::Show { client_id: id } => {
-            let Some(client) = db.get_client(&client_id(&id)?).await? else { bail!("no client {id}") };
+            let Some(client) = db.get_client(&client_id(&id)?).await? else {
+                bail!("no client {id}")
+            };
             print_json(&client.policy)
         }
-        PolicyCmd::Set { client_id: id, patch } => {
+        PolicyCmd::Set {
+            client_id: id,
+            patch,
+        } => {
             let id = client_id(&id)?;
-            let patch: PolicyPatch = serde_json::from_str(&patch).context("the patch is not a valid policy patch")?;
-            let Some(client) = db.get_client(&id).await? else { bail!("no client {id}") };
+            let patch: PolicyPatch =
+                serde_json::from_str(&patch).context("the patch is not a valid policy patch")?;
+            let Some(client) = db.get_client(&id).await? else {
+                bail!("no client {id}")
+            };
             let policy = client.policy.patched(&patch).map_err(anyhow::Error::msg)?;
             print_json(&db.set_policy(&id, &policy).await?.policy)
         }
@@ -168,4 +205,3 @@ pub async fn policy(config: &Config, cmd: PolicyCmd) -> anyhow::Result<()> {
 pub fn load_config(cli: &Cli) -> anyhow::Result<Config> {
     Config::load(cli.config.as_deref()).context("loading configuration")
 }
-

@@ -33,9 +33,18 @@ pub struct Roles {
 }
 
 impl Roles {
-    pub const ALL: Roles = Roles { api: true, worker: true };
-    pub const API: Roles = Roles { api: true, worker: false };
-    pub const WORKER: Roles = Roles { api: false, worker: true };
+    pub const ALL: Roles = Roles {
+        api: true,
+        worker: true,
+    };
+    pub const API: Roles = Roles {
+        api: true,
+        worker: false,
+    };
+    pub const WORKER: Roles = Roles {
+        api: false,
+        worker: true,
+    };
 }
 
 /// A running DataFlow process.
@@ -52,8 +61,14 @@ pub struct App {
 impl App {
     /// Builds the backends and starts the roles. The caller binds the listener (port 0 in
     /// tests); without one the configured address is bound.
-    pub async fn start(config: Config, roles: Roles, listener: Option<TcpListener>) -> anyhow::Result<App> {
-        let backends = Backends::build(&config).await.context("starting the backends")?;
+    pub async fn start(
+        config: Config,
+        roles: Roles,
+        listener: Option<TcpListener>,
+    ) -> anyhow::Result<App> {
+        let backends = Backends::build(&config)
+            .await
+            .context("starting the backends")?;
         let shutdown = CancellationToken::new();
         let mut tasks = JoinSet::new();
 
@@ -72,7 +87,11 @@ impl App {
         ));
 
         let worker = roles.worker.then(|| {
-            Worker::new(backends.db.clone(), config.worker.clone(), backends.outbox_wake.clone())
+            Worker::new(
+                backends.db.clone(),
+                config.worker.clone(),
+                backends.outbox_wake.clone(),
+            )
         });
         if let Some(worker) = &worker {
             // Subscribe before anything can publish, so no wake-up is missed.
@@ -93,14 +112,22 @@ impl App {
             let stop = shutdown.clone();
             tasks.spawn(async move {
                 let service = app.into_make_service_with_connect_info::<SocketAddr>();
-                let served = axum::serve(listener, service).with_graceful_shutdown(stop.cancelled_owned()).await;
+                let served = axum::serve(listener, service)
+                    .with_graceful_shutdown(stop.cancelled_owned())
+                    .await;
                 if let Err(e) = served {
                     tracing::error!(error = %e, "HTTP server failed");
                 }
             });
             tracing::info!(addr = %addr.map(|a| a.to_string()).unwrap_or_default(), "API listening");
         }
-        Ok(App { backends, addr, worker, shutdown, tasks })
+        Ok(App {
+            backends,
+            addr,
+            worker,
+            shutdown,
+            tasks,
+        })
     }
 
     /// A token that stops this process when cancelled.

@@ -7,9 +7,16 @@ use tracing_subscriber::EnvFilter;
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let filter = EnvFilter::try_from_env("DATAFLOW_LOG").unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
-    tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(run(cli))
+    let filter = EnvFilter::try_from_env("DATAFLOW_LOG")
+        .unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(run(cli))
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
@@ -37,7 +44,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             );
         }
         if let Some(addr) = app.addr {
-            eprintln!("DataFlow is listening on http://{addr} (ledger: {})", redact(&config.database_url()));
+            eprintln!(
+                "DataFlow is listening on http://{addr} (ledger: {})",
+                redact(&config.database_url())
+            );
         }
     }
     let token = app.shutdown_token();

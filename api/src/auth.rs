@@ -25,7 +25,11 @@ pub struct Principal {
 }
 
 /// Middleware for `/v1`: authenticates the key, then applies the client's rate limit.
-pub async fn require_api_key(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
+pub async fn require_api_key(
+    State(state): State<AppState>,
+    mut req: Request,
+    next: Next,
+) -> Response {
     let ip = client_ip(&state, &req);
     req.extensions_mut().insert(ClientIp(ip));
     match authenticate(&state, ip, req.headers()).await {
@@ -39,7 +43,11 @@ pub async fn require_api_key(State(state): State<AppState>, mut req: Request, ne
     }
 }
 
-async fn authenticate(state: &AppState, ip: IpAddr, headers: &HeaderMap) -> Result<Principal, ApiError> {
+async fn authenticate(
+    state: &AppState,
+    ip: IpAddr,
+    headers: &HeaderMap,
+) -> Result<Principal, ApiError> {
     let lockout = &state.backends.lockout;
     let ip_subject = format!("ip:{ip}");
     if let Some(left) = lockout.locked(&ip_subject) {
@@ -54,18 +62,30 @@ async fn authenticate(state: &AppState, ip: IpAddr, headers: &HeaderMap) -> Resu
         return Err(locked(left));
     }
     let key = state.key(presented.key_id).await.map_err(unavailable)?;
-    let valid = key.filter(|k| !k.revoked && state.backends.hasher.verify(&presented, &k.secret_hmac));
+    let valid =
+        key.filter(|k| !k.revoked && state.backends.hasher.verify(&presented, &k.secret_hmac));
     let Some(key) = valid else {
         lockout.record_failure(&ip_subject);
         lockout.record_failure(&key_subject);
         return Err(ApiError::unauthorized());
     };
-    let client = state.client(&key.client_id).await.map_err(unavailable)?.ok_or_else(ApiError::unauthorized)?;
+    let client = state
+        .client(&key.client_id)
+        .await
+        .map_err(unavailable)?
+        .ok_or_else(ApiError::unauthorized)?;
     if !client.active {
-        return Err(ApiError::new(StatusCode::FORBIDDEN, "client_inactive", "this client is deactivated"));
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "client_inactive",
+            "this client is deactivated",
+        ));
     }
     state.touch_key(&key.key_id);
-    Ok(Principal { client, key_id: key.key_id })
+    Ok(Principal {
+        client,
+        key_id: key.key_id,
+    })
 }
 
 /// Middleware for `/admin`: the operator token, compared in constant time, with the same
@@ -90,7 +110,9 @@ pub async fn require_operator(State(state): State<AppState>, req: Request, next:
 fn bearer(headers: &HeaderMap) -> Option<&str> {
     let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
     let (scheme, token) = value.split_once(' ')?;
-    scheme.eq_ignore_ascii_case("bearer").then_some(token.trim())
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then_some(token.trim())
 }
 
 fn locked(left: std::time::Duration) -> ApiError {
@@ -103,7 +125,11 @@ fn locked(left: std::time::Duration) -> ApiError {
 
 fn unavailable(e: String) -> ApiError {
     tracing::error!(error = %e, "credential lookup failed");
-    ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "ledger_unavailable", "the ledger is unreachable; retry later")
+    ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "ledger_unavailable",
+        "the ledger is unreachable; retry later",
+    )
 }
 
 /// The peer address, or the left-most `X-Forwarded-For` entry when configured to trust it.

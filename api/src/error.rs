@@ -20,7 +20,12 @@ pub type ApiResult<T> = Result<T, ApiError>;
 
 impl ApiError {
     pub fn new(status: StatusCode, code: &str, detail: impl Into<String>) -> Self {
-        Self { status, code: code.to_owned(), detail: detail.into(), retry_after_secs: None }
+        Self {
+            status,
+            code: code.to_owned(),
+            detail: detail.into(),
+            retry_after_secs: None,
+        }
     }
 
     pub fn bad_request(code: &str, detail: impl Into<String>) -> Self {
@@ -34,11 +39,18 @@ impl ApiError {
     /// The one answer for every authentication failure, so a caller learns nothing about
     /// which part was wrong.
     pub fn unauthorized() -> Self {
-        Self::new(StatusCode::UNAUTHORIZED, "unauthorized", "missing or invalid credentials")
+        Self::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "missing or invalid credentials",
+        )
     }
 
     pub fn too_many(code: &str, detail: impl Into<String>, retry_after_ms: u64) -> Self {
-        Self { retry_after_secs: Some(retry_after_ms.div_ceil(1000).max(1)), ..Self::new(StatusCode::TOO_MANY_REQUESTS, code, detail) }
+        Self {
+            retry_after_secs: Some(retry_after_ms.div_ceil(1000).max(1)),
+            ..Self::new(StatusCode::TOO_MANY_REQUESTS, code, detail)
+        }
     }
 
     pub fn unprocessable(code: &str, detail: impl Into<String>) -> Self {
@@ -48,7 +60,11 @@ impl ApiError {
 
 impl From<ParseError> for ApiError {
     fn from(e: ParseError) -> Self {
-        let status = if e.code == "too_many_records" { StatusCode::PAYLOAD_TOO_LARGE } else { StatusCode::BAD_REQUEST };
+        let status = if e.code == "too_many_records" {
+            StatusCode::PAYLOAD_TOO_LARGE
+        } else {
+            StatusCode::BAD_REQUEST
+        };
         Self::new(status, e.code, e.to_string())
     }
 }
@@ -60,14 +76,25 @@ impl From<PlatformError> for ApiError {
             PlatformError::Invalid(detail) => Self::unprocessable("invalid", detail),
             PlatformError::Parse(p) => p.into(),
             PlatformError::Db(
-                sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) | sqlx::Error::Tls(_),
+                sqlx::Error::PoolTimedOut
+                | sqlx::Error::PoolClosed
+                | sqlx::Error::Io(_)
+                | sqlx::Error::Tls(_),
             ) => {
                 tracing::error!(error = %e, "ledger unreachable");
-                Self::new(StatusCode::SERVICE_UNAVAILABLE, "ledger_unavailable", "the ledger is unreachable; retry later")
+                Self::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "ledger_unavailable",
+                    "the ledger is unreachable; retry later",
+                )
             }
             other => {
                 tracing::error!(error = %other, source = ?std::error::Error::source(&other), "internal error");
-                Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "internal error")
+                Self::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal",
+                    "internal error",
+                )
             }
         }
     }
@@ -75,10 +102,14 @@ impl From<PlatformError> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = ErrorBody { code: self.code, detail: self.detail };
+        let body = ErrorBody {
+            code: self.code,
+            detail: self.detail,
+        };
         let mut resp = (self.status, Json(body)).into_response();
         if let Some(secs) = self.retry_after_secs {
-            resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
         resp
     }

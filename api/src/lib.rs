@@ -15,11 +15,11 @@ pub mod state;
 
 use std::time::Duration;
 
+use axum::Router;
 use axum::extract::{Request, State};
 use axum::http::StatusCode;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::Router;
 
 pub use error::{ApiError, ApiResult};
 pub use state::AppState;
@@ -29,9 +29,14 @@ pub fn router(state: AppState) -> Router {
     let v1 = Router::new()
         .merge(routes::imports::router())
         .merge(routes::batches::router())
-        .route_layer(middleware::from_fn_with_state(state.clone(), auth::require_api_key));
-    let admin = routes::admin::router()
-        .route_layer(middleware::from_fn_with_state(state.clone(), auth::require_operator));
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            auth::require_api_key,
+        ));
+    let admin = routes::admin::router().route_layer(middleware::from_fn_with_state(
+        state.clone(),
+        auth::require_operator,
+    ));
     Router::new()
         .nest("/v1", v1)
         .nest("/admin", admin)
@@ -46,7 +51,11 @@ async fn deadline(State(state): State<AppState>, req: Request, next: Next) -> Re
     let limit = Duration::from_secs(state.config.request_timeout_secs);
     match tokio::time::timeout(limit, next.run(req)).await {
         Ok(resp) => resp,
-        Err(_) => ApiError::new(StatusCode::REQUEST_TIMEOUT, "request_timeout", "the request took too long")
-            .into_response(),
+        Err(_) => ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "request_timeout",
+            "the request took too long",
+        )
+        .into_response(),
     }
 }

@@ -15,16 +15,30 @@ use crate::error::ApiError;
 use crate::state::AppState;
 
 pub fn client_rate(policy: &Policy) -> Rate {
-    Rate { per_minute: policy.rate_per_minute, burst: policy.rate_burst }
+    Rate {
+        per_minute: policy.rate_per_minute,
+        burst: policy.rate_burst,
+    }
 }
 
 /// Runs the request if `subject` is within `rate`, and stamps the headers either way.
-pub async fn limited(state: &AppState, subject: &str, rate: Rate, req: Request, next: Next) -> Response {
+pub async fn limited(
+    state: &AppState,
+    subject: &str,
+    rate: Rate,
+    req: Request,
+    next: Next,
+) -> Response {
     let decision = state.backends.limiter.check(subject, rate);
     let mut resp = if decision.allowed {
         next.run(req).await
     } else {
-        ApiError::too_many("rate_limited", "request rate over the client's limit", decision.retry_after_ms).into_response()
+        ApiError::too_many(
+            "rate_limited",
+            "request rate over the client's limit",
+            decision.retry_after_ms,
+        )
+        .into_response()
     };
     stamp(resp.headers_mut(), rate, decision);
     resp
@@ -33,12 +47,20 @@ pub async fn limited(state: &AppState, subject: &str, rate: Rate, req: Request, 
 /// The answer to a request without valid credentials: `err`, or 429 when this IP is over
 /// the anonymous limit.
 pub async fn anonymous(state: &AppState, ip: IpAddr, err: ApiError) -> Response {
-    let rate = Rate { per_minute: state.config.anonymous_rate_per_minute, burst: state.config.anonymous_rate_burst };
+    let rate = Rate {
+        per_minute: state.config.anonymous_rate_per_minute,
+        burst: state.config.anonymous_rate_burst,
+    };
     let decision = state.backends.limiter.check(&format!("anon:{ip}"), rate);
     let mut resp = if decision.allowed {
         err.into_response()
     } else {
-        ApiError::too_many("rate_limited", "too many unauthenticated requests", decision.retry_after_ms).into_response()
+        ApiError::too_many(
+            "rate_limited",
+            "too many unauthenticated requests",
+            decision.retry_after_ms,
+        )
+        .into_response()
     };
     stamp(resp.headers_mut(), rate, decision);
     resp
@@ -46,8 +68,15 @@ pub async fn anonymous(state: &AppState, ip: IpAddr, err: ApiError) -> Response 
 
 fn stamp(headers: &mut HeaderMap, rate: Rate, d: Decision) {
     let policy = format!("\"default\";q={};w=60", rate.per_minute);
-    let current = format!("\"default\";r={};t={}", d.remaining, d.reset_ms.div_ceil(1000));
-    if let (Ok(p), Ok(c)) = (HeaderValue::from_str(&policy), HeaderValue::from_str(&current)) {
+    let current = format!(
+        "\"default\";r={};t={}",
+        d.remaining,
+        d.reset_ms.div_ceil(1000)
+    );
+    if let (Ok(p), Ok(c)) = (
+        HeaderValue::from_str(&policy),
+        HeaderValue::from_str(&current),
+    ) {
         headers.insert("ratelimit-policy", p);
         headers.insert("ratelimit", c);
     }

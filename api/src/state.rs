@@ -38,7 +38,9 @@ impl AppState {
         let id = key_id.to_owned();
         self.backends
             .keys
-            .get_or_load(key_id, || async move { db.get_key(&id).await.map_err(|e| e.to_string()) })
+            .get_or_load(key_id, || async move {
+                db.get_key(&id).await.map_err(|e| e.to_string())
+            })
             .await
     }
 
@@ -48,7 +50,9 @@ impl AppState {
         let owned = id.clone();
         self.backends
             .clients
-            .get_or_load(id.as_str(), || async move { db.get_client(&owned).await.map_err(|e| e.to_string()) })
+            .get_or_load(id.as_str(), || async move {
+                db.get_client(&owned).await.map_err(|e| e.to_string())
+            })
             .await
     }
 
@@ -57,7 +61,10 @@ impl AppState {
         let now = Instant::now();
         {
             let mut touched = self.touched.lock().unwrap_or_else(|p| p.into_inner());
-            if touched.get(key_id).is_some_and(|t| now.duration_since(*t) < TOUCH_EVERY) {
+            if touched
+                .get(key_id)
+                .is_some_and(|t| now.duration_since(*t) < TOUCH_EVERY)
+            {
                 return;
             }
             if touched.len() > 100_000 {
@@ -84,7 +91,11 @@ impl AppState {
             }
             slots
                 .entry(client.clone())
-                .or_insert_with(|| Arc::new(Semaphore::new(self.config.max_concurrent_imports_per_client)))
+                .or_insert_with(|| {
+                    Arc::new(Semaphore::new(
+                        self.config.max_concurrent_imports_per_client,
+                    ))
+                })
                 .clone()
         };
         sem.try_acquire_owned().ok()

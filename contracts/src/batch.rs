@@ -82,7 +82,12 @@ impl ImportFormat {
 
     /// The media type, parameters ignored (`text/csv; charset=utf-8` is CSV).
     pub fn from_content_type(ct: &str) -> Option<Self> {
-        let essence = ct.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+        let essence = ct
+            .split(';')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_ascii_lowercase();
         match essence.as_str() {
             "text/csv" => Some(Self::Csv),
             "application/x-ndjson" | "application/jsonl" | "application/jsonlines" => {
@@ -118,8 +123,14 @@ mod tests {
 
     #[test]
     fn content_types() {
-        assert_eq!(ImportFormat::from_content_type("text/csv; charset=utf-8"), Some(ImportFormat::Csv));
-        assert_eq!(ImportFormat::from_content_type("Application/X-NDJSON"), Some(ImportFormat::Ndjson));
+        assert_eq!(
+            ImportFormat::from_content_type("text/csv; charset=utf-8"),
+            Some(ImportFormat::Csv)
+        );
+        assert_eq!(
+            ImportFormat::from_content_type("Application/X-NDJSON"),
+            Some(ImportFormat::Ndjson)
+        );
         assert_eq!(ImportFormat::from_content_type("application/json"), None);
     }
 }

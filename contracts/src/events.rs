@@ -155,10 +155,19 @@ mod tests {
                 records: 1,
                 bytes: 2,
             }),
-            Event::BatchReady(BatchReady { import_id: ImportId::generate() }),
-            Event::BatchFailed(BatchFailed { attempt: 1, error: "e".into(), retry_at: "t".into() }),
+            Event::BatchReady(BatchReady {
+                import_id: ImportId::generate(),
+            }),
+            Event::BatchFailed(BatchFailed {
+                attempt: 1,
+                error: "e".into(),
+                retry_at: "t".into(),
+            }),
             Event::BatchRejected(BatchRejected { reason: "r".into() }),
-            Event::BatchDead(BatchDead { attempts: 5, error: "e".into() }),
+            Event::BatchDead(BatchDead {
+                attempts: 5,
+                error: "e".into(),
+            }),
         ];
         for ev in events {
             let env = Envelope::new(BatchId::generate(), ClientId::generate(), 1, ev);

@@ -7,7 +7,6 @@ use crate::ids::{BatchId, ClientId, ImportId};
 use crate::policy::{Policy, PolicyPatch};
 use crate::{BatchStatus, ImportFormat};
 
-
 /// Every 4xx and 5xx body: a stable machine-readable `code` and a human `detail`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ErrorBody {

@@ -14,7 +14,11 @@ pub struct IdError {
 
 impl fmt::Display for IdError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "expected an id of the form {}_<ULID>", self.expected_prefix)
+        write!(
+            f,
+            "expected an id of the form {}_<ULID>",
+            self.expected_prefix
+        )
     }
 }
 
@@ -114,7 +118,12 @@ mod tests {
     #[test]
     fn rejects_wrong_prefix_and_garbage() {
         let b = BatchId::generate();
-        assert!(b.as_str().replace("bat_", "imp_").parse::<BatchId>().is_err());
+        assert!(
+            b.as_str()
+                .replace("bat_", "imp_")
+                .parse::<BatchId>()
+                .is_err()
+        );
         assert!("bat_".parse::<BatchId>().is_err());
         assert!("bat_not-a-ulid".parse::<BatchId>().is_err());
         assert!(serde_json::from_str::<ClientId>("\"x\"").is_err());

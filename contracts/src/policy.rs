@@ -63,7 +63,11 @@ pub struct PolicyPatch {
     pub required_fields: Option<Vec<String>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key_field: Option<String>,
-    #[serde(default, with = "double_option", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        with = "double_option",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub daily_record_quota: Option<Option<u64>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_per_minute: Option<u32>,
@@ -73,9 +77,17 @@ pub struct PolicyPatch {
     pub dedup_window_secs: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub approval_required: Option<bool>,
-    #[serde(default, with = "double_option", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        with = "double_option",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub notify_email: Option<Option<String>>,
-    #[serde(default, with = "double_option", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        with = "double_option",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub webhook_url: Option<Option<String>>,
 }
 
@@ -83,7 +95,10 @@ pub struct PolicyPatch {
 mod double_option {
     use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-    pub fn serialize<T: Serialize, S: Serializer>(v: &Option<Option<T>>, s: S) -> Result<S::Ok, S::Error> {
+    pub fn serialize<T: Serialize, S: Serializer>(
+        v: &Option<Option<T>>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
         match v {
             Some(inner) => inner.serialize(s),
             None => s.serialize_none(),
@@ -156,7 +171,9 @@ fn check_field_name(what: &str, name: &str) -> Result<(), String> {
         return Err(format!("{what}: field names must not be empty"));
     }
     if name.len() > MAX_FIELD_NAME {
-        return Err(format!("{what}: field name longer than {MAX_FIELD_NAME} bytes"));
+        return Err(format!(
+            "{what}: field name longer than {MAX_FIELD_NAME} bytes"
+        ));
     }
     Ok(())
 }
@@ -172,7 +189,10 @@ mod tests {
 
     #[test]
     fn patch_distinguishes_absent_from_null() {
-        let base = Policy { notify_email: Some("ops@example.com".into()), ..Policy::default() };
+        let base = Policy {
+            notify_email: Some("ops@example.com".into()),
+            ..Policy::default()
+        };
         let keep: PolicyPatch = serde_json::from_str(r#"{"rate_burst": 5}"#).unwrap();
         let p = base.patched(&keep).unwrap();
         assert_eq!(p.rate_burst, 5);
@@ -187,6 +207,11 @@ mod tests {
         let zero: PolicyPatch = serde_json::from_str(r#"{"rate_per_minute": 0}"#).unwrap();
         assert!(Policy::default().patched(&zero).is_err());
         let email: PolicyPatch = serde_json::from_str(r#"{"notify_email": "nope"}"#).unwrap();
-        assert!(Policy::default().patched(&email).unwrap_err().contains("notify_email"));
+        assert!(
+            Policy::default()
+                .patched(&email)
+                .unwrap_err()
+                .contains("notify_email")
+        );
     }
 }

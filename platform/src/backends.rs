@@ -37,7 +37,8 @@ impl Backends {
         let db = Db::connect(&config.database_url(), config.db_max_connections).await?;
         db.migrate().await?;
         let secret = resolve_secret(config.secret.as_ref(), &config.data_dir, "server-secret")?;
-        let admin_token = resolve_secret(config.admin_token.as_ref(), &config.data_dir, "admin-token")?;
+        let admin_token =
+            resolve_secret(config.admin_token.as_ref(), &config.data_dir, "admin-token")?;
         let api = &config.api;
         let ttl = Duration::from_millis(api.cache_ttl_ms);
         let negative_ttl = Duration::from_millis(api.cache_negative_ttl_ms);

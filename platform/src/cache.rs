@@ -80,7 +80,13 @@ impl<V: Clone + Send + Sync + 'static> Cache<V> {
                     }
                     let generation = self.generation.fetch_add(1, Ordering::Relaxed);
                     let shared = load().boxed().shared();
-                    slots.insert(key.to_owned(), Slot::Loading { generation, load: shared.clone() });
+                    slots.insert(
+                        key.to_owned(),
+                        Slot::Loading {
+                            generation,
+                            load: shared.clone(),
+                        },
+                    );
                     (generation, shared)
                 }
             }
@@ -93,8 +99,15 @@ impl<V: Clone + Send + Sync + 'static> Cache<V> {
         {
             match &result {
                 Ok(value) => {
-                    let ttl = if value.is_some() { self.jittered_ttl() } else { self.negative_ttl };
-                    let slot = Slot::Ready { value: value.clone(), expires: Instant::now() + ttl };
+                    let ttl = if value.is_some() {
+                        self.jittered_ttl()
+                    } else {
+                        self.negative_ttl
+                    };
+                    let slot = Slot::Ready {
+                        value: value.clone(),
+                        expires: Instant::now() + ttl,
+                    };
                     slots.insert(key.to_owned(), slot);
                 }
                 Err(_) => {
@@ -111,7 +124,10 @@ impl<V: Clone + Send + Sync + 'static> Cache<V> {
     }
 
     pub fn stats(&self) -> CacheStats {
-        CacheStats { hits: self.hits.load(Ordering::Relaxed), misses: self.misses.load(Ordering::Relaxed) }
+        CacheStats {
+            hits: self.hits.load(Ordering::Relaxed),
+            misses: self.misses.load(Ordering::Relaxed),
+        }
     }
 
     fn jittered_ttl(&self) -> Duration {
@@ -169,12 +185,36 @@ mod tests {
     #[tokio::test]
     async fn negative_entries_expire_quickly_and_errors_are_not_cached() {
         let c = cache();
-        assert_eq!(c.get_or_load("k", || async { Ok(None) }).await.unwrap(), None);
-        assert_eq!(c.get_or_load("k", || async { Ok(Some("late".into())) }).await.unwrap(), None);
+        assert_eq!(
+            c.get_or_load("k", || async { Ok(None) }).await.unwrap(),
+            None
+        );
+        assert_eq!(
+            c.get_or_load("k", || async { Ok(Some("late".into())) })
+                .await
+                .unwrap(),
+            None
+        );
         tokio::time::sleep(Duration::from_millis(60)).await;
-        assert_eq!(c.get_or_load("k", || async { Ok(Some("v".into())) }).await.unwrap().as_deref(), Some("v"));
-        assert!(c.get_or_load("e", || async { Err("down".to_owned()) }).await.is_err());
-        assert_eq!(c.get_or_load("e", || async { Ok(Some("up".into())) }).await.unwrap().as_deref(), Some("up"));
+        assert_eq!(
+            c.get_or_load("k", || async { Ok(Some("v".into())) })
+                .await
+                .unwrap()
+                .as_deref(),
+            Some("v")
+        );
+        assert!(
+            c.get_or_load("e", || async { Err("down".to_owned()) })
+                .await
+                .is_err()
+        );
+        assert_eq!(
+            c.get_or_load("e", || async { Ok(Some("up".into())) })
+                .await
+                .unwrap()
+                .as_deref(),
+            Some("up")
+        );
     }
 
     #[tokio::test]
@@ -193,7 +233,14 @@ mod tests {
         c.invalidate("k");
         gate.notify_one();
         assert_eq!(stale.await.unwrap().unwrap().as_deref(), Some("old"));
-        let fresh = c.get_or_load("k", || async { Ok(Some("new".to_owned())) }).await.unwrap();
-        assert_eq!(fresh.as_deref(), Some("new"), "the stale load must not have been stored");
+        let fresh = c
+            .get_or_load("k", || async { Ok(Some("new".to_owned())) })
+            .await
+            .unwrap();
+        assert_eq!(
+            fresh.as_deref(),
+            Some("new"),
+            "the stale load must not have been stored"
+        );
     }
 }

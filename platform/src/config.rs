@@ -156,7 +156,11 @@ pub struct OutboxConfig {
 
 impl Default for OutboxConfig {
     fn default() -> Self {
-        Self { poll_interval_ms: 1_000, retention_secs: 7 * 24 * 3600, batch_size: 500 }
+        Self {
+            poll_interval_ms: 1_000,
+            retention_secs: 7 * 24 * 3600,
+            batch_size: 500,
+        }
     }
 }
 
@@ -203,8 +207,9 @@ impl Config {
         let mut merged = toml::Value::try_from(Config::default())
             .map_err(|e| Error::Config(format!("defaults: {e}")))?;
         if let Some(text) = file_text {
-            let file: toml::Value =
-                text.parse().map_err(|e| Error::Config(format!("config file: {e}")))?;
+            let file: toml::Value = text
+                .parse()
+                .map_err(|e| Error::Config(format!("config file: {e}")))?;
             merge(&mut merged, file);
         }
         for (name, raw) in env {
@@ -214,7 +219,10 @@ impl Config {
                 if NON_CONFIG_ENV.iter().any(|p| name.starts_with(p)) {
                     continue;
                 }
-                rest.to_ascii_lowercase().split("__").map(str::to_owned).collect()
+                rest.to_ascii_lowercase()
+                    .split("__")
+                    .map(str::to_owned)
+                    .collect()
             } else {
                 continue;
             };
@@ -231,7 +239,10 @@ impl Config {
     pub fn validate(&self) -> Result<()> {
         let bad = |m: &str| Err(Error::Config(m.to_owned()));
         let url = self.database_url();
-        if !(url.starts_with("sqlite:") || url.starts_with("postgres:") || url.starts_with("postgresql:")) {
+        if !(url.starts_with("sqlite:")
+            || url.starts_with("postgres:")
+            || url.starts_with("postgresql:"))
+        {
             return bad("database_url must start with sqlite:, postgres: or postgresql:");
         }
         if self.db_max_connections == 0 {
@@ -256,7 +267,9 @@ impl Config {
             return bad("api.auth_max_failures must be at least 1");
         }
         if self.api.anonymous_rate_per_minute == 0 || self.api.anonymous_rate_burst == 0 {
-            return bad("api.anonymous_rate_per_minute and api.anonymous_rate_burst must be at least 1");
+            return bad(
+                "api.anonymous_rate_per_minute and api.anonymous_rate_burst must be at least 1",
+            );
         }
         if self.api.max_concurrent_imports_per_client == 0 {
             return bad("api.max_concurrent_imports_per_client must be at least 1");
@@ -265,16 +278,18 @@ impl Config {
             if let Some(s) = s
                 && s.expose().len() < 16
             {
-                return Err(Error::Config(format!("{name} must be at least 16 characters")));
+                return Err(Error::Config(format!(
+                    "{name} must be at least 16 characters"
+                )));
             }
         }
         Ok(())
     }
 
     pub fn database_url(&self) -> String {
-        self.database_url.clone().unwrap_or_else(|| {
-            format!("sqlite://{}", self.data_dir.join("dataflow.db").display())
-        })
+        self.database_url
+            .clone()
+            .unwrap_or_else(|| format!("sqlite://{}", self.data_dir.join("dataflow.db").display()))
     }
 
     pub fn lease(&self) -> Duration {
@@ -306,7 +321,9 @@ fn set_path(root: &mut toml::Value, path: &[String], value: toml::Value) {
             t.insert(key.clone(), value);
             return;
         }
-        cur = t.entry(key.clone()).or_insert_with(|| toml::Value::Table(Default::default()));
+        cur = t
+            .entry(key.clone())
+            .or_insert_with(|| toml::Value::Table(Default::default()));
     }
 }
 
@@ -325,7 +342,10 @@ mod tests {
     use super::*;
 
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     #[test]
@@ -365,8 +385,11 @@ mod tests {
 
     #[test]
     fn secrets_do_not_print() {
-        let c = Config::from_sources(None, env(&[("DATAFLOW_ADMIN_TOKEN", "super-secret-token-123")]))
-            .unwrap();
+        let c = Config::from_sources(
+            None,
+            env(&[("DATAFLOW_ADMIN_TOKEN", "super-secret-token-123")]),
+        )
+        .unwrap();
         assert!(!format!("{c:?}").contains("super-secret"));
     }
 }

@@ -31,5 +31,8 @@ pub enum Error {
     Migrate(#[from] sqlx::migrate::MigrateError),
 
     #[error("{context}: {source}")]
-    Io { context: String, source: std::io::Error },
+    Io {
+        context: String,
+        source: std::io::Error,
+    },
 }

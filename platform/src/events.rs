@@ -93,7 +93,9 @@ pub async fn run_relay(
 /// One round: publish up to `limit` rows; returns how many.
 pub async fn relay_once(db: &Db, publisher: &Publisher, limit: u32) -> Result<usize> {
     let rows = db.unpublished_events(limit).await?;
-    let (Some(first), Some(last)) = (rows.first(), rows.last()) else { return Ok(0) };
+    let (Some(first), Some(last)) = (rows.first(), rows.last()) else {
+        return Ok(0);
+    };
     publisher.publish(&rows).await?;
     db.mark_published(first.id, last.id).await?;
     Ok(rows.len())

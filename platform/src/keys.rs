@@ -32,7 +32,9 @@ pub struct KeyHasher {
 
 impl KeyHasher {
     pub fn new(server_secret: &str) -> Self {
-        Self { server_secret: server_secret.as_bytes().to_vec() }
+        Self {
+            server_secret: server_secret.as_bytes().to_vec(),
+        }
     }
 
     fn mac(&self) -> Hmac<Sha256> {
@@ -49,7 +51,11 @@ impl KeyHasher {
         let key_id = hex::encode(id);
         let secret = hex::encode(secret);
         let hmac = self.hash(&secret);
-        NewKey { token: format!("{PREFIX}{key_id}_{secret}"), key_id, hmac }
+        NewKey {
+            token: format!("{PREFIX}{key_id}_{secret}"),
+            key_id,
+            hmac,
+        }
     }
 
     fn hash(&self, secret: &str) -> Vec<u8> {

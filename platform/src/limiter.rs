@@ -57,7 +57,10 @@ pub struct InProcessLimiter {
 
 impl Default for InProcessLimiter {
     fn default() -> Self {
-        Self { epoch: Instant::now(), tats: Mutex::new(HashMap::new()) }
+        Self {
+            epoch: Instant::now(),
+            tats: Mutex::new(HashMap::new()),
+        }
     }
 }
 
@@ -92,18 +95,34 @@ pub fn gcra(stored_tat: Option<i64>, rate: Rate, now: i64) -> (Decision, Option<
     let ms = |us: i64| (us.max(0) as u64).div_ceil(1000);
     if allow_at > now {
         let remaining = 0;
-        let d = Decision { allowed: false, remaining, retry_after_ms: ms(allow_at - now), reset_ms: ms(tat - now) };
+        let d = Decision {
+            allowed: false,
+            remaining,
+            retry_after_ms: ms(allow_at - now),
+            reset_ms: ms(tat - now),
+        };
         return (d, None);
     }
     let remaining = ((tolerance - (new_tat - now)) / em).max(0) as u32;
-    (Decision { allowed: true, remaining, retry_after_ms: 0, reset_ms: ms(new_tat - now) }, Some(new_tat))
+    (
+        Decision {
+            allowed: true,
+            remaining,
+            retry_after_ms: 0,
+            reset_ms: ms(new_tat - now),
+        },
+        Some(new_tat),
+    )
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    const RATE: Rate = Rate { per_minute: 60, burst: 5 };
+    const RATE: Rate = Rate {
+        per_minute: 60,
+        burst: 5,
+    };
 
     #[test]
     fn admits_the_burst_then_one_per_interval() {
@@ -135,6 +154,10 @@ mod tests {
                 admitted += u32::from(l.check_at("k", RATE, ms * 1000).allowed);
             }
         }
-        assert_eq!(admitted, 5 + 2, "the 3rd refill lands exactly at 3 s, outside the window");
+        assert_eq!(
+            admitted,
+            5 + 2,
+            "the 3rd refill lands exactly at 3 s, outside the window"
+        );
     }
 }

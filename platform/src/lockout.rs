@@ -50,7 +50,10 @@ pub struct InProcessLockout {
 
 impl InProcessLockout {
     pub fn new(policy: LockoutPolicy) -> Self {
-        Self { policy, entries: Mutex::new(HashMap::new()) }
+        Self {
+            policy,
+            entries: Mutex::new(HashMap::new()),
+        }
     }
 
     fn locked(&self, subject: &str, now: Instant) -> Option<Duration> {
@@ -71,7 +74,11 @@ impl InProcessLockout {
             locked_until: None,
         });
         if e.window_ends <= now && e.locked_until.is_none_or(|u| u <= now) {
-            *e = Entry { failures: 0, window_ends: now + p.window, locked_until: None };
+            *e = Entry {
+                failures: 0,
+                window_ends: now + p.window,
+                locked_until: None,
+            };
         }
         e.failures += 1;
         if e.failures >= p.max_failures {
@@ -80,7 +87,10 @@ impl InProcessLockout {
     }
 
     fn clear(&self, subject: &str) {
-        self.entries.lock().unwrap_or_else(|p| p.into_inner()).remove(subject);
+        self.entries
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(subject);
     }
 }
 

@@ -28,7 +28,12 @@ pub struct ParseError {
 
 impl ParseError {
     fn new(line: u64, code: &'static str, detail: impl Into<String>) -> Self {
-        Self { line, field: None, code, detail: detail.into() }
+        Self {
+            line,
+            field: None,
+            code,
+            detail: detail.into(),
+        }
     }
 
     fn with_field(mut self, field: &str) -> Self {
@@ -84,7 +89,11 @@ pub fn parse(
         ImportFormat::Ndjson => parse_ndjson(text, limits, &mut sink)?,
     };
     if summary.records == 0 {
-        return Err(ParseError::new(1, "empty_import", "the body contains no records"));
+        return Err(ParseError::new(
+            1,
+            "empty_import",
+            "the body contains no records",
+        ));
     }
     Ok(summary)
 }
@@ -93,15 +102,27 @@ pub fn parse(
 fn check_text(body: &[u8]) -> Result<&str, ParseError> {
     let line_of = |pos: usize| 1 + body[..pos].iter().filter(|&&b| b == b'\n').count() as u64;
     let text = std::str::from_utf8(body).map_err(|e| {
-        ParseError::new(line_of(e.valid_up_to()), "invalid_utf8", "the body is not valid UTF-8")
+        ParseError::new(
+            line_of(e.valid_up_to()),
+            "invalid_utf8",
+            "the body is not valid UTF-8",
+        )
     })?;
     if let Some(pos) = body.iter().position(|&b| b == 0) {
-        return Err(ParseError::new(line_of(pos), "nul_byte", "the body contains a NUL byte"));
+        return Err(ParseError::new(
+            line_of(pos),
+            "nul_byte",
+            "the body contains a NUL byte",
+        ));
     }
     Ok(text)
 }
 
-fn parse_csv(text: &str, limits: Limits, sink: &mut impl FnMut(Record)) -> Result<Summary, ParseError> {
+fn parse_csv(
+    text: &str,
+    limits: Limits,
+    sink: &mut impl FnMut(Record),
+) -> Result<Summary, ParseError> {
     let mut reader = csv::ReaderBuilder::new()
         .has_headers(true)
         .flexible(false)
@@ -109,19 +130,35 @@ fn parse_csv(text: &str, limits: Limits, sink: &mut impl FnMut(Record)) -> Resul
     let headers = reader.headers().map_err(|e| csv_error(&e, 1))?.clone();
     let columns: Vec<String> = headers.iter().map(str::to_owned).collect();
     if columns.is_empty() || (columns.len() == 1 && columns[0].is_empty()) {
-        return Err(ParseError::new(1, "no_header", "the first line must be a header row"));
+        return Err(ParseError::new(
+            1,
+            "no_header",
+            "the first line must be a header row",
+        ));
     }
     if columns.len() > MAX_COLUMNS {
-        return Err(ParseError::new(1, "too_many_columns", format!("more than {MAX_COLUMNS} columns")));
+        return Err(ParseError::new(
+            1,
+            "too_many_columns",
+            format!("more than {MAX_COLUMNS} columns"),
+        ));
     }
     let mut seen = HashSet::new();
     for (i, name) in columns.iter().enumerate() {
         if name.trim().is_empty() {
-            return Err(ParseError::new(1, "empty_header", format!("column {} has no name", i + 1)));
+            return Err(ParseError::new(
+                1,
+                "empty_header",
+                format!("column {} has no name", i + 1),
+            ));
         }
         if !seen.insert(name.as_str()) {
-            return Err(ParseError::new(1, "duplicate_header", format!("column `{name}` appears twice"))
-                .with_field(name));
+            return Err(ParseError::new(
+                1,
+                "duplicate_header",
+                format!("column `{name}` appears twice"),
+            )
+            .with_field(name));
         }
     }
 
@@ -142,7 +179,10 @@ fn parse_csv(text: &str, limits: Limits, sink: &mut impl FnMut(Record)) -> Resul
         while matches!(text.as_bytes().get(start), Some(b'\r' | b'\n')) {
             start += 1;
         }
-        line += text.as_bytes()[last_start..start].iter().filter(|&&b| b == b'\n').count() as u64;
+        line += text.as_bytes()[last_start..start]
+            .iter()
+            .filter(|&&b| b == b'\n')
+            .count() as u64;
         last_start = start;
         let pos = (line, start);
         records += 1;
@@ -156,31 +196,56 @@ fn parse_csv(text: &str, limits: Limits, sink: &mut impl FnMut(Record)) -> Resul
             }
             fields.insert(name.clone(), Value::String(value.to_owned()));
         }
-        sink(Record { line: pos.0, fields });
+        sink(Record {
+            line: pos.0,
+            fields,
+        });
     }
     // The csv reader treats an opening quote that is never closed as running to the end of
     // input. Every well-formed record has an even number of quote characters, so an odd
     // count in the last one means its quote was never closed.
-    if records > 0 && text.as_bytes()[last_start..].iter().filter(|&&b| b == b'"').count() % 2 == 1 {
-        return Err(ParseError::new(line, "unterminated_quote", "a quoted field is never closed"));
+    if records > 0
+        && text.as_bytes()[last_start..]
+            .iter()
+            .filter(|&&b| b == b'"')
+            .count()
+            % 2
+            == 1
+    {
+        return Err(ParseError::new(
+            line,
+            "unterminated_quote",
+            "a quoted field is never closed",
+        ));
     }
-    Ok(Summary { records, columns: Some(columns) })
+    Ok(Summary {
+        records,
+        columns: Some(columns),
+    })
 }
 
 fn csv_error(e: &csv::Error, fallback_line: u64) -> ParseError {
     let line = e.position().map_or(fallback_line, csv::Position::line);
     match e.kind() {
-        csv::ErrorKind::UnequalLengths { expected_len, len, .. } => ParseError::new(
+        csv::ErrorKind::UnequalLengths {
+            expected_len, len, ..
+        } => ParseError::new(
             line,
             "ragged_row",
             format!("expected {expected_len} fields like the header, found {len}"),
         ),
-        csv::ErrorKind::Utf8 { .. } => ParseError::new(line, "invalid_utf8", "the body is not valid UTF-8"),
+        csv::ErrorKind::Utf8 { .. } => {
+            ParseError::new(line, "invalid_utf8", "the body is not valid UTF-8")
+        }
         other => ParseError::new(line, "csv_syntax", format!("{other:?}")),
     }
 }
 
-fn parse_ndjson(text: &str, limits: Limits, sink: &mut impl FnMut(Record)) -> Result<Summary, ParseError> {
+fn parse_ndjson(
+    text: &str,
+    limits: Limits,
+    sink: &mut impl FnMut(Record),
+) -> Result<Summary, ParseError> {
     let mut records = 0u64;
     for (i, raw) in text.split('\n').enumerate() {
         let line = i as u64 + 1;
@@ -196,24 +261,31 @@ fn parse_ndjson(text: &str, limits: Limits, sink: &mut impl FnMut(Record)) -> Re
             ParseError::new(line, "invalid_json", format!("column {}: {e}", e.column()))
         })?;
         let Value::Object(fields) = value else {
-            return Err(ParseError::new(line, "not_an_object", "each line must be one JSON object"));
+            return Err(ParseError::new(
+                line,
+                "not_an_object",
+                "each line must be one JSON object",
+            ));
         };
         for (name, v) in &fields {
-            check_json_value(v, limits.max_field_bytes).map_err(|(code, detail)| {
-                ParseError::new(line, code, detail).with_field(name)
-            })?;
+            check_json_value(v, limits.max_field_bytes)
+                .map_err(|(code, detail)| ParseError::new(line, code, detail).with_field(name))?;
         }
         sink(Record { line, fields });
     }
-    Ok(Summary { records, columns: None })
+    Ok(Summary {
+        records,
+        columns: None,
+    })
 }
 
 /// Strings within the field limit; numbers that survive the trip through `f64` unchanged.
 fn check_json_value(v: &Value, max_field_bytes: usize) -> Result<(), (&'static str, String)> {
     match v {
-        Value::String(s) if s.len() > max_field_bytes => {
-            Err(("field_too_long", format!("value longer than {max_field_bytes} bytes")))
-        }
+        Value::String(s) if s.len() > max_field_bytes => Err((
+            "field_too_long",
+            format!("value longer than {max_field_bytes} bytes"),
+        )),
         Value::Number(n) => match n.as_f64() {
             Some(f) if n.is_f64() && f.fract() == 0.0 && f.abs() >= MAX_EXACT_FLOAT => Err((
                 "number_out_of_range",
@@ -221,8 +293,12 @@ fn check_json_value(v: &Value, max_field_bytes: usize) -> Result<(), (&'static s
             )),
             _ => Ok(()),
         },
-        Value::Array(items) => items.iter().try_for_each(|i| check_json_value(i, max_field_bytes)),
-        Value::Object(map) => map.values().try_for_each(|i| check_json_value(i, max_field_bytes)),
+        Value::Array(items) => items
+            .iter()
+            .try_for_each(|i| check_json_value(i, max_field_bytes)),
+        Value::Object(map) => map
+            .values()
+            .try_for_each(|i| check_json_value(i, max_field_bytes)),
         _ => Ok(()),
     }
 }
@@ -232,14 +308,22 @@ fn too_many(line: u64, max: u64) -> ParseError {
 }
 
 fn field_too_long(line: u64, field: &str, max: usize) -> ParseError {
-    ParseError::new(line, "field_too_long", format!("value longer than {max} bytes")).with_field(field)
+    ParseError::new(
+        line,
+        "field_too_long",
+        format!("value longer than {max} bytes"),
+    )
+    .with_field(field)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    const LIMITS: Limits = Limits { max_records: 100, max_field_bytes: 64 };
+    const LIMITS: Limits = Limits {
+        max_records: 100,
+        max_field_bytes: 64,
+    };
 
     fn collect(format: ImportFormat, body: &str) -> Result<Vec<Record>, ParseError> {
         let mut out = Vec::new();
@@ -253,13 +337,20 @@ mod tests {
 
     #[test]
     fn csv_with_bom_quotes_and_mixed_line_endings() {
-        let recs = collect(ImportFormat::Csv, "\u{feff}id,name\r\n1,\"a, b\"\n2,\"multi\nline\"\r\n3,c").unwrap();
+        let recs = collect(
+            ImportFormat::Csv,
+            "\u{feff}id,name\r\n1,\"a, b\"\n2,\"multi\nline\"\r\n3,c",
+        )
+        .unwrap();
         assert_eq!(recs.len(), 3);
         assert_eq!(recs[0].line, 2);
         assert_eq!(recs[0].fields["name"], "a, b");
         assert_eq!(recs[1].fields["name"], "multi\nline");
         assert_eq!(recs[2].line, 5);
-        assert!(recs[0].fields.contains_key("id"), "the BOM must not stick to the first header");
+        assert!(
+            recs[0].fields.contains_key("id"),
+            "the BOM must not stick to the first header"
+        );
     }
 
     #[test]
@@ -268,7 +359,10 @@ mod tests {
         assert_eq!((e.code, e.line), ("ragged_row", 3));
         let e = err(ImportFormat::Csv, b"id,name\n1,a\n2,\"open\n3,c\n");
         assert_eq!((e.code, e.line), ("unterminated_quote", 3));
-        assert_eq!(err(ImportFormat::Csv, b"id,id\n1,2\n").code, "duplicate_header");
+        assert_eq!(
+            err(ImportFormat::Csv, b"id,id\n1,2\n").code,
+            "duplicate_header"
+        );
         assert_eq!(err(ImportFormat::Csv, b"id,\n1,2\n").code, "empty_header");
         assert_eq!(err(ImportFormat::Csv, b"id\n").code, "empty_import");
         assert_eq!(err(ImportFormat::Csv, b"").code, "no_header");
@@ -283,29 +377,47 @@ mod tests {
 
     #[test]
     fn record_limit() {
-        let body: String = std::iter::once("id\n".to_owned()).chain((0..101).map(|i| format!("{i}\n"))).collect();
+        let body: String = std::iter::once("id\n".to_owned())
+            .chain((0..101).map(|i| format!("{i}\n")))
+            .collect();
         let e = err(ImportFormat::Csv, body.as_bytes());
         assert_eq!((e.code, e.line), ("too_many_records", 102));
     }
 
     #[test]
     fn ndjson_records_and_errors() {
-        let recs = collect(ImportFormat::Ndjson, "{\"id\":1}\r\n\n{\"id\":\"b\",\"n\":{\"x\":[1,2]}}\n").unwrap();
+        let recs = collect(
+            ImportFormat::Ndjson,
+            "{\"id\":1}\r\n\n{\"id\":\"b\",\"n\":{\"x\":[1,2]}}\n",
+        )
+        .unwrap();
         assert_eq!(recs.len(), 2);
         assert_eq!(recs[1].line, 3);
         let e = err(ImportFormat::Ndjson, b"{\"id\":1}\n[1]\n");
         assert_eq!((e.code, e.line), ("not_an_object", 2));
         let e = err(ImportFormat::Ndjson, b"{\"id\":1}\n{\"id\":\n");
         assert_eq!((e.code, e.line), ("invalid_json", 2));
-        let e = err(ImportFormat::Ndjson, b"{\"n\":123456789012345678901234567890}");
-        assert_eq!((e.code, e.field.as_deref()), ("number_out_of_range", Some("n")));
-        assert_eq!(err(ImportFormat::Ndjson, b"{\"n\":1e999}").code, "invalid_json");
+        let e = err(
+            ImportFormat::Ndjson,
+            b"{\"n\":123456789012345678901234567890}",
+        );
+        assert_eq!(
+            (e.code, e.field.as_deref()),
+            ("number_out_of_range", Some("n"))
+        );
+        assert_eq!(
+            err(ImportFormat::Ndjson, b"{\"n\":1e999}").code,
+            "invalid_json"
+        );
         assert_eq!(err(ImportFormat::Ndjson, b"\n \n").code, "empty_import");
     }
 
     #[test]
     fn ndjson_depth_bomb_is_an_error_not_a_crash() {
         let bomb = format!("{{\"a\":{}{}}}", "[".repeat(100_000), "]".repeat(100_000));
-        assert_eq!(err(ImportFormat::Ndjson, bomb.as_bytes()).code, "invalid_json");
+        assert_eq!(
+            err(ImportFormat::Ndjson, bomb.as_bytes()).code,
+            "invalid_json"
+        );
     }
 }

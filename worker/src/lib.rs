@@ -28,7 +28,9 @@ use tokio_util::sync::CancellationToken;
 pub enum Outcome {
     Completed(BatchCompleted),
     /// The attempt failed; the batch is `ready` again from `at_ms`.
-    Retrying { at_ms: i64 },
+    Retrying {
+        at_ms: i64,
+    },
     Dead,
     /// Handed back on shutdown, to resume from its checkpoint.
     Released,
@@ -81,13 +83,22 @@ struct AttemptError {
 
 impl From<Error> for AttemptError {
     fn from(e: Error) -> Self {
-        AttemptError { message: e.to_string(), permanent: false }
+        AttemptError {
+            message: e.to_string(),
+            permanent: false,
+        }
     }
 }
 
 impl Worker {
     pub fn new(db: Db, config: WorkerConfig, outbox_wake: Arc<Notify>) -> Self {
-        Self { db, config, id: worker_id(), outbox_wake, stats: Arc::default() }
+        Self {
+            db,
+            config,
+            id: worker_id(),
+            outbox_wake,
+            stats: Arc::default(),
+        }
     }
 
     /// This process's worker identity (host, pid and a random part).
@@ -114,12 +125,17 @@ impl Worker {
         let body = self.db.load_payload(&lease.batch_id).await?;
         let chunk_size = self.config.chunk_size;
         let (format, policy, checkpoint) = (lease.format, lease.policy.clone(), lease.checkpoint);
-        let limits = Limits { max_records: u64::MAX, max_field_bytes: usize::MAX };
+        let limits = Limits {
+            max_records: u64::MAX,
+            max_field_bytes: usize::MAX,
+        };
         // Parsing and hashing are CPU work; keep them off the async threads.
         let chunks = tokio::task::spawn_blocking(move || -> Result<VecDeque<Chunk>> {
             let mut parsed = Vec::new();
             records::parse(format, &body, limits, |r| parsed.push(r))?;
-            let skip = usize::try_from(checkpoint).unwrap_or(usize::MAX).min(parsed.len());
+            let skip = usize::try_from(checkpoint)
+                .unwrap_or(usize::MAX)
+                .min(parsed.len());
             let mut done = checkpoint;
             Ok(parsed[skip..]
                 .chunks(chunk_size)
@@ -137,7 +153,11 @@ impl Worker {
     /// Commits the next chunk, or completes the batch when none is left.
     pub async fn step(&self, run: &mut BatchRun) -> Result<Step> {
         let result = match run.chunks.front() {
-            Some(chunk) => Step::Chunk(self.db.commit_chunk(&run.lease, self.lease_ms(), chunk).await?),
+            Some(chunk) => Step::Chunk(
+                self.db
+                    .commit_chunk(&run.lease, self.lease_ms(), chunk)
+                    .await?,
+            ),
             None => {
                 let done = self.db.complete_batch(&run.lease).await?;
                 self.outbox_wake.notify_one();
@@ -162,16 +182,23 @@ impl Worker {
     pub async fn process(&self, lease: Lease, release: &CancellationToken) -> Outcome {
         if lease.attempts > self.config.max_attempts {
             // Its earlier holders died mid-batch too often: a poison batch.
-            let error = AttemptError { message: "abandoned by its worker on every attempt".into(), permanent: true };
+            let error = AttemptError {
+                message: "abandoned by its worker on every attempt".into(),
+                permanent: true,
+            };
             return self.fail(&lease, error).await;
         }
         let worker = self.clone();
         let task_lease = lease.clone();
         let release = release.clone();
         // A panic in processing must end the attempt, not the worker.
-        let joined = tokio::spawn(async move { worker.run_batch(task_lease, &release).await }).await;
+        let joined =
+            tokio::spawn(async move { worker.run_batch(task_lease, &release).await }).await;
         let result = joined.unwrap_or_else(|e| {
-            Err(AttemptError { message: format!("processing panicked: {}", panic_message(e)), permanent: false })
+            Err(AttemptError {
+                message: format!("processing panicked: {}", panic_message(e)),
+                permanent: false,
+            })
         });
         match result {
             Ok(outcome) => outcome,
@@ -179,12 +206,19 @@ impl Worker {
         }
     }
 
-    async fn run_batch(&self, lease: Lease, release: &CancellationToken) -> Result<Outcome, AttemptError> {
+    async fn run_batch(
+        &self,
+        lease: Lease,
+        release: &CancellationToken,
+    ) -> Result<Outcome, AttemptError> {
         let mut run = match self.start(lease).await {
             Ok(run) => run,
             // A stored payload that no longer parses will not parse next time either.
             Err(Error::Parse(e)) => {
-                return Err(AttemptError { message: format!("stored payload is unreadable: {e}"), permanent: true });
+                return Err(AttemptError {
+                    message: format!("stored payload is unreadable: {e}"),
+                    permanent: true,
+                });
             }
             Err(e) => return Err(e.into()),
         };
@@ -199,7 +233,11 @@ impl Worker {
                 Ok(Step::Chunk(_)) => {}
                 Ok(Step::Completed(done)) => {
                     self.stats.completed.fetch_add(1, Ordering::Relaxed);
-                    tracing::info!(records = done.records_total, failed = done.records_failed, "batch completed");
+                    tracing::info!(
+                        records = done.records_total,
+                        failed = done.records_failed,
+                        "batch completed"
+                    );
                     return Ok(Outcome::Completed(done));
                 }
                 Err(e) => return self.lease_error(&run.lease, e),
@@ -221,8 +259,20 @@ impl Worker {
 
     async fn fail(&self, lease: &Lease, error: AttemptError) -> Outcome {
         self.stats.failed.fetch_add(1, Ordering::Relaxed);
-        let max_attempts = if error.permanent { 0 } else { self.config.max_attempts };
-        let outcome = self.db.fail_batch(lease, &error.message, max_attempts, self.backoff_ms(lease.attempts)).await;
+        let max_attempts = if error.permanent {
+            0
+        } else {
+            self.config.max_attempts
+        };
+        let outcome = self
+            .db
+            .fail_batch(
+                lease,
+                &error.message,
+                max_attempts,
+                self.backoff_ms(lease.attempts),
+            )
+            .await;
         self.outbox_wake.notify_one();
         match outcome {
             Ok(FailOutcome::Dead) => {
@@ -246,14 +296,21 @@ impl Worker {
     }
 
     fn backoff_ms(&self, attempt: u32) -> i64 {
-        let exp = self.config.retry_base_ms.saturating_mul(1u64 << attempt.saturating_sub(1).min(30));
+        let exp = self
+            .config
+            .retry_base_ms
+            .saturating_mul(1u64 << attempt.saturating_sub(1).min(30));
         i64::try_from(exp.min(self.config.retry_max_ms)).unwrap_or(i64::MAX)
     }
 
     /// The claim loop: up to `concurrency` batches at once, woken by `BatchReady` events
     /// and by a poll timer. On `shutdown` it stops claiming, lets in-flight batches finish
     /// for the grace period, then releases what is left at the next chunk boundary.
-    pub async fn run(self, mut events: broadcast::Receiver<Arc<Envelope>>, shutdown: CancellationToken) {
+    pub async fn run(
+        self,
+        mut events: broadcast::Receiver<Arc<Envelope>>,
+        shutdown: CancellationToken,
+    ) {
         tracing::info!(worker_id = %self.id, concurrency = self.config.concurrency, "worker started");
         let permits = Arc::new(Semaphore::new(self.config.concurrency));
         let release = CancellationToken::new();
@@ -275,7 +332,9 @@ impl Worker {
                     continue;
                 }
                 Ok(None) => {}
-                Err(e) => tracing::warn!(error = %e, "claim failed; retrying after the poll interval"),
+                Err(e) => {
+                    tracing::warn!(error = %e, "claim failed; retrying after the poll interval")
+                }
             }
             drop(permit);
             let sleep = tokio::time::sleep(poll);
@@ -294,7 +353,10 @@ impl Worker {
             }
         }
         let grace = Duration::from_secs(self.config.shutdown_grace_secs);
-        if tokio::time::timeout(grace, async { while tasks.join_next().await.is_some() {} }).await.is_err() {
+        if tokio::time::timeout(grace, async { while tasks.join_next().await.is_some() {} })
+            .await
+            .is_err()
+        {
             tracing::info!("grace period over; releasing in-flight batches");
             release.cancel();
             while tasks.join_next().await.is_some() {}

@@ -26,7 +26,11 @@ pub fn prepare_chunk(records: &[Record], policy: &Policy, checkpoint: u64) -> Ch
             Err(e) => errors.push(e),
         }
     }
-    Chunk { records: by_key.into_values().collect(), errors, checkpoint }
+    Chunk {
+        records: by_key.into_values().collect(),
+        errors,
+        checkpoint,
+    }
 }
 
 fn prepare_record(record: &Record, policy: &Policy) -> Result<RecordRow, RowError> {
@@ -38,7 +42,11 @@ fn prepare_record(record: &Record, policy: &Policy) -> Result<RecordRow, RowErro
     };
     for field in &policy.required_fields {
         if is_blank(record.fields.get(field)) {
-            return Err(err(field, "missing_field", format!("required field `{field}` is missing or empty")));
+            return Err(err(
+                field,
+                "missing_field",
+                format!("required field `{field}` is missing or empty"),
+            ));
         }
     }
     let key_field = &policy.key_field;
@@ -46,20 +54,37 @@ fn prepare_record(record: &Record, policy: &Policy) -> Result<RecordRow, RowErro
         Some(Value::String(s)) if !s.trim().is_empty() => s.clone(),
         Some(Value::Number(n)) => n.to_string(),
         Some(Value::String(_)) | Some(Value::Null) | None => {
-            return Err(err(key_field, "missing_key", format!("key field `{key_field}` is missing or empty")));
+            return Err(err(
+                key_field,
+                "missing_key",
+                format!("key field `{key_field}` is missing or empty"),
+            ));
         }
         Some(_) => {
-            return Err(err(key_field, "invalid_key", format!("key field `{key_field}` must be a string or a number")));
+            return Err(err(
+                key_field,
+                "invalid_key",
+                format!("key field `{key_field}` must be a string or a number"),
+            ));
         }
     };
     if key.len() > MAX_KEY_BYTES {
-        return Err(err(key_field, "key_too_long", format!("key longer than {MAX_KEY_BYTES} bytes")));
+        return Err(err(
+            key_field,
+            "key_too_long",
+            format!("key longer than {MAX_KEY_BYTES} bytes"),
+        ));
     }
     // serde_json's map is ordered by key, so equal records serialise to equal bytes.
     let data = serde_json::to_string(&record.fields).unwrap_or_default();
     let checksum = hex::encode(Sha256::digest(data.as_bytes()));
-    let data = RawValue::from_string(data).map_err(|e| err(key_field, "invalid_record", e.to_string()))?;
-    Ok(RecordRow { key, data, checksum })
+    let data =
+        RawValue::from_string(data).map_err(|e| err(key_field, "invalid_record", e.to_string()))?;
+    Ok(RecordRow {
+        key,
+        data,
+        checksum,
+    })
 }
 
 fn is_blank(v: Option<&Value>) -> bool {
@@ -76,13 +101,18 @@ mod tests {
     use serde_json::json;
 
     fn rec(line: u64, v: Value) -> Record {
-        let Value::Object(fields) = v else { panic!("test records are objects") };
+        let Value::Object(fields) = v else {
+            panic!("test records are objects")
+        };
         Record { line, fields }
     }
 
     #[test]
     fn validates_keys_required_fields_and_dedups_last_wins() {
-        let policy = Policy { required_fields: vec!["email".into()], ..Policy::default() };
+        let policy = Policy {
+            required_fields: vec!["email".into()],
+            ..Policy::default()
+        };
         let records = [
             rec(2, json!({"id": "b", "email": "1@x"})),
             rec(3, json!({"id": "a", "email": "2@x"})),
@@ -96,8 +126,15 @@ mod tests {
         let keys: Vec<&str> = chunk.records.iter().map(|r| r.key.as_str()).collect();
         assert_eq!(keys, ["7", "a", "b"]);
         assert!(chunk.records[2].data.get().contains("3@x"));
-        let codes: Vec<(u64, &str)> = chunk.errors.iter().map(|e| (e.line, e.code.as_str())).collect();
-        assert_eq!(codes, [(5, "missing_key"), (6, "missing_field"), (8, "invalid_key")]);
+        let codes: Vec<(u64, &str)> = chunk
+            .errors
+            .iter()
+            .map(|e| (e.line, e.code.as_str()))
+            .collect();
+        assert_eq!(
+            codes,
+            [(5, "missing_key"), (6, "missing_field"), (8, "invalid_key")]
+        );
         assert_eq!(chunk.checkpoint, 7);
     }
 

@@ -6,7 +6,9 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use dataflow_contracts::http::{BatchView, ClientView, CreateClient, CreateKey, KeyCreated, KeyView};
+use dataflow_contracts::http::{
+    BatchView, ClientView, CreateClient, CreateKey, KeyCreated, KeyView,
+};
 use dataflow_contracts::policy::PolicyPatch;
 use dataflow_contracts::{BatchId, ClientId, Policy};
 use dataflow_platform::db::BatchAction;
@@ -32,7 +34,8 @@ pub fn router() -> Router<AppState> {
 }
 
 fn json<T>(body: Result<Json<T>, JsonRejection>) -> ApiResult<T> {
-    body.map(|Json(v)| v).map_err(|e| ApiError::new(e.status(), "invalid_body", e.body_text()))
+    body.map(|Json(v)| v)
+        .map_err(|e| ApiError::new(e.status(), "invalid_body", e.body_text()))
 }
 
 async fn create_client(
@@ -41,7 +44,9 @@ async fn create_client(
 ) -> ApiResult<(StatusCode, Json<ClientView>)> {
     let req = json(body)?;
     let policy = match &req.policy {
-        Some(patch) => Policy::default().patched(patch).map_err(|e| ApiError::unprocessable("invalid_policy", e))?,
+        Some(patch) => Policy::default()
+            .patched(patch)
+            .map_err(|e| ApiError::unprocessable("invalid_policy", e))?,
         None => Policy::default(),
     };
     let client = state.backends.db.create_client(&req.name, &policy).await?;
@@ -53,9 +58,17 @@ async fn list_clients(State(state): State<AppState>) -> ApiResult<Json<Vec<Clien
     Ok(Json(clients.iter().map(|c| c.view()).collect()))
 }
 
-async fn show_client(State(state): State<AppState>, Path(id): Path<String>) -> ApiResult<Json<ClientView>> {
+async fn show_client(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<ClientView>> {
     let id: ClientId = parse_path_id(&id)?;
-    let client = state.backends.db.get_client(&id).await?.ok_or_else(ApiError::not_found)?;
+    let client = state
+        .backends
+        .db
+        .get_client(&id)
+        .await?
+        .ok_or_else(ApiError::not_found)?;
     Ok(Json(client.view()))
 }
 
@@ -66,17 +79,31 @@ async fn set_active(state: AppState, id: String, active: bool) -> ApiResult<Json
     Ok(Json(client.view()))
 }
 
-async fn activate(State(state): State<AppState>, Path(id): Path<String>) -> ApiResult<Json<ClientView>> {
+async fn activate(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<ClientView>> {
     set_active(state, id, true).await
 }
 
-async fn deactivate(State(state): State<AppState>, Path(id): Path<String>) -> ApiResult<Json<ClientView>> {
+async fn deactivate(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<ClientView>> {
     set_active(state, id, false).await
 }
 
-async fn show_policy(State(state): State<AppState>, Path(id): Path<String>) -> ApiResult<Json<Policy>> {
+async fn show_policy(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Policy>> {
     let id: ClientId = parse_path_id(&id)?;
-    let client = state.backends.db.get_client(&id).await?.ok_or_else(ApiError::not_found)?;
+    let client = state
+        .backends
+        .db
+        .get_client(&id)
+        .await?
+        .ok_or_else(ApiError::not_found)?;
     Ok(Json(client.policy))
 }
 
@@ -89,7 +116,10 @@ async fn patch_policy(
     let id: ClientId = parse_path_id(&id)?;
     let db = &state.backends.db;
     let client = db.get_client(&id).await?.ok_or_else(ApiError::not_found)?;
-    let policy = client.policy.patched(&patch).map_err(|e| ApiError::unprocessable("invalid_policy", e))?;
+    let policy = client
+        .policy
+        .patched(&patch)
+        .map_err(|e| ApiError::unprocessable("invalid_policy", e))?;
     let updated = db.set_policy(&id, &policy).await?;
     state.backends.clients.invalidate(id.as_str());
     Ok(Json(updated.policy))
@@ -103,16 +133,33 @@ async fn create_key(
     let id: ClientId = parse_path_id(&id)?;
     let label = body.and_then(|Json(b)| b.label);
     if label.as_ref().is_some_and(|l| l.len() > 200) {
-        return Err(ApiError::unprocessable("invalid_label", "label must be at most 200 characters"));
+        return Err(ApiError::unprocessable(
+            "invalid_label",
+            "label must be at most 200 characters",
+        ));
     }
     let key = state.backends.hasher.generate();
-    state.backends.db.create_key(&id, &key.key_id, &key.hmac, label.as_deref()).await?;
+    state
+        .backends
+        .db
+        .create_key(&id, &key.key_id, &key.hmac, label.as_deref())
+        .await?;
     // A lookup of this id may have cached "no such key" a moment ago.
     state.backends.keys.invalidate(&key.key_id);
-    Ok((StatusCode::CREATED, Json(KeyCreated { key_id: key.key_id, client_id: id, api_key: key.token })))
+    Ok((
+        StatusCode::CREATED,
+        Json(KeyCreated {
+            key_id: key.key_id,
+            client_id: id,
+            api_key: key.token,
+        }),
+    ))
 }
 
-async fn list_keys(State(state): State<AppState>, Path(id): Path<String>) -> ApiResult<Json<Vec<KeyView>>> {
+async fn list_keys(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Vec<KeyView>>> {
     let id: ClientId = parse_path_id(&id)?;
     let db = &state.backends.db;
     if db.get_client(&id).await?.is_none() {
@@ -121,32 +168,61 @@ async fn list_keys(State(state): State<AppState>, Path(id): Path<String>) -> Api
     Ok(Json(db.list_keys(&id).await?))
 }
 
-async fn revoke_key(State(state): State<AppState>, Path(key_id): Path<String>) -> ApiResult<StatusCode> {
+async fn revoke_key(
+    State(state): State<AppState>,
+    Path(key_id): Path<String>,
+) -> ApiResult<StatusCode> {
     state.backends.db.revoke_key(&key_id).await?;
     state.backends.keys.invalidate(&key_id);
     Ok(StatusCode::NO_CONTENT)
 }
 
-async fn show_batch(State(state): State<AppState>, Path(id): Path<String>) -> ApiResult<Json<BatchView>> {
+async fn show_batch(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<BatchView>> {
     let id: BatchId = parse_path_id(&id)?;
-    state.backends.db.get_batch(None, &id).await?.map(Json).ok_or_else(ApiError::not_found)
+    state
+        .backends
+        .db
+        .get_batch(None, &id)
+        .await?
+        .map(Json)
+        .ok_or_else(ApiError::not_found)
 }
 
-async fn transition(state: AppState, id: String, action: BatchAction) -> ApiResult<Json<BatchView>> {
+async fn transition(
+    state: AppState,
+    id: String,
+    action: BatchAction,
+) -> ApiResult<Json<BatchView>> {
     let id: BatchId = parse_path_id(&id)?;
-    let view = state.backends.db.transition_batch(&id, action).await.map_err(|e| match e {
-        dataflow_platform::Error::Invalid(detail) => ApiError::new(StatusCode::CONFLICT, "invalid_state", detail),
-        other => other.into(),
-    })?;
+    let view = state
+        .backends
+        .db
+        .transition_batch(&id, action)
+        .await
+        .map_err(|e| match e {
+            dataflow_platform::Error::Invalid(detail) => {
+                ApiError::new(StatusCode::CONFLICT, "invalid_state", detail)
+            }
+            other => other.into(),
+        })?;
     state.backends.outbox_wake.notify_one();
     Ok(Json(view))
 }
 
-async fn approve(State(state): State<AppState>, Path(id): Path<String>) -> ApiResult<Json<BatchView>> {
+async fn approve(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<BatchView>> {
     transition(state, id, BatchAction::Approve).await
 }
 
-async fn retry(State(state): State<AppState>, Path(id): Path<String>) -> ApiResult<Json<BatchView>> {
+async fn retry(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<BatchView>> {
     transition(state, id, BatchAction::Retry).await
 }
 
@@ -163,7 +239,10 @@ async fn reject(
 ) -> ApiResult<Json<BatchView>> {
     let reason = json(body)?.reason;
     if reason.trim().is_empty() || reason.len() > 1000 {
-        return Err(ApiError::unprocessable("invalid_reason", "reason must be 1 to 1000 characters"));
+        return Err(ApiError::unprocessable(
+            "invalid_reason",
+            "reason must be 1 to 1000 characters",
+        ));
     }
     transition(state, id, BatchAction::Reject { reason }).await
 }

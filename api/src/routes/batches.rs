@@ -45,8 +45,17 @@ async fn list(
         .cursor
         .map(|c| c.parse::<BatchId>())
         .transpose()
-        .map_err(|_| ApiError::bad_request("invalid_cursor", "cursor must be a next_cursor from a previous page"))?;
-    let page = state.backends.db.list_batches(&p.client.id, status, cursor.as_ref(), page_limit(q.limit)?).await?;
+        .map_err(|_| {
+            ApiError::bad_request(
+                "invalid_cursor",
+                "cursor must be a next_cursor from a previous page",
+            )
+        })?;
+    let page = state
+        .backends
+        .db
+        .list_batches(&p.client.id, status, cursor.as_ref(), page_limit(q.limit)?)
+        .await?;
     Ok(Json(page))
 }
 
@@ -79,7 +88,10 @@ async fn errors(
     if db.get_batch(Some(&p.client.id), &id).await?.is_none() {
         return Err(ApiError::not_found());
     }
-    Ok(Json(db.list_record_errors(&id, q.cursor.unwrap_or(0), page_limit(q.limit)?).await?))
+    Ok(Json(
+        db.list_record_errors(&id, q.cursor.unwrap_or(0), page_limit(q.limit)?)
+            .await?,
+    ))
 }
 
 async fn record(

@@ -22,7 +22,9 @@ use crate::error::{ApiError, ApiResult};
 use crate::state::AppState;
 
 pub fn router() -> Router<AppState> {
-    Router::new().route("/imports", post(submit)).route("/imports/{id}", get(show))
+    Router::new()
+        .route("/imports", post(submit))
+        .route("/imports/{id}", get(show))
 }
 
 async fn show(
@@ -31,7 +33,11 @@ async fn show(
     Path(id): Path<String>,
 ) -> ApiResult<Json<ImportView>> {
     let id: ImportId = parse_path_id(&id)?;
-    let view = state.backends.db.get_import(Some(&p.client.id), &id).await?;
+    let view = state
+        .backends
+        .db
+        .get_import(Some(&p.client.id), &id)
+        .await?;
     view.map(Json).ok_or_else(ApiError::not_found)
 }
 
@@ -42,7 +48,10 @@ async fn submit(
     body: Body,
 ) -> Response {
     let client = p.client.id.clone();
-    let content_type = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
     let Some(format) = ImportFormat::from_content_type(content_type) else {
         return ApiError::new(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -56,8 +65,12 @@ async fn submit(
         Err(e) => return e.into_response(),
     };
     let Some(_slot) = state.import_slot(&client) else {
-        return ApiError::too_many("too_many_concurrent_imports", "too many imports in flight for this client", 1000)
-            .into_response();
+        return ApiError::too_many(
+            "too_many_concurrent_imports",
+            "too many imports in flight for this client",
+            1000,
+        )
+        .into_response();
     };
     let body = match read_body(&state, &p, &headers, body).await {
         Ok(b) => b,
@@ -108,7 +121,11 @@ async fn submit(
             Ok((StatusCode::ACCEPTED, _)) => Ok(()),
             Ok((status, view)) => {
                 let body = serde_json::to_string(view).unwrap_or_default();
-                state.backends.db.idempotency_finish(&client, key, status.as_u16(), &body).await
+                state
+                    .backends
+                    .db
+                    .idempotency_finish(&client, key, status.as_u16(), &body)
+                    .await
             }
             // Refused requests are not replayed: the sender fixes them and tries again.
             Err(_) => state.backends.db.idempotency_abort(&client, key).await,
@@ -144,11 +161,17 @@ async fn accept(
     if let Some(first) = db.find_duplicate(&p.client.id, checksum).await? {
         return Ok((StatusCode::OK, first));
     }
-    let limits = Limits { max_records: policy.max_records, max_field_bytes: state.config.max_field_bytes };
+    let limits = Limits {
+        max_records: policy.max_records,
+        max_field_bytes: state.config.max_field_bytes,
+    };
     let parse_body = body.clone();
-    let summary = tokio::task::spawn_blocking(move || records::parse(format, &parse_body, limits, |_| {}))
-        .await
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))??;
+    let summary =
+        tokio::task::spawn_blocking(move || records::parse(format, &parse_body, limits, |_| {}))
+            .await
+            .map_err(|e| {
+                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
+            })??;
     if let Some(columns) = &summary.columns {
         let missing = std::iter::once(&policy.key_field)
             .chain(&policy.required_fields)
@@ -156,7 +179,9 @@ async fn accept(
         if let Some(field) = missing {
             return Err(ApiError::unprocessable(
                 "missing_column",
-                format!("line 1: the header has no column `{field}`, which this client's policy requires"),
+                format!(
+                    "line 1: the header has no column `{field}`, which this client's policy requires"
+                ),
             ));
         }
     }
@@ -177,19 +202,43 @@ async fn accept(
             Ok((StatusCode::ACCEPTED, view))
         }
         SubmitOutcome::Duplicate(view) => Ok((StatusCode::OK, view)),
-        SubmitOutcome::QuotaExceeded { used, quota, retry_after_ms } => Err(ApiError::too_many(
+        SubmitOutcome::QuotaExceeded {
+            used,
+            quota,
+            retry_after_ms,
+        } => Err(ApiError::too_many(
             "quota_exceeded",
-            format!("daily record quota is {quota}; {used} used today; this import has {}", summary.records),
+            format!(
+                "daily record quota is {quota}; {used} used today; this import has {}",
+                summary.records
+            ),
             retry_after_ms,
         )),
     }
 }
 
 /// Reads the body up to the smaller of the server's and the client's limit.
-async fn read_body(state: &AppState, p: &Principal, headers: &HeaderMap, body: Body) -> ApiResult<Bytes> {
-    let limit = state.config.max_body_bytes.min(p.client.policy.max_payload_bytes);
-    let too_large = || ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", format!("the body is over {limit} bytes"));
-    let declared = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+async fn read_body(
+    state: &AppState,
+    p: &Principal,
+    headers: &HeaderMap,
+    body: Body,
+) -> ApiResult<Bytes> {
+    let limit = state
+        .config
+        .max_body_bytes
+        .min(p.client.policy.max_payload_bytes);
+    let too_large = || {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            format!("the body is over {limit} bytes"),
+        )
+    };
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > limit) {
         return Err(too_large());
     }
@@ -197,7 +246,10 @@ async fn read_body(state: &AppState, p: &Principal, headers: &HeaderMap, body: B
         Ok(b) if b.is_empty() => Err(ApiError::bad_request("empty_body", "the body is empty")),
         Ok(b) => Ok(b),
         Err(e) if is_length_limit(&e) => Err(too_large()),
-        Err(e) => Err(ApiError::bad_request("body_read_failed", format!("could not read the body: {e}"))),
+        Err(e) => Err(ApiError::bad_request(
+            "body_read_failed",
+            format!("could not read the body: {e}"),
+        )),
     }
 }
 
@@ -214,9 +266,14 @@ fn is_length_limit(e: &axum::Error) -> bool {
 
 /// Visible ASCII, bounded length; `None` when absent.
 fn idempotency_key(state: &AppState, headers: &HeaderMap) -> ApiResult<Option<String>> {
-    let Some(raw) = headers.get("idempotency-key") else { return Ok(None) };
+    let Some(raw) = headers.get("idempotency-key") else {
+        return Ok(None);
+    };
     let max = state.config.max_idempotency_key_len;
-    let key = raw.to_str().ok().filter(|k| !k.is_empty() && k.len() <= max && k.bytes().all(|b| b.is_ascii_graphic()));
+    let key = raw
+        .to_str()
+        .ok()
+        .filter(|k| !k.is_empty() && k.len() <= max && k.bytes().all(|b| b.is_ascii_graphic()));
     key.map(|k| Some(k.to_owned())).ok_or_else(|| {
         ApiError::bad_request(
             "invalid_idempotency_key",
@@ -228,6 +285,7 @@ fn idempotency_key(state: &AppState, headers: &HeaderMap) -> ApiResult<Option<St
 fn replay(status: u16, body: String) -> Response {
     let status = StatusCode::from_u16(status).unwrap_or(StatusCode::OK);
     let mut resp = (status, [(header::CONTENT_TYPE, "application/json")], body).into_response();
-    resp.headers_mut().insert("idempotent-replayed", HeaderValue::from_static("true"));
+    resp.headers_mut()
+        .insert("idempotent-replayed", HeaderValue::from_static("true"));
     resp
 }

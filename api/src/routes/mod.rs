@@ -7,8 +7,8 @@ pub mod imports;
 
 use std::str::FromStr;
 
-use axum::extract::rejection::QueryRejection;
 use axum::extract::Query;
+use axum::extract::rejection::QueryRejection;
 
 use crate::error::{ApiError, ApiResult};
 
@@ -19,13 +19,17 @@ pub(crate) fn parse_path_id<T: FromStr>(raw: &str) -> ApiResult<T> {
 
 /// Query parameters, with a JSON 400 naming the problem instead of axum's text answer.
 pub(crate) fn query<T>(q: Result<Query<T>, QueryRejection>) -> ApiResult<T> {
-    q.map(|Query(v)| v).map_err(|e| ApiError::bad_request("invalid_query", e.body_text()))
+    q.map(|Query(v)| v)
+        .map_err(|e| ApiError::bad_request("invalid_query", e.body_text()))
 }
 
 /// Page sizes: default 50, at most 500.
 pub(crate) fn page_limit(limit: Option<u32>) -> ApiResult<u32> {
     match limit.unwrap_or(50) {
         n @ 1..=500 => Ok(n),
-        _ => Err(ApiError::bad_request("invalid_limit", "limit must be between 1 and 500")),
+        _ => Err(ApiError::bad_request(
+            "invalid_limit",
+            "limit must be between 1 and 500",
+        )),
     }
 }

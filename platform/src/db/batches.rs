@@ -5,8 +5,12 @@
 //! `WHERE lease_epoch = :mine AND status = 'processing'`. If another worker took the batch
 //! over, the epoch moved on, zero rows match, and the whole transaction rolls back.
 
-use dataflow_contracts::events::{BatchCompleted, BatchDead, BatchFailed, BatchReady, BatchRejected, Envelope, Event};
-use dataflow_contracts::http::{BatchPage, BatchView, RecordErrorPage, RecordErrorView, RecordView};
+use dataflow_contracts::events::{
+    BatchCompleted, BatchDead, BatchFailed, BatchReady, BatchRejected, Envelope, Event,
+};
+use dataflow_contracts::http::{
+    BatchPage, BatchView, RecordErrorPage, RecordErrorView, RecordView,
+};
 use dataflow_contracts::time::rfc3339;
 use dataflow_contracts::{BatchId, BatchStatus, ClientId, ImportFormat, ImportId, Policy};
 use serde::Serialize;
@@ -94,12 +98,21 @@ impl Db {
                          ORDER BY available_at, id LIMIT 1 {skip_locked}) \
              RETURNING id, client_id, import_id, lease_epoch, attempts, checkpoint, records_total, format, policy",
         );
-        let row = sqlx::query(sql).bind(owner).bind(lease_ms).fetch_optional(self.pool()).await?;
+        let row = sqlx::query(sql)
+            .bind(owner)
+            .bind(lease_ms)
+            .fetch_optional(self.pool())
+            .await?;
         row.map(|r| lease_from_row(&r, owner)).transpose()
     }
 
     /// Claims one named batch if it is ready or its lease expired (a wake-up names it).
-    pub async fn claim(&self, batch_id: &BatchId, owner: &str, lease_ms: i64) -> Result<Option<Lease>> {
+    pub async fn claim(
+        &self,
+        batch_id: &BatchId,
+        owner: &str,
+        lease_ms: i64,
+    ) -> Result<Option<Lease>> {
         let sql = self.sql(
             "UPDATE batches SET status = 'processing', lease_owner = $1, lease_epoch = lease_epoch + 1, \
                  lease_expires_at = {now} + $2, attempts = attempts + 1, \
@@ -127,7 +140,12 @@ impl Db {
 
     /// Writes one chunk under the fence, renews the lease and moves the checkpoint.
     #[tracing::instrument(skip_all, fields(batch_id = %lease.batch_id, checkpoint = chunk.checkpoint))]
-    pub async fn commit_chunk(&self, lease: &Lease, lease_ms: i64, chunk: &Chunk) -> Result<ChunkResult> {
+    pub async fn commit_chunk(
+        &self,
+        lease: &Lease,
+        lease_ms: i64,
+        chunk: &Chunk,
+    ) -> Result<ChunkResult> {
         let mut tx = self.begin_write().await?;
         let written = if chunk.records.is_empty() {
             0
@@ -235,14 +253,26 @@ impl Db {
             records_failed: count(row.try_get("records_failed")?),
             duration_ms: count(completed_at - started_at.unwrap_or(completed_at)),
         };
-        self.announce(&mut tx, lease, completed_at, Event::BatchCompleted(done.clone())).await?;
+        self.announce(
+            &mut tx,
+            lease,
+            completed_at,
+            Event::BatchCompleted(done.clone()),
+        )
+        .await?;
         tx.commit().await?;
         Ok(done)
     }
 
     /// Ends a failed attempt: back to `ready` after `backoff_ms`, or `dead` once the
     /// attempts are used up.
-    pub async fn fail_batch(&self, lease: &Lease, error: &str, max_attempts: u32, backoff_ms: i64) -> Result<FailOutcome> {
+    pub async fn fail_batch(
+        &self,
+        lease: &Lease,
+        error: &str,
+        max_attempts: u32,
+        backoff_ms: i64,
+    ) -> Result<FailOutcome> {
         let error: String = error.chars().take(2000).collect();
         let mut tx = self.begin_write().await?;
         let sql = self.sql(
@@ -268,10 +298,23 @@ impl Db {
         let at_ms: i64 = row.try_get("available_at")?;
         let now: i64 = row.try_get("updated_at")?;
         let (outcome, event) = if status == BatchStatus::Dead.as_str() {
-            (FailOutcome::Dead, Event::BatchDead(BatchDead { attempts: lease.attempts, error }))
+            (
+                FailOutcome::Dead,
+                Event::BatchDead(BatchDead {
+                    attempts: lease.attempts,
+                    error,
+                }),
+            )
         } else {
             let retry_at = rfc3339(at_ms);
-            (FailOutcome::Retry { at_ms }, Event::BatchFailed(BatchFailed { attempt: lease.attempts, error, retry_at }))
+            (
+                FailOutcome::Retry { at_ms },
+                Event::BatchFailed(BatchFailed {
+                    attempt: lease.attempts,
+                    error,
+                    retry_at,
+                }),
+            )
         };
         self.announce(&mut tx, lease, now, event).await?;
         tx.commit().await?;
@@ -291,11 +334,20 @@ impl Db {
             .execute(self.pool())
             .await?
             .rows_affected();
-        if n == 0 { Err(fence_rejected(lease)) } else { Ok(()) }
+        if n == 0 {
+            Err(fence_rejected(lease))
+        } else {
+            Ok(())
+        }
     }
 
     async fn announce(&self, tx: &mut Tx, lease: &Lease, at_ms: i64, event: Event) -> Result<()> {
-        let env = Envelope::new(lease.batch_id.clone(), lease.client_id.clone(), at_ms, event);
+        let env = Envelope::new(
+            lease.batch_id.clone(),
+            lease.client_id.clone(),
+            at_ms,
+            event,
+        );
         self.enqueue_event(tx, &env).await
     }
 
@@ -322,7 +374,10 @@ impl Db {
         let Some(row) = row else {
             tx.rollback().await?;
             return match self.get_batch(None, id).await? {
-                Some(b) => Err(Error::Invalid(format!("batch is {}, not {}", b.status, from))),
+                Some(b) => Err(Error::Invalid(format!(
+                    "batch is {}, not {}",
+                    b.status, from
+                ))),
                 None => Err(Error::NotFound),
             };
         };
@@ -331,15 +386,22 @@ impl Db {
         let now: i64 = row.try_get("updated_at")?;
         let event = match action {
             BatchAction::Reject { reason } => Event::BatchRejected(BatchRejected { reason }),
-            BatchAction::Approve | BatchAction::Retry => Event::BatchReady(BatchReady { import_id }),
+            BatchAction::Approve | BatchAction::Retry => {
+                Event::BatchReady(BatchReady { import_id })
+            }
         };
-        self.enqueue_event(&mut tx, &Envelope::new(id.clone(), client_id, now, event)).await?;
+        self.enqueue_event(&mut tx, &Envelope::new(id.clone(), client_id, now, event))
+            .await?;
         tx.commit().await?;
         self.get_batch(None, id).await?.ok_or(Error::NotFound)
     }
 
     /// One batch; `client` scopes the lookup to one tenant.
-    pub async fn get_batch(&self, client: Option<&ClientId>, id: &BatchId) -> Result<Option<BatchView>> {
+    pub async fn get_batch(
+        &self,
+        client: Option<&ClientId>,
+        id: &BatchId,
+    ) -> Result<Option<BatchView>> {
         let sql = sqlx::AssertSqlSafe(format!(
             "SELECT {BATCH_COLUMNS} FROM batches WHERE id = $1 AND ($2 IS NULL OR client_id = $2)"
         ));
@@ -371,7 +433,10 @@ impl Db {
             .bind(i64::from(limit) + 1)
             .fetch_all(self.pool())
             .await?;
-        let mut items = rows.iter().map(batch_from_row).collect::<Result<Vec<_>>>()?;
+        let mut items = rows
+            .iter()
+            .map(batch_from_row)
+            .collect::<Result<Vec<_>>>()?;
         let next_cursor = if items.len() > limit as usize {
             items.truncate(limit as usize);
             items.last().map(|b| b.id.to_string())
@@ -382,7 +447,12 @@ impl Db {
     }
 
     /// A batch's row errors by line, after `after_line`.
-    pub async fn list_record_errors(&self, batch: &BatchId, after_line: u64, limit: u32) -> Result<RecordErrorPage> {
+    pub async fn list_record_errors(
+        &self,
+        batch: &BatchId,
+        after_line: u64,
+        limit: u32,
+    ) -> Result<RecordErrorPage> {
         let rows = sqlx::query(
             "SELECT line, field, code, detail FROM record_errors \
              WHERE batch_id = $1 AND line > $2 ORDER BY line LIMIT $3",
@@ -443,7 +513,10 @@ impl Db {
         rows.iter()
             .map(|r| {
                 let status: String = r.try_get("status")?;
-                Ok((status.parse().map_err(Error::Invalid)?, count(r.try_get("n")?)))
+                Ok((
+                    status.parse().map_err(Error::Invalid)?,
+                    count(r.try_get("n")?),
+                ))
             })
             .collect()
     }
@@ -458,7 +531,10 @@ pub enum BatchAction {
 }
 
 fn fence_rejected(lease: &Lease) -> Error {
-    Error::FenceRejected { batch_id: lease.batch_id.to_string(), epoch: lease.epoch }
+    Error::FenceRejected {
+        batch_id: lease.batch_id.to_string(),
+        epoch: lease.epoch,
+    }
 }
 
 fn lease_from_row(r: &AnyRow, owner: &str) -> Result<Lease> {
@@ -474,7 +550,8 @@ fn lease_from_row(r: &AnyRow, owner: &str) -> Result<Lease> {
         checkpoint: count(r.try_get("checkpoint")?),
         records_total: count(r.try_get("records_total")?),
         format: format.parse().map_err(Error::Invalid)?,
-        policy: serde_json::from_str(&policy).map_err(|e| Error::Invalid(format!("stored policy: {e}")))?,
+        policy: serde_json::from_str(&policy)
+            .map_err(|e| Error::Invalid(format!("stored policy: {e}")))?,
     })
 }
 

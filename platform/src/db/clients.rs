@@ -53,7 +53,8 @@ fn client_from_row(row: &AnyRow) -> Result<ClientRecord> {
 }
 
 pub(crate) fn parse_id<T: std::str::FromStr>(s: String) -> Result<T> {
-    s.parse().map_err(|_| Error::Invalid(format!("stored id `{s}` is malformed")))
+    s.parse()
+        .map_err(|_| Error::Invalid(format!("stored id `{s}` is malformed")))
 }
 
 fn policy_json(policy: &Policy) -> String {
@@ -82,17 +83,19 @@ impl Db {
     }
 
     pub async fn get_client(&self, id: &ClientId) -> Result<Option<ClientRecord>> {
-        let row = sqlx::query("SELECT id, name, active, policy, created_at FROM clients WHERE id = $1")
-            .bind(id.as_str())
-            .fetch_optional(self.pool())
-            .await?;
+        let row =
+            sqlx::query("SELECT id, name, active, policy, created_at FROM clients WHERE id = $1")
+                .bind(id.as_str())
+                .fetch_optional(self.pool())
+                .await?;
         row.as_ref().map(client_from_row).transpose()
     }
 
     pub async fn list_clients(&self) -> Result<Vec<ClientRecord>> {
-        let rows = sqlx::query("SELECT id, name, active, policy, created_at FROM clients ORDER BY id")
-            .fetch_all(self.pool())
-            .await?;
+        let rows =
+            sqlx::query("SELECT id, name, active, policy, created_at FROM clients ORDER BY id")
+                .fetch_all(self.pool())
+                .await?;
         rows.iter().map(client_from_row).collect()
     }
 

@@ -31,7 +31,11 @@ pub enum SubmitOutcome {
     /// The same payload arrived within the dedup window; this is the first import.
     Duplicate(ImportView),
     /// Accepting these records would pass the daily quota.
-    QuotaExceeded { used: u64, quota: u64, retry_after_ms: u64 },
+    QuotaExceeded {
+        used: u64,
+        quota: u64,
+        retry_after_ms: u64,
+    },
 }
 
 /// What to do with a request that carries an `Idempotency-Key`.
@@ -89,7 +93,8 @@ impl Db {
         .await?;
         let Some(row) = row else {
             // Deleted by an abort between our two statements: the key is free again.
-            return Box::pin(self.idempotency_start(client, key, request_hash, ttl_ms, lock_ms)).await;
+            return Box::pin(self.idempotency_start(client, key, request_hash, ttl_ms, lock_ms))
+                .await;
         };
         if row.try_get::<String, _>("request_hash")? != request_hash {
             return Ok(IdempotencyStart::Mismatch);
@@ -98,13 +103,21 @@ impl Db {
             None => IdempotencyStart::InProgress,
             Some(status) => IdempotencyStart::Replay {
                 status: u16::try_from(status).unwrap_or(500),
-                body: row.try_get::<Option<String>, _>("response_body")?.unwrap_or_default(),
+                body: row
+                    .try_get::<Option<String>, _>("response_body")?
+                    .unwrap_or_default(),
             },
         })
     }
 
     /// Stores the response to replay for a finished request.
-    pub async fn idempotency_finish(&self, client: &ClientId, key: &str, status: u16, body: &str) -> Result<()> {
+    pub async fn idempotency_finish(
+        &self,
+        client: &ClientId,
+        key: &str,
+        status: u16,
+        body: &str,
+    ) -> Result<()> {
         sqlx::query(
             "UPDATE idempotency_keys SET response_status = $3, response_body = $4 \
              WHERE client_id = $1 AND idem_key = $2",
@@ -132,7 +145,11 @@ impl Db {
 
     /// The import with this checksum inside the dedup window, if any (a cheap pre-check;
     /// the submit transaction decides).
-    pub async fn find_duplicate(&self, client: &ClientId, checksum: &str) -> Result<Option<ImportView>> {
+    pub async fn find_duplicate(
+        &self,
+        client: &ClientId,
+        checksum: &str,
+    ) -> Result<Option<ImportView>> {
         let sql = self.sql(
             "SELECT import_id FROM import_checksums \
              WHERE client_id = $1 AND checksum = $2 AND expires_at > {now}",
@@ -143,7 +160,10 @@ impl Db {
             .fetch_optional(self.pool())
             .await?;
         match id {
-            Some(id) => self.get_import(Some(client), &parse_id(id)?).await.map(|v| v.map(duplicate)),
+            Some(id) => self
+                .get_import(Some(client), &parse_id(id)?)
+                .await
+                .map(|v| v.map(duplicate)),
             None => Ok(None),
         }
     }
@@ -156,9 +176,12 @@ impl Db {
         let import_id = ImportId::generate();
         let batch_id = BatchId::generate();
         let mut tx = self.begin_write().await?;
-        let now: i64 = sqlx::query_scalar(self.sql("SELECT {now}")).fetch_one(&mut *tx).await?;
+        let now: i64 = sqlx::query_scalar(self.sql("SELECT {now}"))
+            .fetch_one(&mut *tx)
+            .await?;
 
-        let window_ms = i64::try_from(new.policy.dedup_window_secs.saturating_mul(1000)).unwrap_or(i64::MAX);
+        let window_ms =
+            i64::try_from(new.policy.dedup_window_secs.saturating_mul(1000)).unwrap_or(i64::MAX);
         let claim = self.sql(
             "INSERT INTO import_checksums (client_id, checksum, import_id, expires_at) \
              VALUES ($1, $2, $3, $4) \
@@ -184,8 +207,12 @@ impl Db {
             .fetch_one(&mut *tx)
             .await?;
             tx.rollback().await?;
-            let view = self.get_import(Some(new.client_id), &parse_id(first)?).await?;
-            return view.map(|v| SubmitOutcome::Duplicate(duplicate(v))).ok_or(Error::NotFound);
+            let view = self
+                .get_import(Some(new.client_id), &parse_id(first)?)
+                .await?;
+            return view
+                .map(|v| SubmitOutcome::Duplicate(duplicate(v)))
+                .ok_or(Error::NotFound);
         }
 
         if let Some(quota) = new.policy.daily_record_quota {
@@ -212,11 +239,19 @@ impl Db {
                 .await?;
                 tx.rollback().await?;
                 let retry_after_ms = ((day + 1) * MS_PER_DAY - now) as u64;
-                return Ok(SubmitOutcome::QuotaExceeded { used: count(used), quota, retry_after_ms });
+                return Ok(SubmitOutcome::QuotaExceeded {
+                    used: count(used),
+                    quota,
+                    retry_after_ms,
+                });
             }
         }
 
-        let status = if new.policy.approval_required { BatchStatus::AwaitingApproval } else { BatchStatus::Ready };
+        let status = if new.policy.approval_required {
+            BatchStatus::AwaitingApproval
+        } else {
+            BatchStatus::Ready
+        };
         let policy_json = serde_json::to_string(new.policy).unwrap_or_default();
         sqlx::query(
             "INSERT INTO batches (id, import_id, client_id, status, format, policy, records_total, \
@@ -260,12 +295,20 @@ impl Db {
             records: new.records,
             bytes: new.body.len() as u64,
         });
-        self.enqueue_event(&mut tx, &Envelope::new(batch_id.clone(), new.client_id.clone(), now, created))
-            .await?;
+        self.enqueue_event(
+            &mut tx,
+            &Envelope::new(batch_id.clone(), new.client_id.clone(), now, created),
+        )
+        .await?;
         if status == BatchStatus::Ready {
-            let ready = Event::BatchReady(BatchReady { import_id: import_id.clone() });
-            self.enqueue_event(&mut tx, &Envelope::new(batch_id.clone(), new.client_id.clone(), now, ready))
-                .await?;
+            let ready = Event::BatchReady(BatchReady {
+                import_id: import_id.clone(),
+            });
+            self.enqueue_event(
+                &mut tx,
+                &Envelope::new(batch_id.clone(), new.client_id.clone(), now, ready),
+            )
+            .await?;
         }
 
         let view = ImportView {
@@ -296,7 +339,11 @@ impl Db {
     }
 
     /// An import with its batch's current status; `client` scopes the lookup to one tenant.
-    pub async fn get_import(&self, client: Option<&ClientId>, id: &ImportId) -> Result<Option<ImportView>> {
+    pub async fn get_import(
+        &self,
+        client: Option<&ClientId>,
+        id: &ImportId,
+    ) -> Result<Option<ImportView>> {
         let row = sqlx::query(
             "SELECT i.id, i.batch_id, b.status, i.format, i.records, i.bytes, i.checksum, i.created_at \
              FROM imports i JOIN batches b ON b.id = i.batch_id \
@@ -311,7 +358,10 @@ impl Db {
 }
 
 fn duplicate(view: ImportView) -> ImportView {
-    ImportView { duplicate: true, ..view }
+    ImportView {
+        duplicate: true,
+        ..view
+    }
 }
 
 fn import_from_row(r: &AnyRow) -> Result<ImportView> {

@@ -66,7 +66,11 @@ impl Db {
     /// Connects (creating the SQLite file and its folder when needed).
     pub async fn connect(url: &str, max_connections: u32) -> Result<Db> {
         install_default_drivers();
-        let dialect = if url.starts_with("sqlite:") { Dialect::Sqlite } else { Dialect::Postgres };
+        let dialect = if url.starts_with("sqlite:") {
+            Dialect::Sqlite
+        } else {
+            Dialect::Postgres
+        };
         let url = match dialect {
             Dialect::Sqlite => prepare_sqlite_url(url)?,
             Dialect::Postgres => url.to_owned(),
@@ -79,9 +83,11 @@ impl Db {
                 Box::pin(async move {
                     // WAL lets readers run beside the one writer; NORMAL sync is durable in
                     // WAL mode against process crashes; the busy timeout queues writers.
-                    conn.execute("PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; \
-                                  PRAGMA busy_timeout = 10000; PRAGMA foreign_keys = ON;")
-                        .await?;
+                    conn.execute(
+                        "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; \
+                                  PRAGMA busy_timeout = 10000; PRAGMA foreign_keys = ON;",
+                    )
+                    .await?;
                     Ok(())
                 })
             });
@@ -146,14 +152,20 @@ fn prepare_sqlite_url(url: &str) -> Result<String> {
     let rest = url.trim_start_matches("sqlite:").trim_start_matches("//");
     let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
     if path != ":memory:"
-        && let Some(dir) = Path::new(path).parent().filter(|d| !d.as_os_str().is_empty())
+        && let Some(dir) = Path::new(path)
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
     {
         std::fs::create_dir_all(dir).map_err(|source| Error::Io {
             context: format!("creating database folder {}", dir.display()),
             source,
         })?;
     }
-    Ok(if query.is_empty() { format!("sqlite://{path}?mode=rwc") } else { url.to_owned() })
+    Ok(if query.is_empty() {
+        format!("sqlite://{path}?mode=rwc")
+    } else {
+        url.to_owned()
+    })
 }
 
 /// Maps a stored integer flag back to a bool.

@@ -60,19 +60,31 @@ impl Db {
             "UPDATE outbox SET published_at = {now} \
              WHERE id >= $1 AND id <= $2 AND published_at IS NULL",
         );
-        Ok(sqlx::query(sql).bind(first).bind(last).execute(self.pool()).await?.rows_affected())
+        Ok(sqlx::query(sql)
+            .bind(first)
+            .bind(last)
+            .execute(self.pool())
+            .await?
+            .rows_affected())
     }
 
     /// Deletes events published more than `retention_ms` ago.
     pub async fn prune_published(&self, retention_ms: i64) -> Result<u64> {
-        let sql = self.sql("DELETE FROM outbox WHERE published_at IS NOT NULL AND published_at < {now} - $1");
-        Ok(sqlx::query(sql).bind(retention_ms).execute(self.pool()).await?.rows_affected())
+        let sql = self
+            .sql("DELETE FROM outbox WHERE published_at IS NOT NULL AND published_at < {now} - $1");
+        Ok(sqlx::query(sql)
+            .bind(retention_ms)
+            .execute(self.pool())
+            .await?
+            .rows_affected())
     }
 
     pub async fn outbox_backlog(&self) -> Result<i64> {
-        Ok(sqlx::query_scalar("SELECT COUNT(*) FROM outbox WHERE published_at IS NULL")
-            .fetch_one(self.pool())
-            .await?)
+        Ok(
+            sqlx::query_scalar("SELECT COUNT(*) FROM outbox WHERE published_at IS NULL")
+                .fetch_one(self.pool())
+                .await?,
+        )
     }
 
     /// Every event recorded for a batch, oldest first (for operators and tests).
@@ -82,6 +94,9 @@ impl Db {
                 .bind(batch_id)
                 .fetch_all(self.pool())
                 .await?;
-        Ok(bodies.iter().filter_map(|b| serde_json::from_str(b).ok()).collect())
+        Ok(bodies
+            .iter()
+            .filter_map(|b| serde_json::from_str(b).ok())
+            .collect())
     }
 }

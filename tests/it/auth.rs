@@ -1,0 +1,305 @@
+//! Keys, lock-out, client state, rate limits and the admin surface.
+
+use dataflow_contracts::BatchStatus;
+use dataflow_contracts::http::{BatchView, ErrorBody};
+use reqwest::Method;
+use serde_json::json;
+
+use crate::helpers::{Backend, TestApp, backend_tests, csv};
+
+backend_tests!(
+    keys_authenticate_and_revocation_is_immediate,
+    failed_attempts_lock_out_the_ip,
+    rate_limit_headers_and_429,
+    admin_requires_the_operator_token_and_validates_input,
+    approval_and_rejection,
+);
+
+async fn keys_authenticate_and_revocation_is_immediate(b: Backend) {
+    let Some(t) = TestApp::spawn(b).await else {
+        return;
+    };
+    let (client, key) = t.client(json!({})).await;
+    let second = t.new_key(&client).await;
+    assert_eq!(t.get(&key, "/v1/batches").await.status(), 200);
+    assert_eq!(t.get(&second, "/v1/batches").await.status(), 200);
+
+    // Unknown key id, wrong secret, garbage and no header all get the same answer.
+    let last = if key.ends_with('0') { "1" } else { "0" };
+    let wrong_secret = format!("{}{last}", &key[..key.len() - 1]);
+    let secret = key.rsplit('_').next().unwrap();
+    let unknown_id = format!("dfk_0000000000000000_{secret}");
+    let mut bodies = Vec::new();
+    for k in [wrong_secret.as_str(), unknown_id.as_str(), "garbage"] {
+        let resp = t.get(k, "/v1/batches").await;
+        assert_eq!(resp.status(), 401);
+        bodies.push(resp.text().await.unwrap());
+    }
+    let none = t.http.get(t.url("/v1/batches")).send().await.unwrap();
+    assert_eq!(none.status(), 401);
+    bodies.push(none.text().await.unwrap());
+    assert!(bodies.windows(2).all(|w| w[0] == w[1]), "{bodies:?}");
+
+    let key_id = key.split('_').nth(1).unwrap();
+    let revoked = t
+        .admin(Method::POST, &format!("/admin/keys/{key_id}/revoke"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(revoked.status(), 204);
+    assert_eq!(
+        t.get(&key, "/v1/batches").await.status(),
+        401,
+        "revocation applies to the next request"
+    );
+    assert_eq!(
+        t.get(&second, "/v1/batches").await.status(),
+        200,
+        "other keys keep working"
+    );
+
+    let keys: serde_json::Value = t
+        .admin(Method::GET, &format!("/admin/clients/{client}/keys"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(keys.as_array().unwrap().len(), 2);
+    assert!(keys.to_string().contains("revoked_at"));
+    assert!(
+        !keys.to_string().contains(&key[25..]),
+        "secrets are never listed"
+    );
+
+    let off = t
+        .admin(Method::POST, &format!("/admin/clients/{client}/deactivate"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(off.status(), 200);
+    let resp = t.get(&second, "/v1/batches").await;
+    assert_eq!(resp.status(), 403);
+    assert_eq!(
+        resp.json::<ErrorBody>().await.unwrap().code,
+        "client_inactive"
+    );
+    t.admin(Method::POST, &format!("/admin/clients/{client}/activate"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(t.get(&second, "/v1/batches").await.status(), 200);
+    t.stop().await;
+}
+
+async fn failed_attempts_lock_out_the_ip(b: Backend) {
+    let Some(t) =
+        TestApp::spawn_with(b, dataflow::Roles::API, |c| c.api.auth_max_failures = 3).await
+    else {
+        return;
+    };
+    let (_, key) = t.client(json!({})).await;
+    for _ in 0..3 {
+        assert_eq!(
+            t.get("dfk_0000000000000000_00", "/v1/batches")
+                .await
+                .status(),
+            401
+        );
+    }
+    let locked = t.get(&key, "/v1/batches").await;
+    assert_eq!(
+        locked.status(),
+        429,
+        "even a valid key is refused from a locked-out IP"
+    );
+    assert!(locked.headers().contains_key("retry-after"));
+    assert_eq!(
+        locked.json::<ErrorBody>().await.unwrap().code,
+        "auth_locked"
+    );
+    t.stop().await;
+}
+
+async fn rate_limit_headers_and_429(b: Backend) {
+    let Some(t) = TestApp::spawn_with(b, dataflow::Roles::API, |_| {}).await else {
+        return;
+    };
+    let (_, key) = t
+        .client(json!({"rate_per_minute": 60, "rate_burst": 3}))
+        .await;
+    for expected in [2, 1, 0] {
+        let resp = t.get(&key, "/v1/batches").await;
+        assert_eq!(resp.status(), 200);
+        assert_eq!(resp.headers()["ratelimit-policy"], "\"default\";q=60;w=60");
+        let current = resp.headers()["ratelimit"].to_str().unwrap().to_owned();
+        assert!(
+            current.starts_with(&format!("\"default\";r={expected};t=")),
+            "{current}"
+        );
+    }
+    let over = t.get(&key, "/v1/batches").await;
+    assert_eq!(over.status(), 429);
+    assert_eq!(over.headers()["retry-after"], "1");
+    assert!(over.headers().contains_key("ratelimit"));
+    assert_eq!(over.json::<ErrorBody>().await.unwrap().code, "rate_limited");
+    // A policy change is enforced on the next request.
+    let patch = t
+        .admin(
+            Method::PATCH,
+            &format!(
+                "/admin/clients/{}/policy",
+                t.db.list_clients().await.unwrap()[0].id
+            ),
+        )
+        .json(&json!({"rate_burst": 50}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(patch.status(), 200);
+    assert_eq!(
+        t.get(&key, "/v1/batches").await.headers()["ratelimit-policy"],
+        "\"default\";q=60;w=60"
+    );
+    t.stop().await;
+}
+
+async fn admin_requires_the_operator_token_and_validates_input(b: Backend) {
+    let Some(t) = TestApp::spawn_with(b, dataflow::Roles::API, |_| {}).await else {
+        return;
+    };
+    let anon = t.http.get(t.url("/admin/clients")).send().await.unwrap();
+    assert_eq!(anon.status(), 401);
+    let wrong = t
+        .http
+        .get(t.url("/admin/clients"))
+        .bearer_auth("nope")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(wrong.status(), 401);
+    let unknown_field = t
+        .admin(Method::POST, "/admin/clients")
+        .json(&json!({"name": "x", "colour": 1}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(unknown_field.status(), 422);
+    let bad_policy = t
+        .admin(Method::POST, "/admin/clients")
+        .json(&json!({"name": "x", "policy": {"rate_per_minute": 0}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad_policy.status(), 422);
+    assert_eq!(
+        bad_policy.json::<ErrorBody>().await.unwrap().code,
+        "invalid_policy"
+    );
+    let not_json = t
+        .admin(Method::POST, "/admin/clients")
+        .body("{")
+        .header("content-type", "application/json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(not_json.status(), 400);
+    let missing = t
+        .admin(Method::GET, "/admin/clients/cli_01J0000000000000000000000")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(missing.status(), 404);
+    let (client, _) = t.client(json!({"notify_email": "ops@example.com"})).await;
+    let policy: serde_json::Value = t
+        .admin(Method::GET, &format!("/admin/clients/{client}/policy"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(policy["notify_email"], "ops@example.com");
+    let cleared: serde_json::Value = t
+        .admin(Method::PATCH, &format!("/admin/clients/{client}/policy"))
+        .json(&json!({"notify_email": null}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(cleared["notify_email"].is_null());
+    t.stop().await;
+}
+
+async fn approval_and_rejection(b: Backend) {
+    let Some(t) = TestApp::spawn(b).await else {
+        return;
+    };
+    let (_, key) = t.client(json!({"approval_required": true})).await;
+    let held = t.import(&key, "text/csv", csv("ap", 3)).await;
+    assert_eq!(held.status, BatchStatus::AwaitingApproval);
+    let refused = t.import(&key, "text/csv", csv("rj", 3)).await;
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    assert_eq!(
+        t.batch(&key, &held.batch_id).await.status,
+        BatchStatus::AwaitingApproval,
+        "workers leave it alone"
+    );
+
+    let approved = t
+        .admin(
+            Method::POST,
+            &format!("/admin/batches/{}/approve", held.batch_id),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(approved.status(), 200);
+    t.wait_for(&key, &held.batch_id, BatchStatus::Completed)
+        .await;
+    let twice = t
+        .admin(
+            Method::POST,
+            &format!("/admin/batches/{}/approve", held.batch_id),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(twice.status(), 409);
+
+    let no_reason = t
+        .admin(
+            Method::POST,
+            &format!("/admin/batches/{}/reject", refused.batch_id),
+        )
+        .json(&json!({"reason": ""}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(no_reason.status(), 422);
+    let rejected: BatchView = t
+        .admin(
+            Method::POST,
+            &format!("/admin/batches/{}/reject", refused.batch_id),
+        )
+        .json(&json!({"reason": "not this one"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(rejected.status, BatchStatus::Rejected);
+    let kinds: Vec<String> =
+        t.db.batch_events(refused.batch_id.as_str())
+            .await
+            .unwrap()
+            .iter()
+            .map(|e| e.event.kind().to_owned())
+            .collect();
+    assert_eq!(kinds, ["BatchCreated", "BatchRejected"]);
+    t.stop().await;
+}

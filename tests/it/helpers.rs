@@ -1,0 +1,297 @@
+//! The test harness: a DataFlow process per test on a fresh database, a typed HTTP client,
+//! and the switch that runs every scenario on SQLite and on PostgreSQL.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use dataflow::{App, Roles};
+use dataflow_contracts::http::{BatchView, ImportView};
+use dataflow_contracts::{BatchId, BatchStatus, ClientId};
+use dataflow_platform::Config;
+use dataflow_platform::db::Db;
+use serde_json::{Value, json};
+use sqlx::Connection;
+use tokio::net::TcpListener;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// Runs each named scenario `async fn name(backend: Backend)` once per backend.
+macro_rules! backend_tests {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn sqlite() {
+                super::$name(crate::helpers::Backend::Sqlite).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn postgres() {
+                super::$name(crate::helpers::Backend::Postgres).await
+            }
+        }
+    )*};
+}
+pub(crate) use backend_tests;
+
+fn services_required() -> bool {
+    std::env::var("DATAFLOW_TEST_REQUIRE_SERVICES").is_ok_and(|v| v == "1")
+}
+
+/// A database that exists for one test and is removed afterwards.
+pub struct TestDb {
+    pub url: String,
+    dir: PathBuf,
+    pg: Option<(String, String)>,
+}
+
+impl TestDb {
+    /// `None` (with a message) when PostgreSQL is unreachable and not required.
+    pub async fn create(backend: Backend) -> Option<TestDb> {
+        let tag = ulid::Ulid::new().to_string().to_lowercase();
+        let dir = std::env::temp_dir().join(format!("dataflow-test-{tag}"));
+        match backend {
+            Backend::Sqlite => {
+                let url = format!("sqlite://{}", dir.join("ledger.db").display());
+                Some(TestDb { url, dir, pg: None })
+            }
+            Backend::Postgres => {
+                let admin = std::env::var("DATAFLOW_TEST_PG_URL")
+                    .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
+                let mut conn = match sqlx::PgConnection::connect(&admin).await {
+                    Ok(c) => c,
+                    Err(e) if !services_required() => {
+                        eprintln!(
+                            "SKIPPED: PostgreSQL unreachable at {admin} ({e}); set DATAFLOW_TEST_REQUIRE_SERVICES=1 to fail instead"
+                        );
+                        return None;
+                    }
+                    Err(e) => panic!("PostgreSQL is required but unreachable at {admin}: {e}"),
+                };
+                let name = format!("dataflow_test_{tag}");
+                sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+                    .execute(&mut conn)
+                    .await
+                    .expect("create test database");
+                let base = admin
+                    .rsplit_once('/')
+                    .map_or(admin.as_str(), |(b, _)| b)
+                    .to_owned();
+                Some(TestDb {
+                    url: format!("{base}/{name}"),
+                    dir,
+                    pg: Some((admin, name)),
+                })
+            }
+        }
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+        if let Some((admin, name)) = self.pg.take() {
+            // Drop runs outside any runtime guarantee; use a private one on its own thread.
+            let _ = std::thread::spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .ok()?;
+                rt.block_on(async {
+                    let mut conn = sqlx::PgConnection::connect(&admin).await.ok()?;
+                    let sql = format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)");
+                    sqlx::query(sqlx::AssertSqlSafe(sql))
+                        .execute(&mut conn)
+                        .await
+                        .ok()
+                })
+            })
+            .join();
+        }
+    }
+}
+
+/// Configuration for a test process: fast polling, small chunks, loopback.
+pub fn test_config(db: &TestDb) -> Config {
+    let mut c = Config {
+        database_url: Some(db.url.clone()),
+        data_dir: db.dir.clone(),
+        ..Config::default()
+    };
+    c.admin_token = Some(dataflow_platform::config::Secret::new(
+        "test-operator-token-0123456789",
+    ));
+    c.worker.poll_interval_ms = 50;
+    c.worker.chunk_size = 10;
+    c.worker.retry_base_ms = 50;
+    c.worker.retry_max_ms = 200;
+    c.worker.shutdown_grace_secs = 2;
+    c.outbox.poll_interval_ms = 50;
+    c
+}
+
+pub struct TestApp {
+    pub app: Option<App>,
+    pub addr: std::net::SocketAddr,
+    pub http: reqwest::Client,
+    pub db: Db,
+    pub config: Config,
+    // Last: the database outlives the process using it.
+    _test_db: TestDb,
+}
+
+impl TestApp {
+    /// A process with `roles` on a fresh database; `tweak` adjusts its config.
+    pub async fn spawn_with(
+        backend: Backend,
+        roles: Roles,
+        tweak: impl FnOnce(&mut Config),
+    ) -> Option<TestApp> {
+        let test_db = TestDb::create(backend).await?;
+        let mut config = test_config(&test_db);
+        tweak(&mut config);
+        config.validate().expect("valid test config");
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let app = App::start(config.clone(), roles, Some(listener))
+            .await
+            .expect("start DataFlow");
+        let addr = app.addr.expect("API address");
+        let db = app.backends.db.clone();
+        let http = reqwest::Client::builder()
+            .no_proxy()
+            .build()
+            .expect("http client");
+        Some(TestApp {
+            app: Some(app),
+            addr,
+            http,
+            db,
+            config,
+            _test_db: test_db,
+        })
+    }
+
+    pub async fn spawn(backend: Backend) -> Option<TestApp> {
+        Self::spawn_with(backend, Roles::ALL, |_| {}).await
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    pub fn admin(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        self.http
+            .request(method, self.url(path))
+            .bearer_auth("test-operator-token-0123456789")
+    }
+
+    /// A client with `policy` (a policy patch) and one API key.
+    pub async fn client(&self, policy: Value) -> (ClientId, String) {
+        let resp = self
+            .admin(reqwest::Method::POST, "/admin/clients")
+            .json(&json!({"name": "test client", "policy": policy}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            resp.status(),
+            201,
+            "create client: {}",
+            resp.text().await.unwrap()
+        );
+        let client: Value = resp.json().await.unwrap();
+        let id: ClientId = client["id"].as_str().unwrap().parse().unwrap();
+        let key = self.new_key(&id).await;
+        (id, key)
+    }
+
+    pub async fn new_key(&self, client: &ClientId) -> String {
+        let resp = self
+            .admin(
+                reqwest::Method::POST,
+                &format!("/admin/clients/{client}/keys"),
+            )
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 201);
+        resp.json::<Value>().await.unwrap()["api_key"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    }
+
+    pub fn submit(
+        &self,
+        key: &str,
+        content_type: &str,
+        body: impl Into<reqwest::Body>,
+    ) -> reqwest::RequestBuilder {
+        self.http
+            .post(self.url("/v1/imports"))
+            .bearer_auth(key)
+            .header("content-type", content_type)
+            .body(body)
+    }
+
+    /// Submits and expects 202.
+    pub async fn import(
+        &self,
+        key: &str,
+        content_type: &str,
+        body: impl Into<reqwest::Body>,
+    ) -> ImportView {
+        let resp = self.submit(key, content_type, body).send().await.unwrap();
+        assert_eq!(resp.status(), 202, "submit: {}", resp.text().await.unwrap());
+        resp.json().await.unwrap()
+    }
+
+    pub async fn get(&self, key: &str, path: &str) -> reqwest::Response {
+        self.http
+            .get(self.url(path))
+            .bearer_auth(key)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    pub async fn batch(&self, key: &str, id: &BatchId) -> BatchView {
+        let resp = self.get(key, &format!("/v1/batches/{id}")).await;
+        assert_eq!(resp.status(), 200);
+        resp.json().await.unwrap()
+    }
+
+    /// Waits (up to 20 s) until the batch reaches `status`.
+    pub async fn wait_for(&self, key: &str, id: &BatchId, status: BatchStatus) -> BatchView {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let b = self.batch(key, id).await;
+            if b.status == status {
+                return b;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "batch {id} stuck in {:?}, wanted {status:?}: {b:?}",
+                b.status
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(app) = self.app.take() {
+            app.stop().await;
+        }
+    }
+}
+
+/// `n` CSV rows `id,name` with ids `prefix-0..n`.
+pub fn csv(prefix: &str, n: usize) -> String {
+    let mut s = String::from("id,name\n");
+    for i in 0..n {
+        s.push_str(&format!("{prefix}-{i},name {i}\n"));
+    }
+    s
+}

@@ -1,0 +1,401 @@
+//! Submitting imports: formats, refusals, idempotency, dedup and tenant isolation.
+
+use dataflow_contracts::BatchStatus;
+use dataflow_contracts::http::{ErrorBody, ImportView, RecordErrorPage, RecordView};
+use dataflow_platform::db::IdempotencyStart;
+use serde_json::json;
+
+use crate::helpers::{Backend, TestApp, backend_tests, csv};
+
+backend_tests!(
+    csv_and_ndjson_flow_end_to_end,
+    bad_input_gets_a_4xx_and_stores_nothing,
+    other_clients_see_404,
+    idempotency_key_replays_conflicts_and_mismatches,
+    identical_concurrent_submits_make_one_batch,
+    daily_quota_is_enforced,
+);
+
+async fn count(t: &TestApp, table: &'static str) -> i64 {
+    let sql = sqlx::AssertSqlSafe(format!("SELECT COUNT(*) FROM {table}"));
+    sqlx::query_scalar(sql)
+        .fetch_one(t.db.pool())
+        .await
+        .unwrap()
+}
+
+async fn csv_and_ndjson_flow_end_to_end(b: Backend) {
+    let Some(t) = TestApp::spawn(b).await else {
+        return;
+    };
+    let (_, key) = t.client(json!({"required_fields": ["email"]})).await;
+
+    let body = "id,email,name\n1,a@x.io,Ann\n2,,Bob\n3,c@x.io,\"Cy, Jr.\"\n1,a2@x.io,Ann again\n";
+    let imp = t.import(&key, "text/csv", body).await;
+    assert_eq!(
+        (imp.records, imp.status, imp.duplicate),
+        (4, BatchStatus::Ready, false)
+    );
+    let done = t
+        .wait_for(&key, &imp.batch_id, BatchStatus::Completed)
+        .await;
+    assert_eq!(
+        (
+            done.records_total,
+            done.records_processed,
+            done.records_failed
+        ),
+        (4, 4, 1)
+    );
+    assert_eq!(
+        done.records_written, 2,
+        "key 1 appears twice in one chunk: the last one wins"
+    );
+    assert!(done.duration_ms.is_some() && done.completed_at.is_some());
+
+    let rec: RecordView = t.get(&key, "/v1/records/1").await.json().await.unwrap();
+    assert_eq!(
+        rec.data,
+        json!({"id": "1", "email": "a2@x.io", "name": "Ann again"})
+    );
+    assert_eq!(rec.batch_id, imp.batch_id);
+    let errors: RecordErrorPage = t
+        .get(&key, &format!("/v1/batches/{}/errors", imp.batch_id))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(errors.items.len(), 1);
+    assert_eq!(
+        (errors.items[0].line, errors.items[0].code.as_str()),
+        (3, "missing_field")
+    );
+    assert_eq!(errors.items[0].field.as_deref(), Some("email"));
+
+    // NDJSON: one record changes, one is unchanged, one is new.
+    let nd = "{\"id\":\"1\",\"email\":\"a2@x.io\",\"name\":\"Ann again\"}\n{\"id\":3,\"email\":\"new@x.io\",\"name\":\"Cy\"}\n{\"id\":\"4\",\"email\":\"d@x.io\",\"tags\":[\"a\"]}\n";
+    let imp2 = t.import(&key, "application/x-ndjson", nd).await;
+    let done2 = t
+        .wait_for(&key, &imp2.batch_id, BatchStatus::Completed)
+        .await;
+    assert_eq!(
+        (
+            done2.records_written,
+            done2.records_unchanged,
+            done2.records_failed
+        ),
+        (2, 1, 0)
+    );
+    let rec3: RecordView = t.get(&key, "/v1/records/3").await.json().await.unwrap();
+    assert_eq!(rec3.data["email"], "new@x.io");
+    assert_eq!(rec3.batch_id, imp2.batch_id);
+
+    let got: ImportView = t
+        .get(&key, &format!("/v1/imports/{}", imp2.id))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(got.status, BatchStatus::Completed);
+    let page: serde_json::Value = t
+        .get(&key, "/v1/batches?status=completed&limit=1")
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        page["items"][0]["id"],
+        imp2.batch_id.as_str(),
+        "newest first"
+    );
+    let cursor = page["next_cursor"].as_str().unwrap();
+    let next: serde_json::Value = t
+        .get(
+            &key,
+            &format!("/v1/batches?status=completed&limit=1&cursor={cursor}"),
+        )
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(next["items"][0]["id"], imp.batch_id.as_str());
+    assert!(next["next_cursor"].is_null());
+
+    let events = t.db.batch_events(imp.batch_id.as_str()).await.unwrap();
+    let kinds: Vec<&str> = events.iter().map(|e| e.event.kind()).collect();
+    assert_eq!(kinds, ["BatchCreated", "BatchReady", "BatchCompleted"]);
+    t.stop().await;
+}
+
+async fn bad_input_gets_a_4xx_and_stores_nothing(b: Backend) {
+    let Some(t) = TestApp::spawn(b).await else {
+        return;
+    };
+    let (_, key) = t
+        .client(json!({"max_payload_bytes": 2000, "max_records": 5, "required_fields": ["email"]}))
+        .await;
+    let cases: Vec<(&str, Vec<u8>, u16, &str)> = vec![
+        (
+            "text/csv",
+            b"id,email\n1,a\n2\n".to_vec(),
+            400,
+            "ragged_row",
+        ),
+        (
+            "text/csv",
+            b"id,email\n1,\"open\n2,b\n".to_vec(),
+            400,
+            "unterminated_quote",
+        ),
+        (
+            "text/csv",
+            b"id,id\n1,2\n".to_vec(),
+            400,
+            "duplicate_header",
+        ),
+        (
+            "text/csv",
+            b"id,email\n1,\xff\n".to_vec(),
+            400,
+            "invalid_utf8",
+        ),
+        ("text/csv", b"id,email\n1,a\0\n".to_vec(), 400, "nul_byte"),
+        ("text/csv", b"id,email\n".to_vec(), 400, "empty_import"),
+        ("text/csv", b"".to_vec(), 400, "empty_body"),
+        (
+            "text/csv",
+            b"id,name\n1,a\n".to_vec(),
+            422,
+            "missing_column",
+        ),
+        (
+            "text/csv",
+            csv("x", 6).replace("name", "email").into_bytes(),
+            413,
+            "too_many_records",
+        ),
+        ("text/csv", vec![b'a'; 3000], 413, "payload_too_large"),
+        (
+            "application/x-ndjson",
+            b"{\"id\":1}\n[2]\n".to_vec(),
+            400,
+            "not_an_object",
+        ),
+        (
+            "application/x-ndjson",
+            b"{\"id\":1,\"n\":123456789012345678901234567890}\n".to_vec(),
+            400,
+            "number_out_of_range",
+        ),
+        (
+            "application/x-ndjson",
+            format!("{{\"a\":{}}}", "[".repeat(1500)).into_bytes(),
+            400,
+            "invalid_json",
+        ),
+        (
+            "application/json",
+            b"{}".to_vec(),
+            415,
+            "unsupported_media_type",
+        ),
+        ("", b"id\n1\n".to_vec(), 415, "unsupported_media_type"),
+    ];
+    for (ct, body, status, code) in cases {
+        let resp = t.submit(&key, ct, body).send().await.unwrap();
+        assert_eq!(resp.status().as_u16(), status, "{code}");
+        let err: ErrorBody = resp.json().await.unwrap();
+        assert_eq!(err.code, code);
+        assert!(!err.detail.is_empty());
+    }
+    let bad_key = t
+        .submit(&key, "text/csv", "id,email\n1,a\n")
+        .header("idempotency-key", "é")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad_key.status(), 400);
+    let long_key = t
+        .submit(&key, "text/csv", "id,email\n1,a\n")
+        .header("idempotency-key", "k".repeat(300))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(long_key.status(), 400);
+    for table in [
+        "imports",
+        "batches",
+        "payloads",
+        "outbox",
+        "import_checksums",
+        "idempotency_keys",
+    ] {
+        assert_eq!(count(&t, table).await, 0, "{table} must stay empty");
+    }
+    // A body whose Content-Length lies (shorter than declared) is refused, not stored.
+    let mut stream = tokio::net::TcpStream::connect(t.addr).await.unwrap();
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let req = format!(
+        "POST /v1/imports HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\nContent-Type: text/csv\r\nContent-Length: 500\r\n\r\nid,email\n1,a\n"
+    );
+    stream.write_all(req.as_bytes()).await.unwrap();
+    stream.shutdown().await.unwrap();
+    let mut answer = String::new();
+    let _ = stream.read_to_string(&mut answer).await;
+    assert!(
+        !answer.starts_with("HTTP/1.1 2"),
+        "a truncated body must not be accepted: {answer}"
+    );
+    assert_eq!(count(&t, "imports").await, 0);
+    let unknown = t.get(&key, "/v1/nope").await;
+    assert_eq!(unknown.status(), 404);
+    let bad_query = t.get(&key, "/v1/batches?limit=0").await;
+    assert_eq!(bad_query.status(), 400);
+    let bad_status = t.get(&key, "/v1/batches?status=zzz").await;
+    assert_eq!(bad_status.status(), 400);
+    t.stop().await;
+}
+
+async fn other_clients_see_404(b: Backend) {
+    let Some(t) = TestApp::spawn(b).await else {
+        return;
+    };
+    let (_, a) = t.client(json!({})).await;
+    let (_, other) = t.client(json!({})).await;
+    let imp = t.import(&a, "text/csv", csv("a", 3)).await;
+    t.wait_for(&a, &imp.batch_id, BatchStatus::Completed).await;
+    for path in [
+        format!("/v1/imports/{}", imp.id),
+        format!("/v1/batches/{}", imp.batch_id),
+        format!("/v1/batches/{}/errors", imp.batch_id),
+        "/v1/records/a-1".to_owned(),
+        "/v1/batches/not-an-id".to_owned(),
+    ] {
+        assert_eq!(t.get(&other, &path).await.status(), 404, "{path}");
+    }
+    let mine: serde_json::Value = t.get(&other, "/v1/batches").await.json().await.unwrap();
+    assert_eq!(mine["items"].as_array().unwrap().len(), 0);
+    // The same payload from another client is its own import, not a duplicate.
+    let theirs = t.import(&other, "text/csv", csv("a", 3)).await;
+    assert_ne!(theirs.id, imp.id);
+    t.stop().await;
+}
+
+async fn idempotency_key_replays_conflicts_and_mismatches(b: Backend) {
+    let Some(t) = TestApp::spawn(b).await else {
+        return;
+    };
+    let (client, key) = t.client(json!({"dedup_window_secs": 0})).await;
+    let send = |body: String, idem: &str| {
+        t.submit(&key, "text/csv", body)
+            .header("idempotency-key", idem.to_owned())
+            .send()
+    };
+
+    let first = send(csv("i", 2), "k-1").await.unwrap();
+    assert_eq!(first.status(), 202);
+    let first: ImportView = first.json().await.unwrap();
+    let again = send(csv("i", 2), "k-1").await.unwrap();
+    assert_eq!(again.status(), 202);
+    assert_eq!(again.headers()["idempotent-replayed"], "true");
+    assert_eq!(again.json::<ImportView>().await.unwrap(), first);
+    assert_eq!(count(&t, "imports").await, 1);
+
+    let other_body = send(csv("j", 2), "k-1").await.unwrap();
+    assert_eq!(other_body.status(), 422);
+    assert_eq!(
+        other_body.json::<ErrorBody>().await.unwrap().code,
+        "idempotency_key_reused"
+    );
+
+    // A first request still running (claimed the key, not finished): the second gets 409.
+    let started =
+        t.db.idempotency_start(
+            &client,
+            "k-2",
+            &format!("csv:{}", sha(&csv("k", 1))),
+            86_400_000,
+            120_000,
+        )
+        .await
+        .unwrap();
+    assert_eq!(started, IdempotencyStart::Proceed);
+    let busy = send(csv("k", 1), "k-2").await.unwrap();
+    assert_eq!(busy.status(), 409);
+    // Once that request is known abandoned (its lock aged out), a retry takes the key over.
+    sqlx::query(
+        "UPDATE idempotency_keys SET created_at = created_at - 600000 WHERE idem_key = 'k-2'",
+    )
+    .execute(t.db.pool())
+    .await
+    .unwrap();
+    assert_eq!(send(csv("k", 1), "k-2").await.unwrap().status(), 202);
+
+    // A refused request does not burn its key.
+    assert_eq!(
+        send("id,id\n1,1\n".into(), "k-3").await.unwrap().status(),
+        400
+    );
+    assert_eq!(send(csv("m", 1), "k-3").await.unwrap().status(), 202);
+    assert_eq!(count(&t, "imports").await, 3);
+    t.stop().await;
+}
+
+fn sha(s: &str) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(s.as_bytes()))
+}
+
+async fn identical_concurrent_submits_make_one_batch(b: Backend) {
+    let Some(t) = TestApp::spawn_with(b, dataflow::Roles::ALL, |c| {
+        c.api.max_concurrent_imports_per_client = 64
+    })
+    .await
+    else {
+        return;
+    };
+    let (_, key) = t.client(json!({"rate_burst": 100})).await;
+    let body = csv("dup", 50);
+    let answers =
+        futures::future::join_all((0..50).map(|_| t.submit(&key, "text/csv", body.clone()).send()))
+            .await;
+    let mut created = 0;
+    let mut ids = std::collections::HashSet::new();
+    for resp in answers {
+        let resp = resp.unwrap();
+        let status = resp.status().as_u16();
+        let view: ImportView = resp.json().await.unwrap();
+        match status {
+            202 => created += 1,
+            200 => assert!(view.duplicate),
+            other => panic!("unexpected status {other}"),
+        }
+        ids.insert(view.id);
+    }
+    assert_eq!(created, 1);
+    assert_eq!(ids.len(), 1, "every answer names the same import");
+    assert_eq!(count(&t, "batches").await, 1);
+    t.stop().await;
+}
+
+async fn daily_quota_is_enforced(b: Backend) {
+    let Some(t) = TestApp::spawn(b).await else {
+        return;
+    };
+    let (_, key) = t.client(json!({"daily_record_quota": 5})).await;
+    t.import(&key, "text/csv", csv("q", 3)).await;
+    let over = t
+        .submit(&key, "text/csv", csv("r", 3))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(over.status(), 429);
+    assert!(over.headers().contains_key("retry-after"));
+    assert_eq!(
+        over.json::<ErrorBody>().await.unwrap().code,
+        "quota_exceeded"
+    );
+    t.import(&key, "text/csv", csv("s", 2)).await;
+    assert_eq!(count(&t, "imports").await, 2);
+    t.stop().await;
+}

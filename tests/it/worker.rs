@@ -1,0 +1,289 @@
+//! The worker: racing workers, the fence, resuming from a checkpoint, poison batches.
+
+use std::sync::atomic::Ordering;
+
+use dataflow::Roles;
+use dataflow_contracts::BatchStatus;
+use dataflow_contracts::events::Event;
+use dataflow_platform::Error;
+use dataflow_worker::{Outcome, Step, Worker};
+use reqwest::Method;
+use serde_json::json;
+
+use crate::helpers::{Backend, TestApp, backend_tests, csv};
+
+backend_tests!(
+    racing_workers_never_double_complete,
+    a_worker_that_lost_its_lease_cannot_commit,
+    an_abandoned_batch_resumes_from_its_checkpoint,
+    a_poison_batch_goes_dead_while_others_flow,
+    shutdown_releases_in_flight_batches,
+);
+
+/// An API-only process, plus workers the test drives itself.
+async fn api_only(b: Backend) -> Option<TestApp> {
+    TestApp::spawn_with(b, Roles::API, |_| {}).await
+}
+
+fn worker(t: &TestApp) -> Worker {
+    Worker::new(
+        t.db.clone(),
+        t.config.worker.clone(),
+        std::sync::Arc::default(),
+    )
+}
+
+async fn expire_leases(t: &TestApp) {
+    sqlx::query("UPDATE batches SET lease_expires_at = 0 WHERE status = 'processing'")
+        .execute(t.db.pool())
+        .await
+        .unwrap();
+}
+
+async fn racing_workers_never_double_complete(b: Backend) {
+    let Some(t) = api_only(b).await else { return };
+    let (_, key) = t.client(json!({"rate_burst": 100})).await;
+    let mut batches = Vec::new();
+    for i in 0..12 {
+        batches.push(
+            t.import(&key, "text/csv", csv(&format!("r{i}"), 25))
+                .await
+                .batch_id,
+        );
+    }
+    let (w1, w2) = (worker(&t), worker(&t));
+    let drain = |w: Worker| async move {
+        let mut completed = 0;
+        while let Some(outcome) = w.try_process_one().await.unwrap() {
+            assert!(matches!(outcome, Outcome::Completed(_)), "{outcome:?}");
+            completed += 1;
+        }
+        completed
+    };
+    let (a, b2) = tokio::join!(drain(w1), drain(w2));
+    assert_eq!(a + b2, 12);
+    for id in &batches {
+        let view = t.batch(&key, id).await;
+        assert_eq!(
+            (view.status, view.records_written, view.attempts),
+            (BatchStatus::Completed, 25, 1)
+        );
+        let completions =
+            t.db.batch_events(id.as_str())
+                .await
+                .unwrap()
+                .iter()
+                .filter(|e| matches!(e.event, Event::BatchCompleted(_)))
+                .count();
+        assert_eq!(completions, 1, "batch {id}");
+    }
+    let rows: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM records")
+        .fetch_one(t.db.pool())
+        .await
+        .unwrap();
+    assert_eq!(rows, 12 * 25);
+    t.stop().await;
+}
+
+async fn a_worker_that_lost_its_lease_cannot_commit(b: Backend) {
+    let Some(t) = api_only(b).await else { return };
+    let (_, key) = t.client(json!({})).await;
+    let imp = t.import(&key, "text/csv", csv("f", 35)).await;
+    let (slow, fast) = (worker(&t), worker(&t));
+
+    let lease = slow.claim_next().await.unwrap().expect("a ready batch");
+    let mut stale = slow.start(lease).await.unwrap();
+    assert!(matches!(
+        slow.step(&mut stale).await.unwrap(),
+        Step::Chunk(_)
+    ));
+    // The slow worker stalls past its lease; another takes the batch over and finishes it.
+    expire_leases(&t).await;
+    let takeover = fast
+        .claim_next()
+        .await
+        .unwrap()
+        .expect("expired lease is claimable");
+    assert_eq!(takeover.epoch, stale.lease.epoch + 1);
+    assert_eq!(
+        takeover.checkpoint, 10,
+        "the successor resumes after the committed chunk"
+    );
+    assert!(matches!(
+        fast.process(takeover, &Default::default()).await,
+        Outcome::Completed(_)
+    ));
+
+    // The stale holder wakes up: its chunk write and its completion are both refused.
+    let refused = slow.step(&mut stale).await.unwrap_err();
+    assert!(
+        matches!(refused, Error::FenceRejected { .. }),
+        "{refused:?}"
+    );
+    let completion = t.db.complete_batch(&stale.lease).await.unwrap_err();
+    assert!(
+        matches!(completion, Error::FenceRejected { .. }),
+        "{completion:?}"
+    );
+    let view = t.batch(&key, &imp.batch_id).await;
+    assert_eq!(
+        (view.status, view.records_processed, view.records_written),
+        (BatchStatus::Completed, 35, 35)
+    );
+    let completions =
+        t.db.batch_events(imp.batch_id.as_str())
+            .await
+            .unwrap()
+            .iter()
+            .filter(|e| matches!(e.event, Event::BatchCompleted(_)))
+            .count();
+    assert_eq!(completions, 1);
+
+    // The same through the full processing path counts the rejection.
+    let imp2 = t.import(&key, "text/csv", csv("g", 35)).await;
+    let lease = slow.claim_next().await.unwrap().unwrap();
+    expire_leases(&t).await;
+    let thief = fast.claim_next().await.unwrap().unwrap();
+    assert_eq!(
+        slow.process(lease, &Default::default()).await,
+        Outcome::LeaseLost
+    );
+    assert!(
+        slow.stats().fence_rejections.load(Ordering::Relaxed) >= 1,
+        "the fence must have refused a write"
+    );
+    assert!(matches!(
+        fast.process(thief, &Default::default()).await,
+        Outcome::Completed(_)
+    ));
+    assert_eq!(t.batch(&key, &imp2.batch_id).await.records_written, 35);
+    t.stop().await;
+}
+
+async fn an_abandoned_batch_resumes_from_its_checkpoint(b: Backend) {
+    let Some(t) = api_only(b).await else { return };
+    let (_, key) = t.client(json!({})).await;
+    let imp = t.import(&key, "text/csv", csv("c", 35)).await;
+    let first = worker(&t);
+    let lease = first.claim_next().await.unwrap().unwrap();
+    let mut run = first.start(lease).await.unwrap();
+    first.step(&mut run).await.unwrap();
+    first.step(&mut run).await.unwrap();
+    drop(run); // the worker dies here
+    assert_eq!(t.batch(&key, &imp.batch_id).await.records_processed, 20);
+
+    expire_leases(&t).await;
+    let second = worker(&t);
+    let lease = second.claim_next().await.unwrap().unwrap();
+    assert_eq!((lease.checkpoint, lease.attempts), (20, 2));
+    let run = second.start(lease.clone()).await.unwrap();
+    assert_eq!(
+        run.remaining_chunks(),
+        2,
+        "only the 15 unprocessed records are left"
+    );
+    assert!(matches!(
+        second.process(lease, &Default::default()).await,
+        Outcome::Completed(_)
+    ));
+    let view = t.batch(&key, &imp.batch_id).await;
+    assert_eq!(
+        (
+            view.records_written,
+            view.records_unchanged,
+            view.records_processed
+        ),
+        (35, 0, 35)
+    );
+    t.stop().await;
+}
+
+async fn a_poison_batch_goes_dead_while_others_flow(b: Backend) {
+    let Some(t) = TestApp::spawn_with(b, Roles::ALL, |c| c.worker.max_attempts = 3).await else {
+        return;
+    };
+    let (_, key) = t.client(json!({"rate_burst": 100})).await;
+    // Accepted, then its stored payload is corrupted: it can never be processed.
+    let warm_up = t.import(&key, "text/csv", csv("ok0", 5)).await;
+    t.wait_for(&key, &warm_up.batch_id, BatchStatus::Completed)
+        .await;
+    let poison = t.import(&key, "application/x-ndjson", "{\"id\":1}\n").await;
+    sqlx::query("UPDATE payloads SET body = $1 WHERE batch_id = $2")
+        .bind(b"{\"id\":1}\n[not json".to_vec())
+        .bind(poison.batch_id.as_str())
+        .execute(t.db.pool())
+        .await
+        .unwrap();
+    let mut others = Vec::new();
+    for i in 0..5 {
+        others.push(
+            t.import(&key, "text/csv", csv(&format!("ok{}", i + 1), 20))
+                .await
+                .batch_id,
+        );
+    }
+    let dead = t.wait_for(&key, &poison.batch_id, BatchStatus::Dead).await;
+    assert!(
+        dead.last_error
+            .as_deref()
+            .unwrap_or("")
+            .contains("unreadable"),
+        "{dead:?}"
+    );
+    for id in &others {
+        t.wait_for(&key, id, BatchStatus::Completed).await;
+    }
+    let kinds: Vec<&str> =
+        t.db.batch_events(poison.batch_id.as_str())
+            .await
+            .unwrap()
+            .iter()
+            .map(|e| e.event.kind())
+            .collect::<Vec<_>>();
+    assert_eq!(kinds.last(), Some(&"BatchDead"));
+
+    // An operator retries it: it is ready again, fails again, and is dead again.
+    let retried = t
+        .admin(
+            Method::POST,
+            &format!("/admin/batches/{}/retry", poison.batch_id),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(retried.status(), 200);
+    t.wait_for(&key, &poison.batch_id, BatchStatus::Dead).await;
+
+    // A batch whose workers keep dying ends dead after max_attempts too.
+    let crashy = t.import(&key, "text/csv", csv("crash", 5)).await;
+    sqlx::query("UPDATE batches SET status = 'processing', attempts = 3, lease_expires_at = 0 WHERE id = $1")
+        .bind(crashy.batch_id.as_str())
+        .execute(t.db.pool())
+        .await
+        .unwrap();
+    let view = t.wait_for(&key, &crashy.batch_id, BatchStatus::Dead).await;
+    assert!(view.last_error.unwrap().contains("abandoned"));
+    t.stop().await;
+}
+
+async fn shutdown_releases_in_flight_batches(b: Backend) {
+    let Some(t) = api_only(b).await else { return };
+    let (_, key) = t.client(json!({})).await;
+    let imp = t.import(&key, "text/csv", csv("s", 35)).await;
+    let w = worker(&t);
+    let lease = w.claim_next().await.unwrap().unwrap();
+    let release = tokio_util::sync::CancellationToken::new();
+    release.cancel();
+    assert_eq!(w.process(lease, &release).await, Outcome::Released);
+    let view = t.batch(&key, &imp.batch_id).await;
+    assert_eq!(
+        (view.status, view.attempts),
+        (BatchStatus::Ready, 0),
+        "a released batch keeps its attempt"
+    );
+    assert!(matches!(
+        w.try_process_one().await.unwrap(),
+        Some(Outcome::Completed(_))
+    ));
+    t.stop().await;
+}
