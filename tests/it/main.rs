@@ -1,6 +1,9 @@
 //! End-to-end tests: a real DataFlow process per test, over HTTP on port 0, against a fresh
 //! SQLite file and a fresh PostgreSQL database.
 
+// Tests fail loudly on the first unexpected value; that is what unwrap is for here.
+#![allow(clippy::unwrap_used)]
+
 mod helpers;
 
 mod auth;
