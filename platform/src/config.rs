@@ -384,6 +384,18 @@ mod tests {
     }
 
     #[test]
+    fn example_config_matches_the_defaults() {
+        let text = include_str!("../../dataflow.example.toml");
+        let from_file = Config::from_sources(Some(text), env(&[])).unwrap();
+        let defaults = Config::default();
+        assert_eq!(
+            toml::Value::try_from(from_file).unwrap(),
+            toml::Value::try_from(defaults).unwrap(),
+            "dataflow.example.toml documents the defaults; keep them in step"
+        );
+    }
+
+    #[test]
     fn secrets_do_not_print() {
         let c = Config::from_sources(
             None,
