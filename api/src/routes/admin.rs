@@ -11,7 +11,7 @@ use dataflow_contracts::http::{
 };
 use dataflow_contracts::policy::PolicyPatch;
 use dataflow_contracts::{BatchId, ClientId, Policy};
-use dataflow_platform::db::BatchAction;
+use dataflow_platform::db::{BatchAction, ClientRecord};
 use serde::Deserialize;
 
 use super::parse_path_id;
@@ -53,6 +53,17 @@ async fn create_client(
     Ok((StatusCode::CREATED, Json(client.view())))
 }
 
+/// The client named in the path, or 404.
+async fn load_client(state: &AppState, raw_id: &str) -> ApiResult<ClientRecord> {
+    let id: ClientId = parse_path_id(raw_id)?;
+    state
+        .backends
+        .db
+        .get_client(&id)
+        .await?
+        .ok_or_else(ApiError::not_found)
+}
+
 async fn list_clients(State(state): State<AppState>) -> ApiResult<Json<Vec<ClientView>>> {
     let clients = state.backends.db.list_clients().await?;
     Ok(Json(clients.iter().map(|c| c.view()).collect()))
@@ -62,14 +73,7 @@ async fn show_client(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> ApiResult<Json<ClientView>> {
-    let id: ClientId = parse_path_id(&id)?;
-    let client = state
-        .backends
-        .db
-        .get_client(&id)
-        .await?
-        .ok_or_else(ApiError::not_found)?;
-    Ok(Json(client.view()))
+    Ok(Json(load_client(&state, &id).await?.view()))
 }
 
 async fn set_active(state: AppState, id: String, active: bool) -> ApiResult<Json<ClientView>> {
@@ -97,14 +101,7 @@ async fn show_policy(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> ApiResult<Json<Policy>> {
-    let id: ClientId = parse_path_id(&id)?;
-    let client = state
-        .backends
-        .db
-        .get_client(&id)
-        .await?
-        .ok_or_else(ApiError::not_found)?;
-    Ok(Json(client.policy))
+    Ok(Json(load_client(&state, &id).await?.policy))
 }
 
 async fn patch_policy(
@@ -113,15 +110,13 @@ async fn patch_policy(
     body: Result<Json<PolicyPatch>, JsonRejection>,
 ) -> ApiResult<Json<Policy>> {
     let patch = json(body)?;
-    let id: ClientId = parse_path_id(&id)?;
-    let db = &state.backends.db;
-    let client = db.get_client(&id).await?.ok_or_else(ApiError::not_found)?;
+    let client = load_client(&state, &id).await?;
     let policy = client
         .policy
         .patched(&patch)
         .map_err(|e| ApiError::unprocessable("invalid_policy", e))?;
-    let updated = db.set_policy(&id, &policy).await?;
-    state.backends.clients.invalidate(id.as_str());
+    let updated = state.backends.db.set_policy(&client.id, &policy).await?;
+    state.backends.clients.invalidate(client.id.as_str());
     Ok(Json(updated.policy))
 }
 
@@ -160,12 +155,8 @@ async fn list_keys(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> ApiResult<Json<Vec<KeyView>>> {
-    let id: ClientId = parse_path_id(&id)?;
-    let db = &state.backends.db;
-    if db.get_client(&id).await?.is_none() {
-        return Err(ApiError::not_found());
-    }
-    Ok(Json(db.list_keys(&id).await?))
+    let client = load_client(&state, &id).await?;
+    Ok(Json(state.backends.db.list_keys(&client.id).await?))
 }
 
 async fn revoke_key(
