@@ -170,17 +170,15 @@ fn csv_body(import: usize, records: usize) -> String {
     s
 }
 
-/// `COPY`s the records the benchmark stored into a fresh table of the same shape (with the
-/// same primary key) and returns rows/s: the ceiling for writing these rows.
+/// `COPY`s the records the benchmark stored into a fresh table shaped like `records` and
+/// returns rows/s: the ceiling for writing these rows on this database.
 async fn copy_baseline(db: &dataflow_platform::db::Db, args: &IngestArgs) -> anyhow::Result<f64> {
     let url = db.pool().connect_options().database_url.to_string();
     let mut conn = sqlx::PgConnection::connect(&url).await?;
-    sqlx::query(
-        "CREATE TABLE bench_copy (client_id TEXT NOT NULL, record_key TEXT NOT NULL, data TEXT NOT NULL, \
-         checksum TEXT NOT NULL, batch_id TEXT NOT NULL, updated_at BIGINT NOT NULL, PRIMARY KEY (client_id, record_key))",
-    )
-    .execute(&mut conn)
-    .await?;
+    // Same columns, collations, keys and storage as the ledger's records table.
+    sqlx::query("CREATE TABLE bench_copy (LIKE records INCLUDING ALL)")
+        .execute(&mut conn)
+        .await?;
     // The rows as text, prepared before timing: only the load is measured.
     let rows: Vec<(String, String, String, String, String, i64)> = sqlx::query_as(
         "SELECT client_id, record_key, data, checksum, batch_id, updated_at FROM records",

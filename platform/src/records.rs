@@ -82,6 +82,22 @@ pub fn parse(
     limits: Limits,
     mut sink: impl FnMut(Record),
 ) -> Result<Summary, ParseError> {
+    parse_into(format, body, limits, Some(&mut sink))
+}
+
+/// The same checks as [`parse`] without building the records: the API's admission test.
+pub fn validate(format: ImportFormat, body: &[u8], limits: Limits) -> Result<Summary, ParseError> {
+    parse_into(format, body, limits, None)
+}
+
+type Sink<'a> = Option<&'a mut dyn FnMut(Record)>;
+
+fn parse_into(
+    format: ImportFormat,
+    body: &[u8],
+    limits: Limits,
+    mut sink: Sink<'_>,
+) -> Result<Summary, ParseError> {
     let body = body.strip_prefix(BOM).unwrap_or(body);
     let text = check_text(body)?;
     let summary = match format {
@@ -118,11 +134,7 @@ fn check_text(body: &[u8]) -> Result<&str, ParseError> {
     Ok(text)
 }
 
-fn parse_csv(
-    text: &str,
-    limits: Limits,
-    sink: &mut impl FnMut(Record),
-) -> Result<Summary, ParseError> {
+fn parse_csv(text: &str, limits: Limits, sink: &mut Sink<'_>) -> Result<Summary, ParseError> {
     let mut reader = csv::ReaderBuilder::new()
         .has_headers(true)
         .flexible(false)
@@ -189,17 +201,21 @@ fn parse_csv(
         if records > limits.max_records {
             return Err(too_many(pos.0, limits.max_records));
         }
-        let mut fields = Map::with_capacity(columns.len());
         for (name, value) in columns.iter().zip(row.iter()) {
             if value.len() > limits.max_field_bytes {
                 return Err(field_too_long(pos.0, name, limits.max_field_bytes));
             }
-            fields.insert(name.clone(), Value::String(value.to_owned()));
         }
-        sink(Record {
-            line: pos.0,
-            fields,
-        });
+        if let Some(sink) = sink {
+            let fields = columns
+                .iter()
+                .zip(row.iter())
+                .map(|(n, v)| (n.clone(), Value::String(v.to_owned())));
+            sink(Record {
+                line: pos.0,
+                fields: fields.collect(),
+            });
+        }
     }
     // The csv reader treats an opening quote that is never closed as running to the end of
     // input. Every well-formed record has an even number of quote characters, so an odd
@@ -241,11 +257,7 @@ fn csv_error(e: &csv::Error, fallback_line: u64) -> ParseError {
     }
 }
 
-fn parse_ndjson(
-    text: &str,
-    limits: Limits,
-    sink: &mut impl FnMut(Record),
-) -> Result<Summary, ParseError> {
+fn parse_ndjson(text: &str, limits: Limits, sink: &mut Sink<'_>) -> Result<Summary, ParseError> {
     let mut records = 0u64;
     for (i, raw) in text.split('\n').enumerate() {
         let line = i as u64 + 1;
@@ -271,7 +283,9 @@ fn parse_ndjson(
             check_json_value(v, limits.max_field_bytes)
                 .map_err(|(code, detail)| ParseError::new(line, code, detail).with_field(name))?;
         }
-        sink(Record { line, fields });
+        if let Some(sink) = sink {
+            sink(Record { line, fields });
+        }
     }
     Ok(Summary {
         records,

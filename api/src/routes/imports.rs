@@ -167,7 +167,7 @@ async fn accept(
     };
     let parse_body = body.clone();
     let summary =
-        tokio::task::spawn_blocking(move || records::parse(format, &parse_body, limits, |_| {}))
+        tokio::task::spawn_blocking(move || records::validate(format, &parse_body, limits))
             .await
             .map_err(|e| {
                 ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())

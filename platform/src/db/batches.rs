@@ -162,8 +162,8 @@ impl Db {
                 }
                 Dialect::Sqlite => {
                     "INSERT INTO records (client_id, record_key, data, checksum, batch_id, updated_at) \
-                     SELECT $1, value ->> 'k', value -> 'd', value ->> 'c', $2, {now} \
-                     FROM json_each($3) WHERE true \
+                     SELECT $1, value ->> 'k', json(value -> 'd'), value ->> 'c', $2, {now} \
+                     FROM jsonb_each(jsonb($3)) WHERE true \
                      ON CONFLICT (client_id, record_key) DO UPDATE \
                        SET data = excluded.data, checksum = excluded.checksum, \
                            batch_id = excluded.batch_id, updated_at = excluded.updated_at \
