@@ -35,9 +35,10 @@ pub struct IngestArgs {
 }
 
 pub async fn ingest(args: IngestArgs) -> anyhow::Result<()> {
-    let dir = std::env::temp_dir().join(format!("dataflow-bench-{}", std::process::id()));
+    let run = ulid::Ulid::new().to_string().to_lowercase();
+    let dir = std::env::temp_dir().join(format!("dataflow-bench-{run}"));
     let scratch = match &args.database_url {
-        Some(url) if url.starts_with("postgres") => Some(ScratchDb::create(url).await?),
+        Some(url) if url.starts_with("postgres") => Some(ScratchDb::create(url, &run).await?),
         Some(_) => bail!("--database-url must be a postgres:// URL (SQLite is the default)"),
         None => None,
     };
@@ -213,8 +214,8 @@ struct ScratchDb {
 }
 
 impl ScratchDb {
-    async fn create(url: &str) -> anyhow::Result<ScratchDb> {
-        let name = format!("dataflow_bench_{}", std::process::id());
+    async fn create(url: &str, run: &str) -> anyhow::Result<ScratchDb> {
+        let name = format!("dataflow_bench_{run}");
         let base = url.rsplit_once('/').map_or(url, |(b, _)| b);
         let admin_url = format!("{base}/postgres");
         let mut conn = sqlx::PgConnection::connect(&admin_url)

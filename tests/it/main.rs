@@ -7,5 +7,6 @@
 mod helpers;
 
 mod auth;
+mod bench;
 mod imports;
 mod worker;

@@ -1,0 +1,33 @@
+//! The benchmark command runs end to end (tiny sizes: this checks it works, not its speed).
+
+use dataflow::bench::{IngestArgs, ingest};
+
+fn tiny(database_url: Option<String>) -> IngestArgs {
+    IngestArgs {
+        imports: 2,
+        records: 200,
+        database_url,
+        concurrency: 2,
+        chunk_size: 50,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ingest_bench_runs_on_sqlite() {
+    ingest(tiny(None)).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ingest_bench_runs_on_postgres() {
+    let url = std::env::var("DATAFLOW_TEST_PG_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
+    if sqlx::PgPool::connect(&url).await.is_err() {
+        assert!(
+            std::env::var("DATAFLOW_TEST_REQUIRE_SERVICES").as_deref() != Ok("1"),
+            "PostgreSQL is required"
+        );
+        eprintln!("SKIPPED: PostgreSQL unreachable at {url}");
+        return;
+    }
+    ingest(tiny(Some(url))).await.unwrap();
+}
