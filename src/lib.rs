@@ -86,6 +86,9 @@ impl App {
             shutdown.clone(),
         ));
 
+        // Cache invalidations from other processes (only with Redis).
+        tasks.spawn(backends.clone().run_invalidation_listener(shutdown.clone()));
+
         let worker = roles.worker.then(|| {
             Worker::new(
                 backends.db.clone(),

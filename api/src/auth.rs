@@ -50,23 +50,23 @@ async fn authenticate(
 ) -> Result<Principal, ApiError> {
     let lockout = &state.backends.lockout;
     let ip_subject = format!("ip:{ip}");
-    if let Some(left) = lockout.locked(&ip_subject) {
+    if let Some(left) = lockout.locked(&ip_subject).await {
         return Err(locked(left));
     }
     let Some(presented) = bearer(headers).and_then(keys::parse) else {
-        lockout.record_failure(&ip_subject);
+        lockout.record_failure(&ip_subject).await;
         return Err(ApiError::unauthorized());
     };
     let key_subject = format!("key:{}", presented.key_id);
-    if let Some(left) = lockout.locked(&key_subject) {
+    if let Some(left) = lockout.locked(&key_subject).await {
         return Err(locked(left));
     }
     let key = state.key(presented.key_id).await.map_err(unavailable)?;
     let valid =
         key.filter(|k| !k.revoked && state.backends.hasher.verify(&presented, &k.secret_hmac));
     let Some(key) = valid else {
-        lockout.record_failure(&ip_subject);
-        lockout.record_failure(&key_subject);
+        lockout.record_failure(&ip_subject).await;
+        lockout.record_failure(&key_subject).await;
         return Err(ApiError::unauthorized());
     };
     let client = state
@@ -94,14 +94,14 @@ pub async fn require_operator(State(state): State<AppState>, req: Request, next:
     let ip = client_ip(&state, &req);
     let lockout = &state.backends.lockout;
     let subject = format!("ip:{ip}");
-    if let Some(left) = lockout.locked(&subject) {
+    if let Some(left) = lockout.locked(&subject).await {
         return locked(left).into_response();
     }
     let expected = state.backends.admin_token.expose().as_bytes();
     match bearer(req.headers()) {
         Some(token) if keys::constant_time_eq(token.as_bytes(), expected) => next.run(req).await,
         _ => {
-            lockout.record_failure(&subject);
+            lockout.record_failure(&subject).await;
             ApiError::unauthorized().into_response()
         }
     }

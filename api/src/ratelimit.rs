@@ -29,7 +29,7 @@ pub async fn limited(
     req: Request,
     next: Next,
 ) -> Response {
-    let decision = state.backends.limiter.check(subject, rate);
+    let decision = state.backends.limiter.check(subject, rate).await;
     let mut resp = if decision.allowed {
         next.run(req).await
     } else {
@@ -51,7 +51,11 @@ pub async fn anonymous(state: &AppState, ip: IpAddr, err: ApiError) -> Response 
         per_minute: state.config.anonymous_rate_per_minute,
         burst: state.config.anonymous_rate_burst,
     };
-    let decision = state.backends.limiter.check(&format!("anon:{ip}"), rate);
+    let decision = state
+        .backends
+        .limiter
+        .check(&format!("anon:{ip}"), rate)
+        .await;
     let mut resp = if decision.allowed {
         err.into_response()
     } else {

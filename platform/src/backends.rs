@@ -1,29 +1,42 @@
 //! The one place where backends are chosen from configuration. Callers get [`Backends`]
 //! and never learn which implementation sits behind each part.
+//!
+//! | part | with `redis_url` | without |
+//! | --- | --- | --- |
+//! | rate limiter | Redis GCRA script, in-process fallback | in-process GCRA |
+//! | auth lock-out | Redis counters with TTL, in-process fallback | in-process |
+//! | key / client cache | L1 in process + L2 in Redis, pub/sub invalidation | in process |
+//! | dedup fast path | Redis `SET NX PX` before the SQL decider | SQL only |
 
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::StreamExt;
 use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
 
-use crate::cache::Cache;
+use crate::cache::{Cache, SharedTier};
 use crate::config::{Config, Secret};
 use crate::db::{ClientRecord, Db, KeyRecord};
+use crate::dedup::DedupFastPath;
 use crate::events::Publisher;
 use crate::keys::{self, KeyHasher};
-use crate::limiter::{InProcessLimiter, Limiter};
-use crate::lockout::{InProcessLockout, Lockout, LockoutPolicy};
+use crate::limiter::{InProcessLimiter, Limiter, RedisLimiter};
+use crate::lockout::{InProcessLockout, Lockout, LockoutPolicy, RedisLockout};
+use crate::redis::Redis;
 use crate::{Error, Result};
 
 pub struct Backends {
     pub db: Db,
+    pub redis: Option<Redis>,
     pub limiter: Limiter,
     pub lockout: Lockout,
     /// API keys by key id.
     pub keys: Cache<KeyRecord>,
     /// Clients (with their policies) by client id.
     pub clients: Cache<ClientRecord>,
+    pub dedup: DedupFastPath,
     pub publisher: Publisher,
     /// Signalled after a commit that wrote outbox rows, so the relay runs at once.
     pub outbox_wake: Arc<Notify>,
@@ -32,31 +45,110 @@ pub struct Backends {
 }
 
 impl Backends {
-    /// Connects and migrates the ledger and builds every adapter.
+    /// Connects and migrates the ledger, connects Redis when configured, builds the rest.
     pub async fn build(config: &Config) -> Result<Arc<Backends>> {
         let db = Db::connect(&config.database_url(), config.db_max_connections).await?;
         db.migrate().await?;
         let secret = resolve_secret(config.secret.as_ref(), &config.data_dir, "server-secret")?;
         let admin_token =
             resolve_secret(config.admin_token.as_ref(), &config.data_dir, "admin-token")?;
+        let redis = match &config.redis_url {
+            Some(url) => Some(Redis::connect(url.expose(), &config.redis_prefix).await?),
+            None => None,
+        };
+
         let api = &config.api;
+        let lockout_policy = LockoutPolicy {
+            max_failures: api.auth_max_failures,
+            window: Duration::from_secs(api.auth_window_secs),
+            lockout: Duration::from_secs(api.auth_lockout_secs),
+        };
         let ttl = Duration::from_millis(api.cache_ttl_ms);
         let negative_ttl = Duration::from_millis(api.cache_negative_ttl_ms);
+        let (limiter, lockout, dedup, l1_ttl) = match &redis {
+            Some(r) => (
+                Limiter::Redis(Box::new(RedisLimiter::new(r.clone()))),
+                Lockout::Redis(Box::new(RedisLockout::new(r.clone(), lockout_policy))),
+                DedupFastPath::Redis(Box::new(r.clone())),
+                Duration::from_millis(api.cache_l1_ttl_ms),
+            ),
+            None => (
+                Limiter::InProcess(InProcessLimiter::default()),
+                Lockout::InProcess(InProcessLockout::new(lockout_policy)),
+                DedupFastPath::Off,
+                ttl,
+            ),
+        };
+        let tier = |namespace| {
+            redis.as_ref().map(|r| SharedTier {
+                redis: r.clone(),
+                namespace,
+                ttl,
+                negative_ttl,
+            })
+        };
         Ok(Arc::new(Backends {
+            keys: Cache::new(l1_ttl, negative_ttl, tier("keys")),
+            clients: Cache::new(l1_ttl, negative_ttl, tier("clients")),
             db,
-            limiter: Limiter::InProcess(InProcessLimiter::default()),
-            lockout: Lockout::InProcess(InProcessLockout::new(LockoutPolicy {
-                max_failures: api.auth_max_failures,
-                window: Duration::from_secs(api.auth_window_secs),
-                lockout: Duration::from_secs(api.auth_lockout_secs),
-            })),
-            keys: Cache::new(ttl, negative_ttl),
-            clients: Cache::new(ttl, negative_ttl),
+            redis,
+            limiter,
+            lockout,
+            dedup,
             publisher: Publisher::in_process(),
             outbox_wake: Arc::new(Notify::new()),
             hasher: KeyHasher::new(secret.expose()),
             admin_token,
         }))
+    }
+
+    /// Listens for cache invalidations from other processes until `shutdown` (a no-op
+    /// without Redis). After every (re)subscribe the local copies are dropped, since
+    /// messages sent while disconnected are lost.
+    pub async fn run_invalidation_listener(self: Arc<Self>, shutdown: CancellationToken) {
+        let Some(redis) = self.redis.clone() else {
+            return;
+        };
+        let channel = SharedTier::channel(&redis);
+        let mut backoff = Duration::from_millis(100);
+        while !shutdown.is_cancelled() {
+            let subscribed = async {
+                let mut pubsub = redis.client().get_async_pubsub().await?;
+                pubsub.subscribe(&channel).await?;
+                redis::RedisResult::Ok(pubsub)
+            }
+            .await;
+            let pubsub = match subscribed {
+                Ok(p) => p,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cache invalidation channel unavailable; retrying");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    continue;
+                }
+            };
+            backoff = Duration::from_millis(100);
+            self.keys.forget_all_local();
+            self.clients.forget_all_local();
+            let mut messages = pubsub.into_on_message();
+            loop {
+                let msg = tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    m = messages.next() => m,
+                };
+                let Some(msg) = msg else { break };
+                let payload: String = msg.get_payload().unwrap_or_default();
+                match payload.split_once('\n') {
+                    Some(("keys", key)) => self.keys.forget_local(key),
+                    Some(("clients", id)) => self.clients.forget_local(id),
+                    _ => tracing::debug!(%payload, "unknown cache invalidation"),
+                }
+            }
+            tracing::warn!("cache invalidation channel closed; resubscribing");
+        }
     }
 }
 

@@ -6,7 +6,11 @@
 //! - invalidation wins over in-flight loads: a load that started before an invalidation is
 //!   returned to its callers but never stored.
 //!
-//! This is the in-process tier; a shared tier plugs in behind it.
+//! Two tiers when Redis is configured: the in-process L1 (short TTL) in front of a Redis L2
+//! shared by every process. A change commits to SQL, then [`Cache::invalidate`] deletes
+//! the L2 copy and publishes the key on Redis pub/sub, and every process drops its L1 copy
+//! ([`Cache::forget_local`]). If pub/sub is cut, L1 copies still expire within the L1 TTL.
+//! Redis errors make the L2 a miss: the answer comes from SQL.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -17,6 +21,10 @@ use std::time::{Duration, Instant};
 use futures::FutureExt;
 use futures::future::{BoxFuture, Shared};
 use rand::Rng;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::redis::Redis;
 
 /// Beyond this many entries, expired ones are dropped; if that is not enough, all are.
 const MAX_ENTRIES: usize = 100_000;
@@ -34,20 +42,89 @@ pub struct CacheStats {
     pub misses: u64,
 }
 
+/// The Redis tier of one cache.
+#[derive(Clone)]
+pub struct SharedTier {
+    pub redis: Redis,
+    /// Names this cache in keys and invalidation messages.
+    pub namespace: &'static str,
+    pub ttl: Duration,
+    pub negative_ttl: Duration,
+}
+
+impl SharedTier {
+    /// The pub/sub channel every process listens on for invalidations.
+    pub fn channel(redis: &Redis) -> String {
+        redis.key(&["cache-invalidate"])
+    }
+
+    fn key(&self, key: &str) -> String {
+        self.redis.key(&["cache", self.namespace, key])
+    }
+
+    /// `Some(cached)` on a hit (which may be a cached "not found"); `None` on a miss or error.
+    async fn get<V: DeserializeOwned>(&self, key: &str) -> Option<Option<V>> {
+        let raw: redis::RedisResult<Option<String>> = redis::cmd("GET")
+            .arg(self.key(key))
+            .query_async(&mut self.redis.conn())
+            .await;
+        serde_json::from_str(&raw.ok()??).ok()
+    }
+
+    async fn set<V: Serialize>(&self, key: &str, value: &Option<V>) {
+        let ttl = if value.is_some() {
+            jittered(self.ttl)
+        } else {
+            self.negative_ttl
+        };
+        let Ok(json) = serde_json::to_string(value) else {
+            return;
+        };
+        let stored: redis::RedisResult<()> = redis::cmd("SET")
+            .arg(self.key(key))
+            .arg(json)
+            .arg("PX")
+            .arg(ttl.as_millis().max(1) as u64)
+            .query_async(&mut self.redis.conn())
+            .await;
+        if let Err(e) = stored {
+            tracing::debug!(error = %e, "cache L2 write skipped");
+        }
+    }
+
+    async fn invalidate(&self, key: &str) {
+        let mut pipe = redis::pipe();
+        pipe.del(self.key(key))
+            .ignore()
+            .publish(
+                Self::channel(&self.redis),
+                format!("{}\n{key}", self.namespace),
+            )
+            .ignore();
+        let done: redis::RedisResult<()> = pipe.query_async(&mut self.redis.conn()).await;
+        if let Err(e) = done {
+            tracing::warn!(error = %e, "cache invalidation not broadcast; other processes expire it within their L1 TTL");
+        }
+    }
+}
+
 pub struct Cache<V: Clone> {
     ttl: Duration,
     negative_ttl: Duration,
+    shared: Option<SharedTier>,
     slots: Mutex<HashMap<String, Slot<V>>>,
     generation: AtomicU64,
     hits: AtomicU64,
     misses: AtomicU64,
 }
 
-impl<V: Clone + Send + Sync + 'static> Cache<V> {
-    pub fn new(ttl: Duration, negative_ttl: Duration) -> Self {
+impl<V: Clone + Serialize + DeserializeOwned + Send + Sync + 'static> Cache<V> {
+    /// `ttl` and `negative_ttl` are the in-process (L1) lifetimes.
+    pub fn new(ttl: Duration, negative_ttl: Duration, shared: Option<SharedTier>) -> Self {
         Self {
             ttl,
             negative_ttl,
+            shared,
             slots: Mutex::new(HashMap::new()),
             generation: AtomicU64::new(0),
             hits: AtomicU64::new(0),
@@ -79,7 +156,7 @@ impl<V: Clone + Send + Sync + 'static> Cache<V> {
                         Self::shrink(&mut slots);
                     }
                     let generation = self.generation.fetch_add(1, Ordering::Relaxed);
-                    let shared = load().boxed().shared();
+                    let shared = self.through_shared_tier(key, load()).boxed().shared();
                     slots.insert(
                         key.to_owned(),
                         Slot::Loading {
@@ -118,9 +195,48 @@ impl<V: Clone + Send + Sync + 'static> Cache<V> {
         result
     }
 
-    /// Drops `key`; the next lookup reloads it. Loads already running are not stored.
-    pub fn invalidate(&self, key: &str) {
+    /// The L2 lookup in front of `load`, and the L2 fill behind it.
+    fn through_shared_tier<Fut>(
+        &self,
+        key: &str,
+        load: Fut,
+    ) -> impl Future<Output = Result<Option<V>, String>> + Send + 'static
+    where
+        Fut: Future<Output = Result<Option<V>, String>> + Send + 'static,
+    {
+        let shared = self.shared.clone();
+        let key = key.to_owned();
+        async move {
+            let Some(tier) = shared else {
+                return load.await;
+            };
+            if let Some(hit) = tier.get::<V>(&key).await {
+                return Ok(hit);
+            }
+            let value = load.await?;
+            tier.set(&key, &value).await;
+            Ok(value)
+        }
+    }
+
+    /// After a committed change: drops `key` here, in the shared tier, and (through pub/sub)
+    /// in every other process. Loads already running are not stored.
+    pub async fn invalidate(&self, key: &str) {
+        self.forget_local(key);
+        if let Some(tier) = &self.shared {
+            tier.invalidate(key).await;
+        }
+    }
+
+    /// Drops `key` from this process only (an invalidation heard from another process).
+    pub fn forget_local(&self, key: &str) {
         self.lock().remove(key);
+    }
+
+    /// Drops every local entry, and keeps loads in flight from being stored (after
+    /// invalidations may have been missed, e.g. across a pub/sub reconnect).
+    pub fn forget_all_local(&self) {
+        self.lock().clear();
     }
 
     pub fn stats(&self) -> CacheStats {
@@ -131,7 +247,7 @@ impl<V: Clone + Send + Sync + 'static> Cache<V> {
     }
 
     fn jittered_ttl(&self) -> Duration {
-        self.ttl.mul_f64(rand::rng().random_range(0.9..1.1))
+        jittered(self.ttl)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Slot<V>>> {
@@ -147,6 +263,11 @@ impl<V: Clone + Send + Sync + 'static> Cache<V> {
     }
 }
 
+/// ±10 %, so entries loaded together do not expire together.
+fn jittered(ttl: Duration) -> Duration {
+    ttl.mul_f64(rand::rng().random_range(0.9..1.1))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -154,7 +275,7 @@ mod tests {
     use std::sync::atomic::AtomicUsize;
 
     fn cache() -> Cache<String> {
-        Cache::new(Duration::from_secs(60), Duration::from_millis(50))
+        Cache::new(Duration::from_secs(60), Duration::from_millis(50), None)
     }
 
     #[tokio::test]
@@ -230,7 +351,7 @@ mod tests {
             .await
         });
         tokio::time::sleep(Duration::from_millis(10)).await;
-        c.invalidate("k");
+        c.invalidate("k").await;
         gate.notify_one();
         assert_eq!(stale.await.unwrap().unwrap().as_deref(), Some("old"));
         let fresh = c

@@ -33,6 +33,10 @@ pub struct Config {
     pub secret: Option<Secret>,
     /// Connections in the SQL pool.
     pub db_max_connections: u32,
+    /// `redis://` or `rediss://` (TLS), password in the URL. Unset: embedded fallbacks.
+    pub redis_url: Option<Secret>,
+    /// Every Redis key DataFlow writes starts with `<redis_prefix>:`.
+    pub redis_prefix: String,
     pub api: ApiConfig,
     pub worker: WorkerConfig,
     pub outbox: OutboxConfig,
@@ -47,6 +51,8 @@ impl Default for Config {
             admin_token: None,
             secret: None,
             db_max_connections: 10,
+            redis_url: None,
+            redis_prefix: "dataflow".to_owned(),
             api: ApiConfig::default(),
             worker: WorkerConfig::default(),
             outbox: OutboxConfig::default(),
@@ -80,8 +86,12 @@ pub struct ApiConfig {
     /// Per-IP limit on requests that carry no valid key.
     pub anonymous_rate_per_minute: u32,
     pub anonymous_rate_burst: u32,
-    /// How long a key or client lookup is cached, with ±10 % jitter.
+    /// How long a key or client lookup is cached, with ±10 % jitter (in Redis when it is
+    /// configured, else in process).
     pub cache_ttl_ms: u64,
+    /// With Redis: how long each process keeps its own copy; the bound on staleness when
+    /// invalidation messages are lost.
+    pub cache_l1_ttl_ms: u64,
     /// How long "no such key" is cached.
     pub cache_negative_ttl_ms: u64,
 }
@@ -103,6 +113,7 @@ impl Default for ApiConfig {
             anonymous_rate_per_minute: 120,
             anonymous_rate_burst: 30,
             cache_ttl_ms: 30_000,
+            cache_l1_ttl_ms: 5_000,
             cache_negative_ttl_ms: 2_000,
         }
     }
@@ -215,6 +226,8 @@ impl Config {
         for (name, raw) in env {
             let path: Vec<String> = if name == "DATABASE_URL" {
                 vec!["database_url".into()]
+            } else if name == "REDIS_URL" {
+                vec!["redis_url".into()]
             } else if let Some(rest) = name.strip_prefix("DATAFLOW_") {
                 if NON_CONFIG_ENV.iter().any(|p| name.starts_with(p)) {
                     continue;
@@ -273,6 +286,14 @@ impl Config {
         }
         if self.api.max_concurrent_imports_per_client == 0 {
             return bad("api.max_concurrent_imports_per_client must be at least 1");
+        }
+        if let Some(url) = &self.redis_url
+            && !(url.expose().starts_with("redis://") || url.expose().starts_with("rediss://"))
+        {
+            return bad("redis_url must start with redis:// or rediss://");
+        }
+        if self.redis_prefix.is_empty() || self.redis_prefix.contains(char::is_whitespace) {
+            return bad("redis_prefix must be non-empty without spaces");
         }
         for (name, s) in [("admin_token", &self.admin_token), ("secret", &self.secret)] {
             if let Some(s) = s

@@ -27,6 +27,9 @@ pub enum Error {
     #[error("database: {0}")]
     Db(#[from] sqlx::Error),
 
+    #[error("redis: {0}")]
+    Redis(#[from] redis::RedisError),
+
     #[error("migration: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
 

@@ -7,19 +7,23 @@
 //! - [`db`]: the SQL ledger (SQLite or PostgreSQL).
 //! - [`records`]: parsing CSV and NDJSON bodies under limits.
 //! - [`keys`]: API key minting and verification.
-//! - [`limiter`], [`lockout`], [`cache`]: request-path guards.
+//! - [`redis`]: the Redis connection, prefix and health.
+//! - [`limiter`], [`lockout`], [`cache`], [`dedup`]: request-path guards, each with an
+//!   in-process backend and a Redis backend.
 //! - [`events`]: the outbox relay and event publishers.
 
 pub mod backends;
 pub mod cache;
 pub mod config;
 pub mod db;
+pub mod dedup;
 mod error;
 pub mod events;
 pub mod keys;
 pub mod limiter;
 pub mod lockout;
 pub mod records;
+pub mod redis;
 
 pub use backends::Backends;
 pub use config::Config;

@@ -1,11 +1,17 @@
 //! Request-rate limiting with GCRA (the generic cell rate algorithm): each key holds one
 //! number, its theoretical arrival time, so the state is tiny and decisions are exact.
 //!
-//! This is the in-process backend; a shared backend plugs into [`Limiter`] beside it.
+//! Two backends: in-process (one process's view), and Redis (one Lua script, one round
+//! trip, Redis `TIME` as the clock, shared by every process). When Redis fails the Redis
+//! backend answers from its in-process fallback: limits degrade to per-process, never to
+//! unlimited, and the fallback is counted.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
+
+use crate::redis::Redis;
 
 /// Prune idle keys once the table holds this many.
 const PRUNE_AT: usize = 10_000;
@@ -39,12 +45,88 @@ pub struct Decision {
 /// The limiter backends; chosen once in [`crate::backends`].
 pub enum Limiter {
     InProcess(InProcessLimiter),
+    Redis(Box<RedisLimiter>),
 }
 
 impl Limiter {
-    pub fn check(&self, key: &str, rate: Rate) -> Decision {
+    pub async fn check(&self, key: &str, rate: Rate) -> Decision {
         match self {
             Limiter::InProcess(l) => l.check(key, rate),
+            Limiter::Redis(l) => l.check(key, rate).await,
+        }
+    }
+
+    /// Decisions answered by the in-process fallback because Redis failed.
+    pub fn fallbacks(&self) -> u64 {
+        match self {
+            Limiter::InProcess(_) => 0,
+            Limiter::Redis(l) => l.fallbacks.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// GCRA in Redis, in microseconds. KEYS[1] holds the theoretical arrival time; ARGV is
+/// the emission interval and the burst. Returns allowed, retry-after, remaining, reset.
+const GCRA_LUA: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local em = tonumber(ARGV[1])
+local tolerance = em * tonumber(ARGV[2])
+local tat = tonumber(redis.call('GET', KEYS[1]))
+if not tat or tat < now then tat = now end
+local new_tat = tat + em
+local allow_at = new_tat - tolerance
+if allow_at > now then
+  return {0, allow_at - now, 0, tat - now}
+end
+redis.call('SET', KEYS[1], new_tat, 'PX', math.floor((new_tat - now) / 1000) + 1)
+return {1, 0, math.floor((tolerance - (new_tat - now)) / em), new_tat - now}
+"#;
+
+pub struct RedisLimiter {
+    redis: Redis,
+    script: redis::Script,
+    fallback: InProcessLimiter,
+    fallbacks: AtomicU64,
+}
+
+impl RedisLimiter {
+    pub fn new(redis: Redis) -> Self {
+        Self {
+            redis,
+            script: redis::Script::new(GCRA_LUA),
+            fallback: InProcessLimiter::default(),
+            fallbacks: AtomicU64::new(0),
+        }
+    }
+
+    pub async fn check(&self, key: &str, rate: Rate) -> Decision {
+        let burst = i64::from(rate.burst.max(1));
+        let answer: redis::RedisResult<(i64, i64, i64, i64)> = self
+            .script
+            .key(self.redis.key(&["rl", key]))
+            .arg(rate.emission_us())
+            .arg(burst)
+            .invoke_async(&mut self.redis.conn())
+            .await;
+        let ms = |us: i64| (us.max(0) as u64).div_ceil(1000);
+        match answer {
+            Ok((allowed, retry_us, remaining, reset_us)) => Decision {
+                allowed: allowed == 1,
+                remaining: u32::try_from(remaining.max(0)).unwrap_or(u32::MAX),
+                retry_after_ms: ms(retry_us),
+                reset_ms: ms(reset_us),
+            },
+            Err(e) => {
+                if self
+                    .fallbacks
+                    .fetch_add(1, Ordering::Relaxed)
+                    .is_multiple_of(1000)
+                {
+                    tracing::warn!(error = %e, "Redis limiter unavailable; limiting per process");
+                }
+                self.fallback.check(key, rate)
+            }
         }
     }
 }

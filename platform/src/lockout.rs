@@ -1,9 +1,15 @@
 //! Failed-authentication counters with a TTL and a temporary lock-out, per IP and per key id.
-//! In-process backend; every entry expires, so the table cannot grow without bound.
+//!
+//! Two backends: in-process (every entry expires, so the table cannot grow without bound)
+//! and Redis (shared by all processes, every key with a TTL). The Redis backend fails
+//! closed: when Redis errors, its in-process twin keeps counting and locking.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
+
+use crate::redis::Redis;
 
 #[derive(Debug, Clone, Copy)]
 pub struct LockoutPolicy {
@@ -20,25 +26,103 @@ struct Entry {
 
 pub enum Lockout {
     InProcess(InProcessLockout),
+    Redis(Box<RedisLockout>),
 }
 
 impl Lockout {
     /// `Some(remaining)` while `subject` is locked out.
-    pub fn locked(&self, subject: &str) -> Option<Duration> {
+    pub async fn locked(&self, subject: &str) -> Option<Duration> {
         match self {
             Lockout::InProcess(l) => l.locked(subject, Instant::now()),
+            Lockout::Redis(l) => l.locked(subject).await,
         }
     }
 
-    pub fn record_failure(&self, subject: &str) {
+    pub async fn record_failure(&self, subject: &str) {
         match self {
             Lockout::InProcess(l) => l.record_failure(subject, Instant::now()),
+            Lockout::Redis(l) => l.record_failure(subject).await,
         }
     }
 
-    pub fn clear(&self, subject: &str) {
+    /// Operations answered by the in-process fallback because Redis failed.
+    pub fn fallbacks(&self) -> u64 {
         match self {
-            Lockout::InProcess(l) => l.clear(subject),
+            Lockout::InProcess(_) => 0,
+            Lockout::Redis(l) => l.fallbacks.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// Counts a failure (the counter lives for the window) and sets the lock key once the
+/// count reaches the limit. KEYS: counter, lock. ARGV: window ms, max failures, lock-out ms.
+const FAILURE_LUA: &str = r#"
+local n = redis.call('INCR', KEYS[1])
+if n == 1 then redis.call('PEXPIRE', KEYS[1], ARGV[1]) end
+if n >= tonumber(ARGV[2]) then redis.call('SET', KEYS[2], '1', 'PX', ARGV[3]) end
+return n
+"#;
+
+pub struct RedisLockout {
+    redis: Redis,
+    policy: LockoutPolicy,
+    script: redis::Script,
+    fallback: InProcessLockout,
+    fallbacks: AtomicU64,
+}
+
+impl RedisLockout {
+    pub fn new(redis: Redis, policy: LockoutPolicy) -> Self {
+        Self {
+            redis,
+            policy,
+            script: redis::Script::new(FAILURE_LUA),
+            fallback: InProcessLockout::new(policy),
+            fallbacks: AtomicU64::new(0),
+        }
+    }
+
+    fn degraded(&self, e: &redis::RedisError) {
+        if self
+            .fallbacks
+            .fetch_add(1, Ordering::Relaxed)
+            .is_multiple_of(1000)
+        {
+            tracing::warn!(error = %e, "Redis lock-out unavailable; counting per process");
+        }
+    }
+
+    async fn locked(&self, subject: &str) -> Option<Duration> {
+        let ttl: redis::RedisResult<i64> = redis::cmd("PTTL")
+            .arg(self.redis.key(&["authlock", subject]))
+            .query_async(&mut self.redis.conn())
+            .await;
+        let local = self.fallback.locked(subject, Instant::now());
+        match ttl {
+            Ok(ms) if ms > 0 => Some(Duration::from_millis(ms as u64)),
+            // The in-process twin still remembers lock-outs counted while Redis was away.
+            Ok(_) => local,
+            Err(e) => {
+                self.degraded(&e);
+                local
+            }
+        }
+    }
+
+    async fn record_failure(&self, subject: &str) {
+        let ms = |d: Duration| d.as_millis() as u64;
+        let counted: redis::RedisResult<i64> = self
+            .script
+            .key(self.redis.key(&["authfail", subject]))
+            .key(self.redis.key(&["authlock", subject]))
+            .arg(ms(self.policy.window))
+            .arg(self.policy.max_failures)
+            .arg(ms(self.policy.lockout))
+            .invoke_async(&mut self.redis.conn())
+            .await;
+        if let Err(e) = counted {
+            self.degraded(&e);
+            self.fallback.record_failure(subject, Instant::now());
         }
     }
 }
@@ -84,13 +168,6 @@ impl InProcessLockout {
         if e.failures >= p.max_failures {
             e.locked_until = Some(now + p.lockout);
         }
-    }
-
-    fn clear(&self, subject: &str) {
-        self.entries
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(subject);
     }
 }
 

@@ -79,7 +79,7 @@ async fn show_client(
 async fn set_active(state: AppState, id: String, active: bool) -> ApiResult<Json<ClientView>> {
     let id: ClientId = parse_path_id(&id)?;
     let client = state.backends.db.set_client_active(&id, active).await?;
-    state.backends.clients.invalidate(id.as_str());
+    state.backends.clients.invalidate(id.as_str()).await;
     Ok(Json(client.view()))
 }
 
@@ -116,7 +116,7 @@ async fn patch_policy(
         .patched(&patch)
         .map_err(|e| ApiError::unprocessable("invalid_policy", e))?;
     let updated = state.backends.db.set_policy(&client.id, &policy).await?;
-    state.backends.clients.invalidate(client.id.as_str());
+    state.backends.clients.invalidate(client.id.as_str()).await;
     Ok(Json(updated.policy))
 }
 
@@ -140,7 +140,7 @@ async fn create_key(
         .create_key(&id, &key.key_id, &key.hmac, label.as_deref())
         .await?;
     // A lookup of this id may have cached "no such key" a moment ago.
-    state.backends.keys.invalidate(&key.key_id);
+    state.backends.keys.invalidate(&key.key_id).await;
     Ok((
         StatusCode::CREATED,
         Json(KeyCreated {
@@ -164,7 +164,7 @@ async fn revoke_key(
     Path(key_id): Path<String>,
 ) -> ApiResult<StatusCode> {
     state.backends.db.revoke_key(&key_id).await?;
-    state.backends.keys.invalidate(&key_id);
+    state.backends.keys.invalidate(&key_id).await;
     Ok(StatusCode::NO_CONTENT)
 }
 

@@ -1,4 +1,5 @@
-//! `GET /healthz` (the process answers) and `GET /readyz` (the ledger answers).
+//! `GET /healthz` (the process answers) and `GET /readyz` (the ledger answers; Redis and the
+//! fallbacks in use are reported, but only a missing ledger makes it 503).
 
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -15,17 +16,27 @@ pub fn router() -> Router<AppState> {
 }
 
 async fn ready(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
-    match state.backends.db.ping().await {
-        Ok(()) => (
-            StatusCode::OK,
-            Json(json!({"status": "ready", "ledger": "up"})),
-        ),
-        Err(e) => {
-            tracing::warn!(error = %e, "readiness: ledger unreachable");
-            (
-                StatusCode::SERVICE_UNAVAILABLE,
-                Json(json!({"status": "unavailable", "ledger": "down"})),
-            )
-        }
+    let b = &state.backends;
+    let redis = match &b.redis {
+        None => "embedded",
+        Some(r) if r.ping().await.is_ok() => "up",
+        Some(_) => "down",
+    };
+    let fallbacks = json!({"limiter": b.limiter.fallbacks(), "lockout": b.lockout.fallbacks()});
+    let ledger = b.db.ping().await;
+    let status = if ledger.is_ok() {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    if let Err(e) = &ledger {
+        tracing::warn!(error = %e, "readiness: ledger unreachable");
     }
+    let body = json!({
+        "status": if ledger.is_ok() { "ready" } else { "unavailable" },
+        "ledger": if ledger.is_ok() { "up" } else { "down" },
+        "redis": redis,
+        "fallbacks": fallbacks,
+    });
+    (status, Json(body))
 }

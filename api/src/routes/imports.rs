@@ -4,6 +4,8 @@
 //! cheap refusals come first: media type, idempotency key, declared size, body size,
 //! idempotency replay, dedup pre-check, parse, then the one submit transaction.
 
+use std::time::Duration;
+
 use axum::body::{Body, Bytes};
 use axum::extract::{Extension, Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
@@ -13,6 +15,7 @@ use axum::{Json, Router};
 use dataflow_contracts::http::ImportView;
 use dataflow_contracts::{ImportFormat, ImportId};
 use dataflow_platform::db::{IdempotencyStart, NewImport, SubmitOutcome};
+use dataflow_platform::dedup::Claim;
 use dataflow_platform::records::{self, Limits};
 use sha2::{Digest, Sha256};
 
@@ -147,8 +150,39 @@ async fn submit(
     }
 }
 
-/// Dedup pre-check, parse and policy, then the submit transaction.
+/// The dedup fast path around [`decide`]: a payload the fast path already knows is answered
+/// from SQL by id; anything else is decided by the submit transaction.
 async fn accept(
+    state: &AppState,
+    p: &Principal,
+    format: ImportFormat,
+    body: &Bytes,
+    checksum: &str,
+    idem_key: Option<&str>,
+) -> ApiResult<(StatusCode, ImportView)> {
+    let client = &p.client.id;
+    let window = Duration::from_secs(p.client.policy.dedup_window_secs);
+    let dedup = &state.backends.dedup;
+    let claim = dedup.claim(client, checksum, window).await;
+    if let Claim::Known(id) = &claim
+        && let Some(first) = state.backends.db.get_import(Some(client), id).await?
+    {
+        return Ok((
+            StatusCode::OK,
+            ImportView {
+                duplicate: true,
+                ..first
+            },
+        ));
+    }
+    let result = decide(state, p, format, body, checksum, idem_key).await;
+    let owner = result.as_ref().ok().map(|(_, view)| &view.id);
+    dedup.settle(client, checksum, &claim, owner, window).await;
+    result
+}
+
+/// Dedup pre-check, parse and policy, then the submit transaction.
+async fn decide(
     state: &AppState,
     p: &Principal,
     format: ImportFormat,

@@ -3,6 +3,7 @@
 use dataflow_contracts::http::{ClientView, KeyView};
 use dataflow_contracts::time::rfc3339;
 use dataflow_contracts::{ClientId, Policy};
+use serde::{Deserialize, Serialize};
 use sqlx::Row;
 use sqlx::any::AnyRow;
 
@@ -10,7 +11,7 @@ use super::{Db, flag};
 use crate::{Error, Result};
 
 /// What authentication needs to know about a key.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct KeyRecord {
     pub key_id: String,
     pub client_id: ClientId,
@@ -19,7 +20,7 @@ pub struct KeyRecord {
 }
 
 /// A client as the request path sees it.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ClientRecord {
     pub id: ClientId,
     pub name: String,

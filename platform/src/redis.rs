@@ -1,0 +1,105 @@
+//! The Redis foundation: one multiplexed, self-reconnecting connection per process, with
+//! explicit timeouts, TLS (`rediss://`) and passwords from the URL, and every key under one
+//! configurable prefix.
+//!
+//! Redis is a fast path, never the ledger: every caller has an answer for "Redis is down".
+
+use std::time::Duration;
+
+use redis::aio::ConnectionManager;
+use redis::{AsyncCommands, Client};
+
+use crate::{Error, Result};
+
+/// Timeouts short enough that a hung Redis costs a request milliseconds, not seconds.
+const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
+const RESPONSE_TIMEOUT: Duration = Duration::from_millis(500);
+
+#[derive(Clone)]
+pub struct Redis {
+    conn: ConnectionManager,
+    client: Client,
+    prefix: String,
+}
+
+impl Redis {
+    /// Connects once (failing fast when Redis is unreachable at startup) and checks the
+    /// eviction policy.
+    pub async fn connect(url: &str, prefix: &str) -> Result<Redis> {
+        let client = Client::open(url).map_err(|e| Error::Config(format!("REDIS_URL: {e}")))?;
+        let config = redis::aio::ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(CONNECT_TIMEOUT))
+            .set_response_timeout(Some(RESPONSE_TIMEOUT))
+            .set_number_of_retries(1)
+            .set_max_delay(Duration::from_millis(500));
+        let conn = client.get_connection_manager_with_config(config).await?;
+        let redis = Redis {
+            conn,
+            client,
+            prefix: prefix.to_owned(),
+        };
+        redis.warn_unless_noeviction().await;
+        Ok(redis)
+    }
+
+    /// `<prefix>:<part>:<part>…`
+    pub fn key(&self, parts: &[&str]) -> String {
+        let mut key = self.prefix.clone();
+        for p in parts {
+            key.push(':');
+            key.push_str(p);
+        }
+        key
+    }
+
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// A handle for commands; cheap (the connection is multiplexed).
+    pub fn conn(&self) -> ConnectionManager {
+        self.conn.clone()
+    }
+
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    pub async fn ping(&self) -> Result<()> {
+        let _: String = redis::cmd("PING").query_async(&mut self.conn()).await?;
+        Ok(())
+    }
+
+    /// Limits, lock-outs and dedup claims must not be evicted: only `noeviction` keeps
+    /// them. Managed Redis often forbids `CONFIG`; then say so and go on.
+    async fn warn_unless_noeviction(&self) {
+        let policy: redis::RedisResult<Vec<String>> = redis::cmd("CONFIG")
+            .arg("GET")
+            .arg("maxmemory-policy")
+            .query_async(&mut self.conn())
+            .await;
+        match policy.as_deref() {
+            Ok([_, p]) if p == "noeviction" => {}
+            Ok([_, p]) => tracing::warn!(
+                policy = %p,
+                "Redis maxmemory-policy is not noeviction: limiter, lock-out and dedup keys may be \
+                 evicted under memory pressure; set `maxmemory-policy noeviction`"
+            ),
+            _ => {
+                tracing::warn!("could not read Redis maxmemory-policy; make sure it is noeviction")
+            }
+        }
+    }
+
+    /// Every key under this prefix (for audits such as "no key without a TTL").
+    pub async fn keys_with_prefix(&self) -> Result<Vec<String>> {
+        let mut conn = self.conn();
+        let mut iter: redis::AsyncIter<String> =
+            conn.scan_match(format!("{}:*", self.prefix)).await?;
+        let mut keys = Vec::new();
+        while let Some(k) = futures::StreamExt::next(&mut iter).await {
+            keys.push(k?);
+        }
+        Ok(keys)
+    }
+}
