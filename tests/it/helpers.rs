@@ -138,8 +138,8 @@ pub struct TestApp {
     pub http: reqwest::Client,
     pub db: Db,
     pub config: Config,
-    // Last: the database outlives the process using it.
-    _test_db: TestDb,
+    // Last: the database outlives the process using it. Siblings share it and hold none.
+    _test_db: Option<TestDb>,
 }
 
 impl TestApp {
@@ -152,6 +152,10 @@ impl TestApp {
         let test_db = TestDb::create(backend).await?;
         let mut config = test_config(&test_db);
         tweak(&mut config);
+        Some(Self::start(config, roles, Some(test_db)).await)
+    }
+
+    async fn start(config: Config, roles: Roles, test_db: Option<TestDb>) -> TestApp {
         config.validate().expect("valid test config");
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let app = App::start(config.clone(), roles, Some(listener))
@@ -163,14 +167,38 @@ impl TestApp {
             .no_proxy()
             .build()
             .expect("http client");
-        Some(TestApp {
+        TestApp {
             app: Some(app),
             addr,
             http,
             db,
             config,
             _test_db: test_db,
+        }
+    }
+
+    /// A second process on the same database and Redis prefix (stop it before this one).
+    pub async fn sibling(&self, roles: Roles) -> TestApp {
+        Self::start(self.config.clone(), roles, None).await
+    }
+
+    /// A process whose Redis is `redis_url` (default: the test Redis) under a fresh prefix;
+    /// `None` when Redis is unreachable and not required.
+    pub async fn spawn_redis(
+        backend: Backend,
+        roles: Roles,
+        redis_url: Option<String>,
+        tweak: impl FnOnce(&mut Config),
+    ) -> Option<TestApp> {
+        let direct = test_redis_url().await?;
+        let url = redis_url.unwrap_or(direct);
+        let prefix = format!("dftest-{}", ulid::Ulid::new().to_string().to_lowercase());
+        Self::spawn_with(backend, roles, |c| {
+            c.redis_url = Some(dataflow_platform::config::Secret::new(url));
+            c.redis_prefix = prefix;
+            tweak(c);
         })
+        .await
     }
 
     pub async fn spawn(backend: Backend) -> Option<TestApp> {
@@ -284,6 +312,87 @@ impl TestApp {
         if let Some(app) = self.app.take() {
             app.stop().await;
         }
+    }
+}
+
+/// The test Redis URL, or `None` (with a message) when it is unreachable and not required.
+pub async fn test_redis_url() -> Option<String> {
+    let url = std::env::var("DATAFLOW_TEST_REDIS_URL")
+        .unwrap_or_else(|_| "redis://127.0.0.1:6379/".into());
+    let reachable = async {
+        let client = redis::Client::open(url.as_str()).ok()?;
+        let mut conn = client.get_multiplexed_async_connection().await.ok()?;
+        redis::cmd("PING")
+            .query_async::<String>(&mut conn)
+            .await
+            .ok()
+    };
+    match tokio::time::timeout(Duration::from_secs(2), reachable).await {
+        Ok(Some(_)) => Some(url),
+        _ if services_required() => panic!("Redis is required but unreachable at {url}"),
+        _ => {
+            eprintln!(
+                "SKIPPED: Redis unreachable at {url}; set DATAFLOW_TEST_REQUIRE_SERVICES=1 to fail instead"
+            );
+            None
+        }
+    }
+}
+
+/// A TCP proxy the test can cut (drop every connection, refuse new ones) and heal.
+pub struct Proxy {
+    pub addr: std::net::SocketAddr,
+    cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    conns: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>>,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+impl Proxy {
+    pub async fn start(target: std::net::SocketAddr) -> Proxy {
+        use std::sync::atomic::Ordering;
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
+        let addr = listener.local_addr().expect("proxy address");
+        let cut = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let conns = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (cut2, conns2) = (cut.clone(), conns.clone());
+        let accept = tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                if cut2.load(Ordering::SeqCst) {
+                    drop(inbound);
+                    continue;
+                }
+                let task = tokio::spawn(async move {
+                    if let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+                conns2.lock().unwrap().push(task.abort_handle());
+            }
+        });
+        Proxy {
+            addr,
+            cut,
+            conns,
+            accept,
+        }
+    }
+
+    pub fn cut(&self) {
+        self.cut.store(true, std::sync::atomic::Ordering::SeqCst);
+        for c in self.conns.lock().unwrap().drain(..) {
+            c.abort();
+        }
+    }
+
+    pub fn heal(&self) {
+        self.cut.store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.cut();
+        self.accept.abort();
     }
 }
 

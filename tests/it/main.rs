@@ -9,4 +9,5 @@ mod helpers;
 mod auth;
 mod bench;
 mod imports;
+mod redis;
 mod worker;

@@ -1,0 +1,328 @@
+//! The Redis tier: shared limits across processes, cache invalidation across processes,
+//! the dedup fast path, fallbacks when Redis is cut, and no immortal keys.
+
+use std::time::{Duration, Instant};
+
+use dataflow::Roles;
+use dataflow_contracts::BatchStatus;
+use dataflow_contracts::http::{ErrorBody, ImportView};
+use reqwest::Method;
+use serde_json::{Value, json};
+
+use crate::helpers::{Backend, Proxy, TestApp, backend_tests, csv, test_redis_url};
+
+backend_tests!(
+    rate_limit_is_exact_across_two_processes,
+    revocation_and_policy_changes_reach_every_process_within_a_second,
+    redis_outage_falls_back_without_going_unlimited,
+    dedup_holds_with_redis_flushed_and_with_redis_cut,
+);
+
+async fn status_of(t: &TestApp, key: &str) -> u16 {
+    t.get(key, "/v1/batches").await.status().as_u16()
+}
+
+async fn rate_limit_is_exact_across_two_processes(b: Backend) {
+    let Some(a) = TestApp::spawn_redis(b, Roles::API, None, |_| {}).await else {
+        return;
+    };
+    let other = a.sibling(Roles::API).await;
+    let (_, key) = a
+        .client(json!({"rate_per_minute": 60, "rate_burst": 10}))
+        .await;
+    let started = Instant::now();
+    let requests = (0..60).map(|i| {
+        let target = if i % 2 == 0 { &a } else { &other };
+        target.get(&key, "/v1/batches")
+    });
+    let answers = futures::future::join_all(requests).await;
+    let elapsed = started.elapsed().as_secs_f64();
+    let mut admitted = 0;
+    for resp in answers {
+        match resp.status().as_u16() {
+            200 => admitted += 1,
+            429 => assert!(resp.headers().contains_key("retry-after")),
+            other => panic!("unexpected {other}"),
+        }
+    }
+    // Burst 10, then one per second: never more, whichever process answered.
+    let ceiling = 10 + elapsed.ceil() as u32;
+    assert!(
+        (10..=ceiling).contains(&admitted),
+        "admitted {admitted} in {elapsed:.2}s (ceiling {ceiling})"
+    );
+    other.stop().await;
+    a.stop().await;
+}
+
+async fn revocation_and_policy_changes_reach_every_process_within_a_second(b: Backend) {
+    let Some(a) =
+        TestApp::spawn_redis(b, Roles::API, None, |c| c.api.cache_l1_ttl_ms = 60_000).await
+    else {
+        return;
+    };
+    let other = a.sibling(Roles::API).await;
+    let (client, key) = a.client(json!({"rate_per_minute": 600})).await;
+    // Both processes now hold the key and the client in their own L1.
+    assert_eq!(status_of(&a, &key).await, 200);
+    assert_eq!(status_of(&other, &key).await, 200);
+
+    let patched = a
+        .admin(Method::PATCH, &format!("/admin/clients/{client}/policy"))
+        .json(&json!({"rate_per_minute": 120}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(patched.status(), 200);
+    let started = Instant::now();
+    loop {
+        let resp = other.get(&key, "/v1/batches").await;
+        if resp.headers()["ratelimit-policy"] == "\"default\";q=120;w=60" {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "policy change not seen within 1 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    let key_id = key.split('_').nth(1).unwrap();
+    let revoked = a
+        .admin(Method::POST, &format!("/admin/keys/{key_id}/revoke"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(revoked.status(), 204);
+    let started = Instant::now();
+    while status_of(&other, &key).await != 401 {
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "revocation not enforced within 1 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    other.stop().await;
+    a.stop().await;
+}
+
+fn redis_addr(url: &str) -> std::net::SocketAddr {
+    let host_port = url
+        .trim_start_matches("redis://")
+        .split('/')
+        .next()
+        .unwrap();
+    let host_port = host_port.rsplit('@').next().unwrap();
+    let host_port = if host_port.contains(':') {
+        host_port.to_owned()
+    } else {
+        format!("{host_port}:6379")
+    };
+    host_port.replace("localhost", "127.0.0.1").parse().unwrap()
+}
+
+async fn redis_outage_falls_back_without_going_unlimited(b: Backend) {
+    let Some(url) = test_redis_url().await else {
+        return;
+    };
+    let proxy = Proxy::start(redis_addr(&url)).await;
+    let via_proxy = format!("redis://{}/", proxy.addr);
+    let Some(t) = TestApp::spawn_redis(b, Roles::API, Some(via_proxy), |c| {
+        c.api.auth_max_failures = 3
+    })
+    .await
+    else {
+        return;
+    };
+    let (_, key) = t
+        .client(json!({"rate_per_minute": 60, "rate_burst": 3}))
+        .await;
+    assert_eq!(status_of(&t, &key).await, 200);
+
+    proxy.cut();
+    // Quota limits fail open to the in-process limiter: limited, never unlimited.
+    let statuses: Vec<u16> = futures::future::join_all((0..8).map(|_| t.get(&key, "/v1/batches")))
+        .await
+        .iter()
+        .map(|r| r.status().as_u16())
+        .collect();
+    let admitted = statuses.iter().filter(|s| **s == 200).count();
+    assert!((1..=4).contains(&admitted), "with Redis cut: {statuses:?}");
+    assert!(statuses.contains(&429));
+    // Lock-out counters fail closed to their in-process twin.
+    for _ in 0..3 {
+        assert_eq!(
+            t.get("dfk_0000000000000000_00", "/v1/batches")
+                .await
+                .status(),
+            401
+        );
+    }
+    let locked = t.get(&key, "/v1/batches").await;
+    assert_eq!(locked.status(), 429);
+    assert_eq!(
+        locked.json::<ErrorBody>().await.unwrap().code,
+        "auth_locked"
+    );
+    let ready: Value = t
+        .http
+        .get(t.url("/readyz"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(ready["redis"], "down");
+    assert!(ready["fallbacks"]["limiter"].as_u64().unwrap() > 0);
+    assert!(ready["fallbacks"]["lockout"].as_u64().unwrap() > 0);
+
+    proxy.heal();
+    let started = Instant::now();
+    loop {
+        let ready: Value = t
+            .http
+            .get(t.url("/readyz"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if ready["redis"] == "up" {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "Redis did not come back: {ready}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    t.stop().await;
+}
+
+async fn dedup_holds_with_redis_flushed_and_with_redis_cut(b: Backend) {
+    let Some(url) = test_redis_url().await else {
+        return;
+    };
+    let proxy = Proxy::start(redis_addr(&url)).await;
+    let via_proxy = format!("redis://{}/", proxy.addr);
+    let Some(t) = TestApp::spawn_redis(b, Roles::ALL, Some(via_proxy), |c| {
+        c.api.max_concurrent_imports_per_client = 64
+    })
+    .await
+    else {
+        return;
+    };
+    let (_, key) = t.client(json!({"rate_burst": 200})).await;
+    let body = csv("d", 20);
+    let answers =
+        futures::future::join_all((0..30).map(|_| t.submit(&key, "text/csv", body.clone()).send()))
+            .await;
+    let mut created = Vec::new();
+    for resp in answers {
+        let resp = resp.unwrap();
+        let status = resp.status().as_u16();
+        let view: ImportView = resp.json().await.unwrap();
+        assert!(
+            status == 202 || (status == 200 && view.duplicate),
+            "{status}"
+        );
+        if status == 202 {
+            created.push(view.id);
+        }
+    }
+    assert_eq!(created.len(), 1);
+    let first = created[0].clone();
+
+    // The fast path knows it now: a repeat is answered without the transaction.
+    let again: ImportView = t
+        .submit(&key, "text/csv", body.clone())
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!((again.id.clone(), again.duplicate), (first.clone(), true));
+
+    // Redis loses the dedup keys: SQL still decides.
+    let redis = t.app.as_ref().unwrap().backends.redis.clone().unwrap();
+    let mut conn = redis.conn();
+    for k in redis
+        .keys_with_prefix()
+        .await
+        .unwrap()
+        .iter()
+        .filter(|k| k.contains(":dedup:"))
+    {
+        let _: () = redis::cmd("DEL")
+            .arg(k)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    }
+    let after_flush = t
+        .submit(&key, "text/csv", body.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(after_flush.status(), 200);
+    assert_eq!(after_flush.json::<ImportView>().await.unwrap().id, first);
+
+    // Redis unreachable: still one import per payload.
+    proxy.cut();
+    let during_outage = t
+        .submit(&key, "text/csv", body.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(during_outage.status(), 200);
+    let fresh = t
+        .submit(&key, "text/csv", csv("e", 5))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        fresh.status(),
+        202,
+        "new payloads are still accepted with Redis down"
+    );
+    let fresh: ImportView = fresh.json().await.unwrap();
+    t.wait_for(&key, &fresh.batch_id, BatchStatus::Completed)
+        .await;
+    proxy.heal();
+
+    let batches: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM batches")
+        .fetch_one(t.db.pool())
+        .await
+        .unwrap();
+    assert_eq!(batches, 2);
+    assert_no_immortal_keys(&t).await;
+    t.stop().await;
+}
+
+/// K1: every key DataFlow wrote under its prefix carries a TTL.
+async fn assert_no_immortal_keys(t: &TestApp) {
+    let redis = t.app.as_ref().unwrap().backends.redis.clone().unwrap();
+    let started = Instant::now();
+    let keys = loop {
+        match redis.keys_with_prefix().await {
+            Ok(keys) => break keys,
+            Err(_) if started.elapsed() < Duration::from_secs(10) => {
+                tokio::time::sleep(Duration::from_millis(100)).await
+            }
+            Err(e) => panic!("Redis did not come back: {e}"),
+        }
+    };
+    assert!(!keys.is_empty(), "the scenario should have written keys");
+    let mut conn = redis.conn();
+    for k in keys {
+        let ttl: i64 = redis::cmd("PTTL")
+            .arg(&k)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert!(ttl > 0 || ttl == -2, "key {k} has no TTL ({ttl})");
+    }
+}
