@@ -94,6 +94,7 @@ impl App {
                 backends.db.clone(),
                 config.worker.clone(),
                 backends.outbox_wake.clone(),
+                backends.mutex.clone(),
             )
         });
         if let Some(worker) = &worker {

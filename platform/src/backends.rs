@@ -7,6 +7,7 @@
 //! | auth lock-out | Redis counters with TTL, in-process fallback | in-process |
 //! | key / client cache | L1 in process + L2 in Redis, pub/sub invalidation | in process |
 //! | dedup fast path | Redis `SET NX PX` before the SQL decider | SQL only |
+//! | batch mutex | Redlock, fenced by the SQL lease epoch | the SQL lease alone |
 
 use std::path::Path;
 use std::sync::Arc;
@@ -24,6 +25,7 @@ use crate::events::Publisher;
 use crate::keys::{self, KeyHasher};
 use crate::limiter::{InProcessLimiter, Limiter, RedisLimiter};
 use crate::lockout::{InProcessLockout, Lockout, LockoutPolicy, RedisLockout};
+use crate::mutex::{BatchMutex, Redlock};
 use crate::redis::Redis;
 use crate::{Error, Result};
 
@@ -37,6 +39,7 @@ pub struct Backends {
     /// Clients (with their policies) by client id.
     pub clients: Cache<ClientRecord>,
     pub dedup: DedupFastPath,
+    pub mutex: Arc<BatchMutex>,
     pub publisher: Publisher,
     /// Signalled after a commit that wrote outbox rows, so the relay runs at once.
     pub outbox_wake: Arc<Notify>,
@@ -65,17 +68,22 @@ impl Backends {
         };
         let ttl = Duration::from_millis(api.cache_ttl_ms);
         let negative_ttl = Duration::from_millis(api.cache_negative_ttl_ms);
-        let (limiter, lockout, dedup, l1_ttl) = match &redis {
-            Some(r) => (
+        let (limiter, lockout, dedup, mutex, l1_ttl) = match (&redis, &config.redis_url) {
+            (Some(r), Some(url)) => (
                 Limiter::Redis(Box::new(RedisLimiter::new(r.clone()))),
                 Lockout::Redis(Box::new(RedisLockout::new(r.clone(), lockout_policy))),
                 DedupFastPath::Redis(Box::new(r.clone())),
+                BatchMutex::Redlock(Box::new(Redlock::new(
+                    vec![url.expose().to_owned()],
+                    r.clone(),
+                ))),
                 Duration::from_millis(api.cache_l1_ttl_ms),
             ),
-            None => (
+            _ => (
                 Limiter::InProcess(InProcessLimiter::default()),
                 Lockout::InProcess(InProcessLockout::new(lockout_policy)),
                 DedupFastPath::Off,
+                BatchMutex::SqlOnly,
                 ttl,
             ),
         };
@@ -95,6 +103,7 @@ impl Backends {
             limiter,
             lockout,
             dedup,
+            mutex: Arc::new(mutex),
             publisher: Publisher::in_process(),
             outbox_wake: Arc::new(Notify::new()),
             hasher: KeyHasher::new(secret.expose()),

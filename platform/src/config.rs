@@ -9,7 +9,6 @@
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
@@ -311,10 +310,6 @@ impl Config {
         self.database_url
             .clone()
             .unwrap_or_else(|| format!("sqlite://{}", self.data_dir.join("dataflow.db").display()))
-    }
-
-    pub fn lease(&self) -> Duration {
-        Duration::from_secs(self.worker.lease_secs)
     }
 }
 

@@ -10,6 +10,7 @@
 //! - [`redis`]: the Redis connection, prefix and health.
 //! - [`limiter`], [`lockout`], [`cache`], [`dedup`]: request-path guards, each with an
 //!   in-process backend and a Redis backend.
+//! - [`mutex`]: the Redlock batch mutex in front of the SQL lease.
 //! - [`events`]: the outbox relay and event publishers.
 
 pub mod backends;
@@ -22,6 +23,7 @@ pub mod events;
 pub mod keys;
 pub mod limiter;
 pub mod lockout;
+pub mod mutex;
 pub mod records;
 pub mod redis;
 

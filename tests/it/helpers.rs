@@ -308,6 +308,17 @@ impl TestApp {
         }
     }
 
+    /// A worker on this process's backends that the test drives itself.
+    pub fn worker(&self) -> dataflow_worker::Worker {
+        let backends = &self.app.as_ref().expect("running").backends;
+        dataflow_worker::Worker::new(
+            self.db.clone(),
+            self.config.worker.clone(),
+            backends.outbox_wake.clone(),
+            backends.mutex.clone(),
+        )
+    }
+
     pub async fn stop(mut self) {
         if let Some(app) = self.app.take() {
             app.stop().await;

@@ -5,7 +5,10 @@ use std::time::{Duration, Instant};
 
 use dataflow::Roles;
 use dataflow_contracts::BatchStatus;
+use dataflow_contracts::events::Event;
 use dataflow_contracts::http::{ErrorBody, ImportView};
+use dataflow_platform::Error;
+use dataflow_worker::{Outcome, Step};
 use reqwest::Method;
 use serde_json::{Value, json};
 
@@ -16,6 +19,7 @@ backend_tests!(
     revocation_and_policy_changes_reach_every_process_within_a_second,
     redis_outage_falls_back_without_going_unlimited,
     dedup_holds_with_redis_flushed_and_with_redis_cut,
+    a_paused_worker_cannot_commit_with_redis_up_or_down,
 );
 
 async fn status_of(t: &TestApp, key: &str) -> u16 {
@@ -325,4 +329,76 @@ async fn assert_no_immortal_keys(t: &TestApp) {
             .unwrap();
         assert!(ttl > 0 || ttl == -2, "key {k} has no TTL ({ttl})");
     }
+}
+
+async fn a_paused_worker_cannot_commit_with_redis_up_or_down(b: Backend) {
+    let Some(url) = test_redis_url().await else {
+        return;
+    };
+    let proxy = Proxy::start(redis_addr(&url)).await;
+    let via_proxy = format!("redis://{}/", proxy.addr);
+    let Some(t) =
+        TestApp::spawn_redis(b, Roles::API, Some(via_proxy), |c| c.worker.lease_secs = 2).await
+    else {
+        return;
+    };
+    let (_, key) = t.client(json!({})).await;
+    for redis_up in [true, false] {
+        if !redis_up {
+            proxy.cut();
+        }
+        let imp = t
+            .import(&key, "text/csv", csv(&format!("p{redis_up}"), 35))
+            .await;
+        let (paused, successor) = (t.worker(), t.worker());
+        let lease = paused.claim_next().await.unwrap().expect("a ready batch");
+        let mut run = paused.start(lease).await.unwrap();
+        assert!(matches!(
+            paused.step(&mut run).await.unwrap(),
+            Step::Chunk(_)
+        ));
+        assert!(
+            successor.claim_next().await.unwrap().is_none(),
+            "held batches are left alone"
+        );
+
+        // The paused worker sleeps past its lease (and its lock's TTL): real time, since
+        // both expiries are judged by the servers' clocks.
+        tokio::time::sleep(Duration::from_millis(2_300)).await;
+        let takeover = successor
+            .claim_next()
+            .await
+            .unwrap()
+            .expect("the expired batch is claimable");
+        assert!(matches!(
+            successor.process(takeover, &Default::default()).await,
+            Outcome::Completed(_)
+        ));
+
+        let refused = paused.step(&mut run).await.unwrap_err();
+        assert!(
+            matches!(refused, Error::FenceRejected { .. }),
+            "redis up: {redis_up}: {refused:?}"
+        );
+        let view = t.batch(&key, &imp.batch_id).await;
+        assert_eq!(
+            (view.status, view.records_written),
+            (BatchStatus::Completed, 35)
+        );
+        let completions =
+            t.db.batch_events(imp.batch_id.as_str())
+                .await
+                .unwrap()
+                .iter()
+                .filter(|e| matches!(e.event, Event::BatchCompleted(_)))
+                .count();
+        assert_eq!(completions, 1);
+    }
+    let mutex = &t.app.as_ref().unwrap().backends.mutex;
+    assert!(
+        mutex.degraded() > 0,
+        "the Redis-down round must have run on the SQL lease alone"
+    );
+    proxy.heal();
+    t.stop().await;
 }

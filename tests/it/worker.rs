@@ -26,11 +26,7 @@ async fn api_only(b: Backend) -> Option<TestApp> {
 }
 
 fn worker(t: &TestApp) -> Worker {
-    Worker::new(
-        t.db.clone(),
-        t.config.worker.clone(),
-        std::sync::Arc::default(),
-    )
+    t.worker()
 }
 
 async fn expire_leases(t: &TestApp) {

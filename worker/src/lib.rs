@@ -9,14 +9,16 @@
 
 pub mod prepare;
 
-use std::collections::VecDeque;
-use std::sync::Arc;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use dataflow_contracts::BatchId;
 use dataflow_contracts::events::{BatchCompleted, Envelope, Event};
 use dataflow_platform::config::WorkerConfig;
 use dataflow_platform::db::{Chunk, ChunkResult, Db, FailOutcome, Lease};
+use dataflow_platform::mutex::{Acquired, BatchMutex};
 use dataflow_platform::records::{self, Limits};
 use dataflow_platform::{Error, Result};
 use tokio::sync::{Notify, Semaphore, broadcast};
@@ -73,6 +75,9 @@ pub struct Worker {
     id: String,
     outbox_wake: Arc<Notify>,
     stats: Arc<WorkerStats>,
+    mutex: Arc<BatchMutex>,
+    /// Batch mutexes this worker holds, released when the batch's attempt ends.
+    locks: Arc<Mutex<HashMap<BatchId, rslock::Lock>>>,
 }
 
 /// Why an attempt failed, and whether another attempt could help.
@@ -91,13 +96,20 @@ impl From<Error> for AttemptError {
 }
 
 impl Worker {
-    pub fn new(db: Db, config: WorkerConfig, outbox_wake: Arc<Notify>) -> Self {
+    pub fn new(
+        db: Db,
+        config: WorkerConfig,
+        outbox_wake: Arc<Notify>,
+        mutex: Arc<BatchMutex>,
+    ) -> Self {
         Self {
             db,
             config,
             id: worker_id(),
             outbox_wake,
             stats: Arc::default(),
+            mutex,
+            locks: Arc::default(),
         }
     }
 
@@ -114,9 +126,71 @@ impl Worker {
         i64::try_from(self.config.lease_secs.saturating_mul(1000)).unwrap_or(i64::MAX)
     }
 
-    /// Claims the next available batch, if any.
+    /// Claims the next available batch, if any. With the Redlock mutex the batch is locked
+    /// first and leased second; batches locked by other workers are left to them.
     pub async fn claim_next(&self) -> Result<Option<Lease>> {
-        self.db.claim_next(&self.id, self.lease_ms()).await
+        if matches!(*self.mutex, BatchMutex::SqlOnly) {
+            return self.db.claim_next(&self.id, self.lease_ms()).await;
+        }
+        let candidates = self
+            .db
+            .claimable_batches(self.config.concurrency as u32 * 2)
+            .await?;
+        for id in candidates {
+            let lock = match self
+                .mutex
+                .acquire(&id, Duration::from_secs(self.config.lease_secs))
+                .await
+            {
+                Acquired::Contended => continue,
+                Acquired::Held(lock) => Some(lock),
+                Acquired::Degraded => None,
+            };
+            match self.db.claim(&id, &self.id, self.lease_ms()).await {
+                Ok(Some(lease)) => {
+                    if let Some(lock) = lock {
+                        self.locks_held().insert(id, lock);
+                    }
+                    return Ok(Some(lease));
+                }
+                Ok(None) => release(lock).await,
+                Err(e) => {
+                    release(lock).await;
+                    return Err(e);
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    fn locks_held(&self) -> std::sync::MutexGuard<'_, HashMap<BatchId, rslock::Lock>> {
+        self.locks.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Renews the batch mutex along with the lease (best effort).
+    async fn extend_lock(&self, batch: &BatchId) {
+        let held = self.locks_held().remove(batch);
+        if let Some(lock) = held {
+            match self
+                .mutex
+                .extend(&lock, Duration::from_secs(self.config.lease_secs))
+                .await
+            {
+                Some(renewed) => {
+                    self.locks_held().insert(batch.clone(), renewed);
+                }
+                // Keep the old lock: it still expires on its own, and the fence decides.
+                None => {
+                    self.locks_held().insert(batch.clone(), lock);
+                }
+            }
+        }
+    }
+
+    /// Ends this worker's hold on the batch mutex, whatever became of the batch.
+    async fn unlock(&self, batch: &BatchId) {
+        let held = self.locks_held().remove(batch);
+        release(held).await;
     }
 
     /// Loads and prepares the records after the lease's checkpoint.
@@ -153,11 +227,14 @@ impl Worker {
     /// Commits the next chunk, or completes the batch when none is left.
     pub async fn step(&self, run: &mut BatchRun) -> Result<Step> {
         let result = match run.chunks.front() {
-            Some(chunk) => Step::Chunk(
-                self.db
+            Some(chunk) => {
+                let written = self
+                    .db
                     .commit_chunk(&run.lease, self.lease_ms(), chunk)
-                    .await?,
-            ),
+                    .await?;
+                self.extend_lock(&run.lease.batch_id).await;
+                Step::Chunk(written)
+            }
             None => {
                 let done = self.db.complete_batch(&run.lease).await?;
                 self.outbox_wake.notify_one();
@@ -186,7 +263,9 @@ impl Worker {
                 message: "abandoned by its worker on every attempt".into(),
                 permanent: true,
             };
-            return self.fail(&lease, error).await;
+            let outcome = self.fail(&lease, error).await;
+            self.unlock(&lease.batch_id).await;
+            return outcome;
         }
         let worker = self.clone();
         let task_lease = lease.clone();
@@ -200,10 +279,12 @@ impl Worker {
                 permanent: false,
             })
         });
-        match result {
+        let outcome = match result {
             Ok(outcome) => outcome,
             Err(e) => self.fail(&lease, e).await,
-        }
+        };
+        self.unlock(&lease.batch_id).await;
+        outcome
     }
 
     async fn run_batch(
@@ -362,6 +443,12 @@ impl Worker {
             while tasks.join_next().await.is_some() {}
         }
         tracing::info!(worker_id = %self.id, "worker stopped");
+    }
+}
+
+async fn release(lock: Option<rslock::Lock>) {
+    if let Some(lock) = lock {
+        lock.release().await;
     }
 }
 

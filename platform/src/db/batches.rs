@@ -106,6 +106,22 @@ impl Db {
         row.map(|r| lease_from_row(&r, owner)).transpose()
     }
 
+    /// Ids of batches a claim could take now, oldest first (for workers that lock before
+    /// they claim).
+    pub async fn claimable_batches(&self, limit: u32) -> Result<Vec<BatchId>> {
+        let sql = self.sql(
+            "SELECT id FROM batches \
+             WHERE (status = 'ready' AND available_at <= {now}) \
+                OR (status = 'processing' AND lease_expires_at < {now}) \
+             ORDER BY available_at, id LIMIT $1",
+        );
+        let ids: Vec<String> = sqlx::query_scalar(sql)
+            .bind(i64::from(limit))
+            .fetch_all(self.pool())
+            .await?;
+        ids.into_iter().map(parse_id).collect()
+    }
+
     /// Claims one named batch if it is ready or its lease expired (a wake-up names it).
     pub async fn claim(
         &self,
