@@ -1,3 +1,5 @@
+//! Benchmarks that print their figures as `key=value` lines.
+//!
 //! `dataflow bench ingest`: submits imports over HTTP to a full in-process DataFlow and
 //! measures the submit rate and the end-to-end rate (first submit → last batch completed).
 //! On PostgreSQL it also loads the same rows with `COPY` into a table of the same shape in
@@ -246,4 +248,192 @@ impl ScratchDb {
         .await?;
         Ok(())
     }
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct LimiterArgs {
+    /// The Redis to measure against.
+    #[arg(long, default_value = "redis://127.0.0.1:6379/")]
+    pub redis_url: String,
+    /// Decisions in the throughput run.
+    #[arg(long, default_value_t = 200_000)]
+    pub decisions: usize,
+    /// Concurrent tasks (and `redis-benchmark` clients).
+    #[arg(long, default_value_t = 50)]
+    pub concurrency: usize,
+    /// Sequential `POST /v1/imports` per latency run.
+    #[arg(long, default_value_t = 2_000)]
+    pub requests: usize,
+}
+
+/// `dataflow bench limiter`: Redis GCRA decisions/s from many tasks against one client,
+/// beside `redis-benchmark` running the same script at the same concurrency; then the
+/// latency of `POST /v1/imports` with the Redis limiter and with the in-process one.
+pub async fn limiter(args: LimiterArgs) -> anyhow::Result<()> {
+    use dataflow_platform::limiter::{Rate, RedisLimiter};
+    use dataflow_platform::redis::Redis;
+    use std::sync::Arc;
+
+    let run = ulid::Ulid::new().to_string().to_lowercase();
+    let prefix = format!("dataflow-bench-{run}");
+    let redis = Redis::connect(&args.redis_url, &prefix).await?;
+    let limiter = Arc::new(RedisLimiter::new(redis.clone()));
+    // Generous enough that every decision is an admit: the cost is the same either way.
+    let rate = Rate {
+        per_minute: 6_000_000,
+        burst: 1_000_000,
+    };
+    limiter.check("warm-up", rate).await;
+    let per_task = args.decisions / args.concurrency.max(1);
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..args.concurrency)
+        .map(|_| {
+            let limiter = limiter.clone();
+            tokio::spawn(async move {
+                let mut admitted = 0usize;
+                for _ in 0..per_task {
+                    admitted += usize::from(limiter.check("one-client", rate).await.allowed);
+                }
+                admitted
+            })
+        })
+        .collect();
+    let mut admitted = 0;
+    for t in tasks {
+        admitted += t.await?;
+    }
+    let ours = (per_task * args.concurrency) as f64 / started.elapsed().as_secs_f64();
+    anyhow::ensure!(
+        admitted == per_task * args.concurrency,
+        "the benchmark rate should admit everything"
+    );
+
+    let mut conn = redis.conn();
+    let sha: String = redis::cmd("SCRIPT")
+        .arg("LOAD")
+        .arg(RedisLimiter::script_source())
+        .query_async(&mut conn)
+        .await?;
+    let baseline = redis_benchmark_evalsha(&args, &sha, &redis.key(&["rl", "baseline"]))?;
+    println!(
+        "name=limiter decisions={} concurrency={} decisions_per_s={ours:.0} redis_benchmark_evalsha_per_s={baseline:.0} ratio={:.2} fallbacks=0",
+        per_task * args.concurrency,
+        args.concurrency,
+        ours / baseline
+    );
+
+    let mut p = Vec::new();
+    for label in ["in-process", "redis"] {
+        let (p50, p99) = import_latency(&args, label == "redis", &prefix).await?;
+        println!(
+            "name=limiter-http limiter={label} requests={} p50_ms={p50:.3} p99_ms={p99:.3}",
+            args.requests
+        );
+        p.push((p50, p99));
+    }
+    println!(
+        "name=limiter-http-added p50_ms={:.3} p99_ms={:.3}",
+        p[1].0 - p[0].0,
+        p[1].1 - p[0].1
+    );
+    for key in redis.keys_with_prefix().await? {
+        let _: () = redis::cmd("DEL").arg(key).query_async(&mut conn).await?;
+    }
+    Ok(())
+}
+
+/// `redis-benchmark … evalsha <sha> 1 <key> <args>`: the same script from a C client.
+fn redis_benchmark_evalsha(args: &LimiterArgs, sha: &str, key: &str) -> anyhow::Result<f64> {
+    let rest = args.redis_url.trim_start_matches("redis://");
+    let host_port = rest.split('/').next().unwrap_or("127.0.0.1:6379");
+    let host_port = host_port.rsplit('@').next().unwrap_or(host_port);
+    let (host, port) = host_port.split_once(':').unwrap_or((host_port, "6379"));
+    let out = std::process::Command::new("redis-benchmark")
+        .args([
+            "-h",
+            host,
+            "-p",
+            port,
+            "-c",
+            &args.concurrency.to_string(),
+            "-n",
+            &args.decisions.to_string(),
+        ])
+        .args(["--csv", "evalsha", sha, "1", key, "10", "1000000"])
+        .output()
+        .context("running redis-benchmark (Debian package redis-tools)")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("\"evalsha"))
+        .with_context(|| format!("no evalsha line from redis-benchmark: {text}"))?;
+    let rps = line
+        .split(',')
+        .nth(1)
+        .context("malformed redis-benchmark line")?
+        .trim_matches('"');
+    Ok(rps.parse()?)
+}
+
+/// p50 and p99 (ms) of sequential single-record imports, on SQLite, with the in-process or
+/// the Redis limiter (and the rest of the Redis tier with it).
+async fn import_latency(
+    args: &LimiterArgs,
+    with_redis: bool,
+    prefix: &str,
+) -> anyhow::Result<(f64, f64)> {
+    let dir = std::env::temp_dir().join(format!(
+        "dataflow-bench-{}",
+        ulid::Ulid::new().to_string().to_lowercase()
+    ));
+    let mut config = Config {
+        data_dir: dir.clone(),
+        ..Config::default()
+    };
+    config.database_url = Some(format!("sqlite://{}", dir.join("bench.db").display()));
+    if with_redis {
+        config.redis_url = Some(dataflow_platform::config::Secret::new(
+            args.redis_url.clone(),
+        ));
+        config.redis_prefix = format!("{prefix}-http");
+    }
+    let app = App::start(
+        config,
+        Roles::API,
+        Some(TcpListener::bind("127.0.0.1:0").await?),
+    )
+    .await?;
+    let addr = app.addr.context("the API did not start")?;
+    let db = app.backends.db.clone();
+    let policy = Policy {
+        rate_per_minute: 6_000_000,
+        rate_burst: 1_000_000,
+        ..Policy::default()
+    };
+    let client = db.create_client("bench", &policy).await?;
+    let key = app.backends.hasher.generate();
+    db.create_key(&client.id, &key.key_id, &key.hmac, None)
+        .await?;
+    let http = reqwest::Client::new();
+    let mut latencies = Vec::with_capacity(args.requests);
+    for i in 0..args.requests + 50 {
+        let t = Instant::now();
+        let resp = http
+            .post(format!("http://{addr}/v1/imports"))
+            .bearer_auth(&key.token)
+            .header("content-type", "text/csv")
+            .body(format!("id,n\n{i},{i}\n"))
+            .send()
+            .await?;
+        anyhow::ensure!(resp.status() == 202, "submit answered {}", resp.status());
+        // The first 50 warm the caches and connections.
+        if i >= 50 {
+            latencies.push(t.elapsed().as_secs_f64() * 1000.0);
+        }
+    }
+    app.stop().await;
+    let _ = std::fs::remove_dir_all(&dir);
+    latencies.sort_by(f64::total_cmp);
+    let at = |q: f64| latencies[((latencies.len() as f64 - 1.0) * q).round() as usize];
+    Ok((at(0.50), at(0.99)))
 }

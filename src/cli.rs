@@ -101,6 +101,8 @@ pub enum PolicyCmd {
 pub enum BenchCmd {
     /// Submits imports over HTTP and measures submit rate and end-to-end records/s.
     Ingest(crate::bench::IngestArgs),
+    /// Redis rate-limiter decisions/s and its added latency on `POST /v1/imports`.
+    Limiter(crate::bench::LimiterArgs),
 }
 
 /// Loads config for operator commands (which touch only the ledger).

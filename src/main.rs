@@ -38,6 +38,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Keys(cmd) => return cli::keys(&config, cmd).await,
         Command::Policy(cmd) => return cli::policy(&config, cmd).await,
         Command::Bench(cli::BenchCmd::Ingest(args)) => return dataflow::bench::ingest(args).await,
+        Command::Bench(cli::BenchCmd::Limiter(args)) => {
+            return dataflow::bench::limiter(args).await;
+        }
     };
     let app = App::start(config.clone(), roles, None).await?;
     if roles.api {

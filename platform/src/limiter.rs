@@ -26,7 +26,8 @@ pub struct Rate {
 impl Rate {
     /// Microseconds between two requests at the sustained rate.
     fn emission_us(self) -> i64 {
-        60_000_000 / i64::from(self.per_minute.max(1))
+        // At least 1 µs: GCRA divides by it, and no limit is finer than a million per second.
+        (60_000_000 / i64::from(self.per_minute.max(1))).max(1)
     }
 }
 
@@ -82,6 +83,18 @@ end
 redis.call('SET', KEYS[1], new_tat, 'PX', math.floor((new_tat - now) / 1000) + 1)
 return {1, 0, math.floor((tolerance - (new_tat - now)) / em), new_tat - now}
 "#;
+
+impl RedisLimiter {
+    /// The script's SHA1, for driving it from other clients (the benchmark's baseline).
+    pub fn script_sha(&self) -> &str {
+        self.script.get_hash()
+    }
+
+    /// The Lua source, for `SCRIPT LOAD`.
+    pub fn script_source() -> &'static str {
+        GCRA_LUA
+    }
+}
 
 pub struct RedisLimiter {
     redis: Redis,

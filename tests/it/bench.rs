@@ -31,3 +31,17 @@ async fn ingest_bench_runs_on_postgres() {
     }
     ingest(tiny(Some(url))).await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn limiter_bench_runs() {
+    let Some(redis_url) = crate::helpers::test_redis_url().await else {
+        return;
+    };
+    let args = dataflow::bench::LimiterArgs {
+        redis_url,
+        decisions: 2_000,
+        concurrency: 10,
+        requests: 20,
+    };
+    dataflow::bench::limiter(args).await.unwrap();
+}
