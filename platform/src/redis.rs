@@ -23,8 +23,8 @@ pub struct Redis {
 }
 
 impl Redis {
-    /// Connects once (failing fast when Redis is unreachable at startup) and checks the
-    /// eviction policy.
+    /// Prepares the connection (made lazily: a process whose Redis is down at startup
+    /// starts anyway, on its fallbacks) and checks the eviction policy.
     pub async fn connect(url: &str, prefix: &str) -> Result<Redis> {
         let client = Client::open(url).map_err(|e| Error::Config(format!("REDIS_URL: {e}")))?;
         let config = redis::aio::ConnectionManagerConfig::new()
@@ -32,7 +32,7 @@ impl Redis {
             .set_response_timeout(Some(RESPONSE_TIMEOUT))
             .set_number_of_retries(1)
             .set_max_delay(Duration::from_millis(500));
-        let conn = client.get_connection_manager_with_config(config).await?;
+        let conn = ConnectionManager::new_lazy_with_config(client.clone(), config)?;
         let redis = Redis {
             conn,
             client,

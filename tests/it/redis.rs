@@ -181,28 +181,37 @@ async fn redis_outage_falls_back_without_going_unlimited(b: Backend) {
     assert!(ready["fallbacks"]["limiter"].as_u64().unwrap() > 0);
     assert!(ready["fallbacks"]["lockout"].as_u64().unwrap() > 0);
 
+    // A process whose Redis is down when it starts comes up on its fallbacks.
+    let late = t.sibling(Roles::API).await;
+    assert_eq!(status_of(&late, &key).await, 200);
+    let ready = readyz(&late).await;
+    assert_eq!(
+        (ready["status"].as_str(), ready["redis"].as_str()),
+        (Some("ready"), Some("down"))
+    );
+
     proxy.heal();
     let started = Instant::now();
-    loop {
-        let ready: Value = t
-            .http
-            .get(t.url("/readyz"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        if ready["redis"] == "up" {
-            break;
-        }
+    while readyz(&late).await["redis"] != "up" {
         assert!(
             started.elapsed() < Duration::from_secs(10),
-            "Redis did not come back: {ready}"
+            "Redis did not come back"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    late.stop().await;
     t.stop().await;
+}
+
+async fn readyz(t: &TestApp) -> Value {
+    t.http
+        .get(t.url("/readyz"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
 }
 
 async fn dedup_holds_with_redis_flushed_and_with_redis_cut(b: Backend) {
