@@ -255,4 +255,32 @@ mod tests {
             "the 3rd refill lands exactly at 3 s, outside the window"
         );
     }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            /// However requests arrive, GCRA never admits more than the burst plus what the
+            /// rate refills in the elapsed time.
+            #[test]
+            fn admitted_never_exceeds_burst_plus_refill(
+                per_minute in 1u32..10_000,
+                burst in 1u32..50,
+                gaps in proptest::collection::vec(0i64..200_000, 1..300),
+            ) {
+                let rate = Rate { per_minute, burst };
+                let l = InProcessLimiter::default();
+                let mut now = 0i64;
+                let mut admitted = 0u64;
+                for gap in gaps {
+                    now += gap;
+                    admitted += u64::from(l.check_at("k", rate, now).allowed);
+                }
+                let em = rate.emission_us();
+                let ceiling = u64::from(burst) + (now / em) as u64;
+                prop_assert!(admitted <= ceiling, "admitted {} > {}", admitted, ceiling);
+            }
+        }
+    }
 }

@@ -434,4 +434,47 @@ mod tests {
             "invalid_json"
         );
     }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn field() -> impl Strategy<Value = String> {
+            // Commas, quotes, CR/LF and non-ASCII: everything CSV quoting has to carry.
+            proptest::string::string_regex("[a-z0-9 ,\"\r\né€]{0,12}").expect("valid regex")
+        }
+
+        proptest! {
+            #[test]
+            fn csv_written_by_a_csv_writer_reads_back_exactly(
+                rows in proptest::collection::vec(proptest::collection::vec(field(), 3), 1..20)
+            ) {
+                let mut w = csv::Writer::from_writer(Vec::new());
+                w.write_record(["a", "b", "c"]).unwrap();
+                for r in &rows {
+                    w.write_record(r).unwrap();
+                }
+                let body = w.into_inner().unwrap();
+                let limits = Limits { max_records: 1000, max_field_bytes: 1000 };
+                let mut got = Vec::new();
+                parse(ImportFormat::Csv, &body, limits, |r| got.push(r)).unwrap();
+                prop_assert_eq!(got.len(), rows.len());
+                for (rec, row) in got.iter().zip(&rows) {
+                    for (name, value) in ["a", "b", "c"].iter().zip(row) {
+                        prop_assert_eq!(rec.fields[*name].as_str(), Some(value.as_str()));
+                    }
+                }
+            }
+
+            #[test]
+            fn arbitrary_bytes_never_panic(body in proptest::collection::vec(any::<u8>(), 0..400)) {
+                let limits = Limits { max_records: 50, max_field_bytes: 64 };
+                for format in [ImportFormat::Csv, ImportFormat::Ndjson] {
+                    let parsed = parse(format, &body, limits, |_| {});
+                    let validated = validate(format, &body, limits);
+                    prop_assert_eq!(parsed.is_ok(), validated.is_ok());
+                }
+            }
+        }
+    }
 }
