@@ -1,8 +1,9 @@
 //! Submitting imports: formats, refusals, idempotency, dedup and tenant isolation.
 
 use dataflow_contracts::BatchStatus;
+use dataflow_contracts::ImportFormat;
 use dataflow_contracts::http::{ErrorBody, ImportView, RecordErrorPage, RecordView};
-use dataflow_platform::db::IdempotencyStart;
+use dataflow_platform::db::{IdempotencyStart, NewImport, SubmitOutcome};
 use serde_json::json;
 
 use crate::helpers::{Backend, TestApp, backend_tests, csv};
@@ -319,7 +320,9 @@ async fn idempotency_key_replays_conflicts_and_mismatches(b: Backend) {
         )
         .await
         .unwrap();
-    assert_eq!(started, IdempotencyStart::Proceed);
+    let IdempotencyStart::Proceed(stale_claim) = started else {
+        panic!("a fresh key is ours: {started:?}")
+    };
     let busy = send(csv("k", 1), "k-2").await.unwrap();
     assert_eq!(busy.status(), 409);
     // Once that request is known abandoned (its lock aged out), a retry takes the key over.
@@ -330,6 +333,23 @@ async fn idempotency_key_replays_conflicts_and_mismatches(b: Backend) {
     .await
     .unwrap();
     assert_eq!(send(csv("k", 1), "k-2").await.unwrap().status(), 202);
+    // The slow first request finally tries to commit with its old claim: refused, nothing stored.
+    let client_policy = t.db.get_client(&client).await.unwrap().unwrap().policy;
+    let body = csv("slow", 1);
+    let slow = NewImport {
+        client_id: &client,
+        format: ImportFormat::Csv,
+        body: body.as_bytes(),
+        records: 1,
+        checksum: &sha(&body),
+        policy: &client_policy,
+        idempotency: Some(&stale_claim),
+    };
+    assert!(matches!(
+        t.db.submit_import(&slow).await.unwrap(),
+        SubmitOutcome::IdempotencyKeyLost
+    ));
+    assert_eq!(count(&t, "imports").await, 2);
 
     // A refused request does not burn its key.
     assert_eq!(
@@ -396,6 +416,17 @@ async fn daily_quota_is_enforced(b: Backend) {
         "quota_exceeded"
     );
     t.import(&key, "text/csv", csv("s", 2)).await;
+    // An import larger than the whole quota is refused for good, not told to wait.
+    let never = t
+        .submit(&key, "text/csv", csv("big", 6))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(never.status(), 422);
+    assert_eq!(
+        never.json::<ErrorBody>().await.unwrap().code,
+        "import_exceeds_quota"
+    );
     assert_eq!(count(&t, "imports").await, 2);
     t.stop().await;
 }

@@ -14,7 +14,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use dataflow_contracts::http::ImportView;
 use dataflow_contracts::{ImportFormat, ImportId};
-use dataflow_platform::db::{IdempotencyStart, NewImport, SubmitOutcome};
+use dataflow_platform::db::{IdempotencyClaim, IdempotencyStart, NewImport, SubmitOutcome};
 use dataflow_platform::dedup::Claim;
 use dataflow_platform::records::{self, Limits};
 use sha2::{Digest, Sha256};
@@ -81,6 +81,7 @@ async fn submit(
     };
     let checksum = hex::encode(Sha256::digest(&body));
 
+    let mut claim = None;
     if let Some(key) = &idem_key {
         let request_hash = format!("{}:{checksum}", format.as_str());
         let cfg = &state.config;
@@ -96,7 +97,7 @@ async fn submit(
             )
             .await;
         match start {
-            Ok(IdempotencyStart::Proceed) => {}
+            Ok(IdempotencyStart::Proceed(c)) => claim = Some(c),
             Ok(IdempotencyStart::Replay { status, body }) => return replay(status, body),
             Ok(IdempotencyStart::Mismatch) => {
                 return ApiError::unprocessable(
@@ -117,8 +118,8 @@ async fn submit(
         }
     }
 
-    let result = accept(&state, &p, format, &body, &checksum, idem_key.as_deref()).await;
-    if let Some(key) = &idem_key {
+    let result = accept(&state, &p, format, &body, &checksum, claim.as_ref()).await;
+    if let Some(key) = &claim {
         let finished = match &result {
             // Created imports stored their answer in the submit transaction itself.
             Ok((StatusCode::ACCEPTED, _)) => Ok(()),
@@ -158,7 +159,7 @@ async fn accept(
     format: ImportFormat,
     body: &Bytes,
     checksum: &str,
-    idem_key: Option<&str>,
+    idempotency: Option<&IdempotencyClaim>,
 ) -> ApiResult<(StatusCode, ImportView)> {
     let client = &p.client.id;
     let window = Duration::from_secs(p.client.policy.dedup_window_secs);
@@ -175,8 +176,14 @@ async fn accept(
             },
         ));
     }
-    let result = decide(state, p, format, body, checksum, idem_key).await;
-    let owner = result.as_ref().ok().map(|(_, view)| &view.id);
+    let result = decide(state, p, format, body, checksum, idempotency).await;
+    // Only a new import arms the fast path, with the window starting now; a duplicate
+    // answer must not stretch the window of the import it names.
+    let owner = result
+        .as_ref()
+        .ok()
+        .filter(|(s, _)| *s == StatusCode::ACCEPTED)
+        .map(|(_, view)| &view.id);
     dedup.settle(client, checksum, &claim, owner, window).await;
     result
 }
@@ -188,7 +195,7 @@ async fn decide(
     format: ImportFormat,
     body: &Bytes,
     checksum: &str,
-    idem_key: Option<&str>,
+    idempotency: Option<&IdempotencyClaim>,
 ) -> ApiResult<(StatusCode, ImportView)> {
     let db = &state.backends.db;
     let policy = &p.client.policy;
@@ -226,7 +233,7 @@ async fn decide(
         records: summary.records,
         checksum,
         policy,
-        idempotency_key: idem_key,
+        idempotency,
     };
     let outcome = db.submit_import(&new).await?;
     match outcome {
@@ -236,6 +243,18 @@ async fn decide(
             Ok((StatusCode::ACCEPTED, view))
         }
         SubmitOutcome::Duplicate(view) => Ok((StatusCode::OK, view)),
+        SubmitOutcome::IdempotencyKeyLost => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "idempotency_key_lost",
+            "this request ran past the Idempotency-Key lock and another request took the key; nothing was stored",
+        )),
+        SubmitOutcome::LargerThanQuota { quota } => Err(ApiError::unprocessable(
+            "import_exceeds_quota",
+            format!(
+                "this import has {} records; the daily quota is {quota}",
+                summary.records
+            ),
+        )),
         SubmitOutcome::QuotaExceeded {
             used,
             quota,

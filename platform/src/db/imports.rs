@@ -23,13 +23,26 @@ pub struct NewImport<'a> {
     /// Hex SHA-256 of `body`.
     pub checksum: &'a str,
     pub policy: &'a Policy,
-    pub idempotency_key: Option<&'a str>,
+    pub idempotency: Option<&'a IdempotencyClaim>,
+}
+
+/// A held `Idempotency-Key`: only the holder of the current token may answer or release it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdempotencyClaim {
+    pub key: String,
+    token: String,
 }
 
 pub enum SubmitOutcome {
     Created(ImportView),
     /// The same payload arrived within the dedup window; this is the first import.
     Duplicate(ImportView),
+    /// The request ran so long that its `Idempotency-Key` was taken over; nothing was stored.
+    IdempotencyKeyLost,
+    /// The import alone has more records than the daily quota: it can never be accepted.
+    LargerThanQuota {
+        quota: u64,
+    },
     /// Accepting these records would pass the daily quota.
     QuotaExceeded {
         used: u64,
@@ -42,7 +55,7 @@ pub enum SubmitOutcome {
 #[derive(Debug, PartialEq, Eq)]
 pub enum IdempotencyStart {
     /// First use (or an expired or abandoned one): go ahead; finish or abort afterwards.
-    Proceed,
+    Proceed(IdempotencyClaim),
     /// A finished request with this key and the same body: answer with its response.
     Replay { status: u16, body: String },
     /// The key was used with a different request.
@@ -62,12 +75,13 @@ impl Db {
         lock_ms: i64,
     ) -> Result<IdempotencyStart> {
         // An expired record, or an in-progress one whose request died, is taken over.
+        let token = ulid::Ulid::new().to_string();
         let sql = self.sql(
-            "INSERT INTO idempotency_keys (client_id, idem_key, request_hash, created_at) \
-             VALUES ($1, $2, $3, {now}) \
+            "INSERT INTO idempotency_keys (client_id, idem_key, request_hash, created_at, claim_token) \
+             VALUES ($1, $2, $3, {now}, $6) \
              ON CONFLICT (client_id, idem_key) DO UPDATE \
                SET request_hash = excluded.request_hash, created_at = excluded.created_at, \
-                   response_status = NULL, response_body = NULL \
+                   claim_token = excluded.claim_token, response_status = NULL, response_body = NULL \
              WHERE idempotency_keys.created_at < {now} - $4 \
                 OR (idempotency_keys.response_status IS NULL AND idempotency_keys.created_at < {now} - $5) \
              RETURNING created_at",
@@ -78,10 +92,14 @@ impl Db {
             .bind(request_hash)
             .bind(ttl_ms)
             .bind(lock_ms)
+            .bind(&token)
             .fetch_optional(self.pool())
             .await?;
         if claimed.is_some() {
-            return Ok(IdempotencyStart::Proceed);
+            return Ok(IdempotencyStart::Proceed(IdempotencyClaim {
+                key: key.to_owned(),
+                token,
+            }));
         }
         let row = sqlx::query(
             "SELECT request_hash, response_status, response_body FROM idempotency_keys \
@@ -110,20 +128,21 @@ impl Db {
         })
     }
 
-    /// Stores the response to replay for a finished request.
+    /// Stores the response to replay for a finished request (if the claim is still ours).
     pub async fn idempotency_finish(
         &self,
         client: &ClientId,
-        key: &str,
+        claim: &IdempotencyClaim,
         status: u16,
         body: &str,
     ) -> Result<()> {
         sqlx::query(
-            "UPDATE idempotency_keys SET response_status = $3, response_body = $4 \
-             WHERE client_id = $1 AND idem_key = $2",
+            "UPDATE idempotency_keys SET response_status = $4, response_body = $5 \
+             WHERE client_id = $1 AND idem_key = $2 AND claim_token = $3",
         )
         .bind(client.as_str())
-        .bind(key)
+        .bind(&claim.key)
+        .bind(&claim.token)
         .bind(i64::from(status))
         .bind(body)
         .execute(self.pool())
@@ -132,12 +151,18 @@ impl Db {
     }
 
     /// Releases the key of a request that ended without a result worth replaying.
-    pub async fn idempotency_abort(&self, client: &ClientId, key: &str) -> Result<()> {
+    pub async fn idempotency_abort(
+        &self,
+        client: &ClientId,
+        claim: &IdempotencyClaim,
+    ) -> Result<()> {
         sqlx::query(
-            "DELETE FROM idempotency_keys WHERE client_id = $1 AND idem_key = $2 AND response_status IS NULL",
+            "DELETE FROM idempotency_keys \
+             WHERE client_id = $1 AND idem_key = $2 AND claim_token = $3 AND response_status IS NULL",
         )
         .bind(client.as_str())
-        .bind(key)
+        .bind(&claim.key)
+        .bind(&claim.token)
         .execute(self.pool())
         .await?;
         Ok(())
@@ -173,6 +198,11 @@ impl Db {
     /// all of it is.
     #[tracing::instrument(skip_all, fields(client_id = %new.client_id, records = new.records))]
     pub async fn submit_import(&self, new: &NewImport<'_>) -> Result<SubmitOutcome> {
+        if let Some(quota) = new.policy.daily_record_quota
+            && new.records > quota
+        {
+            return Ok(SubmitOutcome::LargerThanQuota { quota });
+        }
         let import_id = ImportId::generate();
         let batch_id = BatchId::generate();
         let mut tx = self.begin_write().await?;
@@ -229,7 +259,7 @@ impl Db {
             .bind(quota as i64)
             .fetch_optional(&mut *tx)
             .await?;
-            if used.is_none() || new.records > quota {
+            if used.is_none() {
                 let used: i64 = sqlx::query_scalar(
                     "SELECT COALESCE(MAX(records), 0) FROM usage_daily WHERE client_id = $1 AND day = $2",
                 )
@@ -276,7 +306,7 @@ impl Db {
         .bind(new.client_id.as_str())
         .bind(batch_id.as_str())
         .bind(new.checksum)
-        .bind(new.idempotency_key)
+        .bind(new.idempotency.map(|c| c.key.as_str()))
         .bind(new.format.as_str())
         .bind(new.body.len() as i64)
         .bind(new.records as i64)
@@ -322,17 +352,23 @@ impl Db {
             created_at: rfc3339(now),
             duplicate: false,
         };
-        if let Some(key) = new.idempotency_key {
+        if let Some(claim) = new.idempotency {
             // Same transaction: if the process dies after commit, a retry replays this answer.
-            sqlx::query(
-                "UPDATE idempotency_keys SET response_status = 202, response_body = $3 \
-                 WHERE client_id = $1 AND idem_key = $2",
+            let stored = sqlx::query(
+                "UPDATE idempotency_keys SET response_status = 202, response_body = $4 \
+                 WHERE client_id = $1 AND idem_key = $2 AND claim_token = $3",
             )
             .bind(new.client_id.as_str())
-            .bind(key)
+            .bind(&claim.key)
+            .bind(&claim.token)
             .bind(serde_json::to_string(&view).unwrap_or_default())
             .execute(&mut *tx)
-            .await?;
+            .await?
+            .rows_affected();
+            if stored == 0 {
+                tx.rollback().await?;
+                return Ok(SubmitOutcome::IdempotencyKeyLost);
+            }
         }
         tx.commit().await?;
         Ok(SubmitOutcome::Created(view))

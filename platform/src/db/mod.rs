@@ -16,7 +16,7 @@ pub mod outbox;
 
 pub use batches::{BatchAction, Chunk, ChunkResult, FailOutcome, Lease, RecordRow, RowError};
 pub use clients::{ClientRecord, KeyRecord};
-pub use imports::{IdempotencyStart, NewImport, SubmitOutcome};
+pub use imports::{IdempotencyClaim, IdempotencyStart, NewImport, SubmitOutcome};
 pub use outbox::OutboxRow;
 
 use std::path::Path;
