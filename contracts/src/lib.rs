@@ -17,3 +17,6 @@ pub mod time;
 pub use batch::{BatchStatus, ImportFormat};
 pub use ids::{BatchId, ClientId, EventId, IdError, ImportId};
 pub use policy::Policy;
+
+/// Longest record key (the value of a policy's `key_field`) DataFlow stores.
+pub const MAX_RECORD_KEY_BYTES: usize = 512;

@@ -153,12 +153,16 @@ impl Policy {
         }
         if let Some(email) = &self.notify_email {
             let (local, domain) = email.split_once('@').unwrap_or(("", ""));
-            if local.is_empty() || !domain.contains('.') || email.chars().any(char::is_whitespace) {
+            if local.is_empty()
+                || !domain.contains('.')
+                || email.chars().any(|c| c.is_whitespace() || c.is_control())
+            {
                 return Err(format!("notify_email `{email}` is not an email address"));
             }
         }
         if let Some(url) = &self.webhook_url
-            && !(url.starts_with("https://") || url.starts_with("http://"))
+            && (!(url.starts_with("https://") || url.starts_with("http://"))
+                || url.chars().any(|c| c.is_control() || c.is_whitespace()))
         {
             return Err(format!("webhook_url `{url}` must be an http(s) URL"));
         }
@@ -167,6 +171,11 @@ impl Policy {
 }
 
 fn check_field_name(what: &str, name: &str) -> Result<(), String> {
+    if name.chars().any(char::is_control) {
+        return Err(format!(
+            "{what}: field names must not contain control characters"
+        ));
+    }
     if name.trim().is_empty() {
         return Err(format!("{what}: field names must not be empty"));
     }

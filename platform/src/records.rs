@@ -280,6 +280,10 @@ fn parse_ndjson(text: &str, limits: Limits, sink: &mut Sink<'_>) -> Result<Summa
             ));
         };
         for (name, v) in &fields {
+            if name.contains('\0') {
+                let (code, detail) = nul_escape();
+                return Err(ParseError::new(line, code, detail));
+            }
             check_json_value(v, limits.max_field_bytes)
                 .map_err(|(code, detail)| ParseError::new(line, code, detail).with_field(name))?;
         }
@@ -300,6 +304,8 @@ fn check_json_value(v: &Value, max_field_bytes: usize) -> Result<(), (&'static s
             "field_too_long",
             format!("value longer than {max_field_bytes} bytes"),
         )),
+        // `\u0000` is valid JSON but no SQL text column can hold it.
+        Value::String(s) if s.contains('\0') => Err(nul_escape()),
         Value::Number(n) => match n.as_f64() {
             Some(f) if n.is_f64() && f.fract() == 0.0 && f.abs() >= MAX_EXACT_FLOAT => Err((
                 "number_out_of_range",
@@ -310,11 +316,19 @@ fn check_json_value(v: &Value, max_field_bytes: usize) -> Result<(), (&'static s
         Value::Array(items) => items
             .iter()
             .try_for_each(|i| check_json_value(i, max_field_bytes)),
+        Value::Object(map) if map.keys().any(|k| k.contains('\0')) => Err(nul_escape()),
         Value::Object(map) => map
             .values()
             .try_for_each(|i| check_json_value(i, max_field_bytes)),
         _ => Ok(()),
     }
+}
+
+fn nul_escape() -> (&'static str, String) {
+    (
+        "nul_character",
+        "strings must not contain the NUL character (\\u0000)".to_owned(),
+    )
 }
 
 fn too_many(line: u64, max: u64) -> ParseError {
@@ -424,6 +438,18 @@ mod tests {
             "invalid_json"
         );
         assert_eq!(err(ImportFormat::Ndjson, b"\n \n").code, "empty_import");
+        assert_eq!(
+            err(ImportFormat::Ndjson, br#"{"id":"a\u0000"}"#).code,
+            "nul_character"
+        );
+        assert_eq!(
+            err(ImportFormat::Ndjson, br#"{"a\u0000":1}"#).code,
+            "nul_character"
+        );
+        assert_eq!(
+            err(ImportFormat::Ndjson, br#"{"a":{"b":["\u0000"]}}"#).code,
+            "nul_character"
+        );
     }
 
     #[test]

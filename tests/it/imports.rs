@@ -190,6 +190,12 @@ async fn bad_input_gets_a_4xx_and_stores_nothing(b: Backend) {
         ),
         (
             "application/x-ndjson",
+            br#"{"id":"a\u0000"}"#.to_vec(),
+            400,
+            "nul_character",
+        ),
+        (
+            "application/x-ndjson",
             format!("{{\"a\":{}}}", "[".repeat(1500)).into_bytes(),
             400,
             "invalid_json",
@@ -248,6 +254,7 @@ async fn bad_input_gets_a_4xx_and_stores_nothing(b: Backend) {
         "a truncated body must not be accepted: {answer}"
     );
     assert_eq!(count(&t, "imports").await, 0);
+    assert_eq!(t.get(&key, "/v1/records/a%00b").await.status(), 404);
     let unknown = t.get(&key, "/v1/nope").await;
     assert_eq!(unknown.status(), 404);
     let bad_query = t.get(&key, "/v1/batches?limit=0").await;

@@ -10,8 +10,7 @@ use serde_json::Value;
 use serde_json::value::RawValue;
 use sha2::{Digest, Sha256};
 
-/// Record keys longer than this are refused (they are an index column).
-pub const MAX_KEY_BYTES: usize = 512;
+use dataflow_contracts::MAX_RECORD_KEY_BYTES as MAX_KEY_BYTES;
 
 /// Prepares `records` (a slice of the file ending at record `checkpoint`).
 pub fn prepare_chunk(records: &[Record], policy: &Policy, checkpoint: u64) -> Chunk {

@@ -127,7 +127,10 @@ async fn create_key(
 ) -> ApiResult<(StatusCode, Json<KeyCreated>)> {
     let id: ClientId = parse_path_id(&id)?;
     let label = body.and_then(|Json(b)| b.label);
-    if label.as_ref().is_some_and(|l| l.len() > 200) {
+    if label
+        .as_ref()
+        .is_some_and(|l| l.len() > 200 || l.chars().any(char::is_control))
+    {
         return Err(ApiError::unprocessable(
             "invalid_label",
             "label must be at most 200 characters",
@@ -229,7 +232,7 @@ async fn reject(
     body: Result<Json<RejectBody>, JsonRejection>,
 ) -> ApiResult<Json<BatchView>> {
     let reason = json(body)?.reason;
-    if reason.trim().is_empty() || reason.len() > 1000 {
+    if reason.trim().is_empty() || reason.len() > 1000 || reason.contains('\0') {
         return Err(ApiError::unprocessable(
             "invalid_reason",
             "reason must be 1 to 1000 characters",

@@ -99,6 +99,11 @@ async fn record(
     Extension(p): Extension<Principal>,
     Path(key): Path<String>,
 ) -> ApiResult<Json<RecordView>> {
+    // No stored key holds a NUL (or is longer than the key limit), and PostgreSQL would
+    // refuse the parameter outright.
+    if key.contains('\0') || key.len() > dataflow_contracts::MAX_RECORD_KEY_BYTES {
+        return Err(ApiError::not_found());
+    }
     let view = state.backends.db.get_record(&p.client.id, &key).await?;
     view.map(Json).ok_or_else(ApiError::not_found)
 }

@@ -65,8 +65,10 @@ fn policy_json(policy: &Policy) -> String {
 impl Db {
     pub async fn create_client(&self, name: &str, policy: &Policy) -> Result<ClientRecord> {
         let name = name.trim();
-        if name.is_empty() || name.len() > 200 {
-            return Err(Error::Invalid("name must be 1 to 200 characters".into()));
+        if name.is_empty() || name.len() > 200 || name.chars().any(char::is_control) {
+            return Err(Error::Invalid(
+                "name must be 1 to 200 characters without control characters".into(),
+            ));
         }
         policy.validate().map_err(Error::Invalid)?;
         let id = ClientId::generate();
