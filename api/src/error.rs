@@ -75,18 +75,15 @@ impl From<PlatformError> for ApiError {
             PlatformError::NotFound => Self::not_found(),
             PlatformError::Invalid(detail) => Self::unprocessable("invalid", detail),
             PlatformError::Parse(p) => p.into(),
-            PlatformError::Db(
-                sqlx::Error::PoolTimedOut
-                | sqlx::Error::PoolClosed
-                | sqlx::Error::Io(_)
-                | sqlx::Error::Tls(_),
-            ) => {
-                tracing::error!(error = %e, "ledger unreachable");
-                Self::new(
+            e if e.is_unavailable() => {
+                tracing::error!(error = %e, "ledger unavailable");
+                let mut err = Self::new(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "ledger_unavailable",
-                    "the ledger is unreachable; retry later",
-                )
+                    "the ledger is unavailable; retry later",
+                );
+                err.retry_after_secs = Some(1);
+                err
             }
             other => {
                 tracing::error!(error = %other, source = ?std::error::Error::source(&other), "internal error");

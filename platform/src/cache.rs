@@ -52,6 +52,12 @@ pub struct SharedTier {
     pub negative_ttl: Duration,
 }
 
+/// Written by an invalidation in place of the value: reads treat it as a miss, and fills
+/// (`SET … NX`) cannot replace it, so a load that read SQL before the change cannot put the
+/// old value back while the marker lives.
+const TOMBSTONE: &str = "invalidated";
+const TOMBSTONE_TTL: Duration = Duration::from_secs(5);
+
 impl SharedTier {
     /// The pub/sub channel every process listens on for invalidations.
     pub fn channel(redis: &Redis) -> String {
@@ -68,7 +74,11 @@ impl SharedTier {
             .arg(self.key(key))
             .query_async(&mut self.redis.conn())
             .await;
-        serde_json::from_str(&raw.ok()??).ok()
+        let raw = raw.ok()??;
+        if raw == TOMBSTONE {
+            return None;
+        }
+        serde_json::from_str(&raw).ok()
     }
 
     async fn set<V: Serialize>(&self, key: &str, value: &Option<V>) {
@@ -85,6 +95,7 @@ impl SharedTier {
             .arg(json)
             .arg("PX")
             .arg(ttl.as_millis().max(1) as u64)
+            .arg("NX")
             .query_async(&mut self.redis.conn())
             .await;
         if let Err(e) = stored {
@@ -94,7 +105,11 @@ impl SharedTier {
 
     async fn invalidate(&self, key: &str) {
         let mut pipe = redis::pipe();
-        pipe.del(self.key(key))
+        pipe.cmd("SET")
+            .arg(self.key(key))
+            .arg(TOMBSTONE)
+            .arg("PX")
+            .arg(TOMBSTONE_TTL.as_millis() as u64)
             .ignore()
             .publish(
                 Self::channel(&self.redis),
@@ -222,10 +237,12 @@ impl<V: Clone + Serialize + DeserializeOwned + Send + Sync + 'static> Cache<V> {
     /// After a committed change: drops `key` here, in the shared tier, and (through pub/sub)
     /// in every other process. Loads already running are not stored.
     pub async fn invalidate(&self, key: &str) {
-        self.forget_local(key);
+        // The shared tier first: dropping the local copy before it would let this process
+        // refill from the old shared copy.
         if let Some(tier) = &self.shared {
             tier.invalidate(key).await;
         }
+        self.forget_local(key);
     }
 
     /// Drops `key` from this process only (an invalidation heard from another process).

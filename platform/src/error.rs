@@ -39,3 +39,24 @@ pub enum Error {
         source: std::io::Error,
     },
 }
+
+impl Error {
+    /// The ledger cannot serve right now (unreachable, overloaded, busy, or the transaction
+    /// lost a conflict): a retry later can succeed, so callers answer 503, not 500.
+    pub fn is_unavailable(&self) -> bool {
+        let Error::Db(e) = self else { return false };
+        match e {
+            sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::Io(_)
+            | sqlx::Error::Tls(_) => true,
+            sqlx::Error::Database(db) => matches!(
+                db.code().as_deref(),
+                // SQLite: BUSY, LOCKED. PostgreSQL: serialization failure, deadlock,
+                // too many connections, admin or crash shutdown, cannot connect now.
+                Some("5" | "6" | "517" | "40001" | "40P01" | "53300" | "57P01" | "57P02" | "57P03")
+            ),
+            _ => false,
+        }
+    }
+}

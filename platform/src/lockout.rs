@@ -11,6 +11,9 @@ use std::time::{Duration, Instant};
 
 use crate::redis::Redis;
 
+/// Subjects tracked in process at most.
+const MAX_SUBJECTS: usize = 100_000;
+
 #[derive(Debug, Clone, Copy)]
 pub struct LockoutPolicy {
     pub max_failures: u32,
@@ -148,8 +151,13 @@ impl InProcessLockout {
 
     fn record_failure(&self, subject: &str, now: Instant) {
         let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
-        if entries.len() >= 10_000 {
+        if entries.len() >= MAX_SUBJECTS {
             entries.retain(|_, e| e.window_ends > now || e.locked_until.is_some_and(|u| u > now));
+            // Still full of live entries (a flood of distinct addresses or key ids): start
+            // over rather than grow without bound. Redis, when configured, keeps counting.
+            if entries.len() >= MAX_SUBJECTS {
+                entries.clear();
+            }
         }
         let p = self.policy;
         let e = entries.entry(subject.to_owned()).or_insert(Entry {

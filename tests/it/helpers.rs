@@ -291,11 +291,19 @@ impl TestApp {
         resp.json().await.unwrap()
     }
 
-    /// Waits (up to 20 s) until the batch reaches `status`.
+    /// Waits (up to 20 s) until the batch reaches `status`, polling politely: a 429 from
+    /// the client's own rate limit means wait and ask again.
     pub async fn wait_for(&self, key: &str, id: &BatchId, status: BatchStatus) -> BatchView {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            let b = self.batch(key, id).await;
+            let resp = self.get(key, &format!("/v1/batches/{id}")).await;
+            if resp.status() == 429 {
+                assert!(Instant::now() < deadline, "batch {id}: still rate limited");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            }
+            assert_eq!(resp.status(), 200);
+            let b: BatchView = resp.json().await.unwrap();
             if b.status == status {
                 return b;
             }

@@ -49,6 +49,10 @@ async fn csv_and_ndjson_flow_end_to_end(b: Backend) {
         (4, 4, 1)
     );
     assert_eq!(
+        done.records_unchanged, 1,
+        "the first of the two records with key 1 is superseded"
+    );
+    assert_eq!(
         done.records_written, 2,
         "key 1 appears twice in one chunk: the last one wins"
     );

@@ -76,8 +76,9 @@ pub struct Worker {
     outbox_wake: Arc<Notify>,
     stats: Arc<WorkerStats>,
     mutex: Arc<BatchMutex>,
-    /// Batch mutexes this worker holds, released when the batch's attempt ends.
-    locks: Arc<Mutex<HashMap<BatchId, rslock::Lock>>>,
+    /// Batch mutexes this worker holds, by batch and lease epoch (a worker that re-claims a
+    /// batch after its own lease expired must not release the newer lock with the old).
+    locks: Arc<Mutex<HashMap<(BatchId, i64), rslock::Lock>>>,
 }
 
 /// Why an attempt failed, and whether another attempt could help.
@@ -149,7 +150,7 @@ impl Worker {
             match self.db.claim(&id, &self.id, self.lease_ms()).await {
                 Ok(Some(lease)) => {
                     if let Some(lock) = lock {
-                        self.locks_held().insert(id, lock);
+                        self.locks_held().insert((id, lease.epoch), lock);
                     }
                     return Ok(Some(lease));
                 }
@@ -163,33 +164,30 @@ impl Worker {
         Ok(None)
     }
 
-    fn locks_held(&self) -> std::sync::MutexGuard<'_, HashMap<BatchId, rslock::Lock>> {
+    fn locks_held(&self) -> std::sync::MutexGuard<'_, HashMap<(BatchId, i64), rslock::Lock>> {
         self.locks.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Renews the batch mutex along with the lease (best effort).
-    async fn extend_lock(&self, batch: &BatchId) {
-        let held = self.locks_held().remove(batch);
+    async fn extend_lock(&self, lease: &Lease) {
+        let slot = (lease.batch_id.clone(), lease.epoch);
+        let held = self.locks_held().remove(&slot);
         if let Some(lock) = held {
-            match self
+            // On failure keep the old lock: it still expires on its own, and the fence decides.
+            let lock = self
                 .mutex
                 .extend(&lock, Duration::from_secs(self.config.lease_secs))
                 .await
-            {
-                Some(renewed) => {
-                    self.locks_held().insert(batch.clone(), renewed);
-                }
-                // Keep the old lock: it still expires on its own, and the fence decides.
-                None => {
-                    self.locks_held().insert(batch.clone(), lock);
-                }
-            }
+                .unwrap_or(lock);
+            self.locks_held().insert(slot, lock);
         }
     }
 
     /// Ends this worker's hold on the batch mutex, whatever became of the batch.
-    async fn unlock(&self, batch: &BatchId) {
-        let held = self.locks_held().remove(batch);
+    async fn unlock(&self, lease: &Lease) {
+        let held = self
+            .locks_held()
+            .remove(&(lease.batch_id.clone(), lease.epoch));
         release(held).await;
     }
 
@@ -232,7 +230,7 @@ impl Worker {
                     .db
                     .commit_chunk(&run.lease, self.lease_ms(), chunk)
                     .await?;
-                self.extend_lock(&run.lease.batch_id).await;
+                self.extend_lock(&run.lease).await;
                 Step::Chunk(written)
             }
             None => {
@@ -264,7 +262,7 @@ impl Worker {
                 permanent: true,
             };
             let outcome = self.fail(&lease, error).await;
-            self.unlock(&lease.batch_id).await;
+            self.unlock(&lease).await;
             return outcome;
         }
         let worker = self.clone();
@@ -283,7 +281,7 @@ impl Worker {
             Ok(outcome) => outcome,
             Err(e) => self.fail(&lease, e).await,
         };
-        self.unlock(&lease.batch_id).await;
+        self.unlock(&lease).await;
         outcome
     }
 

@@ -68,6 +68,9 @@ pub struct Chunk {
     /// Distinct keys, sorted (a stable lock order keeps concurrent batches deadlock-free).
     pub records: Vec<RecordRow>,
     pub errors: Vec<RowError>,
+    /// Records replaced by a later record with the same key in this chunk: counted as
+    /// unchanged, so written + unchanged + failed adds up to the records handled.
+    pub superseded: u64,
     /// Records of the file covered once this chunk commits.
     pub checkpoint: u64,
 }
@@ -215,7 +218,7 @@ impl Db {
                 .execute(&mut *tx)
                 .await?;
         }
-        let unchanged = chunk.records.len() as u64 - written;
+        let unchanged = chunk.records.len() as u64 - written + chunk.superseded;
         let fence = self.sql(
             "UPDATE batches SET checkpoint = $3, records_written = records_written + $4, \
                  records_unchanged = records_unchanged + $5, records_failed = records_failed + $6, \
