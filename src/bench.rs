@@ -276,7 +276,7 @@ pub async fn limiter(args: LimiterArgs) -> anyhow::Result<()> {
 
     let run = ulid::Ulid::new().to_string().to_lowercase();
     let prefix = format!("dataflow-bench-{run}");
-    let redis = Redis::connect(&args.redis_url, &prefix).await?;
+    let redis = Redis::connect(&args.redis_url, &prefix, None).await?;
     let limiter = Arc::new(RedisLimiter::new(redis.clone()));
     // Generous enough that every decision is an admit: the cost is the same either way.
     let rate = Rate {

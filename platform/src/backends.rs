@@ -50,13 +50,25 @@ pub struct Backends {
 impl Backends {
     /// Connects and migrates the ledger, connects Redis when configured, builds the rest.
     pub async fn build(config: &Config) -> Result<Arc<Backends>> {
+        // TLS (`rediss://`) needs one process-wide crypto provider; name it rather than rely
+        // on crate features, which change as dependencies are added. Already set is fine.
+        let _ = rustls::crypto::ring::default_provider().install_default();
         let db = Db::connect(&config.database_url(), config.db_max_connections).await?;
         db.migrate().await?;
         let secret = resolve_secret(config.secret.as_ref(), &config.data_dir, "server-secret")?;
         let admin_token =
             resolve_secret(config.admin_token.as_ref(), &config.data_dir, "admin-token")?;
         let redis = match &config.redis_url {
-            Some(url) => Some(Redis::connect(url.expose(), &config.redis_prefix).await?),
+            Some(url) => {
+                let ca = match &config.redis_ca_file {
+                    Some(path) => Some(std::fs::read(path).map_err(|source| Error::Io {
+                        context: format!("reading redis_ca_file {}", path.display()),
+                        source,
+                    })?),
+                    None => None,
+                };
+                Some(Redis::connect(url.expose(), &config.redis_prefix, ca).await?)
+            }
             None => None,
         };
 
@@ -68,18 +80,15 @@ impl Backends {
         };
         let ttl = Duration::from_millis(api.cache_ttl_ms);
         let negative_ttl = Duration::from_millis(api.cache_negative_ttl_ms);
-        let (limiter, lockout, dedup, mutex, l1_ttl) = match (&redis, &config.redis_url) {
-            (Some(r), Some(url)) => (
+        let (limiter, lockout, dedup, mutex, l1_ttl) = match &redis {
+            Some(r) => (
                 Limiter::Redis(Box::new(RedisLimiter::new(r.clone()))),
                 Lockout::Redis(Box::new(RedisLockout::new(r.clone(), lockout_policy))),
                 DedupFastPath::Redis(Box::new(r.clone())),
-                BatchMutex::Redlock(Box::new(Redlock::new(
-                    vec![url.expose().to_owned()],
-                    r.clone(),
-                ))),
+                BatchMutex::Redlock(Box::new(Redlock::new(r.clone()))),
                 Duration::from_millis(api.cache_l1_ttl_ms),
             ),
-            _ => (
+            None => (
                 Limiter::InProcess(InProcessLimiter::default()),
                 Lockout::InProcess(InProcessLockout::new(lockout_policy)),
                 DedupFastPath::Off,

@@ -36,6 +36,8 @@ pub struct Config {
     pub redis_url: Option<Secret>,
     /// Every Redis key DataFlow writes starts with `<redis_prefix>:`.
     pub redis_prefix: String,
+    /// PEM file of a private CA to trust for `rediss://` (default: the public web roots).
+    pub redis_ca_file: Option<PathBuf>,
     pub api: ApiConfig,
     pub worker: WorkerConfig,
     pub outbox: OutboxConfig,
@@ -52,6 +54,7 @@ impl Default for Config {
             db_max_connections: 10,
             redis_url: None,
             redis_prefix: "dataflow".to_owned(),
+            redis_ca_file: None,
             api: ApiConfig::default(),
             worker: WorkerConfig::default(),
             outbox: OutboxConfig::default(),

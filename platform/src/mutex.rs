@@ -36,9 +36,9 @@ pub struct Redlock {
 }
 
 impl Redlock {
-    /// `urls`: one Redis, or several independent ones for a quorum.
-    pub fn new(urls: Vec<String>, probe: Redis) -> Self {
-        let mut manager = LockManager::new(urls);
+    /// Locks on `probe`'s Redis (its client carries the URL, password and TLS settings).
+    pub fn new(probe: Redis) -> Self {
+        let mut manager = LockManager::from_clients(vec![probe.client().clone()]);
         // One quick try: a contended batch is simply skipped, the next poll comes soon.
         manager.set_retry(1, Duration::from_millis(1));
         Self {

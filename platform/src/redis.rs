@@ -25,8 +25,19 @@ pub struct Redis {
 impl Redis {
     /// Prepares the connection (made lazily: a process whose Redis is down at startup
     /// starts anyway, on its fallbacks) and checks the eviction policy.
-    pub async fn connect(url: &str, prefix: &str) -> Result<Redis> {
-        let client = Client::open(url).map_err(|e| Error::Config(format!("REDIS_URL: {e}")))?;
+    /// `ca_pem`: a private CA to trust for `rediss://` instead of the public roots.
+    pub async fn connect(url: &str, prefix: &str, ca_pem: Option<Vec<u8>>) -> Result<Redis> {
+        let client = match ca_pem {
+            Some(root_cert) => Client::build_with_tls(
+                url,
+                redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(root_cert),
+                },
+            ),
+            None => Client::open(url),
+        }
+        .map_err(|e| Error::Config(format!("REDIS_URL: {e}")))?;
         let config = redis::aio::ConnectionManagerConfig::new()
             .set_connection_timeout(Some(CONNECT_TIMEOUT))
             .set_response_timeout(Some(RESPONSE_TIMEOUT))

@@ -411,3 +411,164 @@ async fn a_paused_worker_cannot_commit_with_redis_up_or_down(b: Backend) {
     proxy.heal();
     t.stop().await;
 }
+
+/// A Redis with TLS and a password, started by the test itself (skipped when this
+/// machine's redis-server or openssl cannot do it).
+struct TlsRedis {
+    child: std::process::Child,
+    port: u16,
+    _dir: std::path::PathBuf,
+}
+
+impl TlsRedis {
+    fn start() -> Option<TlsRedis> {
+        let dir = std::env::temp_dir().join(format!("dataflow-tls-{}", ulid::Ulid::new()));
+        std::fs::create_dir_all(&dir).ok()?;
+        let cert = dir.join("cert.pem");
+        let key = dir.join("key.pem");
+        // A CA, and a server certificate for 127.0.0.1 signed by it.
+        let script = r#"set -e
+openssl req -x509 -newkey rsa:2048 -nodes -days 1 -subj /CN=dataflow-test-ca -keyout ca.key -out ca.pem
+openssl req -newkey rsa:2048 -nodes -subj /CN=localhost -keyout key.pem -out server.csr
+printf 'subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n' > ext.cnf
+openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 1 -extfile ext.cnf -out cert.pem
+"#;
+        let made = std::process::Command::new("sh")
+            .args(["-c", script])
+            .current_dir(&dir)
+            .output()
+            .ok()?;
+        if !made.status.success() {
+            return None;
+        }
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .ok()?
+            .local_addr()
+            .ok()?
+            .port();
+        let child = std::process::Command::new("redis-server")
+            .args([
+                "--port",
+                "0",
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .args([
+                "--tls-port",
+                &port.to_string(),
+                "--tls-auth-clients",
+                "no",
+                "--requirepass",
+                "s3cret-pass",
+            ])
+            .arg("--tls-cert-file")
+            .arg(&cert)
+            .arg("--tls-key-file")
+            .arg(&key)
+            .arg("--dir")
+            .arg(&dir)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .ok()?;
+        Some(TlsRedis {
+            child,
+            port,
+            _dir: dir,
+        })
+    }
+
+    fn url(&self) -> String {
+        format!("rediss://:s3cret-pass@127.0.0.1:{}/", self.port)
+    }
+
+    /// The CA clients must trust.
+    fn ca(&self) -> std::path::PathBuf {
+        self._dir.join("ca.pem")
+    }
+}
+
+impl Drop for TlsRedis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self._dir);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_over_tls_with_a_password() {
+    let Some(mut server) = TlsRedis::start() else {
+        eprintln!(
+            "SKIPPED: cannot start a TLS redis-server here (needs redis-server with TLS and openssl)"
+        );
+        return;
+    };
+    // Wait until it answers over TLS, or skip if this redis-server has no TLS support.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let started = Instant::now();
+    let ready = loop {
+        if let Ok(Some(status)) = server.child.try_wait() {
+            eprintln!("TLS redis-server exited: {status}");
+            break false;
+        }
+        let ca = std::fs::read(server.ca()).unwrap();
+        let certs = redis::TlsCertificates {
+            client_tls: None,
+            root_cert: Some(ca),
+        };
+        let client = redis::Client::build_with_tls(server.url(), certs).unwrap();
+        let connect = client.get_multiplexed_async_connection();
+        match tokio::time::timeout(Duration::from_secs(1), connect).await {
+            Ok(Ok(mut c)) => match redis::cmd("PING").query_async::<String>(&mut c).await {
+                Ok(_) => break true,
+                Err(e) => eprintln!("TLS Redis: PING failed: {e}"),
+            },
+            Ok(Err(e)) => eprintln!("TLS Redis not ready: {e}"),
+            Err(_) => eprintln!("TLS Redis: connect timed out"),
+        }
+        if started.elapsed() > Duration::from_secs(10) {
+            break false;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    if !ready {
+        eprintln!("SKIPPED: this redis-server does not serve TLS");
+        return;
+    }
+    let Some(t) = TestApp::spawn_redis(Backend::Sqlite, Roles::API, Some(server.url()), |c| {
+        c.redis_ca_file = Some(server.ca());
+    })
+    .await
+    else {
+        return;
+    };
+    let (_, key) = t
+        .client(json!({"rate_per_minute": 60, "rate_burst": 2}))
+        .await;
+    let statuses: Vec<u16> = [(); 3].iter().map(|_| 0).collect();
+    let mut got = statuses;
+    for s in got.iter_mut() {
+        *s = status_of(&t, &key).await;
+    }
+    assert_eq!(
+        got,
+        [200, 200, 429],
+        "limits enforced through the TLS Redis"
+    );
+    assert_eq!(readyz(&t).await["redis"], "up");
+    let redis = t.app.as_ref().unwrap().backends.redis.clone().unwrap();
+    assert!(
+        redis
+            .keys_with_prefix()
+            .await
+            .unwrap()
+            .iter()
+            .any(|k| k.contains(":rl:"))
+    );
+    t.stop().await;
+}
