@@ -1,8 +1,9 @@
 //! The `dataflow` command line: process roles and operator commands.
 //!
-//! Operator commands work on the ledger directly, so they need no running server. Running
-//! API processes see a change made here within their cache TTL (`api.cache_ttl_ms`); the
-//! same change through `/admin` takes effect on the next request.
+//! Operator commands work on the ledger directly, so they need no running server. With Redis
+//! configured they also broadcast the cache invalidation, so running API processes enforce
+//! the change at once; without Redis, API processes see it within their cache TTL
+//! (`api.cache_ttl_ms`), while the same change through `/admin` applies on the next request.
 
 use std::path::PathBuf;
 
@@ -120,8 +121,21 @@ fn print_json<T: serde::Serialize>(v: &T) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Tells running processes (through Redis, when configured) that `key` changed.
+async fn announce<V>(cache: &dataflow_platform::cache::Cache<V>, key: &str)
+where
+    V: Clone + serde::Serialize + serde::de::DeserializeOwned + Send + Sync + 'static,
+{
+    if let Err(e) = cache.invalidate(key).await {
+        eprintln!(
+            "warning: saved, but the change could not be announced ({e}); running processes apply it within their cache TTL"
+        );
+    }
+}
+
 pub async fn clients(config: &Config, cmd: ClientsCmd) -> anyhow::Result<()> {
-    let db = ledger(config).await?.db.clone();
+    let backends = ledger(config).await?;
+    let db = &backends.db;
     match cmd {
         ClientsCmd::Create { name, policy } => {
             let policy = match policy {
@@ -144,10 +158,14 @@ pub async fn clients(config: &Config, cmd: ClientsCmd) -> anyhow::Result<()> {
             Ok(())
         }
         ClientsCmd::Deactivate { client_id: id } => {
-            print_json(&db.set_client_active(&client_id(&id)?, false).await?.view())
+            let client = db.set_client_active(&client_id(&id)?, false).await?;
+            announce(&backends.clients, client.id.as_str()).await;
+            print_json(&client.view())
         }
         ClientsCmd::Activate { client_id: id } => {
-            print_json(&db.set_client_active(&client_id(&id)?, true).await?.view())
+            let client = db.set_client_active(&client_id(&id)?, true).await?;
+            announce(&backends.clients, client.id.as_str()).await;
+            print_json(&client.view())
         }
     }
 }
@@ -172,6 +190,7 @@ pub async fn keys(config: &Config, cmd: KeysCmd) -> anyhow::Result<()> {
         KeysCmd::List { client_id: id } => print_json(&db.list_keys(&client_id(&id)?).await?),
         KeysCmd::Revoke { key_id } => {
             let client = db.revoke_key(&key_id).await?;
+            announce(&backends.keys, &key_id).await;
             println!("revoked {key_id} of {client}");
             Ok(())
         }
@@ -179,7 +198,8 @@ pub async fn keys(config: &Config, cmd: KeysCmd) -> anyhow::Result<()> {
 }
 
 pub async fn policy(config: &Config, cmd: PolicyCmd) -> anyhow::Result<()> {
-    let db = ledger(config).await?.db.clone();
+    let backends = ledger(config).await?;
+    let db = &backends.db;
     match cmd {
         PolicyCmd::Show { client_id: id } => {
             let Some(client) = db.get_client(&client_id(&id)?).await? else {
@@ -198,7 +218,9 @@ pub async fn policy(config: &Config, cmd: PolicyCmd) -> anyhow::Result<()> {
                 bail!("no client {id}")
             };
             let policy = client.policy.patched(&patch).map_err(anyhow::Error::msg)?;
-            print_json(&db.set_policy(&id, &policy).await?.policy)
+            let updated = db.set_policy(&id, &policy).await?;
+            announce(&backends.clients, id.as_str()).await;
+            print_json(&updated.policy)
         }
     }
 }

@@ -132,7 +132,8 @@ fn unavailable(e: String) -> ApiError {
     )
 }
 
-/// The peer address, or the left-most `X-Forwarded-For` entry when configured to trust it.
+/// The peer address, or — behind a trusted proxy — the right-most `X-Forwarded-For` entry:
+/// the one that proxy appended, which the client cannot choose.
 fn client_ip(state: &AppState, req: &Request) -> IpAddr {
     let peer = req
         .extensions()
@@ -144,7 +145,7 @@ fn client_ip(state: &AppState, req: &Request) -> IpAddr {
     req.headers()
         .get("x-forwarded-for")
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split(',').next())
+        .and_then(|v| v.rsplit(',').next())
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or(peer)
 }

@@ -56,7 +56,8 @@ pub struct SharedTier {
 /// (`SET … NX`) cannot replace it, so a load that read SQL before the change cannot put the
 /// old value back while the marker lives.
 const TOMBSTONE: &str = "invalidated";
-const TOMBSTONE_TTL: Duration = Duration::from_secs(5);
+/// Added to the shared TTL for a tombstone's life: longer than any load can take.
+const TOMBSTONE_MARGIN: Duration = Duration::from_secs(5);
 
 impl SharedTier {
     /// The pub/sub channel every process listens on for invalidations.
@@ -103,13 +104,19 @@ impl SharedTier {
         }
     }
 
-    async fn invalidate(&self, key: &str) {
+    /// Deletes the shared copy, leaves a tombstone that outlives any fill that may have
+    /// read SQL before the change, and tells every process. `DEL` comes first: Redis accepts
+    /// it even when full, so the old value cannot survive a refused tombstone.
+    async fn invalidate(&self, key: &str) -> Result<(), String> {
+        let tombstone_ttl = self.ttl + TOMBSTONE_MARGIN;
         let mut pipe = redis::pipe();
-        pipe.cmd("SET")
+        pipe.del(self.key(key))
+            .ignore()
+            .cmd("SET")
             .arg(self.key(key))
             .arg(TOMBSTONE)
             .arg("PX")
-            .arg(TOMBSTONE_TTL.as_millis() as u64)
+            .arg(tombstone_ttl.as_millis() as u64)
             .ignore()
             .publish(
                 Self::channel(&self.redis),
@@ -117,9 +124,7 @@ impl SharedTier {
             )
             .ignore();
         let done: redis::RedisResult<()> = pipe.query_async(&mut self.redis.conn()).await;
-        if let Err(e) = done {
-            tracing::warn!(error = %e, "cache invalidation not broadcast; other processes expire it within their L1 TTL");
-        }
+        done.map_err(|e| e.to_string())
     }
 }
 
@@ -235,14 +240,18 @@ impl<V: Clone + Serialize + DeserializeOwned + Send + Sync + 'static> Cache<V> {
     }
 
     /// After a committed change: drops `key` here, in the shared tier, and (through pub/sub)
-    /// in every other process. Loads already running are not stored.
-    pub async fn invalidate(&self, key: &str) {
+    /// in every other process. Loads already running are not stored. An error means other
+    /// processes may serve the old value until their copies expire: the caller should say so
+    /// (the change itself is committed, and invalidating again is harmless).
+    pub async fn invalidate(&self, key: &str) -> Result<(), String> {
         // The shared tier first: dropping the local copy before it would let this process
         // refill from the old shared copy.
-        if let Some(tier) = &self.shared {
-            tier.invalidate(key).await;
-        }
+        let shared = match &self.shared {
+            Some(tier) => tier.invalidate(key).await,
+            None => Ok(()),
+        };
         self.forget_local(key);
+        shared
     }
 
     /// Drops `key` from this process only (an invalidation heard from another process).
@@ -280,9 +289,10 @@ impl<V: Clone + Serialize + DeserializeOwned + Send + Sync + 'static> Cache<V> {
     }
 }
 
-/// ±10 %, so entries loaded together do not expire together.
+/// Up to 10 % shorter, so entries loaded together do not expire together, and the TTL
+/// stays an upper bound on staleness.
 fn jittered(ttl: Duration) -> Duration {
-    ttl.mul_f64(rand::rng().random_range(0.9..1.1))
+    ttl.mul_f64(rand::rng().random_range(0.9..=1.0))
 }
 
 #[cfg(test)]
@@ -368,7 +378,7 @@ mod tests {
             .await
         });
         tokio::time::sleep(Duration::from_millis(10)).await;
-        c.invalidate("k").await;
+        c.invalidate("k").await.unwrap();
         gate.notify_one();
         assert_eq!(stale.await.unwrap().unwrap().as_deref(), Some("old"));
         let fresh = c

@@ -79,7 +79,8 @@ pub struct ApiConfig {
     pub request_timeout_secs: u64,
     /// Imports one client may have in flight on this process at once.
     pub max_concurrent_imports_per_client: usize,
-    /// Use the left-most `X-Forwarded-For` address as the client IP (only behind a proxy).
+    /// Use the right-most `X-Forwarded-For` address (the one the proxy appended) as the
+    /// client IP; only behind exactly one trusted proxy.
     pub trust_forwarded_for: bool,
     /// Failed authentications per IP or key id within `auth_window_secs` before lock-out.
     pub auth_max_failures: u32,

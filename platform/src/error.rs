@@ -50,12 +50,26 @@ impl Error {
             | sqlx::Error::PoolClosed
             | sqlx::Error::Io(_)
             | sqlx::Error::Tls(_) => true,
-            sqlx::Error::Database(db) => matches!(
-                db.code().as_deref(),
-                // SQLite: BUSY, LOCKED. PostgreSQL: serialization failure, deadlock,
-                // too many connections, admin or crash shutdown, cannot connect now.
-                Some("5" | "6" | "517" | "40001" | "40P01" | "53300" | "57P01" | "57P02" | "57P03")
-            ),
+            sqlx::Error::Database(db) => {
+                let code = db.code();
+                let code = code.as_deref().unwrap_or("");
+                // SQLite reports extended codes: the low byte is the primary one.
+                let sqlite_busy = code.parse::<u32>().is_ok_and(|c| matches!(c & 0xff, 5 | 6));
+                // PostgreSQL: serialization failure, deadlock, lock not available, too many
+                // connections, statement timeout, admin or crash shutdown, cannot connect now.
+                sqlite_busy
+                    || matches!(
+                        code,
+                        "40001"
+                            | "40P01"
+                            | "55P03"
+                            | "53300"
+                            | "57014"
+                            | "57P01"
+                            | "57P02"
+                            | "57P03"
+                    )
+            }
             _ => false,
         }
     }

@@ -72,10 +72,18 @@ impl KeyHasher {
     }
 }
 
+fn is_hex(s: &str, len: usize) -> bool {
+    s.len() == len && s.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+/// Whether `s` has the shape of a key id (16 hex digits).
+pub fn is_key_id(s: &str) -> bool {
+    is_hex(s, KEY_ID_BYTES * 2)
+}
+
 /// Splits `dfk_<16 hex>_<64 hex>`; anything else is `None`.
 pub fn parse(token: &str) -> Option<PresentedKey<'_>> {
     let (key_id, secret) = token.strip_prefix(PREFIX)?.split_once('_')?;
-    let is_hex = |s: &str, len: usize| s.len() == len && s.bytes().all(|b| b.is_ascii_hexdigit());
     (is_hex(key_id, KEY_ID_BYTES * 2) && is_hex(secret, SECRET_BYTES * 2))
         .then_some(PresentedKey { key_id, secret })
 }

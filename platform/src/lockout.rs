@@ -153,10 +153,13 @@ impl InProcessLockout {
         let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
         if entries.len() >= MAX_SUBJECTS {
             entries.retain(|_, e| e.window_ends > now || e.locked_until.is_some_and(|u| u > now));
-            // Still full of live entries (a flood of distinct addresses or key ids): start
-            // over rather than grow without bound. Redis, when configured, keeps counting.
+            // Still full (a flood of distinct addresses or key ids): forget the subjects
+            // that are only counting, keep every lock-out in force.
             if entries.len() >= MAX_SUBJECTS {
-                entries.clear();
+                entries.retain(|_, e| e.locked_until.is_some_and(|u| u > now));
+            }
+            if entries.len() >= MAX_SUBJECTS {
+                return;
             }
         }
         let p = self.policy;

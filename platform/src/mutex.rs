@@ -12,7 +12,8 @@ use rslock::{Lock, LockManager};
 use crate::redis::Redis;
 
 /// A lock attempt never holds up the claim loop longer than this.
-const LOCK_TIMEOUT: Duration = Duration::from_millis(250);
+/// (Long enough for rslock to open its connection, TLS and AUTH included.)
+const LOCK_TIMEOUT: Duration = Duration::from_secs(1);
 
 pub enum Acquired {
     Held(Lock),
@@ -69,7 +70,10 @@ impl BatchMutex {
             .query_async(&mut r.probe.conn())
             .await;
         match exists {
-            Ok(_) => Acquired::Contended,
+            Ok(true) => Acquired::Contended,
+            // Free, yet not ours: the attempt failed on our side. Go on with the SQL lease,
+            // which decides anyway, rather than skip a batch nobody holds.
+            Ok(false) => Acquired::Degraded,
             Err(e) => {
                 if r.degraded
                     .fetch_add(1, Ordering::Relaxed)

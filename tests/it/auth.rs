@@ -205,6 +205,12 @@ async fn admin_requires_the_operator_token_and_validates_input(b: Backend) {
         .await
         .unwrap();
     assert_eq!(not_json.status(), 400);
+    let bad_key_id = t
+        .admin(Method::POST, "/admin/keys/nope%00/revoke")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad_key_id.status(), 404);
     let missing = t
         .admin(Method::GET, "/admin/clients/cli_01J0000000000000000000000")
         .send()

@@ -98,16 +98,33 @@ async fn revocation_and_policy_changes_reach_every_process_within_a_second(b: Ba
         .await
         .unwrap();
     assert_eq!(revoked.status(), 204);
+    within_a_second(&other, &key).await;
+
+    // The operator CLI writes the ledger directly and announces the change the same way.
+    let cli_key = a.new_key(&client).await;
+    assert_eq!(status_of(&other, &cli_key).await, 200);
+    let cli_key_id = cli_key.split('_').nth(1).unwrap().to_owned();
+    dataflow::cli::keys(
+        &a.config,
+        dataflow::cli::KeysCmd::Revoke { key_id: cli_key_id },
+    )
+    .await
+    .unwrap();
+    within_a_second(&other, &cli_key).await;
+    other.stop().await;
+    a.stop().await;
+}
+
+/// Polls until `key` is refused by `t`, which must happen within a second.
+async fn within_a_second(t: &TestApp, key: &str) {
     let started = Instant::now();
-    while status_of(&other, &key).await != 401 {
+    while status_of(t, key).await != 401 {
         assert!(
             started.elapsed() < Duration::from_secs(1),
             "revocation not enforced within 1 s"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    other.stop().await;
-    a.stop().await;
 }
 
 fn redis_addr(url: &str) -> std::net::SocketAddr {

@@ -79,7 +79,7 @@ async fn show_client(
 async fn set_active(state: AppState, id: String, active: bool) -> ApiResult<Json<ClientView>> {
     let id: ClientId = parse_path_id(&id)?;
     let client = state.backends.db.set_client_active(&id, active).await?;
-    state.backends.clients.invalidate(id.as_str()).await;
+    announced(state.backends.clients.invalidate(id.as_str()).await)?;
     Ok(Json(client.view()))
 }
 
@@ -116,7 +116,7 @@ async fn patch_policy(
         .patched(&patch)
         .map_err(|e| ApiError::unprocessable("invalid_policy", e))?;
     let updated = state.backends.db.set_policy(&client.id, &policy).await?;
-    state.backends.clients.invalidate(client.id.as_str()).await;
+    announced(state.backends.clients.invalidate(client.id.as_str()).await)?;
     Ok(Json(updated.policy))
 }
 
@@ -143,7 +143,7 @@ async fn create_key(
         .create_key(&id, &key.key_id, &key.hmac, label.as_deref())
         .await?;
     // A lookup of this id may have cached "no such key" a moment ago.
-    state.backends.keys.invalidate(&key.key_id).await;
+    announced(state.backends.keys.invalidate(&key.key_id).await)?;
     Ok((
         StatusCode::CREATED,
         Json(KeyCreated {
@@ -162,12 +162,30 @@ async fn list_keys(
     Ok(Json(state.backends.db.list_keys(&client.id).await?))
 }
 
+/// A committed change whose cache invalidation could not be broadcast is answered 503, so
+/// the operator retries (which is harmless) instead of trusting a change not yet in force.
+fn announced(result: Result<(), String>) -> ApiResult<()> {
+    result.map_err(|e| {
+        tracing::error!(error = %e, "cache invalidation failed");
+        let mut err = ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "invalidation_failed",
+            "the change is saved but other processes may not see it yet; repeat the request",
+        );
+        err.retry_after_secs = Some(1);
+        err
+    })
+}
+
 async fn revoke_key(
     State(state): State<AppState>,
     Path(key_id): Path<String>,
 ) -> ApiResult<StatusCode> {
+    if !dataflow_platform::keys::is_key_id(&key_id) {
+        return Err(ApiError::not_found());
+    }
     state.backends.db.revoke_key(&key_id).await?;
-    state.backends.keys.invalidate(&key_id).await;
+    announced(state.backends.keys.invalidate(&key_id).await)?;
     Ok(StatusCode::NO_CONTENT)
 }
 
