@@ -125,10 +125,9 @@ fn locked(left: std::time::Duration) -> ApiError {
 
 fn unavailable(e: String) -> ApiError {
     tracing::error!(error = %e, "credential lookup failed");
-    ApiError::new(
-        StatusCode::SERVICE_UNAVAILABLE,
+    ApiError::unavailable(
         "ledger_unavailable",
-        "the ledger is unreachable; retry later",
+        "the ledger is unavailable; retry later",
     )
 }
 

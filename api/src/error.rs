@@ -53,6 +53,14 @@ impl ApiError {
         }
     }
 
+    /// 503 with `Retry-After`: the request was fine, a dependency was not.
+    pub fn unavailable(code: &str, detail: impl Into<String>) -> Self {
+        Self {
+            retry_after_secs: Some(1),
+            ..Self::new(StatusCode::SERVICE_UNAVAILABLE, code, detail)
+        }
+    }
+
     pub fn unprocessable(code: &str, detail: impl Into<String>) -> Self {
         Self::new(StatusCode::UNPROCESSABLE_ENTITY, code, detail)
     }
@@ -77,13 +85,10 @@ impl From<PlatformError> for ApiError {
             PlatformError::Parse(p) => p.into(),
             e if e.is_unavailable() => {
                 tracing::error!(error = %e, "ledger unavailable");
-                let mut err = Self::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
+                Self::unavailable(
                     "ledger_unavailable",
                     "the ledger is unavailable; retry later",
-                );
-                err.retry_after_secs = Some(1);
-                err
+                )
             }
             other => {
                 tracing::error!(error = %other, source = ?std::error::Error::source(&other), "internal error");

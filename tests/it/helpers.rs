@@ -316,6 +316,20 @@ impl TestApp {
         }
     }
 
+    /// How many `BatchCompleted` events the batch has in the outbox.
+    pub async fn completions(&self, batch: &BatchId) -> usize {
+        let events = self.db.batch_events(batch.as_str()).await.unwrap();
+        events
+            .iter()
+            .filter(|e| {
+                matches!(
+                    e.event,
+                    dataflow_contracts::events::Event::BatchCompleted(_)
+                )
+            })
+            .count()
+    }
+
     /// A worker on this process's backends that the test drives itself.
     pub fn worker(&self) -> dataflow_worker::Worker {
         let backends = &self.app.as_ref().expect("running").backends;

@@ -5,7 +5,6 @@ use std::time::{Duration, Instant};
 
 use dataflow::Roles;
 use dataflow_contracts::BatchStatus;
-use dataflow_contracts::events::Event;
 use dataflow_contracts::http::{ErrorBody, ImportView};
 use dataflow_platform::Error;
 use dataflow_worker::{Outcome, Step};
@@ -127,6 +126,19 @@ async fn within_a_second(t: &TestApp, key: &str) {
     }
 }
 
+/// A process whose Redis traffic goes through a proxy the test can cut.
+async fn behind_proxy(
+    b: Backend,
+    roles: Roles,
+    tweak: impl FnOnce(&mut dataflow_platform::Config),
+) -> Option<(TestApp, Proxy)> {
+    let url = test_redis_url().await?;
+    let proxy = Proxy::start(redis_addr(&url)).await;
+    let via_proxy = format!("redis://{}/", proxy.addr);
+    let t = TestApp::spawn_redis(b, roles, Some(via_proxy), tweak).await?;
+    Some((t, proxy))
+}
+
 fn redis_addr(url: &str) -> std::net::SocketAddr {
     let host_port = url
         .trim_start_matches("redis://")
@@ -143,15 +155,7 @@ fn redis_addr(url: &str) -> std::net::SocketAddr {
 }
 
 async fn redis_outage_falls_back_without_going_unlimited(b: Backend) {
-    let Some(url) = test_redis_url().await else {
-        return;
-    };
-    let proxy = Proxy::start(redis_addr(&url)).await;
-    let via_proxy = format!("redis://{}/", proxy.addr);
-    let Some(t) = TestApp::spawn_redis(b, Roles::API, Some(via_proxy), |c| {
-        c.api.auth_max_failures = 3
-    })
-    .await
+    let Some((t, proxy)) = behind_proxy(b, Roles::API, |c| c.api.auth_max_failures = 3).await
     else {
         return;
     };
@@ -232,12 +236,7 @@ async fn readyz(t: &TestApp) -> Value {
 }
 
 async fn dedup_holds_with_redis_flushed_and_with_redis_cut(b: Backend) {
-    let Some(url) = test_redis_url().await else {
-        return;
-    };
-    let proxy = Proxy::start(redis_addr(&url)).await;
-    let via_proxy = format!("redis://{}/", proxy.addr);
-    let Some(t) = TestApp::spawn_redis(b, Roles::ALL, Some(via_proxy), |c| {
+    let Some((t, proxy)) = behind_proxy(b, Roles::ALL, |c| {
         c.api.max_concurrent_imports_per_client = 64
     })
     .await
@@ -358,14 +357,7 @@ async fn assert_no_immortal_keys(t: &TestApp) {
 }
 
 async fn a_paused_worker_cannot_commit_with_redis_up_or_down(b: Backend) {
-    let Some(url) = test_redis_url().await else {
-        return;
-    };
-    let proxy = Proxy::start(redis_addr(&url)).await;
-    let via_proxy = format!("redis://{}/", proxy.addr);
-    let Some(t) =
-        TestApp::spawn_redis(b, Roles::API, Some(via_proxy), |c| c.worker.lease_secs = 2).await
-    else {
+    let Some((t, proxy)) = behind_proxy(b, Roles::API, |c| c.worker.lease_secs = 2).await else {
         return;
     };
     let (_, key) = t.client(json!({})).await;
@@ -411,13 +403,7 @@ async fn a_paused_worker_cannot_commit_with_redis_up_or_down(b: Backend) {
             (view.status, view.records_written),
             (BatchStatus::Completed, 35)
         );
-        let completions =
-            t.db.batch_events(imp.batch_id.as_str())
-                .await
-                .unwrap()
-                .iter()
-                .filter(|e| matches!(e.event, Event::BatchCompleted(_)))
-                .count();
+        let completions = t.completions(&imp.batch_id).await;
         assert_eq!(completions, 1);
     }
     let mutex = &t.app.as_ref().unwrap().backends.mutex;

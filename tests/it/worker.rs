@@ -4,7 +4,6 @@ use std::sync::atomic::Ordering;
 
 use dataflow::Roles;
 use dataflow_contracts::BatchStatus;
-use dataflow_contracts::events::Event;
 use dataflow_platform::Error;
 use dataflow_worker::{Outcome, Step, Worker};
 use reqwest::Method;
@@ -64,13 +63,7 @@ async fn racing_workers_never_double_complete(b: Backend) {
             (view.status, view.records_written, view.attempts),
             (BatchStatus::Completed, 25, 1)
         );
-        let completions =
-            t.db.batch_events(id.as_str())
-                .await
-                .unwrap()
-                .iter()
-                .filter(|e| matches!(e.event, Event::BatchCompleted(_)))
-                .count();
+        let completions = t.completions(id).await;
         assert_eq!(completions, 1, "batch {id}");
     }
     let rows: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM records")
@@ -126,13 +119,7 @@ async fn a_worker_that_lost_its_lease_cannot_commit(b: Backend) {
         (view.status, view.records_processed, view.records_written),
         (BatchStatus::Completed, 35, 35)
     );
-    let completions =
-        t.db.batch_events(imp.batch_id.as_str())
-            .await
-            .unwrap()
-            .iter()
-            .filter(|e| matches!(e.event, Event::BatchCompleted(_)))
-            .count();
+    let completions = t.completions(&imp.batch_id).await;
     assert_eq!(completions, 1);
 
     // The same through the full processing path counts the rejection.

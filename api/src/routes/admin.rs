@@ -167,13 +167,10 @@ async fn list_keys(
 fn announced(result: Result<(), String>) -> ApiResult<()> {
     result.map_err(|e| {
         tracing::error!(error = %e, "cache invalidation failed");
-        let mut err = ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
+        ApiError::unavailable(
             "invalidation_failed",
             "the change is saved but other processes may not see it yet; repeat the request",
-        );
-        err.retry_after_secs = Some(1);
-        err
+        )
     })
 }
 
