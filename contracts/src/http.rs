@@ -127,3 +127,14 @@ pub struct RecordView {
     pub batch_id: BatchId,
     pub updated_at: String,
 }
+
+/// `GET /v1/batches/{id}/report`: the outcome of a batch in numbers; the rejected rows
+/// themselves are at `GET /v1/batches/{id}/report.csv`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BatchReport {
+    pub batch: BatchView,
+    /// Row errors per error code, e.g. `{"missing_key": 3}`.
+    pub errors_by_code: std::collections::BTreeMap<String, u64>,
+    /// Where the rejected rows can be downloaded as CSV.
+    pub rejected_rows_csv: String,
+}

@@ -6,6 +6,7 @@
 //! - [`backends`]: the factory that picks every backend from config.
 //! - [`db`]: the SQL ledger (SQLite or PostgreSQL).
 //! - [`records`]: parsing CSV and NDJSON bodies under limits.
+//! - [`report`]: a batch's rejected rows as spreadsheet-safe CSV.
 //! - [`keys`]: API key minting and verification.
 //! - [`redis`]: the Redis connection, prefix and health.
 //! - [`limiter`], [`lockout`], [`cache`], [`dedup`]: request-path guards, each with an
@@ -26,6 +27,7 @@ pub mod lockout;
 pub mod mutex;
 pub mod records;
 pub mod redis;
+pub mod report;
 
 pub use backends::Backends;
 pub use config::Config;

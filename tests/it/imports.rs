@@ -15,6 +15,8 @@ backend_tests!(
     idempotency_key_replays_conflicts_and_mismatches,
     identical_concurrent_submits_make_one_batch,
     daily_quota_is_enforced,
+    batch_report_counts_and_defuses_formulas,
+    a_large_report_streams_every_rejected_row_once,
 );
 
 async fn count(t: &TestApp, table: &'static str) -> i64 {
@@ -439,5 +441,94 @@ async fn daily_quota_is_enforced(b: Backend) {
         "import_exceeds_quota"
     );
     assert_eq!(count(&t, "imports").await, 2);
+    t.stop().await;
+}
+
+async fn batch_report_counts_and_defuses_formulas(b: Backend) {
+    let Some(t) = TestApp::spawn(b).await else {
+        return;
+    };
+    let (_, key) = t.client(json!({"required_fields": ["=cmd"]})).await;
+    let (_, other) = t.client(json!({})).await;
+    let imp = t.import(&key, "text/csv", "id,=cmd\n1,x\n2,\n,y\n").await;
+    t.wait_for(&key, &imp.batch_id, BatchStatus::Completed)
+        .await;
+
+    let report: serde_json::Value = t
+        .get(&key, &format!("/v1/batches/{}/report", imp.batch_id))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        report["errors_by_code"],
+        json!({"missing_field": 1, "missing_key": 1})
+    );
+    assert_eq!(report["batch"]["records_written"], 1);
+    let csv_path = report["rejected_rows_csv"].as_str().unwrap().to_owned();
+
+    let resp = t.get(&key, &csv_path).await;
+    assert_eq!(resp.status(), 200);
+    assert!(
+        resp.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/csv")
+    );
+    let text = resp.text().await.unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines[0], "line,field,code,detail");
+    assert!(
+        lines[1].starts_with("3,'=cmd,missing_field,"),
+        "formula defused: {text}"
+    );
+    assert!(lines[2].starts_with("4,id,missing_key,"), "{text}");
+    assert_eq!(lines.len(), 3);
+
+    for path in [format!("/v1/batches/{}/report", imp.batch_id), csv_path] {
+        assert_eq!(t.get(&other, &path).await.status(), 404, "{path}");
+    }
+    t.stop().await;
+}
+
+async fn a_large_report_streams_every_rejected_row_once(b: Backend) {
+    let Some(t) =
+        TestApp::spawn_with(b, dataflow::Roles::ALL, |c| c.worker.chunk_size = 5_000).await
+    else {
+        return;
+    };
+    let (_, key) = t.client(json!({})).await;
+    let rows = 12_001;
+    let body: String = std::iter::once("id,v\n".to_owned())
+        .chain((0..rows).map(|i| format!(",{i}\n")))
+        .collect();
+    let imp = t.import(&key, "text/csv", body).await;
+    t.wait_for(&key, &imp.batch_id, BatchStatus::Completed)
+        .await;
+    let text = t
+        .get(&key, &format!("/v1/batches/{}/report.csv", imp.batch_id))
+        .await
+        .text()
+        .await
+        .unwrap();
+    let lines: Vec<u64> = text
+        .lines()
+        .skip(1)
+        .map(|l| l.split(',').next().unwrap().parse().unwrap())
+        .collect();
+    assert_eq!(
+        lines.len(),
+        rows,
+        "one line per rejected row, across several pages"
+    );
+    assert!(
+        lines.windows(2).all(|w| w[0] < w[1]),
+        "in file order, no repeats"
+    );
+    assert_eq!(
+        text.matches("line,field,code,detail").count(),
+        1,
+        "one header"
+    );
     t.stop().await;
 }

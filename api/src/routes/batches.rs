@@ -1,12 +1,17 @@
-//! `GET /v1/batches`, `/v1/batches/{id}`, `/v1/batches/{id}/errors` and `/v1/records/{key}`:
+//! `GET /v1/batches`, `/v1/batches/{id}`, `/v1/batches/{id}/errors`, the batch report
+//! (`/report` as JSON, `/report.csv` with the rejected rows) and `/v1/records/{key}`:
 //! every query is scoped to the caller's client, so another client's ids answer 404.
 
+use axum::body::{Body, Bytes};
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Extension, Path, Query, State};
+use axum::http::header;
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
-use dataflow_contracts::http::{BatchPage, BatchView, RecordErrorPage, RecordView};
+use dataflow_contracts::http::{BatchPage, BatchReport, BatchView, RecordErrorPage, RecordView};
 use dataflow_contracts::{BatchId, BatchStatus};
+use dataflow_platform::report;
 use serde::Deserialize;
 
 use super::{page_limit, parse_path_id, query};
@@ -19,6 +24,8 @@ pub fn router() -> Router<AppState> {
         .route("/batches", get(list))
         .route("/batches/{id}", get(show))
         .route("/batches/{id}/errors", get(errors))
+        .route("/batches/{id}/report", get(report))
+        .route("/batches/{id}/report.csv", get(report_csv))
         .route("/records/{key}", get(record))
 }
 
@@ -92,6 +99,66 @@ async fn errors(
         db.list_record_errors(&id, q.cursor.unwrap_or(0), page_limit(q.limit)?)
             .await?,
     ))
+}
+
+async fn report(
+    State(state): State<AppState>,
+    Extension(p): Extension<Principal>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<BatchReport>> {
+    let id: BatchId = parse_path_id(&id)?;
+    let db = &state.backends.db;
+    let batch = db
+        .get_batch(Some(&p.client.id), &id)
+        .await?
+        .ok_or_else(ApiError::not_found)?;
+    let errors_by_code = db.record_error_counts(&id).await?.into_iter().collect();
+    let rejected_rows_csv = format!("/v1/batches/{id}/report.csv");
+    Ok(Json(BatchReport {
+        batch,
+        errors_by_code,
+        rejected_rows_csv,
+    }))
+}
+
+/// Rows per page while streaming the CSV: memory stays flat however many rows failed.
+const REPORT_PAGE: u32 = 5_000;
+
+async fn report_csv(
+    State(state): State<AppState>,
+    Extension(p): Extension<Principal>,
+    Path(id): Path<String>,
+) -> ApiResult<Response> {
+    let id: BatchId = parse_path_id(&id)?;
+    let db = state.backends.db.clone();
+    if db.get_batch(Some(&p.client.id), &id).await?.is_none() {
+        return Err(ApiError::not_found());
+    }
+    let filename = format!("attachment; filename=\"{id}-rejected.csv\"");
+    // (cursor, first page?) until a page comes back without a next cursor.
+    let pages = futures::stream::unfold(Some((0u64, true)), move |state| {
+        let (db, id) = (db.clone(), id.clone());
+        async move {
+            let (after, first) = state?;
+            match db.list_record_errors(&id, after, REPORT_PAGE).await {
+                Ok(page) => {
+                    let next = page
+                        .next_cursor
+                        .as_deref()
+                        .and_then(|c| c.parse().ok())
+                        .map(|c| (c, false));
+                    let bytes = report::rejected_rows_csv(&page.items, first);
+                    Some((Ok::<_, std::io::Error>(Bytes::from(bytes)), next))
+                }
+                Err(e) => Some((Err(std::io::Error::other(e.to_string())), None)),
+            }
+        }
+    });
+    let headers = [
+        (header::CONTENT_TYPE, "text/csv; charset=utf-8".to_owned()),
+        (header::CONTENT_DISPOSITION, filename),
+    ];
+    Ok((headers, Body::from_stream(pages)).into_response())
 }
 
 async fn record(

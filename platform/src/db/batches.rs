@@ -477,7 +477,7 @@ impl Db {
              WHERE batch_id = $1 AND line > $2 ORDER BY line LIMIT $3",
         )
         .bind(batch.as_str())
-        .bind(after_line as i64)
+        .bind(i64::try_from(after_line).unwrap_or(i64::MAX))
         .bind(i64::from(limit) + 1)
         .fetch_all(self.pool())
         .await?;
@@ -499,6 +499,19 @@ impl Db {
             None
         };
         Ok(RecordErrorPage { items, next_cursor })
+    }
+
+    /// Row errors per code, for a batch's report.
+    pub async fn record_error_counts(&self, batch: &BatchId) -> Result<Vec<(String, u64)>> {
+        let rows = sqlx::query(
+            "SELECT code, COUNT(*) AS n FROM record_errors WHERE batch_id = $1 GROUP BY code ORDER BY code",
+        )
+        .bind(batch.as_str())
+        .fetch_all(self.pool())
+        .await?;
+        rows.iter()
+            .map(|r| Ok((r.try_get("code")?, count(r.try_get("n")?))))
+            .collect()
     }
 
     /// One stored record of a client.

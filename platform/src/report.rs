@@ -1,0 +1,62 @@
+//! The rejected rows of a batch as CSV, safe to open in a spreadsheet.
+//!
+//! Every cell that a spreadsheet would read as a formula (starting with `=`, `+`, `-`, `@`,
+//! tab or carriage return — OWASP's list) is prefixed with `'`, so a row error that quotes a
+//! malicious input cannot run when an operator opens the report.
+
+use std::borrow::Cow;
+
+use dataflow_contracts::http::RecordErrorView;
+
+pub const HEADER: [&str; 4] = ["line", "field", "code", "detail"];
+
+/// CSV text for `rows`, with the header row first when `header` is set.
+pub fn rejected_rows_csv(rows: &[RecordErrorView], header: bool) -> Vec<u8> {
+    let mut w = csv::Writer::from_writer(Vec::with_capacity(rows.len() * 64 + 32));
+    // Writing into a Vec cannot fail.
+    if header {
+        let _ = w.write_record(HEADER);
+    }
+    for r in rows {
+        let line = r.line.to_string();
+        let field = r.field.as_deref().unwrap_or("");
+        let _ = w.write_record([
+            line.as_str(),
+            &safe_cell(field),
+            &safe_cell(&r.code),
+            &safe_cell(&r.detail),
+        ]);
+    }
+    w.into_inner().unwrap_or_default()
+}
+
+/// The cell, defused if a spreadsheet would evaluate it.
+pub fn safe_cell(s: &str) -> Cow<'_, str> {
+    if s.starts_with(['=', '+', '-', '@', '\t', '\r']) {
+        Cow::Owned(format!("'{s}"))
+    } else {
+        Cow::Borrowed(s)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn formulas_are_defused_and_quoting_is_kept() {
+        let rows = [RecordErrorView {
+            line: 7,
+            field: Some("=HYPERLINK(\"x\")".into()),
+            code: "missing_key".into(),
+            detail: "@SUM(1,2), \"quoted\"".into(),
+        }];
+        let text = String::from_utf8(rejected_rows_csv(&rows, true)).unwrap();
+        assert_eq!(
+            text,
+            "line,field,code,detail\n7,\"'=HYPERLINK(\"\"x\"\")\",missing_key,\"'@SUM(1,2), \"\"quoted\"\"\"\n"
+        );
+        assert_eq!(safe_cell("plain"), "plain");
+        assert_eq!(safe_cell("-1"), "'-1");
+    }
+}
