@@ -17,6 +17,7 @@ backend_tests!(
     an_abandoned_batch_resumes_from_its_checkpoint,
     a_poison_batch_goes_dead_while_others_flow,
     shutdown_releases_in_flight_batches,
+    a_batch_whose_workers_keep_dying_goes_dead,
 );
 
 /// An API-only process, plus workers the test drives itself.
@@ -186,17 +187,27 @@ async fn a_poison_batch_goes_dead_while_others_flow(b: Backend) {
         return;
     };
     let (_, key) = t.client(json!({"rate_burst": 100})).await;
-    // Accepted, then its stored payload is corrupted: it can never be processed.
-    let warm_up = t.import(&key, "text/csv", csv("ok0", 5)).await;
-    t.wait_for(&key, &warm_up.batch_id, BatchStatus::Completed)
+    // Accepted, then its stored payload is corrupted before any worker may touch it (it
+    // waits for approval): it can never be processed.
+    let (_, held_key) = t.client(json!({"approval_required": true})).await;
+    let poison = t
+        .import(&held_key, "application/x-ndjson", "{\"id\":1}\n")
         .await;
-    let poison = t.import(&key, "application/x-ndjson", "{\"id\":1}\n").await;
     sqlx::query("UPDATE payloads SET body = $1 WHERE batch_id = $2")
         .bind(b"{\"id\":1}\n[not json".to_vec())
         .bind(poison.batch_id.as_str())
         .execute(t.db.pool())
         .await
         .unwrap();
+    let approve = format!("/admin/batches/{}/approve", poison.batch_id);
+    assert_eq!(
+        t.admin(Method::POST, &approve)
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
     let mut others = Vec::new();
     for i in 0..5 {
         others.push(
@@ -205,7 +216,9 @@ async fn a_poison_batch_goes_dead_while_others_flow(b: Backend) {
                 .batch_id,
         );
     }
-    let dead = t.wait_for(&key, &poison.batch_id, BatchStatus::Dead).await;
+    let dead = t
+        .wait_for(&held_key, &poison.batch_id, BatchStatus::Dead)
+        .await;
     assert!(
         dead.last_error
             .as_deref()
@@ -235,17 +248,9 @@ async fn a_poison_batch_goes_dead_while_others_flow(b: Backend) {
         .await
         .unwrap();
     assert_eq!(retried.status(), 200);
-    t.wait_for(&key, &poison.batch_id, BatchStatus::Dead).await;
+    t.wait_for(&held_key, &poison.batch_id, BatchStatus::Dead)
+        .await;
 
-    // A batch whose workers keep dying ends dead after max_attempts too.
-    let crashy = t.import(&key, "text/csv", csv("crash", 5)).await;
-    sqlx::query("UPDATE batches SET status = 'processing', attempts = 3, lease_expires_at = 0 WHERE id = $1")
-        .bind(crashy.batch_id.as_str())
-        .execute(t.db.pool())
-        .await
-        .unwrap();
-    let view = t.wait_for(&key, &crashy.batch_id, BatchStatus::Dead).await;
-    assert!(view.last_error.unwrap().contains("abandoned"));
     t.stop().await;
 }
 
@@ -268,5 +273,33 @@ async fn shutdown_releases_in_flight_batches(b: Backend) {
         w.try_process_one().await.unwrap(),
         Some(Outcome::Completed(_))
     ));
+    t.stop().await;
+}
+
+async fn a_batch_whose_workers_keep_dying_goes_dead(b: Backend) {
+    let Some(t) = TestApp::spawn_with(b, Roles::API, |c| c.worker.max_attempts = 3).await else {
+        return;
+    };
+    let (_, key) = t.client(json!({})).await;
+    let imp = t.import(&key, "text/csv", csv("crash", 5)).await;
+    // Three workers in a row claim it and die before finishing (their leases run out).
+    for attempt in 1..=3 {
+        let lease = worker(&t).claim_next().await.unwrap().expect("claimable");
+        assert_eq!(lease.attempts, attempt);
+        expire_leases(&t).await;
+    }
+    // The next claim sees the attempts used up and buries it instead of trying again.
+    assert_eq!(
+        worker(&t).try_process_one().await.unwrap(),
+        Some(Outcome::Dead)
+    );
+    let view = t.batch(&key, &imp.batch_id).await;
+    assert_eq!(view.status, BatchStatus::Dead);
+    assert!(view.last_error.unwrap().contains("abandoned"));
+    assert_eq!(
+        worker(&t).try_process_one().await.unwrap(),
+        None,
+        "dead batches are not claimed"
+    );
     t.stop().await;
 }
