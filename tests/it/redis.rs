@@ -166,13 +166,19 @@ async fn redis_outage_falls_back_without_going_unlimited(b: Backend) {
 
     proxy.cut();
     // Quota limits fail open to the in-process limiter: limited, never unlimited.
+    let started = Instant::now();
     let statuses: Vec<u16> = futures::future::join_all((0..8).map(|_| t.get(&key, "/v1/batches")))
         .await
         .iter()
         .map(|r| r.status().as_u16())
         .collect();
+    // The burst of 3, plus one per second the requests took (the machine may be busy).
+    let ceiling = 3 + started.elapsed().as_secs_f64().ceil() as usize;
     let admitted = statuses.iter().filter(|s| **s == 200).count();
-    assert!((1..=4).contains(&admitted), "with Redis cut: {statuses:?}");
+    assert!(
+        (1..=ceiling).contains(&admitted),
+        "with Redis cut: {statuses:?}"
+    );
     assert!(statuses.contains(&429));
     // Lock-out counters fail closed to their in-process twin.
     for _ in 0..3 {
