@@ -312,6 +312,10 @@ async fn idempotency_key_replays_conflicts_and_mismatches(b: Backend) {
     let again = send(csv("i", 2), "k-1").await.unwrap();
     assert_eq!(again.status(), 202);
     assert_eq!(again.headers()["idempotent-replayed"], "true");
+    assert_eq!(
+        again.headers()["location"],
+        format!("/v1/batches/{}", first.batch_id).as_str()
+    );
     assert_eq!(again.json::<ImportView>().await.unwrap(), first);
     assert_eq!(count(&t, "imports").await, 1);
 

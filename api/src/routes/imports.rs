@@ -13,7 +13,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use dataflow_contracts::http::ImportView;
-use dataflow_contracts::{ImportFormat, ImportId};
+use dataflow_contracts::{BatchId, ImportFormat, ImportId};
 use dataflow_platform::db::{IdempotencyClaim, IdempotencyStart, NewImport, SubmitOutcome};
 use dataflow_platform::dedup::Claim;
 use dataflow_platform::records::{self, Limits};
@@ -140,12 +140,8 @@ async fn submit(
     }
     match result {
         Ok((status, view)) => {
-            let location = format!("/v1/batches/{}", view.batch_id);
-            let mut resp = (status, Json(view)).into_response();
-            if let Ok(v) = HeaderValue::from_str(&location) {
-                resp.headers_mut().insert(header::LOCATION, v);
-            }
-            resp
+            let batch_id = view.batch_id.clone();
+            with_location((status, Json(view)).into_response(), &batch_id)
         }
         Err(e) => e.into_response(),
     }
@@ -337,8 +333,22 @@ fn idempotency_key(state: &AppState, headers: &HeaderMap) -> ApiResult<Option<St
 
 fn replay(status: u16, body: String) -> Response {
     let status = StatusCode::from_u16(status).unwrap_or(StatusCode::OK);
+    let batch_id = serde_json::from_str::<ImportView>(&body)
+        .ok()
+        .map(|v| v.batch_id);
     let mut resp = (status, [(header::CONTENT_TYPE, "application/json")], body).into_response();
     resp.headers_mut()
         .insert("idempotent-replayed", HeaderValue::from_static("true"));
+    match batch_id {
+        Some(id) => with_location(resp, &id),
+        None => resp,
+    }
+}
+
+/// Points the answer at the batch the import created (or the earlier import's batch).
+fn with_location(mut resp: Response, batch_id: &BatchId) -> Response {
+    if let Ok(v) = HeaderValue::from_str(&format!("/v1/batches/{batch_id}")) {
+        resp.headers_mut().insert(header::LOCATION, v);
+    }
     resp
 }
