@@ -30,6 +30,16 @@ pub struct ImportView {
     pub duplicate: bool,
 }
 
+impl ImportView {
+    /// The same import, as the answer to a later identical submission.
+    pub fn into_duplicate(self) -> Self {
+        Self {
+            duplicate: true,
+            ..self
+        }
+    }
+}
+
 /// `GET /v1/batches/{id}` and the items of `GET /v1/batches`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BatchView {

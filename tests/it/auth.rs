@@ -42,10 +42,8 @@ async fn keys_authenticate_and_revocation_is_immediate(b: Backend) {
 
     let key_id = key.split('_').nth(1).unwrap();
     let revoked = t
-        .admin(Method::POST, &format!("/admin/keys/{key_id}/revoke"))
-        .send()
-        .await
-        .unwrap();
+        .admin_send(Method::POST, &format!("/admin/keys/{key_id}/revoke"))
+        .await;
     assert_eq!(revoked.status(), 204);
     assert_eq!(
         t.get(&key, "/v1/batches").await.status(),
@@ -59,10 +57,8 @@ async fn keys_authenticate_and_revocation_is_immediate(b: Backend) {
     );
 
     let keys: serde_json::Value = t
-        .admin(Method::GET, &format!("/admin/clients/{client}/keys"))
-        .send()
+        .admin_send(Method::GET, &format!("/admin/clients/{client}/keys"))
         .await
-        .unwrap()
         .json()
         .await
         .unwrap();
@@ -74,10 +70,8 @@ async fn keys_authenticate_and_revocation_is_immediate(b: Backend) {
     );
 
     let off = t
-        .admin(Method::POST, &format!("/admin/clients/{client}/deactivate"))
-        .send()
-        .await
-        .unwrap();
+        .admin_send(Method::POST, &format!("/admin/clients/{client}/deactivate"))
+        .await;
     assert_eq!(off.status(), 200);
     let resp = t.get(&second, "/v1/batches").await;
     assert_eq!(resp.status(), 403);
@@ -85,10 +79,8 @@ async fn keys_authenticate_and_revocation_is_immediate(b: Backend) {
         resp.json::<ErrorBody>().await.unwrap().code,
         "client_inactive"
     );
-    t.admin(Method::POST, &format!("/admin/clients/{client}/activate"))
-        .send()
-        .await
-        .unwrap();
+    t.admin_send(Method::POST, &format!("/admin/clients/{client}/activate"))
+        .await;
     assert_eq!(t.get(&second, "/v1/batches").await.status(), 200);
     t.stop().await;
 }
@@ -100,25 +92,7 @@ async fn failed_attempts_lock_out_the_ip(b: Backend) {
         return;
     };
     let (_, key) = t.client(json!({})).await;
-    for _ in 0..3 {
-        assert_eq!(
-            t.get("dfk_0000000000000000_00", "/v1/batches")
-                .await
-                .status(),
-            401
-        );
-    }
-    let locked = t.get(&key, "/v1/batches").await;
-    assert_eq!(
-        locked.status(),
-        429,
-        "even a valid key is refused from a locked-out IP"
-    );
-    assert!(locked.headers().contains_key("retry-after"));
-    assert_eq!(
-        locked.json::<ErrorBody>().await.unwrap().code,
-        "auth_locked"
-    );
+    t.assert_locks_out(3, &key).await;
     t.stop().await;
 }
 
@@ -206,23 +180,17 @@ async fn admin_requires_the_operator_token_and_validates_input(b: Backend) {
         .unwrap();
     assert_eq!(not_json.status(), 400);
     let bad_key_id = t
-        .admin(Method::POST, "/admin/keys/nope%00/revoke")
-        .send()
-        .await
-        .unwrap();
+        .admin_send(Method::POST, "/admin/keys/nope%00/revoke")
+        .await;
     assert_eq!(bad_key_id.status(), 404);
     let missing = t
-        .admin(Method::GET, "/admin/clients/cli_01J0000000000000000000000")
-        .send()
-        .await
-        .unwrap();
+        .admin_send(Method::GET, "/admin/clients/cli_01J0000000000000000000000")
+        .await;
     assert_eq!(missing.status(), 404);
     let (client, _) = t.client(json!({"notify_email": "ops@example.com"})).await;
     let policy: serde_json::Value = t
-        .admin(Method::GET, &format!("/admin/clients/{client}/policy"))
-        .send()
+        .admin_send(Method::GET, &format!("/admin/clients/{client}/policy"))
         .await
-        .unwrap()
         .json()
         .await
         .unwrap();
@@ -256,24 +224,20 @@ async fn approval_and_rejection(b: Backend) {
     );
 
     let approved = t
-        .admin(
+        .admin_send(
             Method::POST,
             &format!("/admin/batches/{}/approve", held.batch_id),
         )
-        .send()
-        .await
-        .unwrap();
+        .await;
     assert_eq!(approved.status(), 200);
     t.wait_for(&key, &held.batch_id, BatchStatus::Completed)
         .await;
     let twice = t
-        .admin(
+        .admin_send(
             Method::POST,
             &format!("/admin/batches/{}/approve", held.batch_id),
         )
-        .send()
-        .await
-        .unwrap();
+        .await;
     assert_eq!(twice.status(), 409);
 
     let no_reason = t

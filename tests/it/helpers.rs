@@ -316,6 +316,44 @@ impl TestApp {
         }
     }
 
+    /// `GET /readyz` as JSON.
+    pub async fn readyz(&self) -> Value {
+        self.http
+            .get(self.url("/readyz"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
+    /// An admin request without a body, sent.
+    pub async fn admin_send(&self, method: reqwest::Method, path: &str) -> reqwest::Response {
+        self.admin(method, path).send().await.unwrap()
+    }
+
+    /// `failures` bad keys from this IP, then even `valid_key` is refused as locked out.
+    pub async fn assert_locks_out(&self, failures: u32, valid_key: &str) {
+        for _ in 0..failures {
+            assert_eq!(
+                self.get("dfk_0000000000000000_00", "/v1/batches")
+                    .await
+                    .status(),
+                401
+            );
+        }
+        let locked = self.get(valid_key, "/v1/batches").await;
+        assert_eq!(
+            locked.status(),
+            429,
+            "even a valid key is refused from a locked-out IP"
+        );
+        assert!(locked.headers().contains_key("retry-after"));
+        let body: dataflow_contracts::http::ErrorBody = locked.json().await.unwrap();
+        assert_eq!(body.code, "auth_locked");
+    }
+
     /// How many `BatchCompleted` events the batch has in the outbox.
     pub async fn completions(&self, batch: &BatchId) -> usize {
         let events = self.db.batch_events(batch.as_str()).await.unwrap();

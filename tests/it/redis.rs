@@ -5,11 +5,11 @@ use std::time::{Duration, Instant};
 
 use dataflow::Roles;
 use dataflow_contracts::BatchStatus;
-use dataflow_contracts::http::{ErrorBody, ImportView};
+use dataflow_contracts::http::ImportView;
 use dataflow_platform::Error;
 use dataflow_worker::{Outcome, Step};
 use reqwest::Method;
-use serde_json::{Value, json};
+use serde_json::json;
 
 use crate::helpers::{Backend, Proxy, TestApp, backend_tests, csv, test_redis_url};
 
@@ -181,29 +181,8 @@ async fn redis_outage_falls_back_without_going_unlimited(b: Backend) {
     );
     assert!(statuses.contains(&429));
     // Lock-out counters fail closed to their in-process twin.
-    for _ in 0..3 {
-        assert_eq!(
-            t.get("dfk_0000000000000000_00", "/v1/batches")
-                .await
-                .status(),
-            401
-        );
-    }
-    let locked = t.get(&key, "/v1/batches").await;
-    assert_eq!(locked.status(), 429);
-    assert_eq!(
-        locked.json::<ErrorBody>().await.unwrap().code,
-        "auth_locked"
-    );
-    let ready: Value = t
-        .http
-        .get(t.url("/readyz"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    t.assert_locks_out(3, &key).await;
+    let ready = t.readyz().await;
     assert_eq!(ready["redis"], "down");
     assert!(ready["fallbacks"]["limiter"].as_u64().unwrap() > 0);
     assert!(ready["fallbacks"]["lockout"].as_u64().unwrap() > 0);
@@ -211,7 +190,7 @@ async fn redis_outage_falls_back_without_going_unlimited(b: Backend) {
     // A process whose Redis is down when it starts comes up on its fallbacks.
     let late = t.sibling(Roles::API).await;
     assert_eq!(status_of(&late, &key).await, 200);
-    let ready = readyz(&late).await;
+    let ready = late.readyz().await;
     assert_eq!(
         (ready["status"].as_str(), ready["redis"].as_str()),
         (Some("ready"), Some("down"))
@@ -219,7 +198,7 @@ async fn redis_outage_falls_back_without_going_unlimited(b: Backend) {
 
     proxy.heal();
     let started = Instant::now();
-    while readyz(&late).await["redis"] != "up" {
+    while late.readyz().await["redis"] != "up" {
         assert!(
             started.elapsed() < Duration::from_secs(10),
             "Redis did not come back"
@@ -228,17 +207,6 @@ async fn redis_outage_falls_back_without_going_unlimited(b: Backend) {
     }
     late.stop().await;
     t.stop().await;
-}
-
-async fn readyz(t: &TestApp) -> Value {
-    t.http
-        .get(t.url("/readyz"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
 }
 
 async fn dedup_holds_with_redis_flushed_and_with_redis_cut(b: Backend) {
@@ -569,7 +537,7 @@ async fn redis_over_tls_with_a_password() {
         [200, 200, 429],
         "limits enforced through the TLS Redis"
     );
-    assert_eq!(readyz(&t).await["redis"], "up");
+    assert_eq!(t.readyz().await["redis"], "up");
     let redis = t.app.as_ref().unwrap().backends.redis.clone().unwrap();
     assert!(
         redis

@@ -118,7 +118,13 @@ async fn submit(
         }
     }
 
-    let result = accept(&state, &p, format, &body, &checksum, claim.as_ref()).await;
+    let submission = Submission {
+        format,
+        body: &body,
+        checksum: &checksum,
+        idempotency: claim.as_ref(),
+    };
+    let result = accept(&state, &p, &submission).await;
     if let Some(key) = &claim {
         let finished = match &result {
             // Created imports stored their answer in the submit transaction itself.
@@ -152,27 +158,19 @@ async fn submit(
 async fn accept(
     state: &AppState,
     p: &Principal,
-    format: ImportFormat,
-    body: &Bytes,
-    checksum: &str,
-    idempotency: Option<&IdempotencyClaim>,
+    sub: &Submission<'_>,
 ) -> ApiResult<(StatusCode, ImportView)> {
     let client = &p.client.id;
+    let checksum = sub.checksum;
     let window = Duration::from_secs(p.client.policy.dedup_window_secs);
     let dedup = &state.backends.dedup;
     let claim = dedup.claim(client, checksum, window).await;
     if let Claim::Known(id) = &claim
         && let Some(first) = state.backends.db.get_import(Some(client), id).await?
     {
-        return Ok((
-            StatusCode::OK,
-            ImportView {
-                duplicate: true,
-                ..first
-            },
-        ));
+        return Ok((StatusCode::OK, first.into_duplicate()));
     }
-    let result = decide(state, p, format, body, checksum, idempotency).await;
+    let result = decide(state, p, sub).await;
     // Only a new import arms the fast path, with the window starting now; a duplicate
     // answer must not stretch the window of the import it names.
     let owner = result
@@ -184,15 +182,27 @@ async fn accept(
     result
 }
 
+/// A request body that passed the HTTP-level checks.
+struct Submission<'a> {
+    format: ImportFormat,
+    body: &'a Bytes,
+    /// Hex SHA-256 of `body`.
+    checksum: &'a str,
+    idempotency: Option<&'a IdempotencyClaim>,
+}
+
 /// Dedup pre-check, parse and policy, then the submit transaction.
 async fn decide(
     state: &AppState,
     p: &Principal,
-    format: ImportFormat,
-    body: &Bytes,
-    checksum: &str,
-    idempotency: Option<&IdempotencyClaim>,
+    sub: &Submission<'_>,
 ) -> ApiResult<(StatusCode, ImportView)> {
+    let Submission {
+        format,
+        body,
+        checksum,
+        idempotency,
+    } = *sub;
     let db = &state.backends.db;
     let policy = &p.client.policy;
     if let Some(first) = db.find_duplicate(&p.client.id, checksum).await? {

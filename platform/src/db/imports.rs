@@ -188,7 +188,7 @@ impl Db {
             Some(id) => self
                 .get_import(Some(client), &parse_id(id)?)
                 .await
-                .map(|v| v.map(duplicate)),
+                .map(|v| v.map(ImportView::into_duplicate)),
             None => Ok(None),
         }
     }
@@ -241,7 +241,7 @@ impl Db {
                 .get_import(Some(new.client_id), &parse_id(first)?)
                 .await?;
             return view
-                .map(|v| SubmitOutcome::Duplicate(duplicate(v)))
+                .map(|v| SubmitOutcome::Duplicate(v.into_duplicate()))
                 .ok_or(Error::NotFound);
         }
 
@@ -390,13 +390,6 @@ impl Db {
         .fetch_optional(self.pool())
         .await?;
         row.as_ref().map(import_from_row).transpose()
-    }
-}
-
-fn duplicate(view: ImportView) -> ImportView {
-    ImportView {
-        duplicate: true,
-        ..view
     }
 }
 
