@@ -38,20 +38,15 @@ pub struct IngestArgs {
 
 pub async fn ingest(args: IngestArgs) -> anyhow::Result<()> {
     let run = ulid::Ulid::new().to_string().to_lowercase();
-    let dir = std::env::temp_dir().join(format!("dataflow-bench-{run}"));
+    let (dir, mut config) = scratch_config(&run);
     let scratch = match &args.database_url {
         Some(url) if url.starts_with("postgres") => Some(ScratchDb::create(url, &run).await?),
         Some(_) => bail!("--database-url must be a postgres:// URL (SQLite is the default)"),
         None => None,
     };
-    let mut config = Config {
-        data_dir: dir.clone(),
-        ..Config::default()
-    };
-    config.database_url = Some(match &scratch {
-        Some(s) => s.url.clone(),
-        None => format!("sqlite://{}", dir.join("bench.db").display()),
-    });
+    if let Some(s) = &scratch {
+        config.database_url = Some(s.url.clone());
+    }
     config.worker.concurrency = args.concurrency;
     config.worker.chunk_size = args.chunk_size;
     config.worker.poll_interval_ms = 100;
@@ -72,14 +67,6 @@ pub async fn ingest(args: IngestArgs) -> anyhow::Result<()> {
 }
 
 async fn run_ingest(args: &IngestArgs, config: Config, backend: &str) -> anyhow::Result<()> {
-    let app = App::start(
-        config,
-        Roles::ALL,
-        Some(TcpListener::bind("127.0.0.1:0").await?),
-    )
-    .await?;
-    let addr = app.addr.context("the API did not start")?;
-    let db = app.backends.db.clone();
     let policy = Policy {
         rate_per_minute: 1_000_000,
         rate_burst: 10_000,
@@ -87,10 +74,8 @@ async fn run_ingest(args: &IngestArgs, config: Config, backend: &str) -> anyhow:
         dedup_window_secs: 0,
         ..Policy::default()
     };
-    let client = db.create_client("bench", &policy).await?;
-    let key = app.backends.hasher.generate();
-    db.create_key(&client.id, &key.key_id, &key.hmac, Some("bench"))
-        .await?;
+    let (app, addr, token) = start_with_client(config, Roles::ALL, &policy).await?;
+    let db = app.backends.db.clone();
 
     let bodies: Vec<String> = (0..args.imports)
         .map(|i| csv_body(i, args.records))
@@ -101,7 +86,7 @@ async fn run_ingest(args: &IngestArgs, config: Config, backend: &str) -> anyhow:
     for body in bodies {
         let resp = http
             .post(format!("http://{addr}/v1/imports"))
-            .bearer_auth(&key.token)
+            .bearer_auth(&token)
             .header("content-type", "text/csv")
             .body(body)
             .send()
@@ -154,6 +139,35 @@ async fn run_ingest(args: &IngestArgs, config: Config, backend: &str) -> anyhow:
     println!();
     app.stop().await;
     Ok(())
+}
+
+/// A scratch folder under the system's temp dir, and the config of an embedded (SQLite)
+/// DataFlow living in it.
+fn scratch_config(run: &str) -> (std::path::PathBuf, Config) {
+    let dir = std::env::temp_dir().join(format!("dataflow-bench-{run}"));
+    let mut config = Config {
+        data_dir: dir.clone(),
+        ..Config::default()
+    };
+    config.database_url = Some(format!("sqlite://{}", dir.join("bench.db").display()));
+    (dir, config)
+}
+
+/// Starts DataFlow on a free port with one client of `policy`; returns it, its address and
+/// the client's API key.
+async fn start_with_client(
+    config: Config,
+    roles: Roles,
+    policy: &Policy,
+) -> anyhow::Result<(App, std::net::SocketAddr, String)> {
+    let app = App::start(config, roles, Some(TcpListener::bind("127.0.0.1:0").await?)).await?;
+    let addr = app.addr.context("the API did not start")?;
+    let db = &app.backends.db;
+    let client = db.create_client("bench", policy).await?;
+    let key = app.backends.hasher.generate();
+    db.create_key(&client.id, &key.key_id, &key.hmac, Some("bench"))
+        .await?;
+    Ok((app, addr, key.token))
 }
 
 /// Rows like `id,name,email,amount,country,created` (about 100 bytes each).
@@ -382,45 +396,26 @@ async fn import_latency(
     with_redis: bool,
     prefix: &str,
 ) -> anyhow::Result<(f64, f64)> {
-    let dir = std::env::temp_dir().join(format!(
-        "dataflow-bench-{}",
-        ulid::Ulid::new().to_string().to_lowercase()
-    ));
-    let mut config = Config {
-        data_dir: dir.clone(),
-        ..Config::default()
-    };
-    config.database_url = Some(format!("sqlite://{}", dir.join("bench.db").display()));
+    let (dir, mut config) = scratch_config(&ulid::Ulid::new().to_string().to_lowercase());
     if with_redis {
         config.redis_url = Some(dataflow_platform::config::Secret::new(
             args.redis_url.clone(),
         ));
         config.redis_prefix = format!("{prefix}-http");
     }
-    let app = App::start(
-        config,
-        Roles::API,
-        Some(TcpListener::bind("127.0.0.1:0").await?),
-    )
-    .await?;
-    let addr = app.addr.context("the API did not start")?;
-    let db = app.backends.db.clone();
     let policy = Policy {
         rate_per_minute: 6_000_000,
         rate_burst: 1_000_000,
         ..Policy::default()
     };
-    let client = db.create_client("bench", &policy).await?;
-    let key = app.backends.hasher.generate();
-    db.create_key(&client.id, &key.key_id, &key.hmac, None)
-        .await?;
+    let (app, addr, token) = start_with_client(config, Roles::API, &policy).await?;
     let http = reqwest::Client::new();
     let mut latencies = Vec::with_capacity(args.requests);
     for i in 0..args.requests + 50 {
         let t = Instant::now();
         let resp = http
             .post(format!("http://{addr}/v1/imports"))
-            .bearer_auth(&key.token)
+            .bearer_auth(&token)
             .header("content-type", "text/csv")
             .body(format!("id,n\n{i},{i}\n"))
             .send()

@@ -21,6 +21,30 @@ use super::clients::parse_id;
 use super::{Db, Dialect, Tx, count};
 use crate::{Error, Result};
 
+/// A batch a claim may take: ready and due, or held under a lease that expired.
+macro_rules! claimable {
+    () => {
+        "((status = 'ready' AND available_at <= {now}) \
+          OR (status = 'processing' AND lease_expires_at < {now}))"
+    };
+}
+
+/// The claim itself for the batch `$where` selects: a new lease epoch (the fencing token),
+/// one more attempt. Binds `$1` owner and `$2` lease length.
+macro_rules! take_lease {
+    ($where:expr) => {
+        concat!(
+            "UPDATE batches SET status = 'processing', lease_owner = $1, \
+                 lease_epoch = lease_epoch + 1, lease_expires_at = {now} + $2, \
+                 attempts = attempts + 1, started_at = COALESCE(started_at, {now}), \
+                 updated_at = {now} WHERE ",
+            $where,
+            " RETURNING id, client_id, import_id, lease_epoch, attempts, checkpoint, \
+              records_total, format, policy"
+        )
+    };
+}
+
 const BATCH_COLUMNS: &str = "id, import_id, status, records_total, checkpoint, records_written, \
      records_unchanged, records_failed, attempts, last_error, created_at, started_at, completed_at";
 
@@ -91,16 +115,11 @@ pub enum FailOutcome {
 impl Db {
     /// Claims the oldest ready batch, or one whose lease expired.
     pub async fn claim_next(&self, owner: &str, lease_ms: i64) -> Result<Option<Lease>> {
-        let sql = self.sql(
-            "UPDATE batches SET status = 'processing', lease_owner = $1, lease_epoch = lease_epoch + 1, \
-                 lease_expires_at = {now} + $2, attempts = attempts + 1, \
-                 started_at = COALESCE(started_at, {now}), updated_at = {now} \
-             WHERE id = (SELECT id FROM batches \
-                         WHERE (status = 'ready' AND available_at <= {now}) \
-                            OR (status = 'processing' AND lease_expires_at < {now}) \
-                         ORDER BY available_at, id LIMIT 1 {skip_locked}) \
-             RETURNING id, client_id, import_id, lease_epoch, attempts, checkpoint, records_total, format, policy",
-        );
+        let sql = self.sql(take_lease!(concat!(
+            "id = (SELECT id FROM batches WHERE ",
+            claimable!(),
+            " ORDER BY available_at, id LIMIT 1 {skip_locked})"
+        )));
         let row = sqlx::query(sql)
             .bind(owner)
             .bind(lease_ms)
@@ -112,12 +131,11 @@ impl Db {
     /// Ids of batches a claim could take now, oldest first (for workers that lock before
     /// they claim).
     pub async fn claimable_batches(&self, limit: u32) -> Result<Vec<BatchId>> {
-        let sql = self.sql(
-            "SELECT id FROM batches \
-             WHERE (status = 'ready' AND available_at <= {now}) \
-                OR (status = 'processing' AND lease_expires_at < {now}) \
-             ORDER BY available_at, id LIMIT $1",
-        );
+        let sql = self.sql(concat!(
+            "SELECT id FROM batches WHERE ",
+            claimable!(),
+            " ORDER BY available_at, id LIMIT $1"
+        ));
         let ids: Vec<String> = sqlx::query_scalar(sql)
             .bind(i64::from(limit))
             .fetch_all(self.pool())
@@ -132,14 +150,7 @@ impl Db {
         owner: &str,
         lease_ms: i64,
     ) -> Result<Option<Lease>> {
-        let sql = self.sql(
-            "UPDATE batches SET status = 'processing', lease_owner = $1, lease_epoch = lease_epoch + 1, \
-                 lease_expires_at = {now} + $2, attempts = attempts + 1, \
-                 started_at = COALESCE(started_at, {now}), updated_at = {now} \
-             WHERE id = $3 AND ((status = 'ready' AND available_at <= {now}) \
-                             OR (status = 'processing' AND lease_expires_at < {now})) \
-             RETURNING id, client_id, import_id, lease_epoch, attempts, checkpoint, records_total, format, policy",
-        );
+        let sql = self.sql(take_lease!(concat!("id = $3 AND ", claimable!())));
         let row = sqlx::query(sql)
             .bind(owner)
             .bind(lease_ms)
