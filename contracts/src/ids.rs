@@ -99,6 +99,11 @@ prefixed_id!(
     EventId,
     "evt"
 );
+prefixed_id!(
+    /// A follow-up job (email, report, webhook); side effects are keyed by it.
+    JobId,
+    "job"
+);
 
 #[cfg(test)]
 mod tests {

@@ -8,6 +8,8 @@
 //! | key / client cache | L1 in process + L2 in Redis, pub/sub invalidation | in process |
 //! | dedup fast path | Redis `SET NX PX` before the SQL decider | SQL only |
 //! | batch mutex | Redlock, fenced by the SQL lease epoch | the SQL lease alone |
+//! | job queue | Redis lists fed from the SQL intents | workers claim the SQL intents |
+//! | mail | SMTP when `jobs.smtp_url` is set | `.eml` files in `<data_dir>/mail` |
 
 use std::path::Path;
 use std::sync::Arc;
@@ -22,11 +24,14 @@ use crate::config::{Config, Secret};
 use crate::db::{ClientRecord, Db, KeyRecord};
 use crate::dedup::DedupFastPath;
 use crate::events::Publisher;
+use crate::jobqueue::JobQueues;
 use crate::keys::{self, KeyHasher};
 use crate::limiter::{InProcessLimiter, Limiter, RedisLimiter};
 use crate::lockout::{InProcessLockout, Lockout, LockoutPolicy, RedisLockout};
+use crate::mail::Mailer;
 use crate::mutex::{BatchMutex, Redlock};
 use crate::redis::Redis;
+use crate::webhook::WebhookSender;
 use crate::{Error, Result};
 
 pub struct Backends {
@@ -45,6 +50,10 @@ pub struct Backends {
     pub outbox_wake: Arc<Notify>,
     pub hasher: KeyHasher,
     pub admin_token: Secret,
+    /// The job queue in Redis; `None`: workers claim job intents from SQL.
+    pub job_queues: Option<JobQueues>,
+    pub mailer: Arc<Mailer>,
+    pub webhooks: Arc<WebhookSender>,
 }
 
 impl Backends {
@@ -53,7 +62,9 @@ impl Backends {
         // TLS (`rediss://`) needs one process-wide crypto provider; name it rather than rely
         // on crate features, which change as dependencies are added. Already set is fine.
         let _ = rustls::crypto::ring::default_provider().install_default();
-        let db = Db::connect(&config.database_url(), config.db_max_connections).await?;
+        let db = Db::connect(&config.database_url(), config.db_max_connections)
+            .await?
+            .with_job_max_attempts(config.jobs.max_attempts);
         db.migrate().await?;
         let secret = resolve_secret(config.secret.as_ref(), &config.data_dir, "server-secret")?;
         let admin_token =
@@ -104,7 +115,15 @@ impl Backends {
                 negative_ttl,
             })
         };
+        let mailer = Mailer::from_config(&config.jobs, &config.data_dir)?;
+        let webhooks = WebhookSender::new(
+            Duration::from_millis(config.jobs.webhook_timeout_ms),
+            config.jobs.webhook_allow_private,
+        )?;
         Ok(Arc::new(Backends {
+            job_queues: redis.clone().map(JobQueues::new),
+            mailer: Arc::new(mailer),
+            webhooks: Arc::new(webhooks),
             keys: Cache::new(l1_ttl, negative_ttl, tier("keys")),
             clients: Cache::new(l1_ttl, negative_ttl, tier("clients")),
             db,

@@ -41,6 +41,7 @@ pub struct Config {
     pub api: ApiConfig,
     pub worker: WorkerConfig,
     pub outbox: OutboxConfig,
+    pub jobs: JobsConfig,
 }
 
 impl Default for Config {
@@ -58,6 +59,7 @@ impl Default for Config {
             api: ApiConfig::default(),
             worker: WorkerConfig::default(),
             outbox: OutboxConfig::default(),
+            jobs: JobsConfig::default(),
         }
     }
 }
@@ -178,6 +180,59 @@ impl Default for OutboxConfig {
     }
 }
 
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct JobsConfig {
+    /// Jobs (emails, reports, webhooks) run at once per kind by one worker process.
+    pub concurrency: usize,
+    /// Attempts before a job is dead-lettered.
+    pub max_attempts: u32,
+    /// Retry backoff: base × 2^(attempt-1), capped, with jitter down to half of it.
+    pub retry_base_ms: u64,
+    pub retry_max_ms: u64,
+    /// One attempt is abandoned (and counted as failed) after this long.
+    pub timeout_secs: u64,
+    /// Safety-net polling of the SQL intents; commits in this process wake the relay directly.
+    pub poll_interval_ms: u64,
+    /// With Redis: most jobs of one kind held in Redis at once; the rest wait in SQL.
+    pub redis_working_set: usize,
+    /// With Redis: a worker that has not beaten its heart for this long is dead and its
+    /// jobs go back to the queue.
+    pub dead_worker_ms: u64,
+    /// With Redis: a job handed to Redis and not finished after this long is checked for in
+    /// Redis and handed over again if Redis lost it.
+    pub requeue_after_secs: u64,
+    /// `smtp://user:pass@host:587?tls=required` or `smtps://…`. Unset: messages are written
+    /// as `.eml` files into `<data_dir>/mail`.
+    pub smtp_url: Option<Secret>,
+    /// The sender of notification mail.
+    pub mail_from: String,
+    /// Deliver webhooks to loopback, private and link-local addresses (for local testing).
+    pub webhook_allow_private: bool,
+    /// Deadline of one webhook request.
+    pub webhook_timeout_ms: u64,
+}
+
+impl Default for JobsConfig {
+    fn default() -> Self {
+        Self {
+            concurrency: 50,
+            max_attempts: 8,
+            retry_base_ms: 2_000,
+            retry_max_ms: 3_600_000,
+            timeout_secs: 60,
+            poll_interval_ms: 500,
+            redis_working_set: 10_000,
+            dead_worker_ms: 10_000,
+            requeue_after_secs: 300,
+            smtp_url: None,
+            mail_from: "DataFlow <dataflow@localhost>".to_owned(),
+            webhook_allow_private: false,
+            webhook_timeout_ms: 10_000,
+        }
+    }
+}
+
 /// A string that never appears in logs or `Debug` output.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(transparent)]
@@ -231,6 +286,8 @@ impl Config {
                 vec!["database_url".into()]
             } else if name == "REDIS_URL" {
                 vec!["redis_url".into()]
+            } else if name == "SMTP_URL" {
+                vec!["jobs".into(), "smtp_url".into()]
             } else if let Some(rest) = name.strip_prefix("DATAFLOW_") {
                 if NON_CONFIG_ENV.iter().any(|p| name.starts_with(p)) {
                     continue;
@@ -289,6 +346,29 @@ impl Config {
         }
         if self.api.max_concurrent_imports_per_client == 0 {
             return bad("api.max_concurrent_imports_per_client must be at least 1");
+        }
+        let jobs = &self.jobs;
+        if jobs.concurrency == 0 || jobs.max_attempts == 0 || jobs.redis_working_set == 0 {
+            return bad(
+                "jobs.concurrency, jobs.max_attempts and jobs.redis_working_set must be at least 1",
+            );
+        }
+        if jobs.timeout_secs == 0 || jobs.webhook_timeout_ms == 0 {
+            return bad("jobs.timeout_secs and jobs.webhook_timeout_ms must be at least 1");
+        }
+        if jobs.dead_worker_ms < 2_000 {
+            return bad("jobs.dead_worker_ms must be at least 2000 (heartbeats are 1 s apart)");
+        }
+        if jobs.requeue_after_secs <= jobs.timeout_secs {
+            return bad("jobs.requeue_after_secs must be longer than jobs.timeout_secs");
+        }
+        if let Some(url) = &jobs.smtp_url
+            && !(url.expose().starts_with("smtp://") || url.expose().starts_with("smtps://"))
+        {
+            return bad("jobs.smtp_url must start with smtp:// or smtps://");
+        }
+        if jobs.mail_from.parse::<lettre::message::Mailbox>().is_err() {
+            return bad("jobs.mail_from must be a mailbox such as \"DataFlow <ops@example.com>\"");
         }
         if let Some(url) = &self.redis_url
             && !(url.expose().starts_with("redis://") || url.expose().starts_with("rediss://"))

@@ -58,6 +58,12 @@ impl KeyHasher {
         }
     }
 
+    /// The key a client's webhooks are signed with: derived from the server secret, so
+    /// every process of a deployment signs alike and nothing extra is stored.
+    pub fn webhook_key(&self, client_id: &str) -> Vec<u8> {
+        self.hash(&format!("webhook-signing:{client_id}"))
+    }
+
     fn hash(&self, secret: &str) -> Vec<u8> {
         let mut mac = self.mac();
         mac.update(secret.as_bytes());

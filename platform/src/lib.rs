@@ -13,6 +13,8 @@
 //!   in-process backend and a Redis backend.
 //! - [`mutex`]: the Redlock batch mutex in front of the SQL lease.
 //! - [`events`]: the outbox relay and event publishers.
+//! - [`jobqueue`]: the Redis job queue (bounded working set, reliable hand-out, reaping).
+//! - [`mail`], [`webhook`]: the side effects of jobs (lettre SMTP or files; signed webhooks).
 
 pub mod backends;
 pub mod cache;
@@ -21,13 +23,16 @@ pub mod db;
 pub mod dedup;
 mod error;
 pub mod events;
+pub mod jobqueue;
 pub mod keys;
 pub mod limiter;
 pub mod lockout;
+pub mod mail;
 pub mod mutex;
 pub mod records;
 pub mod redis;
 pub mod report;
+pub mod webhook;
 
 pub use backends::Backends;
 pub use config::Config;

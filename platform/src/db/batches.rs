@@ -18,7 +18,7 @@ use sqlx::Row;
 use sqlx::any::AnyRow;
 
 use super::clients::parse_id;
-use super::{Db, Dialect, Tx, count};
+use super::{Db, Dialect, Tx, count, split_page};
 use crate::{Error, Result};
 
 /// A batch a claim may take: ready and due, or held under a lease that expired.
@@ -463,16 +463,11 @@ impl Db {
             .bind(i64::from(limit) + 1)
             .fetch_all(self.pool())
             .await?;
-        let mut items = rows
+        let items = rows
             .iter()
             .map(batch_from_row)
             .collect::<Result<Vec<_>>>()?;
-        let next_cursor = if items.len() > limit as usize {
-            items.truncate(limit as usize);
-            items.last().map(|b| b.id.to_string())
-        } else {
-            None
-        };
+        let (items, next_cursor) = split_page(items, limit, |b| b.id.to_string());
         Ok(BatchPage { items, next_cursor })
     }
 
@@ -492,7 +487,7 @@ impl Db {
         .bind(i64::from(limit) + 1)
         .fetch_all(self.pool())
         .await?;
-        let mut items = rows
+        let items = rows
             .iter()
             .map(|r| {
                 Ok(RecordErrorView {
@@ -503,12 +498,7 @@ impl Db {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        let next_cursor = if items.len() > limit as usize {
-            items.truncate(limit as usize);
-            items.last().map(|e| e.line.to_string())
-        } else {
-            None
-        };
+        let (items, next_cursor) = split_page(items, limit, |e| e.line.to_string());
         Ok(RecordErrorPage { items, next_cursor })
     }
 

@@ -3,20 +3,24 @@
 //! Statements use `$N` placeholders (both databases accept them). The few places where
 //! the dialects differ are spelled as placeholders in the statement text and filled in by
 //! [`Db::sql`]: `{now}` is the database clock in milliseconds (leases are judged by one clock,
-//! whichever process asks) and `{skip_locked}` is `FOR UPDATE SKIP LOCKED` on PostgreSQL.
+//! whichever process asks), `{skip_locked}` is `FOR UPDATE SKIP LOCKED` on PostgreSQL, and
+//! `{id_list}` is the rows of the JSON array of strings bound as `$1`.
 //!
 //! Layout: [`clients`] (tenants, keys, policies), [`imports`] (the submit transaction,
 //! idempotency, dedup, quota), [`batches`] (claims, the fenced lease, views),
-//! [`outbox`] (events written in the same transaction as the change they announce).
+//! [`outbox`] (events written in the same transaction as the change they announce),
+//! [`jobs`] (follow-up job intents written beside those events, and stored reports).
 
 pub mod batches;
 pub mod clients;
 pub mod imports;
+pub mod jobs;
 pub mod outbox;
 
 pub use batches::{BatchAction, Chunk, ChunkResult, FailOutcome, Lease, RecordRow, RowError};
 pub use clients::{ClientRecord, KeyRecord};
 pub use imports::{IdempotencyClaim, IdempotencyStart, NewImport, SubmitOutcome};
+pub use jobs::{Failure, Handover, JobFilter};
 pub use outbox::OutboxRow;
 
 use std::path::Path;
@@ -51,6 +55,13 @@ impl Dialect {
             Dialect::Postgres => "FOR UPDATE SKIP LOCKED",
         }
     }
+
+    fn id_list(self) -> &'static str {
+        match self {
+            Dialect::Sqlite => "SELECT value FROM json_each($1)",
+            Dialect::Postgres => "SELECT json_array_elements_text($1::json)",
+        }
+    }
 }
 
 pub type Tx = Transaction<'static, Any>;
@@ -60,6 +71,8 @@ pub type Tx = Transaction<'static, Any>;
 pub struct Db {
     pool: AnyPool,
     dialect: Dialect,
+    /// Attempts each new job intent gets (`jobs.max_attempts`).
+    job_max_attempts: u32,
 }
 
 impl Db {
@@ -93,7 +106,17 @@ impl Db {
             });
         }
         let pool = options.connect(&url).await?;
-        Ok(Db { pool, dialect })
+        Ok(Db {
+            pool,
+            dialect,
+            job_max_attempts: 1,
+        })
+    }
+
+    /// Sets the attempts that job intents written from now on get.
+    pub fn with_job_max_attempts(mut self, attempts: u32) -> Db {
+        self.job_max_attempts = attempts.max(1);
+        self
     }
 
     pub async fn migrate(&self) -> Result<()> {
@@ -121,7 +144,8 @@ impl Db {
         AssertSqlSafe(
             template
                 .replace("{now}", self.dialect.now_ms())
-                .replace("{skip_locked}", self.dialect.skip_locked()),
+                .replace("{skip_locked}", self.dialect.skip_locked())
+                .replace("{id_list}", self.dialect.id_list()),
         )
     }
 
@@ -166,6 +190,22 @@ fn prepare_sqlite_url(url: &str) -> Result<String> {
     } else {
         url.to_owned()
     })
+}
+
+/// Splits the `limit + 1` rows a page query fetched into the page and the cursor of the
+/// next one (absent on the last page).
+pub(crate) fn split_page<T>(
+    mut items: Vec<T>,
+    limit: u32,
+    cursor_of: impl Fn(&T) -> String,
+) -> (Vec<T>, Option<String>) {
+    let limit = limit as usize;
+    if items.len() <= limit {
+        return (items, None);
+    }
+    items.truncate(limit);
+    let next = items.last().map(cursor_of);
+    (items, next)
 }
 
 /// Maps a stored integer flag back to a bool.

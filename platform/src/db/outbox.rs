@@ -17,7 +17,8 @@ pub struct OutboxRow {
 }
 
 impl Db {
-    /// Adds `event` to the outbox inside the caller's transaction.
+    /// Adds `event` to the outbox inside the caller's transaction, with the follow-up jobs
+    /// it asks for.
     pub(crate) async fn enqueue_event(&self, tx: &mut Tx, event: &Envelope) -> Result<()> {
         let body = serde_json::to_string(event).unwrap_or_default();
         let sql = self.sql(
@@ -32,7 +33,7 @@ impl Db {
             .bind(body)
             .execute(&mut **tx)
             .await?;
-        Ok(())
+        self.write_job_intents(tx, event).await
     }
 
     /// The oldest unpublished events, in commit-id order.

@@ -1,0 +1,421 @@
+//! Follow-up job intents: written beside the event that asks for them, handed out to
+//! workers (directly from SQL, or through the Redis queue by the relay), settled here.
+//!
+//! Attempts are counted in SQL whichever way a job travels: a claim from SQL counts one at
+//! once (so a worker that dies mid-job has used it), a Redis delivery counts one when it is
+//! settled or found lost. The last failed attempt, or a failure no retry can fix, buries the
+//! job as `dead`, where an operator can see and retry it.
+
+use dataflow_contracts::events::{Envelope, Event};
+use dataflow_contracts::jobs::{JobCount, JobKind, JobMessage, JobPage, JobSpec, JobStatus, JobView};
+use dataflow_contracts::time::rfc3339;
+use dataflow_contracts::{BatchId, JobId, Policy};
+use serde_json::value::RawValue;
+use sqlx::Row;
+use sqlx::any::AnyRow;
+
+use super::clients::parse_id;
+use super::{Db, Tx, count, split_page};
+use crate::{Error, Result};
+
+/// Where [`Db::take_due_jobs`] puts the jobs it takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Handover {
+    /// A worker runs them now (embedded mode): `running`, one attempt counted.
+    Claim,
+    /// The relay pushes them to Redis: `queued`; attempts are counted when they settle.
+    Queue,
+}
+
+/// How a failed attempt ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failure {
+    /// Try again after the backoff, unless the attempts are used up.
+    Retry { backoff_ms: u64 },
+    /// No retry can fix it (a refused webhook target, a malformed job): bury it now.
+    Permanent,
+}
+
+/// Filters of `GET /admin/jobs`.
+#[derive(Debug, Clone, Default)]
+pub struct JobFilter {
+    pub status: Option<JobStatus>,
+    pub kind: Option<JobKind>,
+    pub batch_id: Option<BatchId>,
+}
+
+const JOB_COLUMNS: &str = "id, kind, batch_id, client_id, status, attempts, max_attempts, run_at, \
+                           last_error, created_at, done_at";
+
+/// The jobs an event asks for, given the client's policy: every event goes to the webhook;
+/// a completed batch gets a stored report; the end of a batch (completed, rejected, dead)
+/// is mailed.
+pub fn jobs_for_event(event: &Envelope, policy: &Policy) -> Vec<JobSpec> {
+    let mut specs = Vec::new();
+    if let Some(url) = &policy.webhook_url {
+        specs.push(JobSpec::Webhook {
+            url: url.clone(),
+            event: Box::new(event.clone()),
+        });
+    }
+    let finished = match &event.event {
+        Event::BatchCompleted(_) => {
+            specs.push(JobSpec::Report);
+            true
+        }
+        Event::BatchRejected(_) | Event::BatchDead(_) => true,
+        _ => false,
+    };
+    if finished && let Some(to) = &policy.notify_email {
+        specs.push(JobSpec::Email { to: to.clone() });
+    }
+    specs
+}
+
+impl Db {
+    /// Writes the intents `event` asks for inside the caller's transaction.
+    pub(crate) async fn write_job_intents(&self, tx: &mut Tx, event: &Envelope) -> Result<()> {
+        let policy: Option<String> = sqlx::query_scalar("SELECT policy FROM clients WHERE id = $1")
+            .bind(event.client_id.as_str())
+            .fetch_optional(&mut **tx)
+            .await?;
+        let Some(policy) = policy else {
+            return Ok(());
+        };
+        let policy: Policy = serde_json::from_str(&policy)
+            .map_err(|e| Error::Invalid(format!("stored policy is unreadable: {e}")))?;
+        for spec in jobs_for_event(event, &policy) {
+            self.insert_job(tx, event, &spec).await?;
+        }
+        Ok(())
+    }
+
+    async fn insert_job(&self, tx: &mut Tx, event: &Envelope, spec: &JobSpec) -> Result<()> {
+        let sql = self.sql(
+            "INSERT INTO jobs (id, kind, batch_id, client_id, spec, status, attempts, \
+                               max_attempts, run_at, created_at, updated_at) \
+             VALUES ($1, $2, $3, $4, $5, 'pending', 0, $6, {now}, {now}, {now})",
+        );
+        sqlx::query(sql)
+            .bind(JobId::generate().as_str())
+            .bind(spec.kind().as_str())
+            .bind(event.batch_id.as_str())
+            .bind(event.client_id.as_str())
+            .bind(serde_json::to_string(spec).unwrap_or_default())
+            .bind(i64::from(self.job_max_attempts))
+            .execute(&mut **tx)
+            .await?;
+        Ok(())
+    }
+
+    /// Takes up to `limit` due `pending` jobs of `kind` (oldest first), marks them per
+    /// `handover` with a lease of `lease_ms`, and returns them as queue messages.
+    pub async fn take_due_jobs(
+        &self,
+        kind: JobKind,
+        limit: usize,
+        handover: Handover,
+        lease_ms: u64,
+    ) -> Result<Vec<JobMessage>> {
+        let sql = self.sql(
+            "UPDATE jobs SET status = $3, attempts = attempts + $4, \
+                 lease_until = {now} + $5, updated_at = {now} \
+             WHERE id IN (SELECT id FROM jobs WHERE kind = $1 AND status = 'pending' \
+                          AND run_at <= {now} ORDER BY run_at, id LIMIT $2 {skip_locked}) \
+             RETURNING id, batch_id, client_id, spec, attempts, max_attempts",
+        );
+        let (status, counted) = match handover {
+            Handover::Claim => (JobStatus::Running, 1),
+            Handover::Queue => (JobStatus::Queued, 0),
+        };
+        let rows = sqlx::query(sql)
+            .bind(kind.as_str())
+            .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+            .bind(status.as_str())
+            .bind(counted)
+            .bind(millis(lease_ms))
+            .fetch_all(self.pool())
+            .await?;
+        let mut jobs = rows
+            .iter()
+            .map(|r| {
+                let spec: String = r.try_get("spec")?;
+                let attempts: i32 = r.try_get("attempts")?;
+                Ok(JobMessage {
+                    id: parse_id(r.try_get("id")?)?,
+                    batch_id: parse_id(r.try_get("batch_id")?)?,
+                    client_id: parse_id(r.try_get("client_id")?)?,
+                    // A claim counted this attempt already; the message says how many came before.
+                    attempts: u32::try_from(attempts - counted).unwrap_or(0),
+                    max_attempts: u32::try_from(r.try_get::<i32, _>("max_attempts")?).unwrap_or(1),
+                    spec: RawValue::from_string(spec)
+                        .map_err(|e| Error::Invalid(format!("stored job spec is not JSON: {e}")))?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        jobs.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(jobs)
+    }
+
+    /// Marks jobs done. `counted` is false when their attempt was counted at claim time.
+    /// Jobs already settled (a duplicate delivery) are left alone.
+    pub async fn finish_jobs(&self, ids: &[&JobId], counted: bool) -> Result<u64> {
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        let sql = self.sql(
+            "UPDATE jobs SET status = 'done', attempts = attempts + $2, done_at = {now}, \
+                 updated_at = {now}, lease_until = NULL, last_error = NULL \
+             WHERE id IN ({id_list}) AND status IN ('queued', 'running')",
+        );
+        Ok(sqlx::query(sql)
+            .bind(id_list(ids))
+            .bind(i64::from(counted))
+            .execute(self.pool())
+            .await?
+            .rows_affected())
+    }
+
+    /// Ends a failed (or lost) attempt: back to `pending` after the backoff, or `dead`.
+    /// Returns the new status, or `None` when the job was no longer in flight.
+    pub async fn fail_job(
+        &self,
+        id: &JobId,
+        counted: bool,
+        error: &str,
+        failure: Failure,
+    ) -> Result<Option<JobStatus>> {
+        let (permanent, backoff_ms) = match failure {
+            Failure::Retry { backoff_ms } => (0, backoff_ms),
+            Failure::Permanent => (1, 0),
+        };
+        let sql = self.sql(
+            "UPDATE jobs SET attempts = attempts + $2, \
+                 status = CASE WHEN $5 = 1 OR attempts + $2 >= max_attempts \
+                          THEN 'dead' ELSE 'pending' END, \
+                 run_at = {now} + $4, last_error = $3, lease_until = NULL, updated_at = {now} \
+             WHERE id = $1 AND status IN ('queued', 'running') RETURNING status",
+        );
+        let status: Option<String> = sqlx::query_scalar(sql)
+            .bind(id.as_str())
+            .bind(i64::from(counted))
+            .bind(truncate(error))
+            .bind(millis(backoff_ms))
+            .bind(permanent)
+            .fetch_optional(self.pool())
+            .await?;
+        status
+            .map(|s| s.parse().map_err(Error::Invalid))
+            .transpose()
+    }
+
+    /// Jobs handed to a queue whose lease ran out, for the sweeper to check.
+    pub async fn expired_queued_jobs(&self, limit: u32) -> Result<Vec<(JobId, JobKind)>> {
+        let sql = self.sql(
+            "SELECT id, kind FROM jobs WHERE status = 'queued' AND lease_until < {now} \
+             ORDER BY lease_until LIMIT $1",
+        );
+        let rows = sqlx::query(sql)
+            .bind(i64::from(limit))
+            .fetch_all(self.pool())
+            .await?;
+        rows.iter()
+            .map(|r| {
+                let kind: String = r.try_get("kind")?;
+                Ok((parse_id(r.try_get("id")?)?, kind.parse().map_err(Error::Invalid)?))
+            })
+            .collect()
+    }
+
+    /// The queue lost these jobs: they go back to `pending`, due now (no attempt counted:
+    /// none ran, or the one that ran is counted when its settle arrives).
+    pub async fn requeue_lost_jobs(&self, ids: &[&JobId]) -> Result<u64> {
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        let sql = self.sql(
+            "UPDATE jobs SET status = 'pending', run_at = {now}, lease_until = NULL, \
+                 updated_at = {now} \
+             WHERE id IN ({id_list}) AND status = 'queued' AND lease_until < {now}",
+        );
+        Ok(sqlx::query(sql)
+            .bind(id_list(ids))
+            .execute(self.pool())
+            .await?
+            .rows_affected())
+    }
+
+    /// The queue still holds these jobs: check them again after `lease_ms`.
+    pub async fn extend_job_leases(&self, ids: &[&JobId], lease_ms: u64) -> Result<u64> {
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        let sql = self.sql(
+            "UPDATE jobs SET lease_until = {now} + $2 \
+             WHERE id IN ({id_list}) AND status = 'queued'",
+        );
+        Ok(sqlx::query(sql)
+            .bind(id_list(ids))
+            .bind(millis(lease_ms))
+            .execute(self.pool())
+            .await?
+            .rows_affected())
+    }
+
+    /// Embedded mode: jobs whose worker died mid-attempt (the attempt was counted at claim)
+    /// go back to `pending`, or `dead` when that was the last one.
+    pub async fn expire_running_jobs(&self) -> Result<u64> {
+        let sql = self.sql(
+            "UPDATE jobs SET status = CASE WHEN attempts >= max_attempts THEN 'dead' \
+                                           ELSE 'pending' END, \
+                 run_at = {now}, lease_until = NULL, updated_at = {now}, \
+                 last_error = 'the worker running it stopped before it finished' \
+             WHERE status = 'running' AND lease_until < {now}",
+        );
+        Ok(sqlx::query(sql).execute(self.pool()).await?.rows_affected())
+    }
+
+    /// Operator retry of a dead job: fresh attempts, due now.
+    pub async fn retry_job(&self, id: &JobId) -> Result<JobView> {
+        let sql = self.sql(
+            "UPDATE jobs SET status = 'pending', attempts = 0, run_at = {now}, \
+                 last_error = NULL, updated_at = {now} \
+             WHERE id = $1 AND status = 'dead'",
+        );
+        let changed = sqlx::query(sql)
+            .bind(id.as_str())
+            .execute(self.pool())
+            .await?
+            .rows_affected();
+        let job = self.get_job(id).await?.ok_or(Error::NotFound)?;
+        if changed == 0 {
+            return Err(Error::Invalid(format!("job is {}, not dead", job.status)));
+        }
+        Ok(job)
+    }
+
+    pub async fn get_job(&self, id: &JobId) -> Result<Option<JobView>> {
+        let sql = sqlx::AssertSqlSafe(format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = $1"));
+        let row = sqlx::query(sql)
+            .bind(id.as_str())
+            .fetch_optional(self.pool())
+            .await?;
+        row.as_ref().map(job_from_row).transpose()
+    }
+
+    /// Jobs newest first, filtered, one page after `cursor`.
+    pub async fn list_jobs(
+        &self,
+        filter: &JobFilter,
+        cursor: Option<&JobId>,
+        limit: u32,
+    ) -> Result<JobPage> {
+        let sql = sqlx::AssertSqlSafe(format!(
+            "SELECT {JOB_COLUMNS} FROM jobs \
+             WHERE ($1 IS NULL OR status = $1) AND ($2 IS NULL OR kind = $2) \
+               AND ($3 IS NULL OR batch_id = $3) AND ($4 IS NULL OR id < $4) \
+             ORDER BY id DESC LIMIT $5"
+        ));
+        let rows = sqlx::query(sql)
+            .bind(filter.status.map(JobStatus::as_str))
+            .bind(filter.kind.map(JobKind::as_str))
+            .bind(filter.batch_id.as_ref().map(BatchId::as_str))
+            .bind(cursor.map(JobId::as_str))
+            .bind(i64::from(limit) + 1)
+            .fetch_all(self.pool())
+            .await?;
+        let items = rows.iter().map(job_from_row).collect::<Result<Vec<_>>>()?;
+        let (items, next_cursor) = split_page(items, limit, |j| j.id.to_string());
+        Ok(JobPage { items, next_cursor })
+    }
+
+    /// How many jobs are in each (kind, status).
+    pub async fn job_counts(&self) -> Result<Vec<JobCount>> {
+        let rows = sqlx::query("SELECT kind, status, COUNT(*) AS n FROM jobs GROUP BY kind, status")
+            .fetch_all(self.pool())
+            .await?;
+        let mut counts = rows
+            .iter()
+            .map(|r| {
+                let kind: String = r.try_get("kind")?;
+                let status: String = r.try_get("status")?;
+                Ok(JobCount {
+                    kind: kind.parse().map_err(Error::Invalid)?,
+                    status: status.parse().map_err(Error::Invalid)?,
+                    count: count(r.try_get("n")?),
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        counts.sort_by_key(|c| (c.kind.as_str(), c.status.as_str()));
+        Ok(counts)
+    }
+
+    /// Stores (or replaces) the report of a batch.
+    pub async fn store_report(&self, batch: &BatchId, summary: &str, csv: &[u8]) -> Result<()> {
+        let sql = self.sql(
+            "INSERT INTO reports (batch_id, summary, rejected_csv, created_at) \
+             VALUES ($1, $2, $3, {now}) \
+             ON CONFLICT (batch_id) DO UPDATE SET summary = excluded.summary, \
+                 rejected_csv = excluded.rejected_csv, created_at = excluded.created_at",
+        );
+        sqlx::query(sql)
+            .bind(batch.as_str())
+            .bind(summary)
+            .bind(csv)
+            .execute(self.pool())
+            .await?;
+        Ok(())
+    }
+
+    /// The stored report of a batch: its JSON summary and rejected rows as CSV.
+    pub async fn stored_report(&self, batch: &BatchId) -> Result<Option<(String, Vec<u8>)>> {
+        let row = sqlx::query("SELECT summary, rejected_csv FROM reports WHERE batch_id = $1")
+            .bind(batch.as_str())
+            .fetch_optional(self.pool())
+            .await?;
+        row.map(|r| Ok((r.try_get("summary")?, r.try_get("rejected_csv")?)))
+            .transpose()
+    }
+}
+
+fn job_from_row(r: &AnyRow) -> Result<JobView> {
+    let kind: String = r.try_get("kind")?;
+    let status: String = r.try_get("status")?;
+    let attempts: i32 = r.try_get("attempts")?;
+    let max_attempts: i32 = r.try_get("max_attempts")?;
+    Ok(JobView {
+        id: parse_id(r.try_get("id")?)?,
+        kind: kind.parse().map_err(Error::Invalid)?,
+        batch_id: parse_id(r.try_get("batch_id")?)?,
+        client_id: parse_id(r.try_get("client_id")?)?,
+        status: status.parse().map_err(Error::Invalid)?,
+        attempts: u32::try_from(attempts).unwrap_or(0),
+        max_attempts: u32::try_from(max_attempts).unwrap_or(0),
+        run_at: rfc3339(r.try_get("run_at")?),
+        last_error: r.try_get("last_error")?,
+        created_at: rfc3339(r.try_get("created_at")?),
+        done_at: r.try_get::<Option<i64>, _>("done_at")?.map(rfc3339),
+    })
+}
+
+/// The ids as the JSON array that `{id_list}` expands.
+fn id_list(ids: &[&JobId]) -> String {
+    serde_json::to_string(&ids.iter().map(|i| i.as_str()).collect::<Vec<_>>()).unwrap_or_default()
+}
+
+fn millis(ms: u64) -> i64 {
+    i64::try_from(ms).unwrap_or(i64::MAX)
+}
+
+/// Errors are stored for operators; a remote that answers with megabytes does not get them all.
+fn truncate(error: &str) -> &str {
+    const MAX: usize = 2_000;
+    if error.len() <= MAX {
+        return error;
+    }
+    let mut end = MAX;
+    while !error.is_char_boundary(end) {
+        end -= 1;
+    }
+    &error[..end]
+}

@@ -1,0 +1,309 @@
+//! The Redis job queue: a bounded working set of job messages, fed from the SQL intents by
+//! the relay and drained by workers with a reliable-queue pattern.
+//!
+//! Keys (under the prefix), per job kind `k`:
+//! - `jobs:k:ready` LIST: messages waiting, oldest at the head;
+//! - `jobs:k:inflight:<worker>` LIST: messages one worker took (atomically, by `LMOVE`);
+//! - `jobs:k:present` ZSET: ids of every message in Redis (ready or in flight), so the
+//!   sweeper can tell "still queued" from "Redis lost it";
+//! - `jobs:workers` ZSET: worker → last heartbeat (ms, Redis clock).
+//!
+//! A worker that stops beating its heart has its in-flight lists taken back by any other
+//! worker ([`JobQueue::reap`]). An idle worker blocks in `BLMOVE` on its own connection, so
+//! a new message reaches it in one round trip, with no polling. None of these keys carries
+//! a TTL: they are the queue itself, and empty lists vanish on their own.
+
+use std::time::Duration;
+
+use dataflow_contracts::JobId;
+use dataflow_contracts::jobs::{JobKind, JobMessage};
+use redis::aio::MultiplexedConnection;
+use redis::{AsyncConnectionConfig, Script};
+
+use crate::redis::Redis;
+use crate::{Error, Result};
+
+/// Moves up to ARGV[1] messages from the head of `ready` to the worker's in-flight list.
+const TAKE: &str = r"
+local items = redis.call('LPOP', KEYS[1], ARGV[1])
+if not items then return {} end
+redis.call('RPUSH', KEYS[2], unpack(items))
+return items
+";
+
+/// Records a heartbeat on the Redis clock, so hosts with skewed clocks agree on who is dead.
+const HEARTBEAT: &str = r"
+local t = redis.call('TIME')
+redis.call('ZADD', KEYS[1], t[1] * 1000 + math.floor(t[2] / 1000), ARGV[1])
+";
+
+/// Takes the in-flight messages of every worker silent for ARGV[1] ms. ARGV[2] is the key
+/// prefix, ARGV[3..] the job kinds. Returns kind, message, kind, message, …
+/// (The in-flight key names are derived here, so this needs a single Redis, not a cluster.)
+const REAP: &str = r"
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+local dead = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[1]))
+local out = {}
+for _, w in ipairs(dead) do
+  for i = 3, #ARGV do
+    local base = ARGV[2] .. ':jobs:' .. ARGV[i]
+    local list = base .. ':inflight:' .. w
+    for _, m in ipairs(redis.call('LRANGE', list, 0, -1)) do
+      local ok, msg = pcall(cjson.decode, m)
+      if ok and msg['id'] then redis.call('ZREM', base .. ':present', msg['id']) end
+      out[#out + 1] = ARGV[i]
+      out[#out + 1] = m
+    end
+    redis.call('DEL', list)
+  end
+  redis.call('ZREM', KEYS[1], w)
+end
+return out
+";
+
+/// Puts a stopping worker's unstarted messages back at the head of `ready`, oldest first.
+const RELEASE: &str = r"
+local n = 0
+while redis.call('LMOVE', KEYS[2], KEYS[1], 'RIGHT', 'LEFT') do n = n + 1 end
+return n
+";
+
+/// A message taken from the queue, with the exact text needed to acknowledge it.
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    pub message: JobMessage,
+    raw: String,
+}
+
+/// The queue of one job kind.
+#[derive(Clone)]
+pub struct JobQueue {
+    redis: Redis,
+    kind: JobKind,
+    ready: String,
+    present: String,
+}
+
+impl JobQueue {
+    pub fn new(redis: Redis, kind: JobKind) -> Self {
+        Self {
+            ready: redis.key(&["jobs", kind.as_str(), "ready"]),
+            present: redis.key(&["jobs", kind.as_str(), "present"]),
+            redis,
+            kind,
+        }
+    }
+
+    pub fn kind(&self) -> JobKind {
+        self.kind
+    }
+
+    fn inflight(&self, worker: &str) -> String {
+        self.redis
+            .key(&["jobs", self.kind.as_str(), "inflight", worker])
+    }
+
+    /// Messages in Redis (waiting or in flight): the working set the relay keeps bounded.
+    pub async fn outstanding(&self) -> Result<u64> {
+        Ok(redis::cmd("ZCARD")
+            .arg(&self.present)
+            .query_async(&mut self.redis.conn())
+            .await?)
+    }
+
+    /// Messages waiting for a worker.
+    pub async fn waiting(&self) -> Result<u64> {
+        Ok(redis::cmd("LLEN")
+            .arg(&self.ready)
+            .query_async(&mut self.redis.conn())
+            .await?)
+    }
+
+    /// Appends `messages` to the queue (one transaction).
+    pub async fn push(&self, messages: &[JobMessage]) -> Result<()> {
+        if messages.is_empty() {
+            return Ok(());
+        }
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        let mut raws = Vec::with_capacity(messages.len());
+        let mut present = Vec::with_capacity(messages.len());
+        let now = now_ms();
+        for m in messages {
+            raws.push(serde_json::to_string(m).map_err(|e| Error::Invalid(e.to_string()))?);
+            present.push((now, m.id.as_str()));
+        }
+        pipe.rpush(&self.ready, raws).ignore();
+        pipe.zadd_multiple(&self.present, &present).ignore();
+        pipe.query_async::<()>(&mut self.redis.conn()).await?;
+        Ok(())
+    }
+
+    /// A connection of its own for [`JobQueue::take`], whose blocking wait would stall every
+    /// other command on the shared one.
+    pub async fn blocking_connection(&self) -> Result<MultiplexedConnection> {
+        let config = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(2)))
+            .set_response_timeout(None);
+        Ok(self
+            .redis
+            .client()
+            .get_multiplexed_async_connection_with_config(&config)
+            .await?)
+    }
+
+    /// Takes up to `max` messages for `worker`; when none is waiting, blocks up to `wait`
+    /// for the next one. Messages that do not parse are dropped from flight and returned
+    /// as errors for the caller to report; their SQL intents stay as they are.
+    pub async fn take(
+        &self,
+        conn: &mut MultiplexedConnection,
+        worker: &str,
+        max: usize,
+        wait: Duration,
+    ) -> Result<Vec<Delivery>> {
+        let inflight = self.inflight(worker);
+        let mut raws: Vec<String> = Script::new(TAKE)
+            .key(&self.ready)
+            .key(&inflight)
+            .arg(max)
+            .invoke_async(conn)
+            .await?;
+        if raws.is_empty() {
+            let first: Option<String> = redis::cmd("BLMOVE")
+                .arg(&self.ready)
+                .arg(&inflight)
+                .arg("LEFT")
+                .arg("RIGHT")
+                .arg(wait.as_secs_f64())
+                .query_async(conn)
+                .await?;
+            raws.extend(first);
+        }
+        let mut out = Vec::with_capacity(raws.len());
+        for raw in raws {
+            match serde_json::from_str(&raw) {
+                Ok(message) => out.push(Delivery { message, raw }),
+                Err(e) => {
+                    tracing::error!(kind = %self.kind, error = %e, "dropping unreadable job message");
+                    let _: () = redis::cmd("LREM")
+                        .arg(&inflight)
+                        .arg(1)
+                        .arg(&raw)
+                        .query_async(conn)
+                        .await?;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Removes settled deliveries: from the worker's in-flight list and from `present`.
+    pub async fn ack(&self, worker: &str, deliveries: &[&Delivery]) -> Result<()> {
+        if deliveries.is_empty() {
+            return Ok(());
+        }
+        let inflight = self.inflight(worker);
+        let mut pipe = redis::pipe();
+        for d in deliveries {
+            pipe.lrem(&inflight, 1, &d.raw).ignore();
+        }
+        let ids: Vec<&str> = deliveries.iter().map(|d| d.message.id.as_str()).collect();
+        pipe.zrem(&self.present, ids).ignore();
+        pipe.query_async::<()>(&mut self.redis.conn()).await?;
+        Ok(())
+    }
+
+    /// Which of `ids` Redis still holds (waiting or in flight).
+    pub async fn holds(&self, ids: &[&JobId]) -> Result<Vec<bool>> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let scores: Vec<Option<f64>> = redis::cmd("ZMSCORE")
+            .arg(&self.present)
+            .arg(ids.iter().map(|i| i.as_str()).collect::<Vec<_>>())
+            .query_async(&mut self.redis.conn())
+            .await?;
+        Ok(scores.iter().map(Option::is_some).collect())
+    }
+
+    /// A stopping worker hands back what it took and did not start, then leaves.
+    pub async fn release(&self, worker: &str) -> Result<u64> {
+        Ok(Script::new(RELEASE)
+            .key(&self.ready)
+            .key(self.inflight(worker))
+            .invoke_async(&mut self.redis.conn())
+            .await?)
+    }
+}
+
+/// What all kinds share: the heartbeat set of workers.
+#[derive(Clone)]
+pub struct JobQueues {
+    redis: Redis,
+    workers: String,
+}
+
+impl JobQueues {
+    pub fn new(redis: Redis) -> Self {
+        Self {
+            workers: redis.key(&["jobs", "workers"]),
+            redis,
+        }
+    }
+
+    pub fn queue(&self, kind: JobKind) -> JobQueue {
+        JobQueue::new(self.redis.clone(), kind)
+    }
+
+    /// Marks `worker` alive (heartbeats are per process, for every kind).
+    pub async fn heartbeat(&self, worker: &str) -> Result<()> {
+        Script::new(HEARTBEAT)
+            .key(&self.workers)
+            .arg(worker)
+            .invoke_async::<()>(&mut self.redis.conn())
+            .await?;
+        Ok(())
+    }
+
+    /// Takes back the in-flight messages of workers silent for `dead_after`, for every
+    /// kind. Their ids leave `present`; the caller settles them in SQL.
+    pub async fn reap(&self, dead_after: Duration) -> Result<Vec<(JobKind, Delivery)>> {
+        let script = Script::new(REAP);
+        let mut call = script.key(&self.workers);
+        call.arg(u64::try_from(dead_after.as_millis()).unwrap_or(u64::MAX))
+            .arg(self.redis.prefix());
+        for kind in JobKind::ALL {
+            call.arg(kind.as_str());
+        }
+        let flat: Vec<String> = call.invoke_async(&mut self.redis.conn()).await?;
+        let mut out = Vec::with_capacity(flat.len() / 2);
+        for pair in flat.chunks_exact(2) {
+            let (Ok(kind), Ok(message)) = (pair[0].parse(), serde_json::from_str(&pair[1])) else {
+                tracing::error!(message = %pair[1], "dropping unreadable job message of a dead worker");
+                continue;
+            };
+            let raw = pair[1].clone();
+            out.push((kind, Delivery { message, raw }));
+        }
+        Ok(out)
+    }
+
+    /// Removes `worker` from the heartbeat set (after it released every kind).
+    pub async fn leave(&self, worker: &str) -> Result<()> {
+        redis::cmd("ZREM")
+            .arg(&self.workers)
+            .arg(worker)
+            .query_async::<()>(&mut self.redis.conn())
+            .await?;
+        Ok(())
+    }
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
