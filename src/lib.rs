@@ -20,7 +20,9 @@ use anyhow::Context;
 use dataflow_api::AppState;
 use dataflow_platform::events::{self, RelaySettings};
 use dataflow_platform::{Backends, Config};
+use dataflow_contracts::jobs::JobKind;
 use dataflow_worker::Worker;
+use dataflow_worker::jobs::{self, JobsSetup, handlers::Handlers};
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -101,6 +103,22 @@ impl App {
             // Subscribe before anything can publish, so no wake-up is missed.
             let events = backends.publisher.subscribe();
             tasks.spawn(worker.clone().run(events, shutdown.clone()));
+            // Follow-up jobs (email, report, webhook) run beside the batch worker.
+            let setup = JobsSetup {
+                db: backends.db.clone(),
+                queues: backends.job_queues.clone(),
+                config: config.jobs.clone(),
+                handler: Arc::new(Handlers {
+                    db: backends.db.clone(),
+                    hasher: backends.hasher.clone(),
+                    mailer: backends.mailer.clone(),
+                    webhooks: backends.webhooks.clone(),
+                }),
+                kinds: JobKind::ALL.to_vec(),
+                worker_id: worker.id().to_owned(),
+                events: backends.publisher.subscribe(),
+            };
+            tasks.spawn(jobs::run(setup, shutdown.clone()));
         }
 
         let mut addr = None;

@@ -27,6 +27,6 @@ CREATE INDEX jobs_batch ON jobs(batch_id);
 CREATE TABLE reports (
     batch_id     TEXT COLLATE "C" PRIMARY KEY,
     summary      TEXT NOT NULL,             -- contracts::http::BatchReport as JSON
-    rejected_csv BYTEA COMPRESSION lz4 NOT NULL,
+    rejected_csv BYTEA COMPRESSION lz4,     -- NULL when too large to keep; streamed instead
     created_at   BIGINT NOT NULL
 );

@@ -27,6 +27,6 @@ CREATE INDEX jobs_batch ON jobs(batch_id);
 CREATE TABLE reports (
     batch_id     TEXT PRIMARY KEY,
     summary      TEXT NOT NULL,             -- contracts::http::BatchReport as JSON
-    rejected_csv BLOB NOT NULL,
+    rejected_csv BLOB,                      -- NULL when too large to keep; streamed instead
     created_at   BIGINT NOT NULL
 );

@@ -17,8 +17,10 @@ use std::time::Duration;
 
 use dataflow_contracts::JobId;
 use dataflow_contracts::jobs::{JobKind, JobMessage};
-use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, Script};
+
+/// The connection a worker blocks on while its queue is empty (see [`JobQueue::take`]).
+pub use redis::aio::MultiplexedConnection as BlockingConnection;
 
 use crate::redis::Redis;
 use crate::{Error, Result};
@@ -142,7 +144,7 @@ impl JobQueue {
 
     /// A connection of its own for [`JobQueue::take`], whose blocking wait would stall every
     /// other command on the shared one.
-    pub async fn blocking_connection(&self) -> Result<MultiplexedConnection> {
+    pub async fn blocking_connection(&self) -> Result<BlockingConnection> {
         let config = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(Duration::from_secs(2)))
             .set_response_timeout(None);
@@ -158,7 +160,7 @@ impl JobQueue {
     /// as errors for the caller to report; their SQL intents stay as they are.
     pub async fn take(
         &self,
-        conn: &mut MultiplexedConnection,
+        conn: &mut BlockingConnection,
         worker: &str,
         max: usize,
         wait: Duration,

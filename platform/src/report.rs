@@ -6,7 +6,11 @@
 
 use std::borrow::Cow;
 
-use dataflow_contracts::http::RecordErrorView;
+use dataflow_contracts::BatchId;
+use dataflow_contracts::http::{BatchReport, RecordErrorView};
+
+use crate::Result;
+use crate::db::Db;
 
 pub const HEADER: [&str; 4] = ["line", "field", "code", "detail"];
 
@@ -28,6 +32,39 @@ pub fn rejected_rows_csv(rows: &[RecordErrorView], header: bool) -> Vec<u8> {
         ]);
     }
     w.into_inner().unwrap_or_default()
+}
+
+/// Rows fetched per page when a whole CSV is built in memory.
+const PAGE: u32 = 5_000;
+
+/// The summary of a batch (`None`: no such batch).
+pub async fn summary(db: &Db, batch: &BatchId) -> Result<Option<BatchReport>> {
+    let Some(view) = db.get_batch(None, batch).await? else {
+        return Ok(None);
+    };
+    Ok(Some(BatchReport {
+        batch: view,
+        errors_by_code: db.record_error_counts(batch).await?.into_iter().collect(),
+        rejected_rows_csv: format!("/v1/batches/{batch}/report.csv"),
+    }))
+}
+
+/// The rejected rows as CSV, whole when it fits in `max_bytes`; `None` otherwise (the
+/// caller streams it instead of holding it).
+pub async fn rejected_csv_within(db: &Db, batch: &BatchId, max_bytes: usize) -> Result<Option<Vec<u8>>> {
+    let mut out = Vec::new();
+    let mut after = 0;
+    loop {
+        let page = db.list_record_errors(batch, after, PAGE).await?;
+        out.extend(rejected_rows_csv(&page.items, after == 0));
+        if out.len() > max_bytes {
+            return Ok(None);
+        }
+        match page.next_cursor.and_then(|c| c.parse().ok()) {
+            Some(next) => after = next,
+            None => return Ok(Some(out)),
+        }
+    }
 }
 
 /// The cell, defused if a spreadsheet would evaluate it.

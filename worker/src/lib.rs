@@ -5,8 +5,10 @@
 //! - [`Worker::run`]: the claim loop (bounded concurrency, wake-ups, graceful shutdown);
 //! - [`Worker::claim_next`], [`Worker::start`], [`Worker::step`]: one batch, one chunk at a
 //!   time, so tests can drive a worker deterministically;
-//! - [`prepare`]: validation and canonical form of records.
+//! - [`prepare`]: validation and canonical form of records;
+//! - [`jobs`]: the follow-up jobs (email, report, webhook) on apalis workers.
 
+pub mod jobs;
 pub mod prepare;
 
 use std::collections::{HashMap, VecDeque};
@@ -375,11 +377,8 @@ impl Worker {
     }
 
     fn backoff_ms(&self, attempt: u32) -> i64 {
-        let exp = self
-            .config
-            .retry_base_ms
-            .saturating_mul(1u64 << attempt.saturating_sub(1).min(30));
-        i64::try_from(exp.min(self.config.retry_max_ms)).unwrap_or(i64::MAX)
+        let ms = exponential_backoff_ms(self.config.retry_base_ms, self.config.retry_max_ms, attempt);
+        i64::try_from(ms).unwrap_or(i64::MAX)
     }
 
     /// The claim loop: up to `concurrency` batches at once, woken by `BatchReady` events
@@ -461,7 +460,15 @@ fn panic_message(e: tokio::task::JoinError) -> String {
     }
 }
 
-fn worker_id() -> String {
+/// base × 2^(attempt−1), capped at `max_ms`.
+pub(crate) fn exponential_backoff_ms(base_ms: u64, max_ms: u64, attempt: u32) -> u64 {
+    base_ms
+        .saturating_mul(1u64 << attempt.saturating_sub(1).min(30))
+        .min(max_ms)
+}
+
+/// This process's worker identity: host, pid and a random part.
+pub fn worker_id() -> String {
     let host = std::fs::read_to_string("/etc/hostname")
         .ok()
         .map(|h| h.trim().to_owned())

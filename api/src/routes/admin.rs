@@ -1,20 +1,22 @@
-//! `/admin`: clients, keys, policies and batch transitions, behind the operator token.
+//! `/admin`: clients, keys, policies, batch transitions and the job queue (dead letters
+//! and their retry), behind the operator token.
 //! Every change invalidates the cached copy so the next request sees it.
 
-use axum::extract::rejection::JsonRejection;
-use axum::extract::{Path, State};
+use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use dataflow_contracts::http::{
     BatchView, ClientView, CreateClient, CreateKey, KeyCreated, KeyView,
 };
+use dataflow_contracts::jobs::{JobCount, JobPage, JobView};
 use dataflow_contracts::policy::PolicyPatch;
-use dataflow_contracts::{BatchId, ClientId, Policy};
-use dataflow_platform::db::{BatchAction, ClientRecord};
+use dataflow_contracts::{BatchId, ClientId, JobId, Policy};
+use dataflow_platform::db::{BatchAction, ClientRecord, JobFilter};
 use serde::Deserialize;
 
-use super::parse_path_id;
+use super::{page_limit, parse_path_id, query};
 use crate::error::{ApiError, ApiResult};
 use crate::state::AppState;
 
@@ -31,6 +33,68 @@ pub fn router() -> Router<AppState> {
         .route("/batches/{id}/approve", post(approve))
         .route("/batches/{id}/reject", post(reject))
         .route("/batches/{id}/retry", post(retry))
+        .route("/jobs", get(list_jobs))
+        .route("/jobs/stats", get(job_stats))
+        .route("/jobs/{id}", get(show_job))
+        .route("/jobs/{id}/retry", post(retry_job))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct JobQuery {
+    status: Option<String>,
+    kind: Option<String>,
+    batch_id: Option<String>,
+    cursor: Option<String>,
+    limit: Option<u32>,
+}
+
+/// Jobs newest first; `?status=dead` is the dead-letter queue.
+async fn list_jobs(
+    State(state): State<AppState>,
+    q: Result<Query<JobQuery>, QueryRejection>,
+) -> ApiResult<Json<JobPage>> {
+    let q = query(q)?;
+    let bad = |code: &'static str| move |e: String| ApiError::bad_request(code, e);
+    let filter = JobFilter {
+        status: q.status.as_deref().map(str::parse).transpose().map_err(bad("invalid_status"))?,
+        kind: q.kind.as_deref().map(str::parse).transpose().map_err(bad("invalid_kind"))?,
+        batch_id: q
+            .batch_id
+            .as_deref()
+            .map(|b| b.parse::<BatchId>().map_err(|e| e.to_string()))
+            .transpose()
+            .map_err(bad("invalid_batch_id"))?,
+    };
+    let cursor = q
+        .cursor
+        .as_deref()
+        .map(|c| c.parse::<JobId>().map_err(|e| e.to_string()))
+        .transpose()
+        .map_err(bad("invalid_cursor"))?;
+    let page = state
+        .backends
+        .db
+        .list_jobs(&filter, cursor.as_ref(), page_limit(q.limit)?)
+        .await?;
+    Ok(Json(page))
+}
+
+async fn job_stats(State(state): State<AppState>) -> ApiResult<Json<Vec<JobCount>>> {
+    Ok(Json(state.backends.db.job_counts().await?))
+}
+
+async fn show_job(State(state): State<AppState>, Path(id): Path<String>) -> ApiResult<Json<JobView>> {
+    let id: JobId = parse_path_id(&id)?;
+    let job = state.backends.db.get_job(&id).await?;
+    job.map(Json).ok_or_else(ApiError::not_found)
+}
+
+/// A dead job gets fresh attempts and is due at once.
+async fn retry_job(State(state): State<AppState>, Path(id): Path<String>) -> ApiResult<Json<JobView>> {
+    let id: JobId = parse_path_id(&id)?;
+    let job = state.backends.db.retry_job(&id).await?;
+    Ok(Json(job))
 }
 
 fn json<T>(body: Result<Json<T>, JsonRejection>) -> ApiResult<T> {

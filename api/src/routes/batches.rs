@@ -1,6 +1,9 @@
 //! `GET /v1/batches`, `/v1/batches/{id}`, `/v1/batches/{id}/errors`, the batch report
 //! (`/report` as JSON, `/report.csv` with the rejected rows) and `/v1/records/{key}`:
 //! every query is scoped to the caller's client, so another client's ids answer 404.
+//! Once the report job has stored a batch's report, that copy is served; before, the report
+//! is built on request. Also `/v1/webhooks/secret`, the key the client's webhooks are
+//! signed with.
 
 use axum::body::{Body, Bytes};
 use axum::extract::rejection::QueryRejection;
@@ -10,8 +13,9 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use dataflow_contracts::http::{BatchPage, BatchReport, BatchView, RecordErrorPage, RecordView};
+use dataflow_contracts::jobs::WebhookSecret;
 use dataflow_contracts::{BatchId, BatchStatus};
-use dataflow_platform::report;
+use dataflow_platform::{report, webhook};
 use serde::Deserialize;
 
 use super::{page_limit, parse_path_id, query};
@@ -27,6 +31,17 @@ pub fn router() -> Router<AppState> {
         .route("/batches/{id}/report", get(report))
         .route("/batches/{id}/report.csv", get(report_csv))
         .route("/records/{key}", get(record))
+        .route("/webhooks/secret", get(webhook_secret))
+}
+
+async fn webhook_secret(
+    State(state): State<AppState>,
+    Extension(p): Extension<Principal>,
+) -> Json<WebhookSecret> {
+    let key = state.backends.hasher.webhook_key(p.client.id.as_str());
+    Json(WebhookSecret {
+        secret: webhook::secret_text(&key),
+    })
 }
 
 #[derive(Deserialize)]
@@ -108,17 +123,16 @@ async fn report(
 ) -> ApiResult<Json<BatchReport>> {
     let id: BatchId = parse_path_id(&id)?;
     let db = &state.backends.db;
-    let batch = db
-        .get_batch(Some(&p.client.id), &id)
-        .await?
-        .ok_or_else(ApiError::not_found)?;
-    let errors_by_code = db.record_error_counts(&id).await?.into_iter().collect();
-    let rejected_rows_csv = format!("/v1/batches/{id}/report.csv");
-    Ok(Json(BatchReport {
-        batch,
-        errors_by_code,
-        rejected_rows_csv,
-    }))
+    if db.get_batch(Some(&p.client.id), &id).await?.is_none() {
+        return Err(ApiError::not_found());
+    }
+    if let Some((summary, _)) = db.stored_report(&id).await?
+        && let Ok(stored) = serde_json::from_str::<BatchReport>(&summary)
+    {
+        return Ok(Json(stored));
+    }
+    let summary = report::summary(db, &id).await?;
+    summary.map(Json).ok_or_else(ApiError::not_found)
 }
 
 /// Rows per page while streaming the CSV: memory stays flat however many rows failed.
@@ -135,6 +149,13 @@ async fn report_csv(
         return Err(ApiError::not_found());
     }
     let filename = format!("attachment; filename=\"{id}-rejected.csv\"");
+    let headers = [
+        (header::CONTENT_TYPE, "text/csv; charset=utf-8".to_owned()),
+        (header::CONTENT_DISPOSITION, filename),
+    ];
+    if let Some((_, Some(csv))) = db.stored_report(&id).await? {
+        return Ok((headers, csv).into_response());
+    }
     // (cursor, first page?) until a page comes back without a next cursor.
     let pages = futures::stream::unfold(Some((0u64, true)), move |state| {
         let (db, id) = (db.clone(), id.clone());
@@ -154,10 +175,6 @@ async fn report_csv(
             }
         }
     });
-    let headers = [
-        (header::CONTENT_TYPE, "text/csv; charset=utf-8".to_owned()),
-        (header::CONTENT_DISPOSITION, filename),
-    ];
     Ok((headers, Body::from_stream(pages)).into_response())
 }
 

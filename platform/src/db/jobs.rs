@@ -27,6 +27,16 @@ pub enum Handover {
     Queue,
 }
 
+impl Handover {
+    /// The status taken jobs get, and the attempts the hand-over counts.
+    fn status_and_count(self) -> (JobStatus, i32) {
+        match self {
+            Handover::Claim => (JobStatus::Running, 1),
+            Handover::Queue => (JobStatus::Queued, 0),
+        }
+    }
+}
+
 /// How a failed attempt ends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Failure {
@@ -124,10 +134,7 @@ impl Db {
                           AND run_at <= {now} ORDER BY run_at, id LIMIT $2 {skip_locked}) \
              RETURNING id, batch_id, client_id, spec, attempts, max_attempts",
         );
-        let (status, counted) = match handover {
-            Handover::Claim => (JobStatus::Running, 1),
-            Handover::Queue => (JobStatus::Queued, 0),
-        };
+        let (status, counted) = handover.status_and_count();
         let rows = sqlx::query(sql)
             .bind(kind.as_str())
             .bind(i64::try_from(limit).unwrap_or(i64::MAX))
@@ -262,6 +269,28 @@ impl Db {
             .rows_affected())
     }
 
+    /// Hands back jobs taken by [`Db::take_due_jobs`] that never ran (a stopping worker's
+    /// unstarted claims, or a relay push that failed): `pending` again, and a claim's
+    /// counted attempt is taken back.
+    pub async fn hand_back_jobs(&self, ids: &[&JobId], handover: Handover) -> Result<u64> {
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        let (status, counted) = handover.status_and_count();
+        let sql = self.sql(
+            "UPDATE jobs SET status = 'pending', attempts = attempts - $2, lease_until = NULL, \
+                 updated_at = {now} \
+             WHERE id IN ({id_list}) AND status = $3",
+        );
+        Ok(sqlx::query(sql)
+            .bind(id_list(ids))
+            .bind(counted)
+            .bind(status.as_str())
+            .execute(self.pool())
+            .await?
+            .rows_affected())
+    }
+
     /// Embedded mode: jobs whose worker died mid-attempt (the attempt was counted at claim)
     /// go back to `pending`, or `dead` when that was the last one.
     pub async fn expire_running_jobs(&self) -> Result<u64> {
@@ -350,8 +379,13 @@ impl Db {
         Ok(counts)
     }
 
-    /// Stores (or replaces) the report of a batch.
-    pub async fn store_report(&self, batch: &BatchId, summary: &str, csv: &[u8]) -> Result<()> {
+    /// Stores (or replaces) the report of a batch; `csv` is `None` when it was too large to keep.
+    pub async fn store_report(
+        &self,
+        batch: &BatchId,
+        summary: &str,
+        csv: Option<&[u8]>,
+    ) -> Result<()> {
         let sql = self.sql(
             "INSERT INTO reports (batch_id, summary, rejected_csv, created_at) \
              VALUES ($1, $2, $3, {now}) \
@@ -367,8 +401,11 @@ impl Db {
         Ok(())
     }
 
-    /// The stored report of a batch: its JSON summary and rejected rows as CSV.
-    pub async fn stored_report(&self, batch: &BatchId) -> Result<Option<(String, Vec<u8>)>> {
+    /// The stored report of a batch: its JSON summary and, unless too large, the CSV.
+    pub async fn stored_report(
+        &self,
+        batch: &BatchId,
+    ) -> Result<Option<(String, Option<Vec<u8>>)>> {
         let row = sqlx::query("SELECT summary, rejected_csv FROM reports WHERE batch_id = $1")
             .bind(batch.as_str())
             .fetch_optional(self.pool())

@@ -1,0 +1,215 @@
+//! The apalis backend of DataFlow's jobs: a pump takes jobs from their source (the Redis
+//! queue, or SQL in embedded mode) into a small channel, and the apalis worker polls that
+//! channel. Every result passes the backend's acknowledgement layer ([`Settler`]), which
+//! records it in SQL first and only then removes the message from Redis.
+//!
+//! Why not apalis-redis: as 1.0.0 ships it fails above ~8,000 due tasks, locks in O(backlog)
+//! and does not wake an idle worker on push (see the README's performance section). Here
+//! the working set in Redis is bounded by the relay, a take is O(batch), and an idle pump
+//! waits in `BLMOVE`, so a push reaches a handler in one round trip.
+
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use apalis::prelude::{AcknowledgeLayer, Backend, RandomId, Task, TaskBuilder, TaskId, WorkerContext};
+use apalis_core::backend::BackendConfig;
+use apalis_core::backend::finalize::Ephemeral;
+use dataflow_contracts::JobId;
+use dataflow_contracts::jobs::{JobKind, JobMessage};
+use dataflow_platform::Result;
+use dataflow_platform::db::{Db, Handover};
+use dataflow_platform::jobqueue::{BlockingConnection, Delivery, JobQueue};
+use tokio::sync::{Notify, mpsc};
+use tokio_util::sync::CancellationToken;
+
+use super::settle::Settler;
+
+/// How a job came, so its settlement can be routed back.
+#[derive(Debug, Clone)]
+pub struct Receipt {
+    pub id: JobId,
+    /// Attempts made before this one.
+    pub attempts: u32,
+    /// The Redis message to acknowledge; `None` for a job claimed from SQL.
+    pub delivery: Option<Arc<Delivery>>,
+}
+
+/// Where one kind's jobs come from.
+pub enum Source {
+    /// Embedded mode: claim due intents straight from SQL (the claim counts the attempt).
+    Sql {
+        db: Db,
+        kind: JobKind,
+        lease: Duration,
+        poll: Duration,
+        wake: Arc<Notify>,
+    },
+    /// Take messages from the Redis queue, blocking while it is empty.
+    Redis {
+        queue: JobQueue,
+        conn: Option<BlockingConnection>,
+        worker: String,
+    },
+}
+
+/// A Redis take blocks this long at most, so a stopping pump notices soon.
+const BLOCK: Duration = Duration::from_secs(1);
+
+impl Source {
+    /// Up to `max` jobs; waits (bounded) when there are none.
+    async fn take(&mut self, max: usize, stop: &CancellationToken) -> Result<Vec<Task<JobMessage>>> {
+        match self {
+            Source::Sql {
+                db,
+                kind,
+                lease,
+                poll,
+                wake,
+            } => {
+                let lease_ms = u64::try_from(lease.as_millis()).unwrap_or(u64::MAX);
+                let jobs = db.take_due_jobs(*kind, max, Handover::Claim, lease_ms).await?;
+                if jobs.is_empty() {
+                    tokio::select! {
+                        _ = stop.cancelled() => {}
+                        _ = wake.notified() => {}
+                        _ = tokio::time::sleep(*poll) => {}
+                    }
+                }
+                Ok(jobs.into_iter().map(|m| task(m, None)).collect())
+            }
+            Source::Redis {
+                queue,
+                conn,
+                worker,
+            } => {
+                let c = match conn {
+                    Some(c) => c,
+                    None => conn.insert(queue.blocking_connection().await?),
+                };
+                let taken = queue.take(c, worker, max, BLOCK).await;
+                if taken.is_err() {
+                    // A broken blocking connection is not repaired by the manager: reconnect.
+                    *conn = None;
+                }
+                Ok(taken?
+                    .into_iter()
+                    .map(|d| {
+                        let d = Arc::new(d);
+                        task(d.message.clone(), Some(d))
+                    })
+                    .collect())
+            }
+        }
+    }
+}
+
+fn task(message: JobMessage, delivery: Option<Arc<Delivery>>) -> Task<JobMessage> {
+    let receipt = Receipt {
+        id: message.id.clone(),
+        attempts: message.attempts,
+        delivery,
+    };
+    TaskBuilder::new(message)
+        .task_id(TaskId::from_string(receipt.id.as_str()))
+        .data(receipt)
+        .build()
+}
+
+/// Feeds the channel until `stop`: takes at most as many jobs as the channel has room for,
+/// so jobs never pile up in this process while other workers idle.
+pub async fn pump(
+    mut source: Source,
+    tx: mpsc::Sender<Task<JobMessage>>,
+    batch: usize,
+    stop: CancellationToken,
+) {
+    let mut backoff = Duration::from_millis(100);
+    while !stop.is_cancelled() {
+        let permit = tokio::select! {
+            _ = stop.cancelled() => break,
+            p = tx.reserve() => match p { Ok(p) => p, Err(_) => break },
+        };
+        let room = (tx.capacity() + 1).min(batch);
+        let tasks = match source.take(room, &stop).await {
+            Ok(t) => {
+                backoff = Duration::from_millis(100);
+                t
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "taking jobs failed; retrying");
+                drop(permit);
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+                continue;
+            }
+        };
+        let mut tasks = tasks.into_iter();
+        if let Some(first) = tasks.next() {
+            permit.send(first);
+        }
+        for t in tasks {
+            // Room was counted above and this pump is the only sender.
+            if tx.try_send(t).is_err() {
+                tracing::error!("job channel full despite reserved room");
+            }
+        }
+    }
+}
+
+/// The apalis backend: the receiving end of the pump's channel, and the settler as its
+/// acknowledgement layer.
+pub struct JobFeed {
+    rx: Arc<Mutex<mpsc::Receiver<Task<JobMessage>>>>,
+    settler: Settler,
+}
+
+impl JobFeed {
+    pub fn new(rx: Arc<Mutex<mpsc::Receiver<Task<JobMessage>>>>, settler: Settler) -> Self {
+        Self { rx, settler }
+    }
+}
+
+impl Backend for JobFeed {
+    type Task = Task<JobMessage>;
+    type Error = std::convert::Infallible;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>, _: &WorkerContext) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_next(
+        &mut self,
+        cx: &mut Context<'_>,
+        _: &WorkerContext,
+    ) -> Poll<Option<Result<Self::Task, Self::Error>>> {
+        match self.rx.lock() {
+            Ok(mut rx) => rx.poll_recv(cx).map(|t| t.map(Ok)),
+            // A panic while holding this lock cannot happen (poll_recv does not panic).
+            Err(_) => Poll::Ready(None),
+        }
+    }
+
+    fn poll_close(&mut self, _: &mut Context<'_>, _: &WorkerContext) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl BackendConfig for JobFeed {
+    type Args = JobMessage;
+    type Id = RandomId;
+    type Kind = Ephemeral;
+    type Config = ();
+    type Layer = AcknowledgeLayer<Settler>;
+
+    fn config(&self) -> &Self::Config {
+        &()
+    }
+
+    fn middleware(&mut self, _: &mut WorkerContext) -> Self::Layer {
+        AcknowledgeLayer::new(self.settler.clone())
+    }
+}

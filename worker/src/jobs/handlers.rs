@@ -1,0 +1,154 @@
+//! What each kind of job does. Every side effect is keyed by the job id: the email's
+//! `Message-ID`, the webhook's `webhook-id`, the report's batch (stored by upsert).
+
+use std::sync::Arc;
+
+use dataflow_contracts::http::BatchReport;
+use dataflow_contracts::jobs::{JobMessage, JobSpec};
+use dataflow_contracts::{BatchId, BatchStatus};
+use dataflow_platform::db::Db;
+use dataflow_platform::keys::KeyHasher;
+use dataflow_platform::mail::Mailer;
+use dataflow_platform::report;
+use dataflow_platform::webhook::{DeliveryError, WebhookSender};
+use futures::future::BoxFuture;
+use lettre::Message;
+use lettre::message::header::ContentType;
+use lettre::message::{Attachment, MultiPart, SinglePart};
+
+use super::{JobError, JobHandler};
+
+/// A stored report keeps its CSV up to this size; larger ones are streamed on request.
+const STORED_CSV_MAX: usize = 8 * 1024 * 1024;
+/// Mail attaches the rejected rows up to this size; larger ones are linked.
+const ATTACHED_CSV_MAX: usize = 1024 * 1024;
+
+pub struct Handlers {
+    pub db: Db,
+    pub hasher: KeyHasher,
+    pub mailer: Arc<Mailer>,
+    pub webhooks: Arc<WebhookSender>,
+}
+
+impl JobHandler for Handlers {
+    fn handle<'a>(&'a self, job: &'a JobMessage) -> BoxFuture<'a, Result<(), JobError>> {
+        Box::pin(async move {
+            let spec = job
+                .decode_spec()
+                .map_err(|e| JobError::Permanent(format!("unreadable job spec: {e}")))?;
+            match spec {
+                JobSpec::Email { to } => self.email(job, &to).await,
+                JobSpec::Report => self.report(&job.batch_id).await,
+                JobSpec::Webhook { url, event } => {
+                    let body = serde_json::to_string(&event)
+                        .map_err(|e| JobError::Permanent(e.to_string()))?;
+                    let key = self.hasher.webhook_key(job.client_id.as_str());
+                    self.webhooks
+                        .deliver(&url, job.id.as_str(), &key, body)
+                        .await
+                        .map(drop)
+                        .map_err(|e| match e {
+                            DeliveryError::Refused(m) => JobError::Permanent(m),
+                            DeliveryError::Failed(m) => JobError::Retry(m),
+                        })
+                }
+            }
+        })
+    }
+}
+
+impl Handlers {
+    async fn summary(&self, batch: &BatchId) -> Result<BatchReport, JobError> {
+        report::summary(&self.db, batch)
+            .await
+            .map_err(retry)?
+            .ok_or_else(|| JobError::Permanent(format!("batch {batch} does not exist")))
+    }
+
+    /// Stores the report: the summary as JSON, and the rejected rows as CSV when small
+    /// enough to keep.
+    async fn report(&self, batch: &BatchId) -> Result<(), JobError> {
+        let summary = self.summary(batch).await?;
+        let csv = report::rejected_csv_within(&self.db, batch, STORED_CSV_MAX)
+            .await
+            .map_err(retry)?;
+        let json = serde_json::to_string(&summary).map_err(|e| JobError::Permanent(e.to_string()))?;
+        self.db
+            .store_report(batch, &json, csv.as_deref())
+            .await
+            .map_err(retry)
+    }
+
+    async fn email(&self, job: &JobMessage, to: &str) -> Result<(), JobError> {
+        let summary = self.summary(&job.batch_id).await?;
+        let csv = if summary.batch.records_failed > 0 {
+            report::rejected_csv_within(&self.db, &job.batch_id, ATTACHED_CSV_MAX)
+                .await
+                .map_err(retry)?
+        } else {
+            None
+        };
+        let to = to
+            .parse()
+            .map_err(|e| JobError::Permanent(format!("notify_email `{to}`: {e}")))?;
+        let text = SinglePart::plain(body_text(&summary, csv.is_some()));
+        let body = match csv {
+            Some(bytes) => MultiPart::mixed().singlepart(text).singlepart(
+                Attachment::new(format!("{}-rejected.csv", job.batch_id))
+                    .body(bytes, ContentType::parse("text/csv").map_err(|e| JobError::Permanent(e.to_string()))?),
+            ),
+            None => MultiPart::mixed().singlepart(text),
+        };
+        let message = Message::builder()
+            .from(self.mailer.from().clone())
+            .to(to)
+            .subject(subject(&summary))
+            // Keyed by the job: a repeat after a crash carries the same id.
+            .message_id(Some(format!("<{}@dataflow>", job.id)))
+            .multipart(body)
+            .map_err(|e| JobError::Permanent(format!("building the message: {e}")))?;
+        self.mailer.send(message).await.map_err(JobError::Retry)
+    }
+}
+
+fn retry(e: dataflow_platform::Error) -> JobError {
+    JobError::Retry(e.to_string())
+}
+
+fn subject(r: &BatchReport) -> String {
+    let b = &r.batch;
+    match b.status {
+        BatchStatus::Completed => format!(
+            "DataFlow: batch {} completed ({} written, {} unchanged, {} rejected)",
+            b.id, b.records_written, b.records_unchanged, b.records_failed
+        ),
+        status => format!("DataFlow: batch {} {status}", b.id),
+    }
+}
+
+fn body_text(r: &BatchReport, attached: bool) -> String {
+    let b = &r.batch;
+    let mut text = format!(
+        "Batch {} (import {}) is {}.\n\n\
+         Records: {} in total, {} written, {} unchanged, {} rejected.\n",
+        b.id, b.import_id, b.status, b.records_total, b.records_written, b.records_unchanged,
+        b.records_failed
+    );
+    if let Some(e) = &b.last_error {
+        text.push_str(&format!("Last error: {e}\n"));
+    }
+    if !r.errors_by_code.is_empty() {
+        text.push_str("\nRejected rows by reason:\n");
+        for (code, n) in &r.errors_by_code {
+            text.push_str(&format!("  {code}: {n}\n"));
+        }
+    }
+    text.push_str(&format!(
+        "\nReport: GET /v1/batches/{}/report\nRejected rows: GET {}\n",
+        b.id, r.rejected_rows_csv
+    ));
+    if b.records_failed > 0 && !attached {
+        text.push_str("(The rejected rows are too many to attach; download them instead.)\n");
+    }
+    text
+}

@@ -1,0 +1,257 @@
+//! Follow-up jobs (email, report, webhook) run by apalis workers, one per kind.
+//!
+//! The flow: an event's transaction writes job intents in SQL → with Redis, the relay
+//! ([`upkeep::relay`]) hands due intents to the Redis queue of their kind, bounded by the
+//! working set; without it, workers claim intents from SQL → a pump ([`feed::pump`]) feeds an
+//! apalis worker → the handler runs → the settler ([`settle`]) records the result in SQL and
+//! only then removes the Redis message. The sweeper and the reaper ([`upkeep`]) take back
+//! whatever a crash or a Redis loss strands.
+//!
+//! Layout: [`feed`] (the apalis backend), [`settle`] (results), [`upkeep`] (relay, sweeper,
+//! heartbeat, reaper), [`handlers`] (what each kind does).
+
+pub mod feed;
+pub mod handlers;
+pub mod settle;
+pub mod upkeep;
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use apalis::prelude::{Data, Task, WorkerBuilder, WorkerBuilderExt};
+use dataflow_contracts::JobId;
+use dataflow_contracts::events::Envelope;
+use dataflow_contracts::jobs::{JobKind, JobMessage};
+use dataflow_platform::config::JobsConfig;
+use dataflow_platform::db::{Db, Handover};
+use dataflow_platform::jobqueue::JobQueues;
+use futures::future::BoxFuture;
+use tokio::sync::{Notify, broadcast, mpsc};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use feed::{JobFeed, Source};
+use settle::Backoff;
+
+/// Why an attempt failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum JobError {
+    /// Worth another attempt after the backoff.
+    #[error("{0}")]
+    Retry(String),
+    /// No retry can fix it: the job is dead-lettered at once.
+    #[error("{0}")]
+    Permanent(String),
+}
+
+/// What running one job means; [`handlers::Handlers`] in production, anything in benchmarks.
+pub trait JobHandler: Send + Sync + 'static {
+    fn handle<'a>(&'a self, job: &'a JobMessage) -> BoxFuture<'a, Result<(), JobError>>;
+}
+
+/// Everything the job workers of one process need.
+pub struct JobsSetup {
+    pub db: Db,
+    /// `None`: embedded mode, jobs are claimed from SQL.
+    pub queues: Option<JobQueues>,
+    pub config: JobsConfig,
+    pub handler: Arc<dyn JobHandler>,
+    pub kinds: Vec<JobKind>,
+    /// This process's worker identity.
+    pub worker_id: String,
+    /// Batch events in this process: a new one may have written intents.
+    pub events: broadcast::Receiver<Arc<Envelope>>,
+}
+
+/// Jobs one take moves into a worker's channel at most.
+const TAKE_BATCH: usize = 64;
+
+/// Runs the job workers and their upkeep until `stop`, then shuts down cleanly: running
+/// jobs finish (bounded by the job timeout), results are settled, and jobs taken but not
+/// started go back to their queue.
+pub async fn run(setup: JobsSetup, stop: CancellationToken) {
+    let JobsSetup {
+        db,
+        queues,
+        config,
+        handler,
+        kinds,
+        worker_id,
+        events,
+    } = setup;
+    let lease = Duration::from_secs(config.requeue_after_secs);
+    let poll = Duration::from_millis(config.poll_interval_ms);
+    let backoff = Backoff {
+        base_ms: config.retry_base_ms,
+        max_ms: config.retry_max_ms,
+    };
+    let pump_stop = stop.child_token();
+    let mut pumps = JoinSet::new();
+    let mut workers = JoinSet::new();
+    let mut settlers = JoinSet::new();
+    let mut wakes = Vec::new();
+    let mut leftovers = Vec::new();
+
+    for &kind in &kinds {
+        let source = match &queues {
+            Some(q) => Source::Redis {
+                queue: q.queue(kind),
+                conn: None,
+                worker: worker_id.clone(),
+            },
+            // A claim's lease covers one attempt (the timeout) with room to settle it.
+            None => {
+                let wake = Arc::new(Notify::new());
+                wakes.push(wake.clone());
+                Source::Sql {
+                    db: db.clone(),
+                    kind,
+                    lease: Duration::from_secs(config.timeout_secs.saturating_mul(2)),
+                    poll,
+                    wake,
+                }
+            }
+        };
+        let (tx, rx) = mpsc::channel(TAKE_BATCH);
+        let rx = Arc::new(Mutex::new(rx));
+        leftovers.push((kind, rx.clone()));
+        pumps.spawn(feed::pump(source, tx, TAKE_BATCH, pump_stop.clone()));
+
+        let (settler, results) = settle::channel(4 * config.concurrency.max(TAKE_BATCH));
+        let ack_queue = queues.as_ref().map(|q| (q.queue(kind), worker_id.clone()));
+        settlers.spawn(settle::run(db.clone(), kind, ack_queue, backoff, results));
+
+        let worker = WorkerBuilder::new(format!("{kind}-{worker_id}"))
+            .backend(JobFeed::new(rx, settler))
+            .data(SharedHandler(handler.clone()))
+            .concurrency(config.concurrency)
+            .timeout(Duration::from_secs(config.timeout_secs))
+            .build(run_job);
+        let worker_stop = stop.clone();
+        workers.spawn(async move {
+            let signal = async move {
+                worker_stop.cancelled().await;
+                Ok::<(), std::io::Error>(())
+            };
+            if let Err(e) = worker.run_until(signal).await {
+                tracing::error!(%kind, error = %e, "job worker stopped with an error");
+            }
+        });
+    }
+
+    let mut upkeep = JoinSet::new();
+    let relay_wake = Arc::new(Notify::new());
+    wakes.push(relay_wake.clone());
+    upkeep.spawn(wake_on_events(events, wakes, stop.clone()));
+    upkeep.spawn(upkeep::sweeper(
+        db.clone(),
+        queues.clone(),
+        lease,
+        poll.max(Duration::from_secs(1)),
+        stop.clone(),
+    ));
+    if let Some(q) = &queues {
+        let settings = upkeep::RelaySettings {
+            kinds: kinds.clone(),
+            working_set: config.redis_working_set,
+            lease,
+            poll,
+        };
+        upkeep.spawn(upkeep::relay(db.clone(), q.clone(), settings, relay_wake, stop.clone()));
+        upkeep.spawn(upkeep::heartbeat_and_reap(
+            db.clone(),
+            q.clone(),
+            worker_id.clone(),
+            Duration::from_millis(config.dead_worker_ms),
+            stop.clone(),
+        ));
+    }
+
+    stop.cancelled().await;
+    pump_stop.cancel();
+    while pumps.join_next().await.is_some() {}
+    while workers.join_next().await.is_some() {}
+    // The workers are gone, and with them every settler handle: drain the results.
+    while settlers.join_next().await.is_some() {}
+    while upkeep.join_next().await.is_some() {}
+    hand_back(&db, queues.as_ref(), &worker_id, leftovers).await;
+}
+
+/// After the results are settled: what was taken but never started goes back.
+async fn hand_back(
+    db: &Db,
+    queues: Option<&JobQueues>,
+    worker_id: &str,
+    leftovers: Vec<(JobKind, Arc<Mutex<mpsc::Receiver<Task<JobMessage>>>>)>,
+) {
+    for (kind, rx) in leftovers {
+        let result = match queues {
+            // The in-flight list holds exactly the unsettled messages, channel included.
+            Some(q) => q.queue(kind).release(worker_id).await,
+            None => {
+                let mut unstarted: Vec<JobId> = Vec::new();
+                if let Ok(mut rx) = rx.lock() {
+                    while let Ok(task) = rx.try_recv() {
+                        unstarted.push(task.args.id);
+                    }
+                }
+                let ids: Vec<&JobId> = unstarted.iter().collect();
+                db.hand_back_jobs(&ids, Handover::Claim).await
+            }
+        };
+        match result {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(%kind, jobs = n, "handed back unstarted jobs"),
+            Err(e) => tracing::warn!(%kind, error = %e, "handing back unstarted jobs failed; they will be swept"),
+        }
+    }
+    if let Some(q) = queues
+        && let Err(e) = q.leave(worker_id).await
+    {
+        tracing::warn!(error = %e, "leaving the job worker set failed");
+    }
+}
+
+/// The handler as apalis task data.
+#[derive(Clone)]
+struct SharedHandler(Arc<dyn JobHandler>);
+
+/// The apalis handler: every kind goes through the same entry point. A panic is a failed
+/// attempt like any other (retried, counted), not a dead worker.
+async fn run_job(job: JobMessage, handler: Data<SharedHandler>) -> Result<(), JobError> {
+    let SharedHandler(handler) = &*handler;
+    let attempt = std::panic::AssertUnwindSafe(handler.handle(&job));
+    match futures::FutureExt::catch_unwind(attempt).await {
+        Ok(result) => result,
+        Err(panic) => {
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_owned())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            Err(JobError::Retry(format!("the job panicked: {what}")))
+        }
+    }
+}
+
+/// Every event in this process may have written intents: wake the relay and the SQL pumps.
+async fn wake_on_events(
+    mut events: broadcast::Receiver<Arc<Envelope>>,
+    wakes: Vec<Arc<Notify>>,
+    stop: CancellationToken,
+) {
+    loop {
+        let received = tokio::select! {
+            _ = stop.cancelled() => return,
+            e = events.recv() => e,
+        };
+        match received {
+            Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {
+                for w in &wakes {
+                    w.notify_one();
+                }
+            }
+            Err(broadcast::error::RecvError::Closed) => return,
+        }
+    }
+}

@@ -1,0 +1,180 @@
+//! Settling job results: SQL first (done, retry later, or dead), then the Redis message is
+//! removed. Results are batched: one statement marks every finished job of a round done,
+//! which is what lets the queue run at tens of thousands of jobs per second.
+//!
+//! If this process dies between the SQL commit and the Redis removal, the message comes back
+//! (from the dead worker's in-flight list) and the job runs once more: at most one duplicate
+//! per crash, none in a clean run, and receivers can drop it by the job id.
+
+use std::convert::Infallible;
+use std::time::Duration;
+
+use apalis::prelude::{Acknowledge, BoxDynError, ExecutionContext};
+use dataflow_contracts::jobs::{JobKind, JobStatus};
+use dataflow_platform::db::{Db, Failure};
+use dataflow_platform::jobqueue::{Delivery, JobQueue};
+use futures::future::BoxFuture;
+use rand::Rng;
+use tokio::sync::mpsc;
+
+use super::JobError;
+use super::feed::Receipt;
+
+/// Results settled per round at most.
+const ROUND: usize = 1_000;
+
+/// One finished attempt.
+pub struct Settlement {
+    receipt: Receipt,
+    result: std::result::Result<(), (String, bool)>,
+}
+
+/// The acknowledgement layer's handle: hands each result to the settling task.
+#[derive(Clone)]
+pub struct Settler {
+    tx: mpsc::Sender<Settlement>,
+}
+
+impl Acknowledge<()> for Settler {
+    type Error = Infallible;
+    type Future = BoxFuture<'static, Result<(), Infallible>>;
+
+    fn ack(&mut self, res: &Result<(), BoxDynError>, ctx: &ExecutionContext) -> Self::Future {
+        let Some(receipt) = ctx.data().get::<Receipt>().cloned() else {
+            tracing::error!("a job result without its receipt; it will be swept");
+            return Box::pin(async { Ok(()) });
+        };
+        let result = match res {
+            Ok(()) => Ok(()),
+            Err(e) => Err(describe(e.as_ref())),
+        };
+        let tx = self.tx.clone();
+        Box::pin(async move {
+            // Waiting here when the settler lags is the backpressure on the worker.
+            if tx.send(Settlement { receipt, result }).await.is_err() {
+                tracing::error!("job settler stopped; this result will be swept");
+            }
+            Ok(())
+        })
+    }
+}
+
+/// The error text, and whether it is permanent. apalis hands back the handler's
+/// [`JobError`] boxed; a timeout or a caught panic is anything else, and retried.
+fn describe(e: &(dyn std::error::Error + Send + Sync + 'static)) -> (String, bool) {
+    match e.downcast_ref::<JobError>() {
+        Some(JobError::Permanent(m)) => (m.clone(), true),
+        Some(JobError::Retry(m)) => (m.clone(), false),
+        None => (e.to_string(), false),
+    }
+}
+
+/// Retry policy of failed attempts.
+#[derive(Debug, Clone, Copy)]
+pub struct Backoff {
+    pub base_ms: u64,
+    pub max_ms: u64,
+}
+
+impl Backoff {
+    /// base × 2^(attempt−1), capped, then jittered into its upper half, so a failing
+    /// receiver is not hit by every retry at once.
+    pub fn delay_ms(&self, attempt: u32) -> u64 {
+        let full = crate::exponential_backoff_ms(self.base_ms, self.max_ms, attempt);
+        let half = full / 2;
+        half + rand::rng().random_range(0..=full - half)
+    }
+}
+
+pub fn channel(capacity: usize) -> (Settler, mpsc::Receiver<Settlement>) {
+    let (tx, rx) = mpsc::channel(capacity);
+    (Settler { tx }, rx)
+}
+
+/// Settles results until every [`Settler`] is gone and the channel is drained.
+pub async fn run(
+    db: Db,
+    kind: JobKind,
+    queue: Option<(JobQueue, String)>,
+    backoff: Backoff,
+    mut rx: mpsc::Receiver<Settlement>,
+) {
+    let mut round = Vec::with_capacity(ROUND);
+    while rx.recv_many(&mut round, ROUND).await > 0 {
+        settle_round(&db, kind, queue.as_ref(), backoff, &round).await;
+        round.clear();
+    }
+}
+
+async fn settle_round(
+    db: &Db,
+    kind: JobKind,
+    queue: Option<&(JobQueue, String)>,
+    backoff: Backoff,
+    round: &[Settlement],
+) {
+    // A Redis delivery's attempt is counted now; a SQL claim counted it already.
+    let counted = queue.is_some();
+    let done: Vec<_> = round
+        .iter()
+        .filter(|s| s.result.is_ok())
+        .map(|s| &s.receipt.id)
+        .collect();
+    persist(|| db.finish_jobs(&done, counted)).await;
+    for s in round {
+        let Err((error, permanent)) = &s.result else {
+            continue;
+        };
+        let failure = if *permanent {
+            Failure::Permanent
+        } else {
+            Failure::Retry {
+                backoff_ms: backoff.delay_ms(s.receipt.attempts + 1),
+            }
+        };
+        let status = persist(|| db.fail_job(&s.receipt.id, counted, error, failure)).await;
+        match status.flatten() {
+            Some(JobStatus::Dead) => tracing::error!(
+                job = %s.receipt.id, %kind, attempts = s.receipt.attempts + 1, %error,
+                "job dead-lettered"
+            ),
+            _ => tracing::warn!(job = %s.receipt.id, %kind, %error, "job attempt failed; will retry"),
+        }
+    }
+    if let Some((queue, worker)) = queue {
+        let deliveries: Vec<&Delivery> = round
+            .iter()
+            .filter_map(|s| s.receipt.delivery.as_deref())
+            .collect();
+        let acked = persist(|| queue.ack(worker, &deliveries)).await;
+        if acked.is_none() {
+            tracing::warn!(%kind, "could not remove settled jobs from Redis; they may run again");
+        }
+    }
+}
+
+/// Retries a settle step while the store is unreachable: results must not be dropped, and
+/// the worker waits (through the channel) until they are written. Gives up after a minute;
+/// what is left then is found by the sweeper or the reaper.
+async fn persist<T, F, Fut>(mut step: F) -> Option<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = dataflow_platform::Result<T>>,
+{
+    let mut wait = Duration::from_millis(50);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        match step().await {
+            Ok(v) => return Some(v),
+            Err(e) if tokio::time::Instant::now() < deadline => {
+                tracing::warn!(error = %e, "settling jobs failed; retrying");
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(2));
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "settling jobs failed for a minute; giving up on this round");
+                return None;
+            }
+        }
+    }
+}

@@ -1,0 +1,180 @@
+//! The loops that keep the job queue honest to the SQL ledger:
+//! - the relay hands due intents to Redis, never more than the working set per kind;
+//! - the sweeper takes back what a queue lost (Redis flushed or failed over) and what a
+//!   dead embedded-mode worker held;
+//! - the heartbeat marks this process alive, and the reaper takes back the in-flight jobs of
+//!   workers that stopped beating (a `kill -9`), counting their attempt.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use dataflow_contracts::JobId;
+use dataflow_contracts::jobs::{JobKind, JobStatus};
+use dataflow_platform::Result;
+use dataflow_platform::db::{Db, Failure, Handover};
+use dataflow_platform::jobqueue::JobQueues;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+/// Intents handed to Redis per round and kind.
+const RELAY_BATCH: usize = 1_000;
+/// Expired leases checked per sweep.
+const SWEEP_BATCH: u32 = 1_000;
+const HEARTBEAT: Duration = Duration::from_secs(1);
+
+pub struct RelaySettings {
+    pub kinds: Vec<JobKind>,
+    pub working_set: usize,
+    pub lease: Duration,
+    pub poll: Duration,
+}
+
+/// Hands due intents to the Redis queues until `stop`.
+pub async fn relay(
+    db: Db,
+    queues: JobQueues,
+    settings: RelaySettings,
+    wake: Arc<Notify>,
+    stop: CancellationToken,
+) {
+    while !stop.is_cancelled() {
+        let mut busy = false;
+        for &kind in &settings.kinds {
+            match relay_round(&db, &queues, kind, &settings).await {
+                Ok(moved) => busy |= moved == RELAY_BATCH,
+                Err(e) => tracing::warn!(%kind, error = %e, "job relay round failed; retrying"),
+            }
+        }
+        if busy {
+            continue;
+        }
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            _ = wake.notified() => {}
+            _ = tokio::time::sleep(settings.poll) => {}
+        }
+    }
+}
+
+async fn relay_round(
+    db: &Db,
+    queues: &JobQueues,
+    kind: JobKind,
+    settings: &RelaySettings,
+) -> Result<usize> {
+    let queue = queues.queue(kind);
+    let held = usize::try_from(queue.outstanding().await?).unwrap_or(usize::MAX);
+    let room = settings.working_set.saturating_sub(held).min(RELAY_BATCH);
+    if room == 0 {
+        return Ok(0);
+    }
+    let lease_ms = u64::try_from(settings.lease.as_millis()).unwrap_or(u64::MAX);
+    let jobs = db.take_due_jobs(kind, room, Handover::Queue, lease_ms).await?;
+    if let Err(e) = queue.push(&jobs).await {
+        // Not in Redis after all: back to pending at once rather than after the lease.
+        let ids: Vec<&JobId> = jobs.iter().map(|j| &j.id).collect();
+        db.hand_back_jobs(&ids, Handover::Queue).await?;
+        return Err(e);
+    }
+    Ok(jobs.len())
+}
+
+/// Takes back lost jobs every `every` until `stop`.
+pub async fn sweeper(
+    db: Db,
+    queues: Option<JobQueues>,
+    lease: Duration,
+    every: Duration,
+    stop: CancellationToken,
+) {
+    while !stop.is_cancelled() {
+        if let Err(e) = sweep(&db, queues.as_ref(), lease).await {
+            tracing::warn!(error = %e, "job sweep failed; retrying");
+        }
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            _ = tokio::time::sleep(every) => {}
+        }
+    }
+}
+
+/// One sweep: expired SQL claims go back (or die); queued jobs past their lease are looked
+/// for in Redis and handed over again when Redis no longer has them.
+pub async fn sweep(db: &Db, queues: Option<&JobQueues>, lease: Duration) -> Result<()> {
+    let expired = db.expire_running_jobs().await?;
+    if expired > 0 {
+        tracing::warn!(jobs = expired, "took back jobs from a worker that stopped mid-attempt");
+    }
+    let mut by_kind: BTreeMap<&str, (JobKind, Vec<JobId>)> = BTreeMap::new();
+    for (id, kind) in db.expired_queued_jobs(SWEEP_BATCH).await? {
+        by_kind
+            .entry(kind.as_str())
+            .or_insert_with(|| (kind, Vec::new()))
+            .1
+            .push(id);
+    }
+    let lease_ms = u64::try_from(lease.as_millis()).unwrap_or(u64::MAX);
+    for (kind, ids) in by_kind.into_values() {
+        let ids: Vec<&JobId> = ids.iter().collect();
+        // Without Redis (it was removed from the config) nothing holds them any more.
+        let held = match queues {
+            Some(q) => q.queue(kind).holds(&ids).await?,
+            None => vec![false; ids.len()],
+        };
+        let (still, lost): (Vec<_>, Vec<_>) = ids.iter().zip(held).partition(|(_, h)| *h);
+        let still: Vec<&JobId> = still.into_iter().map(|(id, _)| *id).collect();
+        let lost: Vec<&JobId> = lost.into_iter().map(|(id, _)| *id).collect();
+        db.extend_job_leases(&still, lease_ms).await?;
+        let requeued = db.requeue_lost_jobs(&lost).await?;
+        if requeued > 0 {
+            tracing::warn!(%kind, jobs = requeued, "the queue lost jobs; handed them over again");
+        }
+    }
+    Ok(())
+}
+
+/// Beats this worker's heart and reaps dead workers until `stop`.
+pub async fn heartbeat_and_reap(
+    db: Db,
+    queues: JobQueues,
+    worker: String,
+    dead_after: Duration,
+    stop: CancellationToken,
+) {
+    while !stop.is_cancelled() {
+        if let Err(e) = queues.heartbeat(&worker).await {
+            tracing::warn!(error = %e, "job worker heartbeat failed");
+        }
+        if let Err(e) = reap(&db, &queues, dead_after).await {
+            tracing::warn!(error = %e, "reaping dead job workers failed");
+        }
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            _ = tokio::time::sleep(HEARTBEAT) => {}
+        }
+    }
+}
+
+/// Takes back the jobs of dead workers: the attempt they were on counts (so a job that
+/// kills its worker every time ends up dead, not looping), and they are due again at once.
+pub async fn reap(db: &Db, queues: &JobQueues, dead_after: Duration) -> Result<usize> {
+    let taken = queues.reap(dead_after).await?;
+    for (kind, delivery) in &taken {
+        let id = &delivery.message.id;
+        let status = db
+            .fail_job(
+                id,
+                true,
+                "the worker running it stopped (no heartbeat)",
+                Failure::Retry { backoff_ms: 0 },
+            )
+            .await?;
+        match status {
+            Some(JobStatus::Dead) => tracing::error!(job = %id, %kind, "job dead-lettered after its worker died"),
+            Some(_) => tracing::warn!(job = %id, %kind, "took back a job from a dead worker"),
+            None => {}
+        }
+    }
+    Ok(taken.len())
+}
