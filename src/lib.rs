@@ -18,9 +18,9 @@ use std::time::Duration;
 
 use anyhow::Context;
 use dataflow_api::AppState;
+use dataflow_contracts::jobs::JobKind;
 use dataflow_platform::events::{self, RelaySettings};
 use dataflow_platform::{Backends, Config};
-use dataflow_contracts::jobs::JobKind;
 use dataflow_worker::Worker;
 use dataflow_worker::jobs::{self, JobsSetup, handlers::Handlers};
 use tokio::net::TcpListener;

@@ -51,7 +51,11 @@ pub async fn summary(db: &Db, batch: &BatchId) -> Result<Option<BatchReport>> {
 
 /// The rejected rows as CSV, whole when it fits in `max_bytes`; `None` otherwise (the
 /// caller streams it instead of holding it).
-pub async fn rejected_csv_within(db: &Db, batch: &BatchId, max_bytes: usize) -> Result<Option<Vec<u8>>> {
+pub async fn rejected_csv_within(
+    db: &Db,
+    batch: &BatchId,
+    max_bytes: usize,
+) -> Result<Option<Vec<u8>>> {
     let mut out = Vec::new();
     let mut after = 0;
     loop {

@@ -127,7 +127,9 @@ impl WebhookSender {
         let parsed = reqwest::Url::parse(url)
             .map_err(|e| DeliveryError::Refused(format!("webhook_url is not a URL: {e}")))?;
         if !matches!(parsed.scheme(), "http" | "https") {
-            return Err(DeliveryError::Refused("webhook_url must be http or https".into()));
+            return Err(DeliveryError::Refused(
+                "webhook_url must be http or https".into(),
+            ));
         }
         let Some(host) = parsed.host() else {
             return Err(DeliveryError::Refused("webhook_url has no host".into()));
@@ -188,14 +190,20 @@ impl WebhookSender {
             .body(body)
             .send()
             .await
-            .map_err(|e| DeliveryError::Failed(format!("webhook request failed: {}", error_chain(&e))))?;
+            .map_err(|e| {
+                DeliveryError::Failed(format!("webhook request failed: {}", error_chain(&e)))
+            })?;
         let status = response.status();
         if status.is_success() {
             Ok(status.as_u16())
         } else if status == reqwest::StatusCode::GONE {
-            Err(DeliveryError::Refused("the receiver answered 410 Gone".into()))
+            Err(DeliveryError::Refused(
+                "the receiver answered 410 Gone".into(),
+            ))
         } else {
-            Err(DeliveryError::Failed(format!("the receiver answered {status}")))
+            Err(DeliveryError::Failed(format!(
+                "the receiver answered {status}"
+            )))
         }
     }
 }
@@ -219,9 +227,7 @@ mod tests {
     #[test]
     fn signature_matches_the_standard_webhooks_example() {
         // The example from the Standard Webhooks specification.
-        let key = BASE64
-            .decode("MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw")
-            .unwrap();
+        let key = BASE64.decode("MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw").unwrap();
         let body = br#"{"test": 2432232314}"#;
         assert_eq!(
             signature(&key, "msg_p5jXN8AQM9LWM0D4loKWxJek", 1614265330, body),
@@ -233,8 +239,18 @@ mod tests {
     #[test]
     fn private_addresses_are_not_public() {
         for a in [
-            "127.0.0.1", "10.1.2.3", "172.16.0.1", "192.168.1.1", "169.254.169.254", "0.0.0.0",
-            "100.64.0.1", "::1", "fe80::1", "fd00::1", "::ffff:127.0.0.1", "224.0.0.1",
+            "127.0.0.1",
+            "10.1.2.3",
+            "172.16.0.1",
+            "192.168.1.1",
+            "169.254.169.254",
+            "0.0.0.0",
+            "100.64.0.1",
+            "::1",
+            "fe80::1",
+            "fd00::1",
+            "::ffff:127.0.0.1",
+            "224.0.0.1",
         ] {
             assert!(!is_public(a.parse().unwrap()), "{a}");
         }

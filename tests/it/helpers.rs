@@ -161,7 +161,10 @@ impl TestApp {
         let app = App::start(config.clone(), roles, Some(listener))
             .await
             .expect("start DataFlow");
-        let addr = app.addr.expect("API address");
+        // A worker-only process serves no HTTP; its address is never used.
+        let addr = app
+            .addr
+            .unwrap_or(std::net::SocketAddr::from(([127, 0, 0, 1], 0)));
         let db = app.backends.db.clone();
         let http = reqwest::Client::builder()
             .no_proxy()

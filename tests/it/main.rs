@@ -5,9 +5,11 @@
 #![allow(clippy::unwrap_used)]
 
 mod helpers;
+mod sinks;
 
 mod auth;
 mod bench;
 mod imports;
+mod jobs;
 mod redis;
 mod worker;

@@ -377,7 +377,8 @@ impl Worker {
     }
 
     fn backoff_ms(&self, attempt: u32) -> i64 {
-        let ms = exponential_backoff_ms(self.config.retry_base_ms, self.config.retry_max_ms, attempt);
+        let ms =
+            exponential_backoff_ms(self.config.retry_base_ms, self.config.retry_max_ms, attempt);
         i64::try_from(ms).unwrap_or(i64::MAX)
     }
 

@@ -57,8 +57,18 @@ async fn list_jobs(
     let q = query(q)?;
     let bad = |code: &'static str| move |e: String| ApiError::bad_request(code, e);
     let filter = JobFilter {
-        status: q.status.as_deref().map(str::parse).transpose().map_err(bad("invalid_status"))?,
-        kind: q.kind.as_deref().map(str::parse).transpose().map_err(bad("invalid_kind"))?,
+        status: q
+            .status
+            .as_deref()
+            .map(str::parse)
+            .transpose()
+            .map_err(bad("invalid_status"))?,
+        kind: q
+            .kind
+            .as_deref()
+            .map(str::parse)
+            .transpose()
+            .map_err(bad("invalid_kind"))?,
         batch_id: q
             .batch_id
             .as_deref()
@@ -84,14 +94,20 @@ async fn job_stats(State(state): State<AppState>) -> ApiResult<Json<Vec<JobCount
     Ok(Json(state.backends.db.job_counts().await?))
 }
 
-async fn show_job(State(state): State<AppState>, Path(id): Path<String>) -> ApiResult<Json<JobView>> {
+async fn show_job(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<JobView>> {
     let id: JobId = parse_path_id(&id)?;
     let job = state.backends.db.get_job(&id).await?;
     job.map(Json).ok_or_else(ApiError::not_found)
 }
 
 /// A dead job gets fresh attempts and is due at once.
-async fn retry_job(State(state): State<AppState>, Path(id): Path<String>) -> ApiResult<Json<JobView>> {
+async fn retry_job(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<JobView>> {
     let id: JobId = parse_path_id(&id)?;
     let job = state.backends.db.retry_job(&id).await?;
     Ok(Json(job))

@@ -7,7 +7,9 @@
 //! job as `dead`, where an operator can see and retry it.
 
 use dataflow_contracts::events::{Envelope, Event};
-use dataflow_contracts::jobs::{JobCount, JobKind, JobMessage, JobPage, JobSpec, JobStatus, JobView};
+use dataflow_contracts::jobs::{
+    JobCount, JobKind, JobMessage, JobPage, JobSpec, JobStatus, JobView,
+};
 use dataflow_contracts::time::rfc3339;
 use dataflow_contracts::{BatchId, JobId, Policy};
 use serde_json::value::RawValue;
@@ -229,7 +231,10 @@ impl Db {
         rows.iter()
             .map(|r| {
                 let kind: String = r.try_get("kind")?;
-                Ok((parse_id(r.try_get("id")?)?, kind.parse().map_err(Error::Invalid)?))
+                Ok((
+                    parse_id(r.try_get("id")?)?,
+                    kind.parse().map_err(Error::Invalid)?,
+                ))
             })
             .collect()
     }
@@ -360,9 +365,10 @@ impl Db {
 
     /// How many jobs are in each (kind, status).
     pub async fn job_counts(&self) -> Result<Vec<JobCount>> {
-        let rows = sqlx::query("SELECT kind, status, COUNT(*) AS n FROM jobs GROUP BY kind, status")
-            .fetch_all(self.pool())
-            .await?;
+        let rows =
+            sqlx::query("SELECT kind, status, COUNT(*) AS n FROM jobs GROUP BY kind, status")
+                .fetch_all(self.pool())
+                .await?;
         let mut counts = rows
             .iter()
             .map(|r| {

@@ -12,7 +12,9 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use apalis::prelude::{AcknowledgeLayer, Backend, RandomId, Task, TaskBuilder, TaskId, WorkerContext};
+use apalis::prelude::{
+    AcknowledgeLayer, Backend, RandomId, Task, TaskBuilder, TaskId, WorkerContext,
+};
 use apalis_core::backend::BackendConfig;
 use apalis_core::backend::finalize::Ephemeral;
 use dataflow_contracts::JobId;
@@ -58,7 +60,11 @@ const BLOCK: Duration = Duration::from_secs(1);
 
 impl Source {
     /// Up to `max` jobs; waits (bounded) when there are none.
-    async fn take(&mut self, max: usize, stop: &CancellationToken) -> Result<Vec<Task<JobMessage>>> {
+    async fn take(
+        &mut self,
+        max: usize,
+        stop: &CancellationToken,
+    ) -> Result<Vec<Task<JobMessage>>> {
         match self {
             Source::Sql {
                 db,
@@ -68,7 +74,9 @@ impl Source {
                 wake,
             } => {
                 let lease_ms = u64::try_from(lease.as_millis()).unwrap_or(u64::MAX);
-                let jobs = db.take_due_jobs(*kind, max, Handover::Claim, lease_ms).await?;
+                let jobs = db
+                    .take_due_jobs(*kind, max, Handover::Claim, lease_ms)
+                    .await?;
                 if jobs.is_empty() {
                     tokio::select! {
                         _ = stop.cancelled() => {}
@@ -177,7 +185,11 @@ impl Backend for JobFeed {
     type Task = Task<JobMessage>;
     type Error = std::convert::Infallible;
 
-    fn poll_ready(&mut self, _: &mut Context<'_>, _: &WorkerContext) -> Poll<Result<(), Self::Error>> {
+    fn poll_ready(
+        &mut self,
+        _: &mut Context<'_>,
+        _: &WorkerContext,
+    ) -> Poll<Result<(), Self::Error>> {
         Poll::Ready(Ok(()))
     }
 
@@ -193,7 +205,11 @@ impl Backend for JobFeed {
         }
     }
 
-    fn poll_close(&mut self, _: &mut Context<'_>, _: &WorkerContext) -> Poll<Result<(), Self::Error>> {
+    fn poll_close(
+        &mut self,
+        _: &mut Context<'_>,
+        _: &WorkerContext,
+    ) -> Poll<Result<(), Self::Error>> {
         Poll::Ready(Ok(()))
     }
 }

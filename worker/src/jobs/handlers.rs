@@ -72,7 +72,8 @@ impl Handlers {
         let csv = report::rejected_csv_within(&self.db, batch, STORED_CSV_MAX)
             .await
             .map_err(retry)?;
-        let json = serde_json::to_string(&summary).map_err(|e| JobError::Permanent(e.to_string()))?;
+        let json =
+            serde_json::to_string(&summary).map_err(|e| JobError::Permanent(e.to_string()))?;
         self.db
             .store_report(batch, &json, csv.as_deref())
             .await
@@ -94,8 +95,11 @@ impl Handlers {
         let text = SinglePart::plain(body_text(&summary, csv.is_some()));
         let body = match csv {
             Some(bytes) => MultiPart::mixed().singlepart(text).singlepart(
-                Attachment::new(format!("{}-rejected.csv", job.batch_id))
-                    .body(bytes, ContentType::parse("text/csv").map_err(|e| JobError::Permanent(e.to_string()))?),
+                Attachment::new(format!("{}-rejected.csv", job.batch_id)).body(
+                    bytes,
+                    ContentType::parse("text/csv")
+                        .map_err(|e| JobError::Permanent(e.to_string()))?,
+                ),
             ),
             None => MultiPart::mixed().singlepart(text),
         };
@@ -131,7 +135,12 @@ fn body_text(r: &BatchReport, attached: bool) -> String {
     let mut text = format!(
         "Batch {} (import {}) is {}.\n\n\
          Records: {} in total, {} written, {} unchanged, {} rejected.\n",
-        b.id, b.import_id, b.status, b.records_total, b.records_written, b.records_unchanged,
+        b.id,
+        b.import_id,
+        b.status,
+        b.records_total,
+        b.records_written,
+        b.records_unchanged,
         b.records_failed
     );
     if let Some(e) = &b.last_error {

@@ -157,7 +157,13 @@ pub async fn run(setup: JobsSetup, stop: CancellationToken) {
             lease,
             poll,
         };
-        upkeep.spawn(upkeep::relay(db.clone(), q.clone(), settings, relay_wake, stop.clone()));
+        upkeep.spawn(upkeep::relay(
+            db.clone(),
+            q.clone(),
+            settings,
+            relay_wake,
+            stop.clone(),
+        ));
         upkeep.spawn(upkeep::heartbeat_and_reap(
             db.clone(),
             q.clone(),
@@ -202,7 +208,9 @@ async fn hand_back(
         match result {
             Ok(0) => {}
             Ok(n) => tracing::info!(%kind, jobs = n, "handed back unstarted jobs"),
-            Err(e) => tracing::warn!(%kind, error = %e, "handing back unstarted jobs failed; they will be swept"),
+            Err(e) => {
+                tracing::warn!(%kind, error = %e, "handing back unstarted jobs failed; they will be swept")
+            }
         }
     }
     if let Some(q) = queues

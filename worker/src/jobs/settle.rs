@@ -138,7 +138,9 @@ async fn settle_round(
                 job = %s.receipt.id, %kind, attempts = s.receipt.attempts + 1, %error,
                 "job dead-lettered"
             ),
-            _ => tracing::warn!(job = %s.receipt.id, %kind, %error, "job attempt failed; will retry"),
+            _ => {
+                tracing::warn!(job = %s.receipt.id, %kind, %error, "job attempt failed; will retry")
+            }
         }
     }
     if let Some((queue, worker)) = queue {

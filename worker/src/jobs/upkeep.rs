@@ -70,7 +70,9 @@ async fn relay_round(
         return Ok(0);
     }
     let lease_ms = u64::try_from(settings.lease.as_millis()).unwrap_or(u64::MAX);
-    let jobs = db.take_due_jobs(kind, room, Handover::Queue, lease_ms).await?;
+    let jobs = db
+        .take_due_jobs(kind, room, Handover::Queue, lease_ms)
+        .await?;
     if let Err(e) = queue.push(&jobs).await {
         // Not in Redis after all: back to pending at once rather than after the lease.
         let ids: Vec<&JobId> = jobs.iter().map(|j| &j.id).collect();
@@ -104,7 +106,10 @@ pub async fn sweeper(
 pub async fn sweep(db: &Db, queues: Option<&JobQueues>, lease: Duration) -> Result<()> {
     let expired = db.expire_running_jobs().await?;
     if expired > 0 {
-        tracing::warn!(jobs = expired, "took back jobs from a worker that stopped mid-attempt");
+        tracing::warn!(
+            jobs = expired,
+            "took back jobs from a worker that stopped mid-attempt"
+        );
     }
     let mut by_kind: BTreeMap<&str, (JobKind, Vec<JobId>)> = BTreeMap::new();
     for (id, kind) in db.expired_queued_jobs(SWEEP_BATCH).await? {
@@ -171,7 +176,9 @@ pub async fn reap(db: &Db, queues: &JobQueues, dead_after: Duration) -> Result<u
             )
             .await?;
         match status {
-            Some(JobStatus::Dead) => tracing::error!(job = %id, %kind, "job dead-lettered after its worker died"),
+            Some(JobStatus::Dead) => {
+                tracing::error!(job = %id, %kind, "job dead-lettered after its worker died")
+            }
             Some(_) => tracing::warn!(job = %id, %kind, "took back a job from a dead worker"),
             None => {}
         }

@@ -1,0 +1,417 @@
+//! Follow-up jobs end to end: email into a real SMTP server, signed webhooks into a real
+//! HTTP receiver, stored reports; retries, dead letters and operator retry; and, with
+//! Redis, a dead worker's jobs taken back and jobs Redis lost handed over again.
+
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use dataflow::Roles;
+use dataflow_contracts::BatchStatus;
+use dataflow_contracts::jobs::{JobKind, JobPage, JobStatus, JobView};
+use dataflow_platform::Config;
+use dataflow_platform::config::Secret;
+use dataflow_platform::db::Handover;
+use dataflow_platform::webhook;
+use serde_json::{Value, json};
+
+use crate::helpers::{Backend, TestApp, backend_tests};
+use crate::sinks::{Hook, SmtpSink, WebhookReceiver};
+
+backend_tests!(batch_results_are_mailed_reported_and_signed_webhooks_delivered);
+
+/// Fast retries and local targets.
+fn fast_jobs(c: &mut Config, smtp: &SmtpSink) {
+    c.jobs.smtp_url = Some(Secret::new(smtp.url()));
+    c.jobs.webhook_allow_private = true;
+    c.jobs.retry_base_ms = 20;
+    c.jobs.retry_max_ms = 100;
+    c.jobs.poll_interval_ms = 50;
+    c.jobs.timeout_secs = 5;
+    c.jobs.requeue_after_secs = 6;
+}
+
+const CSV: &str = "id,name\n1,ada\n2,grace\n,nameless\n3,=cmd()\n";
+
+async fn jobs(t: &TestApp, query: &str) -> Vec<JobView> {
+    let resp = t
+        .admin_send(reqwest::Method::GET, &format!("/admin/jobs?{query}"))
+        .await;
+    assert_eq!(resp.status(), 200);
+    resp.json::<JobPage>().await.unwrap().items
+}
+
+/// Waits (up to 20 s) until every job of the batch-less query is in `status`.
+async fn wait_jobs(t: &TestApp, query: &str, n: usize, status: JobStatus) -> Vec<JobView> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let js = jobs(t, query).await;
+        if js.len() == n && js.iter().all(|j| j.status == status) {
+            return js;
+        }
+        assert!(Instant::now() < deadline, "jobs never all {status}: {js:?}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+fn verify_signature(hook: &Hook, secret: &str) {
+    let key = base64::engine::general_purpose::STANDARD
+        .decode(secret.trim_start_matches("whsec_"))
+        .unwrap();
+    let ts: i64 = hook.header("webhook-timestamp").parse().unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    assert!((now - ts).abs() < 60, "timestamp is current");
+    let expected = webhook::signature(&key, hook.header("webhook-id"), ts, &hook.body);
+    assert_eq!(hook.header("webhook-signature"), expected);
+}
+
+async fn batch_results_are_mailed_reported_and_signed_webhooks_delivered(b: Backend) {
+    let smtp = SmtpSink::start().await;
+    let hooks = WebhookReceiver::start(200).await;
+    let Some(t) = TestApp::spawn_with(b, Roles::ALL, |c| fast_jobs(c, &smtp)).await else {
+        return;
+    };
+    run_the_walk(&t, &smtp, &hooks).await;
+    t.stop().await;
+}
+
+/// Submit a batch with a rejected row; check the mail, the webhooks and the report.
+async fn run_the_walk(t: &TestApp, smtp: &SmtpSink, hooks: &WebhookReceiver) {
+    let (_, key) = t
+        .client(json!({"notify_email": "ops@example.com", "webhook_url": hooks.url()}))
+        .await;
+    let import = t.import(&key, "text/csv", CSV).await;
+    let batch = t
+        .wait_for(&key, &import.batch_id, BatchStatus::Completed)
+        .await;
+    assert_eq!(batch.records_failed, 1);
+
+    // Webhooks: created, ready, completed, each signed with the client's secret.
+    let secret: Value = t
+        .get(&key, "/v1/webhooks/secret")
+        .await
+        .json()
+        .await
+        .unwrap();
+    let secret = secret["secret"].as_str().unwrap().to_owned();
+    let got = hooks
+        .wait_until("BatchCompleted", |h| {
+            h.iter().any(|h| h.json()["type"] == "BatchCompleted")
+        })
+        .await;
+    for h in &got {
+        verify_signature(h, &secret);
+        assert!(h.header("webhook-id").starts_with("job_"));
+        assert_eq!(h.json()["batch_id"], import.batch_id.as_str());
+    }
+    let types: Vec<String> = got
+        .iter()
+        .map(|h| h.json()["type"].as_str().unwrap().to_owned())
+        .collect();
+    for want in ["BatchCreated", "BatchReady", "BatchCompleted"] {
+        assert!(types.iter().any(|t| t == want), "{want} in {types:?}");
+    }
+
+    // The mail: one message, keyed by its job, with the rejected rows attached and defused.
+    let mail = smtp.wait_for(1).await;
+    let text = &mail[0];
+    assert!(text.contains("To: ops@example.com"), "{text}");
+    assert!(
+        text.contains(&format!("batch {} completed", import.batch_id)),
+        "{text}"
+    );
+    assert!(text.contains("Message-ID: <job_"), "{text}");
+    assert!(
+        text.contains(&format!("{}-rejected.csv", import.batch_id)),
+        "{text}"
+    );
+
+    // The stored report.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let report_jobs = loop {
+        let js = jobs(t, &format!("batch_id={}&kind=report", import.batch_id)).await;
+        if js.len() == 1 && js[0].status == JobStatus::Done {
+            break js;
+        }
+        assert!(Instant::now() < deadline, "report job never done: {js:?}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    };
+    assert_eq!(report_jobs[0].kind, JobKind::Report);
+    let report: Value = t
+        .get(&key, &format!("/v1/batches/{}/report", import.batch_id))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(report["errors_by_code"]["missing_key"], 1);
+    let csv = t
+        .get(&key, &format!("/v1/batches/{}/report.csv", import.batch_id))
+        .await
+        .text()
+        .await
+        .unwrap();
+    assert!(csv.starts_with("line,field,code,detail\n4,"), "{csv}");
+
+    // Every job done once: no duplicate mail or webhook in a clean run.
+    let all = wait_jobs(
+        t,
+        &format!("batch_id={}", import.batch_id),
+        5,
+        JobStatus::Done,
+    )
+    .await;
+    assert!(all.iter().all(|j| j.attempts == 1), "{all:?}");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(smtp.messages().len(), 1);
+    let ids: std::collections::HashSet<String> = hooks
+        .hooks()
+        .iter()
+        .map(|h| h.header("webhook-id").to_owned())
+        .collect();
+    assert_eq!(
+        ids.len(),
+        hooks.hooks().len(),
+        "each webhook delivered once"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failing_webhooks_retry_then_dead_letter_and_an_operator_retry_delivers() {
+    let smtp = SmtpSink::start().await;
+    let hooks = WebhookReceiver::start(500).await;
+    let Some(t) = TestApp::spawn_with(Backend::Sqlite, Roles::ALL, |c| {
+        fast_jobs(c, &smtp);
+        c.jobs.max_attempts = 3;
+    })
+    .await
+    else {
+        return;
+    };
+    let (_, key) = t.client(json!({"webhook_url": hooks.url()})).await;
+    let import = t.import(&key, "text/csv", "id\n1\n").await;
+    t.wait_for(&key, &import.batch_id, BatchStatus::Completed)
+        .await;
+    let query = format!("batch_id={}&kind=webhook", import.batch_id);
+    let dead = wait_jobs(&t, &query, 3, JobStatus::Dead).await;
+    for j in &dead {
+        assert_eq!(j.attempts, 3);
+        assert!(
+            j.last_error.as_deref().unwrap_or("").contains("500"),
+            "{j:?}"
+        );
+        let tries = hooks
+            .hooks()
+            .iter()
+            .filter(|h| h.header("webhook-id") == j.id.as_str())
+            .count();
+        assert_eq!(tries, 3, "three attempts, one webhook-id");
+    }
+    let listed = jobs(&t, "status=dead").await;
+    assert_eq!(listed.len(), 3);
+
+    hooks.answer(204);
+    let retried = t
+        .admin_send(
+            reqwest::Method::POST,
+            &format!("/admin/jobs/{}/retry", dead[0].id),
+        )
+        .await;
+    assert_eq!(retried.status(), 200);
+    let again = t
+        .admin_send(
+            reqwest::Method::POST,
+            &format!("/admin/jobs/{}/retry", dead[0].id),
+        )
+        .await;
+    assert_eq!(again.status(), 422, "only a dead job can be retried");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let j: JobView = t
+            .admin_send(reqwest::Method::GET, &format!("/admin/jobs/{}", dead[0].id))
+            .await
+            .json()
+            .await
+            .unwrap();
+        if j.status == JobStatus::Done {
+            assert_eq!(j.attempts, 1, "an operator retry starts afresh");
+            break;
+        }
+        assert!(Instant::now() < deadline, "retried job never done: {j:?}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    t.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn private_webhook_targets_are_refused_without_retrying() {
+    let smtp = SmtpSink::start().await;
+    let hooks = WebhookReceiver::start(200).await;
+    let Some(t) = TestApp::spawn_with(Backend::Sqlite, Roles::ALL, |c| {
+        fast_jobs(c, &smtp);
+        c.jobs.webhook_allow_private = false;
+    })
+    .await
+    else {
+        return;
+    };
+    for url in [
+        hooks.url(),
+        format!("http://localhost:{}/hook", hooks.addr.port()),
+    ] {
+        let (_, key) = t.client(json!({"webhook_url": url})).await;
+        let import = t.import(&key, "text/csv", "id\n1\n").await;
+        t.wait_for(&key, &import.batch_id, BatchStatus::Completed)
+            .await;
+        let query = format!("batch_id={}&kind=webhook", import.batch_id);
+        for j in wait_jobs(&t, &query, 3, JobStatus::Dead).await {
+            assert_eq!(j.attempts, 1, "a refused target is not retried");
+            assert!(j.last_error.unwrap().contains("public address"));
+        }
+    }
+    assert!(
+        hooks.hooks().is_empty(),
+        "nothing reached the private target"
+    );
+    t.stop().await;
+}
+
+/// Redis: the same walk through the Redis queue; nothing is left in Redis afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_run_through_the_redis_queue() {
+    let smtp = SmtpSink::start().await;
+    let hooks = WebhookReceiver::start(200).await;
+    let Some(t) =
+        TestApp::spawn_redis(Backend::Sqlite, Roles::ALL, None, |c| fast_jobs(c, &smtp)).await
+    else {
+        return;
+    };
+    run_the_walk(&t, &smtp, &hooks).await;
+    let queues = t.app.as_ref().unwrap().backends.job_queues.clone().unwrap();
+    for kind in JobKind::ALL {
+        assert_eq!(queues.queue(kind).outstanding().await.unwrap(), 0, "{kind}");
+    }
+    t.stop().await;
+}
+
+/// Redis: a worker that took jobs and died (`kill -9`: no release, no more heartbeats) has
+/// them taken back by a live worker, which runs them; the lost attempt is counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_workers_jobs_are_taken_back() {
+    let smtp = SmtpSink::start().await;
+    let hooks = WebhookReceiver::start(200).await;
+    let Some(api) = TestApp::spawn_redis(Backend::Sqlite, Roles::API, None, |c| {
+        fast_jobs(c, &smtp);
+        c.jobs.dead_worker_ms = 2_000;
+    })
+    .await
+    else {
+        return;
+    };
+    // Awaiting approval, the batch stays put: its one event is batch_created.
+    let policy = json!({"webhook_url": hooks.url(), "approval_required": true});
+    let (_, key) = api.client(policy).await;
+    api.import(&key, "text/csv", "id\n1\n").await;
+
+    // The dead worker: relayed the job, took it, beat once, and was killed.
+    let queues = api
+        .app
+        .as_ref()
+        .unwrap()
+        .backends
+        .job_queues
+        .clone()
+        .unwrap();
+    let queue = queues.queue(JobKind::Webhook);
+    let taken = api
+        .db
+        .take_due_jobs(JobKind::Webhook, 10, Handover::Queue, 60_000)
+        .await
+        .unwrap();
+    assert_eq!(taken.len(), 1);
+    queue.push(&taken).await.unwrap();
+    let mut conn = queue.blocking_connection().await.unwrap();
+    let held = queue
+        .take(&mut conn, "ghost", 10, Duration::from_millis(100))
+        .await
+        .unwrap();
+    assert_eq!(held.len(), 1);
+    queues.heartbeat("ghost").await.unwrap();
+
+    let started = Instant::now();
+    let worker = api.sibling(Roles::WORKER).await;
+    let hook = hooks
+        .wait_until("the dead worker's job", |h| !h.is_empty())
+        .await;
+    assert_eq!(hook[0].header("webhook-id"), taken[0].id.as_str());
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "recovered in {:?}",
+        started.elapsed()
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let j = api.db.get_job(&taken[0].id).await.unwrap().unwrap();
+        if j.status == JobStatus::Done {
+            assert_eq!(j.attempts, 2, "the lost attempt counts");
+            break;
+        }
+        assert!(Instant::now() < deadline, "{j:?}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    worker.stop().await;
+    api.stop().await;
+}
+
+/// Redis: jobs Redis lost (flushed) are found by the sweeper and handed over again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_lost_by_redis_are_handed_over_again() {
+    let smtp = SmtpSink::start().await;
+    let hooks = WebhookReceiver::start(200).await;
+    let Some(api) = TestApp::spawn_redis(Backend::Sqlite, Roles::API, None, |c| {
+        fast_jobs(c, &smtp);
+        c.jobs.timeout_secs = 1;
+        c.jobs.requeue_after_secs = 2;
+    })
+    .await
+    else {
+        return;
+    };
+    let policy = json!({"webhook_url": hooks.url(), "approval_required": true});
+    let (_, key) = api.client(policy).await;
+    api.import(&key, "text/csv", "id\n1\n").await;
+    let queues = api
+        .app
+        .as_ref()
+        .unwrap()
+        .backends
+        .job_queues
+        .clone()
+        .unwrap();
+    let queue = queues.queue(JobKind::Webhook);
+    let taken = api
+        .db
+        .take_due_jobs(JobKind::Webhook, 10, Handover::Queue, 2_000)
+        .await
+        .unwrap();
+    assert_eq!(taken.len(), 1);
+    queue.push(&taken).await.unwrap();
+    // Redis loses everything under this prefix.
+    let redis = api.app.as_ref().unwrap().backends.redis.clone().unwrap();
+    let mut conn = redis.conn();
+    for k in redis.keys_with_prefix().await.unwrap() {
+        let _: () = redis::cmd("DEL")
+            .arg(&k)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    }
+    assert_eq!(queue.outstanding().await.unwrap(), 0);
+
+    let worker = api.sibling(Roles::WORKER).await;
+    let hook = hooks.wait_until("the lost job", |h| !h.is_empty()).await;
+    assert_eq!(hook[0].header("webhook-id"), taken[0].id.as_str());
+    worker.stop().await;
+    api.stop().await;
+}
