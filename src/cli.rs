@@ -104,6 +104,8 @@ pub enum BenchCmd {
     Ingest(crate::bench::IngestArgs),
     /// Redis rate-limiter decisions/s and its added latency on `POST /v1/imports`.
     Limiter(crate::bench::LimiterArgs),
+    /// Job queue throughput (no-op jobs through SQL and Redis) and idle pickup latency.
+    Jobs(crate::bench::jobs::JobsArgs),
 }
 
 /// Loads config for operator commands (which touch only the ledger).

@@ -41,6 +41,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Bench(cli::BenchCmd::Limiter(args)) => {
             return dataflow::bench::limiter(args).await;
         }
+        Command::Bench(cli::BenchCmd::Jobs(args)) => return dataflow::bench::jobs::run(args).await,
     };
     let app = App::start(config.clone(), roles, None).await?;
     if roles.api {

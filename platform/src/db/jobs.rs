@@ -133,7 +133,7 @@ impl Db {
             "UPDATE jobs SET status = $3, attempts = attempts + $4, \
                  lease_until = {now} + $5, updated_at = {now} \
              WHERE id IN (SELECT id FROM jobs WHERE kind = $1 AND status = 'pending' \
-                          AND run_at <= {now} ORDER BY run_at, id LIMIT $2 {skip_locked}) \
+                          AND run_at <= {now} ORDER BY run_at LIMIT $2 {skip_locked}) \
              RETURNING id, batch_id, client_id, spec, attempts, max_attempts",
         );
         let (status, counted) = handover.status_and_count();

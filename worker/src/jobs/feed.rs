@@ -49,8 +49,8 @@ pub enum Source {
     },
     /// Take messages from the Redis queue, blocking while it is empty.
     Redis {
-        queue: JobQueue,
-        conn: Option<BlockingConnection>,
+        queue: Box<JobQueue>,
+        conn: Option<Box<BlockingConnection>>,
         worker: String,
     },
 }
@@ -93,7 +93,7 @@ impl Source {
             } => {
                 let c = match conn {
                     Some(c) => c,
-                    None => conn.insert(queue.blocking_connection().await?),
+                    None => conn.insert(Box::new(queue.blocking_connection().await?)),
                 };
                 let taken = queue.take(c, worker, max, BLOCK).await;
                 if taken.is_err() {
@@ -168,15 +168,18 @@ pub async fn pump(
     }
 }
 
+/// The receiving end of a pump's channel, shared by the backend and the shutdown hand-back.
+pub type Inbox = Arc<Mutex<mpsc::Receiver<Task<JobMessage>>>>;
+
 /// The apalis backend: the receiving end of the pump's channel, and the settler as its
 /// acknowledgement layer.
 pub struct JobFeed {
-    rx: Arc<Mutex<mpsc::Receiver<Task<JobMessage>>>>,
+    rx: Inbox,
     settler: Settler,
 }
 
 impl JobFeed {
-    pub fn new(rx: Arc<Mutex<mpsc::Receiver<Task<JobMessage>>>>, settler: Settler) -> Self {
+    pub fn new(rx: Inbox, settler: Settler) -> Self {
         Self { rx, settler }
     }
 }

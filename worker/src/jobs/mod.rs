@@ -18,7 +18,7 @@ pub mod upkeep;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use apalis::prelude::{Data, Task, WorkerBuilder, WorkerBuilderExt};
+use apalis::prelude::{Data, WorkerBuilder, WorkerBuilderExt};
 use dataflow_contracts::JobId;
 use dataflow_contracts::events::Envelope;
 use dataflow_contracts::jobs::{JobKind, JobMessage};
@@ -30,7 +30,7 @@ use tokio::sync::{Notify, broadcast, mpsc};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use feed::{JobFeed, Source};
+use feed::{Inbox, JobFeed, Source};
 use settle::Backoff;
 
 /// Why an attempt failed.
@@ -64,7 +64,7 @@ pub struct JobsSetup {
 }
 
 /// Jobs one take moves into a worker's channel at most.
-const TAKE_BATCH: usize = 64;
+const TAKE_BATCH: usize = 256;
 
 /// Runs the job workers and their upkeep until `stop`, then shuts down cleanly: running
 /// jobs finish (bounded by the job timeout), results are settled, and jobs taken but not
@@ -95,7 +95,7 @@ pub async fn run(setup: JobsSetup, stop: CancellationToken) {
     for &kind in &kinds {
         let source = match &queues {
             Some(q) => Source::Redis {
-                queue: q.queue(kind),
+                queue: Box::new(q.queue(kind)),
                 conn: None,
                 worker: worker_id.clone(),
             },
@@ -188,7 +188,7 @@ async fn hand_back(
     db: &Db,
     queues: Option<&JobQueues>,
     worker_id: &str,
-    leftovers: Vec<(JobKind, Arc<Mutex<mpsc::Receiver<Task<JobMessage>>>>)>,
+    leftovers: Vec<(JobKind, Inbox)>,
 ) {
     for (kind, rx) in leftovers {
         let result = match queues {

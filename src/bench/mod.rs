@@ -4,6 +4,12 @@
 //! measures the submit rate and the end-to-end rate (first submit → last batch completed).
 //! On PostgreSQL it also loads the same rows with `COPY` into a table of the same shape in
 //! the same database and prints the ratio.
+//!
+//! `dataflow bench limiter`: the Redis rate limiter against `redis-benchmark`.
+//!
+//! `dataflow bench jobs` ([`jobs`]): the job queue's throughput and idle pickup latency.
+
+pub mod jobs;
 
 use std::time::{Duration, Instant};
 
@@ -143,7 +149,7 @@ async fn run_ingest(args: &IngestArgs, config: Config, backend: &str) -> anyhow:
 
 /// A scratch folder under the system's temp dir, and the config of an embedded (SQLite)
 /// DataFlow living in it.
-fn scratch_config(run: &str) -> (std::path::PathBuf, Config) {
+pub(crate) fn scratch_config(run: &str) -> (std::path::PathBuf, Config) {
     let dir = std::env::temp_dir().join(format!("dataflow-bench-{run}"));
     let mut config = Config {
         data_dir: dir.clone(),
