@@ -7,7 +7,7 @@
 use std::borrow::Cow;
 
 use dataflow_contracts::BatchId;
-use dataflow_contracts::http::{BatchReport, RecordErrorView};
+use dataflow_contracts::http::{BatchReport, BatchView, RecordErrorView};
 
 use crate::Result;
 use crate::db::Db;
@@ -37,16 +37,17 @@ pub fn rejected_rows_csv(rows: &[RecordErrorView], header: bool) -> Vec<u8> {
 /// Rows fetched per page when a whole CSV is built in memory.
 const PAGE: u32 = 5_000;
 
-/// The summary of a batch (`None`: no such batch).
-pub async fn summary(db: &Db, batch: &BatchId) -> Result<Option<BatchReport>> {
-    let Some(view) = db.get_batch(None, batch).await? else {
-        return Ok(None);
-    };
-    Ok(Some(BatchReport {
-        batch: view,
-        errors_by_code: db.record_error_counts(batch).await?.into_iter().collect(),
-        rejected_rows_csv: format!("/v1/batches/{batch}/report.csv"),
-    }))
+/// The summary of a batch the caller has already loaded.
+pub async fn summary(db: &Db, batch: BatchView) -> Result<BatchReport> {
+    Ok(BatchReport {
+        errors_by_code: db
+            .record_error_counts(&batch.id)
+            .await?
+            .into_iter()
+            .collect(),
+        rejected_rows_csv: format!("/v1/batches/{}/report.csv", batch.id),
+        batch,
+    })
 }
 
 /// The rejected rows as CSV, whole when it fits in `max_bytes`; `None` otherwise (the

@@ -7,10 +7,11 @@ use std::time::{Duration, Instant};
 use base64::Engine;
 use dataflow::Roles;
 use dataflow_contracts::BatchStatus;
-use dataflow_contracts::jobs::{JobKind, JobPage, JobStatus, JobView};
+use dataflow_contracts::jobs::{JobKind, JobMessage, JobPage, JobStatus, JobView};
 use dataflow_platform::Config;
 use dataflow_platform::config::Secret;
 use dataflow_platform::db::Handover;
+use dataflow_platform::jobqueue::JobQueues;
 use dataflow_platform::webhook;
 use serde_json::{Value, json};
 
@@ -40,7 +41,7 @@ async fn jobs(t: &TestApp, query: &str) -> Vec<JobView> {
     resp.json::<JobPage>().await.unwrap().items
 }
 
-/// Waits (up to 20 s) until every job of the batch-less query is in `status`.
+/// Waits (up to 20 s) until the query lists `n` jobs, all in `status`.
 async fn wait_jobs(t: &TestApp, query: &str, n: usize, status: JobStatus) -> Vec<JobView> {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
@@ -129,15 +130,13 @@ async fn run_the_walk(t: &TestApp, smtp: &SmtpSink, hooks: &WebhookReceiver) {
     );
 
     // The stored report.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let report_jobs = loop {
-        let js = jobs(t, &format!("batch_id={}&kind=report", import.batch_id)).await;
-        if js.len() == 1 && js[0].status == JobStatus::Done {
-            break js;
-        }
-        assert!(Instant::now() < deadline, "report job never done: {js:?}");
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    };
+    let report_jobs = wait_jobs(
+        t,
+        &format!("batch_id={}&kind=report", import.batch_id),
+        1,
+        JobStatus::Done,
+    )
+    .await;
     assert_eq!(report_jobs[0].kind, JobKind::Report);
     let report: Value = t
         .get(&key, &format!("/v1/batches/{}/report", import.batch_id))
@@ -295,6 +294,34 @@ async fn jobs_run_through_the_redis_queue() {
     t.stop().await;
 }
 
+/// Does what the relay does for the one webhook of a batch awaiting approval (its only
+/// event is `BatchCreated`): takes the intent as `queued` with `lease_ms`, pushes it.
+async fn relay_one_webhook(
+    api: &TestApp,
+    hooks: &WebhookReceiver,
+    lease_ms: u64,
+) -> (JobQueues, JobMessage) {
+    let policy = json!({"webhook_url": hooks.url(), "approval_required": true});
+    let (_, key) = api.client(policy).await;
+    api.import(&key, "text/csv", "id\n1\n").await;
+    let queues = api
+        .app
+        .as_ref()
+        .unwrap()
+        .backends
+        .job_queues
+        .clone()
+        .unwrap();
+    let mut taken = api
+        .db
+        .take_due_jobs(JobKind::Webhook, 10, Handover::Queue, lease_ms)
+        .await
+        .unwrap();
+    assert_eq!(taken.len(), 1);
+    queues.queue(JobKind::Webhook).push(&taken).await.unwrap();
+    (queues, taken.remove(0))
+}
+
 /// Redis: a worker that took jobs and died (`kill -9`: no release, no more heartbeats) has
 /// them taken back by a live worker, which runs them; the lost attempt is counted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -309,28 +336,9 @@ async fn a_dead_workers_jobs_are_taken_back() {
     else {
         return;
     };
-    // Awaiting approval, the batch stays put: its one event is batch_created.
-    let policy = json!({"webhook_url": hooks.url(), "approval_required": true});
-    let (_, key) = api.client(policy).await;
-    api.import(&key, "text/csv", "id\n1\n").await;
-
-    // The dead worker: relayed the job, took it, beat once, and was killed.
-    let queues = api
-        .app
-        .as_ref()
-        .unwrap()
-        .backends
-        .job_queues
-        .clone()
-        .unwrap();
+    // The dead worker: the job was relayed, it took it, beat once, and was killed.
+    let (queues, job) = relay_one_webhook(&api, &hooks, 60_000).await;
     let queue = queues.queue(JobKind::Webhook);
-    let taken = api
-        .db
-        .take_due_jobs(JobKind::Webhook, 10, Handover::Queue, 60_000)
-        .await
-        .unwrap();
-    assert_eq!(taken.len(), 1);
-    queue.push(&taken).await.unwrap();
     let mut conn = queue.blocking_connection().await.unwrap();
     let held = queue
         .take(&mut conn, "ghost", 10, Duration::from_millis(100))
@@ -344,7 +352,7 @@ async fn a_dead_workers_jobs_are_taken_back() {
     let hook = hooks
         .wait_until("the dead worker's job", |h| !h.is_empty())
         .await;
-    assert_eq!(hook[0].header("webhook-id"), taken[0].id.as_str());
+    assert_eq!(hook[0].header("webhook-id"), job.id.as_str());
     assert!(
         started.elapsed() < Duration::from_secs(30),
         "recovered in {:?}",
@@ -352,7 +360,7 @@ async fn a_dead_workers_jobs_are_taken_back() {
     );
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let j = api.db.get_job(&taken[0].id).await.unwrap().unwrap();
+        let j = api.db.get_job(&job.id).await.unwrap().unwrap();
         if j.status == JobStatus::Done {
             assert_eq!(j.attempts, 2, "the lost attempt counts");
             break;
@@ -378,25 +386,8 @@ async fn jobs_lost_by_redis_are_handed_over_again() {
     else {
         return;
     };
-    let policy = json!({"webhook_url": hooks.url(), "approval_required": true});
-    let (_, key) = api.client(policy).await;
-    api.import(&key, "text/csv", "id\n1\n").await;
-    let queues = api
-        .app
-        .as_ref()
-        .unwrap()
-        .backends
-        .job_queues
-        .clone()
-        .unwrap();
+    let (queues, job) = relay_one_webhook(&api, &hooks, 2_000).await;
     let queue = queues.queue(JobKind::Webhook);
-    let taken = api
-        .db
-        .take_due_jobs(JobKind::Webhook, 10, Handover::Queue, 2_000)
-        .await
-        .unwrap();
-    assert_eq!(taken.len(), 1);
-    queue.push(&taken).await.unwrap();
     // Redis loses everything under this prefix.
     let redis = api.app.as_ref().unwrap().backends.redis.clone().unwrap();
     let mut conn = redis.conn();
@@ -411,7 +402,7 @@ async fn jobs_lost_by_redis_are_handed_over_again() {
 
     let worker = api.sibling(Roles::WORKER).await;
     let hook = hooks.wait_until("the lost job", |h| !h.is_empty()).await;
-    assert_eq!(hook[0].header("webhook-id"), taken[0].id.as_str());
+    assert_eq!(hook[0].header("webhook-id"), job.id.as_str());
     worker.stop().await;
     api.stop().await;
 }

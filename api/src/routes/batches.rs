@@ -123,16 +123,16 @@ async fn report(
 ) -> ApiResult<Json<BatchReport>> {
     let id: BatchId = parse_path_id(&id)?;
     let db = &state.backends.db;
-    if db.get_batch(Some(&p.client.id), &id).await?.is_none() {
-        return Err(ApiError::not_found());
-    }
+    let batch = db
+        .get_batch(Some(&p.client.id), &id)
+        .await?
+        .ok_or_else(ApiError::not_found)?;
     if let Some((summary, _)) = db.stored_report(&id).await?
         && let Ok(stored) = serde_json::from_str::<BatchReport>(&summary)
     {
         return Ok(Json(stored));
     }
-    let summary = report::summary(db, &id).await?;
-    summary.map(Json).ok_or_else(ApiError::not_found)
+    Ok(Json(report::summary(db, batch).await?))
 }
 
 /// Rows per page while streaming the CSV: memory stays flat however many rows failed.

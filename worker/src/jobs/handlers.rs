@@ -59,10 +59,13 @@ impl JobHandler for Handlers {
 
 impl Handlers {
     async fn summary(&self, batch: &BatchId) -> Result<BatchReport, JobError> {
-        report::summary(&self.db, batch)
+        let view = self
+            .db
+            .get_batch(None, batch)
             .await
             .map_err(retry)?
-            .ok_or_else(|| JobError::Permanent(format!("batch {batch} does not exist")))
+            .ok_or_else(|| JobError::Permanent(format!("batch {batch} does not exist")))?;
+        report::summary(&self.db, view).await.map_err(retry)
     }
 
     /// Stores the report: the summary as JSON, and the rejected rows as CSV when small
