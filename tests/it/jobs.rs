@@ -2,6 +2,7 @@
 //! HTTP receiver, stored reports; retries, dead letters and operator retry; and, with
 //! Redis, a dead worker's jobs taken back and jobs Redis lost handed over again.
 
+use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use base64::Engine;
@@ -368,6 +369,80 @@ async fn a_dead_workers_jobs_are_taken_back() {
         assert!(Instant::now() < deadline, "{j:?}");
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
+    worker.stop().await;
+    api.stop().await;
+}
+
+/// Redis: a real `dataflow worker` process is killed with SIGKILL while one of its webhook
+/// deliveries is in flight. With the default dead-worker timeout, a live worker takes the
+/// job back and delivers it within 30 s; the lost attempt counts, and the receiver sees the
+/// same `webhook-id` twice (the one duplicate a crash may cause).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_worker_process_has_its_jobs_recovered_within_30s() {
+    let smtp = SmtpSink::start().await;
+    let hooks = WebhookReceiver::start(0).await;
+    let Some(api) = TestApp::spawn_redis(Backend::Postgres, Roles::API, None, |c| {
+        fast_jobs(c, &smtp);
+        c.jobs.dead_worker_ms = Config::default().jobs.dead_worker_ms;
+    })
+    .await
+    else {
+        return;
+    };
+    let config_file = api.config.data_dir.join("worker.toml");
+    std::fs::write(&config_file, toml::to_string(&api.config).unwrap()).unwrap();
+    let log = std::fs::File::create(api.config.data_dir.join("worker.log")).unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_dataflow"))
+        .arg("--config")
+        .arg(&config_file)
+        .arg("worker")
+        .env("DATAFLOW_LOG", "info")
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+
+    let (_, key) = api.client(json!({"webhook_url": hooks.url()})).await;
+    let batch = api.import(&key, "text/csv", CSV).await;
+    hooks
+        .wait_until("the worker process's delivery", |h| !h.is_empty())
+        .await;
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let killed = Instant::now();
+    // Deliveries the dead process had started: each must be made again, and only those twice.
+    let cut: BTreeSet<String> = hooks
+        .hooks()
+        .iter()
+        .map(|h| h.header("webhook-id").to_owned())
+        .collect();
+    hooks.answer(200);
+
+    let worker = api.sibling(Roles::WORKER).await;
+    hooks
+        .wait_until("every cut delivery made again", |h| {
+            cut.iter()
+                .all(|id| h.iter().filter(|h| h.header("webhook-id") == id).count() >= 2)
+        })
+        .await;
+    let recovered = killed.elapsed();
+    eprintln!(
+        "kill -9 -> {} cut deliveries made again by a live worker in {recovered:?}",
+        cut.len()
+    );
+    assert!(recovered < Duration::from_secs(30), "took {recovered:?}");
+    let query = format!("batch_id={}&kind=webhook", batch.batch_id);
+    let webhooks = wait_jobs(&api, &query, 3, JobStatus::Done).await;
+    let hooks = hooks.hooks();
+    for job in &webhooks {
+        let seen = hooks
+            .iter()
+            .filter(|h| h.header("webhook-id") == job.id.as_str())
+            .count();
+        let expected = if cut.contains(job.id.as_str()) { 2 } else { 1 };
+        assert_eq!((seen, job.attempts), (expected, expected as u32), "{job:?}");
+    }
+    assert!(!cut.is_empty());
     worker.stop().await;
     api.stop().await;
 }
