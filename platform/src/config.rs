@@ -202,6 +202,9 @@ pub struct JobsConfig {
     /// With Redis: a job handed to Redis and not finished after this long is checked for in
     /// Redis and handed over again if Redis lost it.
     pub requeue_after_secs: u64,
+    /// Finished jobs are deleted this long after they were done; dead jobs stay until an
+    /// operator retries them.
+    pub retention_secs: u64,
     /// `smtp://user:pass@host:587?tls=required` or `smtps://…`. Unset: messages are written
     /// as `.eml` files into `<data_dir>/mail`.
     pub smtp_url: Option<Secret>,
@@ -225,6 +228,7 @@ impl Default for JobsConfig {
             redis_working_set: 10_000,
             dead_worker_ms: 10_000,
             requeue_after_secs: 300,
+            retention_secs: 7 * 24 * 3600,
             smtp_url: None,
             mail_from: "DataFlow <dataflow@localhost>".to_owned(),
             webhook_allow_private: false,

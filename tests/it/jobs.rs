@@ -14,6 +14,7 @@ use dataflow_platform::config::Secret;
 use dataflow_platform::db::Handover;
 use dataflow_platform::jobqueue::JobQueues;
 use dataflow_platform::webhook;
+use dataflow_worker::jobs::upkeep;
 use serde_json::{Value, json};
 
 use crate::helpers::{Backend, TestApp, backend_tests};
@@ -241,6 +242,15 @@ async fn failing_webhooks_retry_then_dead_letter_and_an_operator_retry_delivers(
         assert!(Instant::now() < deadline, "retried job never done: {j:?}");
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
+
+    // Retention: the done job goes once it is old enough; dead letters stay for operators.
+    let day = Duration::from_secs(86_400);
+    assert_eq!(upkeep::prune(&t.db, day).await.unwrap(), 0);
+    let done = jobs(&t, "status=done").await;
+    assert_eq!(done.len(), 2, "the retried webhook and the report: {done:?}");
+    assert_eq!(upkeep::prune(&t.db, Duration::ZERO).await.unwrap(), 2);
+    assert!(t.db.get_job(&dead[0].id).await.unwrap().is_none());
+    assert_eq!(jobs(&t, "status=dead").await.len(), 2);
     t.stop().await;
 }
 

@@ -309,6 +309,21 @@ impl Db {
         Ok(sqlx::query(sql).execute(self.pool()).await?.rows_affected())
     }
 
+    /// Deletes up to `limit` jobs done more than `retention_ms` ago (oldest first), so the
+    /// table holds the recent past and whatever is still to do.
+    pub async fn prune_done_jobs(&self, retention_ms: i64, limit: u32) -> Result<u64> {
+        let sql = self.sql(
+            "DELETE FROM jobs WHERE id IN (SELECT id FROM jobs \
+                 WHERE status = 'done' AND done_at < {now} - $1 ORDER BY done_at LIMIT $2)",
+        );
+        Ok(sqlx::query(sql)
+            .bind(retention_ms)
+            .bind(i64::from(limit))
+            .execute(self.pool())
+            .await?
+            .rows_affected())
+    }
+
     /// Operator retry of a dead job: fresh attempts, due now.
     pub async fn retry_job(&self, id: &JobId) -> Result<JobView> {
         let sql = self.sql(

@@ -143,11 +143,15 @@ pub async fn run(setup: JobsSetup, stop: CancellationToken) {
     let relay_wake = Arc::new(Notify::new());
     wakes.push(relay_wake.clone());
     upkeep.spawn(wake_on_events(events, wakes, stop.clone()));
+    let sweep = upkeep::SweepSettings {
+        lease,
+        every: poll.max(Duration::from_secs(1)),
+        retention: Duration::from_secs(config.retention_secs),
+    };
     upkeep.spawn(upkeep::sweeper(
         db.clone(),
         queues.clone(),
-        lease,
-        poll.max(Duration::from_secs(1)),
+        sweep,
         stop.clone(),
     ));
     if let Some(q) = &queues {

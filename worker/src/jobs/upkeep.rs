@@ -22,6 +22,9 @@ const RELAY_BATCH: usize = 1_000;
 /// Expired leases checked per sweep.
 const SWEEP_BATCH: u32 = 1_000;
 const HEARTBEAT: Duration = Duration::from_secs(1);
+const PRUNE_EVERY: Duration = Duration::from_secs(60);
+const PRUNE_BATCH: u32 = 1_000;
+const PRUNE_ROUNDS: usize = 20;
 
 pub struct RelaySettings {
     pub kinds: Vec<JobKind>,
@@ -82,23 +85,56 @@ async fn relay_round(
     Ok(jobs.len())
 }
 
-/// Takes back lost jobs every `every` until `stop`.
+pub struct SweepSettings {
+    /// How long a job handed to Redis may stay unfinished before it is looked for.
+    pub lease: Duration,
+    /// Time between sweeps.
+    pub every: Duration,
+    /// Done jobs older than this are deleted.
+    pub retention: Duration,
+}
+
+/// Takes back lost jobs every `settings.every`, and prunes old finished jobs once a
+/// minute, until `stop`.
 pub async fn sweeper(
     db: Db,
     queues: Option<JobQueues>,
-    lease: Duration,
-    every: Duration,
+    settings: SweepSettings,
     stop: CancellationToken,
 ) {
+    let mut last_prune: Option<tokio::time::Instant> = None;
     while !stop.is_cancelled() {
-        if let Err(e) = sweep(&db, queues.as_ref(), lease).await {
+        if let Err(e) = sweep(&db, queues.as_ref(), settings.lease).await {
             tracing::warn!(error = %e, "job sweep failed; retrying");
+        }
+        if last_prune.is_none_or(|t| t.elapsed() >= PRUNE_EVERY) {
+            last_prune = Some(tokio::time::Instant::now());
+            match prune(&db, settings.retention).await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(jobs = n, "pruned finished jobs past their retention"),
+                Err(e) => tracing::warn!(error = %e, "pruning finished jobs failed"),
+            }
         }
         tokio::select! {
             _ = stop.cancelled() => break,
-            _ = tokio::time::sleep(every) => {}
+            _ = tokio::time::sleep(settings.every) => {}
         }
     }
+}
+
+/// Deletes finished jobs past `retention`, in small transactions so a large backlog of old
+/// rows never holds a long lock; at most `PRUNE_ROUNDS` batches per call.
+pub async fn prune(db: &Db, retention: Duration) -> Result<u64> {
+    let retention_ms = i64::try_from(retention.as_millis()).unwrap_or(i64::MAX);
+    let mut total = 0;
+    for _ in 0..PRUNE_ROUNDS {
+        let n = db.prune_done_jobs(retention_ms, PRUNE_BATCH).await?;
+        total += n;
+        if n < u64::from(PRUNE_BATCH) {
+            break;
+        }
+    }
+    Ok(total)
 }
 
 /// One sweep: expired SQL claims go back (or die); queued jobs past their lease are looked
