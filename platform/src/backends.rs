@@ -8,7 +8,7 @@
 //! | key / client cache | L1 in process + L2 in Redis, pub/sub invalidation | in process |
 //! | dedup fast path | Redis `SET NX PX` before the SQL decider | SQL only |
 //! | batch mutex | Redlock, fenced by the SQL lease epoch | the SQL lease alone |
-//! | job queue | Redis lists fed from the SQL intents | workers claim the SQL intents |
+//! | job queue | Redis lists (or apalis-redis) fed from the SQL intents | workers claim the SQL intents |
 //! | mail | SMTP when `jobs.smtp_url` is set | `.eml` files in `<data_dir>/mail` |
 
 use std::path::Path;
@@ -20,11 +20,12 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::cache::{Cache, SharedTier};
+use crate::config::RedisQueue;
 use crate::config::{Config, Secret};
 use crate::db::{ClientRecord, Db, KeyRecord};
 use crate::dedup::DedupFastPath;
 use crate::events::Publisher;
-use crate::jobqueue::JobQueues;
+use crate::jobqueue::{ApalisQueues, JobQueues, RedisJobQueue};
 use crate::keys::{self, KeyHasher};
 use crate::limiter::{InProcessLimiter, Limiter, RedisLimiter};
 use crate::lockout::{InProcessLockout, Lockout, LockoutPolicy, RedisLockout};
@@ -51,7 +52,7 @@ pub struct Backends {
     pub hasher: KeyHasher,
     pub admin_token: Secret,
     /// The job queue in Redis; `None`: workers claim job intents from SQL.
-    pub job_queues: Option<JobQueues>,
+    pub job_queue: Option<RedisJobQueue>,
     pub mailer: Arc<Mailer>,
     pub webhooks: Arc<WebhookSender>,
 }
@@ -121,7 +122,13 @@ impl Backends {
             config.jobs.webhook_allow_private,
         )?;
         Ok(Arc::new(Backends {
-            job_queues: redis.clone().map(JobQueues::new),
+            job_queue: redis.clone().map(|r| match config.jobs.redis_queue {
+                RedisQueue::Lists => RedisJobQueue::Lists(JobQueues::new(r)),
+                RedisQueue::ApalisRedis => RedisJobQueue::Apalis(ApalisQueues::new(
+                    r,
+                    Duration::from_millis(config.jobs.dead_worker_ms),
+                )),
+            }),
             mailer: Arc::new(mailer),
             webhooks: Arc::new(webhooks),
             keys: Cache::new(l1_ttl, negative_ttl, tier("keys")),

@@ -194,6 +194,9 @@ pub struct JobsConfig {
     pub timeout_secs: u64,
     /// Safety-net polling of the SQL intents; commits in this process wake the relay directly.
     pub poll_interval_ms: u64,
+    /// With Redis: which queue carries the jobs. `lists` is DataFlow's own; `apalis-redis`
+    /// is apalis-redis 1.0 storage, for tools of the apalis ecosystem (see the README).
+    pub redis_queue: RedisQueue,
     /// With Redis: most jobs of one kind held in Redis at once; the rest wait in SQL.
     pub redis_working_set: usize,
     /// With Redis: a worker that has not beaten its heart for this long is dead and its
@@ -225,6 +228,7 @@ impl Default for JobsConfig {
             retry_max_ms: 3_600_000,
             timeout_secs: 60,
             poll_interval_ms: 500,
+            redis_queue: RedisQueue::Lists,
             redis_working_set: 10_000,
             dead_worker_ms: 10_000,
             requeue_after_secs: 300,
@@ -236,6 +240,31 @@ impl Default for JobsConfig {
         }
     }
 }
+
+/// The Redis job queue implementation (`jobs.redis_queue`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RedisQueue {
+    Lists,
+    ApalisRedis,
+}
+
+impl std::str::FromStr for RedisQueue {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "lists" => Ok(Self::Lists),
+            "apalis-redis" => Ok(Self::ApalisRedis),
+            other => Err(format!(
+                "unknown job queue {other:?}: lists or apalis-redis"
+            )),
+        }
+    }
+}
+
+/// apalis-redis 1.0.0 promotes every due task in one Lua `unpack`, which fails above about
+/// 8,000: its working set must stay below that.
+pub const APALIS_REDIS_MAX_WORKING_SET: usize = 5_000;
 
 /// A string that never appears in logs or `Debug` output.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -356,6 +385,14 @@ impl Config {
             return bad(
                 "jobs.concurrency, jobs.max_attempts and jobs.redis_working_set must be at least 1",
             );
+        }
+        if jobs.redis_queue == RedisQueue::ApalisRedis
+            && jobs.redis_working_set > APALIS_REDIS_MAX_WORKING_SET
+        {
+            return bad(&format!(
+                "jobs.redis_working_set must be at most {APALIS_REDIS_MAX_WORKING_SET} with \
+                 jobs.redis_queue = \"apalis-redis\" (apalis-redis 1.0 fails above ~8,000 due tasks)"
+            ));
         }
         if jobs.timeout_secs == 0 || jobs.webhook_timeout_ms == 0 {
             return bad("jobs.timeout_secs and jobs.webhook_timeout_ms must be at least 1");

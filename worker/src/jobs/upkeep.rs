@@ -13,7 +13,7 @@ use dataflow_contracts::JobId;
 use dataflow_contracts::jobs::{JobKind, JobStatus};
 use dataflow_platform::Result;
 use dataflow_platform::db::{Db, Failure, Handover};
-use dataflow_platform::jobqueue::JobQueues;
+use dataflow_platform::jobqueue::{JobQueues, RedisJobQueue};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
@@ -36,7 +36,7 @@ pub struct RelaySettings {
 /// Hands due intents to the Redis queues until `stop`.
 pub async fn relay(
     db: Db,
-    queues: JobQueues,
+    queues: RedisJobQueue,
     settings: RelaySettings,
     wake: Arc<Notify>,
     stop: CancellationToken,
@@ -62,12 +62,12 @@ pub async fn relay(
 
 async fn relay_round(
     db: &Db,
-    queues: &JobQueues,
+    queue: &RedisJobQueue,
     kind: JobKind,
     settings: &RelaySettings,
 ) -> Result<usize> {
-    let queue = queues.queue(kind);
-    let held = usize::try_from(queue.outstanding().await?).unwrap_or(usize::MAX);
+    queue.tidy(kind).await?;
+    let held = usize::try_from(queue.outstanding(kind).await?).unwrap_or(usize::MAX);
     let room = settings.working_set.saturating_sub(held).min(RELAY_BATCH);
     if room == 0 {
         return Ok(0);
@@ -76,7 +76,7 @@ async fn relay_round(
     let jobs = db
         .take_due_jobs(kind, room, Handover::Queue, lease_ms)
         .await?;
-    if let Err(e) = queue.push(&jobs).await {
+    if let Err(e) = queue.push(kind, &jobs).await {
         // Not in Redis after all: back to pending at once rather than after the lease.
         let ids: Vec<&JobId> = jobs.iter().map(|j| &j.id).collect();
         db.hand_back_jobs(&ids, Handover::Queue).await?;
@@ -98,7 +98,7 @@ pub struct SweepSettings {
 /// minute, until `stop`.
 pub async fn sweeper(
     db: Db,
-    queues: Option<JobQueues>,
+    queues: Option<RedisJobQueue>,
     settings: SweepSettings,
     stop: CancellationToken,
 ) {
@@ -139,7 +139,7 @@ pub async fn prune(db: &Db, retention: Duration) -> Result<u64> {
 
 /// One sweep: expired SQL claims go back (or die); queued jobs past their lease are looked
 /// for in Redis and handed over again when Redis no longer has them.
-pub async fn sweep(db: &Db, queues: Option<&JobQueues>, lease: Duration) -> Result<()> {
+pub async fn sweep(db: &Db, queues: Option<&RedisJobQueue>, lease: Duration) -> Result<()> {
     let expired = db.expire_running_jobs().await?;
     if expired > 0 {
         tracing::warn!(
@@ -160,7 +160,7 @@ pub async fn sweep(db: &Db, queues: Option<&JobQueues>, lease: Duration) -> Resu
         let ids: Vec<&JobId> = ids.iter().collect();
         // Without Redis (it was removed from the config) nothing holds them any more.
         let held = match queues {
-            Some(q) => q.queue(kind).holds(&ids).await?,
+            Some(q) => q.holds(kind, &ids).await?,
             None => vec![false; ids.len()],
         };
         let (still, lost): (Vec<_>, Vec<_>) = ids.iter().zip(held).partition(|(_, h)| *h);
