@@ -31,13 +31,15 @@ use crate::limiter::{InProcessLimiter, Limiter, RedisLimiter};
 use crate::lockout::{InProcessLockout, Lockout, LockoutPolicy, RedisLockout};
 use crate::mail::Mailer;
 use crate::mutex::{BatchMutex, Redlock};
-use crate::redis::Redis;
+use crate::redis::{Purpose, Redis};
 use crate::webhook::WebhookSender;
 use crate::{Error, Result};
 
 pub struct Backends {
     pub db: Db,
     pub redis: Option<Redis>,
+    /// Where the cache and its invalidations live: `redis_cache_url`, else `redis`.
+    pub cache_redis: Option<Redis>,
     pub limiter: Limiter,
     pub lockout: Lockout,
     /// API keys by key id.
@@ -70,19 +72,29 @@ impl Backends {
         let secret = resolve_secret(config.secret.as_ref(), &config.data_dir, "server-secret")?;
         let admin_token =
             resolve_secret(config.admin_token.as_ref(), &config.data_dir, "admin-token")?;
-        let redis = match &config.redis_url {
-            Some(url) => {
-                let ca = match &config.redis_ca_file {
-                    Some(path) => Some(std::fs::read(path).map_err(|source| Error::Io {
-                        context: format!("reading redis_ca_file {}", path.display()),
-                        source,
-                    })?),
-                    None => None,
-                };
-                Some(Redis::connect(url.expose(), &config.redis_prefix, ca).await?)
-            }
+        let ca = match &config.redis_ca_file {
+            Some(path) => Some(std::fs::read(path).map_err(|source| Error::Io {
+                context: format!("reading redis_ca_file {}", path.display()),
+                source,
+            })?),
             None => None,
         };
+        let prefix = &config.redis_prefix;
+        let connect = async |url: &Secret, purpose| {
+            Redis::connect(url.expose(), prefix, ca.clone(), purpose).await
+        };
+        let redis = match &config.redis_url {
+            Some(url) => Some(connect(url, Purpose::State).await?),
+            None => None,
+        };
+        let cache_redis = match &config.redis_cache_url {
+            Some(url) => Some(connect(url, Purpose::Cache).await?),
+            None => redis.clone(),
+        };
+        let mut lock_nodes = Vec::with_capacity(config.redlock_urls.len());
+        for url in &config.redlock_urls {
+            lock_nodes.push(connect(url, Purpose::State).await?);
+        }
 
         let api = &config.api;
         let lockout_policy = LockoutPolicy {
@@ -97,7 +109,11 @@ impl Backends {
                 Limiter::Redis(Box::new(RedisLimiter::new(r.clone()))),
                 Lockout::Redis(Box::new(RedisLockout::new(r.clone(), lockout_policy))),
                 DedupFastPath::Redis(Box::new(r.clone())),
-                BatchMutex::Redlock(Box::new(Redlock::new(r.clone()))),
+                BatchMutex::Redlock(Box::new(Redlock::new(if lock_nodes.is_empty() {
+                    vec![r.clone()]
+                } else {
+                    lock_nodes
+                }))),
                 Duration::from_millis(api.cache_l1_ttl_ms),
             ),
             None => (
@@ -109,7 +125,7 @@ impl Backends {
             ),
         };
         let tier = |namespace| {
-            redis.as_ref().map(|r| SharedTier {
+            cache_redis.as_ref().map(|r| SharedTier {
                 redis: r.clone(),
                 namespace,
                 ttl,
@@ -135,6 +151,7 @@ impl Backends {
             clients: Cache::new(l1_ttl, negative_ttl, tier("clients")),
             db,
             redis,
+            cache_redis,
             limiter,
             lockout,
             dedup,
@@ -150,7 +167,7 @@ impl Backends {
     /// without Redis). After every (re)subscribe the local copies are dropped, since
     /// messages sent while disconnected are lost.
     pub async fn run_invalidation_listener(self: Arc<Self>, shutdown: CancellationToken) {
-        let Some(redis) = self.redis.clone() else {
+        let Some(redis) = self.cache_redis.clone() else {
             return;
         };
         let channel = SharedTier::channel(&redis);

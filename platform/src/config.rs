@@ -38,6 +38,12 @@ pub struct Config {
     pub redis_prefix: String,
     /// PEM file of a private CA to trust for `rediss://` (default: the public web roots).
     pub redis_ca_file: Option<PathBuf>,
+    /// A separate Redis for the key/client cache and its invalidations, which may evict
+    /// (`allkeys-lru`); unset: the cache lives on `redis_url`.
+    pub redis_cache_url: Option<Secret>,
+    /// The Redis servers the batch mutex locks on (Redlock: a lock needs N/2+1 of them);
+    /// independent servers, not replicas. Empty: `redis_url` alone.
+    pub redlock_urls: Vec<Secret>,
     pub api: ApiConfig,
     pub worker: WorkerConfig,
     pub outbox: OutboxConfig,
@@ -56,6 +62,8 @@ impl Default for Config {
             redis_url: None,
             redis_prefix: "dataflow".to_owned(),
             redis_ca_file: None,
+            redis_cache_url: None,
+            redlock_urls: Vec::new(),
             api: ApiConfig::default(),
             worker: WorkerConfig::default(),
             outbox: OutboxConfig::default(),
@@ -411,10 +419,19 @@ impl Config {
         if jobs.mail_from.parse::<lettre::message::Mailbox>().is_err() {
             return bad("jobs.mail_from must be a mailbox such as \"DataFlow <ops@example.com>\"");
         }
-        if let Some(url) = &self.redis_url
-            && !(url.expose().starts_with("redis://") || url.expose().starts_with("rediss://"))
+        let redis_urls = self.redis_url.iter().map(|u| ("redis_url", u));
+        let cache_urls = self.redis_cache_url.iter().map(|u| ("redis_cache_url", u));
+        let lock_urls = self.redlock_urls.iter().map(|u| ("redlock_urls", u));
+        for (name, url) in redis_urls.chain(cache_urls).chain(lock_urls) {
+            let url = url.expose();
+            if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+                return bad(&format!("{name} must start with redis:// or rediss://"));
+            }
+        }
+        if self.redis_url.is_none()
+            && (self.redis_cache_url.is_some() || !self.redlock_urls.is_empty())
         {
-            return bad("redis_url must start with redis:// or rediss://");
+            return bad("redis_cache_url and redlock_urls need redis_url");
         }
         if self.redis_prefix.is_empty() || self.redis_prefix.contains(char::is_whitespace) {
             return bad("redis_prefix must be non-empty without spaces");
