@@ -120,9 +120,24 @@ impl Redis {
 
     /// Every key under this prefix (for audits such as "no key without a TTL").
     pub async fn keys_with_prefix(&self) -> Result<Vec<String>> {
+        self.scan(&format!("{}:*", self.prefix)).await
+    }
+
+    /// Deletes every key whose name starts with the prefix, the apalis-redis queues
+    /// (`<prefix>-jobs-…`) included: the clean-up of a test or benchmark run, whose prefix
+    /// is its own.
+    pub async fn delete_all_under_prefix(&self) -> Result<usize> {
+        let keys = self.scan(&format!("{}*", self.prefix)).await?;
         let mut conn = self.conn();
-        let mut iter: redis::AsyncIter<String> =
-            conn.scan_match(format!("{}:*", self.prefix)).await?;
+        for chunk in keys.chunks(500) {
+            let _: () = redis::cmd("DEL").arg(chunk).query_async(&mut conn).await?;
+        }
+        Ok(keys.len())
+    }
+
+    async fn scan(&self, pattern: &str) -> Result<Vec<String>> {
+        let mut conn = self.conn();
+        let mut iter: redis::AsyncIter<String> = conn.scan_match(pattern).await?;
         let mut keys = Vec::new();
         while let Some(k) = futures::StreamExt::next(&mut iter).await {
             keys.push(k?);

@@ -115,10 +115,7 @@ pub async fn run(args: JobsArgs) -> anyhow::Result<()> {
     };
     let result = measure(&args, &backends, &config, backend).await;
     if let Some(redis) = &backends.redis {
-        let mut conn = redis.conn();
-        for key in redis.keys_with_prefix().await? {
-            let _: () = redis::cmd("DEL").arg(key).query_async(&mut conn).await?;
-        }
+        redis.delete_all_under_prefix().await?;
     }
     backends.db.close().await;
     if let Some(s) = scratch {

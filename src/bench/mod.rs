@@ -356,9 +356,7 @@ pub async fn limiter(args: LimiterArgs) -> anyhow::Result<()> {
         p[1].0 - p[0].0,
         p[1].1 - p[0].1
     );
-    for key in redis.keys_with_prefix().await? {
-        let _: () = redis::cmd("DEL").arg(key).query_async(&mut conn).await?;
-    }
+    redis.delete_all_under_prefix().await?;
     Ok(())
 }
 

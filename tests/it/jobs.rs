@@ -342,7 +342,9 @@ async fn walk_through_redis(queue: RedisQueue) {
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
     }
+    let redis = backends.redis.clone().unwrap();
     t.stop().await;
+    redis.delete_all_under_prefix().await.unwrap();
 }
 
 /// Does what the relay does for the one webhook of a batch awaiting approval (its only
@@ -516,7 +518,9 @@ async fn recover_from_kill(queue: RedisQueue) {
     }
     assert!(!cut.is_empty());
     worker.stop().await;
+    let redis = api.app.as_ref().unwrap().backends.redis.clone().unwrap();
     api.stop().await;
+    redis.delete_all_under_prefix().await.unwrap();
 }
 
 /// Redis: jobs Redis lost (flushed) are found by the sweeper and handed over again.
@@ -537,14 +541,7 @@ async fn jobs_lost_by_redis_are_handed_over_again() {
     let queue = queues.queue(JobKind::Webhook);
     // Redis loses everything under this prefix.
     let redis = api.app.as_ref().unwrap().backends.redis.clone().unwrap();
-    let mut conn = redis.conn();
-    for k in redis.keys_with_prefix().await.unwrap() {
-        let _: () = redis::cmd("DEL")
-            .arg(&k)
-            .query_async(&mut conn)
-            .await
-            .unwrap();
-    }
+    redis.delete_all_under_prefix().await.unwrap();
     assert_eq!(queue.outstanding().await.unwrap(), 0);
 
     let worker = api.sibling(Roles::WORKER).await;

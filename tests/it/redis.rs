@@ -92,14 +92,7 @@ async fn revocation_and_policy_changes_reach_every_process_within_a_second(b: Ba
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 
-    let key_id = key.split('_').nth(1).unwrap();
-    let revoked = a
-        .admin(Method::POST, &format!("/admin/keys/{key_id}/revoke"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(revoked.status(), 204);
-    within_a_second(&other, &key).await;
+    revoke_and_see_it_refused(&a, &other, &key).await;
 
     // The operator CLI writes the ledger directly and announces the change the same way.
     let cli_key = a.new_key(&client).await;
@@ -114,6 +107,18 @@ async fn revocation_and_policy_changes_reach_every_process_within_a_second(b: Ba
     within_a_second(&other, &cli_key).await;
     other.stop().await;
     a.stop().await;
+}
+
+/// Revokes `key` through `a`'s `/admin`; `other` must refuse it within a second.
+async fn revoke_and_see_it_refused(a: &TestApp, other: &TestApp, key: &str) {
+    let key_id = key.split('_').nth(1).unwrap();
+    let revoked = a
+        .admin(Method::POST, &format!("/admin/keys/{key_id}/revoke"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(revoked.status(), 204);
+    within_a_second(other, key).await;
 }
 
 /// Polls until `key` is refused by `t`, which must happen within a second.
@@ -494,22 +499,8 @@ async fn a_separate_cache_redis_carries_the_cache_and_its_invalidations() {
         "no cache keys on the cache Redis"
     );
 
-    let key_id = key.split('_').nth(1).unwrap();
-    let revoked = a
-        .admin(Method::POST, &format!("/admin/keys/{key_id}/revoke"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(revoked.status(), 204);
-    within_a_second(&other, &key).await;
-    let mut conn = cache.conn();
-    for k in cache.keys_with_prefix().await.unwrap() {
-        let _: () = redis::cmd("DEL")
-            .arg(&k)
-            .query_async(&mut conn)
-            .await
-            .unwrap();
-    }
+    revoke_and_see_it_refused(&a, &other, &key).await;
+    cache.delete_all_under_prefix().await.unwrap();
     other.stop().await;
     a.stop().await;
 }
