@@ -9,6 +9,7 @@ mod sinks;
 
 mod auth;
 mod bench;
+mod cli;
 mod imports;
 mod jobs;
 mod redis;
