@@ -22,9 +22,9 @@ use lapin::options::{
     BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions,
     ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
 };
-use lapin::{Confirmation, PublisherConfirm};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, Consumer, ExchangeKind};
+use lapin::{Confirmation, PublisherConfirm};
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 
@@ -308,7 +308,10 @@ impl Broker {
             match sent {
                 Ok(confirm) => inflight.push_back((i, confirm)),
                 Err(e) => {
-                    error = Some(Error::Broker(format!("publishing outbox row {}: {e}", row.id)));
+                    error = Some(Error::Broker(format!(
+                        "publishing outbox row {}: {e}",
+                        row.id
+                    )));
                     break;
                 }
             }
@@ -362,14 +365,20 @@ impl Broker {
         .await;
         Some(opened.map_err(|e| {
             self.report_broken(&link);
-            Error::Broker(format!("opening the {} consumer: {e}", self.names.ready_queue))
+            Error::Broker(format!(
+                "opening the {} consumer: {e}",
+                self.names.ready_queue
+            ))
         }))
     }
 }
 
 fn quorum() -> FieldTable {
     let mut args = FieldTable::default();
-    args.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
+    args.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString("quorum".into()),
+    );
     args
 }
 
@@ -395,7 +404,11 @@ async fn settle(row: &OutboxRow, confirm: PublisherConfirm, timeout: Duration) -
 /// Logs the first failure and then one in twenty, so an absent broker does not flood logs.
 fn log_connect_failure(failures: &mut u64, error: &str) {
     if failures.is_multiple_of(20) {
-        tracing::warn!(error, attempts = *failures + 1, "RabbitMQ unreachable; polling SQL meanwhile");
+        tracing::warn!(
+            error,
+            attempts = *failures + 1,
+            "RabbitMQ unreachable; polling SQL meanwhile"
+        );
     }
     *failures += 1;
 }

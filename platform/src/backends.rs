@@ -131,9 +131,10 @@ impl Backends {
             config.jobs.webhook_allow_private,
         )?;
         let mode = watch::channel(Mode::Embedded).0;
-        let broker = config.amqp_url.as_ref().map(|url| {
-            Arc::new(Broker::new(url.clone(), config.amqp.clone(), mode.clone()))
-        });
+        let broker = config
+            .amqp_url
+            .as_ref()
+            .map(|url| Arc::new(Broker::new(url.clone(), config.amqp.clone(), mode.clone())));
         mode.borrow().record();
         let publisher = match &broker {
             Some(b) => Publisher::broker(b.clone()),

@@ -442,13 +442,19 @@ impl Config {
         }
         let amqp = &self.amqp;
         if amqp.delivery_limit == 0 || amqp.prefetch == 0 || amqp.confirm_window == 0 {
-            return bad("amqp.delivery_limit, amqp.prefetch and amqp.confirm_window must be at least 1");
+            return bad(
+                "amqp.delivery_limit, amqp.prefetch and amqp.confirm_window must be at least 1",
+            );
         }
         if amqp.reconnect_min_ms == 0 || amqp.reconnect_max_ms < amqp.reconnect_min_ms {
-            return bad("amqp.reconnect_min_ms must be at least 1 and at most amqp.reconnect_max_ms");
+            return bad(
+                "amqp.reconnect_min_ms must be at least 1 and at most amqp.reconnect_max_ms",
+            );
         }
         if amqp.confirm_timeout_ms == 0 || amqp.relay_lease_ms <= amqp.confirm_timeout_ms {
-            return bad("amqp.relay_lease_ms must be longer than amqp.confirm_timeout_ms (at least 1)");
+            return bad(
+                "amqp.relay_lease_ms must be longer than amqp.confirm_timeout_ms (at least 1)",
+            );
         }
         if amqp.safety_sweep_ms == 0 {
             return bad("amqp.safety_sweep_ms must be at least 1");
@@ -575,7 +581,8 @@ mod tests {
 
     #[test]
     fn amqp_url_from_env_and_checked() {
-        let c = Config::from_sources(None, env(&[("AMQP_URL", "amqps://u:p@mq:5671/%2f")])).unwrap();
+        let c =
+            Config::from_sources(None, env(&[("AMQP_URL", "amqps://u:p@mq:5671/%2f")])).unwrap();
         assert_eq!(c.amqp_url.unwrap().expose(), "amqps://u:p@mq:5671/%2f");
         assert!(Config::from_sources(None, env(&[("AMQP_URL", "http://mq")])).is_err());
         let short_lease = env(&[("DATAFLOW_AMQP__RELAY_LEASE_MS", "10")]);

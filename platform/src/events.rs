@@ -49,8 +49,11 @@ impl Mode {
     /// Sets the `dataflow_events_mode{mode}` gauge: 1 for this mode, 0 for the others.
     pub fn record(self) {
         for m in [Mode::Embedded, Mode::Broker, Mode::Polling] {
-            metrics::gauge!("dataflow_events_mode", "mode" => m.as_str())
-                .set(if m == self { 1.0 } else { 0.0 });
+            metrics::gauge!("dataflow_events_mode", "mode" => m.as_str()).set(if m == self {
+                1.0
+            } else {
+                0.0
+            });
         }
     }
 }

@@ -15,6 +15,7 @@
 //! prefetch is at most the worker's concurrency, so a busy worker leaves messages to others.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use dataflow_contracts::events::{ENVELOPE_VERSION, Envelope, Event};
@@ -91,7 +92,11 @@ async fn handle(worker: &Worker, delivery: Delivery, shutdown: &CancellationToke
     let verdict = match ready_batch(&delivery.data) {
         Err(why) => {
             metrics::counter!("dataflow_amqp_malformed_total").increment(1);
-            tracing::warn!(why, bytes = delivery.data.len(), "malformed batch.ready message; dead-lettered");
+            tracing::warn!(
+                why,
+                bytes = delivery.data.len(),
+                "malformed batch.ready message; dead-lettered"
+            );
             Verdict::DeadLetter
         }
         Ok(env) => {
@@ -101,6 +106,7 @@ async fn handle(worker: &Worker, delivery: Delivery, shutdown: &CancellationToke
             };
             match worker.claim_batch(&env.batch_id).await {
                 Ok(Claim::Taken(lease)) => {
+                    worker.stats.delivery_claims.fetch_add(1, Ordering::Relaxed);
                     worker.spawn_process(lease, slot);
                     Verdict::Ack
                 }
@@ -127,6 +133,7 @@ async fn handle(worker: &Worker, delivery: Delivery, shutdown: &CancellationToke
             delivery.acker.nack(options).await
         }
     };
+    worker.stats.deliveries.fetch_add(1, Ordering::Relaxed);
     if let Err(e) = settled {
         // The broker redelivers it; the claim path makes the repeat harmless.
         tracing::warn!(error = %e, ?verdict, "could not settle a batch.ready delivery");

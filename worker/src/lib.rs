@@ -95,6 +95,9 @@ pub struct WorkerStats {
     pub completed: AtomicU64,
     pub failed: AtomicU64,
     pub fence_rejections: AtomicU64,
+    /// `batch.ready` deliveries settled by the consumer, and the batches they took.
+    pub deliveries: AtomicU64,
+    pub delivery_claims: AtomicU64,
 }
 
 #[derive(Clone)]
@@ -454,7 +457,9 @@ impl Worker {
             Ok(FailOutcome::Retry { at_ms }) => {
                 let (due, delay) = (
                     self.retry_due.clone(),
-                    Duration::from_millis(u64::try_from(self.backoff_ms(lease.attempts)).unwrap_or(0)),
+                    Duration::from_millis(
+                        u64::try_from(self.backoff_ms(lease.attempts)).unwrap_or(0),
+                    ),
                 );
                 tokio::spawn(async move {
                     tokio::time::sleep(delay).await;
@@ -504,7 +509,9 @@ impl Worker {
             drop(slot);
             let poll = match *wake.mode.borrow() {
                 Mode::Broker => wake.safety_sweep,
-                Mode::Embedded | Mode::Polling => Duration::from_millis(self.config.poll_interval_ms),
+                Mode::Embedded | Mode::Polling => {
+                    Duration::from_millis(self.config.poll_interval_ms)
+                }
             };
             let sleep = tokio::time::sleep(poll);
             tokio::pin!(sleep);
@@ -531,7 +538,10 @@ impl Worker {
         }
         self.inflight.close();
         let grace = Duration::from_secs(self.config.shutdown_grace_secs);
-        if tokio::time::timeout(grace, self.inflight.wait()).await.is_err() {
+        if tokio::time::timeout(grace, self.inflight.wait())
+            .await
+            .is_err()
+        {
             tracing::info!("grace period over; releasing in-flight batches");
             self.release.cancel();
             self.inflight.wait().await;

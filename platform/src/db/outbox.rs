@@ -104,10 +104,12 @@ impl Db {
 
     /// Hands the relay lease back (on shutdown), so another relay takes over at once.
     pub async fn release_relay_lease(&self, owner: &str) -> Result<()> {
-        sqlx::query("UPDATE outbox_relay SET owner = NULL, expires_at = 0 WHERE id = 1 AND owner = $1")
-            .bind(owner)
-            .execute(self.pool())
-            .await?;
+        sqlx::query(
+            "UPDATE outbox_relay SET owner = NULL, expires_at = 0 WHERE id = 1 AND owner = $1",
+        )
+        .bind(owner)
+        .execute(self.pool())
+        .await?;
         Ok(())
     }
 
