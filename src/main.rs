@@ -42,6 +42,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             return dataflow::bench::limiter(args).await;
         }
         Command::Bench(cli::BenchCmd::Jobs(args)) => return dataflow::bench::jobs::run(args).await,
+        Command::Bench(cli::BenchCmd::Amqp(args)) => return dataflow::bench::amqp::run(args).await,
     };
     let app = App::start(config.clone(), roles, None).await?;
     if roles.api {
