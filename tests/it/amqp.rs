@@ -30,6 +30,8 @@ backend_tests!(
     broker_outage_falls_back_to_polling_and_the_outbox_drains,
     duplicate_and_unacknowledged_deliveries_complete_each_batch_once,
     poison_messages_end_in_the_dead_letter_queue,
+    the_outbox_marks_exact_ids_and_one_relay_holds_the_lease,
+    amqps_failure_is_an_error_and_polling_carries_on,
 );
 
 /// The test's own view of the broker: a direct connection (never through the proxy) and
@@ -549,4 +551,95 @@ fn death_reason(d: &lapin::message::Delivery) -> String {
         Some(AMQPValue::LongString(r)) => String::from_utf8_lossy(r.as_bytes()).into_owned(),
         other => panic!("x-death without a reason: {other:?}"),
     }
+}
+
+async fn the_outbox_marks_exact_ids_and_one_relay_holds_the_lease(b: Backend) {
+    let Some(test_db) = crate::helpers::TestDb::create(b).await else {
+        return;
+    };
+    let db = dataflow_platform::db::Db::connect(&test_db.url, 2)
+        .await
+        .unwrap();
+    db.migrate().await.unwrap();
+    for i in 0..4 {
+        sqlx::query(
+            "INSERT INTO outbox (event_id, batch_id, event_type, routing_key, body, created_at) \
+             VALUES ($1, 'bat_x', 'BatchReady', 'batch.ready', '{}', 0)",
+        )
+        .bind(format!("evt_{i}"))
+        .execute(db.pool())
+        .await
+        .unwrap();
+    }
+    let ids: Vec<i64> = db
+        .unpublished_events(10)
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.id)
+        .collect();
+    assert_eq!(ids.len(), 4);
+    // Only the ids handed over, never the rows between them.
+    assert_eq!(db.mark_published(&[ids[0], ids[2]]).await.unwrap(), 2);
+    let left: Vec<i64> = db
+        .unpublished_events(10)
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.id)
+        .collect();
+    assert_eq!(left, [ids[1], ids[3]]);
+    assert_eq!(db.mark_published(&[ids[0]]).await.unwrap(), 0, "idempotent");
+
+    assert!(db.take_relay_lease("a", 10_000).await.unwrap());
+    assert!(
+        !db.take_relay_lease("b", 10_000).await.unwrap(),
+        "held by a"
+    );
+    assert!(db.take_relay_lease("a", 10_000).await.unwrap(), "renewed");
+    db.release_relay_lease("a").await.unwrap();
+    assert!(db.take_relay_lease("b", 1).await.unwrap(), "handed back");
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert!(db.take_relay_lease("c", 10_000).await.unwrap(), "lapsed");
+    db.close().await;
+}
+
+/// `amqps://` to something that does not speak TLS: the handshake fails as an error (the
+/// process-wide rustls provider is in place, so nothing panics), the supervisor keeps
+/// retrying, and batches are processed by polling meanwhile.
+async fn amqps_failure_is_an_error_and_polling_carries_on(b: Backend) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let attempts = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = attempts.clone();
+    let server = tokio::spawn(async move {
+        while let Ok((mut sock, _)) = listener.accept().await {
+            counted.fetch_add(1, Ordering::SeqCst);
+            use tokio::io::AsyncWriteExt;
+            let _ = sock.write_all(b"not tls\r\n").await;
+        }
+    });
+    let Some(t) = TestApp::spawn_with(b, Roles::ALL, |c| {
+        c.amqp_url = Some(Secret::new(format!(
+            "amqps://guest:guest@127.0.0.1:{port}/%2f"
+        )));
+        c.amqp.reconnect_min_ms = 20;
+        c.amqp.reconnect_max_ms = 50;
+    })
+    .await
+    else {
+        server.abort();
+        return;
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while attempts.load(Ordering::SeqCst) < 3 {
+        assert!(Instant::now() < deadline, "the supervisor stopped retrying");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(t.readyz().await["events"]["mode"], "polling");
+    let (_, key) = t.client(json!({})).await;
+    let id = t.import(&key, "text/csv", csv("tls", 3)).await.batch_id;
+    t.wait_for(&key, &id, BatchStatus::Completed).await;
+    t.stop().await;
+    server.abort();
 }
