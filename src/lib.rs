@@ -81,6 +81,7 @@ impl App {
             retention: Duration::from_secs(config.outbox.retention_secs),
             batch_size: config.outbox.batch_size,
             lease: Duration::from_millis(config.amqp.relay_lease_ms),
+            confirm_timeout: Duration::from_millis(config.amqp.confirm_timeout_ms),
         };
         // The broker link (reconnecting with backoff) is shared by the relay and the consumer.
         if let Some(broker) = &backends.broker {

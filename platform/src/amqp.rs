@@ -29,7 +29,7 @@ use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{AmqpConfig, Secret};
-use crate::db::OutboxRow;
+use crate::db::{Db, OutboxRow};
 use crate::events::Mode;
 use crate::{Error, Result};
 
@@ -67,14 +67,6 @@ type Events = std::pin::Pin<Box<dyn futures::Stream<Item = lapin::Event> + Send>
 struct Link {
     conn: Connection,
     publisher: Channel,
-}
-
-/// How far a run of publishes got: the first `confirmed` rows were acked by the broker,
-/// in order; `error` is why the next one was not (it and all after it are retried).
-#[derive(Debug)]
-pub struct PublishReport {
-    pub confirmed: usize,
-    pub error: Option<Error>,
 }
 
 pub struct Broker {
@@ -261,79 +253,87 @@ impl Broker {
         }
     }
 
-    /// Publishes `rows` in order, persistent and `mandatory`, keeping up to
-    /// `confirm_window` confirms in flight; stops at the first row that was not acked.
-    pub async fn publish(&self, rows: &[OutboxRow]) -> PublishReport {
+    /// Relays the outbox until it is drained: rows in id order, persistent and `mandatory`,
+    /// with up to `confirm_window` confirms in flight across fetches (the next rows are
+    /// read while earlier ones await their confirm, leaving out those in flight). Acked
+    /// rows are marked published by id, and handed to `confirmed`, after each fetch. The
+    /// first row not acked ends the relay: it and every row sent after it stay unmarked
+    /// and are sent again on a fresh link, so a batch's events keep their order. No rows
+    /// are read after `until` (the relay lease must outlast the round).
+    pub async fn relay(
+        &self,
+        db: &Db,
+        limit: u32,
+        until: Option<tokio::time::Instant>,
+        confirmed: &(dyn Fn(&[OutboxRow]) + Sync),
+    ) -> Result<usize> {
         let Some(link) = self.link.borrow().clone() else {
-            return PublishReport {
-                confirmed: 0,
-                error: Some(Error::Broker("not connected".into())),
-            };
+            return Err(Error::Broker("not connected".into()));
         };
         let timeout = Duration::from_millis(self.config.confirm_timeout_ms);
-        let mut inflight: VecDeque<(usize, PublisherConfirm)> = VecDeque::new();
-        let mut confirmed = 0;
-        let mut error = None;
-        'rows: for (i, row) in rows.iter().enumerate() {
-            while inflight.len() >= self.config.confirm_window {
-                let Some((j, confirm)) = inflight.pop_front() else {
-                    break;
-                };
-                match settle(&rows[j], confirm, timeout).await {
-                    Ok(()) => confirmed = j + 1,
-                    Err(e) => {
-                        error = Some(e);
-                        break 'rows;
-                    }
+        let mut inflight: VecDeque<(OutboxRow, PublisherConfirm)> = VecDeque::new();
+        let mut marked = 0;
+        loop {
+            let sending: Vec<i64> = inflight.iter().map(|(r, _)| r.id).collect();
+            let rows = db.unpublished_events(limit, &sending).await?;
+            let drained = rows.len() < limit as usize
+                || until.is_some_and(|u| tokio::time::Instant::now() >= u);
+            let mut acked = Vec::new();
+            let mut failed = None;
+            for row in rows {
+                while inflight.len() >= self.config.confirm_window && failed.is_none() {
+                    failed = settle_front(&mut inflight, &mut acked, timeout).await.err();
                 }
-            }
-            let props = BasicProperties::default()
-                .with_delivery_mode(2)
-                .with_content_type("application/json".into())
-                .with_message_id(row.event_id.as_str().into())
-                .with_type(row.event_type.as_str().into());
-            let sent = link
-                .publisher
-                .basic_publish(
-                    self.names.exchange.as_str().into(),
-                    row.routing_key.as_str().into(),
-                    BasicPublishOptions {
-                        mandatory: true,
-                        ..Default::default()
-                    },
-                    row.body.as_bytes(),
-                    props,
-                )
-                .await;
-            match sent {
-                Ok(confirm) => inflight.push_back((i, confirm)),
-                Err(e) => {
-                    error = Some(Error::Broker(format!(
-                        "publishing outbox row {}: {e}",
-                        row.id
-                    )));
+                if failed.is_some() {
                     break;
                 }
-            }
-        }
-        if error.is_none() {
-            while let Some((j, confirm)) = inflight.pop_front() {
-                match settle(&rows[j], confirm, timeout).await {
-                    Ok(()) => confirmed = j + 1,
+                match self.send(&link, &row).await {
+                    Ok(confirm) => inflight.push_back((row, confirm)),
                     Err(e) => {
-                        error = Some(e);
+                        failed = Some(e);
                         break;
                     }
                 }
             }
+            while drained && failed.is_none() && !inflight.is_empty() {
+                failed = settle_front(&mut inflight, &mut acked, timeout).await.err();
+            }
+            let ids: Vec<i64> = acked.iter().map(|r| r.id).collect();
+            db.mark_published(&ids).await?;
+            confirmed(&acked);
+            marked += acked.len();
+            if let Some(e) = failed {
+                tracing::warn!(error = %e, published = marked, "outbox relay stopped at an unconfirmed row; it is retried");
+                // A refused or unconfirmed publish leaves the channel in doubt: start over on
+                // a fresh link (which also declares the topology again).
+                self.report_broken(&link);
+                return Err(e);
+            }
+            if drained && inflight.is_empty() {
+                return Ok(marked);
+            }
         }
-        if let Some(e) = &error {
-            tracing::warn!(error = %e, confirmed, of = rows.len(), "publish round stopped; the rest is retried");
-            // An unconfirmed or refused publish leaves the channel in doubt: start over on a
-            // fresh link (which also declares the topology again).
-            self.report_broken(&link);
-        }
-        PublishReport { confirmed, error }
+    }
+
+    async fn send(&self, link: &Link, row: &OutboxRow) -> Result<PublisherConfirm> {
+        let props = BasicProperties::default()
+            .with_delivery_mode(2)
+            .with_content_type("application/json".into())
+            .with_message_id(row.event_id.as_str().into())
+            .with_type(row.event_type.as_str().into());
+        link.publisher
+            .basic_publish(
+                self.names.exchange.as_str().into(),
+                row.routing_key.as_str().into(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..Default::default()
+                },
+                row.body.as_bytes(),
+                props,
+            )
+            .await
+            .map_err(|e| Error::Broker(format!("publishing outbox row {}: {e}", row.id)))
     }
 
     /// Waits for a link, then opens a consumer of the ready queue with `prefetch`
@@ -380,6 +380,20 @@ fn quorum() -> FieldTable {
         AMQPValue::LongString("quorum".into()),
     );
     args
+}
+
+/// Waits for the oldest publish in flight; on success it joins `acked`.
+async fn settle_front(
+    inflight: &mut VecDeque<(OutboxRow, PublisherConfirm)>,
+    acked: &mut Vec<OutboxRow>,
+    timeout: Duration,
+) -> Result<()> {
+    let Some((row, confirm)) = inflight.pop_front() else {
+        return Ok(());
+    };
+    settle(&row, confirm, timeout).await?;
+    acked.push(row);
+    Ok(())
 }
 
 /// One confirm: an ack is success, except a returned `batch.ready` (no queue: retry).

@@ -213,8 +213,9 @@ pub struct AmqpConfig {
     /// SQL polling interval while the broker is healthy (a safety sweep for lost messages,
     /// retries and expired leases); `worker.poll_interval_ms` applies while it is not.
     pub safety_sweep_ms: u64,
-    /// One relay publishes at a time (per-batch order); its lease lasts this long and
-    /// another process's relay takes over when it lapses.
+    /// One relay publishes at a time (per-batch order); its lease lasts this long (at
+    /// least twice `confirm_timeout_ms`) and another process's relay takes over when it
+    /// lapses.
     pub relay_lease_ms: u64,
 }
 

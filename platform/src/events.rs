@@ -92,28 +92,22 @@ impl Publisher {
         }
     }
 
-    /// Publishes `rows` in order; returns how many from the start were delivered, and why
-    /// the next was not.
-    async fn publish(&self, rows: &[OutboxRow]) -> (usize, Option<Error>) {
-        let (done, error) = match self {
-            Publisher::InProcess(_) => (rows.len(), None),
-            Publisher::Broker { broker, .. } => {
-                let report = broker.publish(rows).await;
-                (report.confirmed, report.error)
-            }
-        };
+    /// Tells this process's subscribers about relayed rows.
+    fn notify_local(&self, rows: &[OutboxRow]) {
+        let local = self.local();
         // Parsing is only worth it for a listener (the relay may run without any).
-        let listened = self.local().receiver_count() > 0;
-        for row in rows[..done].iter().filter(|_| listened) {
+        if local.receiver_count() == 0 {
+            return;
+        }
+        for row in rows {
             match serde_json::from_str::<Envelope>(&row.body) {
-                // No subscriber is not an error: the event is still recorded in SQL.
+                // No subscriber left is not an error: the event is still recorded in SQL.
                 Ok(env) => {
-                    let _ = self.local().send(Arc::new(env));
+                    let _ = local.send(Arc::new(env));
                 }
                 Err(e) => tracing::warn!(id = row.id, error = %e, "outbox row is not an envelope"),
             }
         }
-        (done, error)
     }
 }
 
@@ -123,8 +117,10 @@ pub struct RelaySettings {
     pub poll_interval: Duration,
     pub retention: Duration,
     pub batch_size: u32,
-    /// With a broker: how long the relay lease lasts (renewed at a third of it).
+    /// With a broker: how long the relay lease lasts (renewed at a third of it), and how
+    /// long a publish may wait for its confirm.
     pub lease: Duration,
+    pub confirm_timeout: Duration,
 }
 
 /// The relay lease, as this relay sees it.
@@ -132,6 +128,7 @@ struct RelayLease {
     owner: String,
     held_until: Option<Instant>,
     lease: Duration,
+    confirm_timeout: Duration,
 }
 
 impl RelayLease {
@@ -167,6 +164,7 @@ pub async fn run_relay(
         owner: format!("relay-{}", ulid::Ulid::new()),
         held_until: None,
         lease: settings.lease,
+        confirm_timeout: settings.confirm_timeout,
     });
     let mut last_prune = Instant::now();
     let mut failing = false;
@@ -177,7 +175,8 @@ pub async fn run_relay(
                     tracing::info!("outbox relay publishing again");
                     failing = false;
                 }
-                if n == settings.batch_size as usize {
+                // A full round may have left more behind (or stopped at its deadline).
+                if n >= settings.batch_size as usize {
                     continue;
                 }
             }
@@ -228,27 +227,47 @@ async fn relay_round(
     {
         return Err(Error::Broker("not connected".into()));
     }
-    if let Some(lease) = lease
-        && !lease.hold(db).await?
-    {
-        // Another process's relay publishes; this one stands by.
-        return Ok(0);
+    let mut until = None;
+    if let Some(lease) = lease {
+        if !lease.hold(db).await? {
+            // Another process's relay publishes; this one stands by.
+            return Ok(0);
+        }
+        // Stop reading rows while the lease still covers the last confirms' wait.
+        until = lease.held_until.map(|held| {
+            held.checked_sub(lease.confirm_timeout)
+                .unwrap_or_else(Instant::now)
+        });
     }
-    relay_once(db, publisher, limit).await
+    relay_until(db, publisher, limit, until).await
 }
 
-/// One round: publish up to `limit` rows; returns how many were published and marked.
+/// One round: relays what is in the outbox (with a broker: until it is drained, `limit`
+/// rows per read; in process: up to `limit` rows); returns how many were published.
 pub async fn relay_once(db: &Db, publisher: &Publisher, limit: u32) -> Result<usize> {
-    let rows = db.unpublished_events(limit).await?;
-    if rows.is_empty() {
-        return Ok(0);
-    }
-    let (done, error) = publisher.publish(&rows).await;
-    let ids: Vec<i64> = rows[..done].iter().map(|r| r.id).collect();
-    db.mark_published(&ids).await?;
+    relay_until(db, publisher, limit, None).await
+}
+
+async fn relay_until(
+    db: &Db,
+    publisher: &Publisher,
+    limit: u32,
+    until: Option<Instant>,
+) -> Result<usize> {
+    let done = match publisher {
+        Publisher::InProcess(_) => {
+            let rows = db.unpublished_events(limit, &[]).await?;
+            publisher.notify_local(&rows);
+            let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
+            db.mark_published(&ids).await?;
+            rows.len()
+        }
+        Publisher::Broker { broker, .. } => {
+            broker
+                .relay(db, limit, until, &|rows| publisher.notify_local(rows))
+                .await?
+        }
+    };
     metrics::counter!("dataflow_outbox_published_total").increment(done as u64);
-    match error {
-        Some(e) => Err(e),
-        None => Ok(done),
-    }
+    Ok(done)
 }

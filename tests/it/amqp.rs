@@ -572,7 +572,7 @@ async fn the_outbox_marks_exact_ids_and_one_relay_holds_the_lease(b: Backend) {
         .unwrap();
     }
     let ids: Vec<i64> = db
-        .unpublished_events(10)
+        .unpublished_events(10, &[])
         .await
         .unwrap()
         .iter()
@@ -582,13 +582,18 @@ async fn the_outbox_marks_exact_ids_and_one_relay_holds_the_lease(b: Backend) {
     // Only the ids handed over, never the rows between them.
     assert_eq!(db.mark_published(&[ids[0], ids[2]]).await.unwrap(), 2);
     let left: Vec<i64> = db
-        .unpublished_events(10)
+        .unpublished_events(10, &[])
         .await
         .unwrap()
         .iter()
         .map(|r| r.id)
         .collect();
     assert_eq!(left, [ids[1], ids[3]]);
+    let not_in_flight = db.unpublished_events(10, &[ids[1]]).await.unwrap();
+    assert_eq!(
+        not_in_flight.iter().map(|r| r.id).collect::<Vec<_>>(),
+        [ids[3]]
+    );
     assert_eq!(db.mark_published(&[ids[0]]).await.unwrap(), 0, "idempotent");
 
     assert!(db.take_relay_lease("a", 10_000).await.unwrap());
