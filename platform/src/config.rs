@@ -139,7 +139,8 @@ pub struct WorkerConfig {
     pub chunk_size: usize,
     /// Lease length; every chunk renews it.
     pub lease_secs: u64,
-    /// SQL polling interval when no wake-up arrives.
+    /// SQL polling interval when no wake-up arrives (with a broker: while it is
+    /// unreachable; `amqp.safety_sweep_ms` while it is healthy).
     pub poll_interval_ms: u64,
     /// Attempts before a batch is `dead`.
     pub max_attempts: u32,

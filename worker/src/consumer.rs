@@ -107,7 +107,7 @@ async fn handle(worker: &Worker, delivery: Delivery, shutdown: &CancellationToke
             match worker.claim_batch(&env.batch_id).await {
                 Ok(Claim::Taken(lease)) => {
                     worker.stats.delivery_claims.fetch_add(1, Ordering::Relaxed);
-                    worker.spawn_process(lease, slot);
+                    worker.spawn_process(*lease, slot);
                     Verdict::Ack
                 }
                 Ok(Claim::Held | Claim::NotClaimable) => Verdict::Ack,

@@ -51,7 +51,7 @@ pub enum Outcome {
 /// What a claim of one named batch (a `BatchReady` delivery) found.
 #[derive(Debug)]
 pub enum Claim {
-    Taken(Lease),
+    Taken(Box<Lease>),
     /// Another worker holds it (its mutex or an unexpired lease).
     Held,
     /// It exists but is not claimable: done, dead, rejected, awaiting approval, or due later.
@@ -224,7 +224,7 @@ impl Worker {
                 if let Some(lock) = lock {
                     self.locks_held().insert((id.clone(), lease.epoch), lock);
                 }
-                Ok(Claim::Taken(lease))
+                Ok(Claim::Taken(Box::new(lease)))
             }
             Ok(None) => {
                 release(lock).await;
