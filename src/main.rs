@@ -11,8 +11,10 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    // lapin warns with the whole message for every unroutable return; the relay counts
+    // those itself (`dataflow_amqp_unroutable_total`) and retries the ones that matter.
     let filter = EnvFilter::try_from_env("DATAFLOW_LOG")
-        .unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn"));
+        .unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn,lapin::returned_messages=error"));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

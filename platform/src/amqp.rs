@@ -383,6 +383,11 @@ fn quorum() -> FieldTable {
 }
 
 /// Waits for the oldest publish in flight; on success it joins `acked`.
+///
+/// lapin hands a returned message to whichever confirm it resolves next, not necessarily
+/// the returned publish's own, so a return is identified by its own routing key and message
+/// id: a returned `batch.ready` fails the round at that row (it and what follows are
+/// retried), while returns of other keys are only counted.
 async fn settle_front(
     inflight: &mut VecDeque<(OutboxRow, PublisherConfirm)>,
     acked: &mut Vec<OutboxRow>,
@@ -391,28 +396,35 @@ async fn settle_front(
     let Some((row, confirm)) = inflight.pop_front() else {
         return Ok(());
     };
-    settle(&row, confirm, timeout).await?;
+    let what = |m: &str| Error::Broker(format!("outbox row {} ({}): {m}", row.id, row.routing_key));
+    let returned = match tokio::time::timeout(timeout, confirm).await {
+        Err(_) => return Err(what("no confirm within the timeout")),
+        Ok(Err(e)) => return Err(what(&e.to_string())),
+        Ok(Ok(Confirmation::Nack(_))) => return Err(what("nacked by the broker")),
+        Ok(Ok(Confirmation::Ack(returned))) => returned,
+        Ok(Ok(Confirmation::NotRequested)) => None,
+    };
+    if let Some(ret) = returned {
+        let key = ret.delivery.routing_key.as_str();
+        if key == READY_KEY {
+            let id = ret
+                .delivery
+                .properties
+                .message_id()
+                .clone()
+                .unwrap_or_default();
+            if let Some(pos) = acked.iter().position(|r| r.event_id == id.as_str()) {
+                acked.truncate(pos);
+            }
+            return Err(Error::Broker(format!(
+                "{READY_KEY} event {id} returned unroutable: the ready queue is not bound"
+            )));
+        }
+        metrics::counter!("dataflow_amqp_unroutable_total", "routing_key" => key.to_owned())
+            .increment(1);
+    }
     acked.push(row);
     Ok(())
-}
-
-/// One confirm: an ack is success, except a returned `batch.ready` (no queue: retry).
-async fn settle(row: &OutboxRow, confirm: PublisherConfirm, timeout: Duration) -> Result<()> {
-    let what = |m: &str| Error::Broker(format!("outbox row {} ({}): {m}", row.id, row.routing_key));
-    match tokio::time::timeout(timeout, confirm).await {
-        Err(_) => Err(what("no confirm within the timeout")),
-        Ok(Err(e)) => Err(what(&e.to_string())),
-        Ok(Ok(Confirmation::Nack(_))) => Err(what("nacked by the broker")),
-        Ok(Ok(Confirmation::Ack(Some(_)))) if row.routing_key == READY_KEY => {
-            Err(what("returned unroutable: the ready queue is not bound"))
-        }
-        Ok(Ok(Confirmation::Ack(Some(_)))) => {
-            metrics::counter!("dataflow_amqp_unroutable_total", "routing_key" => row.routing_key.clone())
-                .increment(1);
-            Ok(())
-        }
-        Ok(Ok(Confirmation::Ack(None) | Confirmation::NotRequested)) => Ok(()),
-    }
 }
 
 /// Logs the first failure and then one in twenty, so an absent broker does not flood logs.

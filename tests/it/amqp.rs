@@ -13,6 +13,7 @@ use dataflow_contracts::{BatchId, BatchStatus, ClientId, ImportId};
 use dataflow_platform::Config;
 use dataflow_platform::amqp::Names;
 use dataflow_platform::config::Secret;
+use dataflow_platform::events::Mode;
 use futures::StreamExt;
 use lapin::options::{
     BasicConsumeOptions, BasicGetOptions, BasicPublishOptions, BasicQosOptions,
@@ -32,6 +33,7 @@ backend_tests!(
     poison_messages_end_in_the_dead_letter_queue,
     the_outbox_marks_exact_ids_and_one_relay_holds_the_lease,
     amqps_failure_is_an_error_and_polling_carries_on,
+    a_returned_batch_ready_is_published_again_after_the_topology_is_restored,
 );
 
 /// The test's own view of the broker: a direct connection (never through the proxy) and
@@ -647,4 +649,67 @@ async fn amqps_failure_is_an_error_and_polling_carries_on(b: Backend) {
     t.wait_for(&key, &id, BatchStatus::Completed).await;
     t.stop().await;
     server.abort();
+}
+
+/// Someone removes the ready queue's binding: the relay's `mandatory` publish of
+/// `batch.ready` comes back unroutable, is not marked published, and after the relay's
+/// fresh link declared the topology again it is delivered; with the safety sweep at a
+/// minute, only that delivery can start the batch in time.
+async fn a_returned_batch_ready_is_published_again_after_the_topology_is_restored(b: Backend) {
+    let Some(broker) = TestBroker::new().await else {
+        return;
+    };
+    let api = spawn_tweaked(b, &broker, Roles::API, None, |c| {
+        c.amqp.safety_sweep_ms = 60_000;
+    })
+    .await;
+    wait_mode(&api, "broker").await;
+    let worker = api.sibling(Roles::WORKER).await;
+    wait_mode_of(&worker, Mode::Broker).await;
+    let (_, key) = api.client(json!({})).await;
+    let first = api.import(&key, "text/csv", csv("bound", 3)).await.batch_id;
+    api.wait_for(&key, &first, BatchStatus::Completed).await;
+
+    broker
+        .ch
+        .queue_unbind(
+            broker.names.ready_queue.as_str().into(),
+            broker.names.exchange.as_str().into(),
+            "batch.ready".into(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let id = api
+        .import(&key, "text/csv", csv("unbound", 3))
+        .await
+        .batch_id;
+    api.wait_for(&key, &id, BatchStatus::Completed).await;
+    assert_eq!(api.completions(&id).await, 1);
+    wait_backlog(&api, 0).await;
+    let stats = worker
+        .app
+        .as_ref()
+        .unwrap()
+        .worker
+        .as_ref()
+        .unwrap()
+        .stats();
+    assert_eq!(
+        stats.delivery_claims.load(Ordering::Relaxed),
+        2,
+        "both batches were taken from a batch.ready delivery"
+    );
+    worker.stop().await;
+    api.stop().await;
+    broker.cleanup().await;
+}
+
+/// Waits (up to 15 s) until a process without HTTP reaches `mode`.
+async fn wait_mode_of(t: &TestApp, want: Mode) {
+    let mut mode = t.app.as_ref().unwrap().backends.mode.subscribe();
+    tokio::time::timeout(Duration::from_secs(15), mode.wait_for(|m| *m == want))
+        .await
+        .expect("mode reached in time")
+        .unwrap();
 }
