@@ -119,6 +119,8 @@ pub enum BenchCmd {
     Limiter(crate::bench::LimiterArgs),
     /// Job queue throughput (no-op jobs through SQL and Redis) and idle pickup latency.
     Jobs(crate::bench::jobs::JobsArgs),
+    /// RabbitMQ: commit → worker start (broker vs polling) and relay events/s vs raw lapin.
+    Amqp(crate::bench::amqp::AmqpArgs),
 }
 
 /// Loads config for operator commands (which touch only the ledger).

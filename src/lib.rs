@@ -1,6 +1,7 @@
 //! DataFlow: the wiring of one process. [`App::start`] is the whole system on one page:
 //! it builds the backends, then starts the roles this process plays (HTTP API, worker,
-//! outbox relay) and stops them together.
+//! outbox relay, and with `AMQP_URL` the RabbitMQ link and the `batch.ready` consumer) and
+//! stops them together.
 //!
 //! Layout of the repository (each concern in its own crate):
 //! - `contracts/`: wire types (ids, events, policy, HTTP bodies);
@@ -21,8 +22,8 @@ use dataflow_api::AppState;
 use dataflow_contracts::jobs::JobKind;
 use dataflow_platform::events::{self, RelaySettings};
 use dataflow_platform::{Backends, Config};
-use dataflow_worker::Worker;
 use dataflow_worker::jobs::{self, JobsSetup, handlers::Handlers};
+use dataflow_worker::{WakeUps, Worker};
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -79,7 +80,13 @@ impl App {
             poll_interval: Duration::from_millis(config.outbox.poll_interval_ms),
             retention: Duration::from_secs(config.outbox.retention_secs),
             batch_size: config.outbox.batch_size,
+            lease: Duration::from_millis(config.amqp.relay_lease_ms),
+            confirm_timeout: Duration::from_millis(config.amqp.confirm_timeout_ms),
         };
+        // The broker link (reconnecting with backoff) is shared by the relay and the consumer.
+        if let Some(broker) = &backends.broker {
+            tasks.spawn(broker.clone().run(shutdown.clone()));
+        }
         tasks.spawn(events::run_relay(
             backends.db.clone(),
             backends.publisher.clone(),
@@ -101,8 +108,19 @@ impl App {
         });
         if let Some(worker) = &worker {
             // Subscribe before anything can publish, so no wake-up is missed.
-            let events = backends.publisher.subscribe();
-            tasks.spawn(worker.clone().run(events, shutdown.clone()));
+            let wake = WakeUps {
+                events: backends.publisher.subscribe(),
+                mode: backends.mode.subscribe(),
+                safety_sweep: Duration::from_millis(config.amqp.safety_sweep_ms),
+            };
+            tasks.spawn(worker.clone().run(wake, shutdown.clone()));
+            if let Some(broker) = &backends.broker {
+                tasks.spawn(dataflow_worker::consumer::run(
+                    worker.clone(),
+                    broker.clone(),
+                    shutdown.clone(),
+                ));
+            }
             // Follow-up jobs (email, report, webhook) run beside the batch worker.
             let setup = JobsSetup {
                 db: backends.db.clone(),

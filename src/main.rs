@@ -11,8 +11,10 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    // lapin warns with the whole message for every unroutable return; the relay counts
+    // those itself (`dataflow_amqp_unroutable_total`) and retries the ones that matter.
     let filter = EnvFilter::try_from_env("DATAFLOW_LOG")
-        .unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn"));
+        .unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn,lapin::returned_messages=error"));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -49,6 +51,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             return dataflow::bench::limiter(args).await;
         }
         Command::Bench(cli::BenchCmd::Jobs(args)) => return dataflow::bench::jobs::run(args).await,
+        Command::Bench(cli::BenchCmd::Amqp(args)) => return dataflow::bench::amqp::run(args).await,
     };
     let app = App::start(config.clone(), roles, None).await?;
     if roles.api {

@@ -6,7 +6,9 @@
 //!  "batch_id":"bat_01J…","client_id":"cli_01J…",
 //!  "payload":{"records_total":3,"records_written":2,"records_unchanged":0,"records_failed":1,"duration_ms":12}}
 //! ```
-//! Events are small: ids and counts, never the records themselves.
+//! Events are small: ids and counts, never the records themselves. The JSON Schema of the
+//! envelope and of every payload is `contracts/schema/events.schema.json`; a test checks
+//! that what this code writes matches it.
 
 use serde::{Deserialize, Serialize};
 
@@ -121,6 +123,7 @@ pub struct BatchDead {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::Value;
 
     #[test]
     fn envelope_round_trips_with_documented_shape() {
@@ -146,9 +149,8 @@ mod tests {
         assert_eq!(back, env);
     }
 
-    #[test]
-    fn every_event_round_trips() {
-        let events = [
+    fn all_six() -> Vec<Event> {
+        vec![
             Event::BatchCreated(BatchCreated {
                 import_id: ImportId::generate(),
                 format: ImportFormat::Csv,
@@ -157,6 +159,13 @@ mod tests {
             }),
             Event::BatchReady(BatchReady {
                 import_id: ImportId::generate(),
+            }),
+            Event::BatchCompleted(BatchCompleted {
+                records_total: 3,
+                records_written: 2,
+                records_unchanged: 0,
+                records_failed: 1,
+                duration_ms: 12,
             }),
             Event::BatchFailed(BatchFailed {
                 attempt: 1,
@@ -168,12 +177,104 @@ mod tests {
                 attempts: 5,
                 error: "e".into(),
             }),
-        ];
-        for ev in events {
+        ]
+    }
+
+    #[test]
+    fn every_event_round_trips() {
+        for ev in all_six() {
             let env = Envelope::new(BatchId::generate(), ClientId::generate(), 1, ev);
             let json = serde_json::to_string(&env).unwrap();
             assert!(json.contains(env.event.kind()));
             assert_eq!(serde_json::from_str::<Envelope>(&json).unwrap(), env);
         }
+    }
+
+    const SCHEMA: &str = include_str!("../schema/events.schema.json");
+
+    /// The subset of JSON Schema the events schema uses: `type`, `required`, `properties`,
+    /// `additionalProperties: false`, `enum`, `const`, `minimum`, `$ref` and `oneOf`
+    /// (`pattern` and `format` are documentation here).
+    fn check(schema: &Value, root: &Value, v: &Value) -> Result<(), String> {
+        let schema = match schema.get("$ref").and_then(Value::as_str) {
+            Some(r) => {
+                let name = r.trim_start_matches("#/$defs/");
+                &root["$defs"][name]
+            }
+            None => schema,
+        };
+        match schema.get("type").and_then(Value::as_str) {
+            Some("object") if !v.is_object() => return Err(format!("{v} is not an object")),
+            Some("string") if !v.is_string() => return Err(format!("{v} is not a string")),
+            Some("integer") if !(v.is_u64() || v.is_i64()) => {
+                return Err(format!("{v} is not an integer"));
+            }
+            _ => {}
+        }
+        if let Some(min) = schema.get("minimum").and_then(Value::as_i64)
+            && v.as_i64().is_some_and(|n| n < min)
+        {
+            return Err(format!("{v} is below {min}"));
+        }
+        if let Some(c) = schema.get("const")
+            && c != v
+        {
+            return Err(format!("{v} is not {c}"));
+        }
+        if let Some(options) = schema.get("enum").and_then(Value::as_array)
+            && !options.contains(v)
+        {
+            return Err(format!("{v} is not one of {options:?}"));
+        }
+        let props = schema.get("properties").and_then(Value::as_object);
+        if let (Some(obj), Some(props)) = (v.as_object(), props) {
+            for req in schema["required"].as_array().into_iter().flatten() {
+                let req = req.as_str().unwrap_or_default();
+                if !obj.contains_key(req) {
+                    return Err(format!("missing {req}"));
+                }
+            }
+            for (k, field) in obj {
+                match props.get(k) {
+                    Some(s) => check(s, root, field).map_err(|e| format!("{k}: {e}"))?,
+                    None if schema["additionalProperties"] == false => {
+                        return Err(format!("unexpected field {k}"));
+                    }
+                    None => {}
+                }
+            }
+        }
+        if let Some(branches) = schema.get("oneOf").and_then(Value::as_array) {
+            let matching = branches
+                .iter()
+                .filter(|b| check(b, root, v).is_ok())
+                .count();
+            if matching != 1 {
+                return Err(format!("{matching} oneOf branches match {v}"));
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn every_event_matches_the_published_json_schema() {
+        let root: Value = serde_json::from_str(SCHEMA).unwrap();
+        for ev in all_six() {
+            let env = Envelope::new(BatchId::generate(), ClientId::generate(), 1, ev);
+            let v = serde_json::to_value(&env).unwrap();
+            check(&root, &root, &v).unwrap_or_else(|e| panic!("{}: {e}", env.event.kind()));
+        }
+        // The checker does reject what the schema forbids.
+        let ready = Envelope::new(
+            BatchId::generate(),
+            ClientId::generate(),
+            1,
+            all_six().swap_remove(1),
+        );
+        let mut v = serde_json::to_value(&ready).unwrap();
+        v["payload"] = serde_json::json!({"records": 1});
+        assert!(check(&root, &root, &v).is_err());
+        v["type"] = "BatchLost".into();
+        assert!(check(&root, &root, &v).is_err());
     }
 }

@@ -10,21 +10,27 @@
 //! | batch mutex | Redlock, fenced by the SQL lease epoch | the SQL lease alone |
 //! | job queue | Redis lists (or apalis-redis) fed from the SQL intents | workers claim the SQL intents |
 //! | mail | SMTP when `jobs.smtp_url` is set | `.eml` files in `<data_dir>/mail` |
+//!
+//! | part | with `amqp_url` | without |
+//! | --- | --- | --- |
+//! | events | RabbitMQ topic exchange with confirms, then the in-process bus | the in-process bus |
+//! | worker wake-up | `batch.ready` consumer; SQL swept every `amqp.safety_sweep_ms` | SQL polling |
 
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
-use tokio::sync::Notify;
+use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 
+use crate::amqp::Broker;
 use crate::cache::{Cache, SharedTier};
 use crate::config::RedisQueue;
 use crate::config::{Config, Secret};
 use crate::db::{ClientRecord, Db, KeyRecord};
 use crate::dedup::DedupFastPath;
-use crate::events::Publisher;
+use crate::events::{Mode, Publisher};
 use crate::jobqueue::{ApalisQueues, JobQueues, RedisJobQueue};
 use crate::keys::{self, KeyHasher};
 use crate::limiter::{InProcessLimiter, Limiter, RedisLimiter};
@@ -49,6 +55,10 @@ pub struct Backends {
     pub dedup: DedupFastPath,
     pub mutex: Arc<BatchMutex>,
     pub publisher: Publisher,
+    /// The RabbitMQ link, when `amqp_url` is set (its supervisor runs in `App::start`).
+    pub broker: Option<Arc<Broker>>,
+    /// How batches reach workers now; the broker moves it between `broker` and `polling`.
+    pub mode: watch::Sender<Mode>,
     /// Signalled after a commit that wrote outbox rows, so the relay runs at once.
     pub outbox_wake: Arc<Notify>,
     pub hasher: KeyHasher,
@@ -62,7 +72,7 @@ pub struct Backends {
 impl Backends {
     /// Connects and migrates the ledger, connects Redis when configured, builds the rest.
     pub async fn build(config: &Config) -> Result<Arc<Backends>> {
-        // TLS (`rediss://`) needs one process-wide crypto provider; name it rather than rely
+        // TLS (`rediss://`, `amqps://`) needs one process-wide crypto provider; name it rather than rely
         // on crate features, which change as dependencies are added. Already set is fine.
         let _ = rustls::crypto::ring::default_provider().install_default();
         let db = Db::connect(&config.database_url(), config.db_max_connections)
@@ -137,6 +147,16 @@ impl Backends {
             Duration::from_millis(config.jobs.webhook_timeout_ms),
             config.jobs.webhook_allow_private,
         )?;
+        let mode = watch::channel(Mode::Embedded).0;
+        let broker = config
+            .amqp_url
+            .as_ref()
+            .map(|url| Arc::new(Broker::new(url.clone(), config.amqp.clone(), mode.clone())));
+        mode.borrow().record();
+        let publisher = match &broker {
+            Some(b) => Publisher::broker(b.clone()),
+            None => Publisher::in_process(),
+        };
         Ok(Arc::new(Backends {
             job_queue: redis.clone().map(|r| match config.jobs.redis_queue {
                 RedisQueue::Lists => RedisJobQueue::Lists(JobQueues::new(r)),
@@ -156,7 +176,9 @@ impl Backends {
             lockout,
             dedup,
             mutex: Arc::new(mutex),
-            publisher: Publisher::in_process(),
+            publisher,
+            broker,
+            mode,
             outbox_wake: Arc::new(Notify::new()),
             hasher: KeyHasher::new(secret.expose()),
             admin_token,

@@ -1,7 +1,7 @@
 //! Configuration: built-in defaults, then an optional TOML file, then the environment,
 //! merged into one struct and validated once at startup.
 //!
-//! Environment names: `DATABASE_URL` for the ledger, and `DATAFLOW_<KEY>` or
+//! Environment names: `DATABASE_URL` for the ledger, `REDIS_URL`, `AMQP_URL`, `SMTP_URL`, and `DATAFLOW_<KEY>` or
 //! `DATAFLOW_<SECTION>__<KEY>` for everything else (`DATAFLOW_WORKER__CONCURRENCY=8`).
 //! Values are read as TOML scalars (`8`, `true`) and otherwise as strings. Unknown keys are
 //! errors, so a misspelt variable does not silently fall back to a default.
@@ -44,6 +44,10 @@ pub struct Config {
     /// The Redis servers the batch mutex locks on (Redlock: a lock needs N/2+1 of them);
     /// independent servers, not replicas. Empty: `redis_url` alone.
     pub redlock_urls: Vec<Secret>,
+    /// `amqp://` or `amqps://` (TLS) RabbitMQ URL with credentials and vhost. Unset: events
+    /// stay in process and workers find batches by SQL polling.
+    pub amqp_url: Option<Secret>,
+    pub amqp: AmqpConfig,
     pub api: ApiConfig,
     pub worker: WorkerConfig,
     pub outbox: OutboxConfig,
@@ -64,6 +68,8 @@ impl Default for Config {
             redis_ca_file: None,
             redis_cache_url: None,
             redlock_urls: Vec::new(),
+            amqp_url: None,
+            amqp: AmqpConfig::default(),
             api: ApiConfig::default(),
             worker: WorkerConfig::default(),
             outbox: OutboxConfig::default(),
@@ -141,7 +147,8 @@ pub struct WorkerConfig {
     pub chunk_size: usize,
     /// Lease length; every chunk renews it.
     pub lease_secs: u64,
-    /// SQL polling interval when no wake-up arrives.
+    /// SQL polling interval when no wake-up arrives (with a broker: while it is
+    /// unreachable; `amqp.safety_sweep_ms` while it is healthy).
     pub poll_interval_ms: u64,
     /// Attempts before a batch is `dead`.
     pub max_attempts: u32,
@@ -184,6 +191,59 @@ impl Default for OutboxConfig {
             poll_interval_ms: 1_000,
             retention_secs: 7 * 24 * 3600,
             batch_size: 500,
+        }
+    }
+}
+
+/// The RabbitMQ tier (used only with `amqp_url`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AmqpConfig {
+    /// Put before every exchange and queue name (isolates tests and deployments on one vhost).
+    pub prefix: String,
+    /// Durable topic exchange the outbox relay publishes to (routing keys `batch.<state>`).
+    pub exchange: String,
+    /// Quorum queue of `batch.ready` that workers consume.
+    pub ready_queue: String,
+    /// Where rejected and over-delivered `batch.ready` messages go, and the queue behind it.
+    pub dead_letter_exchange: String,
+    pub dead_letter_queue: String,
+    /// Deliveries of one message before the broker dead-letters it (`x-delivery-limit`).
+    pub delivery_limit: u32,
+    /// Unacknowledged deliveries per consumer; never more than `worker.concurrency`.
+    pub prefetch: u16,
+    /// Publishes awaiting their confirm at once (pipelined publisher confirms).
+    pub confirm_window: usize,
+    /// A publish not confirmed within this long is treated as failed and retried.
+    pub confirm_timeout_ms: u64,
+    /// Reconnect backoff: doubles from min to max while the broker is unreachable.
+    pub reconnect_min_ms: u64,
+    pub reconnect_max_ms: u64,
+    /// SQL polling interval while the broker is healthy (a safety sweep for lost messages,
+    /// retries and expired leases); `worker.poll_interval_ms` applies while it is not.
+    pub safety_sweep_ms: u64,
+    /// One relay publishes at a time (per-batch order); its lease lasts this long (at
+    /// least twice `confirm_timeout_ms`) and another process's relay takes over when it
+    /// lapses.
+    pub relay_lease_ms: u64,
+}
+
+impl Default for AmqpConfig {
+    fn default() -> Self {
+        Self {
+            prefix: String::new(),
+            exchange: "dataflow.events".to_owned(),
+            ready_queue: "dataflow.batch-ready".to_owned(),
+            dead_letter_exchange: "dataflow.dead-letter".to_owned(),
+            dead_letter_queue: "dataflow.dead-letter".to_owned(),
+            delivery_limit: 5,
+            prefetch: 64,
+            confirm_window: 1_000,
+            confirm_timeout_ms: 5_000,
+            reconnect_min_ms: 100,
+            reconnect_max_ms: 5_000,
+            safety_sweep_ms: 30_000,
+            relay_lease_ms: 10_000,
         }
     }
 }
@@ -327,6 +387,8 @@ impl Config {
                 vec!["database_url".into()]
             } else if name == "REDIS_URL" {
                 vec!["redis_url".into()]
+            } else if name == "AMQP_URL" {
+                vec!["amqp_url".into()]
             } else if name == "SMTP_URL" {
                 vec!["jobs".into(), "smtp_url".into()]
             } else if let Some(rest) = name.strip_prefix("DATAFLOW_") {
@@ -432,6 +494,30 @@ impl Config {
             && (self.redis_cache_url.is_some() || !self.redlock_urls.is_empty())
         {
             return bad("redis_cache_url and redlock_urls need redis_url");
+        }
+        if let Some(url) = &self.amqp_url
+            && !(url.expose().starts_with("amqp://") || url.expose().starts_with("amqps://"))
+        {
+            return bad("amqp_url must start with amqp:// or amqps://");
+        }
+        let amqp = &self.amqp;
+        if amqp.delivery_limit == 0 || amqp.prefetch == 0 || amqp.confirm_window == 0 {
+            return bad(
+                "amqp.delivery_limit, amqp.prefetch and amqp.confirm_window must be at least 1",
+            );
+        }
+        if amqp.reconnect_min_ms == 0 || amqp.reconnect_max_ms < amqp.reconnect_min_ms {
+            return bad(
+                "amqp.reconnect_min_ms must be at least 1 and at most amqp.reconnect_max_ms",
+            );
+        }
+        if amqp.confirm_timeout_ms == 0 || amqp.relay_lease_ms <= amqp.confirm_timeout_ms {
+            return bad(
+                "amqp.relay_lease_ms must be longer than amqp.confirm_timeout_ms (at least 1)",
+            );
+        }
+        if amqp.safety_sweep_ms == 0 {
+            return bad("amqp.safety_sweep_ms must be at least 1");
         }
         if self.redis_prefix.is_empty() || self.redis_prefix.contains(char::is_whitespace) {
             return bad("redis_prefix must be non-empty without spaces");
@@ -551,6 +637,16 @@ mod tests {
             toml::Value::try_from(defaults).unwrap(),
             "dataflow.example.toml documents the defaults; keep them in step"
         );
+    }
+
+    #[test]
+    fn amqp_url_from_env_and_checked() {
+        let c =
+            Config::from_sources(None, env(&[("AMQP_URL", "amqps://u:p@mq:5671/%2f")])).unwrap();
+        assert_eq!(c.amqp_url.unwrap().expose(), "amqps://u:p@mq:5671/%2f");
+        assert!(Config::from_sources(None, env(&[("AMQP_URL", "http://mq")])).is_err());
+        let short_lease = env(&[("DATAFLOW_AMQP__RELAY_LEASE_MS", "10")]);
+        assert!(Config::from_sources(None, short_lease).is_err());
     }
 
     #[test]

@@ -30,6 +30,10 @@ pub enum Error {
     #[error("redis: {0}")]
     Redis(#[from] redis::RedisError),
 
+    /// RabbitMQ refused, lost or did not confirm something; the outbox retries it.
+    #[error("broker: {0}")]
+    Broker(String),
+
     #[error("migration: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
 

@@ -1,23 +1,72 @@
 //! Publishing outbox events, and the relay that drains the outbox into a publisher.
 //!
 //! The in-process bus is the embedded backend: subscribers in this process (the worker's
-//! wake-up) hear about events right after their transaction commits. A broker backend
-//! plugs into [`Publisher`] beside it.
+//! wake-up, the job relay's) hear about events right after their transaction commits. With
+//! a broker the relay publishes to RabbitMQ with confirms and, after each ack, tells the
+//! in-process subscribers too, so they keep working unchanged.
+//!
+//! Ordering and duplicates with several processes: with a broker, one relay publishes at a
+//! time, under a lease in SQL (`outbox_relay`), and stops at the first row the broker did
+//! not ack, so the events of one batch leave in commit order. (Rows of one batch commit in
+//! id order: each is written after its transaction updated the batch row, which serialises
+//! them.) A row is marked published only after its ack, by its own id. A duplicate is
+//! published only when a relay dies or stalls past its lease between the ack and the mark;
+//! consumers deduplicate by event id or, for `BatchReady`, by the fenced claim. The
+//! in-process bus needs no lease: it only wakes this process's own tasks.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use dataflow_contracts::events::Envelope;
 use tokio::sync::{Notify, broadcast};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::amqp::Broker;
 use crate::db::{Db, OutboxRow};
 use crate::{Error, Result};
+
+/// How batches reach workers right now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// No broker configured: in-process wake-ups and SQL polling.
+    Embedded,
+    /// The broker is connected: `BatchReady` wakes workers; SQL is swept rarely.
+    Broker,
+    /// A broker is configured but unreachable: workers poll SQL at the short interval.
+    Polling,
+}
+
+impl Mode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Embedded => "embedded",
+            Mode::Broker => "broker",
+            Mode::Polling => "polling",
+        }
+    }
+
+    /// Sets the `dataflow_events_mode{mode}` gauge: 1 for this mode, 0 for the others.
+    pub fn record(self) {
+        for m in [Mode::Embedded, Mode::Broker, Mode::Polling] {
+            metrics::gauge!("dataflow_events_mode", "mode" => m.as_str()).set(if m == self {
+                1.0
+            } else {
+                0.0
+            });
+        }
+    }
+}
 
 /// Where relayed events go.
 #[derive(Clone)]
 pub enum Publisher {
     InProcess(broadcast::Sender<Arc<Envelope>>),
+    /// RabbitMQ first; in-process subscribers hear each event after its ack.
+    Broker {
+        broker: Arc<Broker>,
+        local: broadcast::Sender<Arc<Envelope>>,
+    },
 }
 
 impl Publisher {
@@ -25,34 +74,81 @@ impl Publisher {
         Publisher::InProcess(broadcast::channel(1024).0)
     }
 
-    /// Listen to events published from now on (in-process bus only).
-    pub fn subscribe(&self) -> broadcast::Receiver<Arc<Envelope>> {
-        match self {
-            Publisher::InProcess(tx) => tx.subscribe(),
+    pub fn broker(broker: Arc<Broker>) -> Self {
+        Publisher::Broker {
+            broker,
+            local: broadcast::channel(1024).0,
         }
     }
 
-    async fn publish(&self, rows: &[OutboxRow]) -> Result<()> {
+    /// Listen to events relayed by this process from now on.
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<Envelope>> {
+        self.local().subscribe()
+    }
+
+    fn local(&self) -> &broadcast::Sender<Arc<Envelope>> {
         match self {
-            Publisher::InProcess(tx) => {
-                for row in rows {
-                    let env: Envelope = serde_json::from_str(&row.body)
-                        .map_err(|e| Error::Invalid(format!("outbox row {}: {e}", row.id)))?;
-                    // No subscriber is not an error: the event is still recorded in SQL.
-                    let _ = tx.send(Arc::new(env));
+            Publisher::InProcess(tx) | Publisher::Broker { local: tx, .. } => tx,
+        }
+    }
+
+    /// Tells this process's subscribers about relayed rows.
+    fn notify_local(&self, rows: &[OutboxRow]) {
+        let local = self.local();
+        // Parsing is only worth it for a listener (the relay may run without any).
+        if local.receiver_count() == 0 {
+            return;
+        }
+        for row in rows {
+            match serde_json::from_str::<Envelope>(&row.body) {
+                // No subscriber left is not an error: the event is still recorded in SQL.
+                Ok(env) => {
+                    let _ = local.send(Arc::new(env));
                 }
-                Ok(())
+                Err(e) => tracing::warn!(id = row.id, error = %e, "outbox row is not an envelope"),
             }
         }
     }
 }
 
-/// Relay settings, from [`crate::config::OutboxConfig`].
+/// Relay settings, from [`crate::config::OutboxConfig`] and [`crate::config::AmqpConfig`].
 #[derive(Debug, Clone, Copy)]
 pub struct RelaySettings {
     pub poll_interval: Duration,
     pub retention: Duration,
     pub batch_size: u32,
+    /// With a broker: how long the relay lease lasts (renewed at a third of it), and how
+    /// long a publish may wait for its confirm.
+    pub lease: Duration,
+    pub confirm_timeout: Duration,
+}
+
+/// The relay lease, as this relay sees it.
+struct RelayLease {
+    owner: String,
+    held_until: Option<Instant>,
+    lease: Duration,
+    confirm_timeout: Duration,
+}
+
+impl RelayLease {
+    /// Whether this relay may publish now, renewing the lease when a third of it is used.
+    async fn hold(&mut self, db: &Db) -> Result<bool> {
+        let now = Instant::now();
+        if self
+            .held_until
+            .is_some_and(|until| until.saturating_duration_since(now) > self.lease * 2 / 3)
+        {
+            return Ok(true);
+        }
+        let ms = i64::try_from(self.lease.as_millis()).unwrap_or(i64::MAX);
+        let taken = db.take_relay_lease(&self.owner, ms).await?;
+        if taken && self.held_until.is_none() {
+            tracing::info!(owner = %self.owner, "this process relays the outbox");
+        }
+        self.held_until = taken.then_some(now + self.lease);
+        Ok(taken)
+    }
 }
 
 /// Publishes outbox rows in id order and marks them published after the publisher accepted
@@ -64,19 +160,43 @@ pub async fn run_relay(
     settings: RelaySettings,
     shutdown: CancellationToken,
 ) {
-    let mut last_prune = tokio::time::Instant::now();
+    let mut lease = matches!(publisher, Publisher::Broker { .. }).then(|| RelayLease {
+        owner: format!("relay-{}", ulid::Ulid::new()),
+        held_until: None,
+        lease: settings.lease,
+        confirm_timeout: settings.confirm_timeout,
+    });
+    let mut last_prune = Instant::now();
+    let mut failing = false;
     loop {
-        match relay_once(&db, &publisher, settings.batch_size).await {
-            Ok(n) if n == settings.batch_size as usize => continue,
-            Ok(_) => {}
-            Err(e) => tracing::warn!(error = %e, "outbox relay round failed; retrying"),
+        match relay_round(&db, &publisher, lease.as_mut(), settings.batch_size).await {
+            Ok(n) => {
+                if failing {
+                    tracing::info!("outbox relay publishing again");
+                    failing = false;
+                }
+                // A full round may have left more behind (or stopped at its deadline).
+                if n >= settings.batch_size as usize {
+                    continue;
+                }
+            }
+            Err(e) => {
+                // Once per outage: the backlog metric and /readyz tell the rest.
+                if !failing {
+                    tracing::warn!(error = %e, "outbox relay round failed; retrying");
+                }
+                failing = true;
+            }
         }
         if last_prune.elapsed() > Duration::from_secs(60) {
-            last_prune = tokio::time::Instant::now();
+            last_prune = Instant::now();
             let retention = i64::try_from(settings.retention.as_millis()).unwrap_or(i64::MAX);
             if let Err(e) = db.prune_published(retention).await {
                 tracing::warn!(error = %e, "outbox prune failed");
             }
+        }
+        if let Ok(backlog) = db.outbox_backlog().await {
+            metrics::gauge!("dataflow_outbox_backlog").set(backlog as f64);
         }
         tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -85,18 +205,69 @@ pub async fn run_relay(
         }
     }
     // A last round so events committed just before shutdown are not left for the next start.
-    if let Err(e) = relay_once(&db, &publisher, settings.batch_size).await {
+    if let Err(e) = relay_round(&db, &publisher, lease.as_mut(), settings.batch_size).await {
         tracing::warn!(error = %e, "final outbox relay round failed");
+    }
+    if let Some(l) = &lease
+        && l.held_until.is_some()
+        && let Err(e) = db.release_relay_lease(&l.owner).await
+    {
+        tracing::warn!(error = %e, "could not hand the relay lease back");
     }
 }
 
-/// One round: publish up to `limit` rows; returns how many.
+async fn relay_round(
+    db: &Db,
+    publisher: &Publisher,
+    lease: Option<&mut RelayLease>,
+    limit: u32,
+) -> Result<usize> {
+    if let Publisher::Broker { broker, .. } = publisher
+        && !broker.is_connected()
+    {
+        return Err(Error::Broker("not connected".into()));
+    }
+    let mut until = None;
+    if let Some(lease) = lease {
+        if !lease.hold(db).await? {
+            // Another process's relay publishes; this one stands by.
+            return Ok(0);
+        }
+        // Stop reading rows while the lease still covers the last confirms' wait.
+        until = lease.held_until.map(|held| {
+            held.checked_sub(lease.confirm_timeout)
+                .unwrap_or_else(Instant::now)
+        });
+    }
+    relay_until(db, publisher, limit, until).await
+}
+
+/// One round: relays what is in the outbox (with a broker: until it is drained, `limit`
+/// rows per read; in process: up to `limit` rows); returns how many were published.
 pub async fn relay_once(db: &Db, publisher: &Publisher, limit: u32) -> Result<usize> {
-    let rows = db.unpublished_events(limit).await?;
-    let (Some(first), Some(last)) = (rows.first(), rows.last()) else {
-        return Ok(0);
+    relay_until(db, publisher, limit, None).await
+}
+
+async fn relay_until(
+    db: &Db,
+    publisher: &Publisher,
+    limit: u32,
+    until: Option<Instant>,
+) -> Result<usize> {
+    let done = match publisher {
+        Publisher::InProcess(_) => {
+            let rows = db.unpublished_events(limit, &[]).await?;
+            publisher.notify_local(&rows);
+            let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
+            db.mark_published(&ids).await?;
+            rows.len()
+        }
+        Publisher::Broker { broker, .. } => {
+            broker
+                .relay(db, limit, until, &|rows| publisher.notify_local(rows))
+                .await?
+        }
     };
-    publisher.publish(&rows).await?;
-    db.mark_published(first.id, last.id).await?;
-    Ok(rows.len())
+    metrics::counter!("dataflow_outbox_published_total").increment(done as u64);
+    Ok(done)
 }

@@ -12,10 +12,12 @@
 //! - [`limiter`], [`lockout`], [`cache`], [`dedup`]: request-path guards, each with an
 //!   in-process backend and a Redis backend.
 //! - [`mutex`]: the Redlock batch mutex in front of the SQL lease.
-//! - [`events`]: the outbox relay and event publishers.
+//! - [`events`]: the outbox relay, event publishers and the events [`events::Mode`].
+//! - [`amqp`]: RabbitMQ: the supervised link, topology, confirmed publishing, the consumer.
 //! - [`jobqueue`]: the Redis job queue (bounded working set, reliable hand-out, reaping).
 //! - [`mail`], [`webhook`]: the side effects of jobs (lettre SMTP or files; signed webhooks).
 
+pub mod amqp;
 pub mod backends;
 pub mod cache;
 pub mod config;

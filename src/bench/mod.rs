@@ -8,7 +8,11 @@
 //! `dataflow bench limiter`: the Redis rate limiter against `redis-benchmark`.
 //!
 //! `dataflow bench jobs` ([`jobs`]): the job queue's throughput and idle pickup latency.
+//!
+//! `dataflow bench amqp` ([`amqp`]): commit → worker start with the broker and with polling
+//! only, and the outbox relay's events/s against raw lapin publishing.
 
+pub mod amqp;
 pub mod jobs;
 
 use std::time::{Duration, Instant};
@@ -44,32 +48,65 @@ pub struct IngestArgs {
 
 pub async fn ingest(args: IngestArgs) -> anyhow::Result<()> {
     let run = ulid::Ulid::new().to_string().to_lowercase();
-    let (dir, mut config) = scratch_config(&run);
-    let scratch = match &args.database_url {
-        Some(url) if url.starts_with("postgres") => Some(ScratchDb::create(url, &run).await?),
-        Some(_) => bail!("--database-url must be a postgres:// URL (SQLite is the default)"),
-        None => None,
-    };
-    if let Some(s) = &scratch {
-        config.database_url = Some(s.url.clone());
-    }
+    let ledger = ScratchLedger::create(args.database_url.as_deref(), &run).await?;
+    let mut config = ledger.config.clone();
     config.worker.concurrency = args.concurrency;
     config.worker.chunk_size = args.chunk_size;
     config.worker.poll_interval_ms = 100;
     config.api.max_concurrent_imports_per_client = args.imports.max(1);
     config.validate()?;
-    let backend = if scratch.is_some() {
-        "postgres"
-    } else {
-        "sqlite"
-    };
-
+    let backend = ledger.backend;
     let result = run_ingest(&args, config, backend).await;
-    if let Some(s) = scratch {
-        s.drop_db().await?;
-    }
-    let _ = std::fs::remove_dir_all(&dir);
+    ledger.remove().await?;
     result
+}
+
+/// A throwaway ledger for one benchmark: SQLite in a temporary folder, or a scratch
+/// database on the PostgreSQL server of `database_url`.
+pub(crate) struct ScratchLedger {
+    /// An embedded DataFlow's config living in the scratch folder, on this ledger.
+    pub config: Config,
+    pub backend: &'static str,
+    dir: std::path::PathBuf,
+    scratch: Option<ScratchDb>,
+}
+
+impl ScratchLedger {
+    pub(crate) async fn create(database_url: Option<&str>, run: &str) -> anyhow::Result<Self> {
+        let (dir, mut config) = scratch_config(run);
+        let scratch = match database_url {
+            Some(url) if url.starts_with("postgres") => Some(ScratchDb::create(url, run).await?),
+            Some(_) => bail!("--database-url must be a postgres:// URL (SQLite is the default)"),
+            None => None,
+        };
+        if let Some(s) = &scratch {
+            config.database_url = Some(s.url.clone());
+        }
+        let backend = if scratch.is_some() {
+            "postgres"
+        } else {
+            "sqlite"
+        };
+        Ok(ScratchLedger {
+            config,
+            backend,
+            dir,
+            scratch,
+        })
+    }
+
+    pub(crate) async fn remove(self) -> anyhow::Result<()> {
+        if let Some(s) = self.scratch {
+            s.drop_db().await?;
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+        Ok(())
+    }
+}
+
+/// The `q` quantile of ascending `sorted` values (nearest rank).
+pub(crate) fn percentile(sorted: &[f64], q: f64) -> f64 {
+    sorted[((sorted.len() as f64 - 1.0) * q).round() as usize]
 }
 
 async fn run_ingest(args: &IngestArgs, config: Config, backend: &str) -> anyhow::Result<()> {
@@ -433,6 +470,5 @@ async fn import_latency(
     app.stop().await;
     let _ = std::fs::remove_dir_all(&dir);
     latencies.sort_by(f64::total_cmp);
-    let at = |q: f64| latencies[((latencies.len() as f64 - 1.0) * q).round() as usize];
-    Ok((at(0.50), at(0.99)))
+    Ok((percentile(&latencies, 0.50), percentile(&latencies, 0.99)))
 }

@@ -66,3 +66,20 @@ async fn jobs_bench_runs_on_both_redis_queues() {
         dataflow::bench::jobs::run(args).await.unwrap();
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn amqp_bench_runs() {
+    let Some(amqp_url) = crate::helpers::test_amqp_url().await else {
+        return;
+    };
+    let args = dataflow::bench::amqp::AmqpArgs {
+        amqp_url,
+        database_url: None,
+        batches: 10,
+        rate: 200,
+        events: 500,
+        confirm_window: 100,
+        relay_batch: 200,
+    };
+    dataflow::bench::amqp::run(args).await.unwrap();
+}

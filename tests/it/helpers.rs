@@ -185,6 +185,13 @@ impl TestApp {
         Self::start(self.config.clone(), roles, None).await
     }
 
+    /// A sibling whose config differs by `tweak`.
+    pub async fn sibling_tweaked(&self, roles: Roles, tweak: impl FnOnce(&mut Config)) -> TestApp {
+        let mut config = self.config.clone();
+        tweak(&mut config);
+        Self::start(config, roles, None).await
+    }
+
     /// A process whose Redis is `redis_url` (default: the test Redis) under a fresh prefix;
     /// `None` when Redis is unreachable and not required.
     pub async fn spawn_redis(
@@ -407,6 +414,27 @@ pub async fn test_redis_url() -> Option<String> {
         _ => {
             eprintln!(
                 "SKIPPED: Redis unreachable at {url}; set DATAFLOW_TEST_REQUIRE_SERVICES=1 to fail instead"
+            );
+            None
+        }
+    }
+}
+
+/// The test RabbitMQ URL, or `None` (with a message) when it is unreachable and not required.
+pub async fn test_amqp_url() -> Option<String> {
+    let url = std::env::var("DATAFLOW_TEST_AMQP_URL")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into());
+    let props = lapin::ConnectionProperties::default();
+    let reachable = lapin::Connection::connect(&url, props);
+    match tokio::time::timeout(Duration::from_secs(3), reachable).await {
+        Ok(Ok(conn)) => {
+            let _ = conn.close(200, "probe".into()).await;
+            Some(url)
+        }
+        _ if services_required() => panic!("RabbitMQ is required but unreachable at {url}"),
+        _ => {
+            eprintln!(
+                "SKIPPED: RabbitMQ unreachable at {url}; set DATAFLOW_TEST_REQUIRE_SERVICES=1 to fail instead"
             );
             None
         }

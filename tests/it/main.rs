@@ -7,6 +7,7 @@
 mod helpers;
 mod sinks;
 
+mod amqp;
 mod auth;
 mod bench;
 mod cli;

@@ -2,12 +2,16 @@
 //! chunks under a fenced lease, and completes, retries or dead-letters them.
 //!
 //! Layout:
-//! - [`Worker::run`]: the claim loop (bounded concurrency, wake-ups, graceful shutdown);
-//! - [`Worker::claim_next`], [`Worker::start`], [`Worker::step`]: one batch, one chunk at a
-//!   time, so tests can drive a worker deterministically;
+//! - [`Worker::run`]: the SQL claim loop (bounded concurrency, wake-ups, graceful shutdown);
+//!   its interval follows the events [`Mode`]: short while polling, a rare safety sweep
+//!   while the broker delivers `BatchReady`;
+//! - [`consumer`]: the `batch.ready` consumer, claiming through the same path;
+//! - [`Worker::claim_next`], [`Worker::claim_batch`], [`Worker::start`], [`Worker::step`]:
+//!   one batch, one chunk at a time, so tests can drive a worker deterministically;
 //! - [`prepare`]: validation and canonical form of records;
 //! - [`jobs`]: the follow-up jobs (email, report, webhook) on apalis workers.
 
+pub mod consumer;
 pub mod jobs;
 pub mod prepare;
 
@@ -20,12 +24,13 @@ use dataflow_contracts::BatchId;
 use dataflow_contracts::events::{BatchCompleted, Envelope, Event};
 use dataflow_platform::config::WorkerConfig;
 use dataflow_platform::db::{Chunk, ChunkResult, Db, FailOutcome, Lease};
+use dataflow_platform::events::Mode;
 use dataflow_platform::mutex::{Acquired, BatchMutex};
 use dataflow_platform::records::{self, Limits};
 use dataflow_platform::{Error, Result};
-use tokio::sync::{Notify, Semaphore, broadcast};
-use tokio::task::JoinSet;
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, broadcast, watch};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 /// What happened to one batch.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -41,6 +46,28 @@ pub enum Outcome {
     /// Another worker holds the batch now; nothing of this attempt after its last chunk
     /// was written.
     LeaseLost,
+}
+
+/// What a claim of one named batch (a `BatchReady` delivery) found.
+#[derive(Debug)]
+pub enum Claim {
+    Taken(Box<Lease>),
+    /// Another worker holds it (its mutex or an unexpired lease).
+    Held,
+    /// It exists but is not claimable: done, dead, rejected, awaiting approval, or due later.
+    NotClaimable,
+    /// This ledger has no such batch.
+    Unknown,
+}
+
+/// What wakes the claim loop besides its timer.
+pub struct WakeUps {
+    /// In-process events (`BatchReady` wakes it).
+    pub events: broadcast::Receiver<Arc<Envelope>>,
+    /// The events mode, which picks the polling interval.
+    pub mode: watch::Receiver<Mode>,
+    /// The interval while the broker is healthy.
+    pub safety_sweep: Duration,
 }
 
 /// A claimed batch with its records prepared, advanced one chunk per [`Worker::step`].
@@ -68,6 +95,9 @@ pub struct WorkerStats {
     pub completed: AtomicU64,
     pub failed: AtomicU64,
     pub fence_rejections: AtomicU64,
+    /// `batch.ready` deliveries settled by the consumer, and the batches they took.
+    pub deliveries: AtomicU64,
+    pub delivery_claims: AtomicU64,
 }
 
 #[derive(Clone)]
@@ -81,6 +111,13 @@ pub struct Worker {
     /// Batch mutexes this worker holds, by batch and lease epoch (a worker that re-claims a
     /// batch after its own lease expired must not release the newer lock with the old).
     locks: Arc<Mutex<HashMap<(BatchId, i64), rslock::Lock>>>,
+    /// One per batch in flight, shared by the claim loop and the broker consumer.
+    permits: Arc<Semaphore>,
+    inflight: TaskTracker,
+    /// Asks in-flight batches to stop at the next chunk and hand their batch back.
+    release: CancellationToken,
+    /// A failed attempt is due again: claim without waiting for the (long) sweep.
+    retry_due: Arc<Notify>,
 }
 
 /// Why an attempt failed, and whether another attempt could help.
@@ -107,12 +144,16 @@ impl Worker {
     ) -> Self {
         Self {
             db,
-            config,
             id: worker_id(),
             outbox_wake,
             stats: Arc::default(),
+            permits: Arc::new(Semaphore::new(config.concurrency)),
+            config,
             mutex,
             locks: Arc::default(),
+            inflight: TaskTracker::new(),
+            release: CancellationToken::new(),
+            retry_due: Arc::default(),
         }
     }
 
@@ -164,6 +205,59 @@ impl Worker {
             }
         }
         Ok(None)
+    }
+
+    /// Claims the batch a `BatchReady` names, through the same mutex and fenced lease as
+    /// [`Worker::claim_next`].
+    pub async fn claim_batch(&self, id: &BatchId) -> Result<Claim> {
+        let lock = match self
+            .mutex
+            .acquire(id, Duration::from_secs(self.config.lease_secs))
+            .await
+        {
+            Acquired::Contended => return Ok(Claim::Held),
+            Acquired::Held(lock) => Some(lock),
+            Acquired::Degraded => None,
+        };
+        match self.db.claim(id, &self.id, self.lease_ms()).await {
+            Ok(Some(lease)) => {
+                if let Some(lock) = lock {
+                    self.locks_held().insert((id.clone(), lease.epoch), lock);
+                }
+                Ok(Claim::Taken(Box::new(lease)))
+            }
+            Ok(None) => {
+                release(lock).await;
+                Ok(match self.db.get_batch(None, id).await? {
+                    None => Claim::Unknown,
+                    Some(b) if b.status == dataflow_contracts::BatchStatus::Processing => {
+                        Claim::Held
+                    }
+                    Some(_) => Claim::NotClaimable,
+                })
+            }
+            Err(e) => {
+                release(lock).await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Waits for a free slot (one per batch in flight); `None` on `shutdown`.
+    pub async fn slot(&self, shutdown: &CancellationToken) -> Option<OwnedSemaphorePermit> {
+        tokio::select! {
+            _ = shutdown.cancelled() => None,
+            p = self.permits.clone().acquire_owned() => p.ok(),
+        }
+    }
+
+    /// Processes a claimed batch in the background, holding `slot` until it ends.
+    pub fn spawn_process(&self, lease: Lease, slot: OwnedSemaphorePermit) {
+        let worker = self.clone();
+        self.inflight.spawn(async move {
+            worker.process(lease, &worker.release.clone()).await;
+            drop(slot);
+        });
     }
 
     fn locks_held(&self) -> std::sync::MutexGuard<'_, HashMap<(BatchId, i64), rslock::Lock>> {
@@ -361,6 +455,16 @@ impl Worker {
                 Outcome::Dead
             }
             Ok(FailOutcome::Retry { at_ms }) => {
+                let (due, delay) = (
+                    self.retry_due.clone(),
+                    Duration::from_millis(
+                        u64::try_from(self.backoff_ms(lease.attempts)).unwrap_or(0),
+                    ),
+                );
+                tokio::spawn(async move {
+                    tokio::time::sleep(delay).await;
+                    due.notify_one();
+                });
                 tracing::warn!(batch_id = %lease.batch_id, error = %error.message, retry_at_ms = at_ms, "attempt failed; will retry");
                 Outcome::Retrying { at_ms }
             }
@@ -382,32 +486,19 @@ impl Worker {
         i64::try_from(ms).unwrap_or(i64::MAX)
     }
 
-    /// The claim loop: up to `concurrency` batches at once, woken by `BatchReady` events
-    /// and by a poll timer. On `shutdown` it stops claiming, lets in-flight batches finish
-    /// for the grace period, then releases what is left at the next chunk boundary.
-    pub async fn run(
-        self,
-        mut events: broadcast::Receiver<Arc<Envelope>>,
-        shutdown: CancellationToken,
-    ) {
+    /// The claim loop: up to `concurrency` batches at once (shared with the consumer),
+    /// woken by `BatchReady` events, retries falling due, a change of mode and the poll
+    /// timer. On `shutdown` it stops claiming, lets in-flight batches finish for the grace
+    /// period, then releases what is left at the next chunk boundary.
+    pub async fn run(self, mut wake: WakeUps, shutdown: CancellationToken) {
         tracing::info!(worker_id = %self.id, concurrency = self.config.concurrency, "worker started");
-        let permits = Arc::new(Semaphore::new(self.config.concurrency));
-        let release = CancellationToken::new();
-        let mut tasks = JoinSet::new();
-        let poll = Duration::from_millis(self.config.poll_interval_ms);
         loop {
-            while tasks.try_join_next().is_some() {}
-            let permit = tokio::select! {
-                _ = shutdown.cancelled() => break,
-                p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+            let Some(slot) = self.slot(&shutdown).await else {
+                break;
             };
             match self.claim_next().await {
                 Ok(Some(lease)) => {
-                    let (worker, release) = (self.clone(), release.clone());
-                    tasks.spawn(async move {
-                        worker.process(lease, &release).await;
-                        drop(permit);
-                    });
+                    self.spawn_process(lease, slot);
                     continue;
                 }
                 Ok(None) => {}
@@ -415,14 +506,28 @@ impl Worker {
                     tracing::warn!(error = %e, "claim failed; retrying after the poll interval")
                 }
             }
-            drop(permit);
+            drop(slot);
+            let poll = match *wake.mode.borrow() {
+                Mode::Broker => wake.safety_sweep,
+                Mode::Embedded | Mode::Polling => {
+                    Duration::from_millis(self.config.poll_interval_ms)
+                }
+            };
             let sleep = tokio::time::sleep(poll);
             tokio::pin!(sleep);
             loop {
                 tokio::select! {
                     _ = shutdown.cancelled() => break,
                     _ = &mut sleep => break,
-                    ev = events.recv() => match ev {
+                    _ = self.retry_due.notified() => break,
+                    changed = wake.mode.changed() => {
+                        if changed.is_err() {
+                            // No one sets the mode any more: the timer alone drives the loop.
+                            sleep.as_mut().await;
+                        }
+                        break;
+                    }
+                    ev = wake.events.recv() => match ev {
                         Ok(env) if matches!(env.event, Event::BatchReady(_)) => break,
                         Ok(_) => continue,
                         Err(broadcast::error::RecvError::Lagged(_)) => break,
@@ -431,14 +536,15 @@ impl Worker {
                 }
             }
         }
+        self.inflight.close();
         let grace = Duration::from_secs(self.config.shutdown_grace_secs);
-        if tokio::time::timeout(grace, async { while tasks.join_next().await.is_some() {} })
+        if tokio::time::timeout(grace, self.inflight.wait())
             .await
             .is_err()
         {
             tracing::info!("grace period over; releasing in-flight batches");
-            release.cancel();
-            while tasks.join_next().await.is_some() {}
+            self.release.cancel();
+            self.inflight.wait().await;
         }
         tracing::info!(worker_id = %self.id, "worker stopped");
     }

@@ -1,5 +1,6 @@
-//! `GET /healthz` (the process answers) and `GET /readyz` (the ledger answers; Redis and the
-//! fallbacks in use are reported, but only a missing ledger makes it 503).
+//! `GET /healthz` (the process answers) and `GET /readyz` (the ledger answers; Redis, the
+//! events mode (`embedded`, `broker`, or `polling` while RabbitMQ is unreachable), the outbox
+//! backlog and the fallbacks in use are reported, but only a missing ledger makes it 503).
 
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -23,6 +24,10 @@ async fn ready(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
         Some(_) => "down",
     };
     let fallbacks = json!({"limiter": b.limiter.fallbacks(), "lockout": b.lockout.fallbacks()});
+    let events = json!({
+        "mode": b.mode.borrow().as_str(),
+        "outbox_backlog": b.db.outbox_backlog().await.ok(),
+    });
     let ledger = b.db.ping().await;
     let status = if ledger.is_ok() {
         StatusCode::OK
@@ -36,6 +41,7 @@ async fn ready(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
         "status": if ledger.is_ok() { "ready" } else { "unavailable" },
         "ledger": if ledger.is_ok() { "up" } else { "down" },
         "redis": redis,
+        "events": events,
         "fallbacks": fallbacks,
     });
     (status, Json(body))

@@ -5,13 +5,16 @@
 use dataflow_contracts::events::Envelope;
 use sqlx::Row;
 
-use super::{Db, Tx};
+use super::{Db, Dialect, Tx};
 use crate::Result;
 
 /// An event waiting to be published.
 #[derive(Debug, Clone)]
 pub struct OutboxRow {
     pub id: i64,
+    /// The envelope's id (the broker message id, for consumers' dedup).
+    pub event_id: String,
+    pub event_type: String,
     pub routing_key: String,
     pub body: String,
 }
@@ -36,18 +39,33 @@ impl Db {
         self.write_job_intents(tx, event).await
     }
 
-    /// The oldest unpublished events, in commit-id order.
-    pub async fn unpublished_events(&self, limit: u32) -> Result<Vec<OutboxRow>> {
-        let rows = sqlx::query(
-            "SELECT id, routing_key, body FROM outbox WHERE published_at IS NULL ORDER BY id LIMIT $1",
-        )
-        .bind(i64::from(limit))
-        .fetch_all(self.pool())
-        .await?;
+    /// The oldest unpublished events in id order, leaving out `except` (rows a relay has
+    /// in flight).
+    pub async fn unpublished_events(&self, limit: u32, except: &[i64]) -> Result<Vec<OutboxRow>> {
+        let sql = self.sql(match self.dialect() {
+            Dialect::Sqlite => {
+                "SELECT id, event_id, event_type, routing_key, body FROM outbox \
+                 WHERE published_at IS NULL AND id NOT IN (SELECT value FROM json_each($2)) \
+                 ORDER BY id LIMIT $1"
+            }
+            Dialect::Postgres => {
+                "SELECT id, event_id, event_type, routing_key, body FROM outbox \
+                 WHERE published_at IS NULL \
+                 AND id NOT IN (SELECT CAST(json_array_elements_text($2::json) AS BIGINT)) \
+                 ORDER BY id LIMIT $1"
+            }
+        });
+        let rows = sqlx::query(sql)
+            .bind(i64::from(limit))
+            .bind(serde_json::to_string(except).unwrap_or_default())
+            .fetch_all(self.pool())
+            .await?;
         rows.iter()
             .map(|r| {
                 Ok(OutboxRow {
                     id: r.try_get("id")?,
+                    event_id: r.try_get("event_id")?,
+                    event_type: r.try_get("event_type")?,
                     routing_key: r.try_get("routing_key")?,
                     body: r.try_get("body")?,
                 })
@@ -55,18 +73,57 @@ impl Db {
             .collect()
     }
 
-    /// Marks events `first..=last` published (ids are handed out in increasing order).
-    pub async fn mark_published(&self, first: i64, last: i64) -> Result<u64> {
-        let sql = self.sql(
-            "UPDATE outbox SET published_at = {now} \
-             WHERE id >= $1 AND id <= $2 AND published_at IS NULL",
-        );
+    /// Marks exactly the events `ids` published. Not an id range: on PostgreSQL ids come
+    /// from an identity column, so a lower id can commit after a higher one was read, and a
+    /// range would mark a row that was never published.
+    pub async fn mark_published(&self, ids: &[i64]) -> Result<u64> {
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        let sql = self.sql(match self.dialect() {
+            Dialect::Sqlite => {
+                "UPDATE outbox SET published_at = {now} \
+                 WHERE id IN (SELECT value FROM json_each($1)) AND published_at IS NULL"
+            }
+            Dialect::Postgres => {
+                "UPDATE outbox SET published_at = {now} \
+                 WHERE id IN (SELECT CAST(json_array_elements_text($1::json) AS BIGINT)) \
+                 AND published_at IS NULL"
+            }
+        });
+        let list = serde_json::to_string(ids).unwrap_or_default();
         Ok(sqlx::query(sql)
-            .bind(first)
-            .bind(last)
+            .bind(list)
             .execute(self.pool())
             .await?
             .rows_affected())
+    }
+
+    /// Takes or renews the relay lease for `owner` for `lease_ms`; false while another
+    /// relay holds an unexpired one.
+    pub async fn take_relay_lease(&self, owner: &str, lease_ms: i64) -> Result<bool> {
+        let sql = self.sql(
+            "UPDATE outbox_relay SET owner = $1, expires_at = {now} + $2 \
+             WHERE id = 1 AND (owner = $1 OR owner IS NULL OR expires_at < {now})",
+        );
+        let taken = sqlx::query(sql)
+            .bind(owner)
+            .bind(lease_ms)
+            .execute(self.pool())
+            .await?
+            .rows_affected();
+        Ok(taken == 1)
+    }
+
+    /// Hands the relay lease back (on shutdown), so another relay takes over at once.
+    pub async fn release_relay_lease(&self, owner: &str) -> Result<()> {
+        sqlx::query(
+            "UPDATE outbox_relay SET owner = NULL, expires_at = 0 WHERE id = 1 AND owner = $1",
+        )
+        .bind(owner)
+        .execute(self.pool())
+        .await?;
+        Ok(())
     }
 
     /// Deletes events published more than `retention_ms` ago.

@@ -1,0 +1,440 @@
+//! The RabbitMQ adapter (lapin 4): one supervised connection, the topology, the publisher
+//! with pipelined confirms, and the consumer channel of `batch.ready`.
+//!
+//! Design notes:
+//! - lapin's own auto-recovery is off. Its recovery does not resend an unconfirmed publish,
+//!   and the outbox already is the retry buffer, so a lost link is simply dropped: the
+//!   supervisor ([`Broker::run`]) reconnects with backoff, declares the topology again and
+//!   hands out the new link. Until then [`Mode`] says `polling` and workers poll SQL.
+//! - Startup never waits for the broker: the process starts in `polling` mode and the
+//!   supervisor connects in the background.
+//! - A publish counts only when the broker acked it. A `mandatory` publish of `batch.ready`
+//!   that the broker returns (no queue bound: the topology was lost) is a failure and is
+//!   retried after the topology is declared again. Other routing keys have no queue of
+//!   DataFlow's own; their return means "no subscriber today" and is only counted.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use lapin::options::{
+    BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions,
+    ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, Consumer, ExchangeKind};
+use lapin::{Confirmation, PublisherConfirm};
+use tokio::sync::{Notify, watch};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{AmqpConfig, Secret};
+use crate::db::{Db, OutboxRow};
+use crate::events::Mode;
+use crate::{Error, Result};
+
+/// Connecting, the handshake and declaring the topology must finish within this.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The routing key workers consume.
+pub const READY_KEY: &str = "batch.ready";
+
+/// Exchange and queue names, with the configured prefix.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Names {
+    pub exchange: String,
+    pub ready_queue: String,
+    pub dead_letter_exchange: String,
+    pub dead_letter_queue: String,
+}
+
+impl Names {
+    pub fn new(config: &AmqpConfig) -> Names {
+        let p = &config.prefix;
+        Names {
+            exchange: format!("{p}{}", config.exchange),
+            ready_queue: format!("{p}{}", config.ready_queue),
+            dead_letter_exchange: format!("{p}{}", config.dead_letter_exchange),
+            dead_letter_queue: format!("{p}{}", config.dead_letter_queue),
+        }
+    }
+}
+
+/// The connection's event stream.
+type Events = std::pin::Pin<Box<dyn futures::Stream<Item = lapin::Event> + Send>>;
+
+/// A live connection and its confirm-mode publishing channel.
+struct Link {
+    conn: Connection,
+    publisher: Channel,
+}
+
+pub struct Broker {
+    url: Secret,
+    config: AmqpConfig,
+    names: Names,
+    link: watch::Sender<Option<Arc<Link>>>,
+    mode: watch::Sender<Mode>,
+    /// A user of the link saw it fail before the connection noticed.
+    broken: Notify,
+}
+
+impl Broker {
+    /// A broker handle in `polling` mode; [`Broker::run`] connects it.
+    pub fn new(url: Secret, config: AmqpConfig, mode: watch::Sender<Mode>) -> Broker {
+        mode.send_replace(Mode::Polling);
+        Broker {
+            url,
+            names: Names::new(&config),
+            config,
+            link: watch::channel(None).0,
+            mode,
+            broken: Notify::new(),
+        }
+    }
+
+    pub fn names(&self) -> &Names {
+        &self.names
+    }
+
+    pub fn config(&self) -> &AmqpConfig {
+        &self.config
+    }
+
+    pub fn is_connected(&self) -> bool {
+        self.link.borrow().is_some()
+    }
+
+    /// Keeps a connection up until `shutdown`: connects, declares the topology, watches
+    /// the link, and reconnects with exponential backoff after it fails.
+    pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
+        let min = Duration::from_millis(self.config.reconnect_min_ms);
+        let max = Duration::from_millis(self.config.reconnect_max_ms);
+        let mut backoff = min;
+        let mut failures = 0u64;
+        loop {
+            let connected = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                c = tokio::time::timeout(CONNECT_TIMEOUT, self.connect()) => c,
+            };
+            match connected {
+                Ok(Ok((link, mut events))) => {
+                    backoff = min;
+                    failures = 0;
+                    tracing::info!(exchange = %self.names.exchange, "RabbitMQ connected; events flow through the broker");
+                    self.link.send_replace(Some(link.clone()));
+                    self.set_mode(Mode::Broker);
+                    let reason = self.watch(&link, &mut events, &shutdown).await;
+                    self.link.send_replace(None);
+                    self.set_mode(Mode::Polling);
+                    let closing = link.conn.close(200, "dataflow link closed".into());
+                    let _ = tokio::time::timeout(Duration::from_secs(1), closing).await;
+                    if shutdown.is_cancelled() {
+                        return;
+                    }
+                    tracing::warn!(%reason, "RabbitMQ link lost; workers poll SQL until it is back");
+                }
+                Ok(Err(e)) => log_connect_failure(&mut failures, &e.to_string()),
+                Err(_) => log_connect_failure(&mut failures, "timed out"),
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(max);
+        }
+    }
+
+    fn set_mode(&self, mode: Mode) {
+        self.mode.send_replace(mode);
+        mode.record();
+    }
+
+    async fn connect(&self) -> lapin::Result<(Arc<Link>, Events)> {
+        let props = ConnectionProperties::default().with_connection_name("dataflow".into());
+        let conn = Connection::connect(self.url.expose(), props).await?;
+        // Listen before anything can fail, so no error event is missed.
+        let events = conn.events_listener();
+        let publisher = conn.create_channel().await?;
+        self.declare(&publisher).await?;
+        publisher
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
+        Ok((Arc::new(Link { conn, publisher }), Box::pin(events)))
+    }
+
+    /// Declares the exchanges, queues and bindings (idempotent; after every reconnect).
+    async fn declare(&self, ch: &Channel) -> lapin::Result<()> {
+        let n = &self.names;
+        let durable = ExchangeDeclareOptions {
+            durable: true,
+            ..Default::default()
+        };
+        ch.exchange_declare(
+            n.exchange.as_str().into(),
+            ExchangeKind::Topic,
+            durable,
+            FieldTable::default(),
+        )
+        .await?;
+        ch.exchange_declare(
+            n.dead_letter_exchange.as_str().into(),
+            ExchangeKind::Fanout,
+            durable,
+            FieldTable::default(),
+        )
+        .await?;
+        let queue = QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        };
+        ch.queue_declare(n.dead_letter_queue.as_str().into(), queue, quorum())
+            .await?;
+        ch.queue_bind(
+            n.dead_letter_queue.as_str().into(),
+            n.dead_letter_exchange.as_str().into(),
+            "".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+        let mut args = quorum();
+        args.insert(
+            "x-delivery-limit".into(),
+            AMQPValue::LongInt(i32::try_from(self.config.delivery_limit).unwrap_or(i32::MAX)),
+        );
+        args.insert(
+            "x-dead-letter-exchange".into(),
+            AMQPValue::LongString(n.dead_letter_exchange.as_str().into()),
+        );
+        ch.queue_declare(n.ready_queue.as_str().into(), queue, args)
+            .await?;
+        ch.queue_bind(
+            n.ready_queue.as_str().into(),
+            n.exchange.as_str().into(),
+            READY_KEY.into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+    }
+
+    /// Waits until the link fails (or `shutdown`) and says why.
+    async fn watch(
+        &self,
+        link: &Link,
+        events: &mut Events,
+        shutdown: &CancellationToken,
+    ) -> String {
+        let mut tick = tokio::time::interval(Duration::from_millis(500));
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return "shutdown".into(),
+                _ = self.broken.notified() => return "a publish or consume failed".into(),
+                ev = events.next() => match ev {
+                    Some(lapin::Event::Error(e)) => return e.to_string(),
+                    Some(other) => tracing::debug!(event = ?other, "RabbitMQ connection event"),
+                    None => return "connection events ended".into(),
+                },
+                _ = tick.tick() => {
+                    if !link.conn.status().connected() || !link.publisher.status().connected() {
+                        return "connection or channel closed".into();
+                    }
+                }
+            }
+        }
+    }
+
+    /// Tells the supervisor that `link` failed, unless it was replaced already.
+    fn report_broken(&self, link: &Arc<Link>) {
+        let current = self.link.borrow().clone();
+        if current.is_some_and(|c| Arc::ptr_eq(&c, link)) {
+            self.broken.notify_one();
+        }
+    }
+
+    /// Relays the outbox until it is drained: rows in id order, persistent and `mandatory`,
+    /// with up to `confirm_window` confirms in flight across fetches (the next rows are
+    /// read while earlier ones await their confirm, leaving out those in flight). Acked
+    /// rows are marked published by id, and handed to `confirmed`, after each fetch. The
+    /// first row not acked ends the relay: it and every row sent after it stay unmarked
+    /// and are sent again on a fresh link, so a batch's events keep their order. No rows
+    /// are read after `until` (the relay lease must outlast the round).
+    pub async fn relay(
+        &self,
+        db: &Db,
+        limit: u32,
+        until: Option<tokio::time::Instant>,
+        confirmed: &(dyn Fn(&[OutboxRow]) + Sync),
+    ) -> Result<usize> {
+        let Some(link) = self.link.borrow().clone() else {
+            return Err(Error::Broker("not connected".into()));
+        };
+        let timeout = Duration::from_millis(self.config.confirm_timeout_ms);
+        let mut inflight: VecDeque<(OutboxRow, PublisherConfirm)> = VecDeque::new();
+        let mut marked = 0;
+        loop {
+            let sending: Vec<i64> = inflight.iter().map(|(r, _)| r.id).collect();
+            let rows = db.unpublished_events(limit, &sending).await?;
+            let drained = rows.len() < limit as usize
+                || until.is_some_and(|u| tokio::time::Instant::now() >= u);
+            let mut acked = Vec::new();
+            let mut failed = None;
+            for row in rows {
+                while inflight.len() >= self.config.confirm_window && failed.is_none() {
+                    failed = settle_front(&mut inflight, &mut acked, timeout).await.err();
+                }
+                if failed.is_some() {
+                    break;
+                }
+                match self.send(&link, &row).await {
+                    Ok(confirm) => inflight.push_back((row, confirm)),
+                    Err(e) => {
+                        failed = Some(e);
+                        break;
+                    }
+                }
+            }
+            while drained && failed.is_none() && !inflight.is_empty() {
+                failed = settle_front(&mut inflight, &mut acked, timeout).await.err();
+            }
+            let ids: Vec<i64> = acked.iter().map(|r| r.id).collect();
+            db.mark_published(&ids).await?;
+            confirmed(&acked);
+            marked += acked.len();
+            if let Some(e) = failed {
+                tracing::warn!(error = %e, published = marked, "outbox relay stopped at an unconfirmed row; it is retried");
+                // A refused or unconfirmed publish leaves the channel in doubt: start over on
+                // a fresh link (which also declares the topology again).
+                self.report_broken(&link);
+                return Err(e);
+            }
+            if drained && inflight.is_empty() {
+                return Ok(marked);
+            }
+        }
+    }
+
+    async fn send(&self, link: &Link, row: &OutboxRow) -> Result<PublisherConfirm> {
+        let props = BasicProperties::default()
+            .with_delivery_mode(2)
+            .with_content_type("application/json".into())
+            .with_message_id(row.event_id.as_str().into())
+            .with_type(row.event_type.as_str().into());
+        link.publisher
+            .basic_publish(
+                self.names.exchange.as_str().into(),
+                row.routing_key.as_str().into(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..Default::default()
+                },
+                row.body.as_bytes(),
+                props,
+            )
+            .await
+            .map_err(|e| Error::Broker(format!("publishing outbox row {}: {e}", row.id)))
+    }
+
+    /// Waits for a link, then opens a consumer of the ready queue with `prefetch`
+    /// unacknowledged deliveries. `None` on shutdown.
+    pub async fn consume_ready(
+        &self,
+        prefetch: u16,
+        tag: &str,
+        shutdown: &CancellationToken,
+    ) -> Option<Result<(Channel, Consumer)>> {
+        let mut link_rx = self.link.subscribe();
+        let link = tokio::select! {
+            _ = shutdown.cancelled() => return None,
+            l = link_rx.wait_for(Option::is_some) => l.ok()?.clone()?,
+        };
+        let opened = async {
+            let ch = link.conn.create_channel().await?;
+            ch.basic_qos(prefetch, BasicQosOptions::default()).await?;
+            let consumer = ch
+                .basic_consume(
+                    self.names.ready_queue.as_str().into(),
+                    tag.into(),
+                    BasicConsumeOptions::default(),
+                    FieldTable::default(),
+                )
+                .await?;
+            lapin::Result::Ok((ch, consumer))
+        }
+        .await;
+        Some(opened.map_err(|e| {
+            self.report_broken(&link);
+            Error::Broker(format!(
+                "opening the {} consumer: {e}",
+                self.names.ready_queue
+            ))
+        }))
+    }
+}
+
+fn quorum() -> FieldTable {
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString("quorum".into()),
+    );
+    args
+}
+
+/// Waits for the oldest publish in flight; on success it joins `acked`.
+///
+/// lapin hands a returned message to whichever confirm it resolves next, not necessarily
+/// the returned publish's own, so a return is identified by its own routing key and message
+/// id: a returned `batch.ready` fails the round at that row (it and what follows are
+/// retried), while returns of other keys are only counted.
+async fn settle_front(
+    inflight: &mut VecDeque<(OutboxRow, PublisherConfirm)>,
+    acked: &mut Vec<OutboxRow>,
+    timeout: Duration,
+) -> Result<()> {
+    let Some((row, confirm)) = inflight.pop_front() else {
+        return Ok(());
+    };
+    let what = |m: &str| Error::Broker(format!("outbox row {} ({}): {m}", row.id, row.routing_key));
+    let returned = match tokio::time::timeout(timeout, confirm).await {
+        Err(_) => return Err(what("no confirm within the timeout")),
+        Ok(Err(e)) => return Err(what(&e.to_string())),
+        Ok(Ok(Confirmation::Nack(_))) => return Err(what("nacked by the broker")),
+        Ok(Ok(Confirmation::Ack(returned))) => returned,
+        Ok(Ok(Confirmation::NotRequested)) => None,
+    };
+    if let Some(ret) = returned {
+        let key = ret.delivery.routing_key.as_str();
+        if key == READY_KEY {
+            let id = ret
+                .delivery
+                .properties
+                .message_id()
+                .clone()
+                .unwrap_or_default();
+            if let Some(pos) = acked.iter().position(|r| r.event_id == id.as_str()) {
+                acked.truncate(pos);
+            }
+            return Err(Error::Broker(format!(
+                "{READY_KEY} event {id} returned unroutable: the ready queue is not bound"
+            )));
+        }
+        metrics::counter!("dataflow_amqp_unroutable_total", "routing_key" => key.to_owned())
+            .increment(1);
+    }
+    acked.push(row);
+    Ok(())
+}
+
+/// Logs the first failure and then one in twenty, so an absent broker does not flood logs.
+fn log_connect_failure(failures: &mut u64, error: &str) {
+    if failures.is_multiple_of(20) {
+        tracing::warn!(
+            error,
+            attempts = *failures + 1,
+            "RabbitMQ unreachable; polling SQL meanwhile"
+        );
+    }
+    *failures += 1;
+}

@@ -1,0 +1,332 @@
+//! `dataflow bench amqp`: the RabbitMQ tier.
+//!
+//! - Commit → worker start: an API process and a separate worker process share one ledger;
+//!   one-record imports are submitted at `--rate`/s and each batch's `started_at - created_at`
+//!   (database clock, millisecond resolution; `created_at` is set inside the submit
+//!   transaction, so this slightly overstates commit → start) is measured. Once with the
+//!   broker (outbox relay → exchange → quorum queue → consumer → fenced claim) and once with
+//!   SQL polling only (no broker, `worker.poll_interval_ms` at its default).
+//! - Relay throughput: `--events` outbox rows are relayed to the `batch.ready` quorum queue
+//!   by the outbox relay (SQL read, pipelined confirms, exact-id mark), and then the same
+//!   number of bodies of the same size are published by raw lapin with the same confirm
+//!   window to the same queue; the ratio is printed.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail, ensure};
+use clap::Args;
+use dataflow_contracts::events::{BatchReady, Envelope, Event};
+use dataflow_contracts::{BatchId, ClientId, ImportId, Policy};
+use dataflow_platform::Config;
+use dataflow_platform::amqp::{Broker, Names, READY_KEY};
+use dataflow_platform::config::Secret;
+use dataflow_platform::db::Db;
+use dataflow_platform::events::{self, Mode, Publisher};
+use lapin::options::{
+    BasicPublishOptions, ConfirmSelectOptions, ExchangeDeleteOptions, QueueDeleteOptions,
+    QueuePurgeOptions,
+};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use super::{ScratchLedger, percentile, start_with_client};
+use crate::{App, Roles};
+
+#[derive(Args, Debug, Clone)]
+pub struct AmqpArgs {
+    #[arg(long, default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
+    pub amqp_url: String,
+    /// `postgres://…` for the ledger; default: SQLite in a temporary folder.
+    #[arg(long)]
+    pub database_url: Option<String>,
+    /// Batches submitted in each latency run (broker, then polling only).
+    #[arg(long, default_value_t = 2_000)]
+    pub batches: usize,
+    /// Submits per second in the latency runs.
+    #[arg(long, default_value_t = 200)]
+    pub rate: u64,
+    /// Events in the relay throughput run (and in the raw lapin run beside it).
+    #[arg(long, default_value_t = 100_000)]
+    pub events: usize,
+    /// Publishes awaiting their confirm at once, for the relay and raw lapin alike.
+    #[arg(long, default_value_t = 1_000)]
+    pub confirm_window: usize,
+    /// Outbox rows per relay round.
+    #[arg(long, default_value_t = 5_000)]
+    pub relay_batch: u32,
+}
+
+pub async fn run(args: AmqpArgs) -> anyhow::Result<()> {
+    let run = ulid::Ulid::new().to_string().to_lowercase();
+    let prefix = format!("dataflow-bench-{run}.");
+    let result = measure(&args, &run, &prefix).await;
+    let names = Names::new(&amqp_config(&args, &prefix, 1).amqp);
+    let (_conn, ch) = raw_channel(&args.amqp_url).await?;
+    for q in [&names.ready_queue, &names.dead_letter_queue] {
+        ch.queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+            .await?;
+    }
+    for x in [&names.exchange, &names.dead_letter_exchange] {
+        ch.exchange_delete(x.as_str().into(), ExchangeDeleteOptions::default())
+            .await?;
+    }
+    result
+}
+
+async fn measure(args: &AmqpArgs, run: &str, prefix: &str) -> anyhow::Result<()> {
+    for with_broker in [true, false] {
+        let ledger = ScratchLedger::create(args.database_url.as_deref(), run).await?;
+        let mut config = ledger.config.clone();
+        if with_broker {
+            config.amqp_url = Some(Secret::new(args.amqp_url.clone()));
+            config.amqp.prefix = prefix.to_owned();
+        }
+        config.api.max_concurrent_imports_per_client = 256;
+        config.validate()?;
+        let measured = latency(args, config.clone()).await;
+        let backend = ledger.backend;
+        ledger.remove().await?;
+        let (p50, p99, max) = measured?;
+        let mode = if with_broker { "broker" } else { "polling" };
+        println!(
+            "name=amqp-latency mode={mode} backend={} batches={} rate_per_s={} poll_interval_ms={} \
+             p50_ms={p50:.1} p99_ms={p99:.1} max_ms={max:.1}",
+            backend, args.batches, args.rate, config.worker.poll_interval_ms,
+        );
+    }
+    relay_throughput(args, run, prefix).await
+}
+
+fn amqp_config(args: &AmqpArgs, prefix: &str, batch: u32) -> Config {
+    let mut config = Config::default();
+    config.amqp.prefix = prefix.to_owned();
+    config.amqp.confirm_window = args.confirm_window;
+    config.outbox.batch_size = batch;
+    config
+}
+
+/// p50, p99 and max of commit → worker start (ms) with an API process and a worker process.
+async fn latency(args: &AmqpArgs, config: Config) -> anyhow::Result<(f64, f64, f64)> {
+    let policy = Policy {
+        rate_per_minute: 6_000_000,
+        rate_burst: 1_000_000,
+        dedup_window_secs: 0,
+        ..Policy::default()
+    };
+    let (api, addr, token) = start_with_client(config.clone(), Roles::API, &policy).await?;
+    // The API process connects first and so holds the relay lease: BatchReady reaches the
+    // worker process through the broker, not through an in-process wake-up.
+    wait_mode(&api, config.amqp_url.is_some()).await?;
+    let worker = App::start(config, Roles::WORKER, None).await?;
+    wait_mode(&worker, api.backends.broker.is_some()).await?;
+    let db = api.backends.db.clone();
+    let http = reqwest::Client::new();
+    let submit = |i: usize| {
+        let (http, token) = (http.clone(), token.clone());
+        async move {
+            let resp = http
+                .post(format!("http://{addr}/v1/imports"))
+                .bearer_auth(&token)
+                .header("content-type", "text/csv")
+                .body(format!("id,n\nb{i},{i}\n"))
+                .send()
+                .await?;
+            ensure!(resp.status() == 202, "submit answered {}", resp.status());
+            anyhow::Ok(())
+        }
+    };
+    // Warm-up: connections, caches and the consumer.
+    for i in 0..20 {
+        submit(i).await?;
+    }
+    wait_started(&db, 20).await?;
+    let warm: i64 = sqlx::query_scalar("SELECT COALESCE(MAX(created_at), 0) FROM batches")
+        .fetch_one(db.pool())
+        .await?;
+    let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 / args.rate.max(1)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let mut submits = tokio::task::JoinSet::new();
+    for i in 0..args.batches {
+        tick.tick().await;
+        submits.spawn(submit(1_000 + i));
+    }
+    while let Some(done) = submits.join_next().await {
+        done??;
+    }
+    wait_started(&db, 20 + args.batches).await?;
+    let rows: Vec<(i64, i64)> = sqlx::query_as(
+        "SELECT created_at, started_at FROM batches WHERE created_at > $1 AND started_at IS NOT NULL",
+    )
+    .bind(warm)
+    .fetch_all(db.pool())
+    .await?;
+    worker.stop().await;
+    api.stop().await;
+    let mut ms: Vec<f64> = rows.iter().map(|(c, s)| (s - c) as f64).collect();
+    ms.sort_by(f64::total_cmp);
+    ensure!(!ms.is_empty(), "no batch was measured");
+    Ok((
+        percentile(&ms, 0.50),
+        percentile(&ms, 0.99),
+        ms[ms.len() - 1],
+    ))
+}
+
+async fn wait_mode(app: &App, broker: bool) -> anyhow::Result<()> {
+    let want = if broker { Mode::Broker } else { Mode::Embedded };
+    let mut mode = app.backends.mode.subscribe();
+    tokio::time::timeout(Duration::from_secs(15), mode.wait_for(|m| *m == want))
+        .await
+        .context("the broker did not connect within 15 s")??;
+    Ok(())
+}
+
+async fn wait_started(db: &Db, n: usize) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let started: i64 =
+            sqlx::query_scalar("SELECT COUNT(*) FROM batches WHERE started_at IS NOT NULL")
+                .fetch_one(db.pool())
+                .await?;
+        if started as usize >= n {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("only {started} of {n} batches started within 2 minutes");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Outbox relay events/s against raw lapin publishing to the same quorum queue.
+async fn relay_throughput(args: &AmqpArgs, run: &str, prefix: &str) -> anyhow::Result<()> {
+    let ledger = ScratchLedger::create(args.database_url.as_deref(), run).await?;
+    let db = Db::connect(&ledger.config.database_url(), 4).await?;
+    db.migrate().await?;
+    let bodies = fill_outbox(&db, args.events).await?;
+
+    let config = amqp_config(args, prefix, args.relay_batch);
+    let broker = Arc::new(Broker::new(
+        Secret::new(args.amqp_url.clone()),
+        config.amqp.clone(),
+        watch::channel(Mode::Polling).0,
+    ));
+    let stop = CancellationToken::new();
+    let link = tokio::spawn(broker.clone().run(stop.clone()));
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !broker.is_connected() {
+        ensure!(Instant::now() < deadline, "the broker did not connect");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let publisher = Publisher::broker(broker.clone());
+    let (_conn, ch) = raw_channel(&args.amqp_url).await?;
+    let queue = broker.names().ready_queue.clone();
+
+    let started = Instant::now();
+    let mut relayed = 0;
+    while relayed < args.events {
+        relayed += events::relay_once(&db, &publisher, args.relay_batch).await?;
+    }
+    let relay_s = started.elapsed().as_secs_f64();
+    ensure!(db.outbox_backlog().await? == 0, "the outbox did not drain");
+    stop.cancel();
+    link.await?;
+    ch.queue_purge(queue.as_str().into(), QueuePurgeOptions::default())
+        .await?;
+
+    ch.confirm_select(ConfirmSelectOptions::default()).await?;
+    let raw_s = raw_publish(&ch, broker.names(), &bodies, args.confirm_window).await?;
+    ch.queue_purge(queue.as_str().into(), QueuePurgeOptions::default())
+        .await?;
+    db.close().await;
+    let backend = ledger.backend;
+    ledger.remove().await?;
+    let (ours, raw) = (args.events as f64 / relay_s, args.events as f64 / raw_s);
+    println!(
+        "name=amqp-relay backend={} events={} body_bytes={} confirm_window={} relay_batch={} \
+         relay_events_per_s={ours:.0} raw_lapin_per_s={raw:.0} ratio={:.2}",
+        backend,
+        args.events,
+        bodies.first().map_or(0, Vec::len),
+        args.confirm_window,
+        args.relay_batch,
+        ours / raw
+    );
+    Ok(())
+}
+
+/// Writes `n` unpublished `BatchReady` rows; returns their bodies (for the raw run).
+async fn fill_outbox(db: &Db, n: usize) -> anyhow::Result<Vec<Vec<u8>>> {
+    let mut bodies = Vec::with_capacity(n);
+    let mut tx = db.pool().begin().await?;
+    for _ in 0..n {
+        let env = Envelope::new(
+            BatchId::generate(),
+            ClientId::generate(),
+            0,
+            Event::BatchReady(BatchReady {
+                import_id: ImportId::generate(),
+            }),
+        );
+        let body = serde_json::to_string(&env)?;
+        sqlx::query(
+            "INSERT INTO outbox (event_id, batch_id, event_type, routing_key, body, created_at) \
+             VALUES ($1, $2, $3, $4, $5, 0)",
+        )
+        .bind(env.id.as_str())
+        .bind(env.batch_id.as_str())
+        .bind(env.event.kind())
+        .bind(READY_KEY)
+        .bind(&body)
+        .execute(&mut *tx)
+        .await?;
+        bodies.push(body.into_bytes());
+    }
+    tx.commit().await?;
+    Ok(bodies)
+}
+
+async fn raw_channel(url: &str) -> anyhow::Result<(Connection, Channel)> {
+    let conn = Connection::connect(url, ConnectionProperties::default())
+        .await
+        .context("connecting to RabbitMQ")?;
+    let ch = conn.create_channel().await?;
+    Ok((conn, ch))
+}
+
+/// Raw lapin: persistent publishes with up to `window` confirms in flight; seconds taken.
+async fn raw_publish(
+    ch: &Channel,
+    names: &Names,
+    bodies: &[Vec<u8>],
+    window: usize,
+) -> anyhow::Result<f64> {
+    let props = BasicProperties::default().with_delivery_mode(2);
+    let mut inflight = VecDeque::with_capacity(window);
+    let started = Instant::now();
+    for body in bodies {
+        if inflight.len() >= window
+            && let Some(confirm) = inflight.pop_front()
+        {
+            let c: lapin::Confirmation = confirm.await?;
+            ensure!(c.is_ack(), "raw publish was nacked");
+        }
+        let confirm = ch
+            .basic_publish(
+                names.exchange.as_str().into(),
+                READY_KEY.into(),
+                BasicPublishOptions::default(),
+                body,
+                props.clone(),
+            )
+            .await?;
+        inflight.push_back(confirm);
+    }
+    while let Some(confirm) = inflight.pop_front() {
+        ensure!(confirm.await?.is_ack(), "raw publish was nacked");
+    }
+    Ok(started.elapsed().as_secs_f64())
+}

@@ -1,0 +1,715 @@
+//! The RabbitMQ tier against a real broker: events on the exchange in lifecycle order, a
+//! broker cut through a proxy (polling takes over, the outbox drains after), duplicate and
+//! unacknowledged `BatchReady` deliveries, and poison messages in the dead-letter queue.
+//! Every test uses its own exchange and queue prefix and deletes them at the end.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use dataflow::Roles;
+use dataflow_contracts::events::{BatchReady, Envelope, Event};
+use dataflow_contracts::{BatchId, BatchStatus, ClientId, ImportId};
+use dataflow_platform::Config;
+use dataflow_platform::amqp::Names;
+use dataflow_platform::config::Secret;
+use dataflow_platform::events::Mode;
+use futures::StreamExt;
+use lapin::options::{
+    BasicConsumeOptions, BasicGetOptions, BasicPublishOptions, BasicQosOptions,
+    ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use reqwest::Method;
+use serde_json::{Value, json};
+
+use crate::helpers::{Backend, Proxy, TestApp, backend_tests, csv, test_amqp_url};
+
+backend_tests!(
+    events_arrive_in_lifecycle_order_with_the_documented_shape,
+    broker_outage_falls_back_to_polling_and_the_outbox_drains,
+    duplicate_and_unacknowledged_deliveries_complete_each_batch_once,
+    poison_messages_end_in_the_dead_letter_queue,
+    the_outbox_marks_exact_ids_and_one_relay_holds_the_lease,
+    amqps_failure_is_an_error_and_polling_carries_on,
+    a_returned_batch_ready_is_published_again_after_the_topology_is_restored,
+);
+
+/// The test's own view of the broker: a direct connection (never through the proxy) and
+/// the names of one test's exchanges and queues.
+struct TestBroker {
+    url: String,
+    prefix: String,
+    names: Names,
+    _conn: Connection,
+    ch: Channel,
+    taps: Vec<String>,
+}
+
+impl TestBroker {
+    async fn new() -> Option<TestBroker> {
+        let url = test_amqp_url().await?;
+        let prefix = format!("dftest-{}.", ulid::Ulid::new().to_string().to_lowercase());
+        let mut config = Config::default().amqp;
+        config.prefix = prefix.clone();
+        let conn = Connection::connect(&url, ConnectionProperties::default())
+            .await
+            .unwrap();
+        let ch = conn.create_channel().await.unwrap();
+        Some(TestBroker {
+            url,
+            prefix,
+            names: Names::new(&config),
+            _conn: conn,
+            ch,
+            taps: Vec::new(),
+        })
+    }
+
+    /// Points a process at `url` (default: the broker itself) under this test's prefix.
+    fn configure(&self, c: &mut Config, url: Option<&str>) {
+        c.amqp_url = Some(Secret::new(url.unwrap_or(&self.url)));
+        c.amqp.prefix = self.prefix.clone();
+        c.amqp.reconnect_min_ms = 50;
+        c.amqp.reconnect_max_ms = 200;
+    }
+
+    /// A queue bound to every `batch.*` event (the exchange must exist: wait for `broker`).
+    async fn tap(&mut self) -> String {
+        let name = format!("{}tap", self.prefix);
+        self.ch
+            .queue_declare(
+                name.as_str().into(),
+                QueueDeclareOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        self.ch
+            .queue_bind(
+                name.as_str().into(),
+                self.names.exchange.as_str().into(),
+                "batch.#".into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        self.taps.push(name.clone());
+        name
+    }
+
+    /// Takes every message now in `queue` (acknowledging them).
+    async fn drain(&self, queue: &str) -> Vec<lapin::message::Delivery> {
+        let mut out = Vec::new();
+        while let Some(m) = self
+            .ch
+            .basic_get(queue.into(), BasicGetOptions { no_ack: true })
+            .await
+            .unwrap()
+        {
+            out.push(m.delivery);
+        }
+        out
+    }
+
+    async fn publish(&self, routing_key: &str, body: &[u8]) {
+        let confirm = self
+            .ch
+            .basic_publish(
+                self.names.exchange.as_str().into(),
+                routing_key.into(),
+                BasicPublishOptions::default(),
+                body,
+                BasicProperties::default().with_delivery_mode(2),
+            )
+            .await
+            .unwrap();
+        drop(confirm);
+    }
+
+    async fn depth(&self, queue: &str) -> u32 {
+        let passive = QueueDeclareOptions {
+            passive: true,
+            ..Default::default()
+        };
+        self.ch
+            .queue_declare(queue.into(), passive, FieldTable::default())
+            .await
+            .unwrap()
+            .message_count()
+    }
+
+    async fn cleanup(self) {
+        let n = &self.names;
+        for q in self
+            .taps
+            .iter()
+            .chain([&n.ready_queue, &n.dead_letter_queue])
+        {
+            let _ = self
+                .ch
+                .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+                .await;
+        }
+        for x in [&n.exchange, &n.dead_letter_exchange] {
+            let _ = self
+                .ch
+                .exchange_delete(x.as_str().into(), ExchangeDeleteOptions::default())
+                .await;
+        }
+    }
+}
+
+async fn spawn(b: Backend, broker: &TestBroker, roles: Roles, url: Option<&str>) -> TestApp {
+    spawn_tweaked(b, broker, roles, url, |_| {}).await
+}
+
+async fn spawn_tweaked(
+    b: Backend,
+    broker: &TestBroker,
+    roles: Roles,
+    url: Option<&str>,
+    tweak: impl FnOnce(&mut Config),
+) -> TestApp {
+    TestApp::spawn_with(b, roles, |c| {
+        broker.configure(c, url);
+        tweak(c);
+    })
+    .await
+    .expect("database available")
+}
+
+/// Waits (up to 15 s) until `/readyz` reports the events `mode`; returns the body.
+async fn wait_mode(t: &TestApp, mode: &str) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let r = t.readyz().await;
+        if r["events"]["mode"] == mode {
+            return r;
+        }
+        assert!(Instant::now() < deadline, "mode never became {mode}: {r}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Waits (up to 15 s) until the outbox has `n` unpublished rows.
+async fn wait_backlog(t: &TestApp, n: i64) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while t.db.outbox_backlog().await.unwrap() != n {
+        assert!(
+            Instant::now() < deadline,
+            "outbox backlog never reached {n}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Collects envelopes from `queue` until `done` holds for them (up to 15 s).
+async fn collect(
+    broker: &TestBroker,
+    queue: &str,
+    done: impl Fn(&[Envelope]) -> bool,
+) -> Vec<Envelope> {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut got = Vec::new();
+    loop {
+        for d in broker.drain(queue).await {
+            let v: Value = serde_json::from_slice(&d.data).unwrap();
+            assert_documented_shape(&v);
+            let env: Envelope = serde_json::from_value(v).unwrap();
+            assert_eq!(
+                d.properties.message_id().as_ref().map(|m| m.as_str()),
+                Some(env.id.as_str()),
+                "the message id is the event id"
+            );
+            assert_eq!(*d.properties.delivery_mode(), Some(2), "persistent");
+            assert_eq!(d.routing_key.as_str(), env.event.routing_key());
+            got.push(env);
+        }
+        if done(&got) {
+            return got;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "events still missing: {:?}",
+            got.iter().map(|e| e.event.kind()).collect::<Vec<_>>()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The JSON form documented in `contracts/schema/events.schema.json`.
+fn assert_documented_shape(v: &Value) {
+    let keys: HashSet<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();
+    let expected: HashSet<&str> = [
+        "id",
+        "type",
+        "version",
+        "occurred_at",
+        "batch_id",
+        "client_id",
+        "payload",
+    ]
+    .into();
+    assert_eq!(keys, expected, "envelope keys of {v}");
+    assert!(v["id"].as_str().unwrap().starts_with("evt_"));
+    assert!(v["batch_id"].as_str().unwrap().starts_with("bat_"));
+    assert_eq!(v["version"], 1);
+    assert!(v["payload"].is_object());
+}
+
+fn kinds_of(events: &[Envelope], batch: &BatchId) -> Vec<&'static str> {
+    events
+        .iter()
+        .filter(|e| &e.batch_id == batch)
+        .map(|e| e.event.kind())
+        .collect()
+}
+
+async fn events_arrive_in_lifecycle_order_with_the_documented_shape(b: Backend) {
+    let Some(mut broker) = TestBroker::new().await else {
+        return;
+    };
+    let t = spawn(b, &broker, Roles::ALL, None).await;
+    wait_mode(&t, "broker").await;
+    let tap = broker.tap().await;
+    let (_, key) = t.client(json!({})).await;
+    let (_, gated) = t.client(json!({"approval_required": true})).await;
+    let mut batches = Vec::new();
+    for i in 0..3 {
+        let import = t.import(&key, "text/csv", csv(&format!("o{i}"), 25)).await;
+        batches.push(import.batch_id);
+    }
+    // An operator rejects a batch that awaited approval: BatchRejected.
+    let rejected = t.import(&gated, "text/csv", csv("r", 3)).await.batch_id;
+    let resp = t
+        .admin(Method::POST, &format!("/admin/batches/{rejected}/reject"))
+        .json(&json!({"reason": "not today"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    for id in &batches {
+        t.wait_for(&key, id, BatchStatus::Completed).await;
+    }
+    let want = ["BatchCreated", "BatchReady", "BatchCompleted"];
+    let events = collect(&broker, &tap, |got| {
+        batches.iter().all(|id| kinds_of(got, id) == want)
+            && kinds_of(got, &rejected) == ["BatchCreated", "BatchRejected"]
+    })
+    .await;
+    // Exactly the outbox, once each.
+    let mut recorded = Vec::new();
+    for id in batches.iter().chain([&rejected]) {
+        recorded.extend(t.db.batch_events(id.as_str()).await.unwrap());
+    }
+    let ids: HashSet<_> = events.iter().map(|e| e.id.clone()).collect();
+    assert_eq!(ids.len(), events.len(), "no duplicates");
+    assert_eq!(
+        ids,
+        recorded
+            .iter()
+            .map(|e| e.id.clone())
+            .collect::<HashSet<_>>()
+    );
+    let ready = t.readyz().await;
+    assert_eq!(ready["events"]["outbox_backlog"], 0, "{ready}");
+    t.stop().await;
+    broker.cleanup().await;
+}
+
+async fn broker_outage_falls_back_to_polling_and_the_outbox_drains(b: Backend) {
+    let Some(mut broker) = TestBroker::new().await else {
+        return;
+    };
+    let proxy = Proxy::start("127.0.0.1:5672".parse().unwrap()).await;
+    let via_proxy = broker
+        .url
+        .replacen("127.0.0.1:5672", &proxy.addr.to_string(), 1);
+    // A long safety sweep: while the broker is healthy, batches move by broker only.
+    let t = spawn_tweaked(b, &broker, Roles::ALL, Some(&via_proxy), |c| {
+        c.amqp.safety_sweep_ms = 60_000;
+    })
+    .await;
+    wait_mode(&t, "broker").await;
+    let tap = broker.tap().await;
+    let (_, key) = t.client(json!({})).await;
+    let before = t.import(&key, "text/csv", csv("before", 5)).await.batch_id;
+    t.wait_for(&key, &before, BatchStatus::Completed).await;
+    // Cut with nothing in flight: a publish confirmed by the broker but cut before its ack
+    // arrived would be sent again, a duplicate this test is not about.
+    wait_backlog(&t, 0).await;
+
+    proxy.cut();
+    wait_mode(&t, "polling").await;
+    let mut during = Vec::new();
+    for i in 0..5 {
+        let resp = t
+            .submit(&key, "text/csv", csv(&format!("cut{i}"), 5))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 202, "submits succeed with the broker down");
+        let view: dataflow_contracts::http::ImportView = resp.json().await.unwrap();
+        during.push(view.batch_id);
+    }
+    for id in &during {
+        t.wait_for(&key, id, BatchStatus::Completed).await;
+    }
+    let cut = t.readyz().await;
+    assert_eq!(cut["events"]["mode"], "polling", "{cut}");
+    let backlog = cut["events"]["outbox_backlog"].as_i64().unwrap();
+    assert!(
+        backlog >= 15,
+        "created, ready and completed of 5 batches wait in the outbox: {cut}"
+    );
+
+    proxy.heal();
+    wait_mode(&t, "broker").await;
+    let all: Vec<BatchId> = [before].into_iter().chain(during).collect();
+    let want = ["BatchCreated", "BatchReady", "BatchCompleted"];
+    let events = collect(&broker, &tap, |got| {
+        all.iter().all(|id| kinds_of(got, id).len() >= 3)
+    })
+    .await;
+    // Let a straggler (a duplicate) arrive if there were one.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut events = events;
+    events.extend(collect(&broker, &tap, |_| true).await);
+    for id in &all {
+        assert_eq!(
+            kinds_of(&events, id),
+            want,
+            "every event once, in order, for {id}"
+        );
+    }
+    let ready = t.readyz().await;
+    assert_eq!(ready["events"]["outbox_backlog"], 0, "drained: {ready}");
+    for id in &all {
+        assert_eq!(t.completions(id).await, 1);
+    }
+    t.stop().await;
+    broker.cleanup().await;
+}
+
+async fn duplicate_and_unacknowledged_deliveries_complete_each_batch_once(b: Backend) {
+    let Some(broker) = TestBroker::new().await else {
+        return;
+    };
+    // An API process (it relays the outbox); no worker yet.
+    let api = spawn(b, &broker, Roles::API, None).await;
+    wait_mode(&api, "broker").await;
+    // A consumer that takes the BatchReady messages and dies before acknowledging them.
+    let doomed = broker._conn.create_channel().await.unwrap();
+    doomed
+        .basic_qos(100, BasicQosOptions::default())
+        .await
+        .unwrap();
+    let mut deliveries = doomed
+        .basic_consume(
+            broker.names.ready_queue.as_str().into(),
+            "doomed".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let (_, key) = api.client(json!({})).await;
+    let mut batches = Vec::new();
+    for i in 0..3 {
+        batches.push(
+            api.import(&key, "text/csv", csv(&format!("d{i}"), 30))
+                .await
+                .batch_id,
+        );
+    }
+    let mut taken = Vec::new();
+    while taken.len() < batches.len() {
+        let d = tokio::time::timeout(Duration::from_secs(10), deliveries.next())
+            .await
+            .expect("BatchReady delivered")
+            .unwrap()
+            .unwrap();
+        taken.push(d.data);
+    }
+    doomed.close(200, "consumer died".into()).await.unwrap();
+    // And every BatchReady twice more, as a broker may after a lost ack.
+    for body in &taken {
+        broker.publish("batch.ready", body).await;
+        broker.publish("batch.ready", body).await;
+    }
+
+    let worker = api
+        .sibling_tweaked(Roles::WORKER, |c| c.amqp.safety_sweep_ms = 60_000)
+        .await;
+    for id in &batches {
+        api.wait_for(&key, id, BatchStatus::Completed).await;
+    }
+    let stats = worker
+        .app
+        .as_ref()
+        .unwrap()
+        .worker
+        .as_ref()
+        .unwrap()
+        .stats();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while stats.deliveries.load(Ordering::Relaxed) < 9 {
+        assert!(
+            Instant::now() < deadline,
+            "3 redelivered + 6 duplicate deliveries settled, saw {}",
+            stats.deliveries.load(Ordering::Relaxed)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for id in &batches {
+        assert_eq!(api.completions(id).await, 1, "one completion for {id}");
+    }
+    assert_eq!(stats.completed.load(Ordering::Relaxed), 3);
+    assert_eq!(broker.depth(&broker.names.ready_queue).await, 0);
+    assert_eq!(broker.depth(&broker.names.dead_letter_queue).await, 0);
+    worker.stop().await;
+    api.stop().await;
+    broker.cleanup().await;
+}
+
+async fn poison_messages_end_in_the_dead_letter_queue(b: Backend) {
+    let Some(broker) = TestBroker::new().await else {
+        return;
+    };
+    let t = spawn_tweaked(b, &broker, Roles::ALL, None, |c| {
+        c.amqp.delivery_limit = 3;
+    })
+    .await;
+    wait_mode(&t, "broker").await;
+    // Not an envelope at all: dead-lettered at once.
+    broker.publish("batch.ready", b"{\"surprise\": true").await;
+    // Well formed, but no such batch here: requeued until the delivery limit.
+    let stranger = Envelope::new(
+        BatchId::generate(),
+        ClientId::generate(),
+        0,
+        Event::BatchReady(BatchReady {
+            import_id: ImportId::generate(),
+        }),
+    );
+    broker
+        .publish("batch.ready", &serde_json::to_vec(&stranger).unwrap())
+        .await;
+    let (_, key) = t.client(json!({})).await;
+    let mut batches = Vec::new();
+    for i in 0..3 {
+        batches.push(
+            t.import(&key, "text/csv", csv(&format!("p{i}"), 10))
+                .await
+                .batch_id,
+        );
+    }
+    for id in &batches {
+        t.wait_for(&key, id, BatchStatus::Completed).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut dead = Vec::new();
+    while dead.len() < 2 {
+        dead.extend(broker.drain(&broker.names.dead_letter_queue).await);
+        assert!(Instant::now() < deadline, "dead letters: {}", dead.len());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let reasons: HashMap<Vec<u8>, String> = dead
+        .iter()
+        .map(|d| (d.data.clone(), death_reason(d)))
+        .collect();
+    assert_eq!(reasons[b"{\"surprise\": true".as_slice()], "rejected");
+    assert_eq!(
+        reasons[&serde_json::to_vec(&stranger).unwrap()],
+        "delivery_limit",
+        "requeued until the broker's delivery limit"
+    );
+    let stats = t.app.as_ref().unwrap().worker.as_ref().unwrap().stats();
+    // 1 malformed + 4 deliveries of the stranger (the limit is 3 redeliveries) + 3 batches.
+    assert!(stats.deliveries.load(Ordering::Relaxed) >= 1 + 3 + 3);
+    assert_eq!(broker.depth(&broker.names.ready_queue).await, 0);
+    t.stop().await;
+    broker.cleanup().await;
+}
+
+/// The `reason` of the first `x-death` entry the broker put on a dead letter.
+fn death_reason(d: &lapin::message::Delivery) -> String {
+    use lapin::types::AMQPValue;
+    let headers = d
+        .properties
+        .headers()
+        .as_ref()
+        .expect("dead letters carry headers");
+    let Some(AMQPValue::FieldArray(deaths)) = headers.inner().get("x-death") else {
+        panic!("no x-death header: {headers:?}");
+    };
+    let Some(AMQPValue::FieldTable(first)) = deaths.as_slice().first() else {
+        panic!("empty x-death: {deaths:?}");
+    };
+    match first.inner().get("reason") {
+        Some(AMQPValue::LongString(r)) => String::from_utf8_lossy(r.as_bytes()).into_owned(),
+        other => panic!("x-death without a reason: {other:?}"),
+    }
+}
+
+async fn the_outbox_marks_exact_ids_and_one_relay_holds_the_lease(b: Backend) {
+    let Some(test_db) = crate::helpers::TestDb::create(b).await else {
+        return;
+    };
+    let db = dataflow_platform::db::Db::connect(&test_db.url, 2)
+        .await
+        .unwrap();
+    db.migrate().await.unwrap();
+    for i in 0..4 {
+        sqlx::query(
+            "INSERT INTO outbox (event_id, batch_id, event_type, routing_key, body, created_at) \
+             VALUES ($1, 'bat_x', 'BatchReady', 'batch.ready', '{}', 0)",
+        )
+        .bind(format!("evt_{i}"))
+        .execute(db.pool())
+        .await
+        .unwrap();
+    }
+    let ids: Vec<i64> = db
+        .unpublished_events(10, &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.id)
+        .collect();
+    assert_eq!(ids.len(), 4);
+    // Only the ids handed over, never the rows between them.
+    assert_eq!(db.mark_published(&[ids[0], ids[2]]).await.unwrap(), 2);
+    let left: Vec<i64> = db
+        .unpublished_events(10, &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.id)
+        .collect();
+    assert_eq!(left, [ids[1], ids[3]]);
+    let not_in_flight = db.unpublished_events(10, &[ids[1]]).await.unwrap();
+    assert_eq!(
+        not_in_flight.iter().map(|r| r.id).collect::<Vec<_>>(),
+        [ids[3]]
+    );
+    assert_eq!(db.mark_published(&[ids[0]]).await.unwrap(), 0, "idempotent");
+
+    assert!(db.take_relay_lease("a", 10_000).await.unwrap());
+    assert!(
+        !db.take_relay_lease("b", 10_000).await.unwrap(),
+        "held by a"
+    );
+    assert!(db.take_relay_lease("a", 10_000).await.unwrap(), "renewed");
+    db.release_relay_lease("a").await.unwrap();
+    assert!(db.take_relay_lease("b", 1).await.unwrap(), "handed back");
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert!(db.take_relay_lease("c", 10_000).await.unwrap(), "lapsed");
+    db.close().await;
+}
+
+/// `amqps://` to something that does not speak TLS: the handshake fails as an error (the
+/// process-wide rustls provider is in place, so nothing panics), the supervisor keeps
+/// retrying, and batches are processed by polling meanwhile.
+async fn amqps_failure_is_an_error_and_polling_carries_on(b: Backend) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let attempts = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = attempts.clone();
+    let server = tokio::spawn(async move {
+        while let Ok((mut sock, _)) = listener.accept().await {
+            counted.fetch_add(1, Ordering::SeqCst);
+            use tokio::io::AsyncWriteExt;
+            let _ = sock.write_all(b"not tls\r\n").await;
+        }
+    });
+    let Some(t) = TestApp::spawn_with(b, Roles::ALL, |c| {
+        c.amqp_url = Some(Secret::new(format!(
+            "amqps://guest:guest@127.0.0.1:{port}/%2f"
+        )));
+        c.amqp.reconnect_min_ms = 20;
+        c.amqp.reconnect_max_ms = 50;
+    })
+    .await
+    else {
+        server.abort();
+        return;
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while attempts.load(Ordering::SeqCst) < 3 {
+        assert!(Instant::now() < deadline, "the supervisor stopped retrying");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(t.readyz().await["events"]["mode"], "polling");
+    let (_, key) = t.client(json!({})).await;
+    let id = t.import(&key, "text/csv", csv("tls", 3)).await.batch_id;
+    t.wait_for(&key, &id, BatchStatus::Completed).await;
+    t.stop().await;
+    server.abort();
+}
+
+/// Someone removes the ready queue's binding: the relay's `mandatory` publish of
+/// `batch.ready` comes back unroutable, is not marked published, and after the relay's
+/// fresh link declared the topology again it is delivered; with the safety sweep at a
+/// minute, only that delivery can start the batch in time.
+async fn a_returned_batch_ready_is_published_again_after_the_topology_is_restored(b: Backend) {
+    let Some(broker) = TestBroker::new().await else {
+        return;
+    };
+    let api = spawn_tweaked(b, &broker, Roles::API, None, |c| {
+        c.amqp.safety_sweep_ms = 60_000;
+    })
+    .await;
+    wait_mode(&api, "broker").await;
+    let worker = api.sibling(Roles::WORKER).await;
+    wait_mode_of(&worker, Mode::Broker).await;
+    let (_, key) = api.client(json!({})).await;
+    let first = api.import(&key, "text/csv", csv("bound", 3)).await.batch_id;
+    api.wait_for(&key, &first, BatchStatus::Completed).await;
+
+    broker
+        .ch
+        .queue_unbind(
+            broker.names.ready_queue.as_str().into(),
+            broker.names.exchange.as_str().into(),
+            "batch.ready".into(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let id = api
+        .import(&key, "text/csv", csv("unbound", 3))
+        .await
+        .batch_id;
+    api.wait_for(&key, &id, BatchStatus::Completed).await;
+    assert_eq!(api.completions(&id).await, 1);
+    wait_backlog(&api, 0).await;
+    let stats = worker
+        .app
+        .as_ref()
+        .unwrap()
+        .worker
+        .as_ref()
+        .unwrap()
+        .stats();
+    assert_eq!(
+        stats.delivery_claims.load(Ordering::Relaxed),
+        2,
+        "both batches were taken from a batch.ready delivery"
+    );
+    worker.stop().await;
+    api.stop().await;
+    broker.cleanup().await;
+}
+
+/// Waits (up to 15 s) until a process without HTTP reaches `mode`.
+async fn wait_mode_of(t: &TestApp, want: Mode) {
+    let mut mode = t.app.as_ref().unwrap().backends.mode.subscribe();
+    tokio::time::timeout(Duration::from_secs(15), mode.wait_for(|m| *m == want))
+        .await
+        .expect("mode reached in time")
+        .unwrap();
+}
