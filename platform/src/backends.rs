@@ -75,6 +75,8 @@ impl Backends {
         // TLS (`rediss://`, `amqps://`) needs one process-wide crypto provider; name it rather than rely
         // on crate features, which change as dependencies are added. Already set is fine.
         let _ = rustls::crypto::ring::default_provider().install_default();
+        // Before anything records a metric.
+        crate::telemetry::handle();
         let db = Db::connect(&config.database_url(), config.db_max_connections)
             .await?
             .with_job_max_attempts(config.jobs.max_attempts);

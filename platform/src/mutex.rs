@@ -90,12 +90,22 @@ impl BatchMutex {
             return Acquired::Degraded;
         };
         let resource = r.resource(batch);
-        if let Ok(Ok(lock)) =
-            tokio::time::timeout(LOCK_TIMEOUT, r.manager.lock(resource.as_bytes(), ttl)).await
+        let acquired = match tokio::time::timeout(
+            LOCK_TIMEOUT,
+            r.manager.lock(resource.as_bytes(), ttl),
+        )
+        .await
         {
-            return Acquired::Held(lock);
-        }
-        r.after_failure(&resource).await
+            Ok(Ok(lock)) => Acquired::Held(lock),
+            _ => r.after_failure(&resource).await,
+        };
+        let outcome = match &acquired {
+            Acquired::Held(_) => "held",
+            Acquired::Contended => "contended",
+            Acquired::Degraded => "degraded",
+        };
+        metrics::counter!("dataflow_lock_acquisitions_total", "outcome" => outcome).increment(1);
+        acquired
     }
 
     /// Renews a held lock (best effort: the SQL fence stays the guarantee).

@@ -13,5 +13,6 @@ mod bench;
 mod cli;
 mod imports;
 mod jobs;
+mod metrics;
 mod redis;
 mod worker;

@@ -40,7 +40,7 @@ macro_rules! take_lease {
                  updated_at = {now} WHERE ",
             $where,
             " RETURNING id, client_id, import_id, lease_epoch, attempts, checkpoint, \
-              records_total, format, policy"
+              records_total, format, policy, {now} - created_at AS waited_ms"
         )
     };
 }
@@ -64,6 +64,8 @@ pub struct Lease {
     pub format: ImportFormat,
     /// The policy in force when the import was accepted.
     pub policy: Policy,
+    /// From the batch's creation to this claim, by the ledger's clock.
+    pub waited_ms: u64,
 }
 
 /// One record ready to store.
@@ -596,6 +598,7 @@ fn lease_from_row(r: &AnyRow, owner: &str) -> Result<Lease> {
         format: format.parse().map_err(Error::Invalid)?,
         policy: serde_json::from_str(&policy)
             .map_err(|e| Error::Invalid(format!("stored policy: {e}")))?,
+        waited_ms: count(r.try_get("waited_ms")?),
     })
 }
 

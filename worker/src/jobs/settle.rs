@@ -162,6 +162,8 @@ async fn settle_round(
         .map(|s| &s.receipt.id)
         .collect();
     persist(|| db.finish_jobs(&done, counted)).await;
+    metrics::counter!("dataflow_jobs_total", "kind" => kind.as_str(), "outcome" => "done")
+        .increment(done.len() as u64);
     for s in round.iter() {
         let Err((error, permanent)) = &s.result else {
             continue;
@@ -174,6 +176,12 @@ async fn settle_round(
             }
         };
         let status = persist(|| db.fail_job(&s.receipt.id, counted, error, failure)).await;
+        let outcome = match status.flatten() {
+            Some(JobStatus::Dead) => "dead",
+            _ => "retry",
+        };
+        metrics::counter!("dataflow_jobs_total", "kind" => kind.as_str(), "outcome" => outcome)
+            .increment(1);
         match status.flatten() {
             Some(JobStatus::Dead) => tracing::error!(
                 job = %s.receipt.id, %kind, attempts = s.receipt.attempts + 1, %error,
