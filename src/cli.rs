@@ -59,6 +59,9 @@ pub enum Command {
     /// The dead-letter queue (dead batches and dead jobs): list, retry, discard.
     #[command(subcommand)]
     Dlq(ops::DlqCmd),
+    /// The worker fleet: list, drain.
+    #[command(subcommand)]
+    Workers(ops::WorkersCmd),
     /// Uploads a file as a producer over the HTTP API; `--wait` follows it to the end.
     Import(import::ImportArgs),
     /// Benchmarks that print their figures.

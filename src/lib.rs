@@ -107,6 +107,12 @@ impl App {
             )
         });
         if let Some(worker) = &worker {
+            // In the fleet registry while it runs; a drain request stops this process.
+            tasks.spawn(dataflow_worker::membership::run(
+                backends.fleet.clone(),
+                worker.clone(),
+                shutdown.clone(),
+            ));
             // Subscribe before anything can publish, so no wake-up is missed.
             let wake = WakeUps {
                 events: backends.publisher.subscribe(),

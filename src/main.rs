@@ -45,6 +45,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Status => return cli::ops::status(&config).await,
         Command::Batches(cmd) => return cli::ops::batches(&config, cmd).await,
         Command::Dlq(cmd) => return cli::ops::dlq(&config, cmd).await,
+        Command::Workers(cmd) => return cli::ops::workers(&config, cmd).await,
         Command::Import(args) => return cli::import::run(args).await,
         Command::Bench(cli::BenchCmd::Ingest(args)) => return dataflow::bench::ingest(args).await,
         Command::Bench(cli::BenchCmd::Limiter(args)) => {

@@ -161,3 +161,23 @@ pub struct QueueDepth {
     /// Age of the oldest item in this state (since it was created), in milliseconds.
     pub oldest_age_ms: Option<u64>,
 }
+
+/// One live worker process (`GET /admin/workers`, `dataflow workers list`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkerInfo {
+    /// `<host>-<pid>-<nonce>`, unique per process start.
+    pub id: String,
+    pub host: String,
+    pub pid: u32,
+    /// The DataFlow version it runs.
+    pub version: String,
+    pub started_at: String,
+    /// Its last heartbeat (by its own clock).
+    pub heartbeat_at: String,
+    /// Batches it is processing now.
+    pub in_flight: u64,
+    /// Batch attempts it has finished (completed or failed) since it started.
+    pub processed: u64,
+    /// An operator asked it to drain: it takes no new work and leaves when done.
+    pub draining: bool,
+}

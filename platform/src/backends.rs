@@ -31,6 +31,7 @@ use crate::config::{Config, Secret};
 use crate::db::{ClientRecord, Db, KeyRecord};
 use crate::dedup::DedupFastPath;
 use crate::events::{Mode, Publisher};
+use crate::fleet::Fleet;
 use crate::jobqueue::{ApalisQueues, JobQueues, RedisJobQueue};
 use crate::keys::{self, KeyHasher};
 use crate::limiter::{InProcessLimiter, Limiter, RedisLimiter};
@@ -66,6 +67,8 @@ pub struct Backends {
     /// The job queue in Redis; `None`: workers claim job intents from SQL.
     pub job_queue: Option<RedisJobQueue>,
     pub mailer: Arc<Mailer>,
+    /// The worker fleet registry: in Redis when configured, else in the ledger.
+    pub fleet: Arc<Fleet>,
     pub webhooks: Arc<WebhookSender>,
 }
 
@@ -168,6 +171,10 @@ impl Backends {
                 )),
             }),
             mailer: Arc::new(mailer),
+            fleet: Arc::new(match &redis {
+                Some(r) => Fleet::Redis(Box::new(r.clone())),
+                None => Fleet::Sql(db.clone()),
+            }),
             webhooks: Arc::new(webhooks),
             keys: Cache::new(l1_ttl, negative_ttl, tier("keys")),
             clients: Cache::new(l1_ttl, negative_ttl, tier("clients")),

@@ -15,7 +15,14 @@ use serde::{Deserialize, Serialize};
 use crate::{Error, Result};
 
 /// Environment variables with the `DATAFLOW_` prefix that are not configuration keys.
-const NON_CONFIG_ENV: &[&str] = &["DATAFLOW_CONFIG", "DATAFLOW_LOG", "DATAFLOW_TEST_"];
+/// (`DATAFLOW_API_KEY` and `DATAFLOW_API_URL` belong to `dataflow import`, a producer.)
+const NON_CONFIG_ENV: &[&str] = &[
+    "DATAFLOW_CONFIG",
+    "DATAFLOW_LOG",
+    "DATAFLOW_TEST_",
+    "DATAFLOW_API_KEY",
+    "DATAFLOW_API_URL",
+];
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]

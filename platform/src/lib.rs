@@ -13,6 +13,7 @@
 //!   in-process backend and a Redis backend.
 //! - [`mutex`]: the Redlock batch mutex in front of the SQL lease.
 //! - [`events`]: the outbox relay, event publishers and the events [`events::Mode`].
+//! - [`fleet`]: the worker registry (heartbeats with a TTL, drain requests).
 //! - [`amqp`]: RabbitMQ: the supervised link, topology, confirmed publishing, the consumer.
 //! - [`jobqueue`]: the Redis job queue (bounded working set, reliable hand-out, reaping).
 //! - [`mail`], [`webhook`]: the side effects of jobs (lettre SMTP or files; signed webhooks).
@@ -26,6 +27,7 @@ pub mod db;
 pub mod dedup;
 mod error;
 pub mod events;
+pub mod fleet;
 pub mod jobqueue;
 pub mod keys;
 pub mod limiter;

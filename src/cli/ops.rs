@@ -55,6 +55,74 @@ pub enum DlqCmd {
     },
 }
 
+#[derive(Subcommand, Debug)]
+pub enum WorkersCmd {
+    /// Live worker processes: host, pid, version, load.
+    List,
+    /// Asks a worker to drain: it takes no new work, finishes or hands back what it holds,
+    /// leaves the registry and exits 0.
+    Drain {
+        worker_id: String,
+        /// Wait until it has left.
+        #[arg(long)]
+        wait: bool,
+    },
+}
+
+pub async fn workers(config: &Config, cmd: WorkersCmd) -> anyhow::Result<()> {
+    let backends = ledger(config).await?;
+    let fleet = &backends.fleet;
+    match cmd {
+        WorkersCmd::List => {
+            let rows: Vec<Vec<String>> = fleet
+                .list()
+                .await?
+                .into_iter()
+                .map(|w| {
+                    let state = if w.draining { "draining" } else { "running" };
+                    vec![
+                        w.id,
+                        state.into(),
+                        w.in_flight.to_string(),
+                        w.processed.to_string(),
+                        w.version,
+                        w.started_at,
+                        w.heartbeat_at,
+                    ]
+                })
+                .collect();
+            if rows.is_empty() {
+                println!("no worker is running");
+            } else {
+                let headers = [
+                    "WORKER",
+                    "STATE",
+                    "IN FLIGHT",
+                    "PROCESSED",
+                    "VERSION",
+                    "STARTED",
+                    "SEEN",
+                ];
+                print_table(&headers, &rows);
+            }
+            Ok(())
+        }
+        WorkersCmd::Drain { worker_id, wait } => {
+            if !fleet.request_drain(&worker_id).await? {
+                bail!("no live worker {worker_id} (see `dataflow workers list`)");
+            }
+            println!("{worker_id}: drain requested");
+            if wait {
+                while fleet.list().await?.iter().any(|w| w.id == worker_id) {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                println!("{worker_id}: drained and gone");
+            }
+            Ok(())
+        }
+    }
+}
+
 /// `dataflow status`: what waits where and for how long, and whether Redis answers.
 pub async fn status(config: &Config) -> anyhow::Result<()> {
     let backends = ledger(config).await?;

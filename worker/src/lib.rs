@@ -13,6 +13,7 @@
 
 pub mod consumer;
 pub mod jobs;
+pub mod membership;
 pub mod prepare;
 
 use std::collections::{HashMap, VecDeque};
@@ -164,6 +165,11 @@ impl Worker {
 
     pub fn stats(&self) -> &WorkerStats {
         &self.stats
+    }
+
+    /// Batches being processed right now.
+    pub fn in_flight(&self) -> usize {
+        self.inflight.len()
     }
 
     fn lease_ms(&self) -> i64 {

@@ -8,7 +8,7 @@ use axum::http::StatusCode;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use dataflow_contracts::http::{
-    BatchView, ClientView, CreateClient, CreateKey, KeyCreated, KeyView, QueueDepth,
+    BatchView, ClientView, CreateClient, CreateKey, KeyCreated, KeyView, QueueDepth, WorkerInfo,
 };
 use dataflow_contracts::jobs::{JobCount, JobPage, JobView};
 use dataflow_contracts::policy::PolicyPatch;
@@ -40,6 +40,8 @@ pub fn router() -> Router<AppState> {
         .route("/jobs/{id}/retry", post(retry_job))
         .route("/jobs/{id}/discard", post(discard_job))
         .route("/queues", get(queues))
+        .route("/workers", get(workers))
+        .route("/workers/{id}/drain", post(drain_worker))
 }
 
 #[derive(Deserialize)]
@@ -124,6 +126,23 @@ async fn discard_job(
     let id: JobId = parse_path_id(&id)?;
     let job = state.backends.db.discard_job(&id).await?;
     Ok(Json(job))
+}
+
+/// Live worker processes.
+async fn workers(State(state): State<AppState>) -> ApiResult<Json<Vec<WorkerInfo>>> {
+    Ok(Json(state.backends.fleet.list().await?))
+}
+
+/// Asks a worker to drain; 202, since it leaves once it has handed back its work.
+async fn drain_worker(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> ApiResult<StatusCode> {
+    if state.backends.fleet.request_drain(&id).await? {
+        Ok(StatusCode::ACCEPTED)
+    } else {
+        Err(ApiError::not_found())
+    }
 }
 
 /// Depth and oldest age of every queue in the ledger.

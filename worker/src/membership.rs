@@ -1,0 +1,85 @@
+//! A worker's place in the fleet registry: it beats with its load while it runs, and when
+//! an operator asks it to drain it stops the process the graceful way (no new work;
+//! batches in flight finish their chunk and are handed back, jobs settle), keeps reporting
+//! itself as draining until nothing is in flight, then leaves the registry.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use dataflow_contracts::http::WorkerInfo;
+use dataflow_contracts::time::rfc3339;
+use dataflow_platform::fleet::{BEAT, Fleet};
+use tokio_util::sync::CancellationToken;
+
+use crate::Worker;
+
+/// Runs until `shutdown` and the drain that follows it; cancels `shutdown` itself when an
+/// operator asks this worker to drain.
+pub async fn run(fleet: Arc<Fleet>, worker: Worker, shutdown: CancellationToken) {
+    let started_at = rfc3339(now_ms());
+    let id = worker.id().to_owned();
+    let mut draining = false;
+    loop {
+        let info = snapshot(&worker, &started_at, draining || shutdown.is_cancelled());
+        if let Err(e) = fleet.beat(&info).await {
+            tracing::warn!(error = %e, "fleet heartbeat failed");
+        }
+        if !draining && !shutdown.is_cancelled() {
+            match fleet.drain_requested(&id).await {
+                Ok(true) => {
+                    tracing::info!(worker_id = %id, "drain requested: finishing what this worker holds, then leaving");
+                    draining = true;
+                    shutdown.cancel();
+                }
+                Ok(false) => {}
+                Err(e) => tracing::warn!(error = %e, "reading the drain flag failed"),
+            }
+        }
+        if shutdown.is_cancelled() && info.in_flight == 0 {
+            break;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(BEAT) => {}
+            _ = shutdown.cancelled(), if !draining => draining = true,
+        }
+        // While stopping, look at the work in flight often, so leaving is prompt.
+        if shutdown.is_cancelled() {
+            let until = tokio::time::Instant::now() + BEAT;
+            while worker.in_flight() > 0 && tokio::time::Instant::now() < until {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+    if let Err(e) = fleet.leave(&id).await {
+        tracing::warn!(error = %e, "leaving the fleet registry failed; the entry expires");
+    }
+}
+
+fn snapshot(worker: &Worker, started_at: &str, draining: bool) -> WorkerInfo {
+    let stats = worker.stats();
+    let processed = stats.completed.load(Ordering::Relaxed) + stats.failed.load(Ordering::Relaxed);
+    WorkerInfo {
+        id: worker.id().to_owned(),
+        host: worker
+            .id()
+            .rsplitn(3, '-')
+            .nth(2)
+            .unwrap_or_default()
+            .to_owned(),
+        pid: std::process::id(),
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+        started_at: started_at.to_owned(),
+        heartbeat_at: rfc3339(now_ms()),
+        in_flight: worker.in_flight() as u64,
+        processed,
+        draining,
+    }
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
