@@ -39,6 +39,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             );
             return Ok(());
         }
+        Command::Healthcheck(args) => return cli::healthcheck::run(&config, args).await,
         Command::Clients(cmd) => return cli::clients(&config, cmd).await,
         Command::Keys(cmd) => return cli::keys(&config, cmd).await,
         Command::Policy(cmd) => return cli::policy(&config, cmd).await,
