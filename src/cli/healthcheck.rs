@@ -33,22 +33,15 @@ pub struct HealthcheckArgs {
 
 /// Exits non-zero with the reason on one line (anyhow prints a flattened error as one).
 pub async fn run(config: &Config, args: HealthcheckArgs) -> anyhow::Result<()> {
-    let checked = tokio::time::timeout(TIMEOUT, check(config, &args))
+    check(config, &args)
         .await
-        .unwrap_or_else(|_| Err(anyhow!("no answer within {TIMEOUT:?}")));
-    checked.map_err(|e| anyhow!("unhealthy: {e:#}"))
+        .map_err(|e| anyhow!("unhealthy: {e:#}"))
 }
 
 async fn check(config: &Config, args: &HealthcheckArgs) -> anyhow::Result<()> {
     if args.ledger {
         let url = config.database_url();
-        let db = Db::connect(&url, 1)
-            .await
-            .with_context(|| format!("ledger {}", super::redact(&url)))?;
-        let read = db.queue_depths().await;
-        db.close().await;
-        read.with_context(|| format!("ledger {} has no DataFlow schema", super::redact(&url)))?;
-        return Ok(());
+        return within(&format!("ledger {}", super::redact(&url)), ledger(&url)).await;
     }
     let base = args
         .url
@@ -59,14 +52,40 @@ async fn check(config: &Config, args: &HealthcheckArgs) -> anyhow::Result<()> {
         base.trim_end_matches('/'),
         if args.ready { "readyz" } else { "healthz" }
     );
-    let http = reqwest::Client::builder()
+    within(&url, http(&url)).await
+}
+
+/// `probe`'s answer, named after `target`; a connection the driver keeps retrying (sqlx
+/// does for a refused port) ends at the deadline.
+async fn within(
+    target: &str,
+    probe: impl Future<Output = anyhow::Result<()>>,
+) -> anyhow::Result<()> {
+    match tokio::time::timeout(TIMEOUT, probe).await {
+        Ok(answer) => answer.with_context(|| target.to_owned()),
+        Err(_) => bail!("{target}: no answer within {TIMEOUT:?}"),
+    }
+}
+
+async fn ledger(url: &str) -> anyhow::Result<()> {
+    let db = Db::connect(url, 1).await?;
+    let read = db.queue_depths().await;
+    db.close().await;
+    read.context("no DataFlow schema")?;
+    Ok(())
+}
+
+async fn http(url: &str) -> anyhow::Result<()> {
+    // reqwest's TLS needs the process-wide provider even for http://; already set is fine.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let client = reqwest::Client::builder()
         .no_proxy()
         .timeout(TIMEOUT)
         .build()
         .context("building the HTTP client")?;
-    let resp = http.get(&url).send().await.with_context(|| url.clone())?;
-    if resp.status() != reqwest::StatusCode::OK {
-        bail!("{url} answered {}", resp.status());
+    let status = client.get(url).send().await?.status();
+    if status != reqwest::StatusCode::OK {
+        bail!("answered {status}");
     }
     Ok(())
 }

@@ -11,6 +11,7 @@ mod amqp;
 mod auth;
 mod bench;
 mod cli;
+mod deploy;
 mod imports;
 mod jobs;
 mod metrics;
