@@ -27,7 +27,10 @@ fn repo_file(path: &str) -> String {
 /// Series name → every label name seen on it, from Prometheus text.
 fn scraped_series(body: &str) -> BTreeMap<String, BTreeSet<String>> {
     let mut series: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
-    for line in body.lines().filter(|l| !l.starts_with('#') && !l.is_empty()) {
+    for line in body
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+    {
         let name_end = line.find(['{', ' ']).unwrap_or(line.len());
         let labels = series.entry(line[..name_end].to_owned()).or_default();
         let Some(mut rest) = line[name_end..].strip_prefix('{') else {
@@ -68,7 +71,9 @@ fn metric_names(expr: &str) -> BTreeSet<String> {
     let mut names = BTreeSet::new();
     let mut rest = expr;
     while let Some(at) = rest.find("dataflow_") {
-        let end = rest[at..].find(|c| !is_ident(c)).map_or(rest.len(), |e| at + e);
+        let end = rest[at..]
+            .find(|c| !is_ident(c))
+            .map_or(rest.len(), |e| at + e);
         names.insert(rest[at..end].to_owned());
         rest = &rest[end..];
     }
@@ -90,7 +95,11 @@ fn label_names(expr: &str) -> BTreeSet<String> {
         let inner = &rest[at + 1..];
         let close = inner.find('}').expect("a selector closes");
         for matcher in inner[..close].split(',') {
-            let name: String = matcher.trim().chars().take_while(|&c| is_ident(c)).collect();
+            let name: String = matcher
+                .trim()
+                .chars()
+                .take_while(|&c| is_ident(c))
+                .collect();
             labels.insert(name);
         }
         rest = &inner[close..];
@@ -320,11 +329,17 @@ fn compose_and_dockerfile_run_commands_the_binary_parses() {
         let exec = words.first().is_some_and(|w| w == "CMD");
         match &words[usize::from(exec)..] {
             // A health check (`["CMD", "dataflow", …]`, `CMD ["dataflow", …]`) names the binary.
-            [binary, ..] if binary == "dataflow" => commands.push(words[usize::from(exec)..].to_vec()),
+            [binary, ..] if binary == "dataflow" => {
+                commands.push(words[usize::from(exec)..].to_vec())
+            }
             // Another program's health check.
             _ if exec || line.starts_with("test: ") => {}
             // `command:` of a DataFlow service, the image's `CMD`: arguments to its entry point.
-            _ => commands.push(std::iter::once("dataflow".to_owned()).chain(words).collect()),
+            _ => commands.push(
+                std::iter::once("dataflow".to_owned())
+                    .chain(words)
+                    .collect(),
+            ),
         }
     }
     // migrate, serve, worker, both compose health checks, the image's own and its CMD.
@@ -354,7 +369,10 @@ fn assert_unhealthy(out: &Output, reason: &str) {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "expected a failure: {stderr}");
     assert_eq!(stderr.trim().lines().count(), 1, "one line: {stderr}");
-    assert!(stderr.contains("unhealthy") && stderr.contains(reason), "{stderr}");
+    assert!(
+        stderr.contains("unhealthy") && stderr.contains(reason),
+        "{stderr}"
+    );
 }
 
 fn assert_healthy(out: &Output) {
