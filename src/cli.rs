@@ -5,6 +5,7 @@
 //! the change at once; without Redis, API processes see it within their cache TTL
 //! (`api.cache_ttl_ms`), while the same change through `/admin` applies on the next request.
 
+pub mod healthcheck;
 pub mod import;
 pub mod ops;
 
@@ -42,6 +43,8 @@ pub enum Command {
     Worker,
     /// Applies the ledger migrations and exits.
     Migrate,
+    /// Exits 0 when this host's process answers `/healthz` (or the ledger, for workers).
+    Healthcheck(healthcheck::HealthcheckArgs),
     /// Manage clients (tenants).
     #[command(subcommand)]
     Clients(ClientsCmd),

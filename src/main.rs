@@ -11,6 +11,9 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    // One process-wide TLS provider for every client (reqwest, lettre, redis, lapin), chosen
+    // here rather than by crate features; commands that never open the backends need it too.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     // lapin warns with the whole message for every unroutable return; the relay counts
     // those itself (`dataflow_amqp_unroutable_total`) and retries the ones that matter.
     let filter = EnvFilter::try_from_env("DATAFLOW_LOG")
@@ -39,6 +42,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             );
             return Ok(());
         }
+        Command::Healthcheck(args) => return cli::healthcheck::run(&config, args).await,
         Command::Clients(cmd) => return cli::clients(&config, cmd).await,
         Command::Keys(cmd) => return cli::keys(&config, cmd).await,
         Command::Policy(cmd) => return cli::policy(&config, cmd).await,

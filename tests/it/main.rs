@@ -11,6 +11,7 @@ mod amqp;
 mod auth;
 mod bench;
 mod cli;
+mod deploy;
 mod fleet;
 mod imports;
 mod jobs;
