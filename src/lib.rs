@@ -53,7 +53,8 @@ impl Roles {
 /// A running DataFlow process.
 pub struct App {
     pub backends: Arc<Backends>,
-    /// The bound API address, when this process serves HTTP.
+    /// The bound address when this process serves HTTP: the API, or for a worker-only
+    /// process its operations listener (`ops_listen`).
     pub addr: Option<SocketAddr>,
     /// The batch worker, when this process runs one.
     pub worker: Option<Worker>,
@@ -149,23 +150,19 @@ impl App {
         if roles.api {
             let listener = match listener {
                 Some(l) => l,
-                None => TcpListener::bind(config.listen)
-                    .await
-                    .with_context(|| format!("binding {}", config.listen))?,
+                None => bind(config.listen).await?,
             };
             addr = Some(listener.local_addr()?);
             let app = dataflow_api::router(AppState::new(backends.clone(), config.api.clone()));
-            let stop = shutdown.clone();
-            tasks.spawn(async move {
-                let service = app.into_make_service_with_connect_info::<SocketAddr>();
-                let served = axum::serve(listener, service)
-                    .with_graceful_shutdown(stop.cancelled_owned())
-                    .await;
-                if let Err(e) = served {
-                    tracing::error!(error = %e, "HTTP server failed");
-                }
-            });
+            tasks.spawn(serve(listener, app, shutdown.clone()));
             tracing::info!(addr = %addr.map(|a| a.to_string()).unwrap_or_default(), "API listening");
+        } else if let Some(ops) = config.ops_listen {
+            // A worker still answers health checks and scrapes.
+            let listener = bind(ops).await?;
+            addr = Some(listener.local_addr()?);
+            let app = dataflow_api::ops_router(AppState::new(backends.clone(), config.api.clone()));
+            tasks.spawn(serve(listener, app, shutdown.clone()));
+            tracing::info!(%ops, "health and metrics listening");
         }
         Ok(App {
             backends,
@@ -191,6 +188,23 @@ impl App {
     pub async fn stop(self) {
         self.shutdown.cancel();
         self.wait().await;
+    }
+}
+
+async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding {addr}"))
+}
+
+/// Serves `app` on `listener` until `stop`, then lets requests in flight finish.
+async fn serve(listener: TcpListener, app: axum::Router, stop: CancellationToken) {
+    let service = app.into_make_service_with_connect_info::<SocketAddr>();
+    let served = axum::serve(listener, service)
+        .with_graceful_shutdown(stop.cancelled_owned())
+        .await;
+    if let Err(e) = served {
+        tracing::error!(error = %e, "HTTP server failed");
     }
 }
 

@@ -48,6 +48,17 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
+/// What a process without the API serves for operations: `/healthz`, `/readyz`,
+/// `/metrics`.
+pub fn ops_router(state: AppState) -> Router {
+    Router::new()
+        .merge(routes::health::router())
+        .merge(routes::metrics::router())
+        .fallback(|| async { ApiError::not_found() })
+        .layer(middleware::from_fn(track))
+        .with_state(state)
+}
+
 /// Counts every request by method, matched route (never the raw path: ids would make a
 /// series per batch) and status, and times it.
 async fn track(req: Request, next: Next) -> Response {

@@ -33,6 +33,9 @@ pub struct Config {
     pub data_dir: PathBuf,
     /// Address the HTTP API binds.
     pub listen: SocketAddr,
+    /// Where a process that serves no API (`dataflow worker`) answers `/healthz`,
+    /// `/readyz` and `/metrics`, so it can be scraped and probed. Unset: nowhere.
+    pub ops_listen: Option<SocketAddr>,
     /// Bearer token for `/admin`. Generated into the data folder when unset.
     pub admin_token: Option<Secret>,
     /// Key for the HMAC that stores API key secrets. Generated into the data folder when unset.
@@ -67,6 +70,7 @@ impl Default for Config {
             database_url: None,
             data_dir: PathBuf::from("data"),
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            ops_listen: None,
             admin_token: None,
             secret: None,
             db_max_connections: 10,

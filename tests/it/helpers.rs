@@ -182,7 +182,14 @@ impl TestApp {
 
     /// A second process on the same database and Redis prefix (stop it before this one).
     pub async fn sibling(&self, roles: Roles) -> TestApp {
-        Self::start(self.config.clone(), roles, None).await
+        self.sibling_with(roles, |_| {}).await
+    }
+
+    /// A sibling whose config `tweak` adjusts.
+    pub async fn sibling_with(&self, roles: Roles, tweak: impl FnOnce(&mut Config)) -> TestApp {
+        let mut config = self.config.clone();
+        tweak(&mut config);
+        Self::start(config, roles, None).await
     }
 
     /// A sibling whose config differs by `tweak`.

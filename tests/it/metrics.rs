@@ -71,3 +71,37 @@ async fn metrics_cover_requests_queues_batches_locks_and_the_cache() {
     );
     t.stop().await;
 }
+
+/// `dataflow worker` serves no API, but with `ops_listen` it answers health checks and
+/// scrapes, so Prometheus sees the worker's own series (batches, records, locks).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_process_serves_health_and_metrics_on_its_ops_listener() {
+    let Some(api) = TestApp::spawn_with(Backend::Sqlite, Roles::API, |_| {}).await else {
+        return;
+    };
+    let worker = api
+        .sibling_with(Roles::WORKER, |c| {
+            c.ops_listen = Some("127.0.0.1:0".parse().unwrap());
+        })
+        .await;
+    let (_, key) = api.client(json!({})).await;
+    let imported = api.import(&key, "text/csv", csv("w", 10)).await;
+    api.wait_for(&key, &imported.batch_id, BatchStatus::Completed)
+        .await;
+    let get = |path: &str| worker.http.get(worker.url(path)).send();
+    assert_eq!(get("/healthz").await.unwrap().status(), 200);
+    assert_eq!(get("/readyz").await.unwrap().status(), 200);
+    assert_eq!(
+        get("/v1/batches").await.unwrap().status(),
+        404,
+        "no API here"
+    );
+    let body = get("/metrics").await.unwrap().text().await.unwrap();
+    assert!(body.contains("dataflow_queue_depth{"), "{body}");
+    assert!(
+        body.contains("dataflow_batches_total{outcome=\"completed\"}"),
+        "{body}"
+    );
+    worker.stop().await;
+    api.stop().await;
+}
