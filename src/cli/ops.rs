@@ -133,8 +133,25 @@ pub async fn status(config: &Config) -> anyhow::Result<()> {
             Err(e) => format!("DOWN ({e}): limits, cache and locks on their fallbacks"),
         },
     };
-    println!("ledger: {}", redact(&config.database_url()));
-    println!("redis:  {redis}");
+    let events = match &config.amqp_url {
+        None => "embedded (workers poll SQL)".to_owned(),
+        Some(url) => broker_reachability(url.expose()).await,
+    };
+    let workers = match backends.fleet.list().await {
+        Ok(ws) => {
+            let draining = ws.iter().filter(|w| w.draining).count();
+            let busy: u64 = ws.iter().map(|w| w.in_flight).sum();
+            format!(
+                "{} alive ({draining} draining), {busy} batches in flight",
+                ws.len()
+            )
+        }
+        Err(e) => format!("registry unavailable ({e})"),
+    };
+    println!("ledger:  {}", redact(&config.database_url()));
+    println!("redis:   {redis}");
+    println!("events:  {events}");
+    println!("workers: {workers}");
     println!();
     let mut rows: Vec<Vec<String>> = backends
         .db
@@ -169,6 +186,25 @@ pub async fn status(config: &Config) -> anyhow::Result<()> {
         print_table(&["QUEUE", "STATE", "COUNT", "OLDEST"], &rows);
     }
     Ok(())
+}
+
+/// Whether the broker's port answers (a CLI does not open an AMQP session; each running
+/// process reports its own mode at `/readyz`).
+async fn broker_reachability(url: &str) -> String {
+    let Ok(parsed) = url::Url::parse(url) else {
+        return "RabbitMQ URL unreadable".into();
+    };
+    let host = parsed.host_str().unwrap_or("localhost").to_owned();
+    let port = parsed.port().unwrap_or(if parsed.scheme() == "amqps" {
+        5671
+    } else {
+        5672
+    });
+    let connect = tokio::net::TcpStream::connect((host.as_str(), port));
+    match tokio::time::timeout(Duration::from_secs(1), connect).await {
+        Ok(Ok(_)) => format!("RabbitMQ at {host}:{port} reachable"),
+        _ => format!("RabbitMQ at {host}:{port} UNREACHABLE: workers poll SQL until it returns"),
+    }
 }
 
 pub async fn batches(config: &Config, cmd: BatchesCmd) -> anyhow::Result<()> {
