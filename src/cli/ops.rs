@@ -354,38 +354,47 @@ pub async fn dlq(config: &Config, cmd: DlqCmd) -> anyhow::Result<()> {
 }
 
 async fn dead_batches(db: &Db, limit: u32) -> anyhow::Result<Vec<BatchView>> {
-    let mut out = Vec::new();
-    let mut cursor: Option<BatchId> = None;
-    while (out.len() as u64) < u64::from(limit) {
-        let page = db
-            .list_batches(None, Some(BatchStatus::Dead), cursor.as_ref(), 500)
-            .await?;
-        out.extend(page.items);
-        match page.next_cursor {
-            Some(c) => cursor = Some(parse(&c)?),
-            None => break,
-        }
-    }
-    out.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
-    Ok(out)
+    all_pages(limit, async |cursor: Option<BatchId>| {
+        let dead = Some(BatchStatus::Dead);
+        let page = db.list_batches(None, dead, cursor.as_ref(), 500).await?;
+        Ok((page.items, page.next_cursor))
+    })
+    .await
 }
 
 async fn dead_jobs(db: &Db, limit: u32) -> anyhow::Result<Vec<JobView>> {
-    let mut out = Vec::new();
-    let mut cursor: Option<JobId> = None;
-    while (out.len() as u64) < u64::from(limit) {
-        let filter = JobFilter {
-            status: Some(JobStatus::Dead),
-            ..JobFilter::default()
-        };
+    let filter = JobFilter {
+        status: Some(JobStatus::Dead),
+        ..JobFilter::default()
+    };
+    all_pages(limit, async |cursor: Option<JobId>| {
         let page = db.list_jobs(&filter, cursor.as_ref(), 500).await?;
-        out.extend(page.items);
-        match page.next_cursor {
+        Ok((page.items, page.next_cursor))
+    })
+    .await
+}
+
+/// Up to `limit` items, following the cursor from page to page.
+async fn all_pages<T, C>(
+    limit: u32,
+    mut page: impl AsyncFnMut(Option<C>) -> anyhow::Result<(Vec<T>, Option<String>)>,
+) -> anyhow::Result<Vec<T>>
+where
+    C: std::str::FromStr,
+    C::Err: std::error::Error + Send + Sync + 'static,
+{
+    let limit = usize::try_from(limit).unwrap_or(usize::MAX);
+    let mut out = Vec::new();
+    let mut cursor = None;
+    while out.len() < limit {
+        let (items, next) = page(cursor.take()).await?;
+        out.extend(items);
+        match next {
             Some(c) => cursor = Some(parse(&c)?),
             None => break,
         }
     }
-    out.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
+    out.truncate(limit);
     Ok(out)
 }
 
