@@ -120,6 +120,14 @@ async fn latency(args: &AmqpArgs, config: Config) -> anyhow::Result<(f64, f64, f
     // The API process connects first and so holds the relay lease: BatchReady reaches the
     // worker process through the broker, not through an in-process wake-up.
     wait_mode(&api, config.amqp_url.is_some()).await?;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while config.amqp_url.is_some() && api.backends.db.relay_lease_owner().await?.is_none() {
+        ensure!(
+            Instant::now() < deadline,
+            "the API process did not take the relay lease"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let worker = App::start(config, Roles::WORKER, None).await?;
     wait_mode(&worker, api.backends.broker.is_some()).await?;
     let db = api.backends.db.clone();
