@@ -169,7 +169,7 @@ pub async fn run_relay(
     let mut last_prune = Instant::now();
     let mut failing = false;
     loop {
-        match relay_round(&db, &publisher, lease.as_mut(), settings.batch_size).await {
+        match relay_round(&db, &publisher, lease.as_mut(), settings.batch_size, Some(&wake)).await {
             Ok(n) => {
                 if failing {
                     tracing::info!("outbox relay publishing again");
@@ -205,7 +205,7 @@ pub async fn run_relay(
         }
     }
     // A last round so events committed just before shutdown are not left for the next start.
-    if let Err(e) = relay_round(&db, &publisher, lease.as_mut(), settings.batch_size).await {
+    if let Err(e) = relay_round(&db, &publisher, lease.as_mut(), settings.batch_size, None).await {
         tracing::warn!(error = %e, "final outbox relay round failed");
     }
     if let Some(l) = &lease
@@ -221,6 +221,7 @@ async fn relay_round(
     publisher: &Publisher,
     lease: Option<&mut RelayLease>,
     limit: u32,
+    wake: Option<&Notify>,
 ) -> Result<usize> {
     if let Publisher::Broker { broker, .. } = publisher
         && !broker.is_connected()
@@ -240,13 +241,13 @@ async fn relay_round(
                 .unwrap_or_else(Instant::now)
         });
     }
-    relay_until(db, publisher, limit, until).await
+    relay_until(db, publisher, limit, until, wake).await
 }
 
 /// One round: relays what is in the outbox (with a broker: until it is drained, `limit`
 /// rows per read; in process: up to `limit` rows); returns how many were published.
 pub async fn relay_once(db: &Db, publisher: &Publisher, limit: u32) -> Result<usize> {
-    relay_until(db, publisher, limit, None).await
+    relay_until(db, publisher, limit, None, None).await
 }
 
 async fn relay_until(
@@ -254,6 +255,7 @@ async fn relay_until(
     publisher: &Publisher,
     limit: u32,
     until: Option<Instant>,
+    wake: Option<&Notify>,
 ) -> Result<usize> {
     let done = match publisher {
         Publisher::InProcess(_) => {
@@ -265,7 +267,7 @@ async fn relay_until(
         }
         Publisher::Broker { broker, .. } => {
             broker
-                .relay(db, limit, until, &|rows| publisher.notify_local(rows))
+                .relay(db, limit, until, wake, &|rows| publisher.notify_local(rows))
                 .await?
         }
     };
