@@ -127,6 +127,8 @@ pub struct RelaySettings {
 struct RelayLease {
     owner: String,
     held_until: Option<Instant>,
+    /// Standing by: another relay held the lease; ask again after this.
+    retry_at: Option<Instant>,
     lease: Duration,
     confirm_timeout: Duration,
 }
@@ -141,12 +143,18 @@ impl RelayLease {
         {
             return Ok(true);
         }
+        // A standby asks at a third of the lease, not on every wake-up: the ledger need not
+        // take a write per commit from every process.
+        if self.retry_at.is_some_and(|at| now < at) {
+            return Ok(false);
+        }
         let ms = i64::try_from(self.lease.as_millis()).unwrap_or(i64::MAX);
         let taken = db.take_relay_lease(&self.owner, ms).await?;
         if taken && self.held_until.is_none() {
             tracing::info!(owner = %self.owner, "this process relays the outbox");
         }
         self.held_until = taken.then_some(now + self.lease);
+        self.retry_at = (!taken).then_some(now + self.lease / 3);
         Ok(taken)
     }
 }
@@ -163,6 +171,7 @@ pub async fn run_relay(
     let mut lease = matches!(publisher, Publisher::Broker { .. }).then(|| RelayLease {
         owner: format!("relay-{}", ulid::Ulid::new()),
         held_until: None,
+        retry_at: None,
         lease: settings.lease,
         confirm_timeout: settings.confirm_timeout,
     });
