@@ -178,7 +178,15 @@ pub async fn run_relay(
     let mut last_prune = Instant::now();
     let mut failing = false;
     loop {
-        match relay_round(&db, &publisher, lease.as_mut(), settings.batch_size, Some(&wake)).await {
+        match relay_round(
+            &db,
+            &publisher,
+            lease.as_mut(),
+            settings.batch_size,
+            Some(&wake),
+        )
+        .await
+        {
             Ok(n) => {
                 if failing {
                     tracing::info!("outbox relay publishing again");
