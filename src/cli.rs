@@ -5,6 +5,9 @@
 //! the change at once; without Redis, API processes see it within their cache TTL
 //! (`api.cache_ttl_ms`), while the same change through `/admin` applies on the next request.
 
+pub mod import;
+pub mod ops;
+
 use std::path::PathBuf;
 
 use anyhow::{Context, bail};
@@ -48,6 +51,16 @@ pub enum Command {
     /// Show or change a client's policy.
     #[command(subcommand)]
     Policy(PolicyCmd),
+    /// Queues, their oldest items, and whether Redis answers: a table.
+    Status,
+    /// Batches across clients: list, show, retry.
+    #[command(subcommand)]
+    Batches(ops::BatchesCmd),
+    /// The dead-letter queue (dead batches and dead jobs): list, retry, discard.
+    #[command(subcommand)]
+    Dlq(ops::DlqCmd),
+    /// Uploads a file as a producer over the HTTP API; `--wait` follows it to the end.
+    Import(import::ImportArgs),
     /// Benchmarks that print their figures.
     #[command(subcommand)]
     Bench(BenchCmd),
@@ -111,7 +124,7 @@ pub enum BenchCmd {
 }
 
 /// Loads config for operator commands (which touch only the ledger).
-async fn ledger(config: &Config) -> anyhow::Result<std::sync::Arc<Backends>> {
+pub(crate) async fn ledger(config: &Config) -> anyhow::Result<std::sync::Arc<Backends>> {
     Backends::build(config).await.context("opening the ledger")
 }
 
@@ -120,7 +133,7 @@ fn client_id(raw: &str) -> anyhow::Result<ClientId> {
         .with_context(|| format!("`{raw}` is not a client id"))
 }
 
-fn print_json<T: serde::Serialize>(v: &T) -> anyhow::Result<()> {
+pub(crate) fn print_json<T: serde::Serialize>(v: &T) -> anyhow::Result<()> {
     println!("{}", serde_json::to_string_pretty(v)?);
     Ok(())
 }
@@ -226,6 +239,18 @@ pub async fn policy(config: &Config, cmd: PolicyCmd) -> anyhow::Result<()> {
             announce(&backends.clients, id.as_str()).await;
             print_json(&updated.policy)
         }
+    }
+}
+
+/// The URL without its password, for printing.
+pub fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => {
+            let creds = &url[s + 3..at];
+            let user = creds.split(':').next().unwrap_or("");
+            format!("{}{user}:****{}", &url[..s + 3], &url[at..])
+        }
+        _ => url.to_owned(),
     }
 }
 

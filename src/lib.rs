@@ -132,7 +132,7 @@ impl App {
             // Follow-up jobs (email, report, webhook) run beside the batch worker.
             let setup = JobsSetup {
                 db: backends.db.clone(),
-                queues: backends.job_queues.clone(),
+                queue: backends.job_queue.clone(),
                 config: config.jobs.clone(),
                 handler: Arc::new(Handlers {
                     db: backends.db.clone(),

@@ -33,12 +33,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Worker => Roles::WORKER,
         Command::Migrate => {
             dataflow_platform::Backends::build(&config).await?;
-            println!("migrations applied to {}", redact(&config.database_url()));
+            println!(
+                "migrations applied to {}",
+                cli::redact(&config.database_url())
+            );
             return Ok(());
         }
         Command::Clients(cmd) => return cli::clients(&config, cmd).await,
         Command::Keys(cmd) => return cli::keys(&config, cmd).await,
         Command::Policy(cmd) => return cli::policy(&config, cmd).await,
+        Command::Status => return cli::ops::status(&config).await,
+        Command::Batches(cmd) => return cli::ops::batches(&config, cmd).await,
+        Command::Dlq(cmd) => return cli::ops::dlq(&config, cmd).await,
+        Command::Import(args) => return cli::import::run(args).await,
         Command::Bench(cli::BenchCmd::Ingest(args)) => return dataflow::bench::ingest(args).await,
         Command::Bench(cli::BenchCmd::Limiter(args)) => {
             return dataflow::bench::limiter(args).await;
@@ -57,7 +64,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         if let Some(addr) = app.addr {
             eprintln!(
                 "DataFlow is listening on http://{addr} (ledger: {})",
-                redact(&config.database_url())
+                cli::redact(&config.database_url())
             );
         }
     }
@@ -68,16 +75,4 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     });
     app.wait().await;
     Ok(())
-}
-
-/// The URL without its password, for printing.
-fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(s), Some(at)) if at > s => {
-            let creds = &url[s + 3..at];
-            let user = creds.split(':').next().unwrap_or("");
-            format!("{}{user}:****{}", &url[..s + 3], &url[at..])
-        }
-        _ => url.to_owned(),
-    }
 }

@@ -30,6 +30,7 @@ pub async fn limited(
     next: Next,
 ) -> Response {
     let decision = state.backends.limiter.check(subject, rate).await;
+    record(subject.trim_start_matches("client:"), decision.allowed);
     let mut resp = if decision.allowed {
         next.run(req).await
     } else {
@@ -44,6 +45,12 @@ pub async fn limited(
     resp
 }
 
+fn record(client: &str, allowed: bool) {
+    let outcome = if allowed { "allowed" } else { "limited" };
+    metrics::counter!("dataflow_ratelimit_decisions_total", "client" => client.to_owned(), "outcome" => outcome)
+        .increment(1);
+}
+
 /// The answer to a request without valid credentials: `err`, or 429 when this IP is over
 /// the anonymous limit.
 pub async fn anonymous(state: &AppState, ip: IpAddr, err: ApiError) -> Response {
@@ -56,6 +63,8 @@ pub async fn anonymous(state: &AppState, ip: IpAddr, err: ApiError) -> Response 
         .limiter
         .check(&format!("anon:{ip}"), rate)
         .await;
+    // One series for all anonymous callers: a label per IP would grow without bound.
+    record("anonymous", decision.allowed);
     let mut resp = if decision.allowed {
         err.into_response()
     } else {

@@ -148,3 +148,16 @@ pub struct BatchReport {
     /// Where the rejected rows can be downloaded as CSV.
     pub rejected_rows_csv: String,
 }
+
+/// One queue in one state: how much waits there and for how long
+/// (`GET /admin/queues`, `dataflow status`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueDepth {
+    /// `batches`, `outbox`, or `jobs:<kind>`.
+    pub queue: String,
+    /// The state counted: a batch or job status, or `unpublished` for the outbox.
+    pub state: String,
+    pub count: u64,
+    /// Age of the oldest item in this state (since it was created), in milliseconds.
+    pub oldest_age_ms: Option<u64>,
+}

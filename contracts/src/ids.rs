@@ -42,6 +42,12 @@ macro_rules! prefixed_id {
             pub fn as_str(&self) -> &str {
                 &self.0
             }
+
+            /// The ULID part (ids are validated when they are made, so it always parses).
+            pub fn ulid(&self) -> ulid::Ulid {
+                let rest = self.0.get($prefix.len() + 1..).unwrap_or_default();
+                ulid::Ulid::from_string(rest).unwrap_or_default()
+            }
         }
 
         impl FromStr for $name {

@@ -68,15 +68,18 @@ pub enum JobStatus {
     Done,
     /// Attempts used up, or a failure that no retry can fix; an operator may retry it.
     Dead,
+    /// A dead job an operator gave up on: out of the dead-letter queue, never run again.
+    Discarded,
 }
 
 impl JobStatus {
-    pub const ALL: [JobStatus; 5] = [
+    pub const ALL: [JobStatus; 6] = [
         Self::Pending,
         Self::Queued,
         Self::Running,
         Self::Done,
         Self::Dead,
+        Self::Discarded,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -86,6 +89,7 @@ impl JobStatus {
             Self::Running => "running",
             Self::Done => "done",
             Self::Dead => "dead",
+            Self::Discarded => "discarded",
         }
     }
 }

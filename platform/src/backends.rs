@@ -8,7 +8,7 @@
 //! | key / client cache | L1 in process + L2 in Redis, pub/sub invalidation | in process |
 //! | dedup fast path | Redis `SET NX PX` before the SQL decider | SQL only |
 //! | batch mutex | Redlock, fenced by the SQL lease epoch | the SQL lease alone |
-//! | job queue | Redis lists fed from the SQL intents | workers claim the SQL intents |
+//! | job queue | Redis lists (or apalis-redis) fed from the SQL intents | workers claim the SQL intents |
 //! | mail | SMTP when `jobs.smtp_url` is set | `.eml` files in `<data_dir>/mail` |
 //!
 //! | part | with `amqp_url` | without |
@@ -26,23 +26,26 @@ use tokio_util::sync::CancellationToken;
 
 use crate::amqp::Broker;
 use crate::cache::{Cache, SharedTier};
+use crate::config::RedisQueue;
 use crate::config::{Config, Secret};
 use crate::db::{ClientRecord, Db, KeyRecord};
 use crate::dedup::DedupFastPath;
 use crate::events::{Mode, Publisher};
-use crate::jobqueue::JobQueues;
+use crate::jobqueue::{ApalisQueues, JobQueues, RedisJobQueue};
 use crate::keys::{self, KeyHasher};
 use crate::limiter::{InProcessLimiter, Limiter, RedisLimiter};
 use crate::lockout::{InProcessLockout, Lockout, LockoutPolicy, RedisLockout};
 use crate::mail::Mailer;
 use crate::mutex::{BatchMutex, Redlock};
-use crate::redis::Redis;
+use crate::redis::{Purpose, Redis};
 use crate::webhook::WebhookSender;
 use crate::{Error, Result};
 
 pub struct Backends {
     pub db: Db,
     pub redis: Option<Redis>,
+    /// Where the cache and its invalidations live: `redis_cache_url`, else `redis`.
+    pub cache_redis: Option<Redis>,
     pub limiter: Limiter,
     pub lockout: Lockout,
     /// API keys by key id.
@@ -61,7 +64,7 @@ pub struct Backends {
     pub hasher: KeyHasher,
     pub admin_token: Secret,
     /// The job queue in Redis; `None`: workers claim job intents from SQL.
-    pub job_queues: Option<JobQueues>,
+    pub job_queue: Option<RedisJobQueue>,
     pub mailer: Arc<Mailer>,
     pub webhooks: Arc<WebhookSender>,
 }
@@ -72,6 +75,8 @@ impl Backends {
         // TLS (`rediss://`, `amqps://`) needs one process-wide crypto provider; name it rather than rely
         // on crate features, which change as dependencies are added. Already set is fine.
         let _ = rustls::crypto::ring::default_provider().install_default();
+        // Before anything records a metric.
+        crate::telemetry::handle();
         let db = Db::connect(&config.database_url(), config.db_max_connections)
             .await?
             .with_job_max_attempts(config.jobs.max_attempts);
@@ -79,19 +84,29 @@ impl Backends {
         let secret = resolve_secret(config.secret.as_ref(), &config.data_dir, "server-secret")?;
         let admin_token =
             resolve_secret(config.admin_token.as_ref(), &config.data_dir, "admin-token")?;
-        let redis = match &config.redis_url {
-            Some(url) => {
-                let ca = match &config.redis_ca_file {
-                    Some(path) => Some(std::fs::read(path).map_err(|source| Error::Io {
-                        context: format!("reading redis_ca_file {}", path.display()),
-                        source,
-                    })?),
-                    None => None,
-                };
-                Some(Redis::connect(url.expose(), &config.redis_prefix, ca).await?)
-            }
+        let ca = match &config.redis_ca_file {
+            Some(path) => Some(std::fs::read(path).map_err(|source| Error::Io {
+                context: format!("reading redis_ca_file {}", path.display()),
+                source,
+            })?),
             None => None,
         };
+        let prefix = &config.redis_prefix;
+        let connect = async |url: &Secret, purpose| {
+            Redis::connect(url.expose(), prefix, ca.clone(), purpose).await
+        };
+        let redis = match &config.redis_url {
+            Some(url) => Some(connect(url, Purpose::State).await?),
+            None => None,
+        };
+        let cache_redis = match &config.redis_cache_url {
+            Some(url) => Some(connect(url, Purpose::Cache).await?),
+            None => redis.clone(),
+        };
+        let mut lock_nodes = Vec::with_capacity(config.redlock_urls.len());
+        for url in &config.redlock_urls {
+            lock_nodes.push(connect(url, Purpose::State).await?);
+        }
 
         let api = &config.api;
         let lockout_policy = LockoutPolicy {
@@ -106,7 +121,11 @@ impl Backends {
                 Limiter::Redis(Box::new(RedisLimiter::new(r.clone()))),
                 Lockout::Redis(Box::new(RedisLockout::new(r.clone(), lockout_policy))),
                 DedupFastPath::Redis(Box::new(r.clone())),
-                BatchMutex::Redlock(Box::new(Redlock::new(r.clone()))),
+                BatchMutex::Redlock(Box::new(Redlock::new(if lock_nodes.is_empty() {
+                    vec![r.clone()]
+                } else {
+                    lock_nodes
+                }))),
                 Duration::from_millis(api.cache_l1_ttl_ms),
             ),
             None => (
@@ -118,7 +137,7 @@ impl Backends {
             ),
         };
         let tier = |namespace| {
-            redis.as_ref().map(|r| SharedTier {
+            cache_redis.as_ref().map(|r| SharedTier {
                 redis: r.clone(),
                 namespace,
                 ttl,
@@ -141,13 +160,20 @@ impl Backends {
             None => Publisher::in_process(),
         };
         Ok(Arc::new(Backends {
-            job_queues: redis.clone().map(JobQueues::new),
+            job_queue: redis.clone().map(|r| match config.jobs.redis_queue {
+                RedisQueue::Lists => RedisJobQueue::Lists(JobQueues::new(r)),
+                RedisQueue::ApalisRedis => RedisJobQueue::Apalis(ApalisQueues::new(
+                    r,
+                    Duration::from_millis(config.jobs.dead_worker_ms),
+                )),
+            }),
             mailer: Arc::new(mailer),
             webhooks: Arc::new(webhooks),
             keys: Cache::new(l1_ttl, negative_ttl, tier("keys")),
             clients: Cache::new(l1_ttl, negative_ttl, tier("clients")),
             db,
             redis,
+            cache_redis,
             limiter,
             lockout,
             dedup,
@@ -165,7 +191,7 @@ impl Backends {
     /// without Redis). After every (re)subscribe the local copies are dropped, since
     /// messages sent while disconnected are lost.
     pub async fn run_invalidation_listener(self: Arc<Self>, shutdown: CancellationToken) {
-        let Some(redis) = self.redis.clone() else {
+        let Some(redis) = self.cache_redis.clone() else {
             return;
         };
         let channel = SharedTier::channel(&redis);

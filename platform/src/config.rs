@@ -38,6 +38,12 @@ pub struct Config {
     pub redis_prefix: String,
     /// PEM file of a private CA to trust for `rediss://` (default: the public web roots).
     pub redis_ca_file: Option<PathBuf>,
+    /// A separate Redis for the key/client cache and its invalidations, which may evict
+    /// (`allkeys-lru`); unset: the cache lives on `redis_url`.
+    pub redis_cache_url: Option<Secret>,
+    /// The Redis servers the batch mutex locks on (Redlock: a lock needs N/2+1 of them);
+    /// independent servers, not replicas. Empty: `redis_url` alone.
+    pub redlock_urls: Vec<Secret>,
     /// `amqp://` or `amqps://` (TLS) RabbitMQ URL with credentials and vhost. Unset: events
     /// stay in process and workers find batches by SQL polling.
     pub amqp_url: Option<Secret>,
@@ -60,6 +66,8 @@ impl Default for Config {
             redis_url: None,
             redis_prefix: "dataflow".to_owned(),
             redis_ca_file: None,
+            redis_cache_url: None,
+            redlock_urls: Vec::new(),
             amqp_url: None,
             amqp: AmqpConfig::default(),
             api: ApiConfig::default(),
@@ -254,6 +262,9 @@ pub struct JobsConfig {
     pub timeout_secs: u64,
     /// Safety-net polling of the SQL intents; commits in this process wake the relay directly.
     pub poll_interval_ms: u64,
+    /// With Redis: which queue carries the jobs. `lists` is DataFlow's own; `apalis-redis`
+    /// is apalis-redis 1.0 storage, for tools of the apalis ecosystem (see the README).
+    pub redis_queue: RedisQueue,
     /// With Redis: most jobs of one kind held in Redis at once; the rest wait in SQL.
     pub redis_working_set: usize,
     /// With Redis: a worker that has not beaten its heart for this long is dead and its
@@ -262,6 +273,9 @@ pub struct JobsConfig {
     /// With Redis: a job handed to Redis and not finished after this long is checked for in
     /// Redis and handed over again if Redis lost it.
     pub requeue_after_secs: u64,
+    /// Finished jobs are deleted this long after they were done; dead jobs stay until an
+    /// operator retries them.
+    pub retention_secs: u64,
     /// `smtp://user:pass@host:587?tls=required` or `smtps://…`. Unset: messages are written
     /// as `.eml` files into `<data_dir>/mail`.
     pub smtp_url: Option<Secret>,
@@ -282,9 +296,11 @@ impl Default for JobsConfig {
             retry_max_ms: 3_600_000,
             timeout_secs: 60,
             poll_interval_ms: 500,
+            redis_queue: RedisQueue::Lists,
             redis_working_set: 10_000,
             dead_worker_ms: 10_000,
             requeue_after_secs: 300,
+            retention_secs: 7 * 24 * 3600,
             smtp_url: None,
             mail_from: "DataFlow <dataflow@localhost>".to_owned(),
             webhook_allow_private: false,
@@ -292,6 +308,31 @@ impl Default for JobsConfig {
         }
     }
 }
+
+/// The Redis job queue implementation (`jobs.redis_queue`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RedisQueue {
+    Lists,
+    ApalisRedis,
+}
+
+impl std::str::FromStr for RedisQueue {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "lists" => Ok(Self::Lists),
+            "apalis-redis" => Ok(Self::ApalisRedis),
+            other => Err(format!(
+                "unknown job queue {other:?}: lists or apalis-redis"
+            )),
+        }
+    }
+}
+
+/// apalis-redis 1.0.0 promotes every due task in one Lua `unpack`, which fails above about
+/// 8,000: its working set must stay below that.
+pub const APALIS_REDIS_MAX_WORKING_SET: usize = 5_000;
 
 /// A string that never appears in logs or `Debug` output.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -415,6 +456,14 @@ impl Config {
                 "jobs.concurrency, jobs.max_attempts and jobs.redis_working_set must be at least 1",
             );
         }
+        if jobs.redis_queue == RedisQueue::ApalisRedis
+            && jobs.redis_working_set > APALIS_REDIS_MAX_WORKING_SET
+        {
+            return bad(&format!(
+                "jobs.redis_working_set must be at most {APALIS_REDIS_MAX_WORKING_SET} with \
+                 jobs.redis_queue = \"apalis-redis\" (apalis-redis 1.0 fails above ~8,000 due tasks)"
+            ));
+        }
         if jobs.timeout_secs == 0 || jobs.webhook_timeout_ms == 0 {
             return bad("jobs.timeout_secs and jobs.webhook_timeout_ms must be at least 1");
         }
@@ -432,10 +481,19 @@ impl Config {
         if jobs.mail_from.parse::<lettre::message::Mailbox>().is_err() {
             return bad("jobs.mail_from must be a mailbox such as \"DataFlow <ops@example.com>\"");
         }
-        if let Some(url) = &self.redis_url
-            && !(url.expose().starts_with("redis://") || url.expose().starts_with("rediss://"))
+        let redis_urls = self.redis_url.iter().map(|u| ("redis_url", u));
+        let cache_urls = self.redis_cache_url.iter().map(|u| ("redis_cache_url", u));
+        let lock_urls = self.redlock_urls.iter().map(|u| ("redlock_urls", u));
+        for (name, url) in redis_urls.chain(cache_urls).chain(lock_urls) {
+            let url = url.expose();
+            if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+                return bad(&format!("{name} must start with redis:// or rediss://"));
+            }
+        }
+        if self.redis_url.is_none()
+            && (self.redis_cache_url.is_some() || !self.redlock_urls.is_empty())
         {
-            return bad("redis_url must start with redis:// or rediss://");
+            return bad("redis_cache_url and redlock_urls need redis_url");
         }
         if let Some(url) = &self.amqp_url
             && !(url.expose().starts_with("amqp://") || url.expose().starts_with("amqps://"))

@@ -16,6 +16,7 @@
 //! - [`amqp`]: RabbitMQ: the supervised link, topology, confirmed publishing, the consumer.
 //! - [`jobqueue`]: the Redis job queue (bounded working set, reliable hand-out, reaping).
 //! - [`mail`], [`webhook`]: the side effects of jobs (lettre SMTP or files; signed webhooks).
+//! - [`telemetry`]: the Prometheus recorder and the gauges refreshed on each scrape.
 
 pub mod amqp;
 pub mod backends;
@@ -34,6 +35,7 @@ pub mod mutex;
 pub mod records;
 pub mod redis;
 pub mod report;
+pub mod telemetry;
 pub mod webhook;
 
 pub use backends::Backends;

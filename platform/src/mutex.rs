@@ -31,26 +31,56 @@ pub enum BatchMutex {
 
 pub struct Redlock {
     manager: LockManager,
-    /// Tells "held by another" from "Redis is down" after a failed attempt.
-    probe: Redis,
+    /// The lock servers, asked after a failed attempt to tell "held by another" from
+    /// "not enough of them answer".
+    nodes: Vec<Redis>,
     degraded: AtomicU64,
 }
 
 impl Redlock {
-    /// Locks on `probe`'s Redis (its client carries the URL, password and TLS settings).
-    pub fn new(probe: Redis) -> Self {
-        let mut manager = LockManager::from_clients(vec![probe.client().clone()]);
+    /// Locks on `nodes` (their clients carry the URLs, passwords and TLS settings); a lock
+    /// needs a majority of them. `nodes` must not be empty.
+    pub fn new(nodes: Vec<Redis>) -> Self {
+        let clients = nodes.iter().map(|n| n.client().clone()).collect();
+        let mut manager = LockManager::from_clients(clients);
         // One quick try: a contended batch is simply skipped, the next poll comes soon.
         manager.set_retry(1, Duration::from_millis(1));
         Self {
             manager,
-            probe,
+            nodes,
             degraded: AtomicU64::new(0),
         }
     }
 
     fn resource(&self, batch: &BatchId) -> String {
-        self.probe.key(&["batch-lock", batch.as_str()])
+        self.nodes[0].key(&["batch-lock", batch.as_str()])
+    }
+
+    /// After a failed attempt: held by another only if a majority of the servers hold it.
+    async fn after_failure(&self, resource: &str) -> Acquired {
+        let asks = self.nodes.iter().map(|n| async move {
+            redis::cmd("EXISTS")
+                .arg(resource)
+                .query_async::<bool>(&mut n.conn())
+                .await
+        });
+        let answers = futures::future::join_all(asks).await;
+        let held = answers.iter().filter(|a| matches!(a, Ok(true))).count();
+        if held > self.nodes.len() / 2 {
+            return Acquired::Contended;
+        }
+        let unreachable = answers.iter().filter_map(|a| a.as_ref().err()).next();
+        if let Some(e) = unreachable
+            && self
+                .degraded
+                .fetch_add(1, Ordering::Relaxed)
+                .is_multiple_of(100)
+        {
+            tracing::warn!(error = %e, "batch mutex unavailable; relying on the SQL lease");
+        }
+        // Not held by a majority, yet not ours: Redis failed us somewhere. Go on with the
+        // SQL lease, which decides anyway, rather than skip a batch nobody holds.
+        Acquired::Degraded
     }
 }
 
@@ -60,30 +90,22 @@ impl BatchMutex {
             return Acquired::Degraded;
         };
         let resource = r.resource(batch);
-        if let Ok(Ok(lock)) =
-            tokio::time::timeout(LOCK_TIMEOUT, r.manager.lock(resource.as_bytes(), ttl)).await
+        let acquired = match tokio::time::timeout(
+            LOCK_TIMEOUT,
+            r.manager.lock(resource.as_bytes(), ttl),
+        )
+        .await
         {
-            return Acquired::Held(lock);
-        }
-        let exists: redis::RedisResult<bool> = redis::cmd("EXISTS")
-            .arg(&resource)
-            .query_async(&mut r.probe.conn())
-            .await;
-        match exists {
-            Ok(true) => Acquired::Contended,
-            // Free, yet not ours: the attempt failed on our side. Go on with the SQL lease,
-            // which decides anyway, rather than skip a batch nobody holds.
-            Ok(false) => Acquired::Degraded,
-            Err(e) => {
-                if r.degraded
-                    .fetch_add(1, Ordering::Relaxed)
-                    .is_multiple_of(100)
-                {
-                    tracing::warn!(error = %e, "batch mutex unavailable; relying on the SQL lease");
-                }
-                Acquired::Degraded
-            }
-        }
+            Ok(Ok(lock)) => Acquired::Held(lock),
+            _ => r.after_failure(&resource).await,
+        };
+        let outcome = match &acquired {
+            Acquired::Held(_) => "held",
+            Acquired::Contended => "contended",
+            Acquired::Degraded => "degraded",
+        };
+        metrics::counter!("dataflow_lock_acquisitions_total", "outcome" => outcome).increment(1);
+        acquired
     }
 
     /// Renews a held lock (best effort: the SQL fence stays the guarantee).

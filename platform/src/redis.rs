@@ -15,6 +15,15 @@ use crate::{Error, Result};
 const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
 const RESPONSE_TIMEOUT: Duration = Duration::from_millis(500);
 
+/// What a Redis holds, which decides whether it may evict keys.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Purpose {
+    /// Limits, lock-outs, dedup claims, locks, the job queue: must not evict.
+    State,
+    /// The cache: a lost entry is a miss, so eviction is fine.
+    Cache,
+}
+
 #[derive(Clone)]
 pub struct Redis {
     conn: ConnectionManager,
@@ -24,9 +33,14 @@ pub struct Redis {
 
 impl Redis {
     /// Prepares the connection (made lazily: a process whose Redis is down at startup
-    /// starts anyway, on its fallbacks) and checks the eviction policy.
+    /// starts anyway, on its fallbacks) and, for state, checks the eviction policy.
     /// `ca_pem`: a private CA to trust for `rediss://` instead of the public roots.
-    pub async fn connect(url: &str, prefix: &str, ca_pem: Option<Vec<u8>>) -> Result<Redis> {
+    pub async fn connect(
+        url: &str,
+        prefix: &str,
+        ca_pem: Option<Vec<u8>>,
+        purpose: Purpose,
+    ) -> Result<Redis> {
         let client = match ca_pem {
             Some(root_cert) => Client::build_with_tls(
                 url,
@@ -37,7 +51,7 @@ impl Redis {
             ),
             None => Client::open(url),
         }
-        .map_err(|e| Error::Config(format!("REDIS_URL: {e}")))?;
+        .map_err(|e| Error::Config(format!("Redis URL: {e}")))?;
         let config = redis::aio::ConnectionManagerConfig::new()
             .set_connection_timeout(Some(CONNECT_TIMEOUT))
             .set_response_timeout(Some(RESPONSE_TIMEOUT))
@@ -49,7 +63,9 @@ impl Redis {
             client,
             prefix: prefix.to_owned(),
         };
-        redis.warn_unless_noeviction().await;
+        if purpose == Purpose::State {
+            redis.warn_unless_noeviction().await;
+        }
         Ok(redis)
     }
 
@@ -104,9 +120,24 @@ impl Redis {
 
     /// Every key under this prefix (for audits such as "no key without a TTL").
     pub async fn keys_with_prefix(&self) -> Result<Vec<String>> {
+        self.scan(&format!("{}:*", self.prefix)).await
+    }
+
+    /// Deletes every key whose name starts with the prefix, the apalis-redis queues
+    /// (`<prefix>-jobs-…`) included: the clean-up of a test or benchmark run, whose prefix
+    /// is its own.
+    pub async fn delete_all_under_prefix(&self) -> Result<usize> {
+        let keys = self.scan(&format!("{}*", self.prefix)).await?;
         let mut conn = self.conn();
-        let mut iter: redis::AsyncIter<String> =
-            conn.scan_match(format!("{}:*", self.prefix)).await?;
+        for chunk in keys.chunks(500) {
+            let _: () = redis::cmd("DEL").arg(chunk).query_async(&mut conn).await?;
+        }
+        Ok(keys.len())
+    }
+
+    async fn scan(&self, pattern: &str) -> Result<Vec<String>> {
+        let mut conn = self.conn();
+        let mut iter: redis::AsyncIter<String> = conn.scan_match(pattern).await?;
         let mut keys = Vec::new();
         while let Some(k) = futures::StreamExt::next(&mut iter).await {
             keys.push(k?);

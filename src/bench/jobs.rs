@@ -18,7 +18,7 @@ use clap::Args;
 use dataflow_contracts::jobs::{JobKind, JobMessage, JobStatus};
 use dataflow_contracts::{BatchId, ClientId, JobId};
 use dataflow_platform::Backends;
-use dataflow_platform::config::Secret;
+use dataflow_platform::config::{APALIS_REDIS_MAX_WORKING_SET, RedisQueue, Secret};
 use dataflow_worker::jobs::{self, JobError, JobHandler, JobsSetup};
 use futures::future::BoxFuture;
 use serde_json::value::RawValue;
@@ -38,9 +38,13 @@ pub struct JobsArgs {
     /// Jobs one worker runs at once.
     #[arg(long, default_value_t = 50)]
     pub concurrency: usize,
-    /// Most jobs held in Redis at once.
-    #[arg(long, default_value_t = 10_000)]
-    pub working_set: usize,
+    /// The Redis queue: `lists` (DataFlow's own) or `apalis-redis`.
+    #[arg(long, default_value = "lists")]
+    pub queue: RedisQueue,
+    /// Most jobs held in Redis at once (default: the configured default, capped for
+    /// apalis-redis).
+    #[arg(long)]
+    pub working_set: Option<usize>,
     /// Jobs in the idle-pickup run, pushed one at a time.
     #[arg(long, default_value_t = 2_000)]
     pub latency_jobs: usize,
@@ -96,7 +100,12 @@ pub async fn run(args: JobsArgs) -> anyhow::Result<()> {
     config.redis_url = Some(Secret::new(args.redis_url.clone()));
     config.redis_prefix = format!("dataflow-bench-{run}");
     config.jobs.concurrency = args.concurrency;
-    config.jobs.redis_working_set = args.working_set;
+    config.jobs.redis_queue = args.queue;
+    config.jobs.redis_working_set = match (args.working_set, args.queue) {
+        (Some(n), _) => n,
+        (None, RedisQueue::Lists) => config.jobs.redis_working_set,
+        (None, RedisQueue::ApalisRedis) => APALIS_REDIS_MAX_WORKING_SET,
+    };
     config.validate()?;
     let backends = Backends::build(&config).await?;
     let backend = if config.database_url().starts_with("sqlite") {
@@ -106,10 +115,7 @@ pub async fn run(args: JobsArgs) -> anyhow::Result<()> {
     };
     let result = measure(&args, &backends, &config, backend).await;
     if let Some(redis) = &backends.redis {
-        let mut conn = redis.conn();
-        for key in redis.keys_with_prefix().await? {
-            let _: () = redis::cmd("DEL").arg(key).query_async(&mut conn).await?;
-        }
+        redis.delete_all_under_prefix().await?;
     }
     backends.db.close().await;
     if let Some(s) = scratch {
@@ -125,7 +131,12 @@ async fn measure(
     config: &dataflow_platform::Config,
     backend: &str,
 ) -> anyhow::Result<()> {
-    let queues = backends.job_queues.clone().expect("Redis is configured");
+    let queue = backends.job_queue.clone().expect("Redis is configured");
+    let kind = JobKind::Webhook;
+    let queue_name = match config.jobs.redis_queue {
+        RedisQueue::Lists => "lists",
+        RedisQueue::ApalisRedis => "apalis-redis",
+    };
     let db = &backends.db;
     let noop = Arc::new(Noop {
         ran: AtomicUsize::new(0),
@@ -135,10 +146,10 @@ async fn measure(
         tokio::spawn(jobs::run(
             JobsSetup {
                 db: db.clone(),
-                queues: Some(queues.clone()),
+                queue: Some(queue.clone()),
                 config: config.jobs.clone(),
                 handler: noop.clone(),
-                kinds: vec![JobKind::Webhook],
+                kinds: vec![kind],
                 worker_id: format!("bench-{}", ulid::Ulid::new()),
                 events: backends.publisher.subscribe(),
             },
@@ -151,13 +162,12 @@ async fn measure(
     write_intents(db, args.jobs).await?;
     let enqueue_s = started.elapsed().as_secs_f64();
     let stop = CancellationToken::new();
-    let queue = queues.queue(JobKind::Webhook);
     let peak = Arc::new(AtomicU64::new(0));
     let sampler = {
         let (queue, peak, stop) = (queue.clone(), peak.clone(), stop.clone());
         tokio::spawn(async move {
             while !stop.is_cancelled() {
-                if let Ok(n) = queue.outstanding().await {
+                if let Ok(n) = queue.outstanding(kind).await {
                     peak.fetch_max(n, Ordering::Relaxed);
                 }
                 tokio::time::sleep(Duration::from_millis(50)).await;
@@ -181,12 +191,12 @@ async fn measure(
     workers.await?;
     sampler.await?;
     println!(
-        "name=dataflow-jobs backend={backend} jobs={} conc={} working_set={} enqueue_s={enqueue_s:.3} \
+        "name=dataflow-jobs queue={queue_name} backend={backend} jobs={} conc={} working_set={} enqueue_s={enqueue_s:.3} \
          enqueue_per_s={:.0} process_s={process_s:.3} jobs_per_s={:.0} handler_runs={} \
          peak_in_redis={}",
         args.jobs,
         args.concurrency,
-        args.working_set,
+        config.jobs.redis_working_set,
         args.jobs as f64 / enqueue_s,
         args.jobs as f64 / process_s,
         noop.ran.load(Ordering::Relaxed),
@@ -204,7 +214,7 @@ async fn measure(
         let due = began + gap * u32::try_from(i).unwrap_or(u32::MAX);
         tokio::time::sleep_until(due.into()).await;
         let spec = format!(r#"{{"kind":"webhook","ts":{}}}"#, now_us());
-        queue.push(&[message(spec)?]).await?;
+        queue.push(kind, &[message(spec)?]).await?;
     }
     let deadline = Instant::now() + Duration::from_secs(30);
     while noop.latencies_us.lock().await.len() < args.latency_jobs && Instant::now() < deadline {
@@ -222,7 +232,7 @@ async fn measure(
     lat.sort_unstable();
     let at = |q: f64| lat[((lat.len() as f64 - 1.0) * q).round() as usize] as f64 / 1000.0;
     println!(
-        "name=dataflow-jobs-latency jobs={} rate={} conc={} p50_ms={:.3} p99_ms={:.3} max_ms={:.3}",
+        "name=dataflow-jobs-latency queue={queue_name} jobs={} rate={} conc={} p50_ms={:.3} p99_ms={:.3} max_ms={:.3}",
         args.latency_jobs,
         args.rate,
         args.concurrency,

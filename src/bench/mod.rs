@@ -328,12 +328,12 @@ pub struct LimiterArgs {
 /// latency of `POST /v1/imports` with the Redis limiter and with the in-process one.
 pub async fn limiter(args: LimiterArgs) -> anyhow::Result<()> {
     use dataflow_platform::limiter::{Rate, RedisLimiter};
-    use dataflow_platform::redis::Redis;
+    use dataflow_platform::redis::{Purpose, Redis};
     use std::sync::Arc;
 
     let run = ulid::Ulid::new().to_string().to_lowercase();
     let prefix = format!("dataflow-bench-{run}");
-    let redis = Redis::connect(&args.redis_url, &prefix, None).await?;
+    let redis = Redis::connect(&args.redis_url, &prefix, None, Purpose::State).await?;
     let limiter = Arc::new(RedisLimiter::new(redis.clone()));
     // Generous enough that every decision is an admit: the cost is the same either way.
     let rate = Rate {
@@ -393,9 +393,7 @@ pub async fn limiter(args: LimiterArgs) -> anyhow::Result<()> {
         p[1].0 - p[0].0,
         p[1].1 - p[0].1
     );
-    for key in redis.keys_with_prefix().await? {
-        let _: () = redis::cmd("DEL").arg(key).query_async(&mut conn).await?;
-    }
+    redis.delete_all_under_prefix().await?;
     Ok(())
 }
 

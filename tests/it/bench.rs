@@ -1,6 +1,7 @@
 //! The benchmark command runs end to end (tiny sizes: this checks it works, not its speed).
 
 use dataflow::bench::{IngestArgs, ingest};
+use dataflow_platform::config::RedisQueue;
 
 fn tiny(database_url: Option<String>) -> IngestArgs {
     IngestArgs {
@@ -44,6 +45,26 @@ async fn limiter_bench_runs() {
         requests: 20,
     };
     dataflow::bench::limiter(args).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_bench_runs_on_both_redis_queues() {
+    let Some(redis_url) = crate::helpers::test_redis_url().await else {
+        return;
+    };
+    for queue in [RedisQueue::Lists, RedisQueue::ApalisRedis] {
+        let args = dataflow::bench::jobs::JobsArgs {
+            redis_url: redis_url.clone(),
+            database_url: None,
+            jobs: 500,
+            concurrency: 10,
+            queue,
+            working_set: Some(100),
+            latency_jobs: 20,
+            rate: 200,
+        };
+        dataflow::bench::jobs::run(args).await.unwrap();
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

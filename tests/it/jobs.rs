@@ -2,6 +2,7 @@
 //! HTTP receiver, stored reports; retries, dead letters and operator retry; and, with
 //! Redis, a dead worker's jobs taken back and jobs Redis lost handed over again.
 
+use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use base64::Engine;
@@ -9,10 +10,11 @@ use dataflow::Roles;
 use dataflow_contracts::BatchStatus;
 use dataflow_contracts::jobs::{JobKind, JobMessage, JobPage, JobStatus, JobView};
 use dataflow_platform::Config;
-use dataflow_platform::config::Secret;
+use dataflow_platform::config::{RedisQueue, Secret};
 use dataflow_platform::db::Handover;
-use dataflow_platform::jobqueue::JobQueues;
+use dataflow_platform::jobqueue::{JobQueues, RedisJobQueue};
 use dataflow_platform::webhook;
+use dataflow_worker::jobs::upkeep;
 use serde_json::{Value, json};
 
 use crate::helpers::{Backend, TestApp, backend_tests};
@@ -240,6 +242,19 @@ async fn failing_webhooks_retry_then_dead_letter_and_an_operator_retry_delivers(
         assert!(Instant::now() < deadline, "retried job never done: {j:?}");
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
+
+    // Retention: the done job goes once it is old enough; dead letters stay for operators.
+    let day = Duration::from_secs(86_400);
+    assert_eq!(upkeep::prune(&t.db, day).await.unwrap(), 0);
+    let done = jobs(&t, "status=done").await;
+    assert_eq!(
+        done.len(),
+        2,
+        "the retried webhook and the report: {done:?}"
+    );
+    assert_eq!(upkeep::prune(&t.db, Duration::ZERO).await.unwrap(), 2);
+    assert!(t.db.get_job(&dead[0].id).await.unwrap().is_none());
+    assert_eq!(jobs(&t, "status=dead").await.len(), 2);
     t.stop().await;
 }
 
@@ -279,19 +294,57 @@ async fn private_webhook_targets_are_refused_without_retrying() {
 /// Redis: the same walk through the Redis queue; nothing is left in Redis afterwards.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jobs_run_through_the_redis_queue() {
+    walk_through_redis(RedisQueue::Lists).await;
+}
+
+/// The same walk on apalis-redis storage; afterwards apalis-redis holds nothing either
+/// (DataFlow removes the finished tasks apalis-redis would keep forever).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_run_through_apalis_redis() {
+    walk_through_redis(RedisQueue::ApalisRedis).await;
+}
+
+async fn walk_through_redis(queue: RedisQueue) {
     let smtp = SmtpSink::start().await;
     let hooks = WebhookReceiver::start(200).await;
-    let Some(t) =
-        TestApp::spawn_redis(Backend::Sqlite, Roles::ALL, None, |c| fast_jobs(c, &smtp)).await
+    let Some(t) = TestApp::spawn_redis(Backend::Sqlite, Roles::ALL, None, |c| {
+        fast_jobs(c, &smtp);
+        c.jobs.redis_queue = queue;
+        c.jobs.redis_working_set = 100;
+    })
+    .await
     else {
         return;
     };
     run_the_walk(&t, &smtp, &hooks).await;
-    let queues = t.app.as_ref().unwrap().backends.job_queues.clone().unwrap();
+    let backends = &t.app.as_ref().unwrap().backends;
+    let jobs = backends.job_queue.clone().unwrap();
+    // apalis-redis acknowledges a moment after the handler returns: wait for it.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut conn = backends.redis.as_ref().unwrap().conn();
     for kind in JobKind::ALL {
-        assert_eq!(queues.queue(kind).outstanding().await.unwrap(), 0, "{kind}");
+        loop {
+            let mut left = (jobs.outstanding(kind).await.unwrap(), 0, 0, 0);
+            if let RedisJobQueue::Apalis(q) = &jobs {
+                let c = q.config(kind);
+                (left.1, left.2, left.3) = redis::pipe()
+                    .hlen(c.job_data_hash())
+                    .scard(c.done_jobs_set())
+                    .scard(c.dead_jobs_set())
+                    .query_async(&mut conn)
+                    .await
+                    .unwrap();
+            }
+            if left == (0, 0, 0, 0) {
+                break;
+            }
+            assert!(Instant::now() < deadline, "{kind}: {left:?} left in Redis");
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
     }
+    let redis = backends.redis.clone().unwrap();
     t.stop().await;
+    redis.delete_all_under_prefix().await.unwrap();
 }
 
 /// Does what the relay does for the one webhook of a batch awaiting approval (its only
@@ -309,8 +362,10 @@ async fn relay_one_webhook(
         .as_ref()
         .unwrap()
         .backends
-        .job_queues
-        .clone()
+        .job_queue
+        .as_ref()
+        .and_then(RedisJobQueue::lists)
+        .cloned()
         .unwrap();
     let mut taken = api
         .db
@@ -372,6 +427,102 @@ async fn a_dead_workers_jobs_are_taken_back() {
     api.stop().await;
 }
 
+/// Redis: a real `dataflow worker` process is killed with SIGKILL while one of its webhook
+/// deliveries is in flight. With the default dead-worker timeout, a live worker takes the
+/// job back and delivers it within 30 s; the receiver sees the same `webhook-id` twice (the
+/// one duplicate a crash may cause). On DataFlow's lists the lost attempt counts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_worker_process_has_its_jobs_recovered_within_30s() {
+    recover_from_kill(RedisQueue::Lists).await;
+}
+
+/// The same on apalis-redis, whose orphan recovery does not count the lost attempt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_apalis_redis_worker_process_has_its_jobs_recovered_within_30s() {
+    recover_from_kill(RedisQueue::ApalisRedis).await;
+}
+
+async fn recover_from_kill(queue: RedisQueue) {
+    let smtp = SmtpSink::start().await;
+    let hooks = WebhookReceiver::start(0).await;
+    let Some(api) = TestApp::spawn_redis(Backend::Postgres, Roles::API, None, |c| {
+        fast_jobs(c, &smtp);
+        c.jobs.dead_worker_ms = Config::default().jobs.dead_worker_ms;
+        c.jobs.redis_queue = queue;
+        c.jobs.redis_working_set = 100;
+    })
+    .await
+    else {
+        return;
+    };
+    let config_file = api.config.data_dir.join("worker.toml");
+    std::fs::write(&config_file, toml::to_string(&api.config).unwrap()).unwrap();
+    let log = std::fs::File::create(api.config.data_dir.join("worker.log")).unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_dataflow"))
+        .arg("--config")
+        .arg(&config_file)
+        .arg("worker")
+        .env("DATAFLOW_LOG", "info")
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+
+    let (_, key) = api.client(json!({"webhook_url": hooks.url()})).await;
+    let batch = api.import(&key, "text/csv", CSV).await;
+    hooks
+        .wait_until("the worker process's delivery", |h| !h.is_empty())
+        .await;
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let killed = Instant::now();
+    // Deliveries the dead process had started: each must be made again, and only those twice.
+    let cut: BTreeSet<String> = hooks
+        .hooks()
+        .iter()
+        .map(|h| h.header("webhook-id").to_owned())
+        .collect();
+    hooks.answer(200);
+
+    let worker = api.sibling(Roles::WORKER).await;
+    hooks
+        .wait_until("every cut delivery made again", |h| {
+            cut.iter()
+                .all(|id| h.iter().filter(|h| h.header("webhook-id") == id).count() >= 2)
+        })
+        .await;
+    let recovered = killed.elapsed();
+    eprintln!(
+        "{queue:?}: kill -9 -> {} cut deliveries made again by a live worker in {recovered:?}",
+        cut.len()
+    );
+    assert!(recovered < Duration::from_secs(30), "took {recovered:?}");
+    let query = format!("batch_id={}&kind=webhook", batch.batch_id);
+    let webhooks = wait_jobs(&api, &query, 3, JobStatus::Done).await;
+    let hooks = hooks.hooks();
+    for job in &webhooks {
+        let seen = hooks
+            .iter()
+            .filter(|h| h.header("webhook-id") == job.id.as_str())
+            .count();
+        let cut_short = cut.contains(job.id.as_str());
+        let attempts = match queue {
+            RedisQueue::Lists => 1 + u32::from(cut_short),
+            RedisQueue::ApalisRedis => 1,
+        };
+        assert_eq!(
+            (seen, job.attempts),
+            (1 + usize::from(cut_short), attempts),
+            "{job:?}"
+        );
+    }
+    assert!(!cut.is_empty());
+    worker.stop().await;
+    let redis = api.app.as_ref().unwrap().backends.redis.clone().unwrap();
+    api.stop().await;
+    redis.delete_all_under_prefix().await.unwrap();
+}
+
 /// Redis: jobs Redis lost (flushed) are found by the sweeper and handed over again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jobs_lost_by_redis_are_handed_over_again() {
@@ -390,14 +541,7 @@ async fn jobs_lost_by_redis_are_handed_over_again() {
     let queue = queues.queue(JobKind::Webhook);
     // Redis loses everything under this prefix.
     let redis = api.app.as_ref().unwrap().backends.redis.clone().unwrap();
-    let mut conn = redis.conn();
-    for k in redis.keys_with_prefix().await.unwrap() {
-        let _: () = redis::cmd("DEL")
-            .arg(&k)
-            .query_async(&mut conn)
-            .await
-            .unwrap();
-    }
+    redis.delete_all_under_prefix().await.unwrap();
     assert_eq!(queue.outstanding().await.unwrap(), 0);
 
     let worker = api.sibling(Roles::WORKER).await;

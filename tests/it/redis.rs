@@ -4,9 +4,11 @@
 use std::time::{Duration, Instant};
 
 use dataflow::Roles;
-use dataflow_contracts::BatchStatus;
 use dataflow_contracts::http::ImportView;
+use dataflow_contracts::{BatchId, BatchStatus};
 use dataflow_platform::Error;
+use dataflow_platform::config::Secret;
+use dataflow_platform::mutex::Acquired;
 use dataflow_worker::{Outcome, Step};
 use reqwest::Method;
 use serde_json::json;
@@ -90,14 +92,7 @@ async fn revocation_and_policy_changes_reach_every_process_within_a_second(b: Ba
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 
-    let key_id = key.split('_').nth(1).unwrap();
-    let revoked = a
-        .admin(Method::POST, &format!("/admin/keys/{key_id}/revoke"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(revoked.status(), 204);
-    within_a_second(&other, &key).await;
+    revoke_and_see_it_refused(&a, &other, &key).await;
 
     // The operator CLI writes the ledger directly and announces the change the same way.
     let cli_key = a.new_key(&client).await;
@@ -112,6 +107,18 @@ async fn revocation_and_policy_changes_reach_every_process_within_a_second(b: Ba
     within_a_second(&other, &cli_key).await;
     other.stop().await;
     a.stop().await;
+}
+
+/// Revokes `key` through `a`'s `/admin`; `other` must refuse it within a second.
+async fn revoke_and_see_it_refused(a: &TestApp, other: &TestApp, key: &str) {
+    let key_id = key.split('_').nth(1).unwrap();
+    let revoked = a
+        .admin(Method::POST, &format!("/admin/keys/{key_id}/revoke"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(revoked.status(), 204);
+    within_a_second(other, key).await;
 }
 
 /// Polls until `key` is refused by `t`, which must happen within a second.
@@ -389,6 +396,113 @@ async fn a_paused_worker_cannot_commit_with_redis_up_or_down(b: Backend) {
     );
     proxy.heal();
     t.stop().await;
+}
+
+/// The batch mutex on three lock servers (three databases of the test Redis, each behind
+/// its own proxy): a lock needs two of them; with one cut it is still taken and still
+/// exclusive; with two cut the worker goes on with the SQL lease alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_batch_mutex_needs_a_majority_of_its_lock_servers() {
+    let Some(url) = test_redis_url().await else {
+        return;
+    };
+    let mut proxies = Vec::new();
+    for _ in 0..3 {
+        proxies.push(Proxy::start(redis_addr(&url)).await);
+    }
+    let nodes: Vec<_> = proxies
+        .iter()
+        .enumerate()
+        .map(|(db, p)| Secret::new(format!("redis://{}/{db}", p.addr)))
+        .collect();
+    let Some(t) = TestApp::spawn_redis(Backend::Sqlite, Roles::API, None, |c| {
+        c.redlock_urls = nodes;
+    })
+    .await
+    else {
+        return;
+    };
+    let mutex = &t.app.as_ref().unwrap().backends.mutex;
+    let ttl = Duration::from_secs(5);
+    let acquire = async |b: &BatchId| mutex.acquire(b, ttl).await;
+    let (all, one_cut, two_cut) = (
+        BatchId::generate(),
+        BatchId::generate(),
+        BatchId::generate(),
+    );
+
+    assert!(matches!(acquire(&all).await, Acquired::Held(_)));
+    assert!(matches!(acquire(&all).await, Acquired::Contended));
+
+    proxies[0].cut();
+    assert!(matches!(acquire(&one_cut).await, Acquired::Held(_)));
+    assert!(matches!(acquire(&one_cut).await, Acquired::Contended));
+    assert_eq!(mutex.degraded(), 0);
+
+    proxies[1].cut();
+    assert!(matches!(acquire(&two_cut).await, Acquired::Degraded));
+    assert!(mutex.degraded() > 0);
+
+    proxies[0].heal();
+    proxies[1].heal();
+    let healed = BatchId::generate();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !matches!(acquire(&healed).await, Acquired::Held(_)) {
+        assert!(
+            Instant::now() < deadline,
+            "the lock servers never came back"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    t.stop().await;
+}
+
+/// `redis_cache_url`: the cache and its invalidations live on their own Redis (one that
+/// may evict), nothing of the cache on the main one, and a revocation still reaches every
+/// process within a second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_separate_cache_redis_carries_the_cache_and_its_invalidations() {
+    let Some(url) = test_redis_url().await else {
+        return;
+    };
+    let cache_url = format!("redis://{}/1", redis_addr(&url));
+    let Some(a) = TestApp::spawn_redis(Backend::Sqlite, Roles::API, None, |c| {
+        c.redis_cache_url = Some(Secret::new(cache_url));
+        c.api.cache_l1_ttl_ms = 60_000;
+    })
+    .await
+    else {
+        return;
+    };
+    let other = a.sibling(Roles::API).await;
+    let (_, key) = a.client(json!({})).await;
+    assert_eq!(status_of(&a, &key).await, 200);
+    assert_eq!(status_of(&other, &key).await, 200);
+
+    let backends = &a.app.as_ref().unwrap().backends;
+    let is_cache = |k: &String| k.contains(":cache:");
+    let main = backends
+        .redis
+        .as_ref()
+        .unwrap()
+        .keys_with_prefix()
+        .await
+        .unwrap();
+    let cache = backends.cache_redis.as_ref().unwrap();
+    let cached = cache.keys_with_prefix().await.unwrap();
+    assert!(
+        !main.iter().any(is_cache),
+        "cache keys on the main Redis: {main:?}"
+    );
+    assert!(
+        cached.iter().any(is_cache),
+        "no cache keys on the cache Redis"
+    );
+
+    revoke_and_see_it_refused(&a, &other, &key).await;
+    cache.delete_all_under_prefix().await.unwrap();
+    other.stop().await;
+    a.stop().await;
 }
 
 /// A Redis with TLS and a password, started by the test itself (skipped when this

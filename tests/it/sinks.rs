@@ -132,7 +132,8 @@ pub struct WebhookReceiver {
 }
 
 impl WebhookReceiver {
-    /// A receiver that answers every request with `status`.
+    /// A receiver that answers every request with `status`; status 0 holds each request
+    /// open without an answer (a slow target, to catch a delivery in flight).
     pub async fn start(status: u16) -> WebhookReceiver {
         let inner = Receiver {
             hooks: Arc::default(),
@@ -178,5 +179,9 @@ impl WebhookReceiver {
 
 async fn receive(State(r): State<Receiver>, headers: HeaderMap, body: Bytes) -> StatusCode {
     r.hooks.lock().unwrap().push(Hook { headers, body });
-    StatusCode::from_u16(r.status.load(Ordering::SeqCst)).unwrap()
+    let status = r.status.load(Ordering::SeqCst);
+    if status == 0 {
+        std::future::pending::<()>().await;
+    }
+    StatusCode::from_u16(status).unwrap()
 }

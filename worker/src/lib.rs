@@ -361,6 +361,11 @@ impl Worker {
             self.unlock(&lease).await;
             return outcome;
         }
+        let claimed = std::time::Instant::now();
+        if lease.attempts == 1 {
+            metrics::histogram!("dataflow_batch_enqueue_to_start_seconds")
+                .record(lease.waited_ms as f64 / 1000.0);
+        }
         let worker = self.clone();
         let task_lease = lease.clone();
         let release = release.clone();
@@ -378,6 +383,7 @@ impl Worker {
             Err(e) => self.fail(&lease, e).await,
         };
         self.unlock(&lease).await;
+        record_outcome(&outcome, &lease, claimed);
         outcome
     }
 
@@ -425,6 +431,7 @@ impl Worker {
         match e {
             Error::FenceRejected { .. } => {
                 self.stats.fence_rejections.fetch_add(1, Ordering::Relaxed);
+                metrics::counter!("dataflow_fence_rejections_total").increment(1);
                 tracing::warn!(batch_id = %lease.batch_id, epoch = lease.epoch, "lease lost; write refused by the fence");
                 Ok(Outcome::LeaseLost)
             }
@@ -470,6 +477,7 @@ impl Worker {
             }
             Err(Error::FenceRejected { .. }) => {
                 self.stats.fence_rejections.fetch_add(1, Ordering::Relaxed);
+                metrics::counter!("dataflow_fence_rejections_total").increment(1);
                 Outcome::LeaseLost
             }
             Err(e) => {
@@ -585,4 +593,29 @@ pub fn worker_id() -> String {
     let nonce = dataflow_contracts::EventId::generate();
     let tail = &nonce.as_str()[nonce.as_str().len() - 6..];
     format!("{host}-{}-{tail}", std::process::id())
+}
+
+/// Batches by outcome; for completed ones their latencies and records by outcome.
+fn record_outcome(outcome: &Outcome, lease: &Lease, claimed: std::time::Instant) {
+    let name = match outcome {
+        Outcome::Completed(done) => {
+            let since_enqueue = lease.waited_ms as f64 / 1000.0 + claimed.elapsed().as_secs_f64();
+            metrics::histogram!("dataflow_batch_enqueue_to_complete_seconds").record(since_enqueue);
+            metrics::histogram!("dataflow_batch_duration_seconds")
+                .record(done.duration_ms as f64 / 1000.0);
+            for (what, n) in [
+                ("written", done.records_written),
+                ("unchanged", done.records_unchanged),
+                ("failed", done.records_failed),
+            ] {
+                metrics::counter!("dataflow_records_total", "outcome" => what).increment(n);
+            }
+            "completed"
+        }
+        Outcome::Retrying { .. } => "retrying",
+        Outcome::Dead => "dead",
+        Outcome::Released => "released",
+        Outcome::LeaseLost => "lease_lost",
+    };
+    metrics::counter!("dataflow_batches_total", "outcome" => name).increment(1);
 }

@@ -1,5 +1,5 @@
-//! `/admin`: clients, keys, policies, batch transitions and the job queue (dead letters
-//! and their retry), behind the operator token.
+//! `/admin`: clients, keys, policies, batch transitions, the job queue (dead letters, their
+//! retry and discard) and queue depths, behind the operator token.
 //! Every change invalidates the cached copy so the next request sees it.
 
 use axum::extract::rejection::{JsonRejection, QueryRejection};
@@ -8,7 +8,7 @@ use axum::http::StatusCode;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use dataflow_contracts::http::{
-    BatchView, ClientView, CreateClient, CreateKey, KeyCreated, KeyView,
+    BatchView, ClientView, CreateClient, CreateKey, KeyCreated, KeyView, QueueDepth,
 };
 use dataflow_contracts::jobs::{JobCount, JobPage, JobView};
 use dataflow_contracts::policy::PolicyPatch;
@@ -33,10 +33,13 @@ pub fn router() -> Router<AppState> {
         .route("/batches/{id}/approve", post(approve))
         .route("/batches/{id}/reject", post(reject))
         .route("/batches/{id}/retry", post(retry))
+        .route("/batches/{id}/discard", post(discard))
         .route("/jobs", get(list_jobs))
         .route("/jobs/stats", get(job_stats))
         .route("/jobs/{id}", get(show_job))
         .route("/jobs/{id}/retry", post(retry_job))
+        .route("/jobs/{id}/discard", post(discard_job))
+        .route("/queues", get(queues))
 }
 
 #[derive(Deserialize)]
@@ -111,6 +114,21 @@ async fn retry_job(
     let id: JobId = parse_path_id(&id)?;
     let job = state.backends.db.retry_job(&id).await?;
     Ok(Json(job))
+}
+
+/// A dead job leaves the dead-letter queue without running again.
+async fn discard_job(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<JobView>> {
+    let id: JobId = parse_path_id(&id)?;
+    let job = state.backends.db.discard_job(&id).await?;
+    Ok(Json(job))
+}
+
+/// Depth and oldest age of every queue in the ledger.
+async fn queues(State(state): State<AppState>) -> ApiResult<Json<Vec<QueueDepth>>> {
+    Ok(Json(state.backends.db.queue_depths().await?))
 }
 
 fn json<T>(body: Result<Json<T>, JsonRejection>) -> ApiResult<T> {
@@ -317,15 +335,12 @@ async fn retry(
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct RejectBody {
+struct ReasonBody {
     reason: String,
 }
 
-async fn reject(
-    State(state): State<AppState>,
-    Path(id): Path<String>,
-    body: Result<Json<RejectBody>, JsonRejection>,
-) -> ApiResult<Json<BatchView>> {
+/// The operator's reason for rejecting or discarding a batch: 1 to 1000 characters.
+fn reason(body: Result<Json<ReasonBody>, JsonRejection>) -> ApiResult<String> {
     let reason = json(body)?.reason;
     if reason.trim().is_empty() || reason.len() > 1000 || reason.contains('\0') {
         return Err(ApiError::unprocessable(
@@ -333,5 +348,24 @@ async fn reject(
             "reason must be 1 to 1000 characters",
         ));
     }
+    Ok(reason)
+}
+
+async fn reject(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    body: Result<Json<ReasonBody>, JsonRejection>,
+) -> ApiResult<Json<BatchView>> {
+    let reason = reason(body)?;
     transition(state, id, BatchAction::Reject { reason }).await
+}
+
+/// A dead batch leaves the dead-letter queue as rejected.
+async fn discard(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    body: Result<Json<ReasonBody>, JsonRejection>,
+) -> ApiResult<Json<BatchView>> {
+    let reason = reason(body)?;
+    transition(state, id, BatchAction::Discard { reason }).await
 }

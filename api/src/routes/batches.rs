@@ -76,7 +76,12 @@ async fn list(
     let page = state
         .backends
         .db
-        .list_batches(&p.client.id, status, cursor.as_ref(), page_limit(q.limit)?)
+        .list_batches(
+            Some(&p.client.id),
+            status,
+            cursor.as_ref(),
+            page_limit(q.limit)?,
+        )
         .await?;
     Ok(Json(page))
 }

@@ -168,9 +168,20 @@ async fn accept(
     if let Claim::Known(id) = &claim
         && let Some(first) = state.backends.db.get_import(Some(client), id).await?
     {
+        metrics::counter!("dataflow_dedup_hits_total", "via" => "redis").increment(1);
+        metrics::counter!("dataflow_imports_total", "outcome" => "duplicate").increment(1);
         return Ok((StatusCode::OK, first.into_duplicate()));
     }
     let result = decide(state, p, sub).await;
+    let outcome = match &result {
+        Ok((StatusCode::ACCEPTED, _)) => "accepted",
+        Ok(_) => {
+            metrics::counter!("dataflow_dedup_hits_total", "via" => "sql").increment(1);
+            "duplicate"
+        }
+        Err(_) => "refused",
+    };
+    metrics::counter!("dataflow_imports_total", "outcome" => outcome).increment(1);
     // Only a new import arms the fast path, with the window starting now; a duplicate
     // answer must not stretch the window of the import it names.
     let owner = result

@@ -4,6 +4,7 @@ pub mod admin;
 pub mod batches;
 pub mod health;
 pub mod imports;
+pub mod metrics;
 
 use std::str::FromStr;
 

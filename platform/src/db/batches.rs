@@ -40,7 +40,7 @@ macro_rules! take_lease {
                  updated_at = {now} WHERE ",
             $where,
             " RETURNING id, client_id, import_id, lease_epoch, attempts, checkpoint, \
-              records_total, format, policy"
+              records_total, format, policy, {now} - created_at AS waited_ms"
         )
     };
 }
@@ -64,6 +64,8 @@ pub struct Lease {
     pub format: ImportFormat,
     /// The policy in force when the import was accepted.
     pub policy: Policy,
+    /// From the batch's creation to this claim, by the ledger's clock.
+    pub waited_ms: u64,
 }
 
 /// One record ready to store.
@@ -381,12 +383,13 @@ impl Db {
         self.enqueue_event(tx, &env).await
     }
 
-    /// Operator transition `from → to` (approve, reject, retry a dead batch).
+    /// Operator transition `from → to` (approve, reject, retry or discard a dead batch).
     pub async fn transition_batch(&self, id: &BatchId, action: BatchAction) -> Result<BatchView> {
         let (from, to) = match action {
             BatchAction::Approve => (BatchStatus::AwaitingApproval, BatchStatus::Ready),
             BatchAction::Reject { .. } => (BatchStatus::AwaitingApproval, BatchStatus::Rejected),
             BatchAction::Retry => (BatchStatus::Dead, BatchStatus::Ready),
+            BatchAction::Discard { .. } => (BatchStatus::Dead, BatchStatus::Rejected),
         };
         let mut tx = self.begin_write().await?;
         let sql = self.sql(
@@ -415,7 +418,9 @@ impl Db {
         let import_id: ImportId = parse_id(row.try_get("import_id")?)?;
         let now: i64 = row.try_get("updated_at")?;
         let event = match action {
-            BatchAction::Reject { reason } => Event::BatchRejected(BatchRejected { reason }),
+            BatchAction::Reject { reason } | BatchAction::Discard { reason } => {
+                Event::BatchRejected(BatchRejected { reason })
+            }
             BatchAction::Approve | BatchAction::Retry => {
                 Event::BatchReady(BatchReady { import_id })
             }
@@ -443,21 +448,23 @@ impl Db {
         row.as_ref().map(batch_from_row).transpose()
     }
 
-    /// A client's batches, newest first, optionally of one status.
+    /// Batches newest first, of one client (`None`: every client, for operators),
+    /// optionally of one status.
     pub async fn list_batches(
         &self,
-        client: &ClientId,
+        client: Option<&ClientId>,
         status: Option<BatchStatus>,
         cursor: Option<&BatchId>,
         limit: u32,
     ) -> Result<BatchPage> {
         let sql = sqlx::AssertSqlSafe(format!(
             "SELECT {BATCH_COLUMNS} FROM batches \
-             WHERE client_id = $1 AND ($2 IS NULL OR status = $2) AND ($3 IS NULL OR id < $3) \
+             WHERE ($1 IS NULL OR client_id = $1) AND ($2 IS NULL OR status = $2) \
+                 AND ($3 IS NULL OR id < $3) \
              ORDER BY id DESC LIMIT $4"
         ));
         let rows = sqlx::query(sql)
-            .bind(client.as_str())
+            .bind(client.map(ClientId::as_str))
             .bind(status.map(BatchStatus::as_str))
             .bind(cursor.map(BatchId::as_str))
             .bind(i64::from(limit) + 1)
@@ -559,8 +566,14 @@ impl Db {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BatchAction {
     Approve,
-    Reject { reason: String },
+    Reject {
+        reason: String,
+    },
     Retry,
+    /// A dead batch leaves the dead-letter queue as rejected, with the operator's reason.
+    Discard {
+        reason: String,
+    },
 }
 
 fn fence_rejected(lease: &Lease) -> Error {
@@ -585,6 +598,7 @@ fn lease_from_row(r: &AnyRow, owner: &str) -> Result<Lease> {
         format: format.parse().map_err(Error::Invalid)?,
         policy: serde_json::from_str(&policy)
             .map_err(|e| Error::Invalid(format!("stored policy: {e}")))?,
+        waited_ms: count(r.try_get("waited_ms")?),
     })
 }
 

@@ -309,14 +309,46 @@ impl Db {
         Ok(sqlx::query(sql).execute(self.pool()).await?.rows_affected())
     }
 
+    /// Deletes up to `limit` jobs done more than `retention_ms` ago (oldest first), so the
+    /// table holds the recent past and whatever is still to do.
+    pub async fn prune_done_jobs(&self, retention_ms: i64, limit: u32) -> Result<u64> {
+        let sql = self.sql(
+            "DELETE FROM jobs WHERE id IN (SELECT id FROM jobs \
+                 WHERE status IN ('done', 'discarded') AND done_at < {now} - $1 \
+                 ORDER BY done_at LIMIT $2)",
+        );
+        Ok(sqlx::query(sql)
+            .bind(retention_ms)
+            .bind(i64::from(limit))
+            .execute(self.pool())
+            .await?
+            .rows_affected())
+    }
+
     /// Operator retry of a dead job: fresh attempts, due now.
     pub async fn retry_job(&self, id: &JobId) -> Result<JobView> {
-        let sql = self.sql(
+        self.act_on_dead_job(
+            id,
             "UPDATE jobs SET status = 'pending', attempts = 0, run_at = {now}, \
                  last_error = NULL, updated_at = {now} \
              WHERE id = $1 AND status = 'dead'",
-        );
-        let changed = sqlx::query(sql)
+        )
+        .await
+    }
+
+    /// Operator discard of a dead job: it leaves the dead-letter queue for good (and is
+    /// pruned after the retention like a done one).
+    pub async fn discard_job(&self, id: &JobId) -> Result<JobView> {
+        self.act_on_dead_job(
+            id,
+            "UPDATE jobs SET status = 'discarded', done_at = {now}, updated_at = {now} \
+             WHERE id = $1 AND status = 'dead'",
+        )
+        .await
+    }
+
+    async fn act_on_dead_job(&self, id: &JobId, statement: &'static str) -> Result<JobView> {
+        let changed = sqlx::query(self.sql(statement))
             .bind(id.as_str())
             .execute(self.pool())
             .await?

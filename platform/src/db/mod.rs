@@ -9,13 +9,15 @@
 //! Layout: [`clients`] (tenants, keys, policies), [`imports`] (the submit transaction,
 //! idempotency, dedup, quota), [`batches`] (claims, the fenced lease, views),
 //! [`outbox`] (events written in the same transaction as the change they announce),
-//! [`jobs`] (follow-up job intents written beside those events, and stored reports).
+//! [`jobs`] (follow-up job intents written beside those events, and stored reports),
+//! [`queues`] (depth and age of everything waiting).
 
 pub mod batches;
 pub mod clients;
 pub mod imports;
 pub mod jobs;
 pub mod outbox;
+pub mod queues;
 
 pub use batches::{BatchAction, Chunk, ChunkResult, FailOutcome, Lease, RecordRow, RowError};
 pub use clients::{ClientRecord, KeyRecord};

@@ -18,20 +18,20 @@ pub mod upkeep;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use apalis::prelude::{Data, WorkerBuilder, WorkerBuilderExt};
+use apalis::prelude::{AbortError, BackendExt, BoxDynError, Data, WorkerBuilder, WorkerBuilderExt};
 use dataflow_contracts::JobId;
 use dataflow_contracts::events::Envelope;
 use dataflow_contracts::jobs::{JobKind, JobMessage};
 use dataflow_platform::config::JobsConfig;
 use dataflow_platform::db::{Db, Handover};
-use dataflow_platform::jobqueue::JobQueues;
+use dataflow_platform::jobqueue::{JobQueues, RedisJobQueue};
 use futures::future::BoxFuture;
 use tokio::sync::{Notify, broadcast, mpsc};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use feed::{Inbox, JobFeed, Source};
-use settle::Backoff;
+use feed::{Inbox, JobFeed, Receipt, Source};
+use settle::{Backoff, Origin, Settler};
 
 /// Why an attempt failed.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -53,7 +53,7 @@ pub trait JobHandler: Send + Sync + 'static {
 pub struct JobsSetup {
     pub db: Db,
     /// `None`: embedded mode, jobs are claimed from SQL.
-    pub queues: Option<JobQueues>,
+    pub queue: Option<RedisJobQueue>,
     pub config: JobsConfig,
     pub handler: Arc<dyn JobHandler>,
     pub kinds: Vec<JobKind>,
@@ -65,6 +65,8 @@ pub struct JobsSetup {
 
 /// Jobs one take moves into a worker's channel at most.
 const TAKE_BATCH: usize = 256;
+/// How often an idle apalis-redis worker looks for tasks (it is not woken by a push).
+const APALIS_POLL: Duration = Duration::from_millis(20);
 
 /// Runs the job workers and their upkeep until `stop`, then shuts down cleanly: running
 /// jobs finish (bounded by the job timeout), results are settled, and jobs taken but not
@@ -72,7 +74,7 @@ const TAKE_BATCH: usize = 256;
 pub async fn run(setup: JobsSetup, stop: CancellationToken) {
     let JobsSetup {
         db,
-        queues,
+        queue,
         config,
         handler,
         kinds,
@@ -81,10 +83,12 @@ pub async fn run(setup: JobsSetup, stop: CancellationToken) {
     } = setup;
     let lease = Duration::from_secs(config.requeue_after_secs);
     let poll = Duration::from_millis(config.poll_interval_ms);
+    let timeout = Duration::from_secs(config.timeout_secs);
     let backoff = Backoff {
         base_ms: config.retry_base_ms,
         max_ms: config.retry_max_ms,
     };
+    let lists = queue.as_ref().and_then(RedisJobQueue::lists).cloned();
     let pump_stop = stop.child_token();
     let mut pumps = JoinSet::new();
     let mut workers = JoinSet::new();
@@ -93,64 +97,82 @@ pub async fn run(setup: JobsSetup, stop: CancellationToken) {
     let mut leftovers = Vec::new();
 
     for &kind in &kinds {
-        let source = match &queues {
-            Some(q) => Source::Redis {
-                queue: Box::new(q.queue(kind)),
-                conn: None,
-                worker: worker_id.clone(),
-            },
+        let name = format!("{kind}-{worker_id}");
+        let (settler, results) = settle::channel(4 * config.concurrency.max(TAKE_BATCH));
+        if let Some(RedisJobQueue::Apalis(q)) = &queue {
+            settlers.spawn(settle::run(
+                db.clone(),
+                kind,
+                Origin::Apalis,
+                backoff,
+                results,
+            ));
+            let worker = WorkerBuilder::new(name)
+                .backend(q.storage(kind).poll_with_interval(APALIS_POLL))
+                .data(SharedHandler(handler.clone()))
+                .data(SettleFirst { settler, timeout })
+                .concurrency(config.concurrency)
+                .build(run_apalis_job);
+            workers.spawn(until_stopped(kind, worker.run_until(stopped(stop.clone()))));
+            continue;
+        }
+        let (source, origin) = match &lists {
+            Some(q) => (
+                Source::Redis {
+                    queue: Box::new(q.queue(kind)),
+                    conn: None,
+                    worker: worker_id.clone(),
+                },
+                Origin::Lists {
+                    queue: Box::new(q.queue(kind)),
+                    worker: worker_id.clone(),
+                },
+            ),
             // A claim's lease covers one attempt (the timeout) with room to settle it.
             None => {
                 let wake = Arc::new(Notify::new());
                 wakes.push(wake.clone());
-                Source::Sql {
+                let source = Source::Sql {
                     db: db.clone(),
                     kind,
-                    lease: Duration::from_secs(config.timeout_secs.saturating_mul(2)),
+                    lease: timeout.saturating_mul(2),
                     poll,
                     wake,
-                }
+                };
+                (source, Origin::SqlClaim)
             }
         };
         let (tx, rx) = mpsc::channel(TAKE_BATCH);
         let rx = Arc::new(Mutex::new(rx));
         leftovers.push((kind, rx.clone()));
         pumps.spawn(feed::pump(source, tx, TAKE_BATCH, pump_stop.clone()));
+        settlers.spawn(settle::run(db.clone(), kind, origin, backoff, results));
 
-        let (settler, results) = settle::channel(4 * config.concurrency.max(TAKE_BATCH));
-        let ack_queue = queues.as_ref().map(|q| (q.queue(kind), worker_id.clone()));
-        settlers.spawn(settle::run(db.clone(), kind, ack_queue, backoff, results));
-
-        let worker = WorkerBuilder::new(format!("{kind}-{worker_id}"))
+        let worker = WorkerBuilder::new(name)
             .backend(JobFeed::new(rx, settler))
             .data(SharedHandler(handler.clone()))
             .concurrency(config.concurrency)
-            .timeout(Duration::from_secs(config.timeout_secs))
+            .timeout(timeout)
             .build(run_job);
-        let worker_stop = stop.clone();
-        workers.spawn(async move {
-            let signal = async move {
-                worker_stop.cancelled().await;
-                Ok::<(), std::io::Error>(())
-            };
-            if let Err(e) = worker.run_until(signal).await {
-                tracing::error!(%kind, error = %e, "job worker stopped with an error");
-            }
-        });
+        workers.spawn(until_stopped(kind, worker.run_until(stopped(stop.clone()))));
     }
 
     let mut upkeep = JoinSet::new();
     let relay_wake = Arc::new(Notify::new());
     wakes.push(relay_wake.clone());
     upkeep.spawn(wake_on_events(events, wakes, stop.clone()));
+    let sweep = upkeep::SweepSettings {
+        lease,
+        every: poll.max(Duration::from_secs(1)),
+        retention: Duration::from_secs(config.retention_secs),
+    };
     upkeep.spawn(upkeep::sweeper(
         db.clone(),
-        queues.clone(),
-        lease,
-        poll.max(Duration::from_secs(1)),
+        queue.clone(),
+        sweep,
         stop.clone(),
     ));
-    if let Some(q) = &queues {
+    if let Some(q) = &queue {
         let settings = upkeep::RelaySettings {
             kinds: kinds.clone(),
             working_set: config.redis_working_set,
@@ -164,6 +186,9 @@ pub async fn run(setup: JobsSetup, stop: CancellationToken) {
             relay_wake,
             stop.clone(),
         ));
+    }
+    // apalis-redis workers beat their own hearts and take back each other's tasks.
+    if let Some(q) = &lists {
         upkeep.spawn(upkeep::heartbeat_and_reap(
             db.clone(),
             q.clone(),
@@ -180,7 +205,23 @@ pub async fn run(setup: JobsSetup, stop: CancellationToken) {
     // The workers are gone, and with them every settler handle: drain the results.
     while settlers.join_next().await.is_some() {}
     while upkeep.join_next().await.is_some() {}
-    hand_back(&db, queues.as_ref(), &worker_id, leftovers).await;
+    hand_back(&db, lists.as_ref(), &worker_id, leftovers).await;
+}
+
+/// Resolves when `stop` is cancelled: the shutdown signal of an apalis worker.
+async fn stopped(stop: CancellationToken) -> std::io::Result<()> {
+    stop.cancelled().await;
+    Ok(())
+}
+
+/// Runs one worker to its end and logs how it ended.
+async fn until_stopped<E: std::fmt::Display>(
+    kind: JobKind,
+    run: impl Future<Output = Result<(), E>>,
+) {
+    if let Err(e) = run.await {
+        tracing::error!(%kind, error = %e, "job worker stopped with an error");
+    }
 }
 
 /// After the results are settled: what was taken but never started goes back.
@@ -224,11 +265,16 @@ async fn hand_back(
 #[derive(Clone)]
 struct SharedHandler(Arc<dyn JobHandler>);
 
-/// The apalis handler: every kind goes through the same entry point. A panic is a failed
-/// attempt like any other (retried, counted), not a dead worker.
+/// The apalis handler: every kind goes through the same entry point.
 async fn run_job(job: JobMessage, handler: Data<SharedHandler>) -> Result<(), JobError> {
-    let SharedHandler(handler) = &*handler;
-    let attempt = std::panic::AssertUnwindSafe(handler.handle(&job));
+    attempt(&handler, &job).await
+}
+
+/// One attempt. A panic is a failed attempt like any other (retried, counted), not a dead
+/// worker.
+async fn attempt(handler: &SharedHandler, job: &JobMessage) -> Result<(), JobError> {
+    let SharedHandler(handler) = handler;
+    let attempt = std::panic::AssertUnwindSafe(handler.handle(job));
     match futures::FutureExt::catch_unwind(attempt).await {
         Ok(result) => result,
         Err(panic) => {
@@ -240,6 +286,38 @@ async fn run_job(job: JobMessage, handler: Data<SharedHandler>) -> Result<(), Jo
             Err(JobError::Retry(format!("the job panicked: {what}")))
         }
     }
+}
+
+/// What an apalis-redis worker's handler needs to record its result before apalis acks.
+#[derive(Clone)]
+struct SettleFirst {
+    settler: Settler,
+    timeout: Duration,
+}
+
+/// The handler on apalis-redis: the attempt, then its result into SQL, and only then back
+/// to apalis, which removes the task from Redis. SQL decides what comes next (done, a
+/// retry after the backoff, dead), so a failure goes back to apalis as an abort: apalis
+/// must not retry on its own.
+async fn run_apalis_job(
+    job: JobMessage,
+    handler: Data<SharedHandler>,
+    settle: Data<SettleFirst>,
+) -> Result<(), BoxDynError> {
+    let result = match tokio::time::timeout(settle.timeout, attempt(&handler, &job)).await {
+        Ok(r) => r,
+        Err(_) => Err(JobError::Retry(format!(
+            "the attempt timed out after {:?}",
+            settle.timeout
+        ))),
+    };
+    let receipt = Receipt {
+        id: job.id.clone(),
+        attempts: job.attempts,
+        delivery: None,
+    };
+    settle.settler.settle_and_wait(receipt, &result).await;
+    result.map_err(|e| AbortError::new(e).into())
 }
 
 /// Every event in this process may have written intents: wake the relay and the SQL pumps.

@@ -15,7 +15,7 @@ use dataflow_platform::db::{Db, Failure};
 use dataflow_platform::jobqueue::{Delivery, JobQueue};
 use futures::future::BoxFuture;
 use rand::Rng;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
 use super::JobError;
 use super::feed::Receipt;
@@ -27,6 +27,21 @@ const ROUND: usize = 1_000;
 pub struct Settlement {
     receipt: Receipt,
     result: std::result::Result<(), (String, bool)>,
+    /// Told once the result is in SQL, for a caller that must not go on before.
+    written: Option<oneshot::Sender<()>>,
+}
+
+/// Where the settled jobs came from, which says what is left to do after SQL.
+pub enum Origin {
+    /// Claimed from SQL: the claim counted the attempt, nothing else holds the job.
+    SqlClaim,
+    /// DataFlow's Redis lists: the message is removed from `worker`'s in-flight list.
+    Lists {
+        queue: Box<JobQueue>,
+        worker: String,
+    },
+    /// apalis-redis: its own worker acknowledges the task once the handler returns.
+    Apalis,
 }
 
 /// The acknowledgement layer's handle: hands each result to the settling task.
@@ -51,7 +66,12 @@ impl Acknowledge<()> for Settler {
         let tx = self.tx.clone();
         Box::pin(async move {
             // Waiting here when the settler lags is the backpressure on the worker.
-            if tx.send(Settlement { receipt, result }).await.is_err() {
+            let settlement = Settlement {
+                receipt,
+                result,
+                written: None,
+            };
+            if tx.send(settlement).await.is_err() {
                 tracing::error!("job settler stopped; this result will be swept");
             }
             Ok(())
@@ -59,13 +79,34 @@ impl Acknowledge<()> for Settler {
     }
 }
 
+impl Settler {
+    /// Hands over one result and waits until it is in SQL (it still joins a batched round).
+    pub async fn settle_and_wait(&self, receipt: Receipt, result: &Result<(), JobError>) {
+        let (written, wait) = oneshot::channel();
+        let settlement = Settlement {
+            receipt,
+            result: result.as_ref().map(|_| ()).map_err(describe_job_error),
+            written: Some(written),
+        };
+        if self.tx.send(settlement).await.is_err() || wait.await.is_err() {
+            tracing::error!("job settler stopped; this result will be swept");
+        }
+    }
+}
+
 /// The error text, and whether it is permanent. apalis hands back the handler's
 /// [`JobError`] boxed; a timeout or a caught panic is anything else, and retried.
 fn describe(e: &(dyn std::error::Error + Send + Sync + 'static)) -> (String, bool) {
     match e.downcast_ref::<JobError>() {
-        Some(JobError::Permanent(m)) => (m.clone(), true),
-        Some(JobError::Retry(m)) => (m.clone(), false),
+        Some(e) => describe_job_error(e),
         None => (e.to_string(), false),
+    }
+}
+
+fn describe_job_error(e: &JobError) -> (String, bool) {
+    match e {
+        JobError::Permanent(m) => (m.clone(), true),
+        JobError::Retry(m) => (m.clone(), false),
     }
 }
 
@@ -95,13 +136,13 @@ pub fn channel(capacity: usize) -> (Settler, mpsc::Receiver<Settlement>) {
 pub async fn run(
     db: Db,
     kind: JobKind,
-    queue: Option<(JobQueue, String)>,
+    origin: Origin,
     backoff: Backoff,
     mut rx: mpsc::Receiver<Settlement>,
 ) {
     let mut round = Vec::with_capacity(ROUND);
     while rx.recv_many(&mut round, ROUND).await > 0 {
-        settle_round(&db, kind, queue.as_ref(), backoff, &round).await;
+        settle_round(&db, kind, &origin, backoff, &mut round).await;
         round.clear();
     }
 }
@@ -109,19 +150,21 @@ pub async fn run(
 async fn settle_round(
     db: &Db,
     kind: JobKind,
-    queue: Option<&(JobQueue, String)>,
+    origin: &Origin,
     backoff: Backoff,
-    round: &[Settlement],
+    round: &mut [Settlement],
 ) {
     // A Redis delivery's attempt is counted now; a SQL claim counted it already.
-    let counted = queue.is_some();
+    let counted = !matches!(origin, Origin::SqlClaim);
     let done: Vec<_> = round
         .iter()
         .filter(|s| s.result.is_ok())
         .map(|s| &s.receipt.id)
         .collect();
     persist(|| db.finish_jobs(&done, counted)).await;
-    for s in round {
+    metrics::counter!("dataflow_jobs_total", "kind" => kind.as_str(), "outcome" => "done")
+        .increment(done.len() as u64);
+    for s in round.iter() {
         let Err((error, permanent)) = &s.result else {
             continue;
         };
@@ -133,6 +176,12 @@ async fn settle_round(
             }
         };
         let status = persist(|| db.fail_job(&s.receipt.id, counted, error, failure)).await;
+        let outcome = match status.flatten() {
+            Some(JobStatus::Dead) => "dead",
+            _ => "retry",
+        };
+        metrics::counter!("dataflow_jobs_total", "kind" => kind.as_str(), "outcome" => outcome)
+            .increment(1);
         match status.flatten() {
             Some(JobStatus::Dead) => tracing::error!(
                 job = %s.receipt.id, %kind, attempts = s.receipt.attempts + 1, %error,
@@ -143,7 +192,12 @@ async fn settle_round(
             }
         }
     }
-    if let Some((queue, worker)) = queue {
+    for s in round.iter_mut() {
+        if let Some(written) = s.written.take() {
+            let _ = written.send(());
+        }
+    }
+    if let Origin::Lists { queue, worker } = origin {
         let deliveries: Vec<&Delivery> = round
             .iter()
             .filter_map(|s| s.receipt.delivery.as_deref())

@@ -13,7 +13,7 @@ use dataflow_contracts::JobId;
 use dataflow_contracts::jobs::{JobKind, JobStatus};
 use dataflow_platform::Result;
 use dataflow_platform::db::{Db, Failure, Handover};
-use dataflow_platform::jobqueue::JobQueues;
+use dataflow_platform::jobqueue::{JobQueues, RedisJobQueue};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
@@ -22,6 +22,9 @@ const RELAY_BATCH: usize = 1_000;
 /// Expired leases checked per sweep.
 const SWEEP_BATCH: u32 = 1_000;
 const HEARTBEAT: Duration = Duration::from_secs(1);
+const PRUNE_EVERY: Duration = Duration::from_secs(60);
+const PRUNE_BATCH: u32 = 1_000;
+const PRUNE_ROUNDS: usize = 20;
 
 pub struct RelaySettings {
     pub kinds: Vec<JobKind>,
@@ -33,7 +36,7 @@ pub struct RelaySettings {
 /// Hands due intents to the Redis queues until `stop`.
 pub async fn relay(
     db: Db,
-    queues: JobQueues,
+    queues: RedisJobQueue,
     settings: RelaySettings,
     wake: Arc<Notify>,
     stop: CancellationToken,
@@ -59,12 +62,12 @@ pub async fn relay(
 
 async fn relay_round(
     db: &Db,
-    queues: &JobQueues,
+    queue: &RedisJobQueue,
     kind: JobKind,
     settings: &RelaySettings,
 ) -> Result<usize> {
-    let queue = queues.queue(kind);
-    let held = usize::try_from(queue.outstanding().await?).unwrap_or(usize::MAX);
+    queue.tidy(kind).await?;
+    let held = usize::try_from(queue.outstanding(kind).await?).unwrap_or(usize::MAX);
     let room = settings.working_set.saturating_sub(held).min(RELAY_BATCH);
     if room == 0 {
         return Ok(0);
@@ -73,7 +76,7 @@ async fn relay_round(
     let jobs = db
         .take_due_jobs(kind, room, Handover::Queue, lease_ms)
         .await?;
-    if let Err(e) = queue.push(&jobs).await {
+    if let Err(e) = queue.push(kind, &jobs).await {
         // Not in Redis after all: back to pending at once rather than after the lease.
         let ids: Vec<&JobId> = jobs.iter().map(|j| &j.id).collect();
         db.hand_back_jobs(&ids, Handover::Queue).await?;
@@ -82,28 +85,61 @@ async fn relay_round(
     Ok(jobs.len())
 }
 
-/// Takes back lost jobs every `every` until `stop`.
+pub struct SweepSettings {
+    /// How long a job handed to Redis may stay unfinished before it is looked for.
+    pub lease: Duration,
+    /// Time between sweeps.
+    pub every: Duration,
+    /// Done jobs older than this are deleted.
+    pub retention: Duration,
+}
+
+/// Takes back lost jobs every `settings.every`, and prunes old finished jobs once a
+/// minute, until `stop`.
 pub async fn sweeper(
     db: Db,
-    queues: Option<JobQueues>,
-    lease: Duration,
-    every: Duration,
+    queues: Option<RedisJobQueue>,
+    settings: SweepSettings,
     stop: CancellationToken,
 ) {
+    let mut last_prune: Option<tokio::time::Instant> = None;
     while !stop.is_cancelled() {
-        if let Err(e) = sweep(&db, queues.as_ref(), lease).await {
+        if let Err(e) = sweep(&db, queues.as_ref(), settings.lease).await {
             tracing::warn!(error = %e, "job sweep failed; retrying");
+        }
+        if last_prune.is_none_or(|t| t.elapsed() >= PRUNE_EVERY) {
+            last_prune = Some(tokio::time::Instant::now());
+            match prune(&db, settings.retention).await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(jobs = n, "pruned finished jobs past their retention"),
+                Err(e) => tracing::warn!(error = %e, "pruning finished jobs failed"),
+            }
         }
         tokio::select! {
             _ = stop.cancelled() => break,
-            _ = tokio::time::sleep(every) => {}
+            _ = tokio::time::sleep(settings.every) => {}
         }
     }
 }
 
+/// Deletes finished jobs past `retention`, in small transactions so a large backlog of old
+/// rows never holds a long lock; at most `PRUNE_ROUNDS` batches per call.
+pub async fn prune(db: &Db, retention: Duration) -> Result<u64> {
+    let retention_ms = i64::try_from(retention.as_millis()).unwrap_or(i64::MAX);
+    let mut total = 0;
+    for _ in 0..PRUNE_ROUNDS {
+        let n = db.prune_done_jobs(retention_ms, PRUNE_BATCH).await?;
+        total += n;
+        if n < u64::from(PRUNE_BATCH) {
+            break;
+        }
+    }
+    Ok(total)
+}
+
 /// One sweep: expired SQL claims go back (or die); queued jobs past their lease are looked
 /// for in Redis and handed over again when Redis no longer has them.
-pub async fn sweep(db: &Db, queues: Option<&JobQueues>, lease: Duration) -> Result<()> {
+pub async fn sweep(db: &Db, queues: Option<&RedisJobQueue>, lease: Duration) -> Result<()> {
     let expired = db.expire_running_jobs().await?;
     if expired > 0 {
         tracing::warn!(
@@ -124,7 +160,7 @@ pub async fn sweep(db: &Db, queues: Option<&JobQueues>, lease: Duration) -> Resu
         let ids: Vec<&JobId> = ids.iter().collect();
         // Without Redis (it was removed from the config) nothing holds them any more.
         let held = match queues {
-            Some(q) => q.queue(kind).holds(&ids).await?,
+            Some(q) => q.holds(kind, &ids).await?,
             None => vec![false; ids.len()],
         };
         let (still, lost): (Vec<_>, Vec<_>) = ids.iter().zip(held).partition(|(_, h)| *h);

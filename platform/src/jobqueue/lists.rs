@@ -1,5 +1,5 @@
-//! The Redis job queue: a bounded working set of job messages, fed from the SQL intents by
-//! the relay and drained by workers with a reliable-queue pattern.
+//! DataFlow's own Redis job queue (the default): a bounded working set of job messages, fed
+//! from the SQL intents by the relay and drained by workers with a reliable-queue pattern.
 //!
 //! Keys (under the prefix), per job kind `k`:
 //! - `jobs:k:ready` LIST: messages waiting, oldest at the head;

@@ -1,0 +1,169 @@
+//! `dataflow import FILE --key … [--wait]`: a producer's upload over the HTTP API (the same
+//! path as any client: key, limits, dedup), then, with `--wait`, a progress bar of records
+//! processed until the batch ends. The exit status says how it ended.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::Args;
+use dataflow_contracts::BatchStatus;
+use dataflow_contracts::http::{BatchView, ImportView};
+use indicatif::{ProgressBar, ProgressStyle};
+
+#[derive(Args, Debug, Clone)]
+pub struct ImportArgs {
+    /// A CSV file with a header row, or JSON lines (`.ndjson`, `.jsonl`).
+    pub file: PathBuf,
+    /// The producer's API key (`dfk_…`).
+    #[arg(long, env = "DATAFLOW_API_KEY", hide_env_values = true)]
+    pub key: String,
+    /// DataFlow's HTTP API.
+    #[arg(
+        long,
+        env = "DATAFLOW_API_URL",
+        default_value = "http://127.0.0.1:8080"
+    )]
+    pub api: String,
+    /// `csv` or `ndjson`; default: from the file's extension.
+    #[arg(long)]
+    pub format: Option<String>,
+    /// Makes a retried upload safe: the same key and body answer with the same import.
+    #[arg(long)]
+    pub idempotency_key: Option<String>,
+    /// Follow the batch until it completes, is rejected or dies (exit status 0 only when it
+    /// completed).
+    #[arg(long)]
+    pub wait: bool,
+}
+
+pub async fn run(args: ImportArgs) -> anyhow::Result<()> {
+    let content_type = content_type(&args)?;
+    let body = tokio::fs::read(&args.file)
+        .await
+        .with_context(|| format!("reading {}", args.file.display()))?;
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(300))
+        .build()?;
+    let api = args.api.trim_end_matches('/');
+    let mut req = http
+        .post(format!("{api}/v1/imports"))
+        .bearer_auth(&args.key)
+        .header("content-type", content_type)
+        .body(body);
+    if let Some(k) = &args.idempotency_key {
+        req = req.header("idempotency-key", k);
+    }
+    let resp = req
+        .send()
+        .await
+        .with_context(|| format!("sending to {api}"))?;
+    let status = resp.status();
+    let text = resp.text().await?;
+    if !status.is_success() {
+        bail!("the import was refused ({status}): {text}");
+    }
+    let import: ImportView =
+        serde_json::from_str(&text).with_context(|| format!("unexpected answer: {text}"))?;
+    let note = if import.duplicate {
+        " (the same payload was imported before: this is that import)"
+    } else {
+        ""
+    };
+    println!(
+        "import {} · batch {} · {} records · {}{note}",
+        import.id, import.batch_id, import.records, import.status
+    );
+    if !args.wait {
+        return Ok(());
+    }
+    let batch = follow(&http, api, &args.key, &import).await?;
+    println!(
+        "batch {} {}: {} written, {} unchanged, {} failed{}",
+        batch.id,
+        batch.status,
+        batch.records_written,
+        batch.records_unchanged,
+        batch.records_failed,
+        batch
+            .last_error
+            .as_deref()
+            .map(|e| format!(" — {e}"))
+            .unwrap_or_default()
+    );
+    if batch.records_failed > 0 {
+        println!("row errors: {api}/v1/batches/{}/errors", batch.id);
+    }
+    match batch.status {
+        BatchStatus::Completed => Ok(()),
+        other => bail!("the batch ended {other}"),
+    }
+}
+
+/// Polls the batch, drawing records processed, until it reaches an end state.
+async fn follow(
+    http: &reqwest::Client,
+    api: &str,
+    key: &str,
+    import: &ImportView,
+) -> anyhow::Result<BatchView> {
+    let bar = ProgressBar::new(import.records);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{spinner} [{elapsed_precise}] {bar:40} {pos}/{len} records ({per_sec}) {msg}",
+        )?
+        .progress_chars("=> "),
+    );
+    let url = format!("{api}/v1/batches/{}", import.batch_id);
+    let mut failures = 0;
+    loop {
+        let batch = match get_batch(http, &url, key).await {
+            Ok(b) => {
+                failures = 0;
+                b
+            }
+            // A restarting API is not the end of the batch: keep asking for a while.
+            Err(e) if failures < 30 => {
+                failures += 1;
+                bar.set_message(format!("(retrying: {e})"));
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        bar.set_length(batch.records_total.max(1));
+        bar.set_position(batch.records_processed);
+        bar.set_message(batch.status.to_string());
+        if matches!(
+            batch.status,
+            BatchStatus::Completed | BatchStatus::Rejected | BatchStatus::Dead
+        ) {
+            bar.finish();
+            return Ok(batch);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+async fn get_batch(http: &reqwest::Client, url: &str, key: &str) -> anyhow::Result<BatchView> {
+    let resp = http.get(url).bearer_auth(key).send().await?;
+    let status = resp.status();
+    if !status.is_success() {
+        bail!("{status}: {}", resp.text().await.unwrap_or_default());
+    }
+    Ok(resp.json().await?)
+}
+
+fn content_type(args: &ImportArgs) -> anyhow::Result<&'static str> {
+    let ext = args
+        .file
+        .extension()
+        .and_then(|e| e.to_str())
+        .map(str::to_ascii_lowercase);
+    let format = args.format.clone().or(ext).unwrap_or_default();
+    match format.as_str() {
+        "csv" => Ok("text/csv"),
+        "ndjson" | "jsonl" => Ok("application/x-ndjson"),
+        other => bail!("cannot tell the format of `{other}`: pass --format csv or --format ndjson"),
+    }
+}

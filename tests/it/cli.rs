@@ -1,0 +1,193 @@
+//! The producer and operator commands against a running DataFlow: `import --wait`,
+//! `status`, `batches`, and the dead-letter queue (`dlq list|retry|discard`).
+
+use std::time::{Duration, Instant};
+
+use dataflow::Roles;
+use dataflow::cli::import::{self, ImportArgs};
+use dataflow::cli::ops::{self, BatchesCmd, DlqCmd};
+use dataflow_contracts::http::QueueDepth;
+use dataflow_contracts::jobs::{JobPage, JobStatus};
+use dataflow_contracts::{BatchId, BatchStatus};
+use reqwest::Method;
+use serde_json::json;
+
+use crate::helpers::{Backend, TestApp, csv};
+use crate::sinks::WebhookReceiver;
+
+fn upload(t: &TestApp, key: &str, file: std::path::PathBuf) -> ImportArgs {
+    ImportArgs {
+        file,
+        key: key.to_owned(),
+        api: t.url(""),
+        format: None,
+        idempotency_key: None,
+        wait: true,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn import_uploads_and_waits_for_its_batch() {
+    let Some(t) = TestApp::spawn(Backend::Sqlite).await else {
+        return;
+    };
+    let (_, key) = t.client(json!({})).await;
+    let file = t.config.data_dir.join("people.csv");
+    std::fs::write(&file, csv("cli", 50)).unwrap();
+    import::run(upload(&t, &key, file.clone())).await.unwrap();
+    let done =
+        t.db.list_batches(None, Some(BatchStatus::Completed), None, 10)
+            .await
+            .unwrap();
+    assert_eq!(
+        done.items.len(),
+        1,
+        "--wait returned before the batch completed"
+    );
+    assert_eq!(done.items[0].records_written, 50);
+
+    let refused = import::run(upload(&t, "dfk_nobody_secret", file.clone())).await;
+    let refused = refused.unwrap_err().to_string();
+    assert!(refused.contains("401"), "{refused}");
+    let odd = t.config.data_dir.join("people.xlsx");
+    std::fs::write(&odd, "x").unwrap();
+    let unknown = import::run(upload(&t, &key, odd)).await.unwrap_err();
+    assert!(unknown.to_string().contains("--format"), "{unknown}");
+    t.stop().await;
+}
+
+/// A batch that can never be processed: accepted while it awaits approval, its stored
+/// payload corrupted, then approved.
+async fn poison_batch(t: &TestApp, key: &str, n: u32) -> BatchId {
+    let body = format!("{{\"id\":{n}}}\n");
+    let imported = t.import(key, "application/x-ndjson", body.clone()).await;
+    sqlx::query("UPDATE payloads SET body = $1 WHERE batch_id = $2")
+        .bind(format!("{body}[not json").into_bytes())
+        .bind(imported.batch_id.as_str())
+        .execute(t.db.pool())
+        .await
+        .unwrap();
+    let approve = format!("/admin/batches/{}/approve", imported.batch_id);
+    let resp = t.admin(Method::POST, &approve).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    imported.batch_id
+}
+
+async fn dead_depths(t: &TestApp) -> (u64, u64) {
+    let depths: Vec<QueueDepth> = t
+        .admin_send(Method::GET, "/admin/queues")
+        .await
+        .json()
+        .await
+        .unwrap();
+    let dead = |q: &str| {
+        depths
+            .iter()
+            .find(|d| d.queue == q && d.state == "dead")
+            .map_or(0, |d| d.count)
+    };
+    (dead("batches"), dead("jobs:webhook"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_are_listed_retried_and_discarded() {
+    let hooks = WebhookReceiver::start(500).await;
+    let Some(t) = TestApp::spawn_with(Backend::Sqlite, Roles::ALL, |c| {
+        c.worker.max_attempts = 1;
+        c.jobs.max_attempts = 1;
+        c.jobs.webhook_allow_private = true;
+        c.jobs.poll_interval_ms = 50;
+    })
+    .await
+    else {
+        return;
+    };
+    let policy = json!({"approval_required": true, "webhook_url": hooks.url()});
+    let (_, key) = t.client(policy).await;
+    let (first, second) = (
+        poison_batch(&t, &key, 1).await,
+        poison_batch(&t, &key, 2).await,
+    );
+    // Each batch dies, and each of its three events' webhooks (created, ready, dead) too.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while dead_depths(&t).await != (2, 6) {
+        assert!(Instant::now() < deadline, "{:?}", dead_depths(&t).await);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    ops::status(&t.config).await.unwrap();
+    ops::dlq(&t.config, DlqCmd::List { limit: 50 })
+        .await
+        .unwrap();
+    let list = BatchesCmd::List {
+        client: None,
+        status: Some(BatchStatus::Dead),
+        limit: 10,
+    };
+    ops::batches(&t.config, list).await.unwrap();
+
+    // One dead job retried once its receiver is healthy again: it is delivered.
+    hooks.answer(200);
+    let dead_jobs: JobPage = t
+        .admin_send(Method::GET, "/admin/jobs?status=dead")
+        .await
+        .json()
+        .await
+        .unwrap();
+    let job = dead_jobs.items[0].id.clone();
+    let retry = DlqCmd::Retry {
+        ids: vec![job.to_string()],
+        all: false,
+    };
+    ops::dlq(&t.config, retry).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while t.db.get_job(&job).await.unwrap().unwrap().status != JobStatus::Done {
+        assert!(Instant::now() < deadline, "the retried job never ran");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+
+    // One batch discarded by id, then everything else in bulk.
+    let discard = DlqCmd::Discard {
+        ids: vec![first.to_string()],
+        all: false,
+        reason: "bad export, resent".into(),
+    };
+    ops::dlq(&t.config, discard).await.unwrap();
+    let view = t.db.get_batch(None, &first).await.unwrap().unwrap();
+    assert_eq!(view.status, BatchStatus::Rejected);
+    assert_eq!(dead_depths(&t).await.0, 1);
+    let everything = DlqCmd::Discard {
+        ids: Vec::new(),
+        all: true,
+        reason: "cleared".into(),
+    };
+    ops::dlq(&t.config, everything).await.unwrap();
+    let view = t.db.get_batch(None, &second).await.unwrap().unwrap();
+    assert_eq!(view.status, BatchStatus::Rejected);
+    // The rejections ask for webhooks of their own (now answered 200); nothing stays dead.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while dead_depths(&t).await != (0, 0) {
+        assert!(Instant::now() < deadline, "{:?}", dead_depths(&t).await);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let discarded: JobPage = t
+        .admin_send(Method::GET, "/admin/jobs?status=discarded")
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        discarded.items.len(),
+        5,
+        "the six dead jobs but the retried one"
+    );
+    let missing = ops::dlq(
+        &t.config,
+        DlqCmd::Retry {
+            ids: vec![first.to_string()],
+            all: false,
+        },
+    )
+    .await;
+    assert!(missing.is_err(), "a rejected batch is no dead letter");
+    t.stop().await;
+}

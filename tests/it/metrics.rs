@@ -1,0 +1,73 @@
+//! `GET /metrics`: Prometheus text with the figures operators chart, low-cardinality labels.
+
+use std::time::{Duration, Instant};
+
+use dataflow::Roles;
+use dataflow_contracts::BatchStatus;
+use serde_json::json;
+
+use crate::helpers::{Backend, TestApp, csv};
+
+/// The value of the first series whose line starts with `series` (name and labels).
+fn value(body: &str, series: &str) -> Option<f64> {
+    body.lines()
+        .find(|l| l.starts_with(series))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_cover_requests_queues_batches_locks_and_the_cache() {
+    let Some(t) = TestApp::spawn_redis(Backend::Sqlite, Roles::ALL, None, |_| {}).await else {
+        return;
+    };
+    let (client, key) = t.client(json!({})).await;
+    let imported = t.import(&key, "text/csv", csv("m", 30)).await;
+    t.wait_for(&key, &imported.batch_id, BatchStatus::Completed)
+        .await;
+    let wanted = [
+        r#"dataflow_http_requests_total{method="POST",route="/v1/imports",status="202"}"#
+            .to_owned(),
+        r#"dataflow_http_request_duration_seconds_bucket{method="GET",route="/v1/batches/{id}""#
+            .to_owned(),
+        r#"dataflow_imports_total{outcome="accepted"}"#.to_owned(),
+        format!(r#"dataflow_ratelimit_decisions_total{{client="{client}",outcome="allowed"}}"#),
+        r#"dataflow_queue_depth{queue="batches",state="ready"}"#.to_owned(),
+        r#"dataflow_queue_oldest_age_seconds{queue="jobs:report",state="pending"}"#.to_owned(),
+        "dataflow_batch_enqueue_to_start_seconds_bucket".to_owned(),
+        "dataflow_batch_enqueue_to_complete_seconds_bucket".to_owned(),
+        "dataflow_batch_duration_seconds_bucket".to_owned(),
+        r#"dataflow_records_total{outcome="written"}"#.to_owned(),
+        r#"dataflow_batches_total{outcome="completed"}"#.to_owned(),
+        r#"dataflow_lock_acquisitions_total{outcome="held"}"#.to_owned(),
+        r#"dataflow_cache_requests_total{cache="keys",result="hit"}"#.to_owned(),
+        r#"dataflow_jobs_total{kind="report",outcome="done"}"#.to_owned(),
+        r#"dataflow_events_mode{mode="embedded"}"#.to_owned(),
+    ];
+    // The report job settles a moment after the batch completes: scrape until it shows.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let body = loop {
+        let resp = t.http.get(t.url("/metrics")).send().await.unwrap();
+        assert_eq!(resp.status(), 200);
+        let ctype = resp.headers()["content-type"].to_str().unwrap().to_owned();
+        assert!(ctype.starts_with("text/plain"), "{ctype}");
+        let body = resp.text().await.unwrap();
+        let missing: Vec<&String> = wanted
+            .iter()
+            .filter(|s| value(&body, s).is_none())
+            .collect();
+        if missing.is_empty() {
+            break body;
+        }
+        assert!(Instant::now() < deadline, "missing {missing:?} in:\n{body}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(value(&body, "dataflow_ledger_up"), Some(1.0));
+    assert_eq!(value(&body, "dataflow_redis_up"), Some(1.0));
+    // Routes are labelled by their pattern, never by the ids in the path.
+    assert!(
+        !body.lines().any(|l| l.contains("route=\"/v1/batches/bat_")),
+        "a raw path became a label"
+    );
+    t.stop().await;
+}
