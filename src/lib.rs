@@ -84,17 +84,25 @@ impl App {
             lease: Duration::from_millis(config.amqp.relay_lease_ms),
             confirm_timeout: Duration::from_millis(config.amqp.confirm_timeout_ms),
         };
-        // The broker link (reconnecting with backoff) is shared by the relay and the consumer.
-        if let Some(broker) = &backends.broker {
-            tasks.spawn(broker.clone().run(shutdown.clone()));
-        }
-        tasks.spawn(events::run_relay(
+        // The link outlives the relay, so the relay's last round after shutdown can still
+        // publish what was committed just before it.
+        let link_stop = CancellationToken::new();
+        let relayed = events::run_relay(
             backends.db.clone(),
             backends.publisher.clone(),
             backends.outbox_wake.clone(),
             relay,
             shutdown.clone(),
-        ));
+        );
+        let relay_done = link_stop.clone();
+        tasks.spawn(async move {
+            relayed.await;
+            relay_done.cancel();
+        });
+        // The broker link (reconnecting with backoff) is shared by the relay and the consumer.
+        if let Some(broker) = &backends.broker {
+            tasks.spawn(broker.clone().run(link_stop));
+        }
 
         // Cache invalidations from other processes (only with Redis).
         tasks.spawn(backends.clone().run_invalidation_listener(shutdown.clone()));

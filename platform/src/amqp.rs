@@ -26,6 +26,7 @@ use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, Consumer, ExchangeKind};
 use lapin::{Confirmation, PublisherConfirm};
 use tokio::sync::{Notify, watch};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{AmqpConfig, Secret};
@@ -255,8 +256,9 @@ impl Broker {
 
     /// Relays the outbox until it is drained: rows in id order, persistent and `mandatory`,
     /// with up to `confirm_window` confirms in flight across fetches (the next rows are
-    /// read while earlier ones await their confirm, leaving out those in flight). Acked
-    /// rows are marked published by id, and handed to `confirmed`, after each fetch. The
+    /// read while earlier ones await their confirm, leaving out those in flight; a `wake`
+    /// from a new commit starts that read at once instead of after the confirms). Acked
+    /// rows are marked published by id, and handed to `confirmed`, after each read. The
     /// first row not acked ends the relay: it and every row sent after it stay unmarked
     /// and are sent again on a fresh link, so a batch's events keep their order. No rows
     /// are read after `until` (the relay lease must outlast the round).
@@ -264,39 +266,53 @@ impl Broker {
         &self,
         db: &Db,
         limit: u32,
-        until: Option<tokio::time::Instant>,
+        until: Option<Instant>,
+        wake: Option<&Notify>,
         confirmed: &(dyn Fn(&[OutboxRow]) + Sync),
     ) -> Result<usize> {
         let Some(link) = self.link.borrow().clone() else {
             return Err(Error::Broker("not connected".into()));
         };
         let timeout = Duration::from_millis(self.config.confirm_timeout_ms);
-        let mut inflight: VecDeque<(OutboxRow, PublisherConfirm)> = VecDeque::new();
+        let mut inflight = VecDeque::new();
         let mut marked = 0;
         loop {
-            let sending: Vec<i64> = inflight.iter().map(|(r, _)| r.id).collect();
-            let rows = db.unpublished_events(limit, &sending).await?;
-            let drained = rows.len() < limit as usize
-                || until.is_some_and(|u| tokio::time::Instant::now() >= u);
+            let late = until.is_some_and(|u| Instant::now() >= u);
+            let mut drained = true;
             let mut acked = Vec::new();
             let mut failed = None;
-            for row in rows {
-                while inflight.len() >= self.config.confirm_window && failed.is_none() {
-                    failed = settle_front(&mut inflight, &mut acked, timeout).await.err();
-                }
-                if failed.is_some() {
-                    break;
-                }
-                match self.send(&link, &row).await {
-                    Ok(confirm) => inflight.push_back((row, confirm)),
-                    Err(e) => {
-                        failed = Some(e);
+            if !late {
+                let sending: Vec<i64> = inflight.iter().map(|f: &InFlight| f.row.id).collect();
+                let rows = db.unpublished_events(limit, &sending).await?;
+                drained = rows.len() < limit as usize;
+                for row in rows {
+                    while inflight.len() >= self.config.confirm_window && failed.is_none() {
+                        failed = settle_front(&mut inflight, &mut acked, timeout).await.err();
+                    }
+                    if failed.is_some() {
                         break;
+                    }
+                    match self.send(&link, &row).await {
+                        Ok(confirm) => inflight.push_back(InFlight {
+                            row,
+                            sent: Instant::now(),
+                            confirm,
+                        }),
+                        Err(e) => {
+                            failed = Some(e);
+                            break;
+                        }
                     }
                 }
             }
             while drained && failed.is_none() && !inflight.is_empty() {
-                failed = settle_front(&mut inflight, &mut acked, timeout).await.err();
+                match wake.filter(|_| !late) {
+                    Some(w) => tokio::select! {
+                        settled = settle_front(&mut inflight, &mut acked, timeout) => failed = settled.err(),
+                        _ = w.notified() => break,
+                    },
+                    None => failed = settle_front(&mut inflight, &mut acked, timeout).await.err(),
+                }
             }
             let ids: Vec<i64> = acked.iter().map(|r| r.id).collect();
             db.mark_published(&ids).await?;
@@ -382,22 +398,34 @@ fn quorum() -> FieldTable {
     args
 }
 
-/// Waits for the oldest publish in flight; on success it joins `acked`.
+/// A publish awaiting its confirm.
+struct InFlight {
+    row: OutboxRow,
+    sent: Instant,
+    confirm: PublisherConfirm,
+}
+
+/// Waits for the oldest publish in flight; on success it joins `acked`. Cancel-safe: the
+/// publish leaves `inflight` only once its confirm is in.
 ///
 /// lapin hands a returned message to whichever confirm it resolves next, not necessarily
 /// the returned publish's own, so a return is identified by its own routing key and message
 /// id: a returned `batch.ready` fails the round at that row (it and what follows are
 /// retried), while returns of other keys are only counted.
 async fn settle_front(
-    inflight: &mut VecDeque<(OutboxRow, PublisherConfirm)>,
+    inflight: &mut VecDeque<InFlight>,
     acked: &mut Vec<OutboxRow>,
     timeout: Duration,
 ) -> Result<()> {
-    let Some((row, confirm)) = inflight.pop_front() else {
+    let Some(front) = inflight.front_mut() else {
+        return Ok(());
+    };
+    let outcome = tokio::time::timeout_at(front.sent + timeout, &mut front.confirm).await;
+    let Some(InFlight { row, .. }) = inflight.pop_front() else {
         return Ok(());
     };
     let what = |m: &str| Error::Broker(format!("outbox row {} ({}): {m}", row.id, row.routing_key));
-    let returned = match tokio::time::timeout(timeout, confirm).await {
+    let returned = match outcome {
         Err(_) => return Err(what("no confirm within the timeout")),
         Ok(Err(e)) => return Err(what(&e.to_string())),
         Ok(Ok(Confirmation::Nack(_))) => return Err(what("nacked by the broker")),

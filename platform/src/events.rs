@@ -22,9 +22,9 @@ use tokio::sync::{Notify, broadcast};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::Result;
 use crate::amqp::Broker;
 use crate::db::{Db, OutboxRow};
-use crate::{Error, Result};
 
 /// How batches reach workers right now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -127,6 +127,8 @@ pub struct RelaySettings {
 struct RelayLease {
     owner: String,
     held_until: Option<Instant>,
+    /// Standing by: another relay held the lease; ask again after this.
+    retry_at: Option<Instant>,
     lease: Duration,
     confirm_timeout: Duration,
 }
@@ -141,12 +143,18 @@ impl RelayLease {
         {
             return Ok(true);
         }
+        // A standby asks at a third of the lease, not on every wake-up: the ledger need not
+        // take a write per commit from every process.
+        if self.retry_at.is_some_and(|at| now < at) {
+            return Ok(false);
+        }
         let ms = i64::try_from(self.lease.as_millis()).unwrap_or(i64::MAX);
         let taken = db.take_relay_lease(&self.owner, ms).await?;
         if taken && self.held_until.is_none() {
             tracing::info!(owner = %self.owner, "this process relays the outbox");
         }
         self.held_until = taken.then_some(now + self.lease);
+        self.retry_at = (!taken).then_some(now + self.lease / 3);
         Ok(taken)
     }
 }
@@ -163,13 +171,22 @@ pub async fn run_relay(
     let mut lease = matches!(publisher, Publisher::Broker { .. }).then(|| RelayLease {
         owner: format!("relay-{}", ulid::Ulid::new()),
         held_until: None,
+        retry_at: None,
         lease: settings.lease,
         confirm_timeout: settings.confirm_timeout,
     });
     let mut last_prune = Instant::now();
     let mut failing = false;
     loop {
-        match relay_round(&db, &publisher, lease.as_mut(), settings.batch_size).await {
+        match relay_round(
+            &db,
+            &publisher,
+            lease.as_mut(),
+            settings.batch_size,
+            Some(&wake),
+        )
+        .await
+        {
             Ok(n) => {
                 if failing {
                     tracing::info!("outbox relay publishing again");
@@ -205,7 +222,7 @@ pub async fn run_relay(
         }
     }
     // A last round so events committed just before shutdown are not left for the next start.
-    if let Err(e) = relay_round(&db, &publisher, lease.as_mut(), settings.batch_size).await {
+    if let Err(e) = relay_round(&db, &publisher, lease.as_mut(), settings.batch_size, None).await {
         tracing::warn!(error = %e, "final outbox relay round failed");
     }
     if let Some(l) = &lease
@@ -221,11 +238,13 @@ async fn relay_round(
     publisher: &Publisher,
     lease: Option<&mut RelayLease>,
     limit: u32,
+    wake: Option<&Notify>,
 ) -> Result<usize> {
     if let Publisher::Broker { broker, .. } = publisher
         && !broker.is_connected()
     {
-        return Err(Error::Broker("not connected".into()));
+        // The rows wait in SQL; the link supervisor reports the outage, `/readyz` the backlog.
+        return Ok(0);
     }
     let mut until = None;
     if let Some(lease) = lease {
@@ -239,13 +258,13 @@ async fn relay_round(
                 .unwrap_or_else(Instant::now)
         });
     }
-    relay_until(db, publisher, limit, until).await
+    relay_until(db, publisher, limit, until, wake).await
 }
 
 /// One round: relays what is in the outbox (with a broker: until it is drained, `limit`
 /// rows per read; in process: up to `limit` rows); returns how many were published.
 pub async fn relay_once(db: &Db, publisher: &Publisher, limit: u32) -> Result<usize> {
-    relay_until(db, publisher, limit, None).await
+    relay_until(db, publisher, limit, None, None).await
 }
 
 async fn relay_until(
@@ -253,6 +272,7 @@ async fn relay_until(
     publisher: &Publisher,
     limit: u32,
     until: Option<Instant>,
+    wake: Option<&Notify>,
 ) -> Result<usize> {
     let done = match publisher {
         Publisher::InProcess(_) => {
@@ -264,7 +284,7 @@ async fn relay_until(
         }
         Publisher::Broker { broker, .. } => {
             broker
-                .relay(db, limit, until, &|rows| publisher.notify_local(rows))
+                .relay(db, limit, until, wake, &|rows| publisher.notify_local(rows))
                 .await?
         }
     };

@@ -48,6 +48,9 @@ pub struct AmqpArgs {
     /// Submits per second in the latency runs.
     #[arg(long, default_value_t = 200)]
     pub rate: u64,
+    /// Batches the worker process runs at once (both latency runs; the worker's default).
+    #[arg(long, default_value_t = 4)]
+    pub concurrency: usize,
     /// Events in the relay throughput run (and in the raw lapin run beside it).
     #[arg(long, default_value_t = 100_000)]
     pub events: usize,
@@ -85,6 +88,7 @@ async fn measure(args: &AmqpArgs, run: &str, prefix: &str) -> anyhow::Result<()>
             config.amqp.prefix = prefix.to_owned();
         }
         config.api.max_concurrent_imports_per_client = 256;
+        config.worker.concurrency = args.concurrency;
         config.validate()?;
         let measured = latency(args, config.clone()).await;
         let backend = ledger.backend;
@@ -92,9 +96,9 @@ async fn measure(args: &AmqpArgs, run: &str, prefix: &str) -> anyhow::Result<()>
         let (p50, p99, max) = measured?;
         let mode = if with_broker { "broker" } else { "polling" };
         println!(
-            "name=amqp-latency mode={mode} backend={} batches={} rate_per_s={} poll_interval_ms={} \
-             p50_ms={p50:.1} p99_ms={p99:.1} max_ms={max:.1}",
-            backend, args.batches, args.rate, config.worker.poll_interval_ms,
+            "name=amqp-latency mode={mode} backend={} batches={} rate_per_s={} concurrency={} \
+             poll_interval_ms={} p50_ms={p50:.1} p99_ms={p99:.1} max_ms={max:.1}",
+            backend, args.batches, args.rate, args.concurrency, config.worker.poll_interval_ms,
         );
     }
     relay_throughput(args, run, prefix).await
@@ -120,6 +124,14 @@ async fn latency(args: &AmqpArgs, config: Config) -> anyhow::Result<(f64, f64, f
     // The API process connects first and so holds the relay lease: BatchReady reaches the
     // worker process through the broker, not through an in-process wake-up.
     wait_mode(&api, config.amqp_url.is_some()).await?;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while config.amqp_url.is_some() && api.backends.db.relay_lease_owner().await?.is_none() {
+        ensure!(
+            Instant::now() < deadline,
+            "the API process did not take the relay lease"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let worker = App::start(config, Roles::WORKER, None).await?;
     wait_mode(&worker, api.backends.broker.is_some()).await?;
     let db = api.backends.db.clone();

@@ -664,6 +664,15 @@ async fn a_returned_batch_ready_is_published_again_after_the_topology_is_restore
     })
     .await;
     wait_mode(&api, "broker").await;
+    // The API process relays, so only the broker can wake the worker process.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while api.db.relay_lease_owner().await.unwrap().is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "the API process never took the relay lease"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let worker = api.sibling(Roles::WORKER).await;
     wait_mode_of(&worker, Mode::Broker).await;
     let (_, key) = api.client(json!({})).await;

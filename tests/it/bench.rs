@@ -77,6 +77,7 @@ async fn amqp_bench_runs() {
         database_url: None,
         batches: 10,
         rate: 200,
+        concurrency: 4,
         events: 500,
         confirm_window: 100,
         relay_batch: 200,

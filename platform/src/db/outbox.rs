@@ -115,6 +115,15 @@ impl Db {
         Ok(taken == 1)
     }
 
+    /// Which relay holds the lease (while unexpired), for operators and tests.
+    pub async fn relay_lease_owner(&self) -> Result<Option<String>> {
+        let sql = self.sql("SELECT owner FROM outbox_relay WHERE id = 1 AND expires_at >= {now}");
+        Ok(sqlx::query_scalar::<_, Option<String>>(sql)
+            .fetch_optional(self.pool())
+            .await?
+            .flatten())
+    }
+
     /// Hands the relay lease back (on shutdown), so another relay takes over at once.
     pub async fn release_relay_lease(&self, owner: &str) -> Result<()> {
         sqlx::query(
