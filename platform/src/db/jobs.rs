@@ -309,17 +309,26 @@ impl Db {
         Ok(sqlx::query(sql).execute(self.pool()).await?.rows_affected())
     }
 
-    /// Deletes up to `limit` jobs done more than `retention_ms` ago (oldest first), so the
-    /// table holds the recent past and whatever is still to do.
+    /// Deletes up to `limit` jobs finished (done or discarded) more than `retention_ms`
+    /// ago, so the table holds the recent past and whatever is still to do. Job ids are
+    /// ULIDs, so "created before the cutoff" is a range of the primary key: no index on
+    /// finished rows is needed, and finishing a job stays one update of indexes it leaves.
     pub async fn prune_done_jobs(&self, retention_ms: i64, limit: u32) -> Result<u64> {
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+            .unwrap_or(0);
+        let cutoff_ms = now_ms.saturating_sub(u64::try_from(retention_ms).unwrap_or(0));
+        let cutoff = format!("{}_{}", JobId::PREFIX, ulid::Ulid::from_parts(cutoff_ms, 0));
         let sql = self.sql(
             "DELETE FROM jobs WHERE id IN (SELECT id FROM jobs \
-                 WHERE status IN ('done', 'discarded') AND done_at < {now} - $1 \
-                 ORDER BY done_at LIMIT $2)",
+                 WHERE id < $3 AND status IN ('done', 'discarded') AND done_at < {now} - $1 \
+                 ORDER BY id LIMIT $2)",
         );
         Ok(sqlx::query(sql)
             .bind(retention_ms)
             .bind(i64::from(limit))
+            .bind(cutoff)
             .execute(self.pool())
             .await?
             .rows_affected())

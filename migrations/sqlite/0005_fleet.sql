@@ -1,5 +1,5 @@
--- The worker fleet registry without Redis (postgres; keep in step with
--- migrations/sqlite/0006_fleet.sql). A row per live worker process, renewed by its
+-- The worker fleet registry without Redis (sqlite; keep in step with
+-- migrations/postgres/0005_fleet.sql). A row per live worker process, renewed by its
 -- heartbeat; a row past expires_at is a worker that died and is ignored, then pruned.
 CREATE TABLE fleet_workers (
     id              TEXT PRIMARY KEY,
