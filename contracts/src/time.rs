@@ -1,5 +1,14 @@
 //! Timestamps travel as RFC 3339 UTC strings; the ledger keeps milliseconds since the epoch.
 
+/// This host's clock in milliseconds since the Unix epoch (leases and expiries are judged
+/// by the ledger's or Redis' clock instead; this is for what a process reports itself).
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
 /// Formats milliseconds since the Unix epoch as `YYYY-MM-DDTHH:MM:SS.mmmZ`.
 pub fn rfc3339(ms: i64) -> String {
     let secs = ms.div_euclid(1000);

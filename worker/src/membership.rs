@@ -5,10 +5,10 @@
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use dataflow_contracts::http::WorkerInfo;
-use dataflow_contracts::time::rfc3339;
+use dataflow_contracts::time::{now_ms, rfc3339};
 use dataflow_platform::fleet::{BEAT, Fleet};
 use tokio_util::sync::CancellationToken;
 
@@ -75,11 +75,4 @@ fn snapshot(worker: &Worker, started_at: &str, draining: bool) -> WorkerInfo {
         processed,
         draining,
     }
-}
-
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
 }

@@ -314,10 +314,8 @@ impl Db {
     /// ULIDs, so "created before the cutoff" is a range of the primary key: no index on
     /// finished rows is needed, and finishing a job stays one update of indexes it leaves.
     pub async fn prune_done_jobs(&self, retention_ms: i64, limit: u32) -> Result<u64> {
-        let now_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-            .unwrap_or(0);
+        // The ledger's clock, the one `done_at` was written by.
+        let now_ms = u64::try_from(self.now_ms().await?).unwrap_or(0);
         let cutoff_ms = now_ms.saturating_sub(u64::try_from(retention_ms).unwrap_or(0));
         let cutoff = format!("{}_{}", JobId::PREFIX, ulid::Ulid::from_parts(cutoff_ms, 0));
         let sql = self.sql(

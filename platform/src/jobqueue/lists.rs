@@ -17,6 +17,7 @@ use std::time::Duration;
 
 use dataflow_contracts::JobId;
 use dataflow_contracts::jobs::{JobKind, JobMessage};
+use dataflow_contracts::time::now_ms;
 use redis::{AsyncConnectionConfig, Script};
 
 /// The connection a worker blocks on while its queue is empty (see [`JobQueue::take`]).
@@ -301,11 +302,4 @@ impl JobQueues {
             .await?;
         Ok(())
     }
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
 }
