@@ -24,10 +24,12 @@ use dataflow_platform::amqp::{Broker, Names, READY_KEY};
 use dataflow_platform::config::Secret;
 use dataflow_platform::db::Db;
 use dataflow_platform::events::{self, Mode, Publisher};
+use futures::StreamExt;
 use lapin::options::{
-    BasicPublishOptions, ConfirmSelectOptions, ExchangeDeleteOptions, QueueDeleteOptions,
-    QueuePurgeOptions,
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions,
+    ExchangeDeleteOptions, QueueDeclareOptions, QueueDeleteOptions, QueuePurgeOptions,
 };
+use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -51,7 +53,10 @@ pub struct AmqpArgs {
     /// Batches the worker process runs at once (both latency runs; the worker's default).
     #[arg(long, default_value_t = 4)]
     pub concurrency: usize,
-    /// Events in the relay throughput run (and in the raw lapin run beside it).
+    /// Latency runs: `broker`, `polling` or `both`.
+    #[arg(long, value_enum, default_value_t = Runs::Both)]
+    pub runs: Runs,
+    /// Events in the relay throughput run (and in the raw lapin run beside it); 0 skips it.
     #[arg(long, default_value_t = 100_000)]
     pub events: usize,
     /// Publishes awaiting their confirm at once, for the relay and raw lapin alike.
@@ -60,6 +65,13 @@ pub struct AmqpArgs {
     /// Outbox rows per relay round.
     #[arg(long, default_value_t = 5_000)]
     pub relay_batch: u32,
+}
+
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Runs {
+    Broker,
+    Polling,
+    Both,
 }
 
 pub async fn run(args: AmqpArgs) -> anyhow::Result<()> {
@@ -80,7 +92,30 @@ pub async fn run(args: AmqpArgs) -> anyhow::Result<()> {
 }
 
 async fn measure(args: &AmqpArgs, run: &str, prefix: &str) -> anyhow::Result<()> {
+    if args.runs != Runs::Polling {
+        let (confirm, deliver) = raw_floor(args, prefix).await?;
+        println!(
+            "name=amqp-floor queue=quorum messages={} rate_per_s={} confirm_p50_ms={:.2} \
+             confirm_p99_ms={:.2} deliver_p50_ms={:.2} deliver_p99_ms={:.2} deliver_max_ms={:.2}",
+            args.batches.min(1_000),
+            args.rate,
+            confirm.p50,
+            confirm.p99,
+            deliver.p50,
+            deliver.p99,
+            deliver.max,
+        );
+    }
     for with_broker in [true, false] {
+        if args.runs
+            == if with_broker {
+                Runs::Polling
+            } else {
+                Runs::Broker
+            }
+        {
+            continue;
+        }
         let ledger = ScratchLedger::create(args.database_url.as_deref(), run).await?;
         let mut config = ledger.config.clone();
         if with_broker {
@@ -93,13 +128,32 @@ async fn measure(args: &AmqpArgs, run: &str, prefix: &str) -> anyhow::Result<()>
         let measured = latency(args, config.clone()).await;
         let backend = ledger.backend;
         ledger.remove().await?;
-        let (p50, p99, max) = measured?;
+        let Latency {
+            total,
+            relay,
+            delivery,
+        } = measured?;
         let mode = if with_broker { "broker" } else { "polling" };
         println!(
             "name=amqp-latency mode={mode} backend={} batches={} rate_per_s={} concurrency={} \
-             poll_interval_ms={} p50_ms={p50:.1} p99_ms={p99:.1} max_ms={max:.1}",
-            backend, args.batches, args.rate, args.concurrency, config.worker.poll_interval_ms,
+             poll_interval_ms={} p50_ms={:.1} p99_ms={:.1} max_ms={:.1} \
+             relay_p50_ms={:.1} relay_p99_ms={:.1} delivery_p50_ms={:.1} delivery_p99_ms={:.1}",
+            backend,
+            args.batches,
+            args.rate,
+            args.concurrency,
+            config.worker.poll_interval_ms,
+            total.p50,
+            total.p99,
+            total.max,
+            relay.p50,
+            relay.p99,
+            delivery.p50,
+            delivery.p99,
         );
+    }
+    if args.events == 0 {
+        return Ok(());
     }
     relay_throughput(args, run, prefix).await
 }
@@ -112,8 +166,8 @@ fn amqp_config(args: &AmqpArgs, prefix: &str, batch: u32) -> Config {
     config
 }
 
-/// p50, p99 and max of commit → worker start (ms) with an API process and a worker process.
-async fn latency(args: &AmqpArgs, config: Config) -> anyhow::Result<(f64, f64, f64)> {
+/// Commit → worker start (ms) with an API process and a worker process.
+async fn latency(args: &AmqpArgs, config: Config) -> anyhow::Result<Latency> {
     let policy = Policy {
         rate_per_minute: 6_000_000,
         rate_burst: 1_000_000,
@@ -169,22 +223,145 @@ async fn latency(args: &AmqpArgs, config: Config) -> anyhow::Result<(f64, f64, f
         done??;
     }
     wait_started(&db, 20 + args.batches).await?;
-    let rows: Vec<(i64, i64)> = sqlx::query_as(
-        "SELECT created_at, started_at FROM batches WHERE created_at > $1 AND started_at IS NOT NULL",
+    // The BatchReady row's `published_at` splits the wait in two: the relay's part (commit
+    // → broker ack, marked) and the delivery's (ack → consumer → fenced claim).
+    let rows: Vec<(i64, i64, Option<i64>)> = sqlx::query_as(
+        "SELECT b.created_at, b.started_at, o.published_at FROM batches b \
+         LEFT JOIN outbox o ON o.batch_id = b.id AND o.event_type = 'BatchReady' \
+         WHERE b.created_at > $1 AND b.started_at IS NOT NULL",
     )
     .bind(warm)
     .fetch_all(db.pool())
     .await?;
     worker.stop().await;
     api.stop().await;
-    let mut ms: Vec<f64> = rows.iter().map(|(c, s)| (s - c) as f64).collect();
-    ms.sort_by(f64::total_cmp);
-    ensure!(!ms.is_empty(), "no batch was measured");
-    Ok((
-        percentile(&ms, 0.50),
-        percentile(&ms, 0.99),
-        ms[ms.len() - 1],
-    ))
+    ensure!(!rows.is_empty(), "no batch was measured");
+    let total = Spread::of(rows.iter().map(|(c, s, _)| s - c));
+    let relay = Spread::of(rows.iter().filter_map(|(c, _, p)| p.map(|p| p - c)));
+    let delivery = Spread::of(rows.iter().filter_map(|(_, s, p)| p.map(|p| s - p)));
+    Ok(Latency {
+        total,
+        relay,
+        delivery,
+    })
+}
+
+/// What the broker alone costs at the same rate: raw lapin publishes (persistent, one at a
+/// time at `--rate`/s) to a quorum queue of their own, timed to their confirm and to their
+/// delivery at a consumer with manual acks.
+async fn raw_floor(args: &AmqpArgs, prefix: &str) -> anyhow::Result<(Spread, Spread)> {
+    let n = args.batches.min(1_000);
+    let queue = format!("{prefix}floor");
+    let (conn, ch) = raw_channel(&args.amqp_url).await?;
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    let mut quorum = FieldTable::default();
+    quorum.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString("quorum".into()),
+    );
+    ch.queue_declare(queue.as_str().into(), durable, quorum)
+        .await?;
+    ch.confirm_select(ConfirmSelectOptions::default()).await?;
+    let consumer_ch = conn.create_channel().await?;
+    let mut deliveries = consumer_ch
+        .basic_consume(
+            queue.as_str().into(),
+            "floor".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    let base = Instant::now();
+    let consume = tokio::spawn(async move {
+        let mut ms = Vec::with_capacity(n);
+        while ms.len() < n {
+            let Some(delivery) = deliveries.next().await else {
+                break;
+            };
+            let delivery = delivery?;
+            let sent: [u8; 8] = delivery.data.as_slice().try_into()?;
+            let now = base.elapsed().as_micros() as u64;
+            ms.push(now.saturating_sub(u64::from_le_bytes(sent)) as i64);
+            delivery.acker.ack(BasicAckOptions::default()).await?;
+        }
+        anyhow::Ok(ms)
+    });
+    let props = BasicProperties::default().with_delivery_mode(2);
+    let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 / args.rate.max(1)));
+    let mut confirms = tokio::task::JoinSet::new();
+    for _ in 0..n {
+        tick.tick().await;
+        let sent = base.elapsed().as_micros() as u64;
+        let confirm = ch
+            .basic_publish(
+                "".into(),
+                queue.as_str().into(),
+                BasicPublishOptions::default(),
+                &sent.to_le_bytes(),
+                props.clone(),
+            )
+            .await?;
+        confirms.spawn(async move {
+            let c = confirm.await?;
+            ensure!(c.is_ack(), "floor publish was nacked");
+            anyhow::Ok((base.elapsed().as_micros() as u64).saturating_sub(sent) as i64)
+        });
+    }
+    let mut confirmed = Vec::with_capacity(n);
+    while let Some(done) = confirms.join_next().await {
+        confirmed.push(done??);
+    }
+    let delivered = tokio::time::timeout(Duration::from_secs(30), consume)
+        .await
+        .context("the floor queue did not deliver every message within 30 s")???;
+    ch.queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+        .await?;
+    // Microseconds in, milliseconds out.
+    let ms = |us: Vec<i64>| {
+        let mut s = Spread::of(us.into_iter());
+        for v in [&mut s.p50, &mut s.p99, &mut s.max] {
+            *v /= 1000.0;
+        }
+        s
+    };
+    Ok((ms(confirmed), ms(delivered)))
+}
+
+/// Commit → worker start, and its two parts.
+struct Latency {
+    total: Spread,
+    relay: Spread,
+    delivery: Spread,
+}
+
+/// p50, p99 and max of some milliseconds.
+#[derive(Clone, Copy)]
+struct Spread {
+    p50: f64,
+    p99: f64,
+    max: f64,
+}
+
+impl Spread {
+    fn of(ms: impl Iterator<Item = i64>) -> Spread {
+        let mut ms: Vec<f64> = ms.map(|m| m as f64).collect();
+        ms.sort_by(f64::total_cmp);
+        if ms.is_empty() {
+            return Spread {
+                p50: f64::NAN,
+                p99: f64::NAN,
+                max: f64::NAN,
+            };
+        }
+        Spread {
+            p50: percentile(&ms, 0.50),
+            p99: percentile(&ms, 0.99),
+            max: ms[ms.len() - 1],
+        }
+    }
 }
 
 async fn wait_mode(app: &App, broker: bool) -> anyhow::Result<()> {
