@@ -23,8 +23,9 @@ use dataflow_contracts::jobs::JobKind;
 use dataflow_platform::events::{self, RelaySettings};
 use dataflow_platform::{Backends, Config};
 use dataflow_worker::jobs::{self, JobsSetup, handlers::Handlers};
-use dataflow_worker::{WakeUps, Worker};
+use dataflow_worker::{WakeUps, Worker, leader, summaries};
 use tokio::net::TcpListener;
+use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -116,10 +117,28 @@ impl App {
             )
         });
         if let Some(worker) = &worker {
+            // One worker of the fleet leads: the singleton duties run there.
+            let (lead, leading) = watch::channel(false);
+            tasks.spawn(leader::campaign(
+                backends.db.clone(),
+                worker.id().to_owned(),
+                Duration::from_millis(config.worker.leader_lease_ms),
+                lead,
+                shutdown.clone(),
+            ));
+            if let Some(schedule) = config.worker.summary_schedule()? {
+                let db = backends.db.clone();
+                tasks.spawn(leader::while_leading(
+                    leading.clone(),
+                    shutdown.clone(),
+                    move |token| summaries::run(db.clone(), schedule.clone(), token),
+                ));
+            }
             // In the fleet registry while it runs; a drain request stops this process.
             tasks.spawn(dataflow_worker::membership::run(
                 backends.fleet.clone(),
                 worker.clone(),
+                leading.clone(),
                 shutdown.clone(),
             ));
             // Subscribe before anything can publish, so no wake-up is missed.
@@ -150,6 +169,7 @@ impl App {
                 kinds: JobKind::ALL.to_vec(),
                 worker_id: worker.id().to_owned(),
                 events: backends.publisher.subscribe(),
+                leading,
             };
             tasks.spawn(jobs::run(setup, shutdown.clone()));
         }

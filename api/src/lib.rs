@@ -4,7 +4,8 @@
 //! - [`router`]: every route and layer, assembled once;
 //! - [`auth`]: API keys for `/v1`, the operator token for `/admin`, lock-out;
 //! - [`ratelimit`]: GCRA per client and per anonymous IP, with `RateLimit` headers;
-//! - `routes/`: one module per resource (imports, batches, admin, health, metrics);
+//! - `routes/`: one module per resource (imports, batches, summaries, admin, health,
+//!   metrics);
 //! - [`error`]: the one error type and its JSON form.
 
 pub mod auth;
@@ -29,14 +30,17 @@ pub fn router(state: AppState) -> Router {
     let v1 = Router::new()
         .merge(routes::imports::router())
         .merge(routes::batches::router())
+        .merge(routes::summaries::router())
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             auth::require_api_key,
         ));
-    let admin = routes::admin::router().route_layer(middleware::from_fn_with_state(
-        state.clone(),
-        auth::require_operator,
-    ));
+    let admin = routes::admin::router()
+        .merge(routes::summaries::admin_router())
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            auth::require_operator,
+        ));
     Router::new()
         .nest("/v1", v1)
         .nest("/admin", admin)

@@ -162,6 +162,32 @@ pub struct QueueDepth {
     pub oldest_age_ms: Option<u64>,
 }
 
+/// A client's UTC day in numbers, written once after the day ended by the fleet leader's
+/// daily schedule (`GET /v1/summaries`, `GET /admin/clients/{id}/summaries`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DailySummary {
+    pub client_id: ClientId,
+    /// `YYYY-MM-DD`, UTC.
+    pub day: String,
+    /// Imports accepted that day (their batches are counted below by where they stand now).
+    pub imports: u64,
+    /// Batches of that day's imports by status when the summary was written.
+    pub batches_by_status: std::collections::BTreeMap<String, u64>,
+    pub records_total: u64,
+    pub records_written: u64,
+    pub records_unchanged: u64,
+    pub records_failed: u64,
+    /// Row errors per error code, the most frequent first (at most ten codes).
+    pub top_errors: Vec<ErrorCount>,
+    pub generated_at: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorCount {
+    pub code: String,
+    pub count: u64,
+}
+
 /// One live worker process (`GET /admin/workers`, `dataflow workers list`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WorkerInfo {
@@ -180,4 +206,7 @@ pub struct WorkerInfo {
     pub processed: u64,
     /// An operator asked it to drain: it takes no new work and leaves when done.
     pub draining: bool,
+    /// It holds the fleet's leader lease: it runs the sweepers and the daily summaries.
+    #[serde(default)]
+    pub leader: bool,
 }

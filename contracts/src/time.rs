@@ -24,6 +24,16 @@ pub fn rfc3339(ms: i64) -> String {
     )
 }
 
+/// Milliseconds in a day.
+pub const DAY_MS: i64 = 86_400_000;
+
+/// The UTC day `ms` falls in, as `YYYY-MM-DD`.
+pub fn utc_day(ms: i64) -> String {
+    let mut day = rfc3339(ms);
+    day.truncate(10);
+    day
+}
+
 /// Howard Hinnant's days-to-civil algorithm (proleptic Gregorian calendar).
 fn civil_from_days(z: i64) -> (i64, i64, i64) {
     let z = z + 719_468;
@@ -40,7 +50,7 @@ fn civil_from_days(z: i64) -> (i64, i64, i64) {
 
 #[cfg(test)]
 mod tests {
-    use super::rfc3339;
+    use super::{rfc3339, utc_day};
 
     #[test]
     fn formats_known_instants() {
@@ -48,5 +58,6 @@ mod tests {
         assert_eq!(rfc3339(951_782_400_123), "2000-02-29T00:00:00.123Z");
         assert_eq!(rfc3339(1_795_435_200_000), "2026-11-23T12:00:00.000Z");
         assert_eq!(rfc3339(-1), "1969-12-31T23:59:59.999Z");
+        assert_eq!(utc_day(1_795_435_200_000), "2026-11-23");
     }
 }

@@ -17,7 +17,7 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use lapin::options::{
     BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions,
     ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
@@ -255,13 +255,14 @@ impl Broker {
     }
 
     /// Relays the outbox until it is drained: rows in id order, persistent and `mandatory`,
-    /// with up to `confirm_window` confirms in flight across fetches (the next rows are
-    /// read while earlier ones await their confirm, leaving out those in flight; a `wake`
-    /// from a new commit starts that read at once instead of after the confirms). Acked
-    /// rows are marked published by id, and handed to `confirmed`, after each read. The
-    /// first row not acked ends the relay: it and every row sent after it stay unmarked
-    /// and are sent again on a fresh link, so a batch's events keep their order. No rows
-    /// are read after `until` (the relay lease must outlast the round).
+    /// with up to `confirm_window` confirms in flight across reads (the next rows are read
+    /// while earlier ones await their confirm, leaving out those not yet marked; a `wake`
+    /// from a new commit starts that read at once). Acked rows are marked published by id
+    /// beside the publishing, one statement at a time, and handed to `confirmed` once
+    /// marked: a mark waiting for the ledger's write lock never holds back the next commit's
+    /// publish. The first row not acked ends the relay: it and every row sent after it stay
+    /// unmarked and are sent again on a fresh link, so a batch's events keep their order.
+    /// No rows are read after `until` (the relay lease must outlast the round).
     pub async fn relay(
         &self,
         db: &Db,
@@ -274,61 +275,110 @@ impl Broker {
             return Err(Error::Broker("not connected".into()));
         };
         let timeout = Duration::from_millis(self.config.confirm_timeout_ms);
-        let mut inflight = VecDeque::new();
+        let mut inflight: VecDeque<InFlight> = VecDeque::new();
+        // Acked rows waiting for the next mark, and the mark under way.
+        let mut acked: Vec<OutboxRow> = Vec::new();
+        let mut marking: Option<Marking<'_>> = None;
         let mut marked = 0;
+        let mut read = true;
+        let mut stop = None;
         loop {
             let late = until.is_some_and(|u| Instant::now() >= u);
-            let mut drained = true;
-            let mut acked = Vec::new();
-            let mut failed = None;
-            if !late {
-                let sending: Vec<i64> = inflight.iter().map(|f: &InFlight| f.row.id).collect();
-                let rows = db.unpublished_events(limit, &sending).await?;
-                drained = rows.len() < limit as usize;
-                for row in rows {
-                    while inflight.len() >= self.config.confirm_window && failed.is_none() {
-                        failed = settle_front(&mut inflight, &mut acked, timeout).await.err();
-                    }
-                    if failed.is_some() {
-                        break;
-                    }
-                    match self.send(&link, &row).await {
-                        Ok(confirm) => inflight.push_back(InFlight {
-                            row,
-                            sent: Instant::now(),
-                            confirm,
-                        }),
-                        Err(e) => {
-                            failed = Some(e);
-                            break;
-                        }
+            if read && !late && stop.is_none() {
+                let except: Vec<i64> = inflight
+                    .iter()
+                    .map(|f| &f.row)
+                    .chain(&acked)
+                    .chain(marking.iter().flat_map(|m| &m.rows.0))
+                    .map(|r| r.id)
+                    .collect();
+                match db.unpublished_events(limit, &except).await {
+                    Err(e) => stop = Some(Stop::Ledger(e)),
+                    Ok(rows) => {
+                        // A full read may have left rows behind: read again before waiting.
+                        read = rows.len() >= limit as usize;
+                        stop = self
+                            .send_rows(&link, rows, &mut inflight, &mut acked, timeout)
+                            .await
+                            .err()
+                            .map(Stop::Link);
                     }
                 }
             }
-            while drained && failed.is_none() && !inflight.is_empty() {
-                match wake.filter(|_| !late) {
-                    Some(w) => tokio::select! {
-                        settled = settle_front(&mut inflight, &mut acked, timeout) => failed = settled.err(),
-                        _ = w.notified() => break,
-                    },
-                    None => failed = settle_front(&mut inflight, &mut acked, timeout).await.err(),
+            // Take the confirms that are in already, so that a returned `batch.ready` is seen
+            // before the row it belongs to could join a mark.
+            while stop.is_none() && !inflight.is_empty() {
+                match settle_front(&mut inflight, &mut acked, timeout).now_or_never() {
+                    None => break,
+                    Some(settled) => stop = settled.err().map(Stop::Link),
                 }
             }
-            let ids: Vec<i64> = acked.iter().map(|r| r.id).collect();
-            db.mark_published(&ids).await?;
-            confirmed(&acked);
-            marked += acked.len();
-            if let Some(e) = failed {
+            if marking.is_none() && !acked.is_empty() {
+                marking = Some(Marking::start(db, std::mem::take(&mut acked)));
+            }
+            let waiting = inflight.is_empty() || stop.is_some();
+            if marking.is_none() && waiting && (stop.is_some() || !read || late) {
+                break;
+            }
+            if read && !late && stop.is_none() {
+                // Catching up on a backlog: finish the mark under way before the next read,
+                // so the rows left out of reads stay bounded.
+                if let Some(m) = marking.take() {
+                    let done = m.done.await;
+                    stop = stop.or(m.rows.finish(done, confirmed, &mut marked));
+                }
+                continue;
+            }
+            let listen = wake.filter(|_| !late && stop.is_none());
+            let next = tokio::select! {
+                settled = settle_front(&mut inflight, &mut acked, timeout), if !waiting => Next::Settled(settled),
+                done = or_pending(marking.as_mut().map(|m| m.done.as_mut())) => Next::Marked(done),
+                _ = or_pending(listen.map(Notify::notified)) => Next::Woken,
+            };
+            match next {
+                Next::Settled(settled) => stop = settled.err().map(Stop::Link),
+                Next::Woken => read = true,
+                Next::Marked(done) => {
+                    if let Some(m) = marking.take() {
+                        stop = stop.or(m.rows.finish(done, confirmed, &mut marked));
+                    }
+                }
+            }
+        }
+        match stop {
+            None => Ok(marked),
+            Some(Stop::Ledger(e)) => Err(e),
+            Some(Stop::Link(e)) => {
                 tracing::warn!(error = %e, published = marked, "outbox relay stopped at an unconfirmed row; it is retried");
                 // A refused or unconfirmed publish leaves the channel in doubt: start over on
                 // a fresh link (which also declares the topology again).
                 self.report_broken(&link);
-                return Err(e);
-            }
-            if drained && inflight.is_empty() {
-                return Ok(marked);
+                Err(e)
             }
         }
+    }
+
+    /// Publishes `rows` in order, keeping at most `confirm_window` confirms in flight.
+    async fn send_rows(
+        &self,
+        link: &Link,
+        rows: Vec<OutboxRow>,
+        inflight: &mut VecDeque<InFlight>,
+        acked: &mut Vec<OutboxRow>,
+        timeout: Duration,
+    ) -> Result<()> {
+        for row in rows {
+            while inflight.len() >= self.config.confirm_window {
+                settle_front(inflight, acked, timeout).await?;
+            }
+            let confirm = self.send(link, &row).await?;
+            inflight.push_back(InFlight {
+                row,
+                sent: Instant::now(),
+                confirm,
+            });
+        }
+        Ok(())
     }
 
     async fn send(&self, link: &Link, row: &OutboxRow) -> Result<PublisherConfirm> {
@@ -396,6 +446,68 @@ fn quorum() -> FieldTable {
         AMQPValue::LongString("quorum".into()),
     );
     args
+}
+
+/// Why a relay round stopped early.
+enum Stop {
+    /// The broker did not ack a row: the link is in doubt.
+    Link(Error),
+    /// The ledger failed a read or a mark; the link is fine.
+    Ledger(Error),
+}
+
+/// What woke the relay.
+enum Next {
+    Settled(Result<()>),
+    Marked(Result<u64>),
+    Woken,
+}
+
+/// Acked rows being marked published.
+struct Marking<'a> {
+    rows: Acked,
+    done: std::pin::Pin<Box<dyn std::future::Future<Output = Result<u64>> + Send + 'a>>,
+}
+
+impl<'a> Marking<'a> {
+    fn start(db: &'a Db, rows: Vec<OutboxRow>) -> Marking<'a> {
+        let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
+        Marking {
+            rows: Acked(rows),
+            done: Box::pin(async move { db.mark_published(&ids).await }),
+        }
+    }
+}
+
+/// Rows of one mark.
+struct Acked(Vec<OutboxRow>);
+
+impl Acked {
+    /// Hands the marked rows on; a failed mark stops the round (the rows are published
+    /// again later: a duplicate, never a loss).
+    fn finish(
+        self,
+        done: Result<u64>,
+        confirmed: &(dyn Fn(&[OutboxRow]) + Sync),
+        marked: &mut usize,
+    ) -> Option<Stop> {
+        match done {
+            Ok(_) => {
+                confirmed(&self.0);
+                *marked += self.0.len();
+                None
+            }
+            Err(e) => Some(Stop::Ledger(e)),
+        }
+    }
+}
+
+/// `f`'s output, or never when there is no `f` (a disabled `select!` branch).
+async fn or_pending<F: std::future::Future>(f: Option<F>) -> F::Output {
+    match f {
+        Some(f) => f.await,
+        None => std::future::pending().await,
+    }
 }
 
 /// A publish awaiting its confirm.

@@ -168,6 +168,26 @@ pub struct WorkerConfig {
     pub retry_max_ms: u64,
     /// On shutdown, in-flight batches get this long to finish before they are released.
     pub shutdown_grace_secs: u64,
+    /// The fleet leader's lease (renewed at a third of it): the singleton duties (job
+    /// sweeper and pruning, daily summaries) move to another worker this long after their
+    /// leader died.
+    pub leader_lease_ms: u64,
+    /// When the leader writes the daily per-client summaries of the days that ended (cron
+    /// with seconds, UTC: `sec min hour day month weekday`); empty: never.
+    pub summary_schedule: String,
+}
+
+impl WorkerConfig {
+    /// The summary schedule, or `None` when summaries are off.
+    pub fn summary_schedule(&self) -> Result<Option<cron::Schedule>> {
+        if self.summary_schedule.trim().is_empty() {
+            return Ok(None);
+        }
+        self.summary_schedule
+            .parse()
+            .map(Some)
+            .map_err(|e| Error::Config(format!("worker.summary_schedule: {e}")))
+    }
 }
 
 impl Default for WorkerConfig {
@@ -181,6 +201,8 @@ impl Default for WorkerConfig {
             retry_base_ms: 1_000,
             retry_max_ms: 300_000,
             shutdown_grace_secs: 10,
+            leader_lease_ms: 10_000,
+            summary_schedule: "0 0 1 * * *".into(),
         }
     }
 }
@@ -447,6 +469,10 @@ impl Config {
         if self.worker.max_attempts == 0 {
             return bad("worker.max_attempts must be at least 1");
         }
+        if self.worker.leader_lease_ms < 300 {
+            return bad("worker.leader_lease_ms must be at least 300");
+        }
+        self.worker.summary_schedule()?;
         if self.api.max_body_bytes == 0 || self.api.max_field_bytes == 0 {
             return bad("api.max_body_bytes and api.max_field_bytes must be at least 1");
         }

@@ -6,7 +6,7 @@
 //! in-process subscribers too, so they keep working unchanged.
 //!
 //! Ordering and duplicates with several processes: with a broker, one relay publishes at a
-//! time, under a lease in SQL (`outbox_relay`), and stops at the first row the broker did
+//! time, under a lease in SQL (`leases`, `outbox-relay`), and stops at the first row the broker did
 //! not ack, so the events of one batch leave in commit order. (Rows of one batch commit in
 //! id order: each is written after its transaction updated the batch row, which serialises
 //! them.) A row is marked published only after its ack, by its own id. A duplicate is
@@ -24,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::Result;
 use crate::amqp::Broker;
+use crate::db::leases::OUTBOX_RELAY;
 use crate::db::{Db, OutboxRow};
 
 /// How batches reach workers right now.
@@ -149,7 +150,7 @@ impl RelayLease {
             return Ok(false);
         }
         let ms = i64::try_from(self.lease.as_millis()).unwrap_or(i64::MAX);
-        let taken = db.take_relay_lease(&self.owner, ms).await?;
+        let taken = db.take_lease(OUTBOX_RELAY, &self.owner, ms).await?;
         if taken && self.held_until.is_none() {
             tracing::info!(owner = %self.owner, "this process relays the outbox");
         }
@@ -227,7 +228,7 @@ pub async fn run_relay(
     }
     if let Some(l) = &lease
         && l.held_until.is_some()
-        && let Err(e) = db.release_relay_lease(&l.owner).await
+        && let Err(e) = db.release_lease(OUTBOX_RELAY, &l.owner).await
     {
         tracing::warn!(error = %e, "could not hand the relay lease back");
     }

@@ -1,9 +1,12 @@
 //! `dataflow bench amqp`: the RabbitMQ tier.
 //!
 //! - Commit → worker start: an API process and a separate worker process share one ledger;
-//!   one-record imports are submitted at `--rate`/s and each batch's `started_at - created_at`
-//!   (database clock, millisecond resolution; `created_at` is set inside the submit
-//!   transaction, so this slightly overstates commit → start) is measured. Once with the
+//!   one-record imports are submitted at `--rate`/s and each batch's `started_at` minus the
+//!   `created_at` of its `BatchReady` outbox row (database clock, millisecond resolution; the
+//!   row is the submit transaction's last insert, so this overstates commit → start by the
+//!   commit itself) is measured, split at the row's `published_at` into the relay's part and
+//!   the delivery's. Before it, raw lapin publishes at the same rate to a quorum queue of
+//!   their own show what the broker alone costs. Once with the
 //!   broker (outbox relay → exchange → quorum queue → consumer → fenced claim) and once with
 //!   SQL polling only (no broker, `worker.poll_interval_ms` at its default).
 //! - Relay throughput: `--events` outbox rows are relayed to the `batch.ready` quorum queue
@@ -23,6 +26,7 @@ use dataflow_platform::Config;
 use dataflow_platform::amqp::{Broker, Names, READY_KEY};
 use dataflow_platform::config::Secret;
 use dataflow_platform::db::Db;
+use dataflow_platform::db::leases::OUTBOX_RELAY;
 use dataflow_platform::events::{self, Mode, Publisher};
 use futures::StreamExt;
 use lapin::options::{
@@ -179,7 +183,7 @@ async fn latency(args: &AmqpArgs, config: Config) -> anyhow::Result<Latency> {
     // worker process through the broker, not through an in-process wake-up.
     wait_mode(&api, config.amqp_url.is_some()).await?;
     let deadline = Instant::now() + Duration::from_secs(15);
-    while config.amqp_url.is_some() && api.backends.db.relay_lease_owner().await?.is_none() {
+    while config.amqp_url.is_some() && api.backends.db.lease_owner(OUTBOX_RELAY).await?.is_none() {
         ensure!(
             Instant::now() < deadline,
             "the API process did not take the relay lease"
@@ -223,11 +227,13 @@ async fn latency(args: &AmqpArgs, config: Config) -> anyhow::Result<Latency> {
         done??;
     }
     wait_started(&db, 20 + args.batches).await?;
-    // The BatchReady row's `published_at` splits the wait in two: the relay's part (commit
-    // → broker ack, marked) and the delivery's (ack → consumer → fenced claim).
+    // From the BatchReady row's `created_at`, the submit transaction's last write before its
+    // commit (the batch's own `created_at` is taken at the transaction's start). Its
+    // `published_at` splits the wait in two: the relay's part (commit → broker ack, marked)
+    // and the delivery's (ack → consumer → fenced claim).
     let rows: Vec<(i64, i64, Option<i64>)> = sqlx::query_as(
-        "SELECT b.created_at, b.started_at, o.published_at FROM batches b \
-         LEFT JOIN outbox o ON o.batch_id = b.id AND o.event_type = 'BatchReady' \
+        "SELECT o.created_at, b.started_at, o.published_at FROM batches b \
+         JOIN outbox o ON o.batch_id = b.id AND o.event_type = 'BatchReady' \
          WHERE b.created_at > $1 AND b.started_at IS NOT NULL",
     )
     .bind(warm)

@@ -79,7 +79,11 @@ pub async fn workers(config: &Config, cmd: WorkersCmd) -> anyhow::Result<()> {
                 .await?
                 .into_iter()
                 .map(|w| {
-                    let state = if w.draining { "draining" } else { "running" };
+                    let state = match (w.draining, w.leader) {
+                        (true, _) => "draining",
+                        (false, true) => "running, leader",
+                        (false, false) => "running",
+                    };
                     vec![
                         w.id,
                         state.into(),
@@ -141,8 +145,12 @@ pub async fn status(config: &Config) -> anyhow::Result<()> {
         Ok(ws) => {
             let draining = ws.iter().filter(|w| w.draining).count();
             let busy: u64 = ws.iter().map(|w| w.in_flight).sum();
+            let leader = ws.iter().find(|w| w.leader).map_or_else(
+                || "no leader yet".to_owned(),
+                |w| format!("leader {}", w.id),
+            );
             format!(
-                "{} alive ({draining} draining), {busy} batches in flight",
+                "{} alive ({draining} draining), {busy} batches in flight, {leader}",
                 ws.len()
             )
         }

@@ -13,6 +13,7 @@ use dataflow_contracts::{BatchId, BatchStatus, ClientId, ImportId};
 use dataflow_platform::Config;
 use dataflow_platform::amqp::Names;
 use dataflow_platform::config::Secret;
+use dataflow_platform::db::leases::OUTBOX_RELAY;
 use dataflow_platform::events::Mode;
 use futures::StreamExt;
 use lapin::options::{
@@ -598,16 +599,25 @@ async fn the_outbox_marks_exact_ids_and_one_relay_holds_the_lease(b: Backend) {
     );
     assert_eq!(db.mark_published(&[ids[0]]).await.unwrap(), 0, "idempotent");
 
-    assert!(db.take_relay_lease("a", 10_000).await.unwrap());
+    assert!(db.take_lease(OUTBOX_RELAY, "a", 10_000).await.unwrap());
     assert!(
-        !db.take_relay_lease("b", 10_000).await.unwrap(),
+        !db.take_lease(OUTBOX_RELAY, "b", 10_000).await.unwrap(),
         "held by a"
     );
-    assert!(db.take_relay_lease("a", 10_000).await.unwrap(), "renewed");
-    db.release_relay_lease("a").await.unwrap();
-    assert!(db.take_relay_lease("b", 1).await.unwrap(), "handed back");
+    assert!(
+        db.take_lease(OUTBOX_RELAY, "a", 10_000).await.unwrap(),
+        "renewed"
+    );
+    db.release_lease(OUTBOX_RELAY, "a").await.unwrap();
+    assert!(
+        db.take_lease(OUTBOX_RELAY, "b", 1).await.unwrap(),
+        "handed back"
+    );
     tokio::time::sleep(Duration::from_millis(20)).await;
-    assert!(db.take_relay_lease("c", 10_000).await.unwrap(), "lapsed");
+    assert!(
+        db.take_lease(OUTBOX_RELAY, "c", 10_000).await.unwrap(),
+        "lapsed"
+    );
     db.close().await;
 }
 
@@ -666,7 +676,7 @@ async fn a_returned_batch_ready_is_published_again_after_the_topology_is_restore
     wait_mode(&api, "broker").await;
     // The API process relays, so only the broker can wake the worker process.
     let deadline = Instant::now() + Duration::from_secs(10);
-    while api.db.relay_lease_owner().await.unwrap().is_none() {
+    while api.db.lease_owner(OUTBOX_RELAY).await.unwrap().is_none() {
         assert!(
             Instant::now() < deadline,
             "the API process never took the relay lease"

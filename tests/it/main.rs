@@ -15,6 +15,7 @@ mod deploy;
 mod fleet;
 mod imports;
 mod jobs;
+mod leader;
 mod metrics;
 mod redis;
 mod worker;

@@ -11,8 +11,8 @@
 //! dead-letters it after a bounded number of deliveries, and meanwhile SQL polling still
 //! finds every real batch.
 //!
-//! Deliveries are taken one at a time, each only when a worker slot is free, and the
-//! prefetch is at most the worker's concurrency, so a busy worker leaves messages to others.
+//! Each delivery is claimed only when a worker slot is free, and the prefetch is at most
+//! the worker's concurrency, so a busy worker leaves messages to others.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -48,17 +48,26 @@ pub async fn run(worker: Worker, broker: Arc<Broker>, shutdown: CancellationToke
             }
         };
         tracing::info!(queue = %broker.names().ready_queue, prefetch, "consuming batch.ready");
+        // Deliveries are handled side by side (at most `prefetch` are unacked), so one claim
+        // waiting for the ledger does not hold back the next batch's.
+        let mut handling = tokio::task::JoinSet::new();
         loop {
             let next = tokio::select! {
                 _ = shutdown.cancelled() => {
-                    // Unacked deliveries go back to the queue for other workers.
+                    // Claims under way end first (none starts after shutdown); then unacked
+                    // deliveries go back to the queue for other workers.
+                    while handling.join_next().await.is_some() {}
                     let _ = channel.close(200, "shutdown".into()).await;
                     return;
                 }
+                Some(_) = handling.join_next() => continue,
                 d = deliveries.next() => d,
             };
             match next {
-                Some(Ok(delivery)) => handle(&worker, delivery, &shutdown).await,
+                Some(Ok(delivery)) => {
+                    let (worker, shutdown) = (worker.clone(), shutdown.clone());
+                    handling.spawn(async move { handle(&worker, delivery, &shutdown).await });
+                }
                 Some(Err(e)) => {
                     tracing::warn!(error = %e, "batch.ready consumer failed; reopening");
                     break;
@@ -69,6 +78,10 @@ pub async fn run(worker: Worker, broker: Arc<Broker>, shutdown: CancellationToke
                 }
             }
         }
+        // A claim cut off halfway would leave its batch leased to no one until the lease
+        // expires: let the handlers end on their own (their acks fail with the channel, and
+        // the broker redelivers to a claim that finds the batch taken).
+        handling.detach_all();
         // The supervisor notices a lost connection within a tick; wait for its new link.
         tokio::select! {
             _ = shutdown.cancelled() => return,

@@ -9,12 +9,16 @@
 //! - [`Worker::claim_next`], [`Worker::claim_batch`], [`Worker::start`], [`Worker::step`]:
 //!   one batch, one chunk at a time, so tests can drive a worker deterministically;
 //! - [`prepare`]: validation and canonical form of records;
-//! - [`jobs`]: the follow-up jobs (email, report, webhook) on apalis workers.
+//! - [`jobs`]: the follow-up jobs (email, report, webhook) on apalis workers;
+//! - [`leader`]: the fleet leader's lease, and the singleton duties that run only there
+//!   ([`summaries`]: the daily per-client summaries on apalis-cron).
 
 pub mod consumer;
 pub mod jobs;
+pub mod leader;
 pub mod membership;
 pub mod prepare;
+pub mod summaries;
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -252,6 +256,8 @@ impl Worker {
     /// Waits for a free slot (one per batch in flight); `None` on `shutdown`.
     pub async fn slot(&self, shutdown: &CancellationToken) -> Option<OwnedSemaphorePermit> {
         tokio::select! {
+            // Shutdown first: no claim may start once it began.
+            biased;
             _ = shutdown.cancelled() => None,
             p = self.permits.clone().acquire_owned() => p.ok(),
         }

@@ -10,18 +10,25 @@ use std::time::Duration;
 use dataflow_contracts::http::WorkerInfo;
 use dataflow_contracts::time::{now_ms, rfc3339};
 use dataflow_platform::fleet::{BEAT, Fleet};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::Worker;
 
 /// Runs until `shutdown` and the drain that follows it; cancels `shutdown` itself when an
 /// operator asks this worker to drain.
-pub async fn run(fleet: Arc<Fleet>, worker: Worker, shutdown: CancellationToken) {
+pub async fn run(
+    fleet: Arc<Fleet>,
+    worker: Worker,
+    leading: watch::Receiver<bool>,
+    shutdown: CancellationToken,
+) {
     let started_at = rfc3339(now_ms());
     let id = worker.id().to_owned();
     let mut draining = false;
     loop {
-        let info = snapshot(&worker, &started_at, draining || shutdown.is_cancelled());
+        let mut info = snapshot(&worker, &started_at, draining || shutdown.is_cancelled());
+        info.leader = *leading.borrow();
         if let Err(e) = fleet.beat(&info).await {
             tracing::warn!(error = %e, "fleet heartbeat failed");
         }
@@ -74,5 +81,6 @@ fn snapshot(worker: &Worker, started_at: &str, draining: bool) -> WorkerInfo {
         in_flight: worker.in_flight() as u64,
         processed,
         draining,
+        leader: false,
     }
 }

@@ -171,7 +171,7 @@ async fn create_client(
 }
 
 /// The client named in the path, or 404.
-async fn load_client(state: &AppState, raw_id: &str) -> ApiResult<ClientRecord> {
+pub(super) async fn load_client(state: &AppState, raw_id: &str) -> ApiResult<ClientRecord> {
     let id: ClientId = parse_path_id(raw_id)?;
     state
         .backends

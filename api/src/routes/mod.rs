@@ -5,6 +5,7 @@ pub mod batches;
 pub mod health;
 pub mod imports;
 pub mod metrics;
+pub mod summaries;
 
 use std::str::FromStr;
 

@@ -16,8 +16,10 @@ pub mod batches;
 pub mod clients;
 pub mod imports;
 pub mod jobs;
+pub mod leases;
 pub mod outbox;
 pub mod queues;
+pub mod summaries;
 
 pub use batches::{BatchAction, Chunk, ChunkResult, FailOutcome, Lease, RecordRow, RowError};
 pub use clients::{ClientRecord, KeyRecord};

@@ -99,42 +99,6 @@ impl Db {
             .rows_affected())
     }
 
-    /// Takes or renews the relay lease for `owner` for `lease_ms`; false while another
-    /// relay holds an unexpired one.
-    pub async fn take_relay_lease(&self, owner: &str, lease_ms: i64) -> Result<bool> {
-        let sql = self.sql(
-            "UPDATE outbox_relay SET owner = $1, expires_at = {now} + $2 \
-             WHERE id = 1 AND (owner = $1 OR owner IS NULL OR expires_at < {now})",
-        );
-        let taken = sqlx::query(sql)
-            .bind(owner)
-            .bind(lease_ms)
-            .execute(self.pool())
-            .await?
-            .rows_affected();
-        Ok(taken == 1)
-    }
-
-    /// Which relay holds the lease (while unexpired), for operators and tests.
-    pub async fn relay_lease_owner(&self) -> Result<Option<String>> {
-        let sql = self.sql("SELECT owner FROM outbox_relay WHERE id = 1 AND expires_at >= {now}");
-        Ok(sqlx::query_scalar::<_, Option<String>>(sql)
-            .fetch_optional(self.pool())
-            .await?
-            .flatten())
-    }
-
-    /// Hands the relay lease back (on shutdown), so another relay takes over at once.
-    pub async fn release_relay_lease(&self, owner: &str) -> Result<()> {
-        sqlx::query(
-            "UPDATE outbox_relay SET owner = NULL, expires_at = 0 WHERE id = 1 AND owner = $1",
-        )
-        .bind(owner)
-        .execute(self.pool())
-        .await?;
-        Ok(())
-    }
-
     /// Deletes events published more than `retention_ms` ago.
     pub async fn prune_published(&self, retention_ms: i64) -> Result<u64> {
         let sql = self

@@ -26,12 +26,14 @@ use dataflow_platform::config::JobsConfig;
 use dataflow_platform::db::{Db, Handover};
 use dataflow_platform::jobqueue::{JobQueues, RedisJobQueue};
 use futures::future::BoxFuture;
-use tokio::sync::{Notify, broadcast, mpsc};
+use tokio::sync::{Notify, broadcast, mpsc, watch};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use feed::{Inbox, JobFeed, Receipt, Source};
 use settle::{Backoff, Origin, Settler};
+
+use crate::leader;
 
 /// Why an attempt failed.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -61,6 +63,8 @@ pub struct JobsSetup {
     pub worker_id: String,
     /// Batch events in this process: a new one may have written intents.
     pub events: broadcast::Receiver<Arc<Envelope>>,
+    /// Whether this worker leads the fleet: the sweeper runs only on the leader.
+    pub leading: watch::Receiver<bool>,
 }
 
 /// Jobs one take moves into a worker's channel at most.
@@ -80,6 +84,7 @@ pub async fn run(setup: JobsSetup, stop: CancellationToken) {
         kinds,
         worker_id,
         events,
+        leading,
     } = setup;
     let lease = Duration::from_secs(config.requeue_after_secs);
     let poll = Duration::from_millis(config.poll_interval_ms);
@@ -166,12 +171,10 @@ pub async fn run(setup: JobsSetup, stop: CancellationToken) {
         every: poll.max(Duration::from_secs(1)),
         retention: Duration::from_secs(config.retention_secs),
     };
-    upkeep.spawn(upkeep::sweeper(
-        db.clone(),
-        queue.clone(),
-        sweep,
-        stop.clone(),
-    ));
+    let (sweep_db, sweep_queue) = (db.clone(), queue.clone());
+    upkeep.spawn(leader::while_leading(leading, stop.clone(), move |token| {
+        upkeep::sweeper(sweep_db.clone(), sweep_queue.clone(), sweep, token)
+    }));
     if let Some(q) = &queue {
         let settings = upkeep::RelaySettings {
             kinds: kinds.clone(),
@@ -209,7 +212,7 @@ pub async fn run(setup: JobsSetup, stop: CancellationToken) {
 }
 
 /// Resolves when `stop` is cancelled: the shutdown signal of an apalis worker.
-async fn stopped(stop: CancellationToken) -> std::io::Result<()> {
+pub(crate) async fn stopped(stop: CancellationToken) -> std::io::Result<()> {
     stop.cancelled().await;
     Ok(())
 }

@@ -1,0 +1,100 @@
+//! The fleet's leader: one worker at a time holds the `leader` lease in SQL and runs the
+//! singleton duties (the job sweeper and pruning, the daily summaries). The leader renews
+//! its lease at a third of its length; when it dies another worker takes the lapsed lease.
+//! A leader that cannot reach the ledger steps down before its lease could lapse, so two
+//! workers lead at once only when a renewal outlives its own lease (every duty is
+//! idempotent for that window: sweeps re-check SQL, a summary is written once).
+
+use std::future::Future;
+use std::time::Duration;
+
+use dataflow_platform::db::Db;
+use dataflow_platform::db::leases::LEADER;
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+/// Campaigns for the leader lease as `owner` until `shutdown`, telling `leading` whether
+/// this worker leads; hands the lease back on the way out.
+pub async fn campaign(
+    db: Db,
+    owner: String,
+    lease: Duration,
+    leading: watch::Sender<bool>,
+    shutdown: CancellationToken,
+) {
+    let lease_ms = i64::try_from(lease.as_millis()).unwrap_or(i64::MAX);
+    let mut held_until: Option<Instant> = None;
+    loop {
+        let asked = Instant::now();
+        match db.take_lease(LEADER, &owner, lease_ms).await {
+            Ok(taken) => held_until = taken.then_some(asked + lease),
+            Err(e) => tracing::warn!(error = %e, "renewing the leader lease failed"),
+        }
+        // Without a renewal, lead only while the last lease taken is surely still ours.
+        let leads = held_until.is_some_and(|until| Instant::now() + lease / 3 < until);
+        if leads != *leading.borrow() {
+            if leads {
+                tracing::info!(worker_id = %owner, "this worker leads the fleet: sweepers and daily summaries run here");
+            } else {
+                tracing::warn!(worker_id = %owner, "this worker no longer leads the fleet");
+            }
+            leading.send_replace(leads);
+        }
+        metrics::gauge!("dataflow_leader").set(if leads { 1.0 } else { 0.0 });
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = tokio::time::sleep(lease / 3) => {}
+        }
+    }
+    leading.send_replace(false);
+    metrics::gauge!("dataflow_leader").set(0.0);
+    if held_until.is_some()
+        && let Err(e) = db.release_lease(LEADER, &owner).await
+    {
+        tracing::warn!(error = %e, "could not hand the leader lease back; it lapses");
+    }
+}
+
+/// Runs `duty` whenever this worker leads, until `stop`: it starts when leadership is won
+/// and its token is cancelled when leadership is lost (or on `stop`), and it starts again
+/// on the next win.
+pub async fn while_leading<F, Fut>(
+    mut leading: watch::Receiver<bool>,
+    stop: CancellationToken,
+    duty: F,
+) where
+    F: Fn(CancellationToken) -> Fut,
+    Fut: Future<Output = ()>,
+{
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            won = leading.wait_for(|l| *l) => if won.is_err() { return },
+        }
+        let token = stop.child_token();
+        let run = duty(token.clone());
+        tokio::pin!(run);
+        tokio::select! {
+            _ = &mut run => {}
+            // Only whether the sender is gone: the value's guard must not live across awaits.
+            closed = async { leading.wait_for(|l| !*l).await.is_err() } => {
+                if closed {
+                    // Nobody campaigns any more: the duty runs until `stop`.
+                    run.await;
+                    return;
+                }
+                token.cancel();
+                run.await;
+            }
+        }
+        if stop.is_cancelled() {
+            return;
+        }
+        // A duty that ended on its own starts again only after the next win.
+        let still = *leading.borrow();
+        if still && leading.wait_for(|l| !*l).await.is_err() {
+            return;
+        }
+    }
+}
