@@ -2,20 +2,21 @@
 //! typo is a 400, not a silently ignored setting.
 
 use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
 
 use crate::ids::{BatchId, ClientId, ImportId};
 use crate::policy::{Policy, PolicyPatch};
 use crate::{BatchStatus, ImportFormat};
 
 /// Every 4xx and 5xx body: a stable machine-readable `code` and a human `detail`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct ErrorBody {
     pub code: String,
     pub detail: String,
 }
 
 /// `POST /v1/imports` answers (202 new, 200 duplicate) and `GET /v1/imports/{id}`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct ImportView {
     pub id: ImportId,
     pub batch_id: BatchId,
@@ -41,7 +42,7 @@ impl ImportView {
 }
 
 /// `GET /v1/batches/{id}` and the items of `GET /v1/batches`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct BatchView {
     pub id: BatchId,
     pub import_id: ImportId,
@@ -61,7 +62,7 @@ pub struct BatchView {
     pub duration_ms: Option<u64>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct BatchPage {
     pub items: Vec<BatchView>,
     /// Pass as `cursor` to get the next page; absent on the last page.
@@ -69,7 +70,7 @@ pub struct BatchPage {
 }
 
 /// One record that could not be stored, with where it came from.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct RecordErrorView {
     /// 1-based line in the submitted file (CSV: the header is line 1).
     pub line: u64,
@@ -78,13 +79,13 @@ pub struct RecordErrorView {
     pub detail: String,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct RecordErrorPage {
     pub items: Vec<RecordErrorView>,
     pub next_cursor: Option<String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateClient {
     pub name: String,
@@ -92,7 +93,7 @@ pub struct CreateClient {
     pub policy: Option<PolicyPatch>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct ClientView {
     pub id: ClientId,
     pub name: String,
@@ -101,7 +102,7 @@ pub struct ClientView {
     pub policy: Policy,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateKey {
     /// A note for operators, e.g. which service holds the key.
@@ -110,14 +111,14 @@ pub struct CreateKey {
 }
 
 /// The only time the secret is ever shown.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct KeyCreated {
     pub key_id: String,
     pub client_id: ClientId,
     pub api_key: String,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct KeyView {
     pub key_id: String,
     pub client_id: ClientId,
@@ -128,7 +129,7 @@ pub struct KeyView {
 }
 
 /// `GET /v1/records/{key}`: one stored record.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct RecordView {
     pub key: String,
     pub data: serde_json::Value,
@@ -140,7 +141,7 @@ pub struct RecordView {
 
 /// `GET /v1/batches/{id}/report`: the outcome of a batch in numbers; the rejected rows
 /// themselves are at `GET /v1/batches/{id}/report.csv`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct BatchReport {
     pub batch: BatchView,
     /// Row errors per error code, e.g. `{"missing_key": 3}`.
@@ -151,7 +152,7 @@ pub struct BatchReport {
 
 /// One queue in one state: how much waits there and for how long
 /// (`GET /admin/queues`, `dataflow status`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct QueueDepth {
     /// `batches`, `outbox`, or `jobs:<kind>`.
     pub queue: String,
@@ -163,7 +164,7 @@ pub struct QueueDepth {
 }
 
 /// One live worker process (`GET /admin/workers`, `dataflow workers list`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct WorkerInfo {
     /// `<host>-<pid>-<nonce>`, unique per process start.
     pub id: String,
@@ -180,4 +181,80 @@ pub struct WorkerInfo {
     pub processed: u64,
     /// An operator asked it to drain: it takes no new work and leaves when done.
     pub draining: bool,
+}
+
+/// `GET /v1/client`: the client the presented key belongs to ("who am I"), so a producer
+/// can check it holds the key it means to use before it uploads anything.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ClientIdentity {
+    pub id: ClientId,
+    pub name: String,
+    /// The key id of the presented key (`dfk_<key id>_<secret>`).
+    pub key_id: String,
+}
+
+/// The body of `POST /admin/batches/{id}/reject` and `…/discard`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Reason {
+    /// Why, for the record: 1 to 1000 characters, not only white space.
+    #[schema(min_length = 1, max_length = 1000)]
+    pub reason: String,
+}
+
+/// `GET /healthz` is plain `ok`; `GET /readyz` answers this (200 when the ledger answers,
+/// 503 when it does not; the other parts are reported, never a reason for 503).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Readiness {
+    /// `ready` or `unavailable`.
+    pub status: String,
+    /// `up` or `down`.
+    pub ledger: String,
+    /// `embedded` (no Redis configured), `up` or `down`.
+    pub redis: String,
+    pub events: EventsReadiness,
+    pub fallbacks: FallbackCounts,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct EventsReadiness {
+    /// `embedded`, `broker`, or `polling` while RabbitMQ is unreachable.
+    pub mode: String,
+    /// Outbox events not yet published; absent when the ledger did not answer.
+    pub outbox_backlog: Option<u64>,
+}
+
+/// Decisions made in process because Redis did not answer, since the process started.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct FallbackCounts {
+    pub limiter: u64,
+    pub lockout: u64,
+}
+
+/// The query of `GET /v1/batches`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct BatchListQuery {
+    /// Only batches in this state.
+    #[param(value_type = Option<BatchStatus>)]
+    pub status: Option<String>,
+    /// The `next_cursor` of the previous page.
+    #[param(value_type = Option<BatchId>)]
+    pub cursor: Option<String>,
+    /// Page size, 1 to 500 (default 50).
+    #[param(minimum = 1, maximum = 500)]
+    pub limit: Option<u32>,
+}
+
+/// The query of `GET /v1/batches/{id}/errors`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct ErrorPageQuery {
+    /// The `next_cursor` of the previous page.
+    pub cursor: Option<u64>,
+    /// Page size, 1 to 500 (default 50).
+    #[param(minimum = 1, maximum = 500)]
+    pub limit: Option<u32>,
 }

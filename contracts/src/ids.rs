@@ -77,12 +77,32 @@ macro_rules! prefixed_id {
             }
         }
 
+        // By hand rather than derived: the wire form is the prefixed string, not the newtype.
+        impl utoipa::PartialSchema for $name {
+            fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+                id_schema($prefix)
+            }
+        }
+
+        impl utoipa::ToSchema for $name {}
+
         impl fmt::Display for $name {
             fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
                 f.write_str(&self.0)
             }
         }
     };
+}
+
+/// The OpenAPI schema of an id: `prefix_` and a ULID in its canonical upper-case form, which
+/// is how every id leaves DataFlow (lower-case input is accepted and normalised).
+fn id_schema(prefix: &str) -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+    use utoipa::openapi::schema::{ObjectBuilder, Type};
+    ObjectBuilder::new()
+        .schema_type(Type::String)
+        .pattern(Some(format!("^{prefix}_[0-9A-HJKMNP-TV-Z]{{26}}$")))
+        .examples([format!("{prefix}_01KB8Q7R6XQ8T2B4C6D8F0G2H4")])
+        .into()
 }
 
 prefixed_id!(

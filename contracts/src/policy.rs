@@ -1,12 +1,13 @@
 //! The per-client policy: limits and rules applied to every import of one client.
 
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
 /// Upper bound for any field name a policy mentions; longer names are certainly mistakes.
 const MAX_FIELD_NAME: usize = 128;
 
 /// A client's policy as stored and as returned by `GET /admin/clients/{id}/policy`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Policy {
     /// Largest accepted request body, in bytes (capped by the server's own limit).
@@ -52,7 +53,7 @@ impl Default for Policy {
 }
 
 /// A partial update: only the fields present change. `null` clears an optional field.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PolicyPatch {
     #[serde(default, skip_serializing_if = "Option::is_none")]

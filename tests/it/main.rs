@@ -16,5 +16,6 @@ mod fleet;
 mod imports;
 mod jobs;
 mod metrics;
+mod openapi;
 mod redis;
 mod worker;

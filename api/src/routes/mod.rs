@@ -2,6 +2,7 @@
 
 pub mod admin;
 pub mod batches;
+pub mod client;
 pub mod health;
 pub mod imports;
 pub mod metrics;
