@@ -75,8 +75,9 @@ async fn show(
         description = "The records, at most the smaller of `api.max_body_bytes` and the \
                        policy's `max_payload_bytes`",
         content(
-            (String = "text/csv"),
-            (String = "application/x-ndjson"),
+            (String = "text/csv", example = json!("id,email,name\n1,ann@example.com,Ann\n")),
+            (String = "application/x-ndjson",
+             example = json!("{\"id\": 1, \"email\": \"ann@example.com\"}\n")),
         ),
     ),
     responses(
