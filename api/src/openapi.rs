@@ -15,7 +15,9 @@ use dataflow_contracts::http::ErrorBody;
 use utoipa::openapi::header::HeaderBuilder;
 use utoipa::openapi::path::{Operation, PathItem};
 use utoipa::openapi::schema::{ObjectBuilder, Type};
-use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityRequirement};
+use utoipa::openapi::security::{
+    HttpAuthScheme, HttpBuilder, SecurityRequirement, SecurityScheme,
+};
 use utoipa::openapi::{Content, OpenApi, RefOr, Response};
 use utoipa::{OpenApi as _, PartialSchema, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
@@ -56,6 +58,7 @@ pub(crate) fn router() -> OpenApiRouter<AppState> {
 #[utoipa::path(
     get,
     path = "/openapi.json",
+    operation_id = "openapi",
     tag = "operations",
     responses((status = 200, description = "The OpenAPI 3.1 document of this API",
                content_type = "application/json", body = Object)),
@@ -94,7 +97,8 @@ pub(crate) fn finish(doc: &mut OpenApi) {
     let components = doc.components.get_or_insert_with(Default::default);
     components.add_security_scheme(
         API_KEY,
-        HttpBuilder::new()
+        SecurityScheme::Http(
+            HttpBuilder::new()
             .scheme(HttpAuthScheme::Bearer)
             .bearer_format("dfk_<key id>_<secret>")
             .description(Some(
@@ -102,16 +106,19 @@ pub(crate) fn finish(doc: &mut OpenApi) {
                  An unknown key, a wrong secret and a revoked key get the same 401.",
             ))
             .build(),
+        ),
     );
     components.add_security_scheme(
         OPERATOR,
-        HttpBuilder::new()
+        SecurityScheme::Http(
+            HttpBuilder::new()
             .scheme(HttpAuthScheme::Bearer)
             .description(Some(
                 "The operator token (`admin_token` in the configuration, \
                  `DATAFLOW_ADMIN_TOKEN`, or the file the server names at startup).",
             ))
             .build(),
+        ),
     );
     for (path, item) in &mut doc.paths.paths {
         let guard = if path.starts_with("/v1/") {

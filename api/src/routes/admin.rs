@@ -101,6 +101,7 @@ async fn list_jobs(
 #[utoipa::path(
     get,
     path = "/jobs/stats",
+    operation_id = "get_job_stats",
     tag = "admin",
     responses((status = 200, description = "Counts", body = Vec<JobCount>)),
 )]
@@ -112,6 +113,7 @@ async fn job_stats(State(state): State<AppState>) -> ApiResult<Json<Vec<JobCount
 #[utoipa::path(
     get,
     path = "/jobs/{id}",
+    operation_id = "get_job",
     tag = "admin",
     params(("id" = JobId, Path, description = "The job's id")),
     responses(
@@ -174,6 +176,7 @@ async fn discard_job(
 #[utoipa::path(
     get,
     path = "/workers",
+    operation_id = "list_workers",
     tag = "admin",
     responses((status = 200, description = "Every live worker", body = Vec<WorkerInfo>)),
 )]
@@ -207,6 +210,7 @@ async fn drain_worker(
 #[utoipa::path(
     get,
     path = "/queues",
+    operation_id = "list_queues",
     tag = "admin",
     responses((status = 200, description = "Every queue by state", body = Vec<QueueDepth>)),
 )]
@@ -280,6 +284,7 @@ async fn list_clients(State(state): State<AppState>) -> ApiResult<Json<Vec<Clien
 #[utoipa::path(
     get,
     path = "/clients/{id}",
+    operation_id = "get_client",
     tag = "admin",
     params(("id" = ClientId, Path, description = "The client's id")),
     responses(
@@ -305,6 +310,7 @@ async fn set_active(state: AppState, id: String, active: bool) -> ApiResult<Json
 #[utoipa::path(
     post,
     path = "/clients/{id}/activate",
+    operation_id = "activate_client",
     tag = "admin",
     params(("id" = ClientId, Path, description = "The client's id")),
     responses(
@@ -325,6 +331,7 @@ async fn activate(
 #[utoipa::path(
     post,
     path = "/clients/{id}/deactivate",
+    operation_id = "deactivate_client",
     tag = "admin",
     params(("id" = ClientId, Path, description = "The client's id")),
     responses(
@@ -345,6 +352,7 @@ async fn deactivate(
 #[utoipa::path(
     get,
     path = "/clients/{id}/policy",
+    operation_id = "get_policy",
     tag = "admin",
     params(("id" = ClientId, Path, description = "The client's id")),
     responses(
@@ -416,10 +424,14 @@ async fn patch_policy(
 async fn create_key(
     State(state): State<AppState>,
     Path(id): Path<String>,
-    body: Result<Option<Json<CreateKey>>, JsonRejection>,
+    body: Result<Option<Json<Option<CreateKey>>>, JsonRejection>,
 ) -> ApiResult<(StatusCode, Json<KeyCreated>)> {
     let id: ClientId = parse_path_id(&id)?;
-    let label = body.map_err(invalid_body)?.and_then(|Json(b)| b.label);
+    // No body, `null` and `{}` all mean a key without a label.
+    let label = body
+        .map_err(invalid_body)?
+        .and_then(|Json(b)| b)
+        .and_then(|b| b.label);
     if label
         .as_ref()
         .is_some_and(|l| l.len() > 200 || l.chars().any(char::is_control))
@@ -507,6 +519,7 @@ async fn revoke_key(
 #[utoipa::path(
     get,
     path = "/batches/{id}",
+    operation_id = "admin_get_batch",
     tag = "admin",
     params(("id" = BatchId, Path, description = "The batch's id")),
     responses(
@@ -558,6 +571,7 @@ fn wrong_state(e: dataflow_platform::Error) -> ApiError {
 #[utoipa::path(
     post,
     path = "/batches/{id}/approve",
+    operation_id = "approve_batch",
     tag = "admin",
     params(("id" = BatchId, Path, description = "The batch's id")),
     responses(
@@ -578,6 +592,7 @@ async fn approve(
 #[utoipa::path(
     post,
     path = "/batches/{id}/retry",
+    operation_id = "retry_batch",
     tag = "admin",
     params(("id" = BatchId, Path, description = "The batch's id")),
     responses(
@@ -610,6 +625,7 @@ fn reason(body: Result<Json<Reason>, JsonRejection>) -> ApiResult<String> {
 #[utoipa::path(
     post,
     path = "/batches/{id}/reject",
+    operation_id = "reject_batch",
     tag = "admin",
     params(("id" = BatchId, Path, description = "The batch's id")),
     request_body = Reason,
@@ -638,6 +654,7 @@ async fn reject(
 #[utoipa::path(
     post,
     path = "/batches/{id}/discard",
+    operation_id = "discard_batch",
     tag = "admin",
     params(("id" = BatchId, Path, description = "The batch's id")),
     request_body = Reason,

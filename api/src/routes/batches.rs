@@ -41,6 +41,7 @@ pub fn router() -> OpenApiRouter<AppState> {
 #[utoipa::path(
     get,
     path = "/webhooks/secret",
+    operation_id = "get_webhook_secret",
     tag = "client",
     responses((status = 200, description = "The signing key", body = WebhookSecret)),
 )]
@@ -58,6 +59,7 @@ async fn webhook_secret(
 #[utoipa::path(
     get,
     path = "/batches",
+    operation_id = "list_batches",
     tag = "batches",
     params(BatchListQuery),
     responses(
@@ -104,6 +106,7 @@ async fn list(
 #[utoipa::path(
     get,
     path = "/batches/{id}",
+    operation_id = "get_batch",
     tag = "batches",
     params(("id" = BatchId, Path, description = "The batch's id")),
     responses(
@@ -125,6 +128,7 @@ async fn show(
 #[utoipa::path(
     get,
     path = "/batches/{id}/errors",
+    operation_id = "list_batch_errors",
     tag = "batches",
     params(("id" = BatchId, Path, description = "The batch's id"), ErrorPageQuery),
     responses(
@@ -156,6 +160,7 @@ async fn errors(
 #[utoipa::path(
     get,
     path = "/batches/{id}/report",
+    operation_id = "get_batch_report",
     tag = "batches",
     params(("id" = BatchId, Path, description = "The batch's id")),
     responses(
@@ -189,6 +194,7 @@ const REPORT_PAGE: u32 = 5_000;
 #[utoipa::path(
     get,
     path = "/batches/{id}/report.csv",
+    operation_id = "get_batch_report_csv",
     tag = "batches",
     params(("id" = BatchId, Path, description = "The batch's id")),
     responses(
@@ -243,6 +249,7 @@ async fn report_csv(
 #[utoipa::path(
     get,
     path = "/records/{key}",
+    operation_id = "get_record",
     tag = "batches",
     params(("key" = String, Path, description = "The record's key")),
     responses(

@@ -18,6 +18,7 @@ pub fn router() -> OpenApiRouter<AppState> {
 #[utoipa::path(
     get,
     path = "/client",
+    operation_id = "get_client_identity",
     tag = "client",
     responses((status = 200, description = "The key's client", body = ClientIdentity)),
 )]

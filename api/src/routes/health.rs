@@ -21,6 +21,7 @@ pub fn router() -> OpenApiRouter<AppState> {
 #[utoipa::path(
     get,
     path = "/healthz",
+    operation_id = "healthz",
     tag = "operations",
     responses((status = 200, description = "`ok`", body = String, content_type = "text/plain")),
 )]
@@ -32,6 +33,7 @@ async fn alive() -> &'static str {
 #[utoipa::path(
     get,
     path = "/readyz",
+    operation_id = "readyz",
     tag = "operations",
     responses(
         (status = 200, description = "Ready: the ledger answers", body = Readiness),
@@ -49,8 +51,10 @@ async fn ready(State(state): State<AppState>) -> (StatusCode, Json<Readiness>) {
         limiter: b.limiter.fallbacks(),
         lockout: b.lockout.fallbacks(),
     };
+    // Read before any await: the watch guard must not be held across one.
+    let mode = b.mode.borrow().as_str().to_owned();
     let events = EventsReadiness {
-        mode: b.mode.borrow().as_str().to_owned(),
+        mode,
         outbox_backlog: b
             .db
             .outbox_backlog()

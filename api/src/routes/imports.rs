@@ -35,6 +35,7 @@ pub fn router() -> OpenApiRouter<AppState> {
 #[utoipa::path(
     get,
     path = "/imports/{id}",
+    operation_id = "get_import",
     tag = "imports",
     params(("id" = ImportId, Path, description = "The import's id")),
     responses(
@@ -65,6 +66,7 @@ async fn show(
 #[utoipa::path(
     post,
     path = "/imports",
+    operation_id = "submit_import",
     tag = "imports",
     params(
         ("Idempotency-Key" = Option<String>, Header,

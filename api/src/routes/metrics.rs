@@ -17,6 +17,7 @@ pub fn router() -> OpenApiRouter<AppState> {
 #[utoipa::path(
     get,
     path = "/metrics",
+    operation_id = "metrics",
     tag = "operations",
     responses((status = 200, description = "Prometheus text format 0.0.4", body = String,
                content_type = "text/plain; version=0.0.4; charset=utf-8")),
