@@ -19,18 +19,26 @@ token="schemathesis-operator-token-$RANDOM$RANDOM"
 
 # Generated requests fail authentication on purpose (schemathesis checks that credentials
 # are enforced); lock-outs and the anonymous limit would then refuse everything after them.
-DATAFLOW_DATA_DIR="$scratch" \
-DATAFLOW_LISTEN="127.0.0.1:$port" \
-DATAFLOW_ADMIN_TOKEN="$token" \
-DATAFLOW_API__AUTH_MAX_FAILURES=1000000 \
-DATAFLOW_API__ANONYMOUS_RATE_PER_MINUTE=1000000 \
-DATAFLOW_API__ANONYMOUS_RATE_BURST=1000000 \
-RUST_LOG="${RUST_LOG:-warn}" \
-  target/debug/dataflow all >"$scratch/dataflow.log" 2>&1 &
-server=$!
+export DATAFLOW_DATA_DIR="$scratch" \
+  DATAFLOW_LISTEN="127.0.0.1:$port" \
+  DATAFLOW_ADMIN_TOKEN="$token" \
+  DATAFLOW_API__AUTH_MAX_FAILURES=1000000 \
+  DATAFLOW_API__ANONYMOUS_RATE_PER_MINUTE=1000000 \
+  DATAFLOW_API__ANONYMOUS_RATE_BURST=1000000 \
+  RUST_LOG="${RUST_LOG:-warn}"
+target/debug/dataflow migrate >"$scratch/migrate.log" 2>&1
+# The API and a worker as two processes on one ledger: schemathesis finds the worker in
+# GET /admin/workers and drains it, which ends that process (and would end an `all` one,
+# API included); the API goes on answering.
+target/debug/dataflow serve >"$scratch/api.log" 2>&1 &
+api=$!
+target/debug/dataflow worker >"$scratch/worker.log" 2>&1 &
+worker=$!
 cleanup() {
-  kill "$server" 2>/dev/null || true
-  wait "$server" 2>/dev/null || true
+  for pid in "$api" "$worker"; do
+    kill "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+  done
   rm -rf "$scratch"
 }
 trap cleanup EXIT
@@ -39,7 +47,7 @@ for _ in $(seq 60); do
   curl -fsS "$base/readyz" >/dev/null 2>&1 && break
   sleep 0.5
 done
-curl -fsS "$base/readyz" >/dev/null || { cat "$scratch/dataflow.log"; exit 1; }
+curl -fsS "$base/readyz" >/dev/null || { cat "$scratch/api.log"; exit 1; }
 
 field() { python3 -c "import json, sys; print(json.load(sys.stdin)[sys.argv[1]])" "$1"; }
 client=$(curl -fsS -X POST "$base/admin/clients" -H "Authorization: Bearer $token" \
@@ -61,8 +69,8 @@ st --config-file .ci/schemathesis.toml run "$base/openapi.json" \
   --workers 2 \
   --max-time 240 \
   --request-timeout 10 \
-  || { echo "== the server's log"; tail -50 "$scratch/dataflow.log"; exit 1; }
-if grep -E ' ERROR | panicked ' "$scratch/dataflow.log"; then
-  echo "the server logged errors during the run" >&2
+  || { echo "== the API's log"; tail -50 "$scratch/api.log"; exit 1; }
+if grep -E ' ERROR | panicked ' "$scratch/api.log" "$scratch/worker.log"; then
+  echo "DataFlow logged errors during the run" >&2
   exit 1
 fi

@@ -88,6 +88,8 @@ pub struct RecordErrorPage {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateClient {
+    /// 1 to 200 characters, no control characters; surrounding white space is dropped.
+    #[schema(min_length = 1, max_length = 200, pattern = r"^[^\x00-\x1F\x7F-\x9F]*$")]
     pub name: String,
     #[serde(default)]
     pub policy: Option<PolicyPatch>,
@@ -105,8 +107,10 @@ pub struct ClientView {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateKey {
-    /// A note for operators, e.g. which service holds the key.
+    /// A note for operators, e.g. which service holds the key: at most 200 characters, no
+    /// control characters.
     #[serde(default)]
+    #[schema(max_length = 200, pattern = r"^[^\x00-\x1F\x7F-\x9F]*$")]
     pub label: Option<String>,
 }
 
@@ -197,8 +201,8 @@ pub struct ClientIdentity {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Reason {
-    /// Why, for the record: 1 to 1000 characters, not only white space.
-    #[schema(min_length = 1, max_length = 1000)]
+    /// Why, for the record: 1 to 1000 characters, not only white space, no NUL.
+    #[schema(min_length = 1, max_length = 1000, pattern = r"^[^\x00]*$")]
     pub reason: String,
 }
 

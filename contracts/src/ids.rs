@@ -94,13 +94,15 @@ macro_rules! prefixed_id {
     };
 }
 
-/// The OpenAPI schema of an id: `prefix_` and a ULID in its canonical upper-case form, which
-/// is how every id leaves DataFlow (lower-case input is accepted and normalised).
+/// The OpenAPI schema of an id: `prefix_` and a ULID in Crockford's base 32. Ids leave
+/// DataFlow upper-case; lower-case input is accepted and normalised, so the pattern says so.
 fn id_schema(prefix: &str) -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
     use utoipa::openapi::schema::{ObjectBuilder, Type};
     ObjectBuilder::new()
         .schema_type(Type::String)
-        .pattern(Some(format!("^{prefix}_[0-9A-HJKMNP-TV-Z]{{26}}$")))
+        .pattern(Some(format!(
+            "^{prefix}_[0-9A-HJKMNP-TV-Za-hjkmnp-tv-z]{{26}}$"
+        )))
         .examples([format!("{prefix}_01KB8Q7R6XQ8T2B4C6D8F0G2H4")])
         .into()
 }

@@ -352,6 +352,14 @@ async fn live_statuses_are_documented(backend: Backend) {
         admin(r).json(&json!({"rate_burst": 0}))
     })
     .await;
+    // serde would read an array as the fields in order; only an object is a patch.
+    w.expect(422, Method::PATCH, policy_t, &policy, |r| {
+        admin(r).json(&json!([1000]))
+    })
+    .await;
+    let quota = json!({"daily_record_quota": u64::MAX});
+    w.expect(422, Method::PATCH, policy_t, &policy, |r| admin(r).json(&quota))
+        .await;
     let keys = format!("/admin/clients/{client}/keys");
     let keys_t = "/admin/clients/{id}/keys";
     let created: Value = w

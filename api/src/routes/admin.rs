@@ -14,6 +14,8 @@ use dataflow_contracts::jobs::{JobCount, JobListQuery, JobPage, JobView};
 use dataflow_contracts::policy::PolicyPatch;
 use dataflow_contracts::{BatchId, ClientId, JobId, Policy};
 use dataflow_platform::db::{BatchAction, ClientRecord, JobFilter};
+use serde::de::DeserializeOwned;
+use serde_json::Value;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
@@ -218,8 +220,22 @@ async fn queues(State(state): State<AppState>) -> ApiResult<Json<Vec<QueueDepth>
     Ok(Json(state.backends.db.queue_depths().await?))
 }
 
-fn json<T>(body: Result<Json<T>, JsonRejection>) -> ApiResult<T> {
-    body.map(|Json(v)| v).map_err(invalid_body)
+/// A JSON body, which must be an object, as `T`.
+fn json<T: DeserializeOwned>(body: Result<Json<Value>, JsonRejection>) -> ApiResult<T> {
+    body.map_err(invalid_body).and_then(|Json(v)| object(v))
+}
+
+/// Only an object is read: serde's derived structs also accept an array of their fields in
+/// order (`[1000]` would set whichever field comes first), which nobody means and the
+/// document does not offer.
+fn object<T: DeserializeOwned>(value: Value) -> ApiResult<T> {
+    if !value.is_object() {
+        return Err(ApiError::unprocessable(
+            "invalid_body",
+            "the body must be a JSON object",
+        ));
+    }
+    serde_json::from_value(value).map_err(|e| ApiError::unprocessable("invalid_body", e.to_string()))
 }
 
 /// axum's refusal of a JSON body (its status: 400, 413, 415 or 422) as a JSON error.
@@ -244,9 +260,9 @@ fn invalid_body(e: JsonRejection) -> ApiError {
 )]
 async fn create_client(
     State(state): State<AppState>,
-    body: Result<Json<CreateClient>, JsonRejection>,
+    body: Result<Json<Value>, JsonRejection>,
 ) -> ApiResult<(StatusCode, Json<ClientView>)> {
-    let req = json(body)?;
+    let req: CreateClient = json(body)?;
     let policy = match &req.policy {
         Some(patch) => Policy::default()
             .patched(patch)
@@ -389,9 +405,9 @@ async fn show_policy(
 async fn patch_policy(
     State(state): State<AppState>,
     Path(id): Path<String>,
-    body: Result<Json<PolicyPatch>, JsonRejection>,
+    body: Result<Json<Value>, JsonRejection>,
 ) -> ApiResult<Json<Policy>> {
-    let patch = json(body)?;
+    let patch: PolicyPatch = json(body)?;
     let client = load_client(&state, &id).await?;
     let policy = client
         .policy
@@ -424,17 +440,17 @@ async fn patch_policy(
 async fn create_key(
     State(state): State<AppState>,
     Path(id): Path<String>,
-    body: Result<Option<Json<Option<CreateKey>>>, JsonRejection>,
+    body: Result<Option<Json<Value>>, JsonRejection>,
 ) -> ApiResult<(StatusCode, Json<KeyCreated>)> {
     let id: ClientId = parse_path_id(&id)?;
     // No body, `null` and `{}` all mean a key without a label.
-    let label = body
-        .map_err(invalid_body)?
-        .and_then(|Json(b)| b)
-        .and_then(|b| b.label);
+    let label = match body.map_err(invalid_body)? {
+        None | Some(Json(Value::Null)) => None,
+        Some(Json(v)) => object::<CreateKey>(v)?.label,
+    };
     if label
         .as_ref()
-        .is_some_and(|l| l.len() > 200 || l.chars().any(char::is_control))
+        .is_some_and(|l| l.chars().count() > 200 || l.chars().any(char::is_control))
     {
         return Err(ApiError::unprocessable(
             "invalid_label",
@@ -610,9 +626,9 @@ async fn retry(
 }
 
 /// The operator's reason for rejecting or discarding a batch: 1 to 1000 characters.
-fn reason(body: Result<Json<Reason>, JsonRejection>) -> ApiResult<String> {
-    let reason = json(body)?.reason;
-    if reason.trim().is_empty() || reason.len() > 1000 || reason.contains('\0') {
+fn reason(body: Result<Json<Value>, JsonRejection>) -> ApiResult<String> {
+    let reason = json::<Reason>(body)?.reason;
+    if reason.trim().is_empty() || reason.chars().count() > 1000 || reason.contains('\0') {
         return Err(ApiError::unprocessable(
             "invalid_reason",
             "reason must be 1 to 1000 characters",
@@ -644,7 +660,7 @@ fn reason(body: Result<Json<Reason>, JsonRejection>) -> ApiResult<String> {
 async fn reject(
     State(state): State<AppState>,
     Path(id): Path<String>,
-    body: Result<Json<Reason>, JsonRejection>,
+    body: Result<Json<Value>, JsonRejection>,
 ) -> ApiResult<Json<BatchView>> {
     let reason = reason(body)?;
     transition(state, id, BatchAction::Reject { reason }).await
@@ -673,7 +689,7 @@ async fn reject(
 async fn discard(
     State(state): State<AppState>,
     Path(id): Path<String>,
-    body: Result<Json<Reason>, JsonRejection>,
+    body: Result<Json<Value>, JsonRejection>,
 ) -> ApiResult<Json<BatchView>> {
     let reason = reason(body)?;
     transition(state, id, BatchAction::Discard { reason }).await
