@@ -1,7 +1,7 @@
 //! Request and response bodies of the HTTP API. Request bodies reject unknown fields so a
 //! typo is a 400, not a silently ignored setting.
 
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
 use crate::ids::{BatchId, ClientId, ImportId};
@@ -91,8 +91,19 @@ pub struct CreateClient {
     /// 1 to 200 characters, no control characters; surrounding white space is dropped.
     #[schema(min_length = 1, max_length = 200, pattern = r"^[^\x00-\x1F\x7F-\x9F]*$")]
     pub name: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "patch_object")]
     pub policy: Option<PolicyPatch>,
+}
+
+/// `policy` is an object or `null`: serde's derived structs also take an array of their
+/// fields in order (`[1000]` would set whichever comes first), which nobody means.
+fn patch_object<'de, D: Deserializer<'de>>(d: D) -> Result<Option<PolicyPatch>, D::Error> {
+    match Option::<serde_json::Map<String, serde_json::Value>>::deserialize(d)? {
+        None => Ok(None),
+        Some(fields) => PolicyPatch::deserialize(serde_json::Value::Object(fields))
+            .map(Some)
+            .map_err(serde::de::Error::custom),
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]

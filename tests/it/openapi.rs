@@ -323,10 +323,16 @@ async fn live_statuses_are_documented(backend: Backend) {
         admin(r).json(&json!({"name": "walk"}))
     })
     .await;
-    w.expect(422, Method::POST, clients, clients, |r| {
-        admin(r).json(&json!({"name": "walk", "colour": "red"}))
-    })
-    .await;
+    for refused in [
+        json!({"name": "walk", "colour": "red"}),
+        json!(["walk"]),
+        json!({"name": "walk", "policy": [1000]}),
+    ] {
+        w.expect(422, Method::POST, clients, clients, |r| {
+            admin(r).json(&refused)
+        })
+        .await;
+    }
     w.expect(400, Method::POST, clients, clients, |r| {
         admin(r).header("content-type", "application/json").body("{")
     })
