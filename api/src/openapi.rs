@@ -90,9 +90,9 @@ enum Guard {
 const API_KEY: &str = "api_key";
 const OPERATOR: &str = "operator";
 
-/// Adds what the layers do for every route behind them: the security schemes, their
-/// refusals, the `RateLimit` headers of `/v1`, `Retry-After` on every 429 and 503, and the
-/// request deadline's 408.
+/// Adds what the layers and extractors do for every route behind them: the security
+/// schemes, their refusals, the `RateLimit` headers of `/v1`, the JSON body's refusals,
+/// `Retry-After` on every 429 and 503, and the request deadline's 408.
 pub(crate) fn finish(doc: &mut OpenApi) {
     let components = doc.components.get_or_insert_with(Default::default);
     components.add_security_scheme(
@@ -130,6 +130,12 @@ pub(crate) fn finish(doc: &mut OpenApi) {
         };
         for op in operations(item) {
             guarded(op, guard);
+            if takes_json(op) {
+                error(op, 400, "A body that is not JSON.");
+                error(op, 413, "A body over the JSON limit (2 MiB).");
+                error(op, 415, "A body that is not `application/json`.");
+                error(op, 422, "A body that is not an object of the documented fields.");
+            }
             error(op, 408, "The request took longer than `api.request_timeout_secs`.");
             for (status, response) in &mut op.responses.responses {
                 if let RefOr::T(response) = response
@@ -140,6 +146,14 @@ pub(crate) fn finish(doc: &mut OpenApi) {
             }
         }
     }
+}
+
+/// Operations that read a JSON body answer what axum's JSON extractor refuses, as JSON
+/// errors (`invalid_body`) with its status.
+fn takes_json(op: &Operation) -> bool {
+    op.request_body
+        .as_ref()
+        .is_some_and(|b| b.content.contains_key("application/json"))
 }
 
 fn guarded(op: &mut Operation, guard: Guard) {

@@ -121,15 +121,7 @@ async fn every_documented_operation_is_routed_behind_its_security() {
     else {
         return;
     };
-    let doc: Value = t
-        .http
-        .get(t.url("/openapi.json"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let doc = t.open_json("/openapi.json").await;
     assert_eq!(doc, serde_json::from_str::<Value>(&generated()).unwrap());
     let ops = operations(&doc);
     assert!(ops.len() >= 35, "{} operations", ops.len());

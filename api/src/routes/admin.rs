@@ -251,9 +251,6 @@ fn invalid_body(e: JsonRejection) -> ApiError {
     request_body = CreateClient,
     responses(
         (status = 201, description = "The client", body = ClientView),
-        (status = 400, description = "A body that is not JSON", body = ErrorBody),
-        (status = 413, description = "A body over the JSON limit", body = ErrorBody),
-        (status = 415, description = "Not `application/json`", body = ErrorBody),
         (status = 422, description = "Unknown or mistyped fields, an invalid name or policy",
          body = ErrorBody),
     ),
@@ -392,10 +389,7 @@ async fn show_policy(
     request_body = PolicyPatch,
     responses(
         (status = 200, description = "The policy now", body = Policy),
-        (status = 400, description = "A body that is not JSON", body = ErrorBody),
         (status = 404, description = "No such client", body = ErrorBody),
-        (status = 413, description = "A body over the JSON limit", body = ErrorBody),
-        (status = 415, description = "Not `application/json`", body = ErrorBody),
         (status = 422, description = "Unknown or mistyped fields, or a policy that is not \
                                       valid", body = ErrorBody),
         (status = 503, description = "Saved, but other processes may not know yet \
@@ -427,10 +421,7 @@ async fn patch_policy(
     request_body(content = Option<CreateKey>, description = "Optional: a label for operators"),
     responses(
         (status = 201, description = "The key, with its secret", body = KeyCreated),
-        (status = 400, description = "A body that is not JSON", body = ErrorBody),
         (status = 404, description = "No such client", body = ErrorBody),
-        (status = 413, description = "A body over the JSON limit", body = ErrorBody),
-        (status = 415, description = "A body that is not `application/json`", body = ErrorBody),
         (status = 422, description = "Unknown or mistyped fields, or a label over 200 \
                                       characters or with control characters", body = ErrorBody),
         (status = 503, description = "Saved, but other processes may not know yet \
@@ -647,12 +638,9 @@ fn reason(body: Result<Json<Value>, JsonRejection>) -> ApiResult<String> {
     request_body = Reason,
     responses(
         (status = 200, description = "The batch, rejected", body = BatchView),
-        (status = 400, description = "A body that is not JSON", body = ErrorBody),
         (status = 404, description = "No such batch", body = ErrorBody),
         (status = 409, description = "The batch is not awaiting approval (`invalid_state`)",
          body = ErrorBody),
-        (status = 413, description = "A body over the JSON limit", body = ErrorBody),
-        (status = 415, description = "Not `application/json`", body = ErrorBody),
         (status = 422, description = "No reason, or not 1 to 1000 characters",
          body = ErrorBody),
     ),
@@ -676,12 +664,9 @@ async fn reject(
     request_body = Reason,
     responses(
         (status = 200, description = "The batch, rejected", body = BatchView),
-        (status = 400, description = "A body that is not JSON", body = ErrorBody),
         (status = 404, description = "No such batch", body = ErrorBody),
         (status = 409, description = "The batch is not dead (`invalid_state`)",
          body = ErrorBody),
-        (status = 413, description = "A body over the JSON limit", body = ErrorBody),
-        (status = 415, description = "Not `application/json`", body = ErrorBody),
         (status = 422, description = "No reason, or not 1 to 1000 characters",
          body = ErrorBody),
     ),
