@@ -15,9 +15,7 @@ use dataflow_contracts::http::ErrorBody;
 use utoipa::openapi::header::HeaderBuilder;
 use utoipa::openapi::path::{Operation, PathItem};
 use utoipa::openapi::schema::{ObjectBuilder, Type};
-use utoipa::openapi::security::{
-    HttpAuthScheme, HttpBuilder, SecurityRequirement, SecurityScheme,
-};
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityRequirement, SecurityScheme};
 use utoipa::openapi::{Content, OpenApi, RefOr, Response};
 use utoipa::{OpenApi as _, PartialSchema, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
@@ -72,7 +70,9 @@ async fn document() -> impl IntoResponse {
 /// The document as `docs/openapi.json` holds it: pretty-printed, ending in a newline.
 pub fn to_json(doc: &OpenApi) -> String {
     // Serialising the document cannot fail: every map in it has string keys.
-    let mut json = doc.to_pretty_json().expect("an OpenAPI document serialises");
+    let mut json = doc
+        .to_pretty_json()
+        .expect("an OpenAPI document serialises");
     json.push('\n');
     json
 }
@@ -99,25 +99,25 @@ pub(crate) fn finish(doc: &mut OpenApi) {
         API_KEY,
         SecurityScheme::Http(
             HttpBuilder::new()
-            .scheme(HttpAuthScheme::Bearer)
-            .bearer_format("dfk_<key id>_<secret>")
-            .description(Some(
-                "A client's API key, as `POST /admin/clients/{id}/keys` showed it once. \
+                .scheme(HttpAuthScheme::Bearer)
+                .bearer_format("dfk_<key id>_<secret>")
+                .description(Some(
+                    "A client's API key, as `POST /admin/clients/{id}/keys` showed it once. \
                  An unknown key, a wrong secret and a revoked key get the same 401.",
-            ))
-            .build(),
+                ))
+                .build(),
         ),
     );
     components.add_security_scheme(
         OPERATOR,
         SecurityScheme::Http(
             HttpBuilder::new()
-            .scheme(HttpAuthScheme::Bearer)
-            .description(Some(
-                "The operator token (`admin_token` in the configuration, \
+                .scheme(HttpAuthScheme::Bearer)
+                .description(Some(
+                    "The operator token (`admin_token` in the configuration, \
                  `DATAFLOW_ADMIN_TOKEN`, or the file the server names at startup).",
-            ))
-            .build(),
+                ))
+                .build(),
         ),
     );
     for (path, item) in &mut doc.paths.paths {
@@ -134,9 +134,17 @@ pub(crate) fn finish(doc: &mut OpenApi) {
                 error(op, 400, "A body that is not JSON.");
                 error(op, 413, "A body over the JSON limit (2 MiB).");
                 error(op, 415, "A body that is not `application/json`.");
-                error(op, 422, "A body that is not an object of the documented fields.");
+                error(
+                    op,
+                    422,
+                    "A body that is not an object of the documented fields.",
+                );
             }
-            error(op, 408, "The request took longer than `api.request_timeout_secs`.");
+            error(
+                op,
+                408,
+                "The request took longer than `api.request_timeout_secs`.",
+            );
             for (status, response) in &mut op.responses.responses {
                 if let RefOr::T(response) = response
                     && (status == "429" || status == "503")
@@ -170,10 +178,22 @@ fn guarded(op: &mut Operation, guard: Guard) {
         "Too many failed authentications from this address or for this key (`auth_locked`)\
          , or, for `/v1`, over the client's request rate (`rate_limited`).",
     );
-    error(op, 500, "An internal error, logged with its cause; the body says no more.");
-    error(op, 503, "The ledger is unavailable (`ledger_unavailable`); retry later.");
+    error(
+        op,
+        500,
+        "An internal error, logged with its cause; the body says no more.",
+    );
+    error(
+        op,
+        503,
+        "The ledger is unavailable (`ledger_unavailable`); retry later.",
+    );
     if let Guard::ApiKey = guard {
-        error(op, 403, "The key's client is deactivated (`client_inactive`).");
+        error(
+            op,
+            403,
+            "The key's client is deactivated (`client_inactive`).",
+        );
         // The limiter stamps every answer that passed the credential check or was refused by
         // it; the deadline's 408 is made outside that layer and carries none.
         for (status, response) in &mut op.responses.responses {
@@ -227,7 +247,9 @@ fn rate_limit_headers(response: &mut Response) {
 }
 
 fn retry_after(response: &mut Response) {
-    let seconds = ObjectBuilder::new().schema_type(Type::Integer).minimum(Some(1));
+    let seconds = ObjectBuilder::new()
+        .schema_type(Type::Integer)
+        .minimum(Some(1));
     response.headers.insert(
         "Retry-After".to_owned(),
         HeaderBuilder::new()

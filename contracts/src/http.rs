@@ -89,7 +89,11 @@ pub struct RecordErrorPage {
 #[serde(deny_unknown_fields)]
 pub struct CreateClient {
     /// 1 to 200 characters, no control characters; surrounding white space is dropped.
-    #[schema(min_length = 1, max_length = 200, pattern = r"^[^\x00-\x1F\x7F-\x9F]*$")]
+    #[schema(
+        min_length = 1,
+        max_length = 200,
+        pattern = r"^[^\x00-\x1F\x7F-\x9F]*$"
+    )]
     pub name: String,
     #[serde(default, deserialize_with = "patch_object")]
     pub policy: Option<PolicyPatch>,

@@ -69,8 +69,12 @@ async fn import_checks_the_keys_client_before_uploading() {
             .json(&json!({"name": name}))
             .send()
     };
-    let acme: ClientId = named("acme").await.unwrap().json::<serde_json::Value>().await.unwrap()
-        ["id"]
+    let acme: ClientId = named("acme")
+        .await
+        .unwrap()
+        .json::<serde_json::Value>()
+        .await
+        .unwrap()["id"]
         .as_str()
         .unwrap()
         .parse()
@@ -96,12 +100,18 @@ async fn import_checks_the_keys_client_before_uploading() {
         assert!(refused.contains("nothing was uploaded"), "{refused}");
     }
     let stored = t.db.list_batches(None, None, None, 10).await.unwrap();
-    assert!(stored.items.is_empty(), "a refused upload stored {stored:?}");
+    assert!(
+        stored.items.is_empty(),
+        "a refused upload stored {stored:?}"
+    );
 
     import::run(for_client("acme", "by-name")).await.unwrap();
     let lower = acme.as_str().to_lowercase();
     import::run(for_client(&lower, "by-id")).await.unwrap();
-    let stored = t.db.list_batches(Some(&acme), None, None, 10).await.unwrap();
+    let stored =
+        t.db.list_batches(Some(&acme), None, None, 10)
+            .await
+            .unwrap();
     assert_eq!(stored.items.len(), 2);
     assert!(
         stored

@@ -187,7 +187,10 @@ fn assert_documented(doc: &Value, method: &Method, template: &str, resp: &Respon
             content.keys().any(|k| k.split(';').next() == Some(media)),
             "{method} {template} {status}: content type {ct} is not documented"
         ),
-        None => assert!(ct.is_empty(), "{method} {template} {status}: undocumented body"),
+        None => assert!(
+            ct.is_empty(),
+            "{method} {template} {status}: undocumented body"
+        ),
     }
 }
 
@@ -261,8 +264,14 @@ async fn live_statuses_are_documented(backend: Backend) {
         .await;
     w.expect(415, Method::POST, imp, imp, body("text/plain", "x".into()))
         .await;
-    w.expect(422, Method::POST, imp, imp, body("text/csv", "id\n1\n".into()))
-        .await;
+    w.expect(
+        422,
+        Method::POST,
+        imp,
+        imp,
+        body("text/csv", "id\n1\n".into()),
+    )
+    .await;
     w.expect(401, Method::POST, imp, imp, |r| r.bearer_auth("dfk_x_y"))
         .await;
     let batch = accepted["batch_id"].as_str().unwrap().to_owned();
@@ -279,8 +288,14 @@ async fn live_statuses_are_documented(backend: Backend) {
         ("/v1/imports/{id}", format!("/v1/imports/{import}")),
         ("/v1/batches", "/v1/batches?limit=5".to_owned()),
         ("/v1/batches/{id}", format!("/v1/batches/{batch}")),
-        ("/v1/batches/{id}/errors", format!("/v1/batches/{batch}/errors")),
-        ("/v1/batches/{id}/report", format!("/v1/batches/{batch}/report")),
+        (
+            "/v1/batches/{id}/errors",
+            format!("/v1/batches/{batch}/errors"),
+        ),
+        (
+            "/v1/batches/{id}/report",
+            format!("/v1/batches/{batch}/report"),
+        ),
         (
             "/v1/batches/{id}/report.csv",
             format!("/v1/batches/{batch}/report.csv"),
@@ -294,7 +309,10 @@ async fn live_statuses_are_documented(backend: Backend) {
     }
     let missing = [
         ("/v1/imports/{id}", "/v1/imports/imp_nope"),
-        ("/v1/batches/{id}", "/v1/batches/bat_01KB8Q7R6XQ8T2B4C6D8F0G2H4"),
+        (
+            "/v1/batches/{id}",
+            "/v1/batches/bat_01KB8Q7R6XQ8T2B4C6D8F0G2H4",
+        ),
         ("/v1/records/{key}", "/v1/records/nobody"),
     ];
     for (template, path) in missing {
@@ -326,17 +344,27 @@ async fn live_statuses_are_documented(backend: Backend) {
         .await;
     }
     w.expect(400, Method::POST, clients, clients, |r| {
-        admin(r).header("content-type", "application/json").body("{")
+        admin(r)
+            .header("content-type", "application/json")
+            .body("{")
     })
     .await;
     w.expect(415, Method::POST, clients, clients, |r| admin(r).body("{}"))
         .await;
     w.expect(200, Method::GET, clients, clients, admin).await;
-    w.expect(401, Method::GET, clients, clients, |r| r.bearer_auth("wrong"))
-        .await;
+    w.expect(401, Method::GET, clients, clients, |r| {
+        r.bearer_auth("wrong")
+    })
+    .await;
     let one = "/admin/clients/{id}";
-    w.expect(200, Method::GET, one, &format!("/admin/clients/{client}"), admin)
-        .await;
+    w.expect(
+        200,
+        Method::GET,
+        one,
+        &format!("/admin/clients/{client}"),
+        admin,
+    )
+    .await;
     w.expect(404, Method::GET, one, "/admin/clients/cli_nope", admin)
         .await;
     let policy = format!("/admin/clients/{client}/policy");
@@ -356,8 +384,10 @@ async fn live_statuses_are_documented(backend: Backend) {
     })
     .await;
     let quota = json!({"daily_record_quota": u64::MAX});
-    w.expect(422, Method::PATCH, policy_t, &policy, |r| admin(r).json(&quota))
-        .await;
+    w.expect(422, Method::PATCH, policy_t, &policy, |r| {
+        admin(r).json(&quota)
+    })
+    .await;
     let keys = format!("/admin/clients/{client}/keys");
     let keys_t = "/admin/clients/{id}/keys";
     let created: Value = w
@@ -369,8 +399,10 @@ async fn live_statuses_are_documented(backend: Backend) {
         .await
         .unwrap();
     w.expect(201, Method::POST, keys_t, &keys, admin).await;
-    w.expect(201, Method::POST, keys_t, &keys, |r| admin(r).json(&Value::Null))
-        .await;
+    w.expect(201, Method::POST, keys_t, &keys, |r| {
+        admin(r).json(&Value::Null)
+    })
+    .await;
     w.expect(415, Method::POST, keys_t, &keys, |r| {
         admin(r).header("content-type", "text/plain").body("label")
     })
@@ -383,8 +415,14 @@ async fn live_statuses_are_documented(backend: Backend) {
     let revoke = format!("/admin/keys/{}/revoke", created["key_id"].as_str().unwrap());
     let revoke_t = "/admin/keys/{key_id}/revoke";
     w.expect(204, Method::POST, revoke_t, &revoke, admin).await;
-    w.expect(404, Method::POST, revoke_t, "/admin/keys/nope/revoke", admin)
-        .await;
+    w.expect(
+        404,
+        Method::POST,
+        revoke_t,
+        "/admin/keys/nope/revoke",
+        admin,
+    )
+    .await;
 
     // Admin: batch transitions in the wrong state, and the job queue.
     let admin_batch = format!("/admin/batches/{batch}");
@@ -408,18 +446,42 @@ async fn live_statuses_are_documented(backend: Backend) {
         .await;
     }
     let jobs: Value = w
-        .expect(200, Method::GET, "/admin/jobs", "/admin/jobs?kind=report", admin)
+        .expect(
+            200,
+            Method::GET,
+            "/admin/jobs",
+            "/admin/jobs?kind=report",
+            admin,
+        )
         .await
         .json()
         .await
         .unwrap();
-    w.expect(400, Method::GET, "/admin/jobs", "/admin/jobs?kind=fax", admin)
-        .await;
-    w.expect(200, Method::GET, "/admin/jobs/stats", "/admin/jobs/stats", admin)
-        .await;
+    w.expect(
+        400,
+        Method::GET,
+        "/admin/jobs",
+        "/admin/jobs?kind=fax",
+        admin,
+    )
+    .await;
+    w.expect(
+        200,
+        Method::GET,
+        "/admin/jobs/stats",
+        "/admin/jobs/stats",
+        admin,
+    )
+    .await;
     let job = jobs["items"][0]["id"].as_str().unwrap();
-    w.expect(200, Method::GET, "/admin/jobs/{id}", &format!("/admin/jobs/{job}"), admin)
-        .await;
+    w.expect(
+        200,
+        Method::GET,
+        "/admin/jobs/{id}",
+        &format!("/admin/jobs/{job}"),
+        admin,
+    )
+    .await;
     // A job that is not dead cannot be retried or discarded: the same 409 as for batches.
     for action in ["retry", "discard"] {
         let path = format!("/admin/jobs/{job}/{action}");
@@ -428,25 +490,49 @@ async fn live_statuses_are_documented(backend: Backend) {
         let err: Value = resp.json().await.unwrap();
         assert_eq!(err["code"], "invalid_state");
     }
-    w.expect(404, Method::GET, "/admin/jobs/{id}", "/admin/jobs/job_nope", admin)
-        .await;
+    w.expect(
+        404,
+        Method::GET,
+        "/admin/jobs/{id}",
+        "/admin/jobs/job_nope",
+        admin,
+    )
+    .await;
     w.expect(200, Method::GET, "/admin/queues", "/admin/queues", admin)
         .await;
     w.expect(200, Method::GET, "/admin/workers", "/admin/workers", admin)
         .await;
     let drain = "/admin/workers/{id}/drain";
-    w.expect(404, Method::POST, drain, "/admin/workers/nobody/drain", admin)
-        .await;
+    w.expect(
+        404,
+        Method::POST,
+        drain,
+        "/admin/workers/nobody/drain",
+        admin,
+    )
+    .await;
 
     // A deactivated client's key is refused with 403; activated again, it works.
     let deactivate = format!("/admin/clients/{client}/deactivate");
     let activate = format!("/admin/clients/{client}/activate");
-    w.expect(200, Method::POST, "/admin/clients/{id}/deactivate", &deactivate, admin)
-        .await;
+    w.expect(
+        200,
+        Method::POST,
+        "/admin/clients/{id}/deactivate",
+        &deactivate,
+        admin,
+    )
+    .await;
     w.expect(403, Method::GET, "/v1/client", "/v1/client", as_key)
         .await;
-    w.expect(200, Method::POST, "/admin/clients/{id}/activate", &activate, admin)
-        .await;
+    w.expect(
+        200,
+        Method::POST,
+        "/admin/clients/{id}/activate",
+        &activate,
+        admin,
+    )
+    .await;
 
     // The client's rate limit: 429 with Retry-After and the RateLimit headers.
     let tight = format!("/admin/clients/{client}/policy");
@@ -456,10 +542,15 @@ async fn live_statuses_are_documented(backend: Backend) {
     .await;
     let mut limited = false;
     for _ in 0..3 {
-        let resp = w.send(Method::GET, "/v1/client", "/v1/client", as_key).await;
+        let resp = w
+            .send(Method::GET, "/v1/client", "/v1/client", as_key)
+            .await;
         limited |= resp.status() == 429;
     }
-    assert!(limited, "a burst of 1 per minute let three requests through");
+    assert!(
+        limited,
+        "a burst of 1 per minute let three requests through"
+    );
 
     for open in ["/healthz", "/readyz", "/metrics", "/openapi.json"] {
         w.expect(200, Method::GET, open, open, |r| r).await;

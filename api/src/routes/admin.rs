@@ -2,10 +2,10 @@
 //! retry and discard) and queue depths, behind the operator token.
 //! Every change invalidates the cached copy so the next request sees it.
 
+use axum::Json;
 use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
-use axum::Json;
 use dataflow_contracts::http::{
     BatchView, ClientView, CreateClient, CreateKey, ErrorBody, KeyCreated, KeyView, QueueDepth,
     Reason, WorkerInfo,
@@ -149,7 +149,12 @@ async fn retry_job(
     Path(id): Path<String>,
 ) -> ApiResult<Json<JobView>> {
     let id: JobId = parse_path_id(&id)?;
-    let job = state.backends.db.retry_job(&id).await.map_err(wrong_state)?;
+    let job = state
+        .backends
+        .db
+        .retry_job(&id)
+        .await
+        .map_err(wrong_state)?;
     Ok(Json(job))
 }
 
@@ -170,7 +175,12 @@ async fn discard_job(
     Path(id): Path<String>,
 ) -> ApiResult<Json<JobView>> {
     let id: JobId = parse_path_id(&id)?;
-    let job = state.backends.db.discard_job(&id).await.map_err(wrong_state)?;
+    let job = state
+        .backends
+        .db
+        .discard_job(&id)
+        .await
+        .map_err(wrong_state)?;
     Ok(Json(job))
 }
 
@@ -235,7 +245,8 @@ fn object<T: DeserializeOwned>(value: Value) -> ApiResult<T> {
             "the body must be a JSON object",
         ));
     }
-    serde_json::from_value(value).map_err(|e| ApiError::unprocessable("invalid_body", e.to_string()))
+    serde_json::from_value(value)
+        .map_err(|e| ApiError::unprocessable("invalid_body", e.to_string()))
 }
 
 /// axum's refusal of a JSON body (its status: 400, 413, 415 or 422) as a JSON error.

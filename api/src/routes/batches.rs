@@ -5,12 +5,12 @@
 //! is built on request. Also `/v1/webhooks/secret`, the key the client's webhooks are
 //! signed with.
 
+use axum::Json;
 use axum::body::{Body, Bytes};
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Extension, Path, Query, State};
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
-use axum::Json;
 use dataflow_contracts::http::{
     BatchListQuery, BatchPage, BatchReport, BatchView, ErrorBody, ErrorPageQuery, RecordErrorPage,
     RecordView,

@@ -72,7 +72,12 @@ async fn ready(State(state): State<AppState>) -> (StatusCode, Json<Readiness>) {
         tracing::warn!(error = %e, "readiness: ledger unreachable");
     }
     let body = Readiness {
-        status: if ledger.is_ok() { "ready" } else { "unavailable" }.to_owned(),
+        status: if ledger.is_ok() {
+            "ready"
+        } else {
+            "unavailable"
+        }
+        .to_owned(),
         ledger: if ledger.is_ok() { "up" } else { "down" }.to_owned(),
         redis: redis.to_owned(),
         events,

@@ -6,11 +6,11 @@
 
 use std::time::Duration;
 
+use axum::Json;
 use axum::body::{Body, Bytes};
 use axum::extract::{Extension, Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::Json;
 use dataflow_contracts::http::{ErrorBody, ImportView};
 use dataflow_contracts::{BatchId, ImportFormat, ImportId};
 use dataflow_platform::db::{IdempotencyClaim, IdempotencyStart, NewImport, SubmitOutcome};
