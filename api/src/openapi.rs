@@ -103,7 +103,7 @@ pub(crate) fn finish(doc: &mut OpenApi) {
                 .bearer_format("dfk_<key id>_<secret>")
                 .description(Some(
                     "A client's API key, as `POST /admin/clients/{id}/keys` showed it once. \
-                 An unknown key, a wrong secret and a revoked key get the same 401.",
+                     An unknown key, a wrong secret and a revoked key get the same 401.",
                 ))
                 .build(),
         ),
@@ -115,7 +115,7 @@ pub(crate) fn finish(doc: &mut OpenApi) {
                 .scheme(HttpAuthScheme::Bearer)
                 .description(Some(
                     "The operator token (`admin_token` in the configuration, \
-                 `DATAFLOW_ADMIN_TOKEN`, or the file the server names at startup).",
+                     `DATAFLOW_ADMIN_TOKEN`, or the file the server names at startup).",
                 ))
                 .build(),
         ),
@@ -129,7 +129,6 @@ pub(crate) fn finish(doc: &mut OpenApi) {
             Guard::Open
         };
         for op in operations(item) {
-            guarded(op, guard);
             if takes_json(op) {
                 error(op, 400, "A body that is not JSON.");
                 error(op, 413, "A body over the JSON limit (2 MiB).");
@@ -140,6 +139,8 @@ pub(crate) fn finish(doc: &mut OpenApi) {
                     "A body that is not an object of the documented fields.",
                 );
             }
+            // After every other answer is in: the rate-limit headers go on all of them.
+            guarded(op, guard);
             error(
                 op,
                 408,
