@@ -314,6 +314,9 @@ async fn live_statuses_are_documented(backend: Backend) {
             "/v1/batches/bat_01KB8Q7R6XQ8T2B4C6D8F0G2H4",
         ),
         ("/v1/records/{key}", "/v1/records/nobody"),
+        // Not UTF-8 once decoded: no such thing, and still a JSON answer.
+        ("/v1/batches/{id}", "/v1/batches/%FF"),
+        ("/v1/records/{key}", "/v1/records/%C3%28"),
     ];
     for (template, path) in missing {
         w.expect(404, Method::GET, template, path, as_key).await;
@@ -366,6 +369,8 @@ async fn live_statuses_are_documented(backend: Backend) {
     )
     .await;
     w.expect(404, Method::GET, one, "/admin/clients/cli_nope", admin)
+        .await;
+    w.expect(404, Method::GET, one, "/admin/clients/%FF", admin)
         .await;
     let policy = format!("/admin/clients/{client}/policy");
     let policy_t = "/admin/clients/{id}/policy";

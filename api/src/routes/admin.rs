@@ -4,7 +4,7 @@
 
 use axum::Json;
 use axum::extract::rejection::{JsonRejection, QueryRejection};
-use axum::extract::{Path, Query, State};
+use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use dataflow_contracts::http::{
     BatchView, ClientView, CreateClient, CreateKey, ErrorBody, KeyCreated, KeyView, QueueDepth,
@@ -19,7 +19,7 @@ use serde_json::Value;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use super::{page_limit, parse_path_id, query};
+use super::{PathParam, page_limit, parse_path_id, query};
 use crate::error::{ApiError, ApiResult};
 use crate::state::AppState;
 
@@ -125,7 +125,7 @@ async fn job_stats(State(state): State<AppState>) -> ApiResult<Json<Vec<JobCount
 )]
 async fn show_job(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    PathParam(id): PathParam,
 ) -> ApiResult<Json<JobView>> {
     let id: JobId = parse_path_id(&id)?;
     let job = state.backends.db.get_job(&id).await?;
@@ -146,7 +146,7 @@ async fn show_job(
 )]
 async fn retry_job(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    PathParam(id): PathParam,
 ) -> ApiResult<Json<JobView>> {
     let id: JobId = parse_path_id(&id)?;
     let job = state
@@ -172,7 +172,7 @@ async fn retry_job(
 )]
 async fn discard_job(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    PathParam(id): PathParam,
 ) -> ApiResult<Json<JobView>> {
     let id: JobId = parse_path_id(&id)?;
     let job = state
@@ -209,7 +209,7 @@ async fn workers(State(state): State<AppState>) -> ApiResult<Json<Vec<WorkerInfo
 )]
 async fn drain_worker(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    PathParam(id): PathParam,
 ) -> ApiResult<StatusCode> {
     if state.backends.fleet.request_drain(&id).await? {
         Ok(StatusCode::ACCEPTED)
@@ -318,7 +318,7 @@ async fn list_clients(State(state): State<AppState>) -> ApiResult<Json<Vec<Clien
 )]
 async fn show_client(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    PathParam(id): PathParam,
 ) -> ApiResult<Json<ClientView>> {
     Ok(Json(load_client(&state, &id).await?.view()))
 }
@@ -346,7 +346,7 @@ async fn set_active(state: AppState, id: String, active: bool) -> ApiResult<Json
 )]
 async fn activate(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    PathParam(id): PathParam,
 ) -> ApiResult<Json<ClientView>> {
     set_active(state, id, true).await
 }
@@ -367,7 +367,7 @@ async fn activate(
 )]
 async fn deactivate(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    PathParam(id): PathParam,
 ) -> ApiResult<Json<ClientView>> {
     set_active(state, id, false).await
 }
@@ -386,7 +386,7 @@ async fn deactivate(
 )]
 async fn show_policy(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    PathParam(id): PathParam,
 ) -> ApiResult<Json<Policy>> {
     Ok(Json(load_client(&state, &id).await?.policy))
 }
@@ -409,7 +409,7 @@ async fn show_policy(
 )]
 async fn patch_policy(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    PathParam(id): PathParam,
     body: Result<Json<Value>, JsonRejection>,
 ) -> ApiResult<Json<Policy>> {
     let patch: PolicyPatch = json(body)?;
@@ -441,7 +441,7 @@ async fn patch_policy(
 )]
 async fn create_key(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    PathParam(id): PathParam,
     body: Result<Option<Json<Value>>, JsonRejection>,
 ) -> ApiResult<(StatusCode, Json<KeyCreated>)> {
     let id: ClientId = parse_path_id(&id)?;
@@ -490,7 +490,7 @@ async fn create_key(
 )]
 async fn list_keys(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    PathParam(id): PathParam,
 ) -> ApiResult<Json<Vec<KeyView>>> {
     let client = load_client(&state, &id).await?;
     Ok(Json(state.backends.db.list_keys(&client.id).await?))
@@ -523,7 +523,7 @@ fn announced(result: Result<(), String>) -> ApiResult<()> {
 )]
 async fn revoke_key(
     State(state): State<AppState>,
-    Path(key_id): Path<String>,
+    PathParam(key_id): PathParam,
 ) -> ApiResult<StatusCode> {
     if !dataflow_platform::keys::is_key_id(&key_id) {
         return Err(ApiError::not_found());
@@ -547,7 +547,7 @@ async fn revoke_key(
 )]
 async fn show_batch(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    PathParam(id): PathParam,
 ) -> ApiResult<Json<BatchView>> {
     let id: BatchId = parse_path_id(&id)?;
     state
@@ -601,7 +601,7 @@ fn wrong_state(e: dataflow_platform::Error) -> ApiError {
 )]
 async fn approve(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    PathParam(id): PathParam,
 ) -> ApiResult<Json<BatchView>> {
     transition(state, id, BatchAction::Approve).await
 }
@@ -622,7 +622,7 @@ async fn approve(
 )]
 async fn retry(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    PathParam(id): PathParam,
 ) -> ApiResult<Json<BatchView>> {
     transition(state, id, BatchAction::Retry).await
 }
@@ -658,7 +658,7 @@ fn reason(body: Result<Json<Value>, JsonRejection>) -> ApiResult<String> {
 )]
 async fn reject(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    PathParam(id): PathParam,
     body: Result<Json<Value>, JsonRejection>,
 ) -> ApiResult<Json<BatchView>> {
     let reason = reason(body)?;
@@ -684,7 +684,7 @@ async fn reject(
 )]
 async fn discard(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    PathParam(id): PathParam,
     body: Result<Json<Value>, JsonRejection>,
 ) -> ApiResult<Json<BatchView>> {
     let reason = reason(body)?;

@@ -8,7 +8,7 @@
 use axum::Json;
 use axum::body::{Body, Bytes};
 use axum::extract::rejection::QueryRejection;
-use axum::extract::{Extension, Path, Query, State};
+use axum::extract::{Extension, Query, State};
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use dataflow_contracts::http::{
@@ -21,7 +21,7 @@ use dataflow_platform::{report, webhook};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use super::{page_limit, parse_path_id, query};
+use super::{PathParam, page_limit, parse_path_id, query};
 use crate::auth::Principal;
 use crate::error::{ApiError, ApiResult};
 use crate::state::AppState;
@@ -117,7 +117,7 @@ async fn list(
 async fn show(
     State(state): State<AppState>,
     Extension(p): Extension<Principal>,
-    Path(id): Path<String>,
+    PathParam(id): PathParam,
 ) -> ApiResult<Json<BatchView>> {
     let id: BatchId = parse_path_id(&id)?;
     let view = state.backends.db.get_batch(Some(&p.client.id), &id).await?;
@@ -141,7 +141,7 @@ async fn show(
 async fn errors(
     State(state): State<AppState>,
     Extension(p): Extension<Principal>,
-    Path(id): Path<String>,
+    PathParam(id): PathParam,
     q: Result<Query<ErrorPageQuery>, QueryRejection>,
 ) -> ApiResult<Json<RecordErrorPage>> {
     let q = query(q)?;
@@ -171,7 +171,7 @@ async fn errors(
 async fn report(
     State(state): State<AppState>,
     Extension(p): Extension<Principal>,
-    Path(id): Path<String>,
+    PathParam(id): PathParam,
 ) -> ApiResult<Json<BatchReport>> {
     let id: BatchId = parse_path_id(&id)?;
     let db = &state.backends.db;
@@ -208,7 +208,7 @@ const REPORT_PAGE: u32 = 5_000;
 async fn report_csv(
     State(state): State<AppState>,
     Extension(p): Extension<Principal>,
-    Path(id): Path<String>,
+    PathParam(id): PathParam,
 ) -> ApiResult<Response> {
     let id: BatchId = parse_path_id(&id)?;
     let db = state.backends.db.clone();
@@ -260,7 +260,7 @@ async fn report_csv(
 async fn record(
     State(state): State<AppState>,
     Extension(p): Extension<Principal>,
-    Path(key): Path<String>,
+    PathParam(key): PathParam,
 ) -> ApiResult<Json<RecordView>> {
     // No stored key holds a NUL (or is longer than the key limit), and PostgreSQL would
     // refuse the parameter outright.

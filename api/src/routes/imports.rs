@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use axum::Json;
 use axum::body::{Body, Bytes};
-use axum::extract::{Extension, Path, State};
+use axum::extract::{Extension, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use dataflow_contracts::http::{ErrorBody, ImportView};
@@ -20,7 +20,7 @@ use sha2::{Digest, Sha256};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use super::parse_path_id;
+use super::{PathParam, parse_path_id};
 use crate::auth::Principal;
 use crate::error::{ApiError, ApiResult};
 use crate::state::AppState;
@@ -46,7 +46,7 @@ pub fn router() -> OpenApiRouter<AppState> {
 async fn show(
     State(state): State<AppState>,
     Extension(p): Extension<Principal>,
-    Path(id): Path<String>,
+    PathParam(id): PathParam,
 ) -> ApiResult<Json<ImportView>> {
     let id: ImportId = parse_path_id(&id)?;
     let view = state
