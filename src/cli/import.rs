@@ -128,7 +128,7 @@ async fn follow(
     let url = format!("{api}/v1/batches/{}", import.batch_id);
     let mut failures = 0;
     loop {
-        let batch = match get_batch(http, &url, key).await {
+        let batch = match get_json::<BatchView>(http, &url, key).await {
             Ok(b) => {
                 failures = 0;
                 b
@@ -154,10 +154,6 @@ async fn follow(
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-}
-
-async fn get_batch(http: &reqwest::Client, url: &str, key: &str) -> anyhow::Result<BatchView> {
-    get_json(http, url, key).await
 }
 
 /// The client the key belongs to.
