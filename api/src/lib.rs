@@ -4,12 +4,15 @@
 //! - [`router`]: every route and layer, assembled once;
 //! - [`auth`]: API keys for `/v1`, the operator token for `/admin`, lock-out;
 //! - [`ratelimit`]: GCRA per client and per anonymous IP, with `RateLimit` headers;
-//! - `routes/`: one module per resource (imports, batches, summaries, admin, health,
-//!   metrics);
-//! - [`error`]: the one error type and its JSON form.
+//! - `routes/`: one module per resource (imports, batches, summaries, client, admin,
+//!   health, metrics);
+//! - [`error`]: the one error type and its JSON form;
+//! - [`openapi`]: the OpenAPI 3.1 document the handlers' annotations make, served at
+//!   `/openapi.json`.
 
 pub mod auth;
 pub mod error;
+pub mod openapi;
 pub mod ratelimit;
 mod routes;
 pub mod state;
@@ -21,31 +24,50 @@ use axum::extract::{MatchedPath, Request, State};
 use axum::http::StatusCode;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
+use utoipa_axum::router::OpenApiRouter;
 
 pub use error::{ApiError, ApiResult};
 pub use state::AppState;
 
-/// The whole HTTP application.
-pub fn router(state: AppState) -> Router {
-    let v1 = Router::new()
+/// Every route with its documentation. `guard_with` puts the credential checks in front
+/// of `/v1` and `/admin`; the document is built without them (they need the state), and
+/// [`openapi::finish`] describes what they add.
+fn api(guard_with: Option<&AppState>) -> OpenApiRouter<AppState> {
+    let mut v1 = OpenApiRouter::new()
         .merge(routes::imports::router())
         .merge(routes::batches::router())
-        .merge(routes::summaries::router())
-        .route_layer(middleware::from_fn_with_state(
+        .merge(routes::client::router())
+        .merge(routes::summaries::router());
+    let mut admin = routes::admin::router().merge(routes::summaries::admin_router());
+    if let Some(state) = guard_with {
+        v1 = v1.route_layer(middleware::from_fn_with_state(
             state.clone(),
             auth::require_api_key,
         ));
-    let admin = routes::admin::router()
-        .merge(routes::summaries::admin_router())
-        .route_layer(middleware::from_fn_with_state(
+        admin = admin.route_layer(middleware::from_fn_with_state(
             state.clone(),
             auth::require_operator,
         ));
-    Router::new()
+    }
+    OpenApiRouter::with_openapi(openapi::base())
         .nest("/v1", v1)
         .nest("/admin", admin)
         .merge(routes::health::router())
         .merge(routes::metrics::router())
+        .merge(openapi::router())
+}
+
+/// The OpenAPI 3.1 document of [`router`] (served at `GET /openapi.json`).
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    let mut doc = api(None).into_openapi();
+    openapi::finish(&mut doc);
+    doc
+}
+
+/// The whole HTTP application.
+pub fn router(state: AppState) -> Router {
+    let (routes, _) = api(Some(&state)).split_for_parts();
+    routes
         .fallback(|| async { ApiError::not_found() })
         .layer(middleware::from_fn_with_state(state.clone(), deadline))
         .layer(middleware::from_fn(track))
@@ -55,9 +77,11 @@ pub fn router(state: AppState) -> Router {
 /// What a process without the API serves for operations: `/healthz`, `/readyz`,
 /// `/metrics`.
 pub fn ops_router(state: AppState) -> Router {
-    Router::new()
+    let (routes, _) = OpenApiRouter::new()
         .merge(routes::health::router())
         .merge(routes::metrics::router())
+        .split_for_parts();
+    routes
         .fallback(|| async { ApiError::not_found() })
         .layer(middleware::from_fn(track))
         .with_state(state)

@@ -1,21 +1,22 @@
 //! Request and response bodies of the HTTP API. Request bodies reject unknown fields so a
 //! typo is a 400, not a silently ignored setting.
 
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize};
+use utoipa::{IntoParams, ToSchema};
 
 use crate::ids::{BatchId, ClientId, ImportId};
 use crate::policy::{Policy, PolicyPatch};
 use crate::{BatchStatus, ImportFormat};
 
 /// Every 4xx and 5xx body: a stable machine-readable `code` and a human `detail`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct ErrorBody {
     pub code: String,
     pub detail: String,
 }
 
 /// `POST /v1/imports` answers (202 new, 200 duplicate) and `GET /v1/imports/{id}`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct ImportView {
     pub id: ImportId,
     pub batch_id: BatchId,
@@ -41,7 +42,7 @@ impl ImportView {
 }
 
 /// `GET /v1/batches/{id}` and the items of `GET /v1/batches`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct BatchView {
     pub id: BatchId,
     pub import_id: ImportId,
@@ -61,7 +62,7 @@ pub struct BatchView {
     pub duration_ms: Option<u64>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct BatchPage {
     pub items: Vec<BatchView>,
     /// Pass as `cursor` to get the next page; absent on the last page.
@@ -69,7 +70,7 @@ pub struct BatchPage {
 }
 
 /// One record that could not be stored, with where it came from.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct RecordErrorView {
     /// 1-based line in the submitted file (CSV: the header is line 1).
     pub line: u64,
@@ -78,21 +79,38 @@ pub struct RecordErrorView {
     pub detail: String,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct RecordErrorPage {
     pub items: Vec<RecordErrorView>,
     pub next_cursor: Option<String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateClient {
+    /// 1 to 200 characters, no control characters; surrounding white space is dropped.
+    #[schema(
+        min_length = 1,
+        max_length = 200,
+        pattern = r"^[^\x00-\x1F\x7F-\x9F]*$"
+    )]
     pub name: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "patch_object")]
     pub policy: Option<PolicyPatch>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// `policy` is an object or `null`: serde's derived structs also take an array of their
+/// fields in order (`[1000]` would set whichever comes first), which nobody means.
+fn patch_object<'de, D: Deserializer<'de>>(d: D) -> Result<Option<PolicyPatch>, D::Error> {
+    match Option::<serde_json::Map<String, serde_json::Value>>::deserialize(d)? {
+        None => Ok(None),
+        Some(fields) => PolicyPatch::deserialize(serde_json::Value::Object(fields))
+            .map(Some)
+            .map_err(serde::de::Error::custom),
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct ClientView {
     pub id: ClientId,
     pub name: String,
@@ -101,23 +119,25 @@ pub struct ClientView {
     pub policy: Policy,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateKey {
-    /// A note for operators, e.g. which service holds the key.
+    /// A note for operators, e.g. which service holds the key: at most 200 characters, no
+    /// control characters.
     #[serde(default)]
+    #[schema(max_length = 200, pattern = r"^[^\x00-\x1F\x7F-\x9F]*$")]
     pub label: Option<String>,
 }
 
 /// The only time the secret is ever shown.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct KeyCreated {
     pub key_id: String,
     pub client_id: ClientId,
     pub api_key: String,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct KeyView {
     pub key_id: String,
     pub client_id: ClientId,
@@ -128,7 +148,7 @@ pub struct KeyView {
 }
 
 /// `GET /v1/records/{key}`: one stored record.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct RecordView {
     pub key: String,
     pub data: serde_json::Value,
@@ -140,7 +160,7 @@ pub struct RecordView {
 
 /// `GET /v1/batches/{id}/report`: the outcome of a batch in numbers; the rejected rows
 /// themselves are at `GET /v1/batches/{id}/report.csv`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct BatchReport {
     pub batch: BatchView,
     /// Row errors per error code, e.g. `{"missing_key": 3}`.
@@ -151,7 +171,7 @@ pub struct BatchReport {
 
 /// One queue in one state: how much waits there and for how long
 /// (`GET /admin/queues`, `dataflow status`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct QueueDepth {
     /// `batches`, `outbox`, or `jobs:<kind>`.
     pub queue: String,
@@ -164,10 +184,11 @@ pub struct QueueDepth {
 
 /// A client's UTC day in numbers, written once after the day ended by the fleet leader's
 /// daily schedule (`GET /v1/summaries`, `GET /admin/clients/{id}/summaries`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct DailySummary {
     pub client_id: ClientId,
     /// `YYYY-MM-DD`, UTC.
+    #[schema(format = Date, example = "2026-12-01")]
     pub day: String,
     /// Imports accepted that day (their batches are counted below by where they stand now).
     pub imports: u64,
@@ -182,14 +203,15 @@ pub struct DailySummary {
     pub generated_at: String,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// How many row errors carried one code.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct ErrorCount {
     pub code: String,
     pub count: u64,
 }
 
 /// One live worker process (`GET /admin/workers`, `dataflow workers list`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct WorkerInfo {
     /// `<host>-<pid>-<nonce>`, unique per process start.
     pub id: String,
@@ -209,4 +231,93 @@ pub struct WorkerInfo {
     /// It holds the fleet's leader lease: it runs the sweepers and the daily summaries.
     #[serde(default)]
     pub leader: bool,
+}
+
+/// `GET /v1/client`: the client the presented key belongs to ("who am I"), so a producer
+/// can check it holds the key it means to use before it uploads anything.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ClientIdentity {
+    pub id: ClientId,
+    pub name: String,
+    /// The key id of the presented key (`dfk_<key id>_<secret>`).
+    pub key_id: String,
+}
+
+/// The body of `POST /admin/batches/{id}/reject` and `…/discard`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Reason {
+    /// Why, for the record: 1 to 1000 characters, not only white space, no NUL.
+    #[schema(min_length = 1, max_length = 1000, pattern = r"^[^\x00]*$")]
+    pub reason: String,
+}
+
+/// `GET /healthz` is plain `ok`; `GET /readyz` answers this (200 when the ledger answers,
+/// 503 when it does not; the other parts are reported, never a reason for 503).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Readiness {
+    /// `ready` or `unavailable`.
+    pub status: String,
+    /// `up` or `down`.
+    pub ledger: String,
+    /// `embedded` (no Redis configured), `up` or `down`.
+    pub redis: String,
+    pub events: EventsReadiness,
+    pub fallbacks: FallbackCounts,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct EventsReadiness {
+    /// `embedded`, `broker`, or `polling` while RabbitMQ is unreachable.
+    pub mode: String,
+    /// Outbox events not yet published; absent when the ledger did not answer.
+    pub outbox_backlog: Option<u64>,
+}
+
+/// Decisions made in process because Redis did not answer, since the process started.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct FallbackCounts {
+    pub limiter: u64,
+    pub lockout: u64,
+}
+
+/// The query of `GET /v1/batches`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct BatchListQuery {
+    /// Only batches in this state.
+    #[param(value_type = Option<BatchStatus>)]
+    pub status: Option<String>,
+    /// The `next_cursor` of the previous page.
+    #[param(value_type = Option<BatchId>)]
+    pub cursor: Option<String>,
+    /// Page size, 1 to 500 (default 50).
+    #[param(minimum = 1, maximum = 500)]
+    pub limit: Option<u32>,
+}
+
+/// The query of `GET /v1/batches/{id}/errors`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct ErrorPageQuery {
+    /// The `next_cursor` of the previous page.
+    pub cursor: Option<u64>,
+    /// Page size, 1 to 500 (default 50).
+    #[param(minimum = 1, maximum = 500)]
+    pub limit: Option<u32>,
+}
+
+/// The query of `GET /v1/summaries` and `GET /admin/clients/{id}/summaries`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct SummaryQuery {
+    /// Only this UTC day, `YYYY-MM-DD`.
+    #[param(format = Date, example = "2026-12-01")]
+    pub day: Option<String>,
+    /// Most summaries, 1 to 500 (default 50).
+    #[param(minimum = 1, maximum = 500)]
+    pub limit: Option<u32>,
 }

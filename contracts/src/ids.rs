@@ -77,12 +77,34 @@ macro_rules! prefixed_id {
             }
         }
 
+        // By hand rather than derived: the wire form is the prefixed string, not the newtype.
+        impl utoipa::PartialSchema for $name {
+            fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+                id_schema($prefix)
+            }
+        }
+
+        impl utoipa::ToSchema for $name {}
+
         impl fmt::Display for $name {
             fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
                 f.write_str(&self.0)
             }
         }
     };
+}
+
+/// The OpenAPI schema of an id: `prefix_` and a ULID in Crockford's base 32. Ids leave
+/// DataFlow upper-case; lower-case input is accepted and normalised, so the pattern says so.
+fn id_schema(prefix: &str) -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+    use utoipa::openapi::schema::{ObjectBuilder, Type};
+    ObjectBuilder::new()
+        .schema_type(Type::String)
+        .pattern(Some(format!(
+            "^{prefix}_[0-9A-HJKMNP-TV-Za-hjkmnp-tv-z]{{26}}$"
+        )))
+        .examples([format!("{prefix}_01KB8Q7R6XQ8T2B4C6D8F0G2H4")])
+        .into()
 }
 
 prefixed_id!(

@@ -10,12 +10,13 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
+use utoipa::{IntoParams, ToSchema};
 
 use crate::events::Envelope;
 use crate::ids::{BatchId, ClientId, JobId};
 
 /// The kinds of job; each has its own queue.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum JobKind {
     /// Mail the batch result to the client's `notify_email`.
@@ -56,7 +57,7 @@ impl FromStr for JobKind {
 
 /// Where a job is. `pending → queued → done`, or `pending → running → done` without Redis;
 /// a failed attempt goes back to `pending` (later), the last one to `dead`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum JobStatus {
     /// Waiting in SQL until `run_at`.
@@ -149,7 +150,7 @@ impl JobMessage {
 }
 
 /// A job as operators see it (`GET /admin/jobs`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct JobView {
     pub id: JobId,
     pub kind: JobKind,
@@ -165,7 +166,7 @@ pub struct JobView {
     pub done_at: Option<String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct JobPage {
     pub items: Vec<JobView>,
     /// Pass as `cursor` to get the next page; absent on the last page.
@@ -173,7 +174,7 @@ pub struct JobPage {
 }
 
 /// Jobs per kind and status (`GET /admin/jobs/stats`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct JobCount {
     pub kind: JobKind,
     pub status: JobStatus,
@@ -181,8 +182,28 @@ pub struct JobCount {
 }
 
 /// The key a client verifies webhook signatures with (`GET /v1/webhooks/secret`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct WebhookSecret {
     /// `whsec_` + base64 of the key bytes, as Standard Webhooks libraries expect it.
     pub secret: String,
+}
+
+/// The query of `GET /admin/jobs`; every filter is optional.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct JobListQuery {
+    /// `dead` is the dead-letter queue.
+    #[param(value_type = Option<JobStatus>)]
+    pub status: Option<String>,
+    #[param(value_type = Option<JobKind>)]
+    pub kind: Option<String>,
+    #[param(value_type = Option<BatchId>)]
+    pub batch_id: Option<String>,
+    /// The `next_cursor` of the previous page.
+    #[param(value_type = Option<JobId>)]
+    pub cursor: Option<String>,
+    /// Page size, 1 to 500 (default 50).
+    #[param(minimum = 1, maximum = 500)]
+    pub limit: Option<u32>,
 }

@@ -1,27 +1,33 @@
 //! The per-client policy: limits and rules applied to every import of one client.
 
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
 /// Upper bound for any field name a policy mentions; longer names are certainly mistakes.
 const MAX_FIELD_NAME: usize = 128;
 
 /// A client's policy as stored and as returned by `GET /admin/clients/{id}/policy`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Policy {
     /// Largest accepted request body, in bytes (capped by the server's own limit).
+    #[schema(minimum = 1)]
     pub max_payload_bytes: u64,
     /// Most records one import may carry.
+    #[schema(minimum = 1)]
     pub max_records: u64,
     /// Fields every record must have, non-empty; records without them become row errors.
     pub required_fields: Vec<String>,
     /// The field whose value identifies a record: re-importing the same key updates it.
     pub key_field: String,
     /// Records accepted per UTC day across all imports; `None` means unlimited.
+    #[schema(maximum = 9_223_372_036_854_775_807_u64)]
     pub daily_record_quota: Option<u64>,
     /// Sustained request rate.
+    #[schema(minimum = 1)]
     pub rate_per_minute: u32,
     /// Requests allowed at once above the sustained rate.
+    #[schema(minimum = 1)]
     pub rate_burst: u32,
     /// How long an identical payload is answered with the first import instead of a new one.
     pub dedup_window_secs: u64,
@@ -52,12 +58,14 @@ impl Default for Policy {
 }
 
 /// A partial update: only the fields present change. `null` clears an optional field.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PolicyPatch {
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1)]
     pub max_payload_bytes: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1)]
     pub max_records: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub required_fields: Option<Vec<String>>,
@@ -68,10 +76,13 @@ pub struct PolicyPatch {
         with = "double_option",
         skip_serializing_if = "Option::is_none"
     )]
+    #[schema(maximum = 9_223_372_036_854_775_807_u64)]
     pub daily_record_quota: Option<Option<u64>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1)]
     pub rate_per_minute: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1)]
     pub rate_burst: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dedup_window_secs: Option<u64>,
@@ -146,6 +157,13 @@ impl Policy {
         }
         if self.rate_per_minute == 0 || self.rate_burst == 0 {
             return Err("rate_per_minute and rate_burst must be at least 1".into());
+        }
+        // The ledger counts records in signed 64-bit integers.
+        if self
+            .daily_record_quota
+            .is_some_and(|q| i64::try_from(q).is_err())
+        {
+            return Err(format!("daily_record_quota must be at most {}", i64::MAX));
         }
         check_field_name("key_field", &self.key_field)?;
         for f in &self.required_fields {

@@ -1,14 +1,17 @@
-//! `dataflow import FILE --key … [--wait]`: a producer's upload over the HTTP API (the same
-//! path as any client: key, limits, dedup), then, with `--wait`, a progress bar of records
-//! processed until the batch ends. The exit status says how it ended.
+//! `dataflow import FILE --key … [--client NAME|ID] [--wait]`: a producer's upload over the
+//! HTTP API (the same path as any client: key, limits, dedup), then, with `--wait`, a
+//! progress bar of records processed until the batch ends. The exit status says how it
+//! ended. With `--client`, the key's client (`GET /v1/client`) must be that one, checked
+//! before anything is sent: a key for the wrong tenant would otherwise store the file under
+//! that tenant, which no retry undoes.
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::Args;
-use dataflow_contracts::BatchStatus;
-use dataflow_contracts::http::{BatchView, ImportView};
+use dataflow_contracts::http::{BatchView, ClientIdentity, ImportView};
+use dataflow_contracts::{BatchStatus, ClientId};
 use indicatif::{ProgressBar, ProgressStyle};
 
 #[derive(Args, Debug, Clone)]
@@ -18,6 +21,10 @@ pub struct ImportArgs {
     /// The producer's API key (`dfk_…`).
     #[arg(long, env = "DATAFLOW_API_KEY", hide_env_values = true)]
     pub key: String,
+    /// The client the upload is for, by id (`cli_…`) or name: refused before uploading when
+    /// the key belongs to another client.
+    #[arg(long, env = "DATAFLOW_CLIENT")]
+    pub client: Option<String>,
     /// DataFlow's HTTP API.
     #[arg(
         long,
@@ -46,6 +53,10 @@ pub async fn run(args: ImportArgs) -> anyhow::Result<()> {
         .timeout(Duration::from_secs(300))
         .build()?;
     let api = args.api.trim_end_matches('/');
+    if let Some(expected) = &args.client {
+        let identity = whoami(&http, api, &args.key).await?;
+        check_client(expected, &identity)?;
+    }
     let mut req = http
         .post(format!("{api}/v1/imports"))
         .bearer_auth(&args.key)
@@ -117,7 +128,7 @@ async fn follow(
     let url = format!("{api}/v1/batches/{}", import.batch_id);
     let mut failures = 0;
     loop {
-        let batch = match get_batch(http, &url, key).await {
+        let batch = match get_json::<BatchView>(http, &url, key).await {
             Ok(b) => {
                 failures = 0;
                 b
@@ -145,13 +156,41 @@ async fn follow(
     }
 }
 
-async fn get_batch(http: &reqwest::Client, url: &str, key: &str) -> anyhow::Result<BatchView> {
+/// The client the key belongs to.
+async fn whoami(http: &reqwest::Client, api: &str, key: &str) -> anyhow::Result<ClientIdentity> {
+    get_json(http, &format!("{api}/v1/client"), key)
+        .await
+        .with_context(|| format!("asking {api} which client the key belongs to"))
+}
+
+async fn get_json<T: serde::de::DeserializeOwned>(
+    http: &reqwest::Client,
+    url: &str,
+    key: &str,
+) -> anyhow::Result<T> {
     let resp = http.get(url).bearer_auth(key).send().await?;
     let status = resp.status();
     if !status.is_success() {
         bail!("{status}: {}", resp.text().await.unwrap_or_default());
     }
     Ok(resp.json().await?)
+}
+
+/// `expected` is an id (`cli_…`) or else a name, compared exactly. Names need not be unique,
+/// so only an id pins one client; a name still catches a key for another tenant.
+fn check_client(expected: &str, identity: &ClientIdentity) -> anyhow::Result<()> {
+    let matches = match expected.parse::<ClientId>() {
+        Ok(id) => id == identity.id,
+        Err(_) => expected == identity.name,
+    };
+    if !matches {
+        bail!(
+            "--client {expected}: the key belongs to client `{}` ({}); nothing was uploaded",
+            identity.name,
+            identity.id
+        );
+    }
+    Ok(())
 }
 
 fn content_type(args: &ImportArgs) -> anyhow::Result<&'static str> {

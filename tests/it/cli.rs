@@ -8,7 +8,7 @@ use dataflow::cli::import::{self, ImportArgs};
 use dataflow::cli::ops::{self, BatchesCmd, DlqCmd};
 use dataflow_contracts::http::QueueDepth;
 use dataflow_contracts::jobs::{JobPage, JobStatus};
-use dataflow_contracts::{BatchId, BatchStatus};
+use dataflow_contracts::{BatchId, BatchStatus, ClientId};
 use reqwest::Method;
 use serde_json::json;
 
@@ -19,6 +19,7 @@ fn upload(t: &TestApp, key: &str, file: std::path::PathBuf) -> ImportArgs {
     ImportArgs {
         file,
         key: key.to_owned(),
+        client: None,
         api: t.url(""),
         format: None,
         idempotency_key: None,
@@ -53,6 +54,81 @@ async fn import_uploads_and_waits_for_its_batch() {
     std::fs::write(&odd, "x").unwrap();
     let unknown = import::run(upload(&t, &key, odd)).await.unwrap_err();
     assert!(unknown.to_string().contains("--format"), "{unknown}");
+    t.stop().await;
+}
+
+/// `--client` names the tenant the upload is for; a key of another tenant is refused before
+/// anything is sent, by name and by id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn import_checks_the_keys_client_before_uploading() {
+    let Some(t) = TestApp::spawn(Backend::Sqlite).await else {
+        return;
+    };
+    let named = |name: &str| {
+        t.admin(Method::POST, "/admin/clients")
+            .json(&json!({"name": name}))
+            .send()
+    };
+    let acme: ClientId = named("acme")
+        .await
+        .unwrap()
+        .json::<serde_json::Value>()
+        .await
+        .unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let key = t.new_key(&acme).await;
+    let (globex, _) = t.client(json!({})).await;
+    let for_client = |client: &str, rows: &str| {
+        let file = t.config.data_dir.join(format!("{rows}.csv"));
+        std::fs::write(&file, csv(rows, 5)).unwrap();
+        ImportArgs {
+            client: Some(client.to_owned()),
+            ..upload(&t, &key, file)
+        }
+    };
+
+    for wrong in ["globex", globex.as_str()] {
+        let refused = import::run(for_client(wrong, "wrong")).await.unwrap_err();
+        let refused = format!("{refused:#}");
+        assert!(
+            refused.contains("belongs to client `acme`") && refused.contains(acme.as_str()),
+            "{refused}"
+        );
+        assert!(refused.contains("nothing was uploaded"), "{refused}");
+    }
+    let stored = t.db.list_batches(None, None, None, 10).await.unwrap();
+    assert!(
+        stored.items.is_empty(),
+        "a refused upload stored {stored:?}"
+    );
+
+    import::run(for_client("acme", "by-name")).await.unwrap();
+    let lower = acme.as_str().to_lowercase();
+    import::run(for_client(&lower, "by-id")).await.unwrap();
+    let stored =
+        t.db.list_batches(Some(&acme), None, None, 10)
+            .await
+            .unwrap();
+    assert_eq!(stored.items.len(), 2);
+    assert!(
+        stored
+            .items
+            .iter()
+            .all(|b| b.status == BatchStatus::Completed)
+    );
+
+    let bad_key = ImportArgs {
+        key: "dfk_nobody_secret".into(),
+        ..for_client("acme", "bad-key")
+    };
+    let refused = format!("{:#}", import::run(bad_key).await.unwrap_err());
+    assert!(
+        refused.contains("which client the key belongs to") && refused.contains("401"),
+        "{refused}"
+    );
     t.stop().await;
 }
 

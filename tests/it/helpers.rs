@@ -335,8 +335,13 @@ impl TestApp {
 
     /// `GET /readyz` as JSON.
     pub async fn readyz(&self) -> Value {
+        self.open_json("/readyz").await
+    }
+
+    /// A route that needs no credentials, as JSON.
+    pub async fn open_json(&self, path: &str) -> Value {
         self.http
-            .get(self.url("/readyz"))
+            .get(self.url(path))
             .send()
             .await
             .unwrap()

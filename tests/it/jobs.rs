@@ -226,7 +226,7 @@ async fn failing_webhooks_retry_then_dead_letter_and_an_operator_retry_delivers(
             &format!("/admin/jobs/{}/retry", dead[0].id),
         )
         .await;
-    assert_eq!(again.status(), 422, "only a dead job can be retried");
+    assert_eq!(again.status(), 409, "only a dead job can be retried");
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let j: JobView = t

@@ -17,5 +17,6 @@ mod imports;
 mod jobs;
 mod leader;
 mod metrics;
+mod openapi;
 mod redis;
 mod worker;

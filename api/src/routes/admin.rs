@@ -2,62 +2,66 @@
 //! retry and discard) and queue depths, behind the operator token.
 //! Every change invalidates the cached copy so the next request sees it.
 
+use axum::Json;
 use axum::extract::rejection::{JsonRejection, QueryRejection};
-use axum::extract::{Path, Query, State};
+use axum::extract::{Query, State};
 use axum::http::StatusCode;
-use axum::routing::{get, post};
-use axum::{Json, Router};
 use dataflow_contracts::http::{
-    BatchView, ClientView, CreateClient, CreateKey, KeyCreated, KeyView, QueueDepth, WorkerInfo,
+    BatchView, ClientView, CreateClient, CreateKey, ErrorBody, KeyCreated, KeyView, QueueDepth,
+    Reason, WorkerInfo,
 };
-use dataflow_contracts::jobs::{JobCount, JobPage, JobView};
+use dataflow_contracts::jobs::{JobCount, JobListQuery, JobPage, JobView};
 use dataflow_contracts::policy::PolicyPatch;
 use dataflow_contracts::{BatchId, ClientId, JobId, Policy};
 use dataflow_platform::db::{BatchAction, ClientRecord, JobFilter};
-use serde::Deserialize;
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
-use super::{page_limit, parse_path_id, query};
+use super::{PathParam, page_limit, parse_path_id, query};
 use crate::error::{ApiError, ApiResult};
 use crate::state::AppState;
 
-pub fn router() -> Router<AppState> {
-    Router::new()
-        .route("/clients", post(create_client).get(list_clients))
-        .route("/clients/{id}", get(show_client))
-        .route("/clients/{id}/activate", post(activate))
-        .route("/clients/{id}/deactivate", post(deactivate))
-        .route("/clients/{id}/policy", get(show_policy).patch(patch_policy))
-        .route("/clients/{id}/keys", post(create_key).get(list_keys))
-        .route("/keys/{key_id}/revoke", post(revoke_key))
-        .route("/batches/{id}", get(show_batch))
-        .route("/batches/{id}/approve", post(approve))
-        .route("/batches/{id}/reject", post(reject))
-        .route("/batches/{id}/retry", post(retry))
-        .route("/batches/{id}/discard", post(discard))
-        .route("/jobs", get(list_jobs))
-        .route("/jobs/stats", get(job_stats))
-        .route("/jobs/{id}", get(show_job))
-        .route("/jobs/{id}/retry", post(retry_job))
-        .route("/jobs/{id}/discard", post(discard_job))
-        .route("/queues", get(queues))
-        .route("/workers", get(workers))
-        .route("/workers/{id}/drain", post(drain_worker))
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct JobQuery {
-    status: Option<String>,
-    kind: Option<String>,
-    batch_id: Option<String>,
-    cursor: Option<String>,
-    limit: Option<u32>,
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(create_client, list_clients))
+        .routes(routes!(show_client))
+        .routes(routes!(activate))
+        .routes(routes!(deactivate))
+        .routes(routes!(show_policy, patch_policy))
+        .routes(routes!(create_key, list_keys))
+        .routes(routes!(revoke_key))
+        .routes(routes!(show_batch))
+        .routes(routes!(approve))
+        .routes(routes!(reject))
+        .routes(routes!(retry))
+        .routes(routes!(discard))
+        .routes(routes!(list_jobs))
+        .routes(routes!(job_stats))
+        .routes(routes!(show_job))
+        .routes(routes!(retry_job))
+        .routes(routes!(discard_job))
+        .routes(routes!(queues))
+        .routes(routes!(workers))
+        .routes(routes!(drain_worker))
 }
 
 /// Jobs newest first; `?status=dead` is the dead-letter queue.
+#[utoipa::path(
+    get,
+    path = "/jobs",
+    tag = "admin",
+    params(JobListQuery),
+    responses(
+        (status = 200, description = "One page of jobs", body = JobPage),
+        (status = 400, description = "An unknown status or kind, a malformed batch id or \
+                                      cursor, or a limit out of range", body = ErrorBody),
+    ),
+)]
 async fn list_jobs(
     State(state): State<AppState>,
-    q: Result<Query<JobQuery>, QueryRejection>,
+    q: Result<Query<JobListQuery>, QueryRejection>,
 ) -> ApiResult<Json<JobPage>> {
     let q = query(q)?;
     let bad = |code: &'static str| move |e: String| ApiError::bad_request(code, e);
@@ -95,13 +99,33 @@ async fn list_jobs(
     Ok(Json(page))
 }
 
+/// Jobs per kind and status.
+#[utoipa::path(
+    get,
+    path = "/jobs/stats",
+    operation_id = "get_job_stats",
+    tag = "admin",
+    responses((status = 200, description = "Counts", body = Vec<JobCount>)),
+)]
 async fn job_stats(State(state): State<AppState>) -> ApiResult<Json<Vec<JobCount>>> {
     Ok(Json(state.backends.db.job_counts().await?))
 }
 
+/// A job.
+#[utoipa::path(
+    get,
+    path = "/jobs/{id}",
+    operation_id = "get_job",
+    tag = "admin",
+    params(("id" = JobId, Path, description = "The job's id")),
+    responses(
+        (status = 200, description = "The job", body = JobView),
+        (status = 404, description = "No such job", body = ErrorBody),
+    ),
+)]
 async fn show_job(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    PathParam(id): PathParam,
 ) -> ApiResult<Json<JobView>> {
     let id: JobId = parse_path_id(&id)?;
     let job = state.backends.db.get_job(&id).await?;
@@ -109,34 +133,83 @@ async fn show_job(
 }
 
 /// A dead job gets fresh attempts and is due at once.
+#[utoipa::path(
+    post,
+    path = "/jobs/{id}/retry",
+    tag = "admin",
+    params(("id" = JobId, Path, description = "The job's id")),
+    responses(
+        (status = 200, description = "The job, pending again", body = JobView),
+        (status = 404, description = "No such job", body = ErrorBody),
+        (status = 409, description = "The job is not dead (`invalid_state`)", body = ErrorBody),
+    ),
+)]
 async fn retry_job(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    PathParam(id): PathParam,
 ) -> ApiResult<Json<JobView>> {
     let id: JobId = parse_path_id(&id)?;
-    let job = state.backends.db.retry_job(&id).await?;
+    let job = state
+        .backends
+        .db
+        .retry_job(&id)
+        .await
+        .map_err(wrong_state)?;
     Ok(Json(job))
 }
 
 /// A dead job leaves the dead-letter queue without running again.
+#[utoipa::path(
+    post,
+    path = "/jobs/{id}/discard",
+    tag = "admin",
+    params(("id" = JobId, Path, description = "The job's id")),
+    responses(
+        (status = 200, description = "The job, discarded", body = JobView),
+        (status = 404, description = "No such job", body = ErrorBody),
+        (status = 409, description = "The job is not dead (`invalid_state`)", body = ErrorBody),
+    ),
+)]
 async fn discard_job(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    PathParam(id): PathParam,
 ) -> ApiResult<Json<JobView>> {
     let id: JobId = parse_path_id(&id)?;
-    let job = state.backends.db.discard_job(&id).await?;
+    let job = state
+        .backends
+        .db
+        .discard_job(&id)
+        .await
+        .map_err(wrong_state)?;
     Ok(Json(job))
 }
 
 /// Live worker processes.
+#[utoipa::path(
+    get,
+    path = "/workers",
+    operation_id = "list_workers",
+    tag = "admin",
+    responses((status = 200, description = "Every live worker", body = Vec<WorkerInfo>)),
+)]
 async fn workers(State(state): State<AppState>) -> ApiResult<Json<Vec<WorkerInfo>>> {
     Ok(Json(state.backends.fleet.list().await?))
 }
 
 /// Asks a worker to drain; 202, since it leaves once it has handed back its work.
+#[utoipa::path(
+    post,
+    path = "/workers/{id}/drain",
+    tag = "admin",
+    params(("id" = String, Path, description = "The worker's id, `<host>-<pid>-<nonce>`")),
+    responses(
+        (status = 202, description = "Asked; it takes no new work and leaves when done"),
+        (status = 404, description = "No such live worker", body = ErrorBody),
+    ),
+)]
 async fn drain_worker(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    PathParam(id): PathParam,
 ) -> ApiResult<StatusCode> {
     if state.backends.fleet.request_drain(&id).await? {
         Ok(StatusCode::ACCEPTED)
@@ -146,20 +219,58 @@ async fn drain_worker(
 }
 
 /// Depth and oldest age of every queue in the ledger.
+#[utoipa::path(
+    get,
+    path = "/queues",
+    operation_id = "list_queues",
+    tag = "admin",
+    responses((status = 200, description = "Every queue by state", body = Vec<QueueDepth>)),
+)]
 async fn queues(State(state): State<AppState>) -> ApiResult<Json<Vec<QueueDepth>>> {
     Ok(Json(state.backends.db.queue_depths().await?))
 }
 
-fn json<T>(body: Result<Json<T>, JsonRejection>) -> ApiResult<T> {
-    body.map(|Json(v)| v)
-        .map_err(|e| ApiError::new(e.status(), "invalid_body", e.body_text()))
+/// A JSON body, which must be an object, as `T`.
+fn json<T: DeserializeOwned>(body: Result<Json<Value>, JsonRejection>) -> ApiResult<T> {
+    body.map_err(invalid_body).and_then(|Json(v)| object(v))
 }
 
+/// Only an object is read: serde's derived structs also accept an array of their fields in
+/// order (`[1000]` would set whichever field comes first), which nobody means and the
+/// document does not offer.
+fn object<T: DeserializeOwned>(value: Value) -> ApiResult<T> {
+    if !value.is_object() {
+        return Err(ApiError::unprocessable(
+            "invalid_body",
+            "the body must be a JSON object",
+        ));
+    }
+    serde_json::from_value(value)
+        .map_err(|e| ApiError::unprocessable("invalid_body", e.to_string()))
+}
+
+/// axum's refusal of a JSON body (its status: 400, 413, 415 or 422) as a JSON error.
+fn invalid_body(e: JsonRejection) -> ApiError {
+    ApiError::new(e.status(), "invalid_body", e.body_text())
+}
+
+/// Creates a client (a tenant) with the default policy, patched by `policy`.
+#[utoipa::path(
+    post,
+    path = "/clients",
+    tag = "admin",
+    request_body = CreateClient,
+    responses(
+        (status = 201, description = "The client", body = ClientView),
+        (status = 422, description = "Unknown or mistyped fields, an invalid name or policy",
+         body = ErrorBody),
+    ),
+)]
 async fn create_client(
     State(state): State<AppState>,
-    body: Result<Json<CreateClient>, JsonRejection>,
+    body: Result<Json<Value>, JsonRejection>,
 ) -> ApiResult<(StatusCode, Json<ClientView>)> {
-    let req = json(body)?;
+    let req: CreateClient = json(body)?;
     let policy = match &req.policy {
         Some(patch) => Policy::default()
             .patched(patch)
@@ -181,14 +292,33 @@ pub(super) async fn load_client(state: &AppState, raw_id: &str) -> ApiResult<Cli
         .ok_or_else(ApiError::not_found)
 }
 
+/// Every client.
+#[utoipa::path(
+    get,
+    path = "/clients",
+    tag = "admin",
+    responses((status = 200, description = "The clients", body = Vec<ClientView>)),
+)]
 async fn list_clients(State(state): State<AppState>) -> ApiResult<Json<Vec<ClientView>>> {
     let clients = state.backends.db.list_clients().await?;
     Ok(Json(clients.iter().map(|c| c.view()).collect()))
 }
 
+/// A client with its policy.
+#[utoipa::path(
+    get,
+    path = "/clients/{id}",
+    operation_id = "get_client",
+    tag = "admin",
+    params(("id" = ClientId, Path, description = "The client's id")),
+    responses(
+        (status = 200, description = "The client", body = ClientView),
+        (status = 404, description = "No such client", body = ErrorBody),
+    ),
+)]
 async fn show_client(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    PathParam(id): PathParam,
 ) -> ApiResult<Json<ClientView>> {
     Ok(Json(load_client(&state, &id).await?.view()))
 }
@@ -200,33 +330,89 @@ async fn set_active(state: AppState, id: String, active: bool) -> ApiResult<Json
     Ok(Json(client.view()))
 }
 
+/// Lets the client's keys in again.
+#[utoipa::path(
+    post,
+    path = "/clients/{id}/activate",
+    operation_id = "activate_client",
+    tag = "admin",
+    params(("id" = ClientId, Path, description = "The client's id")),
+    responses(
+        (status = 200, description = "The client", body = ClientView),
+        (status = 404, description = "No such client", body = ErrorBody),
+        (status = 503, description = "Saved, but other processes may not know yet \
+                                      (`invalidation_failed`): repeat it", body = ErrorBody),
+    ),
+)]
 async fn activate(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    PathParam(id): PathParam,
 ) -> ApiResult<Json<ClientView>> {
     set_active(state, id, true).await
 }
 
+/// Refuses the client's keys (403) from the next request on.
+#[utoipa::path(
+    post,
+    path = "/clients/{id}/deactivate",
+    operation_id = "deactivate_client",
+    tag = "admin",
+    params(("id" = ClientId, Path, description = "The client's id")),
+    responses(
+        (status = 200, description = "The client", body = ClientView),
+        (status = 404, description = "No such client", body = ErrorBody),
+        (status = 503, description = "Saved, but other processes may not know yet \
+                                      (`invalidation_failed`): repeat it", body = ErrorBody),
+    ),
+)]
 async fn deactivate(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    PathParam(id): PathParam,
 ) -> ApiResult<Json<ClientView>> {
     set_active(state, id, false).await
 }
 
+/// The client's policy.
+#[utoipa::path(
+    get,
+    path = "/clients/{id}/policy",
+    operation_id = "get_policy",
+    tag = "admin",
+    params(("id" = ClientId, Path, description = "The client's id")),
+    responses(
+        (status = 200, description = "The policy", body = Policy),
+        (status = 404, description = "No such client", body = ErrorBody),
+    ),
+)]
 async fn show_policy(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    PathParam(id): PathParam,
 ) -> ApiResult<Json<Policy>> {
     Ok(Json(load_client(&state, &id).await?.policy))
 }
 
+/// Changes the fields present; `null` clears an optional one. Enforced on the next request.
+#[utoipa::path(
+    patch,
+    path = "/clients/{id}/policy",
+    tag = "admin",
+    params(("id" = ClientId, Path, description = "The client's id")),
+    request_body = PolicyPatch,
+    responses(
+        (status = 200, description = "The policy now", body = Policy),
+        (status = 404, description = "No such client", body = ErrorBody),
+        (status = 422, description = "Unknown or mistyped fields, or a policy that is not \
+                                      valid", body = ErrorBody),
+        (status = 503, description = "Saved, but other processes may not know yet \
+                                      (`invalidation_failed`): repeat it", body = ErrorBody),
+    ),
+)]
 async fn patch_policy(
     State(state): State<AppState>,
-    Path(id): Path<String>,
-    body: Result<Json<PolicyPatch>, JsonRejection>,
+    PathParam(id): PathParam,
+    body: Result<Json<Value>, JsonRejection>,
 ) -> ApiResult<Json<Policy>> {
-    let patch = json(body)?;
+    let patch: PolicyPatch = json(body)?;
     let client = load_client(&state, &id).await?;
     let policy = client
         .policy
@@ -237,16 +423,36 @@ async fn patch_policy(
     Ok(Json(updated.policy))
 }
 
+/// A new API key for the client; the secret is in this answer only.
+#[utoipa::path(
+    post,
+    path = "/clients/{id}/keys",
+    tag = "admin",
+    params(("id" = ClientId, Path, description = "The client's id")),
+    request_body(content = Option<CreateKey>, description = "Optional: a label for operators"),
+    responses(
+        (status = 201, description = "The key, with its secret", body = KeyCreated),
+        (status = 404, description = "No such client", body = ErrorBody),
+        (status = 422, description = "Unknown or mistyped fields, or a label over 200 \
+                                      characters or with control characters", body = ErrorBody),
+        (status = 503, description = "Saved, but other processes may not know yet \
+                                      (`invalidation_failed`): repeat it", body = ErrorBody),
+    ),
+)]
 async fn create_key(
     State(state): State<AppState>,
-    Path(id): Path<String>,
-    body: Option<Json<CreateKey>>,
+    PathParam(id): PathParam,
+    body: Result<Option<Json<Value>>, JsonRejection>,
 ) -> ApiResult<(StatusCode, Json<KeyCreated>)> {
     let id: ClientId = parse_path_id(&id)?;
-    let label = body.and_then(|Json(b)| b.label);
+    // No body, `null` and `{}` all mean a key without a label.
+    let label = match body.map_err(invalid_body)? {
+        None | Some(Json(Value::Null)) => None,
+        Some(Json(v)) => object::<CreateKey>(v)?.label,
+    };
     if label
         .as_ref()
-        .is_some_and(|l| l.len() > 200 || l.chars().any(char::is_control))
+        .is_some_and(|l| l.chars().count() > 200 || l.chars().any(char::is_control))
     {
         return Err(ApiError::unprocessable(
             "invalid_label",
@@ -271,9 +477,20 @@ async fn create_key(
     ))
 }
 
+/// The client's keys, revoked ones too; never a secret.
+#[utoipa::path(
+    get,
+    path = "/clients/{id}/keys",
+    tag = "admin",
+    params(("id" = ClientId, Path, description = "The client's id")),
+    responses(
+        (status = 200, description = "The keys", body = Vec<KeyView>),
+        (status = 404, description = "No such client", body = ErrorBody),
+    ),
+)]
 async fn list_keys(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    PathParam(id): PathParam,
 ) -> ApiResult<Json<Vec<KeyView>>> {
     let client = load_client(&state, &id).await?;
     Ok(Json(state.backends.db.list_keys(&client.id).await?))
@@ -291,9 +508,22 @@ fn announced(result: Result<(), String>) -> ApiResult<()> {
     })
 }
 
+/// Revokes a key: refused (401) from the next request on.
+#[utoipa::path(
+    post,
+    path = "/keys/{key_id}/revoke",
+    tag = "admin",
+    params(("key_id" = String, Path, description = "The key's id")),
+    responses(
+        (status = 204, description = "Revoked"),
+        (status = 404, description = "No such key", body = ErrorBody),
+        (status = 503, description = "Saved, but other processes may not know yet \
+                                      (`invalidation_failed`): repeat it", body = ErrorBody),
+    ),
+)]
 async fn revoke_key(
     State(state): State<AppState>,
-    Path(key_id): Path<String>,
+    PathParam(key_id): PathParam,
 ) -> ApiResult<StatusCode> {
     if !dataflow_platform::keys::is_key_id(&key_id) {
         return Err(ApiError::not_found());
@@ -303,9 +533,21 @@ async fn revoke_key(
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// Any client's batch.
+#[utoipa::path(
+    get,
+    path = "/batches/{id}",
+    operation_id = "admin_get_batch",
+    tag = "admin",
+    params(("id" = BatchId, Path, description = "The batch's id")),
+    responses(
+        (status = 200, description = "The batch", body = BatchView),
+        (status = 404, description = "No such batch", body = ErrorBody),
+    ),
+)]
 async fn show_batch(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    PathParam(id): PathParam,
 ) -> ApiResult<Json<BatchView>> {
     let id: BatchId = parse_path_id(&id)?;
     state
@@ -328,40 +570,67 @@ async fn transition(
         .db
         .transition_batch(&id, action)
         .await
-        .map_err(|e| match e {
-            dataflow_platform::Error::Invalid(detail) => {
-                ApiError::new(StatusCode::CONFLICT, "invalid_state", detail)
-            }
-            other => other.into(),
-        })?;
+        .map_err(wrong_state)?;
     state.backends.outbox_wake.notify_one();
     Ok(Json(view))
 }
 
+/// An operator action refused by the ledger because of where the batch or job is: 409.
+fn wrong_state(e: dataflow_platform::Error) -> ApiError {
+    match e {
+        dataflow_platform::Error::Invalid(detail) => {
+            ApiError::new(StatusCode::CONFLICT, "invalid_state", detail)
+        }
+        other => other.into(),
+    }
+}
+
+/// `awaiting_approval` → `ready`.
+#[utoipa::path(
+    post,
+    path = "/batches/{id}/approve",
+    operation_id = "approve_batch",
+    tag = "admin",
+    params(("id" = BatchId, Path, description = "The batch's id")),
+    responses(
+        (status = 200, description = "The batch, ready", body = BatchView),
+        (status = 404, description = "No such batch", body = ErrorBody),
+        (status = 409, description = "The batch is not awaiting approval (`invalid_state`)",
+         body = ErrorBody),
+    ),
+)]
 async fn approve(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    PathParam(id): PathParam,
 ) -> ApiResult<Json<BatchView>> {
     transition(state, id, BatchAction::Approve).await
 }
 
+/// `dead` → `ready`, with fresh attempts.
+#[utoipa::path(
+    post,
+    path = "/batches/{id}/retry",
+    operation_id = "retry_batch",
+    tag = "admin",
+    params(("id" = BatchId, Path, description = "The batch's id")),
+    responses(
+        (status = 200, description = "The batch, ready", body = BatchView),
+        (status = 404, description = "No such batch", body = ErrorBody),
+        (status = 409, description = "The batch is not dead (`invalid_state`)",
+         body = ErrorBody),
+    ),
+)]
 async fn retry(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    PathParam(id): PathParam,
 ) -> ApiResult<Json<BatchView>> {
     transition(state, id, BatchAction::Retry).await
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ReasonBody {
-    reason: String,
-}
-
 /// The operator's reason for rejecting or discarding a batch: 1 to 1000 characters.
-fn reason(body: Result<Json<ReasonBody>, JsonRejection>) -> ApiResult<String> {
-    let reason = json(body)?.reason;
-    if reason.trim().is_empty() || reason.len() > 1000 || reason.contains('\0') {
+fn reason(body: Result<Json<Value>, JsonRejection>) -> ApiResult<String> {
+    let reason = json::<Reason>(body)?.reason;
+    if reason.trim().is_empty() || reason.chars().count() > 1000 || reason.contains('\0') {
         return Err(ApiError::unprocessable(
             "invalid_reason",
             "reason must be 1 to 1000 characters",
@@ -370,20 +639,53 @@ fn reason(body: Result<Json<ReasonBody>, JsonRejection>) -> ApiResult<String> {
     Ok(reason)
 }
 
+/// `awaiting_approval` → `rejected`.
+#[utoipa::path(
+    post,
+    path = "/batches/{id}/reject",
+    operation_id = "reject_batch",
+    tag = "admin",
+    params(("id" = BatchId, Path, description = "The batch's id")),
+    request_body = Reason,
+    responses(
+        (status = 200, description = "The batch, rejected", body = BatchView),
+        (status = 404, description = "No such batch", body = ErrorBody),
+        (status = 409, description = "The batch is not awaiting approval (`invalid_state`)",
+         body = ErrorBody),
+        (status = 422, description = "No reason, or not 1 to 1000 characters",
+         body = ErrorBody),
+    ),
+)]
 async fn reject(
     State(state): State<AppState>,
-    Path(id): Path<String>,
-    body: Result<Json<ReasonBody>, JsonRejection>,
+    PathParam(id): PathParam,
+    body: Result<Json<Value>, JsonRejection>,
 ) -> ApiResult<Json<BatchView>> {
     let reason = reason(body)?;
     transition(state, id, BatchAction::Reject { reason }).await
 }
 
 /// A dead batch leaves the dead-letter queue as rejected.
+#[utoipa::path(
+    post,
+    path = "/batches/{id}/discard",
+    operation_id = "discard_batch",
+    tag = "admin",
+    params(("id" = BatchId, Path, description = "The batch's id")),
+    request_body = Reason,
+    responses(
+        (status = 200, description = "The batch, rejected", body = BatchView),
+        (status = 404, description = "No such batch", body = ErrorBody),
+        (status = 409, description = "The batch is not dead (`invalid_state`)",
+         body = ErrorBody),
+        (status = 422, description = "No reason, or not 1 to 1000 characters",
+         body = ErrorBody),
+    ),
+)]
 async fn discard(
     State(state): State<AppState>,
-    Path(id): Path<String>,
-    body: Result<Json<ReasonBody>, JsonRejection>,
+    PathParam(id): PathParam,
+    body: Result<Json<Value>, JsonRejection>,
 ) -> ApiResult<Json<BatchView>> {
     let reason = reason(body)?;
     transition(state, id, BatchAction::Discard { reason }).await

@@ -5,35 +5,46 @@
 //! is built on request. Also `/v1/webhooks/secret`, the key the client's webhooks are
 //! signed with.
 
+use axum::Json;
 use axum::body::{Body, Bytes};
 use axum::extract::rejection::QueryRejection;
-use axum::extract::{Extension, Path, Query, State};
+use axum::extract::{Extension, Query, State};
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
-use axum::{Json, Router};
-use dataflow_contracts::http::{BatchPage, BatchReport, BatchView, RecordErrorPage, RecordView};
+use dataflow_contracts::http::{
+    BatchListQuery, BatchPage, BatchReport, BatchView, ErrorBody, ErrorPageQuery, RecordErrorPage,
+    RecordView,
+};
 use dataflow_contracts::jobs::WebhookSecret;
 use dataflow_contracts::{BatchId, BatchStatus};
 use dataflow_platform::{report, webhook};
-use serde::Deserialize;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
-use super::{page_limit, parse_path_id, query};
+use super::{PathParam, page_limit, parse_path_id, query};
 use crate::auth::Principal;
 use crate::error::{ApiError, ApiResult};
 use crate::state::AppState;
 
-pub fn router() -> Router<AppState> {
-    Router::new()
-        .route("/batches", get(list))
-        .route("/batches/{id}", get(show))
-        .route("/batches/{id}/errors", get(errors))
-        .route("/batches/{id}/report", get(report))
-        .route("/batches/{id}/report.csv", get(report_csv))
-        .route("/records/{key}", get(record))
-        .route("/webhooks/secret", get(webhook_secret))
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(list))
+        .routes(routes!(show))
+        .routes(routes!(errors))
+        .routes(routes!(report))
+        .routes(routes!(report_csv))
+        .routes(routes!(record))
+        .routes(routes!(webhook_secret))
 }
 
+/// The key this client's webhooks are signed with (Standard Webhooks).
+#[utoipa::path(
+    get,
+    path = "/webhooks/secret",
+    operation_id = "get_webhook_secret",
+    tag = "client",
+    responses((status = 200, description = "The signing key", body = WebhookSecret)),
+)]
 async fn webhook_secret(
     State(state): State<AppState>,
     Extension(p): Extension<Principal>,
@@ -44,18 +55,23 @@ async fn webhook_secret(
     })
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ListQuery {
-    status: Option<String>,
-    cursor: Option<String>,
-    limit: Option<u32>,
-}
-
+/// The client's batches, newest first.
+#[utoipa::path(
+    get,
+    path = "/batches",
+    operation_id = "list_batches",
+    tag = "batches",
+    params(BatchListQuery),
+    responses(
+        (status = 200, description = "One page of batches", body = BatchPage),
+        (status = 400, description = "An unknown status, a malformed cursor or a limit out of \
+                                      range", body = ErrorBody),
+    ),
+)]
 async fn list(
     State(state): State<AppState>,
     Extension(p): Extension<Principal>,
-    q: Result<Query<ListQuery>, QueryRejection>,
+    q: Result<Query<BatchListQuery>, QueryRejection>,
 ) -> ApiResult<Json<BatchPage>> {
     let q = query(q)?;
     let status = q
@@ -86,28 +102,47 @@ async fn list(
     Ok(Json(page))
 }
 
+/// A batch: status, counts, attempts, timings.
+#[utoipa::path(
+    get,
+    path = "/batches/{id}",
+    operation_id = "get_batch",
+    tag = "batches",
+    params(("id" = BatchId, Path, description = "The batch's id")),
+    responses(
+        (status = 200, description = "The batch", body = BatchView),
+        (status = 404, description = "No such batch for this client", body = ErrorBody),
+    ),
+)]
 async fn show(
     State(state): State<AppState>,
     Extension(p): Extension<Principal>,
-    Path(id): Path<String>,
+    PathParam(id): PathParam,
 ) -> ApiResult<Json<BatchView>> {
     let id: BatchId = parse_path_id(&id)?;
     let view = state.backends.db.get_batch(Some(&p.client.id), &id).await?;
     view.map(Json).ok_or_else(ApiError::not_found)
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ErrorsQuery {
-    cursor: Option<u64>,
-    limit: Option<u32>,
-}
-
+/// The batch's row errors by line and field, in line order.
+#[utoipa::path(
+    get,
+    path = "/batches/{id}/errors",
+    operation_id = "list_batch_errors",
+    tag = "batches",
+    params(("id" = BatchId, Path, description = "The batch's id"), ErrorPageQuery),
+    responses(
+        (status = 200, description = "One page of row errors", body = RecordErrorPage),
+        (status = 400, description = "A malformed cursor or a limit out of range",
+         body = ErrorBody),
+        (status = 404, description = "No such batch for this client", body = ErrorBody),
+    ),
+)]
 async fn errors(
     State(state): State<AppState>,
     Extension(p): Extension<Principal>,
-    Path(id): Path<String>,
-    q: Result<Query<ErrorsQuery>, QueryRejection>,
+    PathParam(id): PathParam,
+    q: Result<Query<ErrorPageQuery>, QueryRejection>,
 ) -> ApiResult<Json<RecordErrorPage>> {
     let q = query(q)?;
     let id: BatchId = parse_path_id(&id)?;
@@ -121,10 +156,22 @@ async fn errors(
     ))
 }
 
+/// The outcome of the batch in numbers (the stored report once the report job ran).
+#[utoipa::path(
+    get,
+    path = "/batches/{id}/report",
+    operation_id = "get_batch_report",
+    tag = "batches",
+    params(("id" = BatchId, Path, description = "The batch's id")),
+    responses(
+        (status = 200, description = "The report", body = BatchReport),
+        (status = 404, description = "No such batch for this client", body = ErrorBody),
+    ),
+)]
 async fn report(
     State(state): State<AppState>,
     Extension(p): Extension<Principal>,
-    Path(id): Path<String>,
+    PathParam(id): PathParam,
 ) -> ApiResult<Json<BatchReport>> {
     let id: BatchId = parse_path_id(&id)?;
     let db = &state.backends.db;
@@ -143,10 +190,25 @@ async fn report(
 /// Rows per page while streaming the CSV: memory stays flat however many rows failed.
 const REPORT_PAGE: u32 = 5_000;
 
+/// The rejected rows as CSV, formula cells defused (stored, or streamed page by page).
+#[utoipa::path(
+    get,
+    path = "/batches/{id}/report.csv",
+    operation_id = "get_batch_report_csv",
+    tag = "batches",
+    params(("id" = BatchId, Path, description = "The batch's id")),
+    responses(
+        (status = 200, description = "`line,field,code,detail` rows with a header",
+         body = String, content_type = "text/csv",
+         headers(("Content-Disposition" = String,
+                  description = "`attachment; filename=\"<batch id>-rejected.csv\"`"))),
+        (status = 404, description = "No such batch for this client", body = ErrorBody),
+    ),
+)]
 async fn report_csv(
     State(state): State<AppState>,
     Extension(p): Extension<Principal>,
-    Path(id): Path<String>,
+    PathParam(id): PathParam,
 ) -> ApiResult<Response> {
     let id: BatchId = parse_path_id(&id)?;
     let db = state.backends.db.clone();
@@ -183,10 +245,22 @@ async fn report_csv(
     Ok((headers, Body::from_stream(pages)).into_response())
 }
 
+/// A stored record, by the value of the policy's `key_field`.
+#[utoipa::path(
+    get,
+    path = "/records/{key}",
+    operation_id = "get_record",
+    tag = "batches",
+    params(("key" = String, Path, description = "The record's key")),
+    responses(
+        (status = 200, description = "The record", body = RecordView),
+        (status = 404, description = "No such record for this client", body = ErrorBody),
+    ),
+)]
 async fn record(
     State(state): State<AppState>,
     Extension(p): Extension<Principal>,
-    Path(key): Path<String>,
+    PathParam(key): PathParam,
 ) -> ApiResult<Json<RecordView>> {
     // No stored key holds a NUL (or is longer than the key limit), and PostgreSQL would
     // refuse the parameter outright.

@@ -6,34 +6,47 @@
 
 use std::time::Duration;
 
+use axum::Json;
 use axum::body::{Body, Bytes};
-use axum::extract::{Extension, Path, State};
+use axum::extract::{Extension, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
-use axum::{Json, Router};
-use dataflow_contracts::http::ImportView;
+use dataflow_contracts::http::{ErrorBody, ImportView};
 use dataflow_contracts::{BatchId, ImportFormat, ImportId};
 use dataflow_platform::db::{IdempotencyClaim, IdempotencyStart, NewImport, SubmitOutcome};
 use dataflow_platform::dedup::Claim;
 use dataflow_platform::records::{self, Limits};
 use sha2::{Digest, Sha256};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
-use super::parse_path_id;
+use super::{PathParam, parse_path_id};
 use crate::auth::Principal;
 use crate::error::{ApiError, ApiResult};
 use crate::state::AppState;
 
-pub fn router() -> Router<AppState> {
-    Router::new()
-        .route("/imports", post(submit))
-        .route("/imports/{id}", get(show))
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(submit))
+        .routes(routes!(show))
 }
 
+/// An import and the status of its batch.
+#[utoipa::path(
+    get,
+    path = "/imports/{id}",
+    operation_id = "get_import",
+    tag = "imports",
+    params(("id" = ImportId, Path, description = "The import's id")),
+    responses(
+        (status = 200, description = "The import", body = ImportView),
+        (status = 404, description = "No such import for this client", body = ErrorBody),
+    ),
+)]
 async fn show(
     State(state): State<AppState>,
     Extension(p): Extension<Principal>,
-    Path(id): Path<String>,
+    PathParam(id): PathParam,
 ) -> ApiResult<Json<ImportView>> {
     let id: ImportId = parse_path_id(&id)?;
     let view = state
@@ -44,6 +57,62 @@ async fn show(
     view.map(Json).ok_or_else(ApiError::not_found)
 }
 
+/// Submits a record batch: stored in one transaction, then processed by the workers.
+///
+/// A CSV body needs a header row; a JSON-lines body one object per line. Nothing is stored
+/// for a refused request. The same payload again within the client's dedup window is
+/// answered with the first import (200, `duplicate: true`); the same `Idempotency-Key` and
+/// body replay the first answer (`Idempotent-Replayed: true`).
+#[utoipa::path(
+    post,
+    path = "/imports",
+    operation_id = "submit_import",
+    tag = "imports",
+    params(
+        ("Idempotency-Key" = Option<String>, Header,
+         description = "Makes a retry safe (Stripe's rules): 1 to \
+                        `api.max_idempotency_key_len` visible ASCII characters"),
+    ),
+    request_body(
+        description = "The records, at most the smaller of `api.max_body_bytes` and the \
+                       policy's `max_payload_bytes`",
+        content(
+            (String = "text/csv", example = json!("id,email,name\n1,ann@example.com,Ann\n")),
+            (String = "application/x-ndjson",
+             example = json!("{\"id\": 1, \"email\": \"ann@example.com\"}\n")),
+        ),
+    ),
+    responses(
+        (status = 202, description = "Accepted: the import and its batch are stored",
+         body = ImportView, headers(
+             ("Location" = String, description = "The batch, `/v1/batches/{batch_id}`"),
+             ("Idempotent-Replayed" = String, description = "`true` on a replayed answer"),
+         )),
+        (status = 200, description = "The earlier import of the same payload \
+                                      (`duplicate: true`)",
+         body = ImportView, headers(
+             ("Location" = String, description = "The earlier import's batch"),
+             ("Idempotent-Replayed" = String, description = "`true` on a replayed answer"),
+         )),
+        (status = 400, description = "A malformed body (the detail names the line and field), \
+                                      an empty body or a malformed `Idempotency-Key`",
+         body = ErrorBody),
+        (status = 409, description = "A request with this `Idempotency-Key` is still in \
+                                      progress, or this one lost the key to another",
+         body = ErrorBody),
+        (status = 413, description = "The body or its record count is over the limit",
+         body = ErrorBody),
+        (status = 415, description = "Neither `text/csv` nor `application/x-ndjson`",
+         body = ErrorBody),
+        (status = 422, description = "The `Idempotency-Key` was used with another body, the \
+                                      CSV header lacks a column the policy requires, or the \
+                                      import alone is over the daily quota",
+         body = ErrorBody),
+        (status = 429, description = "Too many concurrent imports for this client, or the \
+                                      daily record quota is used up",
+         body = ErrorBody),
+    ),
+)]
 async fn submit(
     State(state): State<AppState>,
     Extension(p): Extension<Principal>,

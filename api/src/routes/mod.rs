@@ -2,6 +2,7 @@
 
 pub mod admin;
 pub mod batches;
+pub mod client;
 pub mod health;
 pub mod imports;
 pub mod metrics;
@@ -9,10 +10,27 @@ pub mod summaries;
 
 use std::str::FromStr;
 
-use axum::extract::Query;
 use axum::extract::rejection::QueryRejection;
+use axum::extract::{FromRequestParts, Path, Query};
+use axum::http::request::Parts;
 
 use crate::error::{ApiError, ApiResult};
+
+/// A route's one path parameter, as text. One whose percent-encoding is not UTF-8 names
+/// nothing that exists, so it is a JSON 404 like any unknown id (axum's own answer would be
+/// a plain-text 400).
+pub(crate) struct PathParam(pub String);
+
+impl<S: Send + Sync> FromRequestParts<S> for PathParam {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> ApiResult<Self> {
+        Path::<String>::from_request_parts(parts, state)
+            .await
+            .map(|Path(raw)| PathParam(raw))
+            .map_err(|_| ApiError::not_found())
+    }
+}
 
 /// An id from the path; a malformed one cannot exist, so it is a 404 like any unknown id.
 pub(crate) fn parse_path_id<T: FromStr>(raw: &str) -> ApiResult<T> {

@@ -2,36 +2,41 @@
 //! `GET /v1/summaries` for the caller's client, `GET /admin/clients/{id}/summaries` for
 //! operators. Newest day first; `?day=YYYY-MM-DD` picks one, `?limit=` (1–500, 50).
 
+use axum::Json;
 use axum::extract::rejection::QueryRejection;
-use axum::extract::{Extension, Path, Query, State};
-use axum::routing::get;
-use axum::{Json, Router};
+use axum::extract::{Extension, Query, State};
 use dataflow_contracts::ClientId;
-use dataflow_contracts::http::DailySummary;
-use serde::Deserialize;
+use dataflow_contracts::http::{DailySummary, ErrorBody, SummaryQuery};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
-use super::{admin, page_limit, query};
+use super::{PathParam, admin, page_limit, query};
 use crate::auth::Principal;
 use crate::error::{ApiError, ApiResult};
 use crate::state::AppState;
 
 /// `/v1` routes.
-pub fn router() -> Router<AppState> {
-    Router::new().route("/summaries", get(own))
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new().routes(routes!(own))
 }
 
 /// `/admin` routes.
-pub fn admin_router() -> Router<AppState> {
-    Router::new().route("/clients/{id}/summaries", get(of_client))
+pub fn admin_router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new().routes(routes!(of_client))
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct SummaryQuery {
-    day: Option<String>,
-    limit: Option<u32>,
-}
-
+/// The caller's daily summaries, newest day first.
+#[utoipa::path(
+    get,
+    path = "/summaries",
+    operation_id = "list_summaries",
+    tag = "client",
+    params(SummaryQuery),
+    responses(
+        (status = 200, description = "Summaries of ended UTC days", body = Vec<DailySummary>),
+        (status = 400, description = "A malformed day or a limit out of range", body = ErrorBody),
+    ),
+)]
 async fn own(
     State(state): State<AppState>,
     Extension(p): Extension<Principal>,
@@ -40,9 +45,22 @@ async fn own(
     list(&state, &p.client.id, query(q)?).await
 }
 
+/// A client's daily summaries, newest day first.
+#[utoipa::path(
+    get,
+    path = "/clients/{id}/summaries",
+    operation_id = "list_client_summaries",
+    tag = "admin",
+    params(("id" = ClientId, Path, description = "The client's id"), SummaryQuery),
+    responses(
+        (status = 200, description = "Summaries of ended UTC days", body = Vec<DailySummary>),
+        (status = 400, description = "A malformed day or a limit out of range", body = ErrorBody),
+        (status = 404, description = "No such client", body = ErrorBody),
+    ),
+)]
 async fn of_client(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    PathParam(id): PathParam,
     q: Result<Query<SummaryQuery>, QueryRejection>,
 ) -> ApiResult<Json<Vec<DailySummary>>> {
     let client = admin::load_client(&state, &id).await?;

@@ -64,12 +64,15 @@ fn policy_json(policy: &Policy) -> String {
 
 impl Db {
     pub async fn create_client(&self, name: &str, policy: &Policy) -> Result<ClientRecord> {
-        let name = name.trim();
-        if name.is_empty() || name.len() > 200 || name.chars().any(char::is_control) {
+        // The length is counted before the trim: the limit is the one the caller's string
+        // is held to (and the OpenAPI document states).
+        let trimmed = name.trim();
+        if trimmed.is_empty() || name.chars().count() > 200 || name.chars().any(char::is_control) {
             return Err(Error::Invalid(
                 "name must be 1 to 200 characters without control characters".into(),
             ));
         }
+        let name = trimmed;
         policy.validate().map_err(Error::Invalid)?;
         let id = ClientId::generate();
         let sql = self.sql(
