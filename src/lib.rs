@@ -106,6 +106,10 @@ impl App {
 
         // Cache invalidations from other processes (only with Redis).
         tasks.spawn(backends.clone().run_invalidation_listener(shutdown.clone()));
+        // Live updates for dashboards, to and from other processes (only with Redis).
+        let live = backends.live.clone();
+        let live_stop = shutdown.clone();
+        tasks.spawn(async move { live.run(live_stop).await });
 
         let worker = roles.worker.then(|| {
             Worker::new(
@@ -113,6 +117,7 @@ impl App {
                 config.worker.clone(),
                 backends.outbox_wake.clone(),
                 backends.mutex.clone(),
+                backends.live.clone(),
             )
         });
         if let Some(worker) = &worker {
@@ -120,6 +125,7 @@ impl App {
             tasks.spawn(dataflow_worker::membership::run(
                 backends.fleet.clone(),
                 worker.clone(),
+                backends.live.clone(),
                 shutdown.clone(),
             ));
             // Subscribe before anything can publish, so no wake-up is missed.
@@ -150,6 +156,7 @@ impl App {
                 kinds: JobKind::ALL.to_vec(),
                 worker_id: worker.id().to_owned(),
                 events: backends.publisher.subscribe(),
+                live: backends.live.clone(),
             };
             tasks.spawn(jobs::run(setup, shutdown.clone()));
         }

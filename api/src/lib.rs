@@ -5,6 +5,7 @@
 //! - [`auth`]: API keys for `/v1`, the operator token for `/admin`, lock-out;
 //! - [`ratelimit`]: GCRA per client and per anonymous IP, with `RateLimit` headers;
 //! - `routes/`: one module per resource (imports, batches, admin, health, metrics);
+//! - `ui/`: the operator dashboard at `/ui` (sessions, CSRF, SSE, one module per page);
 //! - [`error`]: the one error type and its JSON form.
 
 pub mod auth;
@@ -12,6 +13,7 @@ pub mod error;
 pub mod ratelimit;
 mod routes;
 pub mod state;
+mod ui;
 
 use std::time::Duration;
 
@@ -40,6 +42,7 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .nest("/v1", v1)
         .nest("/admin", admin)
+        .nest("/ui", ui::router(state.clone()))
         .merge(routes::health::router())
         .merge(routes::metrics::router())
         .fallback(|| async { ApiError::not_found() })

@@ -152,6 +152,7 @@ async fn measure(
                 kinds: vec![kind],
                 worker_id: format!("bench-{}", ulid::Ulid::new()),
                 events: backends.publisher.subscribe(),
+                live: backends.live.clone(),
             },
             stop,
         ))

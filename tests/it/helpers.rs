@@ -393,6 +393,7 @@ impl TestApp {
             self.config.worker.clone(),
             backends.outbox_wake.clone(),
             backends.mutex.clone(),
+            backends.live.clone(),
         )
     }
 

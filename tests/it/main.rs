@@ -17,4 +17,5 @@ mod imports;
 mod jobs;
 mod metrics;
 mod redis;
+mod ui;
 mod worker;

@@ -8,22 +8,36 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use dataflow_contracts::http::WorkerInfo;
+use dataflow_contracts::live::LiveKind;
 use dataflow_contracts::time::{now_ms, rfc3339};
 use dataflow_platform::fleet::{BEAT, Fleet};
+use dataflow_platform::live::LiveBus;
 use tokio_util::sync::CancellationToken;
 
 use crate::Worker;
 
 /// Runs until `shutdown` and the drain that follows it; cancels `shutdown` itself when an
 /// operator asks this worker to drain.
-pub async fn run(fleet: Arc<Fleet>, worker: Worker, shutdown: CancellationToken) {
+/// Dashboards hear when it joins (its first heartbeat) and leaves.
+pub async fn run(
+    fleet: Arc<Fleet>,
+    worker: Worker,
+    live: Arc<LiveBus>,
+    shutdown: CancellationToken,
+) {
     let started_at = rfc3339(now_ms());
     let id = worker.id().to_owned();
     let mut draining = false;
+    let mut joined = false;
     loop {
         let info = snapshot(&worker, &started_at, draining || shutdown.is_cancelled());
-        if let Err(e) = fleet.beat(&info).await {
-            tracing::warn!(error = %e, "fleet heartbeat failed");
+        match fleet.beat(&info).await {
+            Ok(()) if !joined => {
+                joined = true;
+                live.publish(LiveKind::WorkerJoined, &id);
+            }
+            Ok(()) => {}
+            Err(e) => tracing::warn!(error = %e, "fleet heartbeat failed"),
         }
         if !draining && !shutdown.is_cancelled() {
             match fleet.drain_requested(&id).await {
@@ -54,6 +68,7 @@ pub async fn run(fleet: Arc<Fleet>, worker: Worker, shutdown: CancellationToken)
     if let Err(e) = fleet.leave(&id).await {
         tracing::warn!(error = %e, "leaving the fleet registry failed; the entry expires");
     }
+    live.publish(LiveKind::WorkerLeft, id);
 }
 
 fn snapshot(worker: &Worker, started_at: &str, draining: bool) -> WorkerInfo {

@@ -25,6 +25,7 @@ use dataflow_contracts::jobs::{JobKind, JobMessage};
 use dataflow_platform::config::JobsConfig;
 use dataflow_platform::db::{Db, Handover};
 use dataflow_platform::jobqueue::{JobQueues, RedisJobQueue};
+use dataflow_platform::live::LiveBus;
 use futures::future::BoxFuture;
 use tokio::sync::{Notify, broadcast, mpsc};
 use tokio::task::JoinSet;
@@ -61,6 +62,8 @@ pub struct JobsSetup {
     pub worker_id: String,
     /// Batch events in this process: a new one may have written intents.
     pub events: broadcast::Receiver<Arc<Envelope>>,
+    /// Where dead-lettered jobs are announced to dashboards.
+    pub live: Arc<LiveBus>,
 }
 
 /// Jobs one take moves into a worker's channel at most.
@@ -80,6 +83,7 @@ pub async fn run(setup: JobsSetup, stop: CancellationToken) {
         kinds,
         worker_id,
         events,
+        live,
     } = setup;
     let lease = Duration::from_secs(config.requeue_after_secs);
     let poll = Duration::from_millis(config.poll_interval_ms);
@@ -102,6 +106,7 @@ pub async fn run(setup: JobsSetup, stop: CancellationToken) {
         if let Some(RedisJobQueue::Apalis(q)) = &queue {
             settlers.spawn(settle::run(
                 db.clone(),
+                live.clone(),
                 kind,
                 Origin::Apalis,
                 backoff,
@@ -146,7 +151,14 @@ pub async fn run(setup: JobsSetup, stop: CancellationToken) {
         let rx = Arc::new(Mutex::new(rx));
         leftovers.push((kind, rx.clone()));
         pumps.spawn(feed::pump(source, tx, TAKE_BATCH, pump_stop.clone()));
-        settlers.spawn(settle::run(db.clone(), kind, origin, backoff, results));
+        settlers.spawn(settle::run(
+            db.clone(),
+            live.clone(),
+            kind,
+            origin,
+            backoff,
+            results,
+        ));
 
         let worker = WorkerBuilder::new(name)
             .backend(JobFeed::new(rx, settler))
