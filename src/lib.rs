@@ -60,6 +60,9 @@ pub struct App {
     pub worker: Option<Worker>,
     shutdown: CancellationToken,
     tasks: JoinSet<()>,
+    /// The live-update bus, stopped after every other task.
+    live_stop: CancellationToken,
+    live_task: tokio::task::JoinHandle<()>,
 }
 
 impl App {
@@ -106,10 +109,13 @@ impl App {
 
         // Cache invalidations from other processes (only with Redis).
         tasks.spawn(backends.clone().run_invalidation_listener(shutdown.clone()));
-        // Live updates for dashboards, to and from other processes (only with Redis).
+        // Live updates for dashboards, to and from other processes (only with Redis). The
+        // bus outlives the other roles, so what they announce while stopping (the last
+        // outcomes, a worker leaving) still goes out.
         let live = backends.live.clone();
-        let live_stop = shutdown.clone();
-        tasks.spawn(async move { live.run(live_stop).await });
+        let live_stop = CancellationToken::new();
+        let (opened, closed) = (shutdown.clone(), live_stop.clone());
+        let live_task = tokio::spawn(async move { live.run(opened, closed).await });
 
         let worker = roles.worker.then(|| {
             Worker::new(
@@ -185,6 +191,8 @@ impl App {
             worker,
             shutdown,
             tasks,
+            live_stop,
+            live_task,
         })
     }
 
@@ -196,6 +204,8 @@ impl App {
     /// Waits until every role has stopped (after the shutdown token is cancelled).
     pub async fn wait(mut self) {
         while self.tasks.join_next().await.is_some() {}
+        self.live_stop.cancel();
+        let _ = self.live_task.await;
         self.backends.db.close().await;
     }
 

@@ -110,23 +110,26 @@ impl LiveBus {
         }
     }
 
-    /// Runs until `shutdown`: with Redis the publisher and the listener, in process nothing
-    /// but the wait. Then [`LiveBus::stopped`] fires.
-    pub async fn run(&self, shutdown: CancellationToken) {
-        if let Transport::Redis(bus) = &self.transport {
-            tokio::select! {
-                _ = bus.run(&shutdown) => {}
-                _ = shutdown.cancelled() => {}
-            }
-        } else {
+    /// Runs the bus: with Redis the publisher and the listener, in process nothing but the
+    /// waiting. At `shutdown` the SSE streams are told to end ([`LiveBus::stopped`]) while
+    /// updates still go out; at `stop` (after the rest of the process stopped) what is
+    /// queued is published and the bus ends.
+    pub async fn run(&self, shutdown: CancellationToken, stop: CancellationToken) {
+        let streams = async {
             shutdown.cancelled().await;
+            self.stopped.cancel();
+            stop.cancelled().await;
+        };
+        match &self.transport {
+            Transport::Redis(bus) => bus.run(streams).await,
+            Transport::InProcess(_) => streams.await,
         }
-        self.stopped.cancel();
     }
 }
 
 impl RedisBus {
-    async fn run(&self, shutdown: &CancellationToken) {
+    /// Publishes and listens until `until` resolves, then publishes what is still queued.
+    async fn run(&self, until: impl std::future::Future<Output = ()>) {
         let queued = self
             .queued
             .lock()
@@ -134,20 +137,18 @@ impl RedisBus {
             .take();
         let Some(mut queued) = queued else {
             tracing::warn!("the live-update bus is already running");
-            return shutdown.cancelled().await;
+            return until.await;
         };
         let channel = self.redis.key(&["live"]);
-        let publisher = async {
-            let mut conn = self.redis.conn();
-            while let Some(json) = queued.recv().await {
-                let sent: redis::RedisResult<()> = redis::cmd("PUBLISH")
-                    .arg(&channel)
-                    .arg(json)
-                    .query_async(&mut conn)
-                    .await;
-                if let Err(e) = sent {
-                    tracing::debug!(error = %e, "live update not published");
-                }
+        let mut conn = self.redis.conn();
+        let publish = async |conn: &mut redis::aio::ConnectionManager, json: String| {
+            let sent: redis::RedisResult<()> = redis::cmd("PUBLISH")
+                .arg(&channel)
+                .arg(json)
+                .query_async(conn)
+                .await;
+            if let Err(e) = sent {
+                tracing::debug!(error = %e, "live update not published");
             }
         };
         let resync = || {
@@ -159,12 +160,23 @@ impl RedisBus {
             }
             Err(e) => tracing::debug!(error = %e, "ignoring a malformed live update"),
         };
+        // Ends with the select below, which drops it; it needs no shutdown of its own.
+        let never = CancellationToken::new();
         let listener = self
             .redis
-            .listen(&channel, "live updates", shutdown, resync, deliver);
+            .listen(&channel, "live updates", &never, resync, deliver);
+        let publisher = async {
+            while let Some(json) = queued.recv().await {
+                publish(&mut conn, json).await;
+            }
+        };
         tokio::select! {
-            _ = publisher => {}
+            _ = until => {}
             _ = listener => {}
+            _ = publisher => {}
+        }
+        while let Ok(json) = queued.try_recv() {
+            publish(&mut conn, json).await;
         }
     }
 }

@@ -197,13 +197,29 @@ async fn posts_without_the_csrf_token_are_refused(b: Backend) {
     assert!(missing.text().await.unwrap().contains("reload the page"), "an HTML page explains");
     let forged = ui.post("/ui/actions", &approve("0000")).send().await.unwrap();
     assert_eq!(forged.status(), StatusCode::FORBIDDEN);
-    let cross_site = ui
-        .post("/ui/actions", &[("action", "approve"), ("target", target), ("csrf", &csrf)])
-        .header(header::ORIGIN, "https://evil.example")
+    // The right token from another site's page (as if it had leaked) is refused too.
+    for origin in ["https://evil.example", "null"] {
+        let cross_site = ui
+            .http
+            .post(t.url("/ui/actions"))
+            .header(header::COOKIE, &ui.cookie)
+            .header(header::ORIGIN, origin)
+            .form(&[("action", "approve"), ("target", target), ("csrf", &csrf)])
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(cross_site.status(), StatusCode::FORBIDDEN, "{origin}");
+    }
+    let cross_site_fetch = ui
+        .http
+        .post(t.url("/ui/actions"))
+        .header(header::COOKIE, &ui.cookie)
+        .header("sec-fetch-site", "cross-site")
+        .form(&[("action", "approve"), ("target", target), ("csrf", &csrf)])
         .send()
         .await
         .unwrap();
-    assert_eq!(cross_site.status(), StatusCode::FORBIDDEN);
+    assert_eq!(cross_site_fetch.status(), StatusCode::FORBIDDEN);
     let logout = ui.post("/ui/logout", &[]).send().await.unwrap();
     assert_eq!(logout.status(), StatusCode::FORBIDDEN, "logout is a form post too");
     assert_eq!(
@@ -385,10 +401,13 @@ impl EventStream {
         }
     }
 
-    /// Waits for `kind` about `subject`; returns the kinds seen about it until then.
+    /// Waits (up to 30 s) for `kind` about `subject`; returns the kinds seen about it
+    /// until then.
     async fn until(&mut self, subject: &str, kind: &str) -> Vec<String> {
+        let deadline = Instant::now() + Duration::from_secs(30);
         let mut seen = Vec::new();
         loop {
+            assert!(Instant::now() < deadline, "no {kind} about {subject}; saw {seen:?}");
             let e = self.next_change().await;
             if e.subject == subject {
                 seen.push(e.kind.as_str().to_owned());

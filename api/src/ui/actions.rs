@@ -8,7 +8,7 @@ use axum::extract::rejection::QueryRejection;
 use axum::extract::{Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Redirect, Response};
-use dataflow_contracts::{BatchId, JobId};
+use dataflow_contracts::JobId;
 use dataflow_platform::db::BatchAction;
 use maud::{Markup, html};
 use serde::Deserialize;

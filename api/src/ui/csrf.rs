@@ -39,6 +39,10 @@ pub fn check(
 /// `Sec-Fetch-Site` (when sent) must not say cross-site.
 pub fn same_origin(state: &AppState, headers: &HeaderMap) -> ApiResult<()> {
     let text = |name| headers.get(name).and_then(|v: &axum::http::HeaderValue| v.to_str().ok());
+    // A browser sends one Origin; a request with several is not a browser's form.
+    if headers.get_all(header::ORIGIN).iter().count() > 1 {
+        return Err(forbidden("a form post carries one Origin"));
+    }
     let Some(origin) = text(header::ORIGIN) else {
         return match text(axum::http::HeaderName::from_static("sec-fetch-site")) {
             Some("cross-site" | "same-site") => Err(forbidden("cross-site form posts are refused")),

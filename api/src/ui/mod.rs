@@ -35,6 +35,7 @@ use axum::middleware::{self, Next};
 use axum::response::Response;
 use axum::routing::{get, post};
 
+use crate::error::ApiError;
 use crate::state::AppState;
 
 pub fn router(state: AppState) -> Router<AppState> {
@@ -55,6 +56,7 @@ pub fn router(state: AppState) -> Router<AppState> {
         .merge(signed_in)
         .route("/login", get(session::login_page).post(session::login))
         .route("/static/{file}", get(assets::serve))
+        .fallback(|| async { ApiError::not_found() })
         .layer(middleware::from_fn(errors::as_html))
         .layer(middleware::from_fn(security_headers))
 }
