@@ -16,11 +16,14 @@ use axum::extract::State;
 use axum::response::sse::{Event, Sse};
 use dataflow_contracts::live::LiveEvent;
 use dataflow_platform::live::Live;
-use futures::Stream;
+use futures::{Stream, StreamExt};
 use tokio::sync::broadcast::{self, error::RecvError};
 
 use super::session::Operator;
 use crate::state::AppState;
+
+/// How long a disconnected browser waits before it reconnects.
+const RECONNECT: Duration = Duration::from_secs(2);
 
 struct Watch {
     rx: broadcast::Receiver<Live>,
@@ -79,9 +82,12 @@ pub async fn stream(
         token: op.token,
         ended: false,
     };
+    // First, how long a browser waits before reconnecting; it also sends the response
+    // head at once, so the page knows it is live before the first change.
+    let hello = futures::stream::once(async { Ok(Event::default().retry(RECONNECT)) });
     let events = futures::stream::unfold(watch, |mut w| async move {
         let event = w.next().await?;
         Some((Ok(event), w))
     });
-    Sse::new(events)
+    Sse::new(hello.chain(events))
 }

@@ -87,6 +87,9 @@
       source.close();
       location.assign('/ui/login');
     });
+    // Leaving the page closes the stream at once: a browser allows only a few connections
+    // per server, and a stream left to linger would hold one.
+    window.addEventListener('pagehide', function () { source.close(); });
   }
 
   document.addEventListener('change', function (e) {
