@@ -65,7 +65,11 @@ mod tests {
 
     #[test]
     fn kinds_serialize_as_their_names() {
-        for kind in [LiveKind::BatchProcessing, LiveKind::JobDead, LiveKind::WorkerLeft] {
+        for kind in [
+            LiveKind::BatchProcessing,
+            LiveKind::JobDead,
+            LiveKind::WorkerLeft,
+        ] {
             let json = serde_json::to_value(kind).unwrap_or_default();
             assert_eq!(json, kind.as_str());
         }

@@ -227,7 +227,13 @@ impl Backends {
             _ => tracing::debug!(%payload, "unknown cache invalidation"),
         };
         redis
-            .listen(&channel, "cache invalidation", &shutdown, forget_all, forget)
+            .listen(
+                &channel,
+                "cache invalidation",
+                &shutdown,
+                forget_all,
+                forget,
+            )
             .await;
     }
 }

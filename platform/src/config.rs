@@ -500,7 +500,9 @@ impl Config {
             return bad("api.ui.session_ttl_secs must be at least 60");
         }
         if ui.sse_buffer < 16 || ui.sse_heartbeat_secs == 0 {
-            return bad("api.ui.sse_buffer must be at least 16 and api.ui.sse_heartbeat_secs at least 1");
+            return bad(
+                "api.ui.sse_buffer must be at least 16 and api.ui.sse_heartbeat_secs at least 1",
+            );
         }
         if let Some(origin) = &ui.origin
             && !valid_origin(origin)
@@ -606,7 +608,9 @@ fn valid_origin(origin: &str) -> bool {
         .strip_prefix("https://")
         .or_else(|| origin.strip_prefix("http://"));
     rest.is_some_and(|host| {
-        !host.is_empty() && !host.contains(['/', '?', '#', '@']) && !host.contains(char::is_whitespace)
+        !host.is_empty()
+            && !host.contains(['/', '?', '#', '@'])
+            && !host.contains(char::is_whitespace)
     })
 }
 

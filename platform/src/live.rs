@@ -130,11 +130,7 @@ impl LiveBus {
 impl RedisBus {
     /// Publishes and listens until `until` resolves, then publishes what is still queued.
     async fn run(&self, until: impl std::future::Future<Output = ()>) {
-        let queued = self
-            .queued
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
+        let queued = self.queued.lock().unwrap_or_else(|p| p.into_inner()).take();
         let Some(mut queued) = queued else {
             tracing::warn!("the live-update bus is already running");
             return until.await;

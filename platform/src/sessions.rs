@@ -54,7 +54,12 @@ fn ms(d: Duration) -> i64 {
 
 impl SessionStore {
     /// A new session for `operator`; returns the token for the cookie and the session.
-    pub async fn create(&self, operator: &str, ip: &str, ttl: Duration) -> Result<(String, Session)> {
+    pub async fn create(
+        &self,
+        operator: &str,
+        ip: &str,
+        ttl: Duration,
+    ) -> Result<(String, Session)> {
         let token = keys::random_token();
         let id = digest(&token);
         let mut session = Session {
@@ -66,7 +71,8 @@ impl SessionStore {
         };
         match self {
             SessionStore::Redis(r) => {
-                let json = serde_json::to_string(&session).map_err(|e| Error::Invalid(e.to_string()))?;
+                let json =
+                    serde_json::to_string(&session).map_err(|e| Error::Invalid(e.to_string()))?;
                 redis::cmd("SET")
                     .arg(r.key(&["ui", "session", &id]))
                     .arg(json)

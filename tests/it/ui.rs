@@ -31,12 +31,30 @@ backend_tests!(
 
 const TOKEN: &str = "test-operator-token-0123456789";
 
+/// A response header as text ("" when absent).
+fn header_of(resp: &reqwest::Response, name: impl header::AsHeaderName) -> &str {
+    resp.headers()
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+}
+
 /// An HTTP client that shows redirects instead of following them.
 fn plain() -> reqwest::Client {
     reqwest::Client::builder()
         .no_proxy()
         .redirect(reqwest::redirect::Policy::none())
         .build()
+        .unwrap()
+}
+
+/// Posts the login form.
+async fn try_login(t: &TestApp, operator: &str, token: &str) -> reqwest::Response {
+    plain()
+        .post(t.url("/ui/login"))
+        .form(&[("operator", operator), ("token", token)])
+        .send()
+        .await
         .unwrap()
 }
 
@@ -50,15 +68,10 @@ struct Ui<'a> {
 impl<'a> Ui<'a> {
     async fn login(t: &'a TestApp, operator: &str) -> Ui<'a> {
         let http = plain();
-        let resp = http
-            .post(t.url("/ui/login"))
-            .form(&[("operator", operator), ("token", TOKEN)])
-            .send()
-            .await
-            .unwrap();
+        let resp = try_login(t, operator, TOKEN).await;
         assert_eq!(resp.status(), StatusCode::SEE_OTHER);
         assert_eq!(resp.headers()[header::LOCATION], "/ui");
-        let set = resp.headers()[header::SET_COOKIE].to_str().unwrap().to_owned();
+        let set = header_of(&resp, header::SET_COOKIE).to_owned();
         for attribute in ["HttpOnly", "SameSite=Strict", "Path=/ui"] {
             assert!(set.contains(attribute), "{set}");
         }
@@ -99,7 +112,13 @@ async fn unauthenticated_pages_redirect_to_login(b: Backend) {
         return;
     };
     let http = plain();
-    for path in ["/ui", "/ui/batches", "/ui/dead", "/ui/events", "/ui/actions"] {
+    for path in [
+        "/ui",
+        "/ui/batches",
+        "/ui/dead",
+        "/ui/events",
+        "/ui/actions",
+    ] {
         let resp = http.get(t.url(path)).send().await.unwrap();
         assert_eq!(resp.status(), StatusCode::SEE_OTHER, "{path}");
         assert_eq!(resp.headers()[header::LOCATION], "/ui/login", "{path}");
@@ -112,40 +131,28 @@ async fn unauthenticated_pages_redirect_to_login(b: Backend) {
         .unwrap();
     assert_eq!(stale.status(), StatusCode::SEE_OTHER);
     assert!(
-        stale.headers()[header::SET_COOKIE]
-            .to_str()
-            .unwrap()
-            .contains("Max-Age=0"),
+        header_of(&stale, header::SET_COOKIE).contains("Max-Age=0"),
         "an unknown session's cookie is cleared"
     );
     let login = http.get(t.url("/ui/login")).send().await.unwrap();
     assert_eq!(login.status(), 200);
-    assert!(login.headers()["content-security-policy"].to_str().unwrap().contains("frame-ancestors 'none'"));
+    assert!(header_of(&login, "content-security-policy").contains("frame-ancestors 'none'"));
     assert!(login.text().await.unwrap().contains("Operator token"));
     let css = http.get(t.url("/ui/static/app.css")).send().await.unwrap();
     assert_eq!(css.status(), 200);
-    assert!(css.headers()[header::CONTENT_TYPE].to_str().unwrap().starts_with("text/css"));
+    assert!(header_of(&css, header::CONTENT_TYPE).starts_with("text/css"));
     t.stop().await;
 }
 
 async fn login_makes_a_session_and_logout_destroys_it(b: Backend) {
-    let Some(t) = TestApp::spawn_with(b, Roles::ALL, |c| c.api.ui.cookie_secure = true).await else {
+    let Some(t) = TestApp::spawn_with(b, Roles::ALL, |c| c.api.ui.cookie_secure = true).await
+    else {
         return;
     };
-    let wrong = plain()
-        .post(t.url("/ui/login"))
-        .form(&[("operator", "mallory"), ("token", "not-the-token")])
-        .send()
-        .await
-        .unwrap();
+    let wrong = try_login(&t, "mallory", "not-the-token").await;
     assert_eq!(wrong.status(), StatusCode::UNAUTHORIZED);
     assert!(wrong.headers().get(header::SET_COOKIE).is_none());
-    let nameless = plain()
-        .post(t.url("/ui/login"))
-        .form(&[("operator", " "), ("token", TOKEN)])
-        .send()
-        .await
-        .unwrap();
+    let nameless = try_login(&t, " ", TOKEN).await;
     assert_eq!(nameless.status(), StatusCode::BAD_REQUEST);
 
     let ui = Ui::login(&t, "ann").await;
@@ -153,18 +160,17 @@ async fn login_makes_a_session_and_logout_destroys_it(b: Backend) {
     let overview = ui.page("/ui").await;
     assert!(overview.contains("ann") && overview.contains("Queue depth"));
     let csrf = ui.csrf().await;
-    let secure = plain()
-        .post(t.url("/ui/login"))
-        .form(&[("operator", "ann"), ("token", TOKEN)])
+    let secure = try_login(&t, "ann", TOKEN).await;
+    assert!(header_of(&secure, header::SET_COOKIE).contains("Secure"));
+
+    let out = ui
+        .post("/ui/logout", &[("csrf", &csrf)])
         .send()
         .await
         .unwrap();
-    assert!(secure.headers()[header::SET_COOKIE].to_str().unwrap().contains("Secure"));
-
-    let out = ui.post("/ui/logout", &[("csrf", &csrf)]).send().await.unwrap();
     assert_eq!(out.status(), StatusCode::SEE_OTHER);
     assert_eq!(out.headers()[header::LOCATION], "/ui/login");
-    assert!(out.headers()[header::SET_COOKIE].to_str().unwrap().contains("Max-Age=0"));
+    assert!(header_of(&out, header::SET_COOKIE).contains("Max-Age=0"));
     // The session is gone from the store, not only from the browser.
     let after = ui.get("/ui").send().await.unwrap();
     assert_eq!(after.status(), StatusCode::SEE_OTHER);
@@ -186,7 +192,8 @@ async fn posts_without_the_csrf_token_are_refused(b: Backend) {
     let ui = Ui::login(&t, "ann").await;
     let csrf = ui.csrf().await;
     let target = held.batch_id.as_str();
-    let approve = |token: &'static str| [("action", "approve"), ("target", target), ("csrf", token)];
+    let approve =
+        |token: &'static str| [("action", "approve"), ("target", target), ("csrf", token)];
 
     let missing = ui
         .post("/ui/actions", &[("action", "approve"), ("target", target)])
@@ -194,8 +201,15 @@ async fn posts_without_the_csrf_token_are_refused(b: Backend) {
         .await
         .unwrap();
     assert_eq!(missing.status(), StatusCode::FORBIDDEN);
-    assert!(missing.text().await.unwrap().contains("reload the page"), "an HTML page explains");
-    let forged = ui.post("/ui/actions", &approve("0000")).send().await.unwrap();
+    assert!(
+        missing.text().await.unwrap().contains("reload the page"),
+        "an HTML page explains"
+    );
+    let forged = ui
+        .post("/ui/actions", &approve("0000"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(forged.status(), StatusCode::FORBIDDEN);
     // The right token from another site's page (as if it had leaked) is refused too.
     for origin in ["https://evil.example", "null"] {
@@ -221,7 +235,11 @@ async fn posts_without_the_csrf_token_are_refused(b: Backend) {
         .unwrap();
     assert_eq!(cross_site_fetch.status(), StatusCode::FORBIDDEN);
     let logout = ui.post("/ui/logout", &[]).send().await.unwrap();
-    assert_eq!(logout.status(), StatusCode::FORBIDDEN, "logout is a form post too");
+    assert_eq!(
+        logout.status(),
+        StatusCode::FORBIDDEN,
+        "logout is a form post too"
+    );
     assert_eq!(
         t.batch(&key, &held.batch_id).await.status,
         BatchStatus::AwaitingApproval,
@@ -229,23 +247,45 @@ async fn posts_without_the_csrf_token_are_refused(b: Backend) {
     );
 
     let done = ui
-        .post("/ui/actions", &[("action", "approve"), ("target", target), ("csrf", &csrf), ("back", "/ui/batches")])
+        .post(
+            "/ui/actions",
+            &[
+                ("action", "approve"),
+                ("target", target),
+                ("csrf", &csrf),
+                ("back", "/ui/batches"),
+            ],
+        )
         .send()
         .await
         .unwrap();
     assert_eq!(done.status(), StatusCode::SEE_OTHER);
-    assert_eq!(done.headers()[header::LOCATION], "/ui/batches?done=approve&ok=1&refused=0");
-    t.wait_for(&key, &held.batch_id, BatchStatus::Completed).await;
+    assert_eq!(
+        done.headers()[header::LOCATION],
+        "/ui/batches?done=approve&ok=1&refused=0"
+    );
+    t.wait_for(&key, &held.batch_id, BatchStatus::Completed)
+        .await;
     // The same action again is refused by the batch's state, and logged as such.
     let again = ui
-        .post("/ui/actions", &[("action", "approve"), ("target", target), ("csrf", &csrf)])
+        .post(
+            "/ui/actions",
+            &[("action", "approve"), ("target", target), ("csrf", &csrf)],
+        )
         .header("x-csrf-token", &csrf)
         .send()
         .await
         .unwrap();
-    assert_eq!(again.headers()[header::LOCATION], "/ui?done=approve&ok=0&refused=1");
+    assert_eq!(
+        again.headers()[header::LOCATION],
+        "/ui?done=approve&ok=0&refused=1"
+    );
     let log = ui.page("/ui/actions").await;
-    assert!(log.contains("batch.approve") && log.contains("refused: batch is completed, not awaiting_approval"), "{log}");
+    assert!(
+        log.contains("batch.approve")
+            && log.contains("refused: batch is completed, not awaiting_approval"),
+        "{log}"
+    );
     t.stop().await;
 }
 
@@ -253,26 +293,22 @@ async fn failed_logins_count_towards_the_lock_out(b: Backend) {
     let Some(t) = TestApp::spawn_with(b, Roles::ALL, |c| c.api.auth_max_failures = 3).await else {
         return;
     };
-    let http = plain();
     for _ in 0..3 {
-        let resp = http
-            .post(t.url("/ui/login"))
-            .form(&[("operator", "mallory"), ("token", "guess")])
-            .send()
-            .await
-            .unwrap();
+        let resp = try_login(&t, "mallory", "guess").await;
         assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
     }
-    let locked = http
-        .post(t.url("/ui/login"))
-        .form(&[("operator", "ann"), ("token", TOKEN)])
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(locked.status(), StatusCode::TOO_MANY_REQUESTS, "even the right token waits out the lock-out");
+    let locked = try_login(&t, "ann", TOKEN).await;
+    assert_eq!(
+        locked.status(),
+        StatusCode::TOO_MANY_REQUESTS,
+        "even the right token waits out the lock-out"
+    );
     assert!(locked.headers().contains_key(header::RETRY_AFTER));
     // The same lock-out covers the bearer-token API.
-    assert_eq!(t.admin_send(Method::GET, "/admin/queues").await.status(), 429);
+    assert_eq!(
+        t.admin_send(Method::GET, "/admin/queues").await.status(),
+        429
+    );
     t.stop().await;
 }
 
@@ -292,7 +328,14 @@ async fn pages_escape_what_they_show_and_refuse_bad_input(b: Backend) {
     assert!(clients.contains("&lt;script&gt;alert(1)&lt;/script&gt;"));
     assert!(!clients.contains("<script>alert"));
     assert!(clients.contains("&lt;b&gt;eve&lt;/b&gt;") && !clients.contains("<b>eve"));
-    for path in ["/ui", "/ui/batches", "/ui/queues", "/ui/workers", "/ui/dead", "/ui/actions"] {
+    for path in [
+        "/ui",
+        "/ui/batches",
+        "/ui/queues",
+        "/ui/workers",
+        "/ui/dead",
+        "/ui/actions",
+    ] {
         assert!(ui.page(path).await.contains("</html>"), "{path}");
     }
     for (path, status) in [
@@ -309,7 +352,10 @@ async fn pages_escape_what_they_show_and_refuse_bad_input(b: Backend) {
     ] {
         let resp = ui.get(path).send().await.unwrap();
         assert_eq!(resp.status().as_u16(), status, "{path}");
-        assert!(resp.headers()[header::CONTENT_TYPE].to_str().unwrap().starts_with("text/html"), "{path}");
+        assert!(
+            header_of(&resp, header::CONTENT_TYPE).starts_with("text/html"),
+            "{path}"
+        );
     }
     let csrf = ui.csrf().await;
     for form in [
@@ -320,7 +366,11 @@ async fn pages_escape_what_they_show_and_refuse_bad_input(b: Backend) {
         let mut form = form;
         form.push(("csrf", &csrf));
         let resp = ui.post("/ui/actions", &form).send().await.unwrap();
-        assert!(resp.status() == 400 || resp.status() == 303, "{form:?}: {}", resp.status());
+        assert!(
+            resp.status() == 400 || resp.status() == 303,
+            "{form:?}: {}",
+            resp.status()
+        );
         assert!(!resp.status().is_server_error());
     }
     t.stop().await;
@@ -331,17 +381,30 @@ async fn sessions_slide_and_expire(t: &TestApp) {
     let ttl = Duration::from_millis(1500);
     let (token, created) = sessions.create("ann", "127.0.0.1", ttl).await.unwrap();
     assert_eq!(created.label.len(), 12);
-    assert!(!token.contains(&created.label), "the label is not a piece of the token");
+    assert!(
+        !token.contains(&created.label),
+        "the label is not a piece of the token"
+    );
     for _ in 0..3 {
         tokio::time::sleep(Duration::from_millis(700)).await;
         let found = sessions.find(&token, Some(ttl)).await.unwrap();
-        assert_eq!(found.as_ref().map(|s| s.operator.as_str()), Some("ann"), "renewed by use");
+        assert_eq!(
+            found.as_ref().map(|s| s.operator.as_str()),
+            Some("ann"),
+            "renewed by use"
+        );
         assert_eq!(found.unwrap().csrf, created.csrf);
     }
     tokio::time::sleep(Duration::from_millis(900)).await;
-    assert!(sessions.find(&token, None).await.unwrap().is_some(), "looking does not end it");
+    assert!(
+        sessions.find(&token, None).await.unwrap().is_some(),
+        "looking does not end it"
+    );
     tokio::time::sleep(Duration::from_millis(900)).await;
-    assert!(sessions.find(&token, None).await.unwrap().is_none(), "looking does not renew it either");
+    assert!(
+        sessions.find(&token, None).await.unwrap().is_none(),
+        "looking does not renew it either"
+    );
     let (other, _) = sessions.create("bob", "127.0.0.1", ttl).await.unwrap();
     sessions.destroy(&other).await.unwrap();
     assert!(sessions.find(&other, Some(ttl)).await.unwrap().is_none());
@@ -362,7 +425,10 @@ async fn redis_sessions_slide_and_expire(b: Backend) {
     sessions_slide_and_expire(&t).await;
     let redis = t.app.as_ref().unwrap().backends.redis.clone().unwrap();
     let keys = redis.keys_with_prefix().await.unwrap();
-    assert!(!keys.iter().any(|k| k.contains(":ui:session:")), "ended sessions leave no key: {keys:?}");
+    assert!(
+        !keys.iter().any(|k| k.contains(":ui:session:")),
+        "ended sessions leave no key: {keys:?}"
+    );
     redis.delete_all_under_prefix().await.unwrap();
     t.stop().await;
 }
@@ -377,8 +443,11 @@ impl EventStream {
     async fn open(ui: &Ui<'_>) -> EventStream {
         let resp = ui.get("/ui/events").send().await.unwrap();
         assert_eq!(resp.status(), 200);
-        assert!(resp.headers()[header::CONTENT_TYPE].to_str().unwrap().starts_with("text/event-stream"));
-        EventStream { resp, buffer: String::new() }
+        assert!(header_of(&resp, header::CONTENT_TYPE).starts_with("text/event-stream"));
+        EventStream {
+            resp,
+            buffer: String::new(),
+        }
     }
 
     /// The next `change` event, skipping heartbeats and resyncs.
@@ -407,7 +476,10 @@ impl EventStream {
         let deadline = Instant::now() + Duration::from_secs(30);
         let mut seen = Vec::new();
         loop {
-            assert!(Instant::now() < deadline, "no {kind} about {subject}; saw {seen:?}");
+            assert!(
+                Instant::now() < deadline,
+                "no {kind} about {subject}; saw {seen:?}"
+            );
             let e = self.next_change().await;
             if e.subject == subject {
                 seen.push(e.kind.as_str().to_owned());
@@ -427,8 +499,14 @@ async fn live_updates_reach_the_event_stream(b: Backend) {
     let ui = Ui::login(&t, "ann").await;
     let mut events = EventStream::open(&ui).await;
     let import = t.import(&key, "text/csv", csv("live", 25)).await;
-    let seen = events.until(import.batch_id.as_str(), "batch_completed").await;
-    assert_eq!(seen.first().map(String::as_str), Some("batch_created"), "{seen:?}");
+    let seen = events
+        .until(import.batch_id.as_str(), "batch_completed")
+        .await;
+    assert_eq!(
+        seen.first().map(String::as_str),
+        Some("batch_created"),
+        "{seen:?}"
+    );
     assert!(seen.contains(&"batch_processing".to_owned()), "{seen:?}");
     t.stop().await;
 }
@@ -443,13 +521,19 @@ async fn live_updates_cross_processes_through_redis(b: Backend) {
     // Only the worker process claims, processes and registers: every such update below
     // crossed from it to the API process through Redis.
     let worker = api.sibling(Roles::WORKER).await;
-    let worker_id = worker.app.as_ref().unwrap().worker.as_ref().unwrap().id().to_owned();
+    let worker_id = worker.worker_id();
     events.until(&worker_id, "worker_joined").await;
     let import = api.import(&key, "text/csv", csv("cross", 25)).await;
-    let seen = events.until(import.batch_id.as_str(), "batch_completed").await;
+    let seen = events
+        .until(import.batch_id.as_str(), "batch_completed")
+        .await;
     assert!(seen.contains(&"batch_processing".to_owned()), "{seen:?}");
     let second = ui.get("/ui/events").send().await.unwrap();
-    assert_eq!(second.status(), 200, "several dashboards can listen at once");
+    assert_eq!(
+        second.status(),
+        200,
+        "several dashboards can listen at once"
+    );
     drop(second);
     worker.stop().await;
     events.until(&worker_id, "worker_left").await;
@@ -485,12 +569,20 @@ mod browser {
                 .zip(binary("DATAFLOW_TEST_CHROMIUM", "/usr/bin/chromium"));
             let Some((driver_path, chromium)) = found else {
                 if std::env::var("DATAFLOW_TEST_REQUIRE_SERVICES").is_ok_and(|v| v == "1") {
-                    panic!("chromium and chromedriver are required (apt-get install chromium chromium-driver)");
+                    panic!(
+                        "chromium and chromedriver are required (apt-get install chromium chromium-driver)"
+                    );
                 }
-                eprintln!("SKIPPED: chromium or chromedriver not installed (apt-get install chromium chromium-driver); set DATAFLOW_TEST_REQUIRE_SERVICES=1 to fail instead");
+                eprintln!(
+                    "SKIPPED: chromium or chromedriver not installed (apt-get install chromium chromium-driver); set DATAFLOW_TEST_REQUIRE_SERVICES=1 to fail instead"
+                );
                 return None;
             };
-            let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port();
             let driver = Command::new(driver_path)
                 .arg(format!("--port={port}"))
                 .stdout(Stdio::null())
@@ -512,7 +604,9 @@ mod browser {
                     .await
                 {
                     Ok(c) => break c,
-                    Err(e) if Instant::now() > deadline => panic!("chromedriver did not answer: {e}"),
+                    Err(e) if Instant::now() > deadline => {
+                        panic!("chromedriver did not answer: {e}")
+                    }
                     Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
                 }
             };
@@ -535,7 +629,10 @@ mod browser {
                 if v.as_bool() == Some(true) {
                     return;
                 }
-                assert!(Instant::now() < deadline, "{what}: still not true after {secs} s");
+                assert!(
+                    Instant::now() < deadline,
+                    "{what}: still not true after {secs} s"
+                );
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
@@ -547,16 +644,27 @@ mod browser {
         }
 
         pub async fn click(&self, css: &str) {
-            self.client.find(Locator::Css(css)).await.unwrap().click().await.unwrap();
+            self.client
+                .find(Locator::Css(css))
+                .await
+                .unwrap()
+                .click()
+                .await
+                .unwrap();
         }
 
         pub async fn login(&self, base: &str, operator: &str) {
             self.goto(&format!("{base}/ui")).await;
-            assert_eq!(self.path().await, "/ui/login", "an unauthenticated visit lands on the login");
+            assert_eq!(
+                self.path().await,
+                "/ui/login",
+                "an unauthenticated visit lands on the login"
+            );
             self.fill("input[name=operator]", operator).await;
             self.fill("input[name=token]", super::TOKEN).await;
             self.click("main.login button[type=submit]").await;
-            self.wait_until(10, "logged in", "return location.pathname === '/ui'").await;
+            self.wait_until(10, "logged in", "return location.pathname === '/ui'")
+                .await;
         }
 
         pub async fn stop(self) {
@@ -596,15 +704,29 @@ async fn the_dashboard_in_a_browser(b: Backend) {
 
     // A batch submitted while the page is open appears and completes without a reload.
     browser.goto(&format!("{base}/ui/batches")).await;
-    browser.wait_until(10, "live updates connected", "return document.getElementById('live-status').textContent === 'live'").await;
-    browser.client.execute("window.__sameDocument = true; return true", vec![]).await.unwrap();
+    browser
+        .wait_until(
+            10,
+            "live updates connected",
+            "return document.getElementById('live-status').textContent === 'live'",
+        )
+        .await;
+    browser
+        .client
+        .execute("window.__sameDocument = true; return true", vec![])
+        .await
+        .unwrap();
     let import = t.import(&key, "text/csv", csv("browser", 25)).await;
     let row = format!("tr[data-batch='{}'] .status", import.batch_id);
     browser
         .wait_until(20, "the new batch shows completed", &format!("var c = document.querySelector(\"{row}\"); return !!c && c.textContent.trim() === 'completed'"))
         .await;
     browser
-        .wait_until(1, "no reload happened", "return window.__sameDocument === true")
+        .wait_until(
+            1,
+            "no reload happened",
+            "return window.__sameDocument === true",
+        )
         .await;
 
     // A dead batch is retried from the dead-letter page and runs to completion.
@@ -617,7 +739,11 @@ async fn the_dashboard_in_a_browser(b: Backend) {
         .await;
     t.wait_for(&held_key, &dead, BatchStatus::Completed).await;
     browser
-        .wait_until(10, "the retried batch left the dead letters", &format!("return !document.querySelector(\"tr[data-batch='{dead}']\")"))
+        .wait_until(
+            10,
+            "the retried batch left the dead letters",
+            &format!("return !document.querySelector(\"tr[data-batch='{dead}']\")"),
+        )
         .await;
     browser.goto(&format!("{base}/ui/actions")).await;
     browser
@@ -627,19 +753,37 @@ async fn the_dashboard_in_a_browser(b: Backend) {
     // Every page, twice over: each goes live at once (a page left behind must not keep its
     // stream, or the browser runs out of connections to the server after a few pages).
     for round in 0..2 {
-        for path in ["/ui", "/ui/batches", "/ui/queues", "/ui/workers", "/ui/dead", "/ui/clients", "/ui/actions"] {
+        for path in [
+            "/ui",
+            "/ui/batches",
+            "/ui/queues",
+            "/ui/workers",
+            "/ui/dead",
+            "/ui/clients",
+            "/ui/actions",
+        ] {
             let started = Instant::now();
             browser.goto(&format!("{base}{path}")).await;
             browser
-                .wait_until(5, path, "return document.getElementById('live-status').textContent === 'live'")
+                .wait_until(
+                    5,
+                    path,
+                    "return document.getElementById('live-status').textContent === 'live'",
+                )
                 .await;
-            assert!(started.elapsed() < Duration::from_secs(5), "{path} (round {round}) took {:?}", started.elapsed());
+            assert!(
+                started.elapsed() < Duration::from_secs(5),
+                "{path} (round {round}) took {:?}",
+                started.elapsed()
+            );
         }
     }
 
     // Logging out destroys the session: the dashboard is behind the login again.
     browser.click("header.top form button").await;
-    browser.wait_until(10, "logged out", "return location.pathname === '/ui/login'").await;
+    browser
+        .wait_until(10, "logged out", "return location.pathname === '/ui/login'")
+        .await;
     browser.goto(&format!("{base}/ui/dead")).await;
     assert_eq!(browser.path().await, "/ui/login");
     browser.stop().await;
@@ -657,22 +801,35 @@ async fn screenshots() {
         .await
         .unwrap();
     let base = format!("http://{}", t.addr);
-    let (acme_id, acme) = t.client(json!({"rate_per_minute": 600, "rate_burst": 50, "required_fields": ["email"]})).await;
-    let (globex_id, globex) = t.client(json!({"approval_required": true, "daily_record_quota": 1000000})).await;
+    let (acme_id, acme) = t
+        .client(json!({"rate_per_minute": 600, "rate_burst": 50, "required_fields": ["email"]}))
+        .await;
+    let (globex_id, globex) = t
+        .client(json!({"approval_required": true, "daily_record_quota": 1000000}))
+        .await;
     // People, every 37th without the email the policy requires.
     let people = |prefix: &str, n: usize| {
         let mut body = String::from("id,email,name\n");
         for r in 0..n {
-            let email = if r % 37 == 5 { String::new() } else { format!("user{r}@example.com") };
+            let email = if r % 37 == 5 {
+                String::new()
+            } else {
+                format!("user{r}@example.com")
+            };
             body.push_str(&format!("{prefix}-{r},{email},User {r}\n"));
         }
         body
     };
     let mut last = None;
     for i in 0..6 {
-        last = Some(t.import(&acme, "text/csv", people(&i.to_string(), 120 * (i + 1))).await.batch_id);
+        last = Some(
+            t.import(&acme, "text/csv", people(&i.to_string(), 120 * (i + 1)))
+                .await
+                .batch_id,
+        );
     }
-    t.wait_for(&acme, last.as_ref().unwrap(), BatchStatus::Completed).await;
+    t.wait_for(&acme, last.as_ref().unwrap(), BatchStatus::Completed)
+        .await;
     t.import(&globex, "text/csv", csv("waiting", 40)).await;
     dead_batch(&t, &globex, "gone").await;
     sqlx::query("UPDATE jobs SET status = 'dead', attempts = max_attempts, last_error = $1 WHERE id IN (SELECT id FROM jobs ORDER BY id LIMIT 1)")
@@ -680,8 +837,14 @@ async fn screenshots() {
         .execute(t.db.pool())
         .await
         .unwrap();
-    let (initech_id, slow) = t.client(json!({"rate_per_minute": 1, "rate_burst": 1})).await;
-    for (id, name) in [(&acme_id, "Acme Corp"), (&globex_id, "Globex"), (&initech_id, "Initech")] {
+    let (initech_id, slow) = t
+        .client(json!({"rate_per_minute": 1, "rate_burst": 1}))
+        .await;
+    for (id, name) in [
+        (&acme_id, "Acme Corp"),
+        (&globex_id, "Globex"),
+        (&initech_id, "Initech"),
+    ] {
         sqlx::query("UPDATE clients SET name = $1 WHERE id = $2")
             .bind(name)
             .bind(id.as_str())
@@ -695,17 +858,16 @@ async fn screenshots() {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/screenshots");
     std::fs::create_dir_all(&dir).unwrap();
     browser.goto(&format!("{base}/ui/login")).await;
-    std::fs::write(dir.join("login.png"), browser.client.screenshot().await.unwrap()).unwrap();
+    std::fs::write(
+        dir.join("login.png"),
+        browser.client.screenshot().await.unwrap(),
+    )
+    .unwrap();
     browser.login(&base, "ann").await;
     let detail = format!("/ui/batches/{}", last.unwrap());
     let started = Instant::now();
     // A refused login, for the action log.
-    plain()
-        .post(t.url("/ui/login"))
-        .form(&[("operator", "mallory"), ("token", "guess")])
-        .send()
-        .await
-        .unwrap();
+    try_login(&t, "mallory", "guess").await;
     for (name, path) in [
         ("overview", "/ui"),
         ("batches", "/ui/batches"),
@@ -718,24 +880,50 @@ async fn screenshots() {
     ] {
         if name == "actions" {
             // An action of this session, for the action log.
-            browser.goto(&format!("{base}/ui/batches?status=awaiting_approval")).await;
-            browser.click("tr[data-batch] form.inline button:not(.danger)").await;
-            browser.wait_until(10, "approved", "return !!document.querySelector('.notice')").await;
+            browser
+                .goto(&format!("{base}/ui/batches?status=awaiting_approval"))
+                .await;
+            browser
+                .click("tr[data-batch] form.inline button:not(.danger)")
+                .await;
+            browser
+                .wait_until(10, "approved", "return !!document.querySelector('.notice')")
+                .await;
         }
         let shown = Instant::now();
         browser.goto(&format!("{base}{path}")).await;
-        browser.wait_until(10, "live", "return document.getElementById('live-status').textContent === 'live'").await;
+        browser
+            .wait_until(
+                10,
+                "live",
+                "return document.getElementById('live-status').textContent === 'live'",
+            )
+            .await;
         eprintln!("{name}: live after {:?}", shown.elapsed());
         if name == "overview" {
             // Something to show in the live feed.
             t.import(&acme, "text/csv", people("feed", 30)).await;
-            browser.wait_until(10, "feed", "return document.querySelectorAll('#feed li:not(.empty)').length >= 3").await;
+            browser
+                .wait_until(
+                    10,
+                    "feed",
+                    "return document.querySelectorAll('#feed li:not(.empty)').length >= 3",
+                )
+                .await;
             // The cards follow the feed by one refresh.
             tokio::time::sleep(Duration::from_millis(600)).await;
         }
-        std::fs::write(dir.join(format!("{name}.png")), browser.client.screenshot().await.unwrap()).unwrap();
+        std::fs::write(
+            dir.join(format!("{name}.png")),
+            browser.client.screenshot().await.unwrap(),
+        )
+        .unwrap();
     }
-    eprintln!("screenshots written to {} in {:?}", dir.display(), started.elapsed());
+    eprintln!(
+        "screenshots written to {} in {:?}",
+        dir.display(),
+        started.elapsed()
+    );
     browser.stop().await;
     t.stop().await;
 }

@@ -11,8 +11,8 @@ use dataflow_contracts::http::{
     BatchView, ClientView, CreateClient, CreateKey, KeyCreated, KeyView, QueueDepth, WorkerInfo,
 };
 use dataflow_contracts::jobs::{JobCount, JobPage, JobView};
-use dataflow_contracts::policy::PolicyPatch;
 use dataflow_contracts::live::LiveKind;
+use dataflow_contracts::policy::PolicyPatch;
 use dataflow_contracts::{BatchId, BatchStatus, ClientId, JobId, Policy};
 use dataflow_platform::db::{BatchAction, ClientRecord, JobFilter};
 use serde::Deserialize;

@@ -3,17 +3,16 @@
 //! written to the action log with its outcome, refused ones included.
 
 use axum::Extension;
-use axum::body::Bytes;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Query, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Redirect, Response};
 use dataflow_contracts::JobId;
 use dataflow_platform::db::BatchAction;
 use maud::{Markup, html};
 use serde::Deserialize;
 
-use super::csrf;
+use super::csrf::Verified;
 use super::form::FormData;
 use super::layout::{self, Nav, Notice};
 use super::session::Operator;
@@ -77,20 +76,38 @@ fn target_kind(action: Action, target: &str) -> ApiResult<Target> {
         }
     };
     if matches!(kind, Target::Job) && matches!(action, Action::Approve | Action::Reject) {
-        return Err(ApiError::bad_request("invalid_action", "jobs are retried or discarded"));
+        return Err(ApiError::bad_request(
+            "invalid_action",
+            "jobs are retried or discarded",
+        ));
     }
     Ok(kind)
 }
 
 /// Runs `action` on one target; the name the log records it under.
-async fn run(state: &AppState, op: &Operator, action: Action, target: &str, reason: Option<&str>) -> (String, ApiResult<()>) {
+async fn run(
+    state: &AppState,
+    op: &Operator,
+    action: Action,
+    target: &str,
+    reason: Option<&str>,
+) -> (String, ApiResult<()>) {
     let kind = match target_kind(action, target) {
         Ok(k) => k,
         Err(e) => return (action.verb().to_owned(), Err(e)),
     };
     let reason = || {
         let given = reason.map(str::trim).filter(|r| !r.is_empty());
-        let text = given.map_or_else(|| format!("{} from the dashboard by {}", action.verb(), op.session.operator), str::to_owned);
+        let text = given.map_or_else(
+            || {
+                format!(
+                    "{} from the dashboard by {}",
+                    action.verb(),
+                    op.session.operator
+                )
+            },
+            str::to_owned,
+        );
         checked_reason(text)
     };
     let result = match kind {
@@ -99,10 +116,14 @@ async fn run(state: &AppState, op: &Operator, action: Action, target: &str, reas
                 Action::Approve => Ok(BatchAction::Approve),
                 Action::Retry => Ok(BatchAction::Retry),
                 Action::Reject => reason().map(|reason| BatchAction::Reject { reason }),
-                Action::Discard | Action::Drain => reason().map(|reason| BatchAction::Discard { reason }),
+                Action::Discard | Action::Drain => {
+                    reason().map(|reason| BatchAction::Discard { reason })
+                }
             };
             match batch_action {
-                Ok(a) => transition(state.clone(), target.to_owned(), a).await.map(drop),
+                Ok(a) => transition(state.clone(), target.to_owned(), a)
+                    .await
+                    .map(drop),
                 Err(e) => Err(e),
             }
         }
@@ -129,7 +150,9 @@ async fn job(state: &AppState, action: Action, target: &str) -> ApiResult<()> {
         _ => db.discard_job(&id).await.map(drop),
     }
     .map_err(|e| match e {
-        dataflow_platform::Error::Invalid(detail) => ApiError::new(StatusCode::CONFLICT, "invalid_state", detail),
+        dataflow_platform::Error::Invalid(detail) => {
+            ApiError::new(StatusCode::CONFLICT, "invalid_state", detail)
+        }
         other => other.into(),
     })
 }
@@ -144,21 +167,24 @@ fn back(form: &FormData) -> &str {
 pub async fn perform(
     State(state): State<AppState>,
     Extension(op): Extension<Operator>,
-    headers: HeaderMap,
-    body: Bytes,
+    Verified(form): Verified,
 ) -> ApiResult<Response> {
-    let form = FormData::parse(&body);
-    csrf::check(&state, &headers, &op.session, form.get("csrf"))?;
     let action = form
         .get("action")
         .and_then(Action::parse)
         .ok_or_else(|| ApiError::bad_request("invalid_action", "unknown action"))?;
     let targets: Vec<&str> = form.all("target").collect();
     if targets.is_empty() {
-        return Err(ApiError::bad_request("no_target", "select at least one row first"));
+        return Err(ApiError::bad_request(
+            "no_target",
+            "select at least one row first",
+        ));
     }
     if targets.len() > MAX_TARGETS {
-        return Err(ApiError::bad_request("too_many_targets", format!("at most {MAX_TARGETS} at once")));
+        return Err(ApiError::bad_request(
+            "too_many_targets",
+            format!("at most {MAX_TARGETS} at once"),
+        ));
     }
     let (mut ok, mut refused) = (0u32, 0u32);
     for target in targets {
@@ -175,7 +201,10 @@ pub async fn perform(
     }
     let back = back(&form);
     let sep = if back.contains('?') { '&' } else { '?' };
-    let to = format!("{back}{sep}done={}&ok={ok}&refused={refused}", action.verb());
+    let to = format!(
+        "{back}{sep}done={}&ok={ok}&refused={refused}",
+        action.verb()
+    );
     Ok(Redirect::to(&to).into_response())
 }
 
@@ -234,7 +263,13 @@ mod tests {
 
     #[test]
     fn action_names_round_trip() {
-        for a in [Action::Approve, Action::Reject, Action::Retry, Action::Discard, Action::Drain] {
+        for a in [
+            Action::Approve,
+            Action::Reject,
+            Action::Retry,
+            Action::Discard,
+            Action::Drain,
+        ] {
             assert_eq!(Action::parse(a.verb()), Some(a));
         }
         assert_eq!(Action::parse("delete"), None);

@@ -17,5 +17,12 @@ pub async fn serve(Path(file): Path<String>) -> Response {
         _ => return ApiError::not_found().into_response(),
     };
     // Short caching: a new release's assets are picked up within minutes.
-    ([(header::CONTENT_TYPE, kind), (header::CACHE_CONTROL, "private, max-age=300")], body).into_response()
+    (
+        [
+            (header::CONTENT_TYPE, kind),
+            (header::CACHE_CONTROL, "private, max-age=300"),
+        ],
+        body,
+    )
+        .into_response()
 }

@@ -16,6 +16,7 @@ use serde::Deserialize;
 
 use super::layout::{self, Nav, Notice};
 use super::session::Operator;
+use super::{cursor, optional};
 use crate::error::{ApiError, ApiResult};
 use crate::routes::batches::rejected_rows_csv;
 use crate::routes::{parse_path_id, query};
@@ -52,18 +53,22 @@ fn invalid(code: &str, detail: String) -> ApiError {
 }
 
 fn filter(q: &ListQuery) -> ApiResult<BatchFilter> {
-    let client = (!q.client.is_empty())
-        .then(|| q.client.parse::<ClientId>())
-        .transpose()
-        .map_err(|_| invalid("invalid_client", format!("{:?} is not a client id", q.client)))?;
-    let status = (!q.status.is_empty())
-        .then(|| q.status.parse::<BatchStatus>())
-        .transpose()
-        .map_err(|e| invalid("invalid_status", e))?;
+    let client = optional::<ClientId>(&q.client).map_err(|_| {
+        invalid(
+            "invalid_client",
+            format!("{:?} is not a client id", q.client),
+        )
+    })?;
+    let status = optional::<BatchStatus>(&q.status).map_err(|e| invalid("invalid_status", e))?;
     let max_age_ms = WINDOWS
         .iter()
         .find(|(key, _, _)| *key == q.window)
-        .ok_or_else(|| invalid("invalid_window", format!("{:?} is not a window: 1h, 24h, 7d or 30d", q.window)))?
+        .ok_or_else(|| {
+            invalid(
+                "invalid_window",
+                format!("{:?} is not a window: 1h, 24h, 7d or 30d", q.window),
+            )
+        })?
         .2;
     Ok(BatchFilter {
         client,
@@ -100,14 +105,20 @@ pub async fn list(
         };
     }
     let f = filter(&q)?;
-    let cursor = (!q.cursor.is_empty())
-        .then(|| q.cursor.parse::<BatchId>())
-        .transpose()
-        .map_err(|_| invalid("invalid_cursor", "cursor must come from an \"Older\" link".to_owned()))?;
+    let cursor = cursor::<BatchId>(&q.cursor)?;
     let (rows, next) = db.search_batches(&f, cursor.as_ref(), PAGE).await?;
     let clients = db.list_clients().await?;
-    let names: HashMap<&ClientId, &str> = clients.iter().map(|c| (&c.id, c.name.as_str())).collect();
-    let here = layout::link("/ui/batches", &[("client", &q.client), ("status", &q.status), ("window", &q.window), ("cursor", &q.cursor)]);
+    let names: HashMap<&ClientId, &str> =
+        clients.iter().map(|c| (&c.id, c.name.as_str())).collect();
+    let here = layout::link(
+        "/ui/batches",
+        &[
+            ("client", &q.client),
+            ("status", &q.status),
+            ("window", &q.window),
+            ("cursor", &q.cursor),
+        ],
+    );
     let body = html! {
         form.filters method="get" action="/ui/batches" {
             label { "Client"
@@ -199,7 +210,10 @@ pub async fn detail(
     let q = query(q)?;
     let id: BatchId = parse_path_id(&id)?;
     let db = &state.backends.db;
-    let b = db.get_batch(None, &id).await?.ok_or_else(ApiError::not_found)?;
+    let b = db
+        .get_batch(None, &id)
+        .await?
+        .ok_or_else(ApiError::not_found)?;
     let after = q.after.unwrap_or(0);
     let errors = db.list_record_errors(&id, after, PAGE).await?;
     let by_code = db.record_error_counts(&id).await?;
@@ -276,7 +290,10 @@ pub async fn detail(
 }
 
 /// The rejected rows of any client's batch (operators see every client).
-pub async fn report_csv(State(state): State<AppState>, Path(id): Path<String>) -> ApiResult<Response> {
+pub async fn report_csv(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> ApiResult<Response> {
     let id: BatchId = parse_path_id(&id)?;
     let db = state.backends.db.clone();
     if db.get_batch(None, &id).await?.is_none() {

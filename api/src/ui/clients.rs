@@ -49,12 +49,19 @@ pub async fn page(
     let db = &state.backends.db;
     let clients = db.list_clients().await?;
     let page = q.page.unwrap_or(0);
-    let shown: Vec<&ClientRecord> = clients.iter().skip(page.saturating_mul(PAGE)).take(PAGE).collect();
+    let shown: Vec<&ClientRecord> = clients
+        .iter()
+        .skip(page.saturating_mul(PAGE))
+        .take(PAGE)
+        .collect();
     let mut keys = Vec::with_capacity(shown.len());
     for c in &shown {
         keys.push(db.list_keys(&c.id).await?);
     }
-    let names: HashMap<String, &str> = clients.iter().map(|c| (format!("client:{}", c.id), c.name.as_str())).collect();
+    let names: HashMap<String, &str> = clients
+        .iter()
+        .map(|c| (format!("client:{}", c.id), c.name.as_str()))
+        .collect();
     let rejections = state.rejections.recent();
     let now = now_ms();
     let more = clients.len() > (page + 1) * PAGE;

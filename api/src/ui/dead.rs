@@ -10,9 +10,10 @@ use dataflow_platform::db::JobFilter;
 use maud::{Markup, html};
 use serde::Deserialize;
 
+use super::cursor;
 use super::layout::{self, Nav, Notice};
 use super::session::Operator;
-use crate::error::{ApiError, ApiResult};
+use crate::error::ApiResult;
 use crate::routes::query;
 use crate::state::AppState;
 
@@ -51,12 +52,17 @@ pub async fn page(
     q: Result<Query<DeadQuery>, QueryRejection>,
 ) -> ApiResult<Markup> {
     let q = query(q)?;
-    let bad_cursor = |_| ApiError::bad_request("invalid_cursor", "cursor must come from an \"Older\" link");
-    let batch_cursor = (!q.batches.is_empty()).then(|| q.batches.parse::<BatchId>()).transpose().map_err(bad_cursor)?;
-    let job_cursor = (!q.jobs.is_empty()).then(|| q.jobs.parse::<JobId>()).transpose().map_err(bad_cursor)?;
+    let batch_cursor = cursor::<BatchId>(&q.batches)?;
+    let job_cursor = cursor::<JobId>(&q.jobs)?;
     let db = &state.backends.db;
-    let batches = db.list_batches(None, Some(BatchStatus::Dead), batch_cursor.as_ref(), PAGE).await?;
-    let filter = JobFilter { status: Some(JobStatus::Dead), kind: None, batch_id: None };
+    let batches = db
+        .list_batches(None, Some(BatchStatus::Dead), batch_cursor.as_ref(), PAGE)
+        .await?;
+    let filter = JobFilter {
+        status: Some(JobStatus::Dead),
+        kind: None,
+        batch_id: None,
+    };
     let jobs = db.list_jobs(&filter, job_cursor.as_ref(), PAGE).await?;
     let here = layout::link("/ui/dead", &[("batches", &q.batches), ("jobs", &q.jobs)]);
     let body = html! {

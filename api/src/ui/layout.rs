@@ -209,12 +209,18 @@ mod tests {
 
     #[test]
     fn links_encode_their_values() {
-        assert_eq!(link("/ui/batches", &[("status", ""), ("q", "a&b")]), "/ui/batches?q=a%26b");
+        assert_eq!(
+            link("/ui/batches", &[("status", ""), ("q", "a&b")]),
+            "/ui/batches?q=a%26b"
+        );
         assert_eq!(link("/ui/dead", &[]), "/ui/dead");
     }
 
     #[test]
     fn markup_is_escaped() {
-        assert_eq!(status("<script>").into_string(), "<span class=\"badge status-&lt;script&gt;\">&lt;script&gt;</span>");
+        assert_eq!(
+            status("<script>").into_string(),
+            "<span class=\"badge status-&lt;script&gt;\">&lt;script&gt;</span>"
+        );
     }
 }

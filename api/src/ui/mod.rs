@@ -28,6 +28,8 @@ mod queues;
 mod session;
 mod workers;
 
+use std::str::FromStr;
+
 use axum::Router;
 use axum::extract::Request;
 use axum::http::{HeaderValue, header};
@@ -35,7 +37,7 @@ use axum::middleware::{self, Next};
 use axum::response::Response;
 use axum::routing::{get, post};
 
-use crate::error::ApiError;
+use crate::error::{ApiError, ApiResult};
 use crate::state::AppState;
 
 pub fn router(state: AppState) -> Router<AppState> {
@@ -61,6 +63,18 @@ pub fn router(state: AppState) -> Router<AppState> {
         .layer(middleware::from_fn(security_headers))
 }
 
+/// A query parameter that may be left empty (as an unchosen `<select>` sends it).
+fn optional<T: FromStr>(raw: &str) -> Result<Option<T>, T::Err> {
+    (!raw.is_empty()).then(|| raw.parse()).transpose()
+}
+
+/// A page cursor from an "Older" link, when there is one.
+fn cursor<T: FromStr>(raw: &str) -> ApiResult<Option<T>> {
+    optional(raw).map_err(|_| {
+        ApiError::bad_request("invalid_cursor", "cursor must come from an \"Older\" link")
+    })
+}
+
 /// Pages load only their own script and stylesheet, are never framed and never cached.
 async fn security_headers(req: Request, next: Next) -> Response {
     let mut resp = next.run(req).await;
@@ -72,8 +86,14 @@ async fn security_headers(req: Request, next: Next) -> Response {
              connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
         ),
     );
-    h.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
-    h.insert(header::REFERRER_POLICY, HeaderValue::from_static("same-origin"));
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    h.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("same-origin"),
+    );
     h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
     if !h.contains_key(header::CACHE_CONTROL) {
         h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));

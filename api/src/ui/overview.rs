@@ -54,7 +54,11 @@ pub async fn page(
         },
         None => "not configured",
     };
-    let waiting: u64 = depths.iter().filter(|d| d.queue == "batches" && d.state != "dead").map(|d| d.count).sum();
+    let waiting: u64 = depths
+        .iter()
+        .filter(|d| d.queue == "batches" && d.state != "dead")
+        .map(|d| d.count)
+        .sum();
     let body = html! {
         (layout::live("overview-cards", html! {
             div.cards {
@@ -71,23 +75,7 @@ pub async fn page(
                 }
             }
             h2 { "Queue depth" }
-            @if depths.is_empty() {
-                (layout::empty("Nothing is waiting anywhere."))
-            } @else {
-                table {
-                    thead { tr { th { "Queue" } th { "State" } th.num { "Count" } th.num { "Oldest" } } }
-                    tbody {
-                        @for d in &depths {
-                            tr {
-                                td { (d.queue) }
-                                td { (layout::status(&d.state)) }
-                                td.num { (d.count) }
-                                td.num { (d.oldest_age_ms.map(layout::age).unwrap_or_default()) }
-                            }
-                        }
-                    }
-                }
-            }
+            (super::queues::depth_table(&depths))
         }))
         section.feed {
             h2 { "Live updates" }

@@ -10,18 +10,17 @@
 use std::net::IpAddr;
 use std::time::Duration;
 
-use axum::body::Bytes;
+use axum::Extension;
 use axum::extract::{Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Redirect, Response};
-use axum::Extension;
 use dataflow_platform::db::NewAction;
 use dataflow_platform::keys;
 use dataflow_platform::sessions::Session;
 use maud::{Markup, html};
 
-use super::csrf;
+use super::csrf::{self, Verified};
 use super::form::FormData;
 use super::layout::shell;
 use crate::auth::{client_ip, locked};
@@ -43,7 +42,13 @@ pub struct Operator {
 
 impl Operator {
     /// Records an action in the log.
-    pub async fn record(&self, state: &AppState, action: &str, target: &str, outcome: &str) -> ApiResult<()> {
+    pub async fn record(
+        &self,
+        state: &AppState,
+        action: &str,
+        target: &str,
+        outcome: &str,
+    ) -> ApiResult<()> {
         let ip = self.ip.to_string();
         let entry = NewAction {
             operator: &self.session.operator,
@@ -74,17 +79,23 @@ fn cookie_token(headers: &HeaderMap) -> Option<String> {
 }
 
 fn cookie(state: &AppState, value: &str, clear: bool) -> HeaderValue {
-    let secure = if state.config.ui.cookie_secure { "; Secure" } else { "" };
+    let secure = if state.config.ui.cookie_secure {
+        "; Secure"
+    } else {
+        ""
+    };
     let expiry = if clear { "; Max-Age=0" } else { "" };
     let text = format!("{COOKIE}={value}; Path=/ui; HttpOnly; SameSite=Strict{secure}{expiry}");
     // The token is hex, so the header value is always valid.
-    HeaderValue::from_str(&text).unwrap_or_else(|_| HeaderValue::from_static("dataflow_session=; Path=/ui"))
+    HeaderValue::from_str(&text)
+        .unwrap_or_else(|_| HeaderValue::from_static("dataflow_session=; Path=/ui"))
 }
 
 fn to_login(state: &AppState, clear: bool) -> Response {
     let mut resp = Redirect::to("/ui/login").into_response();
     if clear {
-        resp.headers_mut().insert(header::SET_COOKIE, cookie(state, "", true));
+        resp.headers_mut()
+            .insert(header::SET_COOKIE, cookie(state, "", true));
     }
     resp
 }
@@ -102,7 +113,12 @@ pub async fn require(State(state): State<AppState>, mut req: Request, next: Next
     let Some(token) = cookie_token(req.headers()) else {
         return to_login(&state, false);
     };
-    match state.backends.sessions.find(&token, Some(ttl(&state))).await {
+    match state
+        .backends
+        .sessions
+        .find(&token, Some(ttl(&state)))
+        .await
+    {
         Ok(Some(session)) => {
             let ip = client_ip(&state, &req);
             req.extensions_mut().insert(Operator { session, token, ip });
@@ -159,7 +175,10 @@ pub async fn login(State(state): State<AppState>, req: Request) -> ApiResult<Res
     }
     let raw_name = form.get("operator").unwrap_or_default();
     let Some(name) = operator_name(raw_name) else {
-        let page = login_form(Some("Give your name (up to 64 characters): the action log records it."), "");
+        let page = login_form(
+            Some("Give your name (up to 64 characters): the action log records it."),
+            "",
+        );
         return Ok((StatusCode::BAD_REQUEST, page).into_response());
     };
     let expected = state.backends.admin_token.expose().as_bytes();
@@ -169,7 +188,14 @@ pub async fn login(State(state): State<AppState>, req: Request) -> ApiResult<Res
         let db = state.backends.db.clone();
         let (name, ip) = (name.to_owned(), ip_text.clone());
         async move {
-            let entry = NewAction { operator: &name, session: &session, action: "login", target: "", outcome, ip: &ip };
+            let entry = NewAction {
+                operator: &name,
+                session: &session,
+                action: "login",
+                target: "",
+                outcome,
+                ip: &ip,
+            };
             db.record_action(&entry).await
         }
     };
@@ -187,18 +213,16 @@ pub async fn login(State(state): State<AppState>, req: Request) -> ApiResult<Res
         .map_err(store_unavailable)?;
     log("ok", session.label.clone()).await?;
     let mut resp = Redirect::to("/ui").into_response();
-    resp.headers_mut().insert(header::SET_COOKIE, cookie(&state, &token, false));
+    resp.headers_mut()
+        .insert(header::SET_COOKIE, cookie(&state, &token, false));
     Ok(resp)
 }
 
 pub async fn logout(
     State(state): State<AppState>,
     Extension(op): Extension<Operator>,
-    headers: HeaderMap,
-    body: Bytes,
+    _: Verified,
 ) -> ApiResult<Response> {
-    let form = FormData::parse(&body);
-    csrf::check(&state, &headers, &op.session, form.get("csrf"))?;
     state
         .backends
         .sessions
@@ -216,9 +240,15 @@ mod tests {
     #[test]
     fn the_session_cookie_is_found_among_others() {
         let mut h = HeaderMap::new();
-        h.insert(header::COOKIE, HeaderValue::from_static("a=1; dataflow_session=abc; b=2"));
+        h.insert(
+            header::COOKIE,
+            HeaderValue::from_static("a=1; dataflow_session=abc; b=2"),
+        );
         assert_eq!(cookie_token(&h).as_deref(), Some("abc"));
-        h.insert(header::COOKIE, HeaderValue::from_static("dataflow_session="));
+        h.insert(
+            header::COOKIE,
+            HeaderValue::from_static("dataflow_session="),
+        );
         assert_eq!(cookie_token(&h), None);
     }
 

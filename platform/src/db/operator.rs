@@ -97,7 +97,11 @@ impl Db {
         }
         t.completed = latencies.len() as u64;
         latencies.sort_unstable();
-        let at = |q: usize| latencies.get((latencies.len() * q / 100).min(latencies.len().saturating_sub(1))).copied();
+        let at = |q: usize| {
+            latencies
+                .get((latencies.len() * q / 100).min(latencies.len().saturating_sub(1)))
+                .copied()
+        };
         t.latency_p50_ms = at(50);
         t.latency_p95_ms = at(95);
         t.latency_max_ms = latencies.last().copied();
