@@ -56,35 +56,80 @@ impl Action {
     }
 }
 
-/// What a target id names.
-enum Target {
-    Batch,
-    Job,
-    Worker,
+/// One action on one target, as it will run.
+enum Step {
+    Batch(BatchAction),
+    RetryJob(JobId),
+    DiscardJob(JobId),
+    Drain,
 }
 
-fn target_kind(action: Action, target: &str) -> ApiResult<Target> {
-    let kind = match action {
-        Action::Drain => Target::Worker,
-        _ if target.starts_with("bat_") => Target::Batch,
-        _ if target.starts_with("job_") => Target::Job,
-        _ => {
-            return Err(ApiError::bad_request(
-                "invalid_target",
-                format!("{target:?} is not a batch or job id"),
-            ));
-        }
-    };
-    if matches!(kind, Target::Job) && matches!(action, Action::Approve | Action::Reject) {
-        return Err(ApiError::bad_request(
-            "invalid_action",
-            "jobs are retried or discarded",
-        ));
+impl Step {
+    /// What `action` on `target` means, or why it means nothing. `reason` gives the
+    /// reason a reject or discard records.
+    fn plan(
+        action: Action,
+        target: &str,
+        reason: impl FnOnce() -> ApiResult<String>,
+    ) -> ApiResult<Step> {
+        let kind = target.split_once('_').map(|(prefix, _)| prefix);
+        let job = || target.parse::<JobId>().map_err(|_| ApiError::not_found());
+        Ok(match (action, kind) {
+            (Action::Drain, _) => Step::Drain,
+            (Action::Approve, Some("bat")) => Step::Batch(BatchAction::Approve),
+            (Action::Retry, Some("bat")) => Step::Batch(BatchAction::Retry),
+            (Action::Reject, Some("bat")) => Step::Batch(BatchAction::Reject { reason: reason()? }),
+            (Action::Discard, Some("bat")) => {
+                Step::Batch(BatchAction::Discard { reason: reason()? })
+            }
+            (Action::Retry, Some("job")) => Step::RetryJob(job()?),
+            (Action::Discard, Some("job")) => Step::DiscardJob(job()?),
+            _ => {
+                return Err(ApiError::bad_request(
+                    "invalid_target",
+                    format!(
+                        "cannot {} {target:?}: batches are approved, rejected, retried or discarded, jobs retried or discarded",
+                        action.verb()
+                    ),
+                ));
+            }
+        })
     }
-    Ok(kind)
+
+    /// The name the action log records, such as `batch.retry`.
+    fn name(&self, action: Action) -> String {
+        let noun = match self {
+            Step::Batch(_) => "batch",
+            Step::RetryJob(_) | Step::DiscardJob(_) => "job",
+            Step::Drain => "worker",
+        };
+        format!("{noun}.{}", action.verb())
+    }
+
+    /// Runs through the same code as the `/admin` route of the action.
+    async fn run(self, state: &AppState, target: &str) -> ApiResult<()> {
+        let db = &state.backends.db;
+        let in_state = |e: dataflow_platform::Error| match e {
+            dataflow_platform::Error::Invalid(detail) => {
+                ApiError::new(StatusCode::CONFLICT, "invalid_state", detail)
+            }
+            other => other.into(),
+        };
+        match self {
+            Step::Batch(a) => transition(state.clone(), target.to_owned(), a)
+                .await
+                .map(drop),
+            Step::RetryJob(id) => db.retry_job(&id).await.map(drop).map_err(in_state),
+            Step::DiscardJob(id) => db.discard_job(&id).await.map(drop).map_err(in_state),
+            Step::Drain => match state.backends.fleet.request_drain(target).await? {
+                true => Ok(()),
+                false => Err(ApiError::not_found()),
+            },
+        }
+    }
 }
 
-/// Runs `action` on one target; the name the log records it under.
+/// Runs `action` on one target; the name the log records it under, and the outcome.
 async fn run(
     state: &AppState,
     op: &Operator,
@@ -92,69 +137,24 @@ async fn run(
     target: &str,
     reason: Option<&str>,
 ) -> (String, ApiResult<()>) {
-    let kind = match target_kind(action, target) {
-        Ok(k) => k,
-        Err(e) => return (action.verb().to_owned(), Err(e)),
-    };
     let reason = || {
         let given = reason.map(str::trim).filter(|r| !r.is_empty());
-        let text = given.map_or_else(
-            || {
-                format!(
-                    "{} from the dashboard by {}",
-                    action.verb(),
-                    op.session.operator
-                )
-            },
-            str::to_owned,
-        );
-        checked_reason(text)
+        let default = || {
+            format!(
+                "{} from the dashboard by {}",
+                action.verb(),
+                op.session.operator
+            )
+        };
+        checked_reason(given.map_or_else(default, str::to_owned))
     };
-    let result = match kind {
-        Target::Batch => {
-            let batch_action = match action {
-                Action::Approve => Ok(BatchAction::Approve),
-                Action::Retry => Ok(BatchAction::Retry),
-                Action::Reject => reason().map(|reason| BatchAction::Reject { reason }),
-                Action::Discard | Action::Drain => {
-                    reason().map(|reason| BatchAction::Discard { reason })
-                }
-            };
-            match batch_action {
-                Ok(a) => transition(state.clone(), target.to_owned(), a)
-                    .await
-                    .map(drop),
-                Err(e) => Err(e),
-            }
+    match Step::plan(action, target, reason) {
+        Ok(step) => {
+            let name = step.name(action);
+            (name, step.run(state, target).await)
         }
-        Target::Job => job(state, action, target).await,
-        Target::Worker => match state.backends.fleet.request_drain(target).await {
-            Ok(true) => Ok(()),
-            Ok(false) => Err(ApiError::not_found()),
-            Err(e) => Err(e.into()),
-        },
-    };
-    let noun = match kind {
-        Target::Batch => "batch",
-        Target::Job => "job",
-        Target::Worker => "worker",
-    };
-    (format!("{noun}.{}", action.verb()), result)
-}
-
-async fn job(state: &AppState, action: Action, target: &str) -> ApiResult<()> {
-    let id: JobId = target.parse().map_err(|_| ApiError::not_found())?;
-    let db = &state.backends.db;
-    match action {
-        Action::Retry => db.retry_job(&id).await.map(drop),
-        _ => db.discard_job(&id).await.map(drop),
+        Err(e) => (action.verb().to_owned(), Err(e)),
     }
-    .map_err(|e| match e {
-        dataflow_platform::Error::Invalid(detail) => {
-            ApiError::new(StatusCode::CONFLICT, "invalid_state", detail)
-        }
-        other => other.into(),
-    })
 }
 
 /// Where to go after the action: a dashboard path from the form, else the overview.
