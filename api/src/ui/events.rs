@@ -13,10 +13,11 @@ use std::time::Duration;
 
 use axum::Extension;
 use axum::extract::State;
+use axum::response::IntoResponse;
 use axum::response::sse::{Event, Sse};
 use dataflow_contracts::live::LiveEvent;
 use dataflow_platform::live::Live;
-use futures::{Stream, StreamExt};
+use futures::StreamExt;
 use tokio::sync::broadcast::{self, error::RecvError};
 
 use super::session::Operator;
@@ -74,7 +75,7 @@ impl Watch {
 pub async fn stream(
     State(state): State<AppState>,
     Extension(op): Extension<Operator>,
-) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
+) -> impl IntoResponse {
     let watch = Watch {
         rx: state.backends.live.subscribe(),
         heartbeat: Duration::from_secs(state.config.ui.sse_heartbeat_secs),
@@ -84,10 +85,12 @@ pub async fn stream(
     };
     // First, how long a browser waits before reconnecting; it also sends the response
     // head at once, so the page knows it is live before the first change.
-    let hello = futures::stream::once(async { Ok(Event::default().retry(RECONNECT)) });
+    let hello =
+        futures::stream::once(async { Ok::<_, Infallible>(Event::default().retry(RECONNECT)) });
     let events = futures::stream::unfold(watch, |mut w| async move {
         let event = w.next().await?;
         Some((Ok(event), w))
     });
-    Sse::new(hello.chain(events))
+    // A buffering proxy (nginx) would hold the updates back; this asks it not to.
+    ([("x-accel-buffering", "no")], Sse::new(hello.chain(events)))
 }
