@@ -26,6 +26,7 @@ backend_tests!(
     live_updates_reach_the_event_stream,
     live_updates_cross_processes_through_redis,
     redis_sessions_slide_and_expire,
+    a_session_store_that_is_down_answers_503,
     the_dashboard_in_a_browser,
 );
 
@@ -433,6 +434,41 @@ async fn redis_sessions_slide_and_expire(b: Backend) {
     t.stop().await;
 }
 
+async fn a_session_store_that_is_down_answers_503(b: Backend) {
+    let Some((t, proxy)) = crate::redis::behind_proxy(b, Roles::ALL, |_| {}).await else {
+        return;
+    };
+    let ui = Ui::login(&t, "ann").await;
+    assert_eq!(ui.get("/ui").send().await.unwrap().status(), 200);
+    proxy.cut();
+    let down = ui.get("/ui").send().await.unwrap();
+    assert_eq!(down.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert!(
+        down.text()
+            .await
+            .unwrap()
+            .contains("session store is unavailable")
+    );
+    assert_eq!(try_login(&t, "ann", TOKEN).await.status(), 503);
+    assert_eq!(
+        t.admin_send(Method::GET, "/admin/queues").await.status(),
+        200,
+        "the bearer-token API does not need the session store"
+    );
+    proxy.heal();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while ui.get("/ui").send().await.unwrap().status() != 200 {
+        assert!(
+            Instant::now() < deadline,
+            "the session is back once Redis is"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let redis = t.app.as_ref().unwrap().backends.redis.clone().unwrap();
+    redis.delete_all_under_prefix().await.unwrap();
+    t.stop().await;
+}
+
 /// An open `/ui/events` stream, read event by event.
 struct EventStream {
     resp: reqwest::Response,
@@ -643,14 +679,20 @@ mod browser {
             field.send_keys(text).await.unwrap();
         }
 
+        /// Clicks the element; again when a live refresh replaced it between the finding
+        /// and the click (the page re-reads its live regions when its stream opens).
         pub async fn click(&self, css: &str) {
-            self.client
-                .find(Locator::Css(css))
-                .await
-                .unwrap()
-                .click()
-                .await
-                .unwrap();
+            for _ in 0..5 {
+                let element = self.client.find(Locator::Css(css)).await.unwrap();
+                match element.click().await {
+                    Ok(()) => return,
+                    Err(e) if e.is_stale_element_reference() => {
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                    Err(e) => panic!("clicking {css}: {e}"),
+                }
+            }
+            panic!("{css} kept being replaced");
         }
 
         pub async fn login(&self, base: &str, operator: &str) {

@@ -184,24 +184,18 @@ pub async fn login(State(state): State<AppState>, req: Request) -> ApiResult<Res
     let expected = state.backends.admin_token.expose().as_bytes();
     let presented = form.get("token").unwrap_or_default().trim();
     let ip_text = ip.to_string();
-    let log = |outcome: &'static str, session: String| {
-        let db = state.backends.db.clone();
-        let (name, ip) = (name.to_owned(), ip_text.clone());
-        async move {
-            let entry = NewAction {
-                operator: &name,
-                session: &session,
-                action: "login",
-                target: "",
-                outcome,
-                ip: &ip,
-            };
-            db.record_action(&entry).await
-        }
+    let mut entry = NewAction {
+        operator: name,
+        session: "",
+        action: "login",
+        target: "",
+        outcome: "refused: wrong token",
+        ip: &ip_text,
     };
+    let db = &state.backends.db;
     if !keys::constant_time_eq(presented.as_bytes(), expected) {
         lockout.record_failure(&subject).await;
-        log("refused: wrong token", String::new()).await?;
+        db.record_action(&entry).await?;
         let page = login_form(Some("That token is not the operator token."), name);
         return Ok((StatusCode::UNAUTHORIZED, page).into_response());
     }
@@ -211,7 +205,9 @@ pub async fn login(State(state): State<AppState>, req: Request) -> ApiResult<Res
         .create(name, &ip_text, ttl(&state))
         .await
         .map_err(store_unavailable)?;
-    log("ok", session.label.clone()).await?;
+    entry.session = &session.label;
+    entry.outcome = "ok";
+    db.record_action(&entry).await?;
     let mut resp = Redirect::to("/ui").into_response();
     resp.headers_mut()
         .insert(header::SET_COOKIE, cookie(&state, &token, false));

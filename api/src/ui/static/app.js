@@ -74,7 +74,8 @@
     while (feed.children.length > 30) feed.lastChild.remove();
   }
 
-  if (window.EventSource) {
+  // Only signed-in pages (they show the live status) have a stream to open.
+  if (window.EventSource && status) {
     var source = new EventSource('/ui/events');
     source.onopen = function () { setStatus('live', 'on'); schedule(); };
     source.onerror = function () { setStatus('reconnecting…', 'off'); };
