@@ -22,6 +22,7 @@ backend_tests!(
     posts_without_the_csrf_token_are_refused,
     failed_logins_count_towards_the_lock_out,
     pages_escape_what_they_show_and_refuse_bad_input,
+    dead_letters_are_retried_in_bulk_and_workers_drained,
     sql_sessions_slide_and_expire,
     live_updates_reach_the_event_stream,
     live_updates_cross_processes_through_redis,
@@ -374,6 +375,76 @@ async fn pages_escape_what_they_show_and_refuse_bad_input(b: Backend) {
         );
         assert!(!resp.status().is_server_error());
     }
+    t.stop().await;
+}
+
+async fn dead_letters_are_retried_in_bulk_and_workers_drained(b: Backend) {
+    let Some(t) = TestApp::spawn_with(b, Roles::API, |_| {}).await else {
+        return;
+    };
+    let worker = t.sibling(Roles::WORKER).await;
+    let (_, key) = t.client(json!({"approval_required": true})).await;
+    let first = dead_batch(&t, &key, "one").await;
+    let second = dead_batch(&t, &key, "two").await;
+    let ui = Ui::login(&t, "ann").await;
+    let page = ui.page("/ui/dead").await;
+    assert!(page.contains(first.as_str()) && page.contains(second.as_str()));
+    let csrf = ui.csrf().await;
+    let bulk = ui
+        .post(
+            "/ui/actions",
+            &[
+                ("csrf", csrf.as_str()),
+                ("action", "retry"),
+                ("target", first.as_str()),
+                ("target", second.as_str()),
+                ("target", "job_01M8T79NQA174FW7V98NTBC130"),
+                ("back", "/ui/dead"),
+            ],
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        bulk.headers()[header::LOCATION],
+        "/ui/dead?done=retry&ok=2&refused=1",
+        "both batches retried, the unknown job refused"
+    );
+    for id in [&first, &second] {
+        t.wait_for(&key, id, BatchStatus::Completed).await;
+    }
+    let drain = |target: String| {
+        let csrf = csrf.clone();
+        let ui = &ui;
+        async move {
+            let form = [
+                ("csrf", csrf.as_str()),
+                ("action", "drain"),
+                ("target", target.as_str()),
+            ];
+            let resp = ui.post("/ui/actions", &form).send().await.unwrap();
+            header_of(&resp, header::LOCATION).to_owned()
+        }
+    };
+    assert_eq!(
+        drain("nobody".to_owned()).await,
+        "/ui?done=drain&ok=0&refused=1"
+    );
+    assert_eq!(
+        drain(worker.worker_id()).await,
+        "/ui?done=drain&ok=1&refused=0"
+    );
+    let log = ui.page("/ui/actions").await;
+    for expected in [
+        "batch.retry",
+        "refused: no such resource",
+        "worker.drain",
+        &worker.worker_id(),
+    ] {
+        assert!(log.contains(expected), "action log lacks {expected}");
+    }
+    // A drained worker stops its own process.
+    worker.app.unwrap().wait().await;
     t.stop().await;
 }
 
