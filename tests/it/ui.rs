@@ -26,6 +26,7 @@ backend_tests!(
     sql_sessions_slide_and_expire,
     live_updates_reach_the_event_stream,
     live_updates_cross_processes_through_redis,
+    an_ended_session_ends_its_event_stream,
     redis_sessions_slide_and_expire,
     a_session_store_that_is_down_answers_503,
     the_dashboard_in_a_browser,
@@ -557,23 +558,29 @@ impl EventStream {
         }
     }
 
-    /// The next `change` event, skipping heartbeats and resyncs.
-    async fn next_change(&mut self) -> LiveEvent {
+    /// The next event or comment, as its lines.
+    async fn next_block(&mut self) -> String {
         loop {
             if let Some(end) = self.buffer.find("\n\n") {
-                let block: String = self.buffer.drain(..end + 2).collect();
-                let data = block.lines().find_map(|l| l.strip_prefix("data: "));
-                if block.lines().any(|l| l == "event: change") {
-                    return serde_json::from_str(data.unwrap()).unwrap();
-                }
-                continue;
+                return self.buffer.drain(..end + 2).collect();
             }
             let chunk = tokio::time::timeout(Duration::from_secs(20), self.resp.chunk())
                 .await
-                .expect("a live update within 20 s")
+                .expect("an event within 20 s")
                 .unwrap()
                 .expect("the stream stays open");
             self.buffer.push_str(&String::from_utf8_lossy(&chunk));
+        }
+    }
+
+    /// The next `change` event, skipping heartbeats and resyncs.
+    async fn next_change(&mut self) -> LiveEvent {
+        loop {
+            let block = self.next_block().await;
+            if block.lines().any(|l| l == "event: change") {
+                let data = block.lines().find_map(|l| l.strip_prefix("data: "));
+                return serde_json::from_str(data.unwrap()).unwrap();
+            }
         }
     }
 
@@ -615,6 +622,46 @@ async fn live_updates_reach_the_event_stream(b: Backend) {
         "{seen:?}"
     );
     assert!(seen.contains(&"batch_processing".to_owned()), "{seen:?}");
+    t.stop().await;
+}
+
+async fn an_ended_session_ends_its_event_stream(b: Backend) {
+    let Some(t) = TestApp::spawn_with(b, Roles::ALL, |c| c.api.ui.sse_heartbeat_secs = 1).await
+    else {
+        return;
+    };
+    let ui = Ui::login(&t, "ann").await;
+    let csrf = ui.csrf().await;
+    let mut events = EventStream::open(&ui).await;
+    assert!(
+        events.next_block().await.starts_with("retry: 2000"),
+        "the stream opens with its reconnect hint"
+    );
+    assert_eq!(
+        events.next_block().await,
+        ": heartbeat\n\n",
+        "a quiet stream beats"
+    );
+    let out = ui
+        .post("/ui/logout", &[("csrf", &csrf)])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(out.status(), StatusCode::SEE_OTHER);
+    let mut blocks = Vec::new();
+    loop {
+        let block = events.next_block().await;
+        if block.contains("event: logout") {
+            break;
+        }
+        blocks.push(block);
+        assert!(blocks.len() < 5, "no logout event: {blocks:?}");
+    }
+    let end = tokio::time::timeout(Duration::from_secs(5), events.resp.chunk()).await;
+    assert!(
+        matches!(end, Ok(Ok(None))),
+        "the stream ends after logout: {end:?}"
+    );
     t.stop().await;
 }
 
