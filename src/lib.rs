@@ -61,6 +61,9 @@ pub struct App {
     pub worker: Option<Worker>,
     shutdown: CancellationToken,
     tasks: JoinSet<()>,
+    /// The live-update bus, stopped after every other task.
+    live_stop: CancellationToken,
+    live_task: tokio::task::JoinHandle<()>,
 }
 
 impl App {
@@ -107,6 +110,13 @@ impl App {
 
         // Cache invalidations from other processes (only with Redis).
         tasks.spawn(backends.clone().run_invalidation_listener(shutdown.clone()));
+        // Live updates for dashboards, to and from other processes (only with Redis). The
+        // bus outlives the other roles, so what they announce while stopping (the last
+        // outcomes, a worker leaving) still goes out.
+        let live = backends.live.clone();
+        let live_stop = CancellationToken::new();
+        let (opened, closed) = (shutdown.clone(), live_stop.clone());
+        let live_task = tokio::spawn(async move { live.run(opened, closed).await });
 
         let worker = roles.worker.then(|| {
             Worker::new(
@@ -114,6 +124,7 @@ impl App {
                 config.worker.clone(),
                 backends.outbox_wake.clone(),
                 backends.mutex.clone(),
+                backends.live.clone(),
             )
         });
         if let Some(worker) = &worker {
@@ -139,6 +150,7 @@ impl App {
                 backends.fleet.clone(),
                 worker.clone(),
                 leading.clone(),
+                backends.live.clone(),
                 shutdown.clone(),
             ));
             // Subscribe before anything can publish, so no wake-up is missed.
@@ -170,6 +182,7 @@ impl App {
                 worker_id: worker.id().to_owned(),
                 events: backends.publisher.subscribe(),
                 leading,
+                live: backends.live.clone(),
             };
             tasks.spawn(jobs::run(setup, shutdown.clone()));
         }
@@ -198,6 +211,8 @@ impl App {
             worker,
             shutdown,
             tasks,
+            live_stop,
+            live_task,
         })
     }
 
@@ -209,6 +224,8 @@ impl App {
     /// Waits until every role has stopped (after the shutdown token is cancelled).
     pub async fn wait(mut self) {
         while self.tasks.join_next().await.is_some() {}
+        self.live_stop.cancel();
+        let _ = self.live_task.await;
         self.backends.db.close().await;
     }
 

@@ -115,7 +115,7 @@ fn bearer(headers: &HeaderMap) -> Option<&str> {
         .then_some(token.trim())
 }
 
-fn locked(left: std::time::Duration) -> ApiError {
+pub(crate) fn locked(left: std::time::Duration) -> ApiError {
     ApiError::too_many(
         "auth_locked",
         "too many failed authentication attempts; try again later",
@@ -133,7 +133,7 @@ fn unavailable(e: String) -> ApiError {
 
 /// The peer address, or — behind a trusted proxy — the right-most `X-Forwarded-For` entry:
 /// the one that proxy appended, which the client cannot choose.
-fn client_ip(state: &AppState, req: &Request) -> IpAddr {
+pub(crate) fn client_ip(state: &AppState, req: &Request) -> IpAddr {
     let peer = req
         .extensions()
         .get::<ConnectInfo<SocketAddr>>()

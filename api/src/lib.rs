@@ -6,6 +6,7 @@
 //! - [`ratelimit`]: GCRA per client and per anonymous IP, with `RateLimit` headers;
 //! - `routes/`: one module per resource (imports, batches, summaries, client, admin,
 //!   health, metrics);
+//! - `ui/`: the operator dashboard at `/ui` (sessions, CSRF, SSE, one module per page);
 //! - [`error`]: the one error type and its JSON form;
 //! - [`openapi`]: the OpenAPI 3.1 document the handlers' annotations make, served at
 //!   `/openapi.json`.
@@ -16,6 +17,7 @@ pub mod openapi;
 pub mod ratelimit;
 mod routes;
 pub mod state;
+mod ui;
 
 use std::time::Duration;
 
@@ -67,7 +69,9 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
 /// The whole HTTP application.
 pub fn router(state: AppState) -> Router {
     let (routes, _) = api(Some(&state)).split_for_parts();
+    // The dashboard is HTML for browsers, not part of the JSON API's document.
     routes
+        .nest("/ui", ui::router(state.clone()))
         .fallback(|| async { ApiError::not_found() })
         .layer(middleware::from_fn_with_state(state.clone(), deadline))
         .layer(middleware::from_fn(track))

@@ -2,7 +2,9 @@
 //! valid key. Every response carries `RateLimit-Policy` and `RateLimit` (IETF
 //! draft-ietf-httpapi-ratelimit-headers); a refusal is 429 with `Retry-After`.
 
+use std::collections::VecDeque;
 use std::net::IpAddr;
+use std::sync::Mutex;
 
 use axum::extract::Request;
 use axum::http::{HeaderMap, HeaderValue};
@@ -34,6 +36,7 @@ pub async fn limited(
     let mut resp = if decision.allowed {
         next.run(req).await
     } else {
+        state.rejections.record(subject, decision.retry_after_ms);
         ApiError::too_many(
             "rate_limited",
             "request rate over the client's limit",
@@ -68,6 +71,9 @@ pub async fn anonymous(state: &AppState, ip: IpAddr, err: ApiError) -> Response 
     let mut resp = if decision.allowed {
         err.into_response()
     } else {
+        state
+            .rejections
+            .record(&format!("anon:{ip}"), decision.retry_after_ms);
         ApiError::too_many(
             "rate_limited",
             "too many unauthenticated requests",
@@ -92,5 +98,60 @@ fn stamp(headers: &mut HeaderMap, rate: Rate, d: Decision) {
     ) {
         headers.insert("ratelimit-policy", p);
         headers.insert("ratelimit", c);
+    }
+}
+
+/// Refusals kept for the dashboard.
+const REJECTIONS_KEPT: usize = 200;
+
+/// One refusal: `subject` is `client:<id>` or `anon:<ip>`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejection {
+    pub at_ms: i64,
+    pub subject: String,
+    pub retry_after_ms: u64,
+}
+
+/// The newest rate-limit refusals of this process, for the dashboard's clients page. In
+/// memory and per process on purpose: it costs a mutex and a bounded ring on a path that
+/// is already refusing, nothing on the path that serves, and the counters in
+/// `dataflow_ratelimit_decisions_total` cover the whole fleet.
+#[derive(Debug, Default)]
+pub struct Rejections(Mutex<VecDeque<Rejection>>);
+
+impl Rejections {
+    pub fn record(&self, subject: &str, retry_after_ms: u64) {
+        let mut ring = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if ring.len() == REJECTIONS_KEPT {
+            ring.pop_back();
+        }
+        ring.push_front(Rejection {
+            at_ms: dataflow_contracts::time::now_ms(),
+            subject: subject.to_owned(),
+            retry_after_ms,
+        });
+    }
+
+    /// Newest first.
+    pub fn recent(&self) -> Vec<Rejection> {
+        let ring = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        ring.iter().cloned().collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_ring_keeps_the_newest() {
+        let r = Rejections::default();
+        for i in 0..REJECTIONS_KEPT + 5 {
+            r.record(&format!("client:{i}"), 1);
+        }
+        let recent = r.recent();
+        assert_eq!(recent.len(), REJECTIONS_KEPT);
+        assert_eq!(recent[0].subject, format!("client:{}", REJECTIONS_KEPT + 4));
+        assert_eq!(recent[REJECTIONS_KEPT - 1].subject, "client:5");
     }
 }

@@ -11,6 +11,8 @@ use dataflow_platform::config::ApiConfig;
 use dataflow_platform::db::{ClientRecord, KeyRecord};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+use crate::ratelimit::Rejections;
+
 /// `last_used_at` is written at most this often per key, to keep writes off the hot path.
 const TOUCH_EVERY: Duration = Duration::from_secs(60);
 
@@ -18,6 +20,8 @@ const TOUCH_EVERY: Duration = Duration::from_secs(60);
 pub struct AppState {
     pub backends: Arc<Backends>,
     pub config: Arc<ApiConfig>,
+    /// Recent rate-limit refusals, for the dashboard.
+    pub rejections: Arc<Rejections>,
     import_slots: Arc<Mutex<HashMap<ClientId, Arc<Semaphore>>>>,
     touched: Arc<Mutex<HashMap<String, Instant>>>,
 }
@@ -27,6 +31,7 @@ impl AppState {
         Self {
             backends,
             config: Arc::new(config),
+            rejections: Arc::default(),
             import_slots: Arc::default(),
             touched: Arc::default(),
         }

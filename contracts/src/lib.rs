@@ -6,6 +6,7 @@
 //! - [`policy`]: the per-client policy and its validation.
 //! - [`events`]: the versioned event envelope and the batch lifecycle events.
 //! - [`jobs`]: follow-up jobs (email, report, webhook) and their queue message.
+//! - [`live`]: the live updates operator dashboards hear over SSE.
 //! - [`http`]: request and response bodies of the HTTP API.
 
 pub mod batch;
@@ -13,6 +14,7 @@ pub mod events;
 pub mod http;
 pub mod ids;
 pub mod jobs;
+pub mod live;
 pub mod policy;
 pub mod time;
 

@@ -10,6 +10,8 @@
 //! | batch mutex | Redlock, fenced by the SQL lease epoch | the SQL lease alone |
 //! | job queue | Redis lists (or apalis-redis) fed from the SQL intents | workers claim the SQL intents |
 //! | mail | SMTP when `jobs.smtp_url` is set | `.eml` files in `<data_dir>/mail` |
+//! | live updates (dashboard SSE) | Redis pub/sub across processes | in-process broadcast |
+//! | dashboard sessions | keys with a sliding TTL | `ui_sessions` rows in the ledger |
 //!
 //! | part | with `amqp_url` | without |
 //! | --- | --- | --- |
@@ -20,7 +22,6 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::StreamExt;
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 
@@ -35,10 +36,12 @@ use crate::fleet::Fleet;
 use crate::jobqueue::{ApalisQueues, JobQueues, RedisJobQueue};
 use crate::keys::{self, KeyHasher};
 use crate::limiter::{InProcessLimiter, Limiter, RedisLimiter};
+use crate::live::LiveBus;
 use crate::lockout::{InProcessLockout, Lockout, LockoutPolicy, RedisLockout};
 use crate::mail::Mailer;
 use crate::mutex::{BatchMutex, Redlock};
 use crate::redis::{Purpose, Redis};
+use crate::sessions::SessionStore;
 use crate::webhook::WebhookSender;
 use crate::{Error, Result};
 
@@ -70,6 +73,10 @@ pub struct Backends {
     /// The worker fleet registry: in Redis when configured, else in the ledger.
     pub fleet: Arc<Fleet>,
     pub webhooks: Arc<WebhookSender>,
+    /// Live updates for dashboards: Redis pub/sub when configured, else in process.
+    pub live: Arc<LiveBus>,
+    /// Dashboard sessions: in Redis when configured, else in the ledger.
+    pub sessions: SessionStore,
 }
 
 impl Backends {
@@ -176,6 +183,14 @@ impl Backends {
                 None => Fleet::Sql(db.clone()),
             }),
             webhooks: Arc::new(webhooks),
+            live: Arc::new(match &redis {
+                Some(r) => LiveBus::redis(r.clone(), api.ui.sse_buffer),
+                None => LiveBus::in_process(api.ui.sse_buffer),
+            }),
+            sessions: match &redis {
+                Some(r) => SessionStore::Redis(Box::new(r.clone())),
+                None => SessionStore::Sql(db.clone()),
+            },
             keys: Cache::new(l1_ttl, negative_ttl, tier("keys")),
             clients: Cache::new(l1_ttl, negative_ttl, tier("clients")),
             db,
@@ -202,45 +217,24 @@ impl Backends {
             return;
         };
         let channel = SharedTier::channel(&redis);
-        let mut backoff = Duration::from_millis(100);
-        while !shutdown.is_cancelled() {
-            let subscribed = async {
-                let mut pubsub = redis.client().get_async_pubsub().await?;
-                pubsub.subscribe(&channel).await?;
-                redis::RedisResult::Ok(pubsub)
-            }
-            .await;
-            let pubsub = match subscribed {
-                Ok(p) => p,
-                Err(e) => {
-                    tracing::warn!(error = %e, "cache invalidation channel unavailable; retrying");
-                    tokio::select! {
-                        _ = shutdown.cancelled() => return,
-                        _ = tokio::time::sleep(backoff) => {}
-                    }
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
-                    continue;
-                }
-            };
-            backoff = Duration::from_millis(100);
+        let forget_all = || {
             self.keys.forget_all_local();
             self.clients.forget_all_local();
-            let mut messages = pubsub.into_on_message();
-            loop {
-                let msg = tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    m = messages.next() => m,
-                };
-                let Some(msg) = msg else { break };
-                let payload: String = msg.get_payload().unwrap_or_default();
-                match payload.split_once('\n') {
-                    Some(("keys", key)) => self.keys.forget_local(key),
-                    Some(("clients", id)) => self.clients.forget_local(id),
-                    _ => tracing::debug!(%payload, "unknown cache invalidation"),
-                }
-            }
-            tracing::warn!("cache invalidation channel closed; resubscribing");
-        }
+        };
+        let forget = |payload: String| match payload.split_once('\n') {
+            Some(("keys", key)) => self.keys.forget_local(key),
+            Some(("clients", id)) => self.clients.forget_local(id),
+            _ => tracing::debug!(%payload, "unknown cache invalidation"),
+        };
+        redis
+            .listen(
+                &channel,
+                "cache invalidation",
+                &shutdown,
+                forget_all,
+                forget,
+            )
+            .await;
     }
 }
 

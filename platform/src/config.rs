@@ -124,6 +124,8 @@ pub struct ApiConfig {
     pub cache_l1_ttl_ms: u64,
     /// How long "no such key" is cached.
     pub cache_negative_ttl_ms: u64,
+    /// The operator dashboard at `/ui`.
+    pub ui: UiConfig,
 }
 
 impl Default for ApiConfig {
@@ -145,6 +147,38 @@ impl Default for ApiConfig {
             cache_ttl_ms: 30_000,
             cache_l1_ttl_ms: 5_000,
             cache_negative_ttl_ms: 2_000,
+            ui: UiConfig::default(),
+        }
+    }
+}
+
+/// The operator dashboard (`[api.ui]`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UiConfig {
+    /// A dashboard session ends after this long without a request (each request renews it).
+    pub session_ttl_secs: u64,
+    /// Mark the session cookie `Secure` (browsers then send it over HTTPS only): set it
+    /// whenever the dashboard is reached through TLS, directly or behind a proxy.
+    pub cookie_secure: bool,
+    /// The origin browsers reach the dashboard at (`https://ops.example.com`), which a
+    /// form's `Origin` header must match. Unset: it must match the request's `Host`.
+    pub origin: Option<String>,
+    /// Live updates one process buffers for its SSE clients; a client further behind is
+    /// told to resync (reload) instead of being buffered for.
+    pub sse_buffer: usize,
+    /// Seconds between SSE heartbeat comments (they keep proxies from closing idle streams).
+    pub sse_heartbeat_secs: u64,
+}
+
+impl Default for UiConfig {
+    fn default() -> Self {
+        Self {
+            session_ttl_secs: 1_800,
+            cookie_secure: false,
+            origin: None,
+            sse_buffer: 256,
+            sse_heartbeat_secs: 15,
         }
     }
 }
@@ -487,6 +521,22 @@ impl Config {
         if self.api.max_concurrent_imports_per_client == 0 {
             return bad("api.max_concurrent_imports_per_client must be at least 1");
         }
+        let ui = &self.api.ui;
+        if ui.session_ttl_secs < 60 {
+            return bad("api.ui.session_ttl_secs must be at least 60");
+        }
+        if ui.sse_buffer < 16 || ui.sse_heartbeat_secs == 0 {
+            return bad(
+                "api.ui.sse_buffer must be at least 16 and api.ui.sse_heartbeat_secs at least 1",
+            );
+        }
+        if let Some(origin) = &ui.origin
+            && !valid_origin(origin)
+        {
+            return bad(
+                "api.ui.origin must be scheme and host only, such as \"https://ops.example.com\"",
+            );
+        }
         let jobs = &self.jobs;
         if jobs.concurrency == 0 || jobs.max_attempts == 0 || jobs.redis_working_set == 0 {
             return bad(
@@ -576,6 +626,18 @@ impl Config {
             .clone()
             .unwrap_or_else(|| format!("sqlite://{}", self.data_dir.join("dataflow.db").display()))
     }
+}
+
+/// `http(s)://host[:port]`, nothing after it: the form browsers put in `Origin`.
+fn valid_origin(origin: &str) -> bool {
+    let rest = origin
+        .strip_prefix("https://")
+        .or_else(|| origin.strip_prefix("http://"));
+    rest.is_some_and(|host| {
+        !host.is_empty()
+            && !host.contains(['/', '?', '#', '@'])
+            && !host.contains(char::is_whitespace)
+    })
 }
 
 fn merge(base: &mut toml::Value, over: toml::Value) {
@@ -684,6 +746,16 @@ mod tests {
         assert!(Config::from_sources(None, env(&[("AMQP_URL", "http://mq")])).is_err());
         let short_lease = env(&[("DATAFLOW_AMQP__RELAY_LEASE_MS", "10")]);
         assert!(Config::from_sources(None, short_lease).is_err());
+    }
+
+    #[test]
+    fn ui_origin_is_checked() {
+        let ok = env(&[("DATAFLOW_API__UI__ORIGIN", "https://ops.example.com:8443")]);
+        assert!(Config::from_sources(None, ok).is_ok());
+        for bad in ["ops.example.com", "https://ops.example.com/", "https://"] {
+            let e = Config::from_sources(None, env(&[("DATAFLOW_API__UI__ORIGIN", bad)]));
+            assert!(e.is_err(), "{bad} accepted");
+        }
     }
 
     #[test]

@@ -14,6 +14,7 @@
 //! - [`mutex`]: the Redlock batch mutex in front of the SQL lease.
 //! - [`events`]: the outbox relay, event publishers and the events [`events::Mode`].
 //! - [`fleet`]: the worker registry (heartbeats with a TTL, drain requests).
+//! - [`live`], [`sessions`]: the dashboard's live-update bus and its login sessions.
 //! - [`amqp`]: RabbitMQ: the supervised link, topology, confirmed publishing, the consumer.
 //! - [`jobqueue`]: the Redis job queue (bounded working set, reliable hand-out, reaping).
 //! - [`mail`], [`webhook`]: the side effects of jobs (lettre SMTP or files; signed webhooks).
@@ -31,12 +32,14 @@ pub mod fleet;
 pub mod jobqueue;
 pub mod keys;
 pub mod limiter;
+pub mod live;
 pub mod lockout;
 pub mod mail;
 pub mod mutex;
 pub mod records;
 pub mod redis;
 pub mod report;
+pub mod sessions;
 pub mod telemetry;
 pub mod webhook;
 

@@ -6,8 +6,10 @@
 
 use std::time::Duration;
 
+use futures::StreamExt;
 use redis::aio::ConnectionManager;
 use redis::{AsyncCommands, Client};
+use tokio_util::sync::CancellationToken;
 
 use crate::{Error, Result};
 
@@ -92,6 +94,53 @@ impl Redis {
         &self.client
     }
 
+    /// Listens on the pub/sub `channel` until `shutdown`, resubscribing with backoff when
+    /// the subscription fails or drops. `on_subscribed` runs after every (re)subscribe —
+    /// messages published while disconnected are lost, so that is where a listener catches
+    /// up — and `on_message` for every payload. `what` names the channel in logs.
+    pub async fn listen(
+        &self,
+        channel: &str,
+        what: &str,
+        shutdown: &CancellationToken,
+        mut on_subscribed: impl FnMut(),
+        mut on_message: impl FnMut(String),
+    ) {
+        let mut backoff = Duration::from_millis(100);
+        while !shutdown.is_cancelled() {
+            let subscribed = async {
+                let mut pubsub = self.client.get_async_pubsub().await?;
+                pubsub.subscribe(channel).await?;
+                redis::RedisResult::Ok(pubsub)
+            }
+            .await;
+            let pubsub = match subscribed {
+                Ok(p) => p,
+                Err(e) => {
+                    tracing::warn!(error = %e, "{what} channel unavailable; retrying");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    continue;
+                }
+            };
+            backoff = Duration::from_millis(100);
+            on_subscribed();
+            let mut messages = pubsub.into_on_message();
+            loop {
+                let msg = tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    m = messages.next() => m,
+                };
+                let Some(msg) = msg else { break };
+                on_message(msg.get_payload().unwrap_or_default());
+            }
+            tracing::warn!("{what} channel closed; resubscribing");
+        }
+    }
+
     pub async fn ping(&self) -> Result<()> {
         let _: String = redis::cmd("PING").query_async(&mut self.conn()).await?;
         Ok(())
@@ -139,7 +188,7 @@ impl Redis {
         let mut conn = self.conn();
         let mut iter: redis::AsyncIter<String> = conn.scan_match(pattern).await?;
         let mut keys = Vec::new();
-        while let Some(k) = futures::StreamExt::next(&mut iter).await {
+        while let Some(k) = iter.next().await {
             keys.push(k?);
         }
         Ok(keys)

@@ -323,6 +323,9 @@ async fn raw_floor(args: &AmqpArgs, prefix: &str) -> anyhow::Result<(Spread, Spr
     let delivered = tokio::time::timeout(Duration::from_secs(30), consume)
         .await
         .context("the floor queue did not deliver every message within 30 s")???;
+    // The consumer goes first: deleting a queue under it makes the broker cancel it, which
+    // lapin takes for a protocol error.
+    consumer_ch.close(200, "floor measured".into()).await?;
     ch.queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
         .await?;
     // Microseconds in, milliseconds out.

@@ -154,6 +154,7 @@ async fn measure(
                 events: backends.publisher.subscribe(),
                 // Not the fleet's leader: no sweeper beside the measured workers.
                 leading: tokio::sync::watch::channel(false).1,
+                live: backends.live.clone(),
             },
             stop,
         ))

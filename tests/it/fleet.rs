@@ -38,17 +38,7 @@ async fn wait_workers(
 async fn register_drain_and_leave(api: TestApp) {
     let mut first = api.sibling(Roles::WORKER).await;
     let second = api.sibling(Roles::WORKER).await;
-    let id_of = |t: &TestApp| {
-        t.app
-            .as_ref()
-            .unwrap()
-            .worker
-            .as_ref()
-            .unwrap()
-            .id()
-            .to_owned()
-    };
-    let ids = [id_of(&first), id_of(&second)];
+    let ids = [first.worker_id(), second.worker_id()];
     let listed = wait_workers(&api, 10, "both workers listed", |ws| {
         ids.iter().all(|id| ws.iter().any(|w| &w.id == id))
     })

@@ -390,6 +390,12 @@ impl TestApp {
             .count()
     }
 
+    /// The id of this process's own worker (it must run one).
+    pub fn worker_id(&self) -> String {
+        let app = self.app.as_ref().expect("running");
+        app.worker.as_ref().expect("a worker role").id().to_owned()
+    }
+
     /// A worker on this process's backends that the test drives itself.
     pub fn worker(&self) -> dataflow_worker::Worker {
         let backends = &self.app.as_ref().expect("running").backends;
@@ -398,6 +404,7 @@ impl TestApp {
             self.config.worker.clone(),
             backends.outbox_wake.clone(),
             backends.mutex.clone(),
+            backends.live.clone(),
         )
     }
 

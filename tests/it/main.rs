@@ -19,4 +19,5 @@ mod leader;
 mod metrics;
 mod openapi;
 mod redis;
+mod ui;
 mod worker;

@@ -134,7 +134,7 @@ async fn within_a_second(t: &TestApp, key: &str) {
 }
 
 /// A process whose Redis traffic goes through a proxy the test can cut.
-async fn behind_proxy(
+pub(crate) async fn behind_proxy(
     b: Backend,
     roles: Roles,
     tweak: impl FnOnce(&mut dataflow_platform::Config),

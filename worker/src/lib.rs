@@ -27,9 +27,11 @@ use std::time::Duration;
 
 use dataflow_contracts::BatchId;
 use dataflow_contracts::events::{BatchCompleted, Envelope, Event};
+use dataflow_contracts::live::LiveKind;
 use dataflow_platform::config::WorkerConfig;
 use dataflow_platform::db::{Chunk, ChunkResult, Db, FailOutcome, Lease};
 use dataflow_platform::events::Mode;
+use dataflow_platform::live::LiveBus;
 use dataflow_platform::mutex::{Acquired, BatchMutex};
 use dataflow_platform::records::{self, Limits};
 use dataflow_platform::{Error, Result};
@@ -111,6 +113,8 @@ pub struct Worker {
     config: WorkerConfig,
     id: String,
     outbox_wake: Arc<Notify>,
+    /// Where claims and outcomes are announced to dashboards.
+    live: Arc<LiveBus>,
     stats: Arc<WorkerStats>,
     mutex: Arc<BatchMutex>,
     /// Batch mutexes this worker holds, by batch and lease epoch (a worker that re-claims a
@@ -146,11 +150,13 @@ impl Worker {
         config: WorkerConfig,
         outbox_wake: Arc<Notify>,
         mutex: Arc<BatchMutex>,
+        live: Arc<LiveBus>,
     ) -> Self {
         Self {
             db,
             id: worker_id(),
             outbox_wake,
+            live,
             stats: Arc::default(),
             permits: Arc::new(Semaphore::new(config.concurrency)),
             config,
@@ -371,8 +377,11 @@ impl Worker {
             };
             let outcome = self.fail(&lease, error).await;
             self.unlock(&lease).await;
+            self.announce(&lease, &outcome);
             return outcome;
         }
+        self.live
+            .publish(LiveKind::BatchProcessing, lease.batch_id.as_str());
         let claimed = std::time::Instant::now();
         if lease.attempts == 1 {
             metrics::histogram!("dataflow_batch_enqueue_to_start_seconds")
@@ -396,7 +405,21 @@ impl Worker {
         };
         self.unlock(&lease).await;
         record_outcome(&outcome, &lease, claimed);
+        self.announce(&lease, &outcome);
         outcome
+    }
+
+    /// Tells dashboards how an attempt ended (after its transaction committed).
+    fn announce(&self, lease: &Lease, outcome: &Outcome) {
+        let kind = match outcome {
+            Outcome::Completed(_) => LiveKind::BatchCompleted,
+            Outcome::Retrying { .. } => LiveKind::BatchFailed,
+            Outcome::Dead => LiveKind::BatchDead,
+            Outcome::Released => LiveKind::BatchReady,
+            // Another worker holds the batch now and announces what it does with it.
+            Outcome::LeaseLost => return,
+        };
+        self.live.publish(kind, lease.batch_id.as_str());
     }
 
     async fn run_batch(

@@ -8,8 +8,10 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use dataflow_contracts::http::WorkerInfo;
+use dataflow_contracts::live::LiveKind;
 use dataflow_contracts::time::{now_ms, rfc3339};
 use dataflow_platform::fleet::{BEAT, Fleet};
+use dataflow_platform::live::LiveBus;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
@@ -17,20 +19,28 @@ use crate::Worker;
 
 /// Runs until `shutdown` and the drain that follows it; cancels `shutdown` itself when an
 /// operator asks this worker to drain.
+/// Dashboards hear when it joins (its first heartbeat) and leaves.
 pub async fn run(
     fleet: Arc<Fleet>,
     worker: Worker,
     leading: watch::Receiver<bool>,
+    live: Arc<LiveBus>,
     shutdown: CancellationToken,
 ) {
     let started_at = rfc3339(now_ms());
     let id = worker.id().to_owned();
     let mut draining = false;
+    let mut joined = false;
     loop {
         let mut info = snapshot(&worker, &started_at, draining || shutdown.is_cancelled());
         info.leader = *leading.borrow();
-        if let Err(e) = fleet.beat(&info).await {
-            tracing::warn!(error = %e, "fleet heartbeat failed");
+        match fleet.beat(&info).await {
+            Ok(()) if !joined => {
+                joined = true;
+                live.publish(LiveKind::WorkerJoined, &id);
+            }
+            Ok(()) => {}
+            Err(e) => tracing::warn!(error = %e, "fleet heartbeat failed"),
         }
         if !draining && !shutdown.is_cancelled() {
             match fleet.drain_requested(&id).await {
@@ -61,6 +71,7 @@ pub async fn run(
     if let Err(e) = fleet.leave(&id).await {
         tracing::warn!(error = %e, "leaving the fleet registry failed; the entry expires");
     }
+    live.publish(LiveKind::WorkerLeft, id);
 }
 
 fn snapshot(worker: &Worker, started_at: &str, draining: bool) -> WorkerInfo {

@@ -11,8 +11,9 @@ use dataflow_contracts::http::{
     Reason, WorkerInfo,
 };
 use dataflow_contracts::jobs::{JobCount, JobListQuery, JobPage, JobView};
+use dataflow_contracts::live::LiveKind;
 use dataflow_contracts::policy::PolicyPatch;
-use dataflow_contracts::{BatchId, ClientId, JobId, Policy};
+use dataflow_contracts::{BatchId, BatchStatus, ClientId, JobId, Policy};
 use dataflow_platform::db::{BatchAction, ClientRecord, JobFilter};
 use serde::de::DeserializeOwned;
 use serde_json::Value;
@@ -559,7 +560,8 @@ async fn show_batch(
         .ok_or_else(ApiError::not_found)
 }
 
-async fn transition(
+/// An operator transition of a batch (also the dashboard's), announced to dashboards.
+pub(crate) async fn transition(
     state: AppState,
     id: String,
     action: BatchAction,
@@ -572,6 +574,11 @@ async fn transition(
         .await
         .map_err(wrong_state)?;
     state.backends.outbox_wake.notify_one();
+    let kind = match view.status {
+        BatchStatus::Ready => LiveKind::BatchReady,
+        _ => LiveKind::BatchRejected,
+    };
+    state.backends.live.publish(kind, view.id.as_str());
     Ok(Json(view))
 }
 
@@ -629,7 +636,11 @@ async fn retry(
 
 /// The operator's reason for rejecting or discarding a batch: 1 to 1000 characters.
 fn reason(body: Result<Json<Value>, JsonRejection>) -> ApiResult<String> {
-    let reason = json::<Reason>(body)?.reason;
+    checked_reason(json::<Reason>(body)?.reason)
+}
+
+/// A reason is 1 to 1000 characters, without NUL.
+pub(crate) fn checked_reason(reason: String) -> ApiResult<String> {
     if reason.trim().is_empty() || reason.chars().count() > 1000 || reason.contains('\0') {
         return Err(ApiError::unprocessable(
             "invalid_reason",

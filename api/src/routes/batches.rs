@@ -17,6 +17,7 @@ use dataflow_contracts::http::{
 };
 use dataflow_contracts::jobs::WebhookSecret;
 use dataflow_contracts::{BatchId, BatchStatus};
+use dataflow_platform::db::Db;
 use dataflow_platform::{report, webhook};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
@@ -215,6 +216,12 @@ async fn report_csv(
     if db.get_batch(Some(&p.client.id), &id).await?.is_none() {
         return Err(ApiError::not_found());
     }
+    rejected_rows_csv(db, id).await
+}
+
+/// The rejected rows of a batch the caller may see, as a CSV download: the stored copy,
+/// or streamed page by page.
+pub(crate) async fn rejected_rows_csv(db: Db, id: BatchId) -> ApiResult<Response> {
     let filename = format!("attachment; filename=\"{id}-rejected.csv\"");
     let headers = [
         (header::CONTENT_TYPE, "text/csv; charset=utf-8".to_owned()),

@@ -12,6 +12,7 @@ use axum::extract::{Extension, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use dataflow_contracts::http::{ErrorBody, ImportView};
+use dataflow_contracts::live::LiveKind;
 use dataflow_contracts::{BatchId, ImportFormat, ImportId};
 use dataflow_platform::db::{IdempotencyClaim, IdempotencyStart, NewImport, SubmitOutcome};
 use dataflow_platform::dedup::Claim;
@@ -325,6 +326,8 @@ async fn decide(
     match outcome {
         SubmitOutcome::Created(view) => {
             state.backends.outbox_wake.notify_one();
+            let batch = view.batch_id.as_str();
+            state.backends.live.publish(LiveKind::BatchCreated, batch);
             tracing::info!(import_id = %view.id, batch_id = %view.batch_id, records = view.records, "import accepted");
             Ok((StatusCode::ACCEPTED, view))
         }

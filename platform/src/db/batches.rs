@@ -45,7 +45,7 @@ macro_rules! take_lease {
     };
 }
 
-const BATCH_COLUMNS: &str = "id, import_id, status, records_total, checkpoint, records_written, \
+pub(super) const BATCH_COLUMNS: &str = "id, import_id, status, records_total, checkpoint, records_written, \
      records_unchanged, records_failed, attempts, last_error, created_at, started_at, completed_at";
 
 /// A held lease: the right to write to one batch while `epoch` is current.
@@ -602,7 +602,7 @@ fn lease_from_row(r: &AnyRow, owner: &str) -> Result<Lease> {
     })
 }
 
-fn batch_from_row(r: &AnyRow) -> Result<BatchView> {
+pub(super) fn batch_from_row(r: &AnyRow) -> Result<BatchView> {
     let status: String = r.try_get("status")?;
     let status: BatchStatus = status.parse().map_err(Error::Invalid)?;
     let started_at: Option<i64> = r.try_get("started_at")?;

@@ -10,21 +10,26 @@
 //! idempotency, dedup, quota), [`batches`] (claims, the fenced lease, views),
 //! [`outbox`] (events written in the same transaction as the change they announce),
 //! [`jobs`] (follow-up job intents written beside those events, and stored reports),
-//! [`queues`] (depth and age of everything waiting).
+//! [`queues`] (depth and age of everything waiting), [`operator`] (the dashboard's
+//! cross-client batch search and throughput), [`actions`] (the dashboard's action log).
 
+pub mod actions;
 pub mod batches;
 pub mod clients;
 pub mod imports;
 pub mod jobs;
 pub mod leases;
+pub mod operator;
 pub mod outbox;
 pub mod queues;
 pub mod summaries;
 
+pub use actions::{ActionRecord, NewAction};
 pub use batches::{BatchAction, Chunk, ChunkResult, FailOutcome, Lease, RecordRow, RowError};
 pub use clients::{ClientRecord, KeyRecord};
 pub use imports::{IdempotencyClaim, IdempotencyStart, NewImport, SubmitOutcome};
 pub use jobs::{Failure, Handover, JobFilter};
+pub use operator::{BatchFilter, BatchRow, Throughput};
 pub use outbox::OutboxRow;
 
 use std::path::Path;
@@ -146,7 +151,7 @@ impl Db {
     }
 
     /// Fills the dialect placeholders of a statement.
-    pub(crate) fn sql(&self, template: &'static str) -> AssertSqlSafe<String> {
+    pub(crate) fn sql(&self, template: &str) -> AssertSqlSafe<String> {
         AssertSqlSafe(
             template
                 .replace("{now}", self.dialect.now_ms())

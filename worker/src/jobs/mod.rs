@@ -25,6 +25,7 @@ use dataflow_contracts::jobs::{JobKind, JobMessage};
 use dataflow_platform::config::JobsConfig;
 use dataflow_platform::db::{Db, Handover};
 use dataflow_platform::jobqueue::{JobQueues, RedisJobQueue};
+use dataflow_platform::live::LiveBus;
 use futures::future::BoxFuture;
 use tokio::sync::{Notify, broadcast, mpsc, watch};
 use tokio::task::JoinSet;
@@ -65,6 +66,8 @@ pub struct JobsSetup {
     pub events: broadcast::Receiver<Arc<Envelope>>,
     /// Whether this worker leads the fleet: the sweeper runs only on the leader.
     pub leading: watch::Receiver<bool>,
+    /// Where dead-lettered jobs are announced to dashboards.
+    pub live: Arc<LiveBus>,
 }
 
 /// Jobs one take moves into a worker's channel at most.
@@ -85,6 +88,7 @@ pub async fn run(setup: JobsSetup, stop: CancellationToken) {
         worker_id,
         events,
         leading,
+        live,
     } = setup;
     let lease = Duration::from_secs(config.requeue_after_secs);
     let poll = Duration::from_millis(config.poll_interval_ms);
@@ -107,6 +111,7 @@ pub async fn run(setup: JobsSetup, stop: CancellationToken) {
         if let Some(RedisJobQueue::Apalis(q)) = &queue {
             settlers.spawn(settle::run(
                 db.clone(),
+                live.clone(),
                 kind,
                 Origin::Apalis,
                 backoff,
@@ -151,7 +156,14 @@ pub async fn run(setup: JobsSetup, stop: CancellationToken) {
         let rx = Arc::new(Mutex::new(rx));
         leftovers.push((kind, rx.clone()));
         pumps.spawn(feed::pump(source, tx, TAKE_BATCH, pump_stop.clone()));
-        settlers.spawn(settle::run(db.clone(), kind, origin, backoff, results));
+        settlers.spawn(settle::run(
+            db.clone(),
+            live.clone(),
+            kind,
+            origin,
+            backoff,
+            results,
+        ));
 
         let worker = WorkerBuilder::new(name)
             .backend(JobFeed::new(rx, settler))

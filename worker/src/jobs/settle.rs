@@ -7,12 +7,15 @@
 //! per crash, none in a clean run, and receivers can drop it by the job id.
 
 use std::convert::Infallible;
+use std::sync::Arc;
 use std::time::Duration;
 
 use apalis::prelude::{Acknowledge, BoxDynError, ExecutionContext};
 use dataflow_contracts::jobs::{JobKind, JobStatus};
+use dataflow_contracts::live::LiveKind;
 use dataflow_platform::db::{Db, Failure};
 use dataflow_platform::jobqueue::{Delivery, JobQueue};
+use dataflow_platform::live::LiveBus;
 use futures::future::BoxFuture;
 use rand::Rng;
 use tokio::sync::{mpsc, oneshot};
@@ -133,8 +136,10 @@ pub fn channel(capacity: usize) -> (Settler, mpsc::Receiver<Settlement>) {
 }
 
 /// Settles results until every [`Settler`] is gone and the channel is drained.
+/// Dead-lettered jobs are announced on `live`.
 pub async fn run(
     db: Db,
+    live: Arc<LiveBus>,
     kind: JobKind,
     origin: Origin,
     backoff: Backoff,
@@ -142,13 +147,14 @@ pub async fn run(
 ) {
     let mut round = Vec::with_capacity(ROUND);
     while rx.recv_many(&mut round, ROUND).await > 0 {
-        settle_round(&db, kind, &origin, backoff, &mut round).await;
+        settle_round(&db, &live, kind, &origin, backoff, &mut round).await;
         round.clear();
     }
 }
 
 async fn settle_round(
     db: &Db,
+    live: &LiveBus,
     kind: JobKind,
     origin: &Origin,
     backoff: Backoff,
@@ -183,10 +189,13 @@ async fn settle_round(
         metrics::counter!("dataflow_jobs_total", "kind" => kind.as_str(), "outcome" => outcome)
             .increment(1);
         match status.flatten() {
-            Some(JobStatus::Dead) => tracing::error!(
-                job = %s.receipt.id, %kind, attempts = s.receipt.attempts + 1, %error,
-                "job dead-lettered"
-            ),
+            Some(JobStatus::Dead) => {
+                tracing::error!(
+                    job = %s.receipt.id, %kind, attempts = s.receipt.attempts + 1, %error,
+                    "job dead-lettered"
+                );
+                live.publish(LiveKind::JobDead, s.receipt.id.as_str());
+            }
             _ => {
                 tracing::warn!(job = %s.receipt.id, %kind, %error, "job attempt failed; will retry")
             }

@@ -1,0 +1,117 @@
+//! Operator views across clients, for the dashboard: batches filtered by client, status
+//! and age, and throughput and latency over a recent window.
+
+use dataflow_contracts::http::BatchView;
+use dataflow_contracts::{BatchId, BatchStatus, ClientId};
+use sqlx::Row;
+
+use super::batches::{BATCH_COLUMNS, batch_from_row};
+use super::clients::parse_id;
+use super::{Db, count, split_page};
+use crate::Result;
+
+/// Which batches an operator is looking for.
+#[derive(Debug, Clone, Default)]
+pub struct BatchFilter {
+    pub client: Option<ClientId>,
+    pub status: Option<BatchStatus>,
+    /// Only batches created within this many milliseconds.
+    pub max_age_ms: Option<i64>,
+}
+
+/// A batch and the client it belongs to.
+#[derive(Debug, Clone)]
+pub struct BatchRow {
+    pub client_id: ClientId,
+    pub batch: BatchView,
+}
+
+/// What finished in a window.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Throughput {
+    pub completed: u64,
+    pub dead: u64,
+    pub records_written: u64,
+    pub records_failed: u64,
+    /// From the accepted import to completion, over the window's completed batches.
+    pub latency_p50_ms: Option<u64>,
+    pub latency_p95_ms: Option<u64>,
+    pub latency_max_ms: Option<u64>,
+}
+
+/// Completions read for the latency percentiles; beyond this the newest are used.
+const LATENCY_SAMPLE: i64 = 10_000;
+
+impl Db {
+    /// Batches matching `filter`, newest first, after `cursor`; the next page's cursor.
+    pub async fn search_batches(
+        &self,
+        filter: &BatchFilter,
+        cursor: Option<&BatchId>,
+        limit: u32,
+    ) -> Result<(Vec<BatchRow>, Option<String>)> {
+        let sql = self.sql(&format!(
+            "SELECT client_id, {BATCH_COLUMNS} FROM batches \
+             WHERE ($1 IS NULL OR client_id = $1) AND ($2 IS NULL OR status = $2) \
+                 AND ($3 IS NULL OR created_at >= {{now}} - $3) AND ($4 IS NULL OR id < $4) \
+             ORDER BY id DESC LIMIT $5"
+        ));
+        let rows = sqlx::query(sql)
+            .bind(filter.client.as_ref().map(ClientId::as_str))
+            .bind(filter.status.map(BatchStatus::as_str))
+            .bind(filter.max_age_ms)
+            .bind(cursor.map(BatchId::as_str))
+            .bind(i64::from(limit) + 1)
+            .fetch_all(self.pool())
+            .await?;
+        let items = rows
+            .iter()
+            .map(|r| {
+                Ok(BatchRow {
+                    client_id: parse_id(r.try_get("client_id")?)?,
+                    batch: batch_from_row(r)?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(split_page(items, limit, |b| b.batch.id.to_string()))
+    }
+
+    /// Batches completed and gone dead in the last `window_ms`, with the completed ones'
+    /// records and latency percentiles.
+    pub async fn throughput(&self, window_ms: i64) -> Result<Throughput> {
+        let rows = sqlx::query(self.sql(
+            "SELECT completed_at - created_at AS latency, records_written, records_failed \
+             FROM batches WHERE completed_at >= {now} - $1 AND status = 'completed' \
+             ORDER BY completed_at DESC LIMIT $2",
+        ))
+        .bind(window_ms)
+        .bind(LATENCY_SAMPLE)
+        .fetch_all(self.pool())
+        .await?;
+        let mut t = Throughput::default();
+        let mut latencies = Vec::with_capacity(rows.len());
+        for r in &rows {
+            latencies.push(count(r.try_get("latency")?));
+            t.records_written += count(r.try_get("records_written")?);
+            t.records_failed += count(r.try_get("records_failed")?);
+        }
+        t.completed = latencies.len() as u64;
+        latencies.sort_unstable();
+        let at = |q: usize| {
+            latencies
+                .get((latencies.len() * q / 100).min(latencies.len().saturating_sub(1)))
+                .copied()
+        };
+        t.latency_p50_ms = at(50);
+        t.latency_p95_ms = at(95);
+        t.latency_max_ms = latencies.last().copied();
+        let dead: i64 = sqlx::query_scalar(self.sql(
+            "SELECT COUNT(*) FROM batches WHERE status = 'dead' AND updated_at >= {now} - $1",
+        ))
+        .bind(window_ms)
+        .fetch_one(self.pool())
+        .await?;
+        t.dead = count(dead);
+        Ok(t)
+    }
+}
