@@ -57,6 +57,9 @@ pub struct AmqpArgs {
     /// Batches the worker process runs at once (both latency runs; the worker's default).
     #[arg(long, default_value_t = 4)]
     pub concurrency: usize,
+    /// Ledger connections per process in the latency runs (`db_max_connections`).
+    #[arg(long, default_value_t = Config::default().db_max_connections)]
+    pub db_connections: u32,
     /// Latency runs: `broker`, `polling` or `both`.
     #[arg(long, value_enum, default_value_t = Runs::Both)]
     pub runs: Runs,
@@ -128,6 +131,7 @@ async fn measure(args: &AmqpArgs, run: &str, prefix: &str) -> anyhow::Result<()>
         }
         config.api.max_concurrent_imports_per_client = 256;
         config.worker.concurrency = args.concurrency;
+        config.db_max_connections = args.db_connections;
         config.validate()?;
         let measured = latency(args, config.clone()).await;
         let backend = ledger.backend;

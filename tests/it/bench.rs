@@ -78,6 +78,7 @@ async fn amqp_bench_runs() {
         batches: 10,
         rate: 200,
         concurrency: 4,
+        db_connections: 10,
         runs: dataflow::bench::amqp::Runs::Both,
         events: 500,
         confirm_window: 100,
