@@ -149,7 +149,7 @@ impl App {
             tasks.spawn(dataflow_worker::membership::run(
                 backends.fleet.clone(),
                 worker.clone(),
-                leading.clone(),
+                leading,
                 backends.live.clone(),
                 shutdown.clone(),
             ));
@@ -181,7 +181,6 @@ impl App {
                 kinds: JobKind::ALL.to_vec(),
                 worker_id: worker.id().to_owned(),
                 events: backends.publisher.subscribe(),
-                leading,
                 live: backends.live.clone(),
             };
             tasks.spawn(jobs::run(setup, shutdown.clone()));

@@ -152,8 +152,6 @@ async fn measure(
                 kinds: vec![kind],
                 worker_id: format!("bench-{}", ulid::Ulid::new()),
                 events: backends.publisher.subscribe(),
-                // Not the fleet's leader: no sweeper beside the measured workers.
-                leading: tokio::sync::watch::channel(false).1,
                 live: backends.live.clone(),
             },
             stop,

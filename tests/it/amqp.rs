@@ -443,7 +443,7 @@ async fn duplicate_and_unacknowledged_deliveries_complete_each_batch_once(b: Bac
     }
 
     let worker = api
-        .sibling_tweaked(Roles::WORKER, |c| c.amqp.safety_sweep_ms = 60_000)
+        .sibling_with(Roles::WORKER, |c| c.amqp.safety_sweep_ms = 60_000)
         .await;
     for id in &batches {
         api.wait_for(&key, id, BatchStatus::Completed).await;

@@ -65,16 +65,7 @@ async fn register_drain_and_leave(api: TestApp) {
     assert_eq!(unknown.status(), 404);
 
     // A worker process killed outright leaves no entry behind once its heartbeat expires.
-    let config_file = api.config.data_dir.join("fleet-worker.toml");
-    std::fs::write(&config_file, toml::to_string(&api.config).unwrap()).unwrap();
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_dataflow"))
-        .arg("--config")
-        .arg(&config_file)
-        .arg("worker")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = api.spawn_worker_process("fleet-worker", None);
     let pid = child.id();
     wait_workers(&api, 20, "the child process listed", |ws| {
         ws.iter().any(|w| w.pid == pid)

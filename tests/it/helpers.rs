@@ -192,13 +192,6 @@ impl TestApp {
         Self::start(config, roles, None).await
     }
 
-    /// A sibling whose config differs by `tweak`.
-    pub async fn sibling_tweaked(&self, roles: Roles, tweak: impl FnOnce(&mut Config)) -> TestApp {
-        let mut config = self.config.clone();
-        tweak(&mut config);
-        Self::start(config, roles, None).await
-    }
-
     /// A process whose Redis is `redis_url` (default: the test Redis) under a fresh prefix;
     /// `None` when Redis is unreachable and not required.
     pub async fn spawn_redis(
@@ -388,6 +381,30 @@ impl TestApp {
                 )
             })
             .count()
+    }
+
+    /// A real `dataflow worker` process on this process's config (so it can be killed
+    /// outright); its output goes to `log` when given, else nowhere.
+    pub fn spawn_worker_process(
+        &self,
+        name: &str,
+        log: Option<std::fs::File>,
+    ) -> std::process::Child {
+        let config_file = self.config.data_dir.join(format!("{name}.toml"));
+        std::fs::write(&config_file, toml::to_string(&self.config).unwrap()).unwrap();
+        let (stdout, stderr) = match log {
+            Some(f) => (f.try_clone().unwrap().into(), f.into()),
+            None => (std::process::Stdio::null(), std::process::Stdio::null()),
+        };
+        std::process::Command::new(env!("CARGO_BIN_EXE_dataflow"))
+            .arg("--config")
+            .arg(&config_file)
+            .arg("worker")
+            .env("DATAFLOW_LOG", "info")
+            .stdout(stdout)
+            .stderr(stderr)
+            .spawn()
+            .unwrap()
     }
 
     /// The id of this process's own worker (it must run one).

@@ -455,18 +455,8 @@ async fn recover_from_kill(queue: RedisQueue) {
     else {
         return;
     };
-    let config_file = api.config.data_dir.join("worker.toml");
-    std::fs::write(&config_file, toml::to_string(&api.config).unwrap()).unwrap();
     let log = std::fs::File::create(api.config.data_dir.join("worker.log")).unwrap();
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_dataflow"))
-        .arg("--config")
-        .arg(&config_file)
-        .arg("worker")
-        .env("DATAFLOW_LOG", "info")
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .spawn()
-        .unwrap();
+    let mut child = api.spawn_worker_process("worker", Some(log));
 
     let (_, key) = api.client(json!({"webhook_url": hooks.url()})).await;
     let batch = api.import(&key, "text/csv", CSV).await;

@@ -22,17 +22,6 @@ backend_tests!(
     daily_summaries_are_written_once_for_ended_days
 );
 
-fn id_of(t: &TestApp) -> String {
-    t.app
-        .as_ref()
-        .unwrap()
-        .worker
-        .as_ref()
-        .unwrap()
-        .id()
-        .to_owned()
-}
-
 /// Waits (up to `secs`) until the lease has an owner satisfying `pred`; returns it.
 async fn wait_leader(t: &TestApp, secs: u64, pred: impl Fn(&str) -> bool) -> String {
     let deadline = Instant::now() + Duration::from_secs(secs);
@@ -57,7 +46,7 @@ async fn one_leader_hands_over_when_it_stops_or_dies(backend: Backend) {
     };
     let mut first = api.sibling(Roles::WORKER).await;
     let mut second = api.sibling(Roles::WORKER).await;
-    let ids = [id_of(&first), id_of(&second)];
+    let ids = [first.worker_id(), second.worker_id()];
     let leader = wait_leader(&api, 10, |o| ids.iter().any(|id| id == o)).await;
 
     // The registry agrees: exactly one worker says it leads, and it is the lease's owner.
@@ -93,7 +82,7 @@ async fn one_leader_hands_over_when_it_stops_or_dies(backend: Backend) {
     let stopped = Instant::now();
     stopping.app.take().unwrap().stop().await;
     let next = wait_leader(&api, 5, |o| o != leader).await;
-    assert_eq!(next, id_of(staying));
+    assert_eq!(next, staying.worker_id());
     eprintln!(
         "a stopped leader was succeeded after {:?}",
         stopped.elapsed()
@@ -101,16 +90,7 @@ async fn one_leader_hands_over_when_it_stops_or_dies(backend: Backend) {
     staying.app.take().unwrap().stop().await;
 
     // A leader killed outright keeps its lease until it lapses; then another worker leads.
-    let config_file = api.config.data_dir.join("leader-worker.toml");
-    std::fs::write(&config_file, toml::to_string(&api.config).unwrap()).unwrap();
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_dataflow"))
-        .arg("--config")
-        .arg(&config_file)
-        .arg("worker")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = api.spawn_worker_process("leader-worker", None);
     let pid = child.id().to_string();
     let killed_leader = wait_leader(&api, 20, |o| o.contains(&format!("-{pid}-"))).await;
     let survivor = api.sibling(Roles::WORKER).await;
@@ -124,7 +104,7 @@ async fn one_leader_hands_over_when_it_stops_or_dies(backend: Backend) {
     child.wait().unwrap();
     let killed = Instant::now();
     let next = wait_leader(&api, 10, |o| o != killed_leader).await;
-    assert_eq!(next, id_of(&survivor));
+    assert_eq!(next, survivor.worker_id());
     let took = killed.elapsed();
     eprintln!("a killed leader was succeeded after {took:?}");
     assert!(

@@ -36,7 +36,7 @@ pub async fn page(
                                 td.num { (w.processed) }
                                 td {
                                     @if w.draining { (layout::status("draining")) } @else { (layout::status("active")) }
-                                    // The leader runs the fleet's sweepers and daily summaries.
+                                    // The leader writes the fleet's daily summaries.
                                     @if w.leader { " " (layout::status("leader")) }
                                 }
                                 td { @if !w.draining { (layout::action_button(&op, "drain", &w.id, "/ui/workers", "Drain", true)) } }

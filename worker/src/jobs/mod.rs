@@ -27,14 +27,12 @@ use dataflow_platform::db::{Db, Handover};
 use dataflow_platform::jobqueue::{JobQueues, RedisJobQueue};
 use dataflow_platform::live::LiveBus;
 use futures::future::BoxFuture;
-use tokio::sync::{Notify, broadcast, mpsc, watch};
+use tokio::sync::{Notify, broadcast, mpsc};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use feed::{Inbox, JobFeed, Receipt, Source};
 use settle::{Backoff, Origin, Settler};
-
-use crate::leader;
 
 /// Why an attempt failed.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -64,8 +62,6 @@ pub struct JobsSetup {
     pub worker_id: String,
     /// Batch events in this process: a new one may have written intents.
     pub events: broadcast::Receiver<Arc<Envelope>>,
-    /// Whether this worker leads the fleet: the sweeper runs only on the leader.
-    pub leading: watch::Receiver<bool>,
     /// Where dead-lettered jobs are announced to dashboards.
     pub live: Arc<LiveBus>,
 }
@@ -87,7 +83,6 @@ pub async fn run(setup: JobsSetup, stop: CancellationToken) {
         kinds,
         worker_id,
         events,
-        leading,
         live,
     } = setup;
     let lease = Duration::from_secs(config.requeue_after_secs);
@@ -183,10 +178,15 @@ pub async fn run(setup: JobsSetup, stop: CancellationToken) {
         every: poll.max(Duration::from_secs(1)),
         retention: Duration::from_secs(config.retention_secs),
     };
-    let (sweep_db, sweep_queue) = (db.clone(), queue.clone());
-    upkeep.spawn(leader::while_leading(leading, stop.clone(), move |token| {
-        upkeep::sweeper(sweep_db.clone(), sweep_queue.clone(), sweep, token)
-    }));
+    // Every worker sweeps: on the leader alone, a dead leader's successor would first sweep
+    // just as the reaper takes the dead worker's jobs back, and the two race over whether
+    // the lost attempt counts. (The sweep is idempotent, so running it everywhere is safe.)
+    upkeep.spawn(upkeep::sweeper(
+        db.clone(),
+        queue.clone(),
+        sweep,
+        stop.clone(),
+    ));
     if let Some(q) = &queue {
         let settings = upkeep::RelaySettings {
             kinds: kinds.clone(),

@@ -85,7 +85,6 @@ async fn relay_round(
     Ok(jobs.len())
 }
 
-#[derive(Debug, Clone, Copy)]
 pub struct SweepSettings {
     /// How long a job handed to Redis may stay unfinished before it is looked for.
     pub lease: Duration,
