@@ -149,7 +149,7 @@ impl App {
             tasks.spawn(dataflow_worker::membership::run(
                 backends.fleet.clone(),
                 worker.clone(),
-                leading,
+                leading.clone(),
                 backends.live.clone(),
                 shutdown.clone(),
             ));
@@ -182,6 +182,7 @@ impl App {
                 worker_id: worker.id().to_owned(),
                 events: backends.publisher.subscribe(),
                 live: backends.live.clone(),
+                leading,
             };
             tasks.spawn(jobs::run(setup, shutdown.clone()));
         }

@@ -22,7 +22,7 @@ use dataflow_platform::config::{APALIS_REDIS_MAX_WORKING_SET, RedisQueue, Secret
 use dataflow_worker::jobs::{self, JobError, JobHandler, JobsSetup};
 use futures::future::BoxFuture;
 use serde_json::value::RawValue;
-use tokio::sync::Mutex;
+use tokio::sync::{Mutex, watch};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Args, Debug, Clone)]
@@ -153,6 +153,8 @@ async fn measure(
                 worker_id: format!("bench-{}", ulid::Ulid::new()),
                 events: backends.publisher.subscribe(),
                 live: backends.live.clone(),
+                // No election in a benchmark: every process sweeps.
+                leading: watch::channel(true).1,
             },
             stop,
         ))

@@ -1,6 +1,7 @@
 //! The fleet's leader: one worker at a time holds the `leader` lease in SQL and runs the
-//! singleton duties (the daily summaries). The leader renews
-//! its lease at a third of its length; when it dies another worker takes the lapsed lease.
+//! singleton duties (the job sweeper with its reaper, and the daily summaries). The leader
+//! renews its lease at a third of its length; when it dies another worker takes the lapsed
+//! lease.
 //! A leader that cannot reach the ledger steps down before its lease could lapse, so two
 //! workers lead at once only when a renewal outlives its own lease (every duty is
 //! idempotent for that window: sweeps re-check SQL, a summary is written once).
@@ -35,7 +36,7 @@ pub async fn campaign(
         let leads = held_until.is_some_and(|until| Instant::now() + lease / 3 < until);
         if leads != *leading.borrow() {
             if leads {
-                tracing::info!(worker_id = %owner, "this worker leads the fleet: the daily summaries run here");
+                tracing::info!(worker_id = %owner, "this worker leads the fleet: the job sweeper and the daily summaries run here");
             } else {
                 tracing::warn!(worker_id = %owner, "this worker no longer leads the fleet");
             }

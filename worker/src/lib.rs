@@ -11,7 +11,8 @@
 //! - [`prepare`]: validation and canonical form of records;
 //! - [`jobs`]: the follow-up jobs (email, report, webhook) on apalis workers;
 //! - [`leader`]: the fleet leader's lease, and the singleton duties that run only there
-//!   ([`summaries`]: the daily per-client summaries on apalis-cron).
+//!   (the job sweeper in [`jobs`], and [`summaries`]: the daily per-client summaries on
+//!   apalis-cron).
 
 pub mod consumer;
 pub mod jobs;

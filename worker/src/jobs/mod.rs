@@ -4,8 +4,8 @@
 //! ([`upkeep::relay`]) hands due intents to the Redis queue of their kind, bounded by the
 //! working set; without it, workers claim intents from SQL → a pump ([`feed::pump`]) feeds an
 //! apalis worker → the handler runs → the settler ([`settle`]) records the result in SQL and
-//! only then removes the Redis message. The sweeper and the reaper ([`upkeep`]) take back
-//! whatever a crash or a Redis loss strands.
+//! only then removes the Redis message. The sweeper and its reaper ([`upkeep`]), on the
+//! fleet's leader, take back whatever a crash or a Redis loss strands.
 //!
 //! Layout: [`feed`] (the apalis backend), [`settle`] (results), [`upkeep`] (relay, sweeper,
 //! heartbeat, reaper), [`handlers`] (what each kind does).
@@ -27,10 +27,11 @@ use dataflow_platform::db::{Db, Handover};
 use dataflow_platform::jobqueue::{JobQueues, RedisJobQueue};
 use dataflow_platform::live::LiveBus;
 use futures::future::BoxFuture;
-use tokio::sync::{Notify, broadcast, mpsc};
+use tokio::sync::{Notify, broadcast, mpsc, watch};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use crate::leader;
 use feed::{Inbox, JobFeed, Receipt, Source};
 use settle::{Backoff, Origin, Settler};
 
@@ -64,6 +65,9 @@ pub struct JobsSetup {
     pub events: broadcast::Receiver<Arc<Envelope>>,
     /// Where dead-lettered jobs are announced to dashboards.
     pub live: Arc<LiveBus>,
+    /// Whether this worker leads the fleet: the sweeper runs only then. A receiver whose
+    /// sender is gone and that holds `true` makes this process sweep on its own.
+    pub leading: watch::Receiver<bool>,
 }
 
 /// Jobs one take moves into a worker's channel at most.
@@ -84,6 +88,7 @@ pub async fn run(setup: JobsSetup, stop: CancellationToken) {
         worker_id,
         events,
         live,
+        leading,
     } = setup;
     let lease = Duration::from_secs(config.requeue_after_secs);
     let poll = Duration::from_millis(config.poll_interval_ms);
@@ -177,16 +182,12 @@ pub async fn run(setup: JobsSetup, stop: CancellationToken) {
         lease,
         every: poll.max(Duration::from_secs(1)),
         retention: Duration::from_secs(config.retention_secs),
+        dead_worker: Duration::from_millis(config.dead_worker_ms),
     };
-    // Every worker sweeps: on the leader alone, a dead leader's successor would first sweep
-    // just as the reaper takes the dead worker's jobs back, and the two race over whether
-    // the lost attempt counts. (The sweep is idempotent, so running it everywhere is safe.)
-    upkeep.spawn(upkeep::sweeper(
-        db.clone(),
-        queue.clone(),
-        sweep,
-        stop.clone(),
-    ));
+    let (sweep_db, sweep_queue) = (db.clone(), queue.clone());
+    upkeep.spawn(leader::while_leading(leading, stop.clone(), move |token| {
+        upkeep::sweeper(sweep_db.clone(), sweep_queue.clone(), sweep, token)
+    }));
     if let Some(q) = &queue {
         let settings = upkeep::RelaySettings {
             kinds: kinds.clone(),
@@ -204,11 +205,9 @@ pub async fn run(setup: JobsSetup, stop: CancellationToken) {
     }
     // apalis-redis workers beat their own hearts and take back each other's tasks.
     if let Some(q) = &lists {
-        upkeep.spawn(upkeep::heartbeat_and_reap(
-            db.clone(),
+        upkeep.spawn(upkeep::heartbeat(
             q.clone(),
             worker_id.clone(),
-            Duration::from_millis(config.dead_worker_ms),
             stop.clone(),
         ));
     }

@@ -1,9 +1,12 @@
 //! The loops that keep the job queue honest to the SQL ledger:
 //! - the relay hands due intents to Redis, never more than the working set per kind;
-//! - the sweeper takes back what a queue lost (Redis flushed or failed over) and what a
-//!   dead embedded-mode worker held;
-//! - the heartbeat marks this process alive, and the reaper takes back the in-flight jobs of
-//!   workers that stopped beating (a `kill -9`), counting their attempt.
+//! - the heartbeat marks this process alive (on DataFlow's Redis lists);
+//! - the sweeper, on the fleet's leader alone, first reaps: it takes back the in-flight jobs
+//!   of workers that stopped beating (a `kill -9`), counting their attempt; then it takes
+//!   back what a queue lost (Redis flushed or failed over) and what a dead embedded-mode
+//!   worker held. Reaping and sweeping in one loop on one process is what keeps them apart:
+//!   a reap removes a dead worker's jobs from Redis before it settles them in SQL, and a
+//!   sweep running in between would take them for lost and requeue them uncounted.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -85,6 +88,7 @@ async fn relay_round(
     Ok(jobs.len())
 }
 
+#[derive(Debug, Clone, Copy)]
 pub struct SweepSettings {
     /// How long a job handed to Redis may stay unfinished before it is looked for.
     pub lease: Duration,
@@ -92,18 +96,26 @@ pub struct SweepSettings {
     pub every: Duration,
     /// Done jobs older than this are deleted.
     pub retention: Duration,
+    /// A worker silent this long is dead: its in-flight jobs are reaped.
+    pub dead_worker: Duration,
 }
 
-/// Takes back lost jobs every `settings.every`, and prunes old finished jobs once a
-/// minute, until `stop`.
+/// Until `stop`: every `settings.every` reaps dead workers (on DataFlow's Redis lists) and
+/// then takes back lost jobs; once a minute prunes old finished jobs. Runs on the leader.
 pub async fn sweeper(
     db: Db,
     queues: Option<RedisJobQueue>,
     settings: SweepSettings,
     stop: CancellationToken,
 ) {
+    let lists = queues.as_ref().and_then(RedisJobQueue::lists);
     let mut last_prune: Option<tokio::time::Instant> = None;
     while !stop.is_cancelled() {
+        if let Some(lists) = lists
+            && let Err(e) = reap(&db, lists, settings.dead_worker).await
+        {
+            tracing::warn!(error = %e, "reaping dead job workers failed");
+        }
         if let Err(e) = sweep(&db, queues.as_ref(), settings.lease).await {
             tracing::warn!(error = %e, "job sweep failed; retrying");
         }
@@ -175,20 +187,11 @@ pub async fn sweep(db: &Db, queues: Option<&RedisJobQueue>, lease: Duration) -> 
     Ok(())
 }
 
-/// Beats this worker's heart and reaps dead workers until `stop`.
-pub async fn heartbeat_and_reap(
-    db: Db,
-    queues: JobQueues,
-    worker: String,
-    dead_after: Duration,
-    stop: CancellationToken,
-) {
+/// Beats this worker's heart until `stop`, so the leader's reaper leaves its jobs alone.
+pub async fn heartbeat(queues: JobQueues, worker: String, stop: CancellationToken) {
     while !stop.is_cancelled() {
         if let Err(e) = queues.heartbeat(&worker).await {
             tracing::warn!(error = %e, "job worker heartbeat failed");
-        }
-        if let Err(e) = reap(&db, &queues, dead_after).await {
-            tracing::warn!(error = %e, "reaping dead job workers failed");
         }
         tokio::select! {
             _ = stop.cancelled() => break,
