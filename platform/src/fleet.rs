@@ -76,7 +76,7 @@ impl Fleet {
                     .bind(&w.id)
                     .bind(info)
                     .bind(Self::ttl_ms())
-                    .execute(db.pool())
+                    .execute(&mut *db.writer().await?)
                     .await?;
             }
         }
@@ -110,7 +110,7 @@ impl Fleet {
             }
             Fleet::Sql(db) => {
                 sqlx::query(db.sql("DELETE FROM fleet_workers WHERE expires_at < {now} - 60000"))
-                    .execute(db.pool())
+                    .execute(&mut *db.writer().await?)
                     .await?;
                 let rows = sqlx::query(db.sql(
                     "SELECT info, drain_requested FROM fleet_workers WHERE expires_at > {now}",
@@ -151,7 +151,7 @@ impl Fleet {
             Fleet::Sql(db) => {
                 sqlx::query("UPDATE fleet_workers SET drain_requested = 1 WHERE id = $1")
                     .bind(id)
-                    .execute(db.pool())
+                    .execute(&mut *db.writer().await?)
                     .await?;
             }
         }
@@ -189,7 +189,7 @@ impl Fleet {
             Fleet::Sql(db) => {
                 sqlx::query("DELETE FROM fleet_workers WHERE id = $1")
                     .bind(id)
-                    .execute(db.pool())
+                    .execute(&mut *db.writer().await?)
                     .await?;
             }
         }

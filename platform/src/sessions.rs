@@ -85,7 +85,7 @@ impl SessionStore {
                 // Expired rows go when someone logs in: the table stays as small as the
                 // sessions alive, without a sweeper.
                 sqlx::query(db.sql("DELETE FROM ui_sessions WHERE expires_at < {now}"))
-                    .execute(db.pool())
+                    .execute(&mut *db.writer().await?)
                     .await?;
                 let row = sqlx::query(db.sql(
                     "INSERT INTO ui_sessions (id, operator, csrf, ip, created_at, expires_at) \
@@ -96,7 +96,7 @@ impl SessionStore {
                 .bind(&session.csrf)
                 .bind(&session.ip)
                 .bind(ms(ttl))
-                .fetch_one(db.pool())
+                .fetch_one(&mut *db.writer().await?)
                 .await?;
                 session.created_at_ms = row.try_get("created_at")?;
             }
@@ -142,7 +142,10 @@ impl SessionStore {
                     ))
                     .bind(&id),
                 };
-                let row = query.fetch_optional(db.pool()).await?;
+                let row = match renew {
+                    Some(_) => query.fetch_optional(&mut *db.writer().await?).await?,
+                    None => query.fetch_optional(db.pool()).await?,
+                };
                 match row {
                     Some(r) => Some(Session {
                         operator: r.try_get("operator")?,
@@ -174,7 +177,7 @@ impl SessionStore {
             SessionStore::Sql(db) => {
                 sqlx::query("DELETE FROM ui_sessions WHERE id = $1")
                     .bind(&id)
-                    .execute(db.pool())
+                    .execute(&mut *db.writer().await?)
                     .await?;
             }
         }

@@ -45,7 +45,7 @@ impl Db {
             .bind(a.target)
             .bind(a.outcome)
             .bind(a.ip)
-            .execute(self.pool())
+            .execute(&mut *self.writer().await?)
             .await?;
         Ok(())
     }

@@ -125,7 +125,7 @@ impl Db {
         let row = sqlx::query(sql)
             .bind(owner)
             .bind(lease_ms)
-            .fetch_optional(self.pool())
+            .fetch_optional(&mut *self.writer().await?)
             .await?;
         row.map(|r| lease_from_row(&r, owner)).transpose()
     }
@@ -157,7 +157,7 @@ impl Db {
             .bind(owner)
             .bind(lease_ms)
             .bind(batch_id.as_str())
-            .fetch_optional(self.pool())
+            .fetch_optional(&mut *self.writer().await?)
             .await?;
         row.map(|r| lease_from_row(&r, owner)).transpose()
     }
@@ -363,7 +363,7 @@ impl Db {
         let n = sqlx::query(sql)
             .bind(lease.batch_id.as_str())
             .bind(lease.epoch)
-            .execute(self.pool())
+            .execute(&mut *self.writer().await?)
             .await?
             .rows_affected();
         if n == 0 {

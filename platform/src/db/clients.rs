@@ -83,7 +83,7 @@ impl Db {
             .bind(id.as_str())
             .bind(name)
             .bind(policy_json(policy))
-            .fetch_one(self.pool())
+            .fetch_one(&mut *self.writer().await?)
             .await?;
         client_from_row(&row)
     }
@@ -113,7 +113,7 @@ impl Db {
         let row = sqlx::query(sql)
             .bind(id.as_str())
             .bind(i64::from(active))
-            .fetch_optional(self.pool())
+            .fetch_optional(&mut *self.writer().await?)
             .await?
             .ok_or(Error::NotFound)?;
         client_from_row(&row)
@@ -128,7 +128,7 @@ impl Db {
         let row = sqlx::query(sql)
             .bind(id.as_str())
             .bind(policy_json(policy))
-            .fetch_optional(self.pool())
+            .fetch_optional(&mut *self.writer().await?)
             .await?
             .ok_or(Error::NotFound)?;
         client_from_row(&row)
@@ -153,7 +153,7 @@ impl Db {
             .bind(client.as_str())
             .bind(secret_hmac.to_vec())
             .bind(label)
-            .execute(self.pool())
+            .execute(&mut *self.writer().await?)
             .await?;
         Ok(())
     }
@@ -206,7 +206,7 @@ impl Db {
         );
         let client: String = sqlx::query_scalar(sql)
             .bind(key_id)
-            .fetch_optional(self.pool())
+            .fetch_optional(&mut *self.writer().await?)
             .await?
             .ok_or(Error::NotFound)?;
         parse_id(client)
@@ -214,7 +214,10 @@ impl Db {
 
     pub async fn touch_key(&self, key_id: &str) -> Result<()> {
         let sql = self.sql("UPDATE api_keys SET last_used_at = {now} WHERE key_id = $1");
-        sqlx::query(sql).bind(key_id).execute(self.pool()).await?;
+        sqlx::query(sql)
+            .bind(key_id)
+            .execute(&mut *self.writer().await?)
+            .await?;
         Ok(())
     }
 }

@@ -93,7 +93,7 @@ impl Db {
             .bind(ttl_ms)
             .bind(lock_ms)
             .bind(&token)
-            .fetch_optional(self.pool())
+            .fetch_optional(&mut *self.writer().await?)
             .await?;
         if claimed.is_some() {
             return Ok(IdempotencyStart::Proceed(IdempotencyClaim {
@@ -145,7 +145,7 @@ impl Db {
         .bind(&claim.token)
         .bind(i64::from(status))
         .bind(body)
-        .execute(self.pool())
+        .execute(&mut *self.writer().await?)
         .await?;
         Ok(())
     }
@@ -163,7 +163,7 @@ impl Db {
         .bind(client.as_str())
         .bind(&claim.key)
         .bind(&claim.token)
-        .execute(self.pool())
+        .execute(&mut *self.writer().await?)
         .await?;
         Ok(())
     }

@@ -143,7 +143,7 @@ impl Db {
             .bind(status.as_str())
             .bind(counted)
             .bind(millis(lease_ms))
-            .fetch_all(self.pool())
+            .fetch_all(&mut *self.writer().await?)
             .await?;
         let mut jobs = rows
             .iter()
@@ -180,7 +180,7 @@ impl Db {
         Ok(sqlx::query(sql)
             .bind(id_list(ids))
             .bind(i64::from(counted))
-            .execute(self.pool())
+            .execute(&mut *self.writer().await?)
             .await?
             .rows_affected())
     }
@@ -211,7 +211,7 @@ impl Db {
             .bind(truncate(error))
             .bind(millis(backoff_ms))
             .bind(permanent)
-            .fetch_optional(self.pool())
+            .fetch_optional(&mut *self.writer().await?)
             .await?;
         status
             .map(|s| s.parse().map_err(Error::Invalid))
@@ -252,7 +252,7 @@ impl Db {
         );
         Ok(sqlx::query(sql)
             .bind(id_list(ids))
-            .execute(self.pool())
+            .execute(&mut *self.writer().await?)
             .await?
             .rows_affected())
     }
@@ -269,7 +269,7 @@ impl Db {
         Ok(sqlx::query(sql)
             .bind(id_list(ids))
             .bind(millis(lease_ms))
-            .execute(self.pool())
+            .execute(&mut *self.writer().await?)
             .await?
             .rows_affected())
     }
@@ -291,7 +291,7 @@ impl Db {
             .bind(id_list(ids))
             .bind(counted)
             .bind(status.as_str())
-            .execute(self.pool())
+            .execute(&mut *self.writer().await?)
             .await?
             .rows_affected())
     }
@@ -306,7 +306,10 @@ impl Db {
                  last_error = 'the worker running it stopped before it finished' \
              WHERE status = 'running' AND lease_until < {now}",
         );
-        Ok(sqlx::query(sql).execute(self.pool()).await?.rows_affected())
+        Ok(sqlx::query(sql)
+            .execute(&mut *self.writer().await?)
+            .await?
+            .rows_affected())
     }
 
     /// Deletes up to `limit` jobs finished (done or discarded) more than `retention_ms`
@@ -327,7 +330,7 @@ impl Db {
             .bind(retention_ms)
             .bind(i64::from(limit))
             .bind(cutoff)
-            .execute(self.pool())
+            .execute(&mut *self.writer().await?)
             .await?
             .rows_affected())
     }
@@ -357,7 +360,7 @@ impl Db {
     async fn act_on_dead_job(&self, id: &JobId, statement: &'static str) -> Result<JobView> {
         let changed = sqlx::query(self.sql(statement))
             .bind(id.as_str())
-            .execute(self.pool())
+            .execute(&mut *self.writer().await?)
             .await?
             .rows_affected();
         let job = self.get_job(id).await?.ok_or(Error::NotFound)?;
@@ -441,7 +444,7 @@ impl Db {
             .bind(batch.as_str())
             .bind(summary)
             .bind(csv)
-            .execute(self.pool())
+            .execute(&mut *self.writer().await?)
             .await?;
         Ok(())
     }

@@ -23,7 +23,7 @@ impl Db {
             .bind(name)
             .bind(owner)
             .bind(lease_ms)
-            .execute(self.pool())
+            .execute(&mut *self.writer().await?)
             .await?
             .rows_affected();
         Ok(taken == 1)
@@ -46,7 +46,7 @@ impl Db {
         )
         .bind(name)
         .bind(owner)
-        .execute(self.pool())
+        .execute(&mut *self.writer().await?)
         .await?;
         Ok(())
     }

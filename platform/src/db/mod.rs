@@ -16,6 +16,7 @@
 pub mod actions;
 pub mod batches;
 pub mod clients;
+mod gate;
 pub mod imports;
 pub mod jobs;
 pub mod leases;
@@ -27,17 +28,18 @@ pub mod summaries;
 pub use actions::{ActionRecord, NewAction};
 pub use batches::{BatchAction, Chunk, ChunkResult, FailOutcome, Lease, RecordRow, RowError};
 pub use clients::{ClientRecord, KeyRecord};
+pub use gate::{Tx, Writer};
 pub use imports::{IdempotencyClaim, IdempotencyStart, NewImport, SubmitOutcome};
 pub use jobs::{Failure, Handover, JobFilter};
 pub use operator::{BatchFilter, BatchRow, Throughput};
 pub use outbox::OutboxRow;
 
 use std::path::Path;
-use std::time::Duration;
+use std::sync::Arc;
 
 use sqlx::any::{AnyPoolOptions, install_default_drivers};
 use sqlx::migrate::Migrator;
-use sqlx::{Any, AnyPool, AssertSqlSafe, Executor, Transaction};
+use sqlx::{AnyPool, AssertSqlSafe, Executor};
 
 use crate::{Error, Result};
 
@@ -73,8 +75,6 @@ impl Dialect {
     }
 }
 
-pub type Tx = Transaction<'static, Any>;
-
 /// A handle on the ledger; cheap to clone.
 #[derive(Clone)]
 pub struct Db {
@@ -82,6 +82,8 @@ pub struct Db {
     dialect: Dialect,
     /// Attempts each new job intent gets (`jobs.max_attempts`).
     job_max_attempts: u32,
+    /// SQLite on a file: what every write passes first ([`gate`]).
+    gate: Option<Arc<gate::Gate>>,
 }
 
 impl Db {
@@ -93,23 +95,28 @@ impl Db {
         } else {
             Dialect::Postgres
         };
-        let url = match dialect {
-            Dialect::Sqlite => prepare_sqlite_url(url)?,
-            Dialect::Postgres => url.to_owned(),
+        let (url, gate) = match dialect {
+            Dialect::Sqlite => {
+                let (url, file) = prepare_sqlite_url(url)?;
+                (url, file.map(|f| gate::Gate::of(&f)).transpose()?)
+            }
+            Dialect::Postgres => (url.to_owned(), None),
         };
         let mut options = AnyPoolOptions::new()
             .max_connections(max_connections)
-            .acquire_timeout(Duration::from_secs(10));
+            .acquire_timeout(gate::WAIT);
         if dialect == Dialect::Sqlite {
             options = options.after_connect(|conn, _| {
                 Box::pin(async move {
                     // WAL lets readers run beside the one writer; NORMAL sync is durable in
-                    // WAL mode against process crashes; the busy timeout queues writers; a
-                    // 64 MiB page cache per connection keeps hot indexes out of read(2).
+                    // WAL mode against process crashes; the busy timeout still covers writers
+                    // outside the gate (another tool on the file); a 64 MiB page cache per
+                    // connection keeps hot indexes out of read(2); checkpoints run beside the
+                    // writers, not in their commits (see [`gate`]).
                     conn.execute(
                         "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; \
                                   PRAGMA busy_timeout = 10000; PRAGMA foreign_keys = ON; \
-                                  PRAGMA cache_size = -65536;",
+                                  PRAGMA cache_size = -65536; PRAGMA wal_autocheckpoint = 0;",
                     )
                     .await?;
                     Ok(())
@@ -121,6 +128,7 @@ impl Db {
             pool,
             dialect,
             job_max_attempts: 1,
+            gate,
         })
     }
 
@@ -160,13 +168,32 @@ impl Db {
         )
     }
 
-    /// Starts a transaction that will write. SQLite takes the write lock up front, so two
-    /// writers queue on the busy timeout instead of failing when one upgrades its read lock.
+    /// Starts a transaction that will write, through the gate. SQLite takes the write lock
+    /// up front, so a writer outside the gate makes it wait rather than fail when it would
+    /// upgrade a read lock.
     pub(crate) async fn begin_write(&self) -> Result<Tx> {
-        Ok(match self.dialect {
+        let pass = self.enter().await?;
+        let tx = match self.dialect {
             Dialect::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await?,
             Dialect::Postgres => self.pool.begin().await?,
-        })
+        };
+        Ok(Tx::new(tx, pass))
+    }
+
+    /// A connection, through the gate, for one statement that writes outside a
+    /// transaction: `.execute(&mut *db.writer().await?)`. Never ask for one while this
+    /// task holds a [`Tx`] or another `Writer` of the same ledger: the gate is not
+    /// reentrant (the second would wait out [`gate::WAIT`] and fail).
+    pub async fn writer(&self) -> Result<Writer> {
+        let pass = self.enter().await?;
+        Ok(Writer::new(self.pool.acquire().await?, pass))
+    }
+
+    async fn enter(&self) -> Result<Option<gate::Pass>> {
+        match &self.gate {
+            Some(g) => Ok(Some(g.enter(&self.pool).await?)),
+            None => Ok(None),
+        }
     }
 
     /// Milliseconds since the epoch on the database clock.
@@ -182,8 +209,9 @@ impl Db {
     }
 }
 
-/// `sqlite://dir/file.db` → make sure `dir` exists and ask sqlite to create the file.
-fn prepare_sqlite_url(url: &str) -> Result<String> {
+/// `sqlite://dir/file.db` → make sure `dir` exists and ask sqlite to create the file; the
+/// URL to connect with, and the file (`None` in memory).
+fn prepare_sqlite_url(url: &str) -> Result<(String, Option<std::path::PathBuf>)> {
     let rest = url.trim_start_matches("sqlite:").trim_start_matches("//");
     let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
     if path != ":memory:"
@@ -196,11 +224,13 @@ fn prepare_sqlite_url(url: &str) -> Result<String> {
             source,
         })?;
     }
-    Ok(if query.is_empty() {
+    let url = if query.is_empty() {
         format!("sqlite://{path}?mode=rwc")
     } else {
         url.to_owned()
-    })
+    };
+    let file = (path != ":memory:" && !query.contains("mode=memory")).then(|| path.into());
+    Ok((url, file))
 }
 
 /// Splits the `limit + 1` rows a page query fetched into the page and the cursor of the

@@ -94,7 +94,7 @@ impl Db {
         let list = serde_json::to_string(ids).unwrap_or_default();
         Ok(sqlx::query(sql)
             .bind(list)
-            .execute(self.pool())
+            .execute(&mut *self.writer().await?)
             .await?
             .rows_affected())
     }
@@ -105,7 +105,7 @@ impl Db {
             .sql("DELETE FROM outbox WHERE published_at IS NOT NULL AND published_at < {now} - $1");
         Ok(sqlx::query(sql)
             .bind(retention_ms)
-            .execute(self.pool())
+            .execute(&mut *self.writer().await?)
             .await?
             .rows_affected())
     }
