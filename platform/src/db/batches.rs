@@ -125,7 +125,7 @@ impl Db {
         let row = sqlx::query(sql)
             .bind(owner)
             .bind(lease_ms)
-            .fetch_optional(&mut *self.writer().await?)
+            .fetch_optional(&mut *self.urgent_writer().await?)
             .await?;
         row.map(|r| lease_from_row(&r, owner)).transpose()
     }
@@ -157,7 +157,7 @@ impl Db {
             .bind(owner)
             .bind(lease_ms)
             .bind(batch_id.as_str())
-            .fetch_optional(&mut *self.writer().await?)
+            .fetch_optional(&mut *self.urgent_writer().await?)
             .await?;
         row.map(|r| lease_from_row(&r, owner)).transpose()
     }

@@ -5,8 +5,9 @@
 //! `busy_timeout`). Two writers that meet lose those milliseconds even when the lock was
 //! held for a fraction of one: measured on the commit → worker-start path, claims waited
 //! 53 ms and 78 ms, the sums of that schedule. So every write to a SQLite ledger first
-//! passes this gate: writers of one process queue on an async mutex (first come, first
-//! served), and the process at the head of its queue takes an exclusive `flock` on a file
+//! passes this gate: writers of one process queue in it (first come, first
+//! served; claims, which a worker waits on to start a batch, go ahead of the other writes),
+//! and the process at the head of its queue takes an exclusive `flock` on a file
 //! beside the database, which the kernel hands from process to process as soon as it is
 //! released. When a writer reaches SQLite, the file lock is free. PostgreSQL has row locks
 //! and needs none of this.
@@ -17,7 +18,7 @@
 //! off, every [`CHECKPOINT_EVERY`] writes a passive checkpoint runs on a connection of its
 //! own beside the writers, which it does not block.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::fs::{File, OpenOptions, TryLockError};
 use std::ops::{Deref, DerefMut};
 use std::path::{Path, PathBuf};
@@ -28,7 +29,7 @@ use std::time::{Duration, Instant};
 use sqlx::AnyConnection;
 use sqlx::pool::PoolConnection;
 use sqlx::{Any, AnyPool, Transaction};
-use tokio::sync::{Mutex as AsyncMutex, OwnedMutexGuard};
+use tokio::sync::oneshot;
 
 use crate::{Error, Result};
 
@@ -39,11 +40,29 @@ const RECHECK: Duration = Duration::from_micros(100);
 /// Writes between two checkpoints (a write is a few pages: about SQLite's own 1,000 pages).
 const CHECKPOINT_EVERY: u64 = 500;
 
+/// Which queue a writer joins.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Urgency {
+    /// Someone waits on this write to start work (a claim): served first.
+    Urgent,
+    Normal,
+}
+
 /// The gate of one database file, shared by every [`super::Db`] on it in this process.
 pub(crate) struct Gate {
-    file: Arc<AsyncMutex<File>>,
+    /// The lock file, held (`flock`) by whoever has the turn.
+    file: Arc<File>,
+    turns: Mutex<Turns>,
     writes: AtomicU64,
     checkpointing: AtomicBool,
+}
+
+/// Whose turn it is in this process, and who waits for it, urgent writers first.
+#[derive(Default)]
+struct Turns {
+    taken: bool,
+    urgent: VecDeque<oneshot::Sender<()>>,
+    normal: VecDeque<oneshot::Sender<()>>,
 }
 
 /// One gate per file and process: two handles on one ledger (the API and the worker of one
@@ -72,7 +91,8 @@ impl Gate {
                 source,
             })?;
         let gate = Arc::new(Gate {
-            file: Arc::new(AsyncMutex::new(file)),
+            file: Arc::new(file),
+            turns: Mutex::default(),
             writes: AtomicU64::new(0),
             checkpointing: AtomicBool::new(false),
         });
@@ -82,23 +102,24 @@ impl Gate {
 
     /// Waits (up to [`WAIT`]) until this writer may write; `pool` runs the checkpoint when
     /// one is due.
-    pub(crate) async fn enter(self: &Arc<Self>, pool: &AnyPool) -> Result<Pass> {
+    pub(crate) async fn enter(self: &Arc<Self>, pool: &AnyPool, urgency: Urgency) -> Result<Pass> {
         if self.writes.fetch_add(1, Ordering::Relaxed) % CHECKPOINT_EVERY == CHECKPOINT_EVERY - 1 {
             self.checkpoint(pool);
         }
         let deadline = Instant::now() + WAIT;
-        let held = tokio::time::timeout(WAIT, self.file.clone().lock_owned())
+        let turn = tokio::time::timeout(WAIT, self.turn(urgency))
             .await
-            .map_err(|_| busy())?;
-        let file = match held.try_lock() {
-            Ok(()) => held,
+            .map_err(|_| busy())??;
+        match self.file.try_lock() {
+            Ok(()) => {}
             Err(TryLockError::WouldBlock) => {
                 // Another process writes: wait on a blocking thread, looking every 100 µs
                 // (an async timer cannot sleep less than a millisecond).
+                let file = self.file.clone();
                 tokio::task::spawn_blocking(move || {
                     loop {
-                        match held.try_lock() {
-                            Ok(()) => return Ok(held),
+                        match file.try_lock() {
+                            Ok(()) => return Ok(()),
                             Err(TryLockError::WouldBlock) if Instant::now() < deadline => {
                                 std::thread::sleep(RECHECK);
                             }
@@ -111,8 +132,85 @@ impl Gate {
                 .map_err(|e| Error::Invalid(format!("waiting for the write lock: {e}")))??
             }
             Err(TryLockError::Error(e)) => return Err(lock_failed(e)),
+        }
+        Ok(Pass {
+            file: self.file.clone(),
+            _turn: turn,
+        })
+    }
+
+    /// This process's turn to write, once the writers ahead are done.
+    async fn turn(self: &Arc<Self>, urgency: Urgency) -> Result<Turn> {
+        let rx = {
+            let mut turns = self.turns();
+            if !turns.taken {
+                turns.taken = true;
+                return Ok(Turn(self.clone()));
+            }
+            let (tx, rx) = oneshot::channel();
+            match urgency {
+                Urgency::Urgent => turns.urgent.push_back(tx),
+                Urgency::Normal => turns.normal.push_back(tx),
+            }
+            rx
         };
-        Ok(Pass { file: Some(file) })
+        let mut waiting = Waiting {
+            rx,
+            gate: self.clone(),
+        };
+        match (&mut waiting.rx).await {
+            Ok(()) => Ok(Turn(self.clone())),
+            // The gate dropped its waiters: it is going away with its last ledger handle.
+            Err(_) => Err(busy()),
+        }
+    }
+
+    fn turns(&self) -> std::sync::MutexGuard<'_, Turns> {
+        self.turns.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Gives the turn to the next writer waiting, urgent ones first, or frees it.
+    fn hand_on(&self) {
+        let mut turns = self.turns();
+        loop {
+            let Some(next) = turns
+                .urgent
+                .pop_front()
+                .or_else(|| turns.normal.pop_front())
+            else {
+                turns.taken = false;
+                return;
+            };
+            // A waiter that gave up (its timeout) is skipped.
+            if next.send(()).is_ok() {
+                return;
+            }
+        }
+    }
+}
+
+/// This writer's turn in its process; handed on when dropped.
+struct Turn(Arc<Gate>);
+
+impl Drop for Turn {
+    fn drop(&mut self) {
+        self.0.hand_on();
+    }
+}
+
+/// A writer waiting for its turn. Dropped while waiting (its timeout, or its caller gone),
+/// it still hands on a turn given to it in the meantime, so no turn is ever lost.
+struct Waiting {
+    rx: oneshot::Receiver<()>,
+    gate: Arc<Gate>,
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        self.rx.close();
+        if self.rx.try_recv().is_ok() {
+            self.gate.hand_on();
+        }
     }
 }
 
@@ -131,7 +229,7 @@ impl Gate {
         tokio::spawn(async move {
             let checkpoint = || sqlx::query("PRAGMA wal_checkpoint(PASSIVE)").execute(&pool);
             let done = match checkpoint().await {
-                Ok(_) => match gate.enter(&pool).await {
+                Ok(_) => match gate.enter(&pool, Urgency::Normal).await {
                     Ok(_pass) => checkpoint().await.map(|_| ()).map_err(Error::from),
                     Err(e) => Err(e),
                 },
@@ -167,17 +265,16 @@ fn lock_failed(source: std::io::Error) -> Error {
 
 /// The right to write, until dropped.
 pub(crate) struct Pass {
-    file: Option<OwnedMutexGuard<File>>,
+    file: Arc<File>,
+    // Dropped after `drop` below: the file lock goes before the turn does.
+    _turn: Turn,
 }
 
 impl Drop for Pass {
     fn drop(&mut self) {
-        if let Some(file) = self.file.take() {
-            // Closing the process's file would drop the lock too, but the file stays open for
-            // the next writer; an unlock that fails leaves it to the next `try_lock`, which
-            // succeeds on a lock this process already holds.
-            let _ = file.unlock();
-        }
+        // An unlock that fails leaves the lock to the next `try_lock` of this process,
+        // which succeeds on a lock its own file already holds.
+        let _ = self.file.unlock();
     }
 }
 
@@ -315,6 +412,53 @@ mod tests {
             .expect("the writer went on once the lock was free")
             .unwrap()
             .unwrap();
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn an_urgent_writer_goes_ahead_of_the_queue_and_a_writer_that_gave_up_is_skipped() {
+        let (db, dir) = ledger().await;
+        let held = db.writer().await.unwrap();
+        let write = |n: i64, urgency: Urgency| {
+            let db = db.clone();
+            tokio::spawn(async move {
+                let mut w: Writer = match urgency {
+                    Urgency::Urgent => db.urgent_writer().await?,
+                    Urgency::Normal => db.writer().await?,
+                };
+                sqlx::query("INSERT INTO t (n, pad) VALUES ($1, '')")
+                    .bind(n)
+                    .execute(&mut *w)
+                    .await?;
+                Ok::<(), Error>(())
+            })
+        };
+        let mut writers = vec![write(1, Urgency::Normal)];
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        // One that gives up while waiting: its place in the queue must not stall the rest.
+        let quitter = tokio::spawn({
+            let db = db.clone();
+            async move { db.writer().await.map(|_| ()) }
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        quitter.abort();
+        writers.push(write(2, Urgency::Normal));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        writers.push(write(3, Urgency::Urgent));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        drop(held);
+        for w in writers {
+            tokio::time::timeout(Duration::from_secs(2), w)
+                .await
+                .expect("every queued writer wrote")
+                .unwrap()
+                .unwrap();
+        }
+        let order: Vec<i64> = sqlx::query_scalar("SELECT n FROM t ORDER BY rowid")
+            .fetch_all(db.pool())
+            .await
+            .unwrap();
+        assert_eq!(order, [3, 1, 2]);
         std::fs::remove_dir_all(dir).unwrap();
     }
 

@@ -172,7 +172,7 @@ impl Db {
     /// up front, so a writer outside the gate makes it wait rather than fail when it would
     /// upgrade a read lock.
     pub(crate) async fn begin_write(&self) -> Result<Tx> {
-        let pass = self.enter().await?;
+        let pass = self.enter(gate::Urgency::Normal).await?;
         let tx = match self.dialect {
             Dialect::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await?,
             Dialect::Postgres => self.pool.begin().await?,
@@ -185,13 +185,20 @@ impl Db {
     /// task holds a [`Tx`] or another `Writer` of the same ledger: the gate is not
     /// reentrant (the second would wait out [`gate::WAIT`] and fail).
     pub async fn writer(&self) -> Result<Writer> {
-        let pass = self.enter().await?;
+        let pass = self.enter(gate::Urgency::Normal).await?;
         Ok(Writer::new(self.pool.acquire().await?, pass))
     }
 
-    async fn enter(&self) -> Result<Option<gate::Pass>> {
+    /// A [`Db::writer`] that goes ahead of the other writers waiting in this process: for
+    /// a write a worker waits on to start (a claim).
+    pub(crate) async fn urgent_writer(&self) -> Result<Writer> {
+        let pass = self.enter(gate::Urgency::Urgent).await?;
+        Ok(Writer::new(self.pool.acquire().await?, pass))
+    }
+
+    async fn enter(&self, urgency: gate::Urgency) -> Result<Option<gate::Pass>> {
         match &self.gate {
-            Some(g) => Ok(Some(g.enter(&self.pool).await?)),
+            Some(g) => Ok(Some(g.enter(&self.pool, urgency).await?)),
             None => Ok(None),
         }
     }
