@@ -337,9 +337,19 @@ impl Worker {
         Ok(BatchRun { lease, chunks })
     }
 
-    /// Commits the next chunk, or completes the batch when none is left.
+    /// Commits the next chunk; the last one completes the batch in the same transaction
+    /// (as does a step on a batch with no chunk left).
     pub async fn step(&self, run: &mut BatchRun) -> Result<Step> {
         let result = match run.chunks.front() {
+            Some(chunk) if run.chunks.len() == 1 => {
+                let done = self
+                    .db
+                    .commit_last_chunk(&run.lease, self.lease_ms(), chunk)
+                    .await?;
+                run.chunks.pop_front();
+                self.outbox_wake.notify_one();
+                return Ok(Step::Completed(done));
+            }
             Some(chunk) => {
                 let written = self
                     .db

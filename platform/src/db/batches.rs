@@ -179,6 +179,35 @@ impl Db {
         chunk: &Chunk,
     ) -> Result<ChunkResult> {
         let mut tx = self.begin_write().await?;
+        let written = self.write_chunk(&mut tx, lease, lease_ms, chunk).await;
+        tx.end(written).await
+    }
+
+    /// The last chunk and the completion in one transaction: one write less per batch on
+    /// the path every batch takes (a one-chunk batch is claimed, then committed once).
+    #[tracing::instrument(skip_all, fields(batch_id = %lease.batch_id, checkpoint = chunk.checkpoint))]
+    pub async fn commit_last_chunk(
+        &self,
+        lease: &Lease,
+        lease_ms: i64,
+        chunk: &Chunk,
+    ) -> Result<BatchCompleted> {
+        let mut tx = self.begin_write().await?;
+        let done = match self.write_chunk(&mut tx, lease, lease_ms, chunk).await {
+            Ok(_) => self.complete_in(&mut tx, lease).await,
+            Err(e) => Err(e),
+        };
+        tx.end(done).await
+    }
+
+    /// A chunk's writes inside `tx`.
+    async fn write_chunk(
+        &self,
+        tx: &mut Tx,
+        lease: &Lease,
+        lease_ms: i64,
+        chunk: &Chunk,
+    ) -> Result<ChunkResult> {
         let written = if chunk.records.is_empty() {
             0
         } else {
@@ -206,7 +235,7 @@ impl Db {
                 .bind(lease.client_id.as_str())
                 .bind(lease.batch_id.as_str())
                 .bind(serde_json::to_string(&chunk.records).unwrap_or_default())
-                .execute(&mut *tx)
+                .execute(&mut **tx)
                 .await?
                 .rows_affected()
         };
@@ -228,7 +257,7 @@ impl Db {
             sqlx::query(sql)
                 .bind(lease.batch_id.as_str())
                 .bind(serde_json::to_string(&chunk.errors).unwrap_or_default())
-                .execute(&mut *tx)
+                .execute(&mut **tx)
                 .await?;
         }
         let unchanged = chunk.records.len() as u64 - written + chunk.superseded;
@@ -246,20 +275,24 @@ impl Db {
             .bind(unchanged as i64)
             .bind(chunk.errors.len() as i64)
             .bind(lease_ms)
-            .execute(&mut *tx)
+            .execute(&mut **tx)
             .await?
             .rows_affected();
         if held == 0 {
-            tx.rollback().await?;
             return Err(fence_rejected(lease));
         }
-        tx.commit().await?;
         Ok(ChunkResult { written, unchanged })
     }
 
     /// Completes the batch under the fence and announces it.
     pub async fn complete_batch(&self, lease: &Lease) -> Result<BatchCompleted> {
         let mut tx = self.begin_write().await?;
+        let done = self.complete_in(&mut tx, lease).await;
+        tx.end(done).await
+    }
+
+    /// The completion inside `tx`.
+    async fn complete_in(&self, tx: &mut Tx, lease: &Lease) -> Result<BatchCompleted> {
         let sql = self.sql(
             "UPDATE batches SET status = 'completed', completed_at = {now}, updated_at = {now}, \
                  lease_owner = NULL, lease_expires_at = NULL, last_error = NULL \
@@ -270,10 +303,9 @@ impl Db {
         let Some(row) = sqlx::query(sql)
             .bind(lease.batch_id.as_str())
             .bind(lease.epoch)
-            .fetch_optional(&mut *tx)
+            .fetch_optional(&mut **tx)
             .await?
         else {
-            tx.rollback().await?;
             return Err(fence_rejected(lease));
         };
         let completed_at: i64 = row.try_get("completed_at")?;
@@ -285,14 +317,8 @@ impl Db {
             records_failed: count(row.try_get("records_failed")?),
             duration_ms: count(completed_at - started_at.unwrap_or(completed_at)),
         };
-        self.announce(
-            &mut tx,
-            lease,
-            completed_at,
-            Event::BatchCompleted(done.clone()),
-        )
-        .await?;
-        tx.commit().await?;
+        self.announce(tx, lease, completed_at, Event::BatchCompleted(done.clone()))
+            .await?;
         Ok(done)
     }
 

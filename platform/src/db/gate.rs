@@ -299,6 +299,19 @@ impl Tx {
         self.tx.rollback().await?;
         Ok(())
     }
+
+    /// Commits when the work in it succeeded, rolls back (before the gate opens) when not.
+    pub async fn end<T>(self, work: Result<T>) -> Result<T> {
+        match work {
+            Ok(v) => self.commit().await.map(|()| v),
+            Err(e) => {
+                if let Err(rollback) = self.rollback().await {
+                    tracing::warn!(error = %rollback, "rolling back a failed write failed");
+                }
+                Err(e)
+            }
+        }
+    }
 }
 
 impl Deref for Tx {
