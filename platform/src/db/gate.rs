@@ -278,25 +278,34 @@ impl Drop for Pass {
     }
 }
 
-/// A write transaction; derefs to its connection. Rolled back when dropped uncommitted.
-pub struct Tx {
+/// A connection (or a transaction on one) that holds the right to write; derefs to the
+/// connection.
+pub struct Held<C> {
     // Field order is drop order: the transaction ends before the gate opens.
-    tx: Transaction<'static, Any>,
+    conn: C,
     _pass: Option<Pass>,
 }
 
-impl Tx {
-    pub(crate) fn new(tx: Transaction<'static, Any>, pass: Option<Pass>) -> Tx {
-        Tx { tx, _pass: pass }
-    }
+/// A write transaction. Rolled back when dropped uncommitted.
+pub type Tx = Held<Transaction<'static, Any>>;
 
+/// A connection for one statement that writes outside a transaction.
+pub type Writer = Held<PoolConnection<Any>>;
+
+impl<C> Held<C> {
+    pub(crate) fn new(conn: C, pass: Option<Pass>) -> Held<C> {
+        Held { conn, _pass: pass }
+    }
+}
+
+impl Tx {
     pub async fn commit(self) -> Result<()> {
-        self.tx.commit().await?;
+        self.conn.commit().await?;
         Ok(())
     }
 
     pub async fn rollback(self) -> Result<()> {
-        self.tx.rollback().await?;
+        self.conn.rollback().await?;
         Ok(())
     }
 
@@ -314,39 +323,14 @@ impl Tx {
     }
 }
 
-impl Deref for Tx {
-    type Target = AnyConnection;
-    fn deref(&self) -> &AnyConnection {
-        &self.tx
-    }
-}
-
-impl DerefMut for Tx {
-    fn deref_mut(&mut self) -> &mut AnyConnection {
-        &mut self.tx
-    }
-}
-
-/// A connection for one statement that writes outside a transaction.
-pub struct Writer {
-    conn: PoolConnection<Any>,
-    _pass: Option<Pass>,
-}
-
-impl Writer {
-    pub(crate) fn new(conn: PoolConnection<Any>, pass: Option<Pass>) -> Writer {
-        Writer { conn, _pass: pass }
-    }
-}
-
-impl Deref for Writer {
+impl<C: Deref<Target = AnyConnection>> Deref for Held<C> {
     type Target = AnyConnection;
     fn deref(&self) -> &AnyConnection {
         &self.conn
     }
 }
 
-impl DerefMut for Writer {
+impl<C: DerefMut<Target = AnyConnection>> DerefMut for Held<C> {
     fn deref_mut(&mut self) -> &mut AnyConnection {
         &mut self.conn
     }
