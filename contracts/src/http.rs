@@ -228,7 +228,7 @@ pub struct WorkerInfo {
     pub processed: u64,
     /// An operator asked it to drain: it takes no new work and leaves when done.
     pub draining: bool,
-    /// It holds the fleet's leader lease: it writes the daily summaries.
+    /// It holds the fleet's leader lease: it runs the job sweeper and the daily summaries.
     #[serde(default)]
     pub leader: bool,
 }

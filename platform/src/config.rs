@@ -202,8 +202,9 @@ pub struct WorkerConfig {
     pub retry_max_ms: u64,
     /// On shutdown, in-flight batches get this long to finish before they are released.
     pub shutdown_grace_secs: u64,
-    /// The fleet leader's lease (renewed at a third of it): the singleton duties (the
-    /// daily summaries) move to another worker this long after their leader died.
+    /// The fleet leader's lease (renewed at a third of it): the singleton duties (job
+    /// sweeper with its reaper and pruning, daily summaries) move to another worker this
+    /// long after their leader died.
     pub leader_lease_ms: u64,
     /// When the leader writes the daily per-client summaries of the days that ended (cron
     /// with seconds, UTC: `sec min hour day month weekday`); empty: never.

@@ -36,7 +36,7 @@ pub async fn page(
                                 td.num { (w.processed) }
                                 td {
                                     @if w.draining { (layout::status("draining")) } @else { (layout::status("active")) }
-                                    // The leader writes the fleet's daily summaries.
+                                    // The leader runs the job sweeper and writes the daily summaries.
                                     @if w.leader { " " (layout::status("leader")) }
                                 }
                                 td { @if !w.draining { (layout::action_button(&op, "drain", &w.id, "/ui/workers", "Drain", true)) } }

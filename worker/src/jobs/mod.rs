@@ -203,7 +203,8 @@ pub async fn run(setup: JobsSetup, stop: CancellationToken) {
             stop.clone(),
         ));
     }
-    // apalis-redis workers beat their own hearts and take back each other's tasks.
+    // On DataFlow's lists every worker beats its heart for the leader's reaper
+    // (apalis-redis workers beat their own and take back each other's tasks).
     if let Some(q) = &lists {
         upkeep.spawn(upkeep::heartbeat(
             q.clone(),
