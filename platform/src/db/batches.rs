@@ -193,10 +193,11 @@ impl Db {
         chunk: &Chunk,
     ) -> Result<BatchCompleted> {
         let mut tx = self.begin_write().await?;
-        let done = match self.write_chunk(&mut tx, lease, lease_ms, chunk).await {
-            Ok(_) => self.complete_in(&mut tx, lease).await,
-            Err(e) => Err(e),
-        };
+        let done = async {
+            self.write_chunk(&mut tx, lease, lease_ms, chunk).await?;
+            self.complete_in(&mut tx, lease).await
+        }
+        .await;
         tx.end(done).await
     }
 

@@ -110,28 +110,21 @@ impl Gate {
         let turn = tokio::time::timeout(WAIT, self.turn(urgency))
             .await
             .map_err(|_| busy())??;
-        match self.file.try_lock() {
-            Ok(()) => {}
-            Err(TryLockError::WouldBlock) => {
-                // Another process writes: wait on a blocking thread, looking every 100 µs
-                // (an async timer cannot sleep less than a millisecond).
-                let file = self.file.clone();
-                tokio::task::spawn_blocking(move || {
-                    loop {
-                        match file.try_lock() {
-                            Ok(()) => return Ok(()),
-                            Err(TryLockError::WouldBlock) if Instant::now() < deadline => {
-                                std::thread::sleep(RECHECK);
-                            }
-                            Err(TryLockError::WouldBlock) => return Err(busy()),
-                            Err(TryLockError::Error(e)) => return Err(lock_failed(e)),
-                        }
+        if !try_flock(&self.file)? {
+            // Another process writes: wait on a blocking thread, looking every 100 µs (an
+            // async timer cannot sleep less than a millisecond).
+            let file = self.file.clone();
+            tokio::task::spawn_blocking(move || {
+                while !try_flock(&file)? {
+                    if Instant::now() >= deadline {
+                        return Err(busy());
                     }
-                })
-                .await
-                .map_err(|e| Error::Invalid(format!("waiting for the write lock: {e}")))??
-            }
-            Err(TryLockError::Error(e)) => return Err(lock_failed(e)),
+                    std::thread::sleep(RECHECK);
+                }
+                Ok(())
+            })
+            .await
+            .map_err(|e| lock_failed(std::io::Error::other(e)))??;
         }
         Ok(Pass {
             file: self.file.clone(),
@@ -243,6 +236,15 @@ impl Gate {
             }
             gate.checkpointing.store(false, Ordering::Release);
         });
+    }
+}
+
+/// Takes the file lock if no other process holds it: whether it was taken.
+fn try_flock(file: &File) -> Result<bool> {
+    match file.try_lock() {
+        Ok(()) => Ok(true),
+        Err(TryLockError::WouldBlock) => Ok(false),
+        Err(TryLockError::Error(e)) => Err(lock_failed(e)),
     }
 }
 

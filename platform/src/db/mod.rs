@@ -185,14 +185,17 @@ impl Db {
     /// task holds a [`Tx`] or another `Writer` of the same ledger: the gate is not
     /// reentrant (the second would wait out [`gate::WAIT`] and fail).
     pub async fn writer(&self) -> Result<Writer> {
-        let pass = self.enter(gate::Urgency::Normal).await?;
-        Ok(Writer::new(self.pool.acquire().await?, pass))
+        self.writer_as(gate::Urgency::Normal).await
     }
 
     /// A [`Db::writer`] that goes ahead of the other writers waiting in this process: for
     /// a write a worker waits on to start (a claim).
     pub(crate) async fn urgent_writer(&self) -> Result<Writer> {
-        let pass = self.enter(gate::Urgency::Urgent).await?;
+        self.writer_as(gate::Urgency::Urgent).await
+    }
+
+    async fn writer_as(&self, urgency: gate::Urgency) -> Result<Writer> {
+        let pass = self.enter(urgency).await?;
         Ok(Writer::new(self.pool.acquire().await?, pass))
     }
 
