@@ -255,14 +255,14 @@ impl Broker {
     }
 
     /// Relays the outbox until it is drained: rows in id order, persistent and `mandatory`,
-    /// with up to `confirm_window` confirms in flight across reads (the next rows are read
-    /// while earlier ones await their confirm, leaving out those not yet marked; a `wake`
-    /// from a new commit starts that read at once). Acked rows are marked published by id
-    /// beside the publishing, one statement at a time, and handed to `confirmed` once
-    /// marked: a mark waiting for the ledger's write lock never holds back the next commit's
-    /// publish. The first row not acked ends the relay: it and every row sent after it stay
-    /// unmarked and are sent again on a fresh link, so a batch's events keep their order.
-    /// No rows are read after `until` (the relay lease must outlast the round).
+    /// with up to `confirm_window` confirms in flight across reads (a `wake` from a new
+    /// commit starts the next read at once). While a backlog is sent, the page after it is
+    /// already being read, and acked rows are marked published by id in a task of their own,
+    /// one statement at a time, then handed to `confirmed`: neither a read nor a mark waiting
+    /// for the ledger holds back publishing. The first row not acked ends the relay: it and
+    /// every row sent after it stay unmarked and are sent again on a fresh link, so a
+    /// batch's events keep their order. No rows are read after `until` (the relay lease
+    /// must outlast the round).
     pub async fn relay(
         &self,
         db: &Db,
@@ -278,21 +278,24 @@ impl Broker {
         let mut inflight: VecDeque<InFlight> = VecDeque::new();
         // Acked rows waiting for the next mark, and the mark under way.
         let mut acked: Vec<OutboxRow> = Vec::new();
-        let mut marking: Option<Marking<'_>> = None;
+        let mut marking: Option<Marking> = None;
         let mut marked = 0;
+        let mut reads = Reads::default();
         let mut read = true;
         let mut stop = None;
         loop {
             let late = until.is_some_and(|u| Instant::now() >= u);
             if read && !late && stop.is_none() {
-                let except: Vec<i64> = inflight
-                    .iter()
-                    .map(|f| &f.row)
-                    .chain(&acked)
-                    .chain(marking.iter().flat_map(|m| &m.rows.0))
-                    .map(|r| r.id)
-                    .collect();
-                match db.unpublished_events(limit, &except).await {
+                let in_hand = || {
+                    inflight
+                        .iter()
+                        .map(|f| &f.row)
+                        .chain(&acked)
+                        .chain(marking.iter().flat_map(|m| &m.rows))
+                        .map(|r| r.id)
+                        .collect::<Vec<i64>>()
+                };
+                match reads.next(db, limit, in_hand).await {
                     Err(e) => stop = Some(Stop::Ledger(e)),
                     Ok(rows) => {
                         // A full read may have left rows behind: read again before waiting.
@@ -313,6 +316,9 @@ impl Broker {
                     Some(settled) => stop = settled.err().map(Stop::Link),
                 }
             }
+            if let Some(m) = marking.take_if(|m| m.done.is_finished()) {
+                stop = stop.or(m.end(confirmed, &mut marked).await);
+            }
             if marking.is_none() && !acked.is_empty() {
                 marking = Some(Marking::start(db, std::mem::take(&mut acked)));
             }
@@ -321,18 +327,13 @@ impl Broker {
                 break;
             }
             if read && !late && stop.is_none() {
-                // Catching up on a backlog: finish the mark under way before the next read,
-                // so the rows left out of reads stay bounded.
-                if let Some(m) = marking.take() {
-                    let done = m.done.await;
-                    stop = stop.or(m.rows.finish(done, confirmed, &mut marked));
-                }
+                // Catching up on a backlog: the next page is being read already.
                 continue;
             }
             let listen = wake.filter(|_| !late && stop.is_none());
             let next = tokio::select! {
                 settled = settle_front(&mut inflight, &mut acked, timeout), if !waiting => Next::Settled(settled),
-                done = or_pending(marking.as_mut().map(|m| m.done.as_mut())) => Next::Marked(done),
+                done = or_pending(marking.as_mut().map(|m| &mut m.done)) => Next::Marked(joined(done)),
                 _ = or_pending(listen.map(Notify::notified)) => Next::Woken,
             };
             match next {
@@ -340,7 +341,7 @@ impl Broker {
                 Next::Woken => read = true,
                 Next::Marked(done) => {
                     if let Some(m) = marking.take() {
-                        stop = stop.or(m.rows.finish(done, confirmed, &mut marked));
+                        stop = stop.or(Marking::finish(m.rows, done, confirmed, &mut marked));
                     }
                 }
             }
@@ -382,19 +383,12 @@ impl Broker {
     }
 
     async fn send(&self, link: &Link, row: &OutboxRow) -> Result<PublisherConfirm> {
-        let props = BasicProperties::default()
-            .with_delivery_mode(2)
-            .with_content_type("application/json".into())
-            .with_message_id(row.event_id.as_str().into())
-            .with_type(row.event_type.as_str().into());
+        let (options, props) = message(row);
         link.publisher
             .basic_publish(
                 self.names.exchange.as_str().into(),
                 row.routing_key.as_str().into(),
-                BasicPublishOptions {
-                    mandatory: true,
-                    ..Default::default()
-                },
+                options,
                 row.body.as_bytes(),
                 props,
             )
@@ -463,38 +457,112 @@ enum Next {
     Woken,
 }
 
-/// Acked rows being marked published.
-struct Marking<'a> {
-    rows: Acked,
-    done: std::pin::Pin<Box<dyn std::future::Future<Output = Result<u64>> + Send + 'a>>,
+/// How an outbox row is published: `mandatory` (an unroutable `batch.ready` comes back
+/// rather than vanishing), persistent, JSON, with the event id as message id (consumers
+/// deduplicate by it) and the event type.
+pub fn message(row: &OutboxRow) -> (BasicPublishOptions, BasicProperties) {
+    let options = BasicPublishOptions {
+        mandatory: true,
+        ..Default::default()
+    };
+    let props = BasicProperties::default()
+        .with_delivery_mode(2)
+        .with_content_type("application/json".into())
+        .with_message_id(row.event_id.as_str().into())
+        .with_type(row.event_type.as_str().into());
+    (options, props)
 }
 
-impl<'a> Marking<'a> {
-    fn start(db: &'a Db, rows: Vec<OutboxRow>) -> Marking<'a> {
-        let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
-        Marking {
-            rows: Acked(rows),
-            done: Box::pin(async move { db.mark_published(&ids).await }),
+/// A ledger task of the relay: it runs on while the relay publishes.
+type LedgerTask<T> = tokio::task::JoinHandle<Result<T>>;
+
+/// A ledger task's outcome; a task that panicked or was cancelled fails like the ledger.
+fn joined<T>(outcome: std::result::Result<Result<T>, tokio::task::JoinError>) -> Result<T> {
+    outcome.map_err(|e| Error::Io {
+        context: "outbox relay ledger task".into(),
+        source: std::io::Error::other(e),
+    })?
+}
+
+/// How the relay reads the outbox. After a full page, the next one is read at once, in the
+/// background, past the page's last id. After a short page the next read starts again from
+/// the oldest unpublished row, leaving out the rows in hand: on PostgreSQL identity values
+/// are taken before commit, so a row below the last id may have committed since.
+#[derive(Default)]
+struct Reads {
+    ahead: Option<LedgerTask<Vec<OutboxRow>>>,
+}
+
+impl Reads {
+    async fn next(
+        &mut self,
+        db: &Db,
+        limit: u32,
+        in_hand: impl FnOnce() -> Vec<i64>,
+    ) -> Result<Vec<OutboxRow>> {
+        let rows = match self.ahead.take() {
+            Some(task) => joined(task.await)?,
+            None => db.unpublished_events(limit, 0, &in_hand()).await?,
+        };
+        if rows.len() >= limit as usize
+            && let Some(last) = rows.last()
+        {
+            let (db, after) = (db.clone(), last.id);
+            self.ahead = Some(tokio::spawn(async move {
+                db.unpublished_events(limit, after, &[]).await
+            }));
+        }
+        Ok(rows)
+    }
+}
+
+impl Drop for Reads {
+    /// A page read ahead and not sent (the round stopped or ran late) is simply read again.
+    fn drop(&mut self) {
+        if let Some(task) = self.ahead.take() {
+            task.abort();
         }
     }
 }
 
-/// Rows of one mark.
-struct Acked(Vec<OutboxRow>);
+/// Acked rows being marked published.
+struct Marking {
+    rows: Vec<OutboxRow>,
+    done: LedgerTask<u64>,
+}
 
-impl Acked {
+impl Marking {
+    fn start(db: &Db, rows: Vec<OutboxRow>) -> Marking {
+        let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
+        let db = db.clone();
+        Marking {
+            rows,
+            done: tokio::spawn(async move { db.mark_published(&ids).await }),
+        }
+    }
+
+    /// Waits for the mark, then hands the marked rows on.
+    async fn end(
+        self,
+        confirmed: &(dyn Fn(&[OutboxRow]) + Sync),
+        marked: &mut usize,
+    ) -> Option<Stop> {
+        let done = joined(self.done.await);
+        Marking::finish(self.rows, done, confirmed, marked)
+    }
+
     /// Hands the marked rows on; a failed mark stops the round (the rows are published
     /// again later: a duplicate, never a loss).
     fn finish(
-        self,
+        rows: Vec<OutboxRow>,
         done: Result<u64>,
         confirmed: &(dyn Fn(&[OutboxRow]) + Sync),
         marked: &mut usize,
     ) -> Option<Stop> {
         match done {
             Ok(_) => {
-                confirmed(&self.0);
-                *marked += self.0.len();
+                confirmed(&rows);
+                *marked += rows.len();
                 None
             }
             Err(e) => Some(Stop::Ledger(e)),

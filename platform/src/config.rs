@@ -587,6 +587,9 @@ impl Config {
         {
             return bad("amqp_url must start with amqp:// or amqps://");
         }
+        if self.outbox.batch_size == 0 || self.outbox.poll_interval_ms == 0 {
+            return bad("outbox.batch_size and outbox.poll_interval_ms must be at least 1");
+        }
         let amqp = &self.amqp;
         if amqp.delivery_limit == 0 || amqp.prefetch == 0 || amqp.confirm_window == 0 {
             return bad(
@@ -746,6 +749,9 @@ mod tests {
         assert!(Config::from_sources(None, env(&[("AMQP_URL", "http://mq")])).is_err());
         let short_lease = env(&[("DATAFLOW_AMQP__RELAY_LEASE_MS", "10")]);
         assert!(Config::from_sources(None, short_lease).is_err());
+        // A relay reading pages of no rows would never see the outbox drained.
+        let e = Config::from_sources(None, env(&[("DATAFLOW_OUTBOX__BATCH_SIZE", "0")]));
+        assert!(e.unwrap_err().to_string().contains("outbox.batch_size"));
     }
 
     #[test]

@@ -10,9 +10,10 @@
 //!   broker (outbox relay → exchange → quorum queue → consumer → fenced claim) and once with
 //!   SQL polling only (no broker, `worker.poll_interval_ms` at its default).
 //! - Relay throughput: `--events` outbox rows are relayed to the `batch.ready` quorum queue
-//!   by the outbox relay (SQL read, pipelined confirms, exact-id mark), and then the same
-//!   number of bodies of the same size are published by raw lapin with the same confirm
-//!   window to the same queue; the ratio is printed.
+//!   by the outbox relay (SQL read, pipelined confirms, exact-id mark), and the same messages
+//!   (bodies, properties, `mandatory`) are published by raw lapin with the same confirm
+//!   window to the same queue, in `--rounds` rounds alternating which goes first; the ratio
+//!   of the medians is printed.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -23,10 +24,10 @@ use clap::Args;
 use dataflow_contracts::events::{BatchReady, Envelope, Event};
 use dataflow_contracts::{BatchId, ClientId, ImportId, Policy};
 use dataflow_platform::Config;
-use dataflow_platform::amqp::{Broker, Names, READY_KEY};
+use dataflow_platform::amqp::{self, Broker, Names, READY_KEY};
 use dataflow_platform::config::Secret;
-use dataflow_platform::db::Db;
 use dataflow_platform::db::leases::OUTBOX_RELAY;
+use dataflow_platform::db::{Db, OutboxRow};
 use dataflow_platform::events::{self, Mode, Publisher};
 use futures::StreamExt;
 use lapin::options::{
@@ -48,7 +49,7 @@ pub struct AmqpArgs {
     /// `postgres://…` for the ledger; default: SQLite in a temporary folder.
     #[arg(long)]
     pub database_url: Option<String>,
-    /// Batches submitted in each latency run (broker, then polling only).
+    /// Batches submitted in each latency run (broker, then polling only); 0 skips them.
     #[arg(long, default_value_t = 2_000)]
     pub batches: usize,
     /// Submits per second in the latency runs.
@@ -72,6 +73,9 @@ pub struct AmqpArgs {
     /// Outbox rows per relay round.
     #[arg(long, default_value_t = 5_000)]
     pub relay_batch: u32,
+    /// Relay and raw lapin runs, alternating which goes first; the medians are compared.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
+    pub rounds: u32,
 }
 
 #[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
@@ -99,6 +103,17 @@ pub async fn run(args: AmqpArgs) -> anyhow::Result<()> {
 }
 
 async fn measure(args: &AmqpArgs, run: &str, prefix: &str) -> anyhow::Result<()> {
+    if args.batches > 0 {
+        latency_runs(args, run, prefix).await?;
+    }
+    if args.events > 0 {
+        relay_throughput(args, run, prefix).await?;
+    }
+    Ok(())
+}
+
+/// The raw broker floor, then commit → worker start with the broker and with polling only.
+async fn latency_runs(args: &AmqpArgs, run: &str, prefix: &str) -> anyhow::Result<()> {
     if args.runs != Runs::Polling {
         let (confirm, deliver) = raw_floor(args, prefix).await?;
         println!(
@@ -160,10 +175,7 @@ async fn measure(args: &AmqpArgs, run: &str, prefix: &str) -> anyhow::Result<()>
             delivery.p99,
         );
     }
-    if args.events == 0 {
-        return Ok(());
-    }
-    relay_throughput(args, run, prefix).await
+    Ok(())
 }
 
 fn amqp_config(args: &AmqpArgs, prefix: &str, batch: u32) -> Config {
@@ -403,12 +415,12 @@ async fn wait_started(db: &Db, n: usize) -> anyhow::Result<()> {
     }
 }
 
-/// Outbox relay events/s against raw lapin publishing to the same quorum queue.
+/// Outbox relay events/s against raw lapin publishing the same messages to the same quorum
+/// queue, in `--rounds` rounds that alternate which of the two goes first; medians decide.
 async fn relay_throughput(args: &AmqpArgs, run: &str, prefix: &str) -> anyhow::Result<()> {
     let ledger = ScratchLedger::create(args.database_url.as_deref(), run).await?;
     let db = Db::connect(&ledger.config.database_url(), 4).await?;
     db.migrate().await?;
-    let bodies = fill_outbox(&db, args.events).await?;
 
     let config = amqp_config(args, prefix, args.relay_batch);
     let broker = Arc::new(Broker::new(
@@ -425,34 +437,52 @@ async fn relay_throughput(args: &AmqpArgs, run: &str, prefix: &str) -> anyhow::R
     }
     let publisher = Publisher::broker(broker.clone());
     let (_conn, ch) = raw_channel(&args.amqp_url).await?;
+    ch.confirm_select(ConfirmSelectOptions::default()).await?;
     let queue = broker.names().ready_queue.clone();
 
-    let started = Instant::now();
-    let mut relayed = 0;
-    while relayed < args.events {
-        relayed += events::relay_once(&db, &publisher, args.relay_batch).await?;
+    let (mut ours, mut raw) = (Vec::new(), Vec::new());
+    let mut body_bytes = 0;
+    for round in 1..=args.rounds {
+        let rows = fill_outbox(&db, args.events).await?;
+        body_bytes = rows.first().map_or(0, |r| r.body.len());
+        // Alternating the order keeps a warmer broker, or a queue that has just been
+        // purged of a whole round, from favouring either side.
+        for relay in [round % 2 == 1, round % 2 == 0] {
+            let started = Instant::now();
+            if relay {
+                let mut relayed = 0;
+                while relayed < args.events {
+                    relayed += events::relay_once(&db, &publisher, args.relay_batch).await?;
+                }
+                ours.push(args.events as f64 / started.elapsed().as_secs_f64());
+                ensure!(db.outbox_backlog().await? == 0, "the outbox did not drain");
+            } else {
+                raw_publish(&ch, broker.names(), &rows, args.confirm_window).await?;
+                raw.push(args.events as f64 / started.elapsed().as_secs_f64());
+            }
+            ch.queue_purge(queue.as_str().into(), QueuePurgeOptions::default())
+                .await?;
+        }
+        db.prune_published(0).await?;
+        println!(
+            "name=amqp-relay-round round={round} relay_events_per_s={:.0} raw_lapin_per_s={:.0}",
+            ours[ours.len() - 1],
+            raw[raw.len() - 1],
+        );
     }
-    let relay_s = started.elapsed().as_secs_f64();
-    ensure!(db.outbox_backlog().await? == 0, "the outbox did not drain");
     stop.cancel();
     link.await?;
-    ch.queue_purge(queue.as_str().into(), QueuePurgeOptions::default())
-        .await?;
-
-    ch.confirm_select(ConfirmSelectOptions::default()).await?;
-    let raw_s = raw_publish(&ch, broker.names(), &bodies, args.confirm_window).await?;
-    ch.queue_purge(queue.as_str().into(), QueuePurgeOptions::default())
-        .await?;
     db.close().await;
     let backend = ledger.backend;
     ledger.remove().await?;
-    let (ours, raw) = (args.events as f64 / relay_s, args.events as f64 / raw_s);
+    let (ours, raw) = (median(&mut ours), median(&mut raw));
     println!(
-        "name=amqp-relay backend={} events={} body_bytes={} confirm_window={} relay_batch={} \
-         relay_events_per_s={ours:.0} raw_lapin_per_s={raw:.0} ratio={:.2}",
+        "name=amqp-relay backend={} events={} rounds={} body_bytes={} confirm_window={} \
+         relay_batch={} relay_events_per_s={ours:.0} raw_lapin_per_s={raw:.0} ratio={:.2}",
         backend,
         args.events,
-        bodies.first().map_or(0, Vec::len),
+        args.rounds,
+        body_bytes,
         args.confirm_window,
         args.relay_batch,
         ours / raw
@@ -460,35 +490,63 @@ async fn relay_throughput(args: &AmqpArgs, run: &str, prefix: &str) -> anyhow::R
     Ok(())
 }
 
-/// Writes `n` unpublished `BatchReady` rows; returns their bodies (for the raw run).
-async fn fill_outbox(db: &Db, n: usize) -> anyhow::Result<Vec<Vec<u8>>> {
-    let mut bodies = Vec::with_capacity(n);
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    percentile(v, 0.5)
+}
+
+/// A `BatchReady` envelope, as an outbox row would carry it.
+fn ready_row() -> anyhow::Result<OutboxRow> {
+    let env = Envelope::new(
+        BatchId::generate(),
+        ClientId::generate(),
+        0,
+        Event::BatchReady(BatchReady {
+            import_id: ImportId::generate(),
+        }),
+    );
+    Ok(OutboxRow {
+        id: 0,
+        event_id: env.id.as_str().to_owned(),
+        event_type: env.event.kind().to_owned(),
+        routing_key: READY_KEY.to_owned(),
+        body: serde_json::to_string(&env)?,
+    })
+}
+
+/// Writes `n` unpublished `BatchReady` rows, 500 to a statement; returns them (for the raw
+/// run, which publishes the same messages).
+async fn fill_outbox(db: &Db, n: usize) -> anyhow::Result<Vec<OutboxRow>> {
+    let rows = (0..n)
+        .map(|_| ready_row())
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let mut tx = db.pool().begin().await?;
-    for _ in 0..n {
-        let env = Envelope::new(
-            BatchId::generate(),
-            ClientId::generate(),
-            0,
-            Event::BatchReady(BatchReady {
-                import_id: ImportId::generate(),
-            }),
-        );
-        let body = serde_json::to_string(&env)?;
-        sqlx::query(
+    for chunk in rows.chunks(500) {
+        // Placeholders only (no values in the text); `$n` reads the same on both ledgers.
+        let values: Vec<String> = (0..chunk.len())
+            .map(|i| {
+                let p = |k: usize| format!("${}", i * 5 + k);
+                format!("({}, {}, {}, {}, {}, 0)", p(1), p(2), p(3), p(4), p(5))
+            })
+            .collect();
+        let sql = format!(
             "INSERT INTO outbox (event_id, batch_id, event_type, routing_key, body, created_at) \
-             VALUES ($1, $2, $3, $4, $5, 0)",
-        )
-        .bind(env.id.as_str())
-        .bind(env.batch_id.as_str())
-        .bind(env.event.kind())
-        .bind(READY_KEY)
-        .bind(&body)
-        .execute(&mut *tx)
-        .await?;
-        bodies.push(body.into_bytes());
+             VALUES {}",
+            values.join(", ")
+        );
+        let mut insert = sqlx::query(sqlx::AssertSqlSafe(sql));
+        for row in chunk {
+            insert = insert
+                .bind(&row.event_id)
+                .bind(BatchId::generate().as_str().to_owned())
+                .bind(&row.event_type)
+                .bind(&row.routing_key)
+                .bind(&row.body);
+        }
+        insert.execute(&mut *tx).await?;
     }
     tx.commit().await?;
-    Ok(bodies)
+    Ok(rows)
 }
 
 async fn raw_channel(url: &str) -> anyhow::Result<(Connection, Channel)> {
@@ -499,30 +557,30 @@ async fn raw_channel(url: &str) -> anyhow::Result<(Connection, Channel)> {
     Ok((conn, ch))
 }
 
-/// Raw lapin: persistent publishes with up to `window` confirms in flight; seconds taken.
+/// Raw lapin: the relay's messages (same properties, `mandatory`), with up to `window`
+/// confirms in flight.
 async fn raw_publish(
     ch: &Channel,
     names: &Names,
-    bodies: &[Vec<u8>],
+    rows: &[OutboxRow],
     window: usize,
-) -> anyhow::Result<f64> {
-    let props = BasicProperties::default().with_delivery_mode(2);
+) -> anyhow::Result<()> {
     let mut inflight = VecDeque::with_capacity(window);
-    let started = Instant::now();
-    for body in bodies {
+    for row in rows {
         if inflight.len() >= window
             && let Some(confirm) = inflight.pop_front()
         {
             let c: lapin::Confirmation = confirm.await?;
             ensure!(c.is_ack(), "raw publish was nacked");
         }
+        let (options, props) = amqp::message(row);
         let confirm = ch
             .basic_publish(
                 names.exchange.as_str().into(),
-                READY_KEY.into(),
-                BasicPublishOptions::default(),
-                body,
-                props.clone(),
+                row.routing_key.as_str().into(),
+                options,
+                row.body.as_bytes(),
+                props,
             )
             .await?;
         inflight.push_back(confirm);
@@ -530,5 +588,5 @@ async fn raw_publish(
     while let Some(confirm) = inflight.pop_front() {
         ensure!(confirm.await?.is_ack(), "raw publish was nacked");
     }
-    Ok(started.elapsed().as_secs_f64())
+    Ok(())
 }

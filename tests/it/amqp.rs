@@ -329,9 +329,11 @@ async fn broker_outage_falls_back_to_polling_and_the_outbox_drains(b: Backend) {
     let via_proxy = broker
         .url
         .replacen("127.0.0.1:5672", &proxy.addr.to_string(), 1);
-    // A long safety sweep: while the broker is healthy, batches move by broker only.
+    // A long safety sweep: while the broker is healthy, batches move by broker only. Small
+    // relay pages: the backlog drains over several, each read while the one before is sent.
     let t = spawn_tweaked(b, &broker, Roles::ALL, Some(&via_proxy), |c| {
         c.amqp.safety_sweep_ms = 60_000;
+        c.outbox.batch_size = 4;
     })
     .await;
     wait_mode(&t, "broker").await;
@@ -575,7 +577,7 @@ async fn the_outbox_marks_exact_ids_and_one_relay_holds_the_lease(b: Backend) {
         .unwrap();
     }
     let ids: Vec<i64> = db
-        .unpublished_events(10, &[])
+        .unpublished_events(10, 0, &[])
         .await
         .unwrap()
         .iter()
@@ -585,17 +587,23 @@ async fn the_outbox_marks_exact_ids_and_one_relay_holds_the_lease(b: Backend) {
     // Only the ids handed over, never the rows between them.
     assert_eq!(db.mark_published(&[ids[0], ids[2]]).await.unwrap(), 2);
     let left: Vec<i64> = db
-        .unpublished_events(10, &[])
+        .unpublished_events(10, 0, &[])
         .await
         .unwrap()
         .iter()
         .map(|r| r.id)
         .collect();
     assert_eq!(left, [ids[1], ids[3]]);
-    let not_in_flight = db.unpublished_events(10, &[ids[1]]).await.unwrap();
+    let not_in_flight = db.unpublished_events(10, 0, &[ids[1]]).await.unwrap();
     assert_eq!(
         not_in_flight.iter().map(|r| r.id).collect::<Vec<_>>(),
         [ids[3]]
+    );
+    let past = db.unpublished_events(10, ids[1], &[]).await.unwrap();
+    assert_eq!(
+        past.iter().map(|r| r.id).collect::<Vec<_>>(),
+        [ids[3]],
+        "a read past an id"
     );
     assert_eq!(db.mark_published(&[ids[0]]).await.unwrap(), 0, "idempotent");
 

@@ -83,6 +83,7 @@ async fn amqp_bench_runs() {
         events: 500,
         confirm_window: 100,
         relay_batch: 200,
+        rounds: 2,
     };
     dataflow::bench::amqp::run(args).await.unwrap();
 }

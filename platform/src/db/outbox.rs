@@ -39,18 +39,24 @@ impl Db {
         self.write_job_intents(tx, event).await
     }
 
-    /// The oldest unpublished events in id order, leaving out `except` (rows a relay has
-    /// in flight).
-    pub async fn unpublished_events(&self, limit: u32, except: &[i64]) -> Result<Vec<OutboxRow>> {
+    /// The oldest unpublished events with ids above `after`, in id order, leaving out
+    /// `except` (rows a relay has in hand).
+    pub async fn unpublished_events(
+        &self,
+        limit: u32,
+        after: i64,
+        except: &[i64],
+    ) -> Result<Vec<OutboxRow>> {
         let sql = self.sql(match self.dialect() {
             Dialect::Sqlite => {
                 "SELECT id, event_id, event_type, routing_key, body FROM outbox \
-                 WHERE published_at IS NULL AND id NOT IN (SELECT value FROM json_each($2)) \
+                 WHERE published_at IS NULL AND id > $3 \
+                 AND id NOT IN (SELECT value FROM json_each($2)) \
                  ORDER BY id LIMIT $1"
             }
             Dialect::Postgres => {
                 "SELECT id, event_id, event_type, routing_key, body FROM outbox \
-                 WHERE published_at IS NULL \
+                 WHERE published_at IS NULL AND id > $3 \
                  AND id NOT IN (SELECT CAST(json_array_elements_text($2::json) AS BIGINT)) \
                  ORDER BY id LIMIT $1"
             }
@@ -58,6 +64,7 @@ impl Db {
         let rows = sqlx::query(sql)
             .bind(i64::from(limit))
             .bind(serde_json::to_string(except).unwrap_or_default())
+            .bind(after)
             .fetch_all(self.pool())
             .await?;
         rows.iter()
