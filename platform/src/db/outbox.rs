@@ -49,16 +49,17 @@ impl Db {
     ) -> Result<Vec<OutboxRow>> {
         let sql = self.sql(match self.dialect() {
             Dialect::Sqlite => {
-                "SELECT id, event_id, event_type, routing_key, body FROM outbox \
-                 WHERE published_at IS NULL AND id > $3 \
-                 AND id NOT IN (SELECT value FROM json_each($2)) \
-                 ORDER BY id LIMIT $1"
+                "SELECT o.id, o.event_id, o.event_type, o.routing_key, o.body \
+                 FROM outbox_pending p JOIN outbox o ON o.id = p.id \
+                 WHERE p.id > $3 AND p.id NOT IN (SELECT value FROM json_each($2)) \
+                 ORDER BY p.id LIMIT $1"
             }
             Dialect::Postgres => {
-                "SELECT id, event_id, event_type, routing_key, body FROM outbox \
-                 WHERE published_at IS NULL AND id > $3 \
-                 AND id NOT IN (SELECT CAST(json_array_elements_text($2::json) AS BIGINT)) \
-                 ORDER BY id LIMIT $1"
+                "SELECT o.id, o.event_id, o.event_type, o.routing_key, o.body \
+                 FROM outbox_pending p JOIN outbox o ON o.id = p.id \
+                 WHERE p.id > $3 \
+                 AND p.id NOT IN (SELECT CAST(json_array_elements_text($2::json) AS BIGINT)) \
+                 ORDER BY p.id LIMIT $1"
             }
         });
         let rows = sqlx::query(sql)
@@ -80,30 +81,51 @@ impl Db {
             .collect()
     }
 
-    /// Marks exactly the events `ids` published. Not an id range: on PostgreSQL ids come
-    /// from an identity column, so a lower id can commit after a higher one was read, and a
-    /// range would mark a row that was never published.
+    /// Marks exactly the events `ids` published (takes them out of `outbox_pending`, sets
+    /// `published_at`); returns how many were still pending. Not an id range: on PostgreSQL
+    /// ids come from an identity column, so a lower id can commit after a higher one was
+    /// read, and a range would mark a row that was never published.
     pub async fn mark_published(&self, ids: &[i64]) -> Result<u64> {
         if ids.is_empty() {
             return Ok(0);
         }
-        let sql = self.sql(match self.dialect() {
-            Dialect::Sqlite => {
-                "UPDATE outbox SET published_at = {now} \
-                 WHERE id IN (SELECT value FROM json_each($1)) AND published_at IS NULL"
-            }
-            Dialect::Postgres => {
-                "UPDATE outbox SET published_at = {now} \
-                 WHERE id IN (SELECT CAST(json_array_elements_text($1::json) AS BIGINT)) \
-                 AND published_at IS NULL"
-            }
-        });
         let list = serde_json::to_string(ids).unwrap_or_default();
-        Ok(sqlx::query(sql)
-            .bind(list)
-            .execute(&mut *self.writer().await?)
-            .await?
-            .rows_affected())
+        match self.dialect() {
+            // One statement: the update sees exactly the ids the delete took.
+            Dialect::Postgres => {
+                let sql = self.sql(
+                    "WITH taken AS (DELETE FROM outbox_pending \
+                       WHERE id IN (SELECT CAST(json_array_elements_text($1::json) AS BIGINT)) \
+                       RETURNING id) \
+                     UPDATE outbox SET published_at = {now} WHERE id IN (SELECT id FROM taken)",
+                );
+                Ok(sqlx::query(sql)
+                    .bind(list)
+                    .execute(&mut *self.writer().await?)
+                    .await?
+                    .rows_affected())
+            }
+            Dialect::Sqlite => {
+                let mut tx = self.begin_write().await?;
+                let marked = async {
+                    let taken = sqlx::query(
+                        "DELETE FROM outbox_pending WHERE id IN (SELECT value FROM json_each($1))",
+                    )
+                    .bind(&list)
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected();
+                    let sql = self.sql(
+                        "UPDATE outbox SET published_at = {now} \
+                         WHERE id IN (SELECT value FROM json_each($1)) AND published_at IS NULL",
+                    );
+                    sqlx::query(sql).bind(&list).execute(&mut *tx).await?;
+                    Ok(taken)
+                }
+                .await;
+                tx.end(marked).await
+            }
+        }
     }
 
     /// Deletes events published more than `retention_ms` ago.
@@ -119,7 +141,7 @@ impl Db {
 
     pub async fn outbox_backlog(&self) -> Result<i64> {
         Ok(
-            sqlx::query_scalar("SELECT COUNT(*) FROM outbox WHERE published_at IS NULL")
+            sqlx::query_scalar("SELECT COUNT(*) FROM outbox_pending")
                 .fetch_one(self.pool())
                 .await?,
         )

@@ -17,8 +17,8 @@ impl Db {
              FROM batches WHERE status IN ('awaiting_approval', 'ready', 'processing', 'dead') \
              GROUP BY status \
              UNION ALL \
-             SELECT 'outbox', 'unpublished', COUNT(*), {now} - MIN(created_at) \
-             FROM outbox WHERE published_at IS NULL HAVING COUNT(*) > 0 \
+             SELECT 'outbox', 'unpublished', COUNT(*), {now} - MIN(o.created_at) \
+             FROM outbox_pending p JOIN outbox o ON o.id = p.id HAVING COUNT(*) > 0 \
              UNION ALL \
              SELECT 'jobs:' || kind, status, COUNT(*), {now} - MIN(created_at) \
              FROM jobs WHERE status IN ('pending', 'queued', 'running', 'dead') \
