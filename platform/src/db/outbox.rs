@@ -140,11 +140,9 @@ impl Db {
     }
 
     pub async fn outbox_backlog(&self) -> Result<i64> {
-        Ok(
-            sqlx::query_scalar("SELECT COUNT(*) FROM outbox_pending")
-                .fetch_one(self.pool())
-                .await?,
-        )
+        Ok(sqlx::query_scalar("SELECT COUNT(*) FROM outbox_pending")
+            .fetch_one(self.pool())
+            .await?)
     }
 
     /// Every event recorded for a batch, oldest first (for operators and tests).
