@@ -143,7 +143,7 @@ impl Db {
             .bind(status.as_str())
             .bind(counted)
             .bind(millis(lease_ms))
-            .fetch_all(&mut *self.writer().await?)
+            .fetch_all(&mut *self.background_writer().await?)
             .await?;
         let mut jobs = rows
             .iter()
@@ -180,7 +180,7 @@ impl Db {
         Ok(sqlx::query(sql)
             .bind(id_list(ids))
             .bind(i64::from(counted))
-            .execute(&mut *self.writer().await?)
+            .execute(&mut *self.background_writer().await?)
             .await?
             .rows_affected())
     }
@@ -211,7 +211,7 @@ impl Db {
             .bind(truncate(error))
             .bind(millis(backoff_ms))
             .bind(permanent)
-            .fetch_optional(&mut *self.writer().await?)
+            .fetch_optional(&mut *self.background_writer().await?)
             .await?;
         status
             .map(|s| s.parse().map_err(Error::Invalid))
@@ -252,7 +252,7 @@ impl Db {
         );
         Ok(sqlx::query(sql)
             .bind(id_list(ids))
-            .execute(&mut *self.writer().await?)
+            .execute(&mut *self.background_writer().await?)
             .await?
             .rows_affected())
     }
@@ -269,7 +269,7 @@ impl Db {
         Ok(sqlx::query(sql)
             .bind(id_list(ids))
             .bind(millis(lease_ms))
-            .execute(&mut *self.writer().await?)
+            .execute(&mut *self.background_writer().await?)
             .await?
             .rows_affected())
     }
@@ -291,7 +291,7 @@ impl Db {
             .bind(id_list(ids))
             .bind(counted)
             .bind(status.as_str())
-            .execute(&mut *self.writer().await?)
+            .execute(&mut *self.background_writer().await?)
             .await?
             .rows_affected())
     }
@@ -307,7 +307,7 @@ impl Db {
              WHERE status = 'running' AND lease_until < {now}",
         );
         Ok(sqlx::query(sql)
-            .execute(&mut *self.writer().await?)
+            .execute(&mut *self.background_writer().await?)
             .await?
             .rows_affected())
     }
@@ -330,7 +330,7 @@ impl Db {
             .bind(retention_ms)
             .bind(i64::from(limit))
             .bind(cutoff)
-            .execute(&mut *self.writer().await?)
+            .execute(&mut *self.background_writer().await?)
             .await?
             .rows_affected())
     }
@@ -444,7 +444,7 @@ impl Db {
             .bind(batch.as_str())
             .bind(summary)
             .bind(csv)
-            .execute(&mut *self.writer().await?)
+            .execute(&mut *self.background_writer().await?)
             .await?;
         Ok(())
     }

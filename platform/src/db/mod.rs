@@ -39,12 +39,15 @@ use std::sync::Arc;
 
 use sqlx::any::{AnyPoolOptions, install_default_drivers};
 use sqlx::migrate::Migrator;
-use sqlx::{AnyPool, AssertSqlSafe, Executor};
+use sqlx::{AnyPool, AssertSqlSafe, Connection, Executor};
 
 use crate::{Error, Result};
 
 static SQLITE_MIGRATIONS: Migrator = sqlx::migrate!("../migrations/sqlite");
 static POSTGRES_MIGRATIONS: Migrator = sqlx::migrate!("../migrations/postgres");
+
+/// A pooled connection idle this long is pinged before it is handed out.
+const IDLE_BEFORE_PING: std::time::Duration = std::time::Duration::from_secs(1);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Dialect {
@@ -102,9 +105,23 @@ impl Db {
             }
             Dialect::Postgres => (url.to_owned(), None),
         };
+        // sqlx pings every connection it hands out by default: a round trip to PostgreSQL, or
+        // a hop to SQLite's worker thread and back, before each statement. Only a connection
+        // that sat idle can have been cut off unnoticed (a server restart, a proxy's idle
+        // timeout); one in steady use fails its next statement like any other, and the
+        // caller's retry gets a fresh one.
         let mut options = AnyPoolOptions::new()
             .max_connections(max_connections)
-            .acquire_timeout(gate::WAIT);
+            .acquire_timeout(gate::WAIT)
+            .test_before_acquire(false)
+            .before_acquire(|conn, meta| {
+                Box::pin(async move {
+                    if meta.idle_for >= IDLE_BEFORE_PING {
+                        conn.ping().await?;
+                    }
+                    Ok(true)
+                })
+            });
         if dialect == Dialect::Sqlite {
             options = options.after_connect(|conn, _| {
                 Box::pin(async move {
@@ -172,7 +189,17 @@ impl Db {
     /// up front, so a writer outside the gate makes it wait rather than fail when it would
     /// upgrade a read lock.
     pub(crate) async fn begin_write(&self) -> Result<Tx> {
-        let pass = self.enter(gate::Urgency::Normal).await?;
+        self.begin_write_as(gate::Urgency::Normal).await
+    }
+
+    /// A [`Db::begin_write`] for bookkeeping nobody waits on: it lets the other writers
+    /// waiting in this process go first ([`gate::Urgency::Background`]).
+    pub(crate) async fn begin_background_write(&self) -> Result<Tx> {
+        self.begin_write_as(gate::Urgency::Background).await
+    }
+
+    async fn begin_write_as(&self, urgency: gate::Urgency) -> Result<Tx> {
+        let pass = self.enter(urgency).await?;
         let tx = match self.dialect {
             Dialect::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await?,
             Dialect::Postgres => self.pool.begin().await?,
@@ -192,6 +219,12 @@ impl Db {
     /// a write a worker waits on to start (a claim).
     pub(crate) async fn urgent_writer(&self) -> Result<Writer> {
         self.writer_as(gate::Urgency::Urgent).await
+    }
+
+    /// A [`Db::writer`] that lets the other writers waiting in this process go first: for
+    /// bookkeeping nobody waits on ([`gate::Urgency::Background`]).
+    pub(crate) async fn background_writer(&self) -> Result<Writer> {
+        self.writer_as(gate::Urgency::Background).await
     }
 
     async fn writer_as(&self, urgency: gate::Urgency) -> Result<Writer> {

@@ -101,12 +101,12 @@ impl Db {
                 );
                 Ok(sqlx::query(sql)
                     .bind(list)
-                    .execute(&mut *self.writer().await?)
+                    .execute(&mut *self.background_writer().await?)
                     .await?
                     .rows_affected())
             }
             Dialect::Sqlite => {
-                let mut tx = self.begin_write().await?;
+                let mut tx = self.begin_background_write().await?;
                 let marked = async {
                     let taken = sqlx::query(
                         "DELETE FROM outbox_pending WHERE id IN (SELECT value FROM json_each($1))",
@@ -134,7 +134,7 @@ impl Db {
             .sql("DELETE FROM outbox WHERE published_at IS NOT NULL AND published_at < {now} - $1");
         Ok(sqlx::query(sql)
             .bind(retention_ms)
-            .execute(&mut *self.writer().await?)
+            .execute(&mut *self.background_writer().await?)
             .await?
             .rows_affected())
     }

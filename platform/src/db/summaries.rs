@@ -112,7 +112,7 @@ impl Db {
             .bind(summary.client_id.as_str())
             .bind(&summary.day)
             .bind(json)
-            .execute(&mut *self.writer().await?)
+            .execute(&mut *self.background_writer().await?)
             .await?
             .rows_affected()
             == 1)
