@@ -4,11 +4,10 @@
 //!   one-record imports are submitted at `--rate`/s and each batch's `started_at` minus the
 //!   `created_at` of its `BatchReady` outbox row (database clock, millisecond resolution; the
 //!   row is the submit transaction's last insert, so this overstates commit → start by the
-//!   commit itself) is measured, split at the row's `published_at` into the relay's part and
-//!   the delivery's. Before it, raw lapin publishes at the same rate to a quorum queue of
-//!   their own show what the broker alone costs. Once with the
-//!   broker (outbox relay → exchange → quorum queue → consumer → fenced claim) and once with
-//!   SQL polling only (no broker, `worker.poll_interval_ms` at its default).
+//!   commit itself) is measured. Before it, raw lapin publishes at the same rate to a quorum
+//!   queue of their own show what the broker alone costs. Once with the broker (outbox relay
+//!   → exchange → quorum queue → consumer → fenced claim) and once with SQL polling only (no
+//!   broker, `worker.poll_interval_ms` at its default).
 //! - Relay throughput: `--events` outbox rows are relayed to the `batch.ready` quorum queue
 //!   by the outbox relay (SQL read, pipelined confirms, exact-id mark), and the same messages
 //!   (bodies, properties, `mandatory`) are published by raw lapin with the same confirm
@@ -151,16 +150,11 @@ async fn latency_runs(args: &AmqpArgs, run: &str, prefix: &str) -> anyhow::Resul
         let measured = latency(args, config.clone()).await;
         let backend = ledger.backend;
         ledger.remove().await?;
-        let Latency {
-            total,
-            relay,
-            delivery,
-        } = measured?;
+        let total = measured?;
         let mode = if with_broker { "broker" } else { "polling" };
         println!(
             "name=amqp-latency mode={mode} backend={} batches={} rate_per_s={} concurrency={} \
-             poll_interval_ms={} p50_ms={:.1} p99_ms={:.1} max_ms={:.1} \
-             relay_p50_ms={:.1} relay_p99_ms={:.1} delivery_p50_ms={:.1} delivery_p99_ms={:.1}",
+             poll_interval_ms={} p50_ms={:.1} p99_ms={:.1} max_ms={:.1}",
             backend,
             args.batches,
             args.rate,
@@ -169,10 +163,6 @@ async fn latency_runs(args: &AmqpArgs, run: &str, prefix: &str) -> anyhow::Resul
             total.p50,
             total.p99,
             total.max,
-            relay.p50,
-            relay.p99,
-            delivery.p50,
-            delivery.p99,
         );
     }
     Ok(())
@@ -187,7 +177,7 @@ fn amqp_config(args: &AmqpArgs, prefix: &str, batch: u32) -> Config {
 }
 
 /// Commit → worker start (ms) with an API process and a worker process.
-async fn latency(args: &AmqpArgs, config: Config) -> anyhow::Result<Latency> {
+async fn latency(args: &AmqpArgs, config: Config) -> anyhow::Result<Spread> {
     let policy = Policy {
         rate_per_minute: 6_000_000,
         rate_burst: 1_000_000,
@@ -244,11 +234,9 @@ async fn latency(args: &AmqpArgs, config: Config) -> anyhow::Result<Latency> {
     }
     wait_started(&db, 20 + args.batches).await?;
     // From the BatchReady row's `created_at`, the submit transaction's last write before its
-    // commit (the batch's own `created_at` is taken at the transaction's start). Its
-    // `published_at` splits the wait in two: the relay's part (commit → broker ack, marked)
-    // and the delivery's (ack → consumer → fenced claim).
-    let rows: Vec<(i64, i64, Option<i64>)> = sqlx::query_as(
-        "SELECT o.created_at, b.started_at, o.published_at FROM batches b \
+    // commit (the batch's own `created_at` is taken at the transaction's start).
+    let waits: Vec<i64> = sqlx::query_scalar(
+        "SELECT b.started_at - o.created_at FROM batches b \
          JOIN outbox o ON o.batch_id = b.id AND o.event_type = 'BatchReady' \
          WHERE b.created_at > $1 AND b.started_at IS NOT NULL",
     )
@@ -257,15 +245,8 @@ async fn latency(args: &AmqpArgs, config: Config) -> anyhow::Result<Latency> {
     .await?;
     worker.stop().await;
     api.stop().await;
-    ensure!(!rows.is_empty(), "no batch was measured");
-    let total = Spread::of(rows.iter().map(|(c, s, _)| s - c));
-    let relay = Spread::of(rows.iter().filter_map(|(c, _, p)| p.map(|p| p - c)));
-    let delivery = Spread::of(rows.iter().filter_map(|(_, s, p)| p.map(|p| s - p)));
-    Ok(Latency {
-        total,
-        relay,
-        delivery,
-    })
+    ensure!(!waits.is_empty(), "no batch was measured");
+    Ok(Spread::of(waits.into_iter()))
 }
 
 /// What the broker alone costs at the same rate: raw lapin publishes (persistent, one at a
@@ -353,13 +334,6 @@ async fn raw_floor(args: &AmqpArgs, prefix: &str) -> anyhow::Result<(Spread, Spr
         s
     };
     Ok((ms(confirmed), ms(delivered)))
-}
-
-/// Commit → worker start, and its two parts.
-struct Latency {
-    total: Spread,
-    relay: Spread,
-    delivery: Spread,
 }
 
 /// p50, p99 and max of some milliseconds.
