@@ -63,7 +63,7 @@ impl Mode {
 #[derive(Clone)]
 pub enum Publisher {
     InProcess(broadcast::Sender<Arc<Envelope>>),
-    /// RabbitMQ first; in-process subscribers hear each event after its ack.
+    /// RabbitMQ first; in-process subscribers hear each event once it is acked and marked.
     Broker {
         broker: Arc<Broker>,
         local: broadcast::Sender<Arc<Envelope>>,
