@@ -315,6 +315,8 @@ async fn events_arrive_in_lifecycle_order_with_the_documented_shape(b: Backend) 
             .map(|e| e.id.clone())
             .collect::<HashSet<_>>()
     );
+    // The last acks are marked within the relay's gathering window.
+    wait_backlog(&t, 0).await;
     let ready = t.readyz().await;
     assert_eq!(ready["events"]["outbox_backlog"], 0, "{ready}");
     t.stop().await;
@@ -388,6 +390,7 @@ async fn broker_outage_falls_back_to_polling_and_the_outbox_drains(b: Backend) {
             "every event once, in order, for {id}"
         );
     }
+    wait_backlog(&t, 0).await;
     let ready = t.readyz().await;
     assert_eq!(ready["events"]["outbox_backlog"], 0, "drained: {ready}");
     for id in &all {
