@@ -54,12 +54,16 @@ impl Db {
                  WHERE p.id > $3 AND p.id NOT IN (SELECT value FROM json_each($2)) \
                  ORDER BY p.id LIMIT $1"
             }
+            // The ids first, then the rows by primary key. As a join, the planner (without
+            // statistics on a young, churning `outbox_pending`) hashed the whole outbox, published
+            // rows and all: 1.9 ms for one row at 6,000 rows, and the relay's read was 1 ms
+            // at p50 and 7.6 at p99 at 200 batches/s; this form is an index lookup per id.
             Dialect::Postgres => {
-                "SELECT o.id, o.event_id, o.event_type, o.routing_key, o.body \
-                 FROM outbox_pending p JOIN outbox o ON o.id = p.id \
-                 WHERE p.id > $3 \
-                 AND p.id NOT IN (SELECT CAST(json_array_elements_text($2::json) AS BIGINT)) \
-                 ORDER BY p.id LIMIT $1"
+                "SELECT o.id, o.event_id, o.event_type, o.routing_key, o.body FROM outbox o \
+                 WHERE o.id = ANY(ARRAY(SELECT p.id FROM outbox_pending p WHERE p.id > $3 \
+                   AND p.id NOT IN (SELECT CAST(json_array_elements_text($2::json) AS BIGINT)) \
+                   ORDER BY p.id LIMIT $1)) \
+                 ORDER BY o.id"
             }
         });
         let rows = sqlx::query(sql)
