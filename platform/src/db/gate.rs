@@ -79,16 +79,18 @@ struct Turns {
 impl Turns {
     /// The writer to serve next, in [`Urgency`] order.
     fn next(&mut self) -> Option<oneshot::Sender<()>> {
+        if let Some(urgent) = self.urgent.pop_front() {
+            return Some(urgent);
+        }
         let aged = self
             .background
             .front()
             .is_some_and(|(since, _)| since.elapsed() >= BACKGROUND_AGE);
-        let background = |t: &mut Turns| t.background.pop_front().map(|(_, tx)| tx);
-        self.urgent
-            .pop_front()
-            .or_else(|| if aged { background(self) } else { None })
-            .or_else(|| self.normal.pop_front())
-            .or_else(|| background(self))
+        if aged || self.normal.is_empty() {
+            self.background.pop_front().map(|(_, tx)| tx)
+        } else {
+            self.normal.pop_front()
+        }
     }
 }
 
