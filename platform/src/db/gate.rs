@@ -32,6 +32,7 @@ use sqlx::pool::PoolConnection;
 use sqlx::{Any, AnyPool, Transaction};
 use tokio::sync::oneshot;
 
+use super::flush::Flusher;
 use crate::{Error, Result};
 
 /// How long a writer waits for the gate, like SQLite's `busy_timeout` before it.
@@ -64,6 +65,7 @@ pub(crate) struct Gate {
     turns: Mutex<Turns>,
     writes: AtomicU64,
     checkpointing: AtomicBool,
+    flusher: Arc<Flusher>,
 }
 
 /// Whose turn it is in this process, and who waits for it, urgent writers first.
@@ -124,6 +126,7 @@ impl Gate {
             turns: Mutex::default(),
             writes: AtomicU64::new(0),
             checkpointing: AtomicBool::new(false),
+            flusher: Flusher::start(path)?,
         });
         gates.insert(key, Arc::downgrade(&gate));
         Ok(gate)
@@ -157,7 +160,7 @@ impl Gate {
         }
         Ok(Pass {
             file: self.file.clone(),
-            _turn: turn,
+            turn,
         })
     }
 
@@ -295,11 +298,12 @@ fn lock_failed(source: std::io::Error) -> Error {
 pub(crate) struct Pass {
     file: Arc<File>,
     // Dropped after `drop` below: the file lock goes before the turn does.
-    _turn: Turn,
+    turn: Turn,
 }
 
 impl Drop for Pass {
     fn drop(&mut self) {
+        self.turn.0.flusher.finished();
         // An unlock that fails leaves the lock to the next `try_lock` of this process,
         // which succeeds on a lock its own file already holds.
         let _ = self.file.unlock();
@@ -437,6 +441,36 @@ mod tests {
             .expect("the writer went on once the lock was free")
             .unwrap()
             .unwrap();
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn writes_are_synced_soon_after_and_an_idle_ledger_is_left_alone() {
+        let (db, dir) = ledger().await;
+        let flusher = db.gate.clone().unwrap().flusher.clone();
+        insert(&db, 1).await.unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while flusher.flushes() == 0 {
+            assert!(
+                Instant::now() < deadline,
+                "a write was not synced within 5 s"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        // A round may have begun with the write's count and still be syncing.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let idle = flusher.flushes();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(flusher.flushes(), idle, "synced with no write to sync");
+        insert(&db, 2).await.unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while flusher.flushes() == idle {
+            assert!(
+                Instant::now() < deadline,
+                "a later write was not synced within 5 s"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
         std::fs::remove_dir_all(dir).unwrap();
     }
 

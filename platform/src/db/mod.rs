@@ -16,6 +16,7 @@
 pub mod actions;
 pub mod batches;
 pub mod clients;
+mod flush;
 mod gate;
 pub mod imports;
 pub mod jobs;
