@@ -407,7 +407,7 @@ impl Db {
             at_ms,
             event,
         );
-        self.enqueue_event(tx, &env).await
+        self.enqueue_event(tx, &env, None).await
     }
 
     /// Operator transition `from → to` (approve, reject, retry or discard a dead batch).
@@ -452,8 +452,12 @@ impl Db {
                 Event::BatchReady(BatchReady { import_id })
             }
         };
-        self.enqueue_event(&mut tx, &Envelope::new(id.clone(), client_id, now, event))
-            .await?;
+        self.enqueue_event(
+            &mut tx,
+            &Envelope::new(id.clone(), client_id, now, event),
+            None,
+        )
+        .await?;
         tx.commit().await?;
         self.get_batch(None, id).await?.ok_or(Error::NotFound)
     }

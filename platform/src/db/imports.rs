@@ -325,9 +325,12 @@ impl Db {
             records: new.records,
             bytes: new.body.len() as u64,
         });
+        // The import's own events follow the policy it was accepted under (stored with the
+        // batch), which saves reading the client's row once per event.
         self.enqueue_event(
             &mut tx,
             &Envelope::new(batch_id.clone(), new.client_id.clone(), now, created),
+            Some(new.policy),
         )
         .await?;
         if status == BatchStatus::Ready {
@@ -337,6 +340,7 @@ impl Db {
             self.enqueue_event(
                 &mut tx,
                 &Envelope::new(batch_id.clone(), new.client_id.clone(), now, ready),
+                Some(new.policy),
             )
             .await?;
         }

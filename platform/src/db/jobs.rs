@@ -85,18 +85,32 @@ pub fn jobs_for_event(event: &Envelope, policy: &Policy) -> Vec<JobSpec> {
 }
 
 impl Db {
-    /// Writes the intents `event` asks for inside the caller's transaction.
-    pub(crate) async fn write_job_intents(&self, tx: &mut Tx, event: &Envelope) -> Result<()> {
-        let policy: Option<String> = sqlx::query_scalar("SELECT policy FROM clients WHERE id = $1")
-            .bind(event.client_id.as_str())
-            .fetch_optional(&mut **tx)
-            .await?;
-        let Some(policy) = policy else {
-            return Ok(());
+    /// Writes the intents `event` asks for under `policy` (the client's stored one when
+    /// `None`) inside the caller's transaction.
+    pub(crate) async fn write_job_intents(
+        &self,
+        tx: &mut Tx,
+        event: &Envelope,
+        policy: Option<&Policy>,
+    ) -> Result<()> {
+        let stored;
+        let policy = match policy {
+            Some(p) => p,
+            None => {
+                let json: Option<String> =
+                    sqlx::query_scalar("SELECT policy FROM clients WHERE id = $1")
+                        .bind(event.client_id.as_str())
+                        .fetch_optional(&mut **tx)
+                        .await?;
+                let Some(json) = json else {
+                    return Ok(());
+                };
+                stored = serde_json::from_str::<Policy>(&json)
+                    .map_err(|e| Error::Invalid(format!("stored policy is unreadable: {e}")))?;
+                &stored
+            }
         };
-        let policy: Policy = serde_json::from_str(&policy)
-            .map_err(|e| Error::Invalid(format!("stored policy is unreadable: {e}")))?;
-        for spec in jobs_for_event(event, &policy) {
+        for spec in jobs_for_event(event, policy) {
             self.insert_job(tx, event, &spec).await?;
         }
         Ok(())

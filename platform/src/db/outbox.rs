@@ -2,6 +2,7 @@
 //! they announce, then relayed; nothing is announced that did not commit, and nothing that
 //! committed goes unannounced.
 
+use dataflow_contracts::Policy;
 use dataflow_contracts::events::Envelope;
 use sqlx::Row;
 
@@ -21,8 +22,13 @@ pub struct OutboxRow {
 
 impl Db {
     /// Adds `event` to the outbox inside the caller's transaction, with the follow-up jobs
-    /// it asks for.
-    pub(crate) async fn enqueue_event(&self, tx: &mut Tx, event: &Envelope) -> Result<()> {
+    /// it asks for under `policy`, or under the client's stored policy when `None`.
+    pub(crate) async fn enqueue_event(
+        &self,
+        tx: &mut Tx,
+        event: &Envelope,
+        policy: Option<&Policy>,
+    ) -> Result<()> {
         let body = serde_json::to_string(event).unwrap_or_default();
         let sql = self.sql(
             "INSERT INTO outbox (event_id, batch_id, event_type, routing_key, body, created_at) \
@@ -36,7 +42,7 @@ impl Db {
             .bind(body)
             .execute(&mut **tx)
             .await?;
-        self.write_job_intents(tx, event).await
+        self.write_job_intents(tx, event, policy).await
     }
 
     /// The oldest unpublished events with ids above `after`, in id order, leaving out
