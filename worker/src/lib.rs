@@ -342,10 +342,7 @@ impl Worker {
     pub async fn step(&self, run: &mut BatchRun) -> Result<Step> {
         let result = match run.chunks.front() {
             Some(chunk) if run.chunks.len() == 1 => {
-                let done = self
-                    .db
-                    .commit_last_chunk(&run.lease, self.lease_ms(), chunk)
-                    .await?;
+                let done = self.db.commit_last_chunk(&run.lease, chunk).await?;
                 run.chunks.pop_front();
                 self.outbox_wake.notify_one();
                 return Ok(Step::Completed(done));

@@ -101,7 +101,7 @@ pub struct Chunk {
     pub checkpoint: u64,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct ChunkResult {
     pub written: u64,
     pub unchanged: u64,
@@ -179,36 +179,34 @@ impl Db {
         chunk: &Chunk,
     ) -> Result<ChunkResult> {
         let mut tx = self.begin_write().await?;
-        let written = self.write_chunk(&mut tx, lease, lease_ms, chunk).await;
+        let written = async {
+            let result = self.write_rows(&mut tx, lease, chunk).await?;
+            self.advance(&mut tx, lease, lease_ms, chunk, result)
+                .await?;
+            Ok(result)
+        }
+        .await;
         tx.end(written).await
     }
 
-    /// The last chunk and the completion in one transaction: one write less per batch on
-    /// the path every batch takes (a one-chunk batch is claimed, then committed once).
+    /// The last chunk and the completion in one transaction, and one update of the batch
+    /// row: one write less per batch on the path every batch takes (a one-chunk batch is
+    /// claimed, then committed once), and on PostgreSQL one row version less, each of which
+    /// writes every index of `batches` again.
     #[tracing::instrument(skip_all, fields(batch_id = %lease.batch_id, checkpoint = chunk.checkpoint))]
-    pub async fn commit_last_chunk(
-        &self,
-        lease: &Lease,
-        lease_ms: i64,
-        chunk: &Chunk,
-    ) -> Result<BatchCompleted> {
+    pub async fn commit_last_chunk(&self, lease: &Lease, chunk: &Chunk) -> Result<BatchCompleted> {
         let mut tx = self.begin_write().await?;
         let done = async {
-            self.write_chunk(&mut tx, lease, lease_ms, chunk).await?;
-            self.complete_in(&mut tx, lease).await
+            let result = self.write_rows(&mut tx, lease, chunk).await?;
+            self.complete_in(&mut tx, lease, Some((chunk, result)))
+                .await
         }
         .await;
         tx.end(done).await
     }
 
-    /// A chunk's writes inside `tx`.
-    async fn write_chunk(
-        &self,
-        tx: &mut Tx,
-        lease: &Lease,
-        lease_ms: i64,
-        chunk: &Chunk,
-    ) -> Result<ChunkResult> {
+    /// A chunk's records and row errors inside `tx`; what they changed.
+    async fn write_rows(&self, tx: &mut Tx, lease: &Lease, chunk: &Chunk) -> Result<ChunkResult> {
         let written = if chunk.records.is_empty() {
             0
         } else {
@@ -262,6 +260,18 @@ impl Db {
                 .await?;
         }
         let unchanged = chunk.records.len() as u64 - written + chunk.superseded;
+        Ok(ChunkResult { written, unchanged })
+    }
+
+    /// Moves the checkpoint past `chunk` and renews the lease, under the fence.
+    async fn advance(
+        &self,
+        tx: &mut Tx,
+        lease: &Lease,
+        lease_ms: i64,
+        chunk: &Chunk,
+        result: ChunkResult,
+    ) -> Result<()> {
         let fence = self.sql(
             "UPDATE batches SET checkpoint = $3, records_written = records_written + $4, \
                  records_unchanged = records_unchanged + $5, records_failed = records_failed + $6, \
@@ -272,8 +282,8 @@ impl Db {
             .bind(lease.batch_id.as_str())
             .bind(lease.epoch)
             .bind(chunk.checkpoint as i64)
-            .bind(written as i64)
-            .bind(unchanged as i64)
+            .bind(result.written as i64)
+            .bind(result.unchanged as i64)
             .bind(chunk.errors.len() as i64)
             .bind(lease_ms)
             .execute(&mut **tx)
@@ -282,28 +292,48 @@ impl Db {
         if held == 0 {
             return Err(fence_rejected(lease));
         }
-        Ok(ChunkResult { written, unchanged })
+        Ok(())
     }
 
     /// Completes the batch under the fence and announces it.
     pub async fn complete_batch(&self, lease: &Lease) -> Result<BatchCompleted> {
         let mut tx = self.begin_write().await?;
-        let done = self.complete_in(&mut tx, lease).await;
+        let done = self.complete_in(&mut tx, lease, None).await;
         tx.end(done).await
     }
 
-    /// The completion inside `tx`.
-    async fn complete_in(&self, tx: &mut Tx, lease: &Lease) -> Result<BatchCompleted> {
+    /// The completion inside `tx`, under the fence, moving the checkpoint past the last
+    /// chunk when it comes with one.
+    async fn complete_in(
+        &self,
+        tx: &mut Tx,
+        lease: &Lease,
+        last: Option<(&Chunk, ChunkResult)>,
+    ) -> Result<BatchCompleted> {
         let sql = self.sql(
             "UPDATE batches SET status = 'completed', completed_at = {now}, updated_at = {now}, \
-                 lease_owner = NULL, lease_expires_at = NULL, last_error = NULL \
+                 lease_owner = NULL, lease_expires_at = NULL, last_error = NULL, \
+                 checkpoint = COALESCE($3, checkpoint), records_written = records_written + $4, \
+                 records_unchanged = records_unchanged + $5, records_failed = records_failed + $6 \
              WHERE id = $1 AND lease_epoch = $2 AND status = 'processing' \
              RETURNING records_total, records_written, records_unchanged, records_failed, \
                        started_at, completed_at",
         );
+        let (checkpoint, result, failed) = match last {
+            Some((chunk, result)) => (
+                Some(chunk.checkpoint as i64),
+                result,
+                chunk.errors.len() as i64,
+            ),
+            None => (None, ChunkResult::default(), 0),
+        };
         let Some(row) = sqlx::query(sql)
             .bind(lease.batch_id.as_str())
             .bind(lease.epoch)
+            .bind(checkpoint)
+            .bind(result.written as i64)
+            .bind(result.unchanged as i64)
+            .bind(failed)
             .fetch_optional(&mut **tx)
             .await?
         else {
