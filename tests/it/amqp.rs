@@ -33,6 +33,7 @@ backend_tests!(
     duplicate_and_unacknowledged_deliveries_complete_each_batch_once,
     poison_messages_end_in_the_dead_letter_queue,
     the_outbox_marks_exact_ids_and_one_relay_holds_the_lease,
+    the_outbox_prunes_published_rows_past_retention_page_by_page,
     amqps_failure_is_an_error_and_polling_carries_on,
     a_returned_batch_ready_is_published_again_after_the_topology_is_restored,
 );
@@ -628,6 +629,89 @@ async fn the_outbox_marks_exact_ids_and_one_relay_holds_the_lease(b: Backend) {
     assert!(
         db.take_lease(OUTBOX_RELAY, "c", 10_000).await.unwrap(),
         "lapsed"
+    );
+    db.close().await;
+}
+
+/// Pruning walks the outbox a page at a time from its oldest row: it deletes every row
+/// published before the retention, over more than one page, and keeps rows still
+/// unpublished and rows published within the retention.
+async fn the_outbox_prunes_published_rows_past_retention_page_by_page(b: Backend) {
+    let Some(test_db) = crate::helpers::TestDb::create(b).await else {
+        return;
+    };
+    let db = dataflow_platform::db::Db::connect(&test_db.url, 2)
+        .await
+        .unwrap();
+    db.migrate().await.unwrap();
+    sqlx::query(
+        "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 2500) \
+         INSERT INTO outbox (event_id, batch_id, event_type, routing_key, body, created_at) \
+         SELECT 'evt_old_' || i, 'bat_x', 'BatchReady', 'batch.ready', '{}', 0 FROM n",
+    )
+    .execute(db.pool())
+    .await
+    .unwrap();
+    let old: Vec<i64> = db
+        .unpublished_events(5_000, 0, &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.id)
+        .collect();
+    assert_eq!(old.len(), 2_500);
+    // Two old rows stay unpublished: one on the first page, one on the second.
+    let pending = [old[5], old[1_500]];
+    let published: Vec<i64> = old
+        .iter()
+        .copied()
+        .filter(|id| !pending.contains(id))
+        .collect();
+    assert_eq!(db.mark_published(&published).await.unwrap(), 2_498);
+    sqlx::query("UPDATE outbox SET published_at = 1 WHERE published_at IS NOT NULL")
+        .execute(db.pool())
+        .await
+        .unwrap();
+    let now = db.now_ms().await.unwrap();
+    for i in 0..10 {
+        sqlx::query(
+            "INSERT INTO outbox (event_id, batch_id, event_type, routing_key, body, created_at) \
+             VALUES ($1, 'bat_y', 'BatchReady', 'batch.ready', '{}', $2)",
+        )
+        .bind(format!("evt_young_{i}"))
+        .bind(now)
+        .execute(db.pool())
+        .await
+        .unwrap();
+    }
+    let young: Vec<i64> = db
+        .unpublished_events(100, old[2_499], &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.id)
+        .collect();
+    assert_eq!(db.mark_published(&young).await.unwrap(), 10);
+
+    assert_eq!(db.prune_published(60_000).await.unwrap(), 2_498);
+    let left: Vec<i64> = sqlx::query_scalar("SELECT id FROM outbox ORDER BY id")
+        .fetch_all(db.pool())
+        .await
+        .unwrap();
+    let kept: Vec<i64> = pending.iter().chain(&young).copied().collect();
+    assert_eq!(left, kept, "the unpublished and the young rows are kept");
+    let still: Vec<i64> = db
+        .unpublished_events(10, 0, &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.id)
+        .collect();
+    assert_eq!(still, pending, "the unpublished rows are still relayed");
+    assert_eq!(
+        db.prune_published(60_000).await.unwrap(),
+        0,
+        "nothing left to prune"
     );
     db.close().await;
 }
