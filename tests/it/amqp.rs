@@ -563,13 +563,9 @@ fn death_reason(d: &lapin::message::Delivery) -> String {
 }
 
 async fn the_outbox_marks_exact_ids_and_one_relay_holds_the_lease(b: Backend) {
-    let Some(test_db) = crate::helpers::TestDb::create(b).await else {
+    let Some((_test_db, db)) = outbox_ledger(b).await else {
         return;
     };
-    let db = dataflow_platform::db::Db::connect(&test_db.url, 2)
-        .await
-        .unwrap();
-    db.migrate().await.unwrap();
     for i in 0..4 {
         sqlx::query(
             "INSERT INTO outbox (event_id, batch_id, event_type, routing_key, body, created_at) \
@@ -580,23 +576,11 @@ async fn the_outbox_marks_exact_ids_and_one_relay_holds_the_lease(b: Backend) {
         .await
         .unwrap();
     }
-    let ids: Vec<i64> = db
-        .unpublished_events(10, 0, &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.id)
-        .collect();
+    let ids = pending_ids(&db, 10, 0, &[]).await;
     assert_eq!(ids.len(), 4);
     // Only the ids handed over, never the rows between them.
     assert_eq!(db.mark_published(&[ids[0], ids[2]]).await.unwrap(), 2);
-    let left: Vec<i64> = db
-        .unpublished_events(10, 0, &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.id)
-        .collect();
+    let left = pending_ids(&db, 10, 0, &[]).await;
     assert_eq!(left, [ids[1], ids[3]]);
     let not_in_flight = db.unpublished_events(10, 0, &[ids[1]]).await.unwrap();
     assert_eq!(
@@ -633,17 +617,38 @@ async fn the_outbox_marks_exact_ids_and_one_relay_holds_the_lease(b: Backend) {
     db.close().await;
 }
 
-/// Pruning walks the outbox a page at a time from its oldest row: it deletes every row
-/// published before the retention, over more than one page, and keeps rows still
-/// unpublished and rows published within the retention.
-async fn the_outbox_prunes_published_rows_past_retention_page_by_page(b: Backend) {
-    let Some(test_db) = crate::helpers::TestDb::create(b).await else {
-        return;
-    };
+/// A migrated ledger of its own, for the outbox tests that need no broker.
+async fn outbox_ledger(b: Backend) -> Option<(crate::helpers::TestDb, dataflow_platform::db::Db)> {
+    let test_db = crate::helpers::TestDb::create(b).await?;
     let db = dataflow_platform::db::Db::connect(&test_db.url, 2)
         .await
         .unwrap();
     db.migrate().await.unwrap();
+    Some((test_db, db))
+}
+
+/// The ids the relay would read: unpublished, past `after`, not in `except`.
+async fn pending_ids(
+    db: &dataflow_platform::db::Db,
+    limit: u32,
+    after: i64,
+    except: &[i64],
+) -> Vec<i64> {
+    db.unpublished_events(limit, after, except)
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.id)
+        .collect()
+}
+
+/// Pruning walks the outbox a page at a time from its oldest row: it deletes every row
+/// published before the retention, over more than one page, and keeps rows still
+/// unpublished and rows published within the retention.
+async fn the_outbox_prunes_published_rows_past_retention_page_by_page(b: Backend) {
+    let Some((_test_db, db)) = outbox_ledger(b).await else {
+        return;
+    };
     sqlx::query(
         "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 2500) \
          INSERT INTO outbox (event_id, batch_id, event_type, routing_key, body, created_at) \
@@ -652,13 +657,7 @@ async fn the_outbox_prunes_published_rows_past_retention_page_by_page(b: Backend
     .execute(db.pool())
     .await
     .unwrap();
-    let old: Vec<i64> = db
-        .unpublished_events(5_000, 0, &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.id)
-        .collect();
+    let old = pending_ids(&db, 5_000, 0, &[]).await;
     assert_eq!(old.len(), 2_500);
     // Two old rows stay unpublished: one on the first page, one on the second.
     let pending = [old[5], old[1_500]];
@@ -684,13 +683,7 @@ async fn the_outbox_prunes_published_rows_past_retention_page_by_page(b: Backend
         .await
         .unwrap();
     }
-    let young: Vec<i64> = db
-        .unpublished_events(100, old[2_499], &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.id)
-        .collect();
+    let young = pending_ids(&db, 100, old[2_499], &[]).await;
     assert_eq!(db.mark_published(&young).await.unwrap(), 10);
 
     assert_eq!(db.prune_published(60_000).await.unwrap(), 2_498);
@@ -700,13 +693,7 @@ async fn the_outbox_prunes_published_rows_past_retention_page_by_page(b: Backend
         .unwrap();
     let kept: Vec<i64> = pending.iter().chain(&young).copied().collect();
     assert_eq!(left, kept, "the unpublished and the young rows are kept");
-    let still: Vec<i64> = db
-        .unpublished_events(10, 0, &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.id)
-        .collect();
+    let still = pending_ids(&db, 10, 0, &[]).await;
     assert_eq!(still, pending, "the unpublished rows are still relayed");
     assert_eq!(
         db.prune_published(60_000).await.unwrap(),
