@@ -94,7 +94,7 @@ impl App {
         let relayed = events::run_relay(
             backends.db.clone(),
             backends.publisher.clone(),
-            backends.outbox_wake.clone(),
+            backends.commits.outbox(),
             relay,
             shutdown.clone(),
         );
@@ -122,7 +122,7 @@ impl App {
             Worker::new(
                 backends.db.clone(),
                 config.worker.clone(),
-                backends.outbox_wake.clone(),
+                backends.commits.clone(),
                 backends.mutex.clone(),
                 backends.live.clone(),
             )
@@ -181,6 +181,7 @@ impl App {
                 kinds: JobKind::ALL.to_vec(),
                 worker_id: worker.id().to_owned(),
                 events: backends.publisher.subscribe(),
+                committed: backends.commits.jobs(),
                 live: backends.live.clone(),
                 leading,
             };

@@ -22,7 +22,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{Notify, watch};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::amqp::Broker;
@@ -31,7 +31,7 @@ use crate::config::RedisQueue;
 use crate::config::{Config, Secret};
 use crate::db::{ClientRecord, Db, KeyRecord};
 use crate::dedup::DedupFastPath;
-use crate::events::{Mode, Publisher};
+use crate::events::{CommitWake, Mode, Publisher};
 use crate::fleet::Fleet;
 use crate::jobqueue::{ApalisQueues, JobQueues, RedisJobQueue};
 use crate::keys::{self, KeyHasher};
@@ -64,7 +64,7 @@ pub struct Backends {
     /// How batches reach workers now; the broker moves it between `broker` and `polling`.
     pub mode: watch::Sender<Mode>,
     /// Signalled after a commit that wrote outbox rows, so the relay runs at once.
-    pub outbox_wake: Arc<Notify>,
+    pub commits: Arc<CommitWake>,
     pub hasher: KeyHasher,
     pub admin_token: Secret,
     /// The job queue in Redis; `None`: workers claim job intents from SQL.
@@ -203,7 +203,7 @@ impl Backends {
             publisher,
             broker,
             mode,
-            outbox_wake: Arc::new(Notify::new()),
+            commits: Arc::default(),
             hasher: KeyHasher::new(secret.expose()),
             admin_token,
         }))

@@ -112,6 +112,36 @@ impl Publisher {
     }
 }
 
+/// Signalled by this process right after a commit that wrote outbox rows, and with them
+/// perhaps job intents: the relay reads at once, and so do this process's job workers.
+///
+/// The job workers also hear every event this process relays, but with a broker only the
+/// relay lease holder relays: a worker process that completes a batch would otherwise find
+/// the report, email and webhook jobs it just wrote only at its next poll, and then all of
+/// that poll's jobs at once, a burst that stalled batch claims behind it.
+#[derive(Debug, Default)]
+pub struct CommitWake {
+    outbox: Arc<Notify>,
+    jobs: Arc<Notify>,
+}
+
+impl CommitWake {
+    pub fn committed(&self) {
+        self.outbox.notify_one();
+        self.jobs.notify_one();
+    }
+
+    /// What the outbox relay waits on.
+    pub fn outbox(&self) -> Arc<Notify> {
+        self.outbox.clone()
+    }
+
+    /// What this process's job workers wait on.
+    pub fn jobs(&self) -> Arc<Notify> {
+        self.jobs.clone()
+    }
+}
+
 /// Relay settings, from [`crate::config::OutboxConfig`] and [`crate::config::AmqpConfig`].
 #[derive(Debug, Clone, Copy)]
 pub struct RelaySettings {
@@ -160,8 +190,7 @@ impl RelayLease {
     }
 }
 
-/// How often the relay counts the outbox backlog (the `dataflow_outbox_backlog` gauge) while
-/// it has events to relay; a round that finds none counts it every time.
+/// How often the relay counts the outbox backlog (the `dataflow_outbox_backlog` gauge).
 const BACKLOG_EVERY: Duration = Duration::from_secs(1);
 
 /// Publishes outbox rows in id order and marks them published after the publisher accepted
@@ -184,7 +213,7 @@ pub async fn run_relay(
     let mut failing = false;
     let mut counted: Option<Instant> = None;
     loop {
-        let idle = match relay_round(
+        match relay_round(
             &db,
             &publisher,
             lease.as_mut(),
@@ -202,7 +231,6 @@ pub async fn run_relay(
                 if n >= settings.batch_size as usize {
                     continue;
                 }
-                n == 0
             }
             Err(e) => {
                 // Once per outage: the backlog metric and /readyz tell the rest.
@@ -210,9 +238,8 @@ pub async fn run_relay(
                     tracing::warn!(error = %e, "outbox relay round failed; retrying");
                 }
                 failing = true;
-                false
             }
-        };
+        }
         if last_prune.elapsed() > Duration::from_secs(60) {
             last_prune = Instant::now();
             let retention = i64::try_from(settings.retention.as_millis()).unwrap_or(i64::MAX);
@@ -220,9 +247,10 @@ pub async fn run_relay(
                 tracing::warn!(error = %e, "outbox prune failed");
             }
         }
-        // Counted once a second while events flow, not after every round: at 200 batches/s
-        // that was a statement per batch between a commit's wake-up and the next read.
-        if idle || counted.is_none_or(|at| at.elapsed() >= BACKLOG_EVERY) {
+        // Counted at most once a second, not after every round: at 200 batches/s that was a
+        // statement per batch between a commit's wake-up and the next read (and a relay
+        // without the lease finds nothing on each of the wake-ups it gets).
+        if counted.is_none_or(|at| at.elapsed() >= BACKLOG_EVERY) {
             counted = Some(Instant::now());
             if let Ok(backlog) = db.outbox_backlog().await {
                 metrics::gauge!("dataflow_outbox_backlog").set(backlog as f64);

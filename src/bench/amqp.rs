@@ -60,6 +60,9 @@ pub struct AmqpArgs {
     /// Ledger connections per process in the latency runs (`db_max_connections`).
     #[arg(long, default_value_t = Config::default().db_max_connections)]
     pub db_connections: u32,
+    /// Write each latency sample (`mode,created_at_ms,relay_ms,start_ms`) to this CSV file.
+    #[arg(long)]
+    pub samples: Option<std::path::PathBuf>,
     /// Latency runs: `broker`, `polling` or `both`.
     #[arg(long, value_enum, default_value_t = Runs::Both)]
     pub runs: Runs,
@@ -150,11 +153,16 @@ async fn latency_runs(args: &AmqpArgs, run: &str, prefix: &str) -> anyhow::Resul
         let measured = latency(args, config.clone()).await;
         let backend = ledger.backend;
         ledger.remove().await?;
-        let total = measured?;
+        let samples = measured?;
         let mode = if with_broker { "broker" } else { "polling" };
+        if let Some(path) = &args.samples {
+            samples.append_csv(path, mode)?;
+        }
+        let (total, relay) = (samples.start(), samples.relay());
         println!(
             "name=amqp-latency mode={mode} backend={} batches={} rate_per_s={} concurrency={} \
-             poll_interval_ms={} p50_ms={:.1} p99_ms={:.1} max_ms={:.1}",
+             poll_interval_ms={} p50_ms={:.1} p99_ms={:.1} max_ms={:.1} relay_p50_ms={:.1} \
+             relay_p99_ms={:.1}",
             backend,
             args.batches,
             args.rate,
@@ -163,6 +171,8 @@ async fn latency_runs(args: &AmqpArgs, run: &str, prefix: &str) -> anyhow::Resul
             total.p50,
             total.p99,
             total.max,
+            relay.p50,
+            relay.p99,
         );
     }
     Ok(())
@@ -176,8 +186,47 @@ fn amqp_config(args: &AmqpArgs, prefix: &str, batch: u32) -> Config {
     config
 }
 
+/// One batch of a latency run, in database milliseconds from its `BatchReady` row's
+/// `created_at`.
+struct Sample {
+    created_at: i64,
+    /// To the relay's mark: after the broker's confirm, or with polling only after the
+    /// in-process hand-off (which wakes no worker: it runs in another process).
+    relay: Option<i64>,
+    /// To the worker's claim.
+    start: i64,
+}
+
+struct Samples(Vec<Sample>);
+
+impl Samples {
+    fn start(&self) -> Spread {
+        Spread::of(self.0.iter().map(|s| s.start))
+    }
+
+    fn relay(&self) -> Spread {
+        Spread::of(self.0.iter().filter_map(|s| s.relay))
+    }
+
+    fn append_csv(&self, path: &std::path::Path, mode: &str) -> anyhow::Result<()> {
+        use std::io::Write;
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .with_context(|| format!("cannot open {}", path.display()))?;
+        let mut out = std::io::BufWriter::new(file);
+        for s in &self.0 {
+            let relay = s.relay.map(|r| r.to_string()).unwrap_or_default();
+            writeln!(out, "{mode},{},{relay},{}", s.created_at, s.start)?;
+        }
+        out.flush()?;
+        Ok(())
+    }
+}
+
 /// Commit → worker start (ms) with an API process and a worker process.
-async fn latency(args: &AmqpArgs, config: Config) -> anyhow::Result<Spread> {
+async fn latency(args: &AmqpArgs, config: Config) -> anyhow::Result<Samples> {
     let policy = Policy {
         rate_per_minute: 6_000_000,
         rate_burst: 1_000_000,
@@ -233,20 +282,34 @@ async fn latency(args: &AmqpArgs, config: Config) -> anyhow::Result<Spread> {
         done??;
     }
     wait_started(&db, 20 + args.batches).await?;
+    // Every row marked published, so each sample has its relay time.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while db.outbox_backlog().await? > 0 {
+        ensure!(Instant::now() < deadline, "the outbox did not drain");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     // From the BatchReady row's `created_at`, the submit transaction's last write before its
     // commit (the batch's own `created_at` is taken at the transaction's start).
-    let waits: Vec<i64> = sqlx::query_scalar(
-        "SELECT b.started_at - o.created_at FROM batches b \
-         JOIN outbox o ON o.batch_id = b.id AND o.event_type = 'BatchReady' \
-         WHERE b.created_at > $1 AND b.started_at IS NOT NULL",
+    let rows: Vec<(i64, Option<i64>, i64)> = sqlx::query_as(
+        "SELECT o.created_at, o.published_at - o.created_at, b.started_at - o.created_at \
+         FROM batches b JOIN outbox o ON o.batch_id = b.id AND o.event_type = 'BatchReady' \
+         WHERE b.created_at > $1 AND b.started_at IS NOT NULL ORDER BY o.id",
     )
     .bind(warm)
     .fetch_all(db.pool())
     .await?;
     worker.stop().await;
     api.stop().await;
-    ensure!(!waits.is_empty(), "no batch was measured");
-    Ok(Spread::of(waits.into_iter()))
+    ensure!(!rows.is_empty(), "no batch was measured");
+    Ok(Samples(
+        rows.into_iter()
+            .map(|(created_at, relay, start)| Sample {
+                created_at,
+                relay,
+                start,
+            })
+            .collect(),
+    ))
 }
 
 /// What the broker alone costs at the same rate: raw lapin publishes (persistent, one at a

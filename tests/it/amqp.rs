@@ -36,6 +36,7 @@ backend_tests!(
     the_outbox_prunes_published_rows_past_retention_page_by_page,
     amqps_failure_is_an_error_and_polling_carries_on,
     a_returned_batch_ready_is_published_again_after_the_topology_is_restored,
+    a_worker_without_the_relay_runs_its_own_jobs_at_once,
 );
 
 /// The test's own view of the broker: a direct connection (never through the proxy) and
@@ -755,16 +756,8 @@ async fn a_returned_batch_ready_is_published_again_after_the_topology_is_restore
         c.amqp.safety_sweep_ms = 60_000;
     })
     .await;
-    wait_mode(&api, "broker").await;
     // The API process relays, so only the broker can wake the worker process.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while api.db.lease_owner(OUTBOX_RELAY).await.unwrap().is_none() {
-        assert!(
-            Instant::now() < deadline,
-            "the API process never took the relay lease"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_relaying(&api).await;
     let worker = api.sibling(Roles::WORKER).await;
     wait_mode_of(&worker, Mode::Broker).await;
     let (_, key) = api.client(json!({})).await;
@@ -801,6 +794,63 @@ async fn a_returned_batch_ready_is_published_again_after_the_topology_is_restore
         2,
         "both batches were taken from a batch.ready delivery"
     );
+    worker.stop().await;
+    api.stop().await;
+    broker.cleanup().await;
+}
+
+/// Waits until the API process `api` is in broker mode and holds the relay lease (it
+/// started before any other process of the test).
+async fn wait_relaying(api: &TestApp) {
+    wait_mode(api, "broker").await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while api.db.lease_owner(OUTBOX_RELAY).await.unwrap().is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "the API process never took the relay lease"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A worker process that does not relay the outbox runs the follow-up jobs its own
+/// completions wrote right after the commit, not at its next job poll (an hour here).
+async fn a_worker_without_the_relay_runs_its_own_jobs_at_once(b: Backend) {
+    let Some(broker) = TestBroker::new().await else {
+        return;
+    };
+    let api = spawn(b, &broker, Roles::API, None).await;
+    wait_relaying(&api).await;
+    let worker = api
+        .sibling_with(Roles::WORKER, |c| c.jobs.poll_interval_ms = 3_600_000)
+        .await;
+    wait_mode_of(&worker, Mode::Broker).await;
+    let (_, key) = api.client(json!({})).await;
+    for i in 0..3 {
+        let id = api
+            .import(&key, "text/csv", csv(&format!("j{i}"), 3))
+            .await
+            .batch_id;
+        api.wait_for(&key, &id, BatchStatus::Completed).await;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let status: Option<String> = sqlx::query_scalar(
+                "SELECT status FROM jobs WHERE batch_id = $1 AND kind = 'report'",
+            )
+            .bind(id.as_str())
+            .fetch_optional(api.db.pool())
+            .await
+            .unwrap();
+            if status.as_deref() == Some("done") {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the report job of batch {i} is {status:?} 10 s after its completion"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
     worker.stop().await;
     api.stop().await;
     broker.cleanup().await;

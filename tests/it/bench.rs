@@ -72,9 +72,14 @@ async fn amqp_bench_runs() {
     let Some(amqp_url) = crate::helpers::test_amqp_url().await else {
         return;
     };
+    let samples = std::env::temp_dir().join(format!(
+        "dataflow-test-amqp-samples-{}.csv",
+        ulid::Ulid::new().to_string().to_lowercase()
+    ));
     let args = dataflow::bench::amqp::AmqpArgs {
         amqp_url,
         database_url: None,
+        samples: Some(samples.clone()),
         batches: 10,
         rate: 200,
         concurrency: 4,
@@ -86,4 +91,16 @@ async fn amqp_bench_runs() {
         rounds: 2,
     };
     dataflow::bench::amqp::run(args).await.unwrap();
+    // One line per measured batch and run, each with its relay and start times.
+    let csv = std::fs::read_to_string(&samples).unwrap();
+    std::fs::remove_file(&samples).unwrap();
+    let lines: Vec<Vec<&str>> = csv.lines().map(|l| l.split(',').collect()).collect();
+    assert_eq!(lines.len(), 20, "{csv}");
+    for line in &lines {
+        assert_eq!(line.len(), 4, "{csv}");
+        assert!(["broker", "polling"].contains(&line[0]), "{csv}");
+        for time in &line[2..] {
+            assert!(time.parse::<i64>().unwrap() >= 0, "{csv}");
+        }
+    }
 }

@@ -419,7 +419,7 @@ impl TestApp {
         dataflow_worker::Worker::new(
             self.db.clone(),
             self.config.worker.clone(),
-            backends.outbox_wake.clone(),
+            backends.commits.clone(),
             backends.mutex.clone(),
             backends.live.clone(),
         )

@@ -573,7 +573,7 @@ pub(crate) async fn transition(
         .transition_batch(&id, action)
         .await
         .map_err(wrong_state)?;
-    state.backends.outbox_wake.notify_one();
+    state.backends.commits.committed();
     let kind = match view.status {
         BatchStatus::Ready => LiveKind::BatchReady,
         _ => LiveKind::BatchRejected,

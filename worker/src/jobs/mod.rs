@@ -61,8 +61,10 @@ pub struct JobsSetup {
     pub kinds: Vec<JobKind>,
     /// This process's worker identity.
     pub worker_id: String,
-    /// Batch events in this process: a new one may have written intents.
+    /// Batch events relayed by this process: a new one may have written intents.
     pub events: broadcast::Receiver<Arc<Envelope>>,
+    /// Signalled after this process committed outbox rows (and perhaps intents with them).
+    pub committed: Arc<Notify>,
     /// Where dead-lettered jobs are announced to dashboards.
     pub live: Arc<LiveBus>,
     /// Whether this worker leads the fleet: the sweeper runs only then. A receiver whose
@@ -87,6 +89,7 @@ pub async fn run(setup: JobsSetup, stop: CancellationToken) {
         kinds,
         worker_id,
         events,
+        committed,
         live,
         leading,
     } = setup;
@@ -177,7 +180,7 @@ pub async fn run(setup: JobsSetup, stop: CancellationToken) {
     let mut upkeep = JoinSet::new();
     let relay_wake = Arc::new(Notify::new());
     wakes.push(relay_wake.clone());
-    upkeep.spawn(wake_on_events(events, wakes, stop.clone()));
+    upkeep.spawn(wake_on_events(events, committed, wakes, stop.clone()));
     let sweep = upkeep::SweepSettings {
         lease,
         every: poll.max(Duration::from_secs(1)),
@@ -338,21 +341,23 @@ async fn run_apalis_job(
 /// Every event in this process may have written intents: wake the relay and the SQL pumps.
 async fn wake_on_events(
     mut events: broadcast::Receiver<Arc<Envelope>>,
+    committed: Arc<Notify>,
     wakes: Vec<Arc<Notify>>,
     stop: CancellationToken,
 ) {
+    let mut relayed = true;
     loop {
-        let received = tokio::select! {
+        tokio::select! {
             _ = stop.cancelled() => return,
-            e = events.recv() => e,
-        };
-        match received {
-            Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {
-                for w in &wakes {
-                    w.notify_one();
-                }
-            }
-            Err(broadcast::error::RecvError::Closed) => return,
+            _ = committed.notified() => {}
+            e = events.recv(), if relayed => match e {
+                Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+                // The relay is gone (shutdown); this process's own commits still wake.
+                Err(broadcast::error::RecvError::Closed) => relayed = false,
+            },
+        }
+        for w in &wakes {
+            w.notify_one();
         }
     }
 }
