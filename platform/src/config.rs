@@ -186,7 +186,9 @@ impl Default for UiConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct WorkerConfig {
-    /// Batches processed at once by one worker process.
+    /// Batches processed at once by one worker process. A batch holds its slot from the
+    /// claim to its outcome, mostly waiting on the ledger, and its payload and prepared
+    /// records stay in memory meanwhile.
     pub concurrency: usize,
     /// Records per committed chunk (and per checkpoint).
     pub chunk_size: usize,
@@ -227,7 +229,10 @@ impl WorkerConfig {
 impl Default for WorkerConfig {
     fn default() -> Self {
         Self {
-            concurrency: 4,
+            // At 200 batches/s on PostgreSQL, 4 slots were all busy often enough that
+            // deliveries queued for one (commit → start p99 22–138 ms against 19–29 with 8,
+            // alternating runs on the 2-core machine); SQLite was the same with either.
+            concurrency: 8,
             chunk_size: 5_000,
             lease_secs: 30,
             poll_interval_ms: 1_000,

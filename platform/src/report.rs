@@ -6,7 +6,6 @@
 
 use std::borrow::Cow;
 
-use dataflow_contracts::BatchId;
 use dataflow_contracts::http::{BatchReport, BatchView, RecordErrorView};
 
 use crate::Result;
@@ -39,12 +38,18 @@ const PAGE: u32 = 5_000;
 
 /// The summary of a batch the caller has already loaded.
 pub async fn summary(db: &Db, batch: BatchView) -> Result<BatchReport> {
-    Ok(BatchReport {
-        errors_by_code: db
-            .record_error_counts(&batch.id)
+    // A rejected record is counted in the transaction that stores its error, so a batch
+    // without rejects has no error rows to count: most batches, and no query for them.
+    let errors_by_code = if batch.records_failed == 0 {
+        Default::default()
+    } else {
+        db.record_error_counts(&batch.id)
             .await?
             .into_iter()
-            .collect(),
+            .collect()
+    };
+    Ok(BatchReport {
+        errors_by_code,
         rejected_rows_csv: format!("/v1/batches/{}/report.csv", batch.id),
         batch,
     })
@@ -54,9 +59,13 @@ pub async fn summary(db: &Db, batch: BatchView) -> Result<BatchReport> {
 /// caller streams it instead of holding it).
 pub async fn rejected_csv_within(
     db: &Db,
-    batch: &BatchId,
+    batch: &BatchView,
     max_bytes: usize,
 ) -> Result<Option<Vec<u8>>> {
+    if batch.records_failed == 0 {
+        return Ok(Some(rejected_rows_csv(&[], true)));
+    }
+    let batch = &batch.id;
     let mut out = Vec::new();
     let mut after = 0;
     loop {

@@ -24,7 +24,7 @@ use dataflow_contracts::events::{BatchReady, Envelope, Event};
 use dataflow_contracts::{BatchId, ClientId, ImportId, Policy};
 use dataflow_platform::Config;
 use dataflow_platform::amqp::{self, Broker, Names, READY_KEY};
-use dataflow_platform::config::Secret;
+use dataflow_platform::config::{Secret, WorkerConfig};
 use dataflow_platform::db::leases::OUTBOX_RELAY;
 use dataflow_platform::db::{Db, OutboxRow};
 use dataflow_platform::events::{self, Mode, Publisher};
@@ -54,8 +54,8 @@ pub struct AmqpArgs {
     /// Submits per second in the latency runs.
     #[arg(long, default_value_t = 200)]
     pub rate: u64,
-    /// Batches the worker process runs at once (both latency runs; the worker's default).
-    #[arg(long, default_value_t = 4)]
+    /// Batches the worker process runs at once (both latency runs).
+    #[arg(long, default_value_t = WorkerConfig::default().concurrency)]
     pub concurrency: usize,
     /// Ledger connections per process in the latency runs (`db_max_connections`).
     #[arg(long, default_value_t = Config::default().db_max_connections)]

@@ -492,6 +492,39 @@ async fn batch_report_counts_and_defuses_formulas(b: Backend) {
     for path in [format!("/v1/batches/{}/report", imp.batch_id), csv_path] {
         assert_eq!(t.get(&other, &path).await.status(), 404, "{path}");
     }
+
+    // The report job stores the same, and for a batch without rejects an empty count and
+    // a CSV of the header alone.
+    let clean = t.import(&key, "text/csv", "id,=cmd\n1,x\n").await;
+    t.wait_for(&key, &clean.batch_id, BatchStatus::Completed)
+        .await;
+    for (batch, codes, csv) in [
+        (
+            &imp.batch_id,
+            json!({"missing_field": 1, "missing_key": 1}),
+            text.as_str(),
+        ),
+        (&clean.batch_id, json!({}), "line,field,code,detail\n"),
+    ] {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let (summary, stored_csv) = loop {
+            if let Some(stored) = t.db.stored_report(batch).await.unwrap() {
+                break stored;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no stored report for {batch}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        };
+        let summary: serde_json::Value = serde_json::from_str(&summary).unwrap();
+        assert_eq!(summary["errors_by_code"], codes, "{batch}");
+        assert_eq!(
+            String::from_utf8(stored_csv.unwrap()).unwrap(),
+            csv,
+            "{batch}"
+        );
+    }
     t.stop().await;
 }
 

@@ -72,7 +72,7 @@ impl Handlers {
     /// enough to keep.
     async fn report(&self, batch: &BatchId) -> Result<(), JobError> {
         let summary = self.summary(batch).await?;
-        let csv = report::rejected_csv_within(&self.db, batch, STORED_CSV_MAX)
+        let csv = report::rejected_csv_within(&self.db, &summary.batch, STORED_CSV_MAX)
             .await
             .map_err(retry)?;
         let json =
@@ -86,7 +86,7 @@ impl Handlers {
     async fn email(&self, job: &JobMessage, to: &str) -> Result<(), JobError> {
         let summary = self.summary(&job.batch_id).await?;
         let csv = if summary.batch.records_failed > 0 {
-            report::rejected_csv_within(&self.db, &job.batch_id, ATTACHED_CSV_MAX)
+            report::rejected_csv_within(&self.db, &summary.batch, ATTACHED_CSV_MAX)
                 .await
                 .map_err(retry)?
         } else {
