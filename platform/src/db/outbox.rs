@@ -105,13 +105,17 @@ impl Db {
         }
         let list = serde_json::to_string(ids).unwrap_or_default();
         match self.dialect() {
-            // One statement: the update sees exactly the ids the delete took.
+            // One statement: the update sees exactly the ids the delete took. As `id IN
+            // (SELECT id FROM taken)` the planner, with no statistics yet on a young outbox,
+            // hashed the ids against a scan of the whole outbox on most marks; as an array
+            // it looks each id up by primary key, as the relay's read does.
             Dialect::Postgres => {
                 let sql = self.sql(
                     "WITH taken AS (DELETE FROM outbox_pending \
                        WHERE id IN (SELECT CAST(json_array_elements_text($1::json) AS BIGINT)) \
                        RETURNING id) \
-                     UPDATE outbox SET published_at = {now} WHERE id IN (SELECT id FROM taken)",
+                     UPDATE outbox SET published_at = {now} \
+                     WHERE id = ANY(ARRAY(SELECT id FROM taken))",
                 );
                 Ok(sqlx::query(sql)
                     .bind(list)
