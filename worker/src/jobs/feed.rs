@@ -58,6 +58,11 @@ pub enum Source {
 /// A Redis take blocks this long at most, so a stopping pump notices soon.
 const BLOCK: Duration = Duration::from_secs(1);
 
+/// An idle SQL pump woken by a commit waits this long before it claims, so the intents of
+/// the commits right behind it are claimed (and later settled) with it. Claimed one by one,
+/// at 200 batches/s the report jobs alone cost PostgreSQL a sixth more CPU in all.
+const WAKE_GATHER: Duration = Duration::from_millis(20);
+
 impl Source {
     /// Up to `max` jobs; waits (bounded) when there are none.
     async fn take(
@@ -80,7 +85,12 @@ impl Source {
                 if jobs.is_empty() {
                     tokio::select! {
                         _ = stop.cancelled() => {}
-                        _ = wake.notified() => {}
+                        _ = wake.notified() => {
+                            tokio::select! {
+                                _ = stop.cancelled() => {}
+                                _ = tokio::time::sleep(WAKE_GATHER) => {}
+                            }
+                        }
                         _ = tokio::time::sleep(*poll) => {}
                     }
                 }
