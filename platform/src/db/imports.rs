@@ -325,25 +325,27 @@ impl Db {
             records: new.records,
             bytes: new.body.len() as u64,
         });
-        // The import's own events follow the policy it was accepted under (stored with the
-        // batch), which saves reading the client's row once per event.
-        self.enqueue_event(
-            &mut tx,
-            &Envelope::new(batch_id.clone(), new.client_id.clone(), now, created),
-            Some(new.policy),
-        )
-        .await?;
+        let mut events = vec![Envelope::new(
+            batch_id.clone(),
+            new.client_id.clone(),
+            now,
+            created,
+        )];
         if status == BatchStatus::Ready {
             let ready = Event::BatchReady(BatchReady {
                 import_id: import_id.clone(),
             });
-            self.enqueue_event(
-                &mut tx,
-                &Envelope::new(batch_id.clone(), new.client_id.clone(), now, ready),
-                Some(new.policy),
-            )
-            .await?;
+            events.push(Envelope::new(
+                batch_id.clone(),
+                new.client_id.clone(),
+                now,
+                ready,
+            ));
         }
+        // The import's own events follow the policy it was accepted under (stored with the
+        // batch), which saves reading the client's row once per event.
+        self.enqueue_events(&mut tx, &events, Some(new.policy))
+            .await?;
 
         let view = ImportView {
             id: import_id,

@@ -33,20 +33,54 @@ impl Db {
         event: &Envelope,
         policy: Option<&Policy>,
     ) -> Result<()> {
-        let body = serde_json::to_string(event).unwrap_or_default();
-        let sql = self.sql(
+        self.enqueue_events(tx, std::slice::from_ref(event), policy)
+            .await
+    }
+
+    /// [`Db::enqueue_event`] for several events of one transaction, in one statement. The
+    /// rows take their ids in the order given (one `INSERT` numbers its `VALUES` rows in
+    /// order on both dialects), which is the order the relay publishes them in.
+    pub(crate) async fn enqueue_events(
+        &self,
+        tx: &mut Tx,
+        events: &[Envelope],
+        policy: Option<&Policy>,
+    ) -> Result<()> {
+        if events.is_empty() {
+            return Ok(());
+        }
+        let rows: Vec<String> = (0..events.len())
+            .map(|i| {
+                let p = i * 5;
+                format!(
+                    "(${}, ${}, ${}, ${}, ${}, {{now}})",
+                    p + 1,
+                    p + 2,
+                    p + 3,
+                    p + 4,
+                    p + 5
+                )
+            })
+            .collect();
+        let sql = self.sql(&format!(
             "INSERT INTO outbox (event_id, batch_id, event_type, routing_key, body, created_at) \
-             VALUES ($1, $2, $3, $4, $5, {now})",
-        );
-        sqlx::query(sql)
-            .bind(event.id.as_str())
-            .bind(event.batch_id.as_str())
-            .bind(event.event.kind())
-            .bind(event.event.routing_key())
-            .bind(body)
-            .execute(&mut **tx)
-            .await?;
-        self.write_job_intents(tx, event, policy).await
+             VALUES {}",
+            rows.join(", ")
+        ));
+        let mut insert = sqlx::query(sql);
+        for event in events {
+            insert = insert
+                .bind(event.id.as_str())
+                .bind(event.batch_id.as_str())
+                .bind(event.event.kind())
+                .bind(event.event.routing_key())
+                .bind(serde_json::to_string(event).unwrap_or_default());
+        }
+        insert.execute(&mut **tx).await?;
+        for event in events {
+            self.write_job_intents(tx, event, policy).await?;
+        }
+        Ok(())
     }
 
     /// The oldest unpublished events with ids above `after`, in id order, leaving out
