@@ -17,6 +17,7 @@ backend_tests!(
     daily_quota_is_enforced,
     batch_report_counts_and_defuses_formulas,
     a_large_report_streams_every_rejected_row_once,
+    the_dedup_window_ends_and_a_huge_one_holds,
 );
 
 async fn count(t: &TestApp, table: &'static str) -> i64 {
@@ -567,5 +568,46 @@ async fn a_large_report_streams_every_rejected_row_once(b: Backend) {
         1,
         "one header"
     );
+    t.stop().await;
+}
+
+/// The same payload is a duplicate inside the client's window and a new import after it;
+/// a window far beyond any clock (up to `u64::MAX` seconds) still works and holds.
+async fn the_dedup_window_ends_and_a_huge_one_holds(b: Backend) {
+    let Some(t) = TestApp::spawn(b).await else {
+        return;
+    };
+    let send = |key: String| {
+        let t = &t;
+        async move {
+            let resp = t
+                .submit(&key, "text/csv", csv("w", 2))
+                .send()
+                .await
+                .unwrap();
+            let status = resp.status().as_u16();
+            (status, resp.json::<ImportView>().await.unwrap())
+        }
+    };
+    let (_, short) = t.client(json!({"dedup_window_secs": 1})).await;
+    let (status, first) = send(short.clone()).await;
+    assert_eq!(status, 202);
+    let (status, again) = send(short.clone()).await;
+    assert_eq!(
+        (status, again.id.clone(), again.duplicate),
+        (200, first.id.clone(), true)
+    );
+    tokio::time::sleep(std::time::Duration::from_millis(1_100)).await;
+    let (status, later) = send(short).await;
+    assert_eq!(status, 202, "a new import once the window ended");
+    assert_ne!(later.id, first.id);
+
+    for window in [u64::MAX, 10_u64.pow(15)] {
+        let (_, key) = t.client(json!({ "dedup_window_secs": window })).await;
+        let (status, first) = send(key.clone()).await;
+        assert_eq!(status, 202, "window {window}");
+        let (status, again) = send(key).await;
+        assert_eq!((status, again.id), (200, first.id), "window {window}");
+    }
     t.stop().await;
 }

@@ -206,29 +206,29 @@ impl Db {
         let import_id = ImportId::generate();
         let batch_id = BatchId::generate();
         let mut tx = self.begin_write().await?;
-        let now: i64 = sqlx::query_scalar(self.sql("SELECT {now}"))
-            .fetch_one(&mut *tx)
-            .await?;
-
-        let window_ms =
-            i64::try_from(new.policy.dedup_window_secs.saturating_mul(1000)).unwrap_or(i64::MAX);
+        // Capped so that the database's clock plus the window cannot overflow (the cap is
+        // millions of years: "forever").
+        let window_ms = i64::try_from(new.policy.dedup_window_secs.saturating_mul(1000))
+            .unwrap_or(i64::MAX)
+            .min(i64::MAX / 4);
+        // The claim also tells the transaction's clock (its expiry less the window), which
+        // saves a statement of its own for it.
         let claim = self.sql(
             "INSERT INTO import_checksums (client_id, checksum, import_id, expires_at) \
-             VALUES ($1, $2, $3, $4) \
+             VALUES ($1, $2, $3, {now} + $4) \
              ON CONFLICT (client_id, checksum) DO UPDATE \
                SET import_id = excluded.import_id, expires_at = excluded.expires_at \
-             WHERE import_checksums.expires_at <= $5 \
-             RETURNING import_id",
+             WHERE import_checksums.expires_at <= {now} \
+             RETURNING expires_at - $4",
         );
-        let claimed: Option<String> = sqlx::query_scalar(claim)
+        let claimed: Option<i64> = sqlx::query_scalar(claim)
             .bind(new.client_id.as_str())
             .bind(new.checksum)
             .bind(import_id.as_str())
-            .bind(now.saturating_add(window_ms))
-            .bind(now)
+            .bind(window_ms)
             .fetch_optional(&mut *tx)
             .await?;
-        if claimed.is_none() {
+        let Some(now) = claimed else {
             let first: String = sqlx::query_scalar(
                 "SELECT import_id FROM import_checksums WHERE client_id = $1 AND checksum = $2",
             )
@@ -243,7 +243,7 @@ impl Db {
             return view
                 .map(|v| SubmitOutcome::Duplicate(v.into_duplicate()))
                 .ok_or(Error::NotFound);
-        }
+        };
 
         if let Some(quota) = new.policy.daily_record_quota {
             let day = now.div_euclid(MS_PER_DAY);
