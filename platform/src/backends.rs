@@ -63,7 +63,8 @@ pub struct Backends {
     pub broker: Option<Arc<Broker>>,
     /// How batches reach workers now; the broker moves it between `broker` and `polling`.
     pub mode: watch::Sender<Mode>,
-    /// Signalled after a commit that wrote outbox rows, so the relay runs at once.
+    /// Signalled after a commit that wrote outbox rows, so the relay and this process's job
+    /// workers run at once.
     pub commits: Arc<CommitWake>,
     pub hasher: KeyHasher,
     pub admin_token: Secret,

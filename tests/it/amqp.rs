@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use dataflow::Roles;
 use dataflow_contracts::events::{BatchReady, Envelope, Event};
+use dataflow_contracts::jobs::JobStatus;
 use dataflow_contracts::{BatchId, BatchStatus, ClientId, ImportId};
 use dataflow_platform::Config;
 use dataflow_platform::amqp::Names;
@@ -26,6 +27,7 @@ use reqwest::Method;
 use serde_json::{Value, json};
 
 use crate::helpers::{Backend, Proxy, TestApp, backend_tests, csv, test_amqp_url};
+use crate::jobs::wait_jobs;
 
 backend_tests!(
     events_arrive_in_lifecycle_order_with_the_documented_shape,
@@ -455,14 +457,7 @@ async fn duplicate_and_unacknowledged_deliveries_complete_each_batch_once(b: Bac
     for id in &batches {
         api.wait_for(&key, id, BatchStatus::Completed).await;
     }
-    let stats = worker
-        .app
-        .as_ref()
-        .unwrap()
-        .worker
-        .as_ref()
-        .unwrap()
-        .stats();
+    let stats = worker.worker_stats();
     let deadline = Instant::now() + Duration::from_secs(10);
     while stats.deliveries.load(Ordering::Relaxed) < 9 {
         assert!(
@@ -535,7 +530,7 @@ async fn poison_messages_end_in_the_dead_letter_queue(b: Backend) {
         "delivery_limit",
         "requeued until the broker's delivery limit"
     );
-    let stats = t.app.as_ref().unwrap().worker.as_ref().unwrap().stats();
+    let stats = t.worker_stats();
     // 1 malformed + 4 deliveries of the stranger (the limit is 3 redeliveries) + 3 batches.
     assert!(stats.deliveries.load(Ordering::Relaxed) >= 1 + 3 + 3);
     assert_eq!(broker.depth(&broker.names.ready_queue).await, 0);
@@ -763,14 +758,7 @@ async fn a_returned_batch_ready_is_published_again_after_the_topology_is_restore
     let (_, key) = api.client(json!({})).await;
     let first = api.import(&key, "text/csv", csv("bound", 3)).await.batch_id;
     api.wait_for(&key, &first, BatchStatus::Completed).await;
-    let stats = worker
-        .app
-        .as_ref()
-        .unwrap()
-        .worker
-        .as_ref()
-        .unwrap()
-        .stats();
+    let stats = worker.worker_stats();
     // The worker's claim loop polls once when its mode turns to `broker`; on a busy machine
     // that poll can come after the first submit and take it. Not so the second batch: no
     // poll is due for a minute, so only its republished `batch.ready` can start it.
@@ -818,7 +806,8 @@ async fn wait_relaying(api: &TestApp) {
 }
 
 /// A worker process that does not relay the outbox runs the follow-up jobs its own
-/// completions wrote right after the commit, not at its next job poll (an hour here).
+/// completions wrote right after the commit, not at its next job poll (an hour here; the
+/// wait gives up after 20 s).
 async fn a_worker_without_the_relay_runs_its_own_jobs_at_once(b: Backend) {
     let Some(broker) = TestBroker::new().await else {
         return;
@@ -836,24 +825,8 @@ async fn a_worker_without_the_relay_runs_its_own_jobs_at_once(b: Backend) {
             .await
             .batch_id;
         api.wait_for(&key, &id, BatchStatus::Completed).await;
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let status: Option<String> = sqlx::query_scalar(
-                "SELECT status FROM jobs WHERE batch_id = $1 AND kind = 'report'",
-            )
-            .bind(id.as_str())
-            .fetch_optional(api.db.pool())
-            .await
-            .unwrap();
-            if status.as_deref() == Some("done") {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the report job of batch {i} is {status:?} 10 s after its completion"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let query = format!("batch_id={id}&kind=report");
+        wait_jobs(&api, &query, 1, JobStatus::Done).await;
     }
     worker.stop().await;
     api.stop().await;

@@ -407,10 +407,20 @@ impl TestApp {
             .unwrap()
     }
 
-    /// The id of this process's own worker (it must run one).
-    pub fn worker_id(&self) -> String {
+    /// This process's own worker (it must run one).
+    fn own_worker(&self) -> &dataflow_worker::Worker {
         let app = self.app.as_ref().expect("running");
-        app.worker.as_ref().expect("a worker role").id().to_owned()
+        app.worker.as_ref().expect("a worker role")
+    }
+
+    /// The id of this process's own worker.
+    pub fn worker_id(&self) -> String {
+        self.own_worker().id().to_owned()
+    }
+
+    /// The counters of this process's own worker.
+    pub fn worker_stats(&self) -> &dataflow_worker::WorkerStats {
+        self.own_worker().stats()
     }
 
     /// A worker on this process's backends that the test drives itself.

@@ -44,7 +44,12 @@ async fn jobs(t: &TestApp, query: &str) -> Vec<JobView> {
 }
 
 /// Waits (up to 20 s) until the query lists `n` jobs, all in `status`.
-async fn wait_jobs(t: &TestApp, query: &str, n: usize, status: JobStatus) -> Vec<JobView> {
+pub(crate) async fn wait_jobs(
+    t: &TestApp,
+    query: &str,
+    n: usize,
+    status: JobStatus,
+) -> Vec<JobView> {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let js = jobs(t, query).await;
