@@ -94,7 +94,7 @@ impl App {
         let relayed = events::run_relay(
             backends.db.clone(),
             backends.publisher.clone(),
-            backends.commits.outbox(),
+            backends.db.commits().outbox(),
             relay,
             shutdown.clone(),
         );
@@ -122,7 +122,6 @@ impl App {
             Worker::new(
                 backends.db.clone(),
                 config.worker.clone(),
-                backends.commits.clone(),
                 backends.mutex.clone(),
                 backends.live.clone(),
             )
@@ -181,7 +180,7 @@ impl App {
                 kinds: JobKind::ALL.to_vec(),
                 worker_id: worker.id().to_owned(),
                 events: backends.publisher.subscribe(),
-                committed: backends.commits.jobs(),
+                commits: backends.db.commits().clone(),
                 live: backends.live.clone(),
                 leading,
             };

@@ -31,7 +31,7 @@ use crate::config::RedisQueue;
 use crate::config::{Config, Secret};
 use crate::db::{ClientRecord, Db, KeyRecord};
 use crate::dedup::DedupFastPath;
-use crate::events::{CommitWake, Mode, Publisher};
+use crate::events::{Mode, Publisher};
 use crate::fleet::Fleet;
 use crate::jobqueue::{ApalisQueues, JobQueues, RedisJobQueue};
 use crate::keys::{self, KeyHasher};
@@ -63,9 +63,6 @@ pub struct Backends {
     pub broker: Option<Arc<Broker>>,
     /// How batches reach workers now; the broker moves it between `broker` and `polling`.
     pub mode: watch::Sender<Mode>,
-    /// Signalled after a commit that wrote outbox rows, so the relay and this process's job
-    /// workers run at once.
-    pub commits: Arc<CommitWake>,
     pub hasher: KeyHasher,
     pub admin_token: Secret,
     /// The job queue in Redis; `None`: workers claim job intents from SQL.
@@ -204,7 +201,6 @@ impl Backends {
             publisher,
             broker,
             mode,
-            commits: Arc::default(),
             hasher: KeyHasher::new(secret.expose()),
             admin_token,
         }))

@@ -112,36 +112,6 @@ impl Publisher {
     }
 }
 
-/// Signalled by this process right after a commit that wrote outbox rows, and with them
-/// perhaps job intents: the relay reads at once, and so do this process's job workers.
-///
-/// The job workers also hear every event this process relays, but with a broker only the
-/// relay lease holder relays: a worker process that completes a batch would otherwise find
-/// the report, email and webhook jobs it just wrote only at its next poll, and then all of
-/// that poll's jobs at once, a burst that stalled batch claims behind it.
-#[derive(Debug, Default)]
-pub struct CommitWake {
-    outbox: Arc<Notify>,
-    jobs: Arc<Notify>,
-}
-
-impl CommitWake {
-    pub fn committed(&self) {
-        self.outbox.notify_one();
-        self.jobs.notify_one();
-    }
-
-    /// What the outbox relay waits on.
-    pub fn outbox(&self) -> Arc<Notify> {
-        self.outbox.clone()
-    }
-
-    /// What this process's job workers wait on.
-    pub fn jobs(&self) -> Arc<Notify> {
-        self.jobs.clone()
-    }
-}
-
 /// Relay settings, from [`crate::config::OutboxConfig`] and [`crate::config::AmqpConfig`].
 #[derive(Debug, Clone, Copy)]
 pub struct RelaySettings {

@@ -152,7 +152,7 @@ async fn measure(
                 kinds: vec![kind],
                 worker_id: format!("bench-{}", ulid::Ulid::new()),
                 events: backends.publisher.subscribe(),
-                committed: backends.commits.jobs(),
+                commits: backends.db.commits().clone(),
                 live: backends.live.clone(),
                 // No election in a benchmark: every process sweeps.
                 leading: watch::channel(true).1,

@@ -429,7 +429,6 @@ impl TestApp {
         dataflow_worker::Worker::new(
             self.db.clone(),
             self.config.worker.clone(),
-            backends.commits.clone(),
             backends.mutex.clone(),
             backends.live.clone(),
         )

@@ -31,7 +31,7 @@ use dataflow_contracts::events::{BatchCompleted, Envelope, Event};
 use dataflow_contracts::live::LiveKind;
 use dataflow_platform::config::WorkerConfig;
 use dataflow_platform::db::{Chunk, ChunkResult, Db, FailOutcome, Lease};
-use dataflow_platform::events::{CommitWake, Mode};
+use dataflow_platform::events::Mode;
 use dataflow_platform::live::LiveBus;
 use dataflow_platform::mutex::{Acquired, BatchMutex};
 use dataflow_platform::records::{self, Limits};
@@ -113,8 +113,6 @@ pub struct Worker {
     db: Db,
     config: WorkerConfig,
     id: String,
-    /// Wakes this process's outbox relay and job workers after an outcome commits.
-    commits: Arc<CommitWake>,
     /// Where claims and outcomes are announced to dashboards.
     live: Arc<LiveBus>,
     stats: Arc<WorkerStats>,
@@ -150,14 +148,12 @@ impl Worker {
     pub fn new(
         db: Db,
         config: WorkerConfig,
-        commits: Arc<CommitWake>,
         mutex: Arc<BatchMutex>,
         live: Arc<LiveBus>,
     ) -> Self {
         Self {
             db,
             id: worker_id(),
-            commits,
             live,
             stats: Arc::default(),
             permits: Arc::new(Semaphore::new(config.concurrency)),
@@ -345,7 +341,6 @@ impl Worker {
             Some(chunk) if run.chunks.len() == 1 => {
                 let done = self.db.commit_last_chunk(&run.lease, chunk).await?;
                 run.chunks.pop_front();
-                self.commits.committed();
                 return Ok(Step::Completed(done));
             }
             Some(chunk) => {
@@ -358,7 +353,6 @@ impl Worker {
             }
             None => {
                 let done = self.db.complete_batch(&run.lease).await?;
-                self.commits.committed();
                 return Ok(Step::Completed(done));
             }
         };
@@ -499,7 +493,6 @@ impl Worker {
                 self.backoff_ms(lease.attempts),
             )
             .await;
-        self.commits.committed();
         match outcome {
             Ok(FailOutcome::Dead) => {
                 tracing::error!(batch_id = %lease.batch_id, error = %error.message, "batch is dead");

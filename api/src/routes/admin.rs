@@ -573,7 +573,6 @@ pub(crate) async fn transition(
         .transition_batch(&id, action)
         .await
         .map_err(wrong_state)?;
-    state.backends.commits.committed();
     let kind = match view.status {
         BatchStatus::Ready => LiveKind::BatchReady,
         _ => LiveKind::BatchRejected,

@@ -325,7 +325,6 @@ async fn decide(
     let outcome = db.submit_import(&new).await?;
     match outcome {
         SubmitOutcome::Created(view) => {
-            state.backends.commits.committed();
             let batch = view.batch_id.as_str();
             state.backends.live.publish(LiveKind::BatchCreated, batch);
             tracing::info!(import_id = %view.id, batch_id = %view.batch_id, records = view.records, "import accepted");

@@ -32,6 +32,9 @@ use sqlx::pool::PoolConnection;
 use sqlx::{Any, AnyPool, Transaction};
 use tokio::sync::oneshot;
 
+use dataflow_contracts::jobs::JobKind;
+
+use super::commits::{CommitWake, Wrote};
 use super::flush::Flusher;
 use crate::{Error, Result};
 
@@ -318,9 +321,6 @@ pub struct Held<C> {
     _pass: Option<Pass>,
 }
 
-/// A write transaction. Rolled back when dropped uncommitted.
-pub type Tx = Held<Transaction<'static, Any>>;
-
 /// A connection for one statement that writes outside a transaction.
 pub type Writer = Held<PoolConnection<Any>>;
 
@@ -330,14 +330,48 @@ impl<C> Held<C> {
     }
 }
 
+/// A write transaction. Rolled back when dropped uncommitted; its commit wakes the tasks
+/// of this process that wait on what it wrote ([`super::commits`]).
+pub struct Tx {
+    held: Held<Transaction<'static, Any>>,
+    wrote: Wrote,
+    wake: Arc<CommitWake>,
+}
+
 impl Tx {
+    pub(crate) fn new(held: Held<Transaction<'static, Any>>, wake: Arc<CommitWake>) -> Tx {
+        Tx {
+            held,
+            wrote: Wrote::default(),
+            wake,
+        }
+    }
+
+    /// Outbox rows are in this transaction: its commit wakes the relay.
+    pub(crate) fn wrote_outbox(&mut self) {
+        self.wrote.outbox = true;
+    }
+
+    /// A job intent of `kind` is in this transaction: its commit wakes that kind's worker.
+    pub(crate) fn wrote_job(&mut self, kind: JobKind) {
+        self.wrote.jobs = self.wrote.jobs.with(kind);
+    }
+
     pub async fn commit(self) -> Result<()> {
-        self.conn.commit().await?;
+        let Tx {
+            held: Held { conn, _pass: pass },
+            wrote,
+            wake,
+        } = self;
+        conn.commit().await?;
+        // The gate opens before anyone wakes to write.
+        drop(pass);
+        wake.committed(wrote);
         Ok(())
     }
 
     pub async fn rollback(self) -> Result<()> {
-        self.conn.rollback().await?;
+        self.held.conn.rollback().await?;
         Ok(())
     }
 
@@ -352,6 +386,19 @@ impl Tx {
                 Err(e)
             }
         }
+    }
+}
+
+impl Deref for Tx {
+    type Target = AnyConnection;
+    fn deref(&self) -> &AnyConnection {
+        &self.held
+    }
+}
+
+impl DerefMut for Tx {
+    fn deref_mut(&mut self) -> &mut AnyConnection {
+        &mut self.held
     }
 }
 

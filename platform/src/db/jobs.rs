@@ -16,6 +16,7 @@ use serde_json::value::RawValue;
 use sqlx::Row;
 use sqlx::any::AnyRow;
 
+use super::commits::Kinds;
 use super::clients::parse_id;
 use super::{Db, Tx, count, split_page};
 use crate::{Error, Result};
@@ -131,6 +132,7 @@ impl Db {
             .bind(i64::from(self.job_max_attempts))
             .execute(&mut **tx)
             .await?;
+        tx.wrote_job(spec.kind());
         Ok(())
     }
 
@@ -349,15 +351,19 @@ impl Db {
             .rows_affected())
     }
 
-    /// Operator retry of a dead job: fresh attempts, due now.
+    /// Operator retry of a dead job: fresh attempts, due now (and this process's worker of
+    /// its kind is woken for it).
     pub async fn retry_job(&self, id: &JobId) -> Result<JobView> {
-        self.act_on_dead_job(
-            id,
-            "UPDATE jobs SET status = 'pending', attempts = 0, run_at = {now}, \
-                 last_error = NULL, updated_at = {now} \
-             WHERE id = $1 AND status = 'dead'",
-        )
-        .await
+        let job = self
+            .act_on_dead_job(
+                id,
+                "UPDATE jobs SET status = 'pending', attempts = 0, run_at = {now}, \
+                     last_error = NULL, updated_at = {now} \
+                 WHERE id = $1 AND status = 'dead'",
+            )
+            .await?;
+        self.commits.wake_jobs(Kinds::default().with(job.kind));
+        Ok(job)
     }
 
     /// Operator discard of a dead job: it leaves the dead-letter queue for good (and is

@@ -16,6 +16,7 @@
 pub mod actions;
 pub mod batches;
 pub mod clients;
+pub mod commits;
 mod flush;
 mod gate;
 pub mod imports;
@@ -29,6 +30,7 @@ pub mod summaries;
 pub use actions::{ActionRecord, NewAction};
 pub use batches::{BatchAction, Chunk, ChunkResult, FailOutcome, Lease, RecordRow, RowError};
 pub use clients::{ClientRecord, KeyRecord};
+pub use commits::CommitWake;
 pub use gate::{Tx, Writer};
 pub use imports::{IdempotencyClaim, IdempotencyStart, NewImport, SubmitOutcome};
 pub use jobs::{Failure, Handover, JobFilter};
@@ -88,6 +90,8 @@ pub struct Db {
     job_max_attempts: u32,
     /// SQLite on a file: what every write passes first ([`gate`]).
     gate: Option<Arc<gate::Gate>>,
+    /// Signalled by this handle's (and its clones') commits ([`commits`]).
+    commits: Arc<CommitWake>,
 }
 
 impl Db {
@@ -147,6 +151,7 @@ impl Db {
             dialect,
             job_max_attempts: 1,
             gate,
+            commits: Arc::default(),
         })
     }
 
@@ -162,6 +167,11 @@ impl Db {
             Dialect::Postgres => POSTGRES_MIGRATIONS.run(&self.pool).await?,
         }
         Ok(())
+    }
+
+    /// What this process's commits wake: the outbox relay and the job workers wait on it.
+    pub fn commits(&self) -> &Arc<CommitWake> {
+        &self.commits
     }
 
     pub fn dialect(&self) -> Dialect {
@@ -205,7 +215,7 @@ impl Db {
             Dialect::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await?,
             Dialect::Postgres => self.pool.begin().await?,
         };
-        Ok(Tx::new(tx, pass))
+        Ok(Tx::new(gate::Held::new(tx, pass), self.commits.clone()))
     }
 
     /// A connection, through the gate, for one statement that writes outside a

@@ -77,6 +77,7 @@ impl Db {
                 .bind(serde_json::to_string(event).unwrap_or_default());
         }
         insert.execute(&mut **tx).await?;
+        tx.wrote_outbox();
         for event in events {
             self.write_job_intents(tx, event, policy).await?;
         }

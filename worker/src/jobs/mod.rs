@@ -23,11 +23,12 @@ use dataflow_contracts::JobId;
 use dataflow_contracts::events::Envelope;
 use dataflow_contracts::jobs::{JobKind, JobMessage};
 use dataflow_platform::config::JobsConfig;
+use dataflow_platform::db::commits::{CommitWake, Kinds, kinds_for_event};
 use dataflow_platform::db::{Db, Handover};
 use dataflow_platform::jobqueue::{JobQueues, RedisJobQueue};
 use dataflow_platform::live::LiveBus;
 use futures::future::BoxFuture;
-use tokio::sync::{Notify, broadcast, mpsc, watch};
+use tokio::sync::{broadcast, mpsc, watch};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -63,8 +64,8 @@ pub struct JobsSetup {
     pub worker_id: String,
     /// Batch events relayed by this process: a new one may have written intents.
     pub events: broadcast::Receiver<Arc<Envelope>>,
-    /// Signalled after this process committed outbox rows (and perhaps intents with them).
-    pub committed: Arc<Notify>,
+    /// Signalled per kind after this process committed intents of it.
+    pub commits: Arc<CommitWake>,
     /// Where dead-lettered jobs are announced to dashboards.
     pub live: Arc<LiveBus>,
     /// Whether this worker leads the fleet: the sweeper runs only then. A receiver whose
@@ -89,7 +90,7 @@ pub async fn run(setup: JobsSetup, stop: CancellationToken) {
         kinds,
         worker_id,
         events,
-        committed,
+        commits,
         live,
         leading,
     } = setup;
@@ -105,7 +106,6 @@ pub async fn run(setup: JobsSetup, stop: CancellationToken) {
     let mut pumps = JoinSet::new();
     let mut workers = JoinSet::new();
     let mut settlers = JoinSet::new();
-    let mut wakes = Vec::new();
     let mut leftovers = Vec::new();
 
     for &kind in &kinds {
@@ -143,14 +143,13 @@ pub async fn run(setup: JobsSetup, stop: CancellationToken) {
             ),
             // A claim's lease covers one attempt (the timeout) with room to settle it.
             None => {
-                let wake = Arc::new(Notify::new());
-                wakes.push(wake.clone());
                 let source = Source::Sql {
                     db: db.clone(),
                     kind,
                     lease: timeout.saturating_mul(2),
                     poll,
-                    wake,
+                    wake: commits.jobs(kind),
+                    short: false,
                 };
                 (source, Origin::SqlClaim)
             }
@@ -178,9 +177,7 @@ pub async fn run(setup: JobsSetup, stop: CancellationToken) {
     }
 
     let mut upkeep = JoinSet::new();
-    let relay_wake = Arc::new(Notify::new());
-    wakes.push(relay_wake.clone());
-    upkeep.spawn(wake_on_events(events, committed, wakes, stop.clone()));
+    upkeep.spawn(wake_on_events(events, commits.clone(), stop.clone()));
     let sweep = upkeep::SweepSettings {
         lease,
         every: poll.max(Duration::from_secs(1)),
@@ -202,7 +199,7 @@ pub async fn run(setup: JobsSetup, stop: CancellationToken) {
             db.clone(),
             q.clone(),
             settings,
-            relay_wake,
+            commits.clone(),
             stop.clone(),
         ));
     }
@@ -338,26 +335,24 @@ async fn run_apalis_job(
     result.map_err(|e| AbortError::new(e).into())
 }
 
-/// Every event in this process may have written intents: wake the relay and the SQL pumps.
+/// An event this process relays may come with intents written elsewhere (by an API
+/// process, which runs no jobs): wake the workers of the kinds it can have written. This
+/// process's own commits wake them directly ([`CommitWake`]).
 async fn wake_on_events(
     mut events: broadcast::Receiver<Arc<Envelope>>,
-    committed: Arc<Notify>,
-    wakes: Vec<Arc<Notify>>,
+    commits: Arc<CommitWake>,
     stop: CancellationToken,
 ) {
-    let mut relayed = true;
     loop {
-        tokio::select! {
+        let kinds = tokio::select! {
             _ = stop.cancelled() => return,
-            _ = committed.notified() => {}
-            e = events.recv(), if relayed => match e {
-                Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
-                // The relay is gone (shutdown); this process's own commits still wake.
-                Err(broadcast::error::RecvError::Closed) => relayed = false,
+            e = events.recv() => match e {
+                Ok(env) => kinds_for_event(&env.event),
+                Err(broadcast::error::RecvError::Lagged(_)) => Kinds::all(),
+                // The relay is gone (shutdown).
+                Err(broadcast::error::RecvError::Closed) => return,
             },
-        }
-        for w in &wakes {
-            w.notify_one();
-        }
+        };
+        commits.wake_jobs(kinds);
     }
 }

@@ -15,6 +15,7 @@ use std::time::Duration;
 use dataflow_contracts::JobId;
 use dataflow_contracts::jobs::{JobKind, JobStatus};
 use dataflow_platform::Result;
+use dataflow_platform::db::commits::CommitWake;
 use dataflow_platform::db::{Db, Failure, Handover};
 use dataflow_platform::jobqueue::{JobQueues, RedisJobQueue};
 use tokio::sync::Notify;
@@ -41,9 +42,10 @@ pub async fn relay(
     db: Db,
     queues: RedisJobQueue,
     settings: RelaySettings,
-    wake: Arc<Notify>,
+    commits: Arc<CommitWake>,
     stop: CancellationToken,
 ) {
+    let wakes: Vec<Arc<Notify>> = settings.kinds.iter().map(|&k| commits.jobs(k)).collect();
     while !stop.is_cancelled() {
         let mut busy = false;
         for &kind in &settings.kinds {
@@ -57,7 +59,7 @@ pub async fn relay(
         }
         tokio::select! {
             _ = stop.cancelled() => break,
-            _ = wake.notified() => {}
+            _ = futures::future::select_all(wakes.iter().map(|w| Box::pin(w.notified()))) => {}
             _ = tokio::time::sleep(settings.poll) => {}
         }
     }
