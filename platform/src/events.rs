@@ -251,25 +251,35 @@ async fn relay_round(
     limit: u32,
     wake: Option<&Notify>,
 ) -> Result<usize> {
+    // Rows are handed to this relay at commit only while it publishes them (`Fresh`).
+    let fresh = db.commits().fresh();
     if let Publisher::Broker { broker, .. } = publisher
         && !broker.is_connected()
     {
         // The rows wait in SQL; the link supervisor reports the outage, `/readyz` the backlog.
+        fresh.open(false);
         return Ok(0);
     }
     let mut until = None;
     if let Some(lease) = lease {
-        if !lease.hold(db).await? {
+        let held = lease.hold(db).await;
+        if !held.as_ref().is_ok_and(|h| *h) {
             // Another process's relay publishes; this one stands by.
-            return Ok(0);
+            fresh.open(false);
+            return held.map(|_| 0);
         }
+        fresh.open(true);
         // Stop reading rows while the lease still covers the last confirms' wait.
         until = lease.held_until.map(|held| {
             held.checked_sub(lease.confirm_timeout)
                 .unwrap_or_else(Instant::now)
         });
     }
-    relay_until(db, publisher, limit, until, wake).await
+    let relayed = relay_until(db, publisher, limit, until, wake).await;
+    if relayed.is_err() {
+        fresh.open(false);
+    }
+    relayed
 }
 
 /// One round: relays what is in the outbox (with a broker: until it is drained, `limit`

@@ -5,15 +5,23 @@
 //! new is not asked: at 200 batches/s the email and webhook workers of a client without
 //! email or webhook used to claim nothing ~90 times a second on every completion's wake.
 //!
+//! A transaction that creates a batch also hands its outbox rows to this process's relay
+//! ([`Fresh`]): the relay publishes them at once instead of reading them back first, which
+//! took a wake-up and a ledger round trip off the commit → worker start path (with
+//! PostgreSQL: 0.5 ms at the median, 3 of the worst 1 %'s 10 ms).
+//!
 //! The job workers also wake on events this process relays (intents written by processes
 //! that do not run them, an API process's), see [`kinds_for_event`]; with a broker only
 //! the relay lease holder relays, so a worker process's own commits must wake it directly.
 
-use std::sync::Arc;
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
 
 use dataflow_contracts::events::Event;
 use dataflow_contracts::jobs::JobKind;
 use tokio::sync::Notify;
+
+use super::OutboxRow;
 
 /// The job kinds a transaction wrote intents of.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -57,10 +65,135 @@ pub fn kinds_for_event(event: &Event) -> Kinds {
 }
 
 /// What one write transaction wrote that somebody waits on.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Default)]
 pub(crate) struct Wrote {
     pub outbox: bool,
     pub jobs: Kinds,
+    /// Rows handed to the relay ([`Fresh::expect`]), passed on at commit.
+    pub fresh: Vec<OutboxRow>,
+}
+
+/// Rows the relay should not look for in SQL first, at most this many at once.
+const FRESH_CAP: usize = 10_000;
+
+/// Outbox rows handed from the transactions that wrote them to this process's relay.
+///
+/// Only the first events of a batch (those of the transaction that creates it) are handed
+/// over: no event of the batch can precede them, so publishing them ahead of the relay's
+/// next read keeps each batch's events in commit order. Every row stays in SQL, which
+/// remains what the relay answers to; a row handed over is only published sooner.
+///
+/// No row is published twice (outside the crash windows of the mark): a row is registered
+/// before its transaction commits, so a relay read that finds it in SQL first takes it
+/// over ([`Fresh::seen`]) and the hand-over at commit is then dropped; rows the relay
+/// publishes from here are in its hands, which its reads leave out. Rows are registered
+/// only while the relay takes them ([`Fresh::open`]: it holds the lease and the broker link
+/// is up); closing drops them all, and SQL has them.
+#[derive(Debug, Default)]
+pub struct Fresh {
+    inner: Mutex<FreshRows>,
+}
+
+#[derive(Debug, Default)]
+struct FreshRows {
+    open: bool,
+    rows: BTreeMap<i64, Slot>,
+}
+
+#[derive(Debug)]
+enum Slot {
+    /// Written by a transaction that has not committed yet (as this process knows).
+    Expected,
+    /// Committed: the relay may publish it.
+    Ready(OutboxRow),
+    /// A relay read found it committed before its transaction handed it over.
+    Taken,
+}
+
+impl Fresh {
+    fn rows(&self) -> std::sync::MutexGuard<'_, FreshRows> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether the relay takes rows from here; closing drops every row held.
+    pub fn open(&self, open: bool) {
+        let mut f = self.rows();
+        if f.open != open {
+            f.open = open;
+            f.rows.clear();
+        }
+    }
+
+    /// Before commit: registers `ids`; whether they will be handed over.
+    pub(crate) fn expect(&self, ids: impl Iterator<Item = i64> + Clone) -> bool {
+        let mut f = self.rows();
+        if !f.open || f.rows.len() >= FRESH_CAP {
+            return false;
+        }
+        f.rows.extend(ids.map(|id| (id, Slot::Expected)));
+        true
+    }
+
+    /// After commit: the rows become the relay's, unless a read took them over meanwhile.
+    fn committed(&self, rows: Vec<OutboxRow>) {
+        let mut f = self.rows();
+        for row in rows {
+            match f.rows.get(&row.id) {
+                Some(Slot::Expected) => {
+                    f.rows.insert(row.id, Slot::Ready(row));
+                }
+                Some(Slot::Taken) => {
+                    f.rows.remove(&row.id);
+                }
+                Some(Slot::Ready(_)) | None => {}
+            }
+        }
+    }
+
+    /// A transaction that did not commit (or may not have): SQL alone knows.
+    pub(crate) fn forget(&self, ids: impl Iterator<Item = i64>) {
+        let mut f = self.rows();
+        for id in ids {
+            f.rows.remove(&id);
+        }
+    }
+
+    /// The committed rows handed over, in id order, now in the caller's hands.
+    pub fn take(&self) -> Vec<OutboxRow> {
+        let mut f = self.rows();
+        let ready: Vec<i64> = f
+            .rows
+            .iter()
+            .filter(|(_, s)| matches!(s, Slot::Ready(_)))
+            .map(|(&id, _)| id)
+            .collect();
+        ready
+            .into_iter()
+            .filter_map(|id| match f.rows.remove(&id) {
+                Some(Slot::Ready(row)) => Some(row),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// A relay read returned these rows: it publishes them, so no hand-over may.
+    pub fn seen(&self, ids: impl Iterator<Item = i64>) {
+        let mut f = self.rows();
+        if f.rows.is_empty() {
+            return;
+        }
+        for id in ids {
+            match f.rows.get(&id) {
+                Some(Slot::Expected) => {
+                    f.rows.insert(id, Slot::Taken);
+                }
+                Some(Slot::Ready(_)) => {
+                    f.rows.remove(&id);
+                }
+                Some(Slot::Taken) | None => {}
+            }
+        }
+    }
 }
 
 /// The wake-ups of one ledger handle (shared by its clones), one waiter each: the relay,
@@ -68,15 +201,24 @@ pub(crate) struct Wrote {
 #[derive(Debug, Default)]
 pub struct CommitWake {
     outbox: Arc<Notify>,
+    fresh: Fresh,
     jobs: [Arc<Notify>; JobKind::ALL.len()],
 }
 
 impl CommitWake {
     pub(crate) fn committed(&self, wrote: Wrote) {
+        if !wrote.fresh.is_empty() {
+            self.fresh.committed(wrote.fresh);
+        }
         if wrote.outbox {
             self.outbox.notify_one();
         }
         self.wake_jobs(wrote.jobs);
+    }
+
+    /// Rows handed from committing transactions to the relay.
+    pub fn fresh(&self) -> &Fresh {
+        &self.fresh
     }
 
     /// Wakes the job workers of `kinds` (for intents this process did not write itself).
@@ -160,5 +302,71 @@ mod tests {
         assert!(k.contains(JobKind::Report));
         assert!(!k.contains(JobKind::Email) && !k.contains(JobKind::Webhook));
         assert!(Kinds::default().is_empty() && !k.is_empty());
+    }
+
+    fn row(id: i64) -> OutboxRow {
+        OutboxRow {
+            id,
+            event_id: format!("evt_{id}"),
+            event_type: "BatchReady".into(),
+            routing_key: "batch.ready".into(),
+            body: "{}".into(),
+        }
+    }
+
+    fn ids(rows: Vec<OutboxRow>) -> Vec<i64> {
+        rows.into_iter().map(|r| r.id).collect()
+    }
+
+    #[test]
+    fn committed_rows_are_handed_over_once_in_id_order() {
+        let fresh = Fresh::default();
+        fresh.open(true);
+        assert!(fresh.expect([7, 3].into_iter()));
+        assert!(fresh.take().is_empty(), "nothing before the commit");
+        fresh.committed(vec![row(7), row(3)]);
+        assert_eq!(ids(fresh.take()), [3, 7]);
+        assert!(fresh.take().is_empty());
+    }
+
+    #[test]
+    fn a_row_a_read_found_first_is_never_handed_over() {
+        let fresh = Fresh::default();
+        fresh.open(true);
+        // The read ran between the commit and the hand-over…
+        assert!(fresh.expect([1, 2].into_iter()));
+        fresh.seen([1].into_iter());
+        fresh.committed(vec![row(1), row(2)]);
+        assert_eq!(ids(fresh.take()), [2]);
+        // …or after the hand-over, before the relay took it.
+        assert!(fresh.expect([5].into_iter()));
+        fresh.committed(vec![row(5)]);
+        fresh.seen([5].into_iter());
+        assert!(fresh.take().is_empty());
+        assert!(fresh.rows().rows.is_empty(), "nothing is left behind");
+    }
+
+    #[test]
+    fn nothing_is_held_while_closed_or_for_a_transaction_that_did_not_commit() {
+        let fresh = Fresh::default();
+        assert!(!fresh.expect([1].into_iter()), "closed: SQL alone");
+        fresh.open(true);
+        assert!(fresh.expect([1, 2].into_iter()));
+        fresh.forget([1, 2].into_iter());
+        fresh.committed(vec![row(1)]);
+        assert!(fresh.take().is_empty());
+        assert!(fresh.expect([3].into_iter()));
+        fresh.committed(vec![row(3)]);
+        fresh.open(false);
+        fresh.open(true);
+        assert!(fresh.take().is_empty(), "closing drops what was held");
+    }
+
+    #[test]
+    fn a_full_hand_over_leaves_the_rest_to_sql() {
+        let fresh = Fresh::default();
+        fresh.open(true);
+        assert!(fresh.expect(0..FRESH_CAP as i64));
+        assert!(!fresh.expect([FRESH_CAP as i64].into_iter()));
     }
 }

@@ -34,6 +34,7 @@ use tokio::sync::oneshot;
 
 use dataflow_contracts::jobs::JobKind;
 
+use super::OutboxRow;
 use super::commits::{CommitWake, Wrote};
 use super::flush::Flusher;
 use crate::{Error, Result};
@@ -335,7 +336,23 @@ impl<C> Held<C> {
 pub struct Tx {
     held: Held<Transaction<'static, Any>>,
     wrote: Wrote,
+    handed: HandedOver,
     wake: Arc<CommitWake>,
+}
+
+/// Rows registered with the relay ([`super::commits::Fresh`]); forgotten again unless the
+/// transaction commits.
+struct HandedOver {
+    rows: Vec<OutboxRow>,
+    wake: Arc<CommitWake>,
+}
+
+impl Drop for HandedOver {
+    fn drop(&mut self) {
+        if !self.rows.is_empty() {
+            self.wake.fresh().forget(self.rows.iter().map(|r| r.id));
+        }
+    }
 }
 
 impl Tx {
@@ -343,7 +360,19 @@ impl Tx {
         Tx {
             held,
             wrote: Wrote::default(),
+            handed: HandedOver {
+                rows: Vec::new(),
+                wake: wake.clone(),
+            },
             wake,
+        }
+    }
+
+    /// These outbox rows are the first events of a batch this transaction creates: hand
+    /// them to the relay at commit, if it takes them.
+    pub(crate) fn hand_over(&mut self, rows: Vec<OutboxRow>) {
+        if self.wake.fresh().expect(rows.iter().map(|r| r.id)) {
+            self.handed.rows.extend(rows);
         }
     }
 
@@ -360,12 +389,15 @@ impl Tx {
     pub async fn commit(self) -> Result<()> {
         let Tx {
             held: Held { conn, _pass: pass },
-            wrote,
+            mut wrote,
+            mut handed,
             wake,
         } = self;
+        // A commit that fails drops `handed`, which forgets its rows.
         conn.commit().await?;
         // The gate opens before anyone wakes to write.
         drop(pass);
+        wrote.fresh = std::mem::take(&mut handed.rows);
         wake.committed(wrote);
         Ok(())
     }

@@ -344,8 +344,10 @@ impl Db {
         }
         // The import's own events follow the policy it was accepted under (stored with the
         // batch), which saves reading the client's row once per event.
-        self.enqueue_events(&mut tx, &events, Some(new.policy))
+        let first = self
+            .enqueue_events(&mut tx, &events, Some(new.policy))
             .await?;
+        tx.hand_over(first);
 
         let view = ImportView {
             id: import_id,

@@ -35,19 +35,21 @@ impl Db {
     ) -> Result<()> {
         self.enqueue_events(tx, std::slice::from_ref(event), policy)
             .await
+            .map(drop)
     }
 
     /// [`Db::enqueue_event`] for several events of one transaction, in one statement. The
     /// rows take their ids in the order given (one `INSERT` numbers its `VALUES` rows in
-    /// order on both dialects), which is the order the relay publishes them in.
+    /// order on both dialects), which is the order the relay publishes them in. Returns the
+    /// rows as the relay would read them.
     pub(crate) async fn enqueue_events(
         &self,
         tx: &mut Tx,
         events: &[Envelope],
         policy: Option<&Policy>,
-    ) -> Result<()> {
+    ) -> Result<Vec<OutboxRow>> {
         if events.is_empty() {
-            return Ok(());
+            return Ok(Vec::new());
         }
         let rows: Vec<String> = (0..events.len())
             .map(|i| {
@@ -64,24 +66,40 @@ impl Db {
             .collect();
         let sql = self.sql(&format!(
             "INSERT INTO outbox (event_id, batch_id, event_type, routing_key, body, created_at) \
-             VALUES {}",
+             VALUES {} RETURNING id, event_id",
             rows.join(", ")
         ));
+        let mut written: Vec<OutboxRow> = events
+            .iter()
+            .map(|event| OutboxRow {
+                id: 0,
+                event_id: event.id.as_str().to_owned(),
+                event_type: event.event.kind().to_owned(),
+                routing_key: event.event.routing_key().to_owned(),
+                body: serde_json::to_string(event).unwrap_or_default(),
+            })
+            .collect();
         let mut insert = sqlx::query(sql);
-        for event in events {
+        for (event, row) in events.iter().zip(&written) {
             insert = insert
-                .bind(event.id.as_str())
+                .bind(row.event_id.as_str())
                 .bind(event.batch_id.as_str())
-                .bind(event.event.kind())
-                .bind(event.event.routing_key())
-                .bind(serde_json::to_string(event).unwrap_or_default());
+                .bind(row.event_type.as_str())
+                .bind(row.routing_key.as_str())
+                .bind(row.body.as_str());
         }
-        insert.execute(&mut **tx).await?;
+        // Matched by event id: RETURNING promises no order.
+        for r in insert.fetch_all(&mut **tx).await? {
+            let (id, event_id): (i64, String) = (r.try_get("id")?, r.try_get("event_id")?);
+            if let Some(row) = written.iter_mut().find(|w| w.event_id == event_id) {
+                row.id = id;
+            }
+        }
         tx.wrote_outbox();
         for event in events {
             self.write_job_intents(tx, event, policy).await?;
         }
-        Ok(())
+        Ok(written)
     }
 
     /// The oldest unpublished events with ids above `after`, in id order, leaving out
