@@ -39,6 +39,7 @@ backend_tests!(
     amqps_failure_is_an_error_and_polling_carries_on,
     a_returned_batch_ready_is_published_again_after_the_topology_is_restored,
     a_worker_without_the_relay_runs_its_own_jobs_at_once,
+    concurrent_submits_publish_each_event_once_in_lifecycle_order,
 );
 
 /// The test's own view of the broker: a direct connection (never through the proxy) and
@@ -323,6 +324,48 @@ async fn events_arrive_in_lifecycle_order_with_the_documented_shape(b: Backend) 
     wait_backlog(&t, 0).await;
     let ready = t.readyz().await;
     assert_eq!(ready["events"]["outbox_backlog"], 0, "{ready}");
+    t.stop().await;
+    broker.cleanup().await;
+}
+
+/// Submits racing the relay: their first events are handed to it at commit while its
+/// reads find others' rows in SQL, and still every event leaves once, each batch's in order.
+async fn concurrent_submits_publish_each_event_once_in_lifecycle_order(b: Backend) {
+    let Some(mut broker) = TestBroker::new().await else {
+        return;
+    };
+    let t = spawn_tweaked(b, &broker, Roles::ALL, None, |c| {
+        c.api.max_concurrent_imports_per_client = 64;
+    })
+    .await;
+    wait_relaying(&t).await;
+    let tap = broker.tap().await;
+    let (_, key) = t.client(json!({})).await;
+    let submits = (0..40).map(|i| t.import(&key, "text/csv", csv(&format!("c{i}"), 2)));
+    let batches: Vec<BatchId> = futures::future::join_all(submits)
+        .await
+        .into_iter()
+        .map(|v| v.batch_id)
+        .collect();
+    for id in &batches {
+        t.wait_for(&key, id, BatchStatus::Completed).await;
+    }
+    let want = ["BatchCreated", "BatchReady", "BatchCompleted"];
+    let events = collect(&broker, &tap, |got| {
+        batches
+            .iter()
+            .all(|id| kinds_of(got, id).len() >= want.len())
+    })
+    .await;
+    for id in &batches {
+        assert_eq!(kinds_of(&events, id), want, "{id}");
+    }
+    let ids: HashSet<_> = events.iter().map(|e| e.id.clone()).collect();
+    assert_eq!(ids.len(), events.len(), "no event was published twice");
+    // Nothing more arrives later either.
+    wait_backlog(&t, 0).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(broker.drain(&tap).await.is_empty());
     t.stop().await;
     broker.cleanup().await;
 }

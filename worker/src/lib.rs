@@ -145,12 +145,7 @@ impl From<Error> for AttemptError {
 }
 
 impl Worker {
-    pub fn new(
-        db: Db,
-        config: WorkerConfig,
-        mutex: Arc<BatchMutex>,
-        live: Arc<LiveBus>,
-    ) -> Self {
+    pub fn new(db: Db, config: WorkerConfig, mutex: Arc<BatchMutex>, live: Arc<LiveBus>) -> Self {
         Self {
             db,
             id: worker_id(),

@@ -16,8 +16,8 @@ use serde_json::value::RawValue;
 use sqlx::Row;
 use sqlx::any::AnyRow;
 
-use super::commits::Kinds;
 use super::clients::parse_id;
+use super::commits::Kinds;
 use super::{Db, Tx, count, split_page};
 use crate::{Error, Result};
 
