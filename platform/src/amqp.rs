@@ -283,6 +283,8 @@ impl Broker {
         let mut marked = 0;
         let mut reads = Reads::default();
         let mut read = true;
+        // A read put off until then: only handed-over rows came since a recent one.
+        let mut read_at: Option<Instant> = None;
         let mut stop = None;
         loop {
             let late = until.is_some_and(|u| Instant::now() >= u);
@@ -291,7 +293,8 @@ impl Broker {
                 // read, which leaves them out as rows in hand. Not while a backlog is read
                 // page by page: a page read ahead does not leave out what is in hand.
                 let fresh = db.commits().fresh();
-                if !reads.reading_ahead() {
+                let ahead = reads.reading_ahead();
+                if !ahead {
                     let handed = fresh.take();
                     if !handed.is_empty() {
                         stop = self
@@ -301,6 +304,19 @@ impl Broker {
                             .map(Stop::Link);
                     }
                 }
+                // Nothing this process committed is left to read: the rows of others wait
+                // for the next read, at most `READ_EVERY` after the last. (A round that
+                // listens for no wake-up, the last one at shutdown, reads at once.)
+                let due = Instant::from_std(fresh.read_due());
+                read_at = (wake.is_some() && !ahead && due > Instant::now()).then_some(due);
+                if read_at.is_some() {
+                    read = false;
+                } else if !ahead {
+                    fresh.reading();
+                }
+            }
+            if read && !late && stop.is_none() {
+                let fresh = db.commits().fresh();
                 let in_hand = || {
                     inflight
                         .iter()
@@ -354,7 +370,11 @@ impl Broker {
                 acked_since = None;
             }
             let waiting = inflight.is_empty() || stop.is_some();
-            if marking.is_none() && acked.is_empty() && waiting && (ending || !read) {
+            if marking.is_none()
+                && acked.is_empty()
+                && waiting
+                && (ending || (!read && read_at.is_none()))
+            {
                 break;
             }
             if read && !late && stop.is_none() {
@@ -370,10 +390,15 @@ impl Broker {
                 done = or_pending(marking.as_mut().map(|m| &mut m.done)) => Next::Marked(joined(done)),
                 _ = or_pending(listen.map(Notify::notified)) => Next::Woken,
                 _ = or_pending(gather_end.map(tokio::time::sleep_until)) => Next::Gathered,
+                _ = or_pending(read_at.map(tokio::time::sleep_until)) => Next::ReadDue,
             };
             match next {
                 Next::Settled(settled) => stop = settled.err().map(Stop::Link),
                 Next::Woken => read = true,
+                Next::ReadDue => {
+                    read = true;
+                    read_at = None;
+                }
                 Next::Gathered => {}
                 Next::Marked(done) => {
                     if let Some(m) = marking.take() {
@@ -491,6 +516,8 @@ enum Next {
     Settled(Result<()>),
     Marked(Result<u64>),
     Woken,
+    /// A read put off ([`crate::db::commits::READ_EVERY`]) is due.
+    ReadDue,
     /// Acked rows waited [`MARK_GATHER`]: time to mark them.
     Gathered,
 }

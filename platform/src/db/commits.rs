@@ -67,7 +67,8 @@ pub fn kinds_for_event(event: &Event) -> Kinds {
 /// What one write transaction wrote that somebody waits on.
 #[derive(Debug, Default)]
 pub(crate) struct Wrote {
-    pub outbox: bool,
+    /// Outbox rows.
+    pub outbox: usize,
     pub jobs: Kinds,
     /// Rows handed to the relay ([`Fresh::expect`]), passed on at commit.
     pub fresh: Vec<OutboxRow>,
@@ -75,6 +76,10 @@ pub(crate) struct Wrote {
 
 /// Rows the relay should not look for in SQL first, at most this many at once.
 const FRESH_CAP: usize = 10_000;
+
+/// While every row this process commits is handed over, the relay reads SQL (for rows of
+/// other processes, which nothing here announces) at most this often.
+pub const READ_EVERY: std::time::Duration = std::time::Duration::from_millis(20);
 
 /// Outbox rows handed from the transactions that wrote them to this process's relay.
 ///
@@ -98,6 +103,9 @@ pub struct Fresh {
 struct FreshRows {
     open: bool,
     rows: BTreeMap<i64, Slot>,
+    /// Since the relay's last read, this process committed rows it did not hand over.
+    unhanded: bool,
+    last_read: Option<std::time::Instant>,
 }
 
 #[derive(Debug)]
@@ -124,6 +132,24 @@ impl Fresh {
         }
     }
 
+    /// When the relay must read SQL next: now if this process committed rows it did not
+    /// hand over since the last read (or there was none yet), else [`READ_EVERY`] after it.
+    pub fn read_due(&self) -> std::time::Instant {
+        let f = self.rows();
+        let now = std::time::Instant::now();
+        match f.last_read {
+            Some(at) if !f.unhanded => (at + READ_EVERY).max(now),
+            _ => now,
+        }
+    }
+
+    /// The relay reads SQL now: what commits from here on hand over or not counts anew.
+    pub fn reading(&self) {
+        let mut f = self.rows();
+        f.unhanded = false;
+        f.last_read = Some(std::time::Instant::now());
+    }
+
     /// Before commit: registers `ids`; whether they will be handed over.
     pub(crate) fn expect(&self, ids: impl Iterator<Item = i64> + Clone) -> bool {
         let mut f = self.rows();
@@ -134,9 +160,11 @@ impl Fresh {
         true
     }
 
-    /// After commit: the rows become the relay's, unless a read took them over meanwhile.
-    fn committed(&self, rows: Vec<OutboxRow>) {
+    /// After commit: the rows become the relay's, unless a read took them over meanwhile;
+    /// `unhanded` rows of the same commit are the next read's.
+    fn committed(&self, rows: Vec<OutboxRow>, unhanded: bool) {
         let mut f = self.rows();
+        f.unhanded |= unhanded;
         for row in rows {
             match f.rows.get(&row.id) {
                 Some(Slot::Expected) => {
@@ -207,10 +235,9 @@ pub struct CommitWake {
 
 impl CommitWake {
     pub(crate) fn committed(&self, wrote: Wrote) {
-        if !wrote.fresh.is_empty() {
-            self.fresh.committed(wrote.fresh);
-        }
-        if wrote.outbox {
+        if wrote.outbox > 0 {
+            let unhanded = wrote.outbox > wrote.fresh.len();
+            self.fresh.committed(wrote.fresh, unhanded);
             self.outbox.notify_one();
         }
         self.wake_jobs(wrote.jobs);
@@ -324,7 +351,7 @@ mod tests {
         fresh.open(true);
         assert!(fresh.expect([7, 3].into_iter()));
         assert!(fresh.take().is_empty(), "nothing before the commit");
-        fresh.committed(vec![row(7), row(3)]);
+        fresh.committed(vec![row(7), row(3)], false);
         assert_eq!(ids(fresh.take()), [3, 7]);
         assert!(fresh.take().is_empty());
     }
@@ -336,11 +363,11 @@ mod tests {
         // The read ran between the commit and the hand-over…
         assert!(fresh.expect([1, 2].into_iter()));
         fresh.seen([1].into_iter());
-        fresh.committed(vec![row(1), row(2)]);
+        fresh.committed(vec![row(1), row(2)], false);
         assert_eq!(ids(fresh.take()), [2]);
         // …or after the hand-over, before the relay took it.
         assert!(fresh.expect([5].into_iter()));
-        fresh.committed(vec![row(5)]);
+        fresh.committed(vec![row(5)], false);
         fresh.seen([5].into_iter());
         assert!(fresh.take().is_empty());
         assert!(fresh.rows().rows.is_empty(), "nothing is left behind");
@@ -353,10 +380,10 @@ mod tests {
         fresh.open(true);
         assert!(fresh.expect([1, 2].into_iter()));
         fresh.forget([1, 2].into_iter());
-        fresh.committed(vec![row(1)]);
+        fresh.committed(vec![row(1)], false);
         assert!(fresh.take().is_empty());
         assert!(fresh.expect([3].into_iter()));
-        fresh.committed(vec![row(3)]);
+        fresh.committed(vec![row(3)], false);
         fresh.open(false);
         fresh.open(true);
         assert!(fresh.take().is_empty(), "closing drops what was held");
@@ -368,5 +395,22 @@ mod tests {
         fresh.open(true);
         assert!(fresh.expect(0..FRESH_CAP as i64));
         assert!(!fresh.expect([FRESH_CAP as i64].into_iter()));
+    }
+
+    #[test]
+    fn a_read_is_put_off_only_while_every_commit_hands_its_rows_over() {
+        let fresh = Fresh::default();
+        fresh.open(true);
+        let now = std::time::Instant::now();
+        assert!(fresh.read_due() <= now + READ_EVERY / 4, "no read yet: read now");
+        fresh.reading();
+        assert!(fresh.expect([1].into_iter()));
+        fresh.committed(vec![row(1)], false);
+        assert!(fresh.read_due() > std::time::Instant::now(), "handed over: later");
+        // A commit with rows it did not hand over (a completion): read now.
+        fresh.committed(Vec::new(), true);
+        assert!(fresh.read_due() <= std::time::Instant::now());
+        fresh.reading();
+        assert!(fresh.read_due() > std::time::Instant::now());
     }
 }

@@ -376,9 +376,9 @@ impl Tx {
         }
     }
 
-    /// Outbox rows are in this transaction: its commit wakes the relay.
-    pub(crate) fn wrote_outbox(&mut self) {
-        self.wrote.outbox = true;
+    /// `rows` outbox rows are in this transaction: its commit wakes the relay.
+    pub(crate) fn wrote_outbox(&mut self, rows: usize) {
+        self.wrote.outbox += rows;
     }
 
     /// A job intent of `kind` is in this transaction: its commit wakes that kind's worker.

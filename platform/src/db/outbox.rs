@@ -95,7 +95,7 @@ impl Db {
                 row.id = id;
             }
         }
-        tx.wrote_outbox();
+        tx.wrote_outbox(written.len());
         for event in events {
             self.write_job_intents(tx, event, policy).await?;
         }
