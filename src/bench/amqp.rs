@@ -4,7 +4,7 @@
 //!   one-record imports are submitted at `--rate`/s and each batch's `started_at` minus the
 //!   `created_at` of its `BatchReady` outbox row (database clock, millisecond resolution; the
 //!   row is the submit transaction's last insert, so this overstates commit → start by the
-//!   commit itself) is measured. Before it, raw lapin publishes at the same rate to a quorum
+//!   commit itself) is measured, after a second at the rate that is not. Before it, raw lapin publishes at the same rate to a quorum
 //!   queue of their own show what the broker alone costs. Once with the broker (outbox relay
 //!   → exchange → quorum queue → consumer → fenced claim) and once with SQL polling only (no
 //!   broker, `worker.poll_interval_ms` at its default).
@@ -263,25 +263,35 @@ async fn latency(args: &AmqpArgs, config: Config) -> anyhow::Result<Samples> {
             anyhow::Ok(())
         }
     };
-    // Warm-up: connections, caches and the consumer.
-    for i in 0..20 {
-        submit(i).await?;
-    }
-    wait_started(&db, 20).await?;
+    // Warm-up, not measured: one second at the rate, so that connection pools have grown to
+    // their working size (a new PostgreSQL connection forks a backend and prepares each
+    // statement again; when that happened inside the measured run, its first 0.3 s held
+    // most of the worst 1 %), and caches and the consumer are warm.
+    let paced = |first: usize, n: usize| {
+        let submit = &submit;
+        async move {
+            let mut tick =
+                tokio::time::interval(Duration::from_micros(1_000_000 / args.rate.max(1)));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+            let mut submits = tokio::task::JoinSet::new();
+            for i in first..first + n {
+                tick.tick().await;
+                submits.spawn(submit(i));
+            }
+            while let Some(done) = submits.join_next().await {
+                done??;
+            }
+            anyhow::Ok(())
+        }
+    };
+    let warm_up = usize::try_from(args.rate).unwrap_or(usize::MAX).max(20);
+    paced(0, warm_up).await?;
+    wait_started(&db, warm_up).await?;
     let warm: i64 = sqlx::query_scalar("SELECT COALESCE(MAX(created_at), 0) FROM batches")
         .fetch_one(db.pool())
         .await?;
-    let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 / args.rate.max(1)));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
-    let mut submits = tokio::task::JoinSet::new();
-    for i in 0..args.batches {
-        tick.tick().await;
-        submits.spawn(submit(1_000 + i));
-    }
-    while let Some(done) = submits.join_next().await {
-        done??;
-    }
-    wait_started(&db, 20 + args.batches).await?;
+    paced(warm_up, args.batches).await?;
+    wait_started(&db, warm_up + args.batches).await?;
     // Every row marked published, so each sample has its relay time.
     let deadline = Instant::now() + Duration::from_secs(15);
     while db.outbox_backlog().await? > 0 {

@@ -402,11 +402,17 @@ mod tests {
         let fresh = Fresh::default();
         fresh.open(true);
         let now = std::time::Instant::now();
-        assert!(fresh.read_due() <= now + READ_EVERY / 4, "no read yet: read now");
+        assert!(
+            fresh.read_due() <= now + READ_EVERY / 4,
+            "no read yet: read now"
+        );
         fresh.reading();
         assert!(fresh.expect([1].into_iter()));
         fresh.committed(vec![row(1)], false);
-        assert!(fresh.read_due() > std::time::Instant::now(), "handed over: later");
+        assert!(
+            fresh.read_due() > std::time::Instant::now(),
+            "handed over: later"
+        );
         // A commit with rows it did not hand over (a completion): read now.
         fresh.committed(Vec::new(), true);
         assert!(fresh.read_due() <= std::time::Instant::now());
