@@ -4,10 +4,11 @@
 //!   one-record imports are submitted at `--rate`/s and each batch's `started_at` minus the
 //!   `created_at` of its `BatchReady` outbox row (database clock, millisecond resolution; the
 //!   row is the submit transaction's last insert, so this overstates commit → start by the
-//!   commit itself) is measured, after a second at the rate that is not. Before it, raw lapin publishes at the same rate to a quorum
-//!   queue of their own show what the broker alone costs. Once with the broker (outbox relay
-//!   → exchange → quorum queue → consumer → fenced claim) and once with SQL polling only (no
-//!   broker, `worker.poll_interval_ms` at its default).
+//!   commit itself) is measured, after a second at the rate that is not. Before it, raw
+//!   lapin publishes as many messages at the same rate to a quorum queue of their own show
+//!   what the broker alone costs. Once with the broker (outbox relay → exchange → quorum
+//!   queue → consumer → fenced claim) and once with SQL polling only (no broker,
+//!   `worker.poll_interval_ms` at its default).
 //! - Relay throughput: `--events` outbox rows are relayed to the `batch.ready` quorum queue
 //!   by the outbox relay (SQL read, pipelined confirms, exact-id mark), and the same messages
 //!   (bodies, properties, `mandatory`) are published by raw lapin with the same confirm
@@ -121,7 +122,7 @@ async fn latency_runs(args: &AmqpArgs, run: &str, prefix: &str) -> anyhow::Resul
         println!(
             "name=amqp-floor queue=quorum messages={} rate_per_s={} confirm_p50_ms={:.2} \
              confirm_p99_ms={:.2} deliver_p50_ms={:.2} deliver_p99_ms={:.2} deliver_max_ms={:.2}",
-            args.batches.min(1_000),
+            args.batches,
             args.rate,
             confirm.p50,
             confirm.p99,
@@ -322,11 +323,12 @@ async fn latency(args: &AmqpArgs, config: Config) -> anyhow::Result<Samples> {
     ))
 }
 
-/// What the broker alone costs at the same rate: raw lapin publishes (persistent, one at a
-/// time at `--rate`/s) to a quorum queue of their own, timed to their confirm and to their
-/// delivery at a consumer with manual acks.
+/// What the broker alone costs at the same rate and length: raw lapin publishes
+/// (persistent, one at a time at `--rate`/s) to a quorum queue of their own, timed to their
+/// confirm and to their delivery at a consumer with manual acks.
 async fn raw_floor(args: &AmqpArgs, prefix: &str) -> anyhow::Result<(Spread, Spread)> {
-    let n = args.batches.min(1_000);
+    // As many as the measured run, at its rate: a stall of the broker's shows here too.
+    let n = args.batches;
     let queue = format!("{prefix}floor");
     let (conn, ch) = raw_channel(&args.amqp_url).await?;
     let durable = QueueDeclareOptions {
