@@ -311,36 +311,35 @@ impl Broker {
                 read_at = (wake.is_some() && !ahead && due > Instant::now()).then_some(due);
                 if read_at.is_some() {
                     read = false;
-                } else if !ahead {
-                    fresh.reading();
-                }
-            }
-            if read && !late && stop.is_none() {
-                let fresh = db.commits().fresh();
-                let in_hand = || {
-                    inflight
-                        .iter()
-                        .map(|f| &f.row)
-                        .chain(&acked)
-                        .chain(marking.iter().flat_map(|m| &m.rows))
-                        .map(|r| r.id)
-                        .collect::<Vec<i64>>()
-                };
-                let got = match stop {
-                    Some(_) => Ok(Vec::new()),
-                    None => reads.next(db, limit, in_hand).await,
-                };
-                match got {
-                    Err(e) => stop = Some(Stop::Ledger(e)),
-                    Ok(rows) => {
-                        fresh.seen(rows.iter().map(|r| r.id));
-                        // A full read may have left rows behind: read again before waiting.
-                        read = rows.len() >= limit as usize;
-                        stop = self
-                            .send_rows(&link, rows, &mut inflight, &mut acked, timeout)
-                            .await
-                            .err()
-                            .map(Stop::Link);
+                } else {
+                    if !ahead {
+                        fresh.reading();
+                    }
+                    let in_hand = || {
+                        inflight
+                            .iter()
+                            .map(|f| &f.row)
+                            .chain(&acked)
+                            .chain(marking.iter().flat_map(|m| &m.rows))
+                            .map(|r| r.id)
+                            .collect::<Vec<i64>>()
+                    };
+                    let got = match stop {
+                        Some(_) => Ok(Vec::new()),
+                        None => reads.next(db, limit, in_hand).await,
+                    };
+                    match got {
+                        Err(e) => stop = Some(Stop::Ledger(e)),
+                        Ok(rows) => {
+                            fresh.seen(rows.iter().map(|r| r.id));
+                            // A full read may have left rows behind: read again first.
+                            read = rows.len() >= limit as usize;
+                            stop = self
+                                .send_rows(&link, rows, &mut inflight, &mut acked, timeout)
+                                .await
+                                .err()
+                                .map(Stop::Link);
+                        }
                     }
                 }
             }

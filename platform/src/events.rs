@@ -263,7 +263,7 @@ async fn relay_round(
     let mut until = None;
     if let Some(lease) = lease {
         let held = lease.hold(db).await;
-        if !held.as_ref().is_ok_and(|h| *h) {
+        if !matches!(held, Ok(true)) {
             // Another process's relay publishes; this one stands by.
             fresh.open(false);
             return held.map(|_| 0);

@@ -188,17 +188,11 @@ impl Fresh {
 
     /// The committed rows handed over, in id order, now in the caller's hands.
     pub fn take(&self) -> Vec<OutboxRow> {
-        let mut f = self.rows();
-        let ready: Vec<i64> = f
+        self.rows()
             .rows
-            .iter()
-            .filter(|(_, s)| matches!(s, Slot::Ready(_)))
-            .map(|(&id, _)| id)
-            .collect();
-        ready
-            .into_iter()
-            .filter_map(|id| match f.rows.remove(&id) {
-                Some(Slot::Ready(row)) => Some(row),
+            .extract_if(.., |_, s| matches!(s, Slot::Ready(_)))
+            .filter_map(|(_, s)| match s {
+                Slot::Ready(row) => Some(row),
                 _ => None,
             })
             .collect()

@@ -337,14 +337,13 @@ pub struct Tx {
     held: Held<Transaction<'static, Any>>,
     wrote: Wrote,
     handed: HandedOver,
-    wake: Arc<CommitWake>,
 }
 
-/// Rows registered with the relay ([`super::commits::Fresh`]); forgotten again unless the
-/// transaction commits.
+/// Where the commit is announced, and the rows registered with the relay
+/// ([`super::commits::Fresh`]): forgotten again unless the transaction commits.
 struct HandedOver {
-    rows: Vec<OutboxRow>,
     wake: Arc<CommitWake>,
+    rows: Vec<OutboxRow>,
 }
 
 impl Drop for HandedOver {
@@ -361,17 +360,16 @@ impl Tx {
             held,
             wrote: Wrote::default(),
             handed: HandedOver {
+                wake,
                 rows: Vec::new(),
-                wake: wake.clone(),
             },
-            wake,
         }
     }
 
     /// These outbox rows are the first events of a batch this transaction creates: hand
     /// them to the relay at commit, if it takes them.
     pub(crate) fn hand_over(&mut self, rows: Vec<OutboxRow>) {
-        if self.wake.fresh().expect(rows.iter().map(|r| r.id)) {
+        if self.handed.wake.fresh().expect(rows.iter().map(|r| r.id)) {
             self.handed.rows.extend(rows);
         }
     }
@@ -391,14 +389,13 @@ impl Tx {
             held: Held { conn, _pass: pass },
             mut wrote,
             mut handed,
-            wake,
         } = self;
         // A commit that fails drops `handed`, which forgets its rows.
         conn.commit().await?;
         // The gate opens before anyone wakes to write.
         drop(pass);
         wrote.fresh = std::mem::take(&mut handed.rows);
-        wake.committed(wrote);
+        handed.wake.committed(wrote);
         Ok(())
     }
 
