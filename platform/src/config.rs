@@ -40,7 +40,8 @@ pub struct Config {
     pub admin_token: Option<Secret>,
     /// Key for the HMAC that stores API key secrets. Generated into the data folder when unset.
     pub secret: Option<Secret>,
-    /// Connections in the SQL pool.
+    /// Connections in the SQL pool. On PostgreSQL a process opens up to half as many again
+    /// (at least one) for bookkeeping writes, which commit without waiting for the disk.
     pub db_max_connections: u32,
     /// `redis://` or `rediss://` (TLS), password in the URL. Unset: embedded fallbacks.
     pub redis_url: Option<Secret>,
