@@ -65,10 +65,10 @@ const SQLITE_SESSION: &str = "PRAGMA journal_mode = WAL; PRAGMA synchronous = NO
 /// reports and daily summaries ([`Db::background_writer`]) commit with `synchronous_commit
 /// = off`, on a pool of their own (half as many connections as the main pool, at least one).
 ///
-/// Why: each durable commit waits for an fsync of the WAL, and one batch took about eight
-/// of them (submit, claim, completion, and five bookkeeping writes). On a disk whose
-/// fdatasync takes 0.7 ms that is the ceiling: pgbench's simple-update load managed 1,740
-/// durable transactions/s there, and 200 batches/s needed 1,600.
+/// Why: each durable commit waits for an fsync of the WAL behind everyone else's, and a
+/// batch made about seven (submit, claim, completion, and four bookkeeping writes). On a
+/// disk whose fdatasync takes 0.7 ms, pgbench's simple-update load managed 1,740 durable
+/// transactions/s; at 200 batches/s the WAL was synced 3.6 times a batch, now 2.7.
 ///
 /// Why it is safe: the WAL is one sequence, so a bookkeeping commit is on disk as soon as
 /// any later durable commit is (and within three `wal_writer_delay`s, 600 ms by default,
@@ -238,7 +238,9 @@ impl Db {
     }
 
     /// A [`Db::writer`] that lets the other writers waiting in this process go first: for
-    /// bookkeeping nobody waits on ([`gate::Urgency::Background`]).
+    /// bookkeeping nobody waits on ([`gate::Urgency::Background`]), which on PostgreSQL
+    /// commits without waiting for the disk ([`BOOKKEEPING`]): only writes that are done
+    /// again when a crash undoes them, and never one that writes outbox rows.
     pub(crate) async fn background_writer(&self) -> Result<Writer> {
         self.writer_as(gate::Urgency::Background).await
     }
