@@ -209,7 +209,9 @@ impl Db {
     }
 
     /// A [`Db::begin_write`] for bookkeeping nobody waits on: it lets the other writers
-    /// waiting in this process go first ([`gate::Urgency::Background`]).
+    /// waiting in this process go first ([`gate::Urgency::Background`]). Unlike
+    /// [`Db::background_writer`] it stays on the main pool and its commit waits for the disk:
+    /// a transaction can carry outbox rows, which must never be undone once relayed.
     pub(crate) async fn begin_background_write(&self) -> Result<Tx> {
         self.begin_write_as(gate::Urgency::Background).await
     }
