@@ -21,6 +21,7 @@ use crate::helpers::{Backend, TestApp, backend_tests};
 use crate::sinks::{Hook, SmtpSink, WebhookReceiver};
 
 backend_tests!(batch_results_are_mailed_reported_and_signed_webhooks_delivered);
+backend_tests!(a_batchs_end_follows_the_clients_policy_at_that_time);
 
 /// Fast retries and local targets.
 fn fast_jobs(c: &mut Config, smtp: &SmtpSink) {
@@ -83,6 +84,54 @@ async fn batch_results_are_mailed_reported_and_signed_webhooks_delivered(b: Back
     };
     run_the_walk(&t, &smtp, &hooks).await;
     t.stop().await;
+}
+
+/// The import's own events follow the policy it was accepted under; the end of its batch
+/// follows the client's policy when the batch ends. A webhook URL set while the batch
+/// waited gets the `BatchCompleted` (and only that).
+async fn a_batchs_end_follows_the_clients_policy_at_that_time(b: Backend) {
+    let smtp = SmtpSink::start().await;
+    let hooks = WebhookReceiver::start(200).await;
+    let Some(api) = TestApp::spawn_with(b, Roles::API, |c| fast_jobs(c, &smtp)).await else {
+        return;
+    };
+    let (client, key) = api.client(json!({})).await;
+    let import = api.import(&key, "text/csv", CSV).await;
+    let patched = api
+        .admin(
+            reqwest::Method::PATCH,
+            &format!("/admin/clients/{client}/policy"),
+        )
+        .json(&json!({"webhook_url": hooks.url()}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(patched.status(), 200);
+
+    let worker = api.sibling(Roles::WORKER).await;
+    api.wait_for(&key, &import.batch_id, BatchStatus::Completed)
+        .await;
+    let got = hooks
+        .wait_until("BatchCompleted", |h| {
+            h.iter().any(|h| h.json()["type"] == "BatchCompleted")
+        })
+        .await;
+    // Every job of the batch is settled by now: nothing else is on its way.
+    wait_jobs(
+        &api,
+        &format!("batch_id={}", import.batch_id),
+        2,
+        JobStatus::Done,
+    )
+    .await;
+    let types: Vec<String> = hooks
+        .hooks()
+        .iter()
+        .map(|h| h.json()["type"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(types, ["BatchCompleted"], "{got:?}");
+    worker.stop().await;
+    api.stop().await;
 }
 
 /// Submit a batch with a rejected row; check the mail, the webhooks and the report.

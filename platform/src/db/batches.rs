@@ -17,7 +17,7 @@ use serde::Serialize;
 use sqlx::Row;
 use sqlx::any::AnyRow;
 
-use super::clients::parse_id;
+use super::clients::{parse_id, parse_policy};
 use super::{Db, Dialect, Tx, count, split_page};
 use crate::{Error, Result};
 
@@ -26,6 +26,15 @@ macro_rules! claimable {
     () => {
         "((status = 'ready' AND available_at <= {now}) \
           OR (status = 'processing' AND lease_expires_at < {now}))"
+    };
+}
+
+/// The client's current policy, for the follow-up jobs of the event that an ending
+/// attempt's `UPDATE batches … RETURNING` announces: read by that statement, which saves
+/// the transaction one of its own.
+macro_rules! client_policy {
+    () => {
+        "(SELECT policy FROM clients WHERE clients.id = batches.client_id) AS client_policy"
     };
 }
 
@@ -310,15 +319,16 @@ impl Db {
         lease: &Lease,
         last: Option<(&Chunk, ChunkResult)>,
     ) -> Result<BatchCompleted> {
-        let sql = self.sql(
+        let sql = self.sql(concat!(
             "UPDATE batches SET status = 'completed', completed_at = {now}, updated_at = {now}, \
                  lease_owner = NULL, lease_expires_at = NULL, last_error = NULL, \
                  checkpoint = COALESCE($3, checkpoint), records_written = records_written + $4, \
                  records_unchanged = records_unchanged + $5, records_failed = records_failed + $6 \
              WHERE id = $1 AND lease_epoch = $2 AND status = 'processing' \
              RETURNING records_total, records_written, records_unchanged, records_failed, \
-                       started_at, completed_at",
-        );
+                       started_at, completed_at, ",
+            client_policy!()
+        ));
         let (checkpoint, result, failed) = match last {
             Some((chunk, result)) => (
                 Some(chunk.checkpoint as i64),
@@ -348,8 +358,8 @@ impl Db {
             records_failed: count(row.try_get("records_failed")?),
             duration_ms: count(completed_at - started_at.unwrap_or(completed_at)),
         };
-        self.announce(tx, lease, completed_at, Event::BatchCompleted(done.clone()))
-            .await?;
+        let event = Event::BatchCompleted(done.clone());
+        self.announce(tx, lease, completed_at, event, &row).await?;
         Ok(done)
     }
 
@@ -364,13 +374,14 @@ impl Db {
     ) -> Result<FailOutcome> {
         let error: String = error.chars().take(2000).collect();
         let mut tx = self.begin_write().await?;
-        let sql = self.sql(
+        let sql = self.sql(concat!(
             "UPDATE batches SET status = CASE WHEN attempts >= $3 THEN 'dead' ELSE 'ready' END, \
                  available_at = {now} + $4, last_error = $5, updated_at = {now}, \
                  lease_owner = NULL, lease_expires_at = NULL \
              WHERE id = $1 AND lease_epoch = $2 AND status = 'processing' \
-             RETURNING status, available_at, updated_at",
-        );
+             RETURNING status, available_at, updated_at, ",
+            client_policy!()
+        ));
         let Some(row) = sqlx::query(sql)
             .bind(lease.batch_id.as_str())
             .bind(lease.epoch)
@@ -405,7 +416,7 @@ impl Db {
                 }),
             )
         };
-        self.announce(&mut tx, lease, now, event).await?;
+        self.announce(&mut tx, lease, now, event, &row).await?;
         tx.commit().await?;
         Ok(outcome)
     }
@@ -430,14 +441,26 @@ impl Db {
         }
     }
 
-    async fn announce(&self, tx: &mut Tx, lease: &Lease, at_ms: i64, event: Event) -> Result<()> {
+    /// Writes the outbox row of a holder's `event`, with the follow-up jobs the client's
+    /// policy (`client_policy` of `row`, the statement that ended the attempt) asks for.
+    async fn announce(
+        &self,
+        tx: &mut Tx,
+        lease: &Lease,
+        at_ms: i64,
+        event: Event,
+        row: &AnyRow,
+    ) -> Result<()> {
         let env = Envelope::new(
             lease.batch_id.clone(),
             lease.client_id.clone(),
             at_ms,
             event,
         );
-        self.enqueue_event(tx, &env, None).await
+        let policy: Option<String> = row.try_get("client_policy")?;
+        let policy = policy.as_deref().map(parse_policy).transpose()?;
+        // Without a client row `enqueue_event` looks again and writes no jobs.
+        self.enqueue_event(tx, &env, policy.as_ref()).await
     }
 
     /// Operator transition `from → to` (approve, reject, retry or discard a dead batch).
@@ -657,8 +680,7 @@ fn lease_from_row(r: &AnyRow, owner: &str) -> Result<Lease> {
         checkpoint: count(r.try_get("checkpoint")?),
         records_total: count(r.try_get("records_total")?),
         format: format.parse().map_err(Error::Invalid)?,
-        policy: serde_json::from_str(&policy)
-            .map_err(|e| Error::Invalid(format!("stored policy: {e}")))?,
+        policy: parse_policy(&policy)?,
         waited_ms: count(r.try_get("waited_ms")?),
     })
 }

@@ -47,10 +47,15 @@ fn client_from_row(row: &AnyRow) -> Result<ClientRecord> {
         id: parse_id(row.try_get("id")?)?,
         name: row.try_get("name")?,
         active: flag(row.try_get("active")?),
-        policy: serde_json::from_str(&policy)
-            .map_err(|e| Error::Invalid(format!("stored policy is unreadable: {e}")))?,
+        policy: parse_policy(&policy)?,
         created_at: row.try_get("created_at")?,
     })
+}
+
+/// A policy as the ledger stores it (JSON, in `clients` and with each batch).
+pub(crate) fn parse_policy(json: &str) -> Result<Policy> {
+    serde_json::from_str(json)
+        .map_err(|e| Error::Invalid(format!("stored policy is unreadable: {e}")))
 }
 
 pub(crate) fn parse_id<T: std::str::FromStr>(s: String) -> Result<T> {

@@ -16,7 +16,7 @@ use serde_json::value::RawValue;
 use sqlx::Row;
 use sqlx::any::AnyRow;
 
-use super::clients::parse_id;
+use super::clients::{parse_id, parse_policy};
 use super::commits::Kinds;
 use super::{Db, Tx, count, split_page};
 use crate::{Error, Result};
@@ -106,8 +106,7 @@ impl Db {
                 let Some(json) = json else {
                     return Ok(());
                 };
-                stored = serde_json::from_str::<Policy>(&json)
-                    .map_err(|e| Error::Invalid(format!("stored policy is unreadable: {e}")))?;
+                stored = parse_policy(&json)?;
                 &stored
             }
         };
