@@ -432,28 +432,41 @@ impl Broker {
             while inflight.len() >= self.config.confirm_window {
                 settle_front(inflight, acked, timeout).await?;
             }
-            let confirm = self.send(link, &row).await?;
+            let stage = self.send(link, &row).await?;
             inflight.push_back(InFlight {
                 row,
                 sent: Instant::now(),
-                confirm,
+                stage,
             });
         }
         Ok(())
     }
 
-    async fn send(&self, link: &Link, row: &OutboxRow) -> Result<PublisherConfirm> {
+    /// Queues `row`'s publish on the link without waiting for lapin to write it.
+    ///
+    /// lapin's `basic_publish` resolves only once its connection thread has written the
+    /// frames, a round trip between threads for every message; awaited one by one, that
+    /// wait, not the broker, set the relay's pace once the broker was fast (15-20 µs of the
+    /// relay's 40 µs a message). The frames are queued, and the delivery tag taken, at the
+    /// future's first poll, so polling each publish once here, in row order, keeps the
+    /// rows' order on the wire; the write is awaited later, just before its confirm.
+    async fn send(&self, link: &Link, row: &OutboxRow) -> Result<Stage> {
         let (options, props) = message(row);
-        link.publisher
-            .basic_publish(
-                self.names.exchange.as_str().into(),
-                row.routing_key.as_str().into(),
-                options,
-                row.body.as_bytes(),
-                props,
-            )
-            .await
-            .map_err(|e| Error::Broker(format!("publishing outbox row {}: {e}", row.id)))
+        let (channel, exchange) = (link.publisher.clone(), self.names.exchange.clone());
+        let (key, body) = (row.routing_key.clone(), row.body.clone());
+        let mut write: Write = Box::pin(async move {
+            channel
+                .basic_publish(exchange.into(), key.into(), options, body.as_bytes(), props)
+                .await
+        });
+        match futures::poll!(write.as_mut()) {
+            std::task::Poll::Pending => Ok(Stage::Writing(write)),
+            std::task::Poll::Ready(Ok(confirm)) => Ok(Stage::Confirming(confirm)),
+            std::task::Poll::Ready(Err(e)) => Err(Error::Broker(format!(
+                "publishing outbox row {}: {e}",
+                row.id
+            ))),
+        }
     }
 
     /// Waits for a link, then opens a consumer of the ready queue with `prefetch`
@@ -653,11 +666,33 @@ async fn or_pending<F: std::future::Future>(f: Option<F>) -> F::Output {
     }
 }
 
+/// A publish whose frames lapin has queued but may not have written yet.
+type Write = std::pin::Pin<Box<dyn Future<Output = lapin::Result<PublisherConfirm>> + Send + Sync>>;
+
+/// Where a publish in flight is.
+enum Stage {
+    Writing(Write),
+    Confirming(PublisherConfirm),
+}
+
 /// A publish awaiting its confirm.
 struct InFlight {
     row: OutboxRow,
     sent: Instant,
-    confirm: PublisherConfirm,
+    stage: Stage,
+}
+
+impl InFlight {
+    /// The broker's answer: the write first, then the confirm. Cancel-safe: a write that
+    /// finished is kept as its confirm.
+    async fn confirmation(&mut self) -> lapin::Result<Confirmation> {
+        loop {
+            match &mut self.stage {
+                Stage::Writing(write) => self.stage = Stage::Confirming(write.await?),
+                Stage::Confirming(confirm) => return confirm.await,
+            }
+        }
+    }
 }
 
 /// Waits for the oldest publish in flight; on success it joins `acked`. Cancel-safe: the
@@ -675,7 +710,7 @@ async fn settle_front(
     let Some(front) = inflight.front_mut() else {
         return Ok(());
     };
-    let outcome = tokio::time::timeout_at(front.sent + timeout, &mut front.confirm).await;
+    let outcome = tokio::time::timeout_at(front.sent + timeout, front.confirmation()).await;
     let Some(InFlight { row, .. }) = inflight.pop_front() else {
         return Ok(());
     };

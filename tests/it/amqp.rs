@@ -35,6 +35,7 @@ backend_tests!(
     duplicate_and_unacknowledged_deliveries_complete_each_batch_once,
     poison_messages_end_in_the_dead_letter_queue,
     the_outbox_marks_exact_ids_and_one_relay_holds_the_lease,
+    a_backlog_leaves_in_id_order_past_pages_and_the_confirm_window,
     the_outbox_prunes_published_rows_past_retention_page_by_page,
     amqps_failure_is_an_error_and_polling_carries_on,
     a_returned_batch_ready_is_published_again_after_the_topology_is_restored,
@@ -654,6 +655,67 @@ async fn the_outbox_marks_exact_ids_and_one_relay_holds_the_lease(b: Backend) {
         "lapsed"
     );
     db.close().await;
+}
+
+/// The relay queues each publish without waiting for lapin to write it, so many are on
+/// their way at once: a backlog of several read pages, far past the confirm window, still
+/// reaches a queue bound to the exchange exactly once and in id order, every row marked.
+async fn a_backlog_leaves_in_id_order_past_pages_and_the_confirm_window(b: Backend) {
+    let Some(mut tb) = TestBroker::new().await else {
+        return;
+    };
+    let Some((_test_db, db)) = outbox_ledger(b).await else {
+        return;
+    };
+    let mut config = Config::default();
+    tb.configure(&mut config, None);
+    config.amqp.confirm_window = 16;
+    let broker = std::sync::Arc::new(dataflow_platform::amqp::Broker::new(
+        Secret::new(tb.url.clone()),
+        config.amqp.clone(),
+        tokio::sync::watch::channel(Mode::Polling).0,
+    ));
+    let stop = tokio_util::sync::CancellationToken::new();
+    let link = tokio::spawn(broker.clone().run(stop.clone()));
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !broker.is_connected() {
+        assert!(Instant::now() < deadline, "the broker never connected");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let tap = tb.tap().await;
+    let keys = ["batch.created", "batch.ready", "batch.completed"];
+    let expected: Vec<String> = (0..600).map(|i| format!("evt_{i:04}")).collect();
+    for (i, event_id) in expected.iter().enumerate() {
+        let key = keys[i % keys.len()];
+        sqlx::query(
+            "INSERT INTO outbox (event_id, batch_id, event_type, routing_key, body, created_at) \
+             VALUES ($1, 'bat_x', 'Backlog', $2, '{}', 0)",
+        )
+        .bind(event_id)
+        .bind(key)
+        .execute(db.pool())
+        .await
+        .unwrap();
+    }
+
+    let publisher = dataflow_platform::events::Publisher::broker(broker.clone());
+    let relayed = dataflow_platform::events::relay_once(&db, &publisher, 100)
+        .await
+        .unwrap();
+    assert_eq!(relayed, expected.len(), "one round drains the backlog");
+    assert_eq!(db.outbox_backlog().await.unwrap(), 0, "every row marked");
+    let got: Vec<String> = tb
+        .drain(&tap)
+        .await
+        .iter()
+        .map(|d| d.properties.message_id().clone().unwrap().to_string())
+        .collect();
+    assert_eq!(got, expected, "each row once, in id order");
+
+    stop.cancel();
+    link.await.unwrap();
+    db.close().await;
+    tb.cleanup().await;
 }
 
 /// A migrated ledger of its own, for the outbox tests that need no broker.
