@@ -448,8 +448,10 @@ impl Broker {
     /// frames, a round trip between threads for every message; awaited one by one, that
     /// wait, not the broker, set the relay's pace once the broker was fast (15-20 µs of the
     /// relay's 40 µs a message). The frames are queued, and the delivery tag taken, at the
-    /// future's first poll, so polling each publish once here, in row order, keeps the
-    /// rows' order on the wire; the write is awaited later, just before its confirm.
+    /// future's first poll (lapin 4.12 awaits nothing before it), so polling each publish
+    /// once here, in row order, keeps the rows' order on the wire; the write is awaited
+    /// later, just before its confirm. A lapin that awaited first would reorder rows, which
+    /// the test relaying a backlog through a small confirm window checks.
     async fn send(&self, link: &Link, row: &OutboxRow) -> Result<Stage> {
         let (options, props) = message(row);
         let (channel, exchange) = (link.publisher.clone(), self.names.exchange.clone());
