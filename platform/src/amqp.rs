@@ -106,6 +106,12 @@ impl Broker {
         self.link.borrow().is_some()
     }
 
+    /// Waits until the supervisor has a link up.
+    pub async fn connected(&self) {
+        // The sender is `self.link`, so the wait cannot end in an error.
+        let _ = self.link.subscribe().wait_for(Option::is_some).await;
+    }
+
     /// Keeps a connection up until `shutdown`: connects, declares the topology, watches
     /// the link, and reconnects with exponential backoff after it fails.
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
@@ -453,14 +459,7 @@ impl Broker {
     /// later, just before its confirm. A lapin that awaited first would reorder rows, which
     /// the test relaying a backlog through a small confirm window checks.
     async fn send(&self, link: &Link, row: &OutboxRow) -> Result<Stage> {
-        let (options, props) = message(row);
-        let (channel, exchange) = (link.publisher.clone(), self.names.exchange.clone());
-        let (key, body) = (row.routing_key.clone(), row.body.clone());
-        let mut write: Write = Box::pin(async move {
-            channel
-                .basic_publish(exchange.into(), key.into(), options, body.as_bytes(), props)
-                .await
-        });
+        let mut write: Write = Box::pin(publish(&link.publisher, &self.names.exchange, row));
         match futures::poll!(write.as_mut()) {
             std::task::Poll::Pending => Ok(Stage::Writing(write)),
             std::task::Poll::Ready(Ok(confirm)) => Ok(Stage::Confirming(confirm)),
@@ -546,7 +545,7 @@ const MARK_GATHER: Duration = Duration::from_millis(20);
 /// How an outbox row is published: `mandatory` (an unroutable `batch.ready` comes back
 /// rather than vanishing), persistent, JSON, with the event id as message id (consumers
 /// deduplicate by it) and the event type.
-pub fn message(row: &OutboxRow) -> (BasicPublishOptions, BasicProperties) {
+fn message(row: &OutboxRow) -> (BasicPublishOptions, BasicProperties) {
     let options = BasicPublishOptions {
         mandatory: true,
         ..Default::default()
@@ -557,6 +556,24 @@ pub fn message(row: &OutboxRow) -> (BasicPublishOptions, BasicProperties) {
         .with_message_id(row.event_id.as_str().into())
         .with_type(row.event_type.as_str().into());
     (options, props)
+}
+
+/// Publishes `row` to `exchange` as the relay does (`mandatory`, persistent, the event id
+/// as message id). The future owns what it needs, so it can be kept and awaited later: its
+/// first poll queues the frames.
+pub fn publish(
+    channel: &Channel,
+    exchange: &str,
+    row: &OutboxRow,
+) -> impl Future<Output = lapin::Result<PublisherConfirm>> + Send + Sync + 'static {
+    let (options, props) = message(row);
+    let (channel, exchange) = (channel.clone(), exchange.to_owned());
+    let (key, body) = (row.routing_key.clone(), row.body.clone());
+    async move {
+        channel
+            .basic_publish(exchange.into(), key.into(), options, body.as_bytes(), props)
+            .await
+    }
 }
 
 /// A ledger task of the relay: it runs on while the relay publishes.

@@ -480,11 +480,9 @@ async fn relay_throughput(args: &AmqpArgs, run: &str, prefix: &str) -> anyhow::R
     ));
     let stop = CancellationToken::new();
     let link = tokio::spawn(broker.clone().run(stop.clone()));
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while !broker.is_connected() {
-        ensure!(Instant::now() < deadline, "the broker did not connect");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    tokio::time::timeout(Duration::from_secs(15), broker.connected())
+        .await
+        .context("the broker did not connect")?;
     let publisher = Publisher::broker(broker.clone());
     let (_conn, ch) = raw_channel(&args.amqp_url).await?;
     ch.confirm_select(ConfirmSelectOptions::default()).await?;
@@ -640,21 +638,14 @@ async fn raw_publish(
         {
             ensure!(confirm.await?.is_ack(), "raw publish was nacked");
         }
-        let (options, props) = amqp::message(row);
-        let (ch, exchange) = (ch.clone(), names.exchange.clone());
-        let (key, body) = (row.routing_key.clone(), row.body.clone());
-        let publish = async move {
-            ch.basic_publish(exchange.into(), key.into(), options, body.as_bytes(), props)
-                .await
-        };
-        let mut pending: Pending = if queue_writes {
-            Box::pin(async move { publish.await?.await })
+        let publish = amqp::publish(ch, &names.exchange, row);
+        let pending: Pending = if queue_writes {
+            let mut queued: Pending = Box::pin(async move { publish.await?.await });
+            let _ = futures::poll!(queued.as_mut());
+            queued
         } else {
             Box::pin(publish.await?)
         };
-        if queue_writes {
-            let _ = futures::poll!(pending.as_mut());
-        }
         inflight.push_back(pending);
     }
     while let Some(confirm) = inflight.pop_front() {

@@ -677,11 +677,9 @@ async fn a_backlog_leaves_in_id_order_past_pages_and_the_confirm_window(b: Backe
     ));
     let stop = tokio_util::sync::CancellationToken::new();
     let link = tokio::spawn(broker.clone().run(stop.clone()));
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while !broker.is_connected() {
-        assert!(Instant::now() < deadline, "the broker never connected");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    tokio::time::timeout(Duration::from_secs(15), broker.connected())
+        .await
+        .expect("the broker connects");
     let tap = tb.tap().await;
     let keys = ["batch.created", "batch.ready", "batch.completed"];
     let expected: Vec<String> = (0..600).map(|i| format!("evt_{i:04}")).collect();
