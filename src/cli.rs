@@ -264,3 +264,46 @@ pub fn redact(url: &str) -> String {
 pub fn load_config(cli: &Cli) -> anyhow::Result<Config> {
     Config::load(cli.config.as_deref()).context("loading configuration")
 }
+
+/// The log filter: `DATAFLOW_LOG` (`EnvFilter` syntax) or `info` with sqlx's statements off.
+///
+/// lapin warns with the whole message of every event the broker returns unroutable, and a
+/// routing key nobody binds returns every one; the relay counts those and logs each key
+/// once a minute instead, so lapin's line is off whatever `DATAFLOW_LOG` says, unless it
+/// names `lapin::returned_messages` itself.
+pub fn log_filter(env: Option<&str>) -> tracing_subscriber::EnvFilter {
+    const RETURNS: &str = "lapin::returned_messages";
+    let spec = env.unwrap_or("info,sqlx=warn");
+    let filter = tracing_subscriber::EnvFilter::try_new(spec)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sqlx=warn"));
+    if spec.contains(RETURNS) {
+        return filter;
+    }
+    match format!("{RETURNS}=error").parse() {
+        Ok(directive) => filter.add_directive(directive),
+        Err(_) => filter,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lapins_unroutable_warnings_stay_off_whatever_the_level() {
+        for env in [
+            None,
+            Some("info"),
+            Some("debug"),
+            Some("warn,dataflow=debug"),
+        ] {
+            let filter = log_filter(env).to_string();
+            assert!(
+                filter.contains("lapin::returned_messages=error"),
+                "{env:?}: {filter}"
+            );
+        }
+        let asked = log_filter(Some("info,lapin::returned_messages=warn")).to_string();
+        assert!(!asked.contains("lapin::returned_messages=error"), "{asked}");
+    }
+}

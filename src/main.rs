@@ -3,7 +3,6 @@
 use clap::Parser;
 use dataflow::cli::{self, Cli, Command};
 use dataflow::{App, Roles};
-use tracing_subscriber::EnvFilter;
 
 // Record processing allocates many small strings; mimalloc serves them faster than glibc.
 #[global_allocator]
@@ -14,10 +13,7 @@ fn main() -> anyhow::Result<()> {
     // One process-wide TLS provider for every client (reqwest, lettre, redis, lapin), chosen
     // here rather than by crate features; commands that never open the backends need it too.
     let _ = rustls::crypto::ring::default_provider().install_default();
-    // lapin warns with the whole message for every unroutable return; the relay counts
-    // those itself (`dataflow_amqp_unroutable_total`) and retries the ones that matter.
-    let filter = EnvFilter::try_from_env("DATAFLOW_LOG")
-        .unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn,lapin::returned_messages=error"));
+    let filter = cli::log_filter(std::env::var("DATAFLOW_LOG").ok().as_deref());
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

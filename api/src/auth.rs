@@ -1,8 +1,14 @@
 //! Authentication: API keys for `/v1`, the operator token for `/admin`.
 //!
-//! Failures are counted per IP and per key id with a TTL; past the threshold the subject
-//! is locked out for a while. Unknown key, wrong secret and revoked key all get the same
-//! 401, so a caller cannot probe which key ids exist.
+//! Failures are counted per IP and per (IP, key id) with a TTL; past the threshold the
+//! subject is locked out for a while. Counting a key id only together with the address it
+//! was tried from means nobody who learns a key's visible id can lock its owner out, and a
+//! request whose secret verifies is never locked out at all: a secret has 256 random bits,
+//! so the lock-out only has to stop probing, not guessing. Unknown key, wrong secret and
+//! revoked key all get the same 401, so a caller cannot probe which key ids exist.
+//!
+//! Only a refused credential counts toward the anonymous per-IP rate limit; a ledger that
+//! cannot be asked is the server's outage, answered 503 with `Retry-After`.
 
 use std::net::{IpAddr, SocketAddr};
 
@@ -12,6 +18,7 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use dataflow_platform::db::ClientRecord;
 use dataflow_platform::keys;
+use dataflow_platform::lockout::Lockout;
 
 use crate::error::ApiError;
 use crate::ratelimit;
@@ -39,47 +46,50 @@ pub async fn require_api_key(
             req.extensions_mut().insert(principal);
             ratelimit::limited(&state, &subject, rate, req, next).await
         }
-        Err(e) => ratelimit::anonymous(&state, ip, e).await,
+        Err(Refusal::Credentials(e)) => ratelimit::anonymous(&state, ip, e).await,
+        Err(Refusal::Outage(e)) => e.into_response(),
     }
+}
+
+/// Why a request was not authenticated.
+enum Refusal {
+    /// The caller's credentials were refused (missing, wrong, revoked, locked out, or of a
+    /// deactivated client): the request counts as anonymous.
+    Credentials(ApiError),
+    /// The credentials could not be checked: the caller did nothing wrong.
+    Outage(ApiError),
 }
 
 async fn authenticate(
     state: &AppState,
     ip: IpAddr,
     headers: &HeaderMap,
-) -> Result<Principal, ApiError> {
+) -> Result<Principal, Refusal> {
     let lockout = &state.backends.lockout;
     let ip_subject = format!("ip:{ip}");
-    if let Some(left) = lockout.locked(&ip_subject).await {
-        return Err(locked(left));
-    }
     let Some(presented) = bearer(headers).and_then(keys::parse) else {
-        lockout.record_failure(&ip_subject).await;
-        return Err(ApiError::unauthorized());
+        return Err(Refusal::Credentials(refuse(lockout, &[&ip_subject]).await));
     };
-    let key_subject = format!("key:{}", presented.key_id);
-    if let Some(left) = lockout.locked(&key_subject).await {
-        return Err(locked(left));
-    }
     let key = state.key(presented.key_id).await.map_err(unavailable)?;
     let valid =
         key.filter(|k| !k.revoked && state.backends.hasher.verify(&presented, &k.secret_hmac));
     let Some(key) = valid else {
-        lockout.record_failure(&ip_subject).await;
-        lockout.record_failure(&key_subject).await;
-        return Err(ApiError::unauthorized());
+        let key_subject = format!("key:{}@{ip}", presented.key_id);
+        return Err(Refusal::Credentials(
+            refuse(lockout, &[&ip_subject, &key_subject]).await,
+        ));
     };
     let client = state
         .client(&key.client_id)
         .await
         .map_err(unavailable)?
-        .ok_or_else(ApiError::unauthorized)?;
+        .ok_or_else(|| Refusal::Credentials(ApiError::unauthorized()))?;
     if !client.active {
-        return Err(ApiError::new(
+        return Err(Refusal::Credentials(ApiError::new(
             StatusCode::FORBIDDEN,
             "client_inactive",
             "this client is deactivated",
-        ));
+        )));
     }
     state.touch_key(&key.key_id);
     Ok(Principal {
@@ -88,21 +98,31 @@ async fn authenticate(
     })
 }
 
-/// Middleware for `/admin`: the operator token, compared in constant time, with the same
-/// per-IP lock-out as API keys.
-pub async fn require_operator(State(state): State<AppState>, req: Request, next: Next) -> Response {
-    let ip = client_ip(&state, &req);
-    let lockout = &state.backends.lockout;
-    let subject = format!("ip:{ip}");
-    if let Some(left) = lockout.locked(&subject).await {
-        return locked(left).into_response();
+/// The answer to credentials that did not verify: locked out while any of `subjects` is
+/// (without counting more), else 401 with a failure counted against each.
+async fn refuse(lockout: &Lockout, subjects: &[&str]) -> ApiError {
+    for subject in subjects {
+        if let Some(left) = lockout.locked(subject).await {
+            return locked(left);
+        }
     }
+    for subject in subjects {
+        lockout.record_failure(subject).await;
+    }
+    ApiError::unauthorized()
+}
+
+/// Middleware for `/admin`: the operator token, compared in constant time, with the same
+/// per-IP lock-out as API keys (and likewise never for a token that verifies).
+pub async fn require_operator(State(state): State<AppState>, req: Request, next: Next) -> Response {
     let expected = state.backends.admin_token.expose().as_bytes();
     match bearer(req.headers()) {
         Some(token) if keys::constant_time_eq(token.as_bytes(), expected) => next.run(req).await,
         _ => {
-            lockout.record_failure(&subject).await;
-            ApiError::unauthorized().into_response()
+            let subject = format!("ip:{}", client_ip(&state, &req));
+            refuse(&state.backends.lockout, &[&subject])
+                .await
+                .into_response()
         }
     }
 }
@@ -123,12 +143,12 @@ pub(crate) fn locked(left: std::time::Duration) -> ApiError {
     )
 }
 
-fn unavailable(e: String) -> ApiError {
+fn unavailable(e: String) -> Refusal {
     tracing::error!(error = %e, "credential lookup failed");
-    ApiError::unavailable(
+    Refusal::Outage(ApiError::unavailable(
         "ledger_unavailable",
         "the ledger is unavailable; retry later",
-    )
+    ))
 }
 
 /// The peer address, or — behind a trusted proxy — the right-most `X-Forwarded-For` entry:

@@ -111,9 +111,13 @@ async fn track(req: Request, next: Next) -> Response {
 }
 
 /// Bounds the time of every request; a slow sender gets 408 instead of holding a slot.
-async fn deadline(State(state): State<AppState>, req: Request, next: Next) -> Response {
+/// The handler sees its deadline ([`state::Deadline`]): whatever it holds for the request
+/// (an `Idempotency-Key`) it can hold until then and no longer.
+async fn deadline(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
     let limit = Duration::from_secs(state.config.request_timeout_secs);
-    match tokio::time::timeout(limit, next.run(req)).await {
+    let at = tokio::time::Instant::now() + limit;
+    req.extensions_mut().insert(state::Deadline(at));
+    match tokio::time::timeout_at(at, next.run(req)).await {
         Ok(resp) => resp,
         Err(_) => ApiError::new(
             StatusCode::REQUEST_TIMEOUT,

@@ -110,3 +110,7 @@ impl AppState {
 /// The caller's address as the lock-out and anonymous limits see it.
 #[derive(Debug, Clone, Copy)]
 pub struct ClientIp(pub IpAddr);
+
+/// When the server gives up on this request (`api.request_timeout_secs` after it began).
+#[derive(Debug, Clone, Copy)]
+pub struct Deadline(pub tokio::time::Instant);

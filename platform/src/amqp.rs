@@ -757,11 +757,64 @@ async fn settle_front(
                 "{READY_KEY} event {id} returned unroutable: the ready queue is not bound"
             )));
         }
-        metrics::counter!("dataflow_amqp_unroutable_total", "routing_key" => key.to_owned())
-            .increment(1);
+        unroutable(key);
     }
     acked.push(row);
     Ok(())
+}
+
+/// How often one unroutable routing key is logged.
+const UNROUTABLE_LOG_EVERY: Duration = Duration::from_secs(60);
+
+/// Counts a returned event of a routing key nobody binds, and logs the key once per
+/// [`UNROUTABLE_LOG_EVERY`]: such a key returns every one of its events, and a line each
+/// would bury everything else in the log.
+fn unroutable(key: &str) {
+    static LOGGED: std::sync::LazyLock<std::sync::Mutex<LogThrottle>> =
+        std::sync::LazyLock::new(|| std::sync::Mutex::new(LogThrottle::new(UNROUTABLE_LOG_EVERY)));
+    metrics::counter!("dataflow_amqp_unroutable_total", "routing_key" => key.to_owned())
+        .increment(1);
+    let due = LOGGED
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .due(key, Instant::now());
+    if due {
+        tracing::info!(
+            routing_key = key,
+            "events of this routing key are unroutable (no queue is bound to it); each is \
+             counted in dataflow_amqp_unroutable_total and the key logged once a minute"
+        );
+    }
+}
+
+/// Which keys may be logged again: each at most once per interval. The keys are routing
+/// keys, a handful, so the map stays small.
+struct LogThrottle {
+    every: Duration,
+    last: std::collections::HashMap<String, Instant>,
+}
+
+impl LogThrottle {
+    fn new(every: Duration) -> Self {
+        Self {
+            every,
+            last: std::collections::HashMap::new(),
+        }
+    }
+
+    fn due(&mut self, key: &str, now: Instant) -> bool {
+        match self.last.get_mut(key) {
+            Some(at) if now.duration_since(*at) < self.every => false,
+            Some(at) => {
+                *at = now;
+                true
+            }
+            None => {
+                self.last.insert(key.to_owned(), now);
+                true
+            }
+        }
+    }
 }
 
 /// Logs the first failure and then one in twenty, so an absent broker does not flood logs.
@@ -774,4 +827,21 @@ fn log_connect_failure(failures: &mut u64, error: &str) {
         );
     }
     *failures += 1;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_unroutable_key_is_logged_once_per_interval() {
+        let mut t = LogThrottle::new(Duration::from_secs(60));
+        let t0 = Instant::now();
+        assert!(t.due("batch.created", t0));
+        assert!(!t.due("batch.created", t0 + Duration::from_secs(1)));
+        assert!(t.due("batch.completed", t0 + Duration::from_secs(1)));
+        assert!(!t.due("batch.created", t0 + Duration::from_secs(59)));
+        assert!(t.due("batch.created", t0 + Duration::from_secs(60)));
+        assert!(!t.due("batch.created", t0 + Duration::from_secs(61)));
+    }
 }

@@ -101,16 +101,15 @@ pub struct ApiConfig {
     pub max_idempotency_key_len: usize,
     /// How long a finished idempotent response is replayed.
     pub idempotency_ttl_secs: u64,
-    /// A request with the same key still "in progress" after this long was abandoned.
-    pub idempotency_lock_secs: u64,
-    /// Whole-request deadline.
+    /// Whole-request deadline. An unfinished request holds its `Idempotency-Key` until then.
     pub request_timeout_secs: u64,
     /// Imports one client may have in flight on this process at once.
     pub max_concurrent_imports_per_client: usize,
     /// Use the right-most `X-Forwarded-For` address (the one the proxy appended) as the
     /// client IP; only behind exactly one trusted proxy.
     pub trust_forwarded_for: bool,
-    /// Failed authentications per IP or key id within `auth_window_secs` before lock-out.
+    /// Failed authentications per IP, and per key id tried from one IP, within
+    /// `auth_window_secs` before lock-out (a secret that verifies is never locked out).
     pub auth_max_failures: u32,
     pub auth_window_secs: u64,
     pub auth_lockout_secs: u64,
@@ -136,7 +135,6 @@ impl Default for ApiConfig {
             max_field_bytes: 64 * 1024,
             max_idempotency_key_len: 255,
             idempotency_ttl_secs: 24 * 3600,
-            idempotency_lock_secs: 120,
             request_timeout_secs: 120,
             max_concurrent_imports_per_client: 8,
             trust_forwarded_for: false,

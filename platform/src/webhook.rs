@@ -8,7 +8,8 @@
 //! Server-side request forgery: unless allowed by config, a target that is, or resolves to,
 //! a loopback, private, link-local, CGNAT, multicast or unspecified address is refused. The
 //! check sits in the client's DNS resolver, so the address connected to is the one checked
-//! (no DNS rebinding between check and connect), and redirects are not followed.
+//! (no DNS rebinding between check and connect), redirects are not followed, and proxies
+//! from the environment (`HTTP_PROXY` and the like) are never used.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -48,7 +49,8 @@ pub fn signature(key: &[u8], msg_id: &str, timestamp: i64, body: &[u8]) -> Strin
     format!("v1,{}", BASE64.encode(mac.finalize().into_bytes()))
 }
 
-/// Whether `ip` is a public unicast address.
+/// Whether `ip` is a public unicast address. An IPv6 address that carries an IPv4 one
+/// (mapped, compatible, NAT64, 6to4, Teredo) is judged by the IPv4 address it reaches.
 pub fn is_public(ip: IpAddr) -> bool {
     match ip {
         IpAddr::V4(a) => {
@@ -64,17 +66,39 @@ pub fn is_public(ip: IpAddr) -> bool {
                 || o0 >= 240
                 || (o0 == 100 && (o1 & 0xc0) == 64)) // 100.64.0.0/10, carrier-grade NAT
         }
-        IpAddr::V6(a) => match a.to_ipv4_mapped() {
-            Some(v4) => is_public(IpAddr::V4(v4)),
-            None => {
-                let s0 = a.segments()[0];
-                !(a.is_loopback()
-                    || a.is_unspecified()
-                    || a.is_multicast()
-                    || (s0 & 0xfe00) == 0xfc00 // unique local
-                    || (s0 & 0xffc0) == 0xfe80) // link local
+        IpAddr::V6(a) => {
+            if let Some(v4) = embedded_ipv4(a) {
+                return is_public(IpAddr::V4(v4));
             }
-        },
+            let s = a.segments();
+            !(a.is_loopback()
+                || a.is_unspecified()
+                || a.is_multicast()
+                || (s[0] & 0xfe00) == 0xfc00 // unique local
+                || (s[0] & 0xffc0) == 0xfe80 // link local
+                || (s[0] == 0x2001 && s[1] == 0x0db8) // documentation
+                || (s[0] == 0x0064 && s[1] == 0xff9b && s[2] == 0x0001) // local-use NAT64
+                || (s[0] == 0x0100 && s[1..4] == [0, 0, 0])) // discard-only
+        }
+    }
+}
+
+/// The IPv4 address an IPv6 one leads to, for the forms that embed one.
+fn embedded_ipv4(a: std::net::Ipv6Addr) -> Option<std::net::Ipv4Addr> {
+    let s = a.segments();
+    let low = |hi: u16, lo: u16| std::net::Ipv4Addr::from((u32::from(hi) << 16) | u32::from(lo));
+    match s {
+        // ::ffff:a.b.c.d (mapped) and ::a.b.c.d (compatible, deprecated); `::` and `::1`
+        // are themselves.
+        [0, 0, 0, 0, 0, 0xffff, hi, lo] => Some(low(hi, lo)),
+        [0, 0, 0, 0, 0, 0, hi, lo] if (hi, lo) > (0, 1) => Some(low(hi, lo)),
+        // 64:ff9b::/96, the NAT64 well-known prefix.
+        [0x0064, 0xff9b, 0, 0, 0, 0, hi, lo] => Some(low(hi, lo)),
+        // 2002::/16, 6to4: the gateway's address in the next 32 bits.
+        [0x2002, hi, lo, ..] => Some(low(hi, lo)),
+        // 2001::/32, Teredo: the client's address, inverted, in the last 32 bits.
+        [0x2001, 0, .., hi, lo] => Some(low(!hi, !lo)),
+        _ => None,
     }
 }
 
@@ -111,6 +135,9 @@ impl WebhookSender {
             .timeout(timeout)
             .connect_timeout(timeout.min(Duration::from_secs(5)))
             .redirect(reqwest::redirect::Policy::none())
+            // A proxy named by the environment would connect from its own network, to an
+            // address this process never checked.
+            .no_proxy()
             .dns_resolver(Arc::new(GuardedResolver { allow_private }))
             .user_agent(concat!("DataFlow-Webhooks/", env!("CARGO_PKG_VERSION")))
             .build()
@@ -251,10 +278,28 @@ mod tests {
             "fd00::1",
             "::ffff:127.0.0.1",
             "224.0.0.1",
+            // NAT64, 6to4, IPv4-compatible and Teredo forms of private addresses.
+            "64:ff9b::7f00:1",
+            "64:ff9b::a9fe:a9fe",
+            "64:ff9b:1::a00:1",
+            "2002:7f00:1::1",
+            "2002:c0a8:101::",
+            "::127.0.0.1",
+            "::10.0.0.1",
+            "2001:0:4136:e378:8000:63bf:80ff:fffe",
+            "2001:db8::1",
+            "100::1",
         ] {
             assert!(!is_public(a.parse().unwrap()), "{a}");
         }
-        for a in ["93.184.216.34", "2606:2800:220:1::1", "8.8.8.8"] {
+        for a in [
+            "93.184.216.34",
+            "2606:2800:220:1::1",
+            "8.8.8.8",
+            "64:ff9b::808:808",
+            "2002:808:808::1",
+            "::ffff:8.8.8.8",
+        ] {
             assert!(is_public(a.parse().unwrap()), "{a}");
         }
     }

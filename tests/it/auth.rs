@@ -5,11 +5,14 @@ use dataflow_contracts::http::{BatchView, ErrorBody};
 use reqwest::Method;
 use serde_json::json;
 
-use crate::helpers::{Backend, TestApp, backend_tests, csv};
+use crate::helpers::{
+    Backend, Proxy, TestApp, TestDb, backend_tests, csv, service_addr, wrong_secret,
+};
 
 backend_tests!(
     keys_authenticate_and_revocation_is_immediate,
     failed_attempts_lock_out_the_ip,
+    a_key_id_tried_from_elsewhere_does_not_lock_its_owner_out,
     rate_limit_headers_and_429,
     admin_requires_the_operator_token_and_validates_input,
     approval_and_rejection,
@@ -93,6 +96,90 @@ async fn failed_attempts_lock_out_the_ip(b: Backend) {
     };
     let (_, key) = t.client(json!({})).await;
     t.assert_locks_out(3, &key).await;
+    t.stop().await;
+}
+
+/// Failures are counted per (IP, key id): whoever learns a key's visible id and fails with
+/// it from their own address locks out only that address, never the key's owner.
+async fn a_key_id_tried_from_elsewhere_does_not_lock_its_owner_out(b: Backend) {
+    let Some(t) = TestApp::spawn_with(b, dataflow::Roles::API, |c| {
+        c.api.auth_max_failures = 3;
+        c.api.trust_forwarded_for = true;
+    })
+    .await
+    else {
+        return;
+    };
+    let (_, key) = t.client(json!({})).await;
+    let from = |ip: &str, key: &str| {
+        t.http
+            .get(t.url("/v1/batches"))
+            .bearer_auth(key)
+            .header("x-forwarded-for", ip)
+            .send()
+    };
+    let status = |r: reqwest::Response| r.status().as_u16();
+    let guess = wrong_secret(&key);
+    for _ in 0..3 {
+        assert_eq!(status(from("10.0.0.1", &guess).await.unwrap()), 401);
+    }
+    assert_eq!(status(from("10.0.0.1", &guess).await.unwrap()), 429);
+    // The owner's address has failed nothing: its own mistakes are still a plain 401.
+    assert_eq!(status(from("10.0.0.2", &guess).await.unwrap()), 401);
+    assert_eq!(status(from("10.0.0.2", &key).await.unwrap()), 200);
+    assert_eq!(status(from("10.0.0.1", &key).await.unwrap()), 200);
+    t.stop().await;
+}
+
+/// A ledger that cannot be reached answers a valid key 503 with `Retry-After`, however
+/// many such requests come: an outage never counts toward the anonymous limit (which a
+/// 429 `rate_limited` would show) nor toward the lock-out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ledger_outage_answers_503_not_the_anonymous_limit() {
+    let Some(db) = TestDb::create(Backend::Postgres).await else {
+        return;
+    };
+    let proxy = Proxy::start(service_addr(&db.url, 5432)).await;
+    let via_proxy = db.url.replacen(
+        &service_addr(&db.url, 5432).to_string(),
+        &proxy.addr.to_string(),
+        1,
+    );
+    let t = TestApp::spawn_on(db, dataflow::Roles::API, |c| {
+        c.database_url = Some(via_proxy);
+        c.api.cache_ttl_ms = 100;
+        c.api.cache_l1_ttl_ms = 100;
+        c.api.auth_max_failures = 2;
+        c.api.anonymous_rate_per_minute = 1;
+        c.api.anonymous_rate_burst = 1;
+    })
+    .await;
+    let (_, key) = t.client(json!({})).await;
+    assert_eq!(t.get(&key, "/v1/batches").await.status(), 200);
+
+    proxy.cut();
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let answers = futures::future::join_all((0..6).map(|_| t.get(&key, "/v1/batches"))).await;
+    for resp in answers {
+        assert_eq!(resp.status(), 503, "a valid key while the ledger is cut");
+        assert_eq!(resp.headers()["retry-after"], "1");
+        let body: ErrorBody = resp.json().await.unwrap();
+        assert_eq!(body.code, "ledger_unavailable");
+    }
+
+    proxy.heal();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let status = t.get(&key, "/v1/batches").await.status();
+        if status == 200 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still {status} after healing"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
     t.stop().await;
 }
 

@@ -150,9 +150,18 @@ impl TestApp {
         tweak: impl FnOnce(&mut Config),
     ) -> Option<TestApp> {
         let test_db = TestDb::create(backend).await?;
+        Some(Self::spawn_on(test_db, roles, tweak).await)
+    }
+
+    /// A process with `roles` on `test_db`; `tweak` adjusts its config.
+    pub async fn spawn_on(
+        test_db: TestDb,
+        roles: Roles,
+        tweak: impl FnOnce(&mut Config),
+    ) -> TestApp {
         let mut config = test_config(&test_db);
         tweak(&mut config);
-        Some(Self::start(config, roles, Some(test_db)).await)
+        Self::start(config, roles, Some(test_db)).await
     }
 
     async fn start(config: Config, roles: Roles, test_db: Option<TestDb>) -> TestApp {
@@ -348,7 +357,8 @@ impl TestApp {
         self.admin(method, path).send().await.unwrap()
     }
 
-    /// `failures` bad keys from this IP, then even `valid_key` is refused as locked out.
+    /// `failures` bad keys from this IP lock it out: a wrong secret is then refused as
+    /// locked out, while `valid_key`, whose secret verifies, still passes.
     pub async fn assert_locks_out(&self, failures: u32, valid_key: &str) {
         for _ in 0..failures {
             assert_eq!(
@@ -358,15 +368,20 @@ impl TestApp {
                 401
             );
         }
-        let locked = self.get(valid_key, "/v1/batches").await;
+        let locked = self.get(&wrong_secret(valid_key), "/v1/batches").await;
         assert_eq!(
             locked.status(),
             429,
-            "even a valid key is refused from a locked-out IP"
+            "a locked-out IP's next guess is refused"
         );
         assert!(locked.headers().contains_key("retry-after"));
         let body: dataflow_contracts::http::ErrorBody = locked.json().await.unwrap();
         assert_eq!(body.code, "auth_locked");
+        assert_eq!(
+            self.get(valid_key, "/v1/batches").await.status(),
+            200,
+            "a secret that verifies is never locked out"
+        );
     }
 
     /// How many `BatchCompleted` events the batch has in the outbox.
@@ -390,21 +405,26 @@ impl TestApp {
         name: &str,
         log: Option<std::fs::File>,
     ) -> std::process::Child {
+        self.worker_process(name, log).spawn().unwrap()
+    }
+
+    /// The command [`TestApp::spawn_worker_process`] runs, for a test to adjust first.
+    pub fn worker_process(&self, name: &str, log: Option<std::fs::File>) -> std::process::Command {
         let config_file = self.config.data_dir.join(format!("{name}.toml"));
         std::fs::write(&config_file, toml::to_string(&self.config).unwrap()).unwrap();
         let (stdout, stderr) = match log {
             Some(f) => (f.try_clone().unwrap().into(), f.into()),
             None => (std::process::Stdio::null(), std::process::Stdio::null()),
         };
-        std::process::Command::new(env!("CARGO_BIN_EXE_dataflow"))
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_dataflow"));
+        command
             .arg("--config")
             .arg(&config_file)
             .arg("worker")
             .env("DATAFLOW_LOG", "info")
             .stdout(stdout)
-            .stderr(stderr)
-            .spawn()
-            .unwrap()
+            .stderr(stderr);
+        command
     }
 
     /// This process's own worker (it must run one).
@@ -486,6 +506,20 @@ pub async fn test_amqp_url() -> Option<String> {
     }
 }
 
+/// The address of the service a URL such as `redis://host:port/0` or
+/// `postgres://user@host:port/db` names (`default_port` when it names none).
+pub fn service_addr(url: &str, default_port: u16) -> std::net::SocketAddr {
+    let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
+    let authority = rest.split('/').next().unwrap();
+    let host_port = authority.rsplit('@').next().unwrap();
+    let host_port = if host_port.contains(':') {
+        host_port.to_owned()
+    } else {
+        format!("{host_port}:{default_port}")
+    };
+    host_port.replace("localhost", "127.0.0.1").parse().unwrap()
+}
+
 /// A TCP proxy the test can cut (drop every connection, refuse new ones) and heal.
 pub struct Proxy {
     pub addr: std::net::SocketAddr,
@@ -541,6 +575,12 @@ impl Drop for Proxy {
         self.cut();
         self.accept.abort();
     }
+}
+
+/// `key` (`dfk_<id>_<secret>`) with its key id kept and its secret wrong.
+pub fn wrong_secret(key: &str) -> String {
+    let (id, secret) = key.rsplit_once('_').unwrap();
+    format!("{id}_{}", "0".repeat(secret.len()))
 }
 
 /// `n` CSV rows `id,name` with ids `prefix-0..n`.

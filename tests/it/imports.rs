@@ -343,13 +343,18 @@ async fn idempotency_key_replays_conflicts_and_mismatches(b: Backend) {
     };
     let busy = send(csv("k", 1), "k-2").await.unwrap();
     assert_eq!(busy.status(), 409);
-    // Once that request is known abandoned (its lock aged out), a retry takes the key over.
-    sqlx::query(
-        "UPDATE idempotency_keys SET created_at = created_at - 600000 WHERE idem_key = 'k-2'",
-    )
-    .execute(t.db.pool())
-    .await
-    .unwrap();
+    let retry_after: u64 = busy.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=120).contains(&retry_after), "{retry_after}");
+    // Once that request is past its deadline (it can no longer be running), a retry takes
+    // the key over.
+    sqlx::query("UPDATE idempotency_keys SET locked_until = created_at WHERE idem_key = 'k-2'")
+        .execute(t.db.pool())
+        .await
+        .unwrap();
     assert_eq!(send(csv("k", 1), "k-2").await.unwrap().status(), 202);
     // The slow first request finally tries to commit with its old claim: refused, nothing stored.
     let client_policy = t.db.get_client(&client).await.unwrap().unwrap().policy;
@@ -376,6 +381,61 @@ async fn idempotency_key_replays_conflicts_and_mismatches(b: Backend) {
     );
     assert_eq!(send(csv("m", 1), "k-3").await.unwrap().status(), 202);
     assert_eq!(count(&t, "imports").await, 3);
+    t.stop().await;
+}
+
+/// A request that dies between its `Idempotency-Key` claim and its commit (here: its
+/// submit waits on a table lock past the request deadline, and the server gives up on it)
+/// holds the key only until that deadline. Meanwhile a retry gets 409 with `Retry-After`;
+/// after it, the retry goes through and the import is created once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_whose_request_died_is_free_at_that_requests_deadline() {
+    use sqlx::Connection;
+    let Some(t) = TestApp::spawn_with(Backend::Postgres, dataflow::Roles::API, |c| {
+        c.api.request_timeout_secs = 2;
+    })
+    .await
+    else {
+        return;
+    };
+    let (_, key) = t.client(json!({})).await;
+    let send = || {
+        t.submit(&key, "text/csv", csv("held", 3))
+            .header("idempotency-key", "held-1")
+            .send()
+    };
+    let mut blocker = sqlx::PgConnection::connect(&t.config.database_url())
+        .await
+        .unwrap();
+    let mut hold = blocker.begin().await.unwrap();
+    sqlx::query("LOCK TABLE imports IN EXCLUSIVE MODE")
+        .execute(&mut *hold)
+        .await
+        .unwrap();
+
+    let first = tokio::spawn(send());
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let busy = send().await.unwrap();
+    assert_eq!(busy.status(), 409);
+    let retry_after: u64 = busy.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=2).contains(&retry_after), "{retry_after}");
+    assert_eq!(
+        busy.json::<ErrorBody>().await.unwrap().code,
+        "idempotency_in_progress"
+    );
+    assert_eq!(first.await.unwrap().unwrap().status(), 408);
+    hold.rollback().await.unwrap();
+
+    let retried = send().await.unwrap();
+    assert_eq!(retried.status(), 202, "{}", retried.text().await.unwrap());
+    let replayed = send().await.unwrap();
+    assert_eq!(replayed.status(), 202);
+    assert_eq!(replayed.headers()["idempotent-replayed"], "true");
+    assert_eq!(count(&t, "imports").await, 1);
     t.stop().await;
 }
 

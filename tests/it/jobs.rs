@@ -572,6 +572,57 @@ async fn recover_from_kill(queue: RedisQueue) {
     redis.delete_all_under_prefix().await.unwrap();
 }
 
+/// Deliveries never go through a proxy named in the environment: a proxy would make the
+/// request from its own network, past the check of the target's address. A real worker
+/// process with every proxy variable pointing at a listener delivers straight to the
+/// receiver, and the listener sees no connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhooks_ignore_proxies_from_the_environment() {
+    let smtp = SmtpSink::start().await;
+    let hooks = WebhookReceiver::start(200).await;
+    let Some(api) = TestApp::spawn_with(Backend::Sqlite, Roles::API, |c| fast_jobs(c, &smtp)).await
+    else {
+        return;
+    };
+    let proxy = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let proxy_url = format!("http://{}", proxy.local_addr().unwrap());
+    let proxied = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = proxied.clone();
+    let listener = tokio::spawn(async move {
+        while let Ok((conn, _)) = proxy.accept().await {
+            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            drop(conn);
+        }
+    });
+    let mut worker = api.worker_process("proxied-worker", None);
+    for var in [
+        "HTTP_PROXY",
+        "HTTPS_PROXY",
+        "ALL_PROXY",
+        "http_proxy",
+        "https_proxy",
+        "all_proxy",
+    ] {
+        worker.env(var, &proxy_url);
+    }
+    let mut child = worker
+        .env_remove("NO_PROXY")
+        .env_remove("no_proxy")
+        .spawn()
+        .unwrap();
+
+    let (_, key) = api.client(json!({"webhook_url": hooks.url()})).await;
+    let batch = api.import(&key, "text/csv", CSV).await;
+    let query = format!("batch_id={}&kind=webhook", batch.batch_id);
+    wait_jobs(&api, &query, 3, JobStatus::Done).await;
+    assert_eq!(hooks.hooks().len(), 3);
+    assert_eq!(proxied.load(std::sync::atomic::Ordering::SeqCst), 0);
+    child.kill().unwrap();
+    child.wait().unwrap();
+    listener.abort();
+    api.stop().await;
+}
+
 /// Redis: jobs Redis lost (flushed) are found by the sweeper and handed over again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jobs_lost_by_redis_are_handed_over_again() {

@@ -13,7 +13,7 @@ use dataflow_worker::{Outcome, Step};
 use reqwest::Method;
 use serde_json::json;
 
-use crate::helpers::{Backend, Proxy, TestApp, backend_tests, csv, test_redis_url};
+use crate::helpers::{Backend, Proxy, TestApp, backend_tests, csv, service_addr, test_redis_url};
 
 backend_tests!(
     rate_limit_is_exact_across_two_processes,
@@ -140,25 +140,10 @@ pub(crate) async fn behind_proxy(
     tweak: impl FnOnce(&mut dataflow_platform::Config),
 ) -> Option<(TestApp, Proxy)> {
     let url = test_redis_url().await?;
-    let proxy = Proxy::start(redis_addr(&url)).await;
+    let proxy = Proxy::start(service_addr(&url, 6379)).await;
     let via_proxy = format!("redis://{}/", proxy.addr);
     let t = TestApp::spawn_redis(b, roles, Some(via_proxy), tweak).await?;
     Some((t, proxy))
-}
-
-fn redis_addr(url: &str) -> std::net::SocketAddr {
-    let host_port = url
-        .trim_start_matches("redis://")
-        .split('/')
-        .next()
-        .unwrap();
-    let host_port = host_port.rsplit('@').next().unwrap();
-    let host_port = if host_port.contains(':') {
-        host_port.to_owned()
-    } else {
-        format!("{host_port}:6379")
-    };
-    host_port.replace("localhost", "127.0.0.1").parse().unwrap()
 }
 
 async fn redis_outage_falls_back_without_going_unlimited(b: Backend) {
@@ -408,7 +393,7 @@ async fn the_batch_mutex_needs_a_majority_of_its_lock_servers() {
     };
     let mut proxies = Vec::new();
     for _ in 0..3 {
-        proxies.push(Proxy::start(redis_addr(&url)).await);
+        proxies.push(Proxy::start(service_addr(&url, 6379)).await);
     }
     let nodes: Vec<_> = proxies
         .iter()
@@ -465,7 +450,7 @@ async fn a_separate_cache_redis_carries_the_cache_and_its_invalidations() {
     let Some(url) = test_redis_url().await else {
         return;
     };
-    let cache_url = format!("redis://{}/1", redis_addr(&url));
+    let cache_url = format!("redis://{}/1", service_addr(&url, 6379));
     let Some(a) = TestApp::spawn_redis(Backend::Sqlite, Roles::API, None, |c| {
         c.redis_cache_url = Some(Secret::new(cache_url));
         c.api.cache_l1_ttl_ms = 60_000;

@@ -24,7 +24,7 @@ use utoipa_axum::routes;
 use super::{PathParam, parse_path_id};
 use crate::auth::Principal;
 use crate::error::{ApiError, ApiResult};
-use crate::state::AppState;
+use crate::state::{AppState, Deadline};
 
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
@@ -99,7 +99,8 @@ async fn show(
                                       an empty body or a malformed `Idempotency-Key`",
          body = ErrorBody),
         (status = 409, description = "A request with this `Idempotency-Key` is still in \
-                                      progress, or this one lost the key to another",
+                                      progress (`Retry-After` says when it will have finished \
+                                      or been given up), or this one lost the key to another",
          body = ErrorBody),
         (status = 413, description = "The body or its record count is over the limit",
          body = ErrorBody),
@@ -117,6 +118,7 @@ async fn show(
 async fn submit(
     State(state): State<AppState>,
     Extension(p): Extension<Principal>,
+    deadline: Option<Extension<Deadline>>,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
@@ -155,6 +157,11 @@ async fn submit(
     if let Some(key) = &idem_key {
         let request_hash = format!("{}:{checksum}", format.as_str());
         let cfg = &state.config;
+        // The key is held while this request can still run: until its deadline.
+        let left = deadline.map_or(
+            Duration::from_secs(cfg.request_timeout_secs),
+            |Extension(Deadline(at))| at.saturating_duration_since(tokio::time::Instant::now()),
+        );
         let start = state
             .backends
             .db
@@ -163,7 +170,7 @@ async fn submit(
                 key,
                 &request_hash,
                 (cfg.idempotency_ttl_secs * 1000) as i64,
-                (cfg.idempotency_lock_secs * 1000) as i64,
+                i64::try_from(left.as_millis()).unwrap_or(i64::MAX),
             )
             .await;
         match start {
@@ -176,12 +183,19 @@ async fn submit(
                 )
                 .into_response();
             }
-            Ok(IdempotencyStart::InProgress) => {
-                return ApiError::new(
-                    StatusCode::CONFLICT,
-                    "idempotency_in_progress",
-                    "a request with this Idempotency-Key is still in progress",
-                )
+            Ok(IdempotencyStart::InProgress { retry_after_ms }) => {
+                let secs = retry_after_ms.div_ceil(1000).max(1);
+                return ApiError {
+                    retry_after_secs: Some(secs),
+                    ..ApiError::new(
+                        StatusCode::CONFLICT,
+                        "idempotency_in_progress",
+                        format!(
+                            "a request with this Idempotency-Key is still in progress; \
+                             retry in {secs} s, when it has finished or been given up"
+                        ),
+                    )
+                }
                 .into_response();
             }
             Err(e) => return ApiError::from(e).into_response(),

@@ -60,12 +60,16 @@ pub enum IdempotencyStart {
     Replay { status: u16, body: String },
     /// The key was used with a different request.
     Mismatch,
-    /// The first request with this key is still running.
-    InProgress,
+    /// The first request with this key may still be running: it holds the key for at
+    /// most `retry_after_ms` more (until its deadline).
+    InProgress { retry_after_ms: u64 },
 }
 
 impl Db {
-    /// Claims an idempotency key for a request fingerprinted by `request_hash`.
+    /// Claims an idempotency key for a request fingerprinted by `request_hash`, held for
+    /// `lock_ms` (the time the request has left before its deadline: past it the request
+    /// can no longer be running, so the key is free for a retry). The claim's token stays
+    /// the fence either way: a request that outlived its claim stores nothing.
     pub async fn idempotency_start(
         &self,
         client: &ClientId,
@@ -74,16 +78,20 @@ impl Db {
         ttl_ms: i64,
         lock_ms: i64,
     ) -> Result<IdempotencyStart> {
-        // An expired record, or an in-progress one whose request died, is taken over.
+        // An expired record, or an in-progress one whose request is past its deadline, is
+        // taken over.
         let token = ulid::Ulid::new().to_string();
         let sql = self.sql(
-            "INSERT INTO idempotency_keys (client_id, idem_key, request_hash, created_at, claim_token) \
-             VALUES ($1, $2, $3, {now}, $6) \
+            "INSERT INTO idempotency_keys \
+               (client_id, idem_key, request_hash, created_at, claim_token, locked_until) \
+             VALUES ($1, $2, $3, {now}, $6, {now} + $5) \
              ON CONFLICT (client_id, idem_key) DO UPDATE \
                SET request_hash = excluded.request_hash, created_at = excluded.created_at, \
-                   claim_token = excluded.claim_token, response_status = NULL, response_body = NULL \
+                   claim_token = excluded.claim_token, locked_until = excluded.locked_until, \
+                   response_status = NULL, response_body = NULL \
              WHERE idempotency_keys.created_at < {now} - $4 \
-                OR (idempotency_keys.response_status IS NULL AND idempotency_keys.created_at < {now} - $5) \
+                OR (idempotency_keys.response_status IS NULL \
+                    AND idempotency_keys.locked_until <= {now}) \
              RETURNING created_at",
         );
         let claimed = sqlx::query(sql)
@@ -101,14 +109,15 @@ impl Db {
                 token,
             }));
         }
-        let row = sqlx::query(
-            "SELECT request_hash, response_status, response_body FROM idempotency_keys \
-             WHERE client_id = $1 AND idem_key = $2",
-        )
-        .bind(client.as_str())
-        .bind(key)
-        .fetch_optional(self.pool())
-        .await?;
+        let sql = self.sql(
+            "SELECT request_hash, response_status, response_body, locked_until - {now} AS left_ms \
+             FROM idempotency_keys WHERE client_id = $1 AND idem_key = $2",
+        );
+        let row = sqlx::query(sql)
+            .bind(client.as_str())
+            .bind(key)
+            .fetch_optional(self.pool())
+            .await?;
         let Some(row) = row else {
             // Deleted by an abort between our two statements: the key is free again.
             return Box::pin(self.idempotency_start(client, key, request_hash, ttl_ms, lock_ms))
@@ -118,7 +127,9 @@ impl Db {
             return Ok(IdempotencyStart::Mismatch);
         }
         Ok(match row.try_get::<Option<i64>, _>("response_status")? {
-            None => IdempotencyStart::InProgress,
+            None => IdempotencyStart::InProgress {
+                retry_after_ms: count(row.try_get("left_ms")?),
+            },
             Some(status) => IdempotencyStart::Replay {
                 status: u16::try_from(status).unwrap_or(500),
                 body: row
