@@ -53,7 +53,11 @@ pub struct BatchView {
     pub records_written: u64,
     pub records_unchanged: u64,
     pub records_failed: u64,
+    /// Attempts started: the first claim and each retry after a failure.
     pub attempts: u32,
+    /// Times another worker took the batch over because its holder's lease lapsed (the
+    /// holder died, stalled or lost the ledger); these spend no attempt.
+    pub takeovers: u32,
     pub last_error: Option<String>,
     pub created_at: String,
     pub started_at: Option<String>,

@@ -85,7 +85,10 @@ impl Backends {
         let _ = rustls::crypto::ring::default_provider().install_default();
         // Before anything records a metric.
         crate::telemetry::handle();
-        let db = Db::connect(&config.database_url(), config.db_max_connections)
+        // No session may keep a transaction's locks past a third of a lease (at least a
+        // second): a stopped worker's successor takes its batch within about a lease.
+        let hold = (Duration::from_secs(config.worker.lease_secs) / 3).max(Duration::from_secs(1));
+        let db = Db::connect_holding(&config.database_url(), config.db_max_connections, hold)
             .await?
             .with_job_max_attempts(config.jobs.max_attempts);
         db.migrate().await?;

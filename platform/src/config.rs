@@ -198,6 +198,10 @@ pub struct WorkerConfig {
     pub poll_interval_ms: u64,
     /// Attempts before a batch is `dead`.
     pub max_attempts: u32,
+    /// Takeovers (another worker taking the batch because its holder's lease lapsed)
+    /// before a batch is `dead`: a batch that kills or stalls every worker that takes it
+    /// still ends. Takeovers spend no attempt.
+    pub max_takeovers: u32,
     /// Retry backoff: base × 2^(attempt-1), capped.
     pub retry_base_ms: u64,
     pub retry_max_ms: u64,
@@ -236,6 +240,7 @@ impl Default for WorkerConfig {
             lease_secs: 30,
             poll_interval_ms: 1_000,
             max_attempts: 5,
+            max_takeovers: 8,
             retry_base_ms: 1_000,
             retry_max_ms: 300_000,
             shutdown_grace_secs: 10,

@@ -159,7 +159,11 @@ async fn an_abandoned_batch_resumes_from_its_checkpoint(b: Backend) {
     expire_leases(&t).await;
     let second = worker(&t);
     let lease = second.claim_next().await.unwrap().unwrap();
-    assert_eq!((lease.checkpoint, lease.attempts), (20, 2));
+    assert_eq!(
+        (lease.checkpoint, lease.attempts, lease.takeovers),
+        (20, 1, 1),
+        "a takeover resumes the attempt, it does not spend another"
+    );
     let run = second.start(lease.clone()).await.unwrap();
     assert_eq!(
         run.remaining_chunks(),
@@ -277,29 +281,128 @@ async fn shutdown_releases_in_flight_batches(b: Backend) {
 }
 
 async fn a_batch_whose_workers_keep_dying_goes_dead(b: Backend) {
-    let Some(t) = TestApp::spawn_with(b, Roles::API, |c| c.worker.max_attempts = 3).await else {
+    let Some(t) = TestApp::spawn_with(b, Roles::API, |c| c.worker.max_takeovers = 2).await else {
         return;
     };
     let (_, key) = t.client(json!({})).await;
     let imp = t.import(&key, "text/csv", csv("crash", 5)).await;
-    // Three workers in a row claim it and die before finishing (their leases run out).
-    for attempt in 1..=3 {
+    // Workers in a row claim it and die before finishing (their leases run out): the first
+    // claim is its attempt, each later one a takeover, which spends no attempt.
+    for takeovers in 0..=2 {
         let lease = worker(&t).claim_next().await.unwrap().expect("claimable");
-        assert_eq!(lease.attempts, attempt);
+        assert_eq!((lease.attempts, lease.takeovers), (1, takeovers));
         expire_leases(&t).await;
     }
-    // The next claim sees the attempts used up and buries it instead of trying again.
+    // The next takeover is one past the cap: the claim buries it instead of trying again.
     assert_eq!(
         worker(&t).try_process_one().await.unwrap(),
         Some(Outcome::Dead)
     );
     let view = t.batch(&key, &imp.batch_id).await;
-    assert_eq!(view.status, BatchStatus::Dead);
-    assert!(view.last_error.unwrap().contains("abandoned"));
+    assert_eq!(
+        (view.status, view.attempts, view.takeovers),
+        (BatchStatus::Dead, 1, 3)
+    );
+    assert!(view.last_error.unwrap().contains("taken over 3 times"));
     assert_eq!(
         worker(&t).try_process_one().await.unwrap(),
         None,
         "dead batches are not claimed"
     );
     t.stop().await;
+}
+
+/// A real worker process stopped (`SIGSTOP`) inside a chunk transaction on PostgreSQL
+/// cannot stall its batch: the server ends its idle session within a third of a lease, its
+/// locks go with it, and a successor completes the batch while it is still stopped. The
+/// takeover spends no attempt; the stopped worker, resumed, writes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_worker_cannot_stall_its_batch() {
+    let Some(api) = TestApp::spawn_with(Backend::Postgres, Roles::API, |c| {
+        c.worker.lease_secs = 3;
+        c.worker.chunk_size = 50;
+    })
+    .await
+    else {
+        return;
+    };
+    let (_, key) = api
+        .client(json!({"rate_per_minute": 60000, "rate_burst": 1000}))
+        .await;
+    let imp = api.import(&key, "text/csv", csv("frozen", 20_000)).await;
+    let log = std::fs::File::create(api.config.data_dir.join("frozen.log")).unwrap();
+    let mut child = api.spawn_worker_process("frozen", Some(log));
+    let started = std::time::Instant::now();
+    while api.batch(&key, &imp.batch_id).await.records_processed == 0 {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(30),
+            "never started"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    // Stop it at a moment when it is inside a transaction (holding the batch row's lock).
+    let in_transaction = || async {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT COUNT(*) FROM pg_stat_activity WHERE datname = current_database() \
+             AND state = 'idle in transaction' AND pid <> pg_backend_pid()",
+        )
+        .fetch_one(api.db.pool())
+        .await
+        .unwrap()
+    };
+    let mut tries = 0;
+    loop {
+        signal(&child, "STOP");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        if in_transaction().await > 0 {
+            break;
+        }
+        tries += 1;
+        assert!(tries < 200, "never caught the worker inside a transaction");
+        signal(&child, "CONT");
+        tokio::time::sleep(std::time::Duration::from_millis(7)).await;
+    }
+    let stopped = std::time::Instant::now();
+
+    let successor = api.sibling(Roles::WORKER).await;
+    let done = api
+        .wait_for(&key, &imp.batch_id, BatchStatus::Completed)
+        .await;
+    let took = stopped.elapsed();
+    eprintln!(
+        "a worker stopped inside a transaction: its batch completed {took:?} later by a successor, {} attempt(s), {} takeover(s)",
+        done.attempts, done.takeovers
+    );
+    assert_eq!(child.try_wait().unwrap(), None, "still stopped, not dead");
+    assert_eq!((done.attempts, done.takeovers), (1, 1), "{done:?}");
+    assert_eq!(
+        (
+            done.records_processed,
+            done.records_written + done.records_unchanged
+        ),
+        (20_000, 20_000)
+    );
+
+    // Resumed, the stopped worker finds its session gone and the fence closed.
+    signal(&child, "CONT");
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    assert_eq!(api.completions(&imp.batch_id).await, 1);
+    assert_eq!(
+        api.batch(&key, &imp.batch_id).await.status,
+        BatchStatus::Completed
+    );
+    child.kill().unwrap();
+    child.wait().unwrap();
+    successor.stop().await;
+    api.stop().await;
+}
+
+/// Sends `sig` (`STOP`, `CONT`) to a process this test started.
+fn signal(child: &std::process::Child, sig: &str) {
+    let status = std::process::Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(child.id().to_string())
+        .status()
+        .unwrap();
+    assert!(status.success(), "kill -{sig}");
 }

@@ -367,10 +367,14 @@ impl Worker {
     /// boundary and hand the batch back.
     #[tracing::instrument(skip_all, fields(batch_id = %lease.batch_id, attempt = lease.attempts))]
     pub async fn process(&self, lease: Lease, release: &CancellationToken) -> Outcome {
-        if lease.attempts > self.config.max_attempts {
-            // Its earlier holders died mid-batch too often: a poison batch.
+        if lease.takeovers > self.config.max_takeovers {
+            // Its holders died or stalled mid-batch every time: a poison batch.
             let error = AttemptError {
-                message: "abandoned by its worker on every attempt".into(),
+                message: format!(
+                    "taken over {} times: every worker holding it died or stalled before \
+                     its lease ran out",
+                    lease.takeovers
+                ),
                 permanent: true,
             };
             let outcome = self.fail(&lease, error).await;
@@ -381,7 +385,7 @@ impl Worker {
         self.live
             .publish(LiveKind::BatchProcessing, lease.batch_id.as_str());
         let claimed = std::time::Instant::now();
-        if lease.attempts == 1 {
+        if lease.attempts == 1 && !lease.took_over {
             metrics::histogram!("dataflow_batch_enqueue_to_start_seconds")
                 .record(lease.waited_ms as f64 / 1000.0);
         }

@@ -229,6 +229,7 @@ pub async fn detail(
                         dt { "Status" } dd.status { (layout::status(b.status.as_str())) }
                         dt { "Import" } dd.mono { (b.import_id) }
                         dt { "Attempts" } dd { (b.attempts) }
+                        dt { "Takeovers" } dd { (b.takeovers) }
                         dt { "Created" } dd { (layout::time(&b.created_at)) }
                         dt { "Started" } dd { @if let Some(t) = &b.started_at { (layout::time(t)) } @else { "—" } }
                         dt { "Finished" } dd { @if let Some(t) = &b.completed_at { (layout::time(t)) } @else { "—" } }

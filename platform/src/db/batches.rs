@@ -39,23 +39,28 @@ macro_rules! client_policy {
 }
 
 /// The claim itself for the batch `$where` selects: a new lease epoch (the fencing token),
-/// one more attempt. Binds `$1` owner and `$2` lease length.
+/// and one more attempt, or, for a batch still `processing` under a lapsed lease, one more
+/// takeover (its holder died or stalled: that spends no attempt). Binds `$1` owner and `$2`
+/// lease length. (`status` on the right of `SET` is the row's value before the update.)
 macro_rules! take_lease {
     ($where:expr) => {
         concat!(
             "UPDATE batches SET status = 'processing', lease_owner = $1, \
                  lease_epoch = lease_epoch + 1, lease_expires_at = {now} + $2, \
-                 attempts = attempts + 1, started_at = COALESCE(started_at, {now}), \
-                 updated_at = {now} WHERE ",
+                 attempts = attempts + CASE WHEN status = 'processing' THEN 0 ELSE 1 END, \
+                 takeovers = takeovers + CASE WHEN status = 'processing' THEN 1 ELSE 0 END, \
+                 took_over = CASE WHEN status = 'processing' THEN 1 ELSE 0 END, \
+                 started_at = COALESCE(started_at, {now}), updated_at = {now} WHERE ",
             $where,
-            " RETURNING id, client_id, import_id, lease_epoch, attempts, checkpoint, \
-              records_total, format, policy, {now} - created_at AS waited_ms"
+            " RETURNING id, client_id, import_id, lease_epoch, attempts, takeovers, \
+              took_over, checkpoint, records_total, format, policy, {now} - created_at AS waited_ms"
         )
     };
 }
 
 pub(super) const BATCH_COLUMNS: &str = "id, import_id, status, records_total, checkpoint, records_written, \
-     records_unchanged, records_failed, attempts, last_error, created_at, started_at, completed_at";
+     records_unchanged, records_failed, attempts, takeovers, last_error, created_at, started_at, \
+     completed_at";
 
 /// A held lease: the right to write to one batch while `epoch` is current.
 #[derive(Debug, Clone)]
@@ -65,8 +70,12 @@ pub struct Lease {
     pub import_id: ImportId,
     pub owner: String,
     pub epoch: i64,
-    /// Including this one.
+    /// Including this one, unless this claim is a takeover.
     pub attempts: u32,
+    /// Claims of the batch from a holder whose lease lapsed, including this one if it is.
+    pub takeovers: u32,
+    /// This claim took the batch from a holder whose lease lapsed.
+    pub took_over: bool,
     /// Records already handled by earlier holders.
     pub checkpoint: u64,
     pub records_total: u64,
@@ -421,10 +430,12 @@ impl Db {
         Ok(outcome)
     }
 
-    /// Gives a batch back untouched (shutdown): ready at once, the attempt not counted.
+    /// Gives a batch back untouched (shutdown): ready at once, the claim not counted (as an
+    /// attempt or as a takeover, whichever it was).
     pub async fn release_batch(&self, lease: &Lease) -> Result<()> {
         let sql = self.sql(
-            "UPDATE batches SET status = 'ready', attempts = attempts - 1, available_at = {now}, \
+            "UPDATE batches SET status = 'ready', attempts = attempts - 1 + took_over, \
+                 takeovers = takeovers - took_over, took_over = 0, available_at = {now}, \
                  updated_at = {now}, lease_owner = NULL, lease_expires_at = NULL \
              WHERE id = $1 AND lease_epoch = $2 AND status = 'processing'",
         );
@@ -677,6 +688,8 @@ fn lease_from_row(r: &AnyRow, owner: &str) -> Result<Lease> {
         owner: owner.to_owned(),
         epoch: r.try_get("lease_epoch")?,
         attempts: u32::try_from(r.try_get::<i64, _>("attempts")?).unwrap_or(u32::MAX),
+        takeovers: u32::try_from(r.try_get::<i64, _>("takeovers")?).unwrap_or(u32::MAX),
+        took_over: r.try_get::<i64, _>("took_over")? != 0,
         checkpoint: count(r.try_get("checkpoint")?),
         records_total: count(r.try_get("records_total")?),
         format: format.parse().map_err(Error::Invalid)?,
@@ -701,6 +714,7 @@ pub(super) fn batch_from_row(r: &AnyRow) -> Result<BatchView> {
         records_unchanged: count(r.try_get("records_unchanged")?),
         records_failed: count(r.try_get("records_failed")?),
         attempts: u32::try_from(r.try_get::<i64, _>("attempts")?).unwrap_or(u32::MAX),
+        takeovers: u32::try_from(r.try_get::<i64, _>("takeovers")?).unwrap_or(u32::MAX),
         last_error: r.try_get("last_error")?,
         created_at: rfc3339(r.try_get("created_at")?),
         started_at: started_at.map(rfc3339),

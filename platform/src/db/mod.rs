@@ -80,6 +80,18 @@ const SQLITE_SESSION: &str = "PRAGMA journal_mode = WAL; PRAGMA synchronous = NO
 /// their fence, completions and every outbox row stay durable commits on the main pool.
 const BOOKKEEPING: &str = "SET synchronous_commit = off";
 
+/// How long a PostgreSQL session may sit idle inside a transaction before the server ends
+/// it, when the caller sets nothing shorter ([`Db::connect_holding`]).
+///
+/// Why: a process that stops between two statements of a transaction (`SIGSTOP`, a VM
+/// pause, a debugger) keeps its row locks for as long as it is stopped. Its lease lapses,
+/// but its successor would wait on those locks (or skip the locked batch) until the frozen
+/// process resumed. Ended by the server, the session's transaction rolls back and its
+/// locks go; the frozen process finds its connection gone when it wakes, and the fence
+/// refuses whatever it tries next. DataFlow's own transactions never wait between their
+/// statements, so only a stopped or hung process reaches the limit.
+pub const DEFAULT_IDLE_IN_TRANSACTION: std::time::Duration = std::time::Duration::from_secs(10);
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Dialect {
     Sqlite,
@@ -128,6 +140,17 @@ pub struct Db {
 impl Db {
     /// Connects (creating the SQLite file and its folder when needed).
     pub async fn connect(url: &str, max_connections: u32) -> Result<Db> {
+        Self::connect_holding(url, max_connections, DEFAULT_IDLE_IN_TRANSACTION).await
+    }
+
+    /// [`Db::connect`] whose PostgreSQL sessions hold a transaction's locks for at most
+    /// `idle_in_transaction` of idleness ([`DEFAULT_IDLE_IN_TRANSACTION`] says why); a
+    /// worker passes a fraction of its lease, so no lock outlives a lease.
+    pub async fn connect_holding(
+        url: &str,
+        max_connections: u32,
+        idle_in_transaction: std::time::Duration,
+    ) -> Result<Db> {
         install_default_drivers();
         let dialect = if url.starts_with("sqlite:") {
             Dialect::Sqlite
@@ -141,12 +164,21 @@ impl Db {
             }
             Dialect::Postgres => (url.to_owned(), None),
         };
-        let session = (dialect == Dialect::Sqlite).then_some(SQLITE_SESSION);
-        let pool = pool_options(max_connections, session).connect(&url).await?;
-        let bookkeeping = match dialect {
-            Dialect::Sqlite => pool.clone(),
+        let (session, bookkeeping_session) = match dialect {
+            Dialect::Sqlite => (SQLITE_SESSION.to_owned(), None),
             Dialect::Postgres => {
-                pool_options((max_connections / 2).max(1), Some(BOOKKEEPING)).connect_lazy(&url)?
+                let hold = format!(
+                    "SET idle_in_transaction_session_timeout = {}",
+                    idle_in_transaction.as_millis().max(1)
+                );
+                (hold.clone(), Some(format!("{BOOKKEEPING}; {hold}")))
+            }
+        };
+        let pool = pool_options(max_connections, session).connect(&url).await?;
+        let bookkeeping = match bookkeeping_session {
+            None => pool.clone(),
+            Some(session) => {
+                pool_options((max_connections / 2).max(1), session).connect_lazy(&url)?
             }
         };
         Ok(Db {
@@ -277,13 +309,13 @@ impl Db {
 }
 
 /// The pool settings of a ledger; `session` is run on each new connection.
-fn pool_options(max_connections: u32, session: Option<&'static str>) -> AnyPoolOptions {
+fn pool_options(max_connections: u32, session: String) -> AnyPoolOptions {
     // sqlx pings every connection it hands out by default: a round trip to PostgreSQL, or
     // a hop to SQLite's worker thread and back, before each statement. Only a connection
     // that sat idle can have been cut off unnoticed (a server restart, a proxy's idle
     // timeout); one in steady use fails its next statement like any other, and the
     // caller's retry gets a fresh one.
-    let mut options = AnyPoolOptions::new()
+    let options = AnyPoolOptions::new()
         .max_connections(max_connections)
         .acquire_timeout(gate::WAIT)
         .test_before_acquire(false)
@@ -295,15 +327,14 @@ fn pool_options(max_connections: u32, session: Option<&'static str>) -> AnyPoolO
                 Ok(true)
             })
         });
-    if let Some(session) = session {
-        options = options.after_connect(move |conn, _| {
-            Box::pin(async move {
-                conn.execute(session).await?;
-                Ok(())
-            })
-        });
-    }
-    options
+    let session: Arc<str> = session.into();
+    options.after_connect(move |conn, _| {
+        let session = session.clone();
+        Box::pin(async move {
+            conn.execute(AssertSqlSafe(&*session)).await?;
+            Ok(())
+        })
+    })
 }
 
 /// `sqlite://dir/file.db` → make sure `dir` exists and ask sqlite to create the file; the
