@@ -144,6 +144,15 @@ impl App {
                     move |token| summaries::run(db.clone(), schedule.clone(), token),
                 ));
             }
+            // The leader takes back the batches of workers the registry says are gone.
+            let (db, fleet, me) = (backends.db.clone(), backends.fleet.clone(), worker.clone());
+            tasks.spawn(leader::while_leading(
+                leading.clone(),
+                shutdown.clone(),
+                move |token| {
+                    dataflow_worker::reclaim::run(db.clone(), fleet.clone(), me.clone(), token)
+                },
+            ));
             // In the fleet registry while it runs; a drain request stops this process.
             tasks.spawn(dataflow_worker::membership::run(
                 backends.fleet.clone(),

@@ -119,6 +119,26 @@ impl BatchMutex {
             .ok()
     }
 
+    /// Removes the lock of `batch` whoever holds it: for a holder known to be gone, whose
+    /// lock would otherwise keep the batch from everyone for the rest of its TTL. Safe
+    /// because the SQL fence, not this lock, decides who may write (best effort).
+    pub async fn break_lock(&self, batch: &BatchId) {
+        let BatchMutex::Redlock(r) = self else {
+            return;
+        };
+        let resource = r.resource(batch);
+        let deletes = r.nodes.iter().map(|n| {
+            let resource = resource.clone();
+            async move {
+                redis::cmd("DEL")
+                    .arg(resource)
+                    .query_async::<()>(&mut n.conn())
+                    .await
+            }
+        });
+        let _ = tokio::time::timeout(LOCK_TIMEOUT, futures::future::join_all(deletes)).await;
+    }
+
     /// Attempts that fell back to the SQL lease because Redis was unreachable.
     pub fn degraded(&self) -> u64 {
         match self {

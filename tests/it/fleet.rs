@@ -117,3 +117,63 @@ async fn workers_register_drain_and_leave_in_redis() {
     };
     register_drain_and_leave(api).await;
 }
+
+/// A worker process killed with `kill -9` mid-batch: the leader learns from the registry
+/// that it is gone and takes its batch back then, not a whole lease later (the lease here
+/// is a minute). The takeover spends no attempt.
+async fn a_killed_workers_batch_is_taken_back_before_its_lease_lapses(api: TestApp) {
+    let (_, key) = api
+        .client(serde_json::json!({"rate_per_minute": 60000, "rate_burst": 1000}))
+        .await;
+    let imp = api
+        .import(&key, "text/csv", crate::helpers::csv("gone", 20_000))
+        .await;
+    let mut child = api.spawn_worker_process("doomed", None);
+    let started = Instant::now();
+    while api.batch(&key, &imp.batch_id).await.records_processed == 0 {
+        assert!(started.elapsed() < Duration::from_secs(30), "never started");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let killed = Instant::now();
+    let successor = api.sibling(Roles::WORKER).await;
+    let done = api
+        .wait_for(
+            &key,
+            &imp.batch_id,
+            dataflow_contracts::BatchStatus::Completed,
+        )
+        .await;
+    let took = killed.elapsed();
+    eprintln!("kill -9 mid-batch -> completed by a successor {took:?} later (lease 60 s)");
+    assert!(took < Duration::from_secs(30), "{took:?}");
+    assert_eq!((done.attempts, done.takeovers), (1, 1), "{done:?}");
+    assert_eq!(done.records_processed, 20_000);
+    successor.stop().await;
+    api.stop().await;
+}
+
+fn long_lease(c: &mut dataflow_platform::Config) {
+    c.worker.lease_secs = 60;
+    c.worker.chunk_size = 50;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_workers_batch_is_taken_back_early_with_the_registry_in_the_ledger() {
+    let Some(api) = TestApp::spawn_with(Backend::Postgres, Roles::API, long_lease).await else {
+        return;
+    };
+    a_killed_workers_batch_is_taken_back_before_its_lease_lapses(api).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_workers_batch_is_taken_back_early_with_the_registry_in_redis() {
+    let Some(api) = TestApp::spawn_redis(Backend::Postgres, Roles::API, None, long_lease).await
+    else {
+        return;
+    };
+    let redis = api.app.as_ref().unwrap().backends.redis.clone().unwrap();
+    a_killed_workers_batch_is_taken_back_before_its_lease_lapses(api).await;
+    redis.delete_all_under_prefix().await.unwrap();
+}

@@ -12,13 +12,14 @@
 //! - [`jobs`]: the follow-up jobs (email, report, webhook) on apalis workers;
 //! - [`leader`]: the fleet leader's lease, and the singleton duties that run only there
 //!   (the job sweeper in [`jobs`], and [`summaries`]: the daily per-client summaries on
-//!   apalis-cron).
+//!   apalis-cron), and [`reclaim`]: taking back the batches of workers that are gone.
 
 pub mod consumer;
 pub mod jobs;
 pub mod leader;
 pub mod membership;
 pub mod prepare;
+pub mod reclaim;
 pub mod summaries;
 
 use std::collections::{HashMap, VecDeque};
@@ -168,6 +169,16 @@ impl Worker {
 
     pub fn stats(&self) -> &WorkerStats {
         &self.stats
+    }
+
+    /// Batches whose holders are gone and whose leases were ended ([`reclaim`]): their
+    /// mutexes are broken too, and the claim loop looks for them now rather than at its
+    /// next poll.
+    pub async fn take_back(&self, batches: &[BatchId]) {
+        for batch in batches {
+            self.mutex.break_lock(batch).await;
+        }
+        self.retry_due.notify_one();
     }
 
     /// Batches being processed right now.

@@ -180,6 +180,31 @@ impl Db {
         row.map(|r| lease_from_row(&r, owner)).transpose()
     }
 
+    /// Ends the leases of batches held by workers that are gone: `processing` under an
+    /// unexpired lease whose owner is not among `live` and that no claim or chunk touched
+    /// for `quiet_ms` (a worker that has just started may not be in the registry yet).
+    /// They are claimable at once, as a takeover; the fence still decides, so an owner
+    /// that was alive after all has its next write refused. Returns the batches freed.
+    pub async fn end_leases_of_gone_workers(
+        &self,
+        live: &[String],
+        quiet_ms: i64,
+    ) -> Result<Vec<BatchId>> {
+        let live = serde_json::to_string(live).map_err(|e| Error::Invalid(e.to_string()))?;
+        let sql = self.sql(
+            "UPDATE batches SET lease_expires_at = {now} - 1 \
+             WHERE status = 'processing' AND lease_expires_at >= {now} \
+               AND updated_at < {now} - $2 AND lease_owner NOT IN ({id_list}) \
+             RETURNING id",
+        );
+        let ids: Vec<String> = sqlx::query_scalar(sql)
+            .bind(live)
+            .bind(quiet_ms)
+            .fetch_all(&mut *self.writer().await?)
+            .await?;
+        ids.into_iter().map(parse_id).collect()
+    }
+
     pub async fn load_payload(&self, batch_id: &BatchId) -> Result<Vec<u8>> {
         sqlx::query_scalar("SELECT body FROM payloads WHERE batch_id = $1")
             .bind(batch_id.as_str())

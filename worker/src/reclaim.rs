@@ -1,0 +1,46 @@
+//! The leader's reclaim of batches whose worker is gone: the fleet registry knows within
+//! [`MEMBER_TTL`] that a worker died, long before its batch leases would lapse, so the
+//! leader ends those leases then, breaks their batch mutexes, and wakes its own claim loop
+//! to take them over. A restarted process no longer waits out its dead predecessor's
+//! leases.
+//!
+//! The registry is trusted only while it lists the leader itself (a registry that lost
+//! its entries, a Redis flushed or failed over, would make every worker look gone). Even
+//! then it only decides *when* a batch may be taken: the lease epoch still decides who may
+//! write, so a worker wrongly judged gone loses a chunk's work, never correctness.
+
+use std::sync::Arc;
+
+use dataflow_platform::db::Db;
+use dataflow_platform::fleet::{BEAT, Fleet, MEMBER_TTL};
+use tokio_util::sync::CancellationToken;
+
+use crate::Worker;
+
+/// Runs while this worker leads, every [`BEAT`], until `stop`.
+pub async fn run(db: Db, fleet: Arc<Fleet>, worker: Worker, stop: CancellationToken) {
+    let quiet_ms = i64::try_from(MEMBER_TTL.as_millis()).unwrap_or(i64::MAX);
+    loop {
+        match fleet.list().await {
+            Ok(members) if members.iter().any(|m| m.id == worker.id()) => {
+                let live: Vec<String> = members.into_iter().map(|m| m.id).collect();
+                match db.end_leases_of_gone_workers(&live, quiet_ms).await {
+                    Ok(freed) if !freed.is_empty() => {
+                        tracing::warn!(batches = ?freed, "took back the batches of workers that are gone");
+                        metrics::counter!("dataflow_batches_reclaimed_total")
+                            .increment(freed.len() as u64);
+                        worker.take_back(&freed).await;
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(error = %e, "reclaiming gone workers' batches failed"),
+                }
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "reading the fleet registry failed"),
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(BEAT) => {}
+        }
+    }
+}
