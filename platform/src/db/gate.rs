@@ -149,18 +149,25 @@ impl Gate {
         if !try_flock(&self.file)? {
             // Another process writes: wait on a blocking thread, looking every 100 µs (an
             // async timer cannot sleep less than a millisecond).
-            let file = self.file.clone();
+            let wait = FlockWait::new(&self.file);
+            let (file, state) = (self.file.clone(), wait.state.clone());
             tokio::task::spawn_blocking(move || {
-                while !try_flock(&file)? {
+                loop {
+                    if *lock_state(&state) == Flock::Abandoned {
+                        return Err(busy());
+                    }
+                    if try_flock(&file)? {
+                        return FlockWait::taken(&file, &state);
+                    }
                     if Instant::now() >= deadline {
                         return Err(busy());
                     }
                     std::thread::sleep(RECHECK);
                 }
-                Ok(())
             })
             .await
             .map_err(|e| lock_failed(std::io::Error::other(e)))??;
+            wait.done();
         }
         Ok(Pass {
             file: self.file.clone(),
@@ -270,6 +277,71 @@ impl Gate {
             gate.checkpointing.store(false, Ordering::Release);
         });
     }
+}
+
+/// Where a wait for another process's file lock stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Flock {
+    Waiting,
+    /// The thread took the lock for a writer that is still there.
+    Taken,
+    /// The writer went away (its caller dropped it) before the lock was taken.
+    Abandoned,
+}
+
+/// The writer's side of a wait on a blocking thread, which goes on when the writer's future
+/// is dropped. Cancel-safe: whichever of the two comes second puts right what the first
+/// left, so a writer dropped mid-wait (a client that disconnected) never leaves the lock
+/// taken by a thread nobody waits for, which would stall every other process's writers.
+struct FlockWait {
+    file: Arc<File>,
+    state: Arc<Mutex<Flock>>,
+    /// Cleared once the lock is the writer's [`Pass`]'s to release.
+    armed: bool,
+}
+
+impl FlockWait {
+    fn new(file: &Arc<File>) -> FlockWait {
+        FlockWait {
+            file: file.clone(),
+            state: Arc::new(Mutex::new(Flock::Waiting)),
+            armed: true,
+        }
+    }
+
+    /// On the thread, once it holds the lock: keeps it for a writer still waiting, lets it
+    /// go if the writer left.
+    fn taken(file: &File, state: &Mutex<Flock>) -> Result<()> {
+        let mut state = lock_state(state);
+        if *state == Flock::Abandoned {
+            let _ = file.unlock();
+            return Err(busy());
+        }
+        *state = Flock::Taken;
+        Ok(())
+    }
+
+    /// The writer has the lock, and its pass will release it.
+    fn done(mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for FlockWait {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let mut state = lock_state(&self.state);
+        if *state == Flock::Taken {
+            let _ = self.file.unlock();
+        }
+        *state = Flock::Abandoned;
+    }
+}
+
+fn lock_state(state: &Mutex<Flock>) -> std::sync::MutexGuard<'_, Flock> {
+    state.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Takes the file lock if no other process holds it: whether it was taken.
@@ -517,6 +589,35 @@ mod tests {
             .expect("the writer went on once the lock was free")
             .unwrap()
             .unwrap();
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    /// A writer dropped while it waits for another process's lock (a client that went
+    /// away mid-request) leaves nothing behind: once the other process lets go, the lock is
+    /// free for every process, not taken by a waiter nobody is waiting on any more.
+    #[tokio::test]
+    async fn a_writer_dropped_while_it_waits_for_the_lock_leaves_it_free() {
+        let (db, dir) = ledger().await;
+        let lock = dir.join("ledger.db-writer.lock");
+        let other = File::options().write(true).open(&lock).unwrap();
+        other.lock().unwrap();
+        let writer = tokio::spawn({
+            let db = db.clone();
+            async move { insert(&db, 1).await }
+        });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        writer.abort();
+        assert!(writer.await.unwrap_err().is_cancelled());
+        other.unlock().unwrap();
+        // A third process finds the lock free (give an orphaned wait time to take it).
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let third = File::options().write(true).open(&lock).unwrap();
+        assert!(
+            third.try_lock().is_ok(),
+            "the dropped writer's wait took the lock and kept it"
+        );
+        third.unlock().unwrap();
+        insert(&db, 2).await.unwrap();
         std::fs::remove_dir_all(dir).unwrap();
     }
 
