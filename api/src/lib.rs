@@ -73,9 +73,28 @@ pub fn router(state: AppState) -> Router {
     routes
         .nest("/ui", ui::router(state.clone()))
         .fallback(|| async { ApiError::not_found() })
+        .layer(middleware::from_fn_with_state(state.clone(), durable))
         .layer(middleware::from_fn_with_state(state.clone(), deadline))
         .layer(middleware::from_fn(track))
         .with_state(state)
+}
+
+/// A request that may have written is answered only once its writes are on disk
+/// ([`dataflow_platform::db::Db::durable`]: SQLite's commits share a sync; PostgreSQL's
+/// are durable already). A `202` promises the import is never lost, power cut included.
+async fn durable(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let reads_only = matches!(
+        *req.method(),
+        axum::http::Method::GET | axum::http::Method::HEAD | axum::http::Method::OPTIONS
+    );
+    let resp = next.run(req).await;
+    if reads_only || resp.status().is_server_error() {
+        return resp;
+    }
+    match state.backends.db.durable().await {
+        Ok(()) => resp,
+        Err(e) => ApiError::from(e).into_response(),
+    }
 }
 
 /// What a process without the API serves for operations: `/healthz`, `/readyz`,

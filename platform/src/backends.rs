@@ -90,7 +90,8 @@ impl Backends {
         let hold = (Duration::from_secs(config.worker.lease_secs) / 3).max(Duration::from_secs(1));
         let db = Db::connect_holding(&config.database_url(), config.db_max_connections, hold)
             .await?
-            .with_job_max_attempts(config.jobs.max_attempts);
+            .with_job_max_attempts(config.jobs.max_attempts)
+            .with_durable_commits(config.sqlite_durable_commits);
         db.migrate().await?;
         let secret = resolve_secret(config.secret.as_ref(), &config.data_dir, "server-secret")?;
         let admin_token =

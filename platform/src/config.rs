@@ -40,6 +40,11 @@ pub struct Config {
     pub admin_token: Option<Secret>,
     /// Key for the HMAC that stores API key secrets. Generated into the data folder when unset.
     pub secret: Option<Secret>,
+    /// SQLite: nothing is answered (a `202`, an operator's change) or published before the
+    /// writes it acknowledges are on disk; writers that meet share one sync. `false` trades
+    /// that away: a power cut or host crash may lose the last ~10 ms of answered writes.
+    /// (PostgreSQL's commits are durable either way.)
+    pub sqlite_durable_commits: bool,
     /// Connections in the SQL pool. On PostgreSQL a process opens up to half as many again
     /// (at least one) for bookkeeping writes, which commit without waiting for the disk.
     pub db_max_connections: u32,
@@ -75,6 +80,7 @@ impl Default for Config {
             admin_token: None,
             secret: None,
             db_max_connections: 10,
+            sqlite_durable_commits: true,
             redis_url: None,
             redis_prefix: "dataflow".to_owned(),
             redis_ca_file: None,

@@ -48,6 +48,10 @@ impl Error {
     /// The ledger cannot serve right now (unreachable, overloaded, busy, or the transaction
     /// lost a conflict): a retry later can succeed, so callers answer 503, not 500.
     pub fn is_unavailable(&self) -> bool {
+        // The ledger's own waits (for SQLite's write lock, for its log to reach the disk).
+        if let Error::Io { source, .. } = self {
+            return source.kind() == std::io::ErrorKind::TimedOut;
+        }
         let Error::Db(e) = self else { return false };
         match e {
             sqlx::Error::PoolTimedOut

@@ -44,6 +44,10 @@ pub struct IngestArgs {
     /// Records per committed chunk.
     #[arg(long, default_value_t = 5_000)]
     pub chunk_size: usize,
+    /// SQLite: answer submits without waiting for their commit to reach the disk
+    /// (`sqlite_durable_commits = false`), to measure what durability costs.
+    #[arg(long)]
+    pub fast_commits: bool,
 }
 
 pub async fn ingest(args: IngestArgs) -> anyhow::Result<()> {
@@ -53,6 +57,7 @@ pub async fn ingest(args: IngestArgs) -> anyhow::Result<()> {
     config.worker.concurrency = args.concurrency;
     config.worker.chunk_size = args.chunk_size;
     config.worker.poll_interval_ms = 100;
+    config.sqlite_durable_commits = !args.fast_commits;
     config.api.max_concurrent_imports_per_client = args.imports.max(1);
     config.validate()?;
     let backend = ledger.backend;
@@ -165,8 +170,10 @@ async fn run_ingest(args: &IngestArgs, config: Config, backend: &str) -> anyhow:
     let total = (args.imports * args.records) as f64;
     let e2e_rate = total / e2e_s;
     print!(
-        "name=ingest backend={backend} imports={} records_per_import={} mib={:.1} submit_s={submit_s:.3} \
-         submit_records_per_s={:.0} e2e_s={e2e_s:.3} e2e_records_per_s={e2e_rate:.0}",
+        "name=ingest backend={backend} durable_commits={} imports={} records_per_import={} \
+         mib={:.1} submit_s={submit_s:.3} submit_records_per_s={:.0} e2e_s={e2e_s:.3} \
+         e2e_records_per_s={e2e_rate:.0}",
+        !args.fast_commits,
         args.imports,
         args.records,
         bytes as f64 / 1_048_576.0,

@@ -10,6 +10,7 @@ fn tiny(database_url: Option<String>) -> IngestArgs {
         database_url,
         concurrency: 2,
         chunk_size: 50,
+        fast_commits: false,
     }
 }
 

@@ -11,18 +11,29 @@
 //! so a power cut loses at most that much, not everything since the last checkpoint.
 //!
 //! Like PostgreSQL's WAL writer, it only syncs after writes: an idle ledger costs nothing.
+//!
+//! It is also the ledger's group commit. What DataFlow answers must be on disk first (a
+//! `202` for an import, an operator's change, an event it publishes), so those paths ask
+//! for a barrier ([`Flusher::barrier`]): it wakes the thread at once and waits until a
+//! sync that began after it finished. Barriers that meet share one sync, and the writes
+//! nobody was promised (chunk progress, bookkeeping) never wait for the disk.
 
 use std::fs::File;
 use std::io::ErrorKind;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Weak};
+use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
+
+use tokio::sync::watch;
 
 use crate::{Error, Result};
 
 /// How often the files are synced while writes go on.
 const EVERY: Duration = Duration::from_millis(10);
+
+/// How long a barrier waits for a sync before it reports the ledger's disk as failing.
+const BARRIER_WAIT: Duration = Duration::from_secs(10);
 
 /// The write count of one ledger file, and the thread that follows it.
 pub(crate) struct Flusher {
@@ -30,6 +41,12 @@ pub(crate) struct Flusher {
     finished: AtomicU64,
     /// Rounds in which the files were synced.
     flushes: AtomicU64,
+    /// Barriers asked for so far (each one's number is its ticket).
+    wanted: AtomicU64,
+    /// The last barrier ticket a successful sync covered.
+    served: watch::Sender<u64>,
+    /// The thread, to wake at once for a barrier.
+    thread: OnceLock<std::thread::Thread>,
 }
 
 impl Flusher {
@@ -38,16 +55,20 @@ impl Flusher {
         let flusher = Arc::new(Flusher {
             finished: AtomicU64::new(0),
             flushes: AtomicU64::new(0),
+            wanted: AtomicU64::new(0),
+            served: watch::Sender::new(0),
+            thread: OnceLock::new(),
         });
         let files = [PathBuf::from(format!("{}-wal", db.display())), db.into()];
         let weak = Arc::downgrade(&flusher);
-        std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name("dataflow-ledger-flush".into())
             .spawn(move || run(&weak, &files))
             .map_err(|source| Error::Io {
                 context: format!("starting the flush thread of {}", db.display()),
                 source,
             })?;
+        let _ = flusher.thread.set(thread.thread().clone());
         Ok(flusher)
     }
 
@@ -57,6 +78,26 @@ impl Flusher {
         self.finished.fetch_add(1, Ordering::Release);
     }
 
+    /// Waits until every write to the ledger finished before the call is on disk: this
+    /// process's and other processes' (a sync covers the file, whoever wrote to it).
+    pub(crate) async fn barrier(&self) -> Result<()> {
+        let ticket = self.wanted.fetch_add(1, Ordering::AcqRel) + 1;
+        let mut served = self.served.subscribe();
+        if let Some(thread) = self.thread.get() {
+            thread.unpark();
+        }
+        match tokio::time::timeout(BARRIER_WAIT, served.wait_for(|s| *s >= ticket)).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(_)) | Err(_) => Err(Error::Io {
+                context: "making the ledger's last writes durable".into(),
+                source: std::io::Error::new(
+                    ErrorKind::TimedOut,
+                    format!("the ledger's files were not synced within {BARRIER_WAIT:?}"),
+                ),
+            }),
+        }
+    }
+
     #[cfg(test)]
     pub(crate) fn flushes(&self) -> u64 {
         self.flushes.load(Ordering::Acquire)
@@ -64,15 +105,18 @@ impl Flusher {
 }
 
 fn run(flusher: &Weak<Flusher>, files: &[PathBuf]) {
-    let mut synced = 0;
+    let (mut synced, mut served) = (0, 0);
     let mut failing = false;
     loop {
-        std::thread::sleep(EVERY);
+        // Woken early by a barrier.
+        std::thread::park_timeout(EVERY);
         let Some(flusher) = flusher.upgrade() else {
             return;
         };
+        // Read before the sync: the barriers and writes counted so far are covered by it.
+        let wanted = flusher.wanted.load(Ordering::Acquire);
         let finished = flusher.finished.load(Ordering::Acquire);
-        if finished == synced {
+        if finished == synced && wanted == served {
             continue;
         }
         synced = finished;
@@ -87,6 +131,8 @@ fn run(flusher: &Weak<Flusher>, files: &[PathBuf]) {
             Ok(()) => {
                 failing = false;
                 flusher.flushes.fetch_add(1, Ordering::Release);
+                served = wanted;
+                flusher.served.send_replace(wanted);
             }
             // SQLite's own checkpoint syncs the same files and fails the writes that need
             // them; this thread only says so, once per spell of failures.

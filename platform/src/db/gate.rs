@@ -175,6 +175,11 @@ impl Gate {
         })
     }
 
+    /// Waits until every write this process finished so far is on disk ([`Flusher`]).
+    pub(crate) async fn barrier(&self) -> Result<()> {
+        self.flusher.barrier().await
+    }
+
     /// This process's turn to write, once the writers ahead are done.
     async fn turn(self: &Arc<Self>, urgency: Urgency) -> Result<Turn> {
         let rx = {
@@ -589,6 +594,30 @@ mod tests {
             .expect("the writer went on once the lock was free")
             .unwrap()
             .unwrap();
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    /// A barrier returns once a sync that began after it has finished: whatever was
+    /// committed before it, by this process or another, is on disk by then.
+    #[tokio::test]
+    async fn a_barrier_waits_for_a_sync_that_covers_what_came_before() {
+        let (db, dir) = ledger().await;
+        let flusher = db.gate.clone().unwrap().flusher.clone();
+        for n in 0..3 {
+            insert(&db, n).await.unwrap();
+            let before = flusher.flushes();
+            db.durable().await.unwrap();
+            assert!(
+                flusher.flushes() > before,
+                "answered before the log was synced"
+            );
+        }
+        // Turned off, it does not wait.
+        let fast = db.clone().with_durable_commits(false);
+        insert(&fast, 9).await.unwrap();
+        let before = flusher.flushes();
+        fast.durable().await.unwrap();
+        assert_eq!(flusher.flushes(), before);
         std::fs::remove_dir_all(dir).unwrap();
     }
 

@@ -103,7 +103,7 @@ impl Db {
     }
 
     /// The oldest unpublished events with ids above `after`, in id order, leaving out
-    /// `except` (rows a relay has in hand).
+    /// `except` (rows a relay has in hand); on disk by the time they are returned.
     pub async fn unpublished_events(
         &self,
         limit: u32,
@@ -135,6 +135,10 @@ impl Db {
             .bind(after)
             .fetch_all(self.pool())
             .await?;
+        // Nothing is published before it is on disk (on SQLite a commit may not be yet).
+        if !rows.is_empty() {
+            self.durable().await?;
+        }
         rows.iter()
             .map(|r| {
                 Ok(OutboxRow {
