@@ -18,7 +18,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use axum::serve::ListenerExt;
 use dataflow_api::AppState;
+use dataflow_api::listener::BoundedListener;
 use dataflow_contracts::jobs::JobKind;
 use dataflow_platform::events::{self, RelaySettings};
 use dataflow_platform::{Backends, Config};
@@ -204,6 +206,7 @@ impl App {
             };
             addr = Some(listener.local_addr()?);
             let app = dataflow_api::router(AppState::new(backends.clone(), config.api.clone()));
+            let listener = BoundedListener::new(listener, config.api.max_connections);
             tasks.spawn(serve(listener, app, shutdown.clone()));
             tracing::info!(addr = %addr.map(|a| a.to_string()).unwrap_or_default(), "API listening");
         } else if let Some(ops) = config.ops_listen {
@@ -211,6 +214,7 @@ impl App {
             let listener = bind(ops).await?;
             addr = Some(listener.local_addr()?);
             let app = dataflow_api::ops_router(AppState::new(backends.clone(), config.api.clone()));
+            let listener = BoundedListener::new(listener, config.api.max_connections);
             tasks.spawn(serve(listener, app, shutdown.clone()));
             tracing::info!(%ops, "health and metrics listening");
         }
@@ -252,7 +256,13 @@ async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
 }
 
 /// Serves `app` on `listener` until `stop`, then lets requests in flight finish.
-async fn serve(listener: TcpListener, app: axum::Router, stop: CancellationToken) {
+async fn serve(listener: BoundedListener, app: axum::Router, stop: CancellationToken) {
+    // Responses go out as written, not held back for Nagle's algorithm.
+    let listener = listener.tap_io(|conn| {
+        if let Err(e) = conn.stream().set_nodelay(true) {
+            tracing::debug!(error = %e, "could not set TCP_NODELAY");
+        }
+    });
     let service = app.into_make_service_with_connect_info::<SocketAddr>();
     let served = axum::serve(listener, service)
         .with_graceful_shutdown(stop.cancelled_owned())

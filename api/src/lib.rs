@@ -8,11 +8,13 @@
 //!   health, metrics);
 //! - `ui/`: the operator dashboard at `/ui` (sessions, CSRF, SSE, one module per page);
 //! - [`error`]: the one error type and its JSON form;
+//! - [`listener`]: the bound on connections served at once;
 //! - [`openapi`]: the OpenAPI 3.1 document the handlers' annotations make, served at
 //!   `/openapi.json`.
 
 pub mod auth;
 pub mod error;
+pub mod listener;
 pub mod openapi;
 pub mod ratelimit;
 mod routes;
@@ -26,6 +28,7 @@ use axum::extract::{MatchedPath, Request, State};
 use axum::http::StatusCode;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
+use tower_http::timeout::TimeoutBody;
 use utoipa_axum::router::OpenApiRouter;
 
 pub use error::{ApiError, ApiResult};
@@ -129,13 +132,19 @@ async fn track(req: Request, next: Next) -> Response {
     resp
 }
 
-/// Bounds the time of every request; a slow sender gets 408 instead of holding a slot.
-/// The handler sees its deadline ([`state::Deadline`]): whatever it holds for the request
-/// (an `Idempotency-Key`) it can hold until then and no longer.
-async fn deadline(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
+/// Bounds the time of every request; a slow sender gets 408 instead of holding a slot:
+/// at the request deadline, or as soon as its body sends nothing for
+/// `body_idle_timeout_secs` (the body fails with tower-http's `TimeoutError`, which the
+/// handlers that read bodies answer with 408). The handler sees its deadline
+/// ([`state::Deadline`]): whatever it holds for the request (an `Idempotency-Key`) it can
+/// hold until then and no longer.
+async fn deadline(State(state): State<AppState>, req: Request, next: Next) -> Response {
     let limit = Duration::from_secs(state.config.request_timeout_secs);
     let at = tokio::time::Instant::now() + limit;
-    req.extensions_mut().insert(state::Deadline(at));
+    let idle = Duration::from_secs(state.config.body_idle_timeout_secs);
+    let (mut parts, body) = req.into_parts();
+    parts.extensions.insert(state::Deadline(at));
+    let req = Request::from_parts(parts, axum::body::Body::new(TimeoutBody::new(idle, body)));
     match tokio::time::timeout_at(at, next.run(req)).await {
         Ok(resp) => resp,
         Err(_) => ApiError::new(

@@ -109,6 +109,12 @@ pub struct ApiConfig {
     pub idempotency_ttl_secs: u64,
     /// Whole-request deadline. An unfinished request holds its `Idempotency-Key` until then.
     pub request_timeout_secs: u64,
+    /// A request body that sends nothing for this long is answered 408 (an upload that
+    /// keeps sending is never cut by it; `request_timeout_secs` bounds the whole).
+    pub body_idle_timeout_secs: u64,
+    /// Connections a listener serves at once; past it, new ones wait to be accepted, so a
+    /// client holding many slow connections cannot exhaust the process.
+    pub max_connections: usize,
     /// Imports one client may have in flight on this process at once.
     pub max_concurrent_imports_per_client: usize,
     /// Use the right-most `X-Forwarded-For` address (the one the proxy appended) as the
@@ -142,6 +148,8 @@ impl Default for ApiConfig {
             max_idempotency_key_len: 255,
             idempotency_ttl_secs: 24 * 3600,
             request_timeout_secs: 120,
+            body_idle_timeout_secs: 15,
+            max_connections: 1024,
             max_concurrent_imports_per_client: 8,
             trust_forwarded_for: false,
             auth_max_failures: 10,
@@ -522,6 +530,9 @@ impl Config {
             return bad("worker.leader_lease_ms must be at least 300");
         }
         self.worker.summary_schedule()?;
+        if self.api.body_idle_timeout_secs == 0 || self.api.max_connections == 0 {
+            return bad("api.body_idle_timeout_secs and api.max_connections must be at least 1");
+        }
         if self.api.max_body_bytes == 0 || self.api.max_field_bytes == 0 {
             return bad("api.max_body_bytes and api.max_field_bytes must be at least 1");
         }

@@ -454,6 +454,85 @@ async fn a_key_whose_request_died_is_free_at_that_requests_deadline() {
     t.stop().await;
 }
 
+/// Slow clients cannot exhaust the server: a body that stops sending is answered 408 once
+/// it has been idle for `api.body_idle_timeout_secs` (not at the whole-request deadline),
+/// a body that keeps sending slowly is not cut, and connections past `api.max_connections`
+/// wait to be accepted until a slot frees.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_clients_are_bounded_in_time_and_in_connections() {
+    use std::time::Duration;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Some(t) = TestApp::spawn_with(Backend::Sqlite, dataflow::Roles::API, |c| {
+        c.api.body_idle_timeout_secs = 1;
+        c.api.request_timeout_secs = 60;
+        c.api.max_connections = 3;
+    })
+    .await
+    else {
+        return;
+    };
+    // No kept-alive connection of the test's own may hold a slot.
+    let mut t = t;
+    t.http = reqwest::Client::builder()
+        .no_proxy()
+        .pool_max_idle_per_host(0)
+        .build()
+        .unwrap();
+    let (_, key) = t.client(json!({})).await;
+    let head = |len: usize| {
+        format!(
+            "POST /v1/imports HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n\
+             Content-Type: text/csv\r\nContent-Length: {len}\r\n\r\n"
+        )
+    };
+
+    // Declares 1,000 bytes, sends 12 and stalls, the connection left open.
+    let mut stalled = tokio::net::TcpStream::connect(t.addr).await.unwrap();
+    stalled.write_all(head(1_000).as_bytes()).await.unwrap();
+    stalled.write_all(b"id,name\n1,a\n").await.unwrap();
+    let mut answer = vec![0u8; 1024];
+    let n = tokio::time::timeout(Duration::from_secs(10), stalled.read(&mut answer))
+        .await
+        .expect("answered long before the request deadline")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer[..n]);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("body_idle_timeout"), "{answer}");
+
+    // A body sent a piece at a time, each within the idle timeout, for longer than it.
+    let body = "id,name\n1,a\n2,b\n3,c\n";
+    let mut slow = tokio::net::TcpStream::connect(t.addr).await.unwrap();
+    slow.write_all(head(body.len()).as_bytes()).await.unwrap();
+    for piece in body.as_bytes().chunks(4) {
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        slow.write_all(piece).await.unwrap();
+    }
+    let mut answer = vec![0u8; 1024];
+    let n = slow.read(&mut answer).await.unwrap();
+    let answer = String::from_utf8_lossy(&answer[..n]);
+    assert!(answer.starts_with("HTTP/1.1 202"), "{answer}");
+
+    // Three connections that send nothing hold every slot: a fourth waits, then gets in
+    // once one of them goes.
+    drop((stalled, slow));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut idle = Vec::new();
+    for _ in 0..3 {
+        idle.push(tokio::net::TcpStream::connect(t.addr).await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let waiting =
+        tokio::time::timeout(Duration::from_secs(1), t.http.get(t.url("/healthz")).send());
+    assert!(waiting.await.is_err(), "served past the connection bound");
+    idle.pop();
+    let served = tokio::time::timeout(Duration::from_secs(5), t.http.get(t.url("/healthz")).send())
+        .await
+        .expect("served once a slot freed")
+        .unwrap();
+    assert_eq!(served.status(), 200);
+    t.stop().await;
+}
+
 fn sha(s: &str) -> String {
     use sha2::Digest;
     hex::encode(sha2::Sha256::digest(s.as_bytes()))

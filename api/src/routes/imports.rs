@@ -400,7 +400,16 @@ async fn read_body(
     match axum::body::to_bytes(body, usize::try_from(limit).unwrap_or(usize::MAX)).await {
         Ok(b) if b.is_empty() => Err(ApiError::bad_request("empty_body", "the body is empty")),
         Ok(b) => Ok(b),
-        Err(e) if is_length_limit(&e) => Err(too_large()),
+        Err(e) if caused_by::<http_body_util::LengthLimitError>(&e) => Err(too_large()),
+        Err(e) if caused_by::<tower_http::timeout::TimeoutError>(&e) => Err(ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "body_idle_timeout",
+            format!(
+                "no byte of the body arrived for {} s; send it without pausing, or use a \
+                 shorter body",
+                state.config.body_idle_timeout_secs
+            ),
+        )),
         Err(e) => Err(ApiError::bad_request(
             "body_read_failed",
             format!("could not read the body: {e}"),
@@ -408,10 +417,11 @@ async fn read_body(
     }
 }
 
-fn is_length_limit(e: &axum::Error) -> bool {
+/// Whether `T` is in the cause chain of `e`.
+fn caused_by<T: std::error::Error + 'static>(e: &axum::Error) -> bool {
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
     while let Some(s) = source {
-        if s.is::<http_body_util::LengthLimitError>() {
+        if s.is::<T>() {
             return true;
         }
         source = s.source();
