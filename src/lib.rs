@@ -56,9 +56,10 @@ impl Roles {
 /// A running DataFlow process.
 pub struct App {
     pub backends: Arc<Backends>,
-    /// The bound address when this process serves HTTP: the API, or for a worker-only
-    /// process its operations listener (`ops_listen`).
+    /// The API's bound address, when this process serves it.
     pub addr: Option<SocketAddr>,
+    /// The operations listener's bound address (`ops_listen`), when configured.
+    pub ops_addr: Option<SocketAddr>,
     /// The batch worker, when this process runs one.
     pub worker: Option<Worker>,
     shutdown: CancellationToken,
@@ -198,7 +199,7 @@ impl App {
             tasks.spawn(jobs::run(setup, shutdown.clone()));
         }
 
-        let mut addr = None;
+        let (mut addr, mut ops_addr) = (None, None);
         if roles.api {
             let listener = match listener {
                 Some(l) => l,
@@ -209,18 +210,20 @@ impl App {
             let listener = BoundedListener::new(listener, config.api.max_connections);
             tasks.spawn(serve(listener, app, shutdown.clone()));
             tracing::info!(addr = %addr.map(|a| a.to_string()).unwrap_or_default(), "API listening");
-        } else if let Some(ops) = config.ops_listen {
-            // A worker still answers health checks and scrapes.
+        }
+        if let Some(ops) = config.ops_listen {
+            // Health checks and scrapes, apart from the public API.
             let listener = bind(ops).await?;
-            addr = Some(listener.local_addr()?);
+            ops_addr = Some(listener.local_addr()?);
             let app = dataflow_api::ops_router(AppState::new(backends.clone(), config.api.clone()));
             let listener = BoundedListener::new(listener, config.api.max_connections);
             tasks.spawn(serve(listener, app, shutdown.clone()));
-            tracing::info!(%ops, "health and metrics listening");
+            tracing::info!(addr = %ops_addr.map(|a| a.to_string()).unwrap_or_default(), "health and metrics listening");
         }
         Ok(App {
             backends,
             addr,
+            ops_addr,
             worker,
             shutdown,
             tasks,

@@ -127,6 +127,31 @@ pub async fn require_operator(State(state): State<AppState>, req: Request, next:
     }
 }
 
+/// Middleware for `/metrics` on the public listener: `api.metrics_token`, compared in
+/// constant time, under the same per-IP lock-out.
+pub async fn require_metrics_token(
+    State(state): State<AppState>,
+    req: Request,
+    next: Next,
+) -> Response {
+    let expected = state
+        .config
+        .metrics_token
+        .as_ref()
+        .map(|t| t.expose().as_bytes());
+    match (bearer(req.headers()), expected) {
+        (Some(token), Some(expected)) if keys::constant_time_eq(token.as_bytes(), expected) => {
+            next.run(req).await
+        }
+        _ => {
+            let subject = format!("ip:{}", client_ip(&state, &req));
+            refuse(&state.backends.lockout, &[&subject])
+                .await
+                .into_response()
+        }
+    }
+}
+
 fn bearer(headers: &HeaderMap) -> Option<&str> {
     let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
     let (scheme, token) = value.split_once(' ')?;

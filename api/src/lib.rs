@@ -58,7 +58,6 @@ fn api(guard_with: Option<&AppState>) -> OpenApiRouter<AppState> {
         .nest("/v1", v1)
         .nest("/admin", admin)
         .merge(routes::health::router())
-        .merge(routes::metrics::router())
         .merge(openapi::router())
 }
 
@@ -69,9 +68,18 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
     doc
 }
 
-/// The whole HTTP application.
+/// The whole HTTP application. `/metrics` names every tenant and counts the ledger, so it
+/// is served here only behind `api.metrics_token`; scrapers use the operations listener
+/// ([`ops_router`] on `ops_listen`).
 pub fn router(state: AppState) -> Router {
-    let (routes, _) = api(Some(&state)).split_for_parts();
+    let (mut routes, _) = api(Some(&state)).split_for_parts();
+    if state.config.metrics_token.is_some() {
+        let (metrics, _) = routes::metrics::router().split_for_parts();
+        routes = routes.merge(metrics.route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            auth::require_metrics_token,
+        )));
+    }
     // The dashboard is HTML for browsers, not part of the JSON API's document.
     routes
         .nest("/ui", ui::router(state.clone()))
@@ -100,8 +108,8 @@ async fn durable(State(state): State<AppState>, req: Request, next: Next) -> Res
     }
 }
 
-/// What a process without the API serves for operations: `/healthz`, `/readyz`,
-/// `/metrics`.
+/// What every process serves on its operations listener (`ops_listen`): `/healthz`,
+/// `/readyz`, `/metrics`, open to whoever reaches that address.
 pub fn ops_router(state: AppState) -> Router {
     let (routes, _) = OpenApiRouter::new()
         .merge(routes::health::router())

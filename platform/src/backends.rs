@@ -75,6 +75,8 @@ pub struct Backends {
     pub live: Arc<LiveBus>,
     /// Dashboard sessions: in Redis when configured, else in the ledger.
     pub sessions: SessionStore,
+    /// When the scraped gauges were last refreshed from the ledger ([`crate::telemetry`]).
+    pub gauges_refreshed: tokio::sync::Mutex<Option<std::time::Instant>>,
 }
 
 impl Backends {
@@ -193,6 +195,7 @@ impl Backends {
                 Some(r) => SessionStore::Redis(Box::new(r.clone())),
                 None => SessionStore::Sql(db.clone()),
             },
+            gauges_refreshed: tokio::sync::Mutex::new(None),
             keys: Cache::new(l1_ttl, negative_ttl, tier("keys")),
             clients: Cache::new(l1_ttl, negative_ttl, tier("clients")),
             db,

@@ -33,8 +33,9 @@ pub struct Config {
     pub data_dir: PathBuf,
     /// Address the HTTP API binds.
     pub listen: SocketAddr,
-    /// Where a process that serves no API (`dataflow worker`) answers `/healthz`,
-    /// `/readyz` and `/metrics`, so it can be scraped and probed. Unset: nowhere.
+    /// Where a process answers `/healthz`, `/readyz` and `/metrics` for operators, apart
+    /// from the public API: Prometheus scrapes here (`/metrics` names every tenant and is
+    /// not on the public listener unless `api.metrics_token` is set). Unset: nowhere.
     pub ops_listen: Option<SocketAddr>,
     /// Bearer token for `/admin`. Generated into the data folder when unset.
     pub admin_token: Option<Secret>,
@@ -112,6 +113,9 @@ pub struct ApiConfig {
     /// A request body that sends nothing for this long is answered 408 (an upload that
     /// keeps sending is never cut by it; `request_timeout_secs` bounds the whole).
     pub body_idle_timeout_secs: u64,
+    /// Serves `/metrics` on the public listener too, to requests bearing this token (for
+    /// setups that cannot reach `ops_listen`). Unset: not served there.
+    pub metrics_token: Option<Secret>,
     /// Connections a listener serves at once; past it, new ones wait to be accepted, so a
     /// client holding many slow connections cannot exhaust the process.
     pub max_connections: usize,
@@ -150,6 +154,7 @@ impl Default for ApiConfig {
             request_timeout_secs: 120,
             body_idle_timeout_secs: 15,
             max_connections: 1024,
+            metrics_token: None,
             max_concurrent_imports_per_client: 8,
             trust_forwarded_for: false,
             auth_max_failures: 10,

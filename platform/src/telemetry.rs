@@ -4,8 +4,9 @@
 //! client ids only on rate-limit decisions, one series per tenant).
 //!
 //! Gauges of shared state — queue depths and ages from the ledger, Redis reachability, the
-//! job messages in Redis, fallback and cache counts — are refreshed on each scrape
-//! ([`refresh`]), so every process reports the same queue figures.
+//! job messages in Redis, fallback and cache counts — are refreshed on a scrape at most
+//! once a second ([`refresh`]), so every process reports the same queue figures and no
+//! scraper can make the ledger count faster than that.
 
 use std::sync::OnceLock;
 
@@ -40,6 +41,9 @@ pub fn handle() -> PrometheusHandle {
         })
         .clone()
 }
+
+/// The least time between two refreshes of the shared-state gauges ([`render`]).
+const REFRESH_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Batch states a queue gauge is kept for (zero when empty, so a drained queue reads 0).
 const BATCH_STATES: [&str; 4] = ["awaiting_approval", "ready", "processing", "dead"];
@@ -104,7 +108,15 @@ pub async fn refresh(b: &Backends) {
 
 /// The Prometheus text of everything recorded in this process.
 pub async fn render(b: &Backends) -> String {
-    refresh(b).await;
+    // Scrapes that come closer together share one refresh: however often (or however many
+    // at once) they come, the ledger is counted at most once a second.
+    {
+        let mut last = b.gauges_refreshed.lock().await;
+        if last.is_none_or(|at| at.elapsed() >= REFRESH_EVERY) {
+            refresh(b).await;
+            *last = Some(std::time::Instant::now());
+        }
+    }
     let handle = handle();
     handle.run_upkeep();
     handle.render()

@@ -185,7 +185,7 @@ async fn dashboard_queries_metrics_and_labels_a_process_exports() {
     assert_eq!(again.unwrap().status(), 200, "the repeat is a duplicate");
     let deadline = Instant::now() + Duration::from_secs(10);
     let series = loop {
-        let body = t.http.get(t.url("/metrics")).send().await.unwrap();
+        let body = t.http.get(t.ops_url("/metrics")).send().await.unwrap();
         let series = scraped_series(&body.text().await.unwrap());
         if series.contains_key("dataflow_jobs_total") {
             break series;

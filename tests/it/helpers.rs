@@ -129,12 +129,16 @@ pub fn test_config(db: &TestDb) -> Config {
     c.worker.retry_max_ms = 200;
     c.worker.shutdown_grace_secs = 2;
     c.outbox.poll_interval_ms = 50;
+    // Every test process answers scrapes and health checks on an operations port too.
+    c.ops_listen = Some(std::net::SocketAddr::from(([127, 0, 0, 1], 0)));
     c
 }
 
 pub struct TestApp {
     pub app: Option<App>,
     pub addr: std::net::SocketAddr,
+    /// The operations listener (`/metrics`, `/healthz`, `/readyz`).
+    pub ops_addr: Option<std::net::SocketAddr>,
     pub http: reqwest::Client,
     pub db: Db,
     pub config: Config,
@@ -174,6 +178,7 @@ impl TestApp {
         let addr = app
             .addr
             .unwrap_or(std::net::SocketAddr::from(([127, 0, 0, 1], 0)));
+        let ops_addr = app.ops_addr;
         let db = app.backends.db.clone();
         let http = reqwest::Client::builder()
             .no_proxy()
@@ -182,6 +187,7 @@ impl TestApp {
         TestApp {
             app: Some(app),
             addr,
+            ops_addr,
             http,
             db,
             config,
@@ -226,6 +232,14 @@ impl TestApp {
 
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.addr)
+    }
+
+    /// `path` on the operations listener.
+    pub fn ops_url(&self, path: &str) -> String {
+        format!(
+            "http://{}{path}",
+            self.ops_addr.expect("an operations listener")
+        )
     }
 
     pub fn admin(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {

@@ -47,7 +47,7 @@ async fn metrics_cover_requests_queues_batches_locks_and_the_cache() {
     // The report job settles a moment after the batch completes: scrape until it shows.
     let deadline = Instant::now() + Duration::from_secs(10);
     let body = loop {
-        let resp = t.http.get(t.url("/metrics")).send().await.unwrap();
+        let resp = t.http.get(t.ops_url("/metrics")).send().await.unwrap();
         assert_eq!(resp.status(), 200);
         let ctype = resp.headers()["content-type"].to_str().unwrap().to_owned();
         assert!(ctype.starts_with("text/plain"), "{ctype}");
@@ -72,23 +72,19 @@ async fn metrics_cover_requests_queues_batches_locks_and_the_cache() {
     t.stop().await;
 }
 
-/// `dataflow worker` serves no API, but with `ops_listen` it answers health checks and
+/// `dataflow worker` serves no API, but on `ops_listen` it answers health checks and
 /// scrapes, so Prometheus sees the worker's own series (batches, records, locks).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_process_serves_health_and_metrics_on_its_ops_listener() {
     let Some(api) = TestApp::spawn_with(Backend::Sqlite, Roles::API, |_| {}).await else {
         return;
     };
-    let worker = api
-        .sibling_with(Roles::WORKER, |c| {
-            c.ops_listen = Some("127.0.0.1:0".parse().unwrap());
-        })
-        .await;
+    let worker = api.sibling(Roles::WORKER).await;
     let (_, key) = api.client(json!({})).await;
     let imported = api.import(&key, "text/csv", csv("w", 10)).await;
     api.wait_for(&key, &imported.batch_id, BatchStatus::Completed)
         .await;
-    let get = |path: &str| worker.http.get(worker.url(path)).send();
+    let get = |path: &str| worker.http.get(worker.ops_url(path)).send();
     assert_eq!(get("/healthz").await.unwrap().status(), 200);
     assert_eq!(get("/readyz").await.unwrap().status(), 200);
     assert_eq!(
@@ -104,4 +100,42 @@ async fn a_worker_process_serves_health_and_metrics_on_its_ops_listener() {
     );
     worker.stop().await;
     api.stop().await;
+}
+
+/// `/metrics` names every tenant and counts the ledger: the public listener does not serve
+/// it, unless `api.metrics_token` is set, and then only to that bearer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_stay_off_the_public_listener_unless_a_token_is_set() {
+    let Some(t) = TestApp::spawn_with(Backend::Sqlite, Roles::API, |_| {}).await else {
+        return;
+    };
+    let scrape = |url: String| t.http.get(url).send();
+    assert_eq!(scrape(t.url("/metrics")).await.unwrap().status(), 404);
+    assert_eq!(scrape(t.ops_url("/metrics")).await.unwrap().status(), 200);
+    assert_eq!(scrape(t.url("/healthz")).await.unwrap().status(), 200);
+    let with_token = t
+        .sibling_with(Roles::API, |c| {
+            c.api.metrics_token = Some(dataflow_platform::config::Secret::new(
+                "scrape-token-0123456789",
+            ));
+        })
+        .await;
+    let url = with_token.url("/metrics");
+    assert_eq!(
+        with_token.http.get(&url).send().await.unwrap().status(),
+        401
+    );
+    let wrong = with_token.http.get(&url).bearer_auth("nope").send().await;
+    assert_eq!(wrong.unwrap().status(), 401);
+    let scraped = with_token
+        .http
+        .get(&url)
+        .bearer_auth("scrape-token-0123456789")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(scraped.status(), 200);
+    assert!(scraped.text().await.unwrap().contains("dataflow_"));
+    with_token.stop().await;
+    t.stop().await;
 }
