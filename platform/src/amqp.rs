@@ -587,10 +587,17 @@ fn joined<T>(outcome: std::result::Result<Result<T>, tokio::task::JoinError>) ->
     })?
 }
 
-/// How the relay reads the outbox. After a full page, the next one is read at once, in the
-/// background, past the page's last id. After a short page the next read starts again from
-/// the oldest unpublished row, leaving out the rows in hand: on PostgreSQL identity values
-/// are taken before commit, so a row below the last id may have committed since.
+/// How the relay reads the outbox: always from the oldest unpublished row, leaving out the
+/// rows in hand. After a full page, the next one is read at once, in the background, leaving
+/// out that page too.
+///
+/// Never a read past the page's last id: on PostgreSQL ids are taken when a row is written,
+/// not when it commits, so a submit holding a low id open across a page commits below it,
+/// and its batch's completion, committed next, lies past it; a read past the id would send
+/// the completion first. A read of everything unpublished cannot: a batch's rows commit in
+/// id order, each after the one before, so a read that sees one sees every earlier one still
+/// unpublished, and sends it first (or it is in hand, sent already). This costs each read a
+/// step over the ids in hand, rather than a scan for the gaps an id cursor leaves behind.
 #[derive(Default)]
 struct Reads {
     ahead: Option<LedgerTask<Vec<OutboxRow>>>,
@@ -605,18 +612,18 @@ impl Reads {
         &mut self,
         db: &Db,
         limit: u32,
-        in_hand: impl FnOnce() -> Vec<i64>,
+        in_hand: impl Fn() -> Vec<i64>,
     ) -> Result<Vec<OutboxRow>> {
         let rows = match self.ahead.take() {
             Some(task) => joined(task.await)?,
-            None => db.unpublished_events(limit, 0, &in_hand()).await?,
+            None => db.unpublished_events(limit, &in_hand()).await?,
         };
-        if rows.len() >= limit as usize
-            && let Some(last) = rows.last()
-        {
-            let (db, after) = (db.clone(), last.id);
+        if rows.len() >= limit as usize {
+            let mut except = in_hand();
+            except.extend(rows.iter().map(|r| r.id));
+            let db = db.clone();
             self.ahead = Some(tokio::spawn(async move {
-                db.unpublished_events(limit, after, &[]).await
+                db.unpublished_events(limit, &except).await
             }));
         }
         Ok(rows)

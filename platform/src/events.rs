@@ -297,7 +297,7 @@ async fn relay_until(
 ) -> Result<usize> {
     let done = match publisher {
         Publisher::InProcess(_) => {
-            let rows = db.unpublished_events(limit, 0, &[]).await?;
+            let rows = db.unpublished_events(limit, &[]).await?;
             publisher.notify_local(&rows);
             let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
             db.mark_published(&ids).await?;
