@@ -267,20 +267,22 @@ impl Broker {
     /// one statement at a time, then handed to `confirmed`: neither a read nor a mark waiting
     /// for the ledger holds back publishing. The first row not acked ends the relay: it and
     /// every row sent after it stay unmarked and are sent again on a fresh link, so a
-    /// batch's events keep their order. No rows are read after `until` (the relay lease
-    /// must outlast the round).
+    /// batch's events keep their order. Under a relay lease that ends at `lease_end`, no
+    /// rows are read once the lease no longer covers a confirm's wait, and none is published
+    /// once it ended: a successor may be publishing the same rows by then.
     pub async fn relay(
         &self,
         db: &Db,
         limit: u32,
-        until: Option<Instant>,
+        lease_end: Option<Instant>,
         wake: Option<&Notify>,
         confirmed: &(dyn Fn(&[OutboxRow]) + Sync),
     ) -> Result<usize> {
         let Some(link) = self.link.borrow().clone() else {
             return Err(Error::Broker("not connected".into()));
         };
-        let timeout = Duration::from_millis(self.config.confirm_timeout_ms);
+        let timeout = self.confirm_timeout();
+        let until = lease_end.map(|end| end.checked_sub(timeout).unwrap_or_else(Instant::now));
         let mut inflight: VecDeque<InFlight> = VecDeque::new();
         // Acked rows waiting for the next mark (since when), and the mark under way.
         let mut acked: Vec<OutboxRow> = Vec::new();
@@ -304,10 +306,9 @@ impl Broker {
                     let handed = fresh.take();
                     if !handed.is_empty() {
                         stop = self
-                            .send_rows(&link, handed, &mut inflight, &mut acked, timeout)
+                            .send_rows(&link, handed, &mut inflight, &mut acked, lease_end)
                             .await
-                            .err()
-                            .map(Stop::Link);
+                            .err();
                     }
                 }
                 // Nothing this process committed is left to read: the rows of others wait
@@ -341,10 +342,9 @@ impl Broker {
                             // A full read may have left rows behind: read again first.
                             read = rows.len() >= limit as usize;
                             stop = self
-                                .send_rows(&link, rows, &mut inflight, &mut acked, timeout)
+                                .send_rows(&link, rows, &mut inflight, &mut acked, lease_end)
                                 .await
-                                .err()
-                                .map(Stop::Link);
+                                .err();
                         }
                     }
                 }
@@ -414,6 +414,13 @@ impl Broker {
         }
         match stop {
             None => Ok(marked),
+            Some(Stop::Lapsed) => {
+                tracing::warn!(
+                    published = marked,
+                    "the relay lease lapsed mid-round; the rows not sent are left to its next holder"
+                );
+                Ok(marked)
+            }
             Some(Stop::Ledger(e)) => Err(e),
             Some(Stop::Link(e)) => {
                 tracing::warn!(error = %e, published = marked, "outbox relay stopped at an unconfirmed row; it is retried");
@@ -425,20 +432,35 @@ impl Broker {
         }
     }
 
-    /// Publishes `rows` in order, keeping at most `confirm_window` confirms in flight.
+    /// How long a publish may wait for its confirm.
+    fn confirm_timeout(&self) -> Duration {
+        Duration::from_millis(self.config.confirm_timeout_ms)
+    }
+
+    /// Publishes `rows` in order, keeping at most `confirm_window` confirms in flight, and
+    /// none once `lease_end` passed. Checked before each publish, however long the round
+    /// waited before it (a read, a full window, a stopped process): the successor's rounds
+    /// start from the oldest unpublished row, and a row sent beside them could overtake an
+    /// earlier event of its batch that they send.
     async fn send_rows(
         &self,
         link: &Link,
         rows: Vec<OutboxRow>,
         inflight: &mut VecDeque<InFlight>,
         acked: &mut Vec<OutboxRow>,
-        timeout: Duration,
-    ) -> Result<()> {
+        lease_end: Option<Instant>,
+    ) -> std::result::Result<(), Stop> {
+        let timeout = self.confirm_timeout();
         for row in rows {
             while inflight.len() >= self.config.confirm_window {
-                settle_front(inflight, acked, timeout).await?;
+                settle_front(inflight, acked, timeout)
+                    .await
+                    .map_err(Stop::Link)?;
             }
-            let stage = self.send(link, &row).await?;
+            if lease_end.is_some_and(|end| Instant::now() >= end) {
+                return Err(Stop::Lapsed);
+            }
+            let stage = self.send(link, &row).await.map_err(Stop::Link)?;
             inflight.push_back(InFlight {
                 row,
                 sent: Instant::now(),
@@ -522,6 +544,8 @@ enum Stop {
     Link(Error),
     /// The ledger failed a read or a mark; the link is fine.
     Ledger(Error),
+    /// The relay lease ended: the round publishes nothing more.
+    Lapsed,
 }
 
 /// What woke the relay.

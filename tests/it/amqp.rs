@@ -661,7 +661,7 @@ async fn a_backlog_leaves_in_id_order_past_pages_and_the_confirm_window(b: Backe
     let Some((_test_db, db)) = outbox_ledger(b).await else {
         return;
     };
-    let link = BrokerLink::connect(&tb, 16).await;
+    let link = BrokerLink::connect(&tb, |c| c.confirm_window = 16).await;
     let tap = tb.tap().await;
     let keys = ["batch.created", "batch.ready", "batch.completed"];
     let expected: Vec<String> = (0..600).map(|i| format!("evt_{i:04}")).collect();
@@ -700,11 +700,14 @@ struct BrokerLink {
 }
 
 impl BrokerLink {
-    /// Connected, with `confirm_window` publishes in flight at most.
-    async fn connect(tb: &TestBroker, confirm_window: usize) -> BrokerLink {
+    /// Connected, with the AMQP settings `tweak` adjusts.
+    async fn connect(
+        tb: &TestBroker,
+        tweak: impl FnOnce(&mut dataflow_platform::config::AmqpConfig),
+    ) -> BrokerLink {
         let mut config = Config::default();
         tb.configure(&mut config, None);
-        config.amqp.confirm_window = confirm_window;
+        tweak(&mut config.amqp);
         let broker = std::sync::Arc::new(dataflow_platform::amqp::Broker::new(
             Secret::new(tb.url.clone()),
             config.amqp.clone(),
@@ -746,7 +749,7 @@ async fn a_batchs_events_leave_in_lifecycle_order_past_a_submit_held_open_across
         return;
     };
     // One confirm at a time: the backlog takes a while to send, page after page.
-    let link = BrokerLink::connect(&tb, 1).await;
+    let link = BrokerLink::connect(&tb, |c| c.confirm_window = 1).await;
     let tap = tb.tap().await;
     let event = |event_id: &str, key: &str| {
         sqlx::query(
@@ -1038,4 +1041,86 @@ async fn wait_mode_of(t: &TestApp, want: Mode) {
         .await
         .expect("mode reached in time")
         .unwrap();
+}
+
+/// A relay whose lease lapses while it reads a page (here: the read waits on a table lock
+/// past the lease) must not publish that page once a successor holds the lease.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_whose_lease_lapsed_mid_round_publishes_nothing_beside_its_successor() {
+    let Some(mut tb) = TestBroker::new().await else {
+        return;
+    };
+    let Some((test_db, db)) = outbox_ledger(Backend::Postgres).await else {
+        return;
+    };
+    let link = BrokerLink::connect(&tb, |c| c.confirm_timeout_ms = 200).await;
+    let tap = tb.tap().await;
+    sqlx::query(
+        "INSERT INTO outbox (event_id, batch_id, event_type, routing_key, body, created_at) \
+         SELECT 'evt_' || i, 'bat_x', 'Batch', 'batch.created', '{}', 0 \
+         FROM generate_series(1, 5) AS i",
+    )
+    .execute(db.pool())
+    .await
+    .unwrap();
+    // Its own session: the ledger's end a transaction left idle for long.
+    let mut session = <sqlx::PgConnection as sqlx::Connection>::connect(&test_db.url)
+        .await
+        .unwrap();
+    let mut stall = sqlx::Connection::begin(&mut session).await.unwrap();
+    sqlx::query("LOCK TABLE outbox_pending IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *stall)
+        .await
+        .unwrap();
+
+    let lease = Duration::from_millis(1_000);
+    let settings = dataflow_platform::events::RelaySettings {
+        poll_interval: Duration::from_millis(50),
+        retention: Duration::from_secs(3_600),
+        batch_size: 100,
+        lease,
+    };
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let relay = tokio::spawn(dataflow_platform::events::run_relay(
+        db.clone(),
+        dataflow_platform::events::Publisher::broker(link.broker.clone()),
+        db.commits().outbox(),
+        settings,
+        shutdown.clone(),
+    ));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while db.lease_owner(OUTBOX_RELAY).await.unwrap().is_none() {
+        assert!(Instant::now() < deadline, "the relay never took its lease");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // The relay reads, and waits; its lease lapses and a successor takes it.
+    tokio::time::sleep(lease + Duration::from_millis(200)).await;
+    assert!(
+        db.take_lease(OUTBOX_RELAY, "successor", 60_000)
+            .await
+            .unwrap(),
+        "the relay's lease lapsed"
+    );
+    stall.commit().await.unwrap();
+
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        tb.depth(&tap).await,
+        0,
+        "nothing published after the lease lapsed"
+    );
+    assert_eq!(
+        db.outbox_backlog().await.unwrap(),
+        5,
+        "the rows are the successor's"
+    );
+    shutdown.cancel();
+    relay.await.unwrap();
+    assert_eq!(
+        db.lease_owner(OUTBOX_RELAY).await.unwrap().as_deref(),
+        Some("successor")
+    );
+    link.close().await;
+    db.close().await;
+    tb.cleanup().await;
 }
