@@ -89,7 +89,6 @@ impl App {
             retention: Duration::from_secs(config.outbox.retention_secs),
             batch_size: config.outbox.batch_size,
             lease: Duration::from_millis(config.amqp.relay_lease_ms),
-            confirm_timeout: Duration::from_millis(config.amqp.confirm_timeout_ms),
         };
         // The link outlives the relay, so the relay's last round after shutdown can still
         // publish what was committed just before it.

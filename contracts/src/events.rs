@@ -4,7 +4,7 @@
 //! ```json
 //! {"id":"evt_01J…","type":"BatchCompleted","version":1,"occurred_at":"2026-11-23T12:00:00.000Z",
 //!  "batch_id":"bat_01J…","client_id":"cli_01J…",
-//!  "payload":{"records_total":3,"records_written":2,"records_unchanged":0,"records_failed":1,"duration_ms":12}}
+//!  "payload":{"records_total":3,"records_written":2,"records_unchanged":0,"records_superseded":0,"records_failed":1,"duration_ms":12}}
 //! ```
 //! Events are small: ids and counts, never the records themselves. The JSON Schema of the
 //! envelope and of every payload is `contracts/schema/events.schema.json`; a test checks
@@ -97,6 +97,10 @@ pub struct BatchCompleted {
     pub records_total: u64,
     pub records_written: u64,
     pub records_unchanged: u64,
+    /// Records left alone because an import accepted after this one had written them
+    /// (absent from events written before it was counted).
+    #[serde(default)]
+    pub records_superseded: u64,
     pub records_failed: u64,
     pub duration_ms: u64,
 }
@@ -135,6 +139,7 @@ mod tests {
                 records_total: 3,
                 records_written: 2,
                 records_unchanged: 0,
+                records_superseded: 0,
                 records_failed: 1,
                 duration_ms: 12,
             }),
@@ -164,6 +169,7 @@ mod tests {
                 records_total: 3,
                 records_written: 2,
                 records_unchanged: 0,
+                records_superseded: 0,
                 records_failed: 1,
                 duration_ms: 12,
             }),

@@ -52,6 +52,9 @@ pub struct BatchView {
     pub records_processed: u64,
     pub records_written: u64,
     pub records_unchanged: u64,
+    /// Records left as they were because an import accepted after this one had written
+    /// them already (this batch ran late: retried, resumed, or beside the newer one).
+    pub records_superseded: u64,
     pub records_failed: u64,
     /// Attempts started: the first claim and each retry after a failure.
     pub attempts: u32,
@@ -201,6 +204,7 @@ pub struct DailySummary {
     pub records_total: u64,
     pub records_written: u64,
     pub records_unchanged: u64,
+    pub records_superseded: u64,
     pub records_failed: u64,
     /// Row errors per error code, the most frequent first (at most ten codes).
     pub top_errors: Vec<ErrorCount>,

@@ -267,20 +267,22 @@ impl Broker {
     /// one statement at a time, then handed to `confirmed`: neither a read nor a mark waiting
     /// for the ledger holds back publishing. The first row not acked ends the relay: it and
     /// every row sent after it stay unmarked and are sent again on a fresh link, so a
-    /// batch's events keep their order. No rows are read after `until` (the relay lease
-    /// must outlast the round).
+    /// batch's events keep their order. Under a relay lease that ends at `lease_end`, no
+    /// rows are read once the lease no longer covers a confirm's wait, and none is published
+    /// once it ended: a successor may be publishing the same rows by then.
     pub async fn relay(
         &self,
         db: &Db,
         limit: u32,
-        until: Option<Instant>,
+        lease_end: Option<Instant>,
         wake: Option<&Notify>,
         confirmed: &(dyn Fn(&[OutboxRow]) + Sync),
     ) -> Result<usize> {
         let Some(link) = self.link.borrow().clone() else {
             return Err(Error::Broker("not connected".into()));
         };
-        let timeout = Duration::from_millis(self.config.confirm_timeout_ms);
+        let timeout = self.confirm_timeout();
+        let until = lease_end.map(|end| end.checked_sub(timeout).unwrap_or_else(Instant::now));
         let mut inflight: VecDeque<InFlight> = VecDeque::new();
         // Acked rows waiting for the next mark (since when), and the mark under way.
         let mut acked: Vec<OutboxRow> = Vec::new();
@@ -304,10 +306,9 @@ impl Broker {
                     let handed = fresh.take();
                     if !handed.is_empty() {
                         stop = self
-                            .send_rows(&link, handed, &mut inflight, &mut acked, timeout)
+                            .send_rows(&link, handed, &mut inflight, &mut acked, lease_end)
                             .await
-                            .err()
-                            .map(Stop::Link);
+                            .err();
                     }
                 }
                 // Nothing this process committed is left to read: the rows of others wait
@@ -341,10 +342,9 @@ impl Broker {
                             // A full read may have left rows behind: read again first.
                             read = rows.len() >= limit as usize;
                             stop = self
-                                .send_rows(&link, rows, &mut inflight, &mut acked, timeout)
+                                .send_rows(&link, rows, &mut inflight, &mut acked, lease_end)
                                 .await
-                                .err()
-                                .map(Stop::Link);
+                                .err();
                         }
                     }
                 }
@@ -414,6 +414,13 @@ impl Broker {
         }
         match stop {
             None => Ok(marked),
+            Some(Stop::Lapsed) => {
+                tracing::warn!(
+                    published = marked,
+                    "the relay lease lapsed mid-round; the rows not sent are left to its next holder"
+                );
+                Ok(marked)
+            }
             Some(Stop::Ledger(e)) => Err(e),
             Some(Stop::Link(e)) => {
                 tracing::warn!(error = %e, published = marked, "outbox relay stopped at an unconfirmed row; it is retried");
@@ -425,20 +432,35 @@ impl Broker {
         }
     }
 
-    /// Publishes `rows` in order, keeping at most `confirm_window` confirms in flight.
+    /// How long a publish may wait for its confirm.
+    fn confirm_timeout(&self) -> Duration {
+        Duration::from_millis(self.config.confirm_timeout_ms)
+    }
+
+    /// Publishes `rows` in order, keeping at most `confirm_window` confirms in flight, and
+    /// none once `lease_end` passed. Checked before each publish, however long the round
+    /// waited before it (a read, a full window, a stopped process): the successor's rounds
+    /// start from the oldest unpublished row, and a row sent beside them could overtake an
+    /// earlier event of its batch that they send.
     async fn send_rows(
         &self,
         link: &Link,
         rows: Vec<OutboxRow>,
         inflight: &mut VecDeque<InFlight>,
         acked: &mut Vec<OutboxRow>,
-        timeout: Duration,
-    ) -> Result<()> {
+        lease_end: Option<Instant>,
+    ) -> std::result::Result<(), Stop> {
+        let timeout = self.confirm_timeout();
         for row in rows {
             while inflight.len() >= self.config.confirm_window {
-                settle_front(inflight, acked, timeout).await?;
+                settle_front(inflight, acked, timeout)
+                    .await
+                    .map_err(Stop::Link)?;
             }
-            let stage = self.send(link, &row).await?;
+            if lease_end.is_some_and(|end| Instant::now() >= end) {
+                return Err(Stop::Lapsed);
+            }
+            let stage = self.send(link, &row).await.map_err(Stop::Link)?;
             inflight.push_back(InFlight {
                 row,
                 sent: Instant::now(),
@@ -522,6 +544,8 @@ enum Stop {
     Link(Error),
     /// The ledger failed a read or a mark; the link is fine.
     Ledger(Error),
+    /// The relay lease ended: the round publishes nothing more.
+    Lapsed,
 }
 
 /// What woke the relay.
@@ -587,10 +611,17 @@ fn joined<T>(outcome: std::result::Result<Result<T>, tokio::task::JoinError>) ->
     })?
 }
 
-/// How the relay reads the outbox. After a full page, the next one is read at once, in the
-/// background, past the page's last id. After a short page the next read starts again from
-/// the oldest unpublished row, leaving out the rows in hand: on PostgreSQL identity values
-/// are taken before commit, so a row below the last id may have committed since.
+/// How the relay reads the outbox: always from the oldest unpublished row, leaving out the
+/// rows in hand. After a full page, the next one is read at once, in the background, leaving
+/// out that page too.
+///
+/// Never a read past the page's last id: on PostgreSQL ids are taken when a row is written,
+/// not when it commits, so a submit holding a low id open across a page commits below it,
+/// and its batch's completion, committed next, lies past it; a read past the id would send
+/// the completion first. A read of everything unpublished cannot: a batch's rows commit in
+/// id order, each after the one before, so a read that sees one sees every earlier one still
+/// unpublished, and sends it first (or it is in hand, sent already). This costs each read a
+/// step over the ids in hand, rather than a scan for the gaps an id cursor leaves behind.
 #[derive(Default)]
 struct Reads {
     ahead: Option<LedgerTask<Vec<OutboxRow>>>,
@@ -605,18 +636,18 @@ impl Reads {
         &mut self,
         db: &Db,
         limit: u32,
-        in_hand: impl FnOnce() -> Vec<i64>,
+        in_hand: impl Fn() -> Vec<i64>,
     ) -> Result<Vec<OutboxRow>> {
         let rows = match self.ahead.take() {
             Some(task) => joined(task.await)?,
-            None => db.unpublished_events(limit, 0, &in_hand()).await?,
+            None => db.unpublished_events(limit, &in_hand()).await?,
         };
-        if rows.len() >= limit as usize
-            && let Some(last) = rows.last()
-        {
-            let (db, after) = (db.clone(), last.id);
+        if rows.len() >= limit as usize {
+            let mut except = in_hand();
+            except.extend(rows.iter().map(|r| r.id));
+            let db = db.clone();
             self.ahead = Some(tokio::spawn(async move {
-                db.unpublished_events(limit, after, &[]).await
+                db.unpublished_events(limit, &except).await
             }));
         }
         Ok(rows)

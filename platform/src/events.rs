@@ -6,11 +6,12 @@
 //! in-process subscribers too, so they keep working unchanged.
 //!
 //! Ordering and duplicates with several processes: with a broker, one relay publishes at a
-//! time, under a lease in SQL (`leases`, `outbox-relay`), and stops at the first row the broker did
-//! not ack, so the events of one batch leave in commit order. (Rows of one batch commit in
-//! id order: each is written after its transaction updated the batch row, which serialises
-//! them.) A row is marked published only after its ack, by its own id. A duplicate is
-//! published only when a relay dies or stalls past its lease between the ack and the mark;
+//! time, under a lease in SQL (`leases`, `outbox-relay`), publishes nothing once its lease
+//! ended (even mid-round), and stops at the first row the broker did not ack, so the events
+//! of one batch leave in commit order. (Rows of one batch commit in id order: each is written
+//! after its transaction updated the batch row, which serialises them.) A row is marked
+//! published only after its ack, by its own id. A duplicate is published only when a relay
+//! dies, or stalls past its lease, between a publish and its mark;
 //! consumers deduplicate by event id or, for `BatchReady`, by the fenced claim. The
 //! in-process bus needs no lease: it only wakes this process's own tasks.
 
@@ -118,10 +119,8 @@ pub struct RelaySettings {
     pub poll_interval: Duration,
     pub retention: Duration,
     pub batch_size: u32,
-    /// With a broker: how long the relay lease lasts (renewed at a third of it), and how
-    /// long a publish may wait for its confirm.
+    /// With a broker: how long the relay lease lasts (renewed at a third of it).
     pub lease: Duration,
-    pub confirm_timeout: Duration,
 }
 
 /// The relay lease, as this relay sees it.
@@ -131,7 +130,6 @@ struct RelayLease {
     /// Standing by: another relay held the lease; ask again after this.
     retry_at: Option<Instant>,
     lease: Duration,
-    confirm_timeout: Duration,
 }
 
 impl RelayLease {
@@ -177,7 +175,6 @@ pub async fn run_relay(
         held_until: None,
         retry_at: None,
         lease: settings.lease,
-        confirm_timeout: settings.confirm_timeout,
     });
     let mut last_prune = Instant::now();
     let mut failing = false;
@@ -260,7 +257,7 @@ async fn relay_round(
         fresh.open(false);
         return Ok(0);
     }
-    let mut until = None;
+    let mut lease_end = None;
     if let Some(lease) = lease {
         let held = lease.hold(db).await;
         if !matches!(held, Ok(true)) {
@@ -269,13 +266,9 @@ async fn relay_round(
             return held.map(|_| 0);
         }
         fresh.open(true);
-        // Stop reading rows while the lease still covers the last confirms' wait.
-        until = lease.held_until.map(|held| {
-            held.checked_sub(lease.confirm_timeout)
-                .unwrap_or_else(Instant::now)
-        });
+        lease_end = lease.held_until;
     }
-    let relayed = relay_until(db, publisher, limit, until, wake).await;
+    let relayed = relay_until(db, publisher, limit, lease_end, wake).await;
     if relayed.is_err() {
         fresh.open(false);
     }
@@ -292,12 +285,12 @@ async fn relay_until(
     db: &Db,
     publisher: &Publisher,
     limit: u32,
-    until: Option<Instant>,
+    lease_end: Option<Instant>,
     wake: Option<&Notify>,
 ) -> Result<usize> {
     let done = match publisher {
         Publisher::InProcess(_) => {
-            let rows = db.unpublished_events(limit, 0, &[]).await?;
+            let rows = db.unpublished_events(limit, &[]).await?;
             publisher.notify_local(&rows);
             let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
             db.mark_published(&ids).await?;
@@ -305,7 +298,9 @@ async fn relay_until(
         }
         Publisher::Broker { broker, .. } => {
             broker
-                .relay(db, limit, until, wake, &|rows| publisher.notify_local(rows))
+                .relay(db, limit, lease_end, wake, &|rows| {
+                    publisher.notify_local(rows)
+                })
                 .await?
         }
     };

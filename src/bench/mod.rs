@@ -247,8 +247,9 @@ async fn copy_baseline(db: &dataflow_platform::db::Db, args: &IngestArgs) -> any
         .execute(&mut conn)
         .await?;
     // The rows as text, prepared before timing: only the load is measured.
-    let rows: Vec<(String, String, String, String, String, i64)> = sqlx::query_as(
-        "SELECT client_id, record_key, data, checksum, batch_id, updated_at FROM records",
+    let rows: Vec<(String, String, String, String, String, i64, i64)> = sqlx::query_as(
+        "SELECT client_id, record_key, data, checksum, batch_id, updated_at, accepted_seq \
+         FROM records",
     )
     .fetch_all(&mut conn)
     .await?;
@@ -258,9 +259,9 @@ async fn copy_baseline(db: &dataflow_platform::db::Db, args: &IngestArgs) -> any
         rows.len()
     );
     let mut text = String::new();
-    for (c, k, d, s, b, u) in &rows {
+    for (c, k, d, s, b, u, a) in &rows {
         text.push_str(&format!(
-            "{c}\t{k}\t{}\t{s}\t{b}\t{u}\n",
+            "{c}\t{k}\t{}\t{s}\t{b}\t{u}\t{a}\n",
             d.replace('\\', "\\\\")
         ));
     }

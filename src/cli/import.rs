@@ -90,11 +90,12 @@ pub async fn run(args: ImportArgs) -> anyhow::Result<()> {
     }
     let batch = follow(&http, api, &args.key, &import).await?;
     println!(
-        "batch {} {}: {} written, {} unchanged, {} failed{}",
+        "batch {} {}: {} written, {} unchanged, {} superseded, {} failed{}",
         batch.id,
         batch.status,
         batch.records_written,
         batch.records_unchanged,
+        batch.records_superseded,
         batch.records_failed,
         batch
             .last_error

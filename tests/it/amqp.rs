@@ -616,22 +616,16 @@ async fn the_outbox_marks_exact_ids_and_one_relay_holds_the_lease(b: Backend) {
         .await
         .unwrap();
     }
-    let ids = pending_ids(&db, 10, 0, &[]).await;
+    let ids = pending_ids(&db, 10, &[]).await;
     assert_eq!(ids.len(), 4);
     // Only the ids handed over, never the rows between them.
     assert_eq!(db.mark_published(&[ids[0], ids[2]]).await.unwrap(), 2);
-    let left = pending_ids(&db, 10, 0, &[]).await;
+    let left = pending_ids(&db, 10, &[]).await;
     assert_eq!(left, [ids[1], ids[3]]);
-    let not_in_flight = db.unpublished_events(10, 0, &[ids[1]]).await.unwrap();
     assert_eq!(
-        not_in_flight.iter().map(|r| r.id).collect::<Vec<_>>(),
-        [ids[3]]
-    );
-    let past = db.unpublished_events(10, ids[1], &[]).await.unwrap();
-    assert_eq!(
-        past.iter().map(|r| r.id).collect::<Vec<_>>(),
+        pending_ids(&db, 10, &[ids[1]]).await,
         [ids[3]],
-        "a read past an id"
+        "not in flight"
     );
     assert_eq!(db.mark_published(&[ids[0]]).await.unwrap(), 0, "idempotent");
 
@@ -667,19 +661,7 @@ async fn a_backlog_leaves_in_id_order_past_pages_and_the_confirm_window(b: Backe
     let Some((_test_db, db)) = outbox_ledger(b).await else {
         return;
     };
-    let mut config = Config::default();
-    tb.configure(&mut config, None);
-    config.amqp.confirm_window = 16;
-    let broker = std::sync::Arc::new(dataflow_platform::amqp::Broker::new(
-        Secret::new(tb.url.clone()),
-        config.amqp.clone(),
-        tokio::sync::watch::channel(Mode::Polling).0,
-    ));
-    let stop = tokio_util::sync::CancellationToken::new();
-    let link = tokio::spawn(broker.clone().run(stop.clone()));
-    tokio::time::timeout(Duration::from_secs(15), broker.connected())
-        .await
-        .expect("the broker connects");
+    let link = BrokerLink::connect(&tb, |c| c.confirm_window = 16).await;
     let tap = tb.tap().await;
     let keys = ["batch.created", "batch.ready", "batch.completed"];
     let expected: Vec<String> = (0..600).map(|i| format!("evt_{i:04}")).collect();
@@ -696,22 +678,143 @@ async fn a_backlog_leaves_in_id_order_past_pages_and_the_confirm_window(b: Backe
         .unwrap();
     }
 
-    let publisher = dataflow_platform::events::Publisher::broker(broker.clone());
+    let publisher = dataflow_platform::events::Publisher::broker(link.broker.clone());
     let relayed = dataflow_platform::events::relay_once(&db, &publisher, 100)
         .await
         .unwrap();
     assert_eq!(relayed, expected.len(), "one round drains the backlog");
     assert_eq!(db.outbox_backlog().await.unwrap(), 0, "every row marked");
-    let got: Vec<String> = tb
-        .drain(&tap)
+    let got = message_ids(&tb, &tap).await;
+    assert_eq!(got, expected, "each row once, in id order");
+
+    link.close().await;
+    db.close().await;
+    tb.cleanup().await;
+}
+
+/// A broker link of a test's own, for relays the test runs itself.
+struct BrokerLink {
+    broker: std::sync::Arc<dataflow_platform::amqp::Broker>,
+    stop: tokio_util::sync::CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl BrokerLink {
+    /// Connected, with the AMQP settings `tweak` adjusts.
+    async fn connect(
+        tb: &TestBroker,
+        tweak: impl FnOnce(&mut dataflow_platform::config::AmqpConfig),
+    ) -> BrokerLink {
+        let mut config = Config::default();
+        tb.configure(&mut config, None);
+        tweak(&mut config.amqp);
+        let broker = std::sync::Arc::new(dataflow_platform::amqp::Broker::new(
+            Secret::new(tb.url.clone()),
+            config.amqp.clone(),
+            tokio::sync::watch::channel(Mode::Polling).0,
+        ));
+        let stop = tokio_util::sync::CancellationToken::new();
+        let task = tokio::spawn(broker.clone().run(stop.clone()));
+        tokio::time::timeout(Duration::from_secs(15), broker.connected())
+            .await
+            .expect("the broker connects");
+        BrokerLink { broker, stop, task }
+    }
+
+    async fn close(self) {
+        self.stop.cancel();
+        self.task.await.unwrap();
+    }
+}
+
+/// The message ids in `queue` now, in the order they arrived.
+async fn message_ids(tb: &TestBroker, queue: &str) -> Vec<String> {
+    tb.drain(queue)
         .await
         .iter()
         .map(|d| d.properties.message_id().clone().unwrap().to_string())
-        .collect();
-    assert_eq!(got, expected, "each row once, in id order");
+        .collect()
+}
 
-    stop.cancel();
-    link.await.unwrap();
+/// PostgreSQL numbers outbox rows when they are written, not when they commit. A submit
+/// holds its batch's first two events (the lowest ids) uncommitted while the relay reads a
+/// backlog page by page; the submit then commits and its batch completes while the relay
+/// still reads ahead. The completion must not leave before the events of the submit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batchs_events_leave_in_lifecycle_order_past_a_submit_held_open_across_a_page() {
+    let Some(mut tb) = TestBroker::new().await else {
+        return;
+    };
+    let Some((_test_db, db)) = outbox_ledger(Backend::Postgres).await else {
+        return;
+    };
+    // One confirm at a time: the backlog takes a while to send, page after page.
+    let link = BrokerLink::connect(&tb, |c| c.confirm_window = 1).await;
+    let tap = tb.tap().await;
+    let event = |event_id: &str, key: &str| {
+        sqlx::query(
+            "INSERT INTO outbox (event_id, batch_id, event_type, routing_key, body, created_at) \
+             VALUES ($1, 'bat_x', 'Batch', $2, '{}', 0)",
+        )
+        .bind(event_id.to_owned())
+        .bind(key.to_owned())
+    };
+    let mut submit = db.pool().begin().await.unwrap();
+    event("evt_x_created", "batch.created")
+        .execute(&mut *submit)
+        .await
+        .unwrap();
+    event("evt_x_ready", "batch.ready")
+        .execute(&mut *submit)
+        .await
+        .unwrap();
+    sqlx::query(
+        "INSERT INTO outbox (event_id, batch_id, event_type, routing_key, body, created_at) \
+         SELECT 'evt_backlog_' || i, 'bat_y', 'Backlog', 'batch.created', '{}', 0 \
+         FROM generate_series(1, 2000) AS i",
+    )
+    .execute(db.pool())
+    .await
+    .unwrap();
+
+    let publisher = dataflow_platform::events::Publisher::broker(link.broker.clone());
+    let round = {
+        let (db, publisher) = (db.clone(), publisher.clone());
+        tokio::spawn(
+            async move { dataflow_platform::events::relay_once(&db, &publisher, 10).await },
+        )
+    };
+    // The first page went out without the submit's rows…
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while tb.depth(&tap).await == 0 {
+        assert!(Instant::now() < deadline, "the relay published nothing");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    // …then the submit commits, and its batch completes, while the relay reads on.
+    submit.commit().await.unwrap();
+    event("evt_x_completed", "batch.completed")
+        .execute(db.pool())
+        .await
+        .unwrap();
+    round.await.unwrap().unwrap();
+    dataflow_platform::events::relay_once(&db, &publisher, 10)
+        .await
+        .unwrap();
+    assert_eq!(db.outbox_backlog().await.unwrap(), 0);
+
+    let got = message_ids(&tb, &tap).await;
+    assert_eq!(got.len(), 2003, "every row once");
+    let batch: Vec<&str> = got
+        .iter()
+        .map(String::as_str)
+        .filter(|id| id.starts_with("evt_x_"))
+        .collect();
+    assert_eq!(
+        batch,
+        ["evt_x_created", "evt_x_ready", "evt_x_completed"],
+        "the batch's events in lifecycle order"
+    );
+    link.close().await;
     db.close().await;
     tb.cleanup().await;
 }
@@ -726,14 +829,9 @@ async fn outbox_ledger(b: Backend) -> Option<(crate::helpers::TestDb, dataflow_p
     Some((test_db, db))
 }
 
-/// The ids the relay would read: unpublished, past `after`, not in `except`.
-async fn pending_ids(
-    db: &dataflow_platform::db::Db,
-    limit: u32,
-    after: i64,
-    except: &[i64],
-) -> Vec<i64> {
-    db.unpublished_events(limit, after, except)
+/// The ids the relay would read: unpublished, not in `except`.
+async fn pending_ids(db: &dataflow_platform::db::Db, limit: u32, except: &[i64]) -> Vec<i64> {
+    db.unpublished_events(limit, except)
         .await
         .unwrap()
         .iter()
@@ -756,7 +854,7 @@ async fn the_outbox_prunes_published_rows_past_retention_page_by_page(b: Backend
     .execute(db.pool())
     .await
     .unwrap();
-    let old = pending_ids(&db, 5_000, 0, &[]).await;
+    let old = pending_ids(&db, 5_000, &[]).await;
     assert_eq!(old.len(), 2_500);
     // Two old rows stay unpublished: one on the first page, one on the second.
     let pending = [old[5], old[1_500]];
@@ -782,7 +880,7 @@ async fn the_outbox_prunes_published_rows_past_retention_page_by_page(b: Backend
         .await
         .unwrap();
     }
-    let young = pending_ids(&db, 100, old[2_499], &[]).await;
+    let young = pending_ids(&db, 100, &pending).await;
     assert_eq!(db.mark_published(&young).await.unwrap(), 10);
 
     assert_eq!(db.prune_published(60_000).await.unwrap(), 2_498);
@@ -792,7 +890,7 @@ async fn the_outbox_prunes_published_rows_past_retention_page_by_page(b: Backend
         .unwrap();
     let kept: Vec<i64> = pending.iter().chain(&young).copied().collect();
     assert_eq!(left, kept, "the unpublished and the young rows are kept");
-    let still = pending_ids(&db, 10, 0, &[]).await;
+    let still = pending_ids(&db, 10, &[]).await;
     assert_eq!(still, pending, "the unpublished rows are still relayed");
     assert_eq!(
         db.prune_published(60_000).await.unwrap(),
@@ -943,4 +1041,86 @@ async fn wait_mode_of(t: &TestApp, want: Mode) {
         .await
         .expect("mode reached in time")
         .unwrap();
+}
+
+/// A relay whose lease lapses while it reads a page (here: the read waits on a table lock
+/// past the lease) must not publish that page once a successor holds the lease.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_whose_lease_lapsed_mid_round_publishes_nothing_beside_its_successor() {
+    let Some(mut tb) = TestBroker::new().await else {
+        return;
+    };
+    let Some((test_db, db)) = outbox_ledger(Backend::Postgres).await else {
+        return;
+    };
+    let link = BrokerLink::connect(&tb, |c| c.confirm_timeout_ms = 200).await;
+    let tap = tb.tap().await;
+    sqlx::query(
+        "INSERT INTO outbox (event_id, batch_id, event_type, routing_key, body, created_at) \
+         SELECT 'evt_' || i, 'bat_x', 'Batch', 'batch.created', '{}', 0 \
+         FROM generate_series(1, 5) AS i",
+    )
+    .execute(db.pool())
+    .await
+    .unwrap();
+    // Its own session: the ledger's end a transaction left idle for long.
+    let mut session = <sqlx::PgConnection as sqlx::Connection>::connect(&test_db.url)
+        .await
+        .unwrap();
+    let mut stall = sqlx::Connection::begin(&mut session).await.unwrap();
+    sqlx::query("LOCK TABLE outbox_pending IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *stall)
+        .await
+        .unwrap();
+
+    let lease = Duration::from_millis(1_000);
+    let settings = dataflow_platform::events::RelaySettings {
+        poll_interval: Duration::from_millis(50),
+        retention: Duration::from_secs(3_600),
+        batch_size: 100,
+        lease,
+    };
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let relay = tokio::spawn(dataflow_platform::events::run_relay(
+        db.clone(),
+        dataflow_platform::events::Publisher::broker(link.broker.clone()),
+        db.commits().outbox(),
+        settings,
+        shutdown.clone(),
+    ));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while db.lease_owner(OUTBOX_RELAY).await.unwrap().is_none() {
+        assert!(Instant::now() < deadline, "the relay never took its lease");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // The relay reads, and waits; its lease lapses and a successor takes it.
+    tokio::time::sleep(lease + Duration::from_millis(200)).await;
+    assert!(
+        db.take_lease(OUTBOX_RELAY, "successor", 60_000)
+            .await
+            .unwrap(),
+        "the relay's lease lapsed"
+    );
+    stall.commit().await.unwrap();
+
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        tb.depth(&tap).await,
+        0,
+        "nothing published after the lease lapsed"
+    );
+    assert_eq!(
+        db.outbox_backlog().await.unwrap(),
+        5,
+        "the rows are the successor's"
+    );
+    shutdown.cancel();
+    relay.await.unwrap();
+    assert_eq!(
+        db.lease_owner(OUTBOX_RELAY).await.unwrap().as_deref(),
+        Some("successor")
+    );
+    link.close().await;
+    db.close().await;
+    tb.cleanup().await;
 }

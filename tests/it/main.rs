@@ -18,6 +18,7 @@ mod jobs;
 mod leader;
 mod metrics;
 mod openapi;
+mod records;
 mod redis;
 mod ui;
 mod worker;

@@ -62,14 +62,14 @@ async fn try_login(t: &TestApp, operator: &str, token: &str) -> reqwest::Respons
 }
 
 /// A logged-in dashboard session over plain HTTP.
-struct Ui<'a> {
+pub(crate) struct Ui<'a> {
     t: &'a TestApp,
     http: reqwest::Client,
     cookie: String,
 }
 
 impl<'a> Ui<'a> {
-    async fn login(t: &'a TestApp, operator: &str) -> Ui<'a> {
+    pub(crate) async fn login(t: &'a TestApp, operator: &str) -> Ui<'a> {
         let http = plain();
         let resp = try_login(t, operator, TOKEN).await;
         assert_eq!(resp.status(), StatusCode::SEE_OTHER);
@@ -88,7 +88,7 @@ impl<'a> Ui<'a> {
             .header(header::COOKIE, &self.cookie)
     }
 
-    async fn page(&self, path: &str) -> String {
+    pub(crate) async fn page(&self, path: &str) -> String {
         let resp = self.get(path).send().await.unwrap();
         assert_eq!(resp.status(), 200, "{path}");
         resp.text().await.unwrap()

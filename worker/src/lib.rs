@@ -653,6 +653,7 @@ fn record_outcome(outcome: &Outcome, lease: &Lease, claimed: std::time::Instant)
             for (what, n) in [
                 ("written", done.records_written),
                 ("unchanged", done.records_unchanged),
+                ("superseded", done.records_superseded),
                 ("failed", done.records_failed),
             ] {
                 metrics::counter!("dataflow_records_total", "outcome" => what).increment(n);

@@ -17,12 +17,12 @@ pub fn prepare_chunk(records: &[Record], policy: &Policy, checkpoint: u64) -> Ch
     // Last occurrence wins, as if the records were applied one by one in file order.
     let mut by_key: BTreeMap<String, RecordRow> = BTreeMap::new();
     let mut errors = Vec::new();
-    let mut superseded = 0;
+    let mut replaced = 0;
     for record in records {
         match prepare_record(record, policy) {
             Ok(row) => {
                 if by_key.insert(row.key.clone(), row).is_some() {
-                    superseded += 1;
+                    replaced += 1;
                 }
             }
             Err(e) => errors.push(e),
@@ -31,7 +31,7 @@ pub fn prepare_chunk(records: &[Record], policy: &Policy, checkpoint: u64) -> Ch
     Chunk {
         records: by_key.into_values().collect(),
         errors,
-        superseded,
+        replaced,
         checkpoint,
     }
 }
@@ -138,7 +138,7 @@ mod tests {
             codes,
             [(5, "missing_key"), (6, "missing_field"), (8, "invalid_key")]
         );
-        assert_eq!((chunk.checkpoint, chunk.superseded), (7, 1));
+        assert_eq!((chunk.checkpoint, chunk.replaced), (7, 1));
     }
 
     #[test]

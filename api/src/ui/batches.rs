@@ -244,6 +244,7 @@ pub async fn detail(
                         dt { "Processed" } dd { (b.records_processed) }
                         dt { "Written" } dd { (b.records_written) }
                         dt { "Unchanged" } dd { (b.records_unchanged) }
+                        dt { "Superseded" } dd { (b.records_superseded) }
                         dt { "Rejected" } dd.refused[b.records_failed > 0] { (b.records_failed) }
                     }
                     @if b.records_failed > 0 {

@@ -38,6 +38,28 @@ macro_rules! client_policy {
     };
 }
 
+/// What an upsert of records does to a record it finds: takes the new values when they
+/// differ (the batch is then the record's last writer), and the newer import's place in the
+/// order of acceptance either way, but only for an import accepted after the one whose
+/// values the record holds, or for a later line of that same import. Returns the batch
+/// that last changed each record it touched.
+macro_rules! take_newer {
+    () => {
+        "ON CONFLICT (client_id, record_key) DO UPDATE SET \
+           accepted_seq = excluded.accepted_seq, checksum = excluded.checksum, \
+           data = CASE WHEN records.checksum = excluded.checksum \
+                  THEN records.data ELSE excluded.data END, \
+           batch_id = CASE WHEN records.checksum = excluded.checksum \
+                      THEN records.batch_id ELSE excluded.batch_id END, \
+           updated_at = CASE WHEN records.checksum = excluded.checksum \
+                        THEN records.updated_at ELSE excluded.updated_at END \
+         WHERE records.accepted_seq < excluded.accepted_seq \
+            OR (records.accepted_seq = excluded.accepted_seq \
+                AND records.checksum <> excluded.checksum) \
+         RETURNING batch_id"
+    };
+}
+
 /// The claim itself for the batch `$where` selects: a new lease epoch (the fencing token),
 /// and one more attempt, or, for a batch still `processing` under a lapsed lease, one more
 /// takeover (its holder died or stalled: that spends no attempt). Binds `$1` owner and `$2`
@@ -52,15 +74,15 @@ macro_rules! take_lease {
                  took_over = CASE WHEN status = 'processing' THEN 1 ELSE 0 END, \
                  started_at = COALESCE(started_at, {now}), updated_at = {now} WHERE ",
             $where,
-            " RETURNING id, client_id, import_id, lease_epoch, attempts, takeovers, \
+            " RETURNING id, client_id, import_id, accepted_seq, lease_epoch, attempts, takeovers, \
               took_over, checkpoint, records_total, format, policy, {now} - created_at AS waited_ms"
         )
     };
 }
 
 pub(super) const BATCH_COLUMNS: &str = "id, import_id, status, records_total, checkpoint, records_written, \
-     records_unchanged, records_failed, attempts, takeovers, last_error, created_at, started_at, \
-     completed_at";
+     records_unchanged, records_superseded, records_failed, attempts, takeovers, last_error, \
+     created_at, started_at, completed_at";
 
 /// A held lease: the right to write to one batch while `epoch` is current.
 #[derive(Debug, Clone)]
@@ -68,6 +90,9 @@ pub struct Lease {
     pub batch_id: BatchId,
     pub client_id: ClientId,
     pub import_id: ImportId,
+    /// The import's place in the order of acceptance: the batch never writes over a
+    /// record that a later accepted import wrote.
+    pub accepted_seq: i64,
     pub owner: String,
     pub epoch: i64,
     /// Including this one, unless this claim is a takeover.
@@ -113,8 +138,9 @@ pub struct Chunk {
     pub records: Vec<RecordRow>,
     pub errors: Vec<RowError>,
     /// Records replaced by a later record with the same key in this chunk: counted as
-    /// unchanged, so written + unchanged + failed adds up to the records handled.
-    pub superseded: u64,
+    /// unchanged, so written + unchanged + superseded + failed adds up to the records
+    /// handled.
+    pub replaced: u64,
     /// Records of the file covered once this chunk commits.
     pub checkpoint: u64,
 }
@@ -123,6 +149,8 @@ pub struct Chunk {
 pub struct ChunkResult {
     pub written: u64,
     pub unchanged: u64,
+    /// Records left alone because an import accepted after this one holds them.
+    pub superseded: u64,
 }
 
 /// The outcome of a failed attempt.
@@ -250,37 +278,21 @@ impl Db {
 
     /// A chunk's records and row errors inside `tx`; what they changed.
     async fn write_rows(&self, tx: &mut Tx, lease: &Lease, chunk: &Chunk) -> Result<ChunkResult> {
-        let written = if chunk.records.is_empty() {
-            0
-        } else {
-            let sql = self.sql(match self.dialect {
-                Dialect::Postgres => {
-                    "INSERT INTO records (client_id, record_key, data, checksum, batch_id, updated_at) \
-                     SELECT $1, r.k, r.d::text, r.c, $2, {now} \
-                     FROM json_to_recordset($3::json) AS r(k text, d json, c text) \
-                     ON CONFLICT (client_id, record_key) DO UPDATE \
-                       SET data = excluded.data, checksum = excluded.checksum, \
-                           batch_id = excluded.batch_id, updated_at = excluded.updated_at \
-                     WHERE records.checksum <> excluded.checksum"
-                }
-                Dialect::Sqlite => {
-                    "INSERT INTO records (client_id, record_key, data, checksum, batch_id, updated_at) \
-                     SELECT $1, value ->> 'k', json(value -> 'd'), value ->> 'c', $2, {now} \
-                     FROM jsonb_each(jsonb($3)) WHERE true \
-                     ON CONFLICT (client_id, record_key) DO UPDATE \
-                       SET data = excluded.data, checksum = excluded.checksum, \
-                           batch_id = excluded.batch_id, updated_at = excluded.updated_at \
-                     WHERE records.checksum <> excluded.checksum"
-                }
-            });
-            sqlx::query(sql)
-                .bind(lease.client_id.as_str())
-                .bind(lease.batch_id.as_str())
-                .bind(serde_json::to_string(&chunk.records).unwrap_or_default())
-                .execute(&mut **tx)
-                .await?
-                .rows_affected()
+        let mut result = ChunkResult {
+            unchanged: chunk.replaced,
+            ..ChunkResult::default()
         };
+        if !chunk.records.is_empty() {
+            let records = chunk.records.len() as u64;
+            let (touched, written) = self.upsert_records(tx, lease, &chunk.records).await?;
+            // Left alone: held by a newer import, or by an earlier chunk of this batch with
+            // the same values. Only the first needs a look (rows the upsert locked).
+            if touched < records {
+                result.superseded = self.count_newer(tx, lease, &chunk.records).await?;
+            }
+            result.written = written;
+            result.unchanged += records - written - result.superseded;
+        }
         if !chunk.errors.is_empty() {
             let sql = self.sql(match self.dialect {
                 Dialect::Postgres => {
@@ -302,8 +314,86 @@ impl Db {
                 .execute(&mut **tx)
                 .await?;
         }
-        let unchanged = chunk.records.len() as u64 - written + chunk.superseded;
-        Ok(ChunkResult { written, unchanged })
+        Ok(result)
+    }
+
+    /// Upserts `records` under [`take_newer!`]: how many it inserted or updated, and how
+    /// many of those it wrote (inserted, or changed the values of).
+    ///
+    /// An unchanged record is updated too when this import is the newer: it takes this
+    /// import's number, so that an import older than both, run later, cannot bring its
+    /// own values back. The price is a row write per unchanged record of a newer import.
+    async fn upsert_records(
+        &self,
+        tx: &mut Tx,
+        lease: &Lease,
+        records: &[RecordRow],
+    ) -> Result<(u64, u64)> {
+        let sql = self.sql(match self.dialect {
+            Dialect::Postgres => concat!(
+                "WITH up AS (INSERT INTO records \
+                   (client_id, record_key, data, checksum, batch_id, accepted_seq, updated_at) \
+                 SELECT $1, r.k, r.d::text, r.c, $2, $4, {now} \
+                 FROM json_to_recordset($3::json) AS r(k text, d json, c text) ",
+                take_newer!(),
+                ") SELECT COUNT(*) AS touched, \
+                   COUNT(*) FILTER (WHERE batch_id = $2) AS written FROM up"
+            ),
+            // SQLite has no INSERT inside WITH: the writers come back one row each.
+            Dialect::Sqlite => concat!(
+                "INSERT INTO records \
+                   (client_id, record_key, data, checksum, batch_id, accepted_seq, updated_at) \
+                 SELECT $1, value ->> 'k', json(value -> 'd'), value ->> 'c', $2, $4, {now} \
+                 FROM jsonb_each(jsonb($3)) WHERE true ",
+                take_newer!()
+            ),
+        });
+        let upsert = sqlx::query(sql)
+            .bind(lease.client_id.as_str())
+            .bind(lease.batch_id.as_str())
+            .bind(serde_json::to_string(records).unwrap_or_default())
+            .bind(lease.accepted_seq);
+        match self.dialect {
+            Dialect::Postgres => {
+                let row = upsert.fetch_one(&mut **tx).await?;
+                Ok((
+                    count(row.try_get("touched")?),
+                    count(row.try_get("written")?),
+                ))
+            }
+            Dialect::Sqlite => {
+                let writers = upsert.fetch_all(&mut **tx).await?;
+                let mut written = 0;
+                for row in &writers {
+                    if row.try_get::<String, _>("batch_id")? == lease.batch_id.as_str() {
+                        written += 1;
+                    }
+                }
+                Ok((writers.len() as u64, written))
+            }
+        }
+    }
+
+    /// How many of `records` a later accepted import holds.
+    async fn count_newer(&self, tx: &mut Tx, lease: &Lease, records: &[RecordRow]) -> Result<u64> {
+        let sql = self.sql(match self.dialect {
+            Dialect::Postgres => {
+                "SELECT COUNT(*) FROM records WHERE client_id = $1 AND accepted_seq > $2 \
+                 AND record_key IN (SELECT json_array_elements_text($3::json))"
+            }
+            Dialect::Sqlite => {
+                "SELECT COUNT(*) FROM records WHERE client_id = $1 AND accepted_seq > $2 \
+                 AND record_key IN (SELECT value FROM json_each($3))"
+            }
+        });
+        let keys: Vec<&str> = records.iter().map(|r| r.key.as_str()).collect();
+        let newer: i64 = sqlx::query_scalar(sql)
+            .bind(lease.client_id.as_str())
+            .bind(lease.accepted_seq)
+            .bind(serde_json::to_string(&keys).unwrap_or_default())
+            .fetch_one(&mut **tx)
+            .await?;
+        Ok(count(newer))
     }
 
     /// Moves the checkpoint past `chunk` and renews the lease, under the fence.
@@ -318,6 +408,7 @@ impl Db {
         let fence = self.sql(
             "UPDATE batches SET checkpoint = $3, records_written = records_written + $4, \
                  records_unchanged = records_unchanged + $5, records_failed = records_failed + $6, \
+                 records_superseded = records_superseded + $8, \
                  lease_expires_at = {now} + $7, updated_at = {now} \
              WHERE id = $1 AND lease_epoch = $2 AND status = 'processing'",
         );
@@ -329,6 +420,7 @@ impl Db {
             .bind(result.unchanged as i64)
             .bind(chunk.errors.len() as i64)
             .bind(lease_ms)
+            .bind(result.superseded as i64)
             .execute(&mut **tx)
             .await?
             .rows_affected();
@@ -357,10 +449,11 @@ impl Db {
             "UPDATE batches SET status = 'completed', completed_at = {now}, updated_at = {now}, \
                  lease_owner = NULL, lease_expires_at = NULL, last_error = NULL, \
                  checkpoint = COALESCE($3, checkpoint), records_written = records_written + $4, \
-                 records_unchanged = records_unchanged + $5, records_failed = records_failed + $6 \
+                 records_unchanged = records_unchanged + $5, records_failed = records_failed + $6, \
+                 records_superseded = records_superseded + $7 \
              WHERE id = $1 AND lease_epoch = $2 AND status = 'processing' \
-             RETURNING records_total, records_written, records_unchanged, records_failed, \
-                       started_at, completed_at, ",
+             RETURNING records_total, records_written, records_unchanged, records_superseded, \
+                       records_failed, started_at, completed_at, ",
             client_policy!()
         ));
         let (checkpoint, result, failed) = match last {
@@ -378,6 +471,7 @@ impl Db {
             .bind(result.written as i64)
             .bind(result.unchanged as i64)
             .bind(failed)
+            .bind(result.superseded as i64)
             .fetch_optional(&mut **tx)
             .await?
         else {
@@ -389,6 +483,7 @@ impl Db {
             records_total: count(row.try_get("records_total")?),
             records_written: count(row.try_get("records_written")?),
             records_unchanged: count(row.try_get("records_unchanged")?),
+            records_superseded: count(row.try_get("records_superseded")?),
             records_failed: count(row.try_get("records_failed")?),
             duration_ms: count(completed_at - started_at.unwrap_or(completed_at)),
         };
@@ -710,6 +805,7 @@ fn lease_from_row(r: &AnyRow, owner: &str) -> Result<Lease> {
         batch_id: parse_id(r.try_get("id")?)?,
         client_id: parse_id(r.try_get("client_id")?)?,
         import_id: parse_id(r.try_get("import_id")?)?,
+        accepted_seq: r.try_get("accepted_seq")?,
         owner: owner.to_owned(),
         epoch: r.try_get("lease_epoch")?,
         attempts: u32::try_from(r.try_get::<i64, _>("attempts")?).unwrap_or(u32::MAX),
@@ -737,6 +833,7 @@ pub(super) fn batch_from_row(r: &AnyRow) -> Result<BatchView> {
         records_processed: count(r.try_get("checkpoint")?),
         records_written: count(r.try_get("records_written")?),
         records_unchanged: count(r.try_get("records_unchanged")?),
+        records_superseded: count(r.try_get("records_superseded")?),
         records_failed: count(r.try_get("records_failed")?),
         attempts: u32::try_from(r.try_get::<i64, _>("attempts")?).unwrap_or(u32::MAX),
         takeovers: u32::try_from(r.try_get::<i64, _>("takeovers")?).unwrap_or(u32::MAX),

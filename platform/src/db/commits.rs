@@ -292,6 +292,7 @@ mod tests {
                 records_total: 1,
                 records_written: 1,
                 records_unchanged: 0,
+                records_superseded: 0,
                 records_failed: 0,
                 duration_ms: 1,
             }),

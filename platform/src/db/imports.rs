@@ -294,21 +294,22 @@ impl Db {
             BatchStatus::Ready
         };
         let policy_json = serde_json::to_string(new.policy).unwrap_or_default();
-        sqlx::query(
+        let batch = self.sql(
             "INSERT INTO batches (id, import_id, client_id, status, format, policy, records_total, \
-                                  available_at, created_at, updated_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $8, $8)",
-        )
-        .bind(batch_id.as_str())
-        .bind(import_id.as_str())
-        .bind(new.client_id.as_str())
-        .bind(status.as_str())
-        .bind(new.format.as_str())
-        .bind(policy_json)
-        .bind(new.records as i64)
-        .bind(now)
-        .execute(&mut *tx)
-        .await?;
+                                  accepted_seq, available_at, created_at, updated_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, {next_accepted_seq}, $8, $8, $8)",
+        );
+        sqlx::query(batch)
+            .bind(batch_id.as_str())
+            .bind(import_id.as_str())
+            .bind(new.client_id.as_str())
+            .bind(status.as_str())
+            .bind(new.format.as_str())
+            .bind(policy_json)
+            .bind(new.records as i64)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
         sqlx::query(
             "INSERT INTO imports (id, client_id, batch_id, checksum, idempotency_key, format, bytes, records, created_at) \
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",

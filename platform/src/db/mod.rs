@@ -4,7 +4,8 @@
 //! the dialects differ are spelled as placeholders in the statement text and filled in by
 //! [`Db::sql`]: `{now}` is the database clock in milliseconds (leases are judged by one clock,
 //! whichever process asks), `{skip_locked}` is `FOR UPDATE SKIP LOCKED` on PostgreSQL, and
-//! `{id_list}` is the rows of the JSON array of strings bound as `$1`.
+//! `{id_list}` is the rows of the JSON array of strings bound as `$1`, and
+//! `{next_accepted_seq}` is the acceptance number of a batch being created.
 //!
 //! Layout: [`clients`] (tenants, keys, policies), [`imports`] (the submit transaction,
 //! idempotency, dedup, quota), [`batches`] (claims, the fenced lease, views),
@@ -118,6 +119,15 @@ impl Dialect {
         match self {
             Dialect::Sqlite => "SELECT value FROM json_each($1)",
             Dialect::Postgres => "SELECT json_array_elements_text($1::json)",
+        }
+    }
+
+    /// The next import's place in the order of acceptance (migration 0010 says why each
+    /// dialect's way keeps that order).
+    fn next_accepted_seq(self) -> &'static str {
+        match self {
+            Dialect::Sqlite => "(SELECT COALESCE(MAX(accepted_seq), 0) + 1 FROM batches)",
+            Dialect::Postgres => "nextval('batches_accepted_seq')",
         }
     }
 }
@@ -251,7 +261,8 @@ impl Db {
             template
                 .replace("{now}", self.dialect.now_ms())
                 .replace("{skip_locked}", self.dialect.skip_locked())
-                .replace("{id_list}", self.dialect.id_list()),
+                .replace("{id_list}", self.dialect.id_list())
+                .replace("{next_accepted_seq}", self.dialect.next_accepted_seq()),
         )
     }
 

@@ -33,6 +33,7 @@ impl Db {
                     CAST(COALESCE(SUM(records_total), 0) AS BIGINT) AS total, \
                     CAST(COALESCE(SUM(records_written), 0) AS BIGINT) AS written, \
                     CAST(COALESCE(SUM(records_unchanged), 0) AS BIGINT) AS unchanged, \
+                    CAST(COALESCE(SUM(records_superseded), 0) AS BIGINT) AS superseded, \
                     CAST(COALESCE(SUM(records_failed), 0) AS BIGINT) AS failed \
              FROM batches WHERE client_id = $1 AND id >= $2 AND id < $3 GROUP BY status",
         )
@@ -49,6 +50,7 @@ impl Db {
             records_total: 0,
             records_written: 0,
             records_unchanged: 0,
+            records_superseded: 0,
             records_failed: 0,
             top_errors: Vec::new(),
             generated_at: rfc3339(self.now_ms().await?),
@@ -65,6 +67,7 @@ impl Db {
             summary.records_total += count(r, "total")?;
             summary.records_written += count(r, "written")?;
             summary.records_unchanged += count(r, "unchanged")?;
+            summary.records_superseded += count(r, "superseded")?;
             summary.records_failed += count(r, "failed")?;
         }
         let errors: Vec<(String, i64)> = sqlx::query_as(

@@ -137,13 +137,15 @@ fn body_text(r: &BatchReport, attached: bool) -> String {
     let b = &r.batch;
     let mut text = format!(
         "Batch {} (import {}) is {}.\n\n\
-         Records: {} in total, {} written, {} unchanged, {} rejected.\n",
+         Records: {} in total, {} written, {} unchanged, {} superseded (a newer import \
+         holds them), {} rejected.\n",
         b.id,
         b.import_id,
         b.status,
         b.records_total,
         b.records_written,
         b.records_unchanged,
+        b.records_superseded,
         b.records_failed
     );
     if let Some(e) = &b.last_error {
