@@ -168,11 +168,6 @@ pub async fn login(State(state): State<AppState>, req: Request) -> ApiResult<Res
         .map_err(|_| ApiError::bad_request("invalid_body", "the login form is too large"))?;
     csrf::same_origin(&state, &headers)?;
     let form = FormData::parse(&body);
-    let lockout = &state.backends.lockout;
-    let subject = format!("ip:{ip}");
-    if let Some(left) = lockout.locked(&subject).await {
-        return Err(locked(left));
-    }
     let raw_name = form.get("operator").unwrap_or_default();
     let Some(name) = operator_name(raw_name) else {
         let page = login_form(
@@ -193,7 +188,14 @@ pub async fn login(State(state): State<AppState>, req: Request) -> ApiResult<Res
         ip: &ip_text,
     };
     let db = &state.backends.db;
+    // A token that verifies is never locked out (as for API keys); a wrong one is refused
+    // unheard while its IP is locked out, else counted.
     if !keys::constant_time_eq(presented.as_bytes(), expected) {
+        let lockout = &state.backends.lockout;
+        let subject = format!("ip:{ip}");
+        if let Some(left) = lockout.locked(&subject).await {
+            return Err(locked(left));
+        }
         lockout.record_failure(&subject).await;
         db.record_action(&entry).await?;
         let page = login_form(Some("That token is not the operator token."), name);
