@@ -254,6 +254,7 @@ fn message(spec: String) -> anyhow::Result<JobMessage> {
         client_id: ClientId::generate(),
         attempts: 0,
         max_attempts: 1,
+        epoch: 0,
         spec: RawValue::from_string(spec)?,
     })
 }

@@ -390,8 +390,20 @@ impl TestApp {
         name: &str,
         log: Option<std::fs::File>,
     ) -> std::process::Child {
-        let config_file = self.config.data_dir.join(format!("{name}.toml"));
-        std::fs::write(&config_file, toml::to_string(&self.config).unwrap()).unwrap();
+        self.spawn_worker_process_with(name, log, |_| {})
+    }
+
+    /// A real `dataflow worker` process on this process's config as `tweak` adjusts it.
+    pub fn spawn_worker_process_with(
+        &self,
+        name: &str,
+        log: Option<std::fs::File>,
+        tweak: impl FnOnce(&mut Config),
+    ) -> std::process::Child {
+        let mut config = self.config.clone();
+        tweak(&mut config);
+        let config_file = config.data_dir.join(format!("{name}.toml"));
+        std::fs::write(&config_file, toml::to_string(&config).unwrap()).unwrap();
         let (stdout, stderr) = match log {
             Some(f) => (f.try_clone().unwrap().into(), f.into()),
             None => (std::process::Stdio::null(), std::process::Stdio::null()),
@@ -438,6 +450,17 @@ impl TestApp {
         if let Some(app) = self.app.take() {
             app.stop().await;
         }
+    }
+}
+
+/// A process the test started, killed when this is dropped, so a failing test leaves none
+/// running.
+pub struct Spawned(pub std::process::Child);
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
     }
 }
 

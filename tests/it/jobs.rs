@@ -7,21 +7,25 @@ use std::time::{Duration, Instant};
 
 use base64::Engine;
 use dataflow::Roles;
-use dataflow_contracts::BatchStatus;
+use dataflow_contracts::http::WorkerInfo;
 use dataflow_contracts::jobs::{JobKind, JobMessage, JobPage, JobStatus, JobView};
+use dataflow_contracts::{BatchStatus, JobId};
 use dataflow_platform::Config;
 use dataflow_platform::config::{RedisQueue, Secret};
-use dataflow_platform::db::Handover;
+use dataflow_platform::db::{Failure, Handover};
 use dataflow_platform::jobqueue::{JobQueues, RedisJobQueue};
 use dataflow_platform::webhook;
 use dataflow_worker::jobs::upkeep;
 use serde_json::{Value, json};
 
-use crate::helpers::{Backend, TestApp, backend_tests};
+use crate::helpers::{Backend, Proxy, Spawned, TestApp, backend_tests, test_redis_url};
+use crate::leader::wait_leader;
+use crate::redis::redis_addr;
 use crate::sinks::{Hook, SmtpSink, WebhookReceiver};
 
 backend_tests!(batch_results_are_mailed_reported_and_signed_webhooks_delivered);
 backend_tests!(a_batchs_end_follows_the_clients_policy_at_that_time);
+backend_tests!(only_the_current_delivery_of_a_job_settles);
 
 /// Fast retries and local targets.
 fn fast_jobs(c: &mut Config, smtp: &SmtpSink) {
@@ -570,6 +574,200 @@ async fn recover_from_kill(queue: RedisQueue) {
     let redis = api.app.as_ref().unwrap().backends.redis.clone().unwrap();
     api.stop().await;
     redis.delete_all_under_prefix().await.unwrap();
+}
+
+/// J1 at the ledger: each take of a job is a new delivery, and only the current one settles.
+/// A delivery that was handed over again (reaped from Redis; an embedded claim that expired)
+/// and answers late changes nothing, and the current one settles once.
+async fn only_the_current_delivery_of_a_job_settles(b: Backend) {
+    let Some(api) = TestApp::spawn_with(b, Roles::API, |c| c.jobs.max_attempts = 2).await else {
+        return;
+    };
+    // One webhook job per import (a batch awaiting approval has one event); nobody runs it.
+    let policy = json!({"webhook_url": "http://127.0.0.1:9/hook", "approval_required": true});
+    let (_, key) = api.client(policy).await;
+    let db = &api.db;
+    let take = async |handover, lease_ms| {
+        let mut taken = db
+            .take_due_jobs(JobKind::Webhook, 10, handover, lease_ms)
+            .await
+            .unwrap();
+        assert_eq!(taken.len(), 1);
+        taken.remove(0).ticket()
+    };
+    let lost = "the worker running it stopped (no heartbeat)";
+
+    // Through a queue: the first delivery is reaped (its attempt counted), the job taken again.
+    api.import(&key, "text/csv", "id\n1\n").await;
+    let first = take(Handover::Queue, 60_000).await;
+    let reaped = db.fail_job(&first, true, lost, Failure::Retry { backoff_ms: 0 });
+    assert_eq!(reaped.await.unwrap(), Some(JobStatus::Pending));
+    let second = take(Handover::Queue, 60_000).await;
+    assert_eq!(second.id, first.id);
+    assert_ne!(second.epoch, first.epoch);
+    // The first answers late, failed or done: refused, whatever it says.
+    let late = db.fail_job(&first, true, "late", Failure::Permanent);
+    assert_eq!(late.await.unwrap(), None);
+    assert_eq!(db.finish_jobs(&[&first], true).await.unwrap(), 0);
+    assert_eq!(db.requeue_lost_jobs(&[&first]).await.unwrap(), 0);
+    assert_eq!(db.extend_job_leases(&[&first], 1).await.unwrap(), 0);
+    // The second settles, once.
+    assert_eq!(db.finish_jobs(&[&second, &first], true).await.unwrap(), 1);
+    assert_eq!(db.finish_jobs(&[&second], true).await.unwrap(), 0);
+    let j = db.get_job(&first.id).await.unwrap().unwrap();
+    assert_eq!((j.status, j.attempts), (JobStatus::Done, 2));
+
+    // Claimed from SQL: a claim whose lease ran out goes back, and its late result is refused.
+    api.import(&key, "text/csv", "id\n2\n").await;
+    let claimed = take(Handover::Claim, 0).await;
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    assert_eq!(db.expire_running_jobs().await.unwrap(), 1);
+    let again = take(Handover::Claim, 60_000).await;
+    assert_eq!(db.finish_jobs(&[&claimed], false).await.unwrap(), 0);
+    assert_eq!(
+        db.hand_back_jobs(&[&claimed], Handover::Claim)
+            .await
+            .unwrap(),
+        0
+    );
+    assert_eq!(db.finish_jobs(&[&again], false).await.unwrap(), 1);
+    api.stop().await;
+}
+
+/// How long the cut worker's attempt runs in
+/// [`a_superseded_delivery_cannot_settle_or_ack_the_live_one`]: long enough for the leader to
+/// reap its job and start it again meanwhile.
+const CUT_ATTEMPT_SECS: u64 = 8;
+
+/// J1, with two real worker processes: worker A runs webhook job J and loses Redis for
+/// longer than `dead_worker_ms`, so the leader B reaps J and runs it again. A's attempt then
+/// fails (it times out) while B's delivery still runs, and A acknowledges it once Redis is
+/// back: both belong to a superseded delivery and change nothing. J ends `done` once, after
+/// two deliveries, and is never `dead` (A's failure would have been its last attempt).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_superseded_delivery_cannot_settle_or_ack_the_live_one() {
+    let smtp = SmtpSink::start().await;
+    let hooks = WebhookReceiver::start(0).await;
+    let Some(url) = test_redis_url().await else {
+        return;
+    };
+    let (a_redis, b_redis) = (
+        Proxy::start(redis_addr(&url)).await,
+        Proxy::start(redis_addr(&url)).await,
+    );
+    let Some(api) = TestApp::spawn_redis(Backend::Postgres, Roles::API, None, |c| {
+        fast_jobs(c, &smtp);
+        c.jobs.dead_worker_ms = 2_000;
+        c.jobs.max_attempts = 2;
+        c.jobs.requeue_after_secs = 120;
+    })
+    .await
+    else {
+        return;
+    };
+    let a_log = api.config.data_dir.join("a.log");
+    let spawn = |name: &str, proxy: &Proxy, attempt_secs: u64| {
+        let log = std::fs::File::create(api.config.data_dir.join(format!("{name}.log"))).unwrap();
+        let redis = Secret::new(format!("redis://{}/", proxy.addr));
+        Spawned(api.spawn_worker_process_with(name, Some(log), |c| {
+            c.redis_url = Some(redis);
+            c.jobs.timeout_secs = attempt_secs;
+        }))
+    };
+    // B leads (its sweeper reaps); its attempt outlasts A's.
+    let b = spawn("b", &b_redis, 60);
+    wait_leader(&api, 20, |o| o.contains(&format!("-{}-", b.0.id()))).await;
+    let _a = spawn("a", &a_redis, CUT_ATTEMPT_SECS);
+    wait_workers(&api, 2).await;
+
+    // Only A can take J: B is cut from Redis meanwhile.
+    b_redis.cut();
+    let policy = json!({"webhook_url": hooks.url(), "approval_required": true});
+    let (_, key) = api.client(policy).await;
+    api.import(&key, "text/csv", "id\n1\n").await;
+    let first = hooks.wait_until("A's delivery", |h| !h.is_empty()).await;
+    let began = Instant::now();
+    a_redis.cut();
+    b_redis.heal();
+    let job: JobId = first[0].header("webhook-id").parse().unwrap();
+
+    let second = hooks
+        .wait_until("B's delivery of the reaped job", |h| h.len() >= 2)
+        .await;
+    assert_eq!(second[1].header("webhook-id"), job.as_str());
+    assert!(
+        began.elapsed() < Duration::from_secs(CUT_ATTEMPT_SECS),
+        "B's delivery must start while A's attempt still runs"
+    );
+    // A's attempt fails while B's delivery is J's live one: the ledger refuses it.
+    let deadline = Instant::now() + Duration::from_secs(CUT_ATTEMPT_SECS + 10);
+    loop {
+        let j = api.db.get_job(&job).await.unwrap().unwrap();
+        assert_eq!(
+            j.status,
+            JobStatus::Queued,
+            "B's delivery is J's live one: {j:?}"
+        );
+        let log = std::fs::read_to_string(&a_log).unwrap();
+        if log.contains("refused results of superseded job deliveries") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "A's late failure was never refused"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Redis back, A acknowledges its delivery (its retries are at most 2 s apart): B's stays.
+    a_redis.heal();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let redis = api.app.as_ref().unwrap().backends.redis.clone().unwrap();
+    let present: Option<f64> = redis::cmd("ZSCORE")
+        .arg(redis.key(&["jobs", "webhook", "present"]))
+        .arg(job.as_str())
+        .query_async(&mut redis.conn())
+        .await
+        .unwrap();
+    assert!(present.is_some(), "A's late ack removed B's live delivery");
+
+    hooks.answer(200);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let j = loop {
+        let j = api.db.get_job(&job).await.unwrap().unwrap();
+        assert_ne!(j.status, JobStatus::Dead, "{j:?}");
+        if j.status == JobStatus::Done {
+            break j;
+        }
+        assert!(Instant::now() < deadline, "J never done: {j:?}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    };
+    assert_eq!(j.attempts, 2, "A's reaped attempt and B's: {j:?}");
+    let deliveries = hooks
+        .hooks()
+        .iter()
+        .filter(|h| h.header("webhook-id") == job.as_str())
+        .count();
+    assert_eq!(deliveries, 2);
+    api.stop().await;
+    redis.delete_all_under_prefix().await.unwrap();
+}
+
+/// Waits (up to 20 s) until the fleet registry lists `n` workers.
+async fn wait_workers(api: &TestApp, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let ws: Vec<WorkerInfo> = api
+            .admin_send(reqwest::Method::GET, "/admin/workers")
+            .await
+            .json()
+            .await
+            .unwrap();
+        if ws.len() == n {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{n} workers: {ws:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// Redis: jobs Redis lost (flushed) are found by the sweeper and handed over again.

@@ -146,7 +146,7 @@ pub(crate) async fn behind_proxy(
     Some((t, proxy))
 }
 
-fn redis_addr(url: &str) -> std::net::SocketAddr {
+pub(crate) fn redis_addr(url: &str) -> std::net::SocketAddr {
     let host_port = url
         .trim_start_matches("redis://")
         .split('/')

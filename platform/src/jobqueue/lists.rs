@@ -4,8 +4,10 @@
 //! Keys (under the prefix), per job kind `k`:
 //! - `jobs:k:ready` LIST: messages waiting, oldest at the head;
 //! - `jobs:k:inflight:<worker>` LIST: messages one worker took (atomically, by `LMOVE`);
-//! - `jobs:k:present` ZSET: ids of every message in Redis (ready or in flight), so the
-//!   sweeper can tell "still queued" from "Redis lost it";
+//! - `jobs:k:present` ZSET: id → delivery epoch of every job whose current delivery is in
+//!   Redis (ready or in flight), so the sweeper can tell "still queued" from "Redis lost it".
+//!   Only that delivery's acknowledgement or reaping removes it: a superseded delivery's
+//!   late ack leaves its successor in place;
 //! - `jobs:workers` ZSET: worker → last heartbeat (ms, Redis clock).
 //!
 //! A worker that stops beating its heart has its in-flight lists taken back by any other
@@ -15,9 +17,7 @@
 
 use std::time::Duration;
 
-use dataflow_contracts::JobId;
-use dataflow_contracts::jobs::{JobKind, JobMessage};
-use dataflow_contracts::time::now_ms;
+use dataflow_contracts::jobs::{JobKind, JobMessage, JobTicket};
 use redis::{AsyncConnectionConfig, Script};
 
 /// The connection a worker blocks on while its queue is empty (see [`JobQueue::take`]).
@@ -40,8 +40,9 @@ local t = redis.call('TIME')
 redis.call('ZADD', KEYS[1], t[1] * 1000 + math.floor(t[2] / 1000), ARGV[1])
 ";
 
-/// Takes the in-flight messages of every worker silent for ARGV[1] ms. ARGV[2] is the key
-/// prefix, ARGV[3..] the job kinds. Returns kind, message, kind, message, …
+/// Takes the in-flight messages of every worker silent for ARGV[1] ms (their ids leave
+/// `present` when they are its current delivery). ARGV[2] is the key prefix, ARGV[3..] the
+/// job kinds. Returns kind, message, kind, message, …
 /// (The in-flight key names are derived here, so this needs a single Redis, not a cluster.)
 const REAP: &str = r"
 local t = redis.call('TIME')
@@ -54,7 +55,12 @@ for _, w in ipairs(dead) do
     local list = base .. ':inflight:' .. w
     for _, m in ipairs(redis.call('LRANGE', list, 0, -1)) do
       local ok, msg = pcall(cjson.decode, m)
-      if ok and msg['id'] then redis.call('ZREM', base .. ':present', msg['id']) end
+      if ok and msg['id'] then
+        local present = base .. ':present'
+        if tonumber(redis.call('ZSCORE', present, msg['id'])) == (msg['epoch'] or 0) then
+          redis.call('ZREM', present, msg['id'])
+        end
+      end
       out[#out + 1] = ARGV[i]
       out[#out + 1] = m
     end
@@ -63,6 +69,17 @@ for _, w in ipairs(dead) do
   redis.call('ZREM', KEYS[1], w)
 end
 return out
+";
+
+/// Removes settled messages from the in-flight list KEYS[1], and their ids from `present`
+/// (KEYS[2]) when they are still its current delivery. ARGV: message, id, epoch, …
+const ACK: &str = r"
+for i = 1, #ARGV, 3 do
+  redis.call('LREM', KEYS[1], 1, ARGV[i])
+  if tonumber(redis.call('ZSCORE', KEYS[2], ARGV[i + 1])) == tonumber(ARGV[i + 2]) then
+    redis.call('ZREM', KEYS[2], ARGV[i + 1])
+  end
+end
 ";
 
 /// Puts a stopping worker's unstarted messages back at the head of `ready`, oldest first.
@@ -123,7 +140,8 @@ impl JobQueue {
             .await?)
     }
 
-    /// Appends `messages` to the queue (one transaction).
+    /// Appends `messages` to the queue (one transaction). Each becomes its job's current
+    /// delivery in `present`, unless a later one is there already.
     pub async fn push(&self, messages: &[JobMessage]) -> Result<()> {
         if messages.is_empty() {
             return Ok(());
@@ -132,13 +150,16 @@ impl JobQueue {
         pipe.atomic();
         let mut raws = Vec::with_capacity(messages.len());
         let mut present = Vec::with_capacity(messages.len());
-        let now = now_ms();
         for m in messages {
             raws.push(serde_json::to_string(m).map_err(|e| Error::Invalid(e.to_string()))?);
-            present.push((now, m.id.as_str()));
+            present.push((m.epoch, m.id.as_str()));
         }
         pipe.rpush(&self.ready, raws).ignore();
-        pipe.zadd_multiple(&self.present, &present).ignore();
+        pipe.cmd("ZADD")
+            .arg(&self.present)
+            .arg("GT")
+            .arg(&present)
+            .ignore();
         pipe.query_async::<()>(&mut self.redis.conn()).await?;
         Ok(())
     }
@@ -202,33 +223,40 @@ impl JobQueue {
         Ok(out)
     }
 
-    /// Removes settled deliveries: from the worker's in-flight list and from `present`.
+    /// Removes settled deliveries from the worker's in-flight list, and from `present`
+    /// those that are still their job's current delivery.
     pub async fn ack(&self, worker: &str, deliveries: &[&Delivery]) -> Result<()> {
         if deliveries.is_empty() {
             return Ok(());
         }
-        let inflight = self.inflight(worker);
-        let mut pipe = redis::pipe();
+        let script = Script::new(ACK);
+        let mut call = script.key(self.inflight(worker));
+        call.key(&self.present);
         for d in deliveries {
-            pipe.lrem(&inflight, 1, &d.raw).ignore();
+            call.arg(&d.raw)
+                .arg(d.message.id.as_str())
+                .arg(d.message.epoch);
         }
-        let ids: Vec<&str> = deliveries.iter().map(|d| d.message.id.as_str()).collect();
-        pipe.zrem(&self.present, ids).ignore();
-        pipe.query_async::<()>(&mut self.redis.conn()).await?;
+        call.invoke_async::<()>(&mut self.redis.conn()).await?;
         Ok(())
     }
 
-    /// Which of `ids` Redis still holds (waiting or in flight).
-    pub async fn holds(&self, ids: &[&JobId]) -> Result<Vec<bool>> {
-        if ids.is_empty() {
+    /// Which of `tickets` Redis still holds (waiting or in flight) as its job's current
+    /// delivery.
+    pub async fn holds(&self, tickets: &[&JobTicket]) -> Result<Vec<bool>> {
+        if tickets.is_empty() {
             return Ok(Vec::new());
         }
         let scores: Vec<Option<f64>> = redis::cmd("ZMSCORE")
             .arg(&self.present)
-            .arg(ids.iter().map(|i| i.as_str()).collect::<Vec<_>>())
+            .arg(tickets.iter().map(|t| t.id.as_str()).collect::<Vec<_>>())
             .query_async(&mut self.redis.conn())
             .await?;
-        Ok(scores.iter().map(Option::is_some).collect())
+        Ok(scores
+            .iter()
+            .zip(tickets)
+            .map(|(score, t)| *score == Some(t.epoch as f64))
+            .collect())
     }
 
     /// A stopping worker hands back what it took and did not start, then leaves.

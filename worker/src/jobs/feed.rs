@@ -17,8 +17,7 @@ use apalis::prelude::{
 };
 use apalis_core::backend::BackendConfig;
 use apalis_core::backend::finalize::Ephemeral;
-use dataflow_contracts::JobId;
-use dataflow_contracts::jobs::{JobKind, JobMessage};
+use dataflow_contracts::jobs::{JobKind, JobMessage, JobTicket};
 use dataflow_platform::Result;
 use dataflow_platform::db::{Db, Handover};
 use dataflow_platform::jobqueue::{BlockingConnection, Delivery, JobQueue};
@@ -30,7 +29,8 @@ use super::settle::Settler;
 /// How a job came, so its settlement can be routed back.
 #[derive(Debug, Clone)]
 pub struct Receipt {
-    pub id: JobId,
+    /// The delivery being settled.
+    pub ticket: JobTicket,
     /// Attempts made before this one.
     pub attempts: u32,
     /// The Redis message to acknowledge; `None` for a job claimed from SQL.
@@ -131,12 +131,12 @@ impl Source {
 
 fn task(message: JobMessage, delivery: Option<Arc<Delivery>>) -> Task<JobMessage> {
     let receipt = Receipt {
-        id: message.id.clone(),
+        ticket: message.ticket(),
         attempts: message.attempts,
         delivery,
     };
     TaskBuilder::new(message)
-        .task_id(TaskId::from_string(receipt.id.as_str()))
+        .task_id(TaskId::from_string(receipt.ticket.id.as_str()))
         .data(receipt)
         .build()
 }

@@ -19,9 +19,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use apalis::prelude::{AbortError, BackendExt, BoxDynError, Data, WorkerBuilder, WorkerBuilderExt};
-use dataflow_contracts::JobId;
 use dataflow_contracts::events::Envelope;
-use dataflow_contracts::jobs::{JobKind, JobMessage};
+use dataflow_contracts::jobs::{JobKind, JobMessage, JobTicket};
 use dataflow_platform::config::JobsConfig;
 use dataflow_platform::db::commits::{CommitWake, Kinds, kinds_for_event};
 use dataflow_platform::db::{Db, Handover};
@@ -251,14 +250,14 @@ async fn hand_back(
             // The in-flight list holds exactly the unsettled messages, channel included.
             Some(q) => q.queue(kind).release(worker_id).await,
             None => {
-                let mut unstarted: Vec<JobId> = Vec::new();
+                let mut unstarted: Vec<JobTicket> = Vec::new();
                 if let Ok(mut rx) = rx.lock() {
                     while let Ok(task) = rx.try_recv() {
-                        unstarted.push(task.args.id);
+                        unstarted.push(task.args.ticket());
                     }
                 }
-                let ids: Vec<&JobId> = unstarted.iter().collect();
-                db.hand_back_jobs(&ids, Handover::Claim).await
+                let tickets: Vec<&JobTicket> = unstarted.iter().collect();
+                db.hand_back_jobs(&tickets, Handover::Claim).await
             }
         };
         match result {
@@ -327,7 +326,7 @@ async fn run_apalis_job(
         ))),
     };
     let receipt = Receipt {
-        id: job.id.clone(),
+        ticket: job.ticket(),
         attempts: job.attempts,
         delivery: None,
     };

@@ -12,8 +12,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use dataflow_contracts::JobId;
-use dataflow_contracts::jobs::{JobKind, JobStatus};
+use dataflow_contracts::jobs::{JobKind, JobMessage, JobStatus, JobTicket};
 use dataflow_platform::Result;
 use dataflow_platform::db::commits::CommitWake;
 use dataflow_platform::db::{Db, Failure, Handover};
@@ -83,8 +82,9 @@ async fn relay_round(
         .await?;
     if let Err(e) = queue.push(kind, &jobs).await {
         // Not in Redis after all: back to pending at once rather than after the lease.
-        let ids: Vec<&JobId> = jobs.iter().map(|j| &j.id).collect();
-        db.hand_back_jobs(&ids, Handover::Queue).await?;
+        let tickets: Vec<JobTicket> = jobs.iter().map(JobMessage::ticket).collect();
+        db.hand_back_jobs(&tickets.iter().collect::<Vec<_>>(), Handover::Queue)
+            .await?;
         return Err(e);
     }
     Ok(jobs.len())
@@ -161,25 +161,25 @@ pub async fn sweep(db: &Db, queues: Option<&RedisJobQueue>, lease: Duration) -> 
             "took back jobs from a worker that stopped mid-attempt"
         );
     }
-    let mut by_kind: BTreeMap<&str, (JobKind, Vec<JobId>)> = BTreeMap::new();
-    for (id, kind) in db.expired_queued_jobs(SWEEP_BATCH).await? {
+    let mut by_kind: BTreeMap<&str, (JobKind, Vec<JobTicket>)> = BTreeMap::new();
+    for (ticket, kind) in db.expired_queued_jobs(SWEEP_BATCH).await? {
         by_kind
             .entry(kind.as_str())
             .or_insert_with(|| (kind, Vec::new()))
             .1
-            .push(id);
+            .push(ticket);
     }
     let lease_ms = u64::try_from(lease.as_millis()).unwrap_or(u64::MAX);
-    for (kind, ids) in by_kind.into_values() {
-        let ids: Vec<&JobId> = ids.iter().collect();
+    for (kind, tickets) in by_kind.into_values() {
+        let tickets: Vec<&JobTicket> = tickets.iter().collect();
         // Without Redis (it was removed from the config) nothing holds them any more.
         let held = match queues {
-            Some(q) => q.holds(kind, &ids).await?,
-            None => vec![false; ids.len()],
+            Some(q) => q.holds(kind, &tickets).await?,
+            None => vec![false; tickets.len()],
         };
-        let (still, lost): (Vec<_>, Vec<_>) = ids.iter().zip(held).partition(|(_, h)| *h);
-        let still: Vec<&JobId> = still.into_iter().map(|(id, _)| *id).collect();
-        let lost: Vec<&JobId> = lost.into_iter().map(|(id, _)| *id).collect();
+        let (still, lost): (Vec<_>, Vec<_>) = tickets.iter().zip(held).partition(|(_, h)| *h);
+        let still: Vec<&JobTicket> = still.into_iter().map(|(t, _)| *t).collect();
+        let lost: Vec<&JobTicket> = lost.into_iter().map(|(t, _)| *t).collect();
         db.extend_job_leases(&still, lease_ms).await?;
         let requeued = db.requeue_lost_jobs(&lost).await?;
         if requeued > 0 {
@@ -210,7 +210,7 @@ pub async fn reap(db: &Db, queues: &JobQueues, dead_after: Duration) -> Result<u
         let id = &delivery.message.id;
         let status = db
             .fail_job(
-                id,
+                &delivery.message.ticket(),
                 true,
                 "the worker running it stopped (no heartbeat)",
                 Failure::Retry { backoff_ms: 0 },
