@@ -405,16 +405,37 @@ async fn walk_through_redis(queue: RedisQueue) {
     redis.delete_all_under_prefix().await.unwrap();
 }
 
+/// An API process on Redis whose job workers are dead after 2 s without a heartbeat.
+async fn api_with_quick_reaping(smtp: &SmtpSink) -> Option<TestApp> {
+    TestApp::spawn_redis(Backend::Sqlite, Roles::API, None, |c| {
+        fast_jobs(c, smtp);
+        c.jobs.dead_worker_ms = 2_000;
+    })
+    .await
+}
+
 /// Does what the relay does for the one webhook of a batch awaiting approval (its only
-/// event is `BatchCreated`): takes the intent as `queued` with `lease_ms`, pushes it.
+/// event is `BatchCreated`): takes the intent as `queued` with `lease_ms`.
+async fn take_one_webhook(api: &TestApp, hooks: &WebhookReceiver, lease_ms: u64) -> JobMessage {
+    let policy = json!({"webhook_url": hooks.url(), "approval_required": true});
+    let (_, key) = api.client(policy).await;
+    api.import(&key, "text/csv", "id\n1\n").await;
+    let mut taken = api
+        .db
+        .take_due_jobs(JobKind::Webhook, 10, Handover::Queue, lease_ms)
+        .await
+        .unwrap();
+    assert_eq!(taken.len(), 1);
+    taken.remove(0)
+}
+
+/// [`take_one_webhook`], and pushes it.
 async fn relay_one_webhook(
     api: &TestApp,
     hooks: &WebhookReceiver,
     lease_ms: u64,
 ) -> (JobQueues, JobMessage) {
-    let policy = json!({"webhook_url": hooks.url(), "approval_required": true});
-    let (_, key) = api.client(policy).await;
-    api.import(&key, "text/csv", "id\n1\n").await;
+    let job = take_one_webhook(api, hooks, lease_ms).await;
     let queues = api
         .app
         .as_ref()
@@ -425,14 +446,12 @@ async fn relay_one_webhook(
         .and_then(RedisJobQueue::lists)
         .cloned()
         .unwrap();
-    let mut taken = api
-        .db
-        .take_due_jobs(JobKind::Webhook, 10, Handover::Queue, lease_ms)
+    queues
+        .queue(JobKind::Webhook)
+        .push(std::slice::from_ref(&job))
         .await
         .unwrap();
-    assert_eq!(taken.len(), 1);
-    queues.queue(JobKind::Webhook).push(&taken).await.unwrap();
-    (queues, taken.remove(0))
+    (queues, job)
 }
 
 /// Redis: a worker that took jobs and died (`kill -9`: no release, no more heartbeats) has
@@ -441,12 +460,7 @@ async fn relay_one_webhook(
 async fn a_dead_workers_jobs_are_taken_back() {
     let smtp = SmtpSink::start().await;
     let hooks = WebhookReceiver::start(200).await;
-    let Some(api) = TestApp::spawn_redis(Backend::Sqlite, Roles::API, None, |c| {
-        fast_jobs(c, &smtp);
-        c.jobs.dead_worker_ms = 2_000;
-    })
-    .await
-    else {
+    let Some(api) = api_with_quick_reaping(&smtp).await else {
         return;
     };
     // The dead worker: the job was relayed, it took it, beat once, and was killed.
@@ -768,6 +782,44 @@ async fn wait_workers(api: &TestApp, n: usize) {
         assert!(Instant::now() < deadline, "{n} workers: {ws:?}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// Redis: a message moved into a live worker's in-flight list whose take reply was lost (the
+/// connection reset after `BLMOVE` ran) is not stranded there: the worker, still beating its
+/// heart and so never reaped, gives it back within about `dead_worker_ms`, and runs it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_a_lost_take_reply_stranded_is_given_back() {
+    let smtp = SmtpSink::start().await;
+    let hooks = WebhookReceiver::start(200).await;
+    let Some(api) = api_with_quick_reaping(&smtp).await else {
+        return;
+    };
+    // Taken before a worker's relay could. Its lease is short: the sweeper looks for it
+    // soon, finds it in Redis, and leaves it there.
+    let job = take_one_webhook(&api, &hooks, 1_000).await;
+    let worker = api.sibling(Roles::WORKER).await;
+    // What a move leaves when its reply never reaches the worker: the message in the worker's
+    // in-flight list (and in `present`), and the worker none the wiser.
+    let redis = api.app.as_ref().unwrap().backends.redis.clone().unwrap();
+    let inflight = redis.key(&["jobs", "webhook", "inflight", &worker.worker_id()]);
+    let present = redis.key(&["jobs", "webhook", "present"]);
+    redis::pipe()
+        .rpush(&inflight, serde_json::to_string(&job).unwrap())
+        .zadd(&present, job.id.as_str(), job.epoch)
+        .query_async::<()>(&mut redis.conn())
+        .await
+        .unwrap();
+
+    let hook = hooks
+        .wait_until("the stranded job", |h| !h.is_empty())
+        .await;
+    assert_eq!(hook[0].header("webhook-id"), job.id.as_str());
+    let query = format!("batch_id={}", job.batch_id);
+    let done = wait_jobs(&api, &query, 1, JobStatus::Done).await;
+    assert_eq!(done[0].attempts, 1, "{done:?}");
+    worker.stop().await;
+    api.stop().await;
+    redis.delete_all_under_prefix().await.unwrap();
 }
 
 /// Redis: jobs Redis lost (flushed) are found by the sweeper and handed over again.

@@ -10,11 +10,16 @@
 //!   late ack leaves its successor in place;
 //! - `jobs:workers` ZSET: worker → last heartbeat (ms, Redis clock).
 //!
-//! A worker that stops beating its heart has its in-flight lists taken back by any other
-//! worker ([`JobQueue::reap`]). An idle worker blocks in `BLMOVE` on its own connection, so
-//! a new message reaches it in one round trip, with no polling. None of these keys carries
-//! a TTL: they are the queue itself, and empty lists vanish on their own.
+//! A worker that stops beating its heart has its in-flight lists taken back by the leader
+//! ([`JobQueues::reap`]). A live worker gives back what sits in its in-flight list without
+//! its knowing ([`Consumer::give_back_strays`]): a take whose reply was lost (the connection
+//! reset after `BLMOVE` or `TAKE` ran) moved messages there all the same, and its heartbeat
+//! would keep them from the reaper for good. An idle worker blocks in `BLMOVE` on its own
+//! connection, so a new message reaches it in one round trip, with no polling. None of these
+//! keys carries a TTL: they are the queue itself, and empty lists vanish on their own.
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use dataflow_contracts::jobs::{JobKind, JobMessage, JobTicket};
@@ -80,6 +85,19 @@ for i = 1, #ARGV, 3 do
     redis.call('ZREM', KEYS[2], ARGV[i + 1])
   end
 end
+";
+
+/// Puts the messages ARGV back from the in-flight list KEYS[2] at the head of `ready`
+/// (KEYS[1]), each only if it is still in flight. Returns how many went back.
+const GIVE_BACK: &str = r"
+local n = 0
+for i = #ARGV, 1, -1 do
+  if redis.call('LREM', KEYS[2], 1, ARGV[i]) == 1 then
+    redis.call('LPUSH', KEYS[1], ARGV[i])
+    n = n + 1
+  end
+end
+return n
 ";
 
 /// Puts a stopping worker's unstarted messages back at the head of `ready`, oldest first.
@@ -266,6 +284,104 @@ impl JobQueue {
             .key(self.inflight(worker))
             .invoke_async(&mut self.redis.conn())
             .await?)
+    }
+}
+
+/// One worker's end of one kind's queue. It takes and acknowledges like [`JobQueue`], and
+/// keeps count of the messages it received and has not acknowledged yet: whatever else is in
+/// its in-flight list was moved there by a take whose reply never arrived.
+#[derive(Clone)]
+pub struct Consumer {
+    queue: JobQueue,
+    worker: String,
+    /// Each message taken and not acknowledged (its text), with how many times it is held.
+    held: Arc<Mutex<HashMap<String, usize>>>,
+}
+
+impl Consumer {
+    pub fn new(queue: JobQueue, worker: String) -> Self {
+        Self {
+            queue,
+            worker,
+            held: Arc::default(),
+        }
+    }
+
+    pub fn queue(&self) -> &JobQueue {
+        &self.queue
+    }
+
+    /// [`JobQueue::take`] for this worker, counting what it received as held.
+    pub async fn take(
+        &self,
+        conn: &mut BlockingConnection,
+        max: usize,
+        wait: Duration,
+    ) -> Result<Vec<Delivery>> {
+        let taken = self.queue.take(conn, &self.worker, max, wait).await?;
+        let mut held = self.held();
+        for d in &taken {
+            *held.entry(d.raw.clone()).or_default() += 1;
+        }
+        Ok(taken)
+    }
+
+    /// [`JobQueue::ack`] for this worker; what it removed is held no more.
+    pub async fn ack(&self, deliveries: &[&Delivery]) -> Result<()> {
+        self.queue.ack(&self.worker, deliveries).await?;
+        let mut held = self.held();
+        for d in deliveries {
+            if let Some(n) = held.get_mut(&d.raw) {
+                *n -= 1;
+                if *n == 0 {
+                    held.remove(&d.raw);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Gives back to `ready` the messages in this worker's in-flight list that it does not
+    /// hold: a take moved them there, but its reply was lost. Must not run while a take of
+    /// this consumer is under way (its messages are in the list before they are held).
+    /// Returns how many went back.
+    pub async fn give_back_strays(&self) -> Result<u64> {
+        let inflight = self.queue.inflight(&self.worker);
+        let listed: Vec<String> = redis::cmd("LRANGE")
+            .arg(&inflight)
+            .arg(0)
+            .arg(-1)
+            .query_async(&mut self.queue.redis.conn())
+            .await?;
+        let strays: Vec<String> = {
+            let mut unmatched = self.held().clone();
+            listed
+                .into_iter()
+                .filter(|raw| match unmatched.get_mut(raw) {
+                    Some(n) if *n > 0 => {
+                        *n -= 1;
+                        false
+                    }
+                    _ => true,
+                })
+                .collect()
+        };
+        if strays.is_empty() {
+            return Ok(0);
+        }
+        Ok(Script::new(GIVE_BACK)
+            .key(&self.queue.ready)
+            .key(&inflight)
+            .arg(strays)
+            .invoke_async(&mut self.queue.redis.conn())
+            .await?)
+    }
+
+    fn held(&self) -> std::sync::MutexGuard<'_, HashMap<String, usize>> {
+        // Nothing panics while holding it; a poisoned map is still a correct count.
+        self.held
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 

@@ -24,7 +24,7 @@ use dataflow_contracts::jobs::{JobKind, JobMessage, JobTicket};
 use dataflow_platform::config::JobsConfig;
 use dataflow_platform::db::commits::{CommitWake, Kinds, kinds_for_event};
 use dataflow_platform::db::{Db, Handover};
-use dataflow_platform::jobqueue::{JobQueues, RedisJobQueue};
+use dataflow_platform::jobqueue::{Consumer, JobQueues, RedisJobQueue};
 use dataflow_platform::live::LiveBus;
 use futures::future::BoxFuture;
 use tokio::sync::{broadcast, mpsc, watch};
@@ -129,17 +129,17 @@ pub async fn run(setup: JobsSetup, stop: CancellationToken) {
             continue;
         }
         let (source, origin) = match &lists {
-            Some(q) => (
-                Source::Redis {
-                    queue: Box::new(q.queue(kind)),
-                    conn: None,
-                    worker: worker_id.clone(),
-                },
-                Origin::Lists {
-                    queue: Box::new(q.queue(kind)),
-                    worker: worker_id.clone(),
-                },
-            ),
+            // Strays are given back twice per dead-worker timeout: a message a lost take
+            // reply stranded goes back within about the time the reaper takes for a dead
+            // worker's.
+            Some(q) => {
+                let consumer = Consumer::new(q.queue(kind), worker_id.clone());
+                let strays_every = Duration::from_millis(config.dead_worker_ms / 2);
+                (
+                    Source::redis(consumer.clone(), strays_every),
+                    Origin::Lists(Box::new(consumer)),
+                )
+            }
             // A claim's lease covers one attempt (the timeout) with room to settle it.
             None => {
                 let source = Source::Sql {

@@ -14,7 +14,7 @@ use apalis::prelude::{Acknowledge, BoxDynError, ExecutionContext};
 use dataflow_contracts::jobs::{JobKind, JobStatus};
 use dataflow_contracts::live::LiveKind;
 use dataflow_platform::db::{Db, Failure};
-use dataflow_platform::jobqueue::{Delivery, JobQueue};
+use dataflow_platform::jobqueue::{Consumer, Delivery};
 use dataflow_platform::live::LiveBus;
 use futures::future::BoxFuture;
 use rand::Rng;
@@ -38,11 +38,8 @@ pub struct Settlement {
 pub enum Origin {
     /// Claimed from SQL: the claim counted the attempt, nothing else holds the job.
     SqlClaim,
-    /// DataFlow's Redis lists: the message is removed from `worker`'s in-flight list.
-    Lists {
-        queue: Box<JobQueue>,
-        worker: String,
-    },
+    /// DataFlow's Redis lists: the message is removed from the consumer's in-flight list.
+    Lists(Box<Consumer>),
     /// apalis-redis: its own worker acknowledges the task once the handler returns.
     Apalis,
 }
@@ -212,12 +209,12 @@ async fn settle_round(
             let _ = written.send(());
         }
     }
-    if let Origin::Lists { queue, worker } = origin {
+    if let Origin::Lists(consumer) = origin {
         let deliveries: Vec<&Delivery> = round
             .iter()
             .filter_map(|s| s.receipt.delivery.as_deref())
             .collect();
-        let acked = persist(|| queue.ack(worker, &deliveries)).await;
+        let acked = persist(|| consumer.ack(&deliveries)).await;
         if acked.is_none() {
             tracing::warn!(%kind, "could not remove settled jobs from Redis; they may run again");
         }
