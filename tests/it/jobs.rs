@@ -14,9 +14,11 @@ use dataflow_platform::Config;
 use dataflow_platform::config::{RedisQueue, Secret};
 use dataflow_platform::db::{Failure, Handover};
 use dataflow_platform::jobqueue::{JobQueues, RedisJobQueue};
+use dataflow_platform::redis::{Purpose, Redis};
 use dataflow_platform::webhook;
 use dataflow_worker::jobs::upkeep;
 use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
 
 use crate::helpers::{Backend, Proxy, Spawned, TestApp, backend_tests, test_redis_url};
 use crate::leader::wait_leader;
@@ -638,12 +640,7 @@ async fn only_the_current_delivery_of_a_job_settles(b: Backend) {
     assert_eq!(db.expire_running_jobs().await.unwrap(), 1);
     let again = take(Handover::Claim, 60_000).await;
     assert_eq!(db.finish_jobs(&[&claimed], false).await.unwrap(), 0);
-    assert_eq!(
-        db.hand_back_jobs(&[&claimed], Handover::Claim)
-            .await
-            .unwrap(),
-        0
-    );
+    assert_eq!(db.hand_back_claims(&[&claimed]).await.unwrap(), 0);
     assert_eq!(db.finish_jobs(&[&again], false).await.unwrap(), 1);
     api.stop().await;
 }
@@ -820,6 +817,90 @@ async fn a_message_a_lost_take_reply_stranded_is_given_back() {
     worker.stop().await;
     api.stop().await;
     redis.delete_all_under_prefix().await.unwrap();
+}
+
+/// Redis: a push that Redis applied while its client saw it fail (the reply was lost) does
+/// not leave the job queued twice. The relay hands back only what it finds Redis does not
+/// hold; what it cannot look for (Redis still unreachable) waits for the sweeper.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ambiguous_push_leaves_the_job_queued_once() {
+    let smtp = SmtpSink::start().await;
+    let hooks = WebhookReceiver::start(200).await;
+    let Some(url) = test_redis_url().await else {
+        return;
+    };
+    let Some(api) =
+        TestApp::spawn_redis(Backend::Sqlite, Roles::API, None, |c| fast_jobs(c, &smtp)).await
+    else {
+        return;
+    };
+    // This test's relay reaches Redis through a proxy that loses the push's reply.
+    let proxy = Proxy::start(redis_addr(&url)).await;
+    let proxied = format!("redis://{}/", proxy.addr);
+    let redis = Redis::connect(&proxied, &api.config.redis_prefix, None, Purpose::State)
+        .await
+        .unwrap();
+    let settings = upkeep::RelaySettings {
+        kinds: vec![JobKind::Webhook],
+        working_set: 100,
+        lease: Duration::from_secs(60),
+        poll: Duration::from_millis(50),
+    };
+    let stop = CancellationToken::new();
+    let relay = tokio::spawn(upkeep::relay(
+        api.db.clone(),
+        RedisJobQueue::Lists(JobQueues::new(redis)),
+        settings,
+        api.db.commits().clone(),
+        stop.clone(),
+    ));
+    proxy.mute_after(b"RPUSH");
+    let policy = json!({"webhook_url": hooks.url(), "approval_required": true});
+    let (_, key) = api.client(policy).await;
+    api.import(&key, "text/csv", "id\n1\n").await;
+
+    let direct = api.app.as_ref().unwrap().backends.redis.clone().unwrap();
+    let ready = direct.key(&["jobs", "webhook", "ready"]);
+    let queued = async || -> Vec<String> {
+        redis::cmd("LRANGE")
+            .arg(&ready)
+            .arg(0)
+            .arg(-1)
+            .query_async(&mut direct.conn())
+            .await
+            .unwrap()
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while queued().await.is_empty() {
+        assert!(Instant::now() < deadline, "the push never reached Redis");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The relay's push fails (its reply times out), and so does anything it asks next.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    proxy.cut();
+    proxy.heal();
+    // Redis is reachable again; the relay goes on with what SQL says is due.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.cancel();
+    relay.await.unwrap();
+
+    let copies = queued().await;
+    assert_eq!(copies.len(), 1, "queued more than once: {copies:?}");
+    let message: JobMessage = serde_json::from_str(&copies[0]).unwrap();
+    let job = api.db.get_job(&message.id).await.unwrap().unwrap();
+    assert_eq!(job.status, JobStatus::Queued);
+    let epoch: i64 = sqlx::query_scalar("SELECT delivery_epoch FROM jobs WHERE id = $1")
+        .bind(message.id.as_str())
+        .fetch_one(api.db.pool())
+        .await
+        .unwrap();
+    assert_eq!(
+        u64::try_from(epoch).unwrap(),
+        message.epoch,
+        "Redis holds the current delivery"
+    );
+    api.stop().await;
+    direct.delete_all_under_prefix().await.unwrap();
 }
 
 /// Redis: jobs Redis lost (flushed) are found by the sweeper and handed over again.

@@ -302,23 +302,19 @@ impl Db {
             .rows_affected())
     }
 
-    /// Hands back deliveries taken by [`Db::take_due_jobs`] that never ran (a stopping
-    /// worker's unstarted claims): `pending` again, and a claim's counted attempt is taken
-    /// back.
-    pub async fn hand_back_jobs(&self, tickets: &[&JobTicket], handover: Handover) -> Result<u64> {
+    /// Hands back claims ([`Handover::Claim`]) that never ran (a stopping worker's unstarted
+    /// ones): `pending` again, and the attempt each claim counted is taken back.
+    pub async fn hand_back_claims(&self, tickets: &[&JobTicket]) -> Result<u64> {
         if tickets.is_empty() {
             return Ok(0);
         }
-        let (status, counted) = handover.status_and_count();
         let sql = self.sql(
-            "UPDATE jobs SET status = 'pending', attempts = attempts - $2, lease_until = NULL, \
+            "UPDATE jobs SET status = 'pending', attempts = attempts - 1, lease_until = NULL, \
                  updated_at = {now}, delivery_epoch = delivery_epoch + 1 \
-             WHERE (id, delivery_epoch) IN ({ticket_list}) AND status = $3",
+             WHERE (id, delivery_epoch) IN ({ticket_list}) AND status = 'running'",
         );
         Ok(sqlx::query(sql)
             .bind(ticket_list(tickets))
-            .bind(counted)
-            .bind(status.as_str())
             .execute(&mut *self.background_writer().await?)
             .await?
             .rows_affected())

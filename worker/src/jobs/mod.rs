@@ -22,8 +22,8 @@ use apalis::prelude::{AbortError, BackendExt, BoxDynError, Data, WorkerBuilder, 
 use dataflow_contracts::events::Envelope;
 use dataflow_contracts::jobs::{JobKind, JobMessage, JobTicket};
 use dataflow_platform::config::JobsConfig;
+use dataflow_platform::db::Db;
 use dataflow_platform::db::commits::{CommitWake, Kinds, kinds_for_event};
-use dataflow_platform::db::{Db, Handover};
 use dataflow_platform::jobqueue::{Consumer, JobQueues, RedisJobQueue};
 use dataflow_platform::live::LiveBus;
 use futures::future::BoxFuture;
@@ -257,7 +257,7 @@ async fn hand_back(
                     }
                 }
                 let tickets: Vec<&JobTicket> = unstarted.iter().collect();
-                db.hand_back_jobs(&tickets, Handover::Claim).await
+                db.hand_back_claims(&tickets).await
             }
         };
         match result {

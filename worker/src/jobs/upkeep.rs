@@ -81,10 +81,17 @@ async fn relay_round(
         .take_due_jobs(kind, room, Handover::Queue, lease_ms)
         .await?;
     if let Err(e) = queue.push(kind, &jobs).await {
-        // Not in Redis after all: back to pending at once rather than after the lease.
+        // The push may have applied all the same (its reply was lost): hand back at once only
+        // what Redis is found not to hold. When Redis cannot say, the jobs stay queued, and
+        // the sweeper looks for them once their lease runs out.
         let tickets: Vec<JobTicket> = jobs.iter().map(JobMessage::ticket).collect();
-        db.hand_back_jobs(&tickets.iter().collect::<Vec<_>>(), Handover::Queue)
-            .await?;
+        let tickets: Vec<&JobTicket> = tickets.iter().collect();
+        if let Err(unknown) = look_for(db, Some(queue), kind, &tickets, settings.lease).await {
+            tracing::warn!(
+                %kind, jobs = tickets.len(), error = %unknown,
+                "cannot tell whether a failed push reached Redis; the sweeper will look"
+            );
+        }
         return Err(e);
     }
     Ok(jobs.len())
@@ -169,24 +176,36 @@ pub async fn sweep(db: &Db, queues: Option<&RedisJobQueue>, lease: Duration) -> 
             .1
             .push(ticket);
     }
-    let lease_ms = u64::try_from(lease.as_millis()).unwrap_or(u64::MAX);
     for (kind, tickets) in by_kind.into_values() {
         let tickets: Vec<&JobTicket> = tickets.iter().collect();
-        // Without Redis (it was removed from the config) nothing holds them any more.
-        let held = match queues {
-            Some(q) => q.holds(kind, &tickets).await?,
-            None => vec![false; tickets.len()],
-        };
-        let (still, lost): (Vec<_>, Vec<_>) = tickets.iter().zip(held).partition(|(_, h)| *h);
-        let still: Vec<&JobTicket> = still.into_iter().map(|(t, _)| *t).collect();
-        let lost: Vec<&JobTicket> = lost.into_iter().map(|(t, _)| *t).collect();
-        db.extend_job_leases(&still, lease_ms).await?;
-        let requeued = db.requeue_lost_jobs(&lost).await?;
+        let requeued = look_for(db, queues, kind, &tickets, lease).await?;
         if requeued > 0 {
             tracing::warn!(%kind, jobs = requeued, "the queue lost jobs; handed them over again");
         }
     }
     Ok(())
+}
+
+/// Looks for queued deliveries of `kind` in Redis: those it holds keep their place for
+/// another `lease`, the others are handed over again. Returns how many were.
+async fn look_for(
+    db: &Db,
+    queues: Option<&RedisJobQueue>,
+    kind: JobKind,
+    tickets: &[&JobTicket],
+    lease: Duration,
+) -> Result<u64> {
+    // Without Redis (it was removed from the config) nothing holds them any more.
+    let held = match queues {
+        Some(q) => q.holds(kind, tickets).await?,
+        None => vec![false; tickets.len()],
+    };
+    let (still, lost): (Vec<_>, Vec<_>) = tickets.iter().zip(held).partition(|(_, h)| *h);
+    let still: Vec<&JobTicket> = still.into_iter().map(|(t, _)| *t).collect();
+    let lost: Vec<&JobTicket> = lost.into_iter().map(|(t, _)| *t).collect();
+    let lease_ms = u64::try_from(lease.as_millis()).unwrap_or(u64::MAX);
+    db.extend_job_leases(&still, lease_ms).await?;
+    db.requeue_lost_jobs(&lost).await
 }
 
 /// Beats this worker's heart until `stop`, so the leader's reaper leaves its jobs alone.
