@@ -128,7 +128,7 @@ impl App {
         });
         if let Some(worker) = &worker {
             // One worker of the fleet leads: the singleton duties run there.
-            let (lead, leading) = watch::channel(false);
+            let (lead, leading) = watch::channel(leader::Term::default());
             tasks.spawn(leader::campaign(
                 backends.db.clone(),
                 worker.id().to_owned(),
@@ -141,7 +141,8 @@ impl App {
                 tasks.spawn(leader::while_leading(
                     leading.clone(),
                     shutdown.clone(),
-                    move |token| summaries::run(db.clone(), schedule.clone(), token),
+                    // A summary is written once, whoever writes it: no act to hold back.
+                    move |token, _| summaries::run(db.clone(), schedule.clone(), token),
                 ));
             }
             // In the fleet registry while it runs; a drain request stops this process.

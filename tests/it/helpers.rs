@@ -453,6 +453,16 @@ impl TestApp {
     }
 }
 
+/// Sends `signal` (`STOP`, `CONT`, …) to a process the test started.
+pub fn signal(child: &std::process::Child, signal: &str) {
+    let sent = std::process::Command::new("kill")
+        .arg(format!("-{signal}"))
+        .arg(child.id().to_string())
+        .status()
+        .unwrap();
+    assert!(sent.success(), "kill -{signal} {}", child.id());
+}
+
 /// A process the test started, killed when this is dropped, so a failing test leaves none
 /// running.
 pub struct Spawned(pub std::process::Child);

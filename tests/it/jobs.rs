@@ -20,7 +20,7 @@ use dataflow_worker::jobs::upkeep;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
-use crate::helpers::{Backend, Proxy, Spawned, TestApp, backend_tests, test_redis_url};
+use crate::helpers::{Backend, Proxy, Spawned, TestApp, backend_tests, signal, test_redis_url};
 use crate::leader::wait_leader;
 use crate::redis::redis_addr;
 use crate::sinks::{Hook, SmtpSink, WebhookReceiver};
@@ -456,6 +456,14 @@ async fn relay_one_webhook(
     (queues, job)
 }
 
+/// Worker "ghost" takes the one webhook message waiting (and is never heard of again).
+async fn taken_by_a_ghost(queues: &JobQueues) {
+    let queue = queues.queue(JobKind::Webhook);
+    let mut conn = queue.blocking_connection().await.unwrap();
+    let held = queue.take(&mut conn, "ghost", 10, Duration::from_millis(100));
+    assert_eq!(held.await.unwrap().len(), 1);
+}
+
 /// Redis: a worker that took jobs and died (`kill -9`: no release, no more heartbeats) has
 /// them taken back by a live worker, which runs them; the lost attempt is counted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -467,13 +475,7 @@ async fn a_dead_workers_jobs_are_taken_back() {
     };
     // The dead worker: the job was relayed, it took it, beat once, and was killed.
     let (queues, job) = relay_one_webhook(&api, &hooks, 60_000).await;
-    let queue = queues.queue(JobKind::Webhook);
-    let mut conn = queue.blocking_connection().await.unwrap();
-    let held = queue
-        .take(&mut conn, "ghost", 10, Duration::from_millis(100))
-        .await
-        .unwrap();
-    assert_eq!(held.len(), 1);
+    taken_by_a_ghost(&queues).await;
     queues.heartbeat("ghost").await.unwrap();
 
     let started = Instant::now();
@@ -901,6 +903,75 @@ async fn an_ambiguous_push_leaves_the_job_queued_once() {
     );
     api.stop().await;
     direct.delete_all_under_prefix().await.unwrap();
+}
+
+/// The leader's reaper acts only while the leader's lease surely holds. The leader, a real
+/// worker process, is stopped (SIGSTOP) past its lease and another worker leads; a worker
+/// dies meanwhile. Resumed, the ex-leader's sweeper is due at once, before its campaign
+/// has found the lease gone: it must not reap beside its successor, which does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_ex_leader_does_not_reap_beside_its_successor() {
+    let smtp = SmtpSink::start().await;
+    let hooks = WebhookReceiver::start(200).await;
+    let Some(api) = TestApp::spawn_redis(Backend::Postgres, Roles::API, None, |c| {
+        fast_jobs(c, &smtp);
+        c.worker.leader_lease_ms = 900;
+    })
+    .await
+    else {
+        return;
+    };
+    // A worker took J and died before its first heartbeat: no reaper sees it yet.
+    let (queues, job) = relay_one_webhook(&api, &hooks, 60_000).await;
+    taken_by_a_ghost(&queues).await;
+
+    let log = api.config.data_dir.join("leader.log");
+    let leader =
+        Spawned(api.spawn_worker_process("leader", Some(std::fs::File::create(&log).unwrap())));
+    wait_leader(&api, 20, |o| o.contains(&format!("-{}-", leader.0.id()))).await;
+    // Stopped between two sweeps (they are a second apart and take milliseconds).
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    signal(&leader.0, "STOP");
+    // The successor sweeps rarely: the first sweep after the ghost is found dead is the
+    // resumed ex-leader's, unless its lapsed lease stops it.
+    let successor = api
+        .sibling_with(Roles::WORKER, |c| c.jobs.poll_interval_ms = 5_000)
+        .await;
+    let successor_id = successor.worker_id();
+    wait_leader(&api, 20, |o| o == successor_id).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let redis = api.app.as_ref().unwrap().backends.redis.clone().unwrap();
+    redis::cmd("ZADD")
+        .arg(redis.key(&["jobs", "workers"]))
+        .arg(1)
+        .arg("ghost")
+        .query_async::<()>(&mut redis.conn())
+        .await
+        .unwrap();
+    signal(&leader.0, "CONT");
+
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let j = loop {
+        let j = api.db.get_job(&job.id).await.unwrap().unwrap();
+        if j.status == JobStatus::Done {
+            break j;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the dead worker's job never ran: {j:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(j.attempts, 2, "the ghost's attempt counts: {j:?}");
+    let log = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        !log.contains("took back a job from a dead worker"),
+        "the ex-leader reaped after its lease lapsed:\n{log}"
+    );
+    assert!(log.contains("the leader lease may have lapsed"), "{log}");
+    successor.stop().await;
+    api.stop().await;
+    redis.delete_all_under_prefix().await.unwrap();
 }
 
 /// Redis: jobs Redis lost (flushed) are found by the sweeper and handed over again.

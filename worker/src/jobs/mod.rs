@@ -68,8 +68,9 @@ pub struct JobsSetup {
     /// Where dead-lettered jobs are announced to dashboards.
     pub live: Arc<LiveBus>,
     /// Whether this worker leads the fleet: the sweeper runs only then. A receiver whose
-    /// sender is gone and that holds `true` makes this process sweep on its own.
-    pub leading: watch::Receiver<bool>,
+    /// sender is gone and that holds [`leader::Term::alone`] makes this process sweep on
+    /// its own.
+    pub leading: watch::Receiver<leader::Term>,
 }
 
 /// Jobs one take moves into a worker's channel at most.
@@ -184,9 +185,13 @@ pub async fn run(setup: JobsSetup, stop: CancellationToken) {
         dead_worker: Duration::from_millis(config.dead_worker_ms),
     };
     let (sweep_db, sweep_queue) = (db.clone(), queue.clone());
-    upkeep.spawn(leader::while_leading(leading, stop.clone(), move |token| {
-        upkeep::sweeper(sweep_db.clone(), sweep_queue.clone(), sweep, token)
-    }));
+    upkeep.spawn(leader::while_leading(
+        leading,
+        stop.clone(),
+        move |token, mandate| {
+            upkeep::sweeper(sweep_db.clone(), sweep_queue.clone(), sweep, mandate, token)
+        },
+    ));
     if let Some(q) = &queue {
         let settings = upkeep::RelaySettings {
             kinds: kinds.clone(),

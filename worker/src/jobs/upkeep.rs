@@ -18,6 +18,8 @@ use dataflow_platform::db::commits::CommitWake;
 use dataflow_platform::db::{Db, Failure, Handover};
 use dataflow_platform::jobqueue::{JobQueues, RedisJobQueue};
 use tokio::sync::Notify;
+
+use crate::leader::Mandate;
 use tokio_util::sync::CancellationToken;
 
 /// Intents handed to Redis per round and kind.
@@ -110,25 +112,36 @@ pub struct SweepSettings {
 }
 
 /// Until `stop`: every `settings.every` reaps dead workers (on DataFlow's Redis lists) and
-/// then takes back lost jobs; once a minute prunes old finished jobs. Runs on the leader.
+/// then takes back lost jobs; once a minute prunes old finished jobs. Runs on the leader,
+/// each step only while `mandate` holds.
 pub async fn sweeper(
     db: Db,
     queues: Option<RedisJobQueue>,
     settings: SweepSettings,
+    mandate: Mandate,
     stop: CancellationToken,
 ) {
     let lists = queues.as_ref().and_then(RedisJobQueue::lists);
     let mut last_prune: Option<tokio::time::Instant> = None;
     while !stop.is_cancelled() {
-        if let Some(lists) = lists
-            && let Err(e) = reap(&db, lists, settings.dead_worker).await
-        {
-            tracing::warn!(error = %e, "reaping dead job workers failed");
-        }
-        if let Err(e) = sweep(&db, queues.as_ref(), settings.lease).await {
-            tracing::warn!(error = %e, "job sweep failed; retrying");
-        }
-        if last_prune.is_none_or(|t| t.elapsed() >= PRUNE_EVERY) {
+        'round: {
+            if !may_act(&mandate) {
+                break 'round;
+            }
+            if let Some(lists) = lists
+                && let Err(e) = reap(&db, lists, settings.dead_worker).await
+            {
+                tracing::warn!(error = %e, "reaping dead job workers failed");
+            }
+            if !may_act(&mandate) {
+                break 'round;
+            }
+            if let Err(e) = sweep(&db, queues.as_ref(), settings.lease).await {
+                tracing::warn!(error = %e, "job sweep failed; retrying");
+            }
+            if last_prune.is_some_and(|t| t.elapsed() < PRUNE_EVERY) || !may_act(&mandate) {
+                break 'round;
+            }
             last_prune = Some(tokio::time::Instant::now());
             match prune(&db, settings.retention).await {
                 Ok(0) => {}
@@ -141,6 +154,18 @@ pub async fn sweeper(
             _ = tokio::time::sleep(settings.every) => {}
         }
     }
+}
+
+/// Whether the sweeper may act now as the leader; says so when it may not.
+fn may_act(mandate: &Mandate) -> bool {
+    let holds = mandate.holds();
+    if !holds {
+        tracing::warn!(
+            "the leader lease may have lapsed (this process was held up): the job sweeper \
+             waits for the lease to be renewed or lost"
+        );
+    }
+    holds
 }
 
 /// Deletes finished jobs past `retention`, in small transactions so a large backlog of old
