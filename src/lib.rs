@@ -130,7 +130,7 @@ impl App {
         });
         if let Some(worker) = &worker {
             // One worker of the fleet leads: the singleton duties run there.
-            let (lead, leading) = watch::channel(false);
+            let (lead, leading) = watch::channel(leader::Term::default());
             tasks.spawn(leader::campaign(
                 backends.db.clone(),
                 worker.id().to_owned(),
@@ -143,7 +143,8 @@ impl App {
                 tasks.spawn(leader::while_leading(
                     leading.clone(),
                     shutdown.clone(),
-                    move |token| summaries::run(db.clone(), schedule.clone(), token),
+                    // A summary is written once, whoever writes it: no act to hold back.
+                    move |token, _| summaries::run(db.clone(), schedule.clone(), token),
                 ));
             }
             // The leader takes back the batches of workers the registry says are gone.
@@ -151,8 +152,9 @@ impl App {
             tasks.spawn(leader::while_leading(
                 leading.clone(),
                 shutdown.clone(),
-                move |token| {
-                    dataflow_worker::reclaim::run(db.clone(), fleet.clone(), me.clone(), token)
+                move |token, mandate| {
+                    let (db, fleet, me) = (db.clone(), fleet.clone(), me.clone());
+                    dataflow_worker::reclaim::run(db, fleet, me, token, mandate)
                 },
             ));
             // In the fleet registry while it runs; a drain request stops this process.

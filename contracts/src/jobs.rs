@@ -139,6 +139,11 @@ pub struct JobMessage {
     /// Attempts already made (0 on the first run).
     pub attempts: u32,
     pub max_attempts: u32,
+    /// The job's delivery epoch when this message was taken from the ledger (see
+    /// [`JobTicket`]). Messages written before epochs existed read as 0, the epoch the
+    /// ledger gave every job then.
+    #[serde(default)]
+    pub epoch: u64,
     /// The [`JobSpec`] as stored; decoded by the handler, so a queue never re-encodes it.
     pub spec: Box<RawValue>,
 }
@@ -147,6 +152,25 @@ impl JobMessage {
     pub fn decode_spec(&self) -> Result<JobSpec, serde_json::Error> {
         serde_json::from_str(self.spec.get())
     }
+
+    /// The delivery this message is.
+    pub fn ticket(&self) -> JobTicket {
+        JobTicket {
+            id: self.id.clone(),
+            epoch: self.epoch,
+        }
+    }
+}
+
+/// One delivery of a job: the job, and its delivery epoch, which the ledger moves on every
+/// time the job changes hands (each take from the ledger, each hand-back to it). A
+/// delivery's result (done, failed) and its removal from the queue apply only while its
+/// epoch is the job's current one, so a superseded delivery that answers late (its worker
+/// was cut off and presumed dead) changes nothing.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct JobTicket {
+    pub id: JobId,
+    pub epoch: u64,
 }
 
 /// A job as operators see it (`GET /admin/jobs`).

@@ -20,6 +20,7 @@ use dataflow_contracts::{BatchId, ClientId, JobId};
 use dataflow_platform::Backends;
 use dataflow_platform::config::{APALIS_REDIS_MAX_WORKING_SET, RedisQueue, Secret};
 use dataflow_worker::jobs::{self, JobError, JobHandler, JobsSetup};
+use dataflow_worker::leader::Term;
 use futures::future::BoxFuture;
 use serde_json::value::RawValue;
 use tokio::sync::{Mutex, watch};
@@ -155,7 +156,7 @@ async fn measure(
                 commits: backends.db.commits().clone(),
                 live: backends.live.clone(),
                 // No election in a benchmark: every process sweeps.
-                leading: watch::channel(true).1,
+                leading: watch::channel(Term::alone()).1,
             },
             stop,
         ))
@@ -254,6 +255,7 @@ fn message(spec: String) -> anyhow::Result<JobMessage> {
         client_id: ClientId::generate(),
         attempts: 0,
         max_attempts: 1,
+        epoch: 0,
         spec: RawValue::from_string(spec)?,
     })
 }

@@ -419,13 +419,30 @@ impl TestApp {
         name: &str,
         log: Option<std::fs::File>,
     ) -> std::process::Child {
-        self.worker_process(name, log).spawn().unwrap()
+        self.spawn_worker_process_with(name, log, |_| {})
     }
 
-    /// The command [`TestApp::spawn_worker_process`] runs, for a test to adjust first.
-    pub fn worker_process(&self, name: &str, log: Option<std::fs::File>) -> std::process::Command {
-        let config_file = self.config.data_dir.join(format!("{name}.toml"));
-        std::fs::write(&config_file, toml::to_string(&self.config).unwrap()).unwrap();
+    /// A real `dataflow worker` process on this process's config as `tweak` adjusts it.
+    pub fn spawn_worker_process_with(
+        &self,
+        name: &str,
+        log: Option<std::fs::File>,
+        tweak: impl FnOnce(&mut Config),
+    ) -> std::process::Child {
+        self.worker_process(name, log, tweak).spawn().unwrap()
+    }
+
+    /// The command [`TestApp::spawn_worker_process_with`] runs, for a test to adjust first.
+    pub fn worker_process(
+        &self,
+        name: &str,
+        log: Option<std::fs::File>,
+        tweak: impl FnOnce(&mut Config),
+    ) -> std::process::Command {
+        let mut config = self.config.clone();
+        tweak(&mut config);
+        let config_file = config.data_dir.join(format!("{name}.toml"));
+        std::fs::write(&config_file, toml::to_string(&config).unwrap()).unwrap();
         let (stdout, stderr) = match log {
             Some(f) => (f.try_clone().unwrap().into(), f.into()),
             None => (std::process::Stdio::null(), std::process::Stdio::null()),
@@ -472,6 +489,27 @@ impl TestApp {
         if let Some(app) = self.app.take() {
             app.stop().await;
         }
+    }
+}
+
+/// Sends `signal` (`STOP`, `CONT`, …) to a process the test started.
+pub fn signal(child: &std::process::Child, signal: &str) {
+    let sent = std::process::Command::new("kill")
+        .arg(format!("-{signal}"))
+        .arg(child.id().to_string())
+        .status()
+        .unwrap();
+    assert!(sent.success(), "kill -{signal} {}", child.id());
+}
+
+/// A process the test started, killed when this is dropped, so a failing test leaves none
+/// running.
+pub struct Spawned(pub std::process::Child);
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
     }
 }
 
@@ -534,10 +572,12 @@ pub fn service_addr(url: &str, default_port: u16) -> std::net::SocketAddr {
     host_port.replace("localhost", "127.0.0.1").parse().unwrap()
 }
 
-/// A TCP proxy the test can cut (drop every connection, refuse new ones) and heal.
+/// A TCP proxy the test can cut (drop every connection, refuse new ones) and heal, or mute
+/// (requests still reach the target, its replies are dropped).
 pub struct Proxy {
     pub addr: std::net::SocketAddr,
     cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    mute: std::sync::Arc<Mute>,
     conns: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>>,
     accept: tokio::task::JoinHandle<()>,
 }
@@ -548,18 +588,29 @@ impl Proxy {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
         let addr = listener.local_addr().expect("proxy address");
         let cut = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let mute = std::sync::Arc::new(Mute::default());
         let conns = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-        let (cut2, conns2) = (cut.clone(), conns.clone());
+        let (cut2, mute2, conns2) = (cut.clone(), mute.clone(), conns.clone());
         let accept = tokio::spawn(async move {
-            while let Ok((mut inbound, _)) = listener.accept().await {
+            while let Ok((inbound, _)) = listener.accept().await {
                 if cut2.load(Ordering::SeqCst) {
                     drop(inbound);
                     continue;
                 }
+                let mute = mute2.clone();
                 let task = tokio::spawn(async move {
-                    if let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await {
-                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
-                    }
+                    let Ok(outbound) = tokio::net::TcpStream::connect(target).await else {
+                        return;
+                    };
+                    let ((client_in, client_out), (target_in, target_out)) =
+                        (inbound.into_split(), outbound.into_split());
+                    let requests = forward(client_in, target_out, |request| {
+                        mute.see(request);
+                        true
+                    });
+                    let replies =
+                        forward(target_in, client_out, |_| !mute.on.load(Ordering::SeqCst));
+                    let _ = tokio::try_join!(requests, replies);
                 });
                 conns2.lock().unwrap().push(task.abort_handle());
             }
@@ -567,9 +618,17 @@ impl Proxy {
         Proxy {
             addr,
             cut,
+            mute,
             conns,
             accept,
         }
+    }
+
+    /// Once a request containing `request` passes (it still reaches the target), the
+    /// target's replies are dropped: that request and those after it run, and their
+    /// clients time out (a reply lost after the request applied).
+    pub fn mute_after(&self, request: &'static [u8]) {
+        *self.mute.after.lock().unwrap() = Some(request);
     }
 
     pub fn cut(&self) {
@@ -579,8 +638,50 @@ impl Proxy {
         }
     }
 
+    /// Accepts connections again, and passes replies on again.
     pub fn heal(&self) {
         self.cut.store(false, std::sync::atomic::Ordering::SeqCst);
+        *self.mute.after.lock().unwrap() = None;
+        self.mute
+            .on
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// Copies `from` to `to` until `from` ends, then shuts `to` down; drops each chunk that
+/// `pass` refuses.
+async fn forward(
+    mut from: impl tokio::io::AsyncRead + Unpin,
+    mut to: impl tokio::io::AsyncWrite + Unpin,
+    pass: impl Fn(&[u8]) -> bool,
+) -> std::io::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0; 64 * 1024];
+    loop {
+        let n = from.read(&mut buf).await?;
+        if n == 0 {
+            return to.shutdown().await;
+        }
+        if pass(&buf[..n]) {
+            to.write_all(&buf[..n]).await?;
+        }
+    }
+}
+
+/// When a [`Proxy`] drops replies.
+#[derive(Default)]
+struct Mute {
+    /// Requests containing this switch `on`.
+    after: std::sync::Mutex<Option<&'static [u8]>>,
+    on: std::sync::atomic::AtomicBool,
+}
+
+impl Mute {
+    fn see(&self, request: &[u8]) {
+        let after = *self.after.lock().unwrap();
+        if after.is_some_and(|a| request.windows(a.len()).any(|w| w == a)) {
+            self.on.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
     }
 }
 

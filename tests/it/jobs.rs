@@ -7,21 +7,28 @@ use std::time::{Duration, Instant};
 
 use base64::Engine;
 use dataflow::Roles;
-use dataflow_contracts::BatchStatus;
+use dataflow_contracts::http::WorkerInfo;
 use dataflow_contracts::jobs::{JobKind, JobMessage, JobPage, JobStatus, JobView};
+use dataflow_contracts::{BatchStatus, JobId};
 use dataflow_platform::Config;
 use dataflow_platform::config::{RedisQueue, Secret};
-use dataflow_platform::db::Handover;
+use dataflow_platform::db::{Failure, Handover};
 use dataflow_platform::jobqueue::{JobQueues, RedisJobQueue};
+use dataflow_platform::redis::{Purpose, Redis};
 use dataflow_platform::webhook;
 use dataflow_worker::jobs::upkeep;
 use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
 
-use crate::helpers::{Backend, TestApp, backend_tests};
+use crate::helpers::{
+    Backend, Proxy, Spawned, TestApp, backend_tests, service_addr, signal, test_redis_url,
+};
+use crate::leader::wait_leader;
 use crate::sinks::{Hook, SmtpSink, WebhookReceiver};
 
 backend_tests!(batch_results_are_mailed_reported_and_signed_webhooks_delivered);
 backend_tests!(a_batchs_end_follows_the_clients_policy_at_that_time);
+backend_tests!(only_the_current_delivery_of_a_job_settles);
 
 /// Fast retries and local targets.
 fn fast_jobs(c: &mut Config, smtp: &SmtpSink) {
@@ -401,16 +408,37 @@ async fn walk_through_redis(queue: RedisQueue) {
     redis.delete_all_under_prefix().await.unwrap();
 }
 
+/// An API process on Redis whose job workers are dead after 2 s without a heartbeat.
+async fn api_with_quick_reaping(smtp: &SmtpSink) -> Option<TestApp> {
+    TestApp::spawn_redis(Backend::Sqlite, Roles::API, None, |c| {
+        fast_jobs(c, smtp);
+        c.jobs.dead_worker_ms = 2_000;
+    })
+    .await
+}
+
 /// Does what the relay does for the one webhook of a batch awaiting approval (its only
-/// event is `BatchCreated`): takes the intent as `queued` with `lease_ms`, pushes it.
+/// event is `BatchCreated`): takes the intent as `queued` with `lease_ms`.
+async fn take_one_webhook(api: &TestApp, hooks: &WebhookReceiver, lease_ms: u64) -> JobMessage {
+    let policy = json!({"webhook_url": hooks.url(), "approval_required": true});
+    let (_, key) = api.client(policy).await;
+    api.import(&key, "text/csv", "id\n1\n").await;
+    let mut taken = api
+        .db
+        .take_due_jobs(JobKind::Webhook, 10, Handover::Queue, lease_ms)
+        .await
+        .unwrap();
+    assert_eq!(taken.len(), 1);
+    taken.remove(0)
+}
+
+/// [`take_one_webhook`], and pushes it.
 async fn relay_one_webhook(
     api: &TestApp,
     hooks: &WebhookReceiver,
     lease_ms: u64,
 ) -> (JobQueues, JobMessage) {
-    let policy = json!({"webhook_url": hooks.url(), "approval_required": true});
-    let (_, key) = api.client(policy).await;
-    api.import(&key, "text/csv", "id\n1\n").await;
+    let job = take_one_webhook(api, hooks, lease_ms).await;
     let queues = api
         .app
         .as_ref()
@@ -421,14 +449,20 @@ async fn relay_one_webhook(
         .and_then(RedisJobQueue::lists)
         .cloned()
         .unwrap();
-    let mut taken = api
-        .db
-        .take_due_jobs(JobKind::Webhook, 10, Handover::Queue, lease_ms)
+    queues
+        .queue(JobKind::Webhook)
+        .push(std::slice::from_ref(&job))
         .await
         .unwrap();
-    assert_eq!(taken.len(), 1);
-    queues.queue(JobKind::Webhook).push(&taken).await.unwrap();
-    (queues, taken.remove(0))
+    (queues, job)
+}
+
+/// Worker "ghost" takes the one webhook message waiting (and is never heard of again).
+async fn taken_by_a_ghost(queues: &JobQueues) {
+    let queue = queues.queue(JobKind::Webhook);
+    let mut conn = queue.blocking_connection().await.unwrap();
+    let held = queue.take(&mut conn, "ghost", 10, Duration::from_millis(100));
+    assert_eq!(held.await.unwrap().len(), 1);
 }
 
 /// Redis: a worker that took jobs and died (`kill -9`: no release, no more heartbeats) has
@@ -437,23 +471,12 @@ async fn relay_one_webhook(
 async fn a_dead_workers_jobs_are_taken_back() {
     let smtp = SmtpSink::start().await;
     let hooks = WebhookReceiver::start(200).await;
-    let Some(api) = TestApp::spawn_redis(Backend::Sqlite, Roles::API, None, |c| {
-        fast_jobs(c, &smtp);
-        c.jobs.dead_worker_ms = 2_000;
-    })
-    .await
-    else {
+    let Some(api) = api_with_quick_reaping(&smtp).await else {
         return;
     };
     // The dead worker: the job was relayed, it took it, beat once, and was killed.
     let (queues, job) = relay_one_webhook(&api, &hooks, 60_000).await;
-    let queue = queues.queue(JobKind::Webhook);
-    let mut conn = queue.blocking_connection().await.unwrap();
-    let held = queue
-        .take(&mut conn, "ghost", 10, Duration::from_millis(100))
-        .await
-        .unwrap();
-    assert_eq!(held.len(), 1);
+    taken_by_a_ghost(&queues).await;
     queues.heartbeat("ghost").await.unwrap();
 
     let started = Instant::now();
@@ -594,7 +617,7 @@ async fn webhooks_ignore_proxies_from_the_environment() {
             drop(conn);
         }
     });
-    let mut worker = api.worker_process("proxied-worker", None);
+    let mut worker = api.worker_process("proxied-worker", None, |_| {});
     for var in [
         "HTTP_PROXY",
         "HTTPS_PROXY",
@@ -621,6 +644,386 @@ async fn webhooks_ignore_proxies_from_the_environment() {
     child.wait().unwrap();
     listener.abort();
     api.stop().await;
+}
+
+/// J1 at the ledger: each take of a job is a new delivery, and only the current one settles.
+/// A delivery that was handed over again (reaped from Redis; an embedded claim that expired)
+/// and answers late changes nothing, and the current one settles once.
+async fn only_the_current_delivery_of_a_job_settles(b: Backend) {
+    let Some(api) = TestApp::spawn_with(b, Roles::API, |c| c.jobs.max_attempts = 2).await else {
+        return;
+    };
+    // One webhook job per import (a batch awaiting approval has one event); nobody runs it.
+    let policy = json!({"webhook_url": "http://127.0.0.1:9/hook", "approval_required": true});
+    let (_, key) = api.client(policy).await;
+    let db = &api.db;
+    let take = async |handover, lease_ms| {
+        let mut taken = db
+            .take_due_jobs(JobKind::Webhook, 10, handover, lease_ms)
+            .await
+            .unwrap();
+        assert_eq!(taken.len(), 1);
+        taken.remove(0).ticket()
+    };
+    let lost = "the worker running it stopped (no heartbeat)";
+
+    // Through a queue: the first delivery is reaped (its attempt counted), the job taken again.
+    api.import(&key, "text/csv", "id\n1\n").await;
+    let first = take(Handover::Queue, 60_000).await;
+    let reaped = db.fail_job(&first, true, lost, Failure::Retry { backoff_ms: 0 });
+    assert_eq!(reaped.await.unwrap(), Some(JobStatus::Pending));
+    let second = take(Handover::Queue, 60_000).await;
+    assert_eq!(second.id, first.id);
+    assert_ne!(second.epoch, first.epoch);
+    // The first answers late, failed or done: refused, whatever it says.
+    let late = db.fail_job(&first, true, "late", Failure::Permanent);
+    assert_eq!(late.await.unwrap(), None);
+    assert_eq!(db.finish_jobs(&[&first], true).await.unwrap(), 0);
+    assert_eq!(db.requeue_lost_jobs(&[&first]).await.unwrap(), 0);
+    assert_eq!(db.extend_job_leases(&[&first], 1).await.unwrap(), 0);
+    // The second settles, once.
+    assert_eq!(db.finish_jobs(&[&second, &first], true).await.unwrap(), 1);
+    assert_eq!(db.finish_jobs(&[&second], true).await.unwrap(), 0);
+    let j = db.get_job(&first.id).await.unwrap().unwrap();
+    assert_eq!((j.status, j.attempts), (JobStatus::Done, 2));
+
+    // Claimed from SQL: a claim whose lease ran out goes back, and its late result is refused.
+    api.import(&key, "text/csv", "id\n2\n").await;
+    let claimed = take(Handover::Claim, 0).await;
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    assert_eq!(db.expire_running_jobs().await.unwrap(), 1);
+    let again = take(Handover::Claim, 60_000).await;
+    assert_eq!(db.finish_jobs(&[&claimed], false).await.unwrap(), 0);
+    assert_eq!(db.hand_back_claims(&[&claimed]).await.unwrap(), 0);
+    assert_eq!(db.finish_jobs(&[&again], false).await.unwrap(), 1);
+    api.stop().await;
+}
+
+/// How long the cut worker's attempt runs in
+/// [`a_superseded_delivery_cannot_settle_or_ack_the_live_one`]: long enough for the leader to
+/// reap its job and start it again meanwhile.
+const CUT_ATTEMPT_SECS: u64 = 8;
+
+/// J1, with two real worker processes: worker A runs webhook job J and loses Redis for
+/// longer than `dead_worker_ms`, so the leader B reaps J and runs it again. A's attempt then
+/// fails (it times out) while B's delivery still runs, and A acknowledges it once Redis is
+/// back: both belong to a superseded delivery and change nothing. J ends `done` once, after
+/// two deliveries, and is never `dead` (A's failure would have been its last attempt).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_superseded_delivery_cannot_settle_or_ack_the_live_one() {
+    let smtp = SmtpSink::start().await;
+    let hooks = WebhookReceiver::start(0).await;
+    let Some(url) = test_redis_url().await else {
+        return;
+    };
+    let (a_redis, b_redis) = (
+        Proxy::start(service_addr(&url, 6379)).await,
+        Proxy::start(service_addr(&url, 6379)).await,
+    );
+    let Some(api) = TestApp::spawn_redis(Backend::Postgres, Roles::API, None, |c| {
+        fast_jobs(c, &smtp);
+        c.jobs.dead_worker_ms = 2_000;
+        c.jobs.max_attempts = 2;
+        c.jobs.requeue_after_secs = 120;
+    })
+    .await
+    else {
+        return;
+    };
+    let a_log = api.config.data_dir.join("a.log");
+    let spawn = |name: &str, proxy: &Proxy, attempt_secs: u64| {
+        let log = std::fs::File::create(api.config.data_dir.join(format!("{name}.log"))).unwrap();
+        let redis = Secret::new(format!("redis://{}/", proxy.addr));
+        Spawned(api.spawn_worker_process_with(name, Some(log), |c| {
+            c.redis_url = Some(redis);
+            c.jobs.timeout_secs = attempt_secs;
+        }))
+    };
+    // B leads (its sweeper reaps); its attempt outlasts A's.
+    let b = spawn("b", &b_redis, 60);
+    wait_leader(&api, 20, |o| o.contains(&format!("-{}-", b.0.id()))).await;
+    let _a = spawn("a", &a_redis, CUT_ATTEMPT_SECS);
+    wait_workers(&api, 2).await;
+
+    // Only A can take J: B is cut from Redis meanwhile.
+    b_redis.cut();
+    let policy = json!({"webhook_url": hooks.url(), "approval_required": true});
+    let (_, key) = api.client(policy).await;
+    api.import(&key, "text/csv", "id\n1\n").await;
+    let first = hooks.wait_until("A's delivery", |h| !h.is_empty()).await;
+    let began = Instant::now();
+    a_redis.cut();
+    b_redis.heal();
+    let job: JobId = first[0].header("webhook-id").parse().unwrap();
+
+    let second = hooks
+        .wait_until("B's delivery of the reaped job", |h| h.len() >= 2)
+        .await;
+    assert_eq!(second[1].header("webhook-id"), job.as_str());
+    assert!(
+        began.elapsed() < Duration::from_secs(CUT_ATTEMPT_SECS),
+        "B's delivery must start while A's attempt still runs"
+    );
+    // A's attempt fails while B's delivery is J's live one: the ledger refuses it.
+    let deadline = Instant::now() + Duration::from_secs(CUT_ATTEMPT_SECS + 10);
+    loop {
+        let j = api.db.get_job(&job).await.unwrap().unwrap();
+        assert_eq!(
+            j.status,
+            JobStatus::Queued,
+            "B's delivery is J's live one: {j:?}"
+        );
+        let log = std::fs::read_to_string(&a_log).unwrap();
+        if log.contains("refused results of superseded job deliveries") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "A's late failure was never refused"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Redis back, A acknowledges its delivery (its retries are at most 2 s apart): B's stays.
+    a_redis.heal();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let redis = api.app.as_ref().unwrap().backends.redis.clone().unwrap();
+    let present: Option<f64> = redis::cmd("ZSCORE")
+        .arg(redis.key(&["jobs", "webhook", "present"]))
+        .arg(job.as_str())
+        .query_async(&mut redis.conn())
+        .await
+        .unwrap();
+    assert!(present.is_some(), "A's late ack removed B's live delivery");
+
+    hooks.answer(200);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let j = loop {
+        let j = api.db.get_job(&job).await.unwrap().unwrap();
+        assert_ne!(j.status, JobStatus::Dead, "{j:?}");
+        if j.status == JobStatus::Done {
+            break j;
+        }
+        assert!(Instant::now() < deadline, "J never done: {j:?}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    };
+    assert_eq!(j.attempts, 2, "A's reaped attempt and B's: {j:?}");
+    let deliveries = hooks
+        .hooks()
+        .iter()
+        .filter(|h| h.header("webhook-id") == job.as_str())
+        .count();
+    assert_eq!(deliveries, 2);
+    api.stop().await;
+    redis.delete_all_under_prefix().await.unwrap();
+}
+
+/// Waits (up to 20 s) until the fleet registry lists `n` workers.
+async fn wait_workers(api: &TestApp, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let ws: Vec<WorkerInfo> = api
+            .admin_send(reqwest::Method::GET, "/admin/workers")
+            .await
+            .json()
+            .await
+            .unwrap();
+        if ws.len() == n {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{n} workers: {ws:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Redis: a message moved into a live worker's in-flight list whose take reply was lost (the
+/// connection reset after `BLMOVE` ran) is not stranded there: the worker, still beating its
+/// heart and so never reaped, gives it back within about `dead_worker_ms`, and runs it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_a_lost_take_reply_stranded_is_given_back() {
+    let smtp = SmtpSink::start().await;
+    let hooks = WebhookReceiver::start(200).await;
+    let Some(api) = api_with_quick_reaping(&smtp).await else {
+        return;
+    };
+    // Taken before a worker's relay could. Its lease is short: the sweeper looks for it
+    // soon, finds it in Redis, and leaves it there.
+    let job = take_one_webhook(&api, &hooks, 1_000).await;
+    let worker = api.sibling(Roles::WORKER).await;
+    // What a move leaves when its reply never reaches the worker: the message in the worker's
+    // in-flight list (and in `present`), and the worker none the wiser.
+    let redis = api.app.as_ref().unwrap().backends.redis.clone().unwrap();
+    let inflight = redis.key(&["jobs", "webhook", "inflight", &worker.worker_id()]);
+    let present = redis.key(&["jobs", "webhook", "present"]);
+    redis::pipe()
+        .rpush(&inflight, serde_json::to_string(&job).unwrap())
+        .zadd(&present, job.id.as_str(), job.epoch)
+        .query_async::<()>(&mut redis.conn())
+        .await
+        .unwrap();
+
+    let hook = hooks
+        .wait_until("the stranded job", |h| !h.is_empty())
+        .await;
+    assert_eq!(hook[0].header("webhook-id"), job.id.as_str());
+    let query = format!("batch_id={}", job.batch_id);
+    let done = wait_jobs(&api, &query, 1, JobStatus::Done).await;
+    assert_eq!(done[0].attempts, 1, "{done:?}");
+    worker.stop().await;
+    api.stop().await;
+    redis.delete_all_under_prefix().await.unwrap();
+}
+
+/// Redis: a push that Redis applied while its client saw it fail (the reply was lost) does
+/// not leave the job queued twice. The relay hands back only what it finds Redis does not
+/// hold; what it cannot look for (Redis still unreachable) waits for the sweeper.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ambiguous_push_leaves_the_job_queued_once() {
+    let smtp = SmtpSink::start().await;
+    let hooks = WebhookReceiver::start(200).await;
+    let Some(url) = test_redis_url().await else {
+        return;
+    };
+    let Some(api) =
+        TestApp::spawn_redis(Backend::Sqlite, Roles::API, None, |c| fast_jobs(c, &smtp)).await
+    else {
+        return;
+    };
+    // This test's relay reaches Redis through a proxy that loses the push's reply.
+    let proxy = Proxy::start(service_addr(&url, 6379)).await;
+    let proxied = format!("redis://{}/", proxy.addr);
+    let redis = Redis::connect(&proxied, &api.config.redis_prefix, None, Purpose::State)
+        .await
+        .unwrap();
+    let settings = upkeep::RelaySettings {
+        kinds: vec![JobKind::Webhook],
+        working_set: 100,
+        lease: Duration::from_secs(60),
+        poll: Duration::from_millis(50),
+    };
+    let stop = CancellationToken::new();
+    let relay = tokio::spawn(upkeep::relay(
+        api.db.clone(),
+        RedisJobQueue::Lists(JobQueues::new(redis)),
+        settings,
+        api.db.commits().clone(),
+        stop.clone(),
+    ));
+    proxy.mute_after(b"RPUSH");
+    let policy = json!({"webhook_url": hooks.url(), "approval_required": true});
+    let (_, key) = api.client(policy).await;
+    api.import(&key, "text/csv", "id\n1\n").await;
+
+    let direct = api.app.as_ref().unwrap().backends.redis.clone().unwrap();
+    let ready = direct.key(&["jobs", "webhook", "ready"]);
+    let queued = async || -> Vec<String> {
+        redis::cmd("LRANGE")
+            .arg(&ready)
+            .arg(0)
+            .arg(-1)
+            .query_async(&mut direct.conn())
+            .await
+            .unwrap()
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while queued().await.is_empty() {
+        assert!(Instant::now() < deadline, "the push never reached Redis");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The relay's push fails (its reply times out), and so does anything it asks next.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    proxy.cut();
+    proxy.heal();
+    // Redis is reachable again; the relay goes on with what SQL says is due.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.cancel();
+    relay.await.unwrap();
+
+    let copies = queued().await;
+    assert_eq!(copies.len(), 1, "queued more than once: {copies:?}");
+    let message: JobMessage = serde_json::from_str(&copies[0]).unwrap();
+    let job = api.db.get_job(&message.id).await.unwrap().unwrap();
+    assert_eq!(job.status, JobStatus::Queued);
+    let epoch: i64 = sqlx::query_scalar("SELECT delivery_epoch FROM jobs WHERE id = $1")
+        .bind(message.id.as_str())
+        .fetch_one(api.db.pool())
+        .await
+        .unwrap();
+    assert_eq!(
+        u64::try_from(epoch).unwrap(),
+        message.epoch,
+        "Redis holds the current delivery"
+    );
+    api.stop().await;
+    direct.delete_all_under_prefix().await.unwrap();
+}
+
+/// The leader's reaper acts only while the leader's lease surely holds. The leader, a real
+/// worker process, is stopped (SIGSTOP) past its lease and another worker leads; a worker
+/// dies meanwhile. Resumed, the ex-leader's sweeper is due at once, before its campaign
+/// has found the lease gone: it must not reap beside its successor, which does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_ex_leader_does_not_reap_beside_its_successor() {
+    let smtp = SmtpSink::start().await;
+    let hooks = WebhookReceiver::start(200).await;
+    let Some(api) = TestApp::spawn_redis(Backend::Postgres, Roles::API, None, |c| {
+        fast_jobs(c, &smtp);
+        c.worker.leader_lease_ms = 900;
+    })
+    .await
+    else {
+        return;
+    };
+    // A worker took J and died before its first heartbeat: no reaper sees it yet.
+    let (queues, job) = relay_one_webhook(&api, &hooks, 60_000).await;
+    taken_by_a_ghost(&queues).await;
+
+    let log = api.config.data_dir.join("leader.log");
+    let leader =
+        Spawned(api.spawn_worker_process("leader", Some(std::fs::File::create(&log).unwrap())));
+    wait_leader(&api, 20, |o| o.contains(&format!("-{}-", leader.0.id()))).await;
+    // Stopped between two sweeps (they are a second apart and take milliseconds).
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    signal(&leader.0, "STOP");
+    // The successor sweeps rarely: the first sweep after the ghost is found dead is the
+    // resumed ex-leader's, unless its lapsed lease stops it.
+    let successor = api
+        .sibling_with(Roles::WORKER, |c| c.jobs.poll_interval_ms = 5_000)
+        .await;
+    let successor_id = successor.worker_id();
+    wait_leader(&api, 20, |o| o == successor_id).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let redis = api.app.as_ref().unwrap().backends.redis.clone().unwrap();
+    redis::cmd("ZADD")
+        .arg(redis.key(&["jobs", "workers"]))
+        .arg(1)
+        .arg("ghost")
+        .query_async::<()>(&mut redis.conn())
+        .await
+        .unwrap();
+    signal(&leader.0, "CONT");
+
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let j = loop {
+        let j = api.db.get_job(&job.id).await.unwrap().unwrap();
+        if j.status == JobStatus::Done {
+            break j;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the dead worker's job never ran: {j:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(j.attempts, 2, "the ghost's attempt counts: {j:?}");
+    let log = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        !log.contains("took back a job from a dead worker"),
+        "the ex-leader reaped after its lease lapsed:\n{log}"
+    );
+    assert!(log.contains("the leader lease may have lapsed"), "{log}");
+    successor.stop().await;
+    api.stop().await;
+    redis.delete_all_under_prefix().await.unwrap();
 }
 
 /// Redis: jobs Redis lost (flushed) are found by the sweeper and handed over again.

@@ -23,7 +23,7 @@ backend_tests!(
 );
 
 /// Waits (up to `secs`) until the lease has an owner satisfying `pred`; returns it.
-async fn wait_leader(t: &TestApp, secs: u64, pred: impl Fn(&str) -> bool) -> String {
+pub(crate) async fn wait_leader(t: &TestApp, secs: u64, pred: impl Fn(&str) -> bool) -> String {
     let deadline = Instant::now() + Duration::from_secs(secs);
     loop {
         if let Some(owner) = t.db.lease_owner(LEADER).await.unwrap()

@@ -133,7 +133,8 @@ pub struct WebhookReceiver {
 
 impl WebhookReceiver {
     /// A receiver that answers every request with `status`; status 0 holds each request
-    /// open without an answer (a slow target, to catch a delivery in flight).
+    /// open without an answer (a slow target, to catch a delivery in flight) until the test
+    /// sets another status.
     pub async fn start(status: u16) -> WebhookReceiver {
         let inner = Receiver {
             hooks: Arc::default(),
@@ -179,9 +180,10 @@ impl WebhookReceiver {
 
 async fn receive(State(r): State<Receiver>, headers: HeaderMap, body: Bytes) -> StatusCode {
     r.hooks.lock().unwrap().push(Hook { headers, body });
-    let status = r.status.load(Ordering::SeqCst);
-    if status == 0 {
-        std::future::pending::<()>().await;
+    let mut status = r.status.load(Ordering::SeqCst);
+    while status == 0 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        status = r.status.load(Ordering::SeqCst);
     }
     StatusCode::from_u16(status).unwrap()
 }

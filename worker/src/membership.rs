@@ -16,6 +16,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::Worker;
+use crate::leader::Term;
 
 /// Runs until `shutdown` and the drain that follows it; cancels `shutdown` itself when an
 /// operator asks this worker to drain.
@@ -23,7 +24,7 @@ use crate::Worker;
 pub async fn run(
     fleet: Arc<Fleet>,
     worker: Worker,
-    leading: watch::Receiver<bool>,
+    leading: watch::Receiver<Term>,
     live: Arc<LiveBus>,
     shutdown: CancellationToken,
 ) {
@@ -33,7 +34,7 @@ pub async fn run(
     let mut joined = false;
     loop {
         let mut info = snapshot(&worker, &started_at, draining || shutdown.is_cancelled());
-        info.leader = *leading.borrow();
+        info.leader = leading.borrow().leads();
         match fleet.beat(&info).await {
             Ok(()) if !joined => {
                 joined = true;

@@ -16,12 +16,21 @@ use dataflow_platform::fleet::{BEAT, Fleet, MEMBER_TTL};
 use tokio_util::sync::CancellationToken;
 
 use crate::Worker;
+use crate::leader::Mandate;
 
-/// Runs while this worker leads, every [`BEAT`], until `stop`.
-pub async fn run(db: Db, fleet: Arc<Fleet>, worker: Worker, stop: CancellationToken) {
+/// Runs while this worker leads, every [`BEAT`], until `stop`; acts only while its
+/// `mandate` holds (a leader paused past its lease must not act beside its successor).
+pub async fn run(
+    db: Db,
+    fleet: Arc<Fleet>,
+    worker: Worker,
+    stop: CancellationToken,
+    mandate: Mandate,
+) {
     let quiet_ms = i64::try_from(MEMBER_TTL.as_millis()).unwrap_or(i64::MAX);
     loop {
         match fleet.list().await {
+            Ok(_) if !mandate.holds() => {}
             Ok(members) if members.iter().any(|m| m.id == worker.id()) => {
                 let live: Vec<String> = members.into_iter().map(|m| m.id).collect();
                 match db.end_leases_of_gone_workers(&live, quiet_ms).await {

@@ -5,10 +5,15 @@
 //! once (so a worker that dies mid-job has used it), a Redis delivery counts one when it is
 //! settled or found lost. The last failed attempt, or a failure no retry can fix, buries the
 //! job as `dead`, where an operator can see and retry it.
+//!
+//! Every hand-over moves the job's delivery epoch on (each take, each hand-back), and every
+//! settle names the delivery it settles ([`JobTicket`]): it applies only while that delivery
+//! is the job's current one. A worker cut off long enough to be presumed dead may still
+//! finish its attempt after the job went to another worker; its late answer matches nothing.
 
 use dataflow_contracts::events::{Envelope, Event};
 use dataflow_contracts::jobs::{
-    JobCount, JobKind, JobMessage, JobPage, JobSpec, JobStatus, JobView,
+    JobCount, JobKind, JobMessage, JobPage, JobSpec, JobStatus, JobTicket, JobView,
 };
 use dataflow_contracts::time::rfc3339;
 use dataflow_contracts::{BatchId, JobId, Policy};
@@ -136,7 +141,8 @@ impl Db {
     }
 
     /// Takes up to `limit` due `pending` jobs of `kind` (oldest first), marks them per
-    /// `handover` with a lease of `lease_ms`, and returns them as queue messages.
+    /// `handover` with a lease of `lease_ms`, and returns them as queue messages, each a new
+    /// delivery (epoch).
     pub async fn take_due_jobs(
         &self,
         kind: JobKind,
@@ -146,10 +152,11 @@ impl Db {
     ) -> Result<Vec<JobMessage>> {
         let sql = self.sql(
             "UPDATE jobs SET status = $3, attempts = attempts + $4, \
-                 lease_until = {now} + $5, updated_at = {now} \
+                 lease_until = {now} + $5, updated_at = {now}, \
+                 delivery_epoch = delivery_epoch + 1 \
              WHERE id IN (SELECT id FROM jobs WHERE kind = $1 AND status = 'pending' \
                           AND run_at <= {now} ORDER BY run_at LIMIT $2 {skip_locked}) \
-             RETURNING id, batch_id, client_id, spec, attempts, max_attempts",
+             RETURNING id, batch_id, client_id, spec, attempts, max_attempts, delivery_epoch",
         );
         let (status, counted) = handover.status_and_count();
         let rows = sqlx::query(sql)
@@ -172,6 +179,7 @@ impl Db {
                     // A claim counted this attempt already; the message says how many came before.
                     attempts: u32::try_from(attempts - counted).unwrap_or(0),
                     max_attempts: u32::try_from(r.try_get::<i32, _>("max_attempts")?).unwrap_or(1),
+                    epoch: u64::try_from(r.try_get::<i64, _>("delivery_epoch")?).unwrap_or(0),
                     spec: RawValue::from_string(spec)
                         .map_err(|e| Error::Invalid(format!("stored job spec is not JSON: {e}")))?,
                 })
@@ -182,18 +190,18 @@ impl Db {
     }
 
     /// Marks jobs done. `counted` is false when their attempt was counted at claim time.
-    /// Jobs already settled (a duplicate delivery) are left alone.
-    pub async fn finish_jobs(&self, ids: &[&JobId], counted: bool) -> Result<u64> {
-        if ids.is_empty() {
+    /// Deliveries already settled or superseded are left alone; returns how many applied.
+    pub async fn finish_jobs(&self, tickets: &[&JobTicket], counted: bool) -> Result<u64> {
+        if tickets.is_empty() {
             return Ok(0);
         }
         let sql = self.sql(
             "UPDATE jobs SET status = 'done', attempts = attempts + $2, done_at = {now}, \
                  updated_at = {now}, lease_until = NULL, last_error = NULL \
-             WHERE id IN ({id_list}) AND status IN ('queued', 'running')",
+             WHERE (id, delivery_epoch) IN ({ticket_list}) AND status IN ('queued', 'running')",
         );
         Ok(sqlx::query(sql)
-            .bind(id_list(ids))
+            .bind(ticket_list(tickets))
             .bind(i64::from(counted))
             .execute(&mut *self.background_writer().await?)
             .await?
@@ -201,10 +209,11 @@ impl Db {
     }
 
     /// Ends a failed (or lost) attempt: back to `pending` after the backoff, or `dead`.
-    /// Returns the new status, or `None` when the job was no longer in flight.
+    /// Returns the new status, or `None` when the delivery was no longer the job's current
+    /// one in flight (settled already, or superseded).
     pub async fn fail_job(
         &self,
-        id: &JobId,
+        ticket: &JobTicket,
         counted: bool,
         error: &str,
         failure: Failure,
@@ -217,15 +226,18 @@ impl Db {
             "UPDATE jobs SET attempts = attempts + $2, \
                  status = CASE WHEN $5 = 1 OR attempts + $2 >= max_attempts \
                           THEN 'dead' ELSE 'pending' END, \
-                 run_at = {now} + $4, last_error = $3, lease_until = NULL, updated_at = {now} \
-             WHERE id = $1 AND status IN ('queued', 'running') RETURNING status",
+                 run_at = {now} + $4, last_error = $3, lease_until = NULL, updated_at = {now}, \
+                 delivery_epoch = delivery_epoch + 1 \
+             WHERE id = $1 AND delivery_epoch = $6 AND status IN ('queued', 'running') \
+             RETURNING status",
         );
         let status: Option<String> = sqlx::query_scalar(sql)
-            .bind(id.as_str())
+            .bind(ticket.id.as_str())
             .bind(i64::from(counted))
             .bind(truncate(error))
             .bind(millis(backoff_ms))
             .bind(permanent)
+            .bind(epoch(ticket))
             .fetch_optional(&mut *self.background_writer().await?)
             .await?;
         status
@@ -233,11 +245,11 @@ impl Db {
             .transpose()
     }
 
-    /// Jobs handed to a queue whose lease ran out, for the sweeper to check.
-    pub async fn expired_queued_jobs(&self, limit: u32) -> Result<Vec<(JobId, JobKind)>> {
+    /// Deliveries handed to a queue whose lease ran out, for the sweeper to look for.
+    pub async fn expired_queued_jobs(&self, limit: u32) -> Result<Vec<(JobTicket, JobKind)>> {
         let sql = self.sql(
-            "SELECT id, kind FROM jobs WHERE status = 'queued' AND lease_until < {now} \
-             ORDER BY lease_until LIMIT $1",
+            "SELECT id, kind, delivery_epoch FROM jobs \
+             WHERE status = 'queued' AND lease_until < {now} ORDER BY lease_until LIMIT $1",
         );
         let rows = sqlx::query(sql)
             .bind(i64::from(limit))
@@ -246,66 +258,63 @@ impl Db {
         rows.iter()
             .map(|r| {
                 let kind: String = r.try_get("kind")?;
-                Ok((
-                    parse_id(r.try_get("id")?)?,
-                    kind.parse().map_err(Error::Invalid)?,
-                ))
+                let ticket = JobTicket {
+                    id: parse_id(r.try_get("id")?)?,
+                    epoch: u64::try_from(r.try_get::<i64, _>("delivery_epoch")?).unwrap_or(0),
+                };
+                Ok((ticket, kind.parse().map_err(Error::Invalid)?))
             })
             .collect()
     }
 
-    /// The queue lost these jobs: they go back to `pending`, due now (no attempt counted:
-    /// none ran, or the one that ran is counted when its settle arrives).
-    pub async fn requeue_lost_jobs(&self, ids: &[&JobId]) -> Result<u64> {
-        if ids.is_empty() {
+    /// The queue lost these deliveries: their jobs go back to `pending`, due now (no attempt
+    /// counted: none ran, or the one that ran was cut off, and its late answer is refused).
+    pub async fn requeue_lost_jobs(&self, tickets: &[&JobTicket]) -> Result<u64> {
+        if tickets.is_empty() {
             return Ok(0);
         }
         let sql = self.sql(
             "UPDATE jobs SET status = 'pending', run_at = {now}, lease_until = NULL, \
-                 updated_at = {now} \
-             WHERE id IN ({id_list}) AND status = 'queued' AND lease_until < {now}",
+                 updated_at = {now}, delivery_epoch = delivery_epoch + 1 \
+             WHERE (id, delivery_epoch) IN ({ticket_list}) AND status = 'queued'",
         );
         Ok(sqlx::query(sql)
-            .bind(id_list(ids))
+            .bind(ticket_list(tickets))
             .execute(&mut *self.background_writer().await?)
             .await?
             .rows_affected())
     }
 
-    /// The queue still holds these jobs: check them again after `lease_ms`.
-    pub async fn extend_job_leases(&self, ids: &[&JobId], lease_ms: u64) -> Result<u64> {
-        if ids.is_empty() {
+    /// The queue still holds these deliveries: look for them again after `lease_ms`.
+    pub async fn extend_job_leases(&self, tickets: &[&JobTicket], lease_ms: u64) -> Result<u64> {
+        if tickets.is_empty() {
             return Ok(0);
         }
         let sql = self.sql(
             "UPDATE jobs SET lease_until = {now} + $2 \
-             WHERE id IN ({id_list}) AND status = 'queued'",
+             WHERE (id, delivery_epoch) IN ({ticket_list}) AND status = 'queued'",
         );
         Ok(sqlx::query(sql)
-            .bind(id_list(ids))
+            .bind(ticket_list(tickets))
             .bind(millis(lease_ms))
             .execute(&mut *self.background_writer().await?)
             .await?
             .rows_affected())
     }
 
-    /// Hands back jobs taken by [`Db::take_due_jobs`] that never ran (a stopping worker's
-    /// unstarted claims, or a relay push that failed): `pending` again, and a claim's
-    /// counted attempt is taken back.
-    pub async fn hand_back_jobs(&self, ids: &[&JobId], handover: Handover) -> Result<u64> {
-        if ids.is_empty() {
+    /// Hands back claims ([`Handover::Claim`]) that never ran (a stopping worker's unstarted
+    /// ones): `pending` again, and the attempt each claim counted is taken back.
+    pub async fn hand_back_claims(&self, tickets: &[&JobTicket]) -> Result<u64> {
+        if tickets.is_empty() {
             return Ok(0);
         }
-        let (status, counted) = handover.status_and_count();
         let sql = self.sql(
-            "UPDATE jobs SET status = 'pending', attempts = attempts - $2, lease_until = NULL, \
-                 updated_at = {now} \
-             WHERE id IN ({id_list}) AND status = $3",
+            "UPDATE jobs SET status = 'pending', attempts = attempts - 1, lease_until = NULL, \
+                 updated_at = {now}, delivery_epoch = delivery_epoch + 1 \
+             WHERE (id, delivery_epoch) IN ({ticket_list}) AND status = 'running'",
         );
         Ok(sqlx::query(sql)
-            .bind(id_list(ids))
-            .bind(counted)
-            .bind(status.as_str())
+            .bind(ticket_list(tickets))
             .execute(&mut *self.background_writer().await?)
             .await?
             .rows_affected())
@@ -318,6 +327,7 @@ impl Db {
             "UPDATE jobs SET status = CASE WHEN attempts >= max_attempts THEN 'dead' \
                                            ELSE 'pending' END, \
                  run_at = {now}, lease_until = NULL, updated_at = {now}, \
+                 delivery_epoch = delivery_epoch + 1, \
                  last_error = 'the worker running it stopped before it finished' \
              WHERE status = 'running' AND lease_until < {now}",
         );
@@ -357,7 +367,7 @@ impl Db {
             .act_on_dead_job(
                 id,
                 "UPDATE jobs SET status = 'pending', attempts = 0, run_at = {now}, \
-                     last_error = NULL, updated_at = {now} \
+                     last_error = NULL, updated_at = {now}, delivery_epoch = delivery_epoch + 1 \
                  WHERE id = $1 AND status = 'dead'",
             )
             .await?;
@@ -502,9 +512,14 @@ fn job_from_row(r: &AnyRow) -> Result<JobView> {
     })
 }
 
-/// The ids as the JSON array that `{id_list}` expands.
-fn id_list(ids: &[&JobId]) -> String {
-    serde_json::to_string(&ids.iter().map(|i| i.as_str()).collect::<Vec<_>>()).unwrap_or_default()
+/// The deliveries as the JSON array of `[id, epoch]` pairs that `{ticket_list}` expands.
+fn ticket_list(tickets: &[&JobTicket]) -> String {
+    let pairs: Vec<(&str, i64)> = tickets.iter().map(|t| (t.id.as_str(), epoch(t))).collect();
+    serde_json::to_string(&pairs).unwrap_or_default()
+}
+
+fn epoch(ticket: &JobTicket) -> i64 {
+    i64::try_from(ticket.epoch).unwrap_or(i64::MAX)
 }
 
 fn millis(ms: u64) -> i64 {

@@ -4,7 +4,8 @@
 //! the dialects differ are spelled as placeholders in the statement text and filled in by
 //! [`Db::sql`]: `{now}` is the database clock in milliseconds (leases are judged by one clock,
 //! whichever process asks), `{skip_locked}` is `FOR UPDATE SKIP LOCKED` on PostgreSQL, and
-//! `{id_list}` is the rows of the JSON array of strings bound as `$1`, and
+//! `{id_list}` is the rows of the JSON array of strings bound as `$1`, `{ticket_list}` is
+//! the `(id, epoch)` rows of the JSON array of `[id, epoch]` pairs bound as `$1`, and
 //! `{next_accepted_seq}` is the acceptance number of a batch being created.
 //!
 //! Layout: [`clients`] (tenants, keys, policies), [`imports`] (the submit transaction,
@@ -119,6 +120,17 @@ impl Dialect {
         match self {
             Dialect::Sqlite => "SELECT value FROM json_each($1)",
             Dialect::Postgres => "SELECT json_array_elements_text($1::json)",
+        }
+    }
+
+    fn ticket_list(self) -> &'static str {
+        match self {
+            Dialect::Sqlite => {
+                "SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]') FROM json_each($1)"
+            }
+            Dialect::Postgres => {
+                "SELECT t->>0, (t->>1)::bigint FROM json_array_elements($1::json) t"
+            }
         }
     }
 
@@ -262,6 +274,7 @@ impl Db {
                 .replace("{now}", self.dialect.now_ms())
                 .replace("{skip_locked}", self.dialect.skip_locked())
                 .replace("{id_list}", self.dialect.id_list())
+                .replace("{ticket_list}", self.dialect.ticket_list())
                 .replace("{next_accepted_seq}", self.dialect.next_accepted_seq()),
         )
     }

@@ -12,15 +12,20 @@
 //! - an idle worker is not woken by a push and may stall until its heartbeat: it polls, and
 //!   heartbeats every second so a stall lasts at most that long.
 //!
-//! Task ids are the ULIDs of the job ids, so the sweeper can ask whether a job is still here.
+//! Each delivery of a job is a task of its own, whose id is the job's ULID with the delivery
+//! epoch folded into its low bits ([`task_id`]): the sweeper can ask whether a delivery is
+//! still here, and a job handed over again is pushed as a new task (apalis-redis ignores a
+//! push whose task id it already holds). The result of a delivery is settled under its
+//! epoch like any other. What apalis-redis does on its own cannot move the epoch on: when it
+//! re-enqueues the task of a worker it presumes dead, both runs carry the same epoch, and the
+//! first of them to settle decides.
 
 use std::time::Duration;
 
 use apalis_core::task::builder::TaskBuilder;
 use apalis_core::task::task_id::TaskId;
 use apalis_redis::RedisStorage;
-use dataflow_contracts::JobId;
-use dataflow_contracts::jobs::{JobKind, JobMessage};
+use dataflow_contracts::jobs::{JobKind, JobMessage, JobTicket};
 use redis::Script;
 
 use crate::redis::Redis;
@@ -104,7 +109,7 @@ impl ApalisQueues {
             .await?)
     }
 
-    /// Pushes `messages` in one script call, each as a task whose id is its job's ULID.
+    /// Pushes `messages` in one script call, each as the task of its delivery.
     pub async fn push(&self, kind: JobKind, messages: &[JobMessage]) -> Result<()> {
         if messages.is_empty() {
             return Ok(());
@@ -114,7 +119,7 @@ impl ApalisQueues {
             let body = serde_json::to_vec(m).map_err(|e| Error::Invalid(e.to_string()))?;
             tasks.push(
                 TaskBuilder::new(body)
-                    .task_id(TaskId::from_string(m.id.ulid().to_string()))
+                    .task_id(TaskId::from_string(task_id(&m.ticket()).to_string()))
                     .build(),
             );
         }
@@ -124,16 +129,16 @@ impl ApalisQueues {
         Ok(())
     }
 
-    /// Which of `ids` are still in the queue (a task's data lives until it is vacuumed,
+    /// Which of `tickets` are still in the queue (a task's data lives until it is vacuumed,
     /// and only finished tasks are).
-    pub async fn holds(&self, kind: JobKind, ids: &[&JobId]) -> Result<Vec<bool>> {
-        if ids.is_empty() {
+    pub async fn holds(&self, kind: JobKind, tickets: &[&JobTicket]) -> Result<Vec<bool>> {
+        if tickets.is_empty() {
             return Ok(Vec::new());
         }
         let data = self.config(kind).job_data_hash();
         let mut pipe = redis::pipe();
-        for id in ids {
-            pipe.hexists(&data, id.ulid().to_string());
+        for t in tickets {
+            pipe.hexists(&data, task_id(t).to_string());
         }
         Ok(pipe.query_async(&mut self.redis.conn()).await?)
     }
@@ -150,4 +155,10 @@ impl ApalisQueues {
             .invoke_async(&mut self.redis.conn())
             .await?)
     }
+}
+
+/// The apalis task of one delivery: the job's ULID with the epoch folded into its random
+/// bits, so each delivery of a job is a task of its own.
+fn task_id(ticket: &JobTicket) -> ulid::Ulid {
+    ulid::Ulid(ticket.id.ulid().0 ^ u128::from(ticket.epoch))
 }

@@ -4,20 +4,25 @@
 //! Keys (under the prefix), per job kind `k`:
 //! - `jobs:k:ready` LIST: messages waiting, oldest at the head;
 //! - `jobs:k:inflight:<worker>` LIST: messages one worker took (atomically, by `LMOVE`);
-//! - `jobs:k:present` ZSET: ids of every message in Redis (ready or in flight), so the
-//!   sweeper can tell "still queued" from "Redis lost it";
+//! - `jobs:k:present` ZSET: id → delivery epoch of every job whose current delivery is in
+//!   Redis (ready or in flight), so the sweeper can tell "still queued" from "Redis lost it".
+//!   Only that delivery's acknowledgement or reaping removes it: a superseded delivery's
+//!   late ack leaves its successor in place;
 //! - `jobs:workers` ZSET: worker → last heartbeat (ms, Redis clock).
 //!
-//! A worker that stops beating its heart has its in-flight lists taken back by any other
-//! worker ([`JobQueue::reap`]). An idle worker blocks in `BLMOVE` on its own connection, so
-//! a new message reaches it in one round trip, with no polling. None of these keys carries
-//! a TTL: they are the queue itself, and empty lists vanish on their own.
+//! A worker that stops beating its heart has its in-flight lists taken back by the leader
+//! ([`JobQueues::reap`]). A live worker gives back what sits in its in-flight list without
+//! its knowing ([`Consumer::give_back_strays`]): a take whose reply was lost (the connection
+//! reset after `BLMOVE` or `TAKE` ran) moved messages there all the same, and its heartbeat
+//! would keep them from the reaper for good. An idle worker blocks in `BLMOVE` on its own
+//! connection, so a new message reaches it in one round trip, with no polling. None of these
+//! keys carries a TTL: they are the queue itself, and empty lists vanish on their own.
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use dataflow_contracts::JobId;
-use dataflow_contracts::jobs::{JobKind, JobMessage};
-use dataflow_contracts::time::now_ms;
+use dataflow_contracts::jobs::{JobKind, JobMessage, JobTicket};
 use redis::{AsyncConnectionConfig, Script};
 
 /// The connection a worker blocks on while its queue is empty (see [`JobQueue::take`]).
@@ -40,8 +45,9 @@ local t = redis.call('TIME')
 redis.call('ZADD', KEYS[1], t[1] * 1000 + math.floor(t[2] / 1000), ARGV[1])
 ";
 
-/// Takes the in-flight messages of every worker silent for ARGV[1] ms. ARGV[2] is the key
-/// prefix, ARGV[3..] the job kinds. Returns kind, message, kind, message, …
+/// Takes the in-flight messages of every worker silent for ARGV[1] ms (their ids leave
+/// `present` when they are its current delivery). ARGV[2] is the key prefix, ARGV[3..] the
+/// job kinds. Returns kind, message, kind, message, …
 /// (The in-flight key names are derived here, so this needs a single Redis, not a cluster.)
 const REAP: &str = r"
 local t = redis.call('TIME')
@@ -54,7 +60,12 @@ for _, w in ipairs(dead) do
     local list = base .. ':inflight:' .. w
     for _, m in ipairs(redis.call('LRANGE', list, 0, -1)) do
       local ok, msg = pcall(cjson.decode, m)
-      if ok and msg['id'] then redis.call('ZREM', base .. ':present', msg['id']) end
+      if ok and msg['id'] then
+        local present = base .. ':present'
+        if tonumber(redis.call('ZSCORE', present, msg['id'])) == (msg['epoch'] or 0) then
+          redis.call('ZREM', present, msg['id'])
+        end
+      end
       out[#out + 1] = ARGV[i]
       out[#out + 1] = m
     end
@@ -63,6 +74,30 @@ for _, w in ipairs(dead) do
   redis.call('ZREM', KEYS[1], w)
 end
 return out
+";
+
+/// Removes settled messages from the in-flight list KEYS[1], and their ids from `present`
+/// (KEYS[2]) when they are still its current delivery. ARGV: message, id, epoch, …
+const ACK: &str = r"
+for i = 1, #ARGV, 3 do
+  redis.call('LREM', KEYS[1], 1, ARGV[i])
+  if tonumber(redis.call('ZSCORE', KEYS[2], ARGV[i + 1])) == tonumber(ARGV[i + 2]) then
+    redis.call('ZREM', KEYS[2], ARGV[i + 1])
+  end
+end
+";
+
+/// Puts the messages ARGV back from the in-flight list KEYS[2] at the head of `ready`
+/// (KEYS[1]), each only if it is still in flight. Returns how many went back.
+const GIVE_BACK: &str = r"
+local n = 0
+for i = #ARGV, 1, -1 do
+  if redis.call('LREM', KEYS[2], 1, ARGV[i]) == 1 then
+    redis.call('LPUSH', KEYS[1], ARGV[i])
+    n = n + 1
+  end
+end
+return n
 ";
 
 /// Puts a stopping worker's unstarted messages back at the head of `ready`, oldest first.
@@ -123,7 +158,8 @@ impl JobQueue {
             .await?)
     }
 
-    /// Appends `messages` to the queue (one transaction).
+    /// Appends `messages` to the queue (one transaction). Each becomes its job's current
+    /// delivery in `present`, unless a later one is there already.
     pub async fn push(&self, messages: &[JobMessage]) -> Result<()> {
         if messages.is_empty() {
             return Ok(());
@@ -132,13 +168,16 @@ impl JobQueue {
         pipe.atomic();
         let mut raws = Vec::with_capacity(messages.len());
         let mut present = Vec::with_capacity(messages.len());
-        let now = now_ms();
         for m in messages {
             raws.push(serde_json::to_string(m).map_err(|e| Error::Invalid(e.to_string()))?);
-            present.push((now, m.id.as_str()));
+            present.push((m.epoch, m.id.as_str()));
         }
         pipe.rpush(&self.ready, raws).ignore();
-        pipe.zadd_multiple(&self.present, &present).ignore();
+        pipe.cmd("ZADD")
+            .arg(&self.present)
+            .arg("GT")
+            .arg(&present)
+            .ignore();
         pipe.query_async::<()>(&mut self.redis.conn()).await?;
         Ok(())
     }
@@ -202,33 +241,40 @@ impl JobQueue {
         Ok(out)
     }
 
-    /// Removes settled deliveries: from the worker's in-flight list and from `present`.
+    /// Removes settled deliveries from the worker's in-flight list, and from `present`
+    /// those that are still their job's current delivery.
     pub async fn ack(&self, worker: &str, deliveries: &[&Delivery]) -> Result<()> {
         if deliveries.is_empty() {
             return Ok(());
         }
-        let inflight = self.inflight(worker);
-        let mut pipe = redis::pipe();
+        let script = Script::new(ACK);
+        let mut call = script.key(self.inflight(worker));
+        call.key(&self.present);
         for d in deliveries {
-            pipe.lrem(&inflight, 1, &d.raw).ignore();
+            call.arg(&d.raw)
+                .arg(d.message.id.as_str())
+                .arg(d.message.epoch);
         }
-        let ids: Vec<&str> = deliveries.iter().map(|d| d.message.id.as_str()).collect();
-        pipe.zrem(&self.present, ids).ignore();
-        pipe.query_async::<()>(&mut self.redis.conn()).await?;
+        call.invoke_async::<()>(&mut self.redis.conn()).await?;
         Ok(())
     }
 
-    /// Which of `ids` Redis still holds (waiting or in flight).
-    pub async fn holds(&self, ids: &[&JobId]) -> Result<Vec<bool>> {
-        if ids.is_empty() {
+    /// Which of `tickets` Redis still holds (waiting or in flight) as its job's current
+    /// delivery.
+    pub async fn holds(&self, tickets: &[&JobTicket]) -> Result<Vec<bool>> {
+        if tickets.is_empty() {
             return Ok(Vec::new());
         }
         let scores: Vec<Option<f64>> = redis::cmd("ZMSCORE")
             .arg(&self.present)
-            .arg(ids.iter().map(|i| i.as_str()).collect::<Vec<_>>())
+            .arg(tickets.iter().map(|t| t.id.as_str()).collect::<Vec<_>>())
             .query_async(&mut self.redis.conn())
             .await?;
-        Ok(scores.iter().map(Option::is_some).collect())
+        Ok(scores
+            .iter()
+            .zip(tickets)
+            .map(|(score, t)| *score == Some(t.epoch as f64))
+            .collect())
     }
 
     /// A stopping worker hands back what it took and did not start, then leaves.
@@ -238,6 +284,104 @@ impl JobQueue {
             .key(self.inflight(worker))
             .invoke_async(&mut self.redis.conn())
             .await?)
+    }
+}
+
+/// One worker's end of one kind's queue. It takes and acknowledges like [`JobQueue`], and
+/// keeps count of the messages it received and has not acknowledged yet: whatever else is in
+/// its in-flight list was moved there by a take whose reply never arrived.
+#[derive(Clone)]
+pub struct Consumer {
+    queue: JobQueue,
+    worker: String,
+    /// Each message taken and not acknowledged (its text), with how many times it is held.
+    held: Arc<Mutex<HashMap<String, usize>>>,
+}
+
+impl Consumer {
+    pub fn new(queue: JobQueue, worker: String) -> Self {
+        Self {
+            queue,
+            worker,
+            held: Arc::default(),
+        }
+    }
+
+    pub fn queue(&self) -> &JobQueue {
+        &self.queue
+    }
+
+    /// [`JobQueue::take`] for this worker, counting what it received as held.
+    pub async fn take(
+        &self,
+        conn: &mut BlockingConnection,
+        max: usize,
+        wait: Duration,
+    ) -> Result<Vec<Delivery>> {
+        let taken = self.queue.take(conn, &self.worker, max, wait).await?;
+        let mut held = self.held();
+        for d in &taken {
+            *held.entry(d.raw.clone()).or_default() += 1;
+        }
+        Ok(taken)
+    }
+
+    /// [`JobQueue::ack`] for this worker; what it removed is held no more.
+    pub async fn ack(&self, deliveries: &[&Delivery]) -> Result<()> {
+        self.queue.ack(&self.worker, deliveries).await?;
+        let mut held = self.held();
+        for d in deliveries {
+            if let Some(n) = held.get_mut(&d.raw) {
+                *n -= 1;
+                if *n == 0 {
+                    held.remove(&d.raw);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Gives back to `ready` the messages in this worker's in-flight list that it does not
+    /// hold: a take moved them there, but its reply was lost. Must not run while a take of
+    /// this consumer is under way (its messages are in the list before they are held).
+    /// Returns how many went back.
+    pub async fn give_back_strays(&self) -> Result<u64> {
+        let inflight = self.queue.inflight(&self.worker);
+        let listed: Vec<String> = redis::cmd("LRANGE")
+            .arg(&inflight)
+            .arg(0)
+            .arg(-1)
+            .query_async(&mut self.queue.redis.conn())
+            .await?;
+        let strays: Vec<String> = {
+            let mut unmatched = self.held().clone();
+            listed
+                .into_iter()
+                .filter(|raw| match unmatched.get_mut(raw) {
+                    Some(n) if *n > 0 => {
+                        *n -= 1;
+                        false
+                    }
+                    _ => true,
+                })
+                .collect()
+        };
+        if strays.is_empty() {
+            return Ok(0);
+        }
+        Ok(Script::new(GIVE_BACK)
+            .key(&self.queue.ready)
+            .key(&inflight)
+            .arg(strays)
+            .invoke_async(&mut self.queue.redis.conn())
+            .await?)
+    }
+
+    fn held(&self) -> std::sync::MutexGuard<'_, HashMap<String, usize>> {
+        // Nothing panics while holding it; a poisoned map is still a correct count.
+        self.held
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 

@@ -12,10 +12,9 @@ pub mod apalis;
 mod lists;
 
 pub use apalis::ApalisQueues;
-pub use lists::{BlockingConnection, Delivery, JobQueue, JobQueues};
+pub use lists::{BlockingConnection, Consumer, Delivery, JobQueue, JobQueues};
 
-use dataflow_contracts::JobId;
-use dataflow_contracts::jobs::{JobKind, JobMessage};
+use dataflow_contracts::jobs::{JobKind, JobMessage, JobTicket};
 
 use crate::Result;
 
@@ -43,11 +42,12 @@ impl RedisJobQueue {
         }
     }
 
-    /// Which of `ids` Redis still holds, so the sweeper can tell "still queued" from "lost".
-    pub async fn holds(&self, kind: JobKind, ids: &[&JobId]) -> Result<Vec<bool>> {
+    /// Which of `tickets` Redis still holds, so the sweeper can tell "still queued" from
+    /// "lost".
+    pub async fn holds(&self, kind: JobKind, tickets: &[&JobTicket]) -> Result<Vec<bool>> {
         match self {
-            Self::Lists(q) => q.queue(kind).holds(ids).await,
-            Self::Apalis(q) => q.holds(kind, ids).await,
+            Self::Lists(q) => q.queue(kind).holds(tickets).await,
+            Self::Apalis(q) => q.holds(kind, tickets).await,
         }
     }
 

@@ -17,12 +17,12 @@ use apalis::prelude::{
 };
 use apalis_core::backend::BackendConfig;
 use apalis_core::backend::finalize::Ephemeral;
-use dataflow_contracts::JobId;
-use dataflow_contracts::jobs::{JobKind, JobMessage};
+use dataflow_contracts::jobs::{JobKind, JobMessage, JobTicket};
 use dataflow_platform::Result;
 use dataflow_platform::db::{Db, Handover};
-use dataflow_platform::jobqueue::{BlockingConnection, Delivery, JobQueue};
+use dataflow_platform::jobqueue::{BlockingConnection, Consumer, Delivery};
 use tokio::sync::{Notify, mpsc};
+use tokio::time::{Instant, sleep_until};
 use tokio_util::sync::CancellationToken;
 
 use super::settle::Settler;
@@ -30,7 +30,8 @@ use super::settle::Settler;
 /// How a job came, so its settlement can be routed back.
 #[derive(Debug, Clone)]
 pub struct Receipt {
-    pub id: JobId,
+    /// The delivery being settled.
+    pub ticket: JobTicket,
     /// Attempts made before this one.
     pub attempts: u32,
     /// The Redis message to acknowledge; `None` for a job claimed from SQL.
@@ -52,9 +53,12 @@ pub enum Source {
     },
     /// Take messages from the Redis queue, blocking while it is empty.
     Redis {
-        queue: Box<JobQueue>,
+        consumer: Box<Consumer>,
         conn: Option<Box<BlockingConnection>>,
-        worker: String,
+        /// How often messages stranded in this worker's in-flight list are given back.
+        strays_every: Duration,
+        /// When they are looked for next.
+        strays_at: Instant,
     },
 }
 
@@ -68,6 +72,52 @@ const BLOCK: Duration = Duration::from_secs(1);
 const WAKE_GATHER: Duration = Duration::from_millis(20);
 
 impl Source {
+    /// The Redis queue of `consumer`; strays are given back every `strays_every`.
+    pub fn redis(consumer: Consumer, strays_every: Duration) -> Self {
+        Source::Redis {
+            consumer: Box::new(consumer),
+            conn: None,
+            strays_every,
+            strays_at: Instant::now() + strays_every,
+        }
+    }
+
+    /// When [`Source::tend`] has work next, if ever.
+    fn tend_at(&self) -> Option<Instant> {
+        match self {
+            Source::Sql { .. } => None,
+            Source::Redis { strays_at, .. } => Some(*strays_at),
+        }
+    }
+
+    /// Between takes (never during one, whose messages are in flight before they are
+    /// held): gives back what a lost take reply stranded in this worker's in-flight list,
+    /// when that is due.
+    async fn tend(&mut self) {
+        let Source::Redis {
+            consumer,
+            strays_every,
+            strays_at,
+            ..
+        } = self
+        else {
+            return;
+        };
+        if Instant::now() < *strays_at {
+            return;
+        }
+        *strays_at = Instant::now() + *strays_every;
+        let kind = consumer.queue().kind();
+        match consumer.give_back_strays().await {
+            Ok(0) => {}
+            Ok(n) => tracing::warn!(
+                %kind, jobs = n,
+                "gave back jobs a lost take reply stranded in this worker's in-flight list"
+            ),
+            Err(e) => tracing::warn!(%kind, error = %e, "looking for stranded jobs failed"),
+        }
+    }
+
     /// Up to `max` jobs; waits (bounded) when there are none.
     async fn take(
         &mut self,
@@ -103,16 +153,12 @@ impl Source {
                 *short = jobs.len() < max;
                 Ok(jobs.into_iter().map(|m| task(m, None)).collect())
             }
-            Source::Redis {
-                queue,
-                conn,
-                worker,
-            } => {
+            Source::Redis { consumer, conn, .. } => {
                 let c = match conn {
                     Some(c) => c,
-                    None => conn.insert(Box::new(queue.blocking_connection().await?)),
+                    None => conn.insert(Box::new(consumer.queue().blocking_connection().await?)),
                 };
-                let taken = queue.take(c, worker, max, BLOCK).await;
+                let taken = consumer.take(c, max, BLOCK).await;
                 if taken.is_err() {
                     // A broken blocking connection is not repaired by the manager: reconnect.
                     *conn = None;
@@ -131,12 +177,12 @@ impl Source {
 
 fn task(message: JobMessage, delivery: Option<Arc<Delivery>>) -> Task<JobMessage> {
     let receipt = Receipt {
-        id: message.id.clone(),
+        ticket: message.ticket(),
         attempts: message.attempts,
         delivery,
     };
     TaskBuilder::new(message)
-        .task_id(TaskId::from_string(receipt.id.as_str()))
+        .task_id(TaskId::from_string(receipt.ticket.id.as_str()))
         .data(receipt)
         .build()
 }
@@ -151,8 +197,11 @@ pub async fn pump(
 ) {
     let mut backoff = Duration::from_millis(100);
     while !stop.is_cancelled() {
+        source.tend().await;
         let permit = tokio::select! {
             _ = stop.cancelled() => break,
+            // A full channel (every handler busy) does not hold the upkeep back.
+            _ = until(source.tend_at()) => continue,
             p = tx.reserve() => match p { Ok(p) => p, Err(_) => break },
         };
         let room = (tx.capacity() + 1).min(batch);
@@ -182,6 +231,14 @@ pub async fn pump(
                 tracing::error!("job channel full despite reserved room");
             }
         }
+    }
+}
+
+/// Resolves at `at`, or never.
+async fn until(at: Option<Instant>) {
+    match at {
+        Some(at) => sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 

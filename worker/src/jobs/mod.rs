@@ -19,13 +19,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use apalis::prelude::{AbortError, BackendExt, BoxDynError, Data, WorkerBuilder, WorkerBuilderExt};
-use dataflow_contracts::JobId;
 use dataflow_contracts::events::Envelope;
-use dataflow_contracts::jobs::{JobKind, JobMessage};
+use dataflow_contracts::jobs::{JobKind, JobMessage, JobTicket};
 use dataflow_platform::config::JobsConfig;
+use dataflow_platform::db::Db;
 use dataflow_platform::db::commits::{CommitWake, Kinds, kinds_for_event};
-use dataflow_platform::db::{Db, Handover};
-use dataflow_platform::jobqueue::{JobQueues, RedisJobQueue};
+use dataflow_platform::jobqueue::{Consumer, JobQueues, RedisJobQueue};
 use dataflow_platform::live::LiveBus;
 use futures::future::BoxFuture;
 use tokio::sync::{broadcast, mpsc, watch};
@@ -69,8 +68,9 @@ pub struct JobsSetup {
     /// Where dead-lettered jobs are announced to dashboards.
     pub live: Arc<LiveBus>,
     /// Whether this worker leads the fleet: the sweeper runs only then. A receiver whose
-    /// sender is gone and that holds `true` makes this process sweep on its own.
-    pub leading: watch::Receiver<bool>,
+    /// sender is gone and that holds [`leader::Term::alone`] makes this process sweep on
+    /// its own.
+    pub leading: watch::Receiver<leader::Term>,
 }
 
 /// Jobs one take moves into a worker's channel at most.
@@ -130,17 +130,17 @@ pub async fn run(setup: JobsSetup, stop: CancellationToken) {
             continue;
         }
         let (source, origin) = match &lists {
-            Some(q) => (
-                Source::Redis {
-                    queue: Box::new(q.queue(kind)),
-                    conn: None,
-                    worker: worker_id.clone(),
-                },
-                Origin::Lists {
-                    queue: Box::new(q.queue(kind)),
-                    worker: worker_id.clone(),
-                },
-            ),
+            // Strays are given back twice per dead-worker timeout: a message a lost take
+            // reply stranded goes back within about the time the reaper takes for a dead
+            // worker's.
+            Some(q) => {
+                let consumer = Consumer::new(q.queue(kind), worker_id.clone());
+                let strays_every = Duration::from_millis(config.dead_worker_ms / 2);
+                (
+                    Source::redis(consumer.clone(), strays_every),
+                    Origin::Lists(Box::new(consumer)),
+                )
+            }
             // A claim's lease covers one attempt (the timeout) with room to settle it.
             None => {
                 let source = Source::Sql {
@@ -185,9 +185,13 @@ pub async fn run(setup: JobsSetup, stop: CancellationToken) {
         dead_worker: Duration::from_millis(config.dead_worker_ms),
     };
     let (sweep_db, sweep_queue) = (db.clone(), queue.clone());
-    upkeep.spawn(leader::while_leading(leading, stop.clone(), move |token| {
-        upkeep::sweeper(sweep_db.clone(), sweep_queue.clone(), sweep, token)
-    }));
+    upkeep.spawn(leader::while_leading(
+        leading,
+        stop.clone(),
+        move |token, mandate| {
+            upkeep::sweeper(sweep_db.clone(), sweep_queue.clone(), sweep, mandate, token)
+        },
+    ));
     if let Some(q) = &queue {
         let settings = upkeep::RelaySettings {
             kinds: kinds.clone(),
@@ -251,14 +255,14 @@ async fn hand_back(
             // The in-flight list holds exactly the unsettled messages, channel included.
             Some(q) => q.queue(kind).release(worker_id).await,
             None => {
-                let mut unstarted: Vec<JobId> = Vec::new();
+                let mut unstarted: Vec<JobTicket> = Vec::new();
                 if let Ok(mut rx) = rx.lock() {
                     while let Ok(task) = rx.try_recv() {
-                        unstarted.push(task.args.id);
+                        unstarted.push(task.args.ticket());
                     }
                 }
-                let ids: Vec<&JobId> = unstarted.iter().collect();
-                db.hand_back_jobs(&ids, Handover::Claim).await
+                let tickets: Vec<&JobTicket> = unstarted.iter().collect();
+                db.hand_back_claims(&tickets).await
             }
         };
         match result {
@@ -327,7 +331,7 @@ async fn run_apalis_job(
         ))),
     };
     let receipt = Receipt {
-        id: job.id.clone(),
+        ticket: job.ticket(),
         attempts: job.attempts,
         delivery: None,
     };

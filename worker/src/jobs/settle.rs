@@ -14,7 +14,7 @@ use apalis::prelude::{Acknowledge, BoxDynError, ExecutionContext};
 use dataflow_contracts::jobs::{JobKind, JobStatus};
 use dataflow_contracts::live::LiveKind;
 use dataflow_platform::db::{Db, Failure};
-use dataflow_platform::jobqueue::{Delivery, JobQueue};
+use dataflow_platform::jobqueue::{Consumer, Delivery};
 use dataflow_platform::live::LiveBus;
 use futures::future::BoxFuture;
 use rand::Rng;
@@ -38,11 +38,8 @@ pub struct Settlement {
 pub enum Origin {
     /// Claimed from SQL: the claim counted the attempt, nothing else holds the job.
     SqlClaim,
-    /// DataFlow's Redis lists: the message is removed from `worker`'s in-flight list.
-    Lists {
-        queue: Box<JobQueue>,
-        worker: String,
-    },
+    /// DataFlow's Redis lists: the message is removed from the consumer's in-flight list.
+    Lists(Box<Consumer>),
     /// apalis-redis: its own worker acknowledges the task once the handler returns.
     Apalis,
 }
@@ -165,11 +162,13 @@ async fn settle_round(
     let done: Vec<_> = round
         .iter()
         .filter(|s| s.result.is_ok())
-        .map(|s| &s.receipt.id)
+        .map(|s| &s.receipt.ticket)
         .collect();
-    persist(|| db.finish_jobs(&done, counted)).await;
-    metrics::counter!("dataflow_jobs_total", "kind" => kind.as_str(), "outcome" => "done")
-        .increment(done.len() as u64);
+    if let Some(finished) = persist(|| db.finish_jobs(&done, counted)).await {
+        metrics::counter!("dataflow_jobs_total", "kind" => kind.as_str(), "outcome" => "done")
+            .increment(finished);
+        superseded(kind, (done.len() as u64).saturating_sub(finished));
+    }
     for s in round.iter() {
         let Err((error, permanent)) = &s.result else {
             continue;
@@ -181,40 +180,54 @@ async fn settle_round(
                 backoff_ms: backoff.delay_ms(s.receipt.attempts + 1),
             }
         };
-        let status = persist(|| db.fail_job(&s.receipt.id, counted, error, failure)).await;
-        let outcome = match status.flatten() {
-            Some(JobStatus::Dead) => "dead",
-            _ => "retry",
-        };
+        let job = &s.receipt.ticket.id;
+        let outcome =
+            match persist(|| db.fail_job(&s.receipt.ticket, counted, error, failure)).await {
+                Some(Some(JobStatus::Dead)) => {
+                    tracing::error!(
+                        %job, %kind, attempts = s.receipt.attempts + 1, %error, "job dead-lettered"
+                    );
+                    live.publish(LiveKind::JobDead, job.as_str());
+                    "dead"
+                }
+                Some(Some(_)) => {
+                    tracing::warn!(%job, %kind, %error, "job attempt failed; will retry");
+                    "retry"
+                }
+                Some(None) => {
+                    superseded(kind, 1);
+                    continue;
+                }
+                // Not written: the sweeper or the reaper takes the job back.
+                None => continue,
+            };
         metrics::counter!("dataflow_jobs_total", "kind" => kind.as_str(), "outcome" => outcome)
             .increment(1);
-        match status.flatten() {
-            Some(JobStatus::Dead) => {
-                tracing::error!(
-                    job = %s.receipt.id, %kind, attempts = s.receipt.attempts + 1, %error,
-                    "job dead-lettered"
-                );
-                live.publish(LiveKind::JobDead, s.receipt.id.as_str());
-            }
-            _ => {
-                tracing::warn!(job = %s.receipt.id, %kind, %error, "job attempt failed; will retry")
-            }
-        }
     }
     for s in round.iter_mut() {
         if let Some(written) = s.written.take() {
             let _ = written.send(());
         }
     }
-    if let Origin::Lists { queue, worker } = origin {
+    if let Origin::Lists(consumer) = origin {
         let deliveries: Vec<&Delivery> = round
             .iter()
             .filter_map(|s| s.receipt.delivery.as_deref())
             .collect();
-        let acked = persist(|| queue.ack(worker, &deliveries)).await;
+        let acked = persist(|| consumer.ack(&deliveries)).await;
         if acked.is_none() {
             tracing::warn!(%kind, "could not remove settled jobs from Redis; they may run again");
         }
+    }
+}
+
+/// Counts results the ledger refused because their delivery was no longer the job's current
+/// one: its worker was presumed dead (or the job lost) and the job went to another delivery.
+fn superseded(kind: JobKind, n: u64) {
+    if n > 0 {
+        tracing::warn!(%kind, results = n, "refused results of superseded job deliveries");
+        metrics::counter!("dataflow_jobs_total", "kind" => kind.as_str(), "outcome" => "superseded")
+            .increment(n);
     }
 }
 

@@ -12,13 +12,14 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use dataflow_contracts::JobId;
-use dataflow_contracts::jobs::{JobKind, JobStatus};
+use dataflow_contracts::jobs::{JobKind, JobMessage, JobStatus, JobTicket};
 use dataflow_platform::Result;
 use dataflow_platform::db::commits::CommitWake;
 use dataflow_platform::db::{Db, Failure, Handover};
 use dataflow_platform::jobqueue::{JobQueues, RedisJobQueue};
 use tokio::sync::Notify;
+
+use crate::leader::Mandate;
 use tokio_util::sync::CancellationToken;
 
 /// Intents handed to Redis per round and kind.
@@ -82,9 +83,17 @@ async fn relay_round(
         .take_due_jobs(kind, room, Handover::Queue, lease_ms)
         .await?;
     if let Err(e) = queue.push(kind, &jobs).await {
-        // Not in Redis after all: back to pending at once rather than after the lease.
-        let ids: Vec<&JobId> = jobs.iter().map(|j| &j.id).collect();
-        db.hand_back_jobs(&ids, Handover::Queue).await?;
+        // The push may have applied all the same (its reply was lost): hand back at once only
+        // what Redis is found not to hold. When Redis cannot say, the jobs stay queued, and
+        // the sweeper looks for them once their lease runs out.
+        let tickets: Vec<JobTicket> = jobs.iter().map(JobMessage::ticket).collect();
+        let tickets: Vec<&JobTicket> = tickets.iter().collect();
+        if let Err(unknown) = look_for(db, Some(queue), kind, &tickets, settings.lease).await {
+            tracing::warn!(
+                %kind, jobs = tickets.len(), error = %unknown,
+                "cannot tell whether a failed push reached Redis; the sweeper will look"
+            );
+        }
         return Err(e);
     }
     Ok(jobs.len())
@@ -103,25 +112,36 @@ pub struct SweepSettings {
 }
 
 /// Until `stop`: every `settings.every` reaps dead workers (on DataFlow's Redis lists) and
-/// then takes back lost jobs; once a minute prunes old finished jobs. Runs on the leader.
+/// then takes back lost jobs; once a minute prunes old finished jobs. Runs on the leader,
+/// each step only while `mandate` holds.
 pub async fn sweeper(
     db: Db,
     queues: Option<RedisJobQueue>,
     settings: SweepSettings,
+    mandate: Mandate,
     stop: CancellationToken,
 ) {
     let lists = queues.as_ref().and_then(RedisJobQueue::lists);
     let mut last_prune: Option<tokio::time::Instant> = None;
     while !stop.is_cancelled() {
-        if let Some(lists) = lists
-            && let Err(e) = reap(&db, lists, settings.dead_worker).await
-        {
-            tracing::warn!(error = %e, "reaping dead job workers failed");
-        }
-        if let Err(e) = sweep(&db, queues.as_ref(), settings.lease).await {
-            tracing::warn!(error = %e, "job sweep failed; retrying");
-        }
-        if last_prune.is_none_or(|t| t.elapsed() >= PRUNE_EVERY) {
+        'round: {
+            if !may_act(&mandate) {
+                break 'round;
+            }
+            if let Some(lists) = lists
+                && let Err(e) = reap(&db, lists, settings.dead_worker).await
+            {
+                tracing::warn!(error = %e, "reaping dead job workers failed");
+            }
+            if !may_act(&mandate) {
+                break 'round;
+            }
+            if let Err(e) = sweep(&db, queues.as_ref(), settings.lease).await {
+                tracing::warn!(error = %e, "job sweep failed; retrying");
+            }
+            if last_prune.is_some_and(|t| t.elapsed() < PRUNE_EVERY) || !may_act(&mandate) {
+                break 'round;
+            }
             last_prune = Some(tokio::time::Instant::now());
             match prune(&db, settings.retention).await {
                 Ok(0) => {}
@@ -134,6 +154,18 @@ pub async fn sweeper(
             _ = tokio::time::sleep(settings.every) => {}
         }
     }
+}
+
+/// Whether the sweeper may act now as the leader; says so when it may not.
+fn may_act(mandate: &Mandate) -> bool {
+    let holds = mandate.holds();
+    if !holds {
+        tracing::warn!(
+            "the leader lease may have lapsed (this process was held up): the job sweeper \
+             waits for the lease to be renewed or lost"
+        );
+    }
+    holds
 }
 
 /// Deletes finished jobs past `retention`, in small transactions so a large backlog of old
@@ -161,32 +193,44 @@ pub async fn sweep(db: &Db, queues: Option<&RedisJobQueue>, lease: Duration) -> 
             "took back jobs from a worker that stopped mid-attempt"
         );
     }
-    let mut by_kind: BTreeMap<&str, (JobKind, Vec<JobId>)> = BTreeMap::new();
-    for (id, kind) in db.expired_queued_jobs(SWEEP_BATCH).await? {
+    let mut by_kind: BTreeMap<&str, (JobKind, Vec<JobTicket>)> = BTreeMap::new();
+    for (ticket, kind) in db.expired_queued_jobs(SWEEP_BATCH).await? {
         by_kind
             .entry(kind.as_str())
             .or_insert_with(|| (kind, Vec::new()))
             .1
-            .push(id);
+            .push(ticket);
     }
-    let lease_ms = u64::try_from(lease.as_millis()).unwrap_or(u64::MAX);
-    for (kind, ids) in by_kind.into_values() {
-        let ids: Vec<&JobId> = ids.iter().collect();
-        // Without Redis (it was removed from the config) nothing holds them any more.
-        let held = match queues {
-            Some(q) => q.holds(kind, &ids).await?,
-            None => vec![false; ids.len()],
-        };
-        let (still, lost): (Vec<_>, Vec<_>) = ids.iter().zip(held).partition(|(_, h)| *h);
-        let still: Vec<&JobId> = still.into_iter().map(|(id, _)| *id).collect();
-        let lost: Vec<&JobId> = lost.into_iter().map(|(id, _)| *id).collect();
-        db.extend_job_leases(&still, lease_ms).await?;
-        let requeued = db.requeue_lost_jobs(&lost).await?;
+    for (kind, tickets) in by_kind.into_values() {
+        let tickets: Vec<&JobTicket> = tickets.iter().collect();
+        let requeued = look_for(db, queues, kind, &tickets, lease).await?;
         if requeued > 0 {
             tracing::warn!(%kind, jobs = requeued, "the queue lost jobs; handed them over again");
         }
     }
     Ok(())
+}
+
+/// Looks for queued deliveries of `kind` in Redis: those it holds keep their place for
+/// another `lease`, the others are handed over again. Returns how many were.
+async fn look_for(
+    db: &Db,
+    queues: Option<&RedisJobQueue>,
+    kind: JobKind,
+    tickets: &[&JobTicket],
+    lease: Duration,
+) -> Result<u64> {
+    // Without Redis (it was removed from the config) nothing holds them any more.
+    let held = match queues {
+        Some(q) => q.holds(kind, tickets).await?,
+        None => vec![false; tickets.len()],
+    };
+    let (still, lost): (Vec<_>, Vec<_>) = tickets.iter().zip(held).partition(|(_, h)| *h);
+    let still: Vec<&JobTicket> = still.into_iter().map(|(t, _)| *t).collect();
+    let lost: Vec<&JobTicket> = lost.into_iter().map(|(t, _)| *t).collect();
+    let lease_ms = u64::try_from(lease.as_millis()).unwrap_or(u64::MAX);
+    db.extend_job_leases(&still, lease_ms).await?;
+    db.requeue_lost_jobs(&lost).await
 }
 
 /// Beats this worker's heart until `stop`, so the leader's reaper leaves its jobs alone.
@@ -210,7 +254,7 @@ pub async fn reap(db: &Db, queues: &JobQueues, dead_after: Duration) -> Result<u
         let id = &delivery.message.id;
         let status = db
             .fail_job(
-                id,
+                &delivery.message.ticket(),
                 true,
                 "the worker running it stopped (no heartbeat)",
                 Failure::Retry { backoff_ms: 0 },
