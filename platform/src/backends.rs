@@ -39,7 +39,7 @@ use crate::limiter::{InProcessLimiter, Limiter, RedisLimiter};
 use crate::live::LiveBus;
 use crate::lockout::{InProcessLockout, Lockout, LockoutPolicy, RedisLockout};
 use crate::mail::Mailer;
-use crate::mutex::{BatchMutex, Redlock};
+use crate::mutex::{BatchMutex, LOCK_TIMEOUT, Redlock};
 use crate::redis::{Purpose, Redis};
 use crate::sessions::SessionStore;
 use crate::webhook::WebhookSender;
@@ -135,11 +135,14 @@ impl Backends {
                 Limiter::Redis(Box::new(RedisLimiter::new(r.clone()))),
                 Lockout::Redis(Box::new(RedisLockout::new(r.clone(), lockout_policy))),
                 DedupFastPath::Redis(Box::new(r.clone())),
-                BatchMutex::Redlock(Box::new(Redlock::new(if lock_nodes.is_empty() {
-                    vec![r.clone()]
-                } else {
-                    lock_nodes
-                }))),
+                BatchMutex::Redlock(Box::new(Redlock::new(
+                    if lock_nodes.is_empty() {
+                        vec![r.clone()]
+                    } else {
+                        lock_nodes
+                    },
+                    LOCK_TIMEOUT,
+                ))),
                 Duration::from_millis(api.cache_l1_ttl_ms),
             ),
             None => (

@@ -7,13 +7,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use dataflow_contracts::BatchId;
-use rslock::{Lock, LockManager};
+use rslock::{Lock, LockError, LockManager};
+use tokio::sync::oneshot;
 
 use crate::redis::Redis;
 
 /// A lock attempt never holds up the claim loop longer than this.
 /// (Long enough for rslock to open its connection, TLS and AUTH included.)
-const LOCK_TIMEOUT: Duration = Duration::from_secs(1);
+pub const LOCK_TIMEOUT: Duration = Duration::from_secs(1);
 
 pub enum Acquired {
     Held(Lock),
@@ -34,13 +35,15 @@ pub struct Redlock {
     /// The lock servers, asked after a failed attempt to tell "held by another" from
     /// "not enough of them answer".
     nodes: Vec<Redis>,
+    /// How long a call may hold up its caller ([`LOCK_TIMEOUT`] outside tests).
+    timeout: Duration,
     degraded: AtomicU64,
 }
 
 impl Redlock {
     /// Locks on `nodes` (their clients carry the URLs, passwords and TLS settings); a lock
     /// needs a majority of them. `nodes` must not be empty.
-    pub fn new(nodes: Vec<Redis>) -> Self {
+    pub fn new(nodes: Vec<Redis>, timeout: Duration) -> Self {
         let clients = nodes.iter().map(|n| n.client().clone()).collect();
         let mut manager = LockManager::from_clients(clients);
         // One quick try: a contended batch is simply skipped, the next poll comes soon.
@@ -48,6 +51,7 @@ impl Redlock {
         Self {
             manager,
             nodes,
+            timeout,
             degraded: AtomicU64::new(0),
         }
     }
@@ -56,7 +60,40 @@ impl Redlock {
         self.nodes[0].key(&["batch-lock", batch.as_str()])
     }
 
-    /// After a failed attempt: held by another only if a majority of the servers hold it.
+    /// One rslock attempt, waited for at most `timeout`; `None` when it gave no answer in time.
+    ///
+    /// rslock stays the lock (a required building block: quorum, clock drift, validity, and
+    /// the release of a failed attempt's keys), but it draws the lock's value itself and
+    /// hands it out only with a won lock. An attempt dropped halfway may leave keys on a
+    /// majority that only their TTL (a whole lease) removes, and every worker would skip
+    /// the batch until then. So the attempt runs in a task of its own and only the wait for
+    /// it is cut: a lock it wins that nobody waits for any more is released at once. The
+    /// release compares values, so it never removes another worker's lock, and whoever took
+    /// the batch meanwhile holds its SQL lease, which decides anyway. The task always ends:
+    /// the redis crate bounds every connect and reply.
+    async fn attempt(&self, resource: &str, ttl: Duration) -> Option<Result<Lock, LockError>> {
+        let (answer, mut waiting) = oneshot::channel();
+        let manager = self.manager.clone();
+        let resource = resource.to_owned();
+        tokio::spawn(async move {
+            let attempt = manager.lock(resource.as_bytes(), ttl).await;
+            if let Err(Ok(lock)) = answer.send(attempt) {
+                lock.release().await;
+            }
+        });
+        match tokio::time::timeout(self.timeout, &mut waiting).await {
+            Ok(answer) => answer.ok(),
+            Err(_) => {
+                // From here on the task releases what it wins; an answer sent as the wait
+                // ended is still ours.
+                waiting.close();
+                waiting.try_recv().ok()
+            }
+        }
+    }
+
+    /// After a failed attempt (rslock has taken back its own keys): held by another only if
+    /// a majority of the servers hold it.
     async fn after_failure(&self, resource: &str) -> Acquired {
         let asks = self.nodes.iter().map(|n| async move {
             redis::cmd("EXISTS")
@@ -69,18 +106,22 @@ impl Redlock {
         if held > self.nodes.len() / 2 {
             return Acquired::Contended;
         }
-        let unreachable = answers.iter().filter_map(|a| a.as_ref().err()).next();
-        if let Some(e) = unreachable
-            && self
-                .degraded
-                .fetch_add(1, Ordering::Relaxed)
-                .is_multiple_of(100)
-        {
-            tracing::warn!(error = %e, "batch mutex unavailable; relying on the SQL lease");
+        if let Some(e) = answers.iter().filter_map(|a| a.as_ref().err()).next() {
+            self.count_degraded(e);
         }
         // Not held by a majority, yet not ours: Redis failed us somewhere. Go on with the
         // SQL lease, which decides anyway, rather than skip a batch nobody holds.
         Acquired::Degraded
+    }
+
+    fn count_degraded(&self, why: &dyn std::fmt::Display) {
+        if self
+            .degraded
+            .fetch_add(1, Ordering::Relaxed)
+            .is_multiple_of(100)
+        {
+            tracing::warn!(error = %why, "batch mutex unavailable; relying on the SQL lease");
+        }
     }
 }
 
@@ -90,14 +131,15 @@ impl BatchMutex {
             return Acquired::Degraded;
         };
         let resource = r.resource(batch);
-        let acquired = match tokio::time::timeout(
-            LOCK_TIMEOUT,
-            r.manager.lock(resource.as_bytes(), ttl),
-        )
-        .await
-        {
-            Ok(Ok(lock)) => Acquired::Held(lock),
-            _ => r.after_failure(&resource).await,
+        let acquired = match r.attempt(&resource, ttl).await {
+            Some(Ok(lock)) => Acquired::Held(lock),
+            Some(Err(_)) => r.after_failure(&resource).await,
+            // Keys on the servers may be the unfinished attempt's own: no sign of another
+            // holder, only of a lock service too slow to answer.
+            None => {
+                r.count_degraded(&"no answer within the lock timeout");
+                Acquired::Degraded
+            }
         };
         let outcome = match &acquired {
             Acquired::Held(_) => "held",
@@ -113,7 +155,7 @@ impl BatchMutex {
         let BatchMutex::Redlock(r) = self else {
             return None;
         };
-        tokio::time::timeout(LOCK_TIMEOUT, r.manager.extend(lock, ttl))
+        tokio::time::timeout(r.timeout, r.manager.extend(lock, ttl))
             .await
             .ok()?
             .ok()
@@ -136,10 +178,10 @@ impl BatchMutex {
                     .await
             }
         });
-        let _ = tokio::time::timeout(LOCK_TIMEOUT, futures::future::join_all(deletes)).await;
+        let _ = tokio::time::timeout(r.timeout, futures::future::join_all(deletes)).await;
     }
 
-    /// Attempts that fell back to the SQL lease because Redis was unreachable.
+    /// Attempts that fell back to the SQL lease because Redis was unreachable or too slow.
     pub fn degraded(&self) -> u64 {
         match self {
             BatchMutex::SqlOnly => 0,

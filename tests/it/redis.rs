@@ -8,7 +8,8 @@ use dataflow_contracts::http::ImportView;
 use dataflow_contracts::{BatchId, BatchStatus};
 use dataflow_platform::Error;
 use dataflow_platform::config::Secret;
-use dataflow_platform::mutex::Acquired;
+use dataflow_platform::mutex::{Acquired, BatchMutex, LOCK_TIMEOUT, Redlock};
+use dataflow_platform::redis::{Purpose, Redis};
 use dataflow_worker::{Outcome, Step};
 use reqwest::Method;
 use serde_json::json;
@@ -440,6 +441,94 @@ async fn the_batch_mutex_needs_a_majority_of_its_lock_servers() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     t.stop().await;
+}
+
+/// A lock attempt cut by the mutex's timeout after two of its three lock servers took its
+/// keys, the third hanging (it accepts connections and never answers, as a stopped Redis
+/// does): the cut is not contention, and the keys it may have set are given back, so another
+/// worker takes the batch's lock within seconds, not after the lock's TTL (a whole lease).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lock_attempt_cut_by_its_timeout_leaves_no_lock_behind() {
+    let Some(url) = test_redis_url().await else {
+        return;
+    };
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let silent_addr = silent.local_addr().unwrap();
+    let silent = tokio::spawn(async move {
+        let mut open = Vec::new();
+        while let Ok((conn, _)) = silent.accept().await {
+            open.push(conn);
+        }
+    });
+    let hung = Proxy::start(silent_addr).await;
+    let server = service_addr(&url, 6379);
+    let prefix = format!("dftest-{}", ulid::Ulid::new().to_string().to_lowercase());
+    let mut nodes = Vec::new();
+    for url in [
+        format!("redis://{server}/0"),
+        format!("redis://{server}/1"),
+        format!("redis://{}/2", hung.addr),
+    ] {
+        nodes.push(
+            Redis::connect(&url, &prefix, None, Purpose::State)
+                .await
+                .unwrap(),
+        );
+    }
+    // The seam: a timeout well below the hung server's connect timeout cuts every attempt.
+    let cut_short = BatchMutex::Redlock(Box::new(Redlock::new(
+        nodes.clone(),
+        Duration::from_millis(200),
+    )));
+    let other_worker = BatchMutex::Redlock(Box::new(Redlock::new(nodes.clone(), LOCK_TIMEOUT)));
+    let (batch, ttl) = (BatchId::generate(), Duration::from_secs(60));
+    let key = nodes[0].key(&["batch-lock", batch.as_str()]);
+
+    let keys_on_a_majority = async {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let mut held = 0;
+            for node in &nodes[..2] {
+                let exists = redis::cmd("EXISTS")
+                    .arg(&key)
+                    .query_async::<bool>(&mut node.conn())
+                    .await;
+                held += usize::from(exists.unwrap());
+            }
+            if held == 2 {
+                return true;
+            }
+            if Instant::now() > deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    };
+    let (answer, set) = tokio::join!(cut_short.acquire(&batch, ttl), keys_on_a_majority);
+    assert!(
+        set,
+        "the attempt never set its keys on the two servers that answer"
+    );
+    assert!(
+        matches!(answer, Acquired::Degraded),
+        "a cut attempt must not read its own keys as another worker's lock"
+    );
+
+    // The hung server now refuses: the next attempts end as soon as the two others answer.
+    hung.cut();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Acquired::Held(lock) = other_worker.acquire(&batch, ttl).await {
+            lock.release().await;
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the cut attempt's keys kept the batch from every worker"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    silent.abort();
 }
 
 /// `redis_cache_url`: the cache and its invalidations live on their own Redis (one that
