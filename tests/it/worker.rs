@@ -318,8 +318,10 @@ async fn a_batch_whose_workers_keep_dying_goes_dead(b: Backend) {
 /// takeover spends no attempt; the stopped worker, resumed, writes nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stopped_worker_cannot_stall_its_batch() {
+    // A six-second lease: sessions idle in a transaction end after two seconds, which a
+    // live worker on a busy machine does not reach between its statements.
     let Some(api) = TestApp::spawn_with(Backend::Postgres, Roles::API, |c| {
-        c.worker.lease_secs = 3;
+        c.worker.lease_secs = 6;
         c.worker.chunk_size = 50;
     })
     .await
