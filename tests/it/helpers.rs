@@ -1,7 +1,6 @@
 //! The test harness: a DataFlow process per test on a fresh database, a typed HTTP client,
 //! and the switch that runs every scenario on SQLite and on PostgreSQL.
 
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use dataflow::{App, Roles};
@@ -10,14 +9,13 @@ use dataflow_contracts::{BatchId, BatchStatus, ClientId};
 use dataflow_platform::Config;
 use dataflow_platform::db::Db;
 use serde_json::{Value, json};
-use sqlx::Connection;
 use tokio::net::TcpListener;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Backend {
-    Sqlite,
-    Postgres,
-}
+pub use crate::common::db::{Backend, TestDb};
+pub use crate::common::process::{Spawned, signal};
+pub use crate::common::proxy::Proxy;
+pub use crate::common::records::csv;
+pub use crate::common::services::{service_addr, test_amqp_url, test_redis_url};
 
 /// Runs each named scenario `async fn name(backend: Backend)` once per backend.
 macro_rules! backend_tests {
@@ -35,83 +33,6 @@ macro_rules! backend_tests {
     )*};
 }
 pub(crate) use backend_tests;
-
-fn services_required() -> bool {
-    std::env::var("DATAFLOW_TEST_REQUIRE_SERVICES").is_ok_and(|v| v == "1")
-}
-
-/// A database that exists for one test and is removed afterwards.
-pub struct TestDb {
-    pub url: String,
-    dir: PathBuf,
-    pg: Option<(String, String)>,
-}
-
-impl TestDb {
-    /// `None` (with a message) when PostgreSQL is unreachable and not required.
-    pub async fn create(backend: Backend) -> Option<TestDb> {
-        let tag = ulid::Ulid::new().to_string().to_lowercase();
-        let dir = std::env::temp_dir().join(format!("dataflow-test-{tag}"));
-        match backend {
-            Backend::Sqlite => {
-                let url = format!("sqlite://{}", dir.join("ledger.db").display());
-                Some(TestDb { url, dir, pg: None })
-            }
-            Backend::Postgres => {
-                let admin = std::env::var("DATAFLOW_TEST_PG_URL")
-                    .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
-                let mut conn = match sqlx::PgConnection::connect(&admin).await {
-                    Ok(c) => c,
-                    Err(e) if !services_required() => {
-                        eprintln!(
-                            "SKIPPED: PostgreSQL unreachable at {admin} ({e}); set DATAFLOW_TEST_REQUIRE_SERVICES=1 to fail instead"
-                        );
-                        return None;
-                    }
-                    Err(e) => panic!("PostgreSQL is required but unreachable at {admin}: {e}"),
-                };
-                let name = format!("dataflow_test_{tag}");
-                sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
-                    .execute(&mut conn)
-                    .await
-                    .expect("create test database");
-                let base = admin
-                    .rsplit_once('/')
-                    .map_or(admin.as_str(), |(b, _)| b)
-                    .to_owned();
-                Some(TestDb {
-                    url: format!("{base}/{name}"),
-                    dir,
-                    pg: Some((admin, name)),
-                })
-            }
-        }
-    }
-}
-
-impl Drop for TestDb {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-        if let Some((admin, name)) = self.pg.take() {
-            // Drop runs outside any runtime guarantee; use a private one on its own thread.
-            let _ = std::thread::spawn(move || {
-                let rt = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .ok()?;
-                rt.block_on(async {
-                    let mut conn = sqlx::PgConnection::connect(&admin).await.ok()?;
-                    let sql = format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)");
-                    sqlx::query(sqlx::AssertSqlSafe(sql))
-                        .execute(&mut conn)
-                        .await
-                        .ok()
-                })
-            })
-            .join();
-        }
-    }
-}
 
 /// Configuration for a test process: fast polling, small chunks, loopback.
 pub fn test_config(db: &TestDb) -> Config {
@@ -441,21 +362,7 @@ impl TestApp {
     ) -> std::process::Command {
         let mut config = self.config.clone();
         tweak(&mut config);
-        let config_file = config.data_dir.join(format!("{name}.toml"));
-        std::fs::write(&config_file, toml::to_string(&config).unwrap()).unwrap();
-        let (stdout, stderr) = match log {
-            Some(f) => (f.try_clone().unwrap().into(), f.into()),
-            None => (std::process::Stdio::null(), std::process::Stdio::null()),
-        };
-        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_dataflow"));
-        command
-            .arg("--config")
-            .arg(&config_file)
-            .arg("worker")
-            .env("DATAFLOW_LOG", "info")
-            .stdout(stdout)
-            .stderr(stderr);
-        command
+        crate::common::process::dataflow_command(&config, "worker", name, log)
     }
 
     /// This process's own worker (it must run one).
@@ -492,217 +399,8 @@ impl TestApp {
     }
 }
 
-/// Sends `signal` (`STOP`, `CONT`, …) to a process the test started.
-pub fn signal(child: &std::process::Child, signal: &str) {
-    let sent = std::process::Command::new("kill")
-        .arg(format!("-{signal}"))
-        .arg(child.id().to_string())
-        .status()
-        .unwrap();
-    assert!(sent.success(), "kill -{signal} {}", child.id());
-}
-
-/// A process the test started, killed when this is dropped, so a failing test leaves none
-/// running.
-pub struct Spawned(pub std::process::Child);
-
-impl Drop for Spawned {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// The test Redis URL, or `None` (with a message) when it is unreachable and not required.
-pub async fn test_redis_url() -> Option<String> {
-    let url = std::env::var("DATAFLOW_TEST_REDIS_URL")
-        .unwrap_or_else(|_| "redis://127.0.0.1:6379/".into());
-    let reachable = async {
-        let client = redis::Client::open(url.as_str()).ok()?;
-        let mut conn = client.get_multiplexed_async_connection().await.ok()?;
-        redis::cmd("PING")
-            .query_async::<String>(&mut conn)
-            .await
-            .ok()
-    };
-    match tokio::time::timeout(Duration::from_secs(2), reachable).await {
-        Ok(Some(_)) => Some(url),
-        _ if services_required() => panic!("Redis is required but unreachable at {url}"),
-        _ => {
-            eprintln!(
-                "SKIPPED: Redis unreachable at {url}; set DATAFLOW_TEST_REQUIRE_SERVICES=1 to fail instead"
-            );
-            None
-        }
-    }
-}
-
-/// The test RabbitMQ URL, or `None` (with a message) when it is unreachable and not required.
-pub async fn test_amqp_url() -> Option<String> {
-    let url = std::env::var("DATAFLOW_TEST_AMQP_URL")
-        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into());
-    let props = lapin::ConnectionProperties::default();
-    let reachable = lapin::Connection::connect(&url, props);
-    match tokio::time::timeout(Duration::from_secs(3), reachable).await {
-        Ok(Ok(conn)) => {
-            let _ = conn.close(200, "probe".into()).await;
-            Some(url)
-        }
-        _ if services_required() => panic!("RabbitMQ is required but unreachable at {url}"),
-        _ => {
-            eprintln!(
-                "SKIPPED: RabbitMQ unreachable at {url}; set DATAFLOW_TEST_REQUIRE_SERVICES=1 to fail instead"
-            );
-            None
-        }
-    }
-}
-
-/// The address of the service a URL such as `redis://host:port/0` or
-/// `postgres://user@host:port/db` names (`default_port` when it names none).
-pub fn service_addr(url: &str, default_port: u16) -> std::net::SocketAddr {
-    let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
-    let authority = rest.split('/').next().unwrap();
-    let host_port = authority.rsplit('@').next().unwrap();
-    let host_port = if host_port.contains(':') {
-        host_port.to_owned()
-    } else {
-        format!("{host_port}:{default_port}")
-    };
-    host_port.replace("localhost", "127.0.0.1").parse().unwrap()
-}
-
-/// A TCP proxy the test can cut (drop every connection, refuse new ones) and heal, or mute
-/// (requests still reach the target, its replies are dropped).
-pub struct Proxy {
-    pub addr: std::net::SocketAddr,
-    cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    mute: std::sync::Arc<Mute>,
-    conns: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>>,
-    accept: tokio::task::JoinHandle<()>,
-}
-
-impl Proxy {
-    pub async fn start(target: std::net::SocketAddr) -> Proxy {
-        use std::sync::atomic::Ordering;
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
-        let addr = listener.local_addr().expect("proxy address");
-        let cut = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let mute = std::sync::Arc::new(Mute::default());
-        let conns = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-        let (cut2, mute2, conns2) = (cut.clone(), mute.clone(), conns.clone());
-        let accept = tokio::spawn(async move {
-            while let Ok((inbound, _)) = listener.accept().await {
-                if cut2.load(Ordering::SeqCst) {
-                    drop(inbound);
-                    continue;
-                }
-                let mute = mute2.clone();
-                let task = tokio::spawn(async move {
-                    let Ok(outbound) = tokio::net::TcpStream::connect(target).await else {
-                        return;
-                    };
-                    let ((client_in, client_out), (target_in, target_out)) =
-                        (inbound.into_split(), outbound.into_split());
-                    let requests = forward(client_in, target_out, |request| {
-                        mute.see(request);
-                        true
-                    });
-                    let replies =
-                        forward(target_in, client_out, |_| !mute.on.load(Ordering::SeqCst));
-                    let _ = tokio::try_join!(requests, replies);
-                });
-                conns2.lock().unwrap().push(task.abort_handle());
-            }
-        });
-        Proxy {
-            addr,
-            cut,
-            mute,
-            conns,
-            accept,
-        }
-    }
-
-    /// Once a request containing `request` passes (it still reaches the target), the
-    /// target's replies are dropped: that request and those after it run, and their
-    /// clients time out (a reply lost after the request applied).
-    pub fn mute_after(&self, request: &'static [u8]) {
-        *self.mute.after.lock().unwrap() = Some(request);
-    }
-
-    pub fn cut(&self) {
-        self.cut.store(true, std::sync::atomic::Ordering::SeqCst);
-        for c in self.conns.lock().unwrap().drain(..) {
-            c.abort();
-        }
-    }
-
-    /// Accepts connections again, and passes replies on again.
-    pub fn heal(&self) {
-        self.cut.store(false, std::sync::atomic::Ordering::SeqCst);
-        *self.mute.after.lock().unwrap() = None;
-        self.mute
-            .on
-            .store(false, std::sync::atomic::Ordering::SeqCst);
-    }
-}
-
-/// Copies `from` to `to` until `from` ends, then shuts `to` down; drops each chunk that
-/// `pass` refuses.
-async fn forward(
-    mut from: impl tokio::io::AsyncRead + Unpin,
-    mut to: impl tokio::io::AsyncWrite + Unpin,
-    pass: impl Fn(&[u8]) -> bool,
-) -> std::io::Result<()> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut buf = vec![0; 64 * 1024];
-    loop {
-        let n = from.read(&mut buf).await?;
-        if n == 0 {
-            return to.shutdown().await;
-        }
-        if pass(&buf[..n]) {
-            to.write_all(&buf[..n]).await?;
-        }
-    }
-}
-
-/// When a [`Proxy`] drops replies.
-#[derive(Default)]
-struct Mute {
-    /// Requests containing this switch `on`.
-    after: std::sync::Mutex<Option<&'static [u8]>>,
-    on: std::sync::atomic::AtomicBool,
-}
-
-impl Mute {
-    fn see(&self, request: &[u8]) {
-        let after = *self.after.lock().unwrap();
-        if after.is_some_and(|a| request.windows(a.len()).any(|w| w == a)) {
-            self.on.store(true, std::sync::atomic::Ordering::SeqCst);
-        }
-    }
-}
-
-impl Drop for Proxy {
-    fn drop(&mut self) {
-        self.cut();
-        self.accept.abort();
-    }
-}
-
 /// `key` (`dfk_<id>_<secret>`) with its key id kept and its secret wrong.
 pub fn wrong_secret(key: &str) -> String {
     let (id, secret) = key.rsplit_once('_').unwrap();
     format!("{id}_{}", "0".repeat(secret.len()))
-}
-
-/// `n` CSV rows `id,name` with ids `prefix-0..n`.
-pub fn csv(prefix: &str, n: usize) -> String {
-    let mut s = String::from("id,name\n");
-    for i in 0..n {
-        s.push_str(&format!("{prefix}-{i},name {i}\n"));
-    }
-    s
 }

@@ -4,6 +4,10 @@
 // Tests fail loudly on the first unexpected value; that is what unwrap is for here.
 #![allow(clippy::unwrap_used)]
 
+// Each target uses its own part of the helpers the test targets share.
+#[allow(dead_code)]
+#[path = "../common/mod.rs"]
+mod common;
 mod helpers;
 mod sinks;
 

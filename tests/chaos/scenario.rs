@@ -1,0 +1,508 @@
+//! One scenario: a fresh client, the recorded load, a fault held then healed, the drain,
+//! and the checks: the invariants from SQL and Redis, the answers the clients got, what
+//! must hold for this fault in RELIABILITY.md's table, and the evidence that its fault path
+//! fired (without it the scenario proves nothing).
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use crate::cluster::{Cluster, Held, LEASE};
+use crate::ledger::{self, Tally};
+use crate::load::{Load, Outcome, Sent};
+
+/// Load before the fault, and after the heal before the load stops.
+const WARMUP: Duration = Duration::from_secs(3);
+const AFTER_HEAL: Duration = Duration::from_secs(3);
+/// P1: everything accepted has finished this long after the heal.
+const DRAIN_LIMIT: Duration = Duration::from_secs(60);
+/// How long every process has to be ready again (ledger, Redis, broker) after a scenario.
+const RECOVERY_LIMIT: Duration = Duration::from_secs(30);
+/// The delay of the delay scenario, added to each round trip to every service.
+const DELAY: Duration = Duration::from_millis(200);
+/// The API process killed in the API scenario.
+const KILLED_API: usize = 1;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    CutPostgres,
+    CutRedis,
+    CutRabbitMq,
+    CutAll,
+    Delay,
+    KillWorker,
+    KillApi,
+    StopWorker,
+}
+
+impl Fault {
+    pub const ALL: [Fault; 8] = [
+        Fault::CutPostgres,
+        Fault::CutRedis,
+        Fault::CutRabbitMq,
+        Fault::CutAll,
+        Fault::Delay,
+        Fault::KillWorker,
+        Fault::KillApi,
+        Fault::StopWorker,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Fault::CutPostgres => "cut-postgres",
+            Fault::CutRedis => "cut-redis",
+            Fault::CutRabbitMq => "cut-rabbitmq",
+            Fault::CutAll => "cut-all",
+            Fault::Delay => "delay-200ms",
+            Fault::KillWorker => "kill-9-worker",
+            Fault::KillApi => "kill-9-api",
+            Fault::StopWorker => "sigstop-worker",
+        }
+    }
+
+    /// The ledger is unreachable: `503` (with `Retry-After`) is the honest answer.
+    fn cuts_ledger(self) -> bool {
+        matches!(self, Fault::CutPostgres | Fault::CutAll)
+    }
+
+    /// How long the fault is held: a stopped worker stays stopped until its lease has
+    /// lapsed and a successor has had the time to finish its batch.
+    fn hold(self, hold: Duration) -> Duration {
+        match self {
+            Fault::StopWorker => hold.max(LEASE * 2 + Duration::from_secs(2)),
+            _ => hold,
+        }
+    }
+}
+
+/// One printed row.
+pub struct Row {
+    pub fault: &'static str,
+    pub held: Duration,
+    pub requests: [usize; 3],
+    pub sent: usize,
+    pub acked: usize,
+    pub tally: Tally,
+    pub drained: Option<Duration>,
+    pub evidence: String,
+    pub violations: Vec<String>,
+}
+
+/// What the test did to the cluster, for the heal and the evidence.
+enum Injected {
+    Cut,
+    Delayed {
+        before: [u64; 3],
+    },
+    /// A worker killed or stopped while in the middle of a batch (`None`: none was found).
+    Worker(Option<(usize, Held)>),
+    Api,
+}
+
+/// What the processes reported (`/readyz`) and the stopped worker's batch did, during the
+/// fault.
+#[derive(Default)]
+struct Seen {
+    ledger_down: bool,
+    redis_down: bool,
+    polling: bool,
+    limiter_fallbacks: u64,
+    /// The stopped worker's batch: when another worker took it over, and when it finished.
+    taken_over: Option<Duration>,
+    finished: Option<Duration>,
+}
+
+pub async fn run(cluster: &mut Cluster, fault: Fault, hold: Duration) -> Row {
+    let hold = fault.hold(hold);
+    let mut violations = Vec::new();
+    if let Err(why) = cluster.wait_ready(RECOVERY_LIMIT).await {
+        violations.push(format!("not ready before the fault: {why}"));
+    }
+    let (client, key) = cluster.new_client(fault.name()).await;
+    let load = Load::start(cluster.api_urls(), key, fault.name().to_owned());
+    tokio::time::sleep(WARMUP).await;
+
+    let injected_at = Instant::now();
+    let injected = inject(cluster, fault).await;
+    let mut seen = Seen::default();
+    watch(
+        cluster,
+        &injected,
+        injected_at + hold,
+        injected_at,
+        &mut seen,
+    )
+    .await;
+    let healed_at = Instant::now();
+    let resumed = heal(cluster, &injected).await;
+    tokio::time::sleep(AFTER_HEAL).await;
+    let sent = load.finish().await;
+
+    let drain = ledger::wait_drained(&cluster.sql, &client, healed_at + DRAIN_LIMIT).await;
+    let drained = drain.as_ref().ok().map(|()| healed_at.elapsed());
+    violations.extend(drain.err());
+    let (tally, found) = ledger::check(&cluster.sql, &client, &sent).await;
+    violations.extend(found);
+    violations.extend(ledger::immortal_keys(&cluster.redis_direct).await);
+    let window = (injected_at, healed_at);
+    violations.extend(answers(fault, &sent, window));
+    let (evidence, fired, must_hold) =
+        evidence(cluster, fault, &injected, &seen, resumed, &sent, window).await;
+    violations.extend(must_hold);
+    if !fired {
+        violations.push(format!("the fault path was not shown to fire: {evidence}"));
+    }
+    if let Err(why) = cluster.wait_ready(RECOVERY_LIMIT).await {
+        violations.push(format!("not recovered after the heal: {why}"));
+    }
+
+    let count = |o: Outcome| {
+        sent.iter()
+            .flat_map(|s| &s.attempts)
+            .filter(|a| a.outcome == o)
+            .count()
+    };
+    Row {
+        fault: fault.name(),
+        held: hold,
+        requests: [
+            count(Outcome::Ok),
+            count(Outcome::Failed),
+            count(Outcome::Unknown),
+        ],
+        sent: sent.len(),
+        acked: sent.iter().filter(|s| s.acked.is_some()).count(),
+        tally,
+        drained,
+        evidence,
+        violations,
+    }
+}
+
+async fn inject(cluster: &mut Cluster, fault: Fault) -> Injected {
+    match fault {
+        Fault::CutPostgres => cluster.pg.cut(),
+        Fault::CutRedis => cluster.redis.cut(),
+        Fault::CutRabbitMq => cluster.amqp.cut(),
+        Fault::CutAll => {
+            cluster.pg.cut();
+            cluster.redis.cut();
+            cluster.amqp.cut();
+        }
+        Fault::Delay => {
+            let before = [&cluster.pg, &cluster.redis, &cluster.amqp].map(|p| p.delayed());
+            for p in [&cluster.pg, &cluster.redis, &cluster.amqp] {
+                p.delay(DELAY);
+            }
+            return Injected::Delayed { before };
+        }
+        Fault::KillWorker => {
+            let Some((i, held)) = cluster.worker_in_a_batch(Duration::from_secs(10)).await else {
+                return Injected::Worker(None);
+            };
+            cluster.kill(i);
+            let now = cluster.batch(&held.id).await;
+            let still = now.lease_epoch == held.lease_epoch && now.status == "processing";
+            return Injected::Worker(still.then_some((i, held)));
+        }
+        Fault::KillApi => {
+            cluster.kill(KILLED_API);
+            return Injected::Api;
+        }
+        Fault::StopWorker => {
+            // Stop a worker in the middle of a batch; one that finished it meanwhile is
+            // resumed and another moment chosen.
+            for _ in 0..20 {
+                let Some((i, held)) = cluster.worker_in_a_batch(Duration::from_secs(10)).await
+                else {
+                    break;
+                };
+                cluster.signal(i, "STOP");
+                let now = cluster.batch(&held.id).await;
+                if now.lease_epoch == held.lease_epoch && now.status == "processing" {
+                    return Injected::Worker(Some((i, held)));
+                }
+                cluster.signal(i, "CONT");
+            }
+            return Injected::Worker(None);
+        }
+    }
+    Injected::Cut
+}
+
+/// Holds the fault until `until`, watching what the processes report and, for a stopped
+/// worker, what becomes of its batch.
+async fn watch(
+    cluster: &Cluster,
+    injected: &Injected,
+    until: Instant,
+    since: Instant,
+    seen: &mut Seen,
+) {
+    let stopped = match injected {
+        Injected::Worker(Some((_, held))) => Some(held),
+        _ => None,
+    };
+    while Instant::now() < until {
+        for i in 0..cluster.procs.len() {
+            let Some(r) = cluster.readyz(i).await else {
+                continue;
+            };
+            seen.ledger_down |= r["ledger"] == "down";
+            seen.redis_down |= r["redis"] == "down";
+            seen.polling |= r["events"]["mode"] == "polling";
+            let fallbacks = r["fallbacks"]["limiter"].as_u64().unwrap_or(0);
+            seen.limiter_fallbacks = seen.limiter_fallbacks.max(fallbacks);
+        }
+        if let Some(held) = stopped {
+            let now = cluster.batch(&held.id).await;
+            if seen.taken_over.is_none()
+                && (now.lease_epoch > held.lease_epoch || now.lease_owner != held.lease_owner)
+            {
+                seen.taken_over = Some(since.elapsed());
+            }
+            if seen.finished.is_none() && matches!(now.status.as_str(), "completed" | "dead") {
+                seen.finished = Some(since.elapsed());
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Heals the fault; for a stopped worker, the fence's refusals and the lost leases it
+/// counted once resumed.
+async fn heal(cluster: &mut Cluster, injected: &Injected) -> Option<(f64, f64)> {
+    cluster.pg.heal();
+    cluster.redis.heal();
+    cluster.amqp.heal();
+    match injected {
+        Injected::Api => cluster.restart(KILLED_API).await,
+        Injected::Worker(Some((i, _))) if cluster.procs[*i].pid().is_none() => {
+            cluster.restart(*i).await
+        }
+        Injected::Worker(Some((i, _))) => {
+            cluster.signal(*i, "CONT");
+            // Its next write meets the fence; give it the time to try.
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            let text = cluster.metrics(*i).await.unwrap_or_default();
+            return Some((
+                metric(&text, "dataflow_fence_rejections_total", None),
+                metric(
+                    &text,
+                    "dataflow_batches_total",
+                    Some("outcome=\"lease_lost\""),
+                ),
+            ));
+        }
+        Injected::Worker(None) => {
+            if let Some(i) = cluster
+                .workers()
+                .find(|&i| cluster.procs[i].pid().is_none())
+            {
+                cluster.restart(i).await;
+            }
+        }
+        Injected::Cut | Injected::Delayed { .. } => {}
+    }
+    None
+}
+
+/// The answers the clients got: only `2xx`, `409` (a request with the same key still in
+/// progress) and, while the ledger is cut, `503` with `Retry-After`; no `2xx` for a request
+/// made entirely while the ledger was cut.
+fn answers(fault: Fault, sent: &[Sent], (from, to): (Instant, Instant)) -> Vec<String> {
+    let mut unexpected: BTreeMap<String, usize> = BTreeMap::new();
+    let mut v = Vec::new();
+    let mut without_retry_after = 0;
+    let mut ok_while_cut = 0;
+    for a in sent.iter().flat_map(|s| &s.attempts) {
+        match a.status {
+            Some(200 | 202 | 409) | None => {}
+            Some(503) if fault.cuts_ledger() => without_retry_after += usize::from(!a.retry_after),
+            Some(status) => {
+                *unexpected
+                    .entry(format!("{status} {}", a.detail))
+                    .or_default() += 1
+            }
+        }
+        let inside = a.started > from + Duration::from_secs(1) && a.ended < to;
+        if fault.cuts_ledger() && inside && a.outcome == Outcome::Ok {
+            ok_while_cut += 1;
+        }
+    }
+    for (answer, n) in unexpected {
+        v.push(format!("unexpected answer {answer} ×{n}"));
+    }
+    if without_retry_after > 0 {
+        v.push(format!("503 without Retry-After ×{without_retry_after}"));
+    }
+    if ok_while_cut > 0 {
+        v.push(format!("2xx while the ledger was cut ×{ok_while_cut}"));
+    }
+    v
+}
+
+/// The evidence that the fault path fired, whether it did, and the violations of what must
+/// hold for this fault beyond the invariants.
+async fn evidence(
+    cluster: &Cluster,
+    fault: Fault,
+    injected: &Injected,
+    seen: &Seen,
+    resumed: Option<(f64, f64)>,
+    sent: &[Sent],
+    (from, to): (Instant, Instant),
+) -> (String, bool, Vec<String>) {
+    let during = || {
+        sent.iter()
+            .flat_map(|s| &s.attempts)
+            .filter(move |a| a.started >= from && a.started < to)
+    };
+    let unavailable = during().filter(|a| a.status == Some(503)).count();
+    let flag = |b: bool| if b { "yes" } else { "no" };
+    let mut must = Vec::new();
+    let (text, fired) = match (fault, injected) {
+        (Fault::CutPostgres, _) => (
+            format!(
+                "503×{unavailable}; /readyz ledger down: {}",
+                flag(seen.ledger_down)
+            ),
+            unavailable > 0 && seen.ledger_down,
+        ),
+        (Fault::CutRedis, _) => (
+            format!(
+                "/readyz redis down: {}; limiter fallbacks {}",
+                flag(seen.redis_down),
+                seen.limiter_fallbacks
+            ),
+            seen.redis_down,
+        ),
+        (Fault::CutRabbitMq, _) => (
+            format!("/readyz events polling: {}", flag(seen.polling)),
+            seen.polling,
+        ),
+        (Fault::CutAll, _) => (
+            format!(
+                "503×{unavailable}; /readyz ledger down: {}, redis down: {}, polling: {}",
+                flag(seen.ledger_down),
+                flag(seen.redis_down),
+                flag(seen.polling)
+            ),
+            unavailable > 0 && seen.ledger_down && seen.redis_down && seen.polling,
+        ),
+        (Fault::Delay, Injected::Delayed { before }) => {
+            let proxies = [&cluster.pg, &cluster.redis, &cluster.amqp];
+            let held: Vec<u64> = proxies
+                .iter()
+                .zip(before)
+                .map(|(p, b)| p.delayed() - b)
+                .collect();
+            let mut took: Vec<Duration> = during()
+                .filter(|a| a.outcome == Outcome::Ok)
+                .map(|a| a.ended - a.started)
+                .collect();
+            took.sort();
+            let median = took.get(took.len() / 2).copied().unwrap_or_default();
+            (
+                format!(
+                    "reads delayed pg/redis/amqp {}/{}/{}; median 2xx {} ms",
+                    held[0],
+                    held[1],
+                    held[2],
+                    median.as_millis()
+                ),
+                held.iter().all(|&n| n > 0) && median >= DELAY,
+            )
+        }
+        (Fault::KillWorker, Injected::Worker(Some((_, held)))) => {
+            let after = cluster.batch(&held.id).await;
+            let resumed = after.status == "completed"
+                && after.lease_owner != held.lease_owner
+                && after.lease_epoch > held.lease_epoch;
+            (
+                format!(
+                    "batch held at the kill (epoch {}) {} at epoch {} by another worker: {}",
+                    held.lease_epoch,
+                    after.status,
+                    after.lease_epoch,
+                    flag(after.lease_owner != held.lease_owner)
+                ),
+                resumed,
+            )
+        }
+        (Fault::KillApi, _) => {
+            let cut_off: Vec<&Sent> = sent
+                .iter()
+                .filter(|s| {
+                    s.attempts.iter().any(|a| {
+                        a.api == KILLED_API && a.outcome == Outcome::Unknown && a.started >= from
+                    })
+                })
+                .collect();
+            let settled = cut_off.iter().filter(|s| s.acked.is_some()).count();
+            let replayed = cut_off
+                .iter()
+                .filter(|s| s.attempts.iter().any(|a| a.replayed))
+                .count();
+            (
+                format!(
+                    "{} imports unknown at the killed API, retried: {settled} acknowledged \
+                     ({replayed} replayed)",
+                    cut_off.len()
+                ),
+                !cut_off.is_empty() && cut_off.iter().all(|s| s.attempts.len() > 1),
+            )
+        }
+        (Fault::StopWorker, Injected::Worker(Some((_, held)))) => {
+            let (fenced, lost) = resumed.unwrap_or_default();
+            let after = cluster.batch(&held.id).await;
+            let at = |d: Option<Duration>| {
+                d.map_or("never".to_owned(), |d| format!("{:.1} s", d.as_secs_f64()))
+            };
+            if seen.finished.is_none() {
+                must.push(format!(
+                    "the stopped worker's batch did not finish while it was stopped (taken \
+                     over: {}; {} after the resume)",
+                    at(seen.taken_over),
+                    after.status
+                ));
+            }
+            if after.attempts > held.attempts {
+                must.push(format!(
+                    "a lapsed lease spent failure attempts: {} → {} of the batch's budget",
+                    held.attempts, after.attempts
+                ));
+            }
+            (
+                format!(
+                    "taken over after {}, finished after {}; once resumed: fence rejections \
+                     {fenced}, leases lost {lost}; attempts {} → {}",
+                    at(seen.taken_over),
+                    at(seen.finished),
+                    held.attempts,
+                    after.attempts
+                ),
+                seen.taken_over.is_some() && fenced + lost >= 1.0,
+            )
+        }
+        (_, _) => (
+            "no worker was found in the middle of a batch".to_owned(),
+            false,
+        ),
+    };
+    (text, fired, must)
+}
+
+/// The sum of a Prometheus metric's samples whose labels contain `label`.
+fn metric(text: &str, name: &str, label: Option<&str>) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let metric_name = series.split('{').next()?;
+            let wanted = metric_name == name && label.is_none_or(|f| series.contains(f));
+            wanted.then(|| value.parse::<f64>().ok()).flatten()
+        })
+        .sum()
+}

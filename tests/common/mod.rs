@@ -1,0 +1,9 @@
+//! Helpers shared by the test targets (`it` and `chaos`), each of which includes this folder
+//! with `#[path]`: the services the tests talk to, a database that lives for one test, a TCP
+//! proxy the test controls, record bodies, and the command that runs a real `dataflow` process.
+
+pub mod db;
+pub mod process;
+pub mod proxy;
+pub mod records;
+pub mod services;
