@@ -172,6 +172,9 @@ impl Cluster {
     fn spawn(&mut self, i: usize) {
         let proc = &mut self.procs[i];
         let mut config = self.config.clone();
+        // Its sessions carry its name, so SQL can tell whose they are.
+        let url = config.database_url.take().unwrap_or_default();
+        config.database_url = Some(format!("{url}?application_name={}", proc.name));
         let role = match proc.role {
             Role::Api => {
                 config.listen = proc.addr;
@@ -358,6 +361,20 @@ impl Cluster {
                 .pid()
                 .is_some_and(|pid| owner.contains(&format!("-{pid}-")))
         })
+    }
+
+    /// Whether process `i` has a transaction open that wrote rows (and so holds their locks)
+    /// but runs no statement: the state a worker stopped inside a chunk is left in.
+    pub async fn in_a_writing_transaction(&self, i: usize) -> bool {
+        sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM pg_stat_activity a JOIN pg_locks l ON l.pid = a.pid \
+             WHERE a.application_name = $1 AND a.state LIKE 'idle in transaction%' \
+             AND l.locktype = 'transactionid' AND l.granted)",
+        )
+        .bind(&self.procs[i].name)
+        .fetch_one(&self.sql)
+        .await
+        .unwrap()
     }
 
     /// The batch `id` as SQL has it now.

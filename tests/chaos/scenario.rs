@@ -95,10 +95,23 @@ enum Injected {
     Delayed {
         before: [u64; 3],
     },
-    /// A worker killed or stopped while in the middle of a batch (`None`: none was found).
-    Worker(Option<(usize, Held)>),
+    /// A worker killed in the middle of a batch (`None`: none was found in one).
+    Killed(Option<(usize, Held)>),
+    /// A worker stopped in the middle of a batch (`None`: none was found in one).
+    Stopped(Option<Stopped>),
     Api,
 }
+
+struct Stopped {
+    worker: usize,
+    held: Held,
+    /// Inside a transaction that wrote rows, whose locks it holds while stopped.
+    in_transaction: bool,
+}
+
+/// Tries at stopping a worker inside a chunk's transaction, before settling for a stop
+/// between two.
+const STOP_TRIES: usize = 40;
 
 /// What the processes reported (`/readyz`) and the stopped worker's batch did, during the
 /// fault.
@@ -108,7 +121,8 @@ struct Seen {
     redis_down: bool,
     polling: bool,
     limiter_fallbacks: u64,
-    /// The stopped worker's batch: when another worker took it over, and when it finished.
+    /// The killed or stopped worker's batch: when another worker took it over, and when it
+    /// finished.
     taken_over: Option<Duration>,
     finished: Option<Duration>,
 }
@@ -199,40 +213,50 @@ async fn inject(cluster: &mut Cluster, fault: Fault) -> Injected {
         }
         Fault::KillWorker => {
             let Some((i, held)) = cluster.worker_in_a_batch(Duration::from_secs(10)).await else {
-                return Injected::Worker(None);
+                return Injected::Killed(None);
             };
             cluster.kill(i);
             let now = cluster.batch(&held.id).await;
             let still = now.lease_epoch == held.lease_epoch && now.status == "processing";
-            return Injected::Worker(still.then_some((i, held)));
+            return Injected::Killed(still.then_some((i, held)));
         }
         Fault::KillApi => {
             cluster.kill(KILLED_API);
             return Injected::Api;
         }
-        Fault::StopWorker => {
-            // Stop a worker in the middle of a batch; one that finished it meanwhile is
-            // resumed and another moment chosen.
-            for _ in 0..20 {
-                let Some((i, held)) = cluster.worker_in_a_batch(Duration::from_secs(10)).await
-                else {
-                    break;
-                };
-                cluster.signal(i, "STOP");
-                let now = cluster.batch(&held.id).await;
-                if now.lease_epoch == held.lease_epoch && now.status == "processing" {
-                    return Injected::Worker(Some((i, held)));
-                }
-                cluster.signal(i, "CONT");
-            }
-            return Injected::Worker(None);
-        }
+        Fault::StopWorker => return Injected::Stopped(stop_a_worker(cluster).await),
     }
     Injected::Cut
 }
 
-/// Holds the fault until `until`, watching what the processes report and, for a stopped
-/// worker, what becomes of its batch.
+/// Stops a worker in the middle of a batch, inside a chunk's transaction when one of
+/// [`STOP_TRIES`] catches it there, else between two; a worker that finished its batch
+/// meanwhile, or was not where wanted, is resumed and another moment chosen.
+async fn stop_a_worker(cluster: &mut Cluster) -> Option<Stopped> {
+    for want_transaction in [true, false] {
+        for _ in 0..STOP_TRIES {
+            let (i, held) = cluster.worker_in_a_batch(Duration::from_secs(10)).await?;
+            cluster.signal(i, "STOP");
+            // Long enough for a statement it had sent to finish.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let now = cluster.batch(&held.id).await;
+            let holds = now.lease_epoch == held.lease_epoch && now.status == "processing";
+            let in_transaction = holds && cluster.in_a_writing_transaction(i).await;
+            if holds && (in_transaction || !want_transaction) {
+                return Some(Stopped {
+                    worker: i,
+                    held,
+                    in_transaction,
+                });
+            }
+            cluster.signal(i, "CONT");
+        }
+    }
+    None
+}
+
+/// Holds the fault until `until`, watching what the processes report and, for a killed or
+/// stopped worker, what becomes of its batch.
 async fn watch(
     cluster: &Cluster,
     injected: &Injected,
@@ -241,7 +265,8 @@ async fn watch(
     seen: &mut Seen,
 ) {
     let stopped = match injected {
-        Injected::Worker(Some((_, held))) => Some(held),
+        Injected::Killed(Some((_, held))) => Some(held),
+        Injected::Stopped(Some(stopped)) => Some(&stopped.held),
         _ => None,
     };
     while Instant::now() < until {
@@ -278,14 +303,19 @@ async fn heal(cluster: &mut Cluster, injected: &Injected) -> Option<(f64, f64)> 
     cluster.amqp.heal();
     match injected {
         Injected::Api => cluster.restart(KILLED_API).await,
-        Injected::Worker(Some((i, _))) if cluster.procs[*i].pid().is_none() => {
-            cluster.restart(*i).await
+        Injected::Killed(_) => {
+            if let Some(i) = cluster
+                .workers()
+                .find(|&i| cluster.procs[i].pid().is_none())
+            {
+                cluster.restart(i).await;
+            }
         }
-        Injected::Worker(Some((i, _))) => {
-            cluster.signal(*i, "CONT");
+        Injected::Stopped(Some(Stopped { worker, .. })) => {
+            cluster.signal(*worker, "CONT");
             // Its next write meets the fence; give it the time to try.
             tokio::time::sleep(Duration::from_secs(3)).await;
-            let text = cluster.metrics(*i).await.unwrap_or_default();
+            let text = cluster.metrics(*worker).await.unwrap_or_default();
             return Some((
                 metric(&text, "dataflow_fence_rejections_total", None),
                 metric(
@@ -295,15 +325,7 @@ async fn heal(cluster: &mut Cluster, injected: &Injected) -> Option<(f64, f64)> 
                 ),
             ));
         }
-        Injected::Worker(None) => {
-            if let Some(i) = cluster
-                .workers()
-                .find(|&i| cluster.procs[i].pid().is_none())
-            {
-                cluster.restart(i).await;
-            }
-        }
-        Injected::Cut | Injected::Delayed { .. } => {}
+        Injected::Stopped(None) | Injected::Cut | Injected::Delayed { .. } => {}
     }
     None
 }
@@ -361,6 +383,8 @@ async fn evidence(
     };
     let unavailable = during().filter(|a| a.status == Some(503)).count();
     let flag = |b: bool| if b { "yes" } else { "no" };
+    let at =
+        |d: Option<Duration>| d.map_or("never".to_owned(), |d| format!("{:.1} s", d.as_secs_f64()));
     let mut must = Vec::new();
     let (text, fired) = match (fault, injected) {
         (Fault::CutPostgres, _) => (
@@ -415,18 +439,23 @@ async fn evidence(
                 held.iter().all(|&n| n > 0) && median >= DELAY,
             )
         }
-        (Fault::KillWorker, Injected::Worker(Some((_, held)))) => {
+        (Fault::KillWorker, Injected::Killed(Some((_, held)))) => {
             let after = cluster.batch(&held.id).await;
+            must.extend(budget_spent(held, &after));
             let resumed = after.status == "completed"
                 && after.lease_owner != held.lease_owner
                 && after.lease_epoch > held.lease_epoch;
             (
                 format!(
-                    "batch held at the kill (epoch {}) {} at epoch {} by another worker: {}",
-                    held.lease_epoch,
+                    "its batch taken over after {}, {} after {} by another worker (epoch \
+                     {} → {}, attempts {} → {})",
+                    at(seen.taken_over),
                     after.status,
+                    at(seen.finished),
+                    held.lease_epoch,
                     after.lease_epoch,
-                    flag(after.lease_owner != held.lease_owner)
+                    held.attempts,
+                    after.attempts,
                 ),
                 resumed,
             )
@@ -454,12 +483,10 @@ async fn evidence(
                 !cut_off.is_empty() && cut_off.iter().all(|s| s.attempts.len() > 1),
             )
         }
-        (Fault::StopWorker, Injected::Worker(Some((_, held)))) => {
+        (Fault::StopWorker, Injected::Stopped(Some(stopped))) => {
+            let held = &stopped.held;
             let (fenced, lost) = resumed.unwrap_or_default();
             let after = cluster.batch(&held.id).await;
-            let at = |d: Option<Duration>| {
-                d.map_or("never".to_owned(), |d| format!("{:.1} s", d.as_secs_f64()))
-            };
             if seen.finished.is_none() {
                 must.push(format!(
                     "the stopped worker's batch did not finish while it was stopped (taken \
@@ -468,22 +495,19 @@ async fn evidence(
                     after.status
                 ));
             }
-            if after.attempts > held.attempts {
-                must.push(format!(
-                    "a lapsed lease spent failure attempts: {} → {} of the batch's budget",
-                    held.attempts, after.attempts
-                ));
-            }
+            must.extend(budget_spent(held, &after));
             (
                 format!(
-                    "taken over after {}, finished after {}; once resumed: fence rejections \
-                     {fenced}, leases lost {lost}; attempts {} → {}",
+                    "stopped inside a writing transaction: {}; taken over after {}, finished \
+                     after {}; once resumed: fence rejections {fenced}, leases lost {lost}; \
+                     attempts {} → {}",
+                    flag(stopped.in_transaction),
                     at(seen.taken_over),
                     at(seen.finished),
                     held.attempts,
                     after.attempts
                 ),
-                seen.taken_over.is_some() && fenced + lost >= 1.0,
+                stopped.in_transaction && seen.taken_over.is_some() && fenced + lost >= 1.0,
             )
         }
         (_, _) => (
@@ -492,6 +516,17 @@ async fn evidence(
         ),
     };
     (text, fired, must)
+}
+
+/// A lease that lapsed because its holder died or froze is no failure of the batch: it must
+/// not spend the batch's failure attempts.
+fn budget_spent(held: &Held, after: &Held) -> Option<String> {
+    (after.attempts > held.attempts).then(|| {
+        format!(
+            "a lapsed lease spent failure attempts: {} → {} of the batch's budget",
+            held.attempts, after.attempts
+        )
+    })
 }
 
 /// The sum of a Prometheus metric's samples whose labels contain `label`.

@@ -35,6 +35,7 @@ pub fn dataflow_command(
         .arg(&config_file)
         .arg(role)
         .env("DATAFLOW_LOG", "info")
+        .env("NO_COLOR", "1")
         .stdout(stdout)
         .stderr(stderr);
     command
