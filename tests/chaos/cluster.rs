@@ -15,6 +15,7 @@ use serde_json::{Value, json};
 use sqlx::PgPool;
 use tokio::time::Instant;
 
+use crate::common::admin::Admin;
 use crate::common::db::{Backend, TestDb};
 use crate::common::process::dataflow_command;
 use crate::common::proxy::Proxy;
@@ -295,38 +296,16 @@ impl Cluster {
         }
     }
 
-    /// A new client (tenant) with limits no load of this suite reaches, and its API key.
+    /// A new client (tenant) with limits no load of this suite reaches: its id and API key.
     pub async fn new_client(&self, name: &str) -> (String, String) {
-        let admin = |path: String| {
-            self.http
-                .post(self.procs[0].url(&path))
-                .bearer_auth(ADMIN_TOKEN)
+        let admin = Admin {
+            http: &self.http,
+            base: self.procs[0].url(""),
+            token: ADMIN_TOKEN,
         };
         let policy = json!({"rate_per_minute": 60000, "rate_burst": 1000});
-        let resp = admin("/admin/clients".into())
-            .json(&json!({"name": name, "policy": policy}))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(
-            resp.status(),
-            201,
-            "create client: {}",
-            resp.text().await.unwrap()
-        );
-        let id = resp.json::<Value>().await.unwrap()["id"]
-            .as_str()
-            .unwrap()
-            .to_owned();
-        let resp = admin(format!("/admin/clients/{id}/keys"))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(resp.status(), 201, "create key");
-        let key = resp.json::<Value>().await.unwrap()["api_key"]
-            .as_str()
-            .unwrap()
-            .to_owned();
+        let id = admin.create_client(name, policy).await;
+        let key = admin.create_key(&id).await;
         (id, key)
     }
 

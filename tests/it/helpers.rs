@@ -8,7 +8,7 @@ use dataflow_contracts::http::{BatchView, ImportView};
 use dataflow_contracts::{BatchId, BatchStatus, ClientId};
 use dataflow_platform::Config;
 use dataflow_platform::db::Db;
-use serde_json::{Value, json};
+use serde_json::Value;
 use tokio::net::TcpListener;
 
 pub use crate::common::db::{Backend, TestDb};
@@ -34,6 +34,9 @@ macro_rules! backend_tests {
 }
 pub(crate) use backend_tests;
 
+/// The operator token of every test process.
+const OPERATOR_TOKEN: &str = "test-operator-token-0123456789";
+
 /// Configuration for a test process: fast polling, small chunks, loopback.
 pub fn test_config(db: &TestDb) -> Config {
     let mut c = Config {
@@ -41,9 +44,7 @@ pub fn test_config(db: &TestDb) -> Config {
         data_dir: db.dir.clone(),
         ..Config::default()
     };
-    c.admin_token = Some(dataflow_platform::config::Secret::new(
-        "test-operator-token-0123456789",
-    ));
+    c.admin_token = Some(dataflow_platform::config::Secret::new(OPERATOR_TOKEN));
     c.worker.poll_interval_ms = 50;
     c.worker.chunk_size = 10;
     c.worker.retry_base_ms = 50;
@@ -166,43 +167,27 @@ impl TestApp {
     pub fn admin(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
         self.http
             .request(method, self.url(path))
-            .bearer_auth("test-operator-token-0123456789")
+            .bearer_auth(OPERATOR_TOKEN)
     }
 
     /// A client with `policy` (a policy patch) and one API key.
     pub async fn client(&self, policy: Value) -> (ClientId, String) {
-        let resp = self
-            .admin(reqwest::Method::POST, "/admin/clients")
-            .json(&json!({"name": "test client", "policy": policy}))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(
-            resp.status(),
-            201,
-            "create client: {}",
-            resp.text().await.unwrap()
-        );
-        let client: Value = resp.json().await.unwrap();
-        let id: ClientId = client["id"].as_str().unwrap().parse().unwrap();
+        let id = self.operator().create_client("test client", policy).await;
+        let id: ClientId = id.parse().unwrap();
         let key = self.new_key(&id).await;
         (id, key)
     }
 
     pub async fn new_key(&self, client: &ClientId) -> String {
-        let resp = self
-            .admin(
-                reqwest::Method::POST,
-                &format!("/admin/clients/{client}/keys"),
-            )
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(resp.status(), 201);
-        resp.json::<Value>().await.unwrap()["api_key"]
-            .as_str()
-            .unwrap()
-            .to_owned()
+        self.operator().create_key(client.as_str()).await
+    }
+
+    fn operator(&self) -> crate::common::admin::Admin<'_> {
+        crate::common::admin::Admin {
+            http: &self.http,
+            base: self.url(""),
+            token: OPERATOR_TOKEN,
+        }
     }
 
     pub fn submit(
