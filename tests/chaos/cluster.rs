@@ -25,8 +25,11 @@ use crate::common::services::{
 
 pub const APIS: usize = 2;
 pub const WORKERS: usize = 3;
-/// The batch lease: short, so a stopped worker's batch is taken over within a fault.
-pub const LEASE: Duration = Duration::from_secs(5);
+/// The batch lease: short, so a killed or stopped worker's batch is taken over within a
+/// fault, yet longer than the fleet registry takes to lose a silent worker
+/// (`fleet::MEMBER_TTL` and a beat), as with the default lease, so that the leader's reclaim
+/// is what ends the lease early.
+pub const LEASE: Duration = Duration::from_secs(10);
 const ADMIN_TOKEN: &str = "chaos-operator-token-0123456789";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -63,6 +66,7 @@ pub struct Held {
     pub lease_owner: String,
     pub lease_epoch: i64,
     pub attempts: i32,
+    pub takeovers: i32,
     pub status: String,
 }
 
@@ -316,7 +320,7 @@ impl Cluster {
         let deadline = Instant::now() + limit;
         while Instant::now() < deadline {
             let held: Vec<Held> = sqlx::query_as(
-                "SELECT id, lease_owner, lease_epoch, attempts, status FROM batches \
+                "SELECT id, lease_owner, lease_epoch, attempts, takeovers, status FROM batches \
                  WHERE status = 'processing' AND lease_owner IS NOT NULL \
                  AND checkpoint * 2 < records_total",
             )
@@ -335,11 +339,39 @@ impl Cluster {
 
     /// The worker whose id (`<host>-<pid>-<nonce>`) is `owner`.
     fn worker_named(&self, owner: &str) -> Option<usize> {
-        self.workers().find(|&i| {
+        self.process_named(owner)
+            .filter(|&i| self.procs[i].role == Role::Worker)
+    }
+
+    /// The running process whose id (`<host>-<pid>-<nonce>`) is `owner`.
+    fn process_named(&self, owner: &str) -> Option<usize> {
+        (0..self.procs.len()).find(|&i| {
             self.procs[i]
                 .pid()
                 .is_some_and(|pid| owner.contains(&format!("-{pid}-")))
         })
+    }
+
+    /// The name of the process whose id is `owner` (`owner` itself for none of them).
+    pub fn name_of(&self, owner: &str) -> String {
+        match self.process_named(owner) {
+            Some(i) => self.procs[i].name.clone(),
+            None if owner.is_empty() => "a successor (done when seen)".to_owned(),
+            None => owner.to_owned(),
+        }
+    }
+
+    /// The process that leads the worker fleet now (`none`: no lease is current).
+    pub async fn leader(&self) -> String {
+        let owner: Option<String> = sqlx::query_scalar(
+            "SELECT owner FROM leases WHERE name = 'leader' \
+             AND expires_at > CAST(EXTRACT(EPOCH FROM clock_timestamp()) * 1000 AS BIGINT)",
+        )
+        .fetch_optional(&self.sql)
+        .await
+        .unwrap()
+        .flatten();
+        owner.map_or_else(|| "none".to_owned(), |o| self.name_of(&o))
     }
 
     /// Whether process `i` has a transaction open that wrote rows (and so holds their locks)
@@ -359,7 +391,8 @@ impl Cluster {
     /// The batch `id` as SQL has it now.
     pub async fn batch(&self, id: &str) -> Held {
         sqlx::query_as(
-            "SELECT id, COALESCE(lease_owner, '') AS lease_owner, lease_epoch, attempts, status \
+            "SELECT id, COALESCE(lease_owner, '') AS lease_owner, lease_epoch, attempts, \
+             takeovers, status \
              FROM batches WHERE id = $1",
         )
         .bind(id)

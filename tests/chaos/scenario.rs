@@ -66,11 +66,11 @@ impl Fault {
         matches!(self, Fault::CutPostgres | Fault::CutAll)
     }
 
-    /// How long the fault is held: a stopped worker stays stopped until its lease has
-    /// lapsed and a successor has had the time to finish its batch.
+    /// How long the fault is held: a killed worker stays down, and a stopped one stopped,
+    /// past its lease, so a successor has had the time to take its batch over and finish it.
     fn hold(self, hold: Duration) -> Duration {
         match self {
-            Fault::StopWorker => hold.max(LEASE * 2 + Duration::from_secs(2)),
+            Fault::KillWorker | Fault::StopWorker => hold.max(LEASE + Duration::from_secs(4)),
             _ => hold,
         }
     }
@@ -107,6 +107,8 @@ struct Stopped {
     held: Held,
     /// Inside a transaction that wrote rows, whose locks it holds while stopped.
     in_transaction: bool,
+    /// The fleet's leader when it was stopped.
+    leader: String,
 }
 
 /// Tries at stopping a worker inside a chunk's transaction, before settling for a stop
@@ -123,7 +125,7 @@ struct Seen {
     limiter_fallbacks: u64,
     /// The killed or stopped worker's batch: when another worker took it over, and when it
     /// finished.
-    taken_over: Option<Duration>,
+    taken_over: Option<(Duration, String)>,
     finished: Option<Duration>,
 }
 
@@ -247,6 +249,7 @@ async fn stop_a_worker(cluster: &mut Cluster) -> Option<Stopped> {
                     worker: i,
                     held,
                     in_transaction,
+                    leader: cluster.leader().await,
                 });
             }
             cluster.signal(i, "CONT");
@@ -285,7 +288,7 @@ async fn watch(
             if seen.taken_over.is_none()
                 && (now.lease_epoch > held.lease_epoch || now.lease_owner != held.lease_owner)
             {
-                seen.taken_over = Some(since.elapsed());
+                seen.taken_over = Some((since.elapsed(), cluster.name_of(&now.lease_owner)));
             }
             if seen.finished.is_none() && matches!(now.status.as_str(), "completed" | "dead") {
                 seen.finished = Some(since.elapsed());
@@ -385,6 +388,10 @@ async fn evidence(
     let flag = |b: bool| if b { "yes" } else { "no" };
     let at =
         |d: Option<Duration>| d.map_or("never".to_owned(), |d| format!("{:.1} s", d.as_secs_f64()));
+    let taken_over = match &seen.taken_over {
+        Some((after, by)) => format!("taken over by {by} after {}", at(Some(*after))),
+        None => "never taken over".to_owned(),
+    };
     let mut must = Vec::new();
     let (text, fired) = match (fault, injected) {
         (Fault::CutPostgres, _) => (
@@ -442,18 +449,26 @@ async fn evidence(
         (Fault::KillWorker, Injected::Killed(Some((_, held)))) => {
             let after = cluster.batch(&held.id).await;
             must.extend(budget_spent(held, &after));
+            if seen.taken_over.is_none() {
+                must.push(format!(
+                    "the killed worker's batch was not taken over while it was down ({} after \
+                     its restart)",
+                    after.status
+                ));
+            }
             let resumed = after.status == "completed"
                 && after.lease_owner != held.lease_owner
                 && after.lease_epoch > held.lease_epoch;
             (
                 format!(
-                    "its batch taken over after {}, {} after {} by another worker (epoch \
-                     {} → {}, attempts {} → {})",
-                    at(seen.taken_over),
+                    "its batch {taken_over}, {} after {} (epoch {} → {}, takeovers {} → {}, \
+                     attempts {} → {})",
                     after.status,
                     at(seen.finished),
                     held.lease_epoch,
                     after.lease_epoch,
+                    held.takeovers,
+                    after.takeovers,
                     held.attempts,
                     after.attempts,
                 ),
@@ -489,21 +504,23 @@ async fn evidence(
             let after = cluster.batch(&held.id).await;
             if seen.finished.is_none() {
                 must.push(format!(
-                    "the stopped worker's batch did not finish while it was stopped (taken \
-                     over: {}; {} after the resume)",
-                    at(seen.taken_over),
+                    "the stopped worker's batch did not finish while it was stopped ({taken_over} \
+                     while it was; {} after the resume)",
                     after.status
                 ));
             }
             must.extend(budget_spent(held, &after));
             (
                 format!(
-                    "stopped inside a writing transaction: {}; taken over after {}, finished \
+                    "{} stopped inside a writing transaction: {} (leader {}); {taken_over}, finished \
                      after {}; once resumed: fence rejections {fenced}, leases lost {lost}; \
-                     attempts {} → {}",
+                     takeovers {} → {}, attempts {} → {}",
+                    cluster.procs[stopped.worker].name,
                     flag(stopped.in_transaction),
-                    at(seen.taken_over),
+                    stopped.leader,
                     at(seen.finished),
+                    held.takeovers,
+                    after.takeovers,
                     held.attempts,
                     after.attempts
                 ),
