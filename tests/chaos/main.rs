@@ -76,23 +76,26 @@ fn selected() -> Vec<Fault> {
         .collect()
 }
 
-const HEADER: [&str; 7] = [
+const HEADER: [&str; 8] = [
     "fault",
     "held",
     "requests ok/failed/unknown",
+    "2xx median before/in",
     "imports sent/acked/stored/completed/dead",
     "drained after heal",
     "fault path",
     "violations",
 ];
 
-fn cells(r: &Row) -> [String; 7] {
+fn cells(r: &Row) -> [String; 8] {
     let [ok, failed, unknown] = r.requests;
     let t = &r.tally;
+    let ms = |d: Option<Duration>| d.map_or("-".to_owned(), |d| format!("{} ms", d.as_millis()));
     [
         r.fault.to_owned(),
         format!("{} s", r.held.as_secs()),
         format!("{ok}/{failed}/{unknown}"),
+        format!("{}/{}", ms(r.median_2xx[0]), ms(r.median_2xx[1])),
         format!(
             "{}/{}/{}/{}/{}",
             r.sent, r.acked, t.stored, t.completed, t.dead
@@ -120,7 +123,7 @@ fn line(r: &Row) -> String {
 
 /// Every row, in a table whose columns fit their widest cell.
 fn table(rows: &[Row]) -> String {
-    let body: Vec<[String; 7]> = rows.iter().map(cells).collect();
+    let body: Vec<[String; 8]> = rows.iter().map(cells).collect();
     let mut widths = HEADER.map(str::len);
     for row in &body {
         for (w, c) in widths.iter_mut().zip(row) {

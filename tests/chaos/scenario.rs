@@ -23,6 +23,9 @@ const RECOVERY_LIMIT: Duration = Duration::from_secs(30);
 const DELAY: Duration = Duration::from_millis(200);
 /// The API process killed in the API scenario.
 const KILLED_API: usize = 1;
+/// Tries at stopping a worker inside a chunk's transaction, before settling for a stop
+/// between two.
+const STOP_TRIES: usize = 40;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Fault {
@@ -83,6 +86,8 @@ pub struct Row {
     pub requests: [usize; 3],
     pub sent: usize,
     pub acked: usize,
+    /// How long an acknowledged request took (the median), before the fault and in it.
+    pub median_2xx: [Option<Duration>; 2],
     pub tally: Tally,
     pub drained: Option<Duration>,
     pub evidence: String,
@@ -111,10 +116,6 @@ struct Stopped {
     leader: String,
 }
 
-/// Tries at stopping a worker inside a chunk's transaction, before settling for a stop
-/// between two.
-const STOP_TRIES: usize = 40;
-
 /// What the processes reported (`/readyz`) and the stopped worker's batch did, during the
 /// fault.
 #[derive(Default)]
@@ -136,6 +137,7 @@ pub async fn run(cluster: &mut Cluster, fault: Fault, hold: Duration) -> Row {
         violations.push(format!("not ready before the fault: {why}"));
     }
     let (client, key) = cluster.new_client(fault.name()).await;
+    let loaded_at = Instant::now();
     let load = Load::start(cluster.api_urls(), key, fault.name().to_owned());
     tokio::time::sleep(WARMUP).await;
 
@@ -189,6 +191,10 @@ pub async fn run(cluster: &mut Cluster, fault: Fault, hold: Duration) -> Row {
         ],
         sent: sent.len(),
         acked: sent.iter().filter(|s| s.acked.is_some()).count(),
+        median_2xx: [
+            median_2xx(&sent, (loaded_at, injected_at)),
+            median_2xx(&sent, window),
+        ],
         tally,
         drained,
         evidence,
@@ -298,9 +304,18 @@ async fn watch(
     }
 }
 
-/// Heals the fault; for a stopped worker, the fence's refusals and the lost leases it
-/// counted once resumed.
-async fn heal(cluster: &mut Cluster, injected: &Injected) -> Option<(f64, f64)> {
+/// A stopped worker once resumed.
+#[derive(Default)]
+struct Resumed {
+    /// It still had its transaction (and its locks) when it was resumed, past its lease.
+    locks_outlived_lease: bool,
+    /// Writes the fence refused it, and leases it found lost.
+    fenced: f64,
+    lost: f64,
+}
+
+/// Heals the fault; for a stopped worker, what it held and met once resumed.
+async fn heal(cluster: &mut Cluster, injected: &Injected) -> Option<Resumed> {
     cluster.pg.heal();
     cluster.redis.heal();
     cluster.amqp.heal();
@@ -315,18 +330,20 @@ async fn heal(cluster: &mut Cluster, injected: &Injected) -> Option<(f64, f64)> 
             }
         }
         Injected::Stopped(Some(Stopped { worker, .. })) => {
+            let locks_outlived_lease = cluster.in_a_writing_transaction(*worker).await;
             cluster.signal(*worker, "CONT");
             // Its next write meets the fence; give it the time to try.
             tokio::time::sleep(Duration::from_secs(3)).await;
             let text = cluster.metrics(*worker).await.unwrap_or_default();
-            return Some((
-                metric(&text, "dataflow_fence_rejections_total", None),
-                metric(
+            return Some(Resumed {
+                locks_outlived_lease,
+                fenced: metric(&text, "dataflow_fence_rejections_total", None),
+                lost: metric(
                     &text,
                     "dataflow_batches_total",
                     Some("outcome=\"lease_lost\""),
                 ),
-            ));
+            });
         }
         Injected::Stopped(None) | Injected::Cut | Injected::Delayed { .. } => {}
     }
@@ -375,7 +392,7 @@ async fn evidence(
     fault: Fault,
     injected: &Injected,
     seen: &Seen,
-    resumed: Option<(f64, f64)>,
+    resumed: Option<Resumed>,
     sent: &[Sent],
     (from, to): (Instant, Instant),
 ) -> (String, bool, Vec<String>) {
@@ -429,19 +446,11 @@ async fn evidence(
                 .zip(before)
                 .map(|(p, b)| p.delayed() - b)
                 .collect();
-            let mut took: Vec<Duration> = during()
-                .filter(|a| a.outcome == Outcome::Ok)
-                .map(|a| a.ended - a.started)
-                .collect();
-            took.sort();
-            let median = took.get(took.len() / 2).copied().unwrap_or_default();
+            let median = median_2xx(sent, (from, to)).unwrap_or_default();
             (
                 format!(
-                    "reads delayed pg/redis/amqp {}/{}/{}; median 2xx {} ms",
-                    held[0],
-                    held[1],
-                    held[2],
-                    median.as_millis()
+                    "reads delayed pg/redis/amqp {}/{}/{}",
+                    held[0], held[1], held[2],
                 ),
                 held.iter().all(|&n| n > 0) && median >= DELAY,
             )
@@ -489,10 +498,17 @@ async fn evidence(
                 .iter()
                 .filter(|s| s.attempts.iter().any(|a| a.replayed))
                 .count();
+            // A request killed after claiming its key and before committing holds the key
+            // until its deadline: the retries meanwhile are told it is in progress.
+            let in_progress = cut_off
+                .iter()
+                .flat_map(|s| &s.attempts)
+                .filter(|a| a.status == Some(409))
+                .count();
             (
                 format!(
                     "{} imports unknown at the killed API, retried: {settled} acknowledged \
-                     ({replayed} replayed)",
+                     ({replayed} replayed, 409 in progress ×{in_progress})",
                     cut_off.len()
                 ),
                 !cut_off.is_empty() && cut_off.iter().all(|s| s.attempts.len() > 1),
@@ -500,7 +516,16 @@ async fn evidence(
         }
         (Fault::StopWorker, Injected::Stopped(Some(stopped))) => {
             let held = &stopped.held;
-            let (fenced, lost) = resumed.unwrap_or_default();
+            let Resumed {
+                locks_outlived_lease,
+                fenced,
+                lost,
+            } = resumed.unwrap_or_default();
+            if locks_outlived_lease {
+                must.push(
+                    "the stopped worker's transaction, and its locks, outlived its lease".into(),
+                );
+            }
             let after = cluster.batch(&held.id).await;
             if seen.finished.is_none() {
                 must.push(format!(
@@ -512,11 +537,12 @@ async fn evidence(
             must.extend(budget_spent(held, &after));
             (
                 format!(
-                    "{} stopped inside a writing transaction: {} (leader {}); {taken_over}, finished \
-                     after {}; once resumed: fence rejections {fenced}, leases lost {lost}; \
-                     takeovers {} → {}, attempts {} → {}",
+                    "{} stopped inside a writing transaction: {}, still in it at the resume: \
+                     {} (leader {}); {taken_over}, finished after {}; once resumed: fence \
+                     rejections {fenced}, leases lost {lost}; takeovers {} → {}, attempts {} → {}",
                     cluster.procs[stopped.worker].name,
                     flag(stopped.in_transaction),
+                    flag(locks_outlived_lease),
                     stopped.leader,
                     at(seen.finished),
                     held.takeovers,
@@ -533,6 +559,18 @@ async fn evidence(
         ),
     };
     (text, fired, must)
+}
+
+/// The median time of the requests started between `from` and `to` that were acknowledged.
+fn median_2xx(sent: &[Sent], (from, to): (Instant, Instant)) -> Option<Duration> {
+    let mut took: Vec<Duration> = sent
+        .iter()
+        .flat_map(|s| &s.attempts)
+        .filter(|a| a.outcome == Outcome::Ok && a.started >= from && a.started < to)
+        .map(|a| a.ended - a.started)
+        .collect();
+    took.sort();
+    took.get(took.len() / 2).copied()
 }
 
 /// A lease that lapsed because its holder died or froze is no failure of the batch: it must
