@@ -197,9 +197,12 @@ pub async fn immortal_keys(redis: &dataflow_platform::redis::Redis) -> Vec<Strin
         Ok(keys) => keys,
         Err(e) => return vec![format!("K1: Redis did not answer the scan: {e}")],
     };
+    let mut v = Violations::default();
+    if keys.is_empty() {
+        v.add("K1: nothing to check", "no key under the prefix");
+    }
     let mut conn = redis.conn();
     let queue_prefix = format!("{}:", redis.prefix());
-    let mut v = Violations::default();
     for key in keys {
         let rest = key.strip_prefix(&queue_prefix).unwrap_or(&key);
         if is_queue_key(rest) {

@@ -310,8 +310,8 @@ struct Resumed {
     /// It still had its transaction (and its locks) when it was resumed, past its lease.
     locks_outlived_lease: bool,
     /// Writes the fence refused it, and leases it found lost.
-    fenced: f64,
-    lost: f64,
+    fenced: u64,
+    lost: u64,
 }
 
 /// Heals the fault; for a stopped worker, what it held and met once resumed.
@@ -550,7 +550,7 @@ async fn evidence(
                     held.attempts,
                     after.attempts
                 ),
-                stopped.in_transaction && seen.taken_over.is_some() && fenced + lost >= 1.0,
+                stopped.in_transaction && seen.taken_over.is_some() && fenced + lost >= 1,
             )
         }
         (_, _) => (
@@ -584,15 +584,18 @@ fn budget_spent(held: &Held, after: &Held) -> Option<String> {
     })
 }
 
-/// The sum of a Prometheus metric's samples whose labels contain `label`.
-fn metric(text: &str, name: &str, label: Option<&str>) -> f64 {
+/// The sum of a Prometheus counter's samples whose labels contain `label`.
+fn metric(text: &str, name: &str, label: Option<&str>) -> u64 {
     text.lines()
         .filter(|l| !l.starts_with('#'))
         .filter_map(|l| {
             let (series, value) = l.rsplit_once(' ')?;
             let metric_name = series.split('{').next()?;
             let wanted = metric_name == name && label.is_none_or(|f| series.contains(f));
-            wanted.then(|| value.parse::<f64>().ok()).flatten()
+            // Counters are whole numbers, written as floats.
+            wanted
+                .then(|| value.parse::<f64>().ok().map(|v| v as u64))
+                .flatten()
         })
         .sum()
 }
