@@ -159,6 +159,14 @@ impl Cluster {
         for i in 1..cluster.procs.len() {
             cluster.wait_healthy(i).await;
         }
+        // A service that answers but does not work (a broker that cannot declare its queues)
+        // would make every scenario fail for the same reason: say so once.
+        if let Err(why) = cluster.wait_ready(Duration::from_secs(60)).await {
+            panic!(
+                "the cluster never became ready: {why}; see {}",
+                cluster.logs.display()
+            );
+        }
         Some(cluster)
     }
 

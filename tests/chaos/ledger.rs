@@ -23,6 +23,7 @@ struct Stored {
     records_written: i64,
     records_unchanged: i64,
     records_failed: i64,
+    records_superseded: i64,
     attempts: i32,
     last_error: Option<String>,
     /// Rows of `records` that name this batch.
@@ -81,6 +82,7 @@ pub async fn check(sql: &PgPool, client: &str, sent: &[Sent]) -> (Tally, Vec<Str
     let stored: Vec<Stored> = sqlx::query_as(
         "SELECT i.id AS import_id, i.idempotency_key, i.records, b.id AS batch_id, b.status, \
            b.records_total, b.records_written, b.records_unchanged, b.records_failed, \
+           b.records_superseded, \
            b.attempts, b.last_error, \
            (SELECT COUNT(*) FROM records r WHERE r.client_id = i.client_id AND r.batch_id = b.id) \
              AS record_rows, \
@@ -167,11 +169,16 @@ fn check_batch(s: &Stored, v: &mut Violations) {
             if s.completions == 0 {
                 v.add("C1: completed without a BatchCompleted event", id);
             }
-            // Every record is new and valid: all written, once.
-            let counts = (s.records_written, s.records_unchanged, s.records_failed);
-            if counts != (s.records_total, 0, 0) || s.records_total != s.records {
+            // Every record is new, valid and the import's own: all written, once.
+            let counts = (
+                s.records_written,
+                s.records_unchanged,
+                s.records_failed,
+                s.records_superseded,
+            );
+            if counts != (s.records_total, 0, 0, 0) || s.records_total != s.records {
                 v.add(
-                    "counts: written/unchanged/failed differ from the records sent",
+                    "counts: written/unchanged/failed/superseded differ from the records sent",
                     id,
                 );
             }
