@@ -17,7 +17,7 @@ use tokio::time::Instant;
 
 use crate::common::admin::Admin;
 use crate::common::db::{Backend, TestDb};
-use crate::common::process::dataflow_command;
+use crate::common::process::{self, dataflow_command};
 use crate::common::proxy::Proxy;
 use crate::common::services::{
     delete_amqp_topology, on_private_runtime, service_addr, test_amqp_url, test_redis_url, url_via,
@@ -248,14 +248,9 @@ impl Cluster {
 
     /// Sends `signal` (`STOP`, `CONT`) to process `i`, by its pid.
     pub fn signal(&mut self, i: usize, signal: &str) {
-        let pid = self.procs[i].pid().expect("a running process");
-        self.procs[i].stopped = signal == "STOP";
-        let status = std::process::Command::new("kill")
-            .arg(format!("-{signal}"))
-            .arg(pid.to_string())
-            .status()
-            .unwrap();
-        assert!(status.success(), "kill -{signal} {pid}");
+        let proc = &mut self.procs[i];
+        process::signal(proc.child.as_ref().expect("a running process"), signal);
+        proc.stopped = signal == "STOP";
     }
 
     /// `GET /readyz` of process `i` (an answer with any status), `None` without one.
