@@ -9,7 +9,7 @@ use dataflow_worker::{Outcome, Step, Worker};
 use reqwest::Method;
 use serde_json::json;
 
-use crate::helpers::{Backend, TestApp, backend_tests, csv};
+use crate::helpers::{Backend, TestApp, backend_tests, csv, signal};
 
 backend_tests!(
     racing_workers_never_double_complete,
@@ -397,14 +397,4 @@ async fn a_stopped_worker_cannot_stall_its_batch() {
     child.wait().unwrap();
     successor.stop().await;
     api.stop().await;
-}
-
-/// Sends `sig` (`STOP`, `CONT`) to a process this test started.
-fn signal(child: &std::process::Child, sig: &str) {
-    let status = std::process::Command::new("kill")
-        .arg(format!("-{sig}"))
-        .arg(child.id().to_string())
-        .status()
-        .unwrap();
-    assert!(status.success(), "kill -{sig}");
 }
