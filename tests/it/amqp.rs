@@ -41,6 +41,7 @@ backend_tests!(
     a_returned_batch_ready_is_published_again_after_the_topology_is_restored,
     a_worker_without_the_relay_runs_its_own_jobs_at_once,
     concurrent_submits_publish_each_event_once_in_lifecycle_order,
+    a_lapsed_lease_is_taken_over_when_it_runs_out_not_at_the_sweep,
 );
 
 /// The test's own view of the broker: a direct connection (never through the proxy) and
@@ -1123,4 +1124,40 @@ async fn a_relay_whose_lease_lapsed_mid_round_publishes_nothing_beside_its_succe
     link.close().await;
     db.close().await;
     tb.cleanup().await;
+}
+
+/// With the broker healthy the claim loop sleeps for the long safety sweep; a lease that
+/// simply lapses (its holder froze or lost the ledger, and no failure was recorded)
+/// announces nothing on the broker. The loop must still wake when that lease runs out, not
+/// a whole sweep later.
+async fn a_lapsed_lease_is_taken_over_when_it_runs_out_not_at_the_sweep(b: Backend) {
+    let Some(broker) = TestBroker::new().await else {
+        return;
+    };
+    let api = spawn(b, &broker, Roles::API, None).await;
+    wait_mode(&api, "broker").await;
+    let (_, key) = api.client(json!({})).await;
+    let imp = api.import(&key, "text/csv", csv("lapse", 30)).await;
+    wait_backlog(&api, 0).await;
+    // A holder that claimed the batch and was never heard of again; its lease is short, so
+    // it lapses before the fleet registry could judge the holder gone.
+    let ghost = api.db.claim_next("ghost", 2_000).await.unwrap();
+    assert_eq!(ghost.map(|l| l.batch_id), Some(imp.batch_id.clone()));
+
+    let worker = api
+        .sibling_with(Roles::WORKER, |c| c.amqp.safety_sweep_ms = 60_000)
+        .await;
+    let started = Instant::now();
+    let done = api
+        .wait_for(&key, &imp.batch_id, BatchStatus::Completed)
+        .await;
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "taken over after {:?}",
+        started.elapsed()
+    );
+    assert_eq!((done.attempts, done.takeovers), (1, 1), "{done:?}");
+    worker.stop().await;
+    api.stop().await;
+    broker.cleanup().await;
 }

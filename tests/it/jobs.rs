@@ -504,34 +504,49 @@ async fn a_dead_workers_jobs_are_taken_back() {
     api.stop().await;
 }
 
-/// Redis: a real `dataflow worker` process is killed with SIGKILL while its three webhook
-/// deliveries are in flight. With the default dead-worker timeout, a live worker takes the
-/// jobs back and delivers them within 30 s; the receiver sees the same `webhook-id` twice (the
-/// one duplicate a crash may cause). On DataFlow's lists the lost attempt counts. The killed
-/// process led the fleet, so the reaper that takes the jobs back runs only once the live
-/// worker has succeeded it.
+/// A real `dataflow worker` process is killed with SIGKILL while its three webhook
+/// deliveries are in flight. With the default dead-worker timeout and job timeout, a live
+/// worker takes the jobs back and delivers them within 30 s; the receiver sees the same
+/// `webhook-id` twice (the one duplicate a crash may cause). On DataFlow's lists and on SQL
+/// claims the lost attempt counts. The killed process led the fleet, so the duty that
+/// takes the jobs back (the reaper of the lists, the reclaim of SQL claims) runs only once
+/// the live worker has succeeded it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_worker_process_has_its_jobs_recovered_within_30s() {
-    recover_from_kill(RedisQueue::Lists).await;
+    recover_from_kill(Some(RedisQueue::Lists)).await;
 }
 
 /// The same on apalis-redis, whose orphan recovery does not count the lost attempt.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_apalis_redis_worker_process_has_its_jobs_recovered_within_30s() {
-    recover_from_kill(RedisQueue::ApalisRedis).await;
+    recover_from_kill(Some(RedisQueue::ApalisRedis)).await;
 }
 
-async fn recover_from_kill(queue: RedisQueue) {
+/// The same without Redis: the jobs were claimed from SQL, under a claim lease of twice the
+/// job timeout (two minutes by default), which the fleet registry makes no one wait out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_worker_process_has_its_sql_claimed_jobs_recovered_within_30s() {
+    recover_from_kill(None).await;
+}
+
+async fn recover_from_kill(queue: Option<RedisQueue>) {
     let smtp = SmtpSink::start().await;
     let hooks = WebhookReceiver::start(0).await;
-    let Some(api) = TestApp::spawn_redis(Backend::Postgres, Roles::API, None, |c| {
+    let tweak = |c: &mut Config| {
         fast_jobs(c, &smtp);
         c.jobs.dead_worker_ms = Config::default().jobs.dead_worker_ms;
-        c.jobs.redis_queue = queue;
+        c.jobs.timeout_secs = Config::default().jobs.timeout_secs;
+        c.jobs.requeue_after_secs = Config::default().jobs.requeue_after_secs;
         c.jobs.redis_working_set = 100;
-    })
-    .await
-    else {
+        if let Some(queue) = queue {
+            c.jobs.redis_queue = queue;
+        }
+    };
+    let api = match queue {
+        Some(_) => TestApp::spawn_redis(Backend::Postgres, Roles::API, None, tweak).await,
+        None => TestApp::spawn_with(Backend::Postgres, Roles::API, tweak).await,
+    };
+    let Some(api) = api else {
         return;
     };
     let log = std::fs::File::create(api.config.data_dir.join("worker.log")).unwrap();
@@ -578,8 +593,8 @@ async fn recover_from_kill(queue: RedisQueue) {
     // On DataFlow's lists the reaper counts the cut attempt; apalis-redis's orphan recovery
     // does not.
     let attempts = match queue {
-        RedisQueue::Lists => 2,
-        RedisQueue::ApalisRedis => 1,
+        Some(RedisQueue::Lists) | None => 2,
+        Some(RedisQueue::ApalisRedis) => 1,
     };
     for job in &webhooks {
         assert!(cut.contains(job.id.as_str()), "{job:?}");
@@ -590,9 +605,11 @@ async fn recover_from_kill(queue: RedisQueue) {
         assert_eq!((seen, job.attempts), (2, attempts), "{job:?}");
     }
     worker.stop().await;
-    let redis = api.app.as_ref().unwrap().backends.redis.clone().unwrap();
+    let redis = api.app.as_ref().unwrap().backends.redis.clone();
     api.stop().await;
-    redis.delete_all_under_prefix().await.unwrap();
+    if let Some(redis) = redis {
+        redis.delete_all_under_prefix().await.unwrap();
+    }
 }
 
 /// Deliveries never go through a proxy named in the environment: a proxy would make the
@@ -689,13 +706,32 @@ async fn only_the_current_delivery_of_a_job_settles(b: Backend) {
 
     // Claimed from SQL: a claim whose lease ran out goes back, and its late result is refused.
     api.import(&key, "text/csv", "id\n2\n").await;
-    let claimed = take(Handover::Claim, 0).await;
+    let claimed = take(Handover::Claim { by: "w" }, 0).await;
     tokio::time::sleep(Duration::from_millis(10)).await;
     assert_eq!(db.expire_running_jobs().await.unwrap(), 1);
-    let again = take(Handover::Claim, 60_000).await;
+    let again = take(Handover::Claim { by: "w" }, 60_000).await;
     assert_eq!(db.finish_jobs(&[&claimed], false).await.unwrap(), 0);
     assert_eq!(db.hand_back_claims(&[&claimed]).await.unwrap(), 0);
     assert_eq!(db.finish_jobs(&[&again], false).await.unwrap(), 1);
+
+    // Claimed by a worker the registry no longer lists: back at once, not at the lease's
+    // end, and the gone worker's late result is refused. A live holder keeps its claim.
+    api.import(&key, "text/csv", "id\n3\n").await;
+    let orphan = take(Handover::Claim { by: "w" }, 60_000).await;
+    let live = ["w".to_owned()];
+    assert_eq!(
+        db.end_job_claims_of_gone_workers(&live, 0).await.unwrap(),
+        0
+    );
+    let gone = ["other".to_owned()];
+    assert_eq!(
+        db.end_job_claims_of_gone_workers(&gone, 0).await.unwrap(),
+        1
+    );
+    let adopted = take(Handover::Claim { by: "other" }, 60_000).await;
+    assert_eq!(adopted.id, orphan.id);
+    assert_eq!(db.finish_jobs(&[&orphan], false).await.unwrap(), 0);
+    assert_eq!(db.finish_jobs(&[&adopted], false).await.unwrap(), 1);
     api.stop().await;
 }
 

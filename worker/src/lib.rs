@@ -541,6 +541,24 @@ impl Worker {
         i64::try_from(ms).unwrap_or(i64::MAX)
     }
 
+    /// How long the claim loop may sleep while the broker carries the wake-ups: the safety
+    /// sweep, unless a lease runs out or a batch falls due sooner (neither is announced on
+    /// the broker). Never less than the poll interval, so a batch that is due but held by
+    /// another worker's mutex does not spin the loop.
+    async fn until_next_claim(&self, sweep: Duration) -> Duration {
+        let floor = Duration::from_millis(self.config.poll_interval_ms).min(sweep);
+        match self.db.next_claim_in_ms().await {
+            Ok(Some(ms)) => {
+                Duration::from_millis(u64::try_from(ms).unwrap_or(0)).clamp(floor, sweep)
+            }
+            Ok(None) => sweep,
+            Err(e) => {
+                tracing::warn!(error = %e, "could not read when the next batch falls due");
+                floor
+            }
+        }
+    }
+
     /// The claim loop: up to `concurrency` batches at once (shared with the consumer),
     /// woken by `BatchReady` events, retries falling due, a change of mode and the poll
     /// timer. On `shutdown` it stops claiming, lets in-flight batches finish for the grace
@@ -562,8 +580,9 @@ impl Worker {
                 }
             }
             drop(slot);
-            let poll = match *wake.mode.borrow() {
-                Mode::Broker => wake.safety_sweep,
+            let mode = *wake.mode.borrow();
+            let poll = match mode {
+                Mode::Broker => self.until_next_claim(wake.safety_sweep).await,
                 Mode::Embedded | Mode::Polling => {
                     Duration::from_millis(self.config.poll_interval_ms)
                 }

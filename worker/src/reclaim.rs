@@ -1,8 +1,9 @@
-//! The leader's reclaim of batches whose worker is gone: the fleet registry knows within
-//! [`MEMBER_TTL`] that a worker died, long before its batch leases would lapse, so the
-//! leader ends those leases then, breaks their batch mutexes, and wakes its own claim loop
-//! to take them over. A restarted process no longer waits out its dead predecessor's
-//! leases.
+//! The leader's reclaim of batches and job claims whose worker is gone: the fleet registry
+//! knows within [`MEMBER_TTL`] that a worker died, long before its batch leases (or the
+//! claims of the jobs it took from SQL) would lapse, so the leader ends those leases then,
+//! breaks their batch mutexes, wakes its own claim loop to take the batches over, and puts
+//! the jobs back to be claimed again. A restarted process no longer waits out its dead
+//! predecessor's leases. (Jobs delivered through Redis have the queue's own reaper.)
 //!
 //! The registry is trusted only while it lists the leader itself (a registry that lost
 //! its entries, a Redis flushed or failed over, would make every worker look gone). Even
@@ -42,6 +43,14 @@ pub async fn run(
                     }
                     Ok(_) => {}
                     Err(e) => tracing::warn!(error = %e, "reclaiming gone workers' batches failed"),
+                }
+                match db.end_job_claims_of_gone_workers(&live, quiet_ms).await {
+                    Ok(0) => {}
+                    Ok(jobs) => {
+                        tracing::warn!(jobs, "took back the job claims of workers that are gone");
+                        metrics::counter!("dataflow_jobs_reclaimed_total").increment(jobs);
+                    }
+                    Err(e) => tracing::warn!(error = %e, "reclaiming gone workers' jobs failed"),
                 }
             }
             Ok(_) => {}

@@ -18,7 +18,7 @@ use sqlx::Row;
 use sqlx::any::AnyRow;
 
 use super::clients::{parse_id, parse_policy};
-use super::{Db, Dialect, Tx, count, split_page};
+use super::{Db, Dialect, Tx, count, json_list, split_page};
 use crate::{Error, Result};
 
 /// A batch a claim may take: ready and due, or held under a lease that expired.
@@ -208,6 +208,21 @@ impl Db {
         row.map(|r| lease_from_row(&r, owner)).transpose()
     }
 
+    /// How long until a batch may next become claimable, by the ledger's clock: the earliest
+    /// `ready` batch falling due or `processing` lease running out (zero or less: one is
+    /// claimable now, or held by another worker's mutex). `None` when there is neither. A
+    /// lease that lapses announces nothing, so a claim loop that otherwise sleeps long
+    /// (the safety sweep while the broker carries wake-ups) sleeps at most this long.
+    pub async fn next_claim_in_ms(&self) -> Result<Option<i64>> {
+        let sql = self.sql(
+            "SELECT MIN(due) - {now} FROM ( \
+                 SELECT MIN(available_at) AS due FROM batches WHERE status = 'ready' \
+                 UNION ALL \
+                 SELECT MIN(lease_expires_at) FROM batches WHERE status = 'processing') AS next",
+        );
+        Ok(sqlx::query_scalar(sql).fetch_one(self.pool()).await?)
+    }
+
     /// Ends the leases of batches held by workers that are gone: `processing` under an
     /// unexpired lease whose owner is not among `live` and that no claim or chunk touched
     /// for `quiet_ms` (a worker that has just started may not be in the registry yet).
@@ -218,7 +233,6 @@ impl Db {
         live: &[String],
         quiet_ms: i64,
     ) -> Result<Vec<BatchId>> {
-        let live = serde_json::to_string(live).map_err(|e| Error::Invalid(e.to_string()))?;
         let sql = self.sql(
             "UPDATE batches SET lease_expires_at = {now} - 1 \
              WHERE status = 'processing' AND lease_expires_at >= {now} \
@@ -226,7 +240,7 @@ impl Db {
              RETURNING id",
         );
         let ids: Vec<String> = sqlx::query_scalar(sql)
-            .bind(live)
+            .bind(json_list(live))
             .bind(quiet_ms)
             .fetch_all(&mut *self.writer().await?)
             .await?;

@@ -23,26 +23,50 @@ use sqlx::any::AnyRow;
 
 use super::clients::{parse_id, parse_policy};
 use super::commits::Kinds;
-use super::{Db, Tx, count, split_page};
+use super::{Db, Tx, count, json_list, split_page};
 use crate::{Error, Result};
 
 /// Where [`Db::take_due_jobs`] puts the jobs it takes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Handover {
-    /// A worker runs them now (embedded mode): `running`, one attempt counted.
-    Claim,
+pub enum Handover<'a> {
+    /// Worker `by` runs them now (embedded mode): `running`, one attempt counted, and the
+    /// claim is that worker's until it settles, its lease lapses or the worker is gone.
+    Claim { by: &'a str },
     /// The relay pushes them to Redis: `queued`; attempts are counted when they settle.
     Queue,
 }
 
-impl Handover {
+impl<'a> Handover<'a> {
     /// The status taken jobs get, and the attempts the hand-over counts.
     fn status_and_count(self) -> (JobStatus, i32) {
         match self {
-            Handover::Claim => (JobStatus::Running, 1),
+            Handover::Claim { .. } => (JobStatus::Running, 1),
             Handover::Queue => (JobStatus::Queued, 0),
         }
     }
+
+    fn owner(self) -> Option<&'a str> {
+        match self {
+            Handover::Claim { by } => Some(by),
+            Handover::Queue => None,
+        }
+    }
+}
+
+/// A claim from SQL that will not be settled by its holder goes back to `pending` (a new
+/// delivery), or `dead` when it used the last attempt (the claim counted it).
+macro_rules! take_back_claims {
+    ($where:expr) => {
+        concat!(
+            "UPDATE jobs SET status = CASE WHEN attempts >= max_attempts THEN 'dead' \
+                                           ELSE 'pending' END, \
+                 run_at = {now}, lease_until = NULL, lease_owner = NULL, updated_at = {now}, \
+                 delivery_epoch = delivery_epoch + 1, \
+                 last_error = 'the worker running it stopped before it finished' \
+             WHERE status = 'running' AND ",
+            $where
+        )
+    };
 }
 
 /// How a failed attempt ends.
@@ -147,12 +171,12 @@ impl Db {
         &self,
         kind: JobKind,
         limit: usize,
-        handover: Handover,
+        handover: Handover<'_>,
         lease_ms: u64,
     ) -> Result<Vec<JobMessage>> {
         let sql = self.sql(
             "UPDATE jobs SET status = $3, attempts = attempts + $4, \
-                 lease_until = {now} + $5, updated_at = {now}, \
+                 lease_until = {now} + $5, lease_owner = $6, updated_at = {now}, \
                  delivery_epoch = delivery_epoch + 1 \
              WHERE id IN (SELECT id FROM jobs WHERE kind = $1 AND status = 'pending' \
                           AND run_at <= {now} ORDER BY run_at LIMIT $2 {skip_locked}) \
@@ -165,6 +189,7 @@ impl Db {
             .bind(status.as_str())
             .bind(counted)
             .bind(millis(lease_ms))
+            .bind(handover.owner())
             .fetch_all(&mut *self.background_writer().await?)
             .await?;
         let mut jobs = rows
@@ -323,15 +348,29 @@ impl Db {
     /// Embedded mode: jobs whose worker died mid-attempt (the attempt was counted at claim)
     /// go back to `pending`, or `dead` when that was the last one.
     pub async fn expire_running_jobs(&self) -> Result<u64> {
-        let sql = self.sql(
-            "UPDATE jobs SET status = CASE WHEN attempts >= max_attempts THEN 'dead' \
-                                           ELSE 'pending' END, \
-                 run_at = {now}, lease_until = NULL, updated_at = {now}, \
-                 delivery_epoch = delivery_epoch + 1, \
-                 last_error = 'the worker running it stopped before it finished' \
-             WHERE status = 'running' AND lease_until < {now}",
-        );
+        let sql = self.sql(take_back_claims!("lease_until < {now}"));
         Ok(sqlx::query(sql)
+            .execute(&mut *self.background_writer().await?)
+            .await?
+            .rows_affected())
+    }
+
+    /// The claims of workers that are gone (not among `live`, and untouched for
+    /// `quiet_ms`: a worker that has just started may not be in the registry yet) go back
+    /// at once, as their lease running out would have sent them. A holder wrongly judged
+    /// gone loses nothing but the attempt: its late settle names a delivery that is no
+    /// longer current and is refused.
+    pub async fn end_job_claims_of_gone_workers(
+        &self,
+        live: &[String],
+        quiet_ms: i64,
+    ) -> Result<u64> {
+        let sql = self.sql(take_back_claims!(
+            "lease_owner NOT IN ({id_list}) AND updated_at < {now} - $2"
+        ));
+        Ok(sqlx::query(sql)
+            .bind(json_list(live))
+            .bind(quiet_ms)
             .execute(&mut *self.background_writer().await?)
             .await?
             .rows_affected())
@@ -515,7 +554,7 @@ fn job_from_row(r: &AnyRow) -> Result<JobView> {
 /// The deliveries as the JSON array of `[id, epoch]` pairs that `{ticket_list}` expands.
 fn ticket_list(tickets: &[&JobTicket]) -> String {
     let pairs: Vec<(&str, i64)> = tickets.iter().map(|t| (t.id.as_str(), epoch(t))).collect();
-    serde_json::to_string(&pairs).unwrap_or_default()
+    json_list(&pairs)
 }
 
 fn epoch(ticket: &JobTicket) -> i64 {

@@ -407,6 +407,11 @@ fn prepare_sqlite_url(url: &str) -> Result<(String, Option<std::path::PathBuf>)>
     Ok((url, file))
 }
 
+/// Values as the JSON array that `{id_list}` (and the other list placeholders) expand.
+pub(crate) fn json_list<T: serde::Serialize>(items: &[T]) -> String {
+    serde_json::to_string(items).unwrap_or_default()
+}
+
 /// Splits the `limit + 1` rows a page query fetched into the page and the cursor of the
 /// next one (absent on the last page).
 pub(crate) fn split_page<T>(

@@ -6,7 +6,7 @@ use dataflow_contracts::Policy;
 use dataflow_contracts::events::Envelope;
 use sqlx::Row;
 
-use super::{Db, Dialect, Tx};
+use super::{Db, Dialect, Tx, json_list};
 use crate::Result;
 
 /// Outbox rows looked at per statement when pruning: a short write, since on SQLite it
@@ -126,7 +126,7 @@ impl Db {
         });
         let rows = sqlx::query(sql)
             .bind(i64::from(limit))
-            .bind(serde_json::to_string(except).unwrap_or_default())
+            .bind(json_list(except))
             .fetch_all(self.pool())
             .await?;
         // Nothing is published before it is on disk (on SQLite a commit may not be yet).
@@ -154,7 +154,7 @@ impl Db {
         if ids.is_empty() {
             return Ok(0);
         }
-        let list = serde_json::to_string(ids).unwrap_or_default();
+        let list = json_list(ids);
         match self.dialect() {
             // One statement: the update sees exactly the ids the delete took. As `id IN
             // (SELECT id FROM taken)` the planner, with no statistics yet on a young outbox,

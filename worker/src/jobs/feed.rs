@@ -44,6 +44,8 @@ pub enum Source {
     Sql {
         db: Db,
         kind: JobKind,
+        /// The claiming worker, so the leader can hand its claims back if it is gone.
+        worker_id: String,
         lease: Duration,
         poll: Duration,
         /// Signalled after a commit wrote intents of `kind`.
@@ -128,6 +130,7 @@ impl Source {
             Source::Sql {
                 db,
                 kind,
+                worker_id,
                 lease,
                 poll,
                 wake,
@@ -148,7 +151,7 @@ impl Source {
                 }
                 let lease_ms = u64::try_from(lease.as_millis()).unwrap_or(u64::MAX);
                 let jobs = db
-                    .take_due_jobs(*kind, max, Handover::Claim, lease_ms)
+                    .take_due_jobs(*kind, max, Handover::Claim { by: worker_id }, lease_ms)
                     .await?;
                 *short = jobs.len() < max;
                 Ok(jobs.into_iter().map(|m| task(m, None)).collect())

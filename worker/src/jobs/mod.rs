@@ -146,6 +146,7 @@ pub async fn run(setup: JobsSetup, stop: CancellationToken) {
                 let source = Source::Sql {
                     db: db.clone(),
                     kind,
+                    worker_id: worker_id.clone(),
                     lease: timeout.saturating_mul(2),
                     poll,
                     wake: commits.jobs(kind),
