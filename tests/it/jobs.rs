@@ -704,6 +704,25 @@ async fn only_the_current_delivery_of_a_job_settles(b: Backend) {
     let j = db.get_job(&first.id).await.unwrap().unwrap();
     assert_eq!((j.status, j.attempts), (JobStatus::Done, 2));
 
+    // A queue that runs one message twice (apalis-redis's orphan recovery): each run takes
+    // the delivery as it starts, and only the latest run settles; once it has, no run starts.
+    api.import(&key, "text/csv", "id\n0\n").await;
+    let message = take(Handover::Queue, 60_000).await;
+    let presumed_dead = db.start_queued_run(&message).await.unwrap().unwrap();
+    let rerun = db.start_queued_run(&message).await.unwrap().unwrap();
+    assert_ne!(presumed_dead.epoch, rerun.epoch);
+    let late = db.fail_job(&presumed_dead, true, "late", Failure::Permanent);
+    assert_eq!(
+        late.await.unwrap(),
+        None,
+        "the presumed-dead run cannot bury the job"
+    );
+    assert_eq!(db.finish_jobs(&[&presumed_dead], true).await.unwrap(), 0);
+    assert_eq!(db.finish_jobs(&[&rerun], true).await.unwrap(), 1);
+    assert_eq!(db.start_queued_run(&message).await.unwrap(), None);
+    let j = db.get_job(&message.id).await.unwrap().unwrap();
+    assert_eq!((j.status, j.attempts), (JobStatus::Done, 1));
+
     // Claimed from SQL: a claim whose lease ran out goes back, and its late result is refused.
     api.import(&key, "text/csv", "id\n2\n").await;
     let claimed = take(Handover::Claim { by: "w" }, 0).await;
@@ -723,6 +742,8 @@ async fn only_the_current_delivery_of_a_job_settles(b: Backend) {
         db.end_job_claims_of_gone_workers(&live, 0).await.unwrap(),
         0
     );
+    // Untouched for longer than the quiet time (zero here) by the ledger's clock.
+    tokio::time::sleep(Duration::from_millis(10)).await;
     let gone = ["other".to_owned()];
     assert_eq!(
         db.end_job_claims_of_gone_workers(&gone, 0).await.unwrap(),

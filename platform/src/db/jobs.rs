@@ -214,6 +214,29 @@ impl Db {
         Ok(jobs)
     }
 
+    /// Starts a run of a queued message whose queue may run it more than once under the same
+    /// message (apalis-redis re-runs a task when it judges its worker gone): the run takes
+    /// the delivery as it starts, moving the epoch on, and settles under the ticket this
+    /// returns. An earlier run of the same message that answers late names an epoch that is
+    /// no longer current and is refused. `None`: the job is no longer queued under this
+    /// message (settled already, or handed over again): do not run it.
+    pub async fn start_queued_run(&self, message: &JobTicket) -> Result<Option<JobTicket>> {
+        let sql = self.sql(
+            "UPDATE jobs SET delivery_epoch = delivery_epoch + 1, updated_at = {now} \
+             WHERE id = $1 AND status = 'queued' AND delivery_epoch >= $2 \
+             RETURNING delivery_epoch",
+        );
+        let epoch: Option<i64> = sqlx::query_scalar(sql)
+            .bind(message.id.as_str())
+            .bind(epoch(message))
+            .fetch_optional(&mut *self.background_writer().await?)
+            .await?;
+        Ok(epoch.map(|e| JobTicket {
+            id: message.id.clone(),
+            epoch: u64::try_from(e).unwrap_or(0),
+        }))
+    }
+
     /// Marks jobs done. `counted` is false when their attempt was counted at claim time.
     /// Deliveries already settled or superseded are left alone; returns how many applied.
     pub async fn finish_jobs(&self, tickets: &[&JobTicket], counted: bool) -> Result<u64> {

@@ -123,7 +123,11 @@ pub async fn run(setup: JobsSetup, stop: CancellationToken) {
             let worker = WorkerBuilder::new(name)
                 .backend(q.storage(kind).poll_with_interval(APALIS_POLL))
                 .data(SharedHandler(handler.clone()))
-                .data(SettleFirst { settler, timeout })
+                .data(SettleFirst {
+                    db: db.clone(),
+                    settler,
+                    timeout,
+                })
                 .concurrency(config.concurrency)
                 .build(run_apalis_job);
             workers.spawn(until_stopped(kind, worker.run_until(stopped(stop.clone()))));
@@ -311,19 +315,35 @@ async fn attempt(handler: &SharedHandler, job: &JobMessage) -> Result<(), JobErr
 /// What an apalis-redis worker's handler needs to record its result before apalis acks.
 #[derive(Clone)]
 struct SettleFirst {
+    db: Db,
     settler: Settler,
     timeout: Duration,
 }
 
-/// The handler on apalis-redis: the attempt, then its result into SQL, and only then back
-/// to apalis, which removes the task from Redis. SQL decides what comes next (done, a
-/// retry after the backoff, dead), so a failure goes back to apalis as an abort: apalis
-/// must not retry on its own.
+/// The handler on apalis-redis: the run takes its delivery in SQL, then the attempt, then
+/// its result into SQL, and only then back to apalis, which removes the task from Redis.
+/// SQL decides what comes next (done, a retry after the backoff, dead), so a failure goes
+/// back to apalis as an abort: apalis must not retry on its own.
+///
+/// apalis re-runs a task under the same message when it judges the worker gone, so the
+/// message alone cannot tell a worker presumed dead that answers late from its successor:
+/// taking the delivery at the start of each run ([`Db::start_queued_run`]) does.
 async fn run_apalis_job(
     job: JobMessage,
     handler: Data<SharedHandler>,
     settle: Data<SettleFirst>,
 ) -> Result<(), BoxDynError> {
+    let ticket = match settle.db.start_queued_run(&job.ticket()).await {
+        Ok(Some(ticket)) => ticket,
+        // Settled by an earlier run, or handed over again: this copy has nothing to do.
+        Ok(None) => return Ok(()),
+        // The job stays queued in SQL; the sweeper hands it over again once its lease
+        // lapses and Redis no longer has it.
+        Err(e) => {
+            let e = JobError::Retry(format!("could not start the run in the ledger: {e}"));
+            return Err(AbortError::new(e).into());
+        }
+    };
     let result = match tokio::time::timeout(settle.timeout, attempt(&handler, &job)).await {
         Ok(r) => r,
         Err(_) => Err(JobError::Retry(format!(
@@ -332,7 +352,7 @@ async fn run_apalis_job(
         ))),
     };
     let receipt = Receipt {
-        ticket: job.ticket(),
+        ticket,
         attempts: job.attempts,
         delivery: None,
     };
