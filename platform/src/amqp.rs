@@ -474,8 +474,8 @@ impl Broker {
     ///
     /// lapin's `basic_publish` resolves only once its connection thread has written the
     /// frames, a round trip between threads for every message; awaited one by one, that
-    /// wait, not the broker, set the relay's pace once the broker was fast (15-20 µs of the
-    /// relay's 40 µs a message). The frames are queued, and the delivery tag taken, at the
+    /// wait, not the broker, set the relay's pace once the broker was fast (a third to a
+    /// half of the relay's time a message). The frames are queued, and the delivery tag taken, at the
     /// future's first poll (lapin 4.12 awaits nothing before it), so polling each publish
     /// once here, in row order, keeps the rows' order on the wire; the write is awaited
     /// later, just before its confirm. A lapin that awaited first would reorder rows, which
@@ -560,10 +560,9 @@ enum Next {
 }
 
 /// How long acked rows wait for others to join their mark. A mark is a write, and while
-/// the outbox trickles, marking each confirm on its own made a mark of nearly every event:
-/// at 200 batches/s on SQLite, gathering cut the marks and job-ledger writes from 5,993 to
-/// 2,634 a run (a row published twice after a crash is the only cost of waiting: consumers
-/// deduplicate by message id).
+/// the outbox trickles, marking each confirm on its own made a mark of nearly every event;
+/// gathering them more than halves those writes (docs/performance.md). A row published
+/// twice after a crash is the only cost of waiting: consumers deduplicate by message id.
 const MARK_GATHER: Duration = Duration::from_millis(20);
 
 /// How an outbox row is published: `mandatory` (an unroutable `batch.ready` comes back

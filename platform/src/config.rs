@@ -251,9 +251,8 @@ impl WorkerConfig {
 impl Default for WorkerConfig {
     fn default() -> Self {
         Self {
-            // At 200 batches/s on PostgreSQL, 4 slots were all busy often enough that
-            // deliveries queued for one (commit → start p99 22–138 ms against 19–29 with 8,
-            // alternating runs on the 2-core machine); SQLite was the same with either.
+            // Fewer slots leave `batch.ready` deliveries queued for one at a steady load, which
+            // shows in the commit → start tail (docs/performance.md, "Why the code is as it is").
             concurrency: 8,
             chunk_size: 5_000,
             lease_secs: 30,
@@ -358,7 +357,7 @@ pub struct JobsConfig {
     /// Safety-net polling of the SQL intents; commits in this process wake the relay directly.
     pub poll_interval_ms: u64,
     /// With Redis: which queue carries the jobs. `lists` is DataFlow's own; `apalis-redis`
-    /// is apalis-redis 1.0 storage, for tools of the apalis ecosystem (see the README).
+    /// is apalis-redis 1.0 storage, for tools of the apalis ecosystem (see docs/architecture.md).
     pub redis_queue: RedisQueue,
     /// With Redis: most jobs of one kind held in Redis at once; the rest wait in SQL.
     pub redis_working_set: usize,

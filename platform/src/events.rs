@@ -214,7 +214,7 @@ pub async fn run_relay(
                 tracing::warn!(error = %e, "outbox prune failed");
             }
         }
-        // Counted at most once a second, not after every round: at 200 batches/s that was a
+        // Counted at most once a second, not after every round: under load that would be a
         // statement per batch between a commit's wake-up and the next read (and a relay
         // without the lease finds nothing on each of the wake-ups it gets).
         if counted.is_none_or(|at| at.elapsed() >= BACKLOG_EVERY) {

@@ -19,6 +19,7 @@ use dataflow_contracts::jobs::{JobKind, JobMessage, JobStatus};
 use dataflow_contracts::{BatchId, ClientId, JobId};
 use dataflow_platform::Backends;
 use dataflow_platform::config::{APALIS_REDIS_MAX_WORKING_SET, RedisQueue, Secret};
+use dataflow_platform::db::Handover;
 use dataflow_worker::jobs::{self, JobError, JobHandler, JobsSetup};
 use dataflow_worker::leader::Term;
 use futures::future::BoxFuture;
@@ -208,18 +209,25 @@ async fn measure(
         peak.load(Ordering::Relaxed),
     );
 
-    // Idle pickup: the worker waits; messages arrive one at a time.
+    // Idle pickup: the worker waits; messages arrive one at a time. Each has its intent in
+    // the ledger, handed over as the relay would, since a worker may look a job up there as
+    // it starts (apalis-redis takes its delivery); only the push is timed.
     noop.latencies_us.lock().await.clear();
+    write_intents(db, args.latency_jobs).await?;
+    let mut pushes = db
+        .take_due_jobs(kind, args.latency_jobs, Handover::Queue, 600_000)
+        .await?;
+    anyhow::ensure!(pushes.len() == args.latency_jobs, "intents not taken");
     let stop = CancellationToken::new();
     let workers = start_workers(stop.clone());
     tokio::time::sleep(Duration::from_millis(500)).await;
     let gap = Duration::from_secs_f64(1.0 / args.rate.max(1) as f64);
     let began = Instant::now();
-    for i in 0..args.latency_jobs {
+    for (i, mut push) in pushes.drain(..).enumerate() {
         let due = began + gap * u32::try_from(i).unwrap_or(u32::MAX);
         tokio::time::sleep_until(due.into()).await;
-        let spec = format!(r#"{{"kind":"webhook","ts":{}}}"#, now_us());
-        queue.push(kind, &[message(spec)?]).await?;
+        push.spec = RawValue::from_string(format!(r#"{{"kind":"webhook","ts":{}}}"#, now_us()))?;
+        queue.push(kind, &[push]).await?;
     }
     let deadline = Instant::now() + Duration::from_secs(30);
     while noop.latencies_us.lock().await.len() < args.latency_jobs && Instant::now() < deadline {
@@ -246,18 +254,6 @@ async fn measure(
         at(1.0)
     );
     Ok(())
-}
-
-fn message(spec: String) -> anyhow::Result<JobMessage> {
-    Ok(JobMessage {
-        id: JobId::generate(),
-        batch_id: BatchId::generate(),
-        client_id: ClientId::generate(),
-        attempts: 0,
-        max_attempts: 1,
-        epoch: 0,
-        spec: RawValue::from_string(spec)?,
-    })
 }
 
 /// `n` due intents of ~100 bytes each (the peers' payload size), 500 per statement.

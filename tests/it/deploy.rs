@@ -107,13 +107,13 @@ fn label_names(expr: &str) -> BTreeSet<String> {
     labels
 }
 
-/// Metric names in the README's Metrics table (`dataflow_amqp_*` as a prefix).
-fn documented_metrics(readme: &str) -> Vec<String> {
-    let table = readme
+/// Metric names in the operations guide's Metrics table (`dataflow_amqp_*` as a prefix).
+fn documented_metrics(guide: &str) -> Vec<String> {
+    let table = guide
         .split("## Metrics")
         .nth(1)
         .and_then(|s| s.split("\n## ").next())
-        .expect("README has a Metrics section");
+        .expect("docs/operations.md has a Metrics section");
     let mut names = Vec::new();
     for row in table.lines().filter(|l| l.starts_with("| `dataflow_")) {
         let first_cell = row.split('|').nth(1).unwrap_or("");
@@ -196,8 +196,8 @@ async fn dashboard_queries_metrics_and_labels_a_process_exports() {
     t.stop().await;
 
     // Counters appear only once they counted: one the run cannot show must be documented.
-    let docs = documented_metrics(&repo_file("README.md"));
-    assert!(docs.len() >= 20, "README metrics table not found: {docs:?}");
+    let docs = documented_metrics(&repo_file("docs/operations.md"));
+    assert!(docs.len() >= 20, "metrics table not found: {docs:?}");
     let mut unscraped = BTreeSet::new();
     for (expr, _) in &queries {
         let names = metric_names(expr);

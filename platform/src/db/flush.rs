@@ -2,12 +2,11 @@
 //!
 //! With `synchronous = NORMAL` SQLite syncs nothing at commit: the kernel keeps the log it
 //! appends in memory (for up to 30 s) until a checkpoint syncs it, and then writes all of it
-//! at once. At 200 batches/s that is about 10 MB every quarter of a second, and a broker on
-//! the same disk waited behind each burst for its own fsync: commit → worker start p99 was
-//! 12–13 ms, against 5–6 ms with the ledger on tmpfs. So a thread beside each ledger file
-//! syncs the log and the database file every [`EVERY`] while writes go on. The same bytes
-//! reach the disk in small steps, and in alternating runs p99 fell to 4–5 ms (periods from
-//! 5 to 50 ms measured alike). A commit is also on disk within about [`EVERY`] of itself,
+//! at once. Under load those bursts are megabytes, and anything else on the same disk (a
+//! broker's own fsync) waits behind each one, which shows in the commit → worker start
+//! tail. So a thread beside each ledger file syncs the log and the database file every
+//! [`EVERY`] while writes go on: the same bytes reach the disk in small steps (the figures
+//! are in docs/performance.md). A commit is also on disk within about [`EVERY`] of itself,
 //! so a power cut loses at most that much, not everything since the last checkpoint.
 //!
 //! Like PostgreSQL's WAL writer, it only syncs after writes: an idle ledger costs nothing.

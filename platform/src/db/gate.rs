@@ -3,8 +3,8 @@
 //! SQLite lets one connection write at a time, and a writer that finds the file locked
 //! polls for it with growing sleeps (1, 2, 5, 10, 15, 20 … 100 ms, the busy handler behind
 //! `busy_timeout`). Two writers that meet lose those milliseconds even when the lock was
-//! held for a fraction of one: measured on the commit → worker-start path, claims waited
-//! 53 ms and 78 ms, the sums of that schedule. So every write to a SQLite ledger first
+//! held for a fraction of one: a claim that collides waits for a sum of that schedule
+//! before its worker can start. So every write to a SQLite ledger first
 //! passes this gate: writers of one process queue in it (first come, first
 //! served; claims, which a worker waits on to start a batch, go ahead of the other writes,
 //! and bookkeeping nobody waits on — relay marks, the job ledger — goes after them),
@@ -15,7 +15,7 @@
 //!
 //! Checkpoints are kept out of the gate too: SQLite's automatic checkpoint runs inside the
 //! commit that crosses its threshold (every 1,000 pages), so that writer, and every writer
-//! queued behind it, waited for the copy and its fsync (commits took up to 5 ms). With it
+//! queued behind it, waited for the copy and its fsync. With it
 //! off, every [`CHECKPOINT_EVERY`] writes a passive checkpoint runs on a connection of its
 //! own beside the writers, which it does not block.
 
@@ -57,8 +57,8 @@ pub(crate) enum Urgency {
     Normal,
     /// Nobody waits on this write (a relay mark, the job ledger): served when no other
     /// writer waits, or once it has waited [`BACKGROUND_AGE`], so that it is only delayed,
-    /// never starved. Measured at 200 batches/s on SQLite, these were about half of all
-    /// writes, and batch steps queued behind them for up to 20 ms.
+    /// never starved. Under load these are a large share of all writes, and batch steps
+    /// would otherwise queue behind them.
     Background,
 }
 

@@ -13,7 +13,11 @@
 //! [`outbox`] (events written in the same transaction as the change they announce),
 //! [`jobs`] (follow-up job intents written beside those events, and stored reports),
 //! [`queues`] (depth and age of everything waiting), [`operator`] (the dashboard's
-//! cross-client batch search and throughput), [`actions`] (the dashboard's action log).
+//! cross-client batch search and throughput), [`actions`] (the dashboard's action log),
+//! [`leases`] (named leases on the ledger's clock: the fleet leader, the outbox relay),
+//! [`summaries`] (the daily per-client summaries), [`commits`] (what a commit wakes in
+//! this process); and for SQLite, `gate` (writers queued, across processes too) and
+//! `flush` (commits put on disk little and often, and the group commit of answers).
 
 pub mod actions;
 pub mod batches;
@@ -69,9 +73,8 @@ const SQLITE_SESSION: &str = "PRAGMA journal_mode = WAL; PRAGMA synchronous = NO
 /// = off`, on a pool of their own (half as many connections as the main pool, at least one).
 ///
 /// Why: each durable commit waits for an fsync of the WAL behind everyone else's, and a
-/// batch made about seven (submit, claim, completion, and four bookkeeping writes). On a
-/// disk whose fdatasync takes 0.7 ms, pgbench's simple-update load managed 1,740 durable
-/// transactions/s; at 200 batches/s the WAL was synced 3.6 times a batch, now 2.7.
+/// batch made about seven (submit, claim, completion, and four bookkeeping writes), so the
+/// WAL syncs, not the work, set the ledger's pace (docs/performance.md has the figures).
 ///
 /// Why it is safe: the WAL is one sequence, so a bookkeeping commit is on disk as soon as
 /// any later durable commit is (and within three `wal_writer_delay`s, 600 ms by default,

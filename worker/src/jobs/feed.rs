@@ -3,8 +3,8 @@
 //! channel. Every result passes the backend's acknowledgement layer ([`Settler`]), which
 //! records it in SQL first and only then removes the message from Redis.
 //!
-//! Why not apalis-redis: as 1.0.0 ships it fails above ~8,000 due tasks, locks in O(backlog)
-//! and does not wake an idle worker on push (see the README's performance section). Here
+//! Why not apalis-redis: as 1.0.0 ships it fails above some thousands of due tasks, locks
+//! in O(backlog) and does not wake an idle worker on push (docs/performance.md). Here
 //! the working set in Redis is bounded by the relay, a take is O(batch), and an idle pump
 //! waits in `BLMOVE`, so a push reaches a handler in one round trip.
 
@@ -68,8 +68,8 @@ pub enum Source {
 const BLOCK: Duration = Duration::from_secs(1);
 
 /// An idle SQL pump woken by a commit waits this long before it claims, so the intents of
-/// the commits right behind it are claimed (and later settled) with it. Claimed one by one,
-/// at 200 batches/s the report jobs alone cost PostgreSQL a sixth more CPU in all. An idle
+/// the commits right behind it are claimed (and later settled) with it: claimed one by one,
+/// the report jobs alone cost PostgreSQL noticeably more CPU under load. An idle
 /// pump claims only after such a wait (or its poll), never right after a short claim.
 const WAKE_GATHER: Duration = Duration::from_millis(20);
 
