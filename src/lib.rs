@@ -22,7 +22,7 @@ use axum::serve::ListenerExt;
 use dataflow_api::AppState;
 use dataflow_api::listener::BoundedListener;
 use dataflow_contracts::jobs::JobKind;
-use dataflow_platform::events::{self, RelaySettings};
+use dataflow_platform::events::{self, OutboxRelaySettings};
 use dataflow_platform::{Backends, Config};
 use dataflow_worker::jobs::{self, JobsSetup, handlers::Handlers};
 use dataflow_worker::{WakeUps, Worker, leader, summaries};
@@ -84,7 +84,7 @@ impl App {
         let mut tasks = JoinSet::new();
 
         // The outbox relay runs wherever outbox rows are written: in every role.
-        let relay = RelaySettings {
+        let relay = OutboxRelaySettings {
             poll_interval: Duration::from_millis(config.outbox.poll_interval_ms),
             retention: Duration::from_secs(config.outbox.retention_secs),
             batch_size: config.outbox.batch_size,

@@ -12,7 +12,7 @@ use crate::redis::Redis;
 
 /// What the fast path knows about a payload before the transaction.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Claim {
+pub enum DedupClaim {
     /// First sighting: this request holds the claim (`token`) until it settles.
     Claimed { token: String },
     /// An import with this payload committed within the window.
@@ -38,12 +38,12 @@ impl DedupFastPath {
         redis.key(&["dedup", client.as_str(), checksum])
     }
 
-    pub async fn claim(&self, client: &ClientId, checksum: &str, window: Duration) -> Claim {
+    pub async fn claim(&self, client: &ClientId, checksum: &str, window: Duration) -> DedupClaim {
         let DedupFastPath::Redis(redis) = self else {
-            return Claim::Unknown;
+            return DedupClaim::Unknown;
         };
         if window.is_zero() {
-            return Claim::Unknown;
+            return DedupClaim::Unknown;
         }
         let token = format!("pending:{}", ulid::Ulid::new());
         let key = Self::key(redis, client, checksum);
@@ -57,18 +57,18 @@ impl DedupFastPath {
             .query_async(&mut conn)
             .await;
         match set {
-            Ok(Some(_)) => Claim::Claimed { token },
+            Ok(Some(_)) => DedupClaim::Claimed { token },
             Ok(None) => {
                 let held: redis::RedisResult<Option<String>> =
                     redis::cmd("GET").arg(&key).query_async(&mut conn).await;
                 match held.ok().flatten().and_then(|v| v.parse::<ImportId>().ok()) {
-                    Some(id) => Claim::Known(id),
-                    None => Claim::Unknown,
+                    Some(id) => DedupClaim::Known(id),
+                    None => DedupClaim::Unknown,
                 }
             }
             Err(e) => {
                 tracing::debug!(error = %e, "dedup fast path unavailable; SQL decides");
-                Claim::Unknown
+                DedupClaim::Unknown
             }
         }
     }
@@ -79,11 +79,11 @@ impl DedupFastPath {
         &self,
         client: &ClientId,
         checksum: &str,
-        claim: &Claim,
+        claim: &DedupClaim,
         owner: Option<&ImportId>,
         window: Duration,
     ) {
-        let (DedupFastPath::Redis(redis), Claim::Claimed { token }) = (self, claim) else {
+        let (DedupFastPath::Redis(redis), DedupClaim::Claimed { token }) = (self, claim) else {
             return;
         };
         let key = Self::key(redis, client, checksum);

@@ -115,7 +115,7 @@ impl Publisher {
 
 /// Relay settings, from [`crate::config::OutboxConfig`] and [`crate::config::AmqpConfig`].
 #[derive(Debug, Clone, Copy)]
-pub struct RelaySettings {
+pub struct OutboxRelaySettings {
     pub poll_interval: Duration,
     pub retention: Duration,
     pub batch_size: u32,
@@ -167,7 +167,7 @@ pub async fn run_relay(
     db: Db,
     publisher: Publisher,
     wake: Arc<Notify>,
-    settings: RelaySettings,
+    settings: OutboxRelaySettings,
     shutdown: CancellationToken,
 ) {
     let mut lease = matches!(publisher, Publisher::Broker { .. }).then(|| RelayLease {

@@ -1075,7 +1075,7 @@ async fn a_relay_whose_lease_lapsed_mid_round_publishes_nothing_beside_its_succe
         .unwrap();
 
     let lease = Duration::from_millis(1_000);
-    let settings = dataflow_platform::events::RelaySettings {
+    let settings = dataflow_platform::events::OutboxRelaySettings {
         poll_interval: Duration::from_millis(50),
         retention: Duration::from_secs(3_600),
         batch_size: 100,

@@ -951,7 +951,7 @@ async fn an_ambiguous_push_leaves_the_job_queued_once() {
     let redis = Redis::connect(&proxied, &api.config.redis_prefix, None, Purpose::State)
         .await
         .unwrap();
-    let settings = upkeep::RelaySettings {
+    let settings = upkeep::JobRelaySettings {
         kinds: vec![JobKind::Webhook],
         working_set: 100,
         lease: Duration::from_secs(60),

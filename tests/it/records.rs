@@ -4,7 +4,7 @@
 use dataflow::Roles;
 use dataflow_contracts::http::BatchView;
 use dataflow_contracts::{BatchId, BatchStatus, ClientId};
-use dataflow_worker::{Claim, Outcome, Step, Worker};
+use dataflow_worker::{BatchClaim, Outcome, Step, Worker};
 use reqwest::Method;
 use serde_json::json;
 
@@ -37,7 +37,7 @@ async fn name_of(t: &TestApp, client: &ClientId, i: usize) -> String {
 
 async fn claim(w: &Worker, id: &BatchId) -> dataflow_platform::db::Lease {
     match w.claim_batch(id).await.unwrap() {
-        Claim::Taken(lease) => *lease,
+        BatchClaim::Taken(lease) => *lease,
         other => panic!("batch {id} not taken: {other:?}"),
     }
 }

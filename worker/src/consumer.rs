@@ -25,7 +25,7 @@ use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicNackOptions};
 use tokio_util::sync::CancellationToken;
 
-use crate::{Claim, Worker};
+use crate::{BatchClaim, Worker};
 
 /// Consumes `batch.ready` until `shutdown`, reopening the consumer after every lost link.
 pub async fn run(worker: Worker, broker: Arc<Broker>, shutdown: CancellationToken) {
@@ -118,13 +118,13 @@ async fn handle(worker: &Worker, delivery: Delivery, shutdown: &CancellationToke
                 return;
             };
             match worker.claim_batch(&env.batch_id).await {
-                Ok(Claim::Taken(lease)) => {
+                Ok(BatchClaim::Taken(lease)) => {
                     worker.stats.delivery_claims.fetch_add(1, Ordering::Relaxed);
                     worker.spawn_process(*lease, slot);
                     Verdict::Ack
                 }
-                Ok(Claim::Held | Claim::NotClaimable) => Verdict::Ack,
-                Ok(Claim::Unknown) => {
+                Ok(BatchClaim::Held | BatchClaim::NotClaimable) => Verdict::Ack,
+                Ok(BatchClaim::Unknown) => {
                     tracing::warn!(batch_id = %env.batch_id, "batch.ready names no batch of this ledger; requeued");
                     Verdict::Requeue
                 }

@@ -59,7 +59,7 @@ pub enum Outcome {
 
 /// What a claim of one named batch (a `BatchReady` delivery) found.
 #[derive(Debug)]
-pub enum Claim {
+pub enum BatchClaim {
     Taken(Box<Lease>),
     /// Another worker holds it (its mutex or an unexpired lease).
     Held,
@@ -229,13 +229,13 @@ impl Worker {
 
     /// Claims the batch a `BatchReady` names, through the same mutex and fenced lease as
     /// [`Worker::claim_next`].
-    pub async fn claim_batch(&self, id: &BatchId) -> Result<Claim> {
+    pub async fn claim_batch(&self, id: &BatchId) -> Result<BatchClaim> {
         let lock = match self
             .mutex
             .acquire(id, Duration::from_secs(self.config.lease_secs))
             .await
         {
-            Acquired::Contended => return Ok(Claim::Held),
+            Acquired::Contended => return Ok(BatchClaim::Held),
             Acquired::Held(lock) => Some(lock),
             Acquired::Degraded => None,
         };
@@ -244,16 +244,16 @@ impl Worker {
                 if let Some(lock) = lock {
                     self.locks_held().insert((id.clone(), lease.epoch), lock);
                 }
-                Ok(Claim::Taken(Box::new(lease)))
+                Ok(BatchClaim::Taken(Box::new(lease)))
             }
             Ok(None) => {
                 release(lock).await;
                 Ok(match self.db.get_batch(None, id).await? {
-                    None => Claim::Unknown,
+                    None => BatchClaim::Unknown,
                     Some(b) if b.status == dataflow_contracts::BatchStatus::Processing => {
-                        Claim::Held
+                        BatchClaim::Held
                     }
-                    Some(_) => Claim::NotClaimable,
+                    Some(_) => BatchClaim::NotClaimable,
                 })
             }
             Err(e) => {

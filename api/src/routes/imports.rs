@@ -15,7 +15,7 @@ use dataflow_contracts::http::{ErrorBody, ImportView};
 use dataflow_contracts::live::LiveKind;
 use dataflow_contracts::{BatchId, ImportFormat, ImportId};
 use dataflow_platform::db::{IdempotencyClaim, IdempotencyStart, NewImport, SubmitOutcome};
-use dataflow_platform::dedup::Claim;
+use dataflow_platform::dedup::DedupClaim;
 use dataflow_platform::records::{self, Limits};
 use sha2::{Digest, Sha256};
 use utoipa_axum::router::OpenApiRouter;
@@ -249,7 +249,7 @@ async fn accept(
     let window = Duration::from_secs(p.client.policy.dedup_window_secs);
     let dedup = &state.backends.dedup;
     let claim = dedup.claim(client, checksum, window).await;
-    if let Claim::Known(id) = &claim
+    if let DedupClaim::Known(id) = &claim
         && let Some(first) = state.backends.db.get_import(Some(client), id).await?
     {
         metrics::counter!("dataflow_dedup_hits_total", "via" => "redis").increment(1);

@@ -198,7 +198,7 @@ pub async fn run(setup: JobsSetup, stop: CancellationToken) {
         },
     ));
     if let Some(q) = &queue {
-        let settings = upkeep::RelaySettings {
+        let settings = upkeep::JobRelaySettings {
             kinds: kinds.clone(),
             working_set: config.redis_working_set,
             lease,

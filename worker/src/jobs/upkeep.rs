@@ -31,7 +31,7 @@ const PRUNE_EVERY: Duration = Duration::from_secs(60);
 const PRUNE_BATCH: u32 = 1_000;
 const PRUNE_ROUNDS: usize = 20;
 
-pub struct RelaySettings {
+pub struct JobRelaySettings {
     pub kinds: Vec<JobKind>,
     pub working_set: usize,
     pub lease: Duration,
@@ -42,7 +42,7 @@ pub struct RelaySettings {
 pub async fn relay(
     db: Db,
     queues: RedisJobQueue,
-    settings: RelaySettings,
+    settings: JobRelaySettings,
     commits: Arc<CommitWake>,
     stop: CancellationToken,
 ) {
@@ -70,7 +70,7 @@ async fn relay_round(
     db: &Db,
     queue: &RedisJobQueue,
     kind: JobKind,
-    settings: &RelaySettings,
+    settings: &JobRelaySettings,
 ) -> Result<usize> {
     queue.tidy(kind).await?;
     let held = usize::try_from(queue.outstanding(kind).await?).unwrap_or(usize::MAX);
