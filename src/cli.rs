@@ -67,9 +67,6 @@ pub enum Command {
     Workers(ops::WorkersCmd),
     /// Uploads a file as a producer over the HTTP API; `--wait` follows it to the end.
     Import(import::ImportArgs),
-    /// Benchmarks that print their figures.
-    #[command(subcommand)]
-    Bench(BenchCmd),
 }
 
 #[derive(Subcommand, Debug)]
@@ -115,18 +112,6 @@ pub enum PolicyCmd {
         client_id: String,
         patch: String,
     },
-}
-
-#[derive(Subcommand, Debug)]
-pub enum BenchCmd {
-    /// Submits imports over HTTP and measures submit rate and end-to-end records/s.
-    Ingest(crate::bench::IngestArgs),
-    /// Redis rate-limiter decisions/s and its added latency on `POST /v1/imports`.
-    Limiter(crate::bench::LimiterArgs),
-    /// Job queue throughput (no-op jobs through SQL and Redis) and idle pickup latency.
-    Jobs(crate::bench::jobs::JobsArgs),
-    /// RabbitMQ: commit → worker start (broker vs polling) and relay events/s vs raw lapin.
-    Amqp(crate::bench::amqp::AmqpArgs),
 }
 
 /// Loads config for operator commands (which touch only the ledger).

@@ -8,9 +8,9 @@
 //! - `platform/`: config, the SQL ledger, limiter, cache, keys, record parsing, outbox relay;
 //! - `api/`: the axum application;
 //! - `worker/`: batch processing under a fenced lease;
-//! - `src/`: this wiring, the CLI (`main.rs`, [`cli`]) and the benchmark ([`bench`]).
+//! - `src/`: this wiring and the CLI (`main.rs`, [`cli`]);
+//! - `bench/`: the benchmarks, a workspace member of their own (`dataflow-bench`).
 
-pub mod bench;
 pub mod cli;
 
 use std::net::SocketAddr;

@@ -47,12 +47,6 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Dlq(cmd) => return cli::ops::dlq(&config, cmd).await,
         Command::Workers(cmd) => return cli::ops::workers(&config, cmd).await,
         Command::Import(args) => return cli::import::run(args).await,
-        Command::Bench(cli::BenchCmd::Ingest(args)) => return dataflow::bench::ingest(args).await,
-        Command::Bench(cli::BenchCmd::Limiter(args)) => {
-            return dataflow::bench::limiter(args).await;
-        }
-        Command::Bench(cli::BenchCmd::Jobs(args)) => return dataflow::bench::jobs::run(args).await,
-        Command::Bench(cli::BenchCmd::Amqp(args)) => return dataflow::bench::amqp::run(args).await,
     };
     let app = App::start(config.clone(), roles, None).await?;
     if roles.api {

@@ -13,7 +13,6 @@ mod sinks;
 
 mod amqp;
 mod auth;
-mod bench;
 mod cli;
 mod deploy;
 mod fleet;

@@ -1,15 +1,15 @@
 //! Benchmarks that print their figures as `key=value` lines.
 //!
-//! `dataflow bench ingest`: submits imports over HTTP to a full in-process DataFlow and
+//! `dataflow-bench ingest`: submits imports over HTTP to a full in-process DataFlow and
 //! measures the submit rate and the end-to-end rate (first submit → last batch completed).
 //! On PostgreSQL it also loads the same rows with `COPY` into a table of the same shape in
 //! the same database and prints the ratio.
 //!
-//! `dataflow bench limiter`: the Redis rate limiter against `redis-benchmark`.
+//! `dataflow-bench limiter`: the Redis rate limiter against `redis-benchmark`.
 //!
-//! `dataflow bench jobs` ([`jobs`]): the job queue's throughput and idle pickup latency.
+//! `dataflow-bench jobs` ([`jobs`]): the job queue's throughput and idle pickup latency.
 //!
-//! `dataflow bench amqp` ([`amqp`]): commit → worker start with the broker and with polling
+//! `dataflow-bench amqp` ([`amqp`]): commit → worker start with the broker and with polling
 //! only, and the outbox relay's events/s against raw lapin publishing.
 
 pub mod amqp;
@@ -24,7 +24,7 @@ use dataflow_platform::Config;
 use sqlx::Connection;
 use tokio::net::TcpListener;
 
-use crate::{App, Roles};
+use dataflow::{App, Roles};
 
 #[derive(Args, Debug, Clone)]
 pub struct IngestArgs {
@@ -331,7 +331,7 @@ pub struct LimiterArgs {
     pub requests: usize,
 }
 
-/// `dataflow bench limiter`: Redis GCRA decisions/s from many tasks against one client,
+/// `dataflow-bench limiter`: Redis GCRA decisions/s from many tasks against one client,
 /// beside `redis-benchmark` running the same script at the same concurrency; then the
 /// latency of `POST /v1/imports` with the Redis limiter and with the in-process one.
 pub async fn limiter(args: LimiterArgs) -> anyhow::Result<()> {

@@ -1,7 +1,17 @@
-//! The benchmark command runs end to end (tiny sizes: this checks it works, not its speed).
+//! Each benchmark runs end to end (tiny sizes: this checks it works, not its speed).
 
-use dataflow::bench::{IngestArgs, ingest};
+// Tests fail loudly on the first unexpected value; that is what unwrap is for here.
+#![allow(clippy::unwrap_used)]
+
+// The services' addresses and the skip rule, shared with the end-to-end tests (which use
+// more of it than this target does).
+#[allow(dead_code)]
+#[path = "../../tests/common/services.rs"]
+mod services;
+
+use dataflow_bench::{IngestArgs, ingest};
 use dataflow_platform::config::RedisQueue;
+use services::{test_amqp_url, test_redis_url};
 
 fn tiny(database_url: Option<String>) -> IngestArgs {
     IngestArgs {
@@ -21,14 +31,9 @@ async fn ingest_bench_runs_on_sqlite() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ingest_bench_runs_on_postgres() {
-    let url = std::env::var("DATAFLOW_TEST_PG_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
-    if sqlx::PgPool::connect(&url).await.is_err() {
-        assert!(
-            std::env::var("DATAFLOW_TEST_REQUIRE_SERVICES").as_deref() != Ok("1"),
-            "PostgreSQL is required"
-        );
-        eprintln!("SKIPPED: PostgreSQL unreachable at {url}");
+    let url = services::test_pg_admin_url();
+    if let Err(e) = sqlx::PgPool::connect(&url).await {
+        services::unreachable::<()>("PostgreSQL", &e.to_string());
         return;
     }
     ingest(tiny(Some(url))).await.unwrap();
@@ -36,25 +41,25 @@ async fn ingest_bench_runs_on_postgres() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn limiter_bench_runs() {
-    let Some(redis_url) = crate::helpers::test_redis_url().await else {
+    let Some(redis_url) = test_redis_url().await else {
         return;
     };
-    let args = dataflow::bench::LimiterArgs {
+    let args = dataflow_bench::LimiterArgs {
         redis_url,
         decisions: 2_000,
         concurrency: 10,
         requests: 20,
     };
-    dataflow::bench::limiter(args).await.unwrap();
+    dataflow_bench::limiter(args).await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jobs_bench_runs_on_both_redis_queues() {
-    let Some(redis_url) = crate::helpers::test_redis_url().await else {
+    let Some(redis_url) = test_redis_url().await else {
         return;
     };
     for queue in [RedisQueue::Lists, RedisQueue::ApalisRedis] {
-        let args = dataflow::bench::jobs::JobsArgs {
+        let args = dataflow_bench::jobs::JobsArgs {
             redis_url: redis_url.clone(),
             database_url: None,
             jobs: 500,
@@ -64,20 +69,20 @@ async fn jobs_bench_runs_on_both_redis_queues() {
             latency_jobs: 20,
             rate: 200,
         };
-        dataflow::bench::jobs::run(args).await.unwrap();
+        dataflow_bench::jobs::run(args).await.unwrap();
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn amqp_bench_runs() {
-    let Some(amqp_url) = crate::helpers::test_amqp_url().await else {
+    let Some(amqp_url) = test_amqp_url().await else {
         return;
     };
     let samples = std::env::temp_dir().join(format!(
         "dataflow-test-amqp-samples-{}.csv",
         ulid::Ulid::new().to_string().to_lowercase()
     ));
-    let args = dataflow::bench::amqp::AmqpArgs {
+    let args = dataflow_bench::amqp::AmqpArgs {
         amqp_url,
         database_url: None,
         samples: Some(samples.clone()),
@@ -85,13 +90,13 @@ async fn amqp_bench_runs() {
         rate: 200,
         concurrency: 4,
         db_connections: 10,
-        runs: dataflow::bench::amqp::Runs::Both,
+        runs: dataflow_bench::amqp::Runs::Both,
         events: 500,
         confirm_window: 100,
         relay_batch: 200,
         rounds: 2,
     };
-    dataflow::bench::amqp::run(args).await.unwrap();
+    dataflow_bench::amqp::run(args).await.unwrap();
     // One line per measured batch and run, each with its relay and start times.
     let csv = std::fs::read_to_string(&samples).unwrap();
     std::fs::remove_file(&samples).unwrap();

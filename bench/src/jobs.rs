@@ -1,4 +1,4 @@
-//! `dataflow bench jobs`: the job queue on Redis, measured the way
+//! `dataflow-bench jobs`: the job queue on Redis, measured the way
 //! `../shared/bench/peers/` measures BullMQ and Sidekiq.
 //!
 //! - Throughput: `--jobs` no-op job intents are written to SQL (timed: `enqueue_s`), then one

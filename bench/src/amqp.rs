@@ -1,4 +1,4 @@
-//! `dataflow bench amqp`: the RabbitMQ tier.
+//! `dataflow-bench amqp`: the RabbitMQ tier.
 //!
 //! - Commit → worker start: an API process and a separate worker process share one ledger;
 //!   one-record imports are submitted at `--rate`/s and each batch's `started_at` minus the
@@ -41,7 +41,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::{ScratchLedger, percentile, start_with_client};
-use crate::{App, Roles};
+use dataflow::{App, Roles};
 
 #[derive(Args, Debug, Clone)]
 pub struct AmqpArgs {

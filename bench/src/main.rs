@@ -1,0 +1,48 @@
+//! `dataflow-bench`: DataFlow's benchmarks, outside the shipped binary. Run them with
+//! `cargo run --release -p dataflow-bench -- <bench> [options]`.
+
+use clap::{Parser, Subcommand};
+
+// The same allocator as the `dataflow` binary, so the figures are the shipped binary's.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[derive(Parser, Debug)]
+#[command(name = "dataflow-bench", version, about = "DataFlow's benchmarks")]
+struct Cli {
+    #[command(subcommand)]
+    bench: Bench,
+}
+
+#[derive(Subcommand, Debug)]
+enum Bench {
+    /// Submits imports over HTTP and measures submit rate and end-to-end records/s.
+    Ingest(dataflow_bench::IngestArgs),
+    /// Redis rate-limiter decisions/s and its added latency on `POST /v1/imports`.
+    Limiter(dataflow_bench::LimiterArgs),
+    /// Job queue throughput (no-op jobs through SQL and Redis) and idle pickup latency.
+    Jobs(dataflow_bench::jobs::JobsArgs),
+    /// RabbitMQ: commit → worker start (broker vs polling) and relay events/s vs raw lapin.
+    Amqp(dataflow_bench::amqp::AmqpArgs),
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let filter = dataflow::cli::log_filter(std::env::var("DATAFLOW_LOG").ok().as_deref());
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(async {
+            match cli.bench {
+                Bench::Ingest(args) => dataflow_bench::ingest(args).await,
+                Bench::Limiter(args) => dataflow_bench::limiter(args).await,
+                Bench::Jobs(args) => dataflow_bench::jobs::run(args).await,
+                Bench::Amqp(args) => dataflow_bench::amqp::run(args).await,
+            }
+        })
+}
