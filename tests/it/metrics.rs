@@ -139,3 +139,33 @@ async fn metrics_stay_off_the_public_listener_unless_a_token_is_set() {
     with_token.stop().await;
     t.stop().await;
 }
+
+/// A scrape counts the ledger at most once a second, however often scrapes come: the
+/// queue gauges of a scrape right after another are the earlier count, and a scrape a
+/// second later sees the change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scrapes_count_the_ledger_at_most_once_a_second() {
+    let Some(t) = TestApp::spawn_with(Backend::Sqlite, Roles::API, |_| {}).await else {
+        return;
+    };
+    let (_, key) = t.client(json!({})).await;
+    let ready = r#"dataflow_queue_depth{queue="batches",state="ready"}"#;
+    let scrape = async || {
+        let resp = t.http.get(t.ops_url("/metrics")).send().await.unwrap();
+        value(&resp.text().await.unwrap(), ready)
+    };
+    t.import(&key, "text/csv", csv("first", 3)).await;
+    let counted = Instant::now();
+    assert_eq!(scrape().await, Some(1.0));
+    t.import(&key, "text/csv", csv("second", 3)).await;
+    let again = scrape().await;
+    assert!(
+        counted.elapsed() < Duration::from_millis(900),
+        "the second scrape came {:?} after the first: too late to tell",
+        counted.elapsed()
+    );
+    assert_eq!(again, Some(1.0), "counted again within the second");
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    assert_eq!(scrape().await, Some(2.0));
+    t.stop().await;
+}
