@@ -267,3 +267,65 @@ async fn dead_letters_are_listed_retried_and_discarded() {
     assert!(missing.is_err(), "a rejected batch is no dead letter");
     t.stop().await;
 }
+
+/// SQLite: other processes open the ledger file too (operator commands, a second DataFlow
+/// process, an operator's `sqlite3`), and the last connection to close checkpoints and
+/// deletes the write-ahead log when no other process holds the file. So a live process
+/// must hold it for as long as it runs, and nothing it does may drop its locks (closing any
+/// descriptor of the file drops them all, for the whole process). Imports go on while
+/// another process opens, reads and cleanly closes the ledger; afterwards the ledger is
+/// whole, and a connection of its own finds every batch completed with all its records.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_process_closing_the_ledger_leaves_a_live_process_whole() {
+    let Some(t) = TestApp::spawn_with(Backend::Sqlite, Roles::ALL, |_| {}).await else {
+        return;
+    };
+    let (_, key) = t
+        .client(json!({"rate_per_minute": 60000, "rate_burst": 1000}))
+        .await;
+    let url = t.config.database_url();
+    let path = url.strip_prefix("sqlite://").expect("a SQLite ledger");
+    // Python's sqlite3 closes its connection cleanly, as `sqlite3` and most tools do.
+    let peek = format!(
+        "import sqlite3; c = sqlite3.connect({path:?}); c.execute('SELECT count(*) FROM batches').fetchall(); c.close()"
+    );
+    let mut batches = Vec::new();
+    for i in 0..6 {
+        let imported = t
+            .import(&key, "text/csv", csv(&format!("c{i}"), 2_000))
+            .await;
+        batches.push(imported.batch_id);
+        let peek = peek.clone();
+        let ran = tokio::task::spawn_blocking(move || {
+            std::process::Command::new("python3")
+                .args(["-c", &peek])
+                .status()
+                .expect("python3 runs")
+        });
+        assert!(ran.await.unwrap().success(), "the other process failed");
+    }
+    for id in &batches {
+        let b = t.wait_for(&key, id, BatchStatus::Completed).await;
+        assert_eq!((b.attempts, b.records_written), (1, 2_000), "{b:?}");
+    }
+    // A connection of its own, as the next process would open: it reads what is on disk.
+    let mut fresh = <sqlx::SqliteConnection as sqlx::Connection>::connect(&url)
+        .await
+        .unwrap();
+    let check: String = sqlx::query_scalar("PRAGMA integrity_check")
+        .fetch_one(&mut fresh)
+        .await
+        .unwrap();
+    assert_eq!(check, "ok");
+    let completed: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM batches WHERE status = 'completed'")
+            .fetch_one(&mut fresh)
+            .await
+            .unwrap();
+    let records: i64 = sqlx::query_scalar("SELECT count(*) FROM records")
+        .fetch_one(&mut fresh)
+        .await
+        .unwrap();
+    assert_eq!((completed, records), (6, 12_000));
+    t.stop().await;
+}

@@ -4,10 +4,19 @@
 //! appends in memory (for up to 30 s) until a checkpoint syncs it, and then writes all of it
 //! at once. Under load those bursts are megabytes, and anything else on the same disk (a
 //! broker's own fsync) waits behind each one, which shows in the commit → worker start
-//! tail. So a thread beside each ledger file syncs the log and the database file every
-//! [`EVERY`] while writes go on: the same bytes reach the disk in small steps (the figures
-//! are in docs/performance.md). A commit is also on disk within about [`EVERY`] of itself,
-//! so a power cut loses at most that much, not everything since the last checkpoint.
+//! tail. So a thread beside each ledger file syncs the log every [`EVERY`] while writes go
+//! on: the same bytes reach the disk in small steps (the figures are in
+//! docs/performance.md). A commit is also on disk within about [`EVERY`] of itself, so a
+//! power cut loses at most that much, not everything since the last checkpoint.
+//!
+//! Only the log, never the database file: a commit is durable once its log frames are,
+//! and SQLite syncs the database file itself after each checkpoint, before it reuses the
+//! log. And opening the database file here would be a hazard: POSIX record locks belong to
+//! the process, and closing *any* descriptor of a file drops all of them, so the close
+//! after the sync would silently drop the shared lock SQLite's connections hold on the
+//! ledger. Another process closing its last connection would then find the file free,
+//! checkpoint, and delete the log this process is still writing (SQLite's "how to corrupt"
+//! §2.2). The log itself carries no locks, so its descriptor may come and go.
 //!
 //! Like PostgreSQL's WAL writer, it only syncs after writes: an idle ledger costs nothing.
 //!
@@ -58,11 +67,11 @@ impl Flusher {
             served: watch::Sender::new(0),
             thread: OnceLock::new(),
         });
-        let files = [PathBuf::from(format!("{}-wal", db.display())), db.into()];
+        let log = PathBuf::from(format!("{}-wal", db.display()));
         let weak = Arc::downgrade(&flusher);
         let thread = std::thread::Builder::new()
             .name("dataflow-ledger-flush".into())
-            .spawn(move || run(&weak, &files))
+            .spawn(move || run(&weak, &log))
             .map_err(|source| Error::Io {
                 context: format!("starting the flush thread of {}", db.display()),
                 source,
@@ -103,7 +112,7 @@ impl Flusher {
     }
 }
 
-fn run(flusher: &Weak<Flusher>, files: &[PathBuf]) {
+fn run(flusher: &Weak<Flusher>, log: &Path) {
     let (mut synced, mut served) = (0, 0);
     let mut failing = false;
     loop {
@@ -119,13 +128,13 @@ fn run(flusher: &Weak<Flusher>, files: &[PathBuf]) {
             continue;
         }
         synced = finished;
-        // Opened each round: SQLite deletes the log when its last connection closes and
-        // makes a new one with the next.
-        let outcome = files.iter().try_for_each(|path| match File::open(path) {
+        // Opened each round: SQLite deletes the log when the last connection of every
+        // process closes and makes a new one with the next.
+        let outcome = match File::open(log) {
             Ok(file) => file.sync_data(),
             Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
             Err(e) => Err(e),
-        });
+        };
         match outcome {
             Ok(()) => {
                 failing = false;
@@ -133,11 +142,11 @@ fn run(flusher: &Weak<Flusher>, files: &[PathBuf]) {
                 served = wanted;
                 flusher.served.send_replace(wanted);
             }
-            // SQLite's own checkpoint syncs the same files and fails the writes that need
-            // them; this thread only says so, once per spell of failures.
+            // SQLite's own checkpoint syncs the same file and fails the writes that need
+            // it; this thread only says so, once per spell of failures.
             Err(e) if !failing => {
                 failing = true;
-                tracing::warn!(error = %e, file = %files[1].display(), "syncing the ledger failed");
+                tracing::warn!(error = %e, file = %log.display(), "syncing the ledger failed");
             }
             Err(_) => {}
         }
