@@ -252,6 +252,20 @@ pub fn load_config(cli: &Cli) -> anyhow::Result<Config> {
 
 /// The log filter: `DATAFLOW_LOG` (`EnvFilter` syntax) or `info` with sqlx's statements off.
 ///
+/// What every `dataflow` process (and the benchmarks) sets up before anything else: the
+/// one TLS crypto provider, and logs to stderr filtered by `DATAFLOW_LOG`, else `RUST_LOG`,
+/// else `info`.
+pub fn init_process() {
+    dataflow_platform::install_crypto_provider();
+    let spec = std::env::var("DATAFLOW_LOG")
+        .or_else(|_| std::env::var("RUST_LOG"))
+        .ok();
+    tracing_subscriber::fmt()
+        .with_env_filter(log_filter(spec.as_deref()))
+        .with_writer(std::io::stderr)
+        .init();
+}
+
 /// lapin warns with the whole message of every event the broker returns unroutable, and a
 /// routing key nobody binds returns every one; the relay counts those and logs each key
 /// once a minute instead, so lapin's line is off whatever `DATAFLOW_LOG` says, unless it

@@ -1,5 +1,7 @@
 //! The `dataflow` binary: parse the command line, load config, set up tracing, run.
 
+use std::process::ExitCode;
+
 use clap::Parser;
 use dataflow::cli::{self, Cli, Command};
 use dataflow::{App, Roles};
@@ -8,20 +10,23 @@ use dataflow::{App, Roles};
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-fn main() -> anyhow::Result<()> {
+fn main() -> ExitCode {
     let cli = Cli::parse();
-    // One process-wide TLS provider for every client (reqwest, lettre, redis, lapin), chosen
-    // here rather than by crate features; commands that never open the backends need it too.
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let filter = cli::log_filter(std::env::var("DATAFLOW_LOG").ok().as_deref());
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
-    tokio::runtime::Builder::new_multi_thread()
+    cli::init_process();
+    let ran = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
-        .build()?
-        .block_on(run(cli))
+        .build()
+        .map_err(anyhow::Error::from)
+        .and_then(|runtime| runtime.block_on(run(cli)));
+    match ran {
+        Ok(()) => ExitCode::SUCCESS,
+        // The message and its causes on one line, for the person at the terminal; no
+        // backtrace (logs and `RUST_BACKTRACE` are for the ones that debug DataFlow).
+        Err(e) => {
+            eprintln!("Error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {

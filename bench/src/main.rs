@@ -28,12 +28,7 @@ enum Bench {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let filter = dataflow::cli::log_filter(std::env::var("DATAFLOW_LOG").ok().as_deref());
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+    dataflow::cli::init_process();
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?

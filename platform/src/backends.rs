@@ -82,9 +82,8 @@ pub struct Backends {
 impl Backends {
     /// Connects and migrates the ledger, connects Redis when configured, builds the rest.
     pub async fn build(config: &Config) -> Result<Arc<Backends>> {
-        // TLS (`rediss://`, `amqps://`) needs one process-wide crypto provider; name it rather than rely
-        // on crate features, which change as dependencies are added. Already set is fine.
-        let _ = rustls::crypto::ring::default_provider().install_default();
+        // For processes that build backends without the CLI's start-up (tests, benches).
+        crate::install_crypto_provider();
         // Before anything records a metric.
         crate::telemetry::handle();
         // No session may keep a transaction's locks past a third of a lease (at least a

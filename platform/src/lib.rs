@@ -46,3 +46,10 @@ pub mod webhook;
 pub use backends::Backends;
 pub use config::Config;
 pub use error::{Error, Result};
+
+/// Every TLS client of the process (reqwest, lettre, redis, lapin) uses one crypto
+/// provider, named here rather than left to crate features, which change as dependencies
+/// are added. Called at start-up; a second call changes nothing.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}

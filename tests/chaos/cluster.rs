@@ -92,7 +92,7 @@ impl Cluster {
     /// `None` (with a message) when a service is unreachable and not required.
     pub async fn start() -> Option<Cluster> {
         // The TLS provider every DataFlow process installs, for the test's own clients.
-        let _ = rustls::crypto::ring::default_provider().install_default();
+        dataflow_platform::install_crypto_provider();
         let redis_url = test_redis_url().await?;
         let amqp_url = test_amqp_url().await?;
         let db = TestDb::create(Backend::Postgres).await?;

@@ -329,3 +329,52 @@ async fn another_process_closing_the_ledger_leaves_a_live_process_whole() {
     assert_eq!((completed, records), (6, 12_000));
     t.stop().await;
 }
+
+/// A command that fails says so in one line with its causes, for the person at the
+/// terminal, and prints no backtrace whatever `RUST_BACKTRACE` says.
+#[test]
+fn a_failing_command_says_why_in_one_line() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_dataflow"))
+        .args(["--config", "/nonexistent/dataflow.toml", "status"])
+        .env("RUST_BACKTRACE", "1")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.starts_with("Error: loading configuration: "),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("/nonexistent/dataflow.toml: No such file"),
+        "{stderr}"
+    );
+}
+
+/// Logs follow `DATAFLOW_LOG`, or `RUST_LOG` when that is unset, as Rust tools do.
+#[test]
+fn logs_follow_rust_log_when_dataflow_log_is_unset() {
+    let dir = std::env::temp_dir().join(format!("dataflow-log-{}", ulid::Ulid::new()));
+    let run = |vars: &[(&str, &str)]| {
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_dataflow"));
+        command
+            .args(["clients", "list"])
+            .env_remove("DATAFLOW_LOG")
+            .env_remove("RUST_LOG")
+            .env_remove("DATABASE_URL")
+            .env("DATAFLOW_DATA_DIR", &dir)
+            .env("NO_COLOR", "1");
+        for (name, value) in vars {
+            command.env(name, value);
+        }
+        let out = command.output().unwrap();
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    assert!(!run(&[]).contains("DEBUG"));
+    assert!(run(&[("RUST_LOG", "debug")]).contains("DEBUG"));
+    let both = run(&[("RUST_LOG", "debug"), ("DATAFLOW_LOG", "warn")]);
+    assert!(!both.contains("DEBUG"), "DATAFLOW_LOG wins: {both}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -676,7 +676,7 @@ async fn redis_over_tls_with_a_password() {
         return;
     };
     // Wait until it answers over TLS, or skip if this redis-server has no TLS support.
-    let _ = rustls::crypto::ring::default_provider().install_default();
+    dataflow_platform::install_crypto_provider();
     let started = Instant::now();
     let ready = loop {
         if let Ok(Some(status)) = server.child.try_wait() {
