@@ -36,7 +36,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Serve => Roles::API,
         Command::Worker => Roles::WORKER,
         Command::Migrate => {
-            dataflow_platform::Backends::build(&config).await?;
+            let db = dataflow_platform::backends::open_ledger(&config).await?;
+            db.migrate().await?;
+            db.close().await;
             println!(
                 "migrations applied to {}",
                 cli::redact(&config.database_url())

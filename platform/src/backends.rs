@@ -79,6 +79,20 @@ pub struct Backends {
     pub gauges_refreshed: tokio::sync::Mutex<Option<std::time::Instant>>,
 }
 
+/// Connects to the ledger with the process's settings, neither migrating nor checking its
+/// schema ([`Backends::build`] does one or the other, `dataflow migrate` the first).
+pub async fn open_ledger(config: &Config) -> Result<Db> {
+    // No session may keep a transaction's locks past a third of a lease (at least a
+    // second): a stopped worker's successor takes its batch within about a lease.
+    let hold = (Duration::from_secs(config.worker.lease_secs) / 3).max(Duration::from_secs(1));
+    Ok(
+        Db::connect_holding(&config.database_url(), config.db_max_connections, hold)
+            .await?
+            .with_job_max_attempts(config.jobs.max_attempts)
+            .with_durable_commits(config.sqlite_durable_commits),
+    )
+}
+
 impl Backends {
     /// Connects and migrates the ledger, connects Redis when configured, builds the rest.
     pub async fn build(config: &Config) -> Result<Arc<Backends>> {
@@ -86,14 +100,12 @@ impl Backends {
         crate::install_crypto_provider();
         // Before anything records a metric.
         crate::telemetry::handle();
-        // No session may keep a transaction's locks past a third of a lease (at least a
-        // second): a stopped worker's successor takes its batch within about a lease.
-        let hold = (Duration::from_secs(config.worker.lease_secs) / 3).max(Duration::from_secs(1));
-        let db = Db::connect_holding(&config.database_url(), config.db_max_connections, hold)
-            .await?
-            .with_job_max_attempts(config.jobs.max_attempts)
-            .with_durable_commits(config.sqlite_durable_commits);
-        db.migrate().await?;
+        let db = open_ledger(config).await?;
+        if config.auto_migrate {
+            db.migrate().await?;
+        } else {
+            db.check_schema().await?;
+        }
         let secret = resolve_secret(config.secret.as_ref(), &config.data_dir, "server-secret")?;
         let admin_token =
             resolve_secret(config.admin_token.as_ref(), &config.data_dir, "admin-token")?;

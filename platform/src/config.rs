@@ -46,6 +46,11 @@ pub struct Config {
     /// that away: a power cut or host crash may lose the last ~10 ms of answered writes.
     /// (PostgreSQL's commits are durable either way.)
     pub sqlite_durable_commits: bool,
+    /// Apply the ledger's migrations when a process starts (and before an operator
+    /// command). On by default, for the embedded single process. A fleet turns it off and
+    /// runs `dataflow migrate` once per upgrade: processes then never race to migrate, and
+    /// one whose version does not match the ledger's schema refuses to start and says so.
+    pub auto_migrate: bool,
     /// Connections in the SQL pool. On PostgreSQL a process opens up to half as many again
     /// (at least one) for bookkeeping writes, which commit without waiting for the disk.
     pub db_max_connections: u32,
@@ -82,6 +87,7 @@ impl Default for Config {
             secret: None,
             db_max_connections: 10,
             sqlite_durable_commits: true,
+            auto_migrate: true,
             redis_url: None,
             redis_prefix: "dataflow".to_owned(),
             redis_ca_file: None,

@@ -37,6 +37,11 @@ pub enum Error {
     #[error("migration: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
 
+    /// The ledger's schema is not the one this binary was built for (with `auto_migrate`
+    /// off); the message says which migration differs and what to run.
+    #[error("{0}")]
+    Schema(String),
+
     #[error("{context}: {source}")]
     Io {
         context: String,

@@ -444,3 +444,39 @@ async fn healthcheck_checks_the_ledger(backend: Backend) {
         "ledger",
     );
 }
+
+backend_tests!(with_auto_migrate_off_a_process_starts_only_on_its_own_schema);
+
+/// A fleet runs `dataflow migrate` once and starts its processes with `auto_migrate` off:
+/// on a ledger that lacks a migration, or has one this binary does not know (a newer
+/// version migrated it), a process refuses to start and says what to run; after the
+/// migration it starts.
+async fn with_auto_migrate_off_a_process_starts_only_on_its_own_schema(backend: Backend) {
+    let Some(test_db) = crate::helpers::TestDb::create(backend).await else {
+        return;
+    };
+    let mut config = crate::helpers::test_config(&test_db);
+    config.auto_migrate = false;
+    let refused = dataflow_platform::Backends::build(&config).await.err();
+    let said = refused.map(|e| e.to_string()).unwrap_or_default();
+    assert!(said.contains("run `dataflow migrate`"), "{said}");
+
+    let migrate = crate::common::process::dataflow_command(&config, "migrate", "migrate", None)
+        .status()
+        .unwrap();
+    assert!(migrate.success());
+    let backends = dataflow_platform::Backends::build(&config).await.unwrap();
+
+    sqlx::query(
+        "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time) \
+         SELECT 99999, 'from the future', success, checksum, execution_time \
+         FROM _sqlx_migrations WHERE version = 1",
+    )
+    .execute(backends.db.pool())
+    .await
+    .unwrap();
+    let refused = dataflow_platform::Backends::build(&config).await.err();
+    let said = refused.map(|e| e.to_string()).unwrap_or_default();
+    assert!(said.contains("99999") && said.contains("newer"), "{said}");
+    backends.db.close().await;
+}

@@ -245,9 +245,56 @@ impl Db {
     }
 
     pub async fn migrate(&self) -> Result<()> {
+        self.migrator().run(&self.pool).await?;
+        Ok(())
+    }
+
+    fn migrator(&self) -> &'static Migrator {
         match self.dialect {
-            Dialect::Sqlite => SQLITE_MIGRATIONS.run(&self.pool).await?,
-            Dialect::Postgres => POSTGRES_MIGRATIONS.run(&self.pool).await?,
+            Dialect::Sqlite => &SQLITE_MIGRATIONS,
+            Dialect::Postgres => &POSTGRES_MIGRATIONS,
+        }
+    }
+
+    /// Checks, without changing anything, that the ledger's schema is exactly this binary's:
+    /// every migration it knows applied, none it does not know. What a process does instead
+    /// of migrating when `auto_migrate` is off.
+    pub async fn check_schema(&self) -> Result<()> {
+        let exists = self.sql(match self.dialect {
+            Dialect::Sqlite => {
+                "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = '_sqlx_migrations'"
+            }
+            Dialect::Postgres => {
+                "SELECT count(*) FROM information_schema.tables \
+                 WHERE table_schema = current_schema() AND table_name = '_sqlx_migrations'"
+            }
+        });
+        let tracked: i64 = sqlx::query_scalar(exists).fetch_one(&self.pool).await?;
+        let applied: Vec<i64> = if tracked == 0 {
+            Vec::new()
+        } else {
+            sqlx::query_scalar(
+                "SELECT version FROM _sqlx_migrations WHERE success ORDER BY version",
+            )
+            .fetch_all(&self.pool)
+            .await?
+        };
+        let known: Vec<&sqlx::migrate::Migration> = self.migrator().iter().collect();
+        if let Some(missing) = known.iter().find(|m| !applied.contains(&m.version)) {
+            return Err(Error::Schema(format!(
+                "the ledger lacks migration {} ({}) of this DataFlow: run `dataflow migrate` \
+                 with this version (auto_migrate is off)",
+                missing.version, missing.description
+            )));
+        }
+        if let Some(newer) = applied
+            .iter()
+            .find(|v| !known.iter().any(|m| m.version == **v))
+        {
+            return Err(Error::Schema(format!(
+                "the ledger has migration {newer}, which this DataFlow does not know: it was \
+                 migrated by a newer version; run that one"
+            )));
         }
         Ok(())
     }
