@@ -15,6 +15,7 @@ use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use dataflow_contracts::policy::PolicyPatch;
 use dataflow_contracts::{ClientId, Policy};
+use dataflow_platform::backends::Operator;
 use dataflow_platform::db::Db;
 use dataflow_platform::keys::KeyHasher;
 use dataflow_platform::{Backends, Config};
@@ -114,9 +115,18 @@ pub enum PolicyCmd {
     },
 }
 
-/// Loads config for operator commands (which touch only the ledger).
-pub(crate) async fn ledger(config: &Config) -> anyhow::Result<std::sync::Arc<Backends>> {
-    Backends::build(config).await.context("opening the ledger")
+/// The whole start-up, for the operator commands that look at the fleet and its queues
+/// (`status`, `workers`).
+pub(crate) async fn backends(config: &Config) -> anyhow::Result<std::sync::Arc<Backends>> {
+    Backends::build(config)
+        .await
+        .context("opening the backends")
+}
+
+/// The ledger alone (and the caches, to announce a change), for the operator commands
+/// that only read or change it.
+pub(crate) async fn ledger(config: &Config) -> anyhow::Result<Operator> {
+    Operator::open(config).await.context("opening the ledger")
 }
 
 fn client_id(raw: &str) -> anyhow::Result<ClientId> {
@@ -142,8 +152,8 @@ where
 }
 
 pub async fn clients(config: &Config, cmd: ClientsCmd) -> anyhow::Result<()> {
-    let backends = ledger(config).await?;
-    let db = &backends.db;
+    let ledger = ledger(config).await?;
+    let db = &ledger.db;
     match cmd {
         ClientsCmd::Create { name, policy } => {
             let policy = match policy {
@@ -167,27 +177,27 @@ pub async fn clients(config: &Config, cmd: ClientsCmd) -> anyhow::Result<()> {
         }
         ClientsCmd::Deactivate { client_id: id } => {
             let client = db.set_client_active(&client_id(&id)?, false).await?;
-            announce(&backends.clients, client.id.as_str()).await;
+            announce(&ledger.clients, client.id.as_str()).await;
             print_json(&client.view())
         }
         ClientsCmd::Activate { client_id: id } => {
             let client = db.set_client_active(&client_id(&id)?, true).await?;
-            announce(&backends.clients, client.id.as_str()).await;
+            announce(&ledger.clients, client.id.as_str()).await;
             print_json(&client.view())
         }
     }
 }
 
 pub async fn keys(config: &Config, cmd: KeysCmd) -> anyhow::Result<()> {
-    let backends = ledger(config).await?;
-    let db: &Db = &backends.db;
+    let ledger = ledger(config).await?;
+    let db: &Db = &ledger.db;
     match cmd {
         KeysCmd::Create {
             client_id: id,
             label,
         } => {
             let id = client_id(&id)?;
-            let hasher: &KeyHasher = &backends.hasher;
+            let hasher: KeyHasher = Operator::key_hasher(config)?;
             let key = hasher.generate();
             db.create_key(&id, &key.key_id, &key.hmac, label.as_deref())
                 .await?;
@@ -198,7 +208,7 @@ pub async fn keys(config: &Config, cmd: KeysCmd) -> anyhow::Result<()> {
         KeysCmd::List { client_id: id } => print_json(&db.list_keys(&client_id(&id)?).await?),
         KeysCmd::Revoke { key_id } => {
             let client = db.revoke_key(&key_id).await?;
-            announce(&backends.keys, &key_id).await;
+            announce(&ledger.keys, &key_id).await;
             println!("revoked {key_id} of {client}");
             Ok(())
         }
@@ -206,8 +216,8 @@ pub async fn keys(config: &Config, cmd: KeysCmd) -> anyhow::Result<()> {
 }
 
 pub async fn policy(config: &Config, cmd: PolicyCmd) -> anyhow::Result<()> {
-    let backends = ledger(config).await?;
-    let db = &backends.db;
+    let ledger = ledger(config).await?;
+    let db = &ledger.db;
     match cmd {
         PolicyCmd::Show { client_id: id } => {
             let Some(client) = db.get_client(&client_id(&id)?).await? else {
@@ -227,7 +237,7 @@ pub async fn policy(config: &Config, cmd: PolicyCmd) -> anyhow::Result<()> {
             };
             let policy = client.policy.patched(&patch).map_err(anyhow::Error::msg)?;
             let updated = db.set_policy(&id, &policy).await?;
-            announce(&backends.clients, id.as_str()).await;
+            announce(&ledger.clients, id.as_str()).await;
             print_json(&updated.policy)
         }
     }

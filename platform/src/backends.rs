@@ -79,6 +79,87 @@ pub struct Backends {
     pub gauges_refreshed: tokio::sync::Mutex<Option<std::time::Instant>>,
 }
 
+/// What an operator command (`clients`, `keys`, `policy`, `batches`, `dlq`) needs, and no
+/// more: the ledger, ready as a process would find it, and the key and client caches, so a
+/// change is announced to running processes through Redis when it is configured. No
+/// limiter, queue, broker, mailer, fleet or generated secret.
+pub struct Operator {
+    pub db: Db,
+    pub keys: Cache<KeyRecord>,
+    pub clients: Cache<ClientRecord>,
+}
+
+impl Operator {
+    pub async fn open(config: &Config) -> Result<Operator> {
+        let db = ready_ledger(config).await?;
+        let cache_redis = match config
+            .redis_cache_url
+            .as_ref()
+            .or(config.redis_url.as_ref())
+        {
+            Some(url) => Some(connect_redis(config, url, Purpose::Cache).await?),
+            None => None,
+        };
+        let (keys, clients) = caches(config, cache_redis.as_ref());
+        Ok(Operator { db, keys, clients })
+    }
+
+    /// The hasher of API key secrets, with the deployment's secret (generated into the
+    /// data folder the first time, as a server's start-up would).
+    pub fn key_hasher(config: &Config) -> Result<KeyHasher> {
+        let secret = resolve_secret(config.secret.as_ref(), &config.data_dir, "server-secret")?;
+        Ok(KeyHasher::new(secret.expose()))
+    }
+}
+
+/// The ledger as a process starts on it: migrated with `auto_migrate`, else checked to be
+/// exactly this binary's schema.
+async fn ready_ledger(config: &Config) -> Result<Db> {
+    let db = open_ledger(config).await?;
+    if config.auto_migrate {
+        db.migrate().await?;
+    } else {
+        db.check_schema().await?;
+    }
+    Ok(db)
+}
+
+/// A Redis connection under the configured prefix and CA.
+async fn connect_redis(config: &Config, url: &Secret, purpose: Purpose) -> Result<Redis> {
+    let ca = match &config.redis_ca_file {
+        Some(path) => Some(std::fs::read(path).map_err(|source| Error::Io {
+            context: format!("reading redis_ca_file {}", path.display()),
+            source,
+        })?),
+        None => None,
+    };
+    Redis::connect(url.expose(), &config.redis_prefix, ca, purpose).await
+}
+
+/// The key and client caches: in process, with a shared tier in `cache_redis` when there
+/// is one (whose shorter local TTL is safe because every change is announced).
+fn caches(config: &Config, cache_redis: Option<&Redis>) -> (Cache<KeyRecord>, Cache<ClientRecord>) {
+    let api = &config.api;
+    let ttl = Duration::from_millis(api.cache_ttl_ms);
+    let negative_ttl = Duration::from_millis(api.cache_negative_ttl_ms);
+    let l1_ttl = match cache_redis {
+        Some(_) => Duration::from_millis(api.cache_l1_ttl_ms),
+        None => ttl,
+    };
+    let tier = |namespace| {
+        cache_redis.map(|r| SharedTier {
+            redis: r.clone(),
+            namespace,
+            ttl,
+            negative_ttl,
+        })
+    };
+    (
+        Cache::new(l1_ttl, negative_ttl, tier("keys")),
+        Cache::new(l1_ttl, negative_ttl, tier("clients")),
+    )
+}
+
 /// Connects to the ledger with the process's settings, neither migrating nor checking its
 /// schema ([`Backends::build`] does one or the other, `dataflow migrate` the first).
 pub async fn open_ledger(config: &Config) -> Result<Db> {
@@ -100,26 +181,11 @@ impl Backends {
         crate::install_crypto_provider();
         // Before anything records a metric.
         crate::telemetry::handle();
-        let db = open_ledger(config).await?;
-        if config.auto_migrate {
-            db.migrate().await?;
-        } else {
-            db.check_schema().await?;
-        }
-        let secret = resolve_secret(config.secret.as_ref(), &config.data_dir, "server-secret")?;
+        let db = ready_ledger(config).await?;
+        let hasher = Operator::key_hasher(config)?;
         let admin_token =
             resolve_secret(config.admin_token.as_ref(), &config.data_dir, "admin-token")?;
-        let ca = match &config.redis_ca_file {
-            Some(path) => Some(std::fs::read(path).map_err(|source| Error::Io {
-                context: format!("reading redis_ca_file {}", path.display()),
-                source,
-            })?),
-            None => None,
-        };
-        let prefix = &config.redis_prefix;
-        let connect = async |url: &Secret, purpose| {
-            Redis::connect(url.expose(), prefix, ca.clone(), purpose).await
-        };
+        let connect = async |url: &Secret, purpose| connect_redis(config, url, purpose).await;
         let redis = match &config.redis_url {
             Some(url) => Some(connect(url, Purpose::State).await?),
             None => None,
@@ -139,9 +205,7 @@ impl Backends {
             window: Duration::from_secs(api.auth_window_secs),
             lockout: Duration::from_secs(api.auth_lockout_secs),
         };
-        let ttl = Duration::from_millis(api.cache_ttl_ms);
-        let negative_ttl = Duration::from_millis(api.cache_negative_ttl_ms);
-        let (limiter, lockout, dedup, mutex, l1_ttl) = match &redis {
+        let (limiter, lockout, dedup, mutex) = match &redis {
             Some(r) => (
                 Limiter::Redis(Box::new(RedisLimiter::new(r.clone()))),
                 Lockout::Redis(Box::new(RedisLockout::new(r.clone(), lockout_policy))),
@@ -154,24 +218,15 @@ impl Backends {
                     },
                     LOCK_TIMEOUT,
                 ))),
-                Duration::from_millis(api.cache_l1_ttl_ms),
             ),
             None => (
                 Limiter::InProcess(InProcessLimiter::default()),
                 Lockout::InProcess(InProcessLockout::new(lockout_policy)),
                 DedupFastPath::Off,
                 BatchMutex::SqlOnly,
-                ttl,
             ),
         };
-        let tier = |namespace| {
-            cache_redis.as_ref().map(|r| SharedTier {
-                redis: r.clone(),
-                namespace,
-                ttl,
-                negative_ttl,
-            })
-        };
+        let (keys, clients) = caches(config, cache_redis.as_ref());
         let mailer = Mailer::from_config(&config.jobs, &config.data_dir)?;
         let webhooks = WebhookSender::new(
             Duration::from_millis(config.jobs.webhook_timeout_ms),
@@ -210,8 +265,8 @@ impl Backends {
                 None => SessionStore::Sql(db.clone()),
             },
             gauges_refreshed: tokio::sync::Mutex::new(None),
-            keys: Cache::new(l1_ttl, negative_ttl, tier("keys")),
-            clients: Cache::new(l1_ttl, negative_ttl, tier("clients")),
+            keys,
+            clients,
             db,
             redis,
             cache_redis,
@@ -222,7 +277,7 @@ impl Backends {
             publisher,
             broker,
             mode,
-            hasher: KeyHasher::new(secret.expose()),
+            hasher,
             admin_token,
         }))
     }

@@ -12,7 +12,7 @@ use dataflow_contracts::{BatchId, BatchStatus, ClientId, JobId};
 use dataflow_platform::Config;
 use dataflow_platform::db::{BatchAction, Db, JobFilter};
 
-use super::{ledger, print_json, redact};
+use super::{backends, ledger, print_json, redact};
 
 #[derive(Subcommand, Debug)]
 pub enum BatchesCmd {
@@ -70,7 +70,7 @@ pub enum WorkersCmd {
 }
 
 pub async fn workers(config: &Config, cmd: WorkersCmd) -> anyhow::Result<()> {
-    let backends = ledger(config).await?;
+    let backends = backends(config).await?;
     let fleet = &backends.fleet;
     match cmd {
         WorkersCmd::List => {
@@ -129,7 +129,7 @@ pub async fn workers(config: &Config, cmd: WorkersCmd) -> anyhow::Result<()> {
 
 /// `dataflow status`: what waits where and for how long, and whether Redis answers.
 pub async fn status(config: &Config) -> anyhow::Result<()> {
-    let backends = ledger(config).await?;
+    let backends = backends(config).await?;
     let redis = match &backends.redis {
         None => "not configured (embedded fallbacks)".to_owned(),
         Some(r) => match r.ping().await {
@@ -216,8 +216,8 @@ async fn broker_reachability(url: &str) -> String {
 }
 
 pub async fn batches(config: &Config, cmd: BatchesCmd) -> anyhow::Result<()> {
-    let backends = ledger(config).await?;
-    let db = &backends.db;
+    let ledger = ledger(config).await?;
+    let db = &ledger.db;
     match cmd {
         BatchesCmd::List {
             client,
@@ -268,8 +268,8 @@ pub async fn batches(config: &Config, cmd: BatchesCmd) -> anyhow::Result<()> {
 }
 
 pub async fn dlq(config: &Config, cmd: DlqCmd) -> anyhow::Result<()> {
-    let backends = ledger(config).await?;
-    let db = &backends.db;
+    let ledger = ledger(config).await?;
+    let db = &ledger.db;
     let (ids, all, discard) = match cmd {
         DlqCmd::List { limit } => {
             let mut rows = Vec::new();

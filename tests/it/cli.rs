@@ -378,3 +378,40 @@ fn logs_follow_rust_log_when_dataflow_log_is_unset() {
     assert!(!both.contains("DEBUG"), "DATAFLOW_LOG wins: {both}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// Operator commands open the ledger and nothing else: listing clients on a fresh data
+/// folder migrates the embedded ledger (`auto_migrate`) but generates no secret; minting a
+/// key generates the server secret it is hashed with, still not the operator token.
+#[test]
+fn operator_commands_open_the_ledger_alone() {
+    let dir = std::env::temp_dir().join(format!("dataflow-operator-{}", ulid::Ulid::new()));
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_dataflow"))
+            .args(args)
+            .env_remove("DATABASE_URL")
+            .env_remove("REDIS_URL")
+            .env_remove("AMQP_URL")
+            .env("DATAFLOW_DATA_DIR", &dir)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{args:?}: {out:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    run(&["clients", "list"]);
+    assert!(dir.join("dataflow.db").exists());
+    assert!(
+        !dir.join("server-secret").exists(),
+        "a secret for a listing"
+    );
+    assert!(
+        !dir.join("admin-token").exists(),
+        "an operator token for a listing"
+    );
+    let created: serde_json::Value =
+        serde_json::from_str(&run(&["clients", "create", "acme"])).unwrap();
+    let client = created["id"].as_str().unwrap().to_owned();
+    assert!(run(&["keys", "create", &client]).starts_with("dfk_"));
+    assert!(dir.join("server-secret").exists());
+    assert!(!dir.join("admin-token").exists());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
