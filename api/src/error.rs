@@ -82,6 +82,9 @@ impl From<PlatformError> for ApiError {
         match e {
             PlatformError::NotFound => Self::not_found(),
             PlatformError::Invalid(detail) => Self::unprocessable("invalid", detail),
+            PlatformError::Conflict(detail) => {
+                Self::new(StatusCode::CONFLICT, "invalid_state", detail)
+            }
             PlatformError::Parse(p) => p.into(),
             e if e.is_unavailable() => {
                 tracing::error!(error = %e, "ledger unavailable");

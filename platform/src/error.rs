@@ -20,6 +20,20 @@ pub enum Error {
     #[error("not found")]
     NotFound,
 
+    /// The target is in a state that refuses the action (a batch that is not dead cannot
+    /// be retried); the message says which state it is in.
+    #[error("{0}")]
+    Conflict(String),
+
+    /// A fault inside DataFlow, not the caller's: stored data that does not read back, a
+    /// value that does not serialize, a panic. Logged with its cause; answered opaquely.
+    #[error("{context}")]
+    Internal {
+        context: String,
+        #[source]
+        source: Option<Box<dyn std::error::Error + Send + Sync>>,
+    },
+
     /// The lease epoch moved on: another worker owns the batch, and this write was refused.
     #[error("lease lost: batch {batch_id} is no longer held at epoch {epoch}")]
     FenceRejected { batch_id: String, epoch: i64 },
@@ -50,6 +64,26 @@ pub enum Error {
 }
 
 impl Error {
+    /// Stored data that does not read back as what was written (a value no version of
+    /// DataFlow writes): an [`Error::Internal`].
+    pub fn stored(detail: String) -> Error {
+        Error::Internal {
+            context: format!("stored data is unreadable: {detail}"),
+            source: None,
+        }
+    }
+
+    /// An [`Error::Internal`] with its cause.
+    pub fn internal(
+        context: impl Into<String>,
+        source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+    ) -> Error {
+        Error::Internal {
+            context: context.into(),
+            source: Some(source.into()),
+        }
+    }
+
     /// The ledger cannot serve right now (unreachable, overloaded, busy, or the transaction
     /// lost a conflict): a retry later can succeed, so callers answer 503, not 500.
     pub fn is_unavailable(&self) -> bool {

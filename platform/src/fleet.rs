@@ -54,7 +54,8 @@ impl Fleet {
 
     /// Announces (or renews) `w`.
     pub async fn beat(&self, w: &WorkerInfo) -> Result<()> {
-        let info = serde_json::to_string(w).map_err(|e| Error::Invalid(e.to_string()))?;
+        let info = serde_json::to_string(w)
+            .map_err(|e| Error::internal("serializing a worker's entry", e))?;
         match self {
             Fleet::Redis(r) => {
                 Script::new(BEAT_SCRIPT)

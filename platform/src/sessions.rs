@@ -71,8 +71,8 @@ impl SessionStore {
         };
         match self {
             SessionStore::Redis(r) => {
-                let json =
-                    serde_json::to_string(&session).map_err(|e| Error::Invalid(e.to_string()))?;
+                let json = serde_json::to_string(&session)
+                    .map_err(|e| Error::internal("serializing a session", e))?;
                 redis::cmd("SET")
                     .arg(r.key(&["ui", "session", &id]))
                     .arg(json)

@@ -10,6 +10,7 @@ use crate::helpers::{
 };
 
 backend_tests!(
+    corrupt_stored_data_is_an_opaque_500_and_a_wrong_state_a_409,
     keys_authenticate_and_revocation_is_immediate,
     failed_attempts_lock_out_the_ip,
     a_key_id_tried_from_elsewhere_does_not_lock_its_owner_out,
@@ -358,5 +359,45 @@ async fn approval_and_rejection(b: Backend) {
             .map(|e| e.event.kind().to_owned())
             .collect();
     assert_eq!(kinds, ["BatchCreated", "BatchRejected"]);
+    t.stop().await;
+}
+
+/// What goes wrong inside DataFlow is not the caller's mistake: a stored row that does not
+/// read back answers `500 internal` with nothing of the row in it (it used to be a `422`
+/// naming the stored policy), while an action on a target in the wrong state is a `409`.
+async fn corrupt_stored_data_is_an_opaque_500_and_a_wrong_state_a_409(b: Backend) {
+    let Some(t) = TestApp::spawn(b).await else {
+        return;
+    };
+    let (client, _) = t.client(json!({})).await;
+    sqlx::query("UPDATE clients SET policy = '{\"rate_burst\": \"lots\"}' WHERE id = $1")
+        .bind(client.as_str())
+        .execute(t.db.pool())
+        .await
+        .unwrap();
+    let resp = t
+        .admin_send(Method::GET, &format!("/admin/clients/{client}"))
+        .await;
+    assert_eq!(resp.status(), 500);
+    let body: ErrorBody = resp.json().await.unwrap();
+    assert_eq!(
+        (body.code.as_str(), body.detail.as_str()),
+        ("internal", "internal error")
+    );
+
+    let (_, key) = t.client(json!({})).await;
+    let imported = t.import(&key, "text/csv", "id\n1\n").await;
+    t.wait_for(&key, &imported.batch_id, BatchStatus::Completed)
+        .await;
+    let resp = t
+        .admin_send(
+            Method::POST,
+            &format!("/admin/batches/{}/retry", imported.batch_id),
+        )
+        .await;
+    assert_eq!(resp.status(), 409);
+    let body: ErrorBody = resp.json().await.unwrap();
+    assert_eq!(body.code, "invalid_state");
+    assert!(body.detail.contains("completed"), "{}", body.detail);
     t.stop().await;
 }

@@ -336,7 +336,7 @@ impl Worker {
                 .collect())
         })
         .await
-        .map_err(|e| Error::Invalid(format!("record preparation panicked: {e}")))??;
+        .map_err(|e| Error::internal("record preparation panicked", e))??;
         Ok(BatchRun { lease, chunks })
     }
 

@@ -150,12 +150,7 @@ async fn retry_job(
     PathParam(id): PathParam,
 ) -> ApiResult<Json<JobView>> {
     let id: JobId = parse_path_id(&id)?;
-    let job = state
-        .backends
-        .db
-        .retry_job(&id)
-        .await
-        .map_err(wrong_state)?;
+    let job = state.backends.db.retry_job(&id).await?;
     Ok(Json(job))
 }
 
@@ -176,12 +171,7 @@ async fn discard_job(
     PathParam(id): PathParam,
 ) -> ApiResult<Json<JobView>> {
     let id: JobId = parse_path_id(&id)?;
-    let job = state
-        .backends
-        .db
-        .discard_job(&id)
-        .await
-        .map_err(wrong_state)?;
+    let job = state.backends.db.discard_job(&id).await?;
     Ok(Json(job))
 }
 
@@ -567,28 +557,13 @@ pub(crate) async fn transition(
     action: BatchAction,
 ) -> ApiResult<Json<BatchView>> {
     let id: BatchId = parse_path_id(&id)?;
-    let view = state
-        .backends
-        .db
-        .transition_batch(&id, action)
-        .await
-        .map_err(wrong_state)?;
+    let view = state.backends.db.transition_batch(&id, action).await?;
     let kind = match view.status {
         BatchStatus::Ready => LiveKind::BatchReady,
         _ => LiveKind::BatchRejected,
     };
     state.backends.live.publish(kind, view.id.as_str());
     Ok(Json(view))
-}
-
-/// An operator action refused by the ledger because of where the batch or job is: 409.
-fn wrong_state(e: dataflow_platform::Error) -> ApiError {
-    match e {
-        dataflow_platform::Error::Invalid(detail) => {
-            ApiError::new(StatusCode::CONFLICT, "invalid_state", detail)
-        }
-        other => other.into(),
-    }
 }
 
 /// `awaiting_approval` → `ready`.

@@ -5,7 +5,6 @@
 use axum::Extension;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Query, State};
-use axum::http::StatusCode;
 use axum::response::{IntoResponse, Redirect, Response};
 use dataflow_contracts::JobId;
 use dataflow_platform::db::BatchAction;
@@ -109,18 +108,12 @@ impl Step {
     /// Runs through the same code as the `/admin` route of the action.
     async fn run(self, state: &AppState, target: &str) -> ApiResult<()> {
         let db = &state.backends.db;
-        let in_state = |e: dataflow_platform::Error| match e {
-            dataflow_platform::Error::Invalid(detail) => {
-                ApiError::new(StatusCode::CONFLICT, "invalid_state", detail)
-            }
-            other => other.into(),
-        };
         match self {
             Step::Batch(a) => transition(state.clone(), target.to_owned(), a)
                 .await
                 .map(drop),
-            Step::RetryJob(id) => db.retry_job(&id).await.map(drop).map_err(in_state),
-            Step::DiscardJob(id) => db.discard_job(&id).await.map(drop).map_err(in_state),
+            Step::RetryJob(id) => Ok(db.retry_job(&id).await.map(drop)?),
+            Step::DiscardJob(id) => Ok(db.discard_job(&id).await.map(drop)?),
             Step::Drain => match state.backends.fleet.request_drain(target).await? {
                 true => Ok(()),
                 false => Err(ApiError::not_found()),

@@ -632,7 +632,7 @@ impl Db {
         let Some(row) = row else {
             tx.rollback().await?;
             return match self.get_batch(None, id).await? {
-                Some(b) => Err(Error::Invalid(format!(
+                Some(b) => Err(Error::Conflict(format!(
                     "batch is {}, not {}",
                     b.status, from
                 ))),
@@ -765,7 +765,8 @@ impl Db {
             let data: String = r.try_get("data")?;
             Ok(RecordView {
                 key: r.try_get("record_key")?,
-                data: serde_json::from_str(&data).map_err(|e| Error::Invalid(e.to_string()))?,
+                data: serde_json::from_str(&data)
+                    .map_err(|e| Error::internal("a stored record is not JSON", e))?,
                 checksum: r.try_get("checksum")?,
                 batch_id: parse_id(r.try_get("batch_id")?)?,
                 updated_at: rfc3339(r.try_get("updated_at")?),
@@ -783,7 +784,7 @@ impl Db {
             .map(|r| {
                 let status: String = r.try_get("status")?;
                 Ok((
-                    status.parse().map_err(Error::Invalid)?,
+                    status.parse().map_err(Error::stored)?,
                     count(r.try_get("n")?),
                 ))
             })
@@ -827,7 +828,7 @@ fn lease_from_row(r: &AnyRow, owner: &str) -> Result<Lease> {
         took_over: r.try_get::<i64, _>("took_over")? != 0,
         checkpoint: count(r.try_get("checkpoint")?),
         records_total: count(r.try_get("records_total")?),
-        format: format.parse().map_err(Error::Invalid)?,
+        format: format.parse().map_err(Error::stored)?,
         policy: parse_policy(&policy)?,
         waited_ms: count(r.try_get("waited_ms")?),
     })
@@ -835,7 +836,7 @@ fn lease_from_row(r: &AnyRow, owner: &str) -> Result<Lease> {
 
 pub(super) fn batch_from_row(r: &AnyRow) -> Result<BatchView> {
     let status: String = r.try_get("status")?;
-    let status: BatchStatus = status.parse().map_err(Error::Invalid)?;
+    let status: BatchStatus = status.parse().map_err(Error::stored)?;
     let started_at: Option<i64> = r.try_get("started_at")?;
     let completed_at: Option<i64> = r.try_get("completed_at")?;
     let total = count(r.try_get("records_total")?);

@@ -54,13 +54,14 @@ fn client_from_row(row: &AnyRow) -> Result<ClientRecord> {
 
 /// A policy as the ledger stores it (JSON, in `clients` and with each batch).
 pub(crate) fn parse_policy(json: &str) -> Result<Policy> {
-    serde_json::from_str(json)
-        .map_err(|e| Error::Invalid(format!("stored policy is unreadable: {e}")))
+    serde_json::from_str(json).map_err(|e| Error::internal("a stored policy is unreadable", e))
 }
 
 pub(crate) fn parse_id<T: std::str::FromStr>(s: String) -> Result<T> {
-    s.parse()
-        .map_err(|_| Error::Invalid(format!("stored id `{s}` is malformed")))
+    s.parse().map_err(|_| Error::Internal {
+        context: format!("stored id `{s}` is malformed"),
+        source: None,
+    })
 }
 
 fn policy_json(policy: &Policy) -> String {

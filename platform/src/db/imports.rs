@@ -419,8 +419,8 @@ fn import_from_row(r: &AnyRow) -> Result<ImportView> {
     Ok(ImportView {
         id: parse_id(r.try_get("id")?)?,
         batch_id: parse_id(r.try_get("batch_id")?)?,
-        status: status.parse().map_err(Error::Invalid)?,
-        format: format.parse().map_err(Error::Invalid)?,
+        status: status.parse().map_err(Error::stored)?,
+        format: format.parse().map_err(Error::stored)?,
         records: count(r.try_get("records")?),
         bytes: count(r.try_get("bytes")?),
         checksum: r.try_get("checksum")?,

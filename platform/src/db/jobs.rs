@@ -206,7 +206,7 @@ impl Db {
                     max_attempts: u32::try_from(r.try_get::<i32, _>("max_attempts")?).unwrap_or(1),
                     epoch: u64::try_from(r.try_get::<i64, _>("delivery_epoch")?).unwrap_or(0),
                     spec: RawValue::from_string(spec)
-                        .map_err(|e| Error::Invalid(format!("stored job spec is not JSON: {e}")))?,
+                        .map_err(|e| Error::internal("a stored job spec is not JSON", e))?,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -288,9 +288,7 @@ impl Db {
             .bind(epoch(ticket))
             .fetch_optional(&mut *self.background_writer().await?)
             .await?;
-        status
-            .map(|s| s.parse().map_err(Error::Invalid))
-            .transpose()
+        status.map(|s| s.parse().map_err(Error::stored)).transpose()
     }
 
     /// Deliveries handed to a queue whose lease ran out, for the sweeper to look for.
@@ -310,7 +308,7 @@ impl Db {
                     id: parse_id(r.try_get("id")?)?,
                     epoch: u64::try_from(r.try_get::<i64, _>("delivery_epoch")?).unwrap_or(0),
                 };
-                Ok((ticket, kind.parse().map_err(Error::Invalid)?))
+                Ok((ticket, kind.parse().map_err(Error::stored)?))
             })
             .collect()
     }
@@ -456,7 +454,7 @@ impl Db {
             .rows_affected();
         let job = self.get_job(id).await?.ok_or(Error::NotFound)?;
         if changed == 0 {
-            return Err(Error::Invalid(format!("job is {}, not dead", job.status)));
+            return Err(Error::Conflict(format!("job is {}, not dead", job.status)));
         }
         Ok(job)
     }
@@ -508,8 +506,8 @@ impl Db {
                 let kind: String = r.try_get("kind")?;
                 let status: String = r.try_get("status")?;
                 Ok(JobCount {
-                    kind: kind.parse().map_err(Error::Invalid)?,
-                    status: status.parse().map_err(Error::Invalid)?,
+                    kind: kind.parse().map_err(Error::stored)?,
+                    status: status.parse().map_err(Error::stored)?,
                     count: count(r.try_get("n")?),
                 })
             })
@@ -561,10 +559,10 @@ fn job_from_row(r: &AnyRow) -> Result<JobView> {
     let max_attempts: i32 = r.try_get("max_attempts")?;
     Ok(JobView {
         id: parse_id(r.try_get("id")?)?,
-        kind: kind.parse().map_err(Error::Invalid)?,
+        kind: kind.parse().map_err(Error::stored)?,
         batch_id: parse_id(r.try_get("batch_id")?)?,
         client_id: parse_id(r.try_get("client_id")?)?,
-        status: status.parse().map_err(Error::Invalid)?,
+        status: status.parse().map_err(Error::stored)?,
         attempts: u32::try_from(attempts).unwrap_or(0),
         max_attempts: u32::try_from(max_attempts).unwrap_or(0),
         run_at: rfc3339(r.try_get("run_at")?),

@@ -141,7 +141,7 @@ impl Db {
             .iter()
             .map(|b| {
                 serde_json::from_str(b)
-                    .map_err(|e| Error::Invalid(format!("stored summary is unreadable: {e}")))
+                    .map_err(|e| Error::internal("a stored summary is unreadable", e))
             })
             .collect()
     }

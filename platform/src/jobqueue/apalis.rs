@@ -116,7 +116,8 @@ impl ApalisQueues {
         }
         let mut tasks = Vec::with_capacity(messages.len());
         for m in messages {
-            let body = serde_json::to_vec(m).map_err(|e| Error::Invalid(e.to_string()))?;
+            let body =
+                serde_json::to_vec(m).map_err(|e| Error::internal("serializing a job", e))?;
             tasks.push(
                 TaskBuilder::new(body)
                     .task_id(TaskId::from_string(task_id(&m.ticket()).to_string()))
@@ -125,7 +126,7 @@ impl ApalisQueues {
         }
         apalis_redis::queries::push_tasks(&mut self.redis.conn(), &self.config(kind), &tasks)
             .await
-            .map_err(|e| Error::Invalid(format!("apalis-redis push: {e}")))?;
+            .map_err(|e| Error::internal("pushing to apalis-redis", e))?;
         Ok(())
     }
 

@@ -169,7 +169,9 @@ impl JobQueue {
         let mut raws = Vec::with_capacity(messages.len());
         let mut present = Vec::with_capacity(messages.len());
         for m in messages {
-            raws.push(serde_json::to_string(m).map_err(|e| Error::Invalid(e.to_string()))?);
+            raws.push(
+                serde_json::to_string(m).map_err(|e| Error::internal("serializing a job", e))?,
+            );
             present.push((m.epoch, m.id.as_str()));
         }
         pipe.rpush(&self.ready, raws).ignore();
