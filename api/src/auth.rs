@@ -12,7 +12,8 @@
 
 use std::net::{IpAddr, SocketAddr};
 
-use axum::extract::{ConnectInfo, Request, State};
+use axum::extract::{ConnectInfo, FromRequestParts, Request, State};
+use axum::http::request::Parts;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -29,6 +30,20 @@ use crate::state::{AppState, ClientIp};
 pub struct Principal {
     pub client: ClientRecord,
     pub key_id: String,
+}
+
+/// A handler takes the caller as an argument; [`require_api_key`] put it there. A route
+/// left outside that guard by mistake answers 401, never a 500 for a missing extension.
+impl<S: Send + Sync> FromRequestParts<S> for Principal {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        parts
+            .extensions
+            .get::<Principal>()
+            .cloned()
+            .ok_or_else(ApiError::unauthorized)
+    }
 }
 
 /// Middleware for `/v1`: authenticates the key, then applies the client's rate limit.
@@ -192,4 +207,21 @@ pub(crate) fn client_ip(state: &AppState, req: &Request) -> IpAddr {
         .and_then(|v| v.rsplit(',').next())
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or(peer)
+}
+
+#[cfg(test)]
+mod tests {
+    use axum::extract::FromRequestParts;
+    use axum::http::{Request, StatusCode};
+
+    use super::Principal;
+
+    /// A handler reached without the key guard (a route registered outside it) is refused
+    /// as unauthenticated, not failed as a server error.
+    #[tokio::test]
+    async fn a_request_without_the_guard_has_no_principal_and_is_a_401() {
+        let (mut parts, ()) = Request::new(()).into_parts();
+        let refused = Principal::from_request_parts(&mut parts, &()).await.err();
+        assert_eq!(refused.map(|e| e.status), Some(StatusCode::UNAUTHORIZED));
+    }
 }

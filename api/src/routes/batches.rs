@@ -8,7 +8,7 @@
 use axum::Json;
 use axum::body::{Body, Bytes};
 use axum::extract::rejection::QueryRejection;
-use axum::extract::{Extension, Query, State};
+use axum::extract::{Query, State};
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use dataflow_contracts::http::{
@@ -46,10 +46,7 @@ pub fn router() -> OpenApiRouter<AppState> {
     tag = "client",
     responses((status = 200, description = "The signing key", body = WebhookSecret)),
 )]
-async fn webhook_secret(
-    State(state): State<AppState>,
-    Extension(p): Extension<Principal>,
-) -> Json<WebhookSecret> {
+async fn webhook_secret(State(state): State<AppState>, p: Principal) -> Json<WebhookSecret> {
     let key = state.backends.hasher.webhook_key(p.client.id.as_str());
     Json(WebhookSecret {
         secret: webhook::secret_text(&key),
@@ -71,7 +68,7 @@ async fn webhook_secret(
 )]
 async fn list(
     State(state): State<AppState>,
-    Extension(p): Extension<Principal>,
+    p: Principal,
     q: Result<Query<BatchListQuery>, QueryRejection>,
 ) -> ApiResult<Json<BatchPage>> {
     let q = query(q)?;
@@ -117,7 +114,7 @@ async fn list(
 )]
 async fn show(
     State(state): State<AppState>,
-    Extension(p): Extension<Principal>,
+    p: Principal,
     PathParam(id): PathParam,
 ) -> ApiResult<Json<BatchView>> {
     let id: BatchId = parse_path_id(&id)?;
@@ -141,7 +138,7 @@ async fn show(
 )]
 async fn errors(
     State(state): State<AppState>,
-    Extension(p): Extension<Principal>,
+    p: Principal,
     PathParam(id): PathParam,
     q: Result<Query<ErrorPageQuery>, QueryRejection>,
 ) -> ApiResult<Json<RecordErrorPage>> {
@@ -171,7 +168,7 @@ async fn errors(
 )]
 async fn report(
     State(state): State<AppState>,
-    Extension(p): Extension<Principal>,
+    p: Principal,
     PathParam(id): PathParam,
 ) -> ApiResult<Json<BatchReport>> {
     let id: BatchId = parse_path_id(&id)?;
@@ -208,7 +205,7 @@ const REPORT_PAGE: u32 = 5_000;
 )]
 async fn report_csv(
     State(state): State<AppState>,
-    Extension(p): Extension<Principal>,
+    p: Principal,
     PathParam(id): PathParam,
 ) -> ApiResult<Response> {
     let id: BatchId = parse_path_id(&id)?;
@@ -266,7 +263,7 @@ pub(crate) async fn rejected_rows_csv(db: Db, id: BatchId) -> ApiResult<Response
 )]
 async fn record(
     State(state): State<AppState>,
-    Extension(p): Extension<Principal>,
+    p: Principal,
     PathParam(key): PathParam,
 ) -> ApiResult<Json<RecordView>> {
     // No stored key holds a NUL (or is longer than the key limit), and PostgreSQL would

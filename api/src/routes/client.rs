@@ -2,7 +2,7 @@
 //! uploading (`dataflow import --client`), so a key for the wrong tenant is caught before
 //! anything is stored under it.
 
-use axum::{Extension, Json};
+use axum::Json;
 use dataflow_contracts::http::ClientIdentity;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
@@ -22,7 +22,7 @@ pub fn router() -> OpenApiRouter<AppState> {
     tag = "client",
     responses((status = 200, description = "The key's client", body = ClientIdentity)),
 )]
-async fn show(Extension(p): Extension<Principal>) -> Json<ClientIdentity> {
+async fn show(p: Principal) -> Json<ClientIdentity> {
     Json(ClientIdentity {
         id: p.client.id,
         name: p.client.name,

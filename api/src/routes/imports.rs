@@ -13,7 +13,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use dataflow_contracts::http::{ErrorBody, ImportView};
 use dataflow_contracts::live::LiveKind;
-use dataflow_contracts::{BatchId, ImportFormat, ImportId};
+use dataflow_contracts::{BatchId, ClientId, ImportFormat, ImportId};
 use dataflow_platform::db::{IdempotencyClaim, IdempotencyStart, NewImport, SubmitOutcome};
 use dataflow_platform::dedup::DedupClaim;
 use dataflow_platform::records::{self, Limits};
@@ -46,7 +46,7 @@ pub fn router() -> OpenApiRouter<AppState> {
 )]
 async fn show(
     State(state): State<AppState>,
-    Extension(p): Extension<Principal>,
+    p: Principal,
     PathParam(id): PathParam,
 ) -> ApiResult<Json<ImportView>> {
     let id: ImportId = parse_path_id(&id)?;
@@ -117,90 +117,69 @@ async fn show(
 )]
 async fn submit(
     State(state): State<AppState>,
-    Extension(p): Extension<Principal>,
+    p: Principal,
     deadline: Option<Extension<Deadline>>,
     headers: HeaderMap,
     body: Body,
-) -> Response {
+) -> ApiResult<Response> {
     let client = p.client.id.clone();
     let content_type = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
-    let Some(format) = ImportFormat::from_content_type(content_type) else {
-        return ApiError::new(
+    let format = ImportFormat::from_content_type(content_type).ok_or_else(|| {
+        ApiError::new(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
             "unsupported_media_type",
             "send text/csv (with a header row) or application/x-ndjson",
         )
-        .into_response();
-    };
-    let idem_key = match idempotency_key(&state, &headers) {
-        Ok(k) => k,
-        Err(e) => return e.into_response(),
-    };
-    let Some(_slot) = state.import_slot(&client) else {
-        return ApiError::too_many(
+    })?;
+    let idem_key = idempotency_key(&state, &headers)?;
+    let _slot = state.import_slot(&client).ok_or_else(|| {
+        ApiError::too_many(
             "too_many_concurrent_imports",
             "too many imports in flight for this client",
             1000,
         )
-        .into_response();
-    };
-    let body = match read_body(&state, &p, &headers, body).await {
-        Ok(b) => b,
-        Err(e) => return e.into_response(),
-    };
+    })?;
+    let body = read_body(&state, &p, &headers, body).await?;
     let checksum = hex::encode(Sha256::digest(&body));
 
-    let mut claim = None;
-    if let Some(key) = &idem_key {
-        let request_hash = format!("{}:{checksum}", format.as_str());
-        let cfg = &state.config;
-        // The key is held while this request can still run: until its deadline.
-        let left = deadline.map_or(
-            Duration::from_secs(cfg.request_timeout_secs),
-            |Extension(Deadline(at))| at.saturating_duration_since(tokio::time::Instant::now()),
-        );
-        let start = state
-            .backends
-            .db
-            .idempotency_start(
-                &client,
-                key,
-                &request_hash,
-                (cfg.idempotency_ttl_secs * 1000) as i64,
-                i64::try_from(left.as_millis()).unwrap_or(i64::MAX),
-            )
-            .await;
-        match start {
-            Ok(IdempotencyStart::Proceed(c)) => claim = Some(c),
-            Ok(IdempotencyStart::Replay { status, body }) => return replay(status, body),
-            Ok(IdempotencyStart::Mismatch) => {
-                return ApiError::unprocessable(
-                    "idempotency_key_reused",
-                    "this Idempotency-Key was used with a different request",
-                )
-                .into_response();
-            }
-            Ok(IdempotencyStart::InProgress { retry_after_ms }) => {
-                let secs = retry_after_ms.div_ceil(1000).max(1);
-                return ApiError {
-                    retry_after_secs: Some(secs),
-                    ..ApiError::new(
-                        StatusCode::CONFLICT,
-                        "idempotency_in_progress",
-                        format!(
-                            "a request with this Idempotency-Key is still in progress; \
-                             retry in {secs} s, when it has finished or been given up"
-                        ),
-                    )
+    let claim = match &idem_key {
+        Some(key) => {
+            // The key is held while this request can still run: until its deadline.
+            let left = deadline.map_or(
+                Duration::from_secs(state.config.request_timeout_secs),
+                |Extension(Deadline(at))| at.saturating_duration_since(tokio::time::Instant::now()),
+            );
+            let request_hash = format!("{}:{checksum}", format.as_str());
+            match start_idempotent(&state, &client, key, &request_hash, left).await? {
+                IdempotencyStart::Proceed(c) => Some(c),
+                IdempotencyStart::Replay { status, body } => return Ok(replay(status, body)),
+                IdempotencyStart::Mismatch => {
+                    return Err(ApiError::unprocessable(
+                        "idempotency_key_reused",
+                        "this Idempotency-Key was used with a different request",
+                    ));
                 }
-                .into_response();
+                IdempotencyStart::InProgress { retry_after_ms } => {
+                    let secs = retry_after_ms.div_ceil(1000).max(1);
+                    return Err(ApiError {
+                        retry_after_secs: Some(secs),
+                        ..ApiError::new(
+                            StatusCode::CONFLICT,
+                            "idempotency_in_progress",
+                            format!(
+                                "a request with this Idempotency-Key is still in progress; \
+                                 retry in {secs} s, when it has finished or been given up"
+                            ),
+                        )
+                    });
+                }
             }
-            Err(e) => return ApiError::from(e).into_response(),
         }
-    }
+        None => None,
+    };
 
     let submission = Submission {
         format,
@@ -228,13 +207,35 @@ async fn submit(
             tracing::warn!(error = %e, "could not settle the idempotency key; it expires on its own");
         }
     }
-    match result {
-        Ok((status, view)) => {
-            let batch_id = view.batch_id.clone();
-            with_location((status, Json(view)).into_response(), &batch_id)
-        }
-        Err(e) => e.into_response(),
-    }
+    let (status, view) = result?;
+    let batch_id = view.batch_id.clone();
+    Ok(with_location(
+        (status, Json(view)).into_response(),
+        &batch_id,
+    ))
+}
+
+/// Claims `key` for this request, or says why it cannot go ahead (a replay, another body,
+/// a request still running under it).
+async fn start_idempotent(
+    state: &AppState,
+    client: &ClientId,
+    key: &str,
+    request_hash: &str,
+    left: Duration,
+) -> ApiResult<IdempotencyStart> {
+    let cfg = &state.config;
+    Ok(state
+        .backends
+        .db
+        .idempotency_start(
+            client,
+            key,
+            request_hash,
+            (cfg.idempotency_ttl_secs * 1000) as i64,
+            i64::try_from(left.as_millis()).unwrap_or(i64::MAX),
+        )
+        .await?)
 }
 
 /// The dedup fast path around [`decide`]: a payload the fast path already knows is answered

@@ -4,7 +4,7 @@
 
 use axum::Json;
 use axum::extract::rejection::QueryRejection;
-use axum::extract::{Extension, Query, State};
+use axum::extract::{Query, State};
 use dataflow_contracts::ClientId;
 use dataflow_contracts::http::{DailySummary, ErrorBody, SummaryQuery};
 use utoipa_axum::router::OpenApiRouter;
@@ -39,7 +39,7 @@ pub fn admin_router() -> OpenApiRouter<AppState> {
 )]
 async fn own(
     State(state): State<AppState>,
-    Extension(p): Extension<Principal>,
+    p: Principal,
     q: Result<Query<SummaryQuery>, QueryRejection>,
 ) -> ApiResult<Json<Vec<DailySummary>>> {
     list(&state, &p.client.id, query(q)?).await
