@@ -536,6 +536,11 @@ impl Config {
         if self.worker.max_attempts == 0 {
             return bad("worker.max_attempts must be at least 1");
         }
+        // Also the claim loop's shortest sleep: zero would spin it on a batch that is due
+        // but held by another worker's mutex.
+        if self.worker.poll_interval_ms == 0 {
+            return bad("worker.poll_interval_ms must be at least 1");
+        }
         if self.worker.leader_lease_ms < 300 {
             return bad("worker.leader_lease_ms must be at least 300");
         }
@@ -785,6 +790,8 @@ mod tests {
         assert!(Config::from_sources(None, env(&[("AMQP_URL", "http://mq")])).is_err());
         let short_lease = env(&[("DATAFLOW_AMQP__RELAY_LEASE_MS", "10")]);
         assert!(Config::from_sources(None, short_lease).is_err());
+        let no_poll = env(&[("DATAFLOW_WORKER__POLL_INTERVAL_MS", "0")]);
+        assert!(Config::from_sources(None, no_poll).is_err());
         // A relay reading pages of no rows would never see the outbox drained.
         let e = Config::from_sources(None, env(&[("DATAFLOW_OUTBOX__BATCH_SIZE", "0")]));
         assert!(e.unwrap_err().to_string().contains("outbox.batch_size"));

@@ -723,6 +723,28 @@ async fn only_the_current_delivery_of_a_job_settles(b: Backend) {
     let j = db.get_job(&message.id).await.unwrap().unwrap();
     assert_eq!((j.status, j.attempts), (JobStatus::Done, 1));
 
+    // While a run goes on, the sweeper still looks for the message (not the run's delivery),
+    // so a job whose queue lease runs out mid-run is found, not handed over again; once it
+    // is handed over again (the queue lost it), the old message can no longer start.
+    api.import(&key, "text/csv", "id\n00\n").await;
+    let message = take(Handover::Queue, 0).await;
+    let running = db.start_queued_run(&message).await.unwrap().unwrap();
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    let expired = db.expired_queued_jobs(10).await.unwrap();
+    assert_eq!(expired.len(), 1);
+    assert_eq!(expired[0].0, message, "the sweeper looks for the message");
+    assert_eq!(db.extend_job_leases(&[&message], 60_000).await.unwrap(), 1);
+    assert_eq!(db.requeue_lost_jobs(&[&message]).await.unwrap(), 1);
+    let again = take(Handover::Queue, 60_000).await;
+    assert_eq!(
+        db.start_queued_run(&message).await.unwrap(),
+        None,
+        "an old message"
+    );
+    assert_eq!(db.finish_jobs(&[&running], true).await.unwrap(), 0);
+    let current = db.start_queued_run(&again).await.unwrap().unwrap();
+    assert_eq!(db.finish_jobs(&[&current], true).await.unwrap(), 1);
+
     // Claimed from SQL: a claim whose lease ran out goes back, and its late result is refused.
     api.import(&key, "text/csv", "id\n2\n").await;
     let claimed = take(Handover::Claim { by: "w" }, 0).await;

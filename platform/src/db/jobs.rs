@@ -177,7 +177,8 @@ impl Db {
         let sql = self.sql(
             "UPDATE jobs SET status = $3, attempts = attempts + $4, \
                  lease_until = {now} + $5, lease_owner = $6, updated_at = {now}, \
-                 delivery_epoch = delivery_epoch + 1 \
+                 delivery_epoch = delivery_epoch + 1, \
+                 queued_epoch = CASE WHEN $3 = 'queued' THEN delivery_epoch + 1 END \
              WHERE id IN (SELECT id FROM jobs WHERE kind = $1 AND status = 'pending' \
                           AND run_at <= {now} ORDER BY run_at LIMIT $2 {skip_locked}) \
              RETURNING id, batch_id, client_id, spec, attempts, max_attempts, delivery_epoch",
@@ -219,11 +220,12 @@ impl Db {
     /// the delivery as it starts, moving the epoch on, and settles under the ticket this
     /// returns. An earlier run of the same message that answers late names an epoch that is
     /// no longer current and is refused. `None`: the job is no longer queued under this
-    /// message (settled already, or handed over again): do not run it.
+    /// message (settled already, or handed over again in another message): do not run it.
+    /// The message stays what the sweeper looks for (`queued_epoch`).
     pub async fn start_queued_run(&self, message: &JobTicket) -> Result<Option<JobTicket>> {
         let sql = self.sql(
             "UPDATE jobs SET delivery_epoch = delivery_epoch + 1, updated_at = {now} \
-             WHERE id = $1 AND status = 'queued' AND delivery_epoch >= $2 \
+             WHERE id = $1 AND status = 'queued' AND COALESCE(queued_epoch, delivery_epoch) = $2 \
              RETURNING delivery_epoch",
         );
         let epoch: Option<i64> = sqlx::query_scalar(sql)
@@ -291,10 +293,12 @@ impl Db {
         status.map(|s| s.parse().map_err(Error::stored)).transpose()
     }
 
-    /// Deliveries handed to a queue whose lease ran out, for the sweeper to look for.
+    /// Deliveries handed to a queue whose lease ran out, for the sweeper to look for: each
+    /// ticket names the message in the queue (a run that started since has moved the
+    /// delivery on, not the message).
     pub async fn expired_queued_jobs(&self, limit: u32) -> Result<Vec<(JobTicket, JobKind)>> {
         let sql = self.sql(
-            "SELECT id, kind, delivery_epoch FROM jobs \
+            "SELECT id, kind, COALESCE(queued_epoch, delivery_epoch) AS delivery_epoch FROM jobs \
              WHERE status = 'queued' AND lease_until < {now} ORDER BY lease_until LIMIT $1",
         );
         let rows = sqlx::query(sql)
@@ -321,8 +325,9 @@ impl Db {
         }
         let sql = self.sql(
             "UPDATE jobs SET status = 'pending', run_at = {now}, lease_until = NULL, \
-                 updated_at = {now}, delivery_epoch = delivery_epoch + 1 \
-             WHERE (id, delivery_epoch) IN ({ticket_list}) AND status = 'queued'",
+                 updated_at = {now}, delivery_epoch = delivery_epoch + 1, queued_epoch = NULL \
+             WHERE (id, COALESCE(queued_epoch, delivery_epoch)) IN ({ticket_list}) \
+               AND status = 'queued'",
         );
         Ok(sqlx::query(sql)
             .bind(ticket_list(tickets))
@@ -338,7 +343,8 @@ impl Db {
         }
         let sql = self.sql(
             "UPDATE jobs SET lease_until = {now} + $2 \
-             WHERE (id, delivery_epoch) IN ({ticket_list}) AND status = 'queued'",
+             WHERE (id, COALESCE(queued_epoch, delivery_epoch)) IN ({ticket_list}) \
+               AND status = 'queued'",
         );
         Ok(sqlx::query(sql)
             .bind(ticket_list(tickets))

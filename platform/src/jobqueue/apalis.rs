@@ -15,10 +15,14 @@
 //! Each delivery of a job is a task of its own, whose id is the job's ULID with the delivery
 //! epoch folded into its low bits ([`task_id`]): the sweeper can ask whether a delivery is
 //! still here, and a job handed over again is pushed as a new task (apalis-redis ignores a
-//! push whose task id it already holds). The result of a delivery is settled under its
-//! epoch like any other. What apalis-redis does on its own cannot move the epoch on: when it
-//! re-enqueues the task of a worker it presumes dead, both runs carry the same epoch, and the
-//! first of them to settle decides.
+//! push whose task id it already holds). What apalis-redis does on its own cannot move the
+//! epoch on: it re-enqueues the task of a worker it presumes dead as it was. So each run
+//! takes the delivery in the ledger as it starts ([`Db::start_queued_run`]), which moves
+//! the epoch on, and settles under that: a presumed-dead run that answers late is refused.
+//! The task keeps naming the message's epoch (`queued_epoch`), which is what the sweeper
+//! looks for.
+//!
+//! [`Db::start_queued_run`]: crate::db::Db::start_queued_run
 
 use std::time::Duration;
 
