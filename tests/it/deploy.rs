@@ -478,5 +478,24 @@ async fn with_auto_migrate_off_a_process_starts_only_on_its_own_schema(backend: 
     let refused = dataflow_platform::Backends::build(&config).await.err();
     let said = refused.map(|e| e.to_string()).unwrap_or_default();
     assert!(said.contains("99999") && said.contains("newer"), "{said}");
+
+    // A migration of the same number but another text (another build migrated it).
+    sqlx::query("DELETE FROM _sqlx_migrations WHERE version = 99999")
+        .execute(backends.db.pool())
+        .await
+        .unwrap();
+    sqlx::query(
+        "UPDATE _sqlx_migrations SET checksum = (SELECT checksum FROM _sqlx_migrations \
+         WHERE version = 2) WHERE version = 1",
+    )
+    .execute(backends.db.pool())
+    .await
+    .unwrap();
+    let refused = dataflow_platform::Backends::build(&config).await.err();
+    let said = refused.map(|e| e.to_string()).unwrap_or_default();
+    assert!(
+        said.contains("migration 1 ") && said.contains("differs"),
+        "{said}"
+    );
     backends.db.close().await;
 }

@@ -270,26 +270,49 @@ impl Db {
             }
         });
         let tracked: i64 = sqlx::query_scalar(exists).fetch_one(&self.pool).await?;
-        let applied: Vec<i64> = if tracked == 0 {
+        // (version, applied successfully, checksum) of every recorded migration.
+        let recorded: Vec<(i64, bool, Vec<u8>)> = if tracked == 0 {
             Vec::new()
         } else {
-            sqlx::query_scalar(
-                "SELECT version FROM _sqlx_migrations WHERE success ORDER BY version",
+            let rows: Vec<(i64, i64, Vec<u8>)> = sqlx::query_as(
+                "SELECT version, CAST(CASE WHEN success THEN 1 ELSE 0 END AS BIGINT), checksum \
+                 FROM _sqlx_migrations ORDER BY version",
             )
             .fetch_all(&self.pool)
-            .await?
+            .await?;
+            rows.into_iter()
+                .map(|(version, success, checksum)| (version, success == 1, checksum))
+                .collect()
         };
-        let known: Vec<&sqlx::migrate::Migration> = self.migrator().iter().collect();
-        if let Some(missing) = known.iter().find(|m| !applied.contains(&m.version)) {
-            return Err(Error::Schema(format!(
-                "the ledger lacks migration {} ({}) of this DataFlow: run `dataflow migrate` \
-                 with this version (auto_migrate is off)",
-                missing.version, missing.description
-            )));
+        let migrate = "run `dataflow migrate` with this version (auto_migrate is off)";
+        for m in self.migrator().iter() {
+            match recorded.iter().find(|(v, ..)| *v == m.version) {
+                None => {
+                    return Err(Error::Schema(format!(
+                        "the ledger lacks migration {} ({}) of this DataFlow: {migrate}",
+                        m.version, m.description
+                    )));
+                }
+                Some((_, false, _)) => {
+                    return Err(Error::Schema(format!(
+                        "migration {} ({}) failed part-way on this ledger: repair it, then \
+                         {migrate}",
+                        m.version, m.description
+                    )));
+                }
+                Some((_, true, checksum)) if checksum.as_slice() != &*m.checksum => {
+                    return Err(Error::Schema(format!(
+                        "migration {} ({}) on this ledger differs from this DataFlow's: the \
+                         ledger was migrated by another build",
+                        m.version, m.description
+                    )));
+                }
+                Some(_) => {}
+            }
         }
-        if let Some(newer) = applied
+        if let Some((newer, ..)) = recorded
             .iter()
-            .find(|v| !known.iter().any(|m| m.version == **v))
+            .find(|(v, ..)| !self.migrator().iter().any(|m| m.version == *v))
         {
             return Err(Error::Schema(format!(
                 "the ledger has migration {newer}, which this DataFlow does not know: it was \
