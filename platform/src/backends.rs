@@ -97,7 +97,10 @@ impl Operator {
             .as_ref()
             .or(config.redis_url.as_ref())
         {
-            Some(url) => Some(connect_redis(config, url, Purpose::Cache).await?),
+            Some(url) => {
+                let ca = redis_ca(config)?;
+                Some(connect_redis(config, ca.as_deref(), url, Purpose::Cache).await?)
+            }
             None => None,
         };
         let (keys, clients) = caches(config, cache_redis.as_ref());
@@ -124,16 +127,34 @@ async fn ready_ledger(config: &Config) -> Result<Db> {
     Ok(db)
 }
 
-/// A Redis connection under the configured prefix and CA.
-async fn connect_redis(config: &Config, url: &Secret, purpose: Purpose) -> Result<Redis> {
-    let ca = match &config.redis_ca_file {
-        Some(path) => Some(std::fs::read(path).map_err(|source| Error::Io {
-            context: format!("reading redis_ca_file {}", path.display()),
-            source,
-        })?),
-        None => None,
-    };
-    Redis::connect(url.expose(), &config.redis_prefix, ca, purpose).await
+/// The private CA for `rediss://`, read once for every connection of a start-up.
+fn redis_ca(config: &Config) -> Result<Option<Vec<u8>>> {
+    config
+        .redis_ca_file
+        .as_ref()
+        .map(|path| {
+            std::fs::read(path).map_err(|source| Error::Io {
+                context: format!("reading redis_ca_file {}", path.display()),
+                source,
+            })
+        })
+        .transpose()
+}
+
+/// A Redis connection under the configured prefix and `ca`.
+async fn connect_redis(
+    config: &Config,
+    ca: Option<&[u8]>,
+    url: &Secret,
+    purpose: Purpose,
+) -> Result<Redis> {
+    Redis::connect(
+        url.expose(),
+        &config.redis_prefix,
+        ca.map(<[u8]>::to_vec),
+        purpose,
+    )
+    .await
 }
 
 /// The key and client caches: in process, with a shared tier in `cache_redis` when there
@@ -185,7 +206,9 @@ impl Backends {
         let hasher = Operator::key_hasher(config)?;
         let admin_token =
             resolve_secret(config.admin_token.as_ref(), &config.data_dir, "admin-token")?;
-        let connect = async |url: &Secret, purpose| connect_redis(config, url, purpose).await;
+        let ca = redis_ca(config)?;
+        let connect =
+            async |url: &Secret, purpose| connect_redis(config, ca.as_deref(), url, purpose).await;
         let redis = match &config.redis_url {
             Some(url) => Some(connect(url, Purpose::State).await?),
             None => None,
