@@ -317,16 +317,14 @@ async fn another_process_closing_the_ledger_leaves_a_live_process_whole() {
         .await
         .unwrap();
     assert_eq!(check, "ok");
-    let completed: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM batches WHERE status = 'completed'")
-            .fetch_one(&mut fresh)
-            .await
-            .unwrap();
-    let records: i64 = sqlx::query_scalar("SELECT count(*) FROM records")
-        .fetch_one(&mut fresh)
-        .await
-        .unwrap();
-    assert_eq!((completed, records), (6, 12_000));
+    let counts: (i64, i64) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM batches WHERE status = 'completed'), \
+                (SELECT count(*) FROM records)",
+    )
+    .fetch_one(&mut fresh)
+    .await
+    .unwrap();
+    assert_eq!(counts, (6, 12_000));
     t.stop().await;
 }
 
@@ -352,19 +350,30 @@ fn a_failing_command_says_why_in_one_line() {
     );
 }
 
+/// `dataflow <args…>` on an embedded ledger in `dir`, configured by nothing but that (the
+/// shared [`dataflow_command`] with its output captured).
+///
+/// [`dataflow_command`]: crate::common::process::dataflow_command
+fn embedded(dir: &std::path::Path, args: &[&str]) -> std::process::Command {
+    let config = dataflow_platform::Config {
+        data_dir: dir.to_owned(),
+        ..dataflow_platform::Config::default()
+    };
+    let mut command = crate::common::process::dataflow_command(&config, args[0], "cli", None);
+    command
+        .args(&args[1..])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    command
+}
+
 /// Logs follow `DATAFLOW_LOG`, or `RUST_LOG` when that is unset, as Rust tools do.
 #[test]
 fn logs_follow_rust_log_when_dataflow_log_is_unset() {
     let dir = std::env::temp_dir().join(format!("dataflow-log-{}", ulid::Ulid::new()));
     let run = |vars: &[(&str, &str)]| {
-        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_dataflow"));
-        command
-            .args(["clients", "list"])
-            .env_remove("DATAFLOW_LOG")
-            .env_remove("RUST_LOG")
-            .env_remove("DATABASE_URL")
-            .env("DATAFLOW_DATA_DIR", &dir)
-            .env("NO_COLOR", "1");
+        let mut command = embedded(&dir, &["clients", "list"]);
+        command.env_remove("DATAFLOW_LOG");
         for (name, value) in vars {
             command.env(name, value);
         }
@@ -386,14 +395,7 @@ fn logs_follow_rust_log_when_dataflow_log_is_unset() {
 fn operator_commands_open_the_ledger_alone() {
     let dir = std::env::temp_dir().join(format!("dataflow-operator-{}", ulid::Ulid::new()));
     let run = |args: &[&str]| {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_dataflow"))
-            .args(args)
-            .env_remove("DATABASE_URL")
-            .env_remove("REDIS_URL")
-            .env_remove("AMQP_URL")
-            .env("DATAFLOW_DATA_DIR", &dir)
-            .output()
-            .unwrap();
+        let out = embedded(&dir, args).output().unwrap();
         assert!(out.status.success(), "{args:?}: {out:?}");
         String::from_utf8_lossy(&out.stdout).into_owned()
     };

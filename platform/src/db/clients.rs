@@ -58,10 +58,8 @@ pub(crate) fn parse_policy(json: &str) -> Result<Policy> {
 }
 
 pub(crate) fn parse_id<T: std::str::FromStr>(s: String) -> Result<T> {
-    s.parse().map_err(|_| Error::Internal {
-        context: format!("stored id `{s}` is malformed"),
-        source: None,
-    })
+    s.parse()
+        .map_err(|_| Error::stored(format!("the id `{s}` is malformed")))
 }
 
 fn policy_json(policy: &Policy) -> String {

@@ -298,7 +298,7 @@ impl Db {
     /// delivery on, not the message).
     pub async fn expired_queued_jobs(&self, limit: u32) -> Result<Vec<(JobTicket, JobKind)>> {
         let sql = self.sql(
-            "SELECT id, kind, COALESCE(queued_epoch, delivery_epoch) AS delivery_epoch FROM jobs \
+            "SELECT id, kind, COALESCE(queued_epoch, delivery_epoch) AS message_epoch FROM jobs \
              WHERE status = 'queued' AND lease_until < {now} ORDER BY lease_until LIMIT $1",
         );
         let rows = sqlx::query(sql)
@@ -310,7 +310,7 @@ impl Db {
                 let kind: String = r.try_get("kind")?;
                 let ticket = JobTicket {
                     id: parse_id(r.try_get("id")?)?,
-                    epoch: u64::try_from(r.try_get::<i64, _>("delivery_epoch")?).unwrap_or(0),
+                    epoch: u64::try_from(r.try_get::<i64, _>("message_epoch")?).unwrap_or(0),
                 };
                 Ok((ticket, kind.parse().map_err(Error::stored)?))
             })
