@@ -16,8 +16,8 @@ use clap::{Parser, Subcommand};
 use dataflow_contracts::policy::PolicyPatch;
 use dataflow_contracts::{ClientId, Policy};
 use dataflow_platform::backends::Operator;
-use dataflow_platform::db::Db;
-use dataflow_platform::keys::KeyHasher;
+use dataflow_platform::domain::keys::KeyHasher;
+use dataflow_platform::ledger::Db;
 use dataflow_platform::{Backends, Config};
 
 #[derive(Parser, Debug)]
@@ -140,7 +140,7 @@ pub(crate) fn print_json<T: serde::Serialize>(v: &T) -> anyhow::Result<()> {
 }
 
 /// Tells running processes (through Redis, when configured) that `key` changed.
-async fn announce<V>(cache: &dataflow_platform::cache::Cache<V>, key: &str)
+async fn announce<V>(cache: &dataflow_platform::guards::cache::Cache<V>, key: &str)
 where
     V: Clone + serde::Serialize + serde::de::DeserializeOwned + Send + Sync + 'static,
 {

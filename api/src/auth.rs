@@ -17,9 +17,9 @@ use axum::http::request::Parts;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use dataflow_platform::db::ClientRecord;
-use dataflow_platform::keys;
-use dataflow_platform::lockout::Lockout;
+use dataflow_platform::domain::keys;
+use dataflow_platform::guards::lockout::Lockout;
+use dataflow_platform::ledger::ClientRecord;
 
 use crate::error::ApiError;
 use crate::ratelimit;

@@ -6,7 +6,7 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use dataflow_contracts::http::ErrorBody;
 use dataflow_platform::Error as PlatformError;
-use dataflow_platform::records::ParseError;
+use dataflow_platform::domain::records::ParseError;
 
 #[derive(Debug)]
 pub struct ApiError {

@@ -91,7 +91,7 @@ pub fn router(state: AppState) -> Router {
 }
 
 /// A request that may have written is answered only once its writes are on disk
-/// ([`dataflow_platform::db::Db::durable`]: SQLite's commits share a sync; PostgreSQL's
+/// ([`dataflow_platform::ledger::Db::durable`]: SQLite's commits share a sync; PostgreSQL's
 /// are durable already). A `202` promises the import is never lost, power cut included.
 async fn durable(State(state): State<AppState>, req: Request, next: Next) -> Response {
     let reads_only = matches!(

@@ -11,7 +11,7 @@ use axum::http::{HeaderMap, HeaderValue};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use dataflow_contracts::Policy;
-use dataflow_platform::limiter::{Decision, Rate};
+use dataflow_platform::guards::limiter::{Decision, Rate};
 
 use crate::error::ApiError;
 use crate::state::AppState;

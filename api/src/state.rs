@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use dataflow_contracts::ClientId;
 use dataflow_platform::Backends;
 use dataflow_platform::config::ApiConfig;
-use dataflow_platform::db::{ClientRecord, KeyRecord};
+use dataflow_platform::ledger::{ClientRecord, KeyRecord};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::ratelimit::Rejections;

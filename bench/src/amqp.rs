@@ -25,11 +25,11 @@ use clap::Args;
 use dataflow_contracts::events::{BatchReady, Envelope, Event};
 use dataflow_contracts::{BatchId, ClientId, ImportId, Policy};
 use dataflow_platform::Config;
-use dataflow_platform::amqp::{self, Broker, Names, READY_KEY};
+use dataflow_platform::broker::{self, Broker, Names, READY_KEY};
 use dataflow_platform::config::{Secret, WorkerConfig};
-use dataflow_platform::db::leases::OUTBOX_RELAY;
-use dataflow_platform::db::{Db, OutboxRow};
 use dataflow_platform::events::{self, Mode, Publisher};
+use dataflow_platform::ledger::leases::OUTBOX_RELAY;
+use dataflow_platform::ledger::{Db, OutboxRow};
 use futures::StreamExt;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions,
@@ -638,7 +638,7 @@ async fn raw_publish(
         {
             ensure!(confirm.await?.is_ack(), "raw publish was nacked");
         }
-        let publish = amqp::publish(ch, &names.exchange, row);
+        let publish = broker::publish(ch, &names.exchange, row);
         let pending: Pending = if queue_writes {
             let mut queued: Pending = Box::pin(async move { publish.await?.await });
             let _ = futures::poll!(queued.as_mut());

@@ -19,7 +19,7 @@ use dataflow_contracts::jobs::{JobKind, JobMessage, JobStatus};
 use dataflow_contracts::{BatchId, ClientId, JobId};
 use dataflow_platform::Backends;
 use dataflow_platform::config::{APALIS_REDIS_MAX_WORKING_SET, RedisQueue, Secret};
-use dataflow_platform::db::Handover;
+use dataflow_platform::ledger::Handover;
 use dataflow_worker::jobs::{self, JobError, JobHandler, JobsSetup};
 use dataflow_worker::leader::Term;
 use futures::future::BoxFuture;
@@ -257,7 +257,7 @@ async fn measure(
 }
 
 /// `n` due intents of ~100 bytes each (the peers' payload size), 500 per statement.
-async fn write_intents(db: &dataflow_platform::db::Db, n: usize) -> anyhow::Result<()> {
+async fn write_intents(db: &dataflow_platform::ledger::Db, n: usize) -> anyhow::Result<()> {
     let (batch, client) = (BatchId::generate(), ClientId::generate());
     let pad = "x".repeat(58);
     let mut tx = db.pool().begin().await?;
@@ -284,7 +284,7 @@ async fn write_intents(db: &dataflow_platform::db::Db, n: usize) -> anyhow::Resu
     Ok(())
 }
 
-async fn all_done(db: &dataflow_platform::db::Db, n: usize) -> anyhow::Result<bool> {
+async fn all_done(db: &dataflow_platform::ledger::Db, n: usize) -> anyhow::Result<bool> {
     let done: u64 = db
         .job_counts()
         .await?

@@ -239,7 +239,10 @@ fn csv_body(import: usize, records: usize) -> String {
 
 /// `COPY`s the records the benchmark stored into a fresh table shaped like `records` and
 /// returns rows/s: the ceiling for writing these rows on this database.
-async fn copy_baseline(db: &dataflow_platform::db::Db, args: &IngestArgs) -> anyhow::Result<f64> {
+async fn copy_baseline(
+    db: &dataflow_platform::ledger::Db,
+    args: &IngestArgs,
+) -> anyhow::Result<f64> {
     let url = db.pool().connect_options().database_url.to_string();
     let mut conn = sqlx::PgConnection::connect(&url).await?;
     // Same columns, collations, keys and storage as the ledger's records table.
@@ -335,7 +338,7 @@ pub struct LimiterArgs {
 /// beside `redis-benchmark` running the same script at the same concurrency; then the
 /// latency of `POST /v1/imports` with the Redis limiter and with the in-process one.
 pub async fn limiter(args: LimiterArgs) -> anyhow::Result<()> {
-    use dataflow_platform::limiter::{Rate, RedisLimiter};
+    use dataflow_platform::guards::limiter::{Rate, RedisLimiter};
     use dataflow_platform::redis::{Purpose, Redis};
     use std::sync::Arc;
 

@@ -25,24 +25,24 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::amqp::Broker;
-use crate::cache::{Cache, SharedTier};
+use crate::broker::Broker;
 use crate::config::RedisQueue;
 use crate::config::{Config, Secret};
-use crate::db::{ClientRecord, Db, KeyRecord};
-use crate::dedup::DedupFastPath;
+use crate::coordination::fleet::Fleet;
+use crate::coordination::mutex::{BatchMutex, LOCK_TIMEOUT, Redlock};
+use crate::dashboard::live::LiveBus;
+use crate::dashboard::sessions::SessionStore;
+use crate::domain::keys::{self, KeyHasher};
+use crate::effects::mail::Mailer;
+use crate::effects::webhook::WebhookSender;
 use crate::events::{Mode, Publisher};
-use crate::fleet::Fleet;
+use crate::guards::cache::{Cache, SharedTier};
+use crate::guards::dedup::DedupFastPath;
+use crate::guards::limiter::{InProcessLimiter, Limiter, RedisLimiter};
+use crate::guards::lockout::{InProcessLockout, Lockout, LockoutPolicy, RedisLockout};
 use crate::jobqueue::{ApalisQueues, JobQueues, RedisJobQueue};
-use crate::keys::{self, KeyHasher};
-use crate::limiter::{InProcessLimiter, Limiter, RedisLimiter};
-use crate::live::LiveBus;
-use crate::lockout::{InProcessLockout, Lockout, LockoutPolicy, RedisLockout};
-use crate::mail::Mailer;
-use crate::mutex::{BatchMutex, LOCK_TIMEOUT, Redlock};
+use crate::ledger::{ClientRecord, Db, KeyRecord};
 use crate::redis::{Purpose, Redis};
-use crate::sessions::SessionStore;
-use crate::webhook::WebhookSender;
 use crate::{Error, Result};
 
 pub struct Backends {

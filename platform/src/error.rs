@@ -1,6 +1,6 @@
 //! The one error type of the platform crate. Variants are what callers branch on.
 
-use crate::records::ParseError;
+use crate::domain::records::ParseError;
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 

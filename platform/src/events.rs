@@ -24,9 +24,9 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::Result;
-use crate::amqp::Broker;
-use crate::db::leases::OUTBOX_RELAY;
-use crate::db::{Db, OutboxRow};
+use crate::broker::Broker;
+use crate::ledger::leases::OUTBOX_RELAY;
+use crate::ledger::{Db, OutboxRow};
 
 /// How batches reach workers right now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

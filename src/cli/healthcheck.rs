@@ -12,7 +12,7 @@ use std::time::Duration;
 use anyhow::{Context, anyhow, bail};
 use clap::Args;
 use dataflow_platform::Config;
-use dataflow_platform::db::Db;
+use dataflow_platform::ledger::Db;
 
 /// Longer than a healthy answer ever takes, well inside Docker's default 30 s timeout.
 const TIMEOUT: Duration = Duration::from_secs(2);

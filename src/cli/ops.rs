@@ -10,7 +10,7 @@ use dataflow_contracts::http::BatchView;
 use dataflow_contracts::jobs::{JobKind, JobStatus, JobView};
 use dataflow_contracts::{BatchId, BatchStatus, ClientId, JobId};
 use dataflow_platform::Config;
-use dataflow_platform::db::{BatchAction, Db, JobFilter};
+use dataflow_platform::ledger::{BatchAction, Db, JobFilter};
 
 use super::{backends, ledger, print_json, redact};
 

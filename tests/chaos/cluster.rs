@@ -418,7 +418,7 @@ impl Drop for Cluster {
             if let Ok(conn) = lapin::Connection::connect(&amqp_url, props).await
                 && let Ok(ch) = conn.create_channel().await
             {
-                let names = dataflow_platform::amqp::Names::new(&amqp);
+                let names = dataflow_platform::broker::Names::new(&amqp);
                 delete_amqp_topology(&ch, &names, &[]).await;
             }
         });

@@ -5,7 +5,7 @@
 use std::future::Future;
 use std::time::Duration;
 
-use dataflow_platform::amqp::Names;
+use dataflow_platform::broker::Names;
 use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
 
 pub fn services_required() -> bool {

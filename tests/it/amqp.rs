@@ -12,10 +12,10 @@ use dataflow_contracts::events::{BatchReady, Envelope, Event};
 use dataflow_contracts::jobs::JobStatus;
 use dataflow_contracts::{BatchId, BatchStatus, ClientId, ImportId};
 use dataflow_platform::Config;
-use dataflow_platform::amqp::Names;
+use dataflow_platform::broker::Names;
 use dataflow_platform::config::Secret;
-use dataflow_platform::db::leases::OUTBOX_RELAY;
 use dataflow_platform::events::Mode;
+use dataflow_platform::ledger::leases::OUTBOX_RELAY;
 use futures::StreamExt;
 use lapin::options::{
     BasicConsumeOptions, BasicGetOptions, BasicPublishOptions, BasicQosOptions,
@@ -695,7 +695,7 @@ async fn a_backlog_leaves_in_id_order_past_pages_and_the_confirm_window(b: Backe
 
 /// A broker link of a test's own, for relays the test runs itself.
 struct BrokerLink {
-    broker: std::sync::Arc<dataflow_platform::amqp::Broker>,
+    broker: std::sync::Arc<dataflow_platform::broker::Broker>,
     stop: tokio_util::sync::CancellationToken,
     task: tokio::task::JoinHandle<()>,
 }
@@ -709,7 +709,7 @@ impl BrokerLink {
         let mut config = Config::default();
         tb.configure(&mut config, None);
         tweak(&mut config.amqp);
-        let broker = std::sync::Arc::new(dataflow_platform::amqp::Broker::new(
+        let broker = std::sync::Arc::new(dataflow_platform::broker::Broker::new(
             Secret::new(tb.url.clone()),
             config.amqp.clone(),
             tokio::sync::watch::channel(Mode::Polling).0,
@@ -821,9 +821,11 @@ async fn a_batchs_events_leave_in_lifecycle_order_past_a_submit_held_open_across
 }
 
 /// A migrated ledger of its own, for the outbox tests that need no broker.
-async fn outbox_ledger(b: Backend) -> Option<(crate::helpers::TestDb, dataflow_platform::db::Db)> {
+async fn outbox_ledger(
+    b: Backend,
+) -> Option<(crate::helpers::TestDb, dataflow_platform::ledger::Db)> {
     let test_db = crate::helpers::TestDb::create(b).await?;
-    let db = dataflow_platform::db::Db::connect(&test_db.url, 2)
+    let db = dataflow_platform::ledger::Db::connect(&test_db.url, 2)
         .await
         .unwrap();
     db.migrate().await.unwrap();
@@ -831,7 +833,7 @@ async fn outbox_ledger(b: Backend) -> Option<(crate::helpers::TestDb, dataflow_p
 }
 
 /// The ids the relay would read: unpublished, not in `except`.
-async fn pending_ids(db: &dataflow_platform::db::Db, limit: u32, except: &[i64]) -> Vec<i64> {
+async fn pending_ids(db: &dataflow_platform::ledger::Db, limit: u32, except: &[i64]) -> Vec<i64> {
     db.unpublished_events(limit, except)
         .await
         .unwrap()

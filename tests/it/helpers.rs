@@ -7,7 +7,7 @@ use dataflow::{App, Roles};
 use dataflow_contracts::http::{BatchView, ImportView};
 use dataflow_contracts::{BatchId, BatchStatus, ClientId};
 use dataflow_platform::Config;
-use dataflow_platform::db::Db;
+use dataflow_platform::ledger::Db;
 use serde_json::Value;
 use tokio::net::TcpListener;
 

@@ -3,7 +3,7 @@
 use dataflow_contracts::BatchStatus;
 use dataflow_contracts::ImportFormat;
 use dataflow_contracts::http::{ErrorBody, ImportView, RecordErrorPage, RecordView};
-use dataflow_platform::db::{IdempotencyStart, NewImport, SubmitOutcome};
+use dataflow_platform::ledger::{IdempotencyStart, NewImport, SubmitOutcome};
 use serde_json::json;
 
 use crate::helpers::{Backend, TestApp, backend_tests, csv};

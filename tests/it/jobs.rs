@@ -12,10 +12,10 @@ use dataflow_contracts::jobs::{JobKind, JobMessage, JobPage, JobStatus, JobView}
 use dataflow_contracts::{BatchStatus, JobId};
 use dataflow_platform::Config;
 use dataflow_platform::config::{RedisQueue, Secret};
-use dataflow_platform::db::{Failure, Handover};
+use dataflow_platform::effects::webhook;
 use dataflow_platform::jobqueue::{JobQueues, RedisJobQueue};
+use dataflow_platform::ledger::{Failure, Handover};
 use dataflow_platform::redis::{Purpose, Redis};
-use dataflow_platform::webhook;
 use dataflow_worker::jobs::upkeep;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;

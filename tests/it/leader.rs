@@ -8,7 +8,7 @@ use dataflow::Roles;
 use dataflow_contracts::http::{DailySummary, WorkerInfo};
 use dataflow_contracts::time::{DAY_MS, utc_day};
 use dataflow_contracts::{BatchId, ClientId};
-use dataflow_platform::db::leases::LEADER;
+use dataflow_platform::ledger::leases::LEADER;
 use reqwest::Method;
 use serde_json::json;
 

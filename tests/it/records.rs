@@ -35,7 +35,7 @@ async fn name_of(t: &TestApp, client: &ClientId, i: usize) -> String {
         .to_owned()
 }
 
-async fn claim(w: &Worker, id: &BatchId) -> dataflow_platform::db::Lease {
+async fn claim(w: &Worker, id: &BatchId) -> dataflow_platform::ledger::Lease {
     match w.claim_batch(id).await.unwrap() {
         BatchClaim::Taken(lease) => *lease,
         other => panic!("batch {id} not taken: {other:?}"),

@@ -8,7 +8,7 @@ use dataflow_contracts::http::ImportView;
 use dataflow_contracts::{BatchId, BatchStatus};
 use dataflow_platform::Error;
 use dataflow_platform::config::Secret;
-use dataflow_platform::mutex::{Acquired, BatchMutex, LOCK_TIMEOUT, Redlock};
+use dataflow_platform::coordination::mutex::{Acquired, BatchMutex, LOCK_TIMEOUT, Redlock};
 use dataflow_platform::redis::{Purpose, Redis};
 use dataflow_worker::{Outcome, Step};
 use reqwest::Method;

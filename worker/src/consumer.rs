@@ -19,7 +19,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use dataflow_contracts::events::{ENVELOPE_VERSION, Envelope, Event};
-use dataflow_platform::amqp::Broker;
+use dataflow_platform::broker::Broker;
 use futures::StreamExt;
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicNackOptions};

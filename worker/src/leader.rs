@@ -15,8 +15,8 @@
 use std::future::Future;
 use std::time::Duration;
 
-use dataflow_platform::db::Db;
-use dataflow_platform::db::leases::LEADER;
+use dataflow_platform::ledger::Db;
+use dataflow_platform::ledger::leases::LEADER;
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;

@@ -8,7 +8,6 @@
 //! - [`consumer`]: the `batch.ready` consumer, claiming through the same path;
 //! - [`Worker::claim_next`], [`Worker::claim_batch`], [`Worker::start`], [`Worker::step`]:
 //!   one batch, one chunk at a time, so tests can drive a worker deterministically;
-//! - [`prepare`]: validation and canonical form of records;
 //! - [`jobs`]: the follow-up jobs (email, report, webhook) on apalis workers;
 //! - [`leader`]: the fleet leader's lease, and the singleton duties that run only there
 //!   (the job sweeper in [`jobs`], and [`summaries`]: the daily per-client summaries on
@@ -18,7 +17,6 @@ pub mod consumer;
 pub mod jobs;
 pub mod leader;
 pub mod membership;
-pub mod prepare;
 pub mod reclaim;
 pub mod summaries;
 
@@ -31,11 +29,12 @@ use dataflow_contracts::BatchId;
 use dataflow_contracts::events::{BatchCompleted, Envelope, Event};
 use dataflow_contracts::live::LiveKind;
 use dataflow_platform::config::WorkerConfig;
-use dataflow_platform::db::{Chunk, ChunkResult, Db, FailOutcome, Lease};
+use dataflow_platform::coordination::mutex::{Acquired, BatchMutex};
+use dataflow_platform::dashboard::live::LiveBus;
+use dataflow_platform::domain::prepare::{Chunk, prepare_chunk};
+use dataflow_platform::domain::records::{self, Limits};
 use dataflow_platform::events::Mode;
-use dataflow_platform::live::LiveBus;
-use dataflow_platform::mutex::{Acquired, BatchMutex};
-use dataflow_platform::records::{self, Limits};
+use dataflow_platform::ledger::{ChunkResult, Db, FailOutcome, Lease};
 use dataflow_platform::{Error, Result};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, broadcast, watch};
 use tokio_util::sync::CancellationToken;
@@ -331,7 +330,7 @@ impl Worker {
                 .chunks(chunk_size)
                 .map(|slice| {
                     done += slice.len() as u64;
-                    prepare::prepare_chunk(slice, &policy, done)
+                    prepare_chunk(slice, &policy, done)
                 })
                 .collect())
         })

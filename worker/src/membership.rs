@@ -10,8 +10,8 @@ use std::time::Duration;
 use dataflow_contracts::http::WorkerInfo;
 use dataflow_contracts::live::LiveKind;
 use dataflow_contracts::time::{now_ms, rfc3339};
-use dataflow_platform::fleet::{BEAT, Fleet};
-use dataflow_platform::live::LiveBus;
+use dataflow_platform::coordination::fleet::{BEAT, Fleet};
+use dataflow_platform::dashboard::live::LiveBus;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 

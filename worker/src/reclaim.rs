@@ -12,8 +12,8 @@
 
 use std::sync::Arc;
 
-use dataflow_platform::db::Db;
-use dataflow_platform::fleet::{BEAT, Fleet, MEMBER_TTL};
+use dataflow_platform::coordination::fleet::{BEAT, Fleet, MEMBER_TTL};
+use dataflow_platform::ledger::Db;
 use tokio_util::sync::CancellationToken;
 
 use crate::Worker;

@@ -7,7 +7,7 @@ use apalis::prelude::{BoxDynError, Data, WorkerBuilder};
 use apalis_cron::{CronScheduler, Tick};
 use dataflow_contracts::time::{DAY_MS, utc_day};
 use dataflow_platform::Result;
-use dataflow_platform::db::Db;
+use dataflow_platform::ledger::Db;
 use tokio_util::sync::CancellationToken;
 
 /// How far back a tick looks for days without a summary.

@@ -14,7 +14,7 @@ use dataflow_contracts::jobs::{JobCount, JobListQuery, JobPage, JobView};
 use dataflow_contracts::live::LiveKind;
 use dataflow_contracts::policy::PolicyPatch;
 use dataflow_contracts::{BatchId, BatchStatus, ClientId, JobId, Policy};
-use dataflow_platform::db::{BatchAction, ClientRecord, JobFilter};
+use dataflow_platform::ledger::{BatchAction, ClientRecord, JobFilter};
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 use utoipa_axum::router::OpenApiRouter;
@@ -516,7 +516,7 @@ async fn revoke_key(
     State(state): State<AppState>,
     PathParam(key_id): PathParam,
 ) -> ApiResult<StatusCode> {
-    if !dataflow_platform::keys::is_key_id(&key_id) {
+    if !dataflow_platform::domain::keys::is_key_id(&key_id) {
         return Err(ApiError::not_found());
     }
     state.backends.db.revoke_key(&key_id).await?;

@@ -17,8 +17,8 @@ use dataflow_contracts::http::{
 };
 use dataflow_contracts::jobs::WebhookSecret;
 use dataflow_contracts::{BatchId, BatchStatus};
-use dataflow_platform::db::Db;
-use dataflow_platform::{report, webhook};
+use dataflow_platform::effects::{report, webhook};
+use dataflow_platform::ledger::Db;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 

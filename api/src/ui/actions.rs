@@ -7,7 +7,7 @@ use axum::extract::rejection::QueryRejection;
 use axum::extract::{Query, State};
 use axum::response::{IntoResponse, Redirect, Response};
 use dataflow_contracts::JobId;
-use dataflow_platform::db::BatchAction;
+use dataflow_platform::ledger::BatchAction;
 use maud::{Markup, html};
 use serde::Deserialize;
 

@@ -10,7 +10,7 @@ use axum::extract::{Path, Query, State};
 use axum::response::{IntoResponse, Redirect, Response};
 use dataflow_contracts::http::BatchView;
 use dataflow_contracts::{BatchId, BatchStatus, ClientId};
-use dataflow_platform::db::BatchFilter;
+use dataflow_platform::ledger::BatchFilter;
 use maud::{Markup, html};
 use serde::Deserialize;
 

@@ -7,7 +7,7 @@ use axum::Extension;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Query, State};
 use dataflow_contracts::time::{now_ms, rfc3339};
-use dataflow_platform::db::ClientRecord;
+use dataflow_platform::ledger::ClientRecord;
 use maud::{Markup, html};
 use serde::Deserialize;
 

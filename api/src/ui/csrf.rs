@@ -6,8 +6,8 @@
 use axum::body::Bytes;
 use axum::extract::{FromRequest, Request};
 use axum::http::{HeaderMap, StatusCode, header};
-use dataflow_platform::keys;
-use dataflow_platform::sessions::Session;
+use dataflow_platform::dashboard::sessions::Session;
+use dataflow_platform::domain::keys;
 
 use super::form::FormData;
 use super::session::Operator;

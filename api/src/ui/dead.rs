@@ -6,7 +6,7 @@ use axum::extract::rejection::QueryRejection;
 use axum::extract::{Query, State};
 use dataflow_contracts::jobs::JobStatus;
 use dataflow_contracts::{BatchId, BatchStatus, JobId};
-use dataflow_platform::db::JobFilter;
+use dataflow_platform::ledger::JobFilter;
 use maud::{Markup, html};
 use serde::Deserialize;
 

@@ -16,7 +16,7 @@ use axum::extract::State;
 use axum::response::IntoResponse;
 use axum::response::sse::{Event, Sse};
 use dataflow_contracts::live::LiveEvent;
-use dataflow_platform::live::Live;
+use dataflow_platform::dashboard::live::Live;
 use futures::StreamExt;
 use tokio::sync::broadcast::{self, error::RecvError};
 

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use axum::Extension;
 use axum::extract::State;
-use dataflow_platform::db::Throughput;
+use dataflow_platform::ledger::Throughput;
 use maud::{Markup, html};
 
 use super::layout::{self, Nav, Notice};

@@ -15,9 +15,9 @@ use axum::extract::{Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Redirect, Response};
-use dataflow_platform::db::NewAction;
-use dataflow_platform::keys;
-use dataflow_platform::sessions::Session;
+use dataflow_platform::dashboard::sessions::Session;
+use dataflow_platform::domain::keys;
+use dataflow_platform::ledger::NewAction;
 use maud::{Markup, html};
 
 use super::csrf::{self, Verified};

@@ -22,7 +22,7 @@
 //! The task keeps naming the message's epoch (`queued_epoch`), which is what the sweeper
 //! looks for.
 //!
-//! [`Db::start_queued_run`]: crate::db::Db::start_queued_run
+//! [`Db::start_queued_run`]: crate::ledger::Db::start_queued_run
 
 use std::time::Duration;
 

@@ -22,10 +22,10 @@ use apalis::prelude::{AbortError, BackendExt, BoxDynError, Data, WorkerBuilder, 
 use dataflow_contracts::events::Envelope;
 use dataflow_contracts::jobs::{JobKind, JobMessage, JobTicket};
 use dataflow_platform::config::JobsConfig;
-use dataflow_platform::db::Db;
-use dataflow_platform::db::commits::{CommitWake, Kinds, kinds_for_event};
+use dataflow_platform::dashboard::live::LiveBus;
 use dataflow_platform::jobqueue::{Consumer, JobQueues, RedisJobQueue};
-use dataflow_platform::live::LiveBus;
+use dataflow_platform::ledger::Db;
+use dataflow_platform::ledger::commits::{CommitWake, Kinds, kinds_for_event};
 use futures::future::BoxFuture;
 use tokio::sync::{broadcast, mpsc, watch};
 use tokio::task::JoinSet;

@@ -14,9 +14,9 @@ use std::time::Duration;
 
 use dataflow_contracts::jobs::{JobKind, JobMessage, JobStatus, JobTicket};
 use dataflow_platform::Result;
-use dataflow_platform::db::commits::CommitWake;
-use dataflow_platform::db::{Db, Failure, Handover};
 use dataflow_platform::jobqueue::{JobQueues, RedisJobQueue};
+use dataflow_platform::ledger::commits::CommitWake;
+use dataflow_platform::ledger::{Db, Failure, Handover};
 use tokio::sync::Notify;
 
 use crate::leader::Mandate;

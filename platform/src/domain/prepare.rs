@@ -3,14 +3,48 @@
 
 use std::collections::BTreeMap;
 
+use crate::domain::records::Record;
 use dataflow_contracts::Policy;
-use dataflow_platform::db::{Chunk, RecordRow, RowError};
-use dataflow_platform::records::Record;
+use serde::Serialize;
 use serde_json::Value;
 use serde_json::value::RawValue;
 use sha2::{Digest, Sha256};
 
 use dataflow_contracts::MAX_RECORD_KEY_BYTES as MAX_KEY_BYTES;
+
+/// One record ready to store.
+#[derive(Debug, Clone, Serialize)]
+pub struct RecordRow {
+    #[serde(rename = "k")]
+    pub key: String,
+    /// The record as a JSON object (embedded as JSON, not as a string).
+    #[serde(rename = "d")]
+    pub data: Box<serde_json::value::RawValue>,
+    #[serde(rename = "c")]
+    pub checksum: String,
+}
+
+/// One record that could not be stored.
+#[derive(Debug, Clone, Serialize)]
+pub struct RowError {
+    pub line: u64,
+    pub field: Option<String>,
+    pub code: String,
+    pub detail: String,
+}
+
+/// What one chunk commits.
+pub struct Chunk {
+    /// Distinct keys, sorted (a stable lock order keeps concurrent batches deadlock-free).
+    pub records: Vec<RecordRow>,
+    pub errors: Vec<RowError>,
+    /// Records replaced by a later record with the same key in this chunk: counted as
+    /// unchanged, so written + unchanged + superseded + failed adds up to the records
+    /// handled.
+    pub replaced: u64,
+    /// Records of the file covered once this chunk commits.
+    pub checkpoint: u64,
+}
 
 /// Prepares `records` (a slice of the file ending at record `checkpoint`).
 pub fn prepare_chunk(records: &[Record], policy: &Policy, checkpoint: u64) -> Chunk {

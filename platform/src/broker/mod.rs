@@ -30,8 +30,8 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{AmqpConfig, Secret};
-use crate::db::{Db, OutboxRow};
 use crate::events::Mode;
+use crate::ledger::{Db, OutboxRow};
 use crate::{Error, Result};
 
 /// Connecting, the handshake and declaring the topology must finish within this.
@@ -553,7 +553,7 @@ enum Next {
     Settled(Result<()>),
     Marked(Result<u64>),
     Woken,
-    /// A read put off ([`crate::db::commits::READ_EVERY`]) is due.
+    /// A read put off ([`crate::ledger::commits::READ_EVERY`]) is due.
     ReadDue,
     /// Acked rows waited [`MARK_GATHER`]: time to mark them.
     Gathered,

@@ -524,7 +524,7 @@ impl<C: DerefMut<Target = AnyConnection>> DerefMut for Held<C> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::db::Db;
+    use crate::ledger::Db;
 
     /// A fresh SQLite ledger in its own folder (with a table to write to).
     async fn ledger() -> (Db, PathBuf) {

@@ -34,7 +34,7 @@ pub mod queues;
 pub mod summaries;
 
 pub use actions::{ActionRecord, NewAction};
-pub use batches::{BatchAction, Chunk, ChunkResult, FailOutcome, Lease, RecordRow, RowError};
+pub use batches::{BatchAction, ChunkResult, FailOutcome, Lease};
 pub use clients::{ClientRecord, KeyRecord};
 pub use commits::CommitWake;
 pub use gate::{Tx, Writer};

@@ -13,12 +13,12 @@ use dataflow_contracts::http::{
 };
 use dataflow_contracts::time::rfc3339;
 use dataflow_contracts::{BatchId, BatchStatus, ClientId, ImportFormat, ImportId, Policy};
-use serde::Serialize;
 use sqlx::Row;
 use sqlx::any::AnyRow;
 
 use super::clients::{parse_id, parse_policy};
 use super::{Db, Dialect, Tx, count, json_list, split_page};
+use crate::domain::prepare::{Chunk, RecordRow};
 use crate::{Error, Result};
 
 /// A batch a claim may take: ready and due, or held under a lease that expired.
@@ -109,40 +109,6 @@ pub struct Lease {
     pub policy: Policy,
     /// From the batch's creation to this claim, by the ledger's clock.
     pub waited_ms: u64,
-}
-
-/// One record ready to store.
-#[derive(Debug, Clone, Serialize)]
-pub struct RecordRow {
-    #[serde(rename = "k")]
-    pub key: String,
-    /// The record as a JSON object (embedded as JSON, not as a string).
-    #[serde(rename = "d")]
-    pub data: Box<serde_json::value::RawValue>,
-    #[serde(rename = "c")]
-    pub checksum: String,
-}
-
-/// One record that could not be stored.
-#[derive(Debug, Clone, Serialize)]
-pub struct RowError {
-    pub line: u64,
-    pub field: Option<String>,
-    pub code: String,
-    pub detail: String,
-}
-
-/// What one chunk commits.
-pub struct Chunk {
-    /// Distinct keys, sorted (a stable lock order keeps concurrent batches deadlock-free).
-    pub records: Vec<RecordRow>,
-    pub errors: Vec<RowError>,
-    /// Records replaced by a later record with the same key in this chunk: counted as
-    /// unchanged, so written + unchanged + superseded + failed adds up to the records
-    /// handled.
-    pub replaced: u64,
-    /// Records of the file covered once this chunk commits.
-    pub checkpoint: u64,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

@@ -15,8 +15,8 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use sqlx::Row;
 
-use crate::db::Db;
-use crate::keys;
+use crate::domain::keys;
+use crate::ledger::Db;
 use crate::redis::Redis;
 use crate::{Error, Result};
 

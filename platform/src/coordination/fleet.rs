@@ -13,7 +13,7 @@ use dataflow_contracts::http::WorkerInfo;
 use redis::Script;
 use sqlx::Row;
 
-use crate::db::Db;
+use crate::ledger::Db;
 use crate::redis::Redis;
 use crate::{Error, Result};
 

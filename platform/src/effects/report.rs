@@ -9,7 +9,7 @@ use std::borrow::Cow;
 use dataflow_contracts::http::{BatchReport, BatchView, RecordErrorView};
 
 use crate::Result;
-use crate::db::Db;
+use crate::ledger::Db;
 
 pub const HEADER: [&str; 4] = ["line", "field", "code", "detail"];
 

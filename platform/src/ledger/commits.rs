@@ -269,7 +269,7 @@ mod tests {
     use dataflow_contracts::{BatchId, ClientId, ImportFormat, ImportId, Policy};
 
     use super::*;
-    use crate::db::jobs::jobs_for_event;
+    use crate::ledger::jobs::jobs_for_event;
 
     #[test]
     fn an_event_wakes_the_kinds_it_can_write_and_no_other() {
