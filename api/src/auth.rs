@@ -183,7 +183,7 @@ pub(crate) fn locked(left: std::time::Duration) -> ApiError {
     )
 }
 
-fn unavailable(e: String) -> Refusal {
+fn unavailable(e: std::sync::Arc<dataflow_platform::Error>) -> Refusal {
     tracing::error!(error = %e, "credential lookup failed");
     Refusal::Outage(ApiError::unavailable(
         "ledger_unavailable",

@@ -6,9 +6,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use dataflow_contracts::ClientId;
-use dataflow_platform::Backends;
 use dataflow_platform::config::ApiConfig;
 use dataflow_platform::ledger::{ClientRecord, KeyRecord};
+use dataflow_platform::{Backends, Error};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::ratelimit::Rejections;
@@ -38,26 +38,22 @@ impl AppState {
     }
 
     /// A key by id through the cache.
-    pub async fn key(&self, key_id: &str) -> Result<Option<KeyRecord>, String> {
+    pub async fn key(&self, key_id: &str) -> Result<Option<KeyRecord>, Arc<Error>> {
         let db = self.backends.db.clone();
         let id = key_id.to_owned();
         self.backends
             .keys
-            .get_or_load(key_id, || async move {
-                db.get_key(&id).await.map_err(|e| e.to_string())
-            })
+            .get_or_load(key_id, || async move { db.get_key(&id).await })
             .await
     }
 
     /// A client (with its policy) through the cache.
-    pub async fn client(&self, id: &ClientId) -> Result<Option<ClientRecord>, String> {
+    pub async fn client(&self, id: &ClientId) -> Result<Option<ClientRecord>, Arc<Error>> {
         let db = self.backends.db.clone();
         let owned = id.clone();
         self.backends
             .clients
-            .get_or_load(id.as_str(), || async move {
-                db.get_client(&owned).await.map_err(|e| e.to_string())
-            })
+            .get_or_load(id.as_str(), || async move { db.get_client(&owned).await })
             .await
     }
 

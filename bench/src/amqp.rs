@@ -638,7 +638,7 @@ async fn raw_publish(
         {
             ensure!(confirm.await?.is_ack(), "raw publish was nacked");
         }
-        let publish = broker::publish(ch, &names.exchange, row);
+        let publish = broker::publish(ch, &names.exchange, row.into());
         let pending: Pending = if queue_writes {
             let mut queued: Pending = Box::pin(async move { publish.await?.await });
             let _ = futures::poll!(queued.as_mut());

@@ -45,8 +45,12 @@ pub enum Error {
     Redis(#[from] redis::RedisError),
 
     /// RabbitMQ refused, lost or did not confirm something; the outbox retries it.
-    #[error("broker: {0}")]
-    Broker(String),
+    #[error("broker: {context}")]
+    Broker {
+        context: String,
+        #[source]
+        source: Option<Box<dyn std::error::Error + Send + Sync>>,
+    },
 
     #[error("migration: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
@@ -79,6 +83,17 @@ impl Error {
         source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
     ) -> Error {
         Error::Internal {
+            context: context.into(),
+            source: Some(source.into()),
+        }
+    }
+
+    /// An [`Error::Broker`] with its cause.
+    pub fn broker(
+        context: impl Into<String>,
+        source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+    ) -> Error {
+        Error::Broker {
             context: context.into(),
             source: Some(source.into()),
         }

@@ -65,7 +65,6 @@ async fn list_jobs(
     q: Result<Query<JobListQuery>, QueryRejection>,
 ) -> ApiResult<Json<JobPage>> {
     let q = query(q)?;
-    let bad = |code: &'static str| move |e: String| ApiError::bad_request(code, e);
     let filter = JobFilter {
         status: q
             .status
@@ -82,14 +81,14 @@ async fn list_jobs(
         batch_id: q
             .batch_id
             .as_deref()
-            .map(|b| b.parse::<BatchId>().map_err(|e| e.to_string()))
+            .map(str::parse::<BatchId>)
             .transpose()
             .map_err(bad("invalid_batch_id"))?,
     };
     let cursor = q
         .cursor
         .as_deref()
-        .map(|c| c.parse::<JobId>().map_err(|e| e.to_string()))
+        .map(str::parse::<JobId>)
         .transpose()
         .map_err(bad("invalid_cursor"))?;
     let page = state
@@ -487,9 +486,14 @@ async fn list_keys(
     Ok(Json(state.backends.db.list_keys(&client.id).await?))
 }
 
+/// A query value that does not parse: a 400 with the parser's reason.
+fn bad<E: std::fmt::Display>(code: &'static str) -> impl Fn(E) -> ApiError {
+    move |e| ApiError::bad_request(code, e.to_string())
+}
+
 /// A committed change whose cache invalidation could not be broadcast is answered 503, so
 /// the operator retries (which is harmless) instead of trusting a change not yet in force.
-fn announced(result: Result<(), String>) -> ApiResult<()> {
+fn announced(result: Result<(), dataflow_platform::Error>) -> ApiResult<()> {
     result.map_err(|e| {
         tracing::error!(error = %e, "cache invalidation failed");
         ApiError::unavailable(

@@ -61,10 +61,20 @@ impl Mailer {
         }
     }
 
-    pub async fn send(&self, message: Message) -> std::result::Result<(), String> {
+    pub async fn send(&self, message: Message) -> std::result::Result<(), SendError> {
         match &self.transport {
-            Transport::Smtp(t) => t.send(message).await.map(drop).map_err(|e| e.to_string()),
-            Transport::Files(t) => t.send(message).await.map(drop).map_err(|e| e.to_string()),
+            Transport::Smtp(t) => t.send(message).await.map(drop).map_err(SendError::Smtp),
+            Transport::Files(t) => t.send(message).await.map(drop).map_err(SendError::File),
         }
     }
+}
+
+/// Why a message was not handed on: the SMTP server refused or could not be reached, or
+/// the mail folder could not be written. Either is worth another attempt.
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    #[error("SMTP: {0}")]
+    Smtp(lettre::transport::smtp::Error),
+    #[error("writing the mail file: {0}")]
+    File(lettre::transport::file::Error),
 }

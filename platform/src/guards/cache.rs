@@ -14,8 +14,8 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::FutureExt;
@@ -24,12 +24,13 @@ use rand::Rng;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+use crate::Error;
 use crate::redis::Redis;
 
 /// Beyond this many entries, expired ones are dropped; if that is not enough, all are.
 const MAX_ENTRIES: usize = 100_000;
 
-type Load<V> = Shared<BoxFuture<'static, Result<Option<V>, String>>>;
+type Load<V> = Shared<BoxFuture<'static, Result<Option<V>, Arc<Error>>>>;
 
 enum Slot<V> {
     Ready { value: Option<V>, expires: Instant },
@@ -107,7 +108,7 @@ impl SharedTier {
     /// Deletes the shared copy, leaves a tombstone that outlives any fill that may have
     /// read SQL before the change, and tells every process. `DEL` comes first: Redis accepts
     /// it even when full, so the old value cannot survive a refused tombstone.
-    async fn invalidate(&self, key: &str) -> Result<(), String> {
+    async fn invalidate(&self, key: &str) -> Result<(), Error> {
         let tombstone_ttl = self.ttl + TOMBSTONE_MARGIN;
         let mut pipe = redis::pipe();
         pipe.del(self.key(key))
@@ -124,7 +125,7 @@ impl SharedTier {
             )
             .ignore();
         let done: redis::RedisResult<()> = pipe.query_async(&mut self.redis.conn()).await;
-        done.map_err(|e| e.to_string())
+        Ok(done?)
     }
 }
 
@@ -153,11 +154,12 @@ impl<V: Clone + Serialize + DeserializeOwned + Send + Sync + 'static> Cache<V> {
     }
 
     /// The cached value, or the result of `load` (shared with concurrent callers).
-    /// A load error is returned to every waiter and nothing is cached.
-    pub async fn get_or_load<F, Fut>(&self, key: &str, load: F) -> Result<Option<V>, String>
+    /// A load error is returned to every waiter (shared, hence the `Arc`) and nothing is
+    /// cached.
+    pub async fn get_or_load<F, Fut>(&self, key: &str, load: F) -> Result<Option<V>, Arc<Error>>
     where
         F: FnOnce() -> Fut,
-        Fut: Future<Output = Result<Option<V>, String>> + Send + 'static,
+        Fut: Future<Output = Result<Option<V>, Error>> + Send + 'static,
     {
         let (generation, shared) = {
             let mut slots = self.lock();
@@ -220,15 +222,15 @@ impl<V: Clone + Serialize + DeserializeOwned + Send + Sync + 'static> Cache<V> {
         &self,
         key: &str,
         load: Fut,
-    ) -> impl Future<Output = Result<Option<V>, String>> + Send + 'static
+    ) -> impl Future<Output = Result<Option<V>, Arc<Error>>> + Send + 'static
     where
-        Fut: Future<Output = Result<Option<V>, String>> + Send + 'static,
+        Fut: Future<Output = Result<Option<V>, Error>> + Send + 'static,
     {
         let shared = self.shared.clone();
         let key = key.to_owned();
         async move {
             let Some(tier) = shared else {
-                return load.await;
+                return Ok(load.await?);
             };
             if let Some(hit) = tier.get::<V>(&key).await {
                 return Ok(hit);
@@ -243,7 +245,7 @@ impl<V: Clone + Serialize + DeserializeOwned + Send + Sync + 'static> Cache<V> {
     /// in every other process. Loads already running are not stored. An error means other
     /// processes may serve the old value until their copies expire: the caller should say so
     /// (the change itself is committed, and invalidating again is harmless).
-    pub async fn invalidate(&self, key: &str) -> Result<(), String> {
+    pub async fn invalidate(&self, key: &str) -> Result<(), Error> {
         // The shared tier first: dropping the local copy before it would let this process
         // refill from the old shared copy.
         let shared = match &self.shared {
@@ -352,7 +354,7 @@ mod tests {
             Some("v")
         );
         assert!(
-            c.get_or_load("e", || async { Err("down".to_owned()) })
+            c.get_or_load("e", || async { Err(Error::NotFound) })
                 .await
                 .is_err()
         );

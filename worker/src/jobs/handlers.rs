@@ -114,7 +114,10 @@ impl Handlers {
             .message_id(Some(format!("<{}@dataflow>", job.id)))
             .multipart(body)
             .map_err(|e| JobError::Permanent(format!("building the message: {e}")))?;
-        self.mailer.send(message).await.map_err(JobError::Retry)
+        self.mailer
+            .send(message)
+            .await
+            .map_err(|e| JobError::Retry(e.to_string()))
     }
 }
 

@@ -1,117 +1,18 @@
-//! Publishing outbox events, and the relay that drains the outbox into a publisher.
-//!
-//! The in-process bus is the embedded backend: subscribers in this process (the worker's
-//! wake-up, the job relay's) hear about events right after their transaction commits. With
-//! a broker the relay publishes to RabbitMQ with confirms and, after each ack, tells the
-//! in-process subscribers too, so they keep working unchanged.
-//!
-//! Ordering and duplicates with several processes: with a broker, one relay publishes at a
-//! time, under a lease in SQL (`leases`, `outbox-relay`), publishes nothing once its lease
-//! ended (even mid-round), and stops at the first row the broker did not ack, so the events
-//! of one batch leave in commit order. (Rows of one batch commit in id order: each is written
-//! after its transaction updated the batch row, which serialises them.) A row is marked
-//! published only after its ack, by its own id. A duplicate is published only when a relay
-//! dies, or stalls past its lease, between a publish and its mark;
-//! consumers deduplicate by event id or, for `BatchReady`, by the fenced claim. The
-//! in-process bus needs no lease: it only wakes this process's own tasks.
+//! The relay loop: a round after each commit's wake-up (and on a poll interval as a safety
+//! net), under the relay lease when a broker is in use, with pruning of published rows and
+//! the backlog gauge on the side.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use dataflow_contracts::events::Envelope;
-use tokio::sync::{Notify, broadcast};
+use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use super::{Publisher, confirms};
 use crate::Result;
-use crate::broker::Broker;
+use crate::ledger::Db;
 use crate::ledger::leases::OUTBOX_RELAY;
-use crate::ledger::{Db, OutboxRow};
-
-/// How batches reach workers right now.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Mode {
-    /// No broker configured: in-process wake-ups and SQL polling.
-    Embedded,
-    /// The broker is connected: `BatchReady` wakes workers; SQL is swept rarely.
-    Broker,
-    /// A broker is configured but unreachable: workers poll SQL at the short interval.
-    Polling,
-}
-
-impl Mode {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Mode::Embedded => "embedded",
-            Mode::Broker => "broker",
-            Mode::Polling => "polling",
-        }
-    }
-
-    /// Sets the `dataflow_events_mode{mode}` gauge: 1 for this mode, 0 for the others.
-    pub fn record(self) {
-        for m in [Mode::Embedded, Mode::Broker, Mode::Polling] {
-            metrics::gauge!("dataflow_events_mode", "mode" => m.as_str()).set(if m == self {
-                1.0
-            } else {
-                0.0
-            });
-        }
-    }
-}
-
-/// Where relayed events go.
-#[derive(Clone)]
-pub enum Publisher {
-    InProcess(broadcast::Sender<Arc<Envelope>>),
-    /// RabbitMQ first; in-process subscribers hear each event once it is acked and marked.
-    Broker {
-        broker: Arc<Broker>,
-        local: broadcast::Sender<Arc<Envelope>>,
-    },
-}
-
-impl Publisher {
-    pub fn in_process() -> Self {
-        Publisher::InProcess(broadcast::channel(1024).0)
-    }
-
-    pub fn broker(broker: Arc<Broker>) -> Self {
-        Publisher::Broker {
-            broker,
-            local: broadcast::channel(1024).0,
-        }
-    }
-
-    /// Listen to events relayed by this process from now on.
-    pub fn subscribe(&self) -> broadcast::Receiver<Arc<Envelope>> {
-        self.local().subscribe()
-    }
-
-    fn local(&self) -> &broadcast::Sender<Arc<Envelope>> {
-        match self {
-            Publisher::InProcess(tx) | Publisher::Broker { local: tx, .. } => tx,
-        }
-    }
-
-    /// Tells this process's subscribers about relayed rows.
-    fn notify_local(&self, rows: &[OutboxRow]) {
-        let local = self.local();
-        // Parsing is only worth it for a listener (the relay may run without any).
-        if local.receiver_count() == 0 {
-            return;
-        }
-        for row in rows {
-            match serde_json::from_str::<Envelope>(&row.body) {
-                // No subscriber left is not an error: the event is still recorded in SQL.
-                Ok(env) => {
-                    let _ = local.send(Arc::new(env));
-                }
-                Err(e) => tracing::warn!(id = row.id, error = %e, "outbox row is not an envelope"),
-            }
-        }
-    }
-}
 
 /// Relay settings, from [`crate::config::OutboxConfig`] and [`crate::config::AmqpConfig`].
 #[derive(Debug, Clone, Copy)]
@@ -297,11 +198,10 @@ async fn relay_until(
             rows.len()
         }
         Publisher::Broker { broker, .. } => {
-            broker
-                .relay(db, limit, lease_end, wake, &|rows| {
-                    publisher.notify_local(rows)
-                })
-                .await?
+            confirms::relay(broker, db, limit, lease_end, wake, &|rows| {
+                publisher.notify_local(rows)
+            })
+            .await?
         }
     };
     metrics::counter!("dataflow_outbox_published_total").increment(done as u64);
