@@ -3,15 +3,19 @@
 // Tests fail loudly on the first unexpected value; that is what unwrap is for here.
 #![allow(clippy::unwrap_used)]
 
-// The services' addresses and the skip rule, shared with the end-to-end tests (which use
-// more of it than this target does).
+// The services' addresses, the skip rule and the harness, shared with the end-to-end tests
+// (which use more of them than this target does).
 #[allow(dead_code)]
-#[path = "../../tests/common/services.rs"]
-mod services;
+#[path = "../../tests/common"]
+mod common {
+    pub mod harness;
+    pub mod services;
+}
 
+use common::harness::register;
+use common::services::{self, test_amqp_url, test_redis_url};
 use dataflow_bench::{IngestArgs, ingest};
 use dataflow_platform::config::RedisQueue;
-use services::{test_amqp_url, test_redis_url};
 
 fn tiny(database_url: Option<String>) -> IngestArgs {
     IngestArgs {
@@ -24,12 +28,11 @@ fn tiny(database_url: Option<String>) -> IngestArgs {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ingest_bench_runs_on_sqlite() {
     ingest(tiny(None)).await.unwrap();
 }
+register!(ingest_bench_runs_on_sqlite);
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ingest_bench_runs_on_postgres() {
     let url = services::test_pg_admin_url();
     if let Err(e) = sqlx::PgPool::connect(&url).await {
@@ -38,8 +41,8 @@ async fn ingest_bench_runs_on_postgres() {
     }
     ingest(tiny(Some(url))).await.unwrap();
 }
+register!(ingest_bench_runs_on_postgres);
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn limiter_bench_runs() {
     let Some(redis_url) = test_redis_url().await else {
         return;
@@ -52,8 +55,8 @@ async fn limiter_bench_runs() {
     };
     dataflow_bench::limiter(args).await.unwrap();
 }
+register!(limiter_bench_runs);
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jobs_bench_runs_on_both_redis_queues() {
     let Some(redis_url) = test_redis_url().await else {
         return;
@@ -72,8 +75,8 @@ async fn jobs_bench_runs_on_both_redis_queues() {
         dataflow_bench::jobs::run(args).await.unwrap();
     }
 }
+register!(jobs_bench_runs_on_both_redis_queues);
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn amqp_bench_runs() {
     let Some(amqp_url) = test_amqp_url().await else {
         return;
@@ -109,4 +112,9 @@ async fn amqp_bench_runs() {
             assert!(time.parse::<i64>().unwrap() >= 0, "{csv}");
         }
     }
+}
+register!(amqp_bench_runs);
+
+fn main() -> std::process::ExitCode {
+    common::harness::main()
 }

@@ -24,6 +24,7 @@ mod ledger;
 mod load;
 mod scenario;
 
+use crate::common::harness::register;
 use std::time::Duration;
 
 use scenario::{Fault, Row};
@@ -31,7 +32,6 @@ use scenario::{Fault, Row};
 /// Each fault's hold when `DATAFLOW_CHAOS_HOLD_SECS` is unset.
 const SHORT_HOLD: Duration = Duration::from_secs(10);
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_ledger_holds_through_every_fault() {
     let hold = std::env::var("DATAFLOW_CHAOS_HOLD_SECS")
         .ok()
@@ -56,6 +56,7 @@ async fn the_ledger_holds_through_every_fault() {
     }
     assert!(!failed, "violations (see the table above)");
 }
+register!(the_ledger_holds_through_every_fault);
 
 /// The scenarios `DATAFLOW_CHAOS_SCENARIOS` names (all when unset), in the suite's order.
 fn selected() -> Vec<Fault> {
@@ -144,4 +145,8 @@ fn table(rows: &[Row]) -> String {
     out.push(widths.map(|w| "-".repeat(w)).join("-|-"));
     out.extend(body.iter().map(|r| render(r)));
     out.join("\n")
+}
+
+fn main() -> std::process::ExitCode {
+    common::harness::main()
 }

@@ -4,6 +4,7 @@
 
 pub mod admin;
 pub mod db;
+pub mod harness;
 pub mod process;
 pub mod proxy;
 pub mod records;

@@ -12,14 +12,13 @@ pub fn services_required() -> bool {
     std::env::var("DATAFLOW_TEST_REQUIRE_SERVICES").is_ok_and(|v| v == "1")
 }
 
-/// Says that a service is down: `None` after a message, or a panic when services are required.
+/// Says that a service is down: `None`, the test skipped with the reason, or a panic when
+/// services are required.
 pub fn unreachable<T>(service: &str, detail: &str) -> Option<T> {
     if services_required() {
         panic!("{service} is required but unreachable: {detail}");
     }
-    eprintln!(
-        "SKIPPED: {service} unreachable ({detail}); set DATAFLOW_TEST_REQUIRE_SERVICES=1 to fail instead"
-    );
+    super::harness::skip(format!("{service} unreachable ({detail})"));
     None
 }
 

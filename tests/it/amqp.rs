@@ -3,6 +3,7 @@
 //! unacknowledged `BatchReady` deliveries, and poison messages in the dead-letter queue.
 //! Every test uses its own exchange and queue prefix and deletes them at the end.
 
+use crate::common::harness::register;
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -741,7 +742,6 @@ async fn message_ids(tb: &TestBroker, queue: &str) -> Vec<String> {
 /// holds its batch's first two events (the lowest ids) uncommitted while the relay reads a
 /// backlog page by page; the submit then commits and its batch completes while the relay
 /// still reads ahead. The completion must not leave before the events of the submit.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batchs_events_leave_in_lifecycle_order_past_a_submit_held_open_across_a_page() {
     let Some(mut tb) = TestBroker::new().await else {
         return;
@@ -819,6 +819,7 @@ async fn a_batchs_events_leave_in_lifecycle_order_past_a_submit_held_open_across
     db.close().await;
     tb.cleanup().await;
 }
+register!(a_batchs_events_leave_in_lifecycle_order_past_a_submit_held_open_across_a_page);
 
 /// A migrated ledger of its own, for the outbox tests that need no broker.
 async fn outbox_ledger(
@@ -1048,7 +1049,6 @@ async fn wait_mode_of(t: &TestApp, want: Mode) {
 
 /// A relay whose lease lapses while it reads a page (here: the read waits on a table lock
 /// past the lease) must not publish that page once a successor holds the lease.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_relay_whose_lease_lapsed_mid_round_publishes_nothing_beside_its_successor() {
     let Some(mut tb) = TestBroker::new().await else {
         return;
@@ -1127,6 +1127,7 @@ async fn a_relay_whose_lease_lapsed_mid_round_publishes_nothing_beside_its_succe
     db.close().await;
     tb.cleanup().await;
 }
+register!(a_relay_whose_lease_lapsed_mid_round_publishes_nothing_beside_its_successor);
 
 /// With the broker healthy the claim loop sleeps for the long safety sweep; a lease that
 /// simply lapses (its holder froze or lost the ledger, and no failure was recorded)

@@ -1,5 +1,6 @@
 //! Keys, lock-out, client state, rate limits and the admin surface.
 
+use crate::common::harness::register;
 use dataflow_contracts::BatchStatus;
 use dataflow_contracts::http::{BatchView, ErrorBody};
 use reqwest::Method;
@@ -135,7 +136,6 @@ async fn a_key_id_tried_from_elsewhere_does_not_lock_its_owner_out(b: Backend) {
 /// A ledger that cannot be reached answers a valid key 503 with `Retry-After`, however
 /// many such requests come: an outage never counts toward the anonymous limit (which a
 /// 429 `rate_limited` would show) nor toward the lock-out.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_ledger_outage_answers_503_not_the_anonymous_limit() {
     let Some(db) = TestDb::create(Backend::Postgres).await else {
         return;
@@ -183,6 +183,7 @@ async fn a_ledger_outage_answers_503_not_the_anonymous_limit() {
     }
     t.stop().await;
 }
+register!(a_ledger_outage_answers_503_not_the_anonymous_limit);
 
 async fn rate_limit_headers_and_429(b: Backend) {
     let Some(t) = TestApp::spawn_with(b, dataflow::Roles::API, |_| {}).await else {

@@ -1,6 +1,7 @@
 //! The producer and operator commands against a running DataFlow: `import --wait`,
 //! `status`, `batches`, and the dead-letter queue (`dlq list|retry|discard`).
 
+use crate::common::harness::register;
 use std::time::{Duration, Instant};
 
 use dataflow::Roles;
@@ -27,7 +28,6 @@ fn upload(t: &TestApp, key: &str, file: std::path::PathBuf) -> ImportArgs {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn import_uploads_and_waits_for_its_batch() {
     let Some(t) = TestApp::spawn(Backend::Sqlite).await else {
         return;
@@ -56,10 +56,10 @@ async fn import_uploads_and_waits_for_its_batch() {
     assert!(unknown.to_string().contains("--format"), "{unknown}");
     t.stop().await;
 }
+register!(import_uploads_and_waits_for_its_batch);
 
 /// `--client` names the tenant the upload is for; a key of another tenant is refused before
 /// anything is sent, by name and by id.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn import_checks_the_keys_client_before_uploading() {
     let Some(t) = TestApp::spawn(Backend::Sqlite).await else {
         return;
@@ -131,6 +131,7 @@ async fn import_checks_the_keys_client_before_uploading() {
     );
     t.stop().await;
 }
+register!(import_checks_the_keys_client_before_uploading);
 
 /// A batch that can never be processed: accepted while it awaits approval, its stored
 /// payload corrupted, then approved.
@@ -165,7 +166,6 @@ async fn dead_depths(t: &TestApp) -> (u64, u64) {
     (dead("batches"), dead("jobs:webhook"))
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dead_letters_are_listed_retried_and_discarded() {
     let hooks = WebhookReceiver::start(500).await;
     let Some(t) = TestApp::spawn_with(Backend::Sqlite, Roles::ALL, |c| {
@@ -267,6 +267,7 @@ async fn dead_letters_are_listed_retried_and_discarded() {
     assert!(missing.is_err(), "a rejected batch is no dead letter");
     t.stop().await;
 }
+register!(dead_letters_are_listed_retried_and_discarded);
 
 /// SQLite: other processes open the ledger file too (operator commands, a second DataFlow
 /// process, an operator's `sqlite3`), and the last connection to close checkpoints and
@@ -275,7 +276,6 @@ async fn dead_letters_are_listed_retried_and_discarded() {
 /// descriptor of the file drops them all, for the whole process). Imports go on while
 /// another process opens, reads and cleanly closes the ledger; afterwards the ledger is
 /// whole, and a connection of its own finds every batch completed with all its records.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn another_process_closing_the_ledger_leaves_a_live_process_whole() {
     let Some(t) = TestApp::spawn_with(Backend::Sqlite, Roles::ALL, |_| {}).await else {
         return;
@@ -327,10 +327,10 @@ async fn another_process_closing_the_ledger_leaves_a_live_process_whole() {
     assert_eq!(counts, (6, 12_000));
     t.stop().await;
 }
+register!(another_process_closing_the_ledger_leaves_a_live_process_whole);
 
 /// A command that fails says so in one line with its causes, for the person at the
 /// terminal, and prints no backtrace whatever `RUST_BACKTRACE` says.
-#[test]
 fn a_failing_command_says_why_in_one_line() {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_dataflow"))
         .args(["--config", "/nonexistent/dataflow.toml", "status"])
@@ -349,6 +349,7 @@ fn a_failing_command_says_why_in_one_line() {
         "{stderr}"
     );
 }
+register!(sync a_failing_command_says_why_in_one_line);
 
 /// `dataflow <args…>` on an embedded ledger in `dir`, configured by nothing but that (the
 /// shared [`dataflow_command`] with its output captured).
@@ -368,7 +369,6 @@ fn embedded(dir: &std::path::Path, args: &[&str]) -> std::process::Command {
 }
 
 /// Logs follow `DATAFLOW_LOG`, or `RUST_LOG` when that is unset, as Rust tools do.
-#[test]
 fn logs_follow_rust_log_when_dataflow_log_is_unset() {
     let dir = std::env::temp_dir().join(format!("dataflow-log-{}", ulid::Ulid::new()));
     let run = |vars: &[(&str, &str)]| {
@@ -387,11 +387,11 @@ fn logs_follow_rust_log_when_dataflow_log_is_unset() {
     assert!(!both.contains("DEBUG"), "DATAFLOW_LOG wins: {both}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+register!(sync logs_follow_rust_log_when_dataflow_log_is_unset);
 
 /// Operator commands open the ledger and nothing else: listing clients on a fresh data
 /// folder migrates the embedded ledger (`auto_migrate`) but generates no secret; minting a
 /// key generates the server secret it is hashed with, still not the operator token.
-#[test]
 fn operator_commands_open_the_ledger_alone() {
     let dir = std::env::temp_dir().join(format!("dataflow-operator-{}", ulid::Ulid::new()));
     let run = |args: &[&str]| {
@@ -417,3 +417,4 @@ fn operator_commands_open_the_ledger_alone() {
     assert!(!dir.join("admin-token").exists());
     std::fs::remove_dir_all(&dir).unwrap();
 }
+register!(sync operator_commands_open_the_ledger_alone);

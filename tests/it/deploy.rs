@@ -4,6 +4,7 @@
 //! and run only commands the binary parses; and `dataflow healthcheck` answers for a
 //! serving process, a refused port, an unhealthy answer and the ledger.
 
+use crate::common::harness::register;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::process::{Command, Output};
@@ -155,7 +156,6 @@ fn dashboard_queries(dashboard: &Value) -> Vec<(String, Vec<String>)> {
     out
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dashboard_queries_metrics_and_labels_a_process_exports() {
     let dashboard: Value =
         serde_json::from_str(&repo_file("deploy/grafana/dashboards/dataflow.json")).unwrap();
@@ -228,6 +228,7 @@ async fn dashboard_queries_metrics_and_labels_a_process_exports() {
         "dashboard metrics the scraped process did not export: {unscraped:?}"
     );
 }
+register!(dashboard_queries_metrics_and_labels_a_process_exports);
 
 /// `NAME=value` lines of `.env.example`.
 fn env_example() -> BTreeMap<String, String> {
@@ -259,7 +260,6 @@ fn interpolate(text: &str, env: &BTreeMap<String, String>) -> String {
     out
 }
 
-#[test]
 fn compose_and_dockerfile_set_only_config_dataflow_accepts() {
     let env = env_example();
     let compose = interpolate(&repo_file("docker-compose.yml"), &env);
@@ -311,8 +311,8 @@ fn compose_and_dockerfile_set_only_config_dataflow_accepts() {
     // The API's published port is the one it listens on.
     assert!(compose.contains("\"127.0.0.1:8080:8080\""));
 }
+register!(sync compose_and_dockerfile_set_only_config_dataflow_accepts);
 
-#[test]
 fn compose_and_dockerfile_run_commands_the_binary_parses() {
     let compose = repo_file("docker-compose.yml");
     let dockerfile = repo_file("Dockerfile");
@@ -351,6 +351,7 @@ fn compose_and_dockerfile_run_commands_the_binary_parses() {
         }
     }
 }
+register!(sync compose_and_dockerfile_run_commands_the_binary_parses);
 
 /// `dataflow healthcheck ARGS` with only `env` set, outside any config folder.
 fn healthcheck(args: &[&str], env: &[(&str, &str)]) -> Output {
@@ -381,7 +382,6 @@ fn assert_healthy(out: &Output) {
     assert!(out.status.success(), "expected healthy: {stderr}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn healthcheck_probes_http() {
     let Some(t) = TestApp::spawn_with(Backend::Sqlite, Roles::API, |_| {}).await else {
         return;
@@ -416,6 +416,7 @@ async fn healthcheck_probes_http() {
         .unwrap();
     assert_unhealthy(&out, "503");
 }
+register!(healthcheck_probes_http);
 
 backend_tests!(healthcheck_checks_the_ledger);
 

@@ -2,6 +2,7 @@
 //! worker stops by itself and leaves, and a killed one vanishes once its heartbeat expires.
 //! In the ledger without Redis, in Redis with it.
 
+use crate::common::harness::register;
 use std::time::{Duration, Instant};
 
 use dataflow::Roles;
@@ -102,21 +103,21 @@ async fn register_drain_and_leave(api: TestApp) {
     api.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn workers_register_drain_and_leave_in_the_ledger() {
     let Some(api) = TestApp::spawn_with(Backend::Sqlite, Roles::API, |_| {}).await else {
         return;
     };
     register_drain_and_leave(api).await;
 }
+register!(workers_register_drain_and_leave_in_the_ledger);
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn workers_register_drain_and_leave_in_redis() {
     let Some(api) = TestApp::spawn_redis(Backend::Sqlite, Roles::API, None, |_| {}).await else {
         return;
     };
     register_drain_and_leave(api).await;
 }
+register!(workers_register_drain_and_leave_in_redis);
 
 /// A worker process killed with `kill -9` mid-batch: the leader learns from the registry
 /// that it is gone and takes its batch back then, not a whole lease later (the lease here
@@ -159,15 +160,14 @@ fn long_lease(c: &mut dataflow_platform::Config) {
     c.worker.chunk_size = 50;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_workers_batch_is_taken_back_early_with_the_registry_in_the_ledger() {
     let Some(api) = TestApp::spawn_with(Backend::Postgres, Roles::API, long_lease).await else {
         return;
     };
     a_killed_workers_batch_is_taken_back_before_its_lease_lapses(api).await;
 }
+register!(a_killed_workers_batch_is_taken_back_early_with_the_registry_in_the_ledger);
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_workers_batch_is_taken_back_early_with_the_registry_in_redis() {
     let Some(api) = TestApp::spawn_redis(Backend::Postgres, Roles::API, None, long_lease).await
     else {
@@ -177,3 +177,4 @@ async fn a_killed_workers_batch_is_taken_back_early_with_the_registry_in_redis()
     a_killed_workers_batch_is_taken_back_before_its_lease_lapses(api).await;
     redis.delete_all_under_prefix().await.unwrap();
 }
+register!(a_killed_workers_batch_is_taken_back_early_with_the_registry_in_redis);

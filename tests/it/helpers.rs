@@ -21,14 +21,14 @@ pub use crate::common::services::{service_addr, test_amqp_url, test_redis_url};
 macro_rules! backend_tests {
     ($($name:ident),* $(,)?) => {$(
         mod $name {
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn sqlite() {
                 super::$name(crate::helpers::Backend::Sqlite).await
             }
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            crate::common::harness::register!(sqlite);
             async fn postgres() {
                 super::$name(crate::helpers::Backend::Postgres).await
             }
+            crate::common::harness::register!(postgres);
         }
     )*};
 }

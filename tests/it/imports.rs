@@ -1,5 +1,6 @@
 //! Submitting imports: formats, refusals, idempotency, dedup and tenant isolation.
 
+use crate::common::harness::register;
 use dataflow_contracts::BatchStatus;
 use dataflow_contracts::ImportFormat;
 use dataflow_contracts::http::{ErrorBody, ImportView, RecordErrorPage, RecordView};
@@ -388,7 +389,6 @@ async fn idempotency_key_replays_conflicts_and_mismatches(b: Backend) {
 /// submit waits on a table lock past the request deadline, and the server gives up on it)
 /// holds the key only until that deadline. Meanwhile a retry gets 409 with `Retry-After`;
 /// after it, the retry goes through and the import is created once.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_key_whose_request_died_is_free_at_that_requests_deadline() {
     use sqlx::Connection;
     let Some(t) = TestApp::spawn_with(Backend::Postgres, dataflow::Roles::API, |c| {
@@ -453,12 +453,12 @@ async fn a_key_whose_request_died_is_free_at_that_requests_deadline() {
     assert_eq!(count(&t, "imports").await, 1);
     t.stop().await;
 }
+register!(a_key_whose_request_died_is_free_at_that_requests_deadline);
 
 /// Slow clients cannot exhaust the server: a body that stops sending is answered 408 once
 /// it has been idle for `api.body_idle_timeout_secs` (not at the whole-request deadline),
 /// a body that keeps sending slowly is not cut, and connections past `api.max_connections`
 /// wait to be accepted until a slot frees.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_clients_are_bounded_in_time_and_in_connections() {
     use std::time::Duration;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -532,6 +532,7 @@ async fn slow_clients_are_bounded_in_time_and_in_connections() {
     assert_eq!(served.status(), 200);
     t.stop().await;
 }
+register!(slow_clients_are_bounded_in_time_and_in_connections);
 
 fn sha(s: &str) -> String {
     use sha2::Digest;

@@ -2,6 +2,7 @@
 //! HTTP receiver, stored reports; retries, dead letters and operator retry; and, with
 //! Redis, a dead worker's jobs taken back and jobs Redis lost handed over again.
 
+use crate::common::harness::register;
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
@@ -239,7 +240,6 @@ async fn run_the_walk(t: &TestApp, smtp: &SmtpSink, hooks: &WebhookReceiver) {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failing_webhooks_retry_then_dead_letter_and_an_operator_retry_delivers() {
     let smtp = SmtpSink::start().await;
     let hooks = WebhookReceiver::start(500).await;
@@ -318,8 +318,8 @@ async fn failing_webhooks_retry_then_dead_letter_and_an_operator_retry_delivers(
     assert_eq!(jobs(&t, "status=dead").await.len(), 2);
     t.stop().await;
 }
+register!(failing_webhooks_retry_then_dead_letter_and_an_operator_retry_delivers);
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn private_webhook_targets_are_refused_without_retrying() {
     let smtp = SmtpSink::start().await;
     let hooks = WebhookReceiver::start(200).await;
@@ -351,19 +351,20 @@ async fn private_webhook_targets_are_refused_without_retrying() {
     );
     t.stop().await;
 }
+register!(private_webhook_targets_are_refused_without_retrying);
 
 /// Redis: the same walk through the Redis queue; nothing is left in Redis afterwards.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jobs_run_through_the_redis_queue() {
     walk_through_redis(RedisQueue::Lists).await;
 }
+register!(jobs_run_through_the_redis_queue);
 
 /// The same walk on apalis-redis storage; afterwards apalis-redis holds nothing either
 /// (DataFlow removes the finished tasks apalis-redis would keep forever).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jobs_run_through_apalis_redis() {
     walk_through_redis(RedisQueue::ApalisRedis).await;
 }
+register!(jobs_run_through_apalis_redis);
 
 async fn walk_through_redis(queue: RedisQueue) {
     let smtp = SmtpSink::start().await;
@@ -467,7 +468,6 @@ async fn taken_by_a_ghost(queues: &JobQueues) {
 
 /// Redis: a worker that took jobs and died (`kill -9`: no release, no more heartbeats) has
 /// them taken back by a live worker, which runs them; the lost attempt is counted.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_workers_jobs_are_taken_back() {
     let smtp = SmtpSink::start().await;
     let hooks = WebhookReceiver::start(200).await;
@@ -503,6 +503,7 @@ async fn a_dead_workers_jobs_are_taken_back() {
     worker.stop().await;
     api.stop().await;
 }
+register!(a_dead_workers_jobs_are_taken_back);
 
 /// A real `dataflow worker` process is killed with SIGKILL while its three webhook
 /// deliveries are in flight. With the default dead-worker timeout and job timeout, a live
@@ -511,23 +512,23 @@ async fn a_dead_workers_jobs_are_taken_back() {
 /// claims the lost attempt counts. The killed process led the fleet, so the duty that
 /// takes the jobs back (the reaper of the lists, the reclaim of SQL claims) runs only once
 /// the live worker has succeeded it.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_worker_process_has_its_jobs_recovered_within_30s() {
     recover_from_kill(Some(RedisQueue::Lists)).await;
 }
+register!(a_killed_worker_process_has_its_jobs_recovered_within_30s);
 
 /// The same on apalis-redis, whose orphan recovery does not count the lost attempt.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_apalis_redis_worker_process_has_its_jobs_recovered_within_30s() {
     recover_from_kill(Some(RedisQueue::ApalisRedis)).await;
 }
+register!(a_killed_apalis_redis_worker_process_has_its_jobs_recovered_within_30s);
 
 /// The same without Redis: the jobs were claimed from SQL, under a claim lease of twice the
 /// job timeout (two minutes by default), which the fleet registry makes no one wait out.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_worker_process_has_its_sql_claimed_jobs_recovered_within_30s() {
     recover_from_kill(None).await;
 }
+register!(a_killed_worker_process_has_its_sql_claimed_jobs_recovered_within_30s);
 
 async fn recover_from_kill(queue: Option<RedisQueue>) {
     let smtp = SmtpSink::start().await;
@@ -616,7 +617,6 @@ async fn recover_from_kill(queue: Option<RedisQueue>) {
 /// request from its own network, past the check of the target's address. A real worker
 /// process with every proxy variable pointing at a listener delivers straight to the
 /// receiver, and the listener sees no connection.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn webhooks_ignore_proxies_from_the_environment() {
     let smtp = SmtpSink::start().await;
     let hooks = WebhookReceiver::start(200).await;
@@ -662,6 +662,7 @@ async fn webhooks_ignore_proxies_from_the_environment() {
     listener.abort();
     api.stop().await;
 }
+register!(webhooks_ignore_proxies_from_the_environment);
 
 /// J1 at the ledger: each take of a job is a new delivery, and only the current one settles.
 /// A delivery that was handed over again (reaped from Redis; an embedded claim that expired)
@@ -788,7 +789,6 @@ const CUT_ATTEMPT_SECS: u64 = 8;
 /// fails (it times out) while B's delivery still runs, and A acknowledges it once Redis is
 /// back: both belong to a superseded delivery and change nothing. J ends `done` once, after
 /// two deliveries, and is never `dead` (A's failure would have been its last attempt).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_superseded_delivery_cannot_settle_or_ack_the_live_one() {
     let smtp = SmtpSink::start().await;
     let hooks = WebhookReceiver::start(0).await;
@@ -895,6 +895,7 @@ async fn a_superseded_delivery_cannot_settle_or_ack_the_live_one() {
     api.stop().await;
     redis.delete_all_under_prefix().await.unwrap();
 }
+register!(a_superseded_delivery_cannot_settle_or_ack_the_live_one);
 
 /// Waits (up to 20 s) until the fleet registry lists `n` workers.
 async fn wait_workers(api: &TestApp, n: usize) {
@@ -917,7 +918,6 @@ async fn wait_workers(api: &TestApp, n: usize) {
 /// Redis: a message moved into a live worker's in-flight list whose take reply was lost (the
 /// connection reset after `BLMOVE` ran) is not stranded there: the worker, still beating its
 /// heart and so never reaped, gives it back within about `dead_worker_ms`, and runs it.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_message_a_lost_take_reply_stranded_is_given_back() {
     let smtp = SmtpSink::start().await;
     let hooks = WebhookReceiver::start(200).await;
@@ -951,11 +951,11 @@ async fn a_message_a_lost_take_reply_stranded_is_given_back() {
     api.stop().await;
     redis.delete_all_under_prefix().await.unwrap();
 }
+register!(a_message_a_lost_take_reply_stranded_is_given_back);
 
 /// Redis: a push that Redis applied while its client saw it fail (the reply was lost) does
 /// not leave the job queued twice. The relay hands back only what it finds Redis does not
 /// hold; what it cannot look for (Redis still unreachable) waits for the sweeper.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_ambiguous_push_leaves_the_job_queued_once() {
     let smtp = SmtpSink::start().await;
     let hooks = WebhookReceiver::start(200).await;
@@ -1035,12 +1035,12 @@ async fn an_ambiguous_push_leaves_the_job_queued_once() {
     api.stop().await;
     direct.delete_all_under_prefix().await.unwrap();
 }
+register!(an_ambiguous_push_leaves_the_job_queued_once);
 
 /// The leader's reaper acts only while the leader's lease surely holds. The leader, a real
 /// worker process, is stopped (SIGSTOP) past its lease and another worker leads; a worker
 /// dies meanwhile. Resumed, the ex-leader's sweeper is due at once, before its campaign
 /// has found the lease gone: it must not reap beside its successor, which does.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_paused_ex_leader_does_not_reap_beside_its_successor() {
     let smtp = SmtpSink::start().await;
     let hooks = WebhookReceiver::start(200).await;
@@ -1104,9 +1104,9 @@ async fn a_paused_ex_leader_does_not_reap_beside_its_successor() {
     api.stop().await;
     redis.delete_all_under_prefix().await.unwrap();
 }
+register!(a_paused_ex_leader_does_not_reap_beside_its_successor);
 
 /// Redis: jobs Redis lost (flushed) are found by the sweeper and handed over again.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jobs_lost_by_redis_are_handed_over_again() {
     let smtp = SmtpSink::start().await;
     let hooks = WebhookReceiver::start(200).await;
@@ -1132,3 +1132,4 @@ async fn jobs_lost_by_redis_are_handed_over_again() {
     worker.stop().await;
     api.stop().await;
 }
+register!(jobs_lost_by_redis_are_handed_over_again);

@@ -25,3 +25,7 @@ mod records;
 mod redis;
 mod ui;
 mod worker;
+
+fn main() -> std::process::ExitCode {
+    common::harness::main()
+}

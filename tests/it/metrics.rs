@@ -1,5 +1,6 @@
 //! `GET /metrics`: Prometheus text with the figures operators chart, low-cardinality labels.
 
+use crate::common::harness::register;
 use std::time::{Duration, Instant};
 
 use dataflow::Roles;
@@ -16,7 +17,6 @@ fn value(body: &str, series: &str) -> Option<f64> {
         .and_then(|v| v.parse().ok())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_cover_requests_queues_batches_locks_and_the_cache() {
     let Some(t) = TestApp::spawn_redis(Backend::Sqlite, Roles::ALL, None, |_| {}).await else {
         return;
@@ -71,10 +71,10 @@ async fn metrics_cover_requests_queues_batches_locks_and_the_cache() {
     );
     t.stop().await;
 }
+register!(metrics_cover_requests_queues_batches_locks_and_the_cache);
 
 /// `dataflow worker` serves no API, but on `ops_listen` it answers health checks and
 /// scrapes, so Prometheus sees the worker's own series (batches, records, locks).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_process_serves_health_and_metrics_on_its_ops_listener() {
     let Some(api) = TestApp::spawn_with(Backend::Sqlite, Roles::API, |_| {}).await else {
         return;
@@ -101,10 +101,10 @@ async fn a_worker_process_serves_health_and_metrics_on_its_ops_listener() {
     worker.stop().await;
     api.stop().await;
 }
+register!(a_worker_process_serves_health_and_metrics_on_its_ops_listener);
 
 /// `/metrics` names every tenant and counts the ledger: the public listener does not serve
 /// it, unless `api.metrics_token` is set, and then only to that bearer.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_stay_off_the_public_listener_unless_a_token_is_set() {
     let Some(t) = TestApp::spawn_with(Backend::Sqlite, Roles::API, |_| {}).await else {
         return;
@@ -139,11 +139,11 @@ async fn metrics_stay_off_the_public_listener_unless_a_token_is_set() {
     with_token.stop().await;
     t.stop().await;
 }
+register!(metrics_stay_off_the_public_listener_unless_a_token_is_set);
 
 /// A scrape counts the ledger at most once a second, however often scrapes come: the
 /// queue gauges of a scrape right after another are the earlier count, and a scrape a
 /// second later sees the change.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scrapes_count_the_ledger_at_most_once_a_second() {
     let Some(t) = TestApp::spawn_with(Backend::Sqlite, Roles::API, |_| {}).await else {
         return;
@@ -169,3 +169,4 @@ async fn scrapes_count_the_ledger_at_most_once_a_second() {
     assert_eq!(scrape().await, Some(2.0));
     t.stop().await;
 }
+register!(scrapes_count_the_ledger_at_most_once_a_second);

@@ -2,6 +2,7 @@
 //! documented operation is routed behind the credentials it names, and the statuses and
 //! headers real requests get are the ones documented for their operation.
 
+use crate::common::harness::register;
 use std::path::PathBuf;
 
 use dataflow::Roles;
@@ -20,7 +21,6 @@ fn generated() -> String {
     dataflow_api::openapi::to_json(&dataflow_api::openapi())
 }
 
-#[test]
 fn committed_document_is_the_generated_one() {
     let path = committed_path();
     let fresh = generated();
@@ -37,8 +37,8 @@ fn committed_document_is_the_generated_one() {
         path.display()
     );
 }
+register!(sync committed_document_is_the_generated_one);
 
-#[test]
 fn document_is_openapi_3_1_with_both_security_schemes() {
     let doc: Value = serde_json::from_str(&generated()).unwrap();
     assert_eq!(doc["openapi"], "3.1.0");
@@ -60,8 +60,8 @@ fn document_is_openapi_3_1_with_both_security_schemes() {
             .is_some()
     );
 }
+register!(sync document_is_openapi_3_1_with_both_security_schemes);
 
-#[test]
 fn every_reference_in_the_document_resolves() {
     fn refs<'a>(v: &'a Value, out: &mut Vec<&'a str>) {
         match v {
@@ -84,6 +84,7 @@ fn every_reference_in_the_document_resolves() {
         assert!(doc.pointer(pointer).is_some(), "dangling {r}");
     }
 }
+register!(sync every_reference_in_the_document_resolves);
 
 /// Every operation of the document, as (method, path template).
 fn operations(doc: &Value) -> Vec<(Method, String)> {
@@ -110,7 +111,6 @@ fn concrete(template: &str) -> String {
 /// The document's routes are the router's: each guarded operation answers 401 without
 /// credentials (an undocumented or unrouted one would get the fallback's 404), and each open
 /// one answers 200 without any.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_documented_operation_is_routed_behind_its_security() {
     // Dozens of credential-less requests in a row: not an attack to lock out here.
     let Some(t) = TestApp::spawn_with(Backend::Sqlite, Roles::ALL, |c| {
@@ -155,6 +155,7 @@ async fn every_documented_operation_is_routed_behind_its_security() {
     }
     t.stop().await;
 }
+register!(every_documented_operation_is_routed_behind_its_security);
 
 /// Fails unless `resp`'s status is documented for the operation, with every header the
 /// document promises for that status that DataFlow always sends.

@@ -1,6 +1,7 @@
 //! The Redis tier: shared limits across processes, cache invalidation across processes,
 //! the dedup fast path, fallbacks when Redis is cut, and no immortal keys.
 
+use crate::common::harness::register;
 use std::time::{Duration, Instant};
 
 use dataflow::Roles;
@@ -387,7 +388,6 @@ async fn a_paused_worker_cannot_commit_with_redis_up_or_down(b: Backend) {
 /// The batch mutex on three lock servers (three databases of the test Redis, each behind
 /// its own proxy): a lock needs two of them; with one cut it is still taken and still
 /// exclusive; with two cut the worker goes on with the SQL lease alone.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_batch_mutex_needs_a_majority_of_its_lock_servers() {
     let Some(url) = test_redis_url().await else {
         return;
@@ -442,12 +442,12 @@ async fn the_batch_mutex_needs_a_majority_of_its_lock_servers() {
     }
     t.stop().await;
 }
+register!(the_batch_mutex_needs_a_majority_of_its_lock_servers);
 
 /// A lock attempt cut by the mutex's timeout after two of its three lock servers took its
 /// keys, the third hanging (it accepts connections and never answers, as a stopped Redis
 /// does): the cut is not contention, and the keys it may have set are given back, so another
 /// worker takes the batch's lock within seconds, not after the lock's TTL (a whole lease).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lock_attempt_cut_by_its_timeout_leaves_no_lock_behind() {
     let Some(url) = test_redis_url().await else {
         return;
@@ -530,11 +530,11 @@ async fn a_lock_attempt_cut_by_its_timeout_leaves_no_lock_behind() {
     }
     silent.abort();
 }
+register!(a_lock_attempt_cut_by_its_timeout_leaves_no_lock_behind);
 
 /// `redis_cache_url`: the cache and its invalidations live on their own Redis (one that
 /// may evict), nothing of the cache on the main one, and a revocation still reaches every
 /// process within a second.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_separate_cache_redis_carries_the_cache_and_its_invalidations() {
     let Some(url) = test_redis_url().await else {
         return;
@@ -578,6 +578,7 @@ async fn a_separate_cache_redis_carries_the_cache_and_its_invalidations() {
     other.stop().await;
     a.stop().await;
 }
+register!(a_separate_cache_redis_carries_the_cache_and_its_invalidations);
 
 /// A Redis with TLS and a password, started by the test itself (skipped when this
 /// machine's redis-server or openssl cannot do it).
@@ -667,11 +668,10 @@ impl Drop for TlsRedis {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_over_tls_with_a_password() {
     let Some(mut server) = TlsRedis::start() else {
-        eprintln!(
-            "SKIPPED: cannot start a TLS redis-server here (needs redis-server with TLS and openssl)"
+        crate::common::harness::skip(
+            "cannot start a TLS redis-server here (needs redis-server with TLS and openssl)".into(),
         );
         return;
     };
@@ -704,7 +704,7 @@ async fn redis_over_tls_with_a_password() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     if !ready {
-        eprintln!("SKIPPED: this redis-server does not serve TLS");
+        crate::common::harness::skip("this redis-server does not serve TLS".into());
         return;
     }
     let Some(t) = TestApp::spawn_redis(Backend::Sqlite, Roles::API, Some(server.url()), |c| {
@@ -739,3 +739,4 @@ async fn redis_over_tls_with_a_password() {
     );
     t.stop().await;
 }
+register!(redis_over_tls_with_a_password);

@@ -6,6 +6,7 @@
 //! `cargo test --test it ui::screenshots -- --ignored` renders every page into
 //! `docs/screenshots/`.
 
+use crate::common::harness::register;
 use std::time::{Duration, Instant};
 
 use dataflow::Roles;
@@ -737,15 +738,10 @@ mod browser {
             let found = binary("DATAFLOW_TEST_CHROMEDRIVER", "/usr/bin/chromedriver")
                 .zip(binary("DATAFLOW_TEST_CHROMIUM", "/usr/bin/chromium"));
             let Some((driver_path, chromium)) = found else {
-                if std::env::var("DATAFLOW_TEST_REQUIRE_SERVICES").is_ok_and(|v| v == "1") {
-                    panic!(
-                        "chromium and chromedriver are required (apt-get install chromium chromium-driver)"
-                    );
-                }
-                eprintln!(
-                    "SKIPPED: chromium or chromedriver not installed (apt-get install chromium chromium-driver); set DATAFLOW_TEST_REQUIRE_SERVICES=1 to fail instead"
+                return crate::common::services::unreachable(
+                    "Chromium",
+                    "chromium or chromedriver not installed: apt-get install chromium chromium-driver",
                 );
-                return None;
             };
             let port = std::net::TcpListener::bind("127.0.0.1:0")
                 .unwrap()
@@ -966,8 +962,6 @@ async fn the_dashboard_in_a_browser(b: Backend) {
 }
 
 /// Renders every page into `docs/screenshots/` from a small, realistic ledger.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "writes docs/screenshots/*.png; run on purpose"]
 async fn screenshots() {
     let Some(browser) = browser::Browser::start().await else {
         return;
@@ -1102,3 +1096,4 @@ async fn screenshots() {
     browser.stop().await;
     t.stop().await;
 }
+register!(ignore = "writes docs/screenshots/*.png; run on purpose" screenshots);

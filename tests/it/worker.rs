@@ -1,5 +1,6 @@
 //! The worker: racing workers, the fence, resuming from a checkpoint, poison batches.
 
+use crate::common::harness::register;
 use std::sync::atomic::Ordering;
 
 use dataflow::Roles;
@@ -316,7 +317,6 @@ async fn a_batch_whose_workers_keep_dying_goes_dead(b: Backend) {
 /// cannot stall its batch: the server ends its idle session within a third of a lease, its
 /// locks go with it, and a successor completes the batch while it is still stopped. The
 /// takeover spends no attempt; the stopped worker, resumed, writes nothing.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stopped_worker_cannot_stall_its_batch() {
     // A six-second lease: sessions idle in a transaction end after two seconds, which a
     // live worker on a busy machine does not reach between its statements.
@@ -398,3 +398,4 @@ async fn a_stopped_worker_cannot_stall_its_batch() {
     successor.stop().await;
     api.stop().await;
 }
+register!(a_stopped_worker_cannot_stall_its_batch);
