@@ -294,9 +294,41 @@ pub fn log_filter(env: Option<&str>) -> tracing_subscriber::EnvFilter {
     }
 }
 
+/// An error and its causes on one line, for the person at the terminal. Many errors print
+/// their cause in their own message already (sqlx's, lapin's, DataFlow's own), so a cause
+/// the line says already is left out rather than repeated.
+pub fn one_line(error: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in error.chain() {
+        let text = cause.to_string();
+        if line.contains(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    line
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_error_line_says_each_cause_once() {
+        let io = std::io::Error::other("connection refused");
+        let ledger = dataflow_platform::Error::Io {
+            context: "opening the ledger".into(),
+            source: io,
+        };
+        let e = anyhow::Error::new(ledger).context("starting DataFlow");
+        assert_eq!(
+            one_line(&e),
+            "starting DataFlow: opening the ledger: connection refused"
+        );
+    }
 
     #[test]
     fn lapins_unroutable_warnings_stay_off_whatever_the_level() {

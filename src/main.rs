@@ -23,7 +23,7 @@ fn main() -> ExitCode {
         // The message and its causes on one line, for the person at the terminal; no
         // backtrace (logs and `RUST_BACKTRACE` are for the ones that debug DataFlow).
         Err(e) => {
-            eprintln!("Error: {e:#}");
+            eprintln!("Error: {}", cli::one_line(&e));
             ExitCode::FAILURE
         }
     }

@@ -94,7 +94,8 @@ impl From<PlatformError> for ApiError {
                 )
             }
             other => {
-                tracing::error!(error = %other, source = ?std::error::Error::source(&other), "internal error");
+                // The message carries its causes (see `platform::Error`).
+                tracing::error!(error = %other, "internal error");
                 Self::new(
                     StatusCode::INTERNAL_SERVER_ERROR,
                     "internal",

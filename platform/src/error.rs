@@ -27,7 +27,7 @@ pub enum Error {
 
     /// A fault inside DataFlow, not the caller's: stored data that does not read back, a
     /// value that does not serialize, a panic. Logged with its cause; answered opaquely.
-    #[error("{context}")]
+    #[error("{context}{}", cause(.source))]
     Internal {
         context: String,
         #[source]
@@ -45,7 +45,7 @@ pub enum Error {
     Redis(#[from] redis::RedisError),
 
     /// RabbitMQ refused, lost or did not confirm something; the outbox retries it.
-    #[error("broker: {context}")]
+    #[error("broker: {context}{}", cause(.source))]
     Broker {
         context: String,
         #[source]
@@ -65,6 +65,16 @@ pub enum Error {
         context: String,
         source: std::io::Error,
     },
+}
+
+/// How a variant with an optional cause prints it. Every variant's message says its cause,
+/// as sqlx's and lapin's do, so a log line of `%error` is whole; a printer of the whole
+/// chain leaves out what a message already said (`dataflow::cli::one_line`).
+fn cause(source: &Option<Box<dyn std::error::Error + Send + Sync>>) -> String {
+    source
+        .as_ref()
+        .map(|s| format!(": {s}"))
+        .unwrap_or_default()
 }
 
 impl Error {

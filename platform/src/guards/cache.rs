@@ -16,13 +16,14 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use futures::FutureExt;
 use futures::future::{BoxFuture, Shared};
 use rand::Rng;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+use tokio::time::Instant;
 
 use crate::Error;
 use crate::redis::Redis;
@@ -307,7 +308,8 @@ mod tests {
         Cache::new(Duration::from_secs(60), Duration::from_millis(50), None)
     }
 
-    #[tokio::test]
+    // Paused time: the waits below only order the tasks, and the TTLs are tokio's clock.
+    #[tokio::test(start_paused = true)]
     async fn concurrent_misses_share_one_load() {
         let c = Arc::new(cache());
         let loads = Arc::new(AtomicUsize::new(0));
@@ -332,7 +334,7 @@ mod tests {
         assert_eq!(c.stats().hits, 19);
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn negative_entries_expire_quickly_and_errors_are_not_cached() {
         let c = cache();
         assert_eq!(
@@ -367,7 +369,7 @@ mod tests {
         );
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn invalidation_beats_an_in_flight_load() {
         let c = Arc::new(cache());
         let gate = Arc::new(tokio::sync::Notify::new());

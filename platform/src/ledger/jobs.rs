@@ -26,6 +26,16 @@ use super::commits::Kinds;
 use super::{Db, Tx, count, json_list, split_page};
 use crate::{Error, Result};
 
+/// The epoch of a job's message in a queue. An apalis-redis run moves `delivery_epoch` on
+/// as it starts (so a late answer of an earlier run cannot settle it), while the message it
+/// ran from keeps its own in `queued_epoch`; lists queues leave that unset, and a message
+/// is the delivery.
+macro_rules! message_epoch {
+    () => {
+        "COALESCE(queued_epoch, delivery_epoch)"
+    };
+}
+
 /// Where [`Db::take_due_jobs`] puts the jobs it takes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Handover<'a> {
@@ -223,11 +233,12 @@ impl Db {
     /// message (settled already, or handed over again in another message): do not run it.
     /// The message stays what the sweeper looks for (`queued_epoch`).
     pub async fn start_queued_run(&self, message: &JobTicket) -> Result<Option<JobTicket>> {
-        let sql = self.sql(
+        let sql = self.sql(concat!(
             "UPDATE jobs SET delivery_epoch = delivery_epoch + 1, updated_at = {now} \
-             WHERE id = $1 AND status = 'queued' AND COALESCE(queued_epoch, delivery_epoch) = $2 \
-             RETURNING delivery_epoch",
-        );
+                 WHERE id = $1 AND status = 'queued' AND ",
+            message_epoch!(),
+            " = $2 RETURNING delivery_epoch"
+        ));
         let epoch: Option<i64> = sqlx::query_scalar(sql)
             .bind(message.id.as_str())
             .bind(epoch(message))
@@ -297,10 +308,12 @@ impl Db {
     /// ticket names the message in the queue (a run that started since has moved the
     /// delivery on, not the message).
     pub async fn expired_queued_jobs(&self, limit: u32) -> Result<Vec<(JobTicket, JobKind)>> {
-        let sql = self.sql(
-            "SELECT id, kind, COALESCE(queued_epoch, delivery_epoch) AS message_epoch FROM jobs \
-             WHERE status = 'queued' AND lease_until < {now} ORDER BY lease_until LIMIT $1",
-        );
+        let sql = self.sql(concat!(
+            "SELECT id, kind, ",
+            message_epoch!(),
+            " AS message_epoch FROM jobs \
+                 WHERE status = 'queued' AND lease_until < {now} ORDER BY lease_until LIMIT $1"
+        ));
         let rows = sqlx::query(sql)
             .bind(i64::from(limit))
             .fetch_all(self.pool())
@@ -323,12 +336,13 @@ impl Db {
         if tickets.is_empty() {
             return Ok(0);
         }
-        let sql = self.sql(
+        let sql = self.sql(concat!(
             "UPDATE jobs SET status = 'pending', run_at = {now}, lease_until = NULL, \
-                 updated_at = {now}, delivery_epoch = delivery_epoch + 1, queued_epoch = NULL \
-             WHERE (id, COALESCE(queued_epoch, delivery_epoch)) IN ({ticket_list}) \
-               AND status = 'queued'",
-        );
+                     updated_at = {now}, delivery_epoch = delivery_epoch + 1, queued_epoch = NULL \
+                 WHERE (id, ",
+            message_epoch!(),
+            ") IN ({ticket_list}) AND status = 'queued'"
+        ));
         Ok(sqlx::query(sql)
             .bind(ticket_list(tickets))
             .execute(&mut *self.background_writer().await?)
@@ -341,11 +355,11 @@ impl Db {
         if tickets.is_empty() {
             return Ok(0);
         }
-        let sql = self.sql(
-            "UPDATE jobs SET lease_until = {now} + $2 \
-             WHERE (id, COALESCE(queued_epoch, delivery_epoch)) IN ({ticket_list}) \
-               AND status = 'queued'",
-        );
+        let sql = self.sql(concat!(
+            "UPDATE jobs SET lease_until = {now} + $2 WHERE (id, ",
+            message_epoch!(),
+            ") IN ({ticket_list}) AND status = 'queued'"
+        ));
         Ok(sqlx::query(sql)
             .bind(ticket_list(tickets))
             .bind(millis(lease_ms))
