@@ -242,7 +242,7 @@ pub(crate) async fn rejected_rows_csv(db: Db, id: BatchId) -> ApiResult<Response
                     let bytes = report::rejected_rows_csv(&page.items, first);
                     Some((Ok::<_, std::io::Error>(Bytes::from(bytes)), next))
                 }
-                Err(e) => Some((Err(std::io::Error::other(e.to_string())), None)),
+                Err(e) => Some((Err(std::io::Error::other(e)), None)),
             }
         }
     });

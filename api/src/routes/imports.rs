@@ -312,9 +312,7 @@ async fn decide(
     let summary =
         tokio::task::spawn_blocking(move || records::validate(format, &parse_body, limits))
             .await
-            .map_err(|e| {
-                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
-            })??;
+            .map_err(|e| dataflow_platform::Error::internal("validating the records", e))??;
     if let Some(columns) = &summary.columns {
         let missing = std::iter::once(&policy.key_field)
             .chain(&policy.required_fields)

@@ -134,12 +134,12 @@ impl Db {
             claimable!(),
             " ORDER BY available_at, id LIMIT 1 {skip_locked})"
         )));
-        let row = sqlx::query(sql)
+        let row = sqlx::query_as::<_, LeaseColumns>(sql)
             .bind(owner)
             .bind(lease_ms)
             .fetch_optional(&mut *self.urgent_writer().await?)
             .await?;
-        row.map(|r| lease_from_row(&r, owner)).transpose()
+        row.map(|r| r.parse(owner)).transpose()
     }
 
     /// Ids of batches a claim could take now, oldest first (for workers that lock before
@@ -165,13 +165,13 @@ impl Db {
         lease_ms: i64,
     ) -> Result<Option<Lease>> {
         let sql = self.sql(take_lease!(concat!("id = $3 AND ", claimable!())));
-        let row = sqlx::query(sql)
+        let row = sqlx::query_as::<_, LeaseColumns>(sql)
             .bind(owner)
             .bind(lease_ms)
             .bind(batch_id.as_str())
             .fetch_optional(&mut *self.urgent_writer().await?)
             .await?;
-        row.map(|r| lease_from_row(&r, owner)).transpose()
+        row.map(|r| r.parse(owner)).transpose()
     }
 
     /// How long until a batch may next become claimable, by the ledger's clock: the earliest
@@ -635,12 +635,12 @@ impl Db {
         let sql = sqlx::AssertSqlSafe(format!(
             "SELECT {BATCH_COLUMNS} FROM batches WHERE id = $1 AND ($2 IS NULL OR client_id = $2)"
         ));
-        let row = sqlx::query(sql)
+        let row = sqlx::query_as::<_, BatchColumns>(sql)
             .bind(id.as_str())
             .bind(client.map(ClientId::as_str))
             .fetch_optional(self.pool())
             .await?;
-        row.as_ref().map(batch_from_row).transpose()
+        row.map(BatchColumns::parse).transpose()
     }
 
     /// Batches newest first, of one client (`None`: every client, for operators),
@@ -658,7 +658,7 @@ impl Db {
                  AND ($3 IS NULL OR id < $3) \
              ORDER BY id DESC LIMIT $4"
         ));
-        let rows = sqlx::query(sql)
+        let rows = sqlx::query_as::<_, BatchColumns>(sql)
             .bind(client.map(ClientId::as_str))
             .bind(status.map(BatchStatus::as_str))
             .bind(cursor.map(BatchId::as_str))
@@ -666,8 +666,8 @@ impl Db {
             .fetch_all(self.pool())
             .await?;
         let items = rows
-            .iter()
-            .map(batch_from_row)
+            .into_iter()
+            .map(BatchColumns::parse)
             .collect::<Result<Vec<_>>>()?;
         let (items, next_cursor) = split_page(items, limit, |b| b.id.to_string());
         Ok(BatchPage { items, next_cursor })
@@ -779,52 +779,88 @@ fn fence_rejected(lease: &Lease) -> Error {
     }
 }
 
-fn lease_from_row(r: &AnyRow, owner: &str) -> Result<Lease> {
-    let format: String = r.try_get("format")?;
-    let policy: String = r.try_get("policy")?;
-    Ok(Lease {
-        batch_id: parse_id(r.try_get("id")?)?,
-        client_id: parse_id(r.try_get("client_id")?)?,
-        import_id: parse_id(r.try_get("import_id")?)?,
-        accepted_seq: r.try_get("accepted_seq")?,
-        owner: owner.to_owned(),
-        epoch: r.try_get("lease_epoch")?,
-        attempts: u32::try_from(r.try_get::<i64, _>("attempts")?).unwrap_or(u32::MAX),
-        takeovers: u32::try_from(r.try_get::<i64, _>("takeovers")?).unwrap_or(u32::MAX),
-        took_over: r.try_get::<i64, _>("took_over")? != 0,
-        checkpoint: count(r.try_get("checkpoint")?),
-        records_total: count(r.try_get("records_total")?),
-        format: format.parse().map_err(Error::stored)?,
-        policy: parse_policy(&policy)?,
-        waited_ms: count(r.try_get("waited_ms")?),
-    })
+/// A claim's row as the ledger returns it, before its values are parsed.
+#[derive(sqlx::FromRow)]
+struct LeaseColumns {
+    id: String,
+    client_id: String,
+    import_id: String,
+    accepted_seq: i64,
+    lease_epoch: i64,
+    attempts: i64,
+    takeovers: i64,
+    took_over: i64,
+    checkpoint: i64,
+    records_total: i64,
+    format: String,
+    policy: String,
+    waited_ms: i64,
 }
 
-pub(super) fn batch_from_row(r: &AnyRow) -> Result<BatchView> {
-    let status: String = r.try_get("status")?;
-    let status: BatchStatus = status.parse().map_err(Error::stored)?;
-    let started_at: Option<i64> = r.try_get("started_at")?;
-    let completed_at: Option<i64> = r.try_get("completed_at")?;
-    let total = count(r.try_get("records_total")?);
-    Ok(BatchView {
-        id: parse_id(r.try_get("id")?)?,
-        import_id: parse_id(r.try_get("import_id")?)?,
-        status,
-        records_total: total,
-        records_processed: count(r.try_get("checkpoint")?),
-        records_written: count(r.try_get("records_written")?),
-        records_unchanged: count(r.try_get("records_unchanged")?),
-        records_superseded: count(r.try_get("records_superseded")?),
-        records_failed: count(r.try_get("records_failed")?),
-        attempts: u32::try_from(r.try_get::<i64, _>("attempts")?).unwrap_or(u32::MAX),
-        takeovers: u32::try_from(r.try_get::<i64, _>("takeovers")?).unwrap_or(u32::MAX),
-        last_error: r.try_get("last_error")?,
-        created_at: rfc3339(r.try_get("created_at")?),
-        started_at: started_at.map(rfc3339),
-        completed_at: completed_at.map(rfc3339),
-        duration_ms: match (started_at, completed_at) {
-            (Some(s), Some(c)) if status == BatchStatus::Completed => Some(count(c - s)),
-            _ => None,
-        },
-    })
+impl LeaseColumns {
+    fn parse(self, owner: &str) -> Result<Lease> {
+        Ok(Lease {
+            batch_id: parse_id(self.id)?,
+            client_id: parse_id(self.client_id)?,
+            import_id: parse_id(self.import_id)?,
+            accepted_seq: self.accepted_seq,
+            owner: owner.to_owned(),
+            epoch: self.lease_epoch,
+            attempts: u32::try_from(self.attempts).unwrap_or(u32::MAX),
+            takeovers: u32::try_from(self.takeovers).unwrap_or(u32::MAX),
+            took_over: self.took_over != 0,
+            checkpoint: count(self.checkpoint),
+            records_total: count(self.records_total),
+            format: self.format.parse().map_err(Error::stored)?,
+            policy: parse_policy(&self.policy)?,
+            waited_ms: count(self.waited_ms),
+        })
+    }
+}
+
+/// A batch's [`BATCH_COLUMNS`] as the ledger returns them, before their values are parsed.
+#[derive(sqlx::FromRow)]
+pub(super) struct BatchColumns {
+    id: String,
+    import_id: String,
+    status: String,
+    records_total: i64,
+    checkpoint: i64,
+    records_written: i64,
+    records_unchanged: i64,
+    records_superseded: i64,
+    records_failed: i64,
+    attempts: i64,
+    takeovers: i64,
+    last_error: Option<String>,
+    created_at: i64,
+    started_at: Option<i64>,
+    completed_at: Option<i64>,
+}
+
+impl BatchColumns {
+    pub(super) fn parse(self) -> Result<BatchView> {
+        let status: BatchStatus = self.status.parse().map_err(Error::stored)?;
+        Ok(BatchView {
+            id: parse_id(self.id)?,
+            import_id: parse_id(self.import_id)?,
+            status,
+            records_total: count(self.records_total),
+            records_processed: count(self.checkpoint),
+            records_written: count(self.records_written),
+            records_unchanged: count(self.records_unchanged),
+            records_superseded: count(self.records_superseded),
+            records_failed: count(self.records_failed),
+            attempts: u32::try_from(self.attempts).unwrap_or(u32::MAX),
+            takeovers: u32::try_from(self.takeovers).unwrap_or(u32::MAX),
+            last_error: self.last_error,
+            created_at: rfc3339(self.created_at),
+            started_at: self.started_at.map(rfc3339),
+            completed_at: self.completed_at.map(rfc3339),
+            duration_ms: match (self.started_at, self.completed_at) {
+                (Some(s), Some(c)) if status == BatchStatus::Completed => Some(count(c - s)),
+                _ => None,
+            },
+        })
+    }
 }

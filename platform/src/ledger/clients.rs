@@ -5,7 +5,6 @@ use dataflow_contracts::time::rfc3339;
 use dataflow_contracts::{ClientId, Policy};
 use serde::{Deserialize, Serialize};
 use sqlx::Row;
-use sqlx::any::AnyRow;
 
 use super::{Db, flag};
 use crate::{Error, Result};
@@ -41,15 +40,26 @@ impl ClientRecord {
     }
 }
 
-fn client_from_row(row: &AnyRow) -> Result<ClientRecord> {
-    let policy: String = row.try_get("policy")?;
-    Ok(ClientRecord {
-        id: parse_id(row.try_get("id")?)?,
-        name: row.try_get("name")?,
-        active: flag(row.try_get("active")?),
-        policy: parse_policy(&policy)?,
-        created_at: row.try_get("created_at")?,
-    })
+/// A client's row as the ledger returns it, before its values are parsed.
+#[derive(sqlx::FromRow)]
+struct ClientColumns {
+    id: String,
+    name: String,
+    active: i64,
+    policy: String,
+    created_at: i64,
+}
+
+impl ClientColumns {
+    fn parse(self) -> Result<ClientRecord> {
+        Ok(ClientRecord {
+            id: parse_id(self.id)?,
+            name: self.name,
+            active: flag(self.active),
+            policy: parse_policy(&self.policy)?,
+            created_at: self.created_at,
+        })
+    }
 }
 
 /// A policy as the ledger stores it (JSON, in `clients` and with each batch).
@@ -83,30 +93,32 @@ impl Db {
             "INSERT INTO clients (id, name, active, policy, created_at, updated_at) \
              VALUES ($1, $2, 1, $3, {now}, {now}) RETURNING id, name, active, policy, created_at",
         );
-        let row = sqlx::query(sql)
+        let row = sqlx::query_as::<_, ClientColumns>(sql)
             .bind(id.as_str())
             .bind(name)
             .bind(policy_json(policy))
             .fetch_one(&mut *self.writer().await?)
             .await?;
-        client_from_row(&row)
+        row.parse()
     }
 
     pub async fn get_client(&self, id: &ClientId) -> Result<Option<ClientRecord>> {
-        let row =
-            sqlx::query("SELECT id, name, active, policy, created_at FROM clients WHERE id = $1")
-                .bind(id.as_str())
-                .fetch_optional(self.pool())
-                .await?;
-        row.as_ref().map(client_from_row).transpose()
+        let row = sqlx::query_as::<_, ClientColumns>(
+            "SELECT id, name, active, policy, created_at FROM clients WHERE id = $1",
+        )
+        .bind(id.as_str())
+        .fetch_optional(self.pool())
+        .await?;
+        row.map(ClientColumns::parse).transpose()
     }
 
     pub async fn list_clients(&self) -> Result<Vec<ClientRecord>> {
-        let rows =
-            sqlx::query("SELECT id, name, active, policy, created_at FROM clients ORDER BY id")
-                .fetch_all(self.pool())
-                .await?;
-        rows.iter().map(client_from_row).collect()
+        let rows = sqlx::query_as::<_, ClientColumns>(
+            "SELECT id, name, active, policy, created_at FROM clients ORDER BY id",
+        )
+        .fetch_all(self.pool())
+        .await?;
+        rows.into_iter().map(ClientColumns::parse).collect()
     }
 
     pub async fn set_client_active(&self, id: &ClientId, active: bool) -> Result<ClientRecord> {
@@ -114,13 +126,13 @@ impl Db {
             "UPDATE clients SET active = $2, updated_at = {now} WHERE id = $1 \
              RETURNING id, name, active, policy, created_at",
         );
-        let row = sqlx::query(sql)
+        let row = sqlx::query_as::<_, ClientColumns>(sql)
             .bind(id.as_str())
             .bind(i64::from(active))
             .fetch_optional(&mut *self.writer().await?)
             .await?
             .ok_or(Error::NotFound)?;
-        client_from_row(&row)
+        row.parse()
     }
 
     pub async fn set_policy(&self, id: &ClientId, policy: &Policy) -> Result<ClientRecord> {
@@ -129,13 +141,13 @@ impl Db {
             "UPDATE clients SET policy = $2, updated_at = {now} WHERE id = $1 \
              RETURNING id, name, active, policy, created_at",
         );
-        let row = sqlx::query(sql)
+        let row = sqlx::query_as::<_, ClientColumns>(sql)
             .bind(id.as_str())
             .bind(policy_json(policy))
             .fetch_optional(&mut *self.writer().await?)
             .await?
             .ok_or(Error::NotFound)?;
-        client_from_row(&row)
+        row.parse()
     }
 
     pub async fn create_key(

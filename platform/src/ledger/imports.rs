@@ -6,7 +6,6 @@ use dataflow_contracts::http::ImportView;
 use dataflow_contracts::time::rfc3339;
 use dataflow_contracts::{BatchId, BatchStatus, ClientId, ImportFormat, ImportId, Policy};
 use sqlx::Row;
-use sqlx::any::AnyRow;
 
 use super::clients::parse_id;
 use super::{Db, count};
@@ -400,7 +399,7 @@ impl Db {
         client: Option<&ClientId>,
         id: &ImportId,
     ) -> Result<Option<ImportView>> {
-        let row = sqlx::query(
+        let row = sqlx::query_as::<_, ImportColumns>(
             "SELECT i.id, i.batch_id, b.status, i.format, i.records, i.bytes, i.checksum, i.created_at \
              FROM imports i JOIN batches b ON b.id = i.batch_id \
              WHERE i.id = $1 AND ($2 IS NULL OR i.client_id = $2)",
@@ -409,22 +408,35 @@ impl Db {
         .bind(client.map(ClientId::as_str))
         .fetch_optional(self.pool())
         .await?;
-        row.as_ref().map(import_from_row).transpose()
+        row.map(ImportColumns::parse).transpose()
     }
 }
 
-fn import_from_row(r: &AnyRow) -> Result<ImportView> {
-    let status: String = r.try_get("status")?;
-    let format: String = r.try_get("format")?;
-    Ok(ImportView {
-        id: parse_id(r.try_get("id")?)?,
-        batch_id: parse_id(r.try_get("batch_id")?)?,
-        status: status.parse().map_err(Error::stored)?,
-        format: format.parse().map_err(Error::stored)?,
-        records: count(r.try_get("records")?),
-        bytes: count(r.try_get("bytes")?),
-        checksum: r.try_get("checksum")?,
-        created_at: rfc3339(r.try_get("created_at")?),
-        duplicate: false,
-    })
+/// An import with its batch's status, as the ledger returns it, before parsing.
+#[derive(sqlx::FromRow)]
+struct ImportColumns {
+    id: String,
+    batch_id: String,
+    status: String,
+    format: String,
+    records: i64,
+    bytes: i64,
+    checksum: String,
+    created_at: i64,
+}
+
+impl ImportColumns {
+    fn parse(self) -> Result<ImportView> {
+        Ok(ImportView {
+            id: parse_id(self.id)?,
+            batch_id: parse_id(self.batch_id)?,
+            status: self.status.parse().map_err(Error::stored)?,
+            format: self.format.parse().map_err(Error::stored)?,
+            records: count(self.records),
+            bytes: count(self.bytes),
+            checksum: self.checksum,
+            created_at: rfc3339(self.created_at),
+            duplicate: false,
+        })
+    }
 }

@@ -19,7 +19,6 @@ use dataflow_contracts::time::rfc3339;
 use dataflow_contracts::{BatchId, JobId, Policy};
 use serde_json::value::RawValue;
 use sqlx::Row;
-use sqlx::any::AnyRow;
 
 use super::clients::{parse_id, parse_policy};
 use super::commits::Kinds;
@@ -481,11 +480,11 @@ impl Db {
 
     pub async fn get_job(&self, id: &JobId) -> Result<Option<JobView>> {
         let sql = sqlx::AssertSqlSafe(format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = $1"));
-        let row = sqlx::query(sql)
+        let row = sqlx::query_as::<_, JobColumns>(sql)
             .bind(id.as_str())
             .fetch_optional(self.pool())
             .await?;
-        row.as_ref().map(job_from_row).transpose()
+        row.map(JobColumns::parse).transpose()
     }
 
     /// Jobs newest first, filtered, one page after `cursor`.
@@ -501,7 +500,7 @@ impl Db {
                AND ($3 IS NULL OR batch_id = $3) AND ($4 IS NULL OR id < $4) \
              ORDER BY id DESC LIMIT $5"
         ));
-        let rows = sqlx::query(sql)
+        let rows = sqlx::query_as::<_, JobColumns>(sql)
             .bind(filter.status.map(JobStatus::as_str))
             .bind(filter.kind.map(JobKind::as_str))
             .bind(filter.batch_id.as_ref().map(BatchId::as_str))
@@ -509,7 +508,10 @@ impl Db {
             .bind(i64::from(limit) + 1)
             .fetch_all(self.pool())
             .await?;
-        let items = rows.iter().map(job_from_row).collect::<Result<Vec<_>>>()?;
+        let items = rows
+            .into_iter()
+            .map(JobColumns::parse)
+            .collect::<Result<Vec<_>>>()?;
         let (items, next_cursor) = split_page(items, limit, |j| j.id.to_string());
         Ok(JobPage { items, next_cursor })
     }
@@ -572,24 +574,38 @@ impl Db {
     }
 }
 
-fn job_from_row(r: &AnyRow) -> Result<JobView> {
-    let kind: String = r.try_get("kind")?;
-    let status: String = r.try_get("status")?;
-    let attempts: i32 = r.try_get("attempts")?;
-    let max_attempts: i32 = r.try_get("max_attempts")?;
-    Ok(JobView {
-        id: parse_id(r.try_get("id")?)?,
-        kind: kind.parse().map_err(Error::stored)?,
-        batch_id: parse_id(r.try_get("batch_id")?)?,
-        client_id: parse_id(r.try_get("client_id")?)?,
-        status: status.parse().map_err(Error::stored)?,
-        attempts: u32::try_from(attempts).unwrap_or(0),
-        max_attempts: u32::try_from(max_attempts).unwrap_or(0),
-        run_at: rfc3339(r.try_get("run_at")?),
-        last_error: r.try_get("last_error")?,
-        created_at: rfc3339(r.try_get("created_at")?),
-        done_at: r.try_get::<Option<i64>, _>("done_at")?.map(rfc3339),
-    })
+/// A job's [`JOB_COLUMNS`] as the ledger returns them, before their values are parsed.
+#[derive(sqlx::FromRow)]
+struct JobColumns {
+    id: String,
+    kind: String,
+    batch_id: String,
+    client_id: String,
+    status: String,
+    attempts: i32,
+    max_attempts: i32,
+    run_at: i64,
+    last_error: Option<String>,
+    created_at: i64,
+    done_at: Option<i64>,
+}
+
+impl JobColumns {
+    fn parse(self) -> Result<JobView> {
+        Ok(JobView {
+            id: parse_id(self.id)?,
+            kind: self.kind.parse().map_err(Error::stored)?,
+            batch_id: parse_id(self.batch_id)?,
+            client_id: parse_id(self.client_id)?,
+            status: self.status.parse().map_err(Error::stored)?,
+            attempts: u32::try_from(self.attempts).unwrap_or(0),
+            max_attempts: u32::try_from(self.max_attempts).unwrap_or(0),
+            run_at: rfc3339(self.run_at),
+            last_error: self.last_error,
+            created_at: rfc3339(self.created_at),
+            done_at: self.done_at.map(rfc3339),
+        })
+    }
 }
 
 /// The deliveries as the JSON array of `[id, epoch]` pairs that `{ticket_list}` expands.

@@ -5,7 +5,7 @@ use dataflow_contracts::http::BatchView;
 use dataflow_contracts::{BatchId, BatchStatus, ClientId};
 use sqlx::Row;
 
-use super::batches::{BATCH_COLUMNS, batch_from_row};
+use super::batches::{BATCH_COLUMNS, BatchColumns};
 use super::clients::parse_id;
 use super::{Db, count, split_page};
 use crate::Result;
@@ -17,6 +17,14 @@ pub struct BatchFilter {
     pub status: Option<BatchStatus>,
     /// Only batches created within this many milliseconds.
     pub max_age_ms: Option<i64>,
+}
+
+/// A batch with its client's id, as the operator's search reads it.
+#[derive(sqlx::FromRow)]
+struct OperatorColumns {
+    client_id: String,
+    #[sqlx(flatten)]
+    batch: BatchColumns,
 }
 
 /// A batch and the client it belongs to.
@@ -56,7 +64,7 @@ impl Db {
                  AND ($3 IS NULL OR created_at >= {{now}} - $3) AND ($4 IS NULL OR id < $4) \
              ORDER BY id DESC LIMIT $5"
         ));
-        let rows = sqlx::query(sql)
+        let rows = sqlx::query_as::<_, OperatorColumns>(sql)
             .bind(filter.client.as_ref().map(ClientId::as_str))
             .bind(filter.status.map(BatchStatus::as_str))
             .bind(filter.max_age_ms)
@@ -65,11 +73,11 @@ impl Db {
             .fetch_all(self.pool())
             .await?;
         let items = rows
-            .iter()
+            .into_iter()
             .map(|r| {
                 Ok(BatchRow {
-                    client_id: parse_id(r.try_get("client_id")?)?,
-                    batch: batch_from_row(r)?,
+                    client_id: parse_id(r.client_id)?,
+                    batch: r.batch.parse()?,
                 })
             })
             .collect::<Result<Vec<_>>>()?;

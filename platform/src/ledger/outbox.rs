@@ -14,7 +14,7 @@ use crate::Result;
 const PRUNE_PAGE: i64 = 1_000;
 
 /// An event waiting to be published.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, sqlx::FromRow)]
 pub struct OutboxRow {
     pub id: i64,
     /// The envelope's id (the broker message id, for consumers' dedup).
@@ -124,7 +124,7 @@ impl Db {
                  ORDER BY o.id"
             }
         });
-        let rows = sqlx::query(sql)
+        let rows = sqlx::query_as::<_, OutboxRow>(sql)
             .bind(i64::from(limit))
             .bind(json_list(except))
             .fetch_all(self.pool())
@@ -133,17 +133,7 @@ impl Db {
         if !rows.is_empty() {
             self.durable().await?;
         }
-        rows.iter()
-            .map(|r| {
-                Ok(OutboxRow {
-                    id: r.try_get("id")?,
-                    event_id: r.try_get("event_id")?,
-                    event_type: r.try_get("event_type")?,
-                    routing_key: r.try_get("routing_key")?,
-                    body: r.try_get("body")?,
-                })
-            })
-            .collect()
+        Ok(rows)
     }
 
     /// Marks exactly the events `ids` published (takes them out of `outbox_pending`, sets
