@@ -94,8 +94,9 @@ impl From<PlatformError> for ApiError {
                 )
             }
             other => {
-                // The message carries its causes (see `platform::Error`).
-                tracing::error!(error = %other, "internal error");
+                // The message carries its causes (see `platform::Error`); the debug form
+                // keeps what only it shows (a database error's code, table, constraint).
+                tracing::error!(error = %other, debug = ?other, "internal error");
                 Self::new(
                     StatusCode::INTERNAL_SERVER_ERROR,
                     "internal",

@@ -137,8 +137,17 @@ struct AttemptError {
 
 impl From<Error> for AttemptError {
     fn from(e: Error) -> Self {
+        // The message is stored with the batch, which its tenant reads: a fault inside
+        // DataFlow is recorded by what failed, and its cause goes to the log only.
+        let message = match &e {
+            Error::Internal { context, .. } => {
+                tracing::error!(error = %e, "internal fault in a batch attempt");
+                context.clone()
+            }
+            _ => e.to_string(),
+        };
         AttemptError {
-            message: e.to_string(),
+            message,
             permanent: false,
         }
     }
@@ -684,4 +693,19 @@ fn record_outcome(outcome: &Outcome, lease: &Lease, claimed: std::time::Instant)
         Outcome::LeaseLost => "lease_lost",
     };
     metrics::counter!("dataflow_batches_total", "outcome" => name).increment(1);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_fault_inside_dataflow_is_recorded_for_the_tenant_without_its_cause() {
+        let cause = std::io::Error::other("thread 'x' panicked at src/secret.rs:1");
+        let e = AttemptError::from(Error::internal("record preparation panicked", cause));
+        assert_eq!(e.message, "record preparation panicked");
+        assert!(!e.permanent);
+        let outage = AttemptError::from(Error::NotFound);
+        assert_eq!(outage.message, "not found");
+    }
 }

@@ -153,7 +153,7 @@ pub enum Unconfirmed {
     TimedOut,
     #[error("nacked by the broker")]
     Nacked,
-    #[error("the link failed")]
+    #[error("the link failed: {0}")]
     Link(#[source] lapin::Error),
 }
 
