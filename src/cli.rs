@@ -8,6 +8,7 @@
 pub mod healthcheck;
 pub mod import;
 pub mod ops;
+pub mod schema;
 
 use std::path::PathBuf;
 
@@ -68,6 +69,9 @@ pub enum Command {
     Workers(ops::WorkersCmd),
     /// Uploads a file as a producer over the HTTP API; `--wait` follows it to the end.
     Import(import::ImportArgs),
+    /// Client schemas (Frictionless Table Schema): `validate` checks a file offline.
+    #[command(subcommand)]
+    Schema(schema::SchemaCmd),
 }
 
 #[derive(Subcommand, Debug)]

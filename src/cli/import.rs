@@ -11,7 +11,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::Args;
 use dataflow_contracts::http::{BatchView, ClientIdentity, ImportView};
-use dataflow_contracts::{BatchStatus, ClientId};
+use dataflow_contracts::{BatchStatus, ClientId, ImportFormat};
 use indicatif::{ProgressBar, ProgressStyle};
 
 #[derive(Args, Debug, Clone)]
@@ -195,15 +195,25 @@ fn check_client(expected: &str, identity: &ClientIdentity) -> anyhow::Result<()>
 }
 
 fn content_type(args: &ImportArgs) -> anyhow::Result<&'static str> {
-    let ext = args
-        .file
+    Ok(match file_format(&args.file, args.format.as_deref())? {
+        ImportFormat::Csv => "text/csv",
+        ImportFormat::Ndjson => "application/x-ndjson",
+    })
+}
+
+/// A record file's format: `explicit` (`--format`), else the file's extension.
+pub(crate) fn file_format(
+    file: &std::path::Path,
+    explicit: Option<&str>,
+) -> anyhow::Result<ImportFormat> {
+    let ext = file
         .extension()
         .and_then(|e| e.to_str())
         .map(str::to_ascii_lowercase);
-    let format = args.format.clone().or(ext).unwrap_or_default();
+    let format = explicit.map(str::to_owned).or(ext).unwrap_or_default();
     match format.as_str() {
-        "csv" => Ok("text/csv"),
-        "ndjson" | "jsonl" => Ok("application/x-ndjson"),
+        "csv" => Ok(ImportFormat::Csv),
+        "ndjson" | "jsonl" => Ok(ImportFormat::Ndjson),
         other => bail!("cannot tell the format of `{other}`: pass --format csv or --format ndjson"),
     }
 }

@@ -418,3 +418,88 @@ fn operator_commands_open_the_ledger_alone() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 register!(sync operator_commands_open_the_ledger_alone);
+
+/// `schema validate` checks a file against a Frictionless Table Schema with no server and no
+/// ledger: each refused cell on a line of its own (line, field, code), exit status 1 when
+/// any record is refused, 0 when every record fits; a schema it cannot use is an error that
+/// names the property.
+fn schema_validate_checks_a_file_offline() {
+    let dir = std::env::temp_dir().join(format!("dataflow-schema-{}", ulid::Ulid::new()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let schema = dir.join("schema.json");
+    std::fs::write(
+        &schema,
+        json!({
+            "fields": [
+                {"name": "id", "type": "integer"},
+                {"name": "email", "format": "email", "aliases": ["E-mail"], "constraints": {"required": true}},
+                {"name": "qty", "type": "integer", "constraints": {"minimum": 0}},
+                {"name": "day", "type": "date"}
+            ],
+            "primaryKey": "id"
+        })
+        .to_string(),
+    )
+    .unwrap();
+    let file = |name: &str, body: &str| {
+        let path = dir.join(name);
+        std::fs::write(&path, body).unwrap();
+        path.to_string_lossy().into_owned()
+    };
+    let validate = |file: &str, schema: &std::path::Path| {
+        embedded(
+            &dir,
+            &[
+                "schema",
+                "validate",
+                file,
+                "--schema",
+                schema.to_str().unwrap(),
+            ],
+        )
+        .output()
+        .unwrap()
+    };
+    let bad = file(
+        "bad.csv",
+        "id,E-mail,qty,day\n007,a@b.co,3,2026-02-28\nx,,-1,2026-02-30\n",
+    );
+    let out = validate(&bad, &schema);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert_eq!(
+        stdout.lines().collect::<Vec<_>>(),
+        [
+            "line 3, field `id`: type: `x` is not an integer",
+            "line 3, field `email`: constraint.required: a value is required",
+            "line 3, field `qty`: constraint.minimum: below the minimum 0",
+            "line 3, field `day`: type: `2026-02-30` is not a date",
+            "2 records: 1 valid, 1 refused",
+        ]
+    );
+    let extra = file(
+        "extra.ndjson",
+        "{\"id\":1,\"email\":\"a@b.co\",\"colour\":\"red\"}\n",
+    );
+    let out = validate(&extra, &schema);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("line 1, field `colour`: unknown_field"),
+        "{out:?}"
+    );
+    let good = file("good.csv", "ID,email\n1,a@b.co\n2,c@d.org\n");
+    let out = validate(&good, &schema);
+    assert!(out.status.success(), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("2 records: 2 valid, 0 refused"));
+    let unusable = dir.join("unusable.json");
+    std::fs::write(&unusable, r#"{"fields":[{"name":"a","type":"money"}]}"#).unwrap();
+    let out = validate(&good, &unusable);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("fields[0].type: `money` is not a type"),
+        "{stderr}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+register!(sync schema_validate_checks_a_file_offline);
