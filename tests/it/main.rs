@@ -23,6 +23,7 @@ mod metrics;
 mod openapi;
 mod records;
 mod redis;
+mod schemas;
 mod ui;
 mod worker;
 

@@ -644,8 +644,9 @@ impl Kind {
         };
         let cell = match self {
             Kind::String(format) => text_format(*format, text).map(Cell::Text),
-            Kind::Integer => integer(text).map(Cell::Number),
-            Kind::Number => number(text).map(Cell::Number),
+            // Surrounding spaces are not part of a number (as the reference reads it too).
+            Kind::Integer => integer(text.trim_ascii()).map(Cell::Number),
+            Kind::Number => number(text.trim_ascii()).map(Cell::Number),
             Kind::Boolean { truthy, falsy } => {
                 if truthy.iter().any(|t| t == text) {
                     Some(Cell::Bool(true))
@@ -655,10 +656,12 @@ impl Kind {
                     None
                 }
             }
+            // chrono skips spaces around a date; a date with them is not one.
+            Kind::Date(_) | Kind::Datetime(_) | Kind::Time(_) if text.trim() != text => None,
             Kind::Date(format) => date(text, format.as_deref()).map(Cell::Text),
             Kind::Datetime(format) => datetime(text, format.as_deref()).map(Cell::Text),
             Kind::Time(format) => time(text, format.as_deref()).map(Cell::Text),
-            Kind::Year => (text.len() == 4)
+            Kind::Year => (text.len() == 4 && text.bytes().all(|b| b.is_ascii_digit()))
                 .then(|| integer(text))
                 .flatten()
                 .map(Cell::Number),
@@ -715,17 +718,33 @@ fn text_format(format: TextFormat, text: &str) -> Option<String> {
                 && !text.chars().any(char::is_whitespace)
         }),
         TextFormat::Uri => url::Url::parse(text).is_ok(),
-        TextFormat::Uuid => {
-            let hex: String = text.chars().filter(|c| *c != '-').collect();
-            let groups: Vec<usize> = text.split('-').map(str::len).collect();
-            hex.len() == 32
-                && hex.chars().all(|c| c.is_ascii_hexdigit())
-                && (groups == [32] || groups == [8, 4, 4, 4, 12])
-        }
+        TextFormat::Uuid => return uuid(text),
     };
-    ok.then(|| match format {
-        TextFormat::Uuid => text.to_ascii_lowercase(),
-        _ => text.to_owned(),
+    ok.then(|| text.to_owned())
+}
+
+/// A UUID in its canonical form (lower-case, hyphenated), from that form, the 32 digits
+/// alone, braces around either, or a `urn:uuid:` prefix.
+fn uuid(text: &str) -> Option<String> {
+    let bare = text
+        .strip_prefix("urn:uuid:")
+        .or_else(|| text.strip_prefix('{').and_then(|t| t.strip_suffix('}')))
+        .unwrap_or(text);
+    let groups: Vec<usize> = bare.split('-').map(str::len).collect();
+    let hex: String = bare.chars().filter(|c| *c != '-').collect();
+    let ok = hex.len() == 32
+        && hex.chars().all(|c| c.is_ascii_hexdigit())
+        && (groups == [32] || groups == [8, 4, 4, 4, 12]);
+    ok.then(|| {
+        let h = hex.to_ascii_lowercase();
+        format!(
+            "{}-{}-{}-{}-{}",
+            &h[..8],
+            &h[8..12],
+            &h[12..16],
+            &h[16..20],
+            &h[20..]
+        )
     })
 }
 
@@ -801,9 +820,11 @@ fn datetime(text: &str, format: Option<&str>) -> Option<String> {
             Ok(t) => t.with_timezone(&Utc),
             Err(_) => NaiveDateTime::parse_from_str(text, f).ok()?.and_utc(),
         },
+        // ISO 8601 with `T` or a space between date and time, as the reference reads it.
         None => match DateTime::parse_from_rfc3339(text) {
             Ok(t) => t.with_timezone(&Utc),
             Err(_) => NaiveDateTime::parse_from_str(text, "%Y-%m-%dT%H:%M:%S%.f")
+                .or_else(|_| NaiveDateTime::parse_from_str(text, "%Y-%m-%d %H:%M:%S%.f"))
                 .ok()?
                 .and_utc(),
         },
@@ -811,8 +832,14 @@ fn datetime(text: &str, format: Option<&str>) -> Option<String> {
     Some(utc.to_rfc3339_opts(SecondsFormat::AutoSi, true))
 }
 
+/// A time of day; by default ISO 8601, where a `Z` (UTC) after it is allowed.
 fn time(text: &str, format: Option<&str>) -> Option<String> {
-    let t = NaiveTime::parse_from_str(text, format.unwrap_or("%H:%M:%S%.f")).ok()?;
+    let t = match format {
+        Some(f) => NaiveTime::parse_from_str(text, f).ok()?,
+        None => {
+            NaiveTime::parse_from_str(text.strip_suffix('Z').unwrap_or(text), "%H:%M:%S%.f").ok()?
+        }
+    };
     Some(t.format("%H:%M:%S%.f").to_string())
 }
 
@@ -1054,6 +1081,17 @@ mod tests {
                 .code,
             "type"
         );
+        for form in [
+            "0f8fad5bd9cb469fa16570867728950e",
+            "{0F8FAD5B-D9CB-469F-A165-70867728950E}",
+            "urn:uuid:0f8fad5b-d9cb-469f-a165-70867728950e",
+        ] {
+            assert_eq!(
+                cell(&s, "id", json!(form)).unwrap(),
+                Cell::Text("0f8fad5b-d9cb-469f-a165-70867728950e".into()),
+                "{form}"
+            );
+        }
     }
 
     #[test]
