@@ -641,8 +641,12 @@ async fn raw_publish(
         let publish = broker::publish(ch, &names.exchange, row.into());
         let pending: Pending = if queue_writes {
             let mut queued: Pending = Box::pin(async move { publish.await?.await });
-            let _ = futures::poll!(queued.as_mut());
-            queued
+            // A publish confirmed at its first poll is done: awaiting it again would resume
+            // a finished future.
+            match futures::poll!(queued.as_mut()) {
+                std::task::Poll::Ready(done) => Box::pin(std::future::ready(done)),
+                std::task::Poll::Pending => queued,
+            }
         } else {
             Box::pin(publish.await?)
         };

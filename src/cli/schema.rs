@@ -8,7 +8,7 @@ use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
 use dataflow_platform::Config;
 use dataflow_platform::domain::records::{self, Limits};
-use dataflow_platform::domain::schema::{FieldError, Schema};
+use dataflow_platform::domain::schema::{FieldError, Schema, Seen};
 
 use super::import::file_format;
 
@@ -49,8 +49,11 @@ pub fn run(config: &Config, cmd: SchemaCmd) -> anyhow::Result<()> {
     let mut problems: Vec<(u64, FieldError)> = Vec::new();
     let (mut valid, mut refused) = (0u64, 0u64);
     let by_header = format == dataflow_contracts::ImportFormat::Csv;
+    let mut seen = Seen::default();
     let summary = records::parse(format, &body, limits, |record| {
-        let mut errors = schema.check_row(&record.fields).errors;
+        let mut row = schema.check_row(&record.fields);
+        schema.check_unique(&mut row, &mut seen);
+        let mut errors = row.errors;
         if !by_header {
             errors.extend(schema.check_columns(record.fields.keys().map(String::as_str)));
         }

@@ -11,7 +11,7 @@ use std::process::Command;
 
 use dataflow_contracts::ImportFormat;
 use dataflow_platform::domain::records::{self, Limits};
-use dataflow_platform::domain::schema::Schema;
+use dataflow_platform::domain::schema::{Schema, Seen};
 use serde_json::{Value, json};
 
 /// Cells DataFlow reads differently from the reference, on purpose.
@@ -234,6 +234,11 @@ fn cases() -> Vec<Case> {
             &["", "x"],
         ),
         case(
+            "unique",
+            json!({"type": "integer", "constraints": {"unique": true}}),
+            &["1", "2", "01", "", "", "3"],
+        ),
+        case(
             "missing_values",
             json!({"type": "integer"}),
             &["NA", "-", "1"],
@@ -245,6 +250,7 @@ fn cases() -> Vec<Case> {
 fn kind(code: &str) -> &'static str {
     match code {
         "type" | "type-error" => "type",
+        "unique-error" => "constraint",
         c if c.starts_with("constraint") => "constraint",
         _ => "other",
     }
@@ -294,8 +300,10 @@ fn dataflow(schema: &str, table: &[u8], rows: usize) -> Vec<Option<&'static str>
         max_field_bytes: 1 << 20,
     };
     let mut verdicts = vec![None; rows];
+    let mut seen = Seen::default();
     records::parse(ImportFormat::Csv, table, limits, |record| {
-        let check = schema.check_row(&record.fields);
+        let mut check = schema.check_row(&record.fields);
+        schema.check_unique(&mut check, &mut seen);
         if let Some(e) = check.errors.first() {
             verdicts[record.line as usize - 2] = Some(kind(e.code));
         }

@@ -76,6 +76,11 @@ impl RowCheck {
     }
 }
 
+/// The values seen so far of each `unique` field: the constraint holds across a whole file
+/// ([`Schema::check_unique`]).
+#[derive(Debug, Default)]
+pub struct Seen(std::collections::HashMap<String, std::collections::HashSet<String>>);
+
 /// A cell's value once typed and normalised.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Cell {
@@ -369,6 +374,27 @@ impl Schema {
             }
         }
         check
+    }
+
+    /// Checks the `unique` fields of a checked row against the rows before it: a value seen
+    /// already is `constraint.unique` (a missing value never is).
+    pub fn check_unique(&self, row: &mut RowCheck, seen: &mut Seen) {
+        for field in self.fields.iter().filter(|f| f.unique) {
+            let value = row
+                .cells
+                .iter()
+                .find(|(name, cell)| name == &field.name && *cell != Cell::Null)
+                .map(|(_, cell)| cell.to_json());
+            if let Some(value) = value
+                && !seen.0.entry(field.name.clone()).or_default().insert(value)
+            {
+                row.errors.push(FieldError {
+                    field: field.name.clone(),
+                    code: "constraint.unique",
+                    detail: "an earlier record has the same value".into(),
+                });
+            }
+        }
     }
 
     /// The field a header names (by name or alias, ignoring case and spaces).
@@ -1170,6 +1196,19 @@ mod tests {
         let kept = keep.check_row(json!({"a": "1", "b": 2}).as_object().unwrap());
         assert_eq!(kept.to_json(), r#"{"a":"1","b":2}"#);
         assert!(keep.check_columns(["a", "b"]).is_empty());
+    }
+
+    #[test]
+    fn unique_holds_across_the_rows_of_a_file() {
+        let s = schema(json!([{"name": "n", "type": "integer", "constraints": {"unique": true}}]));
+        let mut seen = Seen::default();
+        let mut codes = Vec::new();
+        for v in ["1", "2", "01", "", ""] {
+            let mut row = s.check_row(json!({"n": v}).as_object().unwrap());
+            s.check_unique(&mut row, &mut seen);
+            codes.push(row.errors.first().map(|e| e.code));
+        }
+        assert_eq!(codes, [None, None, Some("constraint.unique"), None, None]);
     }
 
     #[test]
