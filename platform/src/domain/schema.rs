@@ -98,7 +98,7 @@ impl Cell {
     pub fn to_json(&self) -> String {
         match self {
             Cell::Null => "null".into(),
-            Cell::Text(s) => Value::String(s.clone()).to_string(),
+            Cell::Text(s) => serde_json::to_string(s).unwrap_or_default(),
             Cell::Number(n) => n.clone(),
             Cell::Bool(b) => b.to_string(),
             Cell::Json(v) => v.to_string(),
@@ -140,6 +140,8 @@ pub struct Schema {
 pub struct Field {
     pub name: String,
     pub aliases: Vec<String>,
+    /// The name and aliases as headers are compared ([`header_key`]).
+    keys: Vec<String>,
     pub transforms: Vec<Transform>,
     kind: Kind,
     required: bool,
@@ -347,11 +349,14 @@ impl Schema {
     /// under `unknownFields: keep` they are kept as they came.
     pub fn check_row(&self, record: &serde_json::Map<String, Value>) -> RowCheck {
         let mut check = RowCheck::default();
+        // Each label normalised once per record, not once per field.
+        let labels: Vec<(String, &Value)> =
+            record.iter().map(|(l, v)| (header_key(l), v)).collect();
         for field in &self.fields {
-            let raw = record
+            let raw = labels
                 .iter()
-                .find(|(label, _)| field.names(label))
-                .map_or(&Value::Null, |(_, v)| v);
+                .find(|(key, _)| field.keys.contains(key))
+                .map_or(&Value::Null, |(_, v)| *v);
             match self.cell(field, raw) {
                 Ok(cell) => check.cells.push((field.name.clone(), cell)),
                 Err(e) => check.errors.push(FieldError {
@@ -448,10 +453,7 @@ fn error(code: &'static str, detail: impl Into<String>) -> CellError {
 impl Field {
     /// Whether `label` names this field (its name or an alias, ignoring case and spaces).
     fn names(&self, label: &str) -> bool {
-        let key = header_key(label);
-        std::iter::once(&self.name)
-            .chain(&self.aliases)
-            .any(|l| header_key(l) == key)
+        self.keys.contains(&header_key(label))
     }
 
     fn from_doc(f: FieldDoc, path: &str) -> Result<Field, SchemaError> {
@@ -543,6 +545,10 @@ impl Field {
             ),
         };
         Ok(Field {
+            keys: std::iter::once(&f.name)
+                .chain(&f.aliases)
+                .map(|l| header_key(l))
+                .collect(),
             name: f.name,
             aliases: f.aliases,
             transforms: f.transforms,
