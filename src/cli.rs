@@ -69,7 +69,8 @@ pub enum Command {
     Workers(ops::WorkersCmd),
     /// Uploads a file as a producer over the HTTP API; `--wait` follows it to the end.
     Import(import::ImportArgs),
-    /// Client schemas (Frictionless Table Schema): `validate` checks a file offline.
+    /// Client schemas (Frictionless Table Schema): show, set, remove; `validate` checks a
+    /// file offline.
     #[command(subcommand)]
     Schema(schema::SchemaCmd),
 }

@@ -54,7 +54,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Dlq(cmd) => return cli::ops::dlq(&config, cmd).await,
         Command::Workers(cmd) => return cli::ops::workers(&config, cmd).await,
         Command::Import(args) => return cli::import::run(args).await,
-        Command::Schema(cmd) => return cli::schema::run(&config, cmd),
+        Command::Schema(cmd) => return cli::schema::run(&config, cmd).await,
     };
     let app = App::start(config.clone(), roles, None).await?;
     if roles.api {

@@ -42,8 +42,11 @@ fn api(guard_with: Option<&AppState>) -> OpenApiRouter<AppState> {
         .merge(routes::imports::router())
         .merge(routes::batches::router())
         .merge(routes::client::router())
-        .merge(routes::summaries::router());
-    let mut admin = routes::admin::router().merge(routes::summaries::admin_router());
+        .merge(routes::summaries::router())
+        .merge(routes::schemas::router());
+    let mut admin = routes::admin::router()
+        .merge(routes::summaries::admin_router())
+        .merge(routes::schemas::admin_router());
     if let Some(state) = guard_with {
         v1 = v1.route_layer(middleware::from_fn_with_state(
             state.clone(),

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use dataflow_contracts::ClientId;
 use dataflow_platform::config::ApiConfig;
+use dataflow_platform::domain::compiled::CompiledSchemas;
 use dataflow_platform::ledger::{ClientRecord, KeyRecord};
 use dataflow_platform::{Backends, Error};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -22,6 +23,8 @@ pub struct AppState {
     pub config: Arc<ApiConfig>,
     /// Recent rate-limit refusals, for the dashboard.
     pub rejections: Arc<Rejections>,
+    /// Client schemas compiled once (a CSV header is checked against its client's).
+    pub schemas: Arc<CompiledSchemas>,
     import_slots: Arc<Mutex<HashMap<ClientId, Arc<Semaphore>>>>,
     touched: Arc<Mutex<HashMap<String, Instant>>>,
 }
@@ -32,6 +35,7 @@ impl AppState {
             backends,
             config: Arc::new(config),
             rejections: Arc::default(),
+            schemas: Arc::default(),
             import_slots: Arc::default(),
             touched: Arc::default(),
         }

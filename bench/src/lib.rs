@@ -251,7 +251,7 @@ async fn copy_baseline(
         .await?;
     // The rows as text, prepared before timing: only the load is measured.
     let rows: Vec<(String, String, String, String, String, i64, i64)> = sqlx::query_as(
-        "SELECT client_id, record_key, data, checksum, batch_id, updated_at, accepted_seq \
+        "SELECT client_id, record_key, data::text, checksum, batch_id, updated_at, accepted_seq \
          FROM records",
     )
     .fetch_all(&mut conn)

@@ -116,6 +116,16 @@ pub struct BatchFailed {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BatchRejected {
     pub reason: String,
+    /// Why, as a stable code: `operator` (rejected or discarded by an operator) or
+    /// `too_many_errors` (more records refused than the error threshold allows: nothing
+    /// was written). Absent in events written before codes existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code: Option<String>,
+}
+
+impl BatchRejected {
+    pub const BY_OPERATOR: &str = "operator";
+    pub const TOO_MANY_ERRORS: &str = "too_many_errors";
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -178,7 +188,10 @@ mod tests {
                 error: "e".into(),
                 retry_at: "t".into(),
             }),
-            Event::BatchRejected(BatchRejected { reason: "r".into() }),
+            Event::BatchRejected(BatchRejected {
+                reason: "r".into(),
+                code: Some(BatchRejected::TOO_MANY_ERRORS.into()),
+            }),
             Event::BatchDead(BatchDead {
                 attempts: 5,
                 error: "e".into(),

@@ -67,6 +67,8 @@ pub struct BatchView {
     pub completed_at: Option<String>,
     /// First claim to completion.
     pub duration_ms: Option<u64>,
+    /// The version of the client's schema the batch is checked with; `null`: none.
+    pub schema_version: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
@@ -82,8 +84,12 @@ pub struct RecordErrorView {
     /// 1-based line in the submitted file (CSV: the header is line 1).
     pub line: u64,
     pub field: Option<String>,
+    /// From the catalogue in docs/schemas.md: `type`, `constraint.minimum`,
+    /// `missing_key`, `too_many_errors` …
     pub code: String,
     pub detail: String,
+    /// The offending value as it came, shortened.
+    pub value: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
@@ -92,7 +98,7 @@ pub struct RecordErrorPage {
     pub next_cursor: Option<String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateClient {
     /// 1 to 200 characters, no control characters; surrounding white space is dropped.
@@ -117,13 +123,29 @@ fn patch_object<'de, D: Deserializer<'de>>(d: D) -> Result<Option<PolicyPatch>, 
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct ClientView {
     pub id: ClientId,
     pub name: String,
     pub active: bool,
     pub created_at: String,
     pub policy: Policy,
+    /// The version of the client's schema new imports are checked with; `null`: none.
+    pub schema_version: Option<u64>,
+}
+
+/// One version of a client's schema.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct SchemaView {
+    pub client_id: ClientId,
+    /// 1 for the first schema set, one more for each change.
+    pub version: u64,
+    /// Whether new imports are checked with this version.
+    pub current: bool,
+    pub created_at: String,
+    /// The Frictionless Table Schema document as it was set.
+    #[schema(value_type = Object)]
+    pub schema: serde_json::Value,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
@@ -154,11 +176,31 @@ pub struct KeyView {
     pub last_used_at: Option<String>,
 }
 
+/// A record's fields as stored: JSON text passed through as it is, so a number keeps every
+/// digit it was written with (`1.50` stays `1.50`; read into a float it would not).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(transparent)]
+#[schema(value_type = Object)]
+pub struct RecordData(pub Box<serde_json::value::RawValue>);
+
+impl RecordData {
+    /// The fields as a JSON value (numbers as `serde_json` reads them).
+    pub fn value(&self) -> serde_json::Value {
+        serde_json::from_str(self.0.get()).unwrap_or_default()
+    }
+}
+
+impl PartialEq for RecordData {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.get() == other.0.get()
+    }
+}
+
 /// `GET /v1/records/{key}`: one stored record.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct RecordView {
     pub key: String,
-    pub data: serde_json::Value,
+    pub data: RecordData,
     pub checksum: String,
     /// The batch that last changed it.
     pub batch_id: BatchId,
@@ -310,11 +352,23 @@ pub struct BatchListQuery {
 #[serde(deny_unknown_fields)]
 #[into_params(parameter_in = Query)]
 pub struct ErrorPageQuery {
-    /// The `next_cursor` of the previous page.
-    pub cursor: Option<u64>,
+    /// The `next_cursor` of the previous page (`LINE.POSITION`; a bare `LINE` starts
+    /// after that line).
+    #[param(pattern = r"^[0-9]{1,19}(\.[0-9]{1,18})?$")]
+    pub cursor: Option<String>,
     /// Page size, 1 to 500 (default 50).
     #[param(minimum = 1, maximum = 500)]
     pub limit: Option<u32>,
+}
+
+/// The query of `GET /admin/clients/{id}/schema`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct SchemaQuery {
+    /// A version (1, 2, …); default: the current one.
+    #[param(minimum = 1)]
+    pub version: Option<u64>,
 }
 
 /// The query of `GET /v1/summaries` and `GET /admin/clients/{id}/summaries`.

@@ -7,7 +7,7 @@ use utoipa::ToSchema;
 const MAX_FIELD_NAME: usize = 128;
 
 /// A client's policy as stored and as returned by `GET /admin/clients/{id}/policy`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Policy {
     /// Largest accepted request body, in bytes (capped by the server's own limit).
@@ -37,6 +37,12 @@ pub struct Policy {
     pub notify_email: Option<String>,
     /// Where batch events are delivered.
     pub webhook_url: Option<String>,
+    /// The share of refused records (0 to 1) above which a batch writes no record at all
+    /// and ends `rejected` (`too_many_errors`); `None`: the valid records are always
+    /// written. A client schema's `maxErrorRatio` takes precedence.
+    #[serde(default)]
+    #[schema(minimum = 0, maximum = 1)]
+    pub max_error_ratio: Option<f64>,
 }
 
 impl Default for Policy {
@@ -53,12 +59,13 @@ impl Default for Policy {
             approval_required: false,
             notify_email: None,
             webhook_url: None,
+            max_error_ratio: None,
         }
     }
 }
 
 /// A partial update: only the fields present change. `null` clears an optional field.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PolicyPatch {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -100,6 +107,13 @@ pub struct PolicyPatch {
         skip_serializing_if = "Option::is_none"
     )]
     pub webhook_url: Option<Option<String>>,
+    #[serde(
+        default,
+        with = "double_option",
+        skip_serializing_if = "Option::is_none"
+    )]
+    #[schema(minimum = 0, maximum = 1)]
+    pub max_error_ratio: Option<Option<f64>>,
 }
 
 /// Distinguishes an absent field (`None`) from an explicit `null` (`Some(None)`).
@@ -141,7 +155,8 @@ impl Policy {
             dedup_window_secs,
             approval_required,
             notify_email,
-            webhook_url
+            webhook_url,
+            max_error_ratio
         );
         p.validate()?;
         Ok(p)
@@ -177,6 +192,11 @@ impl Policy {
             {
                 return Err(format!("notify_email `{email}` is not an email address"));
             }
+        }
+        if let Some(r) = self.max_error_ratio
+            && !(0.0..=1.0).contains(&r)
+        {
+            return Err(format!("max_error_ratio must be between 0 and 1, not {r}"));
         }
         if let Some(url) = &self.webhook_url
             && (!(url.starts_with("https://") || url.starts_with("http://"))

@@ -470,12 +470,26 @@ fn schema_validate_checks_a_file_offline() {
     assert_eq!(
         stdout.lines().collect::<Vec<_>>(),
         [
-            "line 3, field `id`: type: `x` is not an integer",
-            "line 3, field `email`: constraint.required: a value is required",
-            "line 3, field `qty`: constraint.minimum: below the minimum 0",
-            "line 3, field `day`: type: `2026-02-30` is not a date",
+            r#"line 3, field `id`: type: `x` is not an integer (value: "x")"#,
+            r#"line 3, field `email`: constraint.required: a value is required (value: "")"#,
+            r#"line 3, field `qty`: constraint.minimum: below the minimum 0 (value: "-1")"#,
+            r#"line 3, field `day`: type: `2026-02-30` is not a date (value: "2026-02-30")"#,
             "2 records: 1 valid, 1 refused",
         ]
+    );
+    // A header without a required column: the server would refuse the whole file.
+    let no_mail = file("no-mail.csv", "id,qty\n1,2\n");
+    let out = validate(&no_mail, &schema);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).starts_with(
+            "line 1, field `email`: missing_field: no column for the required field `email`"
+        ),
+        "{out:?}"
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("the server refuses the file (422)"),
+        "{out:?}"
     );
     let extra = file(
         "extra.ndjson",

@@ -64,7 +64,7 @@ async fn csv_and_ndjson_flow_end_to_end(b: Backend) {
 
     let rec: RecordView = t.get(&key, "/v1/records/1").await.json().await.unwrap();
     assert_eq!(
-        rec.data,
+        rec.data.value(),
         json!({"id": "1", "email": "a2@x.io", "name": "Ann again"})
     );
     assert_eq!(rec.batch_id, imp.batch_id);
@@ -96,7 +96,7 @@ async fn csv_and_ndjson_flow_end_to_end(b: Backend) {
         (2, 1, 0)
     );
     let rec3: RecordView = t.get(&key, "/v1/records/3").await.json().await.unwrap();
-    assert_eq!(rec3.data["email"], "new@x.io");
+    assert_eq!(rec3.data.value()["email"], "new@x.io");
     assert_eq!(rec3.batch_id, imp2.batch_id);
 
     let got: ImportView = t
@@ -367,6 +367,7 @@ async fn idempotency_key_replays_conflicts_and_mismatches(b: Backend) {
         records: 1,
         checksum: &sha(&body),
         policy: &client_policy,
+        schema_version: None,
         idempotency: Some(&stale_claim),
     };
     assert!(matches!(
@@ -637,7 +638,7 @@ async fn batch_report_counts_and_defuses_formulas(b: Backend) {
     );
     let text = resp.text().await.unwrap();
     let lines: Vec<&str> = text.lines().collect();
-    assert_eq!(lines[0], "line,field,code,detail");
+    assert_eq!(lines[0], "line,field,code,detail,value");
     assert!(
         lines[1].starts_with("3,'=cmd,missing_field,"),
         "formula defused: {text}"
@@ -660,7 +661,7 @@ async fn batch_report_counts_and_defuses_formulas(b: Backend) {
             json!({"missing_field": 1, "missing_key": 1}),
             text.as_str(),
         ),
-        (&clean.batch_id, json!({}), "line,field,code,detail\n"),
+        (&clean.batch_id, json!({}), "line,field,code,detail,value\n"),
     ] {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         let (summary, stored_csv) = loop {

@@ -215,7 +215,7 @@ async fn run_the_walk(t: &TestApp, smtp: &SmtpSink, hooks: &WebhookReceiver) {
         .text()
         .await
         .unwrap();
-    assert!(csv.starts_with("line,field,code,detail\n4,"), "{csv}");
+    assert!(csv.starts_with("line,field,code,detail,value\n4,"), "{csv}");
 
     // Every job done once: no duplicate mail or webhook in a clean run.
     let all = wait_jobs(

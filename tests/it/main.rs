@@ -24,6 +24,7 @@ mod openapi;
 mod records;
 mod redis;
 mod schemas;
+mod typed;
 mod ui;
 mod worker;
 

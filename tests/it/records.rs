@@ -29,7 +29,7 @@ fn rows(tag: &str, keys: std::ops::Range<usize>) -> String {
 /// The `name` stored for record `k-{i}` of `client`.
 async fn name_of(t: &TestApp, client: &ClientId, i: usize) -> String {
     let rec = t.db.get_record(client, &format!("k-{i}")).await.unwrap();
-    rec.expect("stored").data["name"]
+    rec.expect("stored").data.value()["name"]
         .as_str()
         .unwrap()
         .to_owned()

@@ -83,7 +83,7 @@ impl<'a> Ui<'a> {
         Ui { t, http, cookie }
     }
 
-    fn get(&self, path: &str) -> reqwest::RequestBuilder {
+    pub(crate) fn get(&self, path: &str) -> reqwest::RequestBuilder {
         self.http
             .get(self.t.url(path))
             .header(header::COOKIE, &self.cookie)

@@ -190,6 +190,7 @@ mod tests {
         let rejected = Envelope {
             event: Event::BatchRejected(dataflow_contracts::events::BatchRejected {
                 reason: "r".into(),
+                code: None,
             }),
             ..ready
         };

@@ -20,18 +20,19 @@ pub mod membership;
 pub mod reclaim;
 pub mod summaries;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use dataflow_contracts::BatchId;
 use dataflow_contracts::events::{BatchCompleted, Envelope, Event};
 use dataflow_contracts::live::LiveKind;
+use dataflow_contracts::{BatchId, ImportFormat};
 use dataflow_platform::config::WorkerConfig;
 use dataflow_platform::coordination::mutex::{Acquired, BatchMutex};
 use dataflow_platform::dashboard::live::LiveBus;
-use dataflow_platform::domain::prepare::{Chunk, prepare_chunk};
+use dataflow_platform::domain::compiled::CompiledSchemas;
+use dataflow_platform::domain::prepare::{Prepared, Rules, prepare};
 use dataflow_platform::domain::records::{self, Limits};
 use dataflow_platform::events::Mode;
 use dataflow_platform::ledger::{ChunkResult, Db, FailOutcome, Lease};
@@ -49,6 +50,9 @@ pub enum Outcome {
         at_ms: i64,
     },
     Dead,
+    /// More records were refused than the error threshold allows: nothing was written,
+    /// and the batch is `rejected` (`too_many_errors`).
+    Refused,
     /// Handed back on shutdown, to resume from its checkpoint.
     Released,
     /// Another worker holds the batch now; nothing of this attempt after its last chunk
@@ -81,12 +85,14 @@ pub struct WakeUps {
 /// A claimed batch with its records prepared, advanced one chunk per [`Worker::step`].
 pub struct BatchRun {
     pub lease: Lease,
-    chunks: VecDeque<Chunk>,
+    prepared: Prepared,
+    /// Why the batch must write nothing (too many records refused), if it must.
+    refusal: Option<String>,
 }
 
 impl BatchRun {
     pub fn remaining_chunks(&self) -> usize {
-        self.chunks.len()
+        self.prepared.chunks.len()
     }
 }
 
@@ -95,6 +101,8 @@ impl BatchRun {
 pub enum Step {
     Chunk(ChunkResult),
     Completed(BatchCompleted),
+    /// The batch was refused whole, for this reason.
+    Refused(String),
 }
 
 /// Counters for operators and tests.
@@ -127,6 +135,7 @@ pub struct Worker {
     release: CancellationToken,
     /// A failed attempt is due again: claim without waiting for the (long) sweep.
     retry_due: Arc<Notify>,
+    schemas: Arc<CompiledSchemas>,
 }
 
 /// Why an attempt failed, and whether another attempt could help.
@@ -167,6 +176,7 @@ impl Worker {
             inflight: TaskTracker::new(),
             release: CancellationToken::new(),
             retry_due: Arc::default(),
+            schemas: Arc::default(),
         }
     }
 
@@ -323,38 +333,64 @@ impl Worker {
         let body = self.db.load_payload(&lease.batch_id).await?;
         let chunk_size = self.config.chunk_size;
         let (format, policy, checkpoint) = (lease.format, lease.policy.clone(), lease.checkpoint);
+        let schema = match &lease.schema {
+            Some(s) => Some(
+                self.schemas
+                    .get(&lease.client_id, s.version, &s.document)
+                    .map_err(|e| Error::stored(format!("schema version {}: {e}", s.version)))?,
+            ),
+            None => None,
+        };
         let limits = Limits {
             max_records: u64::MAX,
             max_field_bytes: usize::MAX,
         };
-        // Parsing and hashing are CPU work; keep them off the async threads.
-        let chunks = tokio::task::spawn_blocking(move || -> Result<VecDeque<Chunk>> {
+        // Parsing, typing and hashing are CPU work; keep them off the async threads.
+        let (prepared, refusal) = tokio::task::spawn_blocking(move || -> Result<_> {
             let mut parsed = Vec::new();
             records::parse(format, &body, limits, |r| parsed.push(r))?;
-            let skip = usize::try_from(checkpoint)
-                .unwrap_or(usize::MAX)
-                .min(parsed.len());
-            let mut done = checkpoint;
-            Ok(parsed[skip..]
-                .chunks(chunk_size)
-                .map(|slice| {
-                    done += slice.len() as u64;
-                    prepare_chunk(slice, &policy, done)
-                })
-                .collect())
+            let rules = match &schema {
+                Some(schema) => Rules::Schema {
+                    schema,
+                    key_field: &policy.key_field,
+                    // The API checked a CSV header against this schema version.
+                    header_checked: format == ImportFormat::Csv,
+                },
+                None => Rules::Policy(&policy),
+            };
+            let prepared = prepare(&parsed, rules, chunk_size, checkpoint);
+            // Decided before the first chunk, the same way on every attempt: a batch that
+            // committed a chunk was not refused then and is not now.
+            let refusal = if checkpoint == 0 {
+                prepared.refusal(rules.max_error_ratio(&policy))
+            } else {
+                None
+            };
+            Ok((prepared, refusal))
         })
         .await
         .map_err(|e| Error::internal("record preparation panicked", e))??;
-        Ok(BatchRun { lease, chunks })
+        Ok(BatchRun {
+            lease,
+            prepared,
+            refusal,
+        })
     }
 
     /// Commits the next chunk; the last one completes the batch in the same transaction
     /// (as does a step on a batch with no chunk left).
     pub async fn step(&self, run: &mut BatchRun) -> Result<Step> {
-        let result = match run.chunks.front() {
-            Some(chunk) if run.chunks.len() == 1 => {
+        if let Some(reason) = &run.refusal {
+            self.db
+                .refuse_batch(&run.lease, &run.prepared, reason)
+                .await?;
+            return Ok(Step::Refused(reason.clone()));
+        }
+        let chunks = &mut run.prepared.chunks;
+        let result = match chunks.front() {
+            Some(chunk) if chunks.len() == 1 => {
                 let done = self.db.commit_last_chunk(&run.lease, chunk).await?;
-                run.chunks.pop_front();
+                chunks.pop_front();
                 return Ok(Step::Completed(done));
             }
             Some(chunk) => {
@@ -370,7 +406,7 @@ impl Worker {
                 return Ok(Step::Completed(done));
             }
         };
-        run.chunks.pop_front();
+        chunks.pop_front();
         Ok(result)
     }
 
@@ -436,6 +472,7 @@ impl Worker {
             Outcome::Completed(_) => LiveKind::BatchCompleted,
             Outcome::Retrying { .. } => LiveKind::BatchFailed,
             Outcome::Dead => LiveKind::BatchDead,
+            Outcome::Refused => LiveKind::BatchRejected,
             Outcome::Released => LiveKind::BatchReady,
             // Another worker holds the batch now and announces what it does with it.
             Outcome::LeaseLost => return,
@@ -476,6 +513,10 @@ impl Worker {
                         "batch completed"
                     );
                     return Ok(Outcome::Completed(done));
+                }
+                Ok(Step::Refused(reason)) => {
+                    tracing::info!(%reason, "batch refused: too many records refused");
+                    return Ok(Outcome::Refused);
                 }
                 Err(e) => return self.lease_error(&run.lease, e),
             }
@@ -689,6 +730,7 @@ fn record_outcome(outcome: &Outcome, lease: &Lease, claimed: std::time::Instant)
         }
         Outcome::Retrying { .. } => "retrying",
         Outcome::Dead => "dead",
+        Outcome::Refused => "refused",
         Outcome::Released => "released",
         Outcome::LeaseLost => "lease_lost",
     };

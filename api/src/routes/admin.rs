@@ -240,7 +240,7 @@ fn object<T: DeserializeOwned>(value: Value) -> ApiResult<T> {
 }
 
 /// axum's refusal of a JSON body (its status: 400, 413, 415 or 422) as a JSON error.
-fn invalid_body(e: JsonRejection) -> ApiError {
+pub(super) fn invalid_body(e: JsonRejection) -> ApiError {
     ApiError::new(e.status(), "invalid_body", e.body_text())
 }
 
@@ -493,7 +493,7 @@ fn bad<E: std::fmt::Display>(code: &'static str) -> impl Fn(E) -> ApiError {
 
 /// A committed change whose cache invalidation could not be broadcast is answered 503, so
 /// the operator retries (which is harmless) instead of trusting a change not yet in force.
-fn announced(result: Result<(), dataflow_platform::Error>) -> ApiResult<()> {
+pub(super) fn announced(result: Result<(), dataflow_platform::Error>) -> ApiResult<()> {
     result.map_err(|e| {
         tracing::error!(error = %e, "cache invalidation failed");
         ApiError::unavailable(

@@ -18,7 +18,7 @@ use dataflow_contracts::http::{
 use dataflow_contracts::jobs::WebhookSecret;
 use dataflow_contracts::{BatchId, BatchStatus};
 use dataflow_platform::effects::{report, webhook};
-use dataflow_platform::ledger::Db;
+use dataflow_platform::ledger::{Db, ErrorCursor};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
@@ -148,8 +148,14 @@ async fn errors(
     if db.get_batch(Some(&p.client.id), &id).await?.is_none() {
         return Err(ApiError::not_found());
     }
+    let after = match q.cursor.as_deref() {
+        Some(c) => c
+            .parse::<ErrorCursor>()
+            .map_err(|e| ApiError::bad_request("invalid_cursor", e))?,
+        None => ErrorCursor::default(),
+    };
     Ok(Json(
-        db.list_record_errors(&id, q.cursor.unwrap_or(0), page_limit(q.limit)?)
+        db.list_record_errors(&id, after, page_limit(q.limit)?)
             .await?,
     ))
 }
@@ -228,7 +234,7 @@ pub(crate) async fn rejected_rows_csv(db: Db, id: BatchId) -> ApiResult<Response
         return Ok((headers, csv).into_response());
     }
     // (cursor, first page?) until a page comes back without a next cursor.
-    let pages = futures::stream::unfold(Some((0u64, true)), move |state| {
+    let pages = futures::stream::unfold(Some((ErrorCursor::default(), true)), move |state| {
         let (db, id) = (db.clone(), id.clone());
         async move {
             let (after, first) = state?;

@@ -14,6 +14,7 @@ use axum::response::{IntoResponse, Response};
 use dataflow_contracts::http::{ErrorBody, ImportView};
 use dataflow_contracts::live::LiveKind;
 use dataflow_contracts::{BatchId, ClientId, ImportFormat, ImportId};
+use dataflow_platform::domain::prepare::{Rules, header_errors};
 use dataflow_platform::domain::records::{self, Limits};
 use dataflow_platform::guards::dedup::DedupClaim;
 use dataflow_platform::ledger::{IdempotencyClaim, IdempotencyStart, NewImport, SubmitOutcome};
@@ -314,15 +315,39 @@ async fn decide(
             .await
             .map_err(|e| dataflow_platform::Error::internal("validating the records", e))??;
     if let Some(columns) = &summary.columns {
-        let missing = std::iter::once(&policy.key_field)
-            .chain(&policy.required_fields)
-            .find(|f| !columns.contains(f));
-        if let Some(field) = missing {
+        let schema = match &p.client.schema {
+            Some(s) => Some(
+                state
+                    .schemas
+                    .get(&p.client.id, s.version, &s.document)
+                    .map_err(|e| {
+                        dataflow_platform::Error::stored(format!(
+                            "schema version {}: {e}",
+                            s.version
+                        ))
+                    })?,
+            ),
+            None => None,
+        };
+        let rules = match &schema {
+            Some(schema) => Rules::Schema {
+                schema,
+                key_field: &policy.key_field,
+                header_checked: false,
+            },
+            None => Rules::Policy(policy),
+        };
+        let errors = header_errors(rules, columns);
+        if let Some(first) = errors.first() {
+            // Each detail names its column.
+            let detail = errors
+                .iter()
+                .map(|e| e.detail.as_str())
+                .collect::<Vec<_>>()
+                .join("; ");
             return Err(ApiError::unprocessable(
-                "missing_column",
-                format!(
-                    "line 1: the header has no column `{field}`, which this client's policy requires"
-                ),
+                &first.code,
+                format!("line 1: {detail}"),
             ));
         }
     }
@@ -333,6 +358,7 @@ async fn decide(
         records: summary.records,
         checksum,
         policy,
+        schema_version: p.client.schema.as_ref().map(|s| s.version),
         idempotency,
     };
     let outcome = db.submit_import(&new).await?;

@@ -6,6 +6,7 @@ pub mod client;
 pub mod health;
 pub mod imports;
 pub mod metrics;
+pub mod schemas;
 pub mod summaries;
 
 use std::str::FromStr;

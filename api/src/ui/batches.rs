@@ -10,7 +10,7 @@ use axum::extract::{Path, Query, State};
 use axum::response::{IntoResponse, Redirect, Response};
 use dataflow_contracts::http::BatchView;
 use dataflow_contracts::{BatchId, BatchStatus, ClientId};
-use dataflow_platform::ledger::BatchFilter;
+use dataflow_platform::ledger::{BatchFilter, ErrorCursor};
 use maud::{Markup, html};
 use serde::Deserialize;
 
@@ -196,8 +196,8 @@ fn transitions(op: &Operator, b: &BatchView, back: &str) -> Markup {
 
 #[derive(Deserialize, Default)]
 pub struct DetailQuery {
-    /// Row errors after this line.
-    after: Option<u64>,
+    /// Row errors after this one (`LINE.POSITION`).
+    after: Option<String>,
 }
 
 pub async fn detail(
@@ -214,7 +214,12 @@ pub async fn detail(
         .get_batch(None, &id)
         .await?
         .ok_or_else(ApiError::not_found)?;
-    let after = q.after.unwrap_or(0);
+    let after = match q.after.as_deref() {
+        Some(c) => c
+            .parse::<ErrorCursor>()
+            .map_err(|e| ApiError::bad_request("invalid_cursor", e))?,
+        None => ErrorCursor::default(),
+    };
     let errors = db.list_record_errors(&id, after, PAGE).await?;
     let by_code = db.record_error_counts(&id).await?;
     let events = db.batch_events(id.as_str()).await?;

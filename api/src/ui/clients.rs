@@ -71,13 +71,18 @@ pub async fn page(
                 (layout::empty("No client yet. Create one with `dataflow clients create NAME` or POST /admin/clients."))
             } @else {
                 table {
-                    thead { tr { th { "Client" } th { "State" } th { "Policy" } th { "Keys" } th { "Created" } } }
+                    thead { tr { th { "Client" } th { "State" } th { "Policy" } th { "Schema" } th { "Keys" } th { "Created" } } }
                     tbody {
                         @for (c, ks) in shown.iter().zip(&keys) {
                             tr data-client=(c.id) {
                                 td { strong { (c.name) } br; span.mono.muted { (c.id) } }
                                 td { @if c.active { (layout::status("active")) } @else { (layout::status("inactive")) } }
                                 td { (policy(c)) }
+                                td {
+                                    a href=(format!("/ui/clients/{}/schema", c.id)) {
+                                        @match &c.schema { Some(s) => { "version " (s.version) }, None => { "none" } }
+                                    }
+                                }
                                 td {
                                     @if ks.is_empty() { span.muted { "no key" } }
                                     ul.keys {

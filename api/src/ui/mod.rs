@@ -9,7 +9,7 @@
 //! - [`actions`]: the one endpoint dashboard forms post to, and the action log;
 //! - [`events`]: live updates over SSE;
 //! - one module per page: [`overview`], [`batches`], [`queues`], [`workers`], [`dead`],
-//!   [`clients`];
+//!   [`clients`], [`schema`] (a client's schema and its versions);
 //! - [`layout`]: the page shell and view helpers; [`form`]: form bodies;
 //!   [`errors`]: error answers as pages; [`assets`]: the stylesheet and script.
 
@@ -25,6 +25,7 @@ mod form;
 mod layout;
 mod overview;
 mod queues;
+mod schema;
 mod session;
 mod workers;
 
@@ -50,6 +51,7 @@ pub fn router(state: AppState) -> Router<AppState> {
         .route("/workers", get(workers::page))
         .route("/dead", get(dead::page))
         .route("/clients", get(clients::page))
+        .route("/clients/{id}/schema", get(schema::page))
         .route("/actions", get(actions::log).post(actions::perform))
         .route("/events", get(events::stream))
         .route("/logout", post(session::logout))

@@ -49,6 +49,8 @@ pub struct FieldError {
     pub field: String,
     pub code: &'static str,
     pub detail: String,
+    /// The offending value as it came (shortened), when a cell was refused.
+    pub value: Option<String>,
 }
 
 /// A record once checked: its typed cells in the schema's order (then the columns kept
@@ -328,6 +330,7 @@ impl Schema {
                     field: field.name.clone(),
                     code: "missing_field",
                     detail: format!("no column for the required field `{}`", field.name),
+                    value: None,
                 });
             }
         }
@@ -337,6 +340,7 @@ impl Schema {
                     field: (*label).to_owned(),
                     code: "unknown_field",
                     detail: format!("no field of the schema is named `{}`", truncated(label)),
+                    value: None,
                 });
             }
         }
@@ -363,6 +367,10 @@ impl Schema {
                     field: field.name.clone(),
                     code: e.code,
                     detail: e.detail,
+                    value: Some(match raw {
+                        Value::String(s) => truncated(s),
+                        other => truncated(&other.to_string()),
+                    }),
                 }),
             }
         }
@@ -381,6 +389,32 @@ impl Schema {
         check
     }
 
+    /// Everything the server checks of one record: its cells ([`Schema::check_row`]), its
+    /// `unique` values against the records before it, and, unless the file's header was
+    /// checked once for all its records (CSV), its own keys as columns (NDJSON, where each
+    /// record names its fields). A required field reported missing as a column is not
+    /// reported again as an empty cell.
+    pub fn check_record(
+        &self,
+        record: &serde_json::Map<String, Value>,
+        header_checked: bool,
+        seen: &mut Seen,
+    ) -> RowCheck {
+        let mut row = self.check_row(record);
+        self.check_unique(&mut row, seen);
+        if !header_checked {
+            let columns = self.check_columns(record.keys().map(String::as_str));
+            row.errors.retain(|e| {
+                e.code != "constraint.required"
+                    || !columns
+                        .iter()
+                        .any(|c| c.code == "missing_field" && c.field == e.field)
+            });
+            row.errors.extend(columns);
+        }
+        row
+    }
+
     /// Checks the `unique` fields of a checked row against the rows before it: a value seen
     /// already is `constraint.unique` (a missing value never is).
     pub fn check_unique(&self, row: &mut RowCheck, seen: &mut Seen) {
@@ -391,12 +425,17 @@ impl Schema {
                 .find(|(name, cell)| name == &field.name && *cell != Cell::Null)
                 .map(|(_, cell)| cell.to_json());
             if let Some(value) = value
-                && !seen.0.entry(field.name.clone()).or_default().insert(value)
+                && !seen
+                    .0
+                    .entry(field.name.clone())
+                    .or_default()
+                    .insert(value.clone())
             {
                 row.errors.push(FieldError {
                     field: field.name.clone(),
                     code: "constraint.unique",
                     detail: "an earlier record has the same value".into(),
+                    value: Some(truncated(&value)),
                 });
             }
         }

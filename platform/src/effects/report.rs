@@ -11,7 +11,7 @@ use dataflow_contracts::http::{BatchReport, BatchView, RecordErrorView};
 use crate::Result;
 use crate::ledger::Db;
 
-pub const HEADER: [&str; 4] = ["line", "field", "code", "detail"];
+pub const HEADER: [&str; 5] = ["line", "field", "code", "detail", "value"];
 
 /// CSV text for `rows`, with the header row first when `header` is set.
 pub fn rejected_rows_csv(rows: &[RecordErrorView], header: bool) -> Vec<u8> {
@@ -28,6 +28,7 @@ pub fn rejected_rows_csv(rows: &[RecordErrorView], header: bool) -> Vec<u8> {
             &safe_cell(field),
             &safe_cell(&r.code),
             &safe_cell(&r.detail),
+            &safe_cell(r.value.as_deref().unwrap_or("")),
         ]);
     }
     w.into_inner().unwrap_or_default()
@@ -67,15 +68,17 @@ pub async fn rejected_csv_within(
     }
     let batch = &batch.id;
     let mut out = Vec::new();
-    let mut after = 0;
+    let mut after = None;
     loop {
-        let page = db.list_record_errors(batch, after, PAGE).await?;
-        out.extend(rejected_rows_csv(&page.items, after == 0));
+        let page = db
+            .list_record_errors(batch, after.unwrap_or_default(), PAGE)
+            .await?;
+        out.extend(rejected_rows_csv(&page.items, after.is_none()));
         if out.len() > max_bytes {
             return Ok(None);
         }
         match page.next_cursor.and_then(|c| c.parse().ok()) {
-            Some(next) => after = next,
+            Some(next) => after = Some(next),
             None => return Ok(Some(out)),
         }
     }
@@ -101,11 +104,12 @@ mod tests {
             field: Some("=HYPERLINK(\"x\")".into()),
             code: "missing_key".into(),
             detail: "@SUM(1,2), \"quoted\"".into(),
+            value: Some("+cmd|' /C calc'!A0".into()),
         }];
         let text = String::from_utf8(rejected_rows_csv(&rows, true)).unwrap();
         assert_eq!(
             text,
-            "line,field,code,detail\n7,\"'=HYPERLINK(\"\"x\"\")\",missing_key,\"'@SUM(1,2), \"\"quoted\"\"\"\n"
+            "line,field,code,detail,value\n7,\"'=HYPERLINK(\"\"x\"\")\",missing_key,\"'@SUM(1,2), \"\"quoted\"\"\",'+cmd|' /C calc'!A0\n"
         );
         assert_eq!(safe_cell("plain"), "plain");
         assert_eq!(safe_cell("-1"), "'-1");

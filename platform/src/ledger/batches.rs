@@ -9,16 +9,16 @@ use dataflow_contracts::events::{
     BatchCompleted, BatchDead, BatchFailed, BatchReady, BatchRejected, Envelope, Event,
 };
 use dataflow_contracts::http::{
-    BatchPage, BatchView, RecordErrorPage, RecordErrorView, RecordView,
+    BatchPage, BatchView, RecordData, RecordErrorPage, RecordErrorView, RecordView,
 };
 use dataflow_contracts::time::rfc3339;
 use dataflow_contracts::{BatchId, BatchStatus, ClientId, ImportFormat, ImportId, Policy};
 use sqlx::Row;
 use sqlx::any::AnyRow;
 
-use super::clients::{parse_id, parse_policy};
+use super::clients::{StoredSchema, parse_id, parse_policy};
 use super::{Db, Dialect, Tx, count, json_list, split_page};
-use crate::domain::prepare::{Chunk, RecordRow};
+use crate::domain::prepare::{Chunk, Prepared, RecordRow, RowError};
 use crate::{Error, Result};
 
 /// A batch a claim may take: ready and due, or held under a lease that expired.
@@ -75,14 +75,17 @@ macro_rules! take_lease {
                  started_at = COALESCE(started_at, {now}), updated_at = {now} WHERE ",
             $where,
             " RETURNING id, client_id, import_id, accepted_seq, lease_epoch, attempts, takeovers, \
-              took_over, checkpoint, records_total, format, policy, {now} - created_at AS waited_ms"
+              took_over, checkpoint, records_total, format, policy, {now} - created_at AS waited_ms, \
+              schema_version, (SELECT document FROM client_schemas s \
+                WHERE s.client_id = batches.client_id AND s.version = batches.schema_version) \
+                AS schema_document"
         )
     };
 }
 
 pub(super) const BATCH_COLUMNS: &str = "id, import_id, status, records_total, checkpoint, records_written, \
      records_unchanged, records_superseded, records_failed, attempts, takeovers, last_error, \
-     created_at, started_at, completed_at";
+     created_at, started_at, completed_at, schema_version";
 
 /// A held lease: the right to write to one batch while `epoch` is current.
 #[derive(Debug, Clone)]
@@ -107,6 +110,8 @@ pub struct Lease {
     pub format: ImportFormat,
     /// The policy in force when the import was accepted.
     pub policy: Policy,
+    /// The client's schema when the import was accepted, if it had one.
+    pub schema: Option<StoredSchema>,
     /// From the batch's creation to this claim, by the ledger's clock.
     pub waited_ms: u64,
 }
@@ -273,28 +278,43 @@ impl Db {
             result.written = written;
             result.unchanged += records - written - result.superseded;
         }
-        if !chunk.errors.is_empty() {
-            let sql = self.sql(match self.dialect {
-                Dialect::Postgres => {
-                    "INSERT INTO record_errors (batch_id, line, field, code, detail) \
-                     SELECT $1, r.line, r.field, r.code, r.detail \
-                     FROM json_to_recordset($2::json) AS r(line bigint, field text, code text, detail text) \
-                     ON CONFLICT (batch_id, line) DO NOTHING"
-                }
-                Dialect::Sqlite => {
-                    "INSERT INTO record_errors (batch_id, line, field, code, detail) \
-                     SELECT $1, value ->> 'line', value ->> 'field', value ->> 'code', value ->> 'detail' \
-                     FROM json_each($2) WHERE true \
-                     ON CONFLICT (batch_id, line) DO NOTHING"
-                }
-            });
-            sqlx::query(sql)
+        self.write_errors(tx, lease, &chunk.errors).await?;
+        Ok(result)
+    }
+
+    /// Row errors inside `tx`.
+    async fn write_errors<'a>(
+        &self,
+        tx: &mut Tx,
+        lease: &Lease,
+        errors: impl IntoIterator<Item = &'a RowError>,
+    ) -> Result<()> {
+        let template = match self.dialect {
+            Dialect::Postgres => {
+                "INSERT INTO record_errors (batch_id, line, position, field, code, detail, value) \
+                 SELECT $1, r.line, r.position, r.field, r.code, r.detail, r.value \
+                 FROM json_to_recordset($2::json) \
+                   AS r(line bigint, position integer, field text, code text, detail text, value text) \
+                 ON CONFLICT (batch_id, line, position) DO NOTHING"
+            }
+            Dialect::Sqlite => {
+                "INSERT INTO record_errors (batch_id, line, position, field, code, detail, value) \
+                 SELECT $1, value ->> 'line', value ->> 'position', value ->> 'field', \
+                        value ->> 'code', value ->> 'detail', value ->> 'value' \
+                 FROM json_each($2) WHERE true \
+                 ON CONFLICT (batch_id, line, position) DO NOTHING"
+            }
+        };
+        // Bounded pages: a refused batch writes every error of its file at once.
+        let errors: Vec<&RowError> = errors.into_iter().collect();
+        for page in errors.chunks(10_000) {
+            sqlx::query(self.sql(template))
                 .bind(lease.batch_id.as_str())
-                .bind(serde_json::to_string(&chunk.errors).unwrap_or_default())
+                .bind(serde_json::to_string(page).unwrap_or_default())
                 .execute(&mut **tx)
                 .await?;
         }
-        Ok(result)
+        Ok(())
     }
 
     /// Upserts `records` under [`take_newer!`]: how many it inserted or updated, and how
@@ -313,7 +333,7 @@ impl Db {
             Dialect::Postgres => concat!(
                 "WITH up AS (INSERT INTO records \
                    (client_id, record_key, data, checksum, batch_id, accepted_seq, updated_at) \
-                 SELECT $1, r.k, r.d::text, r.c, $2, $4, {now} \
+                 SELECT $1, r.k, r.d::jsonb, r.c, $2, $4, {now} \
                  FROM json_to_recordset($3::json) AS r(k text, d json, c text) ",
                 take_newer!(),
                 ") SELECT COUNT(*) AS touched, \
@@ -398,7 +418,7 @@ impl Db {
             .bind(chunk.checkpoint as i64)
             .bind(result.written as i64)
             .bind(result.unchanged as i64)
-            .bind(chunk.errors.len() as i64)
+            .bind(chunk.failed as i64)
             .bind(lease_ms)
             .bind(result.superseded as i64)
             .execute(&mut **tx)
@@ -437,11 +457,7 @@ impl Db {
             client_policy!()
         ));
         let (checkpoint, result, failed) = match last {
-            Some((chunk, result)) => (
-                Some(chunk.checkpoint as i64),
-                result,
-                chunk.errors.len() as i64,
-            ),
+            Some((chunk, result)) => (Some(chunk.checkpoint as i64), result, chunk.failed as i64),
             None => (None, ChunkResult::default(), 0),
         };
         let Some(row) = sqlx::query(sql)
@@ -470,6 +486,49 @@ impl Db {
         let event = Event::BatchCompleted(done.clone());
         self.announce(tx, lease, completed_at, event, &row).await?;
         Ok(done)
+    }
+
+    /// Ends a batch whose file has more refused records than its error threshold allows,
+    /// in one transaction under the fence: no record is written, every row error is (the
+    /// report lists them), and the batch is `rejected` (`too_many_errors`) with its event.
+    /// Readers never see a record of it: it wrote none, on this attempt or any other (the
+    /// decision is the same on every attempt, and is taken before the first chunk).
+    pub async fn refuse_batch(
+        &self,
+        lease: &Lease,
+        prepared: &Prepared,
+        reason: &str,
+    ) -> Result<()> {
+        let mut tx = self.begin_write().await?;
+        let refused = async {
+            self.write_errors(&mut tx, lease, prepared.errors()).await?;
+            let sql = self.sql(concat!(
+                "UPDATE batches SET status = 'rejected', completed_at = {now}, updated_at = {now}, \
+                     lease_owner = NULL, lease_expires_at = NULL, last_error = $3, \
+                     checkpoint = records_total, records_failed = $4 \
+                 WHERE id = $1 AND lease_epoch = $2 AND status = 'processing' \
+                 RETURNING updated_at, ",
+                client_policy!()
+            ));
+            let Some(row) = sqlx::query(sql)
+                .bind(lease.batch_id.as_str())
+                .bind(lease.epoch)
+                .bind(reason)
+                .bind(prepared.failed as i64)
+                .fetch_optional(&mut *tx)
+                .await?
+            else {
+                return Err(fence_rejected(lease));
+            };
+            let event = Event::BatchRejected(BatchRejected {
+                reason: reason.to_owned(),
+                code: Some(BatchRejected::TOO_MANY_ERRORS.into()),
+            });
+            self.announce(&mut tx, lease, row.try_get("updated_at")?, event, &row)
+                .await
+        }
+        .await;
+        tx.end(refused).await
     }
 
     /// Ends a failed attempt: back to `ready` after `backoff_ms`, or `dead` once the
@@ -610,7 +669,10 @@ impl Db {
         let now: i64 = row.try_get("updated_at")?;
         let event = match action {
             BatchAction::Reject { reason } | BatchAction::Discard { reason } => {
-                Event::BatchRejected(BatchRejected { reason })
+                Event::BatchRejected(BatchRejected {
+                    reason,
+                    code: Some(BatchRejected::BY_OPERATOR.into()),
+                })
             }
             BatchAction::Approve | BatchAction::Retry => {
                 Event::BatchReady(BatchReady { import_id })
@@ -673,35 +735,47 @@ impl Db {
         Ok(BatchPage { items, next_cursor })
     }
 
-    /// A batch's row errors by line, after `after_line`.
+    /// A batch's row errors in file order (a record's errors in the order it had them),
+    /// after `after`.
     pub async fn list_record_errors(
         &self,
         batch: &BatchId,
-        after_line: u64,
+        after: ErrorCursor,
         limit: u32,
     ) -> Result<RecordErrorPage> {
-        let rows = sqlx::query(
-            "SELECT line, field, code, detail FROM record_errors \
-             WHERE batch_id = $1 AND line > $2 ORDER BY line LIMIT $3",
+        let rows = sqlx::query_as::<_, RecordErrorColumns>(
+            "SELECT line, position, field, code, detail, value FROM record_errors \
+             WHERE batch_id = $1 AND (line > $2 OR (line = $2 AND position > $3)) \
+             ORDER BY line, position LIMIT $4",
         )
         .bind(batch.as_str())
-        .bind(i64::try_from(after_line).unwrap_or(i64::MAX))
+        .bind(i64::try_from(after.line).unwrap_or(i64::MAX))
+        .bind(after.position)
         .bind(i64::from(limit) + 1)
         .fetch_all(self.pool())
         .await?;
-        let items = rows
-            .iter()
+        let items: Vec<(ErrorCursor, RecordErrorView)> = rows
+            .into_iter()
             .map(|r| {
-                Ok(RecordErrorView {
-                    line: count(r.try_get("line")?),
-                    field: r.try_get("field")?,
-                    code: r.try_get("code")?,
-                    detail: r.try_get("detail")?,
-                })
+                let at = ErrorCursor {
+                    line: count(r.line),
+                    position: r.position,
+                };
+                let view = RecordErrorView {
+                    line: at.line,
+                    field: r.field,
+                    code: r.code,
+                    detail: r.detail,
+                    value: r.value,
+                };
+                (at, view)
             })
-            .collect::<Result<Vec<_>>>()?;
-        let (items, next_cursor) = split_page(items, limit, |e| e.line.to_string());
-        Ok(RecordErrorPage { items, next_cursor })
+            .collect();
+        let (items, next_cursor) = split_page(items, limit, |(at, _)| at.to_string());
+        Ok(RecordErrorPage {
+            items: items.into_iter().map(|(_, view)| view).collect(),
+            next_cursor,
+        })
     }
 
     /// Row errors per code, for a batch's report.
@@ -720,8 +794,8 @@ impl Db {
     /// One stored record of a client.
     pub async fn get_record(&self, client: &ClientId, key: &str) -> Result<Option<RecordView>> {
         let row = sqlx::query(
-            "SELECT record_key, data, checksum, batch_id, updated_at FROM records \
-             WHERE client_id = $1 AND record_key = $2",
+            "SELECT record_key, CAST(data AS TEXT) AS data, checksum, batch_id, updated_at \
+             FROM records WHERE client_id = $1 AND record_key = $2",
         )
         .bind(client.as_str())
         .bind(key)
@@ -731,8 +805,10 @@ impl Db {
             let data: String = r.try_get("data")?;
             Ok(RecordView {
                 key: r.try_get("record_key")?,
-                data: serde_json::from_str(&data)
-                    .map_err(|e| Error::internal("a stored record is not JSON", e))?,
+                data: RecordData(
+                    serde_json::value::RawValue::from_string(data)
+                        .map_err(|e| Error::internal("a stored record is not JSON", e))?,
+                ),
                 checksum: r.try_get("checksum")?,
                 batch_id: parse_id(r.try_get("batch_id")?)?,
                 updated_at: rfc3339(r.try_get("updated_at")?),
@@ -756,6 +832,46 @@ impl Db {
             })
             .collect()
     }
+}
+
+/// Where a page of row errors starts: after this error (`line` alone: after the line).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ErrorCursor {
+    pub line: u64,
+    pub position: i64,
+}
+
+impl std::fmt::Display for ErrorCursor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}.{}", self.line, self.position)
+    }
+}
+
+impl std::str::FromStr for ErrorCursor {
+    type Err = String;
+
+    /// `LINE.POSITION`, or `LINE` for every error of the lines after it.
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        let bad = || format!("cursor `{s}` is not one this API gave out");
+        let (line, position) = match s.split_once('.') {
+            Some((l, p)) => (l, p.parse().map_err(|_| bad())?),
+            None => (s, i64::MAX),
+        };
+        Ok(ErrorCursor {
+            line: line.parse().map_err(|_| bad())?,
+            position,
+        })
+    }
+}
+
+#[derive(sqlx::FromRow)]
+struct RecordErrorColumns {
+    line: i64,
+    position: i64,
+    field: Option<String>,
+    code: String,
+    detail: String,
+    value: Option<String>,
 }
 
 /// What an operator can do to a batch.
@@ -795,6 +911,8 @@ struct LeaseColumns {
     format: String,
     policy: String,
     waited_ms: i64,
+    schema_version: Option<i64>,
+    schema_document: Option<String>,
 }
 
 impl LeaseColumns {
@@ -814,6 +932,18 @@ impl LeaseColumns {
             format: self.format.parse().map_err(Error::stored)?,
             policy: parse_policy(&self.policy)?,
             waited_ms: count(self.waited_ms),
+            schema: match (self.schema_version, self.schema_document) {
+                (Some(version), Some(document)) => Some(StoredSchema {
+                    version: count(version),
+                    document,
+                }),
+                (Some(version), None) => {
+                    return Err(Error::stored(format!(
+                        "the batch's schema version {version} is not stored"
+                    )));
+                }
+                _ => None,
+            },
         })
     }
 }
@@ -836,6 +966,7 @@ pub(super) struct BatchColumns {
     created_at: i64,
     started_at: Option<i64>,
     completed_at: Option<i64>,
+    schema_version: Option<i64>,
 }
 
 impl BatchColumns {
@@ -861,6 +992,7 @@ impl BatchColumns {
                 (Some(s), Some(c)) if status == BatchStatus::Completed => Some(count(c - s)),
                 _ => None,
             },
+            schema_version: self.schema_version.map(count),
         })
     }
 }

@@ -6,7 +6,7 @@ use dataflow_contracts::{ClientId, Policy};
 use serde::{Deserialize, Serialize};
 use sqlx::Row;
 
-use super::{Db, flag};
+use super::{Db, count, flag};
 use crate::{Error, Result};
 
 /// What authentication needs to know about a key.
@@ -26,6 +26,17 @@ pub struct ClientRecord {
     pub active: bool,
     pub policy: Policy,
     pub created_at: i64,
+    /// The schema new imports are checked with, if the client has one. (A default, so that
+    /// copies cached before schemas existed still read.)
+    #[serde(default)]
+    pub schema: Option<StoredSchema>,
+}
+
+/// One version of a client's schema as stored: the document as it was set.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredSchema {
+    pub version: u64,
+    pub document: String,
 }
 
 impl ClientRecord {
@@ -36,28 +47,43 @@ impl ClientRecord {
             active: self.active,
             created_at: rfc3339(self.created_at),
             policy: self.policy.clone(),
+            schema_version: self.schema.as_ref().map(|s| s.version),
         }
     }
 }
 
+/// A client's columns, with its current schema's document beside its version.
+pub(super) const CLIENT_COLUMNS: &str = "id, name, active, policy, created_at, schema_version, \
+     (SELECT document FROM client_schemas s \
+      WHERE s.client_id = clients.id AND s.version = clients.schema_version) AS schema_document";
+
 /// A client's row as the ledger returns it, before its values are parsed.
 #[derive(sqlx::FromRow)]
-struct ClientColumns {
+pub(super) struct ClientColumns {
     id: String,
     name: String,
     active: i64,
     policy: String,
     created_at: i64,
+    schema_version: Option<i64>,
+    schema_document: Option<String>,
 }
 
 impl ClientColumns {
-    fn parse(self) -> Result<ClientRecord> {
+    pub(super) fn parse(self) -> Result<ClientRecord> {
         Ok(ClientRecord {
             id: parse_id(self.id)?,
             name: self.name,
             active: flag(self.active),
             policy: parse_policy(&self.policy)?,
             created_at: self.created_at,
+            schema: match (self.schema_version, self.schema_document) {
+                (Some(version), Some(document)) => Some(StoredSchema {
+                    version: count(version),
+                    document,
+                }),
+                _ => None,
+            },
         })
     }
 }
@@ -89,10 +115,10 @@ impl Db {
         let name = trimmed;
         policy.validate().map_err(Error::Invalid)?;
         let id = ClientId::generate();
-        let sql = self.sql(
+        let sql = self.sql(&format!(
             "INSERT INTO clients (id, name, active, policy, created_at, updated_at) \
-             VALUES ($1, $2, 1, $3, {now}, {now}) RETURNING id, name, active, policy, created_at",
-        );
+             VALUES ($1, $2, 1, $3, {{now}}, {{now}}) RETURNING {CLIENT_COLUMNS}"
+        ));
         let row = sqlx::query_as::<_, ClientColumns>(sql)
             .bind(id.as_str())
             .bind(name)
@@ -103,29 +129,29 @@ impl Db {
     }
 
     pub async fn get_client(&self, id: &ClientId) -> Result<Option<ClientRecord>> {
-        let row = sqlx::query_as::<_, ClientColumns>(
-            "SELECT id, name, active, policy, created_at FROM clients WHERE id = $1",
-        )
-        .bind(id.as_str())
-        .fetch_optional(self.pool())
-        .await?;
+        let sql = sqlx::AssertSqlSafe(format!(
+            "SELECT {CLIENT_COLUMNS} FROM clients WHERE id = $1"
+        ));
+        let row = sqlx::query_as::<_, ClientColumns>(sql)
+            .bind(id.as_str())
+            .fetch_optional(self.pool())
+            .await?;
         row.map(ClientColumns::parse).transpose()
     }
 
     pub async fn list_clients(&self) -> Result<Vec<ClientRecord>> {
-        let rows = sqlx::query_as::<_, ClientColumns>(
-            "SELECT id, name, active, policy, created_at FROM clients ORDER BY id",
-        )
-        .fetch_all(self.pool())
-        .await?;
+        let sql = sqlx::AssertSqlSafe(format!("SELECT {CLIENT_COLUMNS} FROM clients ORDER BY id"));
+        let rows = sqlx::query_as::<_, ClientColumns>(sql)
+            .fetch_all(self.pool())
+            .await?;
         rows.into_iter().map(ClientColumns::parse).collect()
     }
 
     pub async fn set_client_active(&self, id: &ClientId, active: bool) -> Result<ClientRecord> {
-        let sql = self.sql(
-            "UPDATE clients SET active = $2, updated_at = {now} WHERE id = $1 \
-             RETURNING id, name, active, policy, created_at",
-        );
+        let sql = self.sql(&format!(
+            "UPDATE clients SET active = $2, updated_at = {{now}} WHERE id = $1 \
+             RETURNING {CLIENT_COLUMNS}"
+        ));
         let row = sqlx::query_as::<_, ClientColumns>(sql)
             .bind(id.as_str())
             .bind(i64::from(active))
@@ -137,10 +163,10 @@ impl Db {
 
     pub async fn set_policy(&self, id: &ClientId, policy: &Policy) -> Result<ClientRecord> {
         policy.validate().map_err(Error::Invalid)?;
-        let sql = self.sql(
-            "UPDATE clients SET policy = $2, updated_at = {now} WHERE id = $1 \
-             RETURNING id, name, active, policy, created_at",
-        );
+        let sql = self.sql(&format!(
+            "UPDATE clients SET policy = $2, updated_at = {{now}} WHERE id = $1 \
+             RETURNING {CLIENT_COLUMNS}"
+        ));
         let row = sqlx::query_as::<_, ClientColumns>(sql)
             .bind(id.as_str())
             .bind(policy_json(policy))

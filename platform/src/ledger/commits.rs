@@ -16,7 +16,7 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
-use dataflow_contracts::events::Event;
+use dataflow_contracts::events::{BatchRejected, Event};
 use dataflow_contracts::jobs::JobKind;
 use tokio::sync::Notify;
 
@@ -58,6 +58,9 @@ pub fn kinds_for_event(event: &Event) -> Kinds {
     let webhook = Kinds::default().with(JobKind::Webhook);
     match event {
         Event::BatchCompleted(_) => webhook.with(JobKind::Report).with(JobKind::Email),
+        Event::BatchRejected(r) if r.code.as_deref() == Some(BatchRejected::TOO_MANY_ERRORS) => {
+            webhook.with(JobKind::Report).with(JobKind::Email)
+        }
         Event::BatchRejected(_) | Event::BatchDead(_) => webhook.with(JobKind::Email),
         Event::BatchCreated(_) | Event::BatchReady(_) | Event::BatchFailed(_) => webhook,
     }
@@ -300,7 +303,14 @@ mod tests {
                 error: "x".into(),
                 retry_at: "2026-12-03T00:00:00Z".into(),
             }),
-            Event::BatchRejected(BatchRejected { reason: "x".into() }),
+            Event::BatchRejected(BatchRejected {
+                reason: "x".into(),
+                code: Some(BatchRejected::TOO_MANY_ERRORS.into()),
+            }),
+            Event::BatchRejected(BatchRejected {
+                reason: "x".into(),
+                code: Some(BatchRejected::BY_OPERATOR.into()),
+            }),
             Event::BatchDead(BatchDead {
                 attempts: 1,
                 error: "x".into(),

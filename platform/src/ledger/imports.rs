@@ -22,6 +22,8 @@ pub struct NewImport<'a> {
     /// Hex SHA-256 of `body`.
     pub checksum: &'a str,
     pub policy: &'a Policy,
+    /// The version of the client's schema its records are to be checked with.
+    pub schema_version: Option<u64>,
     pub idempotency: Option<&'a IdempotencyClaim>,
 }
 
@@ -295,8 +297,8 @@ impl Db {
         let policy_json = serde_json::to_string(new.policy).unwrap_or_default();
         let batch = self.sql(
             "INSERT INTO batches (id, import_id, client_id, status, format, policy, records_total, \
-                                  accepted_seq, available_at, created_at, updated_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, {next_accepted_seq}, $8, $8, $8)",
+                                  accepted_seq, available_at, created_at, updated_at, schema_version) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, {next_accepted_seq}, $8, $8, $8, $9)",
         );
         sqlx::query(batch)
             .bind(batch_id.as_str())
@@ -307,6 +309,7 @@ impl Db {
             .bind(policy_json)
             .bind(new.records as i64)
             .bind(now)
+            .bind(new.schema_version.map(|v| v as i64))
             .execute(&mut *tx)
             .await?;
         sqlx::query(

@@ -31,11 +31,12 @@ pub mod leases;
 pub mod operator;
 pub mod outbox;
 pub mod queues;
+pub mod schemas;
 pub mod summaries;
 
 pub use actions::{ActionRecord, NewAction};
-pub use batches::{BatchAction, ChunkResult, FailOutcome, Lease};
-pub use clients::{ClientRecord, KeyRecord};
+pub use batches::{BatchAction, ChunkResult, ErrorCursor, FailOutcome, Lease};
+pub use clients::{ClientRecord, KeyRecord, StoredSchema};
 pub use commits::CommitWake;
 pub use gate::{Tx, Writer};
 pub use imports::{IdempotencyClaim, IdempotencyStart, NewImport, SubmitOutcome};

@@ -1,0 +1,144 @@
+//! Client schemas: every version kept, the current one named by `clients.schema_version`.
+//! A batch records the version it is checked with when it is accepted (see `imports`), so
+//! a schema changed while a batch waits or retries does not change how that batch reads.
+
+use dataflow_contracts::http::SchemaView;
+use dataflow_contracts::time::rfc3339;
+use dataflow_contracts::{ClientId, Policy};
+
+use super::clients::{CLIENT_COLUMNS, ClientColumns, ClientRecord, parse_policy};
+use super::{Db, count};
+use crate::domain::schema::{Schema, UnknownFields};
+use crate::{Error, Result};
+
+/// A schema document larger than this is not one anybody writes by hand or by tool.
+pub const MAX_SCHEMA_BYTES: usize = 1024 * 1024;
+
+/// A stored version's row.
+#[derive(sqlx::FromRow)]
+struct SchemaColumns {
+    version: i64,
+    document: String,
+    created_at: i64,
+    current: i64,
+}
+
+impl SchemaColumns {
+    fn view(self, client: &ClientId) -> Result<SchemaView> {
+        Ok(SchemaView {
+            client_id: client.clone(),
+            version: count(self.version),
+            current: self.current != 0,
+            created_at: rfc3339(self.created_at),
+            schema: serde_json::from_str(&self.document)
+                .map_err(|e| Error::internal("a stored schema is not JSON", e))?,
+        })
+    }
+}
+
+/// Checks a schema document as a client's next version: one DataFlow can use, that
+/// identifies records (a `primaryKey`, or a field named like the policy's key field).
+/// The message names the property at fault.
+pub fn check(document: &str, policy: &Policy) -> Result<Schema> {
+    if document.len() > MAX_SCHEMA_BYTES {
+        return Err(Error::Invalid(format!(
+            "schema: larger than {MAX_SCHEMA_BYTES} bytes"
+        )));
+    }
+    let schema = Schema::parse(document).map_err(|e| Error::Invalid(e.to_string()))?;
+    let keyed = !schema.primary_key.is_empty()
+        || schema.fields.iter().any(|f| f.name == policy.key_field)
+        || schema.unknown_fields == UnknownFields::Keep;
+    if !keyed {
+        return Err(Error::Invalid(format!(
+            "primaryKey: the schema names no primary key and has no field `{}` (the policy's \
+             key_field), so its records could not be told apart; add \"primaryKey\"",
+            policy.key_field
+        )));
+    }
+    Ok(schema)
+}
+
+impl Db {
+    /// Stores `document` as the next version of `client`'s schema and makes it current.
+    pub async fn set_schema(&self, client: &ClientId, document: &str) -> Result<SchemaView> {
+        let mut tx = self.begin_write().await?;
+        let set = async {
+            // Locks the client's row, so that two changes at once take two versions.
+            let policy: Option<String> = sqlx::query_scalar(
+                self.sql("UPDATE clients SET updated_at = {now} WHERE id = $1 RETURNING policy"),
+            )
+            .bind(client.as_str())
+            .fetch_optional(&mut *tx)
+            .await?;
+            let policy = parse_policy(&policy.ok_or(Error::NotFound)?)?;
+            check(document, &policy)?;
+            let row = sqlx::query_as::<_, SchemaColumns>(self.sql(
+                "INSERT INTO client_schemas (client_id, version, document, created_at) \
+                 SELECT $1, COALESCE(MAX(version), 0) + 1, $2, {now} \
+                 FROM client_schemas WHERE client_id = $1 \
+                 RETURNING version, document, created_at, CAST(1 AS BIGINT) AS current",
+            ))
+            .bind(client.as_str())
+            .bind(document)
+            .fetch_one(&mut *tx)
+            .await?;
+            sqlx::query("UPDATE clients SET schema_version = $2 WHERE id = $1")
+                .bind(client.as_str())
+                .bind(row.version)
+                .execute(&mut *tx)
+                .await?;
+            row.view(client)
+        }
+        .await;
+        tx.end(set).await
+    }
+
+    /// New imports of `client` are no longer checked by a schema; its versions are kept
+    /// (batches name them).
+    pub async fn remove_schema(&self, client: &ClientId) -> Result<ClientRecord> {
+        let sql = self.sql(&format!(
+            "UPDATE clients SET schema_version = NULL, updated_at = {{now}} WHERE id = $1 \
+             RETURNING {CLIENT_COLUMNS}"
+        ));
+        let row = sqlx::query_as::<_, ClientColumns>(sql)
+            .bind(client.as_str())
+            .fetch_optional(&mut *self.writer().await?)
+            .await?
+            .ok_or(Error::NotFound)?;
+        row.parse()
+    }
+
+    /// Every version of `client`'s schema, newest first.
+    pub async fn schema_versions(&self, client: &ClientId) -> Result<Vec<SchemaView>> {
+        let rows = sqlx::query_as::<_, SchemaColumns>(
+            "SELECT s.version, s.document, s.created_at, \
+                 CAST(CASE WHEN c.schema_version = s.version THEN 1 ELSE 0 END AS BIGINT) AS current \
+             FROM client_schemas s JOIN clients c ON c.id = s.client_id \
+             WHERE s.client_id = $1 ORDER BY s.version DESC",
+        )
+        .bind(client.as_str())
+        .fetch_all(self.pool())
+        .await?;
+        rows.into_iter().map(|r| r.view(client)).collect()
+    }
+
+    /// One version of `client`'s schema, the current one when `version` is `None`.
+    pub async fn get_schema(
+        &self,
+        client: &ClientId,
+        version: Option<u64>,
+    ) -> Result<Option<SchemaView>> {
+        let row = sqlx::query_as::<_, SchemaColumns>(
+            "SELECT s.version, s.document, s.created_at, \
+                 CAST(CASE WHEN c.schema_version = s.version THEN 1 ELSE 0 END AS BIGINT) AS current \
+             FROM client_schemas s JOIN clients c ON c.id = s.client_id \
+             WHERE s.client_id = $1 AND s.version = COALESCE($2, c.schema_version)",
+        )
+        .bind(client.as_str())
+        .bind(version.map(|v| i64::try_from(v).unwrap_or(i64::MAX)))
+        .fetch_optional(self.pool())
+        .await?;
+        row.map(|r| r.view(client)).transpose()
+    }
+}

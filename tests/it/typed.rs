@@ -1,0 +1,416 @@
+//! Imports as typed data, through HTTP: a client's schema and its versions, records stored
+//! typed and normalised, row errors by cell with their values, a header that does not fit
+//! refused before anything is stored, and a batch with more refused records than its error
+//! threshold allows refused whole.
+
+use dataflow::Roles;
+use dataflow_contracts::events::Event;
+use dataflow_contracts::http::{BatchView, ClientView, RecordErrorPage, SchemaView};
+use dataflow_contracts::{BatchId, BatchStatus, ClientId};
+use dataflow_worker::{BatchClaim, Outcome, Worker};
+use reqwest::Method;
+use serde_json::{Value, json};
+
+use crate::helpers::{Backend, TestApp, backend_tests};
+use crate::ui::Ui;
+
+backend_tests!(
+    a_schema_is_versioned_and_a_batch_keeps_the_version_it_was_accepted_with,
+    records_are_stored_typed_and_each_refused_cell_is_reported,
+    a_header_that_does_not_fit_the_schema_is_refused_before_anything_is_stored,
+    a_batch_over_its_error_threshold_writes_no_record,
+    the_dashboard_shows_a_clients_schema_and_its_versions,
+);
+
+/// Products: an integer key that also answers to `SKU Code`, a price, a required email, a
+/// date, an enum and a pattern.
+fn products(kinds: &[&str]) -> Value {
+    json!({
+        "fields": [
+            {"name": "sku", "type": "integer", "aliases": ["SKU Code"]},
+            {"name": "price", "type": "number", "constraints": {"minimum": 0}},
+            {"name": "email", "type": "string", "format": "email", "constraints": {"required": true}},
+            {"name": "day", "type": "date"},
+            {"name": "kind", "constraints": {"enum": kinds}},
+            {"name": "code", "constraints": {"pattern": "[A-Z]{3}"}}
+        ],
+        "primaryKey": "sku"
+    })
+}
+
+async fn put_schema(t: &TestApp, client: &ClientId, schema: &Value) -> reqwest::Response {
+    t.admin(Method::PUT, &format!("/admin/clients/{client}/schema"))
+        .json(schema)
+        .send()
+        .await
+        .unwrap()
+}
+
+async fn set_schema(t: &TestApp, client: &ClientId, schema: &Value) -> SchemaView {
+    let resp = put_schema(t, client, schema).await;
+    assert_eq!(resp.status(), 200, "{}", resp.text().await.unwrap());
+    resp.json().await.unwrap()
+}
+
+async fn claim(w: &Worker, id: &BatchId) -> dataflow_platform::ledger::Lease {
+    match w.claim_batch(id).await.unwrap() {
+        BatchClaim::Taken(lease) => *lease,
+        other => panic!("batch {id} not taken: {other:?}"),
+    }
+}
+
+async fn process(t: &TestApp, key: &str, id: &BatchId) -> (Outcome, BatchView) {
+    let w = t.worker();
+    let outcome = w.process(claim(&w, id).await, &Default::default()).await;
+    (outcome, t.batch(key, id).await)
+}
+
+/// Every row error of a batch, page by page (`limit` per page).
+async fn all_errors(t: &TestApp, key: &str, id: &BatchId, limit: u32) -> Vec<Value> {
+    let mut errors = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let mut path = format!("/v1/batches/{id}/errors?limit={limit}");
+        if let Some(c) = &cursor {
+            path.push_str(&format!("&cursor={c}"));
+        }
+        let resp = t.get(key, &path).await;
+        assert_eq!(resp.status(), 200);
+        let page: RecordErrorPage = resp.json().await.unwrap();
+        errors.extend(
+            page.items
+                .iter()
+                .map(|e| json!([e.line, e.field, e.code, e.value])),
+        );
+        match page.next_cursor {
+            Some(c) => cursor = Some(c),
+            None => return errors,
+        }
+    }
+}
+
+async fn a_schema_is_versioned_and_a_batch_keeps_the_version_it_was_accepted_with(b: Backend) {
+    let Some(t) = TestApp::spawn_with(b, Roles::API, |_| {}).await else {
+        return;
+    };
+    let (client, key) = t.client(json!({})).await;
+
+    // Refusals name the property at fault; nothing becomes a version.
+    let look_around = json!({"fields": [{"name": "id", "constraints": {"pattern": "(?=a)"}}]});
+    let resp = put_schema(&t, &client, &look_around).await;
+    assert_eq!(resp.status(), 422);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["code"], "invalid_schema");
+    assert!(
+        body["detail"]
+            .as_str()
+            .unwrap()
+            .starts_with("fields[0].constraints.pattern"),
+        "{body}"
+    );
+    let unkeyed = json!({"fields": [{"name": "name"}]});
+    let resp = put_schema(&t, &client, &unkeyed).await;
+    assert_eq!(resp.status(), 422);
+    let body: Value = resp.json().await.unwrap();
+    assert!(
+        body["detail"].as_str().unwrap().starts_with("primaryKey"),
+        "{body}"
+    );
+    let resp = t.get(&key, "/v1/schema").await;
+    assert_eq!(resp.status(), 404);
+    assert_eq!(resp.json::<Value>().await.unwrap()["code"], "no_schema");
+
+    let v1 = set_schema(&t, &client, &products(&["a", "b"])).await;
+    assert_eq!((v1.version, v1.current), (1, true));
+    let own: SchemaView = t.get(&key, "/v1/schema").await.json().await.unwrap();
+    assert_eq!(own.schema, products(&["a", "b"]));
+
+    // Accepted under version 1, processed after version 2 allows `c`: still refused by 1.
+    let csv = "SKU Code,price,email,day,kind,code\n1,2.50,a@x.io,2026-12-06,c,ABC\n";
+    let batch = t.import(&key, "text/csv", csv).await.batch_id;
+    let v2 = set_schema(&t, &client, &products(&["a", "b", "c"])).await;
+    assert_eq!(v2.version, 2);
+    let old: SchemaView = t
+        .admin(
+            Method::GET,
+            &format!("/admin/clients/{client}/schema?version=1"),
+        )
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!((old.version, old.current), (1, false));
+    let (_, done) = process(&t, &key, &batch).await;
+    assert_eq!(done.schema_version, Some(1));
+    assert_eq!(
+        all_errors(&t, &key, &batch, 50).await,
+        [json!([2, "kind", "constraint.enum", "c"])]
+    );
+    // A new import is checked with version 2.
+    let csv2 = "sku,price,email,day,kind,code\n1,2.50,a@x.io,2026-12-06,c,ABC\n";
+    let batch2 = t.import(&key, "text/csv", csv2).await.batch_id;
+    let (_, done2) = process(&t, &key, &batch2).await;
+    assert_eq!((done2.schema_version, done2.records_written), (Some(2), 1));
+
+    // Removed: new imports are not checked; the versions stay readable.
+    let resp = t
+        .admin(Method::DELETE, &format!("/admin/clients/{client}/schema"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let view: ClientView = resp.json().await.unwrap();
+    assert_eq!(view.schema_version, None);
+    assert_eq!(t.get(&key, "/v1/schema").await.status(), 404);
+    let batch3 = t
+        .import(&key, "text/csv", "id,x\nfree,form\n")
+        .await
+        .batch_id;
+    let (_, done3) = process(&t, &key, &batch3).await;
+    assert_eq!((done3.schema_version, done3.records_written), (None, 1));
+    let resp = t
+        .admin(
+            Method::GET,
+            &format!("/admin/clients/{client}/schema?version=2"),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+}
+
+async fn records_are_stored_typed_and_each_refused_cell_is_reported(b: Backend) {
+    let Some(t) = TestApp::spawn_with(b, Roles::API, |_| {}).await else {
+        return;
+    };
+    let (client, key) = t.client(json!({})).await;
+    set_schema(&t, &client, &products(&["a", "b"])).await;
+    let csv = "SKU Code,price,email,day,kind,code\n\
+               07,1.50,a@x.io,2026-12-06,a,ABC\n\
+               8,-1,nope,2026-02-30,c,abcd\n";
+    let batch = t.import(&key, "text/csv", csv).await.batch_id;
+    let (_, done) = process(&t, &key, &batch).await;
+    assert_eq!((done.records_written, done.records_failed), (1, 1));
+
+    // Typed and normalised: the integer key as a number, the price with its digits as
+    // written, never through a float.
+    let resp = t.get(&key, "/v1/records/7").await;
+    assert_eq!(resp.status(), 200);
+    let text = resp.text().await.unwrap();
+    // (PostgreSQL's jsonb writes a space after the colon.)
+    assert!(
+        text.replace(": ", ":").contains(r#""price":1.50"#),
+        "{text}"
+    );
+    let record: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(
+        record["data"],
+        json!({"sku": 7, "price": 1.5, "email": "a@x.io", "day": "2026-12-06", "kind": "a", "code": "ABC"})
+    );
+
+    // Every refused cell of line 3, in field order, with its value; pages of two meet in
+    // the middle of the line.
+    let expected = [
+        json!([3, "price", "constraint.minimum", "-1"]),
+        json!([3, "email", "type", "nope"]),
+        json!([3, "day", "type", "2026-02-30"]),
+        json!([3, "kind", "constraint.enum", "c"]),
+        json!([3, "code", "constraint.pattern", "abcd"]),
+    ];
+    assert_eq!(all_errors(&t, &key, &batch, 2).await, expected);
+    assert_eq!(all_errors(&t, &key, &batch, 50).await, expected);
+    let resp = t
+        .get(&key, &format!("/v1/batches/{batch}/errors?cursor=x"))
+        .await;
+    assert_eq!(resp.status(), 400);
+    let report = t
+        .get(&key, &format!("/v1/batches/{batch}/report.csv"))
+        .await
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        report.starts_with("line,field,code,detail,value\n"),
+        "{report}"
+    );
+    assert!(
+        report.contains(",'-1\n"),
+        "a value a spreadsheet would run is defused: {report}"
+    );
+
+    // `7` and `07` are one integer: the same record, unchanged.
+    let again = "sku,price,email,day,kind,code\n7,1.50,a@x.io,2026-12-06,a,ABC\n";
+    let batch2 = t.import(&key, "text/csv", again).await.batch_id;
+    let (_, done2) = process(&t, &key, &batch2).await;
+    assert_eq!((done2.records_written, done2.records_unchanged), (0, 1));
+}
+
+async fn a_header_that_does_not_fit_the_schema_is_refused_before_anything_is_stored(b: Backend) {
+    let Some(t) = TestApp::spawn_with(b, Roles::API, |_| {}).await else {
+        return;
+    };
+    let (client, key) = t.client(json!({})).await;
+    set_schema(&t, &client, &products(&["a"])).await;
+    for (csv, code, names) in [
+        ("sku,price\n1,2\n", "missing_field", "`email`"),
+        (
+            "sku,email,colour\n1,a@x.io,red\n",
+            "unknown_field",
+            "`colour`",
+        ),
+    ] {
+        let resp = t.submit(&key, "text/csv", csv).send().await.unwrap();
+        assert_eq!(resp.status(), 422);
+        let body: Value = resp.json().await.unwrap();
+        assert_eq!(body["code"], code);
+        let detail = body["detail"].as_str().unwrap();
+        assert!(
+            detail.starts_with("line 1: ") && detail.contains(names),
+            "{detail}"
+        );
+    }
+    let page: Value = t.get(&key, "/v1/batches").await.json().await.unwrap();
+    assert_eq!(page["items"], json!([]), "nothing was stored");
+    // NDJSON names its fields per record: an unknown one is that record's error.
+    let ndjson =
+        "{\"sku\":1,\"email\":\"a@x.io\"}\n{\"sku\":2,\"email\":\"b@x.io\",\"colour\":\"red\"}\n";
+    let batch = t
+        .import(&key, "application/x-ndjson", ndjson)
+        .await
+        .batch_id;
+    let (_, done) = process(&t, &key, &batch).await;
+    assert_eq!((done.records_written, done.records_failed), (1, 1));
+    assert_eq!(
+        all_errors(&t, &key, &batch, 50).await,
+        [json!([2, "colour", "unknown_field", null])]
+    );
+}
+
+/// 30 records of `tag`, `bad` of them (the first ones) with a negative quantity.
+fn items(tag: &str, bad: usize) -> String {
+    let mut s = String::from("id,qty\n");
+    for i in 0..30 {
+        let qty = if i < bad { -1 } else { 1 };
+        s.push_str(&format!("{tag}-{i},{qty}\n"));
+    }
+    s
+}
+
+async fn a_batch_over_its_error_threshold_writes_no_record(b: Backend) {
+    // Chunks of 10: the refused batch would have committed its valid chunks one by one.
+    let Some(t) = TestApp::spawn_with(b, Roles::API, |_| {}).await else {
+        return;
+    };
+    let (client, key) = t.client(json!({})).await;
+    let schema = json!({
+        "fields": [{"name": "id"}, {"name": "qty", "type": "integer", "constraints": {"minimum": 0}}],
+        "primaryKey": "id",
+        "maxErrorRatio": 0.2
+    });
+    set_schema(&t, &client, &schema).await;
+
+    let over = t.import(&key, "text/csv", items("over", 10)).await.batch_id;
+    let (outcome, refused) = process(&t, &key, &over).await;
+    assert_eq!(outcome, Outcome::Refused);
+    assert_eq!(refused.status, BatchStatus::Rejected);
+    assert_eq!((refused.records_written, refused.records_failed), (0, 10));
+    let why = refused.last_error.unwrap();
+    assert!(
+        why.starts_with("10 of 30 records were refused (33.3 %)"),
+        "{why}"
+    );
+    for i in [0, 15, 29] {
+        assert!(
+            t.db.get_record(&client, &format!("over-{i}"))
+                .await
+                .unwrap()
+                .is_none(),
+            "a refused batch writes no record"
+        );
+    }
+    assert_eq!(
+        all_errors(&t, &key, &over, 500).await.len(),
+        10,
+        "every error is reported"
+    );
+    let events = t.db.batch_events(over.as_str()).await.unwrap();
+    let Some(Event::BatchRejected(rejected)) = events.last().map(|e| &e.event) else {
+        panic!("no BatchRejected: {events:?}")
+    };
+    assert_eq!(rejected.code.as_deref(), Some("too_many_errors"));
+    let report: Value = t
+        .get(&key, &format!("/v1/batches/{over}/report"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(report["errors_by_code"]["constraint.minimum"], 10);
+
+    // At or below the threshold the valid records are written, as without one.
+    let under = t.import(&key, "text/csv", items("under", 6)).await.batch_id;
+    let (_, done) = process(&t, &key, &under).await;
+    assert_eq!(done.status, BatchStatus::Completed);
+    assert_eq!((done.records_written, done.records_failed), (24, 6));
+
+    // Without a schema, the policy's threshold applies the same way.
+    let (_, strict) = t.client(json!({"max_error_ratio": 0.0})).await;
+    let one_bad = "id,qty\nx-1,1\n,2\n";
+    let batch = t.import(&strict, "text/csv", one_bad).await.batch_id;
+    let (outcome, _) = process(&t, &strict, &batch).await;
+    assert_eq!(outcome, Outcome::Refused);
+    let resp = t
+        .admin(Method::PATCH, &format!("/admin/clients/{client}/policy"))
+        .json(&json!({"max_error_ratio": 1.5}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 422, "a ratio is between 0 and 1");
+}
+
+async fn the_dashboard_shows_a_clients_schema_and_its_versions(b: Backend) {
+    let Some(t) = TestApp::spawn_with(b, Roles::API, |_| {}).await else {
+        return;
+    };
+    let (client, _) = t.client(json!({})).await;
+    let ui = Ui::login(&t, "ann").await;
+    let page = ui.page(&format!("/ui/clients/{client}/schema")).await;
+    assert!(
+        page.contains("No schema: records are stored as they come"),
+        "{page}"
+    );
+    set_schema(&t, &client, &products(&["a"])).await;
+    let mut v2 = products(&["a", "b"]);
+    v2["fields"][0]["name"] = json!("<b>sku</b>");
+    v2["primaryKey"] = json!("<b>sku</b>");
+    v2["maxErrorRatio"] = json!(0.05);
+    set_schema(&t, &client, &v2).await;
+    let list = ui.page("/ui/clients").await;
+    assert!(list.contains(&format!("/ui/clients/{client}/schema")) && list.contains("version 2"));
+    let page = ui.page(&format!("/ui/clients/{client}/schema")).await;
+    assert!(
+        page.contains("Imports are checked with version 2"),
+        "{page}"
+    );
+    assert!(
+        page.contains("&lt;b&gt;sku&lt;/b&gt;") && !page.contains("<b>sku"),
+        "escaped"
+    );
+    assert!(page.contains("SKU Code") && page.contains("[A-Z]{3}") && page.contains("5 %"));
+    let old = ui
+        .page(&format!("/ui/clients/{client}/schema?version=1"))
+        .await;
+    assert!(old.contains("Version 1") && old.contains(">sku<"), "{old}");
+    for (path, status) in [
+        (format!("/ui/clients/{client}/schema?version=9"), 404),
+        (format!("/ui/clients/{client}/schema?version=x"), 400),
+        ("/ui/clients/cli_nope/schema".to_owned(), 404),
+    ] {
+        assert_eq!(
+            ui.get(&path).send().await.unwrap().status(),
+            status,
+            "{path}"
+        );
+    }
+}
