@@ -207,7 +207,11 @@ impl App {
                 None => bind(config.listen).await?,
             };
             addr = Some(listener.local_addr()?);
-            let app = dataflow_api::router(AppState::new(backends.clone(), config.api.clone()));
+            let app = dataflow_api::router(AppState::new(
+                backends.clone(),
+                config.api.clone(),
+                config.worker.chunk_size,
+            ));
             let listener = BoundedListener::new(listener, config.api.max_connections);
             tasks.spawn(serve(listener, app, shutdown.clone()));
             tracing::info!(addr = %addr.map(|a| a.to_string()).unwrap_or_default(), "API listening");
@@ -216,7 +220,11 @@ impl App {
             // Health checks and scrapes, apart from the public API.
             let listener = bind(ops).await?;
             ops_addr = Some(listener.local_addr()?);
-            let app = dataflow_api::ops_router(AppState::new(backends.clone(), config.api.clone()));
+            let app = dataflow_api::ops_router(AppState::new(
+                backends.clone(),
+                config.api.clone(),
+                config.worker.chunk_size,
+            ));
             let listener = BoundedListener::new(listener, config.api.max_connections);
             tasks.spawn(serve(listener, app, shutdown.clone()));
             tracing::info!(addr = %ops_addr.map(|a| a.to_string()).unwrap_or_default(), "health and metrics listening");

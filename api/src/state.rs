@@ -25,17 +25,21 @@ pub struct AppState {
     pub rejections: Arc<Rejections>,
     /// Client schemas compiled once (a CSV header is checked against its client's).
     pub schemas: Arc<CompiledSchemas>,
+    /// The workers' chunk size: a dry run cuts a file as a worker will, so that it counts
+    /// a key the file repeats as the import will.
+    pub chunk_size: usize,
     import_slots: Arc<Mutex<HashMap<ClientId, Arc<Semaphore>>>>,
     touched: Arc<Mutex<HashMap<String, Instant>>>,
 }
 
 impl AppState {
-    pub fn new(backends: Arc<Backends>, config: ApiConfig) -> Self {
+    pub fn new(backends: Arc<Backends>, config: ApiConfig, chunk_size: usize) -> Self {
         Self {
             backends,
             config: Arc::new(config),
             rejections: Arc::default(),
             schemas: Arc::default(),
+            chunk_size,
             import_slots: Arc::default(),
             touched: Arc::default(),
         }

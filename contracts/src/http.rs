@@ -176,21 +176,95 @@ pub struct KeyView {
     pub last_used_at: Option<String>,
 }
 
-/// A record's fields as stored: JSON text passed through as it is, so a number keeps every
-/// digit it was written with (`1.50` stays `1.50`; read into a float it would not).
+/// `POST /v1/imports?dry_run=true`: what the import would do to the records as they are
+/// now, with nothing stored, spent or announced.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct DryRunView {
+    pub format: ImportFormat,
+    pub records: u64,
+    /// Records that fit the client's rules (its schema, or its policy's key and required
+    /// fields).
+    pub valid: u64,
+    pub rejected: u64,
+    pub would_insert: u64,
+    pub would_update: u64,
+    /// Records it would leave as they are (the same values, or replaced by a later record
+    /// of the same file with the same key).
+    pub unchanged: u64,
+    /// The version of the client's schema it was checked with; `null`: none.
+    pub schema_version: Option<u64>,
+    /// Why the import would be refused whole (more records refused than the error
+    /// threshold allows), when it would: then it would write nothing, and the counts of
+    /// what it would write are 0.
+    pub refusal: Option<String>,
+    /// The same payload was imported within the dedup window: the import would be answered
+    /// with that one and change nothing.
+    pub duplicate_of: Option<ImportId>,
+    /// The first row errors, in file order.
+    pub errors: Vec<RecordErrorView>,
+    /// The first changes, in file order.
+    pub changes: Vec<ChangeView>,
+}
+
+/// What `POST /v1/imports` answers with `200`: the earlier import of the same payload, or
+/// (`?dry_run=true`) what the import would do. (For the API document: the answers are the
+/// two views themselves.)
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(untagged)]
+pub enum SubmitAnswer {
+    Import(ImportView),
+    DryRun(Box<DryRunView>),
+}
+
+/// The query of `POST /v1/imports`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct SubmitQuery {
+    /// Store nothing: answer with what the import would do (`200`, a `DryRunView`).
+    pub dry_run: Option<bool>,
+}
+
+/// One record an import would insert or update.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ChangeView {
+    pub key: String,
+    pub change: ChangeKind,
+    /// For an update, each field it would change (absent for an insert).
+    pub fields: Vec<FieldChangeView>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum ChangeKind {
+    Insert,
+    Update,
+}
+
+/// A field's value before and after, as JSON (`null` where the field is absent).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct FieldChangeView {
+    pub field: String,
+    pub old: Option<RawJson>,
+    pub new: Option<RawJson>,
+}
+
+/// JSON text passed through as it is (a record's fields as stored, a field's value), so a
+/// number keeps every digit it was written with (`1.50` stays `1.50`; read into a float it
+/// would not).
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(transparent)]
-#[schema(value_type = Object)]
-pub struct RecordData(pub Box<serde_json::value::RawValue>);
+#[schema(value_type = Value)]
+pub struct RawJson(pub Box<serde_json::value::RawValue>);
 
-impl RecordData {
-    /// The fields as a JSON value (numbers as `serde_json` reads them).
+impl RawJson {
+    /// As a JSON value (numbers as `serde_json` reads them).
     pub fn value(&self) -> serde_json::Value {
         serde_json::from_str(self.0.get()).unwrap_or_default()
     }
 }
 
-impl PartialEq for RecordData {
+impl PartialEq for RawJson {
     fn eq(&self, other: &Self) -> bool {
         self.0.get() == other.0.get()
     }
@@ -200,7 +274,7 @@ impl PartialEq for RecordData {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct RecordView {
     pub key: String,
-    pub data: RecordData,
+    pub data: RawJson,
     pub checksum: String,
     /// The batch that last changed it.
     pub batch_id: BatchId,

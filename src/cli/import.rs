@@ -1,6 +1,7 @@
-//! `dataflow import FILE --key … [--client NAME|ID] [--wait]`: a producer's upload over the
-//! HTTP API (the same path as any client: key, limits, dedup), then, with `--wait`, a
-//! progress bar of records processed until the batch ends. The exit status says how it
+//! `dataflow import FILE --key … [--client NAME|ID] [--wait | --dry-run]`: a producer's
+//! upload over the HTTP API (the same path as any client: key, limits, dedup), then, with
+//! `--wait`, a progress bar of records processed until the batch ends; with `--dry-run`,
+//! nothing stored and a table of what the import would do. The exit status says how it
 //! ended. With `--client`, the key's client (`GET /v1/client`) must be that one, checked
 //! before anything is sent: a key for the wrong tenant would otherwise store the file under
 //! that tenant, which no retry undoes.
@@ -10,7 +11,9 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::Args;
-use dataflow_contracts::http::{BatchView, ClientIdentity, ImportView};
+use dataflow_contracts::http::{
+    BatchView, ChangeKind, ClientIdentity, DryRunView, ImportView, RawJson,
+};
 use dataflow_contracts::{BatchStatus, ClientId, ImportFormat};
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -40,8 +43,13 @@ pub struct ImportArgs {
     pub idempotency_key: Option<String>,
     /// Follow the batch until it completes, is rejected or dies (exit status 0 only when it
     /// completed).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "dry_run")]
     pub wait: bool,
+    /// Store nothing: print what the import would do to the records as they are now
+    /// (inserts, updates with the fields they change, row errors); exit status 1 when it
+    /// would be refused.
+    #[arg(long)]
+    pub dry_run: bool,
 }
 
 pub async fn run(args: ImportArgs) -> anyhow::Result<()> {
@@ -62,6 +70,9 @@ pub async fn run(args: ImportArgs) -> anyhow::Result<()> {
         .bearer_auth(&args.key)
         .header("content-type", content_type)
         .body(body);
+    if args.dry_run {
+        return dry_run(req.query(&[("dry_run", "true")]), api).await;
+    }
     if let Some(k) = &args.idempotency_key {
         req = req.header("idempotency-key", k);
     }
@@ -215,5 +226,128 @@ pub(crate) fn file_format(
         "csv" => Ok(ImportFormat::Csv),
         "ndjson" | "jsonl" => Ok(ImportFormat::Ndjson),
         other => bail!("cannot tell the format of `{other}`: pass --format csv or --format ndjson"),
+    }
+}
+
+/// Sends the file as a dry run and prints the answer as a table.
+async fn dry_run(req: reqwest::RequestBuilder, api: &str) -> anyhow::Result<()> {
+    let resp = req
+        .send()
+        .await
+        .with_context(|| format!("sending to {api}"))?;
+    let status = resp.status();
+    let text = resp.text().await?;
+    if !status.is_success() {
+        bail!("the import would be refused ({status}): {text}");
+    }
+    let view: DryRunView =
+        serde_json::from_str(&text).with_context(|| format!("unexpected answer: {text}"))?;
+    print!("{}", dry_run_table(&view));
+    if let Some(why) = &view.refusal {
+        bail!("the import would be refused: {why}");
+    }
+    Ok(())
+}
+
+/// A dry run's answer for a terminal: the counts, then the first row errors and changes.
+fn dry_run_table(v: &DryRunView) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    if let Some(first) = &v.duplicate_of {
+        let _ = writeln!(
+            out,
+            "the same file was imported as {first}: the import would be answered with it and change nothing"
+        );
+        return out;
+    }
+    let schema = v
+        .schema_version
+        .map_or("no schema".to_owned(), |n| format!("schema version {n}"));
+    let _ = writeln!(
+        out,
+        "dry run, {} records ({schema}); nothing was stored",
+        v.records
+    );
+    for (what, n) in [
+        ("valid", v.valid),
+        ("rejected", v.rejected),
+        ("would insert", v.would_insert),
+        ("would update", v.would_update),
+        ("unchanged", v.unchanged),
+    ] {
+        let _ = writeln!(out, "  {what:<13}{n:>12}");
+    }
+    if !v.errors.is_empty() {
+        let _ = writeln!(out, "first row errors:");
+        for e in &v.errors {
+            let _ = writeln!(
+                out,
+                "  line {:<7} {:<20} {:<22} {}",
+                e.line,
+                e.field.as_deref().unwrap_or(""),
+                e.code,
+                e.value.as_deref().unwrap_or("")
+            );
+        }
+    }
+    if !v.changes.is_empty() {
+        let _ = writeln!(out, "first changes:");
+        for c in &v.changes {
+            match c.change {
+                ChangeKind::Insert => {
+                    let _ = writeln!(out, "  + {}", c.key);
+                }
+                ChangeKind::Update => {
+                    let _ = writeln!(out, "  ~ {}", c.key);
+                    for f in &c.fields {
+                        let shown = |v: &Option<RawJson>| {
+                            v.as_ref()
+                                .map_or("(absent)".to_owned(), |r| r.0.get().to_owned())
+                        };
+                        let _ = writeln!(
+                            out,
+                            "      {}: {} → {}",
+                            f.field,
+                            shown(&f.old),
+                            shown(&f.new)
+                        );
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_dry_run_reads_as_a_table() {
+        // As the server sends it: the digits of `2.00` are kept.
+        let v: DryRunView = serde_json::from_str(
+            r#"{"format": "csv", "records": 4, "valid": 3, "rejected": 1,
+                "would_insert": 1, "would_update": 1, "unchanged": 1, "schema_version": 2,
+                "refusal": null, "duplicate_of": null,
+                "errors": [{"line": 5, "field": "qty", "code": "type", "detail": "x", "value": "x"}],
+                "changes": [
+                    {"key": "9", "change": "insert", "fields": []},
+                    {"key": "4", "change": "update",
+                     "fields": [{"field": "price", "old": 1.5, "new": 2.00}]}
+                ]}"#,
+        )
+        .unwrap();
+        let table = dry_run_table(&v);
+        assert!(table.starts_with("dry run, 4 records (schema version 2); nothing was stored\n"));
+        assert!(table.contains("  would update            1\n"), "{table}");
+        assert!(
+            table.contains("  line 5       qty                  type                   x\n"),
+            "{table}"
+        );
+        assert!(
+            table.contains("  + 9\n  ~ 4\n      price: 1.5 → 2.00\n"),
+            "{table}"
+        );
     }
 }

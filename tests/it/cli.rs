@@ -25,6 +25,7 @@ fn upload(t: &TestApp, key: &str, file: std::path::PathBuf) -> ImportArgs {
         format: None,
         idempotency_key: None,
         wait: true,
+        dry_run: false,
     }
 }
 
@@ -57,6 +58,33 @@ async fn import_uploads_and_waits_for_its_batch() {
     t.stop().await;
 }
 register!(import_uploads_and_waits_for_its_batch);
+
+/// `import --dry-run` stores nothing, and fails when the import would be refused whole.
+async fn import_dry_run_stores_nothing() {
+    let Some(t) = TestApp::spawn(Backend::Sqlite).await else {
+        return;
+    };
+    let (_, key) = t.client(json!({"max_error_ratio": 0.5})).await;
+    let file = t.config.data_dir.join("people.csv");
+    std::fs::write(&file, csv("cli", 20)).unwrap();
+    let dry = |file| ImportArgs {
+        wait: false,
+        dry_run: true,
+        ..upload(&t, &key, file)
+    };
+    import::run(dry(file)).await.unwrap();
+    let bad = t.config.data_dir.join("bad.csv");
+    std::fs::write(&bad, "id,name\n,a\n,b\n1,c\n").unwrap();
+    let refused = import::run(dry(bad)).await.unwrap_err().to_string();
+    assert!(
+        refused.starts_with("the import would be refused: 2 of 3 records"),
+        "{refused}"
+    );
+    let none = t.db.list_batches(None, None, None, 10).await.unwrap();
+    assert!(none.items.is_empty(), "a dry run stores nothing");
+    t.stop().await;
+}
+register!(import_dry_run_stores_nothing);
 
 /// `--client` names the tenant the upload is for; a key of another tenant is refused before
 /// anything is sent, by name and by id.

@@ -20,6 +20,7 @@ backend_tests!(
     a_header_that_does_not_fit_the_schema_is_refused_before_anything_is_stored,
     a_batch_over_its_error_threshold_writes_no_record,
     the_dashboard_shows_a_clients_schema_and_its_versions,
+    a_dry_run_stores_nothing_and_agrees_with_the_import_that_follows,
 );
 
 /// Products: an integer key that also answers to `SKU Code`, a price, a required email, a
@@ -413,4 +414,163 @@ async fn the_dashboard_shows_a_clients_schema_and_its_versions(b: Backend) {
             "{path}"
         );
     }
+}
+
+/// A product row of [`products`] (kind `a`, code `ABC`).
+fn product(sku: &str, price: &str) -> String {
+    format!("{sku},{price},p{sku}@x.io,2026-12-06,a,ABC\n")
+}
+
+async fn dry_run(t: &TestApp, key: &str, body: String) -> reqwest::Response {
+    t.http
+        .post(t.url("/v1/imports?dry_run=true"))
+        .bearer_auth(key)
+        .header("content-type", "text/csv")
+        .body(body)
+        .send()
+        .await
+        .unwrap()
+}
+
+async fn a_dry_run_stores_nothing_and_agrees_with_the_import_that_follows(b: Backend) {
+    // Chunks of 10 records (the test configuration): the file below repeats a key within a
+    // chunk and across two, which the import counts differently.
+    let Some(t) = TestApp::spawn_with(b, Roles::API, |_| {}).await else {
+        return;
+    };
+    let (client, key) = t.client(json!({})).await;
+    set_schema(&t, &client, &products(&["a"])).await;
+    let header = "sku,price,email,day,kind,code\n";
+    let mut first = header.to_owned();
+    for sku in 1..=5 {
+        first.push_str(&product(&sku.to_string(), "1.50"));
+    }
+    let batch = t.import(&key, "text/csv", first).await.batch_id;
+    process(&t, &key, &batch).await;
+
+    let mut body = header.to_owned();
+    body.push_str("03,1.50,p3@x.io,2026-12-06,a,ABC\n"); // 3: the same values
+    body.push_str(&product("4", "2.00")); // 4: a new price
+    body.push_str(&product("5", "9")); // 5: twice in one chunk, the last wins
+    body.push_str(&product("5", "1.50"));
+    body.push_str("x,1,bad,2026-12-06,a,ABC\n"); // refused: two cells
+    for sku in 100..115 {
+        body.push_str(&product(&sku.to_string(), "3")); // new
+    }
+    body.push_str(&product("100", "4")); // a later chunk changes one of them
+    let before: Value = t.get(&key, "/v1/batches").await.json().await.unwrap();
+
+    let resp = dry_run(&t, &key, body.clone()).await;
+    assert_eq!(resp.status(), 200);
+    assert!(resp.headers().get("location").is_none());
+    let view: Value = resp.json().await.unwrap();
+    assert_eq!(
+        (
+            &view["records"],
+            &view["valid"],
+            &view["rejected"],
+            &view["would_insert"],
+            &view["would_update"],
+            &view["unchanged"]
+        ),
+        (
+            &json!(21),
+            &json!(20),
+            &json!(1),
+            &json!(15),
+            &json!(2),
+            &json!(3)
+        ),
+        "{view}"
+    );
+    assert_eq!(view["schema_version"], 1);
+    assert_eq!(view["refusal"], Value::Null);
+    let errors: Vec<&str> = view["errors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["code"].as_str().unwrap())
+        .collect();
+    assert_eq!(errors, ["type", "type"], "{view}");
+    let updates: Vec<&Value> = view["changes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["change"] == "update")
+        .collect();
+    assert_eq!(updates.len(), 1, "{view}");
+    let update = updates[0];
+    assert_eq!(update["key"], "4");
+    assert_eq!(
+        update["fields"],
+        json!([{"field": "price", "old": 1.50, "new": 2.00}])
+    );
+    let inserts = view["changes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["change"] == "insert")
+        .count();
+    assert_eq!(inserts, 15, "{view}");
+    // Nothing was stored.
+    let after: Value = t.get(&key, "/v1/batches").await.json().await.unwrap();
+    assert_eq!(before, after);
+    assert_eq!(t.get(&key, "/v1/records/100").await.status(), 404);
+
+    // The import itself does what the dry run said.
+    let batch = t.import(&key, "text/csv", body.clone()).await.batch_id;
+    let (_, done) = process(&t, &key, &batch).await;
+    assert_eq!(done.records_written, 15 + 2);
+    assert_eq!((done.records_unchanged, done.records_failed), (3, 1));
+
+    // The same payload again: the import would be the earlier one, changing nothing.
+    let view: Value = dry_run(&t, &key, body).await.json().await.unwrap();
+    assert_eq!(
+        view["duplicate_of"],
+        json!(batch_import(&t, &key, &batch).await)
+    );
+    assert_eq!(view["would_insert"], 0);
+
+    // Past the threshold: refused whole, nothing it would write.
+    let strict = json!({"fields": [{"name": "sku", "type": "integer"}], "primaryKey": "sku", "maxErrorRatio": 0.1});
+    set_schema(&t, &client, &strict).await;
+    let view: Value = dry_run(&t, &key, "sku\n1\nx\n".into())
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert!(
+        view["refusal"]
+            .as_str()
+            .unwrap()
+            .starts_with("1 of 2 records were refused"),
+        "{view}"
+    );
+    assert_eq!(
+        (&view["would_insert"], &view["changes"]),
+        (&json!(0), &json!([]))
+    );
+
+    // Refused as an import would be.
+    assert_eq!(
+        dry_run(&t, &key, "sku,colour\n1,red\n".into())
+            .await
+            .status(),
+        422
+    );
+    assert_eq!(dry_run(&t, &key, "sku\n\"1\n".into()).await.status(), 400);
+    let resp = t
+        .http
+        .post(t.url("/v1/imports?dry_run=maybe"))
+        .bearer_auth(&key)
+        .header("content-type", "text/csv")
+        .body("sku\n1\n")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 400);
+}
+
+async fn batch_import(t: &TestApp, key: &str, batch: &BatchId) -> String {
+    t.batch(key, batch).await.import_id.to_string()
 }

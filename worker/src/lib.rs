@@ -349,15 +349,8 @@ impl Worker {
         let (prepared, refusal) = tokio::task::spawn_blocking(move || -> Result<_> {
             let mut parsed = Vec::new();
             records::parse(format, &body, limits, |r| parsed.push(r))?;
-            let rules = match &schema {
-                Some(schema) => Rules::Schema {
-                    schema,
-                    key_field: &policy.key_field,
-                    // The API checked a CSV header against this schema version.
-                    header_checked: format == ImportFormat::Csv,
-                },
-                None => Rules::Policy(&policy),
-            };
+            // The API checked a CSV header against this schema version.
+            let rules = Rules::of(schema.as_deref(), &policy, format == ImportFormat::Csv);
             let prepared = prepare(&parsed, rules, chunk_size, checkpoint);
             // Decided before the first chunk, the same way on every attempt: a batch that
             // committed a chunk was not refused then and is not now.

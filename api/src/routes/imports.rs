@@ -4,25 +4,28 @@
 //! cheap refusals come first: media type, idempotency key, declared size, body size,
 //! idempotency replay, dedup pre-check, parse, then the one submit transaction.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Json;
 use axum::body::{Body, Bytes};
-use axum::extract::{Extension, State};
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Extension, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use dataflow_contracts::http::{ErrorBody, ImportView};
+use dataflow_contracts::http::{ErrorBody, ImportView, SubmitAnswer, SubmitQuery};
 use dataflow_contracts::live::LiveKind;
 use dataflow_contracts::{BatchId, ClientId, ImportFormat, ImportId};
 use dataflow_platform::domain::prepare::{Rules, header_errors};
 use dataflow_platform::domain::records::{self, Limits};
+use dataflow_platform::domain::schema::Schema;
 use dataflow_platform::guards::dedup::DedupClaim;
 use dataflow_platform::ledger::{IdempotencyClaim, IdempotencyStart, NewImport, SubmitOutcome};
 use sha2::{Digest, Sha256};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use super::{PathParam, parse_path_id};
+use super::{PathParam, dry_run, parse_path_id, query};
 use crate::auth::Principal;
 use crate::error::{ApiError, ApiResult};
 use crate::state::{AppState, Deadline};
@@ -60,6 +63,7 @@ async fn show(
 }
 
 /// Submits a record batch: stored in one transaction, then processed by the workers.
+/// With `dry_run=true`, stores nothing and answers what the import would do.
 ///
 /// A CSV body needs a header row; a JSON-lines body one object per line. Nothing is stored
 /// for a refused request. The same payload again within the client's dedup window is
@@ -73,7 +77,9 @@ async fn show(
     params(
         ("Idempotency-Key" = Option<String>, Header,
          description = "Makes a retry safe (Stripe's rules): 1 to \
-                        `api.max_idempotency_key_len` visible ASCII characters"),
+                        `api.max_idempotency_key_len` visible ASCII characters; not used by \
+                        a dry run"),
+        SubmitQuery,
     ),
     request_body(
         description = "The records, at most the smaller of `api.max_body_bytes` and the \
@@ -91,8 +97,9 @@ async fn show(
              ("Idempotent-Replayed" = String, description = "`true` on a replayed answer"),
          )),
         (status = 200, description = "The earlier import of the same payload \
-                                      (`duplicate: true`)",
-         body = ImportView, headers(
+                                      (`duplicate: true`); or, with `dry_run=true`, what the \
+                                      import would do (a `DryRunView`, without `Location`)",
+         body = SubmitAnswer, headers(
              ("Location" = String, description = "The earlier import's batch"),
              ("Idempotent-Replayed" = String, description = "`true` on a replayed answer"),
          )),
@@ -120,9 +127,11 @@ async fn submit(
     State(state): State<AppState>,
     p: Principal,
     deadline: Option<Extension<Deadline>>,
+    q: Result<Query<SubmitQuery>, QueryRejection>,
     headers: HeaderMap,
     body: Body,
 ) -> ApiResult<Response> {
+    let dry_run = query(q)?.dry_run.unwrap_or(false);
     let client = p.client.id.clone();
     let content_type = headers
         .get(header::CONTENT_TYPE)
@@ -145,6 +154,10 @@ async fn submit(
     })?;
     let body = read_body(&state, &p, &headers, body).await?;
     let checksum = hex::encode(Sha256::digest(&body));
+    if dry_run {
+        let view = dry_run::preview(&state, &p, format, &body, &checksum).await?;
+        return Ok((StatusCode::OK, Json(view)).into_response());
+    }
 
     let claim = match &idem_key {
         Some(key) => {
@@ -279,6 +292,54 @@ async fn accept(
     result
 }
 
+/// The checks every body passes before anything is stored (or, for a dry run, compared):
+/// it parses within the limits, and a CSV header has the columns the client's schema (or,
+/// without one, its policy) requires. Returns what the parse saw and the schema, compiled.
+pub(super) async fn admit(
+    state: &AppState,
+    p: &Principal,
+    format: ImportFormat,
+    body: &Bytes,
+) -> ApiResult<(records::Summary, Option<Arc<Schema>>)> {
+    let policy = &p.client.policy;
+    let limits = Limits {
+        max_records: policy.max_records,
+        max_field_bytes: state.config.max_field_bytes,
+    };
+    let parse_body = body.clone();
+    let summary =
+        tokio::task::spawn_blocking(move || records::validate(format, &parse_body, limits))
+            .await
+            .map_err(|e| dataflow_platform::Error::internal("validating the records", e))??;
+    let schema = match &p.client.schema {
+        Some(s) => Some(
+            state
+                .schemas
+                .get(&p.client.id, s.version, &s.document)
+                .map_err(|e| {
+                    dataflow_platform::Error::stored(format!("schema version {}: {e}", s.version))
+                })?,
+        ),
+        None => None,
+    };
+    if let Some(columns) = &summary.columns {
+        let errors = header_errors(Rules::of(schema.as_deref(), policy, false), columns);
+        if let Some(first) = errors.first() {
+            // Each detail names its column.
+            let detail = errors
+                .iter()
+                .map(|e| e.detail.as_str())
+                .collect::<Vec<_>>()
+                .join("; ");
+            return Err(ApiError::unprocessable(
+                &first.code,
+                format!("line 1: {detail}"),
+            ));
+        }
+    }
+    Ok((summary, schema))
+}
+
 /// A request body that passed the HTTP-level checks.
 struct Submission<'a> {
     format: ImportFormat,
@@ -305,52 +366,7 @@ async fn decide(
     if let Some(first) = db.find_duplicate(&p.client.id, checksum).await? {
         return Ok((StatusCode::OK, first));
     }
-    let limits = Limits {
-        max_records: policy.max_records,
-        max_field_bytes: state.config.max_field_bytes,
-    };
-    let parse_body = body.clone();
-    let summary =
-        tokio::task::spawn_blocking(move || records::validate(format, &parse_body, limits))
-            .await
-            .map_err(|e| dataflow_platform::Error::internal("validating the records", e))??;
-    if let Some(columns) = &summary.columns {
-        let schema = match &p.client.schema {
-            Some(s) => Some(
-                state
-                    .schemas
-                    .get(&p.client.id, s.version, &s.document)
-                    .map_err(|e| {
-                        dataflow_platform::Error::stored(format!(
-                            "schema version {}: {e}",
-                            s.version
-                        ))
-                    })?,
-            ),
-            None => None,
-        };
-        let rules = match &schema {
-            Some(schema) => Rules::Schema {
-                schema,
-                key_field: &policy.key_field,
-                header_checked: false,
-            },
-            None => Rules::Policy(policy),
-        };
-        let errors = header_errors(rules, columns);
-        if let Some(first) = errors.first() {
-            // Each detail names its column.
-            let detail = errors
-                .iter()
-                .map(|e| e.detail.as_str())
-                .collect::<Vec<_>>()
-                .join("; ");
-            return Err(ApiError::unprocessable(
-                &first.code,
-                format!("line 1: {detail}"),
-            ));
-        }
-    }
+    let (summary, _) = admit(state, p, format, body).await?;
     let new = NewImport {
         client_id: &p.client.id,
         format,

@@ -3,6 +3,7 @@
 pub mod admin;
 pub mod batches;
 pub mod client;
+mod dry_run;
 pub mod health;
 pub mod imports;
 pub mod metrics;

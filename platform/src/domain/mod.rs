@@ -1,8 +1,10 @@
 //! What an import is made of, with no I/O: the record parser, client schemas (typing and
-//! checking cells), the preparation of records into what a chunk commits, and API keys. The ledger stores these types; it does not
-//! define them.
+//! checking cells, compiled once per version), the preparation of records into what a chunk
+//! commits, what an import would change (the dry run's diff), and API keys. The ledger
+//! stores these types; it does not define them.
 
 pub mod compiled;
+pub mod diff;
 pub mod keys;
 pub mod prepare;
 pub mod records;

@@ -32,7 +32,19 @@ pub enum Rules<'a> {
     },
 }
 
-impl Rules<'_> {
+impl<'a> Rules<'a> {
+    /// A client's rules: its schema when it has one, else its policy.
+    pub fn of(schema: Option<&'a Schema>, policy: &'a Policy, header_checked: bool) -> Self {
+        match schema {
+            Some(schema) => Rules::Schema {
+                schema,
+                key_field: &policy.key_field,
+                header_checked,
+            },
+            None => Rules::Policy(policy),
+        }
+    }
+
     /// The share of refused records above which a batch writes nothing: the schema's, or
     /// the policy's without one.
     pub fn max_error_ratio(&self, policy: &Policy) -> Option<f64> {
@@ -153,19 +165,7 @@ impl Prepared {
     /// Why the batch must write nothing, when more than `max_ratio` of its records were
     /// refused.
     pub fn refusal(&self, max_ratio: Option<f64>) -> Option<String> {
-        let limit = max_ratio?;
-        if self.records == 0 || self.failed as f64 <= limit * self.records as f64 {
-            return None;
-        }
-        Some(format!(
-            "{} of {} records were refused ({:.1} %), more than the {} % the error threshold \
-             allows: nothing was written. Fix the rows the error report lists and import the \
-             file again.",
-            self.failed,
-            self.records,
-            100.0 * self.failed as f64 / self.records as f64,
-            limit * 100.0
-        ))
+        refusal(self.records, self.failed, max_ratio)
     }
 
     /// Every row error of the file, in order (the whole file is in the chunks when the
@@ -173,6 +173,20 @@ impl Prepared {
     pub fn errors(&self) -> impl Iterator<Item = &RowError> {
         self.chunks.iter().flat_map(|c| c.errors.iter())
     }
+}
+
+fn refusal(records: u64, failed: u64, max_ratio: Option<f64>) -> Option<String> {
+    let limit = max_ratio?;
+    if records == 0 || failed as f64 <= limit * records as f64 {
+        return None;
+    }
+    Some(format!(
+        "{failed} of {records} records were refused ({:.1} %), more than the {} % the error \
+         threshold allows, so the batch writes none of them. Fix the rows the error report \
+         lists and import the file again.",
+        100.0 * failed as f64 / records as f64,
+        limit * 100.0
+    ))
 }
 
 /// Prepares a batch's file: every record is checked (a `unique` value holds across the
@@ -184,55 +198,94 @@ pub fn prepare(
     chunk_size: usize,
     checkpoint: u64,
 ) -> Prepared {
-    let mut seen = Seen::default();
-    let mut failed = 0;
+    let mut preparer = Preparer::new(rules);
     let skip = usize::try_from(checkpoint)
         .unwrap_or(usize::MAX)
         .min(records.len());
-    for record in &records[..skip] {
-        if prepare_record(record, rules, &mut seen).is_err() {
-            failed += 1;
-        }
-    }
+    preparer.check(&records[..skip]);
     let mut chunks = VecDeque::new();
     let mut done = skip as u64;
     for slice in records[skip..].chunks(chunk_size.max(1)) {
         done += slice.len() as u64;
-        let chunk = prepare_chunk(slice, rules, &mut seen, done);
-        failed += chunk.failed;
-        chunks.push_back(chunk);
+        chunks.push_back(preparer.chunk(slice, done));
     }
     Prepared {
         chunks,
-        records: records.len() as u64,
-        failed,
+        records: preparer.records,
+        failed: preparer.failed,
     }
 }
 
-fn prepare_chunk(records: &[Record], rules: Rules<'_>, seen: &mut Seen, checkpoint: u64) -> Chunk {
-    // Last occurrence wins, as if the records were applied one by one in file order.
-    let mut by_key: BTreeMap<String, RecordRow> = BTreeMap::new();
-    let mut errors = Vec::new();
-    let (mut replaced, mut failed) = (0, 0);
-    for record in records {
-        match prepare_record(record, rules, seen) {
-            Ok(row) => {
-                if by_key.insert(row.key.clone(), row).is_some() {
-                    replaced += 1;
-                }
-            }
-            Err(e) => {
-                failed += 1;
-                errors.extend(e);
+/// Prepares a file chunk by chunk, in file order, holding what a file-wide check needs
+/// (the `unique` values seen) and the counts, and nothing else: a caller that reads a file
+/// as a stream holds one chunk at a time.
+pub struct Preparer<'a> {
+    rules: Rules<'a>,
+    seen: Seen,
+    /// Records checked so far.
+    pub records: u64,
+    /// Of those, refused.
+    pub failed: u64,
+}
+
+impl<'a> Preparer<'a> {
+    pub fn new(rules: Rules<'a>) -> Self {
+        Preparer {
+            rules,
+            seen: Seen::default(),
+            records: 0,
+            failed: 0,
+        }
+    }
+
+    /// Checks records that are not to be written (those a resumed batch committed before).
+    pub fn check(&mut self, records: &[Record]) {
+        for record in records {
+            self.records += 1;
+            if prepare_record(record, self.rules, &mut self.seen).is_err() {
+                self.failed += 1;
             }
         }
     }
-    Chunk {
-        records: by_key.into_values().collect(),
-        errors,
-        failed,
-        replaced,
-        checkpoint,
+
+    /// The next chunk: `records`, the file's records up to record `checkpoint`.
+    pub fn chunk(&mut self, records: &[Record], checkpoint: u64) -> Chunk {
+        // Last occurrence wins, as if the records were applied one by one in file order.
+        let mut by_key: BTreeMap<String, RecordRow> = BTreeMap::new();
+        let mut errors = Vec::new();
+        let (mut replaced, mut failed) = (0, 0);
+        for record in records {
+            match prepare_record(record, self.rules, &mut self.seen) {
+                Ok(row) => {
+                    if by_key.insert(row.key.clone(), row).is_some() {
+                        replaced += 1;
+                    }
+                }
+                Err(e) => {
+                    failed += 1;
+                    errors.extend(e);
+                }
+            }
+        }
+        self.records += records.len() as u64;
+        self.failed += failed;
+        Chunk {
+            records: by_key.into_values().collect(),
+            errors,
+            failed,
+            replaced,
+            checkpoint,
+        }
+    }
+
+    /// Why the file must write nothing, once every record was checked: see
+    /// [`Prepared::refusal`].
+    pub fn refusal(&self, policy: &Policy) -> Option<String> {
+        refusal(
+            self.records,
+            self.failed,
+            self.rules.max_error_ratio(policy),
+        )
     }
 }
 

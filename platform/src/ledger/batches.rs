@@ -8,9 +8,7 @@
 use dataflow_contracts::events::{
     BatchCompleted, BatchDead, BatchFailed, BatchReady, BatchRejected, Envelope, Event,
 };
-use dataflow_contracts::http::{
-    BatchPage, BatchView, RecordData, RecordErrorPage, RecordErrorView, RecordView,
-};
+use dataflow_contracts::http::{BatchPage, BatchView, RecordErrorPage, RecordErrorView};
 use dataflow_contracts::time::rfc3339;
 use dataflow_contracts::{BatchId, BatchStatus, ClientId, ImportFormat, ImportId, Policy};
 use sqlx::Row;
@@ -789,32 +787,6 @@ impl Db {
         rows.iter()
             .map(|r| Ok((r.try_get("code")?, count(r.try_get("n")?))))
             .collect()
-    }
-
-    /// One stored record of a client.
-    pub async fn get_record(&self, client: &ClientId, key: &str) -> Result<Option<RecordView>> {
-        let row = sqlx::query(
-            "SELECT record_key, CAST(data AS TEXT) AS data, checksum, batch_id, updated_at \
-             FROM records WHERE client_id = $1 AND record_key = $2",
-        )
-        .bind(client.as_str())
-        .bind(key)
-        .fetch_optional(self.pool())
-        .await?;
-        row.map(|r| {
-            let data: String = r.try_get("data")?;
-            Ok(RecordView {
-                key: r.try_get("record_key")?,
-                data: RecordData(
-                    serde_json::value::RawValue::from_string(data)
-                        .map_err(|e| Error::internal("a stored record is not JSON", e))?,
-                ),
-                checksum: r.try_get("checksum")?,
-                batch_id: parse_id(r.try_get("batch_id")?)?,
-                updated_at: rfc3339(r.try_get("updated_at")?),
-            })
-        })
-        .transpose()
     }
 
     /// Batches per status, for operators.

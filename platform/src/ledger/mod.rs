@@ -31,6 +31,7 @@ pub mod leases;
 pub mod operator;
 pub mod outbox;
 pub mod queues;
+pub mod records;
 pub mod schemas;
 pub mod summaries;
 
