@@ -43,7 +43,8 @@ fn api(guard_with: Option<&AppState>) -> OpenApiRouter<AppState> {
         .merge(routes::batches::router())
         .merge(routes::client::router())
         .merge(routes::summaries::router())
-        .merge(routes::schemas::router());
+        .merge(routes::schemas::router())
+        .merge(routes::records::router());
     let mut admin = routes::admin::router()
         .merge(routes::summaries::admin_router())
         .merge(routes::schemas::admin_router());

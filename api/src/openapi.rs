@@ -34,9 +34,11 @@ use crate::state::AppState;
     components(schemas(ErrorBody)),
     tags(
         (name = "imports", description = "Submitting record batches"),
-        (name = "batches", description = "A client's batches, row errors, reports and records"),
-        (name = "client", description = "The client a key belongs to and its webhook key"),
-        (name = "admin", description = "Clients, keys, policies, batches, jobs, queues, workers"),
+        (name = "batches", description = "A client's batches, row errors and reports"),
+        (name = "records", description = "A client's records: one, a page, or all as NDJSON or CSV"),
+        (name = "client", description = "The client a key belongs to, its schema and its webhook key"),
+        (name = "admin", description = "Clients, keys, policies, schemas, batches, jobs, queues, \
+                                         workers"),
         (name = "operations", description = "Health, readiness, metrics and this document"),
     )
 )]

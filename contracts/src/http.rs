@@ -435,6 +435,34 @@ pub struct ErrorPageQuery {
     pub limit: Option<u32>,
 }
 
+/// `GET /v1/records` as JSON: one page in key order.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct RecordPage {
+    pub items: Vec<RecordView>,
+    /// Pass as `cursor` to get the next page; absent on the last page.
+    pub next_cursor: Option<String>,
+}
+
+/// The query of `GET /v1/records`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct RecordListQuery {
+    /// The `next_cursor` of the previous page (a record key): records after it.
+    #[param(max_length = 512)]
+    pub cursor: Option<String>,
+    /// Page size, 1 to 500 (default 50); an export (NDJSON or CSV) has no pages.
+    #[param(minimum = 1, maximum = 500)]
+    pub limit: Option<u32>,
+    /// Records changed at or after this time (RFC 3339, e.g. `2026-12-06T00:00:00Z`).
+    pub updated_since: Option<String>,
+    /// Records last changed by this batch.
+    pub batch_id: Option<String>,
+    /// Records whose key starts with this.
+    #[param(max_length = 512)]
+    pub key_prefix: Option<String>,
+}
+
 /// The query of `GET /admin/clients/{id}/schema`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]

@@ -1,6 +1,5 @@
-//! `GET /v1/batches`, `/v1/batches/{id}`, `/v1/batches/{id}/errors`, the batch report
-//! (`/report` as JSON, `/report.csv` with the rejected rows) and `/v1/records/{key}`:
-//! every query is scoped to the caller's client, so another client's ids answer 404.
+//! `GET /v1/batches`, `/v1/batches/{id}`, `/v1/batches/{id}/errors` and the batch report
+//! (`/report` as JSON, `/report.csv` with the rejected rows): every query is scoped to the caller's client, so another client's ids answer 404.
 //! Once the report job has stored a batch's report, that copy is served; before, the report
 //! is built on request. Also `/v1/webhooks/secret`, the key the client's webhooks are
 //! signed with.
@@ -13,7 +12,6 @@ use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use dataflow_contracts::http::{
     BatchListQuery, BatchPage, BatchReport, BatchView, ErrorBody, ErrorPageQuery, RecordErrorPage,
-    RecordView,
 };
 use dataflow_contracts::jobs::WebhookSecret;
 use dataflow_contracts::{BatchId, BatchStatus};
@@ -34,7 +32,6 @@ pub fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(errors))
         .routes(routes!(report))
         .routes(routes!(report_csv))
-        .routes(routes!(record))
         .routes(routes!(webhook_secret))
 }
 
@@ -253,30 +250,4 @@ pub(crate) async fn rejected_rows_csv(db: Db, id: BatchId) -> ApiResult<Response
         }
     });
     Ok((headers, Body::from_stream(pages)).into_response())
-}
-
-/// A stored record, by the value of the policy's `key_field`.
-#[utoipa::path(
-    get,
-    path = "/records/{key}",
-    operation_id = "get_record",
-    tag = "batches",
-    params(("key" = String, Path, description = "The record's key")),
-    responses(
-        (status = 200, description = "The record", body = RecordView),
-        (status = 404, description = "No such record for this client", body = ErrorBody),
-    ),
-)]
-async fn record(
-    State(state): State<AppState>,
-    p: Principal,
-    PathParam(key): PathParam,
-) -> ApiResult<Json<RecordView>> {
-    // No stored key holds a NUL (or is longer than the key limit), and PostgreSQL would
-    // refuse the parameter outright.
-    if key.contains('\0') || key.len() > dataflow_contracts::MAX_RECORD_KEY_BYTES {
-        return Err(ApiError::not_found());
-    }
-    let view = state.backends.db.get_record(&p.client.id, &key).await?;
-    view.map(Json).ok_or_else(ApiError::not_found)
 }

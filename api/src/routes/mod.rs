@@ -7,6 +7,7 @@ mod dry_run;
 pub mod health;
 pub mod imports;
 pub mod metrics;
+pub mod records;
 pub mod schemas;
 pub mod summaries;
 

@@ -97,13 +97,9 @@ pub struct FieldChange {
 /// (then the fields only `old` has). Values are compared as JSON, and numbers also by
 /// their digits (`1.50` replacing `1.5` is a change: the checksum sees one).
 pub fn field_changes(old: &str, new: &str) -> Vec<FieldChange> {
-    let fields = |text: &str| -> Vec<(String, Box<RawValue>)> {
-        // Both sides are JSON objects (the ledger holds nothing else); a side that is not
-        // reads as empty and every field shows as added or removed.
-        serde_json::from_str::<ordered::Fields>(text)
-            .map(|f| f.0)
-            .unwrap_or_default()
-    };
+    // Both sides are JSON objects (the ledger holds nothing else); a side that is not reads
+    // as empty and every field shows as added or removed.
+    let fields = |text: &str| object_fields(text).unwrap_or_default();
     let (old, new) = (fields(old), fields(new));
     let mut changes = Vec::new();
     for (name, value) in &new {
@@ -126,6 +122,14 @@ pub fn field_changes(old: &str, new: &str) -> Vec<FieldChange> {
         }
     }
     changes
+}
+
+/// A JSON object's fields in their order, each value as its JSON text (`serde_json`'s own
+/// map would sort them and read numbers into floats); `None` when `text` is not an object.
+pub fn object_fields(text: &str) -> Option<Vec<(String, Box<RawValue>)>> {
+    serde_json::from_str::<ordered::Fields>(text)
+        .ok()
+        .map(|f| f.0)
 }
 
 /// Equal as JSON, and as written where either is a number.

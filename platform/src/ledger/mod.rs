@@ -44,6 +44,7 @@ pub use imports::{IdempotencyClaim, IdempotencyStart, NewImport, SubmitOutcome};
 pub use jobs::{Failure, Handover, JobFilter};
 pub use operator::{BatchFilter, BatchRow, Throughput};
 pub use outbox::OutboxRow;
+pub use records::RecordFilter;
 
 use std::path::Path;
 use std::sync::Arc;
