@@ -103,6 +103,18 @@ pub struct BatchCompleted {
     pub records_superseded: u64,
     pub records_failed: u64,
     pub duration_ms: u64,
+    /// The numbers of the first and the last record change the batch made in the client's
+    /// changes feed (`GET /v1/changes?after=<first - 1>` starts at its first); absent when it
+    /// changed no record. Other batches' changes may fall between.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub changes: Option<ChangeRange>,
+}
+
+/// A span of change numbers, both ends included.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChangeRange {
+    pub first: u64,
+    pub last: u64,
 }
 
 /// One attempt failed; the batch is retried at `retry_at` unless it went `dead`.
@@ -152,6 +164,7 @@ mod tests {
                 records_superseded: 0,
                 records_failed: 1,
                 duration_ms: 12,
+                changes: None,
             }),
         );
         let v = serde_json::to_value(&env).unwrap();
@@ -182,6 +195,7 @@ mod tests {
                 records_superseded: 0,
                 records_failed: 1,
                 duration_ms: 12,
+                changes: None,
             }),
             Event::BatchFailed(BatchFailed {
                 attempt: 1,

@@ -443,6 +443,44 @@ pub struct RecordPage {
     pub next_cursor: Option<String>,
 }
 
+/// One change to a record, as `GET /v1/changes` lists them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct RecordChangeView {
+    /// Its number in the client's feed: 1, 2, … in the order the changes committed.
+    pub seq: u64,
+    pub key: String,
+    /// `inserted`, `updated` or `deleted`.
+    pub kind: String,
+    /// The batch that made it; `null` for a deletion through the API.
+    pub batch_id: Option<BatchId>,
+    /// The record after the change; `null` when it was deleted.
+    pub data: Option<RawJson>,
+    pub changed_at: String,
+}
+
+/// `GET /v1/changes`: the next changes after the cursor.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ChangePage {
+    pub items: Vec<RecordChangeView>,
+    /// Pass as `after` next time: the last change listed, or the `after` given when there
+    /// is none yet (poll again with it).
+    pub cursor: String,
+    /// More changes follow right away.
+    pub more: bool,
+}
+
+/// The query of `GET /v1/changes`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct ChangesQuery {
+    /// A `cursor` from an earlier answer; default: from the first change.
+    pub after: Option<u64>,
+    /// Changes per answer, 1 to 1000 (default 100).
+    #[param(minimum = 1, maximum = 1000)]
+    pub limit: Option<u32>,
+}
+
 /// The query of `GET /v1/records`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]

@@ -22,6 +22,8 @@ backend_tests!(
     the_dashboard_shows_a_clients_schema_and_its_versions,
     a_dry_run_stores_nothing_and_agrees_with_the_import_that_follows,
     records_are_listed_filtered_and_exported,
+    the_changes_feed_lists_every_change_once_in_order,
+    the_feed_has_no_gap_while_batches_commit_at_once,
 );
 
 /// Products: an integer key that also answers to `SKU Code`, a price, a required email, a
@@ -685,4 +687,169 @@ async fn records_are_listed_filtered_and_exported(b: Backend) {
     assert_eq!(rows.len(), 11);
     assert_eq!(rows[1], "k-00,k-00,'=n0,,");
     assert_eq!(rows[4], "k-03,k-03,three,1.50,");
+}
+
+/// Follows the feed from the start, `limit` per request; every change in order.
+async fn follow_feed(t: &TestApp, key: &str, limit: u32) -> Vec<Value> {
+    let mut changes = Vec::new();
+    let mut after = 0u64;
+    loop {
+        let page: Value = t
+            .get(key, &format!("/v1/changes?after={after}&limit={limit}"))
+            .await
+            .json()
+            .await
+            .unwrap();
+        changes.extend(page["items"].as_array().unwrap().iter().cloned());
+        after = page["cursor"].as_str().unwrap().parse().unwrap();
+        if page["more"] == false {
+            return changes;
+        }
+    }
+}
+
+async fn the_changes_feed_lists_every_change_once_in_order(b: Backend) {
+    let Some(t) = TestApp::spawn_with(b, Roles::API, |_| {}).await else {
+        return;
+    };
+    let (_, key) = t.client(json!({})).await;
+    let (_, other) = t.client(json!({})).await;
+    let rows = |range: std::ops::Range<u32>, tag: &str| {
+        let mut s = String::from("id,v\n");
+        for i in range {
+            s.push_str(&format!("k{i:02},{tag}\n"));
+        }
+        s
+    };
+    let a = t.import(&key, "text/csv", rows(0..30, "a")).await.batch_id;
+    process(&t, &key, &a).await;
+    // Updates 10 records, leaves 10 as they are, inserts 5.
+    let mut body = rows(10..20, "b");
+    body.push_str(&rows(20..30, "a")["id,v\n".len()..]);
+    body.push_str(&rows(30..35, "b")["id,v\n".len()..]);
+    let b2 = t.import(&key, "text/csv", body).await.batch_id;
+    process(&t, &key, &b2).await;
+    let resp = t
+        .http
+        .delete(t.url("/v1/records/k05"))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 204);
+    let resp = t
+        .http
+        .delete(t.url("/v1/records/k05"))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 404);
+    assert_eq!(t.get(&key, "/v1/records/k05").await.status(), 404);
+
+    let feed = follow_feed(&t, &key, 7).await;
+    let seqs: Vec<u64> = feed.iter().map(|c| c["seq"].as_u64().unwrap()).collect();
+    assert_eq!(
+        seqs,
+        (1..=46).collect::<Vec<u64>>(),
+        "every change once, in order"
+    );
+    let kinds = |batch: &BatchId, kind: &str| {
+        feed.iter()
+            .filter(|c| c["batch_id"] == batch.as_str() && c["kind"] == kind)
+            .count()
+    };
+    assert_eq!((kinds(&a, "inserted"), kinds(&a, "updated")), (30, 0));
+    assert_eq!((kinds(&b2, "inserted"), kinds(&b2, "updated")), (5, 10));
+    let last = feed.last().unwrap();
+    assert_eq!(
+        (
+            &last["key"],
+            &last["kind"],
+            &last["data"],
+            &last["batch_id"]
+        ),
+        (&json!("k05"), &json!("deleted"), &Value::Null, &Value::Null)
+    );
+    let k12: Vec<&Value> = feed.iter().filter(|c| c["key"] == "k12").collect();
+    assert_eq!(k12[1]["data"], json!({"id": "k12", "v": "b"}));
+
+    // Each completion names its span of the feed.
+    for (batch, span) in [(&a, (1, 30)), (&b2, (31, 45))] {
+        let events = t.db.batch_events(batch.as_str()).await.unwrap();
+        let Some(Event::BatchCompleted(done)) = events.last().map(|e| &e.event) else {
+            panic!("{events:?}")
+        };
+        let range = done.changes.unwrap();
+        assert_eq!((range.first, range.last), span);
+    }
+    // A client sees its own feed only; an empty one answers with the cursor it was given.
+    let page: Value = t
+        .get(&other, "/v1/changes?after=3")
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(page, json!({"items": [], "cursor": "3", "more": false}));
+    for bad in ["after=-1", "after=x", "limit=0", "limit=1001"] {
+        assert_eq!(
+            t.get(&key, &format!("/v1/changes?{bad}")).await.status(),
+            400,
+            "{bad}"
+        );
+    }
+}
+
+/// Eight imports of one client processed four at a time, in chunks of ten, while a reader
+/// follows the feed: it never sees a number before a smaller one has committed (which would
+/// be a change it skips), and in the end it has seen every change once.
+async fn the_feed_has_no_gap_while_batches_commit_at_once(b: Backend) {
+    let Some(t) = TestApp::spawn_with(b, Roles::ALL, |c| c.worker.concurrency = 4).await else {
+        return;
+    };
+    let (_, key) = t.client(json!({})).await;
+    let mut batches = Vec::new();
+    for n in 0..8 {
+        let mut body = String::from("id,v\n");
+        for i in 0..200 {
+            body.push_str(&format!("b{n}-{i:03},x\n"));
+        }
+        batches.push(t.import(&key, "text/csv", body).await.batch_id);
+    }
+    let mut seen = 0u64;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while seen < 1_600 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the feed stopped at {seen}"
+        );
+        let resp = t
+            .get(&key, &format!("/v1/changes?after={seen}&limit=1000"))
+            .await;
+        if resp.status() == 429 {
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            continue;
+        }
+        let page: Value = resp.json().await.unwrap();
+        for c in page["items"].as_array().unwrap() {
+            seen += 1;
+            assert_eq!(
+                c["seq"].as_u64().unwrap(),
+                seen,
+                "a change seen out of order"
+            );
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    for batch in &batches {
+        t.wait_for(&key, batch, BatchStatus::Completed).await;
+    }
+    let page: Value = t
+        .get(&key, &format!("/v1/changes?after={seen}"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(page["items"], json!([]), "nothing past the 1,600 changes");
+    t.stop().await;
 }

@@ -1,14 +1,17 @@
 //! `GET /v1/records`: the caller's records in key order — a page as JSON, or, by `Accept`,
 //! every matching record streamed as NDJSON or CSV in constant memory (pages read one after
-//! another, each written out before the next is read) — and `GET /v1/records/{key}`, one.
+//! another, each written out before the next is read) — `GET` and `DELETE
+//! /v1/records/{key}`, and `GET /v1/changes`, the feed of every change to them in order.
 
 use axum::Json;
 use axum::body::{Body, Bytes};
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Query, State};
-use axum::http::{HeaderMap, header};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use dataflow_contracts::http::{ErrorBody, RecordListQuery, RecordPage, RecordView};
+use dataflow_contracts::http::{
+    ChangePage, ChangesQuery, ErrorBody, RecordListQuery, RecordPage, RecordView,
+};
 use dataflow_contracts::{BatchId, ClientId};
 use dataflow_platform::domain::schema::UnknownFields;
 use dataflow_platform::effects::export::{CsvColumns, ndjson_line};
@@ -24,7 +27,8 @@ use crate::state::AppState;
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
         .routes(routes!(list))
-        .routes(routes!(record))
+        .routes(routes!(record, delete))
+        .routes(routes!(changes))
 }
 
 /// Records read per query of an export.
@@ -231,4 +235,76 @@ async fn record(
     }
     let view = state.backends.db.get_record(&p.client.id, &key).await?;
     view.map(Json).ok_or_else(ApiError::not_found)
+}
+
+/// Deletes a record: gone from the ledger, and a `deleted` change in the feed.
+#[utoipa::path(
+    delete,
+    path = "/records/{key}",
+    operation_id = "delete_record",
+    tag = "records",
+    params(("key" = String, Path, description = "The record's key")),
+    responses(
+        (status = 204, description = "Deleted"),
+        (status = 404, description = "No such record for this client", body = ErrorBody),
+    ),
+)]
+async fn delete(
+    State(state): State<AppState>,
+    p: Principal,
+    PathParam(key): PathParam,
+) -> ApiResult<StatusCode> {
+    if key.contains('\0') || key.len() > dataflow_contracts::MAX_RECORD_KEY_BYTES {
+        return Err(ApiError::not_found());
+    }
+    match state.backends.db.delete_record(&p.client.id, &key).await? {
+        Some(_) => Ok(StatusCode::NO_CONTENT),
+        None => Err(ApiError::not_found()),
+    }
+}
+
+/// The caller's record changes after `after`, in the order they committed: every insert,
+/// update and deletion, each once. Follow the feed by passing each answer's `cursor` as the
+/// next `after`; an answer with `more: false` is the end for now.
+#[utoipa::path(
+    get,
+    path = "/changes",
+    operation_id = "list_changes",
+    tag = "records",
+    params(ChangesQuery),
+    responses(
+        (status = 200, description = "The next changes", body = ChangePage),
+        (status = 400, description = "A malformed cursor or a limit out of range",
+         body = ErrorBody),
+    ),
+)]
+async fn changes(
+    State(state): State<AppState>,
+    p: Principal,
+    q: Result<Query<ChangesQuery>, QueryRejection>,
+) -> ApiResult<Json<ChangePage>> {
+    let q = query(q)?;
+    let limit = match q.limit.unwrap_or(100) {
+        n @ 1..=1000 => n,
+        _ => {
+            return Err(ApiError::bad_request(
+                "invalid_limit",
+                "limit must be between 1 and 1000",
+            ));
+        }
+    };
+    let after = q.after.unwrap_or(0);
+    let mut items = state
+        .backends
+        .db
+        .list_changes(&p.client.id, after, limit + 1)
+        .await?;
+    let more = items.len() > limit as usize;
+    items.truncate(limit as usize);
+    let cursor = items.last().map_or(after, |c| c.seq).to_string();
+    Ok(Json(ChangePage {
+        items,
+        cursor,
+        more,
+    }))
 }

@@ -6,7 +6,7 @@
 //! over, the epoch moved on, zero rows match, and the whole transaction rolls back.
 
 use dataflow_contracts::events::{
-    BatchCompleted, BatchDead, BatchFailed, BatchReady, BatchRejected, Envelope, Event,
+    BatchCompleted, BatchDead, BatchFailed, BatchReady, BatchRejected, ChangeRange, Envelope, Event,
 };
 use dataflow_contracts::http::{BatchPage, BatchView, RecordErrorPage, RecordErrorView};
 use dataflow_contracts::time::rfc3339;
@@ -15,6 +15,7 @@ use sqlx::Row;
 use sqlx::any::AnyRow;
 
 use super::clients::{StoredSchema, parse_id, parse_policy};
+use super::records::{ChangeKind, NewChange};
 use super::{Db, Dialect, Tx, count, json_list, split_page};
 use crate::domain::prepare::{Chunk, Prepared, RecordRow, RowError};
 use crate::{Error, Result};
@@ -39,8 +40,8 @@ macro_rules! client_policy {
 /// What an upsert of records does to a record it finds: takes the new values when they
 /// differ (the batch is then the record's last writer), and the newer import's place in the
 /// order of acceptance either way, but only for an import accepted after the one whose
-/// values the record holds, or for a later line of that same import. Returns the batch
-/// that last changed each record it touched.
+/// values the record holds, or for a later line of that same import. Returns each record
+/// it touched with the batch that last changed it and its version (1: just inserted).
 macro_rules! take_newer {
     () => {
         "ON CONFLICT (client_id, record_key) DO UPDATE SET \
@@ -50,11 +51,13 @@ macro_rules! take_newer {
            batch_id = CASE WHEN records.checksum = excluded.checksum \
                       THEN records.batch_id ELSE excluded.batch_id END, \
            updated_at = CASE WHEN records.checksum = excluded.checksum \
-                        THEN records.updated_at ELSE excluded.updated_at END \
+                        THEN records.updated_at ELSE excluded.updated_at END, \
+           version = CASE WHEN records.checksum = excluded.checksum \
+                     THEN records.version ELSE records.version + 1 END \
          WHERE records.accepted_seq < excluded.accepted_seq \
             OR (records.accepted_seq = excluded.accepted_seq \
                 AND records.checksum <> excluded.checksum) \
-         RETURNING batch_id"
+         RETURNING record_key, batch_id, version"
     };
 }
 
@@ -120,6 +123,8 @@ pub struct ChunkResult {
     pub unchanged: u64,
     /// Records left alone because an import accepted after this one holds them.
     pub superseded: u64,
+    /// The numbers its changes took in the client's feed, first and last.
+    pub changes: Option<(i64, i64)>,
 }
 
 /// The outcome of a failed attempt.
@@ -273,8 +278,11 @@ impl Db {
             if touched < records {
                 result.superseded = self.count_newer(tx, lease, &chunk.records).await?;
             }
-            result.written = written;
-            result.unchanged += records - written - result.superseded;
+            result.written = written.len() as u64;
+            result.unchanged += records - result.written - result.superseded;
+            result.changes = self
+                .append_chunk_changes(tx, lease, &chunk.records, written)
+                .await?;
         }
         self.write_errors(tx, lease, &chunk.errors).await?;
         Ok(result)
@@ -315,8 +323,9 @@ impl Db {
         Ok(())
     }
 
-    /// Upserts `records` under [`take_newer!`]: how many it inserted or updated, and how
-    /// many of those it wrote (inserted, or changed the values of).
+    /// Upserts `records` under [`take_newer!`]: how many it inserted or updated, and of
+    /// those the ones it wrote (inserted, or changed the values of), by key with their new
+    /// version.
     ///
     /// An unchanged record is updated too when this import is the newer: it takes this
     /// import's number, so that an import older than both, run later, cannot bring its
@@ -326,18 +335,15 @@ impl Db {
         tx: &mut Tx,
         lease: &Lease,
         records: &[RecordRow],
-    ) -> Result<(u64, u64)> {
+    ) -> Result<(u64, Vec<(String, i64)>)> {
         let sql = self.sql(match self.dialect {
             Dialect::Postgres => concat!(
-                "WITH up AS (INSERT INTO records \
+                "INSERT INTO records \
                    (client_id, record_key, data, checksum, batch_id, accepted_seq, updated_at) \
                  SELECT $1, r.k, r.d::jsonb, r.c, $2, $4, {now} \
                  FROM json_to_recordset($3::json) AS r(k text, d json, c text) ",
-                take_newer!(),
-                ") SELECT COUNT(*) AS touched, \
-                   COUNT(*) FILTER (WHERE batch_id = $2) AS written FROM up"
+                take_newer!()
             ),
-            // SQLite has no INSERT inside WITH: the writers come back one row each.
             Dialect::Sqlite => concat!(
                 "INSERT INTO records \
                    (client_id, record_key, data, checksum, batch_id, accepted_seq, updated_at) \
@@ -346,30 +352,50 @@ impl Db {
                 take_newer!()
             ),
         });
-        let upsert = sqlx::query(sql)
+        let touched = sqlx::query(sql)
             .bind(lease.client_id.as_str())
             .bind(lease.batch_id.as_str())
             .bind(serde_json::to_string(records).unwrap_or_default())
-            .bind(lease.accepted_seq);
-        match self.dialect {
-            Dialect::Postgres => {
-                let row = upsert.fetch_one(&mut **tx).await?;
-                Ok((
-                    count(row.try_get("touched")?),
-                    count(row.try_get("written")?),
-                ))
-            }
-            Dialect::Sqlite => {
-                let writers = upsert.fetch_all(&mut **tx).await?;
-                let mut written = 0;
-                for row in &writers {
-                    if row.try_get::<String, _>("batch_id")? == lease.batch_id.as_str() {
-                        written += 1;
-                    }
-                }
-                Ok((writers.len() as u64, written))
+            .bind(lease.accepted_seq)
+            .fetch_all(&mut **tx)
+            .await?;
+        let mut written = Vec::new();
+        for row in &touched {
+            if row.try_get::<String, _>("batch_id")? == lease.batch_id.as_str() {
+                written.push((row.try_get("record_key")?, row.try_get("version")?));
             }
         }
+        Ok((touched.len() as u64, written))
+    }
+
+    /// Appends the changes a chunk made (`written`, by key with their versions) to the
+    /// client's feed; the numbers taken, first and last.
+    async fn append_chunk_changes(
+        &self,
+        tx: &mut Tx,
+        lease: &Lease,
+        records: &[RecordRow],
+        mut written: Vec<(String, i64)>,
+    ) -> Result<Option<(i64, i64)>> {
+        written.sort_unstable();
+        let changes: Vec<NewChange<'_>> = written
+            .iter()
+            .filter_map(|(key, version)| {
+                // `records` is sorted by key: the chunk's distinct keys in lock order.
+                let at = records.binary_search_by(|r| r.key.as_str().cmp(key)).ok()?;
+                Some(NewChange {
+                    key,
+                    kind: if *version == 1 {
+                        ChangeKind::Inserted
+                    } else {
+                        ChangeKind::Updated
+                    },
+                    data: Some(&records[at].data),
+                })
+            })
+            .collect();
+        self.append_changes(tx, &lease.client_id, Some(&lease.batch_id), &changes)
+            .await
     }
 
     /// How many of `records` a later accepted import holds.
@@ -407,6 +433,8 @@ impl Db {
             "UPDATE batches SET checkpoint = $3, records_written = records_written + $4, \
                  records_unchanged = records_unchanged + $5, records_failed = records_failed + $6, \
                  records_superseded = records_superseded + $8, \
+                 changes_first = COALESCE(changes_first, $9), \
+                 changes_last = COALESCE($10, changes_last), \
                  lease_expires_at = {now} + $7, updated_at = {now} \
              WHERE id = $1 AND lease_epoch = $2 AND status = 'processing'",
         );
@@ -419,6 +447,8 @@ impl Db {
             .bind(chunk.failed as i64)
             .bind(lease_ms)
             .bind(result.superseded as i64)
+            .bind(result.changes.map(|c| c.0))
+            .bind(result.changes.map(|c| c.1))
             .execute(&mut **tx)
             .await?
             .rows_affected();
@@ -448,10 +478,12 @@ impl Db {
                  lease_owner = NULL, lease_expires_at = NULL, last_error = NULL, \
                  checkpoint = COALESCE($3, checkpoint), records_written = records_written + $4, \
                  records_unchanged = records_unchanged + $5, records_failed = records_failed + $6, \
-                 records_superseded = records_superseded + $7 \
+                 records_superseded = records_superseded + $7, \
+                 changes_first = COALESCE(changes_first, $8), \
+                 changes_last = COALESCE($9, changes_last) \
              WHERE id = $1 AND lease_epoch = $2 AND status = 'processing' \
              RETURNING records_total, records_written, records_unchanged, records_superseded, \
-                       records_failed, started_at, completed_at, ",
+                       records_failed, started_at, completed_at, changes_first, changes_last, ",
             client_policy!()
         ));
         let (checkpoint, result, failed) = match last {
@@ -466,6 +498,8 @@ impl Db {
             .bind(result.unchanged as i64)
             .bind(failed)
             .bind(result.superseded as i64)
+            .bind(result.changes.map(|c| c.0))
+            .bind(result.changes.map(|c| c.1))
             .fetch_optional(&mut **tx)
             .await?
         else {
@@ -480,6 +514,16 @@ impl Db {
             records_superseded: count(row.try_get("records_superseded")?),
             records_failed: count(row.try_get("records_failed")?),
             duration_ms: count(completed_at - started_at.unwrap_or(completed_at)),
+            changes: match (
+                row.try_get::<Option<i64>, _>("changes_first")?,
+                row.try_get::<Option<i64>, _>("changes_last")?,
+            ) {
+                (Some(first), Some(last)) => Some(ChangeRange {
+                    first: count(first),
+                    last: count(last),
+                }),
+                _ => None,
+            },
         };
         let event = Event::BatchCompleted(done.clone());
         self.announce(tx, lease, completed_at, event, &row).await?;

@@ -297,6 +297,7 @@ mod tests {
                 records_superseded: 0,
                 records_failed: 0,
                 duration_ms: 1,
+                changes: None,
             }),
             Event::BatchFailed(BatchFailed {
                 attempt: 1,

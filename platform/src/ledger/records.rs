@@ -1,16 +1,44 @@
-//! Stored records: one by key, listings and exports in key order, and the checksums and
-//! values a dry run compares against.
+//! Stored records: one by key, listings and exports in key order, the checksums and values
+//! a dry run compares against, deletion, and the changes feed.
 
 use std::collections::HashMap;
 
-use dataflow_contracts::http::{RawJson, RecordView};
+use dataflow_contracts::http::{RawJson, RecordChangeView, RecordView};
 use dataflow_contracts::time::rfc3339;
 use dataflow_contracts::{BatchId, ClientId};
+use serde_json::value::RawValue;
 use sqlx::Row;
 
 use super::clients::parse_id;
-use super::{Db, Dialect};
+use super::{Db, Dialect, Tx, count};
 use crate::{Error, Result};
+
+/// What happened to a record, as its feed says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChangeKind {
+    Inserted,
+    Updated,
+    Deleted,
+}
+
+impl ChangeKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ChangeKind::Inserted => "inserted",
+            ChangeKind::Updated => "updated",
+            ChangeKind::Deleted => "deleted",
+        }
+    }
+}
+
+/// A change to append to a client's feed.
+#[derive(Debug, Clone)]
+pub struct NewChange<'a> {
+    pub key: &'a str,
+    pub kind: ChangeKind,
+    /// The record after the change; `None` when it was deleted.
+    pub data: Option<&'a RawValue>,
+}
 
 const RECORD_COLUMNS: &str =
     "record_key, CAST(data AS TEXT) AS data, checksum, batch_id, updated_at";
@@ -39,7 +67,7 @@ impl RecordColumns {
         Ok(RecordView {
             key: self.record_key,
             data: RawJson(
-                serde_json::value::RawValue::from_string(self.data)
+                RawValue::from_string(self.data)
                     .map_err(|e| Error::internal("a stored record is not JSON", e))?,
             ),
             checksum: self.checksum,
@@ -50,6 +78,122 @@ impl RecordColumns {
 }
 
 impl Db {
+    /// Appends `changes` to `client`'s feed inside `tx`, numbered after its last; the numbers
+    /// taken, first and last. The counter's row stays locked until `tx` commits, so a
+    /// client's writers commit in the order of their numbers (see the migration), and the
+    /// counter is taken after every record the transaction locks, so no two writers can
+    /// wait on each other for it.
+    pub(super) async fn append_changes(
+        &self,
+        tx: &mut Tx,
+        client: &ClientId,
+        batch: Option<&BatchId>,
+        changes: &[NewChange<'_>],
+    ) -> Result<Option<(i64, i64)>> {
+        if changes.is_empty() {
+            return Ok(None);
+        }
+        let n = changes.len() as i64;
+        let last: i64 = sqlx::query_scalar(
+            "INSERT INTO change_counters (client_id, last) VALUES ($1, $2) \
+             ON CONFLICT (client_id) DO UPDATE SET last = change_counters.last + excluded.last \
+             RETURNING last",
+        )
+        .bind(client.as_str())
+        .bind(n)
+        .fetch_one(&mut **tx)
+        .await?;
+        let first = last - n + 1;
+        #[derive(serde::Serialize)]
+        struct Row<'a> {
+            s: i64,
+            k: &'a str,
+            kind: &'a str,
+            d: Option<&'a RawValue>,
+        }
+        let rows: Vec<Row<'_>> = changes
+            .iter()
+            .zip(first..)
+            .map(|(c, seq)| Row {
+                s: seq,
+                k: c.key,
+                kind: c.kind.as_str(),
+                d: c.data,
+            })
+            .collect();
+        let sql = self.sql(match self.dialect {
+            Dialect::Postgres => {
+                "INSERT INTO record_changes \
+                   (client_id, seq, record_key, kind, batch_id, data, changed_at) \
+                 SELECT $1, r.s, r.k, r.kind, $2, r.d::jsonb, {now} \
+                 FROM json_to_recordset($3::json) AS r(s bigint, k text, kind text, d json)"
+            }
+            Dialect::Sqlite => {
+                "INSERT INTO record_changes \
+                   (client_id, seq, record_key, kind, batch_id, data, changed_at) \
+                 SELECT $1, value ->> 's', value ->> 'k', value ->> 'kind', $2, \
+                        CASE WHEN value ->> 'd' IS NULL THEN NULL ELSE json(value -> 'd') END, \
+                        {now} \
+                 FROM json_each($3)"
+            }
+        });
+        sqlx::query(sql)
+            .bind(client.as_str())
+            .bind(batch.map(BatchId::as_str))
+            .bind(serde_json::to_string(&rows).unwrap_or_default())
+            .execute(&mut **tx)
+            .await?;
+        Ok(Some((first, last)))
+    }
+
+    /// Deletes one of `client`'s records, a change in its feed; the change's number, or
+    /// `None` when there was no such record.
+    pub async fn delete_record(&self, client: &ClientId, key: &str) -> Result<Option<u64>> {
+        let mut tx = self.begin_write().await?;
+        let deleted = async {
+            let gone: Option<String> = sqlx::query_scalar(
+                "DELETE FROM records WHERE client_id = $1 AND record_key = $2 RETURNING record_key",
+            )
+            .bind(client.as_str())
+            .bind(key)
+            .fetch_optional(&mut *tx)
+            .await?;
+            if gone.is_none() {
+                return Ok(None);
+            }
+            let change = NewChange {
+                key,
+                kind: ChangeKind::Deleted,
+                data: None,
+            };
+            let numbers = self
+                .append_changes(&mut tx, client, None, &[change])
+                .await?;
+            Ok(numbers.map(|(_, last)| count(last)))
+        }
+        .await;
+        tx.end(deleted).await
+    }
+
+    /// `client`'s record changes after number `after`, in order, at most `limit`.
+    pub async fn list_changes(
+        &self,
+        client: &ClientId,
+        after: u64,
+        limit: u32,
+    ) -> Result<Vec<RecordChangeView>> {
+        let rows = sqlx::query_as::<_, ChangeColumns>(
+            "SELECT seq, record_key, kind, batch_id, CAST(data AS TEXT) AS data, changed_at \
+             FROM record_changes WHERE client_id = $1 AND seq > $2 ORDER BY seq LIMIT $3",
+        )
+        .bind(client.as_str())
+        .bind(i64::try_from(after).unwrap_or(i64::MAX))
+        .bind(i64::from(limit))
+        .fetch_all(self.pool())
+        .await?;
+        rows.into_iter().map(ChangeColumns::view).collect()
+    }
+
     /// One stored record of a client.
     pub async fn get_record(&self, client: &ClientId, key: &str) -> Result<Option<RecordView>> {
         let sql = sqlx::AssertSqlSafe(format!(
@@ -137,5 +281,35 @@ impl Db {
         rows.iter()
             .map(|r| Ok((r.try_get("record_key")?, r.try_get("v")?)))
             .collect()
+    }
+}
+
+#[derive(sqlx::FromRow)]
+struct ChangeColumns {
+    seq: i64,
+    record_key: String,
+    kind: String,
+    batch_id: Option<String>,
+    data: Option<String>,
+    changed_at: i64,
+}
+
+impl ChangeColumns {
+    fn view(self) -> Result<RecordChangeView> {
+        Ok(RecordChangeView {
+            seq: count(self.seq),
+            key: self.record_key,
+            kind: self.kind,
+            batch_id: self.batch_id.map(parse_id).transpose()?,
+            data: self
+                .data
+                .map(|d| {
+                    RawValue::from_string(d)
+                        .map(RawJson)
+                        .map_err(|e| Error::internal("a stored change is not JSON", e))
+                })
+                .transpose()?,
+            changed_at: rfc3339(self.changed_at),
+        })
     }
 }
