@@ -143,7 +143,7 @@ pub struct SchemaView {
     /// Whether new imports are checked with this version.
     pub current: bool,
     pub created_at: String,
-    /// The Frictionless Table Schema document as it was set.
+    /// The Frictionless Table Schema document as it was set (stored as compact JSON).
     #[schema(value_type = Object)]
     pub schema: serde_json::Value,
 }
@@ -251,7 +251,8 @@ pub struct FieldChangeView {
 
 /// JSON text passed through as it is (a record's fields as stored, a field's value), so a
 /// number keeps every digit it was written with (`1.50` stays `1.50`; read into a float it
-/// would not).
+/// would not). PostgreSQL's `jsonb` writes a number with an exponent out in full (`1.5e3`
+/// as `1500`).
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(transparent)]
 #[schema(value_type = Value)]

@@ -1,8 +1,8 @@
 -- Client schemas, typed records and row errors by cell (postgres). Keep in step with
 -- migrations/sqlite/0015_schemas.sql.
 
--- Every version of every client's schema (a Frictionless Table Schema as JSON text, as it
--- was sent). Versions are never changed or removed: a batch names the one it was checked
+-- Every version of every client's schema (a Frictionless Table Schema as compact JSON
+-- text). Versions are never changed or removed: a batch names the one it was checked
 -- with, through every retry.
 CREATE TABLE client_schemas (
     client_id  TEXT COLLATE "C" NOT NULL REFERENCES clients(id),

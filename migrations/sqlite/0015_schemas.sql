@@ -1,8 +1,8 @@
 -- Client schemas, typed records and row errors by cell (SQLite). Keep in step with
 -- migrations/postgres/0015_schemas.sql.
 
--- Every version of every client's schema (a Frictionless Table Schema as JSON text, as it
--- was sent). Versions are never changed or removed: a batch names the one it was checked
+-- Every version of every client's schema (a Frictionless Table Schema as compact JSON
+-- text). Versions are never changed or removed: a batch names the one it was checked
 -- with, through every retry.
 CREATE TABLE client_schemas (
     client_id  TEXT NOT NULL REFERENCES clients(id),

@@ -183,6 +183,23 @@ async fn a_schema_is_versioned_and_a_batch_keeps_the_version_it_was_accepted_wit
         .await
         .unwrap();
     assert_eq!(resp.status(), 200);
+
+    // A schema keyed by the policy's key field holds the policy to it.
+    let by_policy = json!({"fields": [{"name": "id"}, {"name": "x"}]});
+    set_schema(&t, &client, &by_policy).await;
+    let patch = |key_field: &str| {
+        t.admin(Method::PATCH, &format!("/admin/clients/{client}/policy"))
+            .json(&json!({"key_field": key_field}))
+            .send()
+    };
+    let resp = patch("sku").await.unwrap();
+    assert_eq!(resp.status(), 422);
+    let body: Value = resp.json().await.unwrap();
+    assert!(
+        body["detail"].as_str().unwrap().contains("primaryKey"),
+        "{body}"
+    );
+    assert_eq!(patch("x").await.unwrap().status(), 200);
 }
 
 async fn records_are_stored_typed_and_each_refused_cell_is_reported(b: Backend) {

@@ -333,14 +333,11 @@ impl Worker {
         let body = self.db.load_payload(&lease.batch_id).await?;
         let chunk_size = self.config.chunk_size;
         let (format, policy, checkpoint) = (lease.format, lease.policy.clone(), lease.checkpoint);
-        let schema = match &lease.schema {
-            Some(s) => Some(
-                self.schemas
-                    .get(&lease.client_id, s.version, &s.document)
-                    .map_err(|e| Error::stored(format!("schema version {}: {e}", s.version)))?,
-            ),
-            None => None,
-        };
+        let schema = lease
+            .schema
+            .as_ref()
+            .map(|s| s.compiled(&lease.client_id, &self.schemas))
+            .transpose()?;
         let limits = Limits {
             max_records: u64::MAX,
             max_field_bytes: usize::MAX,

@@ -311,17 +311,12 @@ pub(super) async fn admit(
         tokio::task::spawn_blocking(move || records::validate(format, &parse_body, limits))
             .await
             .map_err(|e| dataflow_platform::Error::internal("validating the records", e))??;
-    let schema = match &p.client.schema {
-        Some(s) => Some(
-            state
-                .schemas
-                .get(&p.client.id, s.version, &s.document)
-                .map_err(|e| {
-                    dataflow_platform::Error::stored(format!("schema version {}: {e}", s.version))
-                })?,
-        ),
-        None => None,
-    };
+    let schema = p
+        .client
+        .schema
+        .as_ref()
+        .map(|s| s.compiled(&p.client.id, &state.schemas))
+        .transpose()?;
     if let Some(columns) = &summary.columns {
         let errors = header_errors(Rules::of(schema.as_deref(), policy, false), columns);
         if let Some(first) = errors.first() {

@@ -142,10 +142,7 @@ async fn list(
     let columns = match shape {
         Shape::Csv => Some(match &p.client.schema {
             Some(s) => {
-                let schema = state
-                    .schemas
-                    .get(&client, s.version, &s.document)
-                    .map_err(|e| dataflow_platform::Error::stored(format!("schema: {e}")))?;
+                let schema = s.compiled(&client, &state.schemas)?;
                 CsvColumns::of_schema(
                     schema.fields.iter().map(|f| f.name.clone()).collect(),
                     schema.unknown_fields == UnknownFields::Keep,

@@ -266,10 +266,10 @@ pub async fn detail(
             } @else {
                 p { @for (code, n) in &by_code { span.chip { (code) " × " (n) } " " } }
                 table {
-                    thead { tr { th.num { "Line" } th { "Field" } th { "Code" } th { "Detail" } } }
+                    thead { tr { th.num { "Line" } th { "Field" } th { "Code" } th { "Detail" } th { "Value" } } }
                     tbody {
                         @for e in &errors.items {
-                            tr { td.num { (e.line) } td { (e.field.as_deref().unwrap_or("")) } td { (e.code) } td { (e.detail) } }
+                            tr { td.num { (e.line) } td { (e.field.as_deref().unwrap_or("")) } td { (e.code) } td { (e.detail) } td.mono { (e.value.as_deref().unwrap_or("")) } }
                         }
                     }
                 }

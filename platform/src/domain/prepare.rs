@@ -87,11 +87,17 @@ pub fn header_errors(rules: Rules<'_>, columns: &[String]) -> Vec<RowError> {
             schema, key_field, ..
         } => {
             let mut errors = schema.check_columns(columns.iter().map(String::as_str));
-            let keyed_by_field = schema.primary_key.is_empty();
-            if keyed_by_field
-                && schema.field_for(key_field).is_none()
-                && !columns.iter().any(|c| c == key_field)
-            {
+            // Without a primary key the policy's key field names records: some column must
+            // hold it (the schema's field of that name, by name or alias, or a column kept
+            // as it came), required by the schema or not.
+            let key_column = match schema.field_for(key_field) {
+                Some(field) => columns.iter().any(|c| field.names(c)),
+                None => columns.iter().any(|c| c == key_field),
+            };
+            let reported = errors
+                .iter()
+                .any(|e| e.code == "missing_field" && e.field == key_field);
+            if schema.primary_key.is_empty() && !key_column && !reported {
                 errors.push(crate::domain::schema::FieldError {
                     field: key_field.to_owned(),
                     code: "missing_field",
@@ -154,10 +160,9 @@ pub struct Chunk {
 pub struct Prepared {
     /// The chunks after the checkpoint, in file order.
     pub chunks: VecDeque<Chunk>,
-    /// Records in the whole file.
+    /// Records of the file after the checkpoint (the whole file when it is 0).
     pub records: u64,
-    /// Records of the whole file refused: the same on every attempt, as the file and the
-    /// rules are.
+    /// Of those, refused: the same on every attempt, as the file and the rules are.
     pub failed: u64,
 }
 
@@ -177,21 +182,23 @@ impl Prepared {
 
 fn refusal(records: u64, failed: u64, max_ratio: Option<f64>) -> Option<String> {
     let limit = max_ratio?;
-    if records == 0 || failed as f64 <= limit * records as f64 {
+    // The share against the limit as written (0.29 × 100 is 28.999… in floating point: 29 of
+    // 100 must pass a limit of 0.29).
+    let share = failed as f64 / records.max(1) as f64;
+    if share <= limit {
         return None;
     }
     Some(format!(
-        "{failed} of {records} records were refused ({:.1} %), more than the {} % the error \
-         threshold allows, so the batch writes none of them. Fix the rows the error report \
-         lists and import the file again.",
-        100.0 * failed as f64 / records as f64,
-        limit * 100.0
+        "{failed} of {records} records were refused ({:.1} %), more than the share of {limit} \
+         the error threshold allows, so the batch writes none of them. Fix the rows the error \
+         report lists and import the file again.",
+        100.0 * share,
     ))
 }
 
-/// Prepares a batch's file: every record is checked (a `unique` value holds across the
-/// whole file, and the refusal counts the whole file), those after `checkpoint` are cut
-/// into chunks of `chunk_size`.
+/// Prepares a batch's file: the records after `checkpoint` are checked and cut into chunks
+/// of `chunk_size` (those before are read for their `unique` values, which hold across the
+/// whole file).
 pub fn prepare(
     records: &[Record],
     rules: Rules<'_>,
@@ -202,7 +209,7 @@ pub fn prepare(
     let skip = usize::try_from(checkpoint)
         .unwrap_or(usize::MAX)
         .min(records.len());
-    preparer.check(&records[..skip]);
+    preparer.skip(&records[..skip]);
     let mut chunks = VecDeque::new();
     let mut done = skip as u64;
     for slice in records[skip..].chunks(chunk_size.max(1)) {
@@ -238,12 +245,16 @@ impl<'a> Preparer<'a> {
         }
     }
 
-    /// Checks records that are not to be written (those a resumed batch committed before).
-    pub fn check(&mut self, records: &[Record]) {
-        for record in records {
-            self.records += 1;
-            if prepare_record(record, self.rules, &mut self.seen).is_err() {
-                self.failed += 1;
+    /// Reads records a resumed batch committed before, for what the records after them
+    /// are checked against: the `unique` values they hold. They are not counted: the
+    /// refusal was decided before the first chunk.
+    pub fn skip(&mut self, records: &[Record]) {
+        if let Rules::Schema { schema, .. } = self.rules
+            && schema.fields.iter().any(|f| f.unique)
+        {
+            for record in records {
+                let mut row = schema.check_row(&record.fields);
+                schema.check_unique(&mut row, &mut self.seen);
             }
         }
     }
@@ -643,6 +654,26 @@ mod tests {
     }
 
     #[test]
+    fn a_header_without_the_key_column_is_refused_whatever_the_field_requires() {
+        let s = schema(json!({"fields": [{"name": "id", "aliases": ["Ref"]}, {"name": "x"}]}));
+        let cols = |c: &[&str]| c.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let codes = |c: &[&str]| -> Vec<(String, String)> {
+            header_errors(typed(&s), &cols(c))
+                .into_iter()
+                .map(|e| (e.field.unwrap(), e.code))
+                .collect()
+        };
+        assert_eq!(
+            codes(&["x"]),
+            [("id".to_owned(), "missing_field".to_owned())]
+        );
+        assert!(codes(&["REF", "x"]).is_empty(), "an alias holds it");
+        let keyed =
+            schema(json!({"fields": [{"name": "sku"}, {"name": "id"}], "primaryKey": "sku"}));
+        assert!(header_errors(typed(&keyed), &cols(&["sku"])).is_empty());
+    }
+
+    #[test]
     fn a_file_is_refused_only_above_its_threshold() {
         let p = Policy::default();
         let records: Vec<Record> = (0..10)
@@ -665,6 +696,9 @@ mod tests {
             None,
             "exactly at the threshold"
         );
+        let at = |failed, records, limit| refusal(records, failed, Some(limit)).is_none();
+        assert!(at(29, 100, 0.29) && at(1, 3, 1.0 / 3.0) && at(0, 0, 0.0));
+        assert!(!at(30, 100, 0.29));
         let why = prepared.refusal(Some(0.25)).unwrap();
         assert!(
             why.starts_with("3 of 10 records were refused (30.0 %)"),

@@ -468,6 +468,7 @@ impl Schema {
             };
         }
         let cell = field.kind.cast(&value)?;
+        storable(&cell)?;
         field.check(&cell)?;
         Ok(cell)
     }
@@ -482,6 +483,40 @@ fn header_key(label: &str) -> String {
         .collect()
 }
 
+/// Most digits, and the largest exponent either way, of a number DataFlow stores: far past
+/// any measured quantity, and inside what PostgreSQL's `numeric` (which `jsonb` uses) can
+/// hold, so a value typed here is one the ledger accepts, on either database.
+const MAX_DIGITS: usize = 1_000;
+const MAX_EXPONENT: i64 = 1_000;
+
+/// Refuses a typed value the ledger could not store: a number past [`MAX_DIGITS`] or
+/// [`MAX_EXPONENT`], or JSON holding a NUL character (PostgreSQL's `jsonb` refuses
+/// `\u0000`; a text cell cannot hold one, the parser refuses it).
+fn storable(cell: &Cell) -> Result<(), CellError> {
+    match cell {
+        Cell::Number(n) => {
+            let (mantissa, exponent) = n.split_once('e').unwrap_or((n, "0"));
+            let digits = mantissa.bytes().filter(u8::is_ascii_digit).count();
+            let exponent: i64 = exponent.parse().unwrap_or(i64::MAX);
+            if digits > MAX_DIGITS || exponent.unsigned_abs() > MAX_EXPONENT.unsigned_abs() {
+                return Err(error(
+                    "type",
+                    format!(
+                        "`{}` is out of range: at most {MAX_DIGITS} digits and an exponent \
+                         of at most {MAX_EXPONENT} either way",
+                        truncated(n)
+                    ),
+                ));
+            }
+        }
+        Cell::Json(v) if v.to_string().contains("\\u0000") => {
+            return Err(error("type", "contains a NUL character (\\u0000)"));
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
 fn error(code: &'static str, detail: impl Into<String>) -> CellError {
     CellError {
         code,
@@ -491,7 +526,7 @@ fn error(code: &'static str, detail: impl Into<String>) -> CellError {
 
 impl Field {
     /// Whether `label` names this field (its name or an alias, ignoring case and spaces).
-    fn names(&self, label: &str) -> bool {
+    pub fn names(&self, label: &str) -> bool {
         self.keys.contains(&header_key(label))
     }
 
@@ -1111,6 +1146,28 @@ mod tests {
             cell(&s, "when", json!("2027-01-01")).unwrap_err().code,
             "constraint.maximum"
         );
+    }
+
+    /// What PostgreSQL's `jsonb` would refuse is a cell error, not a failed batch.
+    #[test]
+    fn a_value_the_ledger_cannot_store_is_refused() {
+        let s = Schema::parse(
+            &json!({"fields": [
+                {"name": "n", "type": "number"}, {"name": "i", "type": "integer"},
+                {"name": "o", "type": "object"}, {"name": "a", "type": "any"}
+            ]})
+            .to_string(),
+        )
+        .unwrap();
+        let code = |f: &str, v: Value| cell(&s, f, v).err().map(|e| e.code);
+        assert_eq!(code("n", json!("1e1000")), None);
+        assert_eq!(code("n", json!("-1.5E-1000")), None);
+        assert_eq!(code("n", json!("1e1001")), Some("type"));
+        assert_eq!(code("n", json!("1e-9223372036854775808")), Some("type"));
+        assert_eq!(code("i", json!("9".repeat(1_001))), Some("type"));
+        assert_eq!(code("o", json!(r#"{"a": "\u0000"}"#)), Some("type"));
+        assert_eq!(code("a", json!({"a": "\u{0}"})), Some("type"));
+        assert_eq!(code("o", json!(r#"{"a": "\u0001"}"#)), None);
     }
 
     #[test]

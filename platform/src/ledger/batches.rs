@@ -543,7 +543,9 @@ impl Db {
     ) -> Result<()> {
         let mut tx = self.begin_write().await?;
         let refused = async {
-            self.write_errors(&mut tx, lease, prepared.errors()).await?;
+            // The fenced update first: it locks the batch's row, so a worker that takes the
+            // batch over while the errors are written finds it rejected, rather than this
+            // transaction finding its lease gone after all the writing.
             let sql = self.sql(concat!(
                 "UPDATE batches SET status = 'rejected', completed_at = {now}, updated_at = {now}, \
                      lease_owner = NULL, lease_expires_at = NULL, last_error = $3, \
@@ -562,6 +564,7 @@ impl Db {
             else {
                 return Err(fence_rejected(lease));
             };
+            self.write_errors(&mut tx, lease, prepared.errors()).await?;
             let event = Event::BatchRejected(BatchRejected {
                 reason: reason.to_owned(),
                 code: Some(BatchRejected::TOO_MANY_ERRORS.into()),
@@ -948,18 +951,7 @@ impl LeaseColumns {
             format: self.format.parse().map_err(Error::stored)?,
             policy: parse_policy(&self.policy)?,
             waited_ms: count(self.waited_ms),
-            schema: match (self.schema_version, self.schema_document) {
-                (Some(version), Some(document)) => Some(StoredSchema {
-                    version: count(version),
-                    document,
-                }),
-                (Some(version), None) => {
-                    return Err(Error::stored(format!(
-                        "the batch's schema version {version} is not stored"
-                    )));
-                }
-                _ => None,
-            },
+            schema: StoredSchema::from_columns(self.schema_version, self.schema_document)?,
         })
     }
 }

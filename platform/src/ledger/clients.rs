@@ -3,10 +3,14 @@
 use dataflow_contracts::http::{ClientView, KeyView};
 use dataflow_contracts::time::rfc3339;
 use dataflow_contracts::{ClientId, Policy};
+use std::sync::Arc;
+
 use serde::{Deserialize, Serialize};
 use sqlx::Row;
 
 use super::{Db, count, flag};
+use crate::domain::compiled::CompiledSchemas;
+use crate::domain::schema::Schema;
 use crate::{Error, Result};
 
 /// What authentication needs to know about a key.
@@ -32,11 +36,38 @@ pub struct ClientRecord {
     pub schema: Option<StoredSchema>,
 }
 
-/// One version of a client's schema as stored: the document as it was set.
+/// One version of a client's schema as stored: the document as it was set. (Shared, not
+/// copied: every request of the client carries it.)
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StoredSchema {
     pub version: u64,
-    pub document: String,
+    pub document: Arc<str>,
+}
+
+impl StoredSchema {
+    /// The version a row names with its document; a version without one is a fault.
+    pub(super) fn from_columns(
+        version: Option<i64>,
+        document: Option<String>,
+    ) -> Result<Option<StoredSchema>> {
+        match (version, document) {
+            (Some(version), Some(document)) => Ok(Some(StoredSchema {
+                version: count(version),
+                document: document.into(),
+            })),
+            (Some(version), None) => Err(Error::stored(format!(
+                "schema version {version} is not stored"
+            ))),
+            (None, _) => Ok(None),
+        }
+    }
+
+    /// Compiled (once per process, through `memo`); a stored version that does not compile
+    /// any more is a fault of the ledger, not of the caller.
+    pub fn compiled(&self, client: &ClientId, memo: &CompiledSchemas) -> Result<Arc<Schema>> {
+        memo.get(client, self.version, &self.document)
+            .map_err(|e| Error::stored(format!("schema version {}: {e}", self.version)))
+    }
 }
 
 impl ClientRecord {
@@ -77,13 +108,7 @@ impl ClientColumns {
             active: flag(self.active),
             policy: parse_policy(&self.policy)?,
             created_at: self.created_at,
-            schema: match (self.schema_version, self.schema_document) {
-                (Some(version), Some(document)) => Some(StoredSchema {
-                    version: count(version),
-                    document,
-                }),
-                _ => None,
-            },
+            schema: StoredSchema::from_columns(self.schema_version, self.schema_document)?,
         })
     }
 }
@@ -163,6 +188,10 @@ impl Db {
 
     pub async fn set_policy(&self, id: &ClientId, policy: &Policy) -> Result<ClientRecord> {
         policy.validate().map_err(Error::Invalid)?;
+        // A new key field must still name the records of the client's schema.
+        if let Some(current) = self.get_client(id).await?.and_then(|c| c.schema) {
+            super::schemas::check_keyed(&super::schemas::parse(&current.document)?, policy)?;
+        }
         let sql = self.sql(&format!(
             "UPDATE clients SET policy = $2, updated_at = {{now}} WHERE id = $1 \
              RETURNING {CLIENT_COLUMNS}"

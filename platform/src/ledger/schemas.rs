@@ -36,16 +36,20 @@ impl SchemaColumns {
     }
 }
 
-/// Checks a schema document as a client's next version: one DataFlow can use, that
-/// identifies records (a `primaryKey`, or a field named like the policy's key field).
-/// The message names the property at fault.
-pub fn check(document: &str, policy: &Policy) -> Result<Schema> {
+/// Reads a schema document set for a client: one DataFlow can use, or a refusal naming the
+/// property at fault.
+pub fn parse(document: &str) -> Result<Schema> {
     if document.len() > MAX_SCHEMA_BYTES {
         return Err(Error::Invalid(format!(
             "schema: larger than {MAX_SCHEMA_BYTES} bytes"
         )));
     }
-    let schema = Schema::parse(document).map_err(|e| Error::Invalid(e.to_string()))?;
+    Schema::parse(document).map_err(|e| Error::Invalid(e.to_string()))
+}
+
+/// Whether `schema` identifies records under `policy`: by its `primaryKey`, or by a field
+/// named like the policy's key field (or a column of that name kept as it came).
+pub fn check_keyed(schema: &Schema, policy: &Policy) -> Result<()> {
     let keyed = !schema.primary_key.is_empty()
         || schema.fields.iter().any(|f| f.name == policy.key_field)
         || schema.unknown_fields == UnknownFields::Keep;
@@ -56,12 +60,15 @@ pub fn check(document: &str, policy: &Policy) -> Result<Schema> {
             policy.key_field
         )));
     }
-    Ok(schema)
+    Ok(())
 }
 
 impl Db {
     /// Stores `document` as the next version of `client`'s schema and makes it current.
     pub async fn set_schema(&self, client: &ClientId, document: &str) -> Result<SchemaView> {
+        // Compiled before the write transaction: its patterns take time, and on SQLite the
+        // transaction holds the only write lock.
+        let schema = parse(document)?;
         let mut tx = self.begin_write().await?;
         let set = async {
             // Locks the client's row, so that two changes at once take two versions.
@@ -72,7 +79,7 @@ impl Db {
             .fetch_optional(&mut *tx)
             .await?;
             let policy = parse_policy(&policy.ok_or(Error::NotFound)?)?;
-            check(document, &policy)?;
+            check_keyed(&schema, &policy)?;
             let row = sqlx::query_as::<_, SchemaColumns>(self.sql(
                 "INSERT INTO client_schemas (client_id, version, document, created_at) \
                  SELECT $1, COALESCE(MAX(version), 0) + 1, $2, {now} \
