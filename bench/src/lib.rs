@@ -11,9 +11,13 @@
 //!
 //! `dataflow-bench amqp` ([`amqp`]): commit → worker start with the broker and with polling
 //! only, and the outbox relay's events/s against raw lapin publishing.
+//!
+//! `dataflow-bench records` ([`records`]): a dry run against a full table, and an export
+//! of every record, with the peak memory of each.
 
 pub mod amqp;
 pub mod jobs;
+pub mod records;
 
 use std::time::{Duration, Instant};
 
@@ -48,6 +52,14 @@ pub struct IngestArgs {
     /// (`sqlite_durable_commits = false`), to measure what durability costs.
     #[arg(long)]
     pub fast_commits: bool,
+    /// Rows of ten fields (integers, a number, a date, a datetime, an email, an enum, a
+    /// pattern, text) instead of six.
+    #[arg(long)]
+    pub ten_fields: bool,
+    /// Gives the client a schema that types and checks the ten fields (what typing costs:
+    /// compare with `--ten-fields` alone).
+    #[arg(long, requires = "ten_fields")]
+    pub schema: bool,
 }
 
 pub async fn ingest(args: IngestArgs) -> anyhow::Result<()> {
@@ -124,56 +136,36 @@ async fn run_ingest(args: &IngestArgs, config: Config, backend: &str) -> anyhow:
     };
     let (app, addr, token) = start_with_client(config, Roles::ALL, &policy).await?;
     let db = app.backends.db.clone();
+    if args.schema {
+        let client = db.list_clients().await?.remove(0);
+        db.set_schema(&client.id, &typed_schema().to_string())
+            .await?;
+    }
 
     let bodies: Vec<String> = (0..args.imports)
-        .map(|i| csv_body(i, args.records))
+        .map(|i| {
+            if args.ten_fields {
+                ten_field_body(i, args.records)
+            } else {
+                csv_body(i, args.records)
+            }
+        })
         .collect();
     let bytes: usize = bodies.iter().map(String::len).sum();
-    let http = reqwest::Client::new();
     let started = Instant::now();
-    for body in bodies {
-        let resp = http
-            .post(format!("http://{addr}/v1/imports"))
-            .bearer_auth(&token)
-            .header("content-type", "text/csv")
-            .body(body)
-            .send()
-            .await?;
-        if resp.status() != 202 {
-            bail!(
-                "submit answered {}: {}",
-                resp.status(),
-                resp.text().await.unwrap_or_default()
-            );
-        }
-    }
+    submit_all(addr, &token, bodies).await?;
     let submit_s = started.elapsed().as_secs_f64();
-    loop {
-        let counts = db.batch_counts().await?;
-        let done = counts
-            .iter()
-            .filter(|(s, _)| s.is_terminal())
-            .map(|(_, n)| n)
-            .sum::<u64>();
-        if done >= args.imports as u64 {
-            if let Some((s, n)) = counts.iter().find(|(s, _)| *s != BatchStatus::Completed) {
-                bail!("{n} batches ended {s}");
-            }
-            break;
-        }
-        if started.elapsed() > Duration::from_secs(600) {
-            bail!("batches did not complete within 10 minutes: {counts:?}");
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    wait_completed(&db, args.imports as u64, started).await?;
     let e2e_s = started.elapsed().as_secs_f64();
     let total = (args.imports * args.records) as f64;
     let e2e_rate = total / e2e_s;
     print!(
-        "name=ingest backend={backend} durable_commits={} imports={} records_per_import={} \
-         mib={:.1} submit_s={submit_s:.3} submit_records_per_s={:.0} e2e_s={e2e_s:.3} \
-         e2e_records_per_s={e2e_rate:.0}",
+        "name=ingest backend={backend} durable_commits={} fields={} schema={} imports={} \
+         records_per_import={} mib={:.1} submit_s={submit_s:.3} submit_records_per_s={:.0} \
+         e2e_s={e2e_s:.3} e2e_records_per_s={e2e_rate:.0}",
         !args.fast_commits,
+        if args.ten_fields { 10 } else { 6 },
+        args.schema,
         args.imports,
         args.records,
         bytes as f64 / 1_048_576.0,
@@ -191,6 +183,58 @@ async fn run_ingest(args: &IngestArgs, config: Config, backend: &str) -> anyhow:
     Ok(())
 }
 
+/// Submits each CSV body as an import, one after another; each must be accepted.
+pub(crate) async fn submit_all(
+    addr: std::net::SocketAddr,
+    token: &str,
+    bodies: Vec<String>,
+) -> anyhow::Result<()> {
+    let http = reqwest::Client::new();
+    for body in bodies {
+        let resp = http
+            .post(format!("http://{addr}/v1/imports"))
+            .bearer_auth(token)
+            .header("content-type", "text/csv")
+            .body(body)
+            .send()
+            .await?;
+        if resp.status() != 202 {
+            bail!(
+                "submit answered {}: {}",
+                resp.status(),
+                resp.text().await.unwrap_or_default()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Waits until `batches` batches ended, every one completed (10 minutes from `started`).
+pub(crate) async fn wait_completed(
+    db: &dataflow_platform::ledger::Db,
+    batches: u64,
+    started: Instant,
+) -> anyhow::Result<()> {
+    loop {
+        let counts = db.batch_counts().await?;
+        let done = counts
+            .iter()
+            .filter(|(s, _)| s.is_terminal())
+            .map(|(_, n)| n)
+            .sum::<u64>();
+        if done >= batches {
+            if let Some((s, n)) = counts.iter().find(|(s, _)| *s != BatchStatus::Completed) {
+                bail!("{n} batches ended {s}");
+            }
+            return Ok(());
+        }
+        if started.elapsed() > Duration::from_secs(600) {
+            bail!("batches did not complete within 10 minutes: {counts:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 /// A scratch folder under the system's temp dir, and the config of an embedded (SQLite)
 /// DataFlow living in it.
 pub(crate) fn scratch_config(run: &str) -> (std::path::PathBuf, Config) {
@@ -205,7 +249,7 @@ pub(crate) fn scratch_config(run: &str) -> (std::path::PathBuf, Config) {
 
 /// Starts DataFlow on a free port with one client of `policy`; returns it, its address and
 /// the client's API key.
-async fn start_with_client(
+pub(crate) async fn start_with_client(
     config: Config,
     roles: Roles,
     policy: &Policy,
@@ -221,7 +265,7 @@ async fn start_with_client(
 }
 
 /// Rows like `id,name,email,amount,country,created` (about 100 bytes each).
-fn csv_body(import: usize, records: usize) -> String {
+pub(crate) fn csv_body(import: usize, records: usize) -> String {
     let mut s = String::with_capacity(records * 110 + 64);
     s.push_str("id,name,email,amount,country,created\n");
     for n in 0..records {
@@ -235,6 +279,49 @@ fn csv_body(import: usize, records: usize) -> String {
         );
     }
     s
+}
+
+/// Rows of ten fields: `id,qty,price,day,at,email,kind,code,name,note`.
+fn ten_field_body(import: usize, records: usize) -> String {
+    let mut s = String::with_capacity(records * 150 + 64);
+    s.push_str("id,qty,price,day,at,email,kind,code,name,note\n");
+    for n in 0..records {
+        use std::fmt::Write;
+        let _ = writeln!(
+            s,
+            "{},{},{}.{:02},2026-11-{:02},2026-11-{:02}T10:{:02}:00Z,customer{n}@example.com,{},\
+             AB{:04},Customer {n},order note {n}",
+            import * records + n,
+            n % 1_000,
+            n % 10_000,
+            n % 100,
+            n % 28 + 1,
+            n % 28 + 1,
+            n % 60,
+            ["new", "paid", "shipped"][n % 3],
+            n % 10_000,
+        );
+    }
+    s
+}
+
+/// A schema typing and checking [`ten_field_body`]'s rows.
+fn typed_schema() -> serde_json::Value {
+    serde_json::json!({
+        "fields": [
+            {"name": "id", "type": "integer"},
+            {"name": "qty", "type": "integer", "constraints": {"minimum": 0}},
+            {"name": "price", "type": "number", "constraints": {"minimum": 0}},
+            {"name": "day", "type": "date"},
+            {"name": "at", "type": "datetime"},
+            {"name": "email", "type": "string", "format": "email", "constraints": {"required": true}},
+            {"name": "kind", "constraints": {"enum": ["new", "paid", "shipped"]}},
+            {"name": "code", "constraints": {"pattern": "[A-Z]{2}[0-9]{4}"}},
+            {"name": "name", "constraints": {"maxLength": 200}},
+            {"name": "note"}
+        ],
+        "primaryKey": "id"
+    })
 }
 
 /// `COPY`s the records the benchmark stored into a fresh table shaped like `records` and

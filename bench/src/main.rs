@@ -24,6 +24,8 @@ enum Bench {
     Jobs(dataflow_bench::jobs::JobsArgs),
     /// RabbitMQ: commit → worker start (broker vs polling) and relay events/s vs raw lapin.
     Amqp(dataflow_bench::amqp::AmqpArgs),
+    /// A dry run against a full table and an export of every record: rows/s, peak memory.
+    Records(dataflow_bench::records::RecordsArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -38,6 +40,7 @@ fn main() -> anyhow::Result<()> {
                 Bench::Limiter(args) => dataflow_bench::limiter(args).await,
                 Bench::Jobs(args) => dataflow_bench::jobs::run(args).await,
                 Bench::Amqp(args) => dataflow_bench::amqp::run(args).await,
+                Bench::Records(args) => dataflow_bench::records::run(args).await,
             }
         })
 }
