@@ -357,7 +357,12 @@ async fn copy_baseline(
     }
     sqlx::query("CHECKPOINT").execute(&mut conn).await?;
     let started = Instant::now();
-    let mut copy = conn.copy_in_raw("COPY bench_copy FROM STDIN").await?;
+    let mut copy = conn
+        .copy_in_raw(
+            "COPY bench_copy (client_id, record_key, data, checksum, batch_id, updated_at, \
+             accepted_seq) FROM STDIN",
+        )
+        .await?;
     copy.send(text.as_bytes()).await?;
     copy.finish().await?;
     Ok(rows.len() as f64 / started.elapsed().as_secs_f64())

@@ -1,6 +1,6 @@
 //! `dataflow-bench records`: what reading a client's records costs.
 //!
-//! 1. Ingests `--table` records (imports of 50,000), then dry-runs a file of as many rows
+//! 1. Ingests `--table` records (imports of `--per-import`), then dry-runs a file of as many rows
 //!    against them (`POST /v1/imports?dry_run=true`; a third of the rows changed, the
 //!    rest the same): rows/s, and the process's peak memory during the call.
 //! 2. Ingests more, up to `--export` records, and exports them all as NDJSON (`GET
@@ -29,20 +29,22 @@ pub struct RecordsArgs {
     /// Records stored before the export.
     #[arg(long, default_value_t = 1_000_000)]
     pub export: usize,
+    /// Records per import that fills the table.
+    #[arg(long, default_value_t = 50_000)]
+    pub per_import: usize,
     /// `postgres://…` to benchmark PostgreSQL (a scratch database is created and dropped);
     /// default: SQLite in a temporary folder.
     #[arg(long)]
     pub database_url: Option<String>,
 }
 
-const PER_IMPORT: usize = 50_000;
-
 pub async fn run(args: RecordsArgs) -> anyhow::Result<()> {
+    let per = args.per_import.max(1);
     if args.export < args.table
-        || !args.table.is_multiple_of(PER_IMPORT)
-        || !args.export.is_multiple_of(PER_IMPORT)
+        || !args.table.is_multiple_of(per)
+        || !args.export.is_multiple_of(per)
     {
-        bail!("--table and --export are multiples of {PER_IMPORT}, --export at least --table");
+        bail!("--table and --export are multiples of --per-import, --export at least --table");
     }
     let run = ulid::Ulid::new().to_string().to_lowercase();
     let ledger = ScratchLedger::create(args.database_url.as_deref(), &run).await?;
@@ -75,9 +77,9 @@ async fn measure(
     let (app, addr, token) = start_with_client(config, Roles::ALL, &policy).await?;
     let db = app.backends.db.clone();
     let imports = |range: std::ops::Range<usize>| -> Vec<String> {
-        range.map(|i| csv_body(i, PER_IMPORT)).collect()
+        range.map(|i| csv_body(i, args.per_import)).collect()
     };
-    let stored = args.table / PER_IMPORT;
+    let stored = args.table / args.per_import;
     let started = Instant::now();
     submit_all(addr, &token, imports(0..stored)).await?;
     wait_completed(&db, stored as u64, started).await?;
@@ -85,7 +87,7 @@ async fn measure(
     // The same keys as the table: two rows in three unchanged, one in three with a new name.
     let mut file = String::from("id,name,email,amount,country,created\n");
     for i in 0..stored {
-        for (n, line) in csv_body(i, PER_IMPORT).lines().skip(1).enumerate() {
+        for (n, line) in csv_body(i, args.per_import).lines().skip(1).enumerate() {
             if n % 3 == 0 {
                 file.push_str(&line.replacen("Customer", "Client", 1));
             } else {
@@ -127,7 +129,7 @@ async fn measure(
         dry_peak as f64 / 1024.0,
     );
 
-    let total = args.export / PER_IMPORT;
+    let total = args.export / args.per_import;
     let started = Instant::now();
     submit_all(addr, &token, imports(stored..total)).await?;
     wait_completed(&db, total as u64, started).await?;

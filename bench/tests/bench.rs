@@ -25,6 +25,8 @@ fn tiny(database_url: Option<String>) -> IngestArgs {
         concurrency: 2,
         chunk_size: 50,
         fast_commits: false,
+        ten_fields: false,
+        schema: false,
     }
 }
 
@@ -39,9 +41,26 @@ async fn ingest_bench_runs_on_postgres() {
         services::unreachable::<()>("PostgreSQL", &e.to_string());
         return;
     }
-    ingest(tiny(Some(url))).await.unwrap();
+    ingest(tiny(Some(url.clone()))).await.unwrap();
+    let typed = IngestArgs {
+        ten_fields: true,
+        schema: true,
+        ..tiny(Some(url))
+    };
+    ingest(typed).await.unwrap();
 }
 register!(ingest_bench_runs_on_postgres);
+
+async fn records_bench_runs() {
+    let args = dataflow_bench::records::RecordsArgs {
+        table: 400,
+        export: 800,
+        per_import: 200,
+        database_url: None,
+    };
+    dataflow_bench::records::run(args).await.unwrap();
+}
+register!(records_bench_runs);
 
 async fn limiter_bench_runs() {
     let Some(redis_url) = test_redis_url().await else {
