@@ -90,6 +90,14 @@ pub enum ClientsCmd {
     Activate {
         client_id: String,
     },
+    /// Removes the client's data from the ledger (records, changes, stored files, row
+    /// errors, reports); written to the action log. Asks for `--yes`.
+    Purge {
+        client_id: String,
+        /// The purge cannot be undone: say so.
+        #[arg(long)]
+        yes: bool,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -189,6 +197,16 @@ pub async fn clients(config: &Config, cmd: ClientsCmd) -> anyhow::Result<()> {
             let client = db.set_client_active(&client_id(&id)?, true).await?;
             announce(&ledger.clients, client.id.as_str()).await;
             print_json(&client.view())
+        }
+        ClientsCmd::Purge { client_id: id, yes } => {
+            if !yes {
+                bail!("a purge removes client {id}'s records and files for good: add --yes");
+            }
+            let operator = std::env::var("USER").unwrap_or_else(|_| "cli".into());
+            let purged = db
+                .purge_client_logged(&client_id(&id)?, &operator, "cli")
+                .await?;
+            print_json(&purged)
         }
     }
 }

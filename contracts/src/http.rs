@@ -502,6 +502,18 @@ pub struct RecordListQuery {
     pub key_prefix: Option<String>,
 }
 
+/// `POST /admin/clients/{id}/purge`: what was removed from the ledger, by kind.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct PurgeView {
+    pub records: u64,
+    /// Entries of the changes feed.
+    pub changes: u64,
+    /// Stored files of the client's imports.
+    pub payloads: u64,
+    pub row_errors: u64,
+    pub reports: u64,
+}
+
 /// The query of `GET /admin/clients/{id}/schema`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]

@@ -443,6 +443,18 @@ fn operator_commands_open_the_ledger_alone() {
     assert!(run(&["keys", "create", &client]).starts_with("dfk_"));
     assert!(dir.join("server-secret").exists());
     assert!(!dir.join("admin-token").exists());
+    // A purge asks to be meant, then says what it removed.
+    let unsure = embedded(&dir, &["clients", "purge", &client])
+        .output()
+        .unwrap();
+    assert!(!unsure.status.success());
+    assert!(
+        String::from_utf8_lossy(&unsure.stderr).contains("--yes"),
+        "{unsure:?}"
+    );
+    let purged: serde_json::Value =
+        serde_json::from_str(&run(&["clients", "purge", &client, "--yes"])).unwrap();
+    assert_eq!(purged["records"], 0);
     std::fs::remove_dir_all(&dir).unwrap();
 }
 register!(sync operator_commands_open_the_ledger_alone);

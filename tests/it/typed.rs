@@ -24,6 +24,7 @@ backend_tests!(
     records_are_listed_filtered_and_exported,
     the_changes_feed_lists_every_change_once_in_order,
     the_feed_has_no_gap_while_batches_commit_at_once,
+    a_purge_removes_a_clients_data_and_is_logged,
 );
 
 /// Products: an integer key that also answers to `SKU Code`, a price, a required email, a
@@ -869,4 +870,98 @@ async fn the_feed_has_no_gap_while_batches_commit_at_once(b: Backend) {
         .unwrap();
     assert_eq!(page["items"], json!([]), "nothing past the 1,600 changes");
     t.stop().await;
+}
+
+async fn a_purge_removes_a_clients_data_and_is_logged(b: Backend) {
+    let Some(t) = TestApp::spawn_with(b, Roles::API, |_| {}).await else {
+        return;
+    };
+    let (client, key) = t.client(json!({})).await;
+    let (_, other) = t.client(json!({})).await;
+    let done = t
+        .import(&key, "text/csv", "id,v\n1,a\n2,b\n,c\n")
+        .await
+        .batch_id;
+    process(&t, &key, &done).await;
+    let kept = t
+        .import(&other, "text/csv", "id,v\n1,kept\n")
+        .await
+        .batch_id;
+    process(&t, &other, &kept).await;
+    let purge = || {
+        t.admin(Method::POST, &format!("/admin/clients/{client}/purge"))
+            .send()
+    };
+
+    // A batch that could still read its file or write records holds the purge off.
+    let waiting = t.import(&key, "text/csv", "id,v\n3,c\n").await.batch_id;
+    let resp = purge().await.unwrap();
+    assert_eq!(resp.status(), 409);
+    let body: Value = resp.json().await.unwrap();
+    assert!(
+        body["detail"].as_str().unwrap().contains("1 batches"),
+        "{body}"
+    );
+    process(&t, &key, &waiting).await;
+
+    let resp = purge().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let purged: Value = resp.json().await.unwrap();
+    assert_eq!(
+        purged,
+        json!({"records": 3, "changes": 3, "payloads": 2, "row_errors": 1, "reports": 0})
+    );
+    // Gone from the ledger, not hidden.
+    let page: Value = t.get(&key, "/v1/records").await.json().await.unwrap();
+    assert_eq!(page["items"], json!([]));
+    let feed: Value = t.get(&key, "/v1/changes").await.json().await.unwrap();
+    assert_eq!(feed["items"], json!([]));
+    let left: i64 = sqlx::query_scalar(
+        "SELECT (SELECT COUNT(*) FROM records WHERE client_id = $1) \
+              + (SELECT COUNT(*) FROM record_changes WHERE client_id = $1) \
+              + (SELECT COUNT(*) FROM payloads p JOIN batches b ON b.id = p.batch_id WHERE b.client_id = $1) \
+              + (SELECT COUNT(*) FROM record_errors e JOIN batches b ON b.id = e.batch_id WHERE b.client_id = $1)",
+    )
+    .bind(client.as_str())
+    .fetch_one(t.db.pool())
+    .await
+    .unwrap();
+    assert_eq!(left, 0);
+    assert_eq!(
+        t.get(&other, "/v1/records/1").await.status(),
+        200,
+        "another client's stay"
+    );
+    assert_eq!(
+        t.batch(&key, &done).await.records_written,
+        2,
+        "the batch's counts stay"
+    );
+    // New imports go on, numbered after the purged changes.
+    let again = t.import(&key, "text/csv", "id,v\n9,z\n").await.batch_id;
+    process(&t, &key, &again).await;
+    let feed: Value = t.get(&key, "/v1/changes").await.json().await.unwrap();
+    assert_eq!(feed["items"][0]["seq"], 4);
+
+    // The dashboard's button runs the same purge; each one is in the action log.
+    let ui = Ui::login(&t, "ann").await;
+    assert_eq!(ui.act("purge", client.as_str()).await.status(), 303);
+    assert_eq!(t.get(&key, "/v1/records/9").await.status(), 404);
+    let (log, _) = t.db.list_actions(None, 50).await.unwrap();
+    let purges: Vec<(&str, &str)> = log
+        .iter()
+        .filter(|a| a.action == "client.purge")
+        .map(|a| (a.session.as_str(), a.outcome.as_str()))
+        .collect();
+    assert_eq!(purges.len(), 3, "{log:?}");
+    assert!(
+        purges
+            .iter()
+            .any(|(s, o)| *s == "admin API" && o.starts_with("refused: 1 batches"))
+    );
+    assert!(
+        purges
+            .iter()
+            .any(|(s, o)| *s == "admin API" && o.starts_with("ok: 3 records"))
+    );
 }

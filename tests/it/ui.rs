@@ -109,6 +109,13 @@ impl<'a> Ui<'a> {
             .header(header::ORIGIN, format!("http://{}", self.t.addr))
             .form(form)
     }
+
+    /// Posts a dashboard action on one target, as its button does.
+    pub(crate) async fn act(&self, action: &str, target: &str) -> reqwest::Response {
+        let csrf = self.csrf().await;
+        let form = [("action", action), ("target", target), ("csrf", &csrf)];
+        self.post("/ui/actions", &form).send().await.unwrap()
+    }
 }
 
 async fn unauthenticated_pages_redirect_to_login(b: Backend) {

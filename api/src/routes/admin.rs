@@ -7,8 +7,8 @@ use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use dataflow_contracts::http::{
-    BatchView, ClientView, CreateClient, CreateKey, ErrorBody, KeyCreated, KeyView, QueueDepth,
-    Reason, WorkerInfo,
+    BatchView, ClientView, CreateClient, CreateKey, ErrorBody, KeyCreated, KeyView, PurgeView,
+    QueueDepth, Reason, WorkerInfo,
 };
 use dataflow_contracts::jobs::{JobCount, JobListQuery, JobPage, JobView};
 use dataflow_contracts::live::LiveKind;
@@ -30,6 +30,7 @@ pub fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(show_client))
         .routes(routes!(activate))
         .routes(routes!(deactivate))
+        .routes(routes!(purge))
         .routes(routes!(show_policy, patch_policy))
         .routes(routes!(create_key, list_keys))
         .routes(routes!(revoke_key))
@@ -360,6 +361,36 @@ async fn deactivate(
     PathParam(id): PathParam,
 ) -> ApiResult<Json<ClientView>> {
     set_active(state, id, false).await
+}
+
+/// Removes the client's data from the ledger: its records, their changes feed, the stored
+/// files of its imports, their row errors and reports (the client, its keys, policy,
+/// schemas, imports and batch counts stay). Written to the action log. Refused while a
+/// batch of the client is ready, processing, awaiting approval or dead.
+#[utoipa::path(
+    post,
+    path = "/clients/{id}/purge",
+    operation_id = "purge_client",
+    tag = "admin",
+    params(("id" = ClientId, Path, description = "The client's id")),
+    responses(
+        (status = 200, description = "What was removed", body = PurgeView),
+        (status = 404, description = "No such client", body = ErrorBody),
+        (status = 409, description = "Batches of the client could still read or write its \
+                                      data: the detail says what to do first", body = ErrorBody),
+    ),
+)]
+async fn purge(
+    State(state): State<AppState>,
+    PathParam(id): PathParam,
+) -> ApiResult<Json<PurgeView>> {
+    let client = load_client(&state, &id).await?;
+    let purged = state
+        .backends
+        .db
+        .purge_client_logged(&client.id, "operator token", "admin API")
+        .await?;
+    Ok(Json(purged))
 }
 
 /// The client's policy.

@@ -6,7 +6,7 @@ use axum::Extension;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Query, State};
 use axum::response::{IntoResponse, Redirect, Response};
-use dataflow_contracts::JobId;
+use dataflow_contracts::{ClientId, JobId};
 use dataflow_platform::ledger::BatchAction;
 use maud::{Markup, html};
 use serde::Deserialize;
@@ -30,6 +30,7 @@ pub enum Action {
     Retry,
     Discard,
     Drain,
+    Purge,
 }
 
 impl Action {
@@ -40,6 +41,7 @@ impl Action {
             "retry" => Action::Retry,
             "discard" => Action::Discard,
             "drain" => Action::Drain,
+            "purge" => Action::Purge,
             _ => return None,
         })
     }
@@ -51,6 +53,7 @@ impl Action {
             Action::Retry => "retry",
             Action::Discard => "discard",
             Action::Drain => "drain",
+            Action::Purge => "purge",
         }
     }
 }
@@ -61,6 +64,8 @@ enum Step {
     RetryJob(JobId),
     DiscardJob(JobId),
     Drain,
+    /// Removes a client's data from the ledger.
+    Purge(ClientId),
 }
 
 impl Step {
@@ -83,11 +88,14 @@ impl Step {
             }
             (Action::Retry, Some("job")) => Step::RetryJob(job()?),
             (Action::Discard, Some("job")) => Step::DiscardJob(job()?),
+            (Action::Purge, Some("cli")) => {
+                Step::Purge(target.parse().map_err(|_| ApiError::not_found())?)
+            }
             _ => {
                 return Err(ApiError::bad_request(
                     "invalid_target",
                     format!(
-                        "cannot {} {target:?}: batches are approved, rejected, retried or discarded, jobs retried or discarded",
+                        "cannot {} {target:?}: batches are approved, rejected, retried or discarded, jobs retried or discarded, clients purged",
                         action.verb()
                     ),
                 ));
@@ -101,6 +109,7 @@ impl Step {
             Step::Batch(_) => "batch",
             Step::RetryJob(_) | Step::DiscardJob(_) => "job",
             Step::Drain => "worker",
+            Step::Purge(_) => "client",
         };
         format!("{noun}.{}", action.verb())
     }
@@ -118,6 +127,7 @@ impl Step {
                 true => Ok(()),
                 false => Err(ApiError::not_found()),
             },
+            Step::Purge(client) => Ok(db.purge_client(&client).await.map(drop)?),
         }
     }
 }

@@ -71,7 +71,7 @@ pub async fn page(
                 (layout::empty("No client yet. Create one with `dataflow clients create NAME` or POST /admin/clients."))
             } @else {
                 table {
-                    thead { tr { th { "Client" } th { "State" } th { "Policy" } th { "Schema" } th { "Keys" } th { "Created" } } }
+                    thead { tr { th { "Client" } th { "State" } th { "Policy" } th { "Schema" } th { "Keys" } th { "Created" } th { "" } } }
                     tbody {
                         @for (c, ks) in shown.iter().zip(&keys) {
                             tr data-client=(c.id) {
@@ -98,6 +98,7 @@ pub async fn page(
                                     }
                                 }
                                 td { (layout::time(&rfc3339(c.created_at))) }
+                                td { (layout::action_button(&op, "purge", c.id.as_str(), "/ui/clients", "Purge data", true)) }
                             }
                         }
                     }

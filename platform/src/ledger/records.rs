@@ -1,16 +1,16 @@
 //! Stored records: one by key, listings and exports in key order, the checksums and values
-//! a dry run compares against, deletion, and the changes feed.
+//! a dry run compares against, deletion and a client's purge, and the changes feed.
 
 use std::collections::HashMap;
 
-use dataflow_contracts::http::{RawJson, RecordChangeView, RecordView};
+use dataflow_contracts::http::{PurgeView, RawJson, RecordChangeView, RecordView};
 use dataflow_contracts::time::rfc3339;
 use dataflow_contracts::{BatchId, ClientId};
 use serde_json::value::RawValue;
 use sqlx::Row;
 
 use super::clients::parse_id;
-use super::{Db, Dialect, Tx, count};
+use super::{Db, Dialect, NewAction, Tx, count};
 use crate::{Error, Result};
 
 /// What happened to a record, as its feed says.
@@ -173,6 +173,104 @@ impl Db {
         }
         .await;
         tx.end(deleted).await
+    }
+
+    /// Removes `client`'s data from the ledger — its records, their changes, the stored
+    /// payloads of its imports, their row errors and reports — in one transaction; what it
+    /// removed. The client, its keys, policy and schemas stay, and so do its imports and
+    /// batches with their counts (no data of the records is in them). Its feed numbers go
+    /// on after the purge, so a follower's cursor still means what it meant.
+    ///
+    /// Refused while a batch of the client could still read its payload or write records
+    /// (ready, processing, awaiting approval, or dead and retryable): deactivate the client,
+    /// let them end, discard the dead ones, then purge.
+    pub async fn purge_client(&self, client: &ClientId) -> Result<PurgeView> {
+        let mut tx = self.begin_write().await?;
+        let purged = async {
+            // Locks the client's row: no import of it commits while this runs.
+            let found: Option<String> = sqlx::query_scalar(
+                self.sql("UPDATE clients SET updated_at = {now} WHERE id = $1 RETURNING id"),
+            )
+            .bind(client.as_str())
+            .fetch_optional(&mut *tx)
+            .await?;
+            if found.is_none() {
+                return Err(Error::NotFound);
+            }
+            let open: i64 = sqlx::query_scalar(
+                "SELECT COUNT(*) FROM batches WHERE client_id = $1 \
+                 AND status IN ('ready', 'processing', 'awaiting_approval', 'dead')",
+            )
+            .bind(client.as_str())
+            .fetch_one(&mut *tx)
+            .await?;
+            if open > 0 {
+                return Err(Error::Conflict(format!(
+                    "{open} batches of this client are ready, processing, awaiting approval or \
+                     dead: deactivate the client, let them finish or reject them, discard the \
+                     dead ones, then purge"
+                )));
+            }
+            let of_batches = "IN (SELECT id FROM batches WHERE client_id = $1)";
+            let mut purged = PurgeView::default();
+            for (table, column, count) in [
+                ("records", "client_id = $1", &mut purged.records),
+                ("record_changes", "client_id = $1", &mut purged.changes),
+                (
+                    "payloads",
+                    &format!("batch_id {of_batches}"),
+                    &mut purged.payloads,
+                ),
+                (
+                    "record_errors",
+                    &format!("batch_id {of_batches}"),
+                    &mut purged.row_errors,
+                ),
+                (
+                    "reports",
+                    &format!("batch_id {of_batches}"),
+                    &mut purged.reports,
+                ),
+            ] {
+                let sql = sqlx::AssertSqlSafe(format!("DELETE FROM {table} WHERE {column}"));
+                *count = sqlx::query(sql)
+                    .bind(client.as_str())
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected();
+            }
+            Ok(purged)
+        }
+        .await;
+        tx.end(purged).await
+    }
+
+    /// [`Db::purge_client`], written to the action log with its outcome (refused ones too)
+    /// as done by `operator` through `session` (the admin API, the CLI).
+    pub async fn purge_client_logged(
+        &self,
+        client: &ClientId,
+        operator: &str,
+        session: &str,
+    ) -> Result<PurgeView> {
+        let result = self.purge_client(client).await;
+        let outcome = match &result {
+            Ok(p) => format!(
+                "ok: {} records, {} changes, {} payloads, {} row errors, {} reports removed",
+                p.records, p.changes, p.payloads, p.row_errors, p.reports
+            ),
+            Err(e) => format!("refused: {e}"),
+        };
+        self.record_action(&NewAction {
+            operator,
+            session,
+            action: "client.purge",
+            target: client.as_str(),
+            outcome: &outcome,
+            ip: "-",
+        })
+        .await?;
+        result
     }
 
     /// `client`'s record changes after number `after`, in order, at most `limit`.
