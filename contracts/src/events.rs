@@ -195,7 +195,7 @@ mod tests {
                 records_superseded: 0,
                 records_failed: 1,
                 duration_ms: 12,
-                changes: None,
+                changes: Some(ChangeRange { first: 4, last: 5 }),
             }),
             Event::BatchFailed(BatchFailed {
                 attempt: 1,

@@ -450,13 +450,45 @@ pub struct RecordChangeView {
     /// Its number in the client's feed: 1, 2, … in the order the changes committed.
     pub seq: u64,
     pub key: String,
-    /// `inserted`, `updated` or `deleted`.
-    pub kind: String,
+    pub kind: RecordChangeKind,
     /// The batch that made it; `null` for a deletion through the API.
     pub batch_id: Option<BatchId>,
     /// The record after the change; `null` when it was deleted.
     pub data: Option<RawJson>,
     pub changed_at: String,
+}
+
+/// What happened to a record (or, `purged`, to all of a client's records).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum RecordChangeKind {
+    Inserted,
+    Updated,
+    Deleted,
+    /// An operator purged the client's data: every record of the changes before this one
+    /// is gone (`key` is empty).
+    Purged,
+}
+
+impl RecordChangeKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Inserted => "inserted",
+            Self::Updated => "updated",
+            Self::Deleted => "deleted",
+            Self::Purged => "purged",
+        }
+    }
+}
+
+impl std::str::FromStr for RecordChangeKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        [Self::Inserted, Self::Updated, Self::Deleted, Self::Purged]
+            .into_iter()
+            .find(|k| k.as_str() == s)
+            .ok_or_else(|| format!("unknown change kind `{s}`"))
+    }
 }
 
 /// `GET /v1/changes`: the next changes after the cursor.
@@ -512,6 +544,16 @@ pub struct PurgeView {
     pub payloads: u64,
     pub row_errors: u64,
     pub reports: u64,
+}
+
+impl std::fmt::Display for PurgeView {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} records, {} changes, {} payloads, {} row errors, {} reports removed",
+            self.records, self.changes, self.payloads, self.row_errors, self.reports
+        )
+    }
 }
 
 /// The query of `GET /admin/clients/{id}/schema`.

@@ -36,6 +36,8 @@ enum Prepared {
     Done {
         refusal: Option<String>,
     },
+    /// The body did not parse the second time (it did the first).
+    Failed(String),
 }
 
 pub(super) async fn preview(
@@ -84,16 +86,23 @@ pub(super) async fn preview(
         };
         // `admit` parsed this body already: it parses again.
         let parsed = records::parse(format, &body, limits, |record| {
+            // The request went away: read on (the parser cannot stop) but hold nothing.
+            if !open {
+                return;
+            }
             buffer.push(record);
-            if buffer.len() == chunk_size && open {
+            if buffer.len() == chunk_size {
                 done += buffer.len() as u64;
                 let chunk = preparer.chunk(&buffer, done);
                 buffer.clear();
-                // The request went away: stop preparing.
                 open = tx.blocking_send(Prepared::Chunk(chunk)).is_ok();
             }
         });
-        if parsed.is_err() || !open {
+        if let Err(e) = parsed {
+            let _ = tx.blocking_send(Prepared::Failed(e.to_string()));
+            return;
+        }
+        if !open {
             return;
         }
         if !buffer.is_empty() {
@@ -115,6 +124,13 @@ pub(super) async fn preview(
             Prepared::Done { refusal } => {
                 view.refusal = refusal;
                 break;
+            }
+            Prepared::Failed(e) => {
+                return Err(dataflow_platform::Error::internal(
+                    "the dry run could not read a body that parsed before",
+                    std::io::Error::other(e),
+                )
+                .into());
             }
         };
         view.records += chunk.records.len() as u64 + chunk.replaced + chunk.failed;

@@ -264,12 +264,14 @@ async fn accept(
     let window = Duration::from_secs(p.client.policy.dedup_window_secs);
     let dedup = &state.backends.dedup;
     let claim = dedup.claim(client, checksum, window).await;
-    if let DedupClaim::Known(id) = &claim
-        && let Some(first) = state.backends.db.get_import(Some(client), id).await?
+    // Redis knows the payload: the ledger's live claim says which import it was (none
+    // when the claim was purged since, and the import goes ahead).
+    if let DedupClaim::Known(_) = &claim
+        && let Some(first) = state.backends.db.find_duplicate(client, checksum).await?
     {
         metrics::counter!("dataflow_dedup_hits_total", "via" => "redis").increment(1);
         metrics::counter!("dataflow_imports_total", "outcome" => "duplicate").increment(1);
-        return Ok((StatusCode::OK, first.into_duplicate()));
+        return Ok((StatusCode::OK, first));
     }
     let result = decide(state, p, sub).await;
     let outcome = match &result {

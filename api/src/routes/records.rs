@@ -13,7 +13,6 @@ use dataflow_contracts::http::{
     ChangePage, ChangesQuery, ErrorBody, RecordListQuery, RecordPage, RecordView,
 };
 use dataflow_contracts::{BatchId, ClientId};
-use dataflow_platform::domain::schema::UnknownFields;
 use dataflow_platform::effects::export::{CsvColumns, ndjson_line};
 use dataflow_platform::ledger::{Db, RecordFilter};
 use utoipa_axum::router::OpenApiRouter;
@@ -29,6 +28,12 @@ pub fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(list))
         .routes(routes!(record, delete))
         .routes(routes!(changes))
+}
+
+/// Whether `text` could be (part of) a stored key: none holds a NUL or is longer than the
+/// key limit, and PostgreSQL would refuse a NUL in a parameter outright.
+fn could_be_key(text: &str) -> bool {
+    !text.contains('\0') && text.len() <= dataflow_contracts::MAX_RECORD_KEY_BYTES
 }
 
 /// Records read per query of an export.
@@ -117,8 +122,7 @@ async fn list(
         .into_iter()
         .flatten()
     {
-        // No stored key holds a NUL, and PostgreSQL would refuse the parameter outright.
-        if text.contains('\0') || text.len() > dataflow_contracts::MAX_RECORD_KEY_BYTES {
+        if !could_be_key(text) {
             return Err(ApiError::bad_request(
                 "invalid_query",
                 "a cursor or key prefix is at most 512 bytes, without NUL",
@@ -143,10 +147,7 @@ async fn list(
         Shape::Csv => Some(match &p.client.schema {
             Some(s) => {
                 let schema = s.compiled(&client, &state.schemas)?;
-                CsvColumns::of_schema(
-                    schema.fields.iter().map(|f| f.name.clone()).collect(),
-                    schema.unknown_fields == UnknownFields::Keep,
-                )
+                CsvColumns::of_schema(schema.fields.iter().map(|f| f.name.clone()).collect())
             }
             None => {
                 let sample = db
@@ -225,9 +226,7 @@ async fn record(
     p: Principal,
     PathParam(key): PathParam,
 ) -> ApiResult<Json<RecordView>> {
-    // No stored key holds a NUL (or is longer than the key limit), and PostgreSQL would
-    // refuse the parameter outright.
-    if key.contains('\0') || key.len() > dataflow_contracts::MAX_RECORD_KEY_BYTES {
+    if !could_be_key(&key) {
         return Err(ApiError::not_found());
     }
     let view = state.backends.db.get_record(&p.client.id, &key).await?;
@@ -251,12 +250,12 @@ async fn delete(
     p: Principal,
     PathParam(key): PathParam,
 ) -> ApiResult<StatusCode> {
-    if key.contains('\0') || key.len() > dataflow_contracts::MAX_RECORD_KEY_BYTES {
+    if !could_be_key(&key) {
         return Err(ApiError::not_found());
     }
     match state.backends.db.delete_record(&p.client.id, &key).await? {
-        Some(_) => Ok(StatusCode::NO_CONTENT),
-        None => Err(ApiError::not_found()),
+        true => Ok(StatusCode::NO_CONTENT),
+        false => Err(ApiError::not_found()),
     }
 }
 

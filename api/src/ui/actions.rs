@@ -114,20 +114,21 @@ impl Step {
         format!("{noun}.{}", action.verb())
     }
 
-    /// Runs through the same code as the `/admin` route of the action.
-    async fn run(self, state: &AppState, target: &str) -> ApiResult<()> {
+    /// Runs through the same code as the `/admin` route of the action; what it did, where
+    /// the log should say more than "ok".
+    async fn run(self, state: &AppState, target: &str) -> ApiResult<Option<String>> {
         let db = &state.backends.db;
         match self {
             Step::Batch(a) => transition(state.clone(), target.to_owned(), a)
                 .await
-                .map(drop),
-            Step::RetryJob(id) => Ok(db.retry_job(&id).await.map(drop)?),
-            Step::DiscardJob(id) => Ok(db.discard_job(&id).await.map(drop)?),
+                .map(|_| None),
+            Step::RetryJob(id) => Ok(db.retry_job(&id).await.map(|_| None)?),
+            Step::DiscardJob(id) => Ok(db.discard_job(&id).await.map(|_| None)?),
             Step::Drain => match state.backends.fleet.request_drain(target).await? {
-                true => Ok(()),
+                true => Ok(None),
                 false => Err(ApiError::not_found()),
             },
-            Step::Purge(client) => Ok(db.purge_client(&client).await.map(drop)?),
+            Step::Purge(client) => Ok(Some(db.purge_client(&client).await?.to_string())),
         }
     }
 }
@@ -139,7 +140,7 @@ async fn run(
     action: Action,
     target: &str,
     reason: Option<&str>,
-) -> (String, ApiResult<()>) {
+) -> (String, ApiResult<Option<String>>) {
     let reason = || {
         let given = reason.map(str::trim).filter(|r| !r.is_empty());
         let default = || {
@@ -193,12 +194,13 @@ pub async fn perform(
     for target in targets {
         let (name, result) = run(&state, &op, action, target, form.get("reason")).await;
         let outcome = match &result {
-            Ok(()) => "ok".to_owned(),
+            Ok(None) => "ok".to_owned(),
+            Ok(Some(what)) => format!("ok: {what}"),
             Err(e) => format!("refused: {}", e.detail),
         };
         op.record(&state, &name, target, &outcome).await?;
         match result {
-            Ok(()) => ok += 1,
+            Ok(_) => ok += 1,
             Err(_) => refused += 1,
         }
     }

@@ -3,7 +3,7 @@
 //! key, then the schema's fields, or without a schema the fields of the first records read;
 //! a field outside those goes, with the others like it, into a last `_extra` column as a
 //! JSON object, so nothing is lost. CSV cells are defused for spreadsheets
-//! ([`super::report::safe_cell`]).
+//! ([`super::report::safe_cell`]; numbers stay numbers).
 
 use dataflow_contracts::http::RecordView;
 use serde_json::value::RawValue;
@@ -27,11 +27,12 @@ pub struct CsvColumns {
 }
 
 impl CsvColumns {
-    /// The schema's fields; `open` when records may hold others (`unknownFields: keep`).
-    pub fn of_schema(fields: Vec<String>, open: bool) -> Self {
+    /// The schema's fields. Records may still hold others (kept as they came, or written
+    /// under an earlier version or before the schema): they go to `_extra`.
+    pub fn of_schema(fields: Vec<String>) -> Self {
         CsvColumns {
             fields,
-            extra: open,
+            extra: true,
         }
     }
 
@@ -134,9 +135,18 @@ mod tests {
              1,\"Ann, \"\"A\"\"\",1.50,\"[\"\"x\"\"]\",\n\
              2,'=cmd,,,\"{\"\"colour\"\":\"\"red\"\"}\"\n"
         );
-        let closed = CsvColumns::of_schema(vec!["price".into()], false);
-        assert_eq!(closed.header(), b"key,price\n");
-        assert_eq!(closed.row(&first), b"1,1.50\n");
+        let typed = CsvColumns::of_schema(vec!["price".into()]);
+        assert_eq!(typed.header(), b"key,price,_extra\n");
+        let negative = record("-2", r#"{"price": -1.50}"#);
+        assert_eq!(
+            typed.row(&negative),
+            b"-2,-1.50,\n",
+            "a number is not defused"
+        );
+        assert_eq!(
+            String::from_utf8(typed.row(&first)).unwrap(),
+            "1,1.50,\"{\"\"name\"\":\"\"Ann, \\\"\"A\\\"\"\"\",\"\"tags\"\":[\"\"x\"\"]}\"\n"
+        );
     }
 
     #[test]

@@ -84,9 +84,12 @@ pub async fn rejected_csv_within(
     }
 }
 
-/// The cell, defused if a spreadsheet would evaluate it.
+/// The cell, defused if a spreadsheet would evaluate it. A number (`-1.5`) is left as it
+/// is: a spreadsheet reads it as the number it is, and defused it would not be one.
 pub fn safe_cell(s: &str) -> Cow<'_, str> {
-    if s.starts_with(['=', '+', '-', '@', '\t', '\r']) {
+    if s.starts_with(['=', '+', '-', '@', '\t', '\r'])
+        && serde_json::from_str::<serde_json::Number>(s).is_err()
+    {
         Cow::Owned(format!("'{s}"))
     } else {
         Cow::Borrowed(s)
@@ -112,6 +115,8 @@ mod tests {
             "line,field,code,detail,value\n7,\"'=HYPERLINK(\"\"x\"\")\",missing_key,\"'@SUM(1,2), \"\"quoted\"\"\",'+cmd|' /C calc'!A0\n"
         );
         assert_eq!(safe_cell("plain"), "plain");
-        assert_eq!(safe_cell("-1"), "'-1");
+        assert_eq!(safe_cell("-1.5e3"), "-1.5e3");
+        assert_eq!(safe_cell("-1+2"), "'-1+2");
+        assert_eq!(safe_cell("+1"), "'+1");
     }
 }

@@ -8,14 +8,16 @@
 use dataflow_contracts::events::{
     BatchCompleted, BatchDead, BatchFailed, BatchReady, BatchRejected, ChangeRange, Envelope, Event,
 };
-use dataflow_contracts::http::{BatchPage, BatchView, RecordErrorPage, RecordErrorView};
+use dataflow_contracts::http::{
+    BatchPage, BatchView, RecordChangeKind, RecordErrorPage, RecordErrorView,
+};
 use dataflow_contracts::time::rfc3339;
 use dataflow_contracts::{BatchId, BatchStatus, ClientId, ImportFormat, ImportId, Policy};
 use sqlx::Row;
 use sqlx::any::AnyRow;
 
 use super::clients::{StoredSchema, parse_id, parse_policy};
-use super::records::{ChangeKind, NewChange};
+use super::records::NewChange;
 use super::{Db, Dialect, Tx, count, json_list, split_page};
 use crate::domain::prepare::{Chunk, Prepared, RecordRow, RowError};
 use crate::{Error, Result};
@@ -270,6 +272,9 @@ impl Db {
             unchanged: chunk.replaced,
             ..ChunkResult::default()
         };
+        // The errors first: the feed's counter, taken with the records, stays locked to the
+        // commit, and a client's other writers wait on it.
+        self.write_errors(tx, lease, &chunk.errors).await?;
         if !chunk.records.is_empty() {
             let records = chunk.records.len() as u64;
             let (touched, written) = self.upsert_records(tx, lease, &chunk.records).await?;
@@ -284,7 +289,6 @@ impl Db {
                 .append_chunk_changes(tx, lease, &chunk.records, written)
                 .await?;
         }
-        self.write_errors(tx, lease, &chunk.errors).await?;
         Ok(result)
     }
 
@@ -386,9 +390,9 @@ impl Db {
                 Some(NewChange {
                     key,
                     kind: if *version == 1 {
-                        ChangeKind::Inserted
+                        RecordChangeKind::Inserted
                     } else {
-                        ChangeKind::Updated
+                        RecordChangeKind::Updated
                     },
                     data: Some(&records[at].data),
                 })

@@ -3,7 +3,9 @@
 
 use std::collections::HashMap;
 
-use dataflow_contracts::http::{PurgeView, RawJson, RecordChangeView, RecordView};
+use dataflow_contracts::http::{
+    PurgeView, RawJson, RecordChangeKind, RecordChangeView, RecordView,
+};
 use dataflow_contracts::time::rfc3339;
 use dataflow_contracts::{BatchId, ClientId};
 use serde_json::value::RawValue;
@@ -13,29 +15,11 @@ use super::clients::parse_id;
 use super::{Db, Dialect, NewAction, Tx, count};
 use crate::{Error, Result};
 
-/// What happened to a record, as its feed says.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ChangeKind {
-    Inserted,
-    Updated,
-    Deleted,
-}
-
-impl ChangeKind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ChangeKind::Inserted => "inserted",
-            ChangeKind::Updated => "updated",
-            ChangeKind::Deleted => "deleted",
-        }
-    }
-}
-
 /// A change to append to a client's feed.
 #[derive(Debug, Clone)]
 pub struct NewChange<'a> {
     pub key: &'a str,
-    pub kind: ChangeKind,
+    pub kind: RecordChangeKind,
     /// The record after the change; `None` when it was deleted.
     pub data: Option<&'a RawValue>,
 }
@@ -146,9 +130,8 @@ impl Db {
         Ok(Some((first, last)))
     }
 
-    /// Deletes one of `client`'s records, a change in its feed; the change's number, or
-    /// `None` when there was no such record.
-    pub async fn delete_record(&self, client: &ClientId, key: &str) -> Result<Option<u64>> {
+    /// Deletes one of `client`'s records, a change in its feed; whether there was one.
+    pub async fn delete_record(&self, client: &ClientId, key: &str) -> Result<bool> {
         let mut tx = self.begin_write().await?;
         let deleted = async {
             let gone: Option<String> = sqlx::query_scalar(
@@ -159,86 +142,104 @@ impl Db {
             .fetch_optional(&mut *tx)
             .await?;
             if gone.is_none() {
-                return Ok(None);
+                return Ok(false);
             }
             let change = NewChange {
                 key,
-                kind: ChangeKind::Deleted,
+                kind: RecordChangeKind::Deleted,
                 data: None,
             };
-            let numbers = self
-                .append_changes(&mut tx, client, None, &[change])
+            self.append_changes(&mut tx, client, None, &[change])
                 .await?;
-            Ok(numbers.map(|(_, last)| count(last)))
+            Ok(true)
         }
         .await;
         tx.end(deleted).await
     }
 
     /// Removes `client`'s data from the ledger — its records, their changes, the stored
-    /// payloads of its imports, their row errors and reports — in one transaction; what it
-    /// removed. The client, its keys, policy and schemas stay, and so do its imports and
-    /// batches with their counts (no data of the records is in them). Its feed numbers go
-    /// on after the purge, so a follower's cursor still means what it meant.
+    /// files of its ended imports, their row errors and reports, and its dedup claims (a
+    /// file sent again is imported again) — in one transaction; what it removed. The
+    /// client, its keys, policy and schemas stay, and so do its imports and batches with
+    /// their counts (no data of the records is in them). Its feed goes on with a `purged`
+    /// change, so a follower learns that everything before it is gone.
     ///
-    /// Refused while a batch of the client could still read its payload or write records
-    /// (ready, processing, awaiting approval, or dead and retryable): deactivate the client,
-    /// let them end, discard the dead ones, then purge.
+    /// Refused while a batch of the client could still read its file or write records
+    /// (ready, processing, awaiting approval, or dead and retryable), or a follow-up job
+    /// could still read its row errors: deactivate the client, let them end, discard the
+    /// dead ones, then purge. Only ended batches' files, errors and reports are deleted, so
+    /// an import accepted while the purge runs (PostgreSQL does not hold imports off for
+    /// it) keeps its file.
     pub async fn purge_client(&self, client: &ClientId) -> Result<PurgeView> {
         let mut tx = self.begin_write().await?;
         let purged = async {
-            // Locks the client's row: no import of it commits while this runs.
-            let found: Option<String> = sqlx::query_scalar(
-                self.sql("UPDATE clients SET updated_at = {now} WHERE id = $1 RETURNING id"),
-            )
-            .bind(client.as_str())
-            .fetch_optional(&mut *tx)
-            .await?;
+            let found: Option<String> = sqlx::query_scalar("SELECT id FROM clients WHERE id = $1")
+                .bind(client.as_str())
+                .fetch_optional(&mut *tx)
+                .await?;
             if found.is_none() {
                 return Err(Error::NotFound);
             }
-            let open: i64 = sqlx::query_scalar(
-                "SELECT COUNT(*) FROM batches WHERE client_id = $1 \
-                 AND status IN ('ready', 'processing', 'awaiting_approval', 'dead')",
+            let (open, jobs): (i64, i64) = sqlx::query_as(
+                "SELECT (SELECT COUNT(*) FROM batches WHERE client_id = $1 \
+                         AND status IN ('ready', 'processing', 'awaiting_approval', 'dead')), \
+                        (SELECT COUNT(*) FROM jobs WHERE client_id = $1 \
+                         AND status NOT IN ('done', 'dead'))",
             )
             .bind(client.as_str())
             .fetch_one(&mut *tx)
             .await?;
-            if open > 0 {
+            if open > 0 || jobs > 0 {
                 return Err(Error::Conflict(format!(
                     "{open} batches of this client are ready, processing, awaiting approval or \
-                     dead: deactivate the client, let them finish or reject them, discard the \
-                     dead ones, then purge"
+                     dead, and {jobs} of its follow-up jobs are still to run: deactivate the \
+                     client, let them finish (or reject them), discard the dead ones, then purge"
                 )));
             }
-            let of_batches = "IN (SELECT id FROM batches WHERE client_id = $1)";
+            let ended = "IN (SELECT id FROM batches WHERE client_id = $1 \
+                         AND status IN ('completed', 'rejected'))";
             let mut purged = PurgeView::default();
-            for (table, column, count) in [
-                ("records", "client_id = $1", &mut purged.records),
-                ("record_changes", "client_id = $1", &mut purged.changes),
+            for (table, rows, count) in [
+                ("records", "client_id = $1", Some(&mut purged.records)),
+                (
+                    "record_changes",
+                    "client_id = $1",
+                    Some(&mut purged.changes),
+                ),
                 (
                     "payloads",
-                    &format!("batch_id {of_batches}"),
-                    &mut purged.payloads,
+                    &format!("batch_id {ended}"),
+                    Some(&mut purged.payloads),
                 ),
                 (
                     "record_errors",
-                    &format!("batch_id {of_batches}"),
-                    &mut purged.row_errors,
+                    &format!("batch_id {ended}"),
+                    Some(&mut purged.row_errors),
                 ),
                 (
                     "reports",
-                    &format!("batch_id {of_batches}"),
-                    &mut purged.reports,
+                    &format!("batch_id {ended}"),
+                    Some(&mut purged.reports),
                 ),
+                ("import_checksums", "client_id = $1", None),
             ] {
-                let sql = sqlx::AssertSqlSafe(format!("DELETE FROM {table} WHERE {column}"));
-                *count = sqlx::query(sql)
+                let sql = sqlx::AssertSqlSafe(format!("DELETE FROM {table} WHERE {rows}"));
+                let deleted = sqlx::query(sql)
                     .bind(client.as_str())
                     .execute(&mut *tx)
                     .await?
                     .rows_affected();
+                if let Some(count) = count {
+                    *count = deleted;
+                }
             }
+            let marker = NewChange {
+                key: "",
+                kind: RecordChangeKind::Purged,
+                data: None,
+            };
+            self.append_changes(&mut tx, client, None, &[marker])
+                .await?;
             Ok(purged)
         }
         .await;
@@ -255,10 +256,7 @@ impl Db {
     ) -> Result<PurgeView> {
         let result = self.purge_client(client).await;
         let outcome = match &result {
-            Ok(p) => format!(
-                "ok: {} records, {} changes, {} payloads, {} row errors, {} reports removed",
-                p.records, p.changes, p.payloads, p.row_errors, p.reports
-            ),
+            Ok(p) => format!("ok: {p}"),
             Err(e) => format!("refused: {e}"),
         };
         self.record_action(&NewAction {
@@ -397,7 +395,7 @@ impl ChangeColumns {
         Ok(RecordChangeView {
             seq: count(self.seq),
             key: self.record_key,
-            kind: self.kind,
+            kind: self.kind.parse().map_err(Error::stored)?,
             batch_id: self.batch_id.map(parse_id).transpose()?,
             data: self
                 .data
