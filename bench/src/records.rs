@@ -117,7 +117,7 @@ async fn measure(
     let view: DryRunView = resp.json().await?;
     let dry_s = started.elapsed().as_secs_f64();
     let dry_peak = rss_kib("VmHWM")?;
-    if view.would_update as usize != args.table.div_ceil(3) {
+    if view.would_update as usize != stored * args.per_import.div_ceil(3) {
         bail!("the dry run saw {} updates: {view:?}", view.would_update);
     }
     print!(

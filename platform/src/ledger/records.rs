@@ -311,26 +311,50 @@ impl Db {
         after: Option<&str>,
         limit: u32,
     ) -> Result<Vec<RecordView>> {
+        // Only the conditions given, so that the planner walks the primary key from the
+        // first key wanted (an `x IS NULL OR …` form makes SQLite scan from the start,
+        // every page: an export in pages would take quadratic time).
+        enum Bind<'a> {
+            Text(&'a str),
+            Int(i64),
+        }
         // A key range for the prefix: the keys that start with it sort from it up to it
         // followed by the greatest character (bytewise: the "C" collation, SQLite's BINARY).
         let upper = filter.key_prefix.as_ref().map(|p| format!("{p}\u{10FFFF}"));
-        let sql = sqlx::AssertSqlSafe(format!(
-            "SELECT {RECORD_COLUMNS} FROM records \
-             WHERE client_id = $1 AND ($2 IS NULL OR record_key > $2) \
-               AND ($3 IS NULL OR record_key >= $3) AND ($4 IS NULL OR record_key < $4) \
-               AND ($5 IS NULL OR updated_at >= $5) AND ($6 IS NULL OR batch_id = $6) \
-             ORDER BY record_key LIMIT $7"
-        ));
-        let rows = sqlx::query_as::<_, RecordColumns>(sql)
-            .bind(client.as_str())
-            .bind(after)
-            .bind(filter.key_prefix.as_deref())
-            .bind(upper.as_deref())
-            .bind(filter.updated_since_ms)
-            .bind(filter.batch_id.as_ref().map(BatchId::as_str))
-            .bind(i64::from(limit))
-            .fetch_all(self.pool())
-            .await?;
+        let mut conditions: Vec<(&str, Bind<'_>)> = vec![("client_id =", Bind::Text(client.as_str()))];
+        if let Some(after) = after {
+            conditions.push(("record_key >", Bind::Text(after)));
+        }
+        if let (Some(prefix), Some(upper)) = (&filter.key_prefix, &upper) {
+            conditions.push(("record_key >=", Bind::Text(prefix)));
+            conditions.push(("record_key <", Bind::Text(upper)));
+        }
+        if let Some(since) = filter.updated_since_ms {
+            conditions.push(("updated_at >=", Bind::Int(since)));
+        }
+        if let Some(batch) = &filter.batch_id {
+            conditions.push(("batch_id =", Bind::Text(batch.as_str())));
+        }
+        let mut sql = format!("SELECT {RECORD_COLUMNS} FROM records WHERE ");
+        for (n, (condition, _)) in conditions.iter().enumerate() {
+            if n > 0 {
+                sql.push_str(" AND ");
+            }
+            sql.push_str(&format!("{condition} ${}", n + 1));
+        }
+        sql.push_str(&format!(" ORDER BY record_key LIMIT ${}", conditions.len() + 1));
+        let binds = conditions
+            .into_iter()
+            .map(|(_, b)| b)
+            .chain([Bind::Int(i64::from(limit))]);
+        let mut query = sqlx::query_as::<_, RecordColumns>(sqlx::AssertSqlSafe(sql));
+        for bind in binds {
+            query = match bind {
+                Bind::Text(t) => query.bind(t),
+                Bind::Int(i) => query.bind(i),
+            };
+        }
+        let rows = query.fetch_all(self.pool()).await?;
         rows.into_iter().map(RecordColumns::view).collect()
     }
 
