@@ -321,7 +321,8 @@ impl Db {
         // A key range for the prefix: the keys that start with it sort from it up to it
         // followed by the greatest character (bytewise: the "C" collation, SQLite's BINARY).
         let upper = filter.key_prefix.as_ref().map(|p| format!("{p}\u{10FFFF}"));
-        let mut conditions: Vec<(&str, Bind<'_>)> = vec![("client_id =", Bind::Text(client.as_str()))];
+        let mut conditions: Vec<(&str, Bind<'_>)> =
+            vec![("client_id =", Bind::Text(client.as_str()))];
         if let Some(after) = after {
             conditions.push(("record_key >", Bind::Text(after)));
         }
@@ -342,7 +343,10 @@ impl Db {
             }
             sql.push_str(&format!("{condition} ${}", n + 1));
         }
-        sql.push_str(&format!(" ORDER BY record_key LIMIT ${}", conditions.len() + 1));
+        sql.push_str(&format!(
+            " ORDER BY record_key LIMIT ${}",
+            conditions.len() + 1
+        ));
         let binds = conditions
             .into_iter()
             .map(|(_, b)| b)
