@@ -76,17 +76,7 @@ pub async fn run(args: ImportArgs) -> anyhow::Result<()> {
     if let Some(k) = &args.idempotency_key {
         req = req.header("idempotency-key", k);
     }
-    let resp = req
-        .send()
-        .await
-        .with_context(|| format!("sending to {api}"))?;
-    let status = resp.status();
-    let text = resp.text().await?;
-    if !status.is_success() {
-        bail!("the import was refused ({status}): {text}");
-    }
-    let import: ImportView =
-        serde_json::from_str(&text).with_context(|| format!("unexpected answer: {text}"))?;
+    let import: ImportView = answer(req, api, "the import was refused").await?;
     let note = if import.duplicate {
         " (the same payload was imported before: this is that import)"
     } else {
@@ -229,8 +219,13 @@ pub(crate) fn file_format(
     }
 }
 
-/// Sends the file as a dry run and prints the answer as a table.
-async fn dry_run(req: reqwest::RequestBuilder, api: &str) -> anyhow::Result<()> {
+/// Sends `req` and reads its JSON answer; a refusal says `refused` with the status and
+/// what the server said.
+async fn answer<T: serde::de::DeserializeOwned>(
+    req: reqwest::RequestBuilder,
+    api: &str,
+    refused: &str,
+) -> anyhow::Result<T> {
     let resp = req
         .send()
         .await
@@ -238,10 +233,14 @@ async fn dry_run(req: reqwest::RequestBuilder, api: &str) -> anyhow::Result<()> 
     let status = resp.status();
     let text = resp.text().await?;
     if !status.is_success() {
-        bail!("the import would be refused ({status}): {text}");
+        bail!("{refused} ({status}): {text}");
     }
-    let view: DryRunView =
-        serde_json::from_str(&text).with_context(|| format!("unexpected answer: {text}"))?;
+    serde_json::from_str(&text).with_context(|| format!("unexpected answer: {text}"))
+}
+
+/// Sends the file as a dry run and prints the answer as a table.
+async fn dry_run(req: reqwest::RequestBuilder, api: &str) -> anyhow::Result<()> {
+    let view: DryRunView = answer(req, api, "the import would be refused").await?;
     print!("{}", dry_run_table(&view));
     if let Some(why) = &view.refusal {
         bail!("the import would be refused: {why}");
