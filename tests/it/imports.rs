@@ -360,12 +360,14 @@ async fn idempotency_key_replays_conflicts_and_mismatches(b: Backend) {
     // The slow first request finally tries to commit with its old claim: refused, nothing stored.
     let client_policy = t.db.get_client(&client).await.unwrap().unwrap().policy;
     let body = csv("slow", 1);
+    let checksum = sha(&body);
     let slow = NewImport {
         client_id: &client,
         format: ImportFormat::Csv,
         body: body.as_bytes(),
         records: 1,
-        checksum: &sha(&body),
+        checksum: &checksum,
+        dedup_key: &checksum,
         policy: &client_policy,
         schema_version: None,
         idempotency: Some(&stale_claim),

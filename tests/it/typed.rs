@@ -25,6 +25,7 @@ backend_tests!(
     the_changes_feed_lists_every_change_once_in_order,
     the_feed_has_no_gap_while_batches_commit_at_once,
     a_purge_removes_a_clients_data_and_is_logged,
+    a_file_refused_under_one_schema_is_imported_again_under_the_next,
 );
 
 /// Products: an integer key that also answers to `SKU Code`, a price, a required email, a
@@ -1017,4 +1018,45 @@ async fn a_purge_removes_a_clients_data_and_is_logged(b: Backend) {
         "{purges:?}"
     );
     t.stop().await;
+}
+
+/// The refusal says "import the file again": after the schema changed, the same bytes are a
+/// new import, not the refused one answered again; under one version they stay a duplicate.
+async fn a_file_refused_under_one_schema_is_imported_again_under_the_next(b: Backend) {
+    let Some(t) = TestApp::spawn_with(b, Roles::API, |_| {}).await else {
+        return;
+    };
+    let (client, key) = t.client(json!({})).await;
+    let strict = json!({
+        "fields": [{"name": "id"}, {"name": "qty", "type": "integer", "constraints": {"minimum": 0}}],
+        "primaryKey": "id",
+        "maxErrorRatio": 0
+    });
+    set_schema(&t, &client, &strict).await;
+    let file = "id,qty\na,1\nb,-1\n";
+    let refused = t.import(&key, "text/csv", file).await.batch_id;
+    let (outcome, _) = process(&t, &key, &refused).await;
+    assert_eq!(outcome, Outcome::Refused);
+    let resp = t.submit(&key, "text/csv", file).send().await.unwrap();
+    assert_eq!(
+        resp.status(),
+        200,
+        "the same file under the same schema is a duplicate"
+    );
+
+    let mut lenient = strict.clone();
+    lenient["fields"][1]["constraints"] = json!({});
+    set_schema(&t, &client, &lenient).await;
+    let view: Value = dry_run(&t, &key, file.into()).await.json().await.unwrap();
+    assert_eq!(
+        (&view["duplicate_of"], &view["would_insert"]),
+        (&Value::Null, &json!(2))
+    );
+    let again = t.import(&key, "text/csv", file).await.batch_id;
+    assert_ne!(again, refused);
+    let (_, done) = process(&t, &key, &again).await;
+    assert_eq!(
+        (done.status, done.records_written),
+        (BatchStatus::Completed, 2)
+    );
 }

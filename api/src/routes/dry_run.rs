@@ -45,7 +45,7 @@ pub(super) async fn preview(
     p: &Principal,
     format: ImportFormat,
     body: &Bytes,
-    checksum: &str,
+    dedup_key: &str,
 ) -> ApiResult<DryRunView> {
     let db = &state.backends.db;
     let client = &p.client.id;
@@ -64,7 +64,7 @@ pub(super) async fn preview(
         errors: Vec::new(),
         changes: Vec::new(),
     };
-    if let Some(first) = db.find_duplicate(client, checksum).await? {
+    if let Some(first) = db.find_duplicate(client, dedup_key).await? {
         view.records = first.records;
         view.duplicate_of = Some(first.id);
         return Ok(view);

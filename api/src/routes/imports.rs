@@ -154,8 +154,9 @@ async fn submit(
     })?;
     let body = read_body(&state, &p, &headers, body).await?;
     let checksum = hex::encode(Sha256::digest(&body));
+    let dedup_key = dedup_key(&checksum, &p);
     if dry_run {
-        let view = dry_run::preview(&state, &p, format, &body, &checksum).await?;
+        let view = dry_run::preview(&state, &p, format, &body, &dedup_key).await?;
         return Ok((StatusCode::OK, Json(view)).into_response());
     }
 
@@ -199,6 +200,7 @@ async fn submit(
         format,
         body: &body,
         checksum: &checksum,
+        dedup_key: &dedup_key,
         idempotency: claim.as_ref(),
     };
     let result = accept(&state, &p, &submission).await;
@@ -260,14 +262,14 @@ async fn accept(
     sub: &Submission<'_>,
 ) -> ApiResult<(StatusCode, ImportView)> {
     let client = &p.client.id;
-    let checksum = sub.checksum;
+    let key = sub.dedup_key;
     let window = Duration::from_secs(p.client.policy.dedup_window_secs);
     let dedup = &state.backends.dedup;
-    let claim = dedup.claim(client, checksum, window).await;
+    let claim = dedup.claim(client, key, window).await;
     // Redis knows the payload: the ledger's live claim says which import it was (none
     // when the claim was purged since, and the import goes ahead).
     if let DedupClaim::Known(_) = &claim
-        && let Some(first) = state.backends.db.find_duplicate(client, checksum).await?
+        && let Some(first) = state.backends.db.find_duplicate(client, key).await?
     {
         metrics::counter!("dataflow_dedup_hits_total", "via" => "redis").increment(1);
         metrics::counter!("dataflow_imports_total", "outcome" => "duplicate").increment(1);
@@ -290,7 +292,7 @@ async fn accept(
         .ok()
         .filter(|(s, _)| *s == StatusCode::ACCEPTED)
         .map(|(_, view)| &view.id);
-    dedup.settle(client, checksum, &claim, owner, window).await;
+    dedup.settle(client, key, &claim, owner, window).await;
     result
 }
 
@@ -343,7 +345,19 @@ struct Submission<'a> {
     body: &'a Bytes,
     /// Hex SHA-256 of `body`.
     checksum: &'a str,
+    /// See [`dedup_key`].
+    dedup_key: &'a str,
     idempotency: Option<&'a IdempotencyClaim>,
+}
+
+/// What makes two imports the same within the dedup window: the body, and the version of
+/// the client's schema it is checked with. A file refused under one version (too many
+/// errors) is imported again when it is sent after the schema changed.
+pub(super) fn dedup_key(checksum: &str, p: &Principal) -> String {
+    match &p.client.schema {
+        Some(s) => format!("{checksum}/schema-{}", s.version),
+        None => checksum.to_owned(),
+    }
 }
 
 /// Dedup pre-check, parse and policy, then the submit transaction.
@@ -356,11 +370,12 @@ async fn decide(
         format,
         body,
         checksum,
+        dedup_key,
         idempotency,
     } = *sub;
     let db = &state.backends.db;
     let policy = &p.client.policy;
-    if let Some(first) = db.find_duplicate(&p.client.id, checksum).await? {
+    if let Some(first) = db.find_duplicate(&p.client.id, dedup_key).await? {
         return Ok((StatusCode::OK, first));
     }
     let (summary, _) = admit(state, p, format, body).await?;
@@ -370,6 +385,7 @@ async fn decide(
         body,
         records: summary.records,
         checksum,
+        dedup_key,
         policy,
         schema_version: p.client.schema.as_ref().map(|s| s.version),
         idempotency,

@@ -21,6 +21,9 @@ pub struct NewImport<'a> {
     pub records: u64,
     /// Hex SHA-256 of `body`.
     pub checksum: &'a str,
+    /// What makes two imports the same within the dedup window (the checksum, and the
+    /// schema version when there is one).
+    pub dedup_key: &'a str,
     pub policy: &'a Policy,
     /// The version of the client's schema its records are to be checked with.
     pub schema_version: Option<u64>,
@@ -235,7 +238,7 @@ impl Db {
         );
         let claimed: Option<i64> = sqlx::query_scalar(claim)
             .bind(new.client_id.as_str())
-            .bind(new.checksum)
+            .bind(new.dedup_key)
             .bind(import_id.as_str())
             .bind(window_ms)
             .fetch_optional(&mut *tx)
@@ -245,7 +248,7 @@ impl Db {
                 "SELECT import_id FROM import_checksums WHERE client_id = $1 AND checksum = $2",
             )
             .bind(new.client_id.as_str())
-            .bind(new.checksum)
+            .bind(new.dedup_key)
             .fetch_one(&mut *tx)
             .await?;
             tx.rollback().await?;
