@@ -138,6 +138,11 @@ pub struct BatchRejected {
 impl BatchRejected {
     pub const BY_OPERATOR: &str = "operator";
     pub const TOO_MANY_ERRORS: &str = "too_many_errors";
+
+    /// Refused for its errors: the batch has a report of them to send.
+    pub fn for_errors(&self) -> bool {
+        self.code.as_deref() == Some(Self::TOO_MANY_ERRORS)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

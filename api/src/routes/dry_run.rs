@@ -30,7 +30,7 @@ use crate::state::AppState;
 const SHOWN: usize = 20;
 
 /// What the preparing task hands over.
-enum Prepared {
+enum Handed {
     Chunk(Chunk),
     /// Every record was read: why the import would be refused whole, if it would.
     Done {
@@ -71,7 +71,7 @@ pub(super) async fn preview(
     }
     let (_, schema) = admit(state, p, format, body).await?;
 
-    let (tx, mut rx) = mpsc::channel::<Prepared>(2);
+    let (tx, mut rx) = mpsc::channel::<Handed>(2);
     let (body, policy, chunk_size) = (body.clone(), p.client.policy.clone(), state.chunk_size);
     let max_field_bytes = state.config.max_field_bytes;
     let reader = tokio::task::spawn_blocking(move || {
@@ -95,11 +95,11 @@ pub(super) async fn preview(
                 done += buffer.len() as u64;
                 let chunk = preparer.chunk(&buffer, done);
                 buffer.clear();
-                open = tx.blocking_send(Prepared::Chunk(chunk)).is_ok();
+                open = tx.blocking_send(Handed::Chunk(chunk)).is_ok();
             }
         });
         if let Err(e) = parsed {
-            let _ = tx.blocking_send(Prepared::Failed(e.to_string()));
+            let _ = tx.blocking_send(Handed::Failed(e.to_string()));
             return;
         }
         if !open {
@@ -108,11 +108,11 @@ pub(super) async fn preview(
         if !buffer.is_empty() {
             done += buffer.len() as u64;
             let chunk = preparer.chunk(&buffer, done);
-            if tx.blocking_send(Prepared::Chunk(chunk)).is_err() {
+            if tx.blocking_send(Handed::Chunk(chunk)).is_err() {
                 return;
             }
         }
-        let _ = tx.blocking_send(Prepared::Done {
+        let _ = tx.blocking_send(Handed::Done {
             refusal: preparer.refusal(&policy),
         });
     });
@@ -120,12 +120,12 @@ pub(super) async fn preview(
     let mut sim = Simulation::default();
     while let Some(prepared) = rx.recv().await {
         let chunk = match prepared {
-            Prepared::Chunk(chunk) => chunk,
-            Prepared::Done { refusal } => {
+            Handed::Chunk(chunk) => chunk,
+            Handed::Done { refusal } => {
                 view.refusal = refusal;
                 break;
             }
-            Prepared::Failed(e) => {
+            Handed::Failed(e) => {
                 return Err(dataflow_platform::Error::internal(
                     "the dry run could not read a body that parsed before",
                     std::io::Error::other(e),

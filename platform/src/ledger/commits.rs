@@ -16,7 +16,7 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
-use dataflow_contracts::events::{BatchRejected, Event};
+use dataflow_contracts::events::Event;
 use dataflow_contracts::jobs::JobKind;
 use tokio::sync::Notify;
 
@@ -58,7 +58,7 @@ pub fn kinds_for_event(event: &Event) -> Kinds {
     let webhook = Kinds::default().with(JobKind::Webhook);
     match event {
         Event::BatchCompleted(_) => webhook.with(JobKind::Report).with(JobKind::Email),
-        Event::BatchRejected(r) if r.code.as_deref() == Some(BatchRejected::TOO_MANY_ERRORS) => {
+        Event::BatchRejected(r) if r.for_errors() => {
             webhook.with(JobKind::Report).with(JobKind::Email)
         }
         Event::BatchRejected(_) | Event::BatchDead(_) => webhook.with(JobKind::Email),

@@ -11,7 +11,7 @@
 //! is the job's current one. A worker cut off long enough to be presumed dead may still
 //! finish its attempt after the job went to another worker; its late answer matches nothing.
 
-use dataflow_contracts::events::{BatchRejected, Envelope, Event};
+use dataflow_contracts::events::{Envelope, Event};
 use dataflow_contracts::jobs::{
     JobCount, JobKind, JobMessage, JobPage, JobSpec, JobStatus, JobTicket, JobView,
 };
@@ -115,7 +115,7 @@ pub fn jobs_for_event(event: &Envelope, policy: &Policy) -> Vec<JobSpec> {
             true
         }
         // A batch refused for its errors has a report to read: which rows, and why.
-        Event::BatchRejected(r) if r.code.as_deref() == Some(BatchRejected::TOO_MANY_ERRORS) => {
+        Event::BatchRejected(r) if r.for_errors() => {
             specs.push(JobSpec::Report);
             true
         }

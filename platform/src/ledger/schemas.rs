@@ -14,6 +14,11 @@ use crate::{Error, Result};
 /// A schema document larger than this is not one anybody writes by hand or by tool.
 pub const MAX_SCHEMA_BYTES: usize = 1024 * 1024;
 
+/// A client's stored versions, each saying whether it is the current one.
+const VERSIONS: &str = "SELECT s.version, s.document, s.created_at, \
+     CAST(CASE WHEN c.schema_version = s.version THEN 1 ELSE 0 END AS BIGINT) AS current \
+     FROM client_schemas s JOIN clients c ON c.id = s.client_id";
+
 /// A stored version's row.
 #[derive(sqlx::FromRow)]
 struct SchemaColumns {
@@ -118,15 +123,13 @@ impl Db {
 
     /// Every version of `client`'s schema, newest first.
     pub async fn schema_versions(&self, client: &ClientId) -> Result<Vec<SchemaView>> {
-        let rows = sqlx::query_as::<_, SchemaColumns>(
-            "SELECT s.version, s.document, s.created_at, \
-                 CAST(CASE WHEN c.schema_version = s.version THEN 1 ELSE 0 END AS BIGINT) AS current \
-             FROM client_schemas s JOIN clients c ON c.id = s.client_id \
-             WHERE s.client_id = $1 ORDER BY s.version DESC",
-        )
-        .bind(client.as_str())
-        .fetch_all(self.pool())
-        .await?;
+        let sql = sqlx::AssertSqlSafe(format!(
+            "{VERSIONS} WHERE s.client_id = $1 ORDER BY s.version DESC"
+        ));
+        let rows = sqlx::query_as::<_, SchemaColumns>(sql)
+            .bind(client.as_str())
+            .fetch_all(self.pool())
+            .await?;
         rows.into_iter().map(|r| r.view(client)).collect()
     }
 
@@ -136,16 +139,14 @@ impl Db {
         client: &ClientId,
         version: Option<u64>,
     ) -> Result<Option<SchemaView>> {
-        let row = sqlx::query_as::<_, SchemaColumns>(
-            "SELECT s.version, s.document, s.created_at, \
-                 CAST(CASE WHEN c.schema_version = s.version THEN 1 ELSE 0 END AS BIGINT) AS current \
-             FROM client_schemas s JOIN clients c ON c.id = s.client_id \
-             WHERE s.client_id = $1 AND s.version = COALESCE($2, c.schema_version)",
-        )
-        .bind(client.as_str())
-        .bind(version.map(|v| i64::try_from(v).unwrap_or(i64::MAX)))
-        .fetch_optional(self.pool())
-        .await?;
+        let sql = sqlx::AssertSqlSafe(format!(
+            "{VERSIONS} WHERE s.client_id = $1 AND s.version = COALESCE($2, c.schema_version)"
+        ));
+        let row = sqlx::query_as::<_, SchemaColumns>(sql)
+            .bind(client.as_str())
+            .bind(version.map(|v| i64::try_from(v).unwrap_or(i64::MAX)))
+            .fetch_optional(self.pool())
+            .await?;
         row.map(|r| r.view(client)).transpose()
     }
 }
