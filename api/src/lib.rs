@@ -14,6 +14,7 @@
 
 pub mod auth;
 pub mod error;
+mod intake;
 pub mod listener;
 pub mod openapi;
 pub mod ratelimit;

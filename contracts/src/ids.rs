@@ -123,6 +123,12 @@ prefixed_id!(
     "bat"
 );
 prefixed_id!(
+    /// A file on its way in: a resumable upload (`/v1/uploads`), or a large request body
+    /// while it is read and checked.
+    UploadId,
+    "upl"
+);
+prefixed_id!(
     /// A lifecycle event; consumers deduplicate on it.
     EventId,
     "evt"

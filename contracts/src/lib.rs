@@ -19,7 +19,7 @@ pub mod policy;
 pub mod time;
 
 pub use batch::{BatchStatus, ImportFormat};
-pub use ids::{BatchId, ClientId, EventId, IdError, ImportId, JobId};
+pub use ids::{BatchId, ClientId, EventId, IdError, ImportId, JobId, UploadId};
 pub use policy::Policy;
 
 /// Longest record key (the value of a policy's `key_field`) DataFlow stores.

@@ -43,6 +43,23 @@ pub struct Policy {
     #[serde(default)]
     #[schema(minimum = 0, maximum = 1)]
     pub max_error_ratio: Option<f64>,
+    /// Largest file a resumable upload (`/v1/uploads`) may carry, in bytes.
+    #[serde(default = "default_max_upload_bytes")]
+    #[schema(minimum = 1, maximum = 9_223_372_036_854_775_807_u64)]
+    pub max_upload_bytes: u64,
+    /// How long the file of a completed, rejected or dead batch is kept, in seconds; the
+    /// batch, its counts and its errors stay after.
+    #[serde(default = "default_payload_retention_secs")]
+    #[schema(minimum = 1)]
+    pub payload_retention_secs: u64,
+}
+
+fn default_max_upload_bytes() -> u64 {
+    10 * 1024 * 1024 * 1024
+}
+
+fn default_payload_retention_secs() -> u64 {
+    7 * 24 * 3600
 }
 
 impl Default for Policy {
@@ -60,6 +77,8 @@ impl Default for Policy {
             notify_email: None,
             webhook_url: None,
             max_error_ratio: None,
+            max_upload_bytes: default_max_upload_bytes(),
+            payload_retention_secs: default_payload_retention_secs(),
         }
     }
 }
@@ -114,6 +133,12 @@ pub struct PolicyPatch {
     )]
     #[schema(minimum = 0, maximum = 1)]
     pub max_error_ratio: Option<Option<f64>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1, maximum = 9_223_372_036_854_775_807_u64)]
+    pub max_upload_bytes: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1)]
+    pub payload_retention_secs: Option<u64>,
 }
 
 /// Distinguishes an absent field (`None`) from an explicit `null` (`Some(None)`).
@@ -156,7 +181,9 @@ impl Policy {
             approval_required,
             notify_email,
             webhook_url,
-            max_error_ratio
+            max_error_ratio,
+            max_upload_bytes,
+            payload_retention_secs
         );
         p.validate()?;
         Ok(p)
@@ -169,6 +196,21 @@ impl Policy {
         }
         if self.max_records == 0 {
             return Err("max_records must be at least 1".into());
+        }
+        // Offsets are signed 64-bit integers in the ledger.
+        if self.max_upload_bytes == 0 || i64::try_from(self.max_upload_bytes).is_err() {
+            return Err(format!(
+                "max_upload_bytes must be between 1 and {}",
+                i64::MAX
+            ));
+        }
+        // Milliseconds of it must fit the ledger's clock arithmetic.
+        if self.payload_retention_secs == 0 || self.payload_retention_secs > i64::MAX as u64 / 4000
+        {
+            return Err(format!(
+                "payload_retention_secs must be between 1 and {}",
+                i64::MAX / 4000
+            ));
         }
         if self.rate_per_minute == 0 || self.rate_burst == 0 {
             return Err("rate_per_minute and rate_burst must be at least 1".into());

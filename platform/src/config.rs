@@ -110,6 +110,11 @@ pub struct ApiConfig {
     pub max_body_bytes: u64,
     /// Longest accepted value of one field.
     pub max_field_bytes: usize,
+    /// A compressed body (gzip, zstd) may grow by at most this factor when decompressed;
+    /// past it the request is a decompression bomb and is refused (413).
+    pub max_compression_ratio: u64,
+    /// How long a resumable upload may rest between two parts before it expires.
+    pub upload_ttl_secs: u64,
     /// Longest accepted `Idempotency-Key`.
     pub max_idempotency_key_len: usize,
     /// How long a finished idempotent response is replayed.
@@ -155,6 +160,8 @@ impl Default for ApiConfig {
         Self {
             max_body_bytes: 64 * 1024 * 1024,
             max_field_bytes: 64 * 1024,
+            max_compression_ratio: 200,
+            upload_ttl_secs: 24 * 3600,
             max_idempotency_key_len: 255,
             idempotency_ttl_secs: 24 * 3600,
             request_timeout_secs: 120,
@@ -550,6 +557,12 @@ impl Config {
         }
         if self.api.max_body_bytes == 0 || self.api.max_field_bytes == 0 {
             return bad("api.max_body_bytes and api.max_field_bytes must be at least 1");
+        }
+        if self.api.max_compression_ratio == 0 || self.api.upload_ttl_secs == 0 {
+            return bad("api.max_compression_ratio and api.upload_ttl_secs must be at least 1");
+        }
+        if self.api.upload_ttl_secs > i64::MAX as u64 / 4000 {
+            return bad("api.upload_ttl_secs is too large");
         }
         if self.api.auth_max_failures == 0 {
             return bad("api.auth_max_failures must be at least 1");

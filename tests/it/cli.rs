@@ -13,7 +13,7 @@ use dataflow_contracts::{BatchId, BatchStatus, ClientId};
 use reqwest::Method;
 use serde_json::json;
 
-use crate::helpers::{Backend, TestApp, csv};
+use crate::helpers::{Backend, TestApp, csv, replace_payload};
 use crate::sinks::WebhookReceiver;
 
 fn upload(t: &TestApp, key: &str, file: std::path::PathBuf) -> ImportArgs {
@@ -166,12 +166,12 @@ register!(import_checks_the_keys_client_before_uploading);
 async fn poison_batch(t: &TestApp, key: &str, n: u32) -> BatchId {
     let body = format!("{{\"id\":{n}}}\n");
     let imported = t.import(key, "application/x-ndjson", body.clone()).await;
-    sqlx::query("UPDATE payloads SET body = $1 WHERE batch_id = $2")
-        .bind(format!("{body}[not json").into_bytes())
-        .bind(imported.batch_id.as_str())
-        .execute(t.db.pool())
-        .await
-        .unwrap();
+    replace_payload(
+        &t.db,
+        &imported.batch_id,
+        format!("{body}[not json").as_bytes(),
+    )
+    .await;
     let approve = format!("/admin/batches/{}/approve", imported.batch_id);
     let resp = t.admin(Method::POST, &approve).send().await.unwrap();
     assert_eq!(resp.status(), 200);

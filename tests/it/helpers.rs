@@ -389,3 +389,27 @@ pub fn wrong_secret(key: &str) -> String {
     let (id, secret) = key.rsplit_once('_').unwrap();
     format!("{id}_{}", "0".repeat(secret.len()))
 }
+
+/// Replaces a batch's stored file with `body` (a test's way to make it unreadable).
+pub async fn replace_payload(db: &Db, batch: &BatchId, body: &[u8]) {
+    sqlx::query("DELETE FROM payload_parts WHERE payload_id = (SELECT payload_id FROM batches WHERE id = $1)")
+        .bind(batch.as_str())
+        .execute(db.pool())
+        .await
+        .unwrap();
+    sqlx::query(
+        "INSERT INTO payload_parts (payload_id, seq, body) \
+         SELECT payload_id, 0, $2 FROM batches WHERE id = $1",
+    )
+    .bind(batch.as_str())
+    .bind(body)
+    .execute(db.pool())
+    .await
+    .unwrap();
+    sqlx::query("UPDATE batches SET payload_bytes = $2 WHERE id = $1")
+        .bind(batch.as_str())
+        .bind(body.len() as i64)
+        .execute(db.pool())
+        .await
+        .unwrap();
+}

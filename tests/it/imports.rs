@@ -4,7 +4,7 @@ use crate::common::harness::register;
 use dataflow_contracts::BatchStatus;
 use dataflow_contracts::ImportFormat;
 use dataflow_contracts::http::{ErrorBody, ImportView, RecordErrorPage, RecordView};
-use dataflow_platform::ledger::{IdempotencyStart, NewImport, SubmitOutcome};
+use dataflow_platform::ledger::{IdempotencyStart, NewImport, Payload, SubmitOutcome};
 use serde_json::json;
 
 use crate::helpers::{Backend, TestApp, backend_tests, csv};
@@ -240,7 +240,8 @@ async fn bad_input_gets_a_4xx_and_stores_nothing(b: Backend) {
     for table in [
         "imports",
         "batches",
-        "payloads",
+        "payload_parts",
+        "uploads",
         "outbox",
         "import_checksums",
         "idempotency_keys",
@@ -364,7 +365,8 @@ async fn idempotency_key_replays_conflicts_and_mismatches(b: Backend) {
     let slow = NewImport {
         client_id: &client,
         format: ImportFormat::Csv,
-        body: body.as_bytes(),
+        payload: Payload::Inline(body.as_bytes()),
+        bytes: body.len() as u64,
         records: 1,
         checksum: &checksum,
         dedup_key: &checksum,

@@ -945,7 +945,7 @@ async fn a_purge_removes_a_clients_data_and_is_logged(b: Backend) {
     let left: i64 = sqlx::query_scalar(
         "SELECT (SELECT COUNT(*) FROM records WHERE client_id = $1) \
               + (SELECT COUNT(*) FROM record_changes WHERE client_id = $1 AND kind <> 'purged') \
-              + (SELECT COUNT(*) FROM payloads p JOIN batches b ON b.id = p.batch_id WHERE b.client_id = $1) \
+              + (SELECT COUNT(*) FROM payload_parts p JOIN batches b ON b.payload_id = p.payload_id WHERE b.client_id = $1) \
               + (SELECT COUNT(*) FROM record_errors e JOIN batches b ON b.id = e.batch_id WHERE b.client_id = $1) \
               + (SELECT COUNT(*) FROM reports r JOIN batches b ON b.id = r.batch_id WHERE b.client_id = $1)",
     )

@@ -10,7 +10,7 @@ use dataflow_worker::{Outcome, Step, Worker};
 use reqwest::Method;
 use serde_json::json;
 
-use crate::helpers::{Backend, TestApp, backend_tests, csv, signal};
+use crate::helpers::{Backend, TestApp, backend_tests, csv, replace_payload, signal};
 
 backend_tests!(
     racing_workers_never_double_complete,
@@ -198,12 +198,7 @@ async fn a_poison_batch_goes_dead_while_others_flow(b: Backend) {
     let poison = t
         .import(&held_key, "application/x-ndjson", "{\"id\":1}\n")
         .await;
-    sqlx::query("UPDATE payloads SET body = $1 WHERE batch_id = $2")
-        .bind(b"{\"id\":1}\n[not json".to_vec())
-        .bind(poison.batch_id.as_str())
-        .execute(t.db.pool())
-        .await
-        .unwrap();
+    replace_payload(&t.db, &poison.batch_id, b"{\"id\":1}\n[not json").await;
     let approve = format!("/admin/batches/{}/approve", poison.batch_id);
     assert_eq!(
         t.admin(Method::POST, &approve)

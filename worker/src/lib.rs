@@ -330,7 +330,14 @@ impl Worker {
     /// Loads and prepares the records after the lease's checkpoint.
     #[tracing::instrument(skip_all, fields(batch_id = %lease.batch_id, checkpoint = lease.checkpoint))]
     pub async fn start(&self, lease: Lease) -> Result<BatchRun> {
-        let body = self.db.load_payload(&lease.batch_id).await?;
+        let Some((payload_id, bytes)) = self.db.batch_payload(&lease.batch_id).await? else {
+            return Err(Error::Conflict(format!(
+                "the payload of batch {} was deleted when its retention ended; submit the \
+                 file again",
+                lease.batch_id
+            )));
+        };
+        let body = self.db.read_payload(payload_id, bytes);
         let chunk_size = self.config.chunk_size;
         let (format, policy, checkpoint) = (lease.format, lease.policy.clone(), lease.checkpoint);
         let schema = lease
@@ -344,8 +351,12 @@ impl Worker {
         };
         // Parsing, typing and hashing are CPU work; keep them off the async threads.
         let (prepared, refusal) = tokio::task::spawn_blocking(move || -> Result<_> {
+            let mut scan = records::Scanner::new(format, body, limits)?;
             let mut parsed = Vec::new();
-            records::parse(format, &body, limits, |r| parsed.push(r))?;
+            while let Some(record) = scan.next_record()? {
+                parsed.push(record);
+            }
+            scan.finish()?;
             // The API checked a CSV header against this schema version.
             let rules = Rules::of(schema.as_deref(), &policy, format == ImportFormat::Csv);
             let prepared = prepare(&parsed, rules, chunk_size, checkpoint);
@@ -481,6 +492,13 @@ impl Worker {
             Err(Error::Parse(e)) => {
                 return Err(AttemptError {
                     message: format!("stored payload is unreadable: {e}"),
+                    permanent: true,
+                });
+            }
+            // Nor will one that retention deleted come back.
+            Err(Error::Conflict(message)) => {
+                return Err(AttemptError {
+                    message,
                     permanent: true,
                 });
             }

@@ -3,25 +3,24 @@
 //! and whether the error threshold would refuse it — with nothing stored, no quota spent
 //! and no event sent.
 //!
-//! The body is checked as an import's is ([`super::imports::admit`]), then read as a stream:
-//! a blocking task parses and prepares one chunk at a time (the workers' chunk size, so a
-//! key the file repeats is counted as the import will count it) and hands it over a channel
-//! of two, and this task compares each chunk with the ledger. Memory holds the body (which
-//! the request limits), two chunks, and a hash per key of the file.
+//! The body is checked as an import's is ([`super::imports::admit`]), then read again as a
+//! stream: a blocking task parses and prepares one chunk at a time (the workers' chunk size,
+//! so a key the file repeats is counted as the import will count it) and hands it over a
+//! channel of two, and this task compares each chunk with the ledger. Memory holds a part
+//! of the body, two chunks, and a hash per key of the file.
 
 use std::collections::HashMap;
 
-use axum::body::Bytes;
 use dataflow_contracts::ImportFormat;
 use dataflow_contracts::http::{
     ChangeKind, ChangeView, DryRunView, FieldChangeView, RawJson, RecordErrorView,
 };
 use dataflow_platform::domain::diff::{Change, Simulation, field_changes};
 use dataflow_platform::domain::prepare::{Chunk, Preparer, RowError, Rules};
-use dataflow_platform::domain::records::{self, Limits, Record};
+use dataflow_platform::domain::records::{Limits, Record, Scanner};
 use tokio::sync::mpsc;
 
-use super::imports::admit;
+use super::imports::{Received, admit};
 use crate::auth::Principal;
 use crate::error::ApiResult;
 use crate::state::AppState;
@@ -43,10 +42,10 @@ enum Handed {
 pub(super) async fn preview(
     state: &AppState,
     p: &Principal,
-    format: ImportFormat,
-    body: &Bytes,
+    file: &Received,
     dedup_key: &str,
 ) -> ApiResult<DryRunView> {
+    let format = file.format;
     let db = &state.backends.db;
     let client = &p.client.id;
     let schema_version = p.client.schema.as_ref().map(|s| s.version);
@@ -69,41 +68,43 @@ pub(super) async fn preview(
         view.duplicate_of = Some(first.id);
         return Ok(view);
     }
-    let (_, schema) = admit(state, p, format, body).await?;
+    let schema = admit(state, p, &file.summary)?;
 
     let (tx, mut rx) = mpsc::channel::<Handed>(2);
-    let (body, policy, chunk_size) = (body.clone(), p.client.policy.clone(), state.chunk_size);
+    let (body, policy, chunk_size) = (file.reader(db), p.client.policy.clone(), state.chunk_size);
     let max_field_bytes = state.config.max_field_bytes;
     let reader = tokio::task::spawn_blocking(move || {
         let rules = Rules::of(schema.as_deref(), &policy, format == ImportFormat::Csv);
         let mut preparer = Preparer::new(rules);
         let mut buffer: Vec<Record> = Vec::with_capacity(chunk_size);
         let mut done = 0u64;
-        let mut open = true;
         let limits = Limits {
             max_records: u64::MAX,
             max_field_bytes,
         };
-        // `admit` parsed this body already: it parses again.
-        let parsed = records::parse(format, &body, limits, |record| {
-            // The request went away: read on (the parser cannot stop) but hold nothing.
-            if !open {
+        // The body was checked as it arrived: this is its second reading.
+        let read = Scanner::new(format, body, limits).and_then(|mut scan| {
+            while let Some(record) = scan.next_record()? {
+                buffer.push(record);
+                if buffer.len() == chunk_size {
+                    done += buffer.len() as u64;
+                    let chunk = preparer.chunk(&buffer, done);
+                    buffer.clear();
+                    // The request went away: stop reading.
+                    if tx.blocking_send(Handed::Chunk(chunk)).is_err() {
+                        return Ok(false);
+                    }
+                }
+            }
+            scan.finish().map(|_| true)
+        });
+        match read {
+            Ok(true) => {}
+            Ok(false) => return,
+            Err(e) => {
+                let _ = tx.blocking_send(Handed::Failed(e.to_string()));
                 return;
             }
-            buffer.push(record);
-            if buffer.len() == chunk_size {
-                done += buffer.len() as u64;
-                let chunk = preparer.chunk(&buffer, done);
-                buffer.clear();
-                open = tx.blocking_send(Handed::Chunk(chunk)).is_ok();
-            }
-        });
-        if let Err(e) = parsed {
-            let _ = tx.blocking_send(Handed::Failed(e.to_string()));
-            return;
-        }
-        if !open {
-            return;
         }
         if !buffer.is_empty() {
             done += buffer.len() as u64;

@@ -7,6 +7,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::io::Read;
+
 use axum::Json;
 use axum::body::{Body, Bytes};
 use axum::extract::rejection::QueryRejection;
@@ -15,19 +17,26 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use dataflow_contracts::http::{ErrorBody, ImportView, SubmitAnswer, SubmitQuery};
 use dataflow_contracts::live::LiveKind;
-use dataflow_contracts::{BatchId, ClientId, ImportFormat, ImportId};
+use dataflow_contracts::{BatchId, ClientId, ImportFormat, ImportId, UploadId};
 use dataflow_platform::domain::prepare::{Rules, header_errors};
-use dataflow_platform::domain::records::{self, Limits};
+use dataflow_platform::domain::records::{self, Limits, Summary};
 use dataflow_platform::domain::schema::Schema;
 use dataflow_platform::guards::dedup::DedupClaim;
-use dataflow_platform::ledger::{IdempotencyClaim, IdempotencyStart, NewImport, SubmitOutcome};
+use dataflow_platform::ledger::payloads::PART_BYTES;
+use dataflow_platform::ledger::{
+    Db, IdempotencyClaim, IdempotencyStart, NewImport, NewUpload, PartsReader, Payload,
+    SubmitOutcome, UploadCreated, UploadKind,
+};
+use sha2::digest::common::hazmat::SerializableState;
 use sha2::{Digest, Sha256};
+use tokio::sync::mpsc;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::{PathParam, dry_run, parse_path_id, query};
 use crate::auth::Principal;
 use crate::error::{ApiError, ApiResult};
+use crate::intake::{Encoding, Inflow};
 use crate::state::{AppState, Deadline};
 
 pub fn router() -> OpenApiRouter<AppState> {
@@ -152,11 +161,29 @@ async fn submit(
             1000,
         )
     })?;
-    let body = read_body(&state, &p, &headers, body).await?;
-    let checksum = hex::encode(Sha256::digest(&body));
-    let dedup_key = dedup_key(&checksum, &p);
+    let file = receive(&state, &p, format, &headers, body).await?;
+    let answer = respond(&state, &p, deadline, dry_run, idem_key, &file).await;
+    // Only a created import keeps the file; every other answer leaves nothing behind.
+    if !matches!(&answer, Ok(r) if r.status() == StatusCode::ACCEPTED) {
+        file.discard(&state.backends.db).await;
+    }
+    answer
+}
+
+/// Everything after the body was received: the dry run, or the idempotency key, dedup and
+/// the submit transaction.
+async fn respond(
+    state: &AppState,
+    p: &Principal,
+    deadline: Option<Extension<Deadline>>,
+    dry_run: bool,
+    idem_key: Option<String>,
+    file: &Received,
+) -> ApiResult<Response> {
+    let client = p.client.id.clone();
+    let dedup_key = dedup_key(&file.checksum, p);
     if dry_run {
-        let view = dry_run::preview(&state, &p, format, &body, &dedup_key).await?;
+        let view = dry_run::preview(state, p, file, &dedup_key).await?;
         return Ok((StatusCode::OK, Json(view)).into_response());
     }
 
@@ -167,8 +194,8 @@ async fn submit(
                 Duration::from_secs(state.config.request_timeout_secs),
                 |Extension(Deadline(at))| at.saturating_duration_since(tokio::time::Instant::now()),
             );
-            let request_hash = format!("{}:{checksum}", format.as_str());
-            match start_idempotent(&state, &client, key, &request_hash, left).await? {
+            let request_hash = format!("{}:{}", file.format.as_str(), file.checksum);
+            match start_idempotent(state, &client, key, &request_hash, left).await? {
                 IdempotencyStart::Proceed(c) => Some(c),
                 IdempotencyStart::Replay { status, body } => return Ok(replay(status, body)),
                 IdempotencyStart::Mismatch => {
@@ -197,13 +224,11 @@ async fn submit(
     };
 
     let submission = Submission {
-        format,
-        body: &body,
-        checksum: &checksum,
+        file,
         dedup_key: &dedup_key,
         idempotency: claim.as_ref(),
     };
-    let result = accept(&state, &p, &submission).await;
+    let result = accept(state, p, &submission).await;
     if let Some(key) = &claim {
         let finished = match &result {
             // Created imports stored their answer in the submit transaction itself.
@@ -256,7 +281,7 @@ async fn start_idempotent(
 
 /// The dedup fast path around [`decide`]: a payload the fast path already knows is answered
 /// from SQL by id; anything else is decided by the submit transaction.
-async fn accept(
+pub(super) async fn accept(
     state: &AppState,
     p: &Principal,
     sub: &Submission<'_>,
@@ -296,25 +321,15 @@ async fn accept(
     result
 }
 
-/// The checks every body passes before anything is stored (or, for a dry run, compared):
-/// it parses within the limits, and a CSV header has the columns the client's schema (or,
-/// without one, its policy) requires. Returns what the parse saw and the schema, compiled.
-pub(super) async fn admit(
+/// The checks every file passes before it becomes an import (or, for a dry run, is
+/// compared): it parsed within the limits (see [`receive`]), and a CSV header has the
+/// columns the client's schema (or, without one, its policy) requires. Returns the schema,
+/// compiled.
+pub(super) fn admit(
     state: &AppState,
     p: &Principal,
-    format: ImportFormat,
-    body: &Bytes,
-) -> ApiResult<(records::Summary, Option<Arc<Schema>>)> {
-    let policy = &p.client.policy;
-    let limits = Limits {
-        max_records: policy.max_records,
-        max_field_bytes: state.config.max_field_bytes,
-    };
-    let parse_body = body.clone();
-    let summary =
-        tokio::task::spawn_blocking(move || records::validate(format, &parse_body, limits))
-            .await
-            .map_err(|e| dataflow_platform::Error::internal("validating the records", e))??;
+    summary: &Summary,
+) -> ApiResult<Option<Arc<Schema>>> {
     let schema = p
         .client
         .schema
@@ -322,7 +337,10 @@ pub(super) async fn admit(
         .map(|s| s.compiled(&p.client.id, &state.schemas))
         .transpose()?;
     if let Some(columns) = &summary.columns {
-        let errors = header_errors(Rules::of(schema.as_deref(), policy, false), columns);
+        let errors = header_errors(
+            Rules::of(schema.as_deref(), &p.client.policy, false),
+            columns,
+        );
         if let Some(first) = errors.first() {
             // Each detail names its column.
             let detail = errors
@@ -336,18 +354,217 @@ pub(super) async fn admit(
             ));
         }
     }
-    Ok((summary, schema))
+    Ok(schema)
 }
 
-/// A request body that passed the HTTP-level checks.
-struct Submission<'a> {
+/// A file received whole: checked as it arrived, hashed, and kept in the request (when it
+/// is no longer than a part) or as the parts of an upload.
+pub(super) struct Received {
+    pub format: ImportFormat,
+    /// Hex SHA-256 of the file.
+    pub checksum: String,
+    pub bytes: u64,
+    pub summary: Summary,
+    pub stored: Stored,
+}
+
+pub(super) enum Stored {
+    Inline(Bytes),
+    /// The parts of an upload. `owned`: the request made it for its body, and it goes
+    /// unless the body became an import.
+    Upload {
+        id: UploadId,
+        owned: bool,
+    },
+}
+
+impl Received {
+    fn payload(&self) -> Payload<'_> {
+        match &self.stored {
+            Stored::Inline(body) => Payload::Inline(body),
+            Stored::Upload { id, .. } => Payload::Upload(id),
+        }
+    }
+
+    /// The file as a `Read`, for a blocking thread.
+    pub fn reader(&self, db: &Db) -> Box<dyn Read + Send> {
+        match &self.stored {
+            Stored::Inline(body) => Box::new(std::io::Cursor::new(body.clone())),
+            Stored::Upload { id, .. } => Box::new(db.read_payload(id.to_string(), self.bytes)),
+        }
+    }
+
+    /// Deletes the parts a request body left, if it left any.
+    async fn discard(&self, db: &Db) {
+        if let Stored::Upload { id, owned: true } = &self.stored {
+            discard_upload(db, id).await;
+        }
+    }
+}
+
+/// Deletes the upload a request made for its body; if that fails, it expires on its own.
+async fn discard_upload(db: &Db, id: &UploadId) {
+    if let Err(e) = db.discard_upload(id).await {
+        tracing::warn!(error = %e, upload_id = %id, "could not delete a refused body's parts; they expire on their own");
+    }
+}
+
+/// Reads the body: decompressed, within the smaller of the server's and the client's limit,
+/// hashed, and checked record by record on a blocking thread as it arrives. A body longer
+/// than a part is kept as an upload's parts while it is read, so memory holds a few parts
+/// whatever its size. Nothing is left behind for a refused body.
+async fn receive(
+    state: &AppState,
+    p: &Principal,
     format: ImportFormat,
-    body: &'a Bytes,
-    /// Hex SHA-256 of `body`.
-    checksum: &'a str,
+    headers: &HeaderMap,
+    body: Body,
+) -> ApiResult<Received> {
+    let cfg = &state.config;
+    let limit = cfg.max_body_bytes.min(p.client.policy.max_payload_bytes);
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit) {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            format!("the body is over {limit} bytes"),
+        ));
+    }
+    let encoding = Encoding::of(headers)?;
+    let mut inflow = Inflow::new(
+        body,
+        encoding,
+        limit,
+        cfg.max_compression_ratio,
+        cfg.body_idle_timeout_secs,
+    );
+    let limits = Limits {
+        max_records: p.client.policy.max_records,
+        max_field_bytes: cfg.max_field_bytes,
+    };
+    let (tx, rx) = mpsc::channel(2);
+    let scan = tokio::task::spawn_blocking(move || {
+        records::validate(format, PartsReader::new(rx), limits)
+    });
+    let mut kept = Kept {
+        hasher: Sha256::new(),
+        upload: None,
+        cut: false,
+    };
+    let read = read_parts(state, p, format, limit, &mut inflow, &tx, &mut kept).await;
+    drop(tx);
+    let scanned = scan
+        .await
+        .map_err(|e| dataflow_platform::Error::internal("checking the records", e))?;
+    let bytes = inflow.read();
+    let result = match (read, scanned) {
+        (Ok(_), _) if bytes == 0 => Err(ApiError::bad_request("empty_body", "the body is empty")),
+        // The check stopped taking parts: its refusal is the answer.
+        (_, Err(e)) if kept.cut => Err(e.into()),
+        (Err(e), _) => Err(e),
+        (Ok(_), Err(e)) => Err(e.into()),
+        (Ok(tail), Ok(summary)) => Ok(Received {
+            format,
+            checksum: hex::encode(kept.hasher.clone().finalize()),
+            bytes,
+            summary,
+            stored: match &kept.upload {
+                Some(id) => Stored::Upload {
+                    id: id.clone(),
+                    owned: true,
+                },
+                None => Stored::Inline(tail),
+            },
+        }),
+    };
+    if result.is_err()
+        && let Some(id) = &kept.upload
+    {
+        discard_upload(&state.backends.db, id).await;
+    }
+    result
+}
+
+/// What [`read_parts`] keeps of a body as it goes.
+struct Kept {
+    hasher: Sha256,
+    /// The upload its parts are kept under, once it is longer than one part.
+    upload: Option<UploadId>,
+    /// The check stopped taking parts: it refused the file.
+    cut: bool,
+}
+
+/// Reads the body a part at a time: each part is hashed, handed to the check and, once the
+/// body is longer than one part, stored. Returns the body when it fits in one part.
+async fn read_parts(
+    state: &AppState,
+    p: &Principal,
+    format: ImportFormat,
+    limit: u64,
+    inflow: &mut Inflow,
+    check: &mpsc::Sender<dataflow_platform::Result<Vec<u8>>>,
+    kept: &mut Kept,
+) -> ApiResult<Bytes> {
+    let db = &state.backends.db;
+    let ttl_ms = (state.config.upload_ttl_secs * 1000) as i64;
+    let mut offset = 0u64;
+    loop {
+        let mut part = bytes::BytesMut::with_capacity(PART_BYTES);
+        let more = inflow.fill(&mut part, PART_BYTES).await?;
+        if part.is_empty() {
+            return Ok(Bytes::new());
+        }
+        kept.hasher.update(&part);
+        if check.send(Ok(part.to_vec())).await.is_err() {
+            kept.cut = true;
+            return Ok(Bytes::new());
+        }
+        if !more && kept.upload.is_none() {
+            return Ok(part.freeze());
+        }
+        let id = match &kept.upload {
+            Some(id) => id.clone(),
+            None => {
+                let empty = Sha256::new().serialize();
+                let new = NewUpload {
+                    client_id: &p.client.id,
+                    kind: UploadKind::Body,
+                    length: limit,
+                    format,
+                    metadata: "",
+                    idempotency_key: None,
+                    digest: &empty,
+                    ttl_ms,
+                };
+                let (UploadCreated::New(upload) | UploadCreated::Existing(upload)) =
+                    db.create_upload(&new).await?;
+                kept.upload = Some(upload.id.clone());
+                upload.id
+            }
+        };
+        let digest = kept.hasher.serialize();
+        if !db.append_part(&id, offset, &part, &digest, ttl_ms).await? {
+            return Err(dataflow_platform::Error::Conflict(
+                "the upload keeping this body ended while it was read".into(),
+            )
+            .into());
+        }
+        offset += part.len() as u64;
+        if !more {
+            return Ok(Bytes::new());
+        }
+    }
+}
+
+/// A file that passed its checks, about to become an import.
+pub(super) struct Submission<'a> {
+    pub file: &'a Received,
     /// See [`dedup_key`].
-    dedup_key: &'a str,
-    idempotency: Option<&'a IdempotencyClaim>,
+    pub dedup_key: &'a str,
+    pub idempotency: Option<&'a IdempotencyClaim>,
 }
 
 /// What makes two imports the same within the dedup window: the body, and the version of
@@ -367,9 +584,7 @@ async fn decide(
     sub: &Submission<'_>,
 ) -> ApiResult<(StatusCode, ImportView)> {
     let Submission {
-        format,
-        body,
-        checksum,
+        file,
         dedup_key,
         idempotency,
     } = *sub;
@@ -378,13 +593,15 @@ async fn decide(
     if let Some(first) = db.find_duplicate(&p.client.id, dedup_key).await? {
         return Ok((StatusCode::OK, first));
     }
-    let (summary, _) = admit(state, p, format, body).await?;
+    admit(state, p, &file.summary)?;
+    let summary = &file.summary;
     let new = NewImport {
         client_id: &p.client.id,
-        format,
-        body,
+        format: file.format,
+        payload: file.payload(),
+        bytes: file.bytes,
         records: summary.records,
-        checksum,
+        checksum: &file.checksum,
         dedup_key,
         policy,
         schema_version: p.client.schema.as_ref().map(|s| s.version),
@@ -424,63 +641,6 @@ async fn decide(
             retry_after_ms,
         )),
     }
-}
-
-/// Reads the body up to the smaller of the server's and the client's limit.
-async fn read_body(
-    state: &AppState,
-    p: &Principal,
-    headers: &HeaderMap,
-    body: Body,
-) -> ApiResult<Bytes> {
-    let limit = state
-        .config
-        .max_body_bytes
-        .min(p.client.policy.max_payload_bytes);
-    let too_large = || {
-        ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "payload_too_large",
-            format!("the body is over {limit} bytes"),
-        )
-    };
-    let declared = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > limit) {
-        return Err(too_large());
-    }
-    match axum::body::to_bytes(body, usize::try_from(limit).unwrap_or(usize::MAX)).await {
-        Ok(b) if b.is_empty() => Err(ApiError::bad_request("empty_body", "the body is empty")),
-        Ok(b) => Ok(b),
-        Err(e) if caused_by::<http_body_util::LengthLimitError>(&e) => Err(too_large()),
-        Err(e) if caused_by::<tower_http::timeout::TimeoutError>(&e) => Err(ApiError::new(
-            StatusCode::REQUEST_TIMEOUT,
-            "body_idle_timeout",
-            format!(
-                "no byte of the body arrived for {} s; send it without pausing, or use a \
-                 shorter body",
-                state.config.body_idle_timeout_secs
-            ),
-        )),
-        Err(e) => Err(ApiError::bad_request(
-            "body_read_failed",
-            format!("could not read the body: {e}"),
-        )),
-    }
-}
-
-/// Whether `T` is in the cause chain of `e`.
-fn caused_by<T: std::error::Error + 'static>(e: &axum::Error) -> bool {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(s) = source {
-        if s.is::<T>() {
-            return true;
-        }
-        source = s.source();
-    }
-    false
 }
 
 /// Visible ASCII, bounded length; `None` when absent.

@@ -2,7 +2,7 @@
 //! (256 bits) is never stored, only its HMAC-SHA256 under the server secret, and it is
 //! compared in constant time.
 
-use hmac::{Hmac, Mac};
+use hmac::{Hmac, KeyInit, Mac};
 use rand::RngCore;
 use sha2::Sha256;
 

@@ -1,20 +1,27 @@
 //! Parsing of submitted record files (CSV with a header row, or NDJSON) under limits.
 //!
-//! The API parses every body once to refuse malformed input before anything is stored; the
-//! worker parses the stored payload again to process it. Both go through [`parse`], so a
-//! payload the API accepted is one the worker can read.
+//! A file is read as a stream, a record at a time ([`Scanner`] over any `Read`), so that a
+//! file of any size is checked and processed in bounded memory. The API scans every body
+//! once to refuse malformed input before it is kept; the worker scans the stored payload
+//! again to process it. Both go through the same scanner, so a payload the API accepted is
+//! one the worker can read.
 
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
 use std::fmt;
+use std::io::{self, BufRead, BufReader, Read};
 
 use dataflow_contracts::ImportFormat;
 use serde_json::{Map, Value};
+
+use crate::error::{Error, Result};
 
 /// Integers above this lose digits in an `f64`; such numbers must be sent as strings.
 const MAX_EXACT_FLOAT: f64 = 9_007_199_254_740_992.0; // 2^53
 /// More columns than this is not a record file anyone means to send.
 const MAX_COLUMNS: usize = 1_000;
 const BOM: &[u8] = b"\xEF\xBB\xBF";
+/// What the parsers read ahead of the record they are on.
+const READ_AHEAD: usize = 64 * 1024;
 
 /// A malformed body, located precisely enough for the sender to fix it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -81,79 +88,192 @@ pub fn parse(
     body: &[u8],
     limits: Limits,
     mut sink: impl FnMut(Record),
-) -> Result<Summary, ParseError> {
-    parse_into(format, body, limits, Some(&mut sink))
+) -> Result<Summary> {
+    let mut scan = Scanner::new(format, body, limits)?;
+    while let Some(record) = scan.next_record()? {
+        sink(record);
+    }
+    scan.finish()
 }
 
 /// The same checks as [`parse`] without building the records: the API's admission test.
-pub fn validate(format: ImportFormat, body: &[u8], limits: Limits) -> Result<Summary, ParseError> {
-    parse_into(format, body, limits, None)
+pub fn validate(format: ImportFormat, body: impl Read, limits: Limits) -> Result<Summary> {
+    let mut scan = Scanner::new(format, body, limits)?;
+    while scan.advance(false)?.is_some() {}
+    scan.finish()
 }
 
-type Sink<'a> = Option<&'a mut dyn FnMut(Record)>;
-
-fn parse_into(
-    format: ImportFormat,
-    body: &[u8],
+/// Reads records one at a time from a file of any size. Memory is bounded by the longest
+/// record (itself bounded by the field limit) and the read-ahead.
+pub struct Scanner<R: Read> {
     limits: Limits,
-    mut sink: Sink<'_>,
-) -> Result<Summary, ParseError> {
-    let body = body.strip_prefix(BOM).unwrap_or(body);
-    let text = check_text(body)?;
-    let summary = match format {
-        ImportFormat::Csv => parse_csv(text, limits, &mut sink)?,
-        ImportFormat::Ndjson => parse_ndjson(text, limits, &mut sink)?,
+    records: u64,
+    format: Format<R>,
+}
+
+enum Format<R: Read> {
+    Csv {
+        reader: csv::Reader<Text<R>>,
+        columns: Vec<String>,
+        row: csv::StringRecord,
+        /// Where the last record began: an unterminated quote is found in the last one.
+        last_start: u64,
+        line: u64,
+    },
+    Ndjson {
+        reader: BufReader<Text<R>>,
+        buf: Vec<u8>,
+        line: u64,
+        offset: u64,
+    },
+}
+
+impl<R: Read> Scanner<R> {
+    /// Starts reading `input`; a CSV header is read and checked here.
+    pub fn new(format: ImportFormat, input: R, limits: Limits) -> Result<Self> {
+        let track = format == ImportFormat::Csv;
+        // Before the header is read the column count is unknown: allow the widest.
+        let text = Text::new(input, record_bound(limits, MAX_COLUMNS), track);
+        let format = match format {
+            ImportFormat::Csv => {
+                let mut reader = csv::ReaderBuilder::new()
+                    .has_headers(true)
+                    .flexible(false)
+                    .buffer_capacity(READ_AHEAD)
+                    .from_reader(text);
+                let columns = read_header(&mut reader)?;
+                reader.get_mut().max_record = record_bound(limits, columns.len());
+                let last_start = reader.position().byte();
+                Format::Csv {
+                    reader,
+                    columns,
+                    row: csv::StringRecord::new(),
+                    last_start,
+                    line: 1,
+                }
+            }
+            ImportFormat::Ndjson => Format::Ndjson {
+                reader: BufReader::with_capacity(READ_AHEAD, text),
+                buf: Vec::new(),
+                line: 0,
+                offset: 0,
+            },
+        };
+        Ok(Self {
+            limits,
+            records: 0,
+            format,
+        })
+    }
+
+    /// The CSV header row.
+    pub fn columns(&self) -> Option<&[String]> {
+        match &self.format {
+            Format::Csv { columns, .. } => Some(columns),
+            Format::Ndjson { .. } => None,
+        }
+    }
+
+    /// The next record, or `None` at the end of the file.
+    pub fn next_record(&mut self) -> Result<Option<Record>> {
+        Ok(self.advance(true)?.flatten())
+    }
+
+    /// Reads and checks the next record; builds it only when asked. `None` at the end.
+    fn advance(&mut self, build: bool) -> Result<Option<Option<Record>>> {
+        let limits = self.limits;
+        let next = match &mut self.format {
+            Format::Csv {
+                reader,
+                columns,
+                row,
+                last_start,
+                line,
+            } => next_csv(reader, columns, row, last_start, line, limits, build)?,
+            Format::Ndjson {
+                reader,
+                buf,
+                line,
+                offset,
+            } => next_ndjson(reader, buf, line, offset, limits, build)?,
+        };
+        let Some((line, record)) = next else {
+            return Ok(None);
+        };
+        self.records += 1;
+        if self.records > limits.max_records {
+            return Err(too_many(line, limits.max_records).into());
+        }
+        Ok(Some(record))
+    }
+
+    /// Ends the scan: checks what only the end of the file tells (a quote never closed, a
+    /// file without records) and says what was read. Call after the last record.
+    pub fn finish(self) -> Result<Summary> {
+        let columns = match self.format {
+            Format::Csv {
+                mut reader,
+                columns,
+                last_start,
+                line,
+                ..
+            } => {
+                // The csv reader treats an opening quote that is never closed as running to
+                // the end of input. Every well-formed record has an even number of quote
+                // characters, so an odd count in the last one means its quote was never
+                // closed.
+                if self.records > 0 && reader.get_mut().quotes_from(last_start) % 2 == 1 {
+                    return Err(ParseError::new(
+                        line,
+                        "unterminated_quote",
+                        "a quoted field is never closed",
+                    )
+                    .into());
+                }
+                Some(columns)
+            }
+            Format::Ndjson { .. } => None,
+        };
+        if self.records == 0 {
+            return Err(ParseError::new(1, "empty_import", "the body contains no records").into());
+        }
+        Ok(Summary {
+            records: self.records,
+            columns,
+        })
+    }
+}
+
+/// The longest record a file with `columns` columns may hold: every field at the limit and
+/// quoted, with its quotes doubled, plus the parser's read-ahead.
+fn record_bound(limits: Limits, columns: usize) -> u64 {
+    let field = (limits.max_field_bytes as u64)
+        .saturating_mul(2)
+        .saturating_add(3);
+    field
+        .saturating_mul(columns as u64)
+        .saturating_add(2 * READ_AHEAD as u64)
+}
+
+fn read_header<R: Read>(reader: &mut csv::Reader<Text<R>>) -> Result<Vec<String>> {
+    let headers = match reader.headers() {
+        Ok(h) => h.clone(),
+        Err(e) => return Err(csv_error(e, reader.get_mut(), 1)),
     };
-    if summary.records == 0 {
-        return Err(ParseError::new(
-            1,
-            "empty_import",
-            "the body contains no records",
-        ));
-    }
-    Ok(summary)
-}
-
-/// Valid UTF-8 without NUL bytes, or an error on the line of the first bad byte.
-fn check_text(body: &[u8]) -> Result<&str, ParseError> {
-    let line_of = |pos: usize| 1 + body[..pos].iter().filter(|&&b| b == b'\n').count() as u64;
-    let text = std::str::from_utf8(body).map_err(|e| {
-        ParseError::new(
-            line_of(e.valid_up_to()),
-            "invalid_utf8",
-            "the body is not valid UTF-8",
-        )
-    })?;
-    if let Some(pos) = body.iter().position(|&b| b == 0) {
-        return Err(ParseError::new(
-            line_of(pos),
-            "nul_byte",
-            "the body contains a NUL byte",
-        ));
-    }
-    Ok(text)
-}
-
-fn parse_csv(text: &str, limits: Limits, sink: &mut Sink<'_>) -> Result<Summary, ParseError> {
-    let mut reader = csv::ReaderBuilder::new()
-        .has_headers(true)
-        .flexible(false)
-        .from_reader(text.as_bytes());
-    let headers = reader.headers().map_err(|e| csv_error(&e, 1))?.clone();
     let columns: Vec<String> = headers.iter().map(str::to_owned).collect();
     if columns.is_empty() || (columns.len() == 1 && columns[0].is_empty()) {
-        return Err(ParseError::new(
-            1,
-            "no_header",
-            "the first line must be a header row",
-        ));
+        return Err(ParseError::new(1, "no_header", "the first line must be a header row").into());
     }
     if columns.len() > MAX_COLUMNS {
         return Err(ParseError::new(
             1,
             "too_many_columns",
             format!("more than {MAX_COLUMNS} columns"),
-        ));
+        )
+        .into());
+    }
+    if columns.iter().any(|c| c.contains('\0')) {
+        return Err(ParseError::new(1, "nul_byte", "the body contains a NUL byte").into());
     }
     let mut seen = HashSet::new();
     for (i, name) in columns.iter().enumerate() {
@@ -162,7 +282,8 @@ fn parse_csv(text: &str, limits: Limits, sink: &mut Sink<'_>) -> Result<Summary,
                 1,
                 "empty_header",
                 format!("column {} has no name", i + 1),
-            ));
+            )
+            .into());
         }
         if !seen.insert(name.as_str()) {
             return Err(ParseError::new(
@@ -170,79 +291,61 @@ fn parse_csv(text: &str, limits: Limits, sink: &mut Sink<'_>) -> Result<Summary,
                 "duplicate_header",
                 format!("column `{name}` appears twice"),
             )
-            .with_field(name));
+            .with_field(name)
+            .into());
         }
     }
-
-    let mut records = 0u64;
-    let mut last_start = 0usize;
-    let mut line = 1u64;
-    let mut row = csv::StringRecord::new();
-    loop {
-        match reader.read_record(&mut row) {
-            Ok(false) => break,
-            Ok(true) => {}
-            Err(e) => return Err(csv_error(&e, 0)),
-        }
-        // Lines are counted from the record's byte offset: the reader's own line counter
-        // is off by one after a CRLF.
-        let mut start = row.position().map_or(last_start, |p| p.byte() as usize);
-        // After a CRLF the reported offset points at the LF; records never start with one.
-        while matches!(text.as_bytes().get(start), Some(b'\r' | b'\n')) {
-            start += 1;
-        }
-        line += text.as_bytes()[last_start..start]
-            .iter()
-            .filter(|&&b| b == b'\n')
-            .count() as u64;
-        last_start = start;
-        let pos = (line, start);
-        records += 1;
-        if records > limits.max_records {
-            return Err(too_many(pos.0, limits.max_records));
-        }
-        for (name, value) in columns.iter().zip(row.iter()) {
-            if value.len() > limits.max_field_bytes {
-                return Err(field_too_long(pos.0, name, limits.max_field_bytes));
-            }
-        }
-        if let Some(sink) = sink {
-            let fields = columns
-                .iter()
-                .zip(row.iter())
-                .map(|(n, v)| (n.clone(), Value::String(v.to_owned())));
-            sink(Record {
-                line: pos.0,
-                fields: fields.collect(),
-            });
-        }
-    }
-    // The csv reader treats an opening quote that is never closed as running to the end of
-    // input. Every well-formed record has an even number of quote characters, so an odd
-    // count in the last one means its quote was never closed.
-    if records > 0
-        && text.as_bytes()[last_start..]
-            .iter()
-            .filter(|&&b| b == b'"')
-            .count()
-            % 2
-            == 1
-    {
-        return Err(ParseError::new(
-            line,
-            "unterminated_quote",
-            "a quoted field is never closed",
-        ));
-    }
-    Ok(Summary {
-        records,
-        columns: Some(columns),
-    })
+    Ok(columns)
 }
 
-fn csv_error(e: &csv::Error, fallback_line: u64) -> ParseError {
-    let line = e.position().map_or(fallback_line, csv::Position::line);
-    match e.kind() {
+/// One CSV record and its line; `None` at the end.
+fn next_csv<R: Read>(
+    reader: &mut csv::Reader<Text<R>>,
+    columns: &[String],
+    row: &mut csv::StringRecord,
+    last_start: &mut u64,
+    line: &mut u64,
+    limits: Limits,
+    build: bool,
+) -> Result<Option<(u64, Option<Record>)>> {
+    let next = reader.position().byte();
+    reader.get_mut().record_start = next;
+    match reader.read_record(row) {
+        Ok(false) => return Ok(None),
+        Ok(true) => {}
+        Err(e) => {
+            let at = reader.get_mut().line_of(next);
+            return Err(csv_error(e, reader.get_mut(), at));
+        }
+    }
+    let start = row.position().map_or(next, csv::Position::byte);
+    *line = reader.get_mut().line_of(start);
+    *last_start = start;
+    for (name, value) in columns.iter().zip(row.iter()) {
+        if value.len() > limits.max_field_bytes {
+            return Err(field_too_long(*line, name, limits.max_field_bytes).into());
+        }
+        if value.contains('\0') {
+            return Err(ParseError::new(*line, "nul_byte", "the body contains a NUL byte").into());
+        }
+    }
+    let record = build.then(|| Record {
+        line: *line,
+        fields: columns
+            .iter()
+            .zip(row.iter())
+            .map(|(n, v)| (n.clone(), Value::String(v.to_owned())))
+            .collect(),
+    });
+    Ok(Some((*line, record)))
+}
+
+fn csv_error<R: Read>(e: csv::Error, text: &mut Text<R>, line: u64) -> Error {
+    let line = match e.position() {
+        Some(p) if line > 1 => text.line_of(p.byte()),
+        _ => line,
+    };
+    let parse = match e.into_kind() {
         csv::ErrorKind::UnequalLengths {
             expected_len, len, ..
         } => ParseError::new(
@@ -253,22 +356,44 @@ fn csv_error(e: &csv::Error, fallback_line: u64) -> ParseError {
         csv::ErrorKind::Utf8 { .. } => {
             ParseError::new(line, "invalid_utf8", "the body is not valid UTF-8")
         }
+        csv::ErrorKind::Io(io) => return input_error(io, line),
         other => ParseError::new(line, "csv_syntax", format!("{other:?}")),
-    }
+    };
+    parse.into()
 }
 
-fn parse_ndjson(text: &str, limits: Limits, sink: &mut Sink<'_>) -> Result<Summary, ParseError> {
-    let mut records = 0u64;
-    for (i, raw) in text.split('\n').enumerate() {
-        let line = i as u64 + 1;
-        let raw = raw.strip_suffix('\r').unwrap_or(raw);
-        if raw.trim().is_empty() {
+/// One NDJSON record and its line; `None` at the end. Blank lines are skipped.
+fn next_ndjson<R: Read>(
+    reader: &mut BufReader<Text<R>>,
+    buf: &mut Vec<u8>,
+    line: &mut u64,
+    offset: &mut u64,
+    limits: Limits,
+    build: bool,
+) -> Result<Option<(u64, Option<Record>)>> {
+    loop {
+        buf.clear();
+        reader.get_mut().record_start = *offset;
+        let n = match reader.read_until(b'\n', buf) {
+            Ok(n) => n,
+            Err(e) => return Err(input_error(e, *line + 1)),
+        };
+        if n == 0 {
+            return Ok(None);
+        }
+        *line += 1;
+        *offset += n as u64;
+        let raw = buf.strip_suffix(b"\n").unwrap_or(buf);
+        let raw = raw.strip_suffix(b"\r").unwrap_or(raw);
+        if raw.iter().all(u8::is_ascii_whitespace) {
             continue;
         }
-        records += 1;
-        if records > limits.max_records {
-            return Err(too_many(line, limits.max_records));
+        let line = *line;
+        if raw.contains(&0) {
+            return Err(ParseError::new(line, "nul_byte", "the body contains a NUL byte").into());
         }
+        let raw = std::str::from_utf8(raw)
+            .map_err(|_| ParseError::new(line, "invalid_utf8", "the body is not valid UTF-8"))?;
         let value: Value = serde_json::from_str(raw).map_err(|e| {
             ParseError::new(line, "invalid_json", format!("column {}: {e}", e.column()))
         })?;
@@ -277,24 +402,159 @@ fn parse_ndjson(text: &str, limits: Limits, sink: &mut Sink<'_>) -> Result<Summa
                 line,
                 "not_an_object",
                 "each line must be one JSON object",
-            ));
+            )
+            .into());
         };
         for (name, v) in &fields {
             if name.contains('\0') {
                 let (code, detail) = nul_escape();
-                return Err(ParseError::new(line, code, detail));
+                return Err(ParseError::new(line, code, detail).into());
             }
             check_json_value(v, limits.max_field_bytes)
                 .map_err(|(code, detail)| ParseError::new(line, code, detail).with_field(name))?;
         }
-        if let Some(sink) = sink {
-            sink(Record { line, fields });
+        return Ok(Some((line, build.then_some(Record { line, fields }))));
+    }
+}
+
+/// A failure to read the input: a record over its bound is the sender's, whatever else
+/// the input says went wrong is passed on with its meaning (a ledger outage stays one).
+fn input_error(e: io::Error, line: u64) -> Error {
+    if e.get_ref().is_some_and(|inner| inner.is::<Overlong>()) {
+        return ParseError::new(
+            line,
+            "record_too_long",
+            "the record runs on past what its fields may hold; is a quote never closed?",
+        )
+        .into();
+    }
+    match e.downcast::<Error>() {
+        Ok(inner) => inner,
+        Err(e) => Error::Io {
+            context: "reading the records".to_owned(),
+            source: e,
+        },
+    }
+}
+
+/// A record longer than [`record_bound`].
+#[derive(Debug)]
+struct Overlong;
+
+impl fmt::Display for Overlong {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a record runs on past its bound")
+    }
+}
+
+impl std::error::Error for Overlong {}
+
+/// The input as the parsers see it: the BOM dropped, the offsets of line breaks and quotes
+/// noted (for line numbers and the unterminated-quote check) until the parser moves past
+/// them, and a bound on how far one record may run, so that a quote never closed cannot
+/// make the parser buffer the rest of the file.
+struct Text<R> {
+    inner: R,
+    /// Bytes read before the BOM check settled, to be handed out first.
+    pending: Option<Vec<u8>>,
+    /// Bytes handed to the parser so far.
+    handed: u64,
+    /// Whether to note breaks and quotes (CSV only).
+    track: bool,
+    /// Offsets of `\n`, `\r` and `"` not yet passed, in order.
+    marks: VecDeque<(u64, u8)>,
+    /// The line at the first offset not yet passed.
+    line: u64,
+    record_start: u64,
+    max_record: u64,
+}
+
+impl<R: Read> Text<R> {
+    fn new(inner: R, max_record: u64, track: bool) -> Self {
+        Self {
+            inner,
+            pending: None,
+            handed: 0,
+            track,
+            marks: VecDeque::new(),
+            line: 1,
+            record_start: 0,
+            max_record,
         }
     }
-    Ok(Summary {
-        records,
-        columns: None,
-    })
+
+    /// The line a record starting at `offset` begins on. Offsets must not go backwards.
+    /// After a CRLF the parser reports the offset of the LF; a record never starts with a
+    /// line break, so breaks at its start are skipped.
+    fn line_of(&mut self, mut offset: u64) -> u64 {
+        loop {
+            while let Some(&(at, byte)) = self.marks.front() {
+                if at >= offset {
+                    break;
+                }
+                self.marks.pop_front();
+                if byte == b'\n' {
+                    self.line += 1;
+                }
+            }
+            match self.marks.front() {
+                Some(&(at, b'\r' | b'\n')) if at == offset => offset += 1,
+                _ => return self.line,
+            }
+        }
+    }
+
+    /// Quote characters from `offset` to what was handed out.
+    fn quotes_from(&mut self, offset: u64) -> usize {
+        self.line_of(offset);
+        self.marks.iter().filter(|(_, b)| *b == b'"').count()
+    }
+
+    /// Reads the first bytes and drops a BOM among them.
+    fn start(&mut self) -> io::Result<Vec<u8>> {
+        let mut head = Vec::with_capacity(BOM.len());
+        let mut byte = [0u8; 1];
+        while head.len() < BOM.len() && head == BOM[..head.len()] {
+            match self.inner.read(&mut byte)? {
+                0 => break,
+                _ => head.push(byte[0]),
+            }
+        }
+        if head == BOM {
+            head.clear();
+        }
+        Ok(head)
+    }
+}
+
+impl<R: Read> Read for Text<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.pending.is_none() {
+            self.pending = Some(self.start()?);
+        }
+        let n = match self.pending.as_mut() {
+            Some(head) if !head.is_empty() => {
+                let n = head.len().min(buf.len());
+                buf[..n].copy_from_slice(&head[..n]);
+                head.drain(..n);
+                n
+            }
+            _ => self.inner.read(buf)?,
+        };
+        if self.track {
+            let at = self.handed;
+            for (i, &b) in buf[..n].iter().enumerate() {
+                if matches!(b, b'\n' | b'\r' | b'"') {
+                    self.marks.push_back((at + i as u64, b));
+                }
+            }
+        }
+        self.handed += n as u64;
+        if self.handed.saturating_sub(self.record_start) > self.max_record {
+            return Err(io::Error::other(Overlong));
+        }
+        Ok(n)
+    }
 }
 
 /// Strings within the field limit; numbers that survive the trip through `f64` unchanged.
@@ -353,14 +613,17 @@ mod tests {
         max_field_bytes: 64,
     };
 
-    fn collect(format: ImportFormat, body: &str) -> Result<Vec<Record>, ParseError> {
+    fn collect(format: ImportFormat, body: &str) -> Result<Vec<Record>> {
         let mut out = Vec::new();
         parse(format, body.as_bytes(), LIMITS, |r| out.push(r))?;
         Ok(out)
     }
 
     fn err(format: ImportFormat, body: &[u8]) -> ParseError {
-        parse(format, body, LIMITS, |_| {}).unwrap_err()
+        match parse(format, body, LIMITS, |_| {}) {
+            Err(Error::Parse(e)) => e,
+            other => panic!("expected a parse error, got {other:?}"),
+        }
     }
 
     #[test]
@@ -461,6 +724,80 @@ mod tests {
         );
     }
 
+    /// Hands out one byte per read: a stream split at every place it can be.
+    struct Trickle<'a>(&'a [u8]);
+
+    impl Read for Trickle<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            match (self.0.split_first(), buf.first_mut()) {
+                (Some((&b, rest)), Some(slot)) => {
+                    *slot = b;
+                    self.0 = rest;
+                    Ok(1)
+                }
+                _ => Ok(0),
+            }
+        }
+    }
+
+    #[test]
+    fn a_stream_split_anywhere_reads_like_the_whole() {
+        let csv = "\u{feff}id,name\r\n1,\"a, b\"\n\n2,\"multi\r\nline\"\r\n3,\"q\"\"\"\r4,c";
+        let ndjson = "\u{feff}{\"id\":1}\r\n\n{\"id\":\"é\"}\n{\"id\":3}";
+        for (format, body) in [(ImportFormat::Csv, csv), (ImportFormat::Ndjson, ndjson)] {
+            let whole = collect(format, body).unwrap();
+            let mut scan = Scanner::new(format, Trickle(body.as_bytes()), LIMITS).unwrap();
+            let mut streamed = Vec::new();
+            while let Some(r) = scan.next_record().unwrap() {
+                streamed.push(r);
+            }
+            assert_eq!(scan.finish().unwrap().records, whole.len() as u64);
+            assert_eq!(streamed, whole, "{format:?}");
+        }
+        let e = match validate(
+            ImportFormat::Csv,
+            Trickle(b"id,name\n1,a\n2,\"open\n3,c\n"),
+            LIMITS,
+        ) {
+            Err(Error::Parse(e)) => e,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!((e.code, e.line), ("unterminated_quote", 3));
+    }
+
+    #[test]
+    fn a_quote_never_closed_in_an_endless_stream_is_refused_without_buffering_it() {
+        let endless = b"id,name\n1,a\n2,\"open".chain(io::repeat(b'x'));
+        let e = match validate(ImportFormat::Csv, endless, LIMITS) {
+            Err(Error::Parse(e)) => e,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!((e.code, e.line), ("record_too_long", 3));
+        let endless = b"{\"id\":\"".chain(io::repeat(b'x'));
+        let e = match validate(ImportFormat::Ndjson, endless, LIMITS) {
+            Err(Error::Parse(e)) => e,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!((e.code, e.line), ("record_too_long", 1));
+    }
+
+    #[test]
+    fn a_failing_input_keeps_its_meaning() {
+        struct Outage;
+        impl Read for Outage {
+            fn read(&mut self, _: &mut [u8]) -> io::Result<usize> {
+                Err(io::Error::other(Error::Conflict(
+                    "the ledger went away".into(),
+                )))
+            }
+        }
+        let input = b"id\n1\n".chain(Outage);
+        assert!(matches!(
+            validate(ImportFormat::Csv, input, LIMITS),
+            Err(Error::Conflict(_))
+        ));
+    }
+
     mod properties {
         use super::*;
         use proptest::prelude::*;
@@ -497,7 +834,7 @@ mod tests {
                 let limits = Limits { max_records: 50, max_field_bytes: 64 };
                 for format in [ImportFormat::Csv, ImportFormat::Ndjson] {
                     let parsed = parse(format, &body, limits, |_| {});
-                    let validated = validate(format, &body, limits);
+                    let validated = validate(format, &body[..], limits);
                     prop_assert_eq!(parsed.is_ok(), validated.is_ok());
                 }
             }

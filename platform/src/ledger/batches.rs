@@ -223,14 +223,6 @@ impl Db {
         ids.into_iter().map(parse_id).collect()
     }
 
-    pub async fn load_payload(&self, batch_id: &BatchId) -> Result<Vec<u8>> {
-        sqlx::query_scalar("SELECT body FROM payloads WHERE batch_id = $1")
-            .bind(batch_id.as_str())
-            .fetch_optional(self.pool())
-            .await?
-            .ok_or(Error::NotFound)
-    }
-
     /// Writes one chunk under the fence, renews the lease and moves the checkpoint.
     #[tracing::instrument(skip_all, fields(batch_id = %lease.batch_id, checkpoint = chunk.checkpoint))]
     pub async fn commit_chunk(
@@ -695,7 +687,8 @@ impl Db {
             "UPDATE batches SET status = $3, available_at = {now}, updated_at = {now}, \
                  attempts = CASE WHEN $3 = 'ready' AND status = 'dead' THEN 0 ELSE attempts END, \
                  completed_at = CASE WHEN $3 = 'rejected' THEN {now} ELSE completed_at END \
-             WHERE id = $1 AND status = $2 RETURNING client_id, import_id, updated_at",
+             WHERE id = $1 AND status = $2 AND (payload_expired_at IS NULL OR $3 <> 'ready') \
+             RETURNING client_id, import_id, updated_at",
         );
         let row = sqlx::query(sql)
             .bind(id.as_str())
@@ -705,6 +698,13 @@ impl Db {
             .await?;
         let Some(row) = row else {
             tx.rollback().await?;
+            if to == BatchStatus::Ready && self.batch_payload(id).await?.is_none() {
+                return Err(Error::Conflict(
+                    "the batch's payload was deleted when its retention ended \
+                     (payload_retention_secs), so it cannot run again; submit the file again"
+                        .into(),
+                ));
+            }
             return match self.get_batch(None, id).await? {
                 Some(b) => Err(Error::Conflict(format!(
                     "batch is {}, not {}",

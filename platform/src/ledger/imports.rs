@@ -4,7 +4,9 @@
 use dataflow_contracts::events::{BatchCreated, BatchReady, Envelope, Event};
 use dataflow_contracts::http::ImportView;
 use dataflow_contracts::time::rfc3339;
-use dataflow_contracts::{BatchId, BatchStatus, ClientId, ImportFormat, ImportId, Policy};
+use dataflow_contracts::{
+    BatchId, BatchStatus, ClientId, ImportFormat, ImportId, Policy, UploadId,
+};
 use sqlx::Row;
 
 use super::clients::parse_id;
@@ -17,9 +19,11 @@ const MS_PER_DAY: i64 = 86_400_000;
 pub struct NewImport<'a> {
     pub client_id: &'a ClientId,
     pub format: ImportFormat,
-    pub body: &'a [u8],
+    pub payload: Payload<'a>,
+    /// The file's length.
+    pub bytes: u64,
     pub records: u64,
-    /// Hex SHA-256 of `body`.
+    /// Hex SHA-256 of the file.
     pub checksum: &'a str,
     /// What makes two imports the same within the dedup window (the checksum, and the
     /// schema version when there is one).
@@ -28,6 +32,16 @@ pub struct NewImport<'a> {
     /// The version of the client's schema its records are to be checked with.
     pub schema_version: Option<u64>,
     pub idempotency: Option<&'a IdempotencyClaim>,
+}
+
+/// Where an import's file is.
+#[derive(Debug, Clone, Copy)]
+pub enum Payload<'a> {
+    /// In the request, no longer than a part: stored by the submit transaction.
+    Inline(&'a [u8]),
+    /// Already stored as the parts of this upload; the submit transaction hands them to
+    /// the batch, and the upload names its import from then on.
+    Upload(&'a UploadId),
 }
 
 /// A held `Idempotency-Key`: only the holder of the current token may answer or release it.
@@ -300,9 +314,14 @@ impl Db {
         let policy_json = serde_json::to_string(new.policy).unwrap_or_default();
         let batch = self.sql(
             "INSERT INTO batches (id, import_id, client_id, status, format, policy, records_total, \
-                                  accepted_seq, available_at, created_at, updated_at, schema_version) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, {next_accepted_seq}, $8, $8, $8, $9)",
+                                  accepted_seq, available_at, created_at, updated_at, schema_version, \
+                                  payload_id, payload_bytes) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, {next_accepted_seq}, $8, $8, $8, $9, $10, $11)",
         );
+        let payload_id = match new.payload {
+            Payload::Inline(_) => batch_id.as_str(),
+            Payload::Upload(upload) => upload.as_str(),
+        };
         sqlx::query(batch)
             .bind(batch_id.as_str())
             .bind(import_id.as_str())
@@ -313,6 +332,8 @@ impl Db {
             .bind(new.records as i64)
             .bind(now)
             .bind(new.schema_version.map(|v| v as i64))
+            .bind(payload_id)
+            .bind(new.bytes as i64)
             .execute(&mut *tx)
             .await?;
         sqlx::query(
@@ -325,22 +346,42 @@ impl Db {
         .bind(new.checksum)
         .bind(new.idempotency.map(|c| c.key.as_str()))
         .bind(new.format.as_str())
-        .bind(new.body.len() as i64)
+        .bind(new.bytes as i64)
         .bind(new.records as i64)
         .bind(now)
         .execute(&mut *tx)
         .await?;
-        sqlx::query("INSERT INTO payloads (batch_id, body) VALUES ($1, $2)")
-            .bind(batch_id.as_str())
-            .bind(new.body.to_vec())
-            .execute(&mut *tx)
-            .await?;
+        match new.payload {
+            Payload::Inline(body) => {
+                sqlx::query("INSERT INTO payload_parts (payload_id, seq, body) VALUES ($1, 0, $2)")
+                    .bind(batch_id.as_str())
+                    .bind(body)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            Payload::Upload(upload) => {
+                let taken = sqlx::query(
+                    "UPDATE uploads SET import_id = $1 \
+                     WHERE id = $2 AND import_id IS NULL AND outcome IS NULL",
+                )
+                .bind(import_id.as_str())
+                .bind(upload.as_str())
+                .execute(&mut *tx)
+                .await?;
+                if taken.rows_affected() == 0 {
+                    tx.rollback().await?;
+                    return Err(Error::Conflict(format!(
+                        "upload {upload} was ended or imported by another request"
+                    )));
+                }
+            }
+        }
 
         let created = Event::BatchCreated(BatchCreated {
             import_id: import_id.clone(),
             format: new.format,
             records: new.records,
-            bytes: new.body.len() as u64,
+            bytes: new.bytes,
         });
         let mut events = vec![Envelope::new(
             batch_id.clone(),
@@ -372,7 +413,7 @@ impl Db {
             status,
             format: new.format,
             records: new.records,
-            bytes: new.body.len() as u64,
+            bytes: new.bytes,
             checksum: new.checksum.to_owned(),
             created_at: rfc3339(now),
             duplicate: false,

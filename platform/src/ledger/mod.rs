@@ -11,6 +11,7 @@
 //! Layout: [`clients`] (tenants, keys, policies), [`imports`] (the submit transaction,
 //! idempotency, dedup, quota), [`batches`] (claims, the fenced lease, views),
 //! [`outbox`] (events written in the same transaction as the change they announce),
+//! [`payloads`] (stored files a part at a time: uploads, payloads read back, retention),
 //! [`jobs`] (follow-up job intents written beside those events, and stored reports),
 //! [`queues`] (depth and age of everything waiting), [`operator`] (the dashboard's
 //! cross-client batch search and throughput), [`actions`] (the dashboard's action log),
@@ -30,6 +31,7 @@ pub mod jobs;
 pub mod leases;
 pub mod operator;
 pub mod outbox;
+pub mod payloads;
 pub mod queues;
 pub mod records;
 pub mod schemas;
@@ -40,10 +42,11 @@ pub use batches::{BatchAction, ChunkResult, ErrorCursor, FailOutcome, Lease};
 pub use clients::{ClientRecord, KeyRecord, StoredSchema};
 pub use commits::CommitWake;
 pub use gate::{Tx, Writer};
-pub use imports::{IdempotencyClaim, IdempotencyStart, NewImport, SubmitOutcome};
+pub use imports::{IdempotencyClaim, IdempotencyStart, NewImport, Payload, SubmitOutcome};
 pub use jobs::{Failure, Handover, JobFilter};
 pub use operator::{BatchFilter, BatchRow, Throughput};
 pub use outbox::OutboxRow;
+pub use payloads::{ClientStorage, NewUpload, PartsReader, Upload, UploadCreated, UploadKind};
 pub use records::RecordFilter;
 
 use std::path::Path;

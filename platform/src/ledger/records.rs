@@ -198,18 +198,16 @@ impl Db {
             }
             let ended = "IN (SELECT id FROM batches WHERE client_id = $1 \
                          AND status IN ('completed', 'rejected'))";
-            let mut purged = PurgeView::default();
+            let mut purged = PurgeView {
+                payloads: self.purge_payloads(&mut tx, client).await?,
+                ..PurgeView::default()
+            };
             for (table, rows, count) in [
                 ("records", "client_id = $1", Some(&mut purged.records)),
                 (
                     "record_changes",
                     "client_id = $1",
                     Some(&mut purged.changes),
-                ),
-                (
-                    "payloads",
-                    &format!("batch_id {ended}"),
-                    Some(&mut purged.payloads),
                 ),
                 (
                     "record_errors",
@@ -435,5 +433,40 @@ impl ChangeColumns {
                 .transpose()?,
             changed_at: rfc3339(self.changed_at),
         })
+    }
+}
+
+impl Db {
+    /// Deletes the payloads of the client's ended batches and its unfinished uploads, in
+    /// the purge's transaction. Returns how many batches' payloads went.
+    async fn purge_payloads(&self, tx: &mut Tx, client: &ClientId) -> Result<u64> {
+        let sql = self.sql(
+            "UPDATE batches SET payload_expired_at = {now} \
+             WHERE client_id = $1 AND status IN ('completed', 'rejected') \
+               AND payload_expired_at IS NULL \
+             RETURNING payload_id",
+        );
+        let payloads: Vec<Option<String>> = sqlx::query_scalar(sql)
+            .bind(client.as_str())
+            .fetch_all(&mut **tx)
+            .await?;
+        for id in &payloads {
+            sqlx::query("DELETE FROM payload_parts WHERE payload_id = $1")
+                .bind(id)
+                .execute(&mut **tx)
+                .await?;
+        }
+        sqlx::query(
+            "DELETE FROM payload_parts WHERE payload_id IN \
+               (SELECT id FROM uploads WHERE client_id = $1 AND import_id IS NULL)",
+        )
+        .bind(client.as_str())
+        .execute(&mut **tx)
+        .await?;
+        sqlx::query("DELETE FROM uploads WHERE client_id = $1")
+            .bind(client.as_str())
+            .execute(&mut **tx)
+            .await?;
+        Ok(payloads.len() as u64)
     }
 }

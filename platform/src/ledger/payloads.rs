@@ -1,0 +1,473 @@
+//! Stored files, a part at a time: uploads on their way in (a tus upload, or a large
+//! request body while it is read and checked), the payloads of imports read back as a
+//! stream, and payloads deleted once their retention is over.
+//!
+//! A part is committed together with the upload's new offset and running SHA-256, so an
+//! acknowledged byte is never lost and any process can take the next part. When the file
+//! becomes an import, the submit transaction hands its parts to the batch
+//! (`batches.payload_id`); nothing is copied.
+
+use std::io::{self, Read};
+
+use dataflow_contracts::{ClientId, ImportFormat, ImportId, UploadId};
+use tokio::sync::mpsc;
+
+use super::clients::parse_id;
+use super::{Db, count};
+use crate::{Error, Result};
+
+/// How much of a file one stored part holds: what a reader or writer keeps in memory per
+/// file, and the most a connection cut mid-part can lose (the sender resends it).
+pub const PART_BYTES: usize = 1024 * 1024;
+
+/// What an upload is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UploadKind {
+    /// A tus upload, which its client drives part by part.
+    Tus,
+    /// A request body larger than one part, kept while the request reads and checks it.
+    Body,
+}
+
+impl UploadKind {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Tus => "tus",
+            Self::Body => "body",
+        }
+    }
+}
+
+pub struct NewUpload<'a> {
+    pub client_id: &'a ClientId,
+    pub kind: UploadKind,
+    pub length: u64,
+    pub format: ImportFormat,
+    /// The `Upload-Metadata` header as sent, answered back on `HEAD`.
+    pub metadata: &'a str,
+    pub idempotency_key: Option<&'a str>,
+    /// The running SHA-256 of no bytes.
+    pub digest: &'a [u8],
+    /// How long the upload may rest between two parts before it expires.
+    pub ttl_ms: i64,
+}
+
+/// An upload as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Upload {
+    pub id: UploadId,
+    pub client_id: ClientId,
+    pub length: u64,
+    /// Bytes received and stored: the tus `Upload-Offset`.
+    pub received: u64,
+    pub format: ImportFormat,
+    pub metadata: String,
+    pub idempotency_key: Option<String>,
+    /// The running SHA-256 over the bytes received, serialized.
+    pub digest: Vec<u8>,
+    /// The import the finished file became.
+    pub import_id: Option<ImportId>,
+    /// Why the finished file was refused (an error body as JSON), if it was.
+    pub outcome: Option<String>,
+    /// When it expires, by the ledger's clock (milliseconds).
+    pub expires_at: i64,
+}
+
+/// What [`Db::create_upload`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UploadCreated {
+    New(Upload),
+    /// The client's idempotency key already named this upload.
+    Existing(Upload),
+}
+
+/// The storage a client holds in the ledger.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientStorage {
+    pub client_id: ClientId,
+    /// Payloads kept for its batches.
+    pub payload_bytes: u64,
+    /// Bytes of uploads not yet finished.
+    pub upload_bytes: u64,
+    pub records: u64,
+}
+
+#[derive(sqlx::FromRow)]
+struct UploadColumns {
+    id: String,
+    client_id: String,
+    length: i64,
+    received: i64,
+    format: String,
+    metadata: String,
+    idempotency_key: Option<String>,
+    digest: Vec<u8>,
+    import_id: Option<String>,
+    outcome: Option<String>,
+    expires_at: i64,
+}
+
+impl UploadColumns {
+    fn parse(self) -> Result<Upload> {
+        Ok(Upload {
+            id: parse_id(self.id)?,
+            client_id: parse_id(self.client_id)?,
+            length: count(self.length),
+            received: count(self.received),
+            format: self.format.parse().map_err(Error::stored)?,
+            metadata: self.metadata,
+            idempotency_key: self.idempotency_key,
+            digest: self.digest,
+            import_id: self.import_id.map(parse_id).transpose()?,
+            outcome: self.outcome,
+            expires_at: self.expires_at,
+        })
+    }
+}
+
+const UPLOAD_COLUMNS: &str = "id, client_id, length, received, format, metadata, \
+     idempotency_key, digest, import_id, outcome, expires_at";
+
+impl Db {
+    /// Opens an upload; with an idempotency key the client used before, answers that
+    /// upload instead.
+    pub async fn create_upload(&self, new: &NewUpload<'_>) -> Result<UploadCreated> {
+        if let Some(existing) = self.upload_by_key(new).await? {
+            return Ok(UploadCreated::Existing(existing));
+        }
+        let id = UploadId::generate();
+        let sql = self.sql(&format!(
+            "INSERT INTO uploads (id, client_id, kind, length, format, metadata, \
+                                  idempotency_key, digest, created_at, updated_at, expires_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, {{now}}, {{now}}, {{now}} + $9) \
+             ON CONFLICT DO NOTHING RETURNING {UPLOAD_COLUMNS}"
+        ));
+        let row = sqlx::query_as::<_, UploadColumns>(sql)
+            .bind(id.as_str())
+            .bind(new.client_id.as_str())
+            .bind(new.kind.as_str())
+            .bind(i64::try_from(new.length).unwrap_or(i64::MAX))
+            .bind(new.format.as_str())
+            .bind(new.metadata)
+            .bind(new.idempotency_key)
+            .bind(new.digest)
+            .bind(new.ttl_ms)
+            .fetch_optional(&mut *self.writer().await?)
+            .await?;
+        match row {
+            Some(row) => Ok(UploadCreated::New(row.parse()?)),
+            // Another request with the same key created it first.
+            None => self
+                .upload_by_key(new)
+                .await?
+                .map(UploadCreated::Existing)
+                .ok_or_else(|| Error::Conflict("the upload was ended while it was created".into())),
+        }
+    }
+
+    async fn upload_by_key(&self, new: &NewUpload<'_>) -> Result<Option<Upload>> {
+        let Some(key) = new.idempotency_key else {
+            return Ok(None);
+        };
+        let sql = format!(
+            "SELECT {UPLOAD_COLUMNS} FROM uploads WHERE client_id = $1 AND idempotency_key = $2"
+        );
+        sqlx::query_as::<_, UploadColumns>(sqlx::AssertSqlSafe(sql))
+            .bind(new.client_id.as_str())
+            .bind(key)
+            .fetch_optional(self.pool())
+            .await?
+            .map(UploadColumns::parse)
+            .transpose()
+    }
+
+    /// One of the client's uploads (another client's is not found), unexpired.
+    pub async fn get_upload(&self, client: &ClientId, id: &UploadId) -> Result<Option<Upload>> {
+        let sql = self.sql(&format!(
+            "SELECT {UPLOAD_COLUMNS} FROM uploads \
+             WHERE id = $1 AND client_id = $2 AND expires_at > {{now}}"
+        ));
+        sqlx::query_as::<_, UploadColumns>(sql)
+            .bind(id.as_str())
+            .bind(client.as_str())
+            .fetch_optional(self.pool())
+            .await?
+            .map(UploadColumns::parse)
+            .transpose()
+    }
+
+    /// Stores `part` at `offset` with the running digest over everything up to its end,
+    /// and moves the offset on, in one transaction; the expiry starts again. `false` when
+    /// the upload is no longer at `offset` (another request wrote first, or it ended):
+    /// nothing was stored.
+    pub async fn append_part(
+        &self,
+        id: &UploadId,
+        offset: u64,
+        part: &[u8],
+        digest: &[u8],
+        ttl_ms: i64,
+    ) -> Result<bool> {
+        let mut tx = self.begin_write().await?;
+        let sql = self.sql(
+            "UPDATE uploads SET received = received + $1, parts = parts + 1, digest = $2, \
+                                updated_at = {now}, expires_at = {now} + $3 \
+             WHERE id = $4 AND received = $5 AND import_id IS NULL AND outcome IS NULL \
+               AND received + $1 <= length \
+             RETURNING parts - 1",
+        );
+        let seq: Option<i64> = sqlx::query_scalar(sql)
+            .bind(part.len() as i64)
+            .bind(digest)
+            .bind(ttl_ms)
+            .bind(id.as_str())
+            .bind(i64::try_from(offset).unwrap_or(i64::MAX))
+            .fetch_optional(&mut *tx)
+            .await?;
+        let Some(seq) = seq else {
+            tx.rollback().await?;
+            return Ok(false);
+        };
+        sqlx::query("INSERT INTO payload_parts (payload_id, seq, body) VALUES ($1, $2, $3)")
+            .bind(id.as_str())
+            .bind(seq)
+            .bind(part)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    /// Records why the finished file was refused; the upload stays, answering with it.
+    pub async fn refuse_upload(&self, id: &UploadId, outcome: &str) -> Result<()> {
+        sqlx::query("UPDATE uploads SET outcome = $1 WHERE id = $2 AND import_id IS NULL")
+            .bind(outcome)
+            .bind(id.as_str())
+            .execute(&mut *self.writer().await?)
+            .await?;
+        Ok(())
+    }
+
+    /// Ends one of the client's uploads (tus termination). Its parts go with it unless it
+    /// became an import, whose batch owns them. `false` if there was no such upload.
+    pub async fn delete_upload(&self, client: &ClientId, id: &UploadId) -> Result<bool> {
+        let mut tx = self.begin_write().await?;
+        let import: Option<Option<String>> = sqlx::query_scalar(
+            "DELETE FROM uploads WHERE id = $1 AND client_id = $2 RETURNING import_id",
+        )
+        .bind(id.as_str())
+        .bind(client.as_str())
+        .fetch_optional(&mut *tx)
+        .await?;
+        if import == Some(None) {
+            sqlx::query("DELETE FROM payload_parts WHERE payload_id = $1")
+                .bind(id.as_str())
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(import.is_some())
+    }
+
+    /// Deletes an upload that did not become an import, with its parts (a refused request
+    /// body's).
+    pub async fn discard_upload(&self, id: &UploadId) -> Result<()> {
+        let mut tx = self.begin_write().await?;
+        let gone = sqlx::query("DELETE FROM uploads WHERE id = $1 AND import_id IS NULL")
+            .bind(id.as_str())
+            .execute(&mut *tx)
+            .await?;
+        if gone.rows_affected() > 0 {
+            sqlx::query("DELETE FROM payload_parts WHERE payload_id = $1")
+                .bind(id.as_str())
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Deletes up to `limit` expired uploads (and the parts of those that did not become
+    /// an import). Returns how many.
+    pub async fn expire_uploads(&self, limit: u32) -> Result<u64> {
+        let mut tx = self.begin_write().await?;
+        let sql = self.sql(
+            "SELECT id, import_id FROM uploads WHERE expires_at <= {now} ORDER BY expires_at LIMIT $1",
+        );
+        let expired: Vec<(String, Option<String>)> = sqlx::query_as(sql)
+            .bind(i64::from(limit))
+            .fetch_all(&mut *tx)
+            .await?;
+        for (id, import) in &expired {
+            if import.is_none() {
+                sqlx::query("DELETE FROM payload_parts WHERE payload_id = $1")
+                    .bind(id)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            sqlx::query("DELETE FROM uploads WHERE id = $1")
+                .bind(id)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(expired.len() as u64)
+    }
+
+    /// Where a batch's payload is and how long it is; `None` once retention deleted it.
+    pub async fn batch_payload(
+        &self,
+        batch: &dataflow_contracts::BatchId,
+    ) -> Result<Option<(String, u64)>> {
+        let row: Option<(Option<String>, i64, Option<i64>)> = sqlx::query_as(
+            "SELECT payload_id, payload_bytes, payload_expired_at FROM batches WHERE id = $1",
+        )
+        .bind(batch.as_str())
+        .fetch_optional(self.pool())
+        .await?;
+        match row {
+            None => Err(Error::NotFound),
+            Some((Some(id), bytes, None)) => Ok(Some((id, count(bytes)))),
+            Some(_) => Ok(None),
+        }
+    }
+
+    /// Reads a stored file back in order, a part at a time, for a blocking thread: at
+    /// most two parts are in memory. Ends with an error if the parts do not add up to
+    /// `bytes`.
+    pub fn read_payload(&self, payload_id: String, bytes: u64) -> PartsReader {
+        let (tx, rx) = mpsc::channel(1);
+        let db = self.clone();
+        tokio::spawn(async move {
+            let mut read = 0u64;
+            for seq in 0i64.. {
+                let part: Result<Option<Vec<u8>>> = sqlx::query_scalar(
+                    "SELECT body FROM payload_parts WHERE payload_id = $1 AND seq = $2",
+                )
+                .bind(&payload_id)
+                .bind(seq)
+                .fetch_optional(db.pool())
+                .await
+                .map_err(Error::from);
+                let item = match part {
+                    Ok(Some(body)) => {
+                        read += body.len() as u64;
+                        Ok(body)
+                    }
+                    Ok(None) if read == bytes => break,
+                    Ok(None) => Err(Error::stored(format!(
+                        "payload {payload_id} holds {read} bytes in {seq} parts; {bytes} were stored"
+                    ))),
+                    Err(e) => Err(e),
+                };
+                let stop = item.is_err();
+                if tx.send(item).await.is_err() || stop {
+                    break;
+                }
+            }
+        });
+        PartsReader::new(rx)
+    }
+
+    /// Deletes the payloads of the client's batches that ended more than `retention_ms`
+    /// ago, up to `limit` of them; the batches, their counts and errors stay. Returns the
+    /// bytes freed.
+    pub async fn expire_payloads(
+        &self,
+        client: &ClientId,
+        retention_ms: i64,
+        limit: u32,
+    ) -> Result<u64> {
+        let mut tx = self.begin_write().await?;
+        let sql = self.sql(
+            "UPDATE batches SET payload_expired_at = {now} \
+             WHERE id IN (SELECT id FROM batches \
+                          WHERE client_id = $1 AND payload_expired_at IS NULL \
+                            AND status IN ('completed', 'rejected', 'dead') \
+                            AND updated_at <= {now} - $2 \
+                          ORDER BY updated_at LIMIT $3) \
+             RETURNING payload_id, payload_bytes",
+        );
+        let expired: Vec<(Option<String>, i64)> = sqlx::query_as(sql)
+            .bind(client.as_str())
+            .bind(retention_ms)
+            .bind(i64::from(limit))
+            .fetch_all(&mut *tx)
+            .await?;
+        let mut freed = 0;
+        for (id, bytes) in &expired {
+            freed += count(*bytes);
+            sqlx::query("DELETE FROM payload_parts WHERE payload_id = $1")
+                .bind(id)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(freed)
+    }
+
+    /// The storage each client holds: kept payloads, unfinished uploads, records.
+    pub async fn storage_by_client(&self) -> Result<Vec<ClientStorage>> {
+        let rows: Vec<(String, i64, i64, i64)> = sqlx::query_as(
+            "SELECT c.id, \
+                    COALESCE((SELECT SUM(payload_bytes) FROM batches b \
+                              WHERE b.client_id = c.id AND b.payload_expired_at IS NULL), 0), \
+                    COALESCE((SELECT SUM(received) FROM uploads u \
+                              WHERE u.client_id = c.id AND u.import_id IS NULL), 0), \
+                    (SELECT COUNT(*) FROM records r WHERE r.client_id = c.id) \
+             FROM clients c ORDER BY c.id",
+        )
+        .fetch_all(self.pool())
+        .await?;
+        rows.into_iter()
+            .map(|(id, payload, upload, records)| {
+                Ok(ClientStorage {
+                    client_id: parse_id(id)?,
+                    payload_bytes: count(payload),
+                    upload_bytes: count(upload),
+                    records: count(records),
+                })
+            })
+            .collect()
+    }
+}
+
+/// A stored file as a `Read`, for the parsers on a blocking thread (see
+/// [`Db::read_payload`]); a failed read passes the ledger's error on inside the
+/// `io::Error`, so an outage stays one.
+pub struct PartsReader {
+    parts: mpsc::Receiver<Result<Vec<u8>>>,
+    current: Vec<u8>,
+    at: usize,
+}
+
+impl PartsReader {
+    /// A reader over parts sent by another task: each `Ok` is the next bytes of the file,
+    /// an `Err` ends it with that error, and the end of the channel ends the file.
+    pub fn new(parts: mpsc::Receiver<Result<Vec<u8>>>) -> Self {
+        Self {
+            parts,
+            current: Vec::new(),
+            at: 0,
+        }
+    }
+}
+
+impl Read for PartsReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        while self.at == self.current.len() {
+            match self.parts.blocking_recv() {
+                Some(Ok(part)) => {
+                    self.current = part;
+                    self.at = 0;
+                }
+                Some(Err(e)) => return Err(io::Error::other(e)),
+                None => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.current.len() - self.at);
+        buf[..n].copy_from_slice(&self.current[self.at..self.at + n]);
+        self.at += n;
+        Ok(n)
+    }
+}
