@@ -45,6 +45,7 @@ pub use imports::{IdempotencyClaim, IdempotencyStart, NewImport, SubmitOutcome};
 pub use jobs::{Failure, Handover, JobFilter};
 pub use operator::{BatchFilter, BatchRow, Throughput};
 pub use outbox::OutboxRow;
+pub use queues::ClientQueue;
 pub use records::RecordFilter;
 
 use std::path::Path;
