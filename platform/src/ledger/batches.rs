@@ -79,14 +79,17 @@ macro_rules! pick_client {
 }
 
 /// The next client in the fair share: among those with a batch a claim may take and room
-/// under their cap, the one with the smallest place in the round.
+/// under their cap, the one with the smallest place in the round. Each test is a scalar
+/// subquery on purpose: the clients are read in the order of their place and the first
+/// that passes ends the search, where a join would gather every claimable batch first.
 macro_rules! fair_next_client {
     ($lock:literal) => {
         concat!(
-            "SELECT c.id FROM clients c \
-             WHERE EXISTS (SELECT 1 FROM batches WHERE batches.client_id = c.id AND ",
-            claimable!(),
-            ") AND ",
+            "SELECT c.id FROM clients c WHERE COALESCE(",
+            first_ready!("c.id"),
+            ", ",
+            first_lapsed!("c.id"),
+            ") IS NOT NULL AND ",
             under_cap!("c.id"),
             " ORDER BY c.claim_pass, c.id LIMIT 1 ",
             $lock
@@ -98,6 +101,33 @@ macro_rules! fair_next_client {
 macro_rules! client_order {
     () => {
         " ORDER BY priority DESC, available_at, id"
+    };
+}
+
+/// The first of `$client`'s batches that are ready and due, in its own order (read from
+/// the index `batches_client_ready` in that order).
+macro_rules! first_ready {
+    ($client:literal) => {
+        concat!(
+            "(SELECT id FROM batches WHERE client_id = ",
+            $client,
+            " AND status = 'ready' AND available_at <= {now}",
+            client_order!(),
+            " LIMIT 1)"
+        )
+    };
+}
+
+/// The first of `$client`'s batches under a lapsed lease, in its own order.
+macro_rules! first_lapsed {
+    ($client:literal) => {
+        concat!(
+            "(SELECT id FROM batches WHERE client_id = ",
+            $client,
+            " AND status = 'processing' AND lease_expires_at < {now}",
+            client_order!(),
+            " LIMIT 1)"
+        )
     };
 }
 
@@ -239,10 +269,15 @@ impl Db {
                 continue;
             };
             let take = self.sql(take_lease!(concat!(
-                "id = (SELECT id FROM batches WHERE client_id = $3 AND ",
-                claimable!(),
+                "id = (SELECT id FROM batches WHERE id IN (",
+                first_ready!("$3"),
+                ", ",
+                first_lapsed!("$3"),
+                ")",
                 client_order!(),
                 " LIMIT 1 {skip_locked}) AND ",
+                claimable!(),
+                " AND ",
                 under_cap!("$3")
             )));
             let row = sqlx::query_as::<_, LeaseColumns>(take)
@@ -263,15 +298,21 @@ impl Db {
     }
 
     /// Ids of batches a claim could take now, in the fair share's order: the batches of
-    /// the client whose turn it is (for workers that lock before they claim).
+    /// the client whose turn it is, ready ones first, then those under a lapsed lease (for
+    /// workers that lock before they claim).
     pub async fn claimable_batches(&self, limit: u32) -> Result<Vec<BatchId>> {
         let sql = self.sql(concat!(
-            "SELECT id FROM batches WHERE client_id = (",
+            "WITH next AS (",
             fair_next_client!(""),
-            ") AND ",
-            claimable!(),
+            ") SELECT id FROM (SELECT id FROM batches \
+                 WHERE client_id = (SELECT id FROM next) AND status = 'ready' \
+                   AND available_at <= {now}",
             client_order!(),
-            " LIMIT $1"
+            " LIMIT $1) AS due UNION ALL SELECT id FROM (SELECT id FROM batches \
+                 WHERE client_id = (SELECT id FROM next) AND status = 'processing' \
+                   AND lease_expires_at < {now}",
+            client_order!(),
+            " LIMIT $1) AS lapsed"
         ));
         let ids: Vec<String> = sqlx::query_scalar(sql)
             .bind(i64::from(limit))
