@@ -24,7 +24,8 @@ use dataflow_api::listener::BoundedListener;
 use dataflow_contracts::jobs::JobKind;
 use dataflow_platform::events::{self, OutboxRelaySettings};
 use dataflow_platform::{Backends, Config};
-use dataflow_worker::jobs::{self, JobsSetup, handlers::Handlers};
+use dataflow_worker::jobs::handlers::{Handlers, WebhookSlots};
+use dataflow_worker::jobs::{self, JobsSetup};
 use dataflow_worker::{WakeUps, Worker, leader, summaries};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -189,6 +190,10 @@ impl App {
                     hasher: backends.hasher.clone(),
                     mailer: backends.mailer.clone(),
                     webhooks: backends.webhooks.clone(),
+                    webhook_slots: WebhookSlots::new(
+                        config.jobs.webhook_max_per_host,
+                        config.jobs.webhook_max_per_client,
+                    ),
                 }),
                 kinds: JobKind::ALL.to_vec(),
                 worker_id: worker.id().to_owned(),

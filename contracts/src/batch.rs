@@ -110,6 +110,63 @@ impl FromStr for ImportFormat {
     }
 }
 
+/// Where an import's batch stands among its own client's batches: a client's `high`
+/// batches are claimed before its `normal` ones, and those before its `low` ones. Between
+/// clients the fair share decides, whatever the priorities (one client's `high` does not
+/// overtake another client's `low`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Priority {
+    High,
+    #[default]
+    Normal,
+    Low,
+}
+
+impl Priority {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::High => "high",
+            Self::Normal => "normal",
+            Self::Low => "low",
+        }
+    }
+
+    /// As the ledger stores it: the claim takes the greatest first.
+    pub fn rank(self) -> i16 {
+        match self {
+            Self::High => 1,
+            Self::Normal => 0,
+            Self::Low => -1,
+        }
+    }
+
+    /// The priority a stored rank stands for.
+    pub fn from_rank(rank: i64) -> Result<Self, String> {
+        match rank {
+            1 => Ok(Self::High),
+            0 => Ok(Self::Normal),
+            -1 => Ok(Self::Low),
+            other => Err(format!("unknown priority rank {other}")),
+        }
+    }
+}
+
+impl FromStr for Priority {
+    type Err = String;
+    /// `high`, `normal` or `low`, in any case.
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "high" => Ok(Self::High),
+            "normal" => Ok(Self::Normal),
+            "low" => Ok(Self::Low),
+            _ => Err(format!(
+                "priority `{s}` is not one of `high`, `normal`, `low`"
+            )),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -120,6 +177,18 @@ mod tests {
             assert_eq!(st.as_str().parse::<BatchStatus>().unwrap(), st);
             assert_eq!(serde_json::to_value(st).unwrap(), st.as_str());
         }
+    }
+
+    #[test]
+    fn priorities_parse_and_rank() {
+        for p in [Priority::High, Priority::Normal, Priority::Low] {
+            assert_eq!(p.as_str().parse::<Priority>().unwrap(), p);
+            assert_eq!(Priority::from_rank(i64::from(p.rank())).unwrap(), p);
+        }
+        assert_eq!(" HIGH ".parse::<Priority>().unwrap(), Priority::High);
+        assert!("urgent".parse::<Priority>().unwrap_err().contains("urgent"));
+        assert!(Priority::High.rank() > Priority::Normal.rank());
+        assert!(Priority::Normal.rank() > Priority::Low.rank());
     }
 
     #[test]

@@ -6,7 +6,7 @@ use utoipa::{IntoParams, ToSchema};
 
 use crate::ids::{BatchId, ClientId, ImportId};
 use crate::policy::{Policy, PolicyPatch};
-use crate::{BatchStatus, ImportFormat};
+use crate::{BatchStatus, ImportFormat, Priority};
 
 /// Every 4xx and 5xx body: a stable machine-readable `code` and a human `detail`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
@@ -29,6 +29,9 @@ pub struct ImportView {
     pub created_at: String,
     /// True when this answer is the earlier import with the same payload.
     pub duplicate: bool,
+    /// Its batch's place among the client's own batches (the `Priority` header).
+    #[serde(default)]
+    pub priority: Priority,
 }
 
 impl ImportView {
@@ -69,6 +72,8 @@ pub struct BatchView {
     pub duration_ms: Option<u64>,
     /// The version of the client's schema the batch is checked with; `null`: none.
     pub schema_version: Option<u64>,
+    /// Its place among the client's own batches.
+    pub priority: Priority,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]

@@ -18,7 +18,7 @@ pub mod live;
 pub mod policy;
 pub mod time;
 
-pub use batch::{BatchStatus, ImportFormat};
+pub use batch::{BatchStatus, ImportFormat, Priority};
 pub use ids::{BatchId, ClientId, EventId, IdError, ImportId, JobId, UploadId};
 pub use policy::Policy;
 

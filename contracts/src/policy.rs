@@ -6,6 +6,11 @@ use utoipa::ToSchema;
 /// Upper bound for any field name a policy mentions; longer names are certainly mistakes.
 const MAX_FIELD_NAME: usize = 128;
 
+/// Largest claim `weight`: a client served this many times as often as a weight-1 client
+/// is already as good as unshared, and the ledger's claim counter grows by
+/// `1_000_000 / weight` per claim, which stays exact for every weight up to here.
+pub const MAX_WEIGHT: u32 = 1_000;
+
 /// A client's policy as stored and as returned by `GET /admin/clients/{id}/policy`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -43,6 +48,18 @@ pub struct Policy {
     #[serde(default)]
     #[schema(minimum = 0, maximum = 1)]
     pub max_error_ratio: Option<f64>,
+    /// The client's share of the worker fleet while several clients wait: claims go round
+    /// the waiting clients, and a client of weight 3 is served three times for every once
+    /// of a client of weight 1. Between 1 and 1,000.
+    #[serde(default = "one")]
+    #[schema(minimum = 1, maximum = 1000)]
+    pub weight: u32,
+    /// Most of the client's batches processed at once across the whole fleet, whatever the
+    /// number of workers (a batch over it waits `ready`); `None`: no cap beyond the
+    /// fleet's own size.
+    #[serde(default)]
+    #[schema(minimum = 1)]
+    pub max_concurrent_batches: Option<u32>,
     /// Largest file a resumable upload (`/v1/uploads`) may carry, in bytes.
     #[serde(default = "default_max_upload_bytes")]
     #[schema(minimum = 1, maximum = 9_223_372_036_854_775_807_u64)]
@@ -52,6 +69,10 @@ pub struct Policy {
     #[serde(default = "default_payload_retention_secs")]
     #[schema(minimum = 1)]
     pub payload_retention_secs: u64,
+}
+
+fn one() -> u32 {
+    1
 }
 
 fn default_max_upload_bytes() -> u64 {
@@ -77,6 +98,8 @@ impl Default for Policy {
             notify_email: None,
             webhook_url: None,
             max_error_ratio: None,
+            weight: 1,
+            max_concurrent_batches: None,
             max_upload_bytes: default_max_upload_bytes(),
             payload_retention_secs: default_payload_retention_secs(),
         }
@@ -134,6 +157,16 @@ pub struct PolicyPatch {
     #[schema(minimum = 0, maximum = 1)]
     pub max_error_ratio: Option<Option<f64>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1, maximum = 1000)]
+    pub weight: Option<u32>,
+    #[serde(
+        default,
+        with = "double_option",
+        skip_serializing_if = "Option::is_none"
+    )]
+    #[schema(minimum = 1)]
+    pub max_concurrent_batches: Option<Option<u32>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(minimum = 1, maximum = 9_223_372_036_854_775_807_u64)]
     pub max_upload_bytes: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -182,6 +215,8 @@ impl Policy {
             notify_email,
             webhook_url,
             max_error_ratio,
+            weight,
+            max_concurrent_batches,
             max_upload_bytes,
             payload_retention_secs
         );
@@ -240,6 +275,22 @@ impl Policy {
         {
             return Err(format!("max_error_ratio must be between 0 and 1, not {r}"));
         }
+        if !(1..=MAX_WEIGHT).contains(&self.weight) {
+            return Err(format!(
+                "weight must be between 1 and {MAX_WEIGHT}, not {}",
+                self.weight
+            ));
+        }
+        // Stored as a signed 32-bit integer beside the client.
+        if self
+            .max_concurrent_batches
+            .is_some_and(|n| n == 0 || i32::try_from(n).is_err())
+        {
+            return Err(format!(
+                "max_concurrent_batches must be between 1 and {} (or null: no cap)",
+                i32::MAX
+            ));
+        }
         if let Some(url) = &self.webhook_url
             && (!(url.starts_with("https://") || url.starts_with("http://"))
                 || url.chars().any(|c| c.is_control() || c.is_whitespace()))
@@ -288,6 +339,33 @@ mod tests {
         assert_eq!(p.notify_email.as_deref(), Some("ops@example.com"));
         let clear: PolicyPatch = serde_json::from_str(r#"{"notify_email": null}"#).unwrap();
         assert_eq!(base.patched(&clear).unwrap().notify_email, None);
+    }
+
+    #[test]
+    fn fair_share_fields_default_and_are_bounded() {
+        // A policy stored before the fields existed reads with the defaults.
+        let mut stored = serde_json::to_value(Policy::default()).unwrap();
+        let fields = stored.as_object_mut().unwrap();
+        fields.remove("weight");
+        fields.remove("max_concurrent_batches");
+        let old: Policy = serde_json::from_value(stored).unwrap();
+        assert_eq!((old.weight, old.max_concurrent_batches), (1, None));
+        for bad in [
+            r#"{"weight": 0}"#,
+            r#"{"weight": 1001}"#,
+            r#"{"max_concurrent_batches": 0}"#,
+            r#"{"max_concurrent_batches": 4000000000}"#,
+        ] {
+            let patch: PolicyPatch = serde_json::from_str(bad).unwrap();
+            assert!(Policy::default().patched(&patch).is_err(), "{bad}");
+        }
+        let ok: PolicyPatch =
+            serde_json::from_str(r#"{"weight": 3, "max_concurrent_batches": 2}"#).unwrap();
+        let p = Policy::default().patched(&ok).unwrap();
+        assert_eq!((p.weight, p.max_concurrent_batches), (3, Some(2)));
+        let uncap: PolicyPatch =
+            serde_json::from_str(r#"{"max_concurrent_batches": null}"#).unwrap();
+        assert_eq!(p.patched(&uncap).unwrap().max_concurrent_batches, None);
     }
 
     #[test]

@@ -392,6 +392,13 @@ pub struct JobsConfig {
     pub webhook_allow_private: bool,
     /// Deadline of one webhook request.
     pub webhook_timeout_ms: u64,
+    /// Webhook deliveries at once to one target host, per worker process: a slow or
+    /// failing receiver holds at most this many webhook slots. A delivery over it is
+    /// deferred (back to the queue shortly, its attempt not counted), not failed.
+    pub webhook_max_per_host: usize,
+    /// Webhook deliveries at once for one client, per worker process (deferred the same
+    /// way): one client's receivers hold at most this many webhook slots.
+    pub webhook_max_per_client: usize,
 }
 
 impl Default for JobsConfig {
@@ -412,6 +419,8 @@ impl Default for JobsConfig {
             mail_from: "DataFlow <dataflow@localhost>".to_owned(),
             webhook_allow_private: false,
             webhook_timeout_ms: 10_000,
+            webhook_max_per_host: 10,
+            webhook_max_per_client: 20,
         }
     }
 }
@@ -607,6 +616,11 @@ impl Config {
         }
         if jobs.timeout_secs == 0 || jobs.webhook_timeout_ms == 0 {
             return bad("jobs.timeout_secs and jobs.webhook_timeout_ms must be at least 1");
+        }
+        if jobs.webhook_max_per_host == 0 || jobs.webhook_max_per_client == 0 {
+            return bad(
+                "jobs.webhook_max_per_host and jobs.webhook_max_per_client must be at least 1",
+            );
         }
         if jobs.dead_worker_ms < 2_000 {
             return bad("jobs.dead_worker_ms must be at least 2000 (heartbeats are 1 s apart)");

@@ -43,6 +43,7 @@ backend_tests!(
     a_worker_without_the_relay_runs_its_own_jobs_at_once,
     concurrent_submits_publish_each_event_once_in_lifecycle_order,
     a_lapsed_lease_is_taken_over_when_it_runs_out_not_at_the_sweep,
+    deliveries_keep_a_clients_cap_and_its_turn,
 );
 
 /// The test's own view of the broker: a direct connection (never through the proxy) and
@@ -1161,6 +1162,78 @@ async fn a_lapsed_lease_is_taken_over_when_it_runs_out_not_at_the_sweep(b: Backe
     );
     assert_eq!((done.attempts, done.takeovers), (1, 1), "{done:?}");
     worker.stop().await;
+    api.stop().await;
+    broker.cleanup().await;
+}
+
+/// `batch.ready` deliveries start batches under the same rules as the claim loop: a client
+/// at its cap does not get another batch because a message named one, and the batches its
+/// deliveries could not start are started as places free up (nothing else wakes this
+/// worker: its polls and sweeps are a minute apart).
+async fn deliveries_keep_a_clients_cap_and_its_turn(b: Backend) {
+    let Some(broker) = TestBroker::new().await else {
+        return;
+    };
+    let api = spawn(b, &broker, Roles::API, None).await;
+    wait_mode(&api, "broker").await;
+    let (capped, capped_key) = api.client(json!({"max_concurrent_batches": 1})).await;
+    let (_, other_key) = api.client(json!({})).await;
+    let mut worker = api.spawn_worker_process_with("broker-fair", None, |c| {
+        c.worker.poll_interval_ms = 60_000;
+        c.amqp.safety_sweep_ms = 60_000;
+    });
+    let mut capped_batches = Vec::new();
+    for i in 0..4 {
+        let body = csv(&format!("capped{i}"), 400);
+        capped_batches.push(api.import(&capped_key, "text/csv", body).await.batch_id);
+    }
+    let other = api
+        .import(&other_key, "text/csv", csv("other", 400))
+        .await
+        .batch_id;
+    let deadline = Instant::now() + Duration::from_secs(45);
+    let (mut most, mut other_done_at, mut capped_done) = (0, None, 0);
+    while capped_done < capped_batches.len() || other_done_at.is_none() {
+        let held: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM batches WHERE client_id = $1 AND status = 'processing'",
+        )
+        .bind(capped.as_str())
+        .fetch_one(api.db.pool())
+        .await
+        .unwrap();
+        most = most.max(held);
+        capped_done = 0;
+        for id in &capped_batches {
+            if api.db.get_batch(None, id).await.unwrap().unwrap().status == BatchStatus::Completed {
+                capped_done += 1;
+            }
+        }
+        if other_done_at.is_none()
+            && api
+                .db
+                .get_batch(None, &other)
+                .await
+                .unwrap()
+                .unwrap()
+                .status
+                == BatchStatus::Completed
+        {
+            other_done_at = Some(capped_done);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{capped_done} of the capped client's batches completed, the other's: {other_done_at:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    worker.kill().unwrap();
+    worker.wait().unwrap();
+    assert_eq!(most, 1, "one of the capped client's batches at a time");
+    assert!(
+        other_done_at.is_some_and(|n| n < capped_batches.len()),
+        "the other client's batch went before the capped client's backlog ended"
+    );
+    assert_eq!(broker.depth(&broker.names.ready_queue).await, 0);
     api.stop().await;
     broker.cleanup().await;
 }

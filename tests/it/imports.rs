@@ -2,8 +2,8 @@
 
 use crate::common::harness::register;
 use dataflow_contracts::BatchStatus;
-use dataflow_contracts::ImportFormat;
 use dataflow_contracts::http::{ErrorBody, ImportView, RecordErrorPage, RecordView};
+use dataflow_contracts::{ImportFormat, Priority};
 use dataflow_platform::ledger::{IdempotencyStart, NewImport, Payload, SubmitOutcome};
 use serde_json::json;
 
@@ -372,6 +372,7 @@ async fn idempotency_key_replays_conflicts_and_mismatches(b: Backend) {
         dedup_key: &checksum,
         policy: &client_policy,
         schema_version: None,
+        priority: Priority::Normal,
         idempotency: Some(&stale_claim),
     };
     assert!(matches!(

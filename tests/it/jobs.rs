@@ -22,7 +22,7 @@ use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
 use crate::helpers::{
-    Backend, Proxy, Spawned, TestApp, backend_tests, service_addr, signal, test_redis_url,
+    Backend, Proxy, Spawned, TestApp, backend_tests, csv, service_addr, signal, test_redis_url,
 };
 use crate::leader::wait_leader;
 use crate::sinks::{Hook, SmtpSink, WebhookReceiver};
@@ -30,6 +30,7 @@ use crate::sinks::{Hook, SmtpSink, WebhookReceiver};
 backend_tests!(batch_results_are_mailed_reported_and_signed_webhooks_delivered);
 backend_tests!(a_batchs_end_follows_the_clients_policy_at_that_time);
 backend_tests!(only_the_current_delivery_of_a_job_settles);
+backend_tests!(a_slow_webhook_receiver_holds_no_more_slots_than_its_caps);
 
 /// Fast retries and local targets.
 fn fast_jobs(c: &mut Config, smtp: &SmtpSink) {
@@ -1133,3 +1134,57 @@ async fn jobs_lost_by_redis_are_handed_over_again() {
     api.stop().await;
 }
 register!(jobs_lost_by_redis_are_handed_over_again);
+
+/// Two clients' webhooks to one receiver that holds every request open: at most one
+/// delivery per client is in flight (`webhook_max_per_client`), under the host's cap of
+/// two. The others are deferred, not failed: no attempt is spent on them, and each lands
+/// once the receiver answers.
+async fn a_slow_webhook_receiver_holds_no_more_slots_than_its_caps(b: Backend) {
+    let smtp = SmtpSink::start().await;
+    let hooks = WebhookReceiver::start(0).await;
+    let Some(t) = TestApp::spawn_with(b, Roles::ALL, |c| {
+        fast_jobs(c, &smtp);
+        c.jobs.webhook_max_per_host = 2;
+        c.jobs.webhook_max_per_client = 1;
+    })
+    .await
+    else {
+        return;
+    };
+    let mut batches = Vec::new();
+    for tag in ["a", "b"] {
+        let (_, key) = t.client(json!({"webhook_url": hooks.url()})).await;
+        let import = t.import(&key, "text/csv", csv(tag, 3)).await;
+        t.wait_for(&key, &import.batch_id, BatchStatus::Completed)
+            .await;
+        batches.push(import.batch_id);
+    }
+    // Three events per batch, six webhooks; give the held ones time to pile up.
+    hooks.wait_until("one per client", |h| h.len() >= 2).await;
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let held = hooks.hooks();
+    let clients: BTreeSet<String> = held
+        .iter()
+        .map(|h| h.json()["client_id"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(
+        (held.len(), clients.len()),
+        (2, 2),
+        "one delivery in flight per client: {held:?}"
+    );
+    hooks.answer(204);
+    for batch in &batches {
+        let done = wait_jobs(
+            &t,
+            &format!("batch_id={batch}&kind=webhook"),
+            3,
+            JobStatus::Done,
+        )
+        .await;
+        assert!(
+            done.iter().all(|j| j.attempts == 1),
+            "a deferral spends no attempt: {done:?}"
+        );
+    }
+    t.stop().await;
+}

@@ -15,6 +15,7 @@ mod amqp;
 mod auth;
 mod cli;
 mod deploy;
+mod fair;
 mod fleet;
 mod imports;
 mod jobs;

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use dataflow::Roles;
 use dataflow_contracts::live::LiveEvent;
-use dataflow_contracts::{BatchId, BatchStatus};
+use dataflow_contracts::{BatchId, BatchStatus, ClientId};
 use reqwest::{Method, StatusCode, header};
 use serde_json::json;
 
@@ -31,6 +31,7 @@ backend_tests!(
     redis_sessions_slide_and_expire,
     a_session_store_that_is_down_answers_503,
     the_dashboard_in_a_browser,
+    the_queue_page_shows_each_clients_depth_and_oldest_wait,
 );
 
 const TOKEN: &str = "test-operator-token-0123456789";
@@ -1104,3 +1105,61 @@ async fn screenshots() {
     t.stop().await;
 }
 register!(ignore = "writes docs/screenshots/*.png; run on purpose" screenshots);
+
+async fn the_queue_page_shows_each_clients_depth_and_oldest_wait(b: Backend) {
+    // No worker: the batches wait.
+    let Some(t) = TestApp::spawn_with(b, Roles::API, |_| {}).await else {
+        return;
+    };
+    let (busy, busy_key) = t.client(json!({"max_concurrent_batches": 2})).await;
+    let (quiet, quiet_key) = t.client(json!({"weight": 4})).await;
+    let mut busy_batches = Vec::new();
+    for i in 0..3 {
+        let body = csv(&format!("busy{i}"), 2);
+        busy_batches.push(t.import(&busy_key, "text/csv", body).await.batch_id);
+    }
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    t.import(&quiet_key, "text/csv", csv("quiet", 2)).await;
+    let held =
+        t.db.claim(&busy_batches[2], "holder", 60_000)
+            .await
+            .unwrap();
+    assert!(held.is_some());
+
+    let ui = Ui::login(&t, "ann").await;
+    let page = ui.page("/ui/queues").await;
+    let row = |client: &ClientId| {
+        let at = page
+            .find(&format!("data-client=\"{client}\""))
+            .unwrap_or_else(|| panic!("no row for {client}: {page}"));
+        page[at..at + page[at..].find("</tr>").unwrap()].to_owned()
+    };
+    let (busy_row, quiet_row) = (row(&busy), row(&quiet));
+    assert!(
+        busy_row.contains(r#"data-ready="2" data-processing="1""#),
+        "{busy_row}"
+    );
+    assert!(
+        quiet_row.contains(r#"data-ready="1" data-processing="0""#),
+        "{quiet_row}"
+    );
+    // The busy client's oldest batch has waited over a second, and it is listed first.
+    assert!(
+        busy_row.contains("<td class=\"num\">2</td>"),
+        "its cap: {busy_row}"
+    );
+    assert!(
+        quiet_row.contains("<td class=\"num\">4</td>"),
+        "its weight: {quiet_row}"
+    );
+    assert!(page.find(&busy_row).unwrap() < page.find(&quiet_row).unwrap());
+    let age = |row: &str| {
+        let cells: Vec<&str> = row.split("<td class=\"num\">").collect();
+        cells.last().unwrap().split('<').next().unwrap().to_owned()
+    };
+    assert!(
+        age(&busy_row).ends_with(" s"),
+        "waited over a second: {busy_row}"
+    );
+    t.stop().await;
+}

@@ -3,10 +3,13 @@
 //! Each delivery is parsed as an [`Envelope`]; anything that is not a `BatchReady` this
 //! code understands is rejected without requeue, so the queue's dead-letter exchange moves
 //! it to the dead-letter queue (with a warning and `dataflow_amqp_malformed_total`). A valid
-//! one is claimed through the worker's own path (Redlock, then the fenced SQL lease) and
-//! acknowledged once the lease is taken, or once the batch turns out to be done or held by
-//! another worker: either way SQL now owns the batch's fate, and a redelivery would only be
-//! a duplicate. A `BatchReady` for a batch this ledger does not know, or one that could not
+//! one wakes the worker's own claim (the fair share's next batch, under each client's cap;
+//! Redlock, then the fenced SQL lease), which need not take the batch it names: another
+//! client's turn may come first, or the named batch's client may be at its cap. It is
+//! acknowledged once a lease is taken, or once the claim found nothing it may take yet:
+//! either way SQL now owns the batch's fate (a `ready` batch is found by the claim loop,
+//! which looks again whenever a batch ends), and a redelivery would only be a duplicate or
+//! jump the fair share's queue. A `BatchReady` for a batch this ledger does not know, or one that could not
 //! be claimed because the ledger failed, is requeued; the quorum queue's `x-delivery-limit`
 //! dead-letters it after a bounded number of deliveries, and meanwhile SQL polling still
 //! finds every real batch.
@@ -117,7 +120,7 @@ async fn handle(worker: &Worker, delivery: Delivery, shutdown: &CancellationToke
                 // Shutting down: the broker redelivers it to another worker.
                 return;
             };
-            match worker.claim_batch(&env.batch_id).await {
+            match worker.claim_delivered(&env.batch_id).await {
                 Ok(BatchClaim::Taken(lease)) => {
                     worker.stats.delivery_claims.fetch_add(1, Ordering::Relaxed);
                     worker.spawn_process(*lease, slot);

@@ -66,7 +66,9 @@ pub enum BatchClaim {
     Taken(Box<Lease>),
     /// Another worker holds it (its mutex or an unexpired lease).
     Held,
-    /// It exists but is not claimable: done, dead, rejected, awaiting approval, or due later.
+    /// It exists but is not claimable: done, dead, rejected, awaiting approval, due later,
+    /// or `ready` while its client is at its `max_concurrent_batches` (it waits in the
+    /// ledger for a claim once a place is free).
     NotClaimable,
     /// This ledger has no such batch.
     Unknown,
@@ -133,8 +135,9 @@ pub struct Worker {
     inflight: TaskTracker,
     /// Asks in-flight batches to stop at the next chunk and hand their batch back.
     release: CancellationToken,
-    /// A failed attempt is due again: claim without waiting for the (long) sweep.
-    retry_due: Arc<Notify>,
+    /// Claim without waiting for the (long) sweep: a failed attempt is due again, or a
+    /// batch ended and freed a place under its client's cap.
+    claim_now: Arc<Notify>,
     schemas: Arc<CompiledSchemas>,
 }
 
@@ -175,7 +178,7 @@ impl Worker {
             locks: Arc::default(),
             inflight: TaskTracker::new(),
             release: CancellationToken::new(),
-            retry_due: Arc::default(),
+            claim_now: Arc::default(),
             schemas: Arc::default(),
         }
     }
@@ -196,7 +199,7 @@ impl Worker {
         for batch in batches {
             self.mutex.break_lock(batch).await;
         }
-        self.retry_due.notify_one();
+        self.claim_now.notify_one();
     }
 
     /// Batches being processed right now.
@@ -266,18 +269,36 @@ impl Worker {
             }
             Ok(None) => {
                 release(lock).await;
-                Ok(match self.db.get_batch(None, id).await? {
-                    None => BatchClaim::Unknown,
-                    Some(b) if b.status == dataflow_contracts::BatchStatus::Processing => {
-                        BatchClaim::Held
-                    }
-                    Some(_) => BatchClaim::NotClaimable,
-                })
+                self.unclaimed(id).await
             }
             Err(e) => {
                 release(lock).await;
                 Err(e)
             }
+        }
+    }
+
+    /// What keeps a batch no claim took from being claimed.
+    async fn unclaimed(&self, id: &BatchId) -> Result<BatchClaim> {
+        Ok(match self.db.get_batch(None, id).await? {
+            None => BatchClaim::Unknown,
+            Some(b) if b.status == dataflow_contracts::BatchStatus::Processing => BatchClaim::Held,
+            Some(_) => BatchClaim::NotClaimable,
+        })
+    }
+
+    /// Claims for a `BatchReady` delivery of batch `id`. The delivery is a wake-up: the
+    /// batch claimed is the fair share's next, as in the claim loop, which is another
+    /// client's when it is theirs to go, or nothing while every waiting client is at its
+    /// cap; the named batch then stays `ready` in the ledger for a later claim. A delivery
+    /// naming no batch of this ledger claims nothing.
+    pub async fn claim_delivered(&self, id: &BatchId) -> Result<BatchClaim> {
+        if self.db.get_batch(None, id).await?.is_none() {
+            return Ok(BatchClaim::Unknown);
+        }
+        match self.claim_next().await? {
+            Some(lease) => Ok(BatchClaim::Taken(Box::new(lease))),
+            None => self.unclaimed(id).await,
         }
     }
 
@@ -297,6 +318,9 @@ impl Worker {
         self.inflight.spawn(async move {
             worker.process(lease, &worker.release.clone()).await;
             drop(slot);
+            // The client's cap may have held back a batch of its own that nothing else
+            // announces: look now, not at the next poll.
+            worker.claim_now.notify_one();
         });
     }
 
@@ -567,7 +591,7 @@ impl Worker {
             }
             Ok(FailOutcome::Retry { at_ms }) => {
                 let (due, delay) = (
-                    self.retry_due.clone(),
+                    self.claim_now.clone(),
                     Duration::from_millis(
                         u64::try_from(self.backoff_ms(lease.attempts)).unwrap_or(0),
                     ),
@@ -650,7 +674,7 @@ impl Worker {
                 tokio::select! {
                     _ = shutdown.cancelled() => break,
                     _ = &mut sleep => break,
-                    _ = self.retry_due.notified() => break,
+                    _ = self.claim_now.notified() => break,
                     changed = wake.mode.changed() => {
                         if changed.is_err() {
                             // No one sets the mode any more: the timer alone drives the loop.

@@ -17,7 +17,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use dataflow_contracts::http::{ErrorBody, ImportView, SubmitAnswer, SubmitQuery};
 use dataflow_contracts::live::LiveKind;
-use dataflow_contracts::{BatchId, ClientId, ImportFormat, ImportId, UploadId};
+use dataflow_contracts::{BatchId, ClientId, ImportFormat, ImportId, Priority, UploadId};
 use dataflow_platform::domain::prepare::{Rules, header_errors};
 use dataflow_platform::domain::records::{self, Limits, Summary};
 use dataflow_platform::domain::schema::Schema;
@@ -88,6 +88,9 @@ async fn show(
          description = "Makes a retry safe (Stripe's rules): 1 to \
                         `api.max_idempotency_key_len` visible ASCII characters; not used by \
                         a dry run"),
+        ("Priority" = Option<Priority>, Header,
+         description = "Where the batch stands among this client's own batches: `high`, \
+                        `normal` (the default) or `low`"),
         SubmitQuery,
     ),
     request_body(
@@ -113,7 +116,8 @@ async fn show(
              ("Idempotent-Replayed" = String, description = "`true` on a replayed answer"),
          )),
         (status = 400, description = "A malformed body (the detail names the line and field), \
-                                      an empty body or a malformed `Idempotency-Key`",
+                                      an empty body, a malformed `Idempotency-Key` or an \
+                                      unknown `Priority`",
          body = ErrorBody),
         (status = 409, description = "A request with this `Idempotency-Key` is still in \
                                       progress (`Retry-After` says when it will have finished \
@@ -154,6 +158,7 @@ async fn submit(
         )
     })?;
     let idem_key = idempotency_key(&state, &headers)?;
+    let priority = priority(&headers)?;
     let _slot = state.import_slot(&client).ok_or_else(|| {
         ApiError::too_many(
             "too_many_concurrent_imports",
@@ -162,7 +167,7 @@ async fn submit(
         )
     })?;
     let file = receive(&state, &p, format, &headers, body).await?;
-    let answer = respond(&state, &p, deadline, dry_run, idem_key, &file).await;
+    let answer = respond(&state, &p, deadline, dry_run, idem_key, priority, &file).await;
     // Only a created import keeps the file; every other answer leaves nothing behind.
     if !matches!(&answer, Ok(r) if r.status() == StatusCode::ACCEPTED) {
         file.discard(&state.backends.db).await;
@@ -178,6 +183,7 @@ async fn respond(
     deadline: Option<Extension<Deadline>>,
     dry_run: bool,
     idem_key: Option<String>,
+    priority: Priority,
     file: &Received,
 ) -> ApiResult<Response> {
     let client = p.client.id.clone();
@@ -226,6 +232,7 @@ async fn respond(
     let submission = Submission {
         file,
         dedup_key: &dedup_key,
+        priority,
         idempotency: claim.as_ref(),
     };
     let result = accept(state, p, &submission).await;
@@ -564,6 +571,7 @@ pub(super) struct Submission<'a> {
     pub file: &'a Received,
     /// See [`dedup_key`].
     pub dedup_key: &'a str,
+    pub priority: Priority,
     pub idempotency: Option<&'a IdempotencyClaim>,
 }
 
@@ -586,6 +594,7 @@ async fn decide(
     let Submission {
         file,
         dedup_key,
+        priority,
         idempotency,
     } = *sub;
     let db = &state.backends.db;
@@ -605,6 +614,7 @@ async fn decide(
         dedup_key,
         policy,
         schema_version: p.client.schema.as_ref().map(|s| s.version),
+        priority,
         idempotency,
     };
     let outcome = db.submit_import(&new).await?;
@@ -659,6 +669,17 @@ fn idempotency_key(state: &AppState, headers: &HeaderMap) -> ApiResult<Option<St
             format!("Idempotency-Key must be 1 to {max} visible ASCII characters"),
         )
     })
+}
+
+/// The `Priority` header: `high`, `normal` or `low`; normal without one.
+fn priority(headers: &HeaderMap) -> ApiResult<Priority> {
+    let Some(raw) = headers.get("priority") else {
+        return Ok(Priority::default());
+    };
+    raw.to_str()
+        .map_err(|_| "the Priority header is not text".to_owned())
+        .and_then(str::parse)
+        .map_err(|why| ApiError::bad_request("invalid_priority", why))
 }
 
 fn replay(status: u16, body: String) -> Response {

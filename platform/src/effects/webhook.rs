@@ -32,6 +32,13 @@ pub enum DeliveryError {
     Failed(String),
 }
 
+/// The host a webhook URL points at (lower case, without port), if it names one.
+pub fn target_host(url: &str) -> Option<String> {
+    reqwest::Url::parse(url)
+        .ok()
+        .and_then(|u| u.host_str().map(str::to_ascii_lowercase))
+}
+
 /// `whsec_` + base64, the form Standard Webhooks libraries take.
 pub fn secret_text(key: &[u8]) -> String {
     format!("whsec_{}", BASE64.encode(key))

@@ -12,7 +12,9 @@ use dataflow_contracts::http::{
     BatchPage, BatchView, RecordChangeKind, RecordErrorPage, RecordErrorView,
 };
 use dataflow_contracts::time::rfc3339;
-use dataflow_contracts::{BatchId, BatchStatus, ClientId, ImportFormat, ImportId, Policy};
+use dataflow_contracts::{
+    BatchId, BatchStatus, ClientId, ImportFormat, ImportId, Policy, Priority,
+};
 use sqlx::Row;
 use sqlx::any::AnyRow;
 
@@ -27,6 +29,105 @@ macro_rules! claimable {
     () => {
         "((status = 'ready' AND available_at <= {now}) \
           OR (status = 'processing' AND lease_expires_at < {now}))"
+    };
+}
+
+/// The client `$client` (a column or a parameter) may have one more batch in flight: it
+/// has no cap, or fewer batches under an unexpired lease than its cap. Judged with the
+/// statement's snapshot: only a claim holding the client's row ([`pick_client!`]) can
+/// trust it to stay true until it commits.
+macro_rules! under_cap {
+    ($client:literal) => {
+        concat!(
+            "((SELECT max_concurrent_batches FROM clients cap WHERE cap.id = ",
+            $client,
+            ") IS NULL OR (SELECT COUNT(*) FROM batches held WHERE held.client_id = ",
+            $client,
+            " AND held.status = 'processing' AND held.lease_expires_at >= {now}) \
+              < (SELECT max_concurrent_batches FROM clients cap WHERE cap.id = ",
+            $client,
+            "))"
+        )
+    };
+}
+
+/// The fair share's turn: takes the client that `$which` selects, holds its row until the
+/// transaction ends (so claims for one client are made one at a time, and its cap holds
+/// however many workers claim at once), and moves it on in the round by its stride,
+/// 1,000,000 / weight. Clients that wait together stay within one stride of each other,
+/// the largest being weight 1's; a client that had nothing waiting while others were
+/// served would lag by as much as they went on, so it is moved up to one such stride
+/// behind the other waiting clients first: a burst after a quiet spell gets it its next
+/// turn, not every turn until it caught up. Returns its id.
+macro_rules! pick_client {
+    ($which:expr) => {
+        concat!(
+            "UPDATE clients SET claim_pass = 1000000 / claim_weight + \
+                 CASE WHEN claim_pass >= COALESCE(( \
+                     SELECT MIN(o.claim_pass) FROM clients o WHERE o.id <> clients.id \
+                       AND EXISTS (SELECT 1 FROM batches w \
+                                   WHERE w.client_id = o.id AND w.status = 'ready')) - 1000000, 0) \
+                 THEN claim_pass ELSE ( \
+                     SELECT MIN(o.claim_pass) FROM clients o WHERE o.id <> clients.id \
+                       AND EXISTS (SELECT 1 FROM batches w \
+                                   WHERE w.client_id = o.id AND w.status = 'ready')) - 1000000 END \
+             WHERE id = (",
+            $which,
+            ") RETURNING id"
+        )
+    };
+}
+
+/// The next client in the fair share: among those with a batch a claim may take and room
+/// under their cap, the one with the smallest place in the round. Each test is a scalar
+/// subquery on purpose: the clients are read in the order of their place and the first
+/// that passes ends the search, where a join would gather every claimable batch first.
+macro_rules! fair_next_client {
+    ($lock:literal) => {
+        concat!(
+            "SELECT c.id FROM clients c WHERE COALESCE(",
+            first_ready!("c.id"),
+            ", ",
+            first_lapsed!("c.id"),
+            ") IS NOT NULL AND ",
+            under_cap!("c.id"),
+            " ORDER BY c.claim_pass, c.id LIMIT 1 ",
+            $lock
+        )
+    };
+}
+
+/// A client's own order: its highest priority first, then the oldest.
+macro_rules! client_order {
+    () => {
+        " ORDER BY priority DESC, available_at, id"
+    };
+}
+
+/// The first of `$client`'s batches that are ready and due, in its own order (read from
+/// the index `batches_client_ready` in that order).
+macro_rules! first_ready {
+    ($client:literal) => {
+        concat!(
+            "(SELECT id FROM batches WHERE client_id = ",
+            $client,
+            " AND status = 'ready' AND available_at <= {now}",
+            client_order!(),
+            " LIMIT 1)"
+        )
+    };
+}
+
+/// The first of `$client`'s batches under a lapsed lease, in its own order.
+macro_rules! first_lapsed {
+    ($client:literal) => {
+        concat!(
+            "(SELECT id FROM batches WHERE client_id = ",
+            $client,
+            " AND status = 'processing' AND lease_expires_at < {now}",
+            client_order!(),
+            " LIMIT 1)"
+        )
     };
 }
 
@@ -88,7 +189,7 @@ macro_rules! take_lease {
 
 pub(super) const BATCH_COLUMNS: &str = "id, import_id, status, records_total, checkpoint, records_written, \
      records_unchanged, records_superseded, records_failed, attempts, takeovers, last_error, \
-     created_at, started_at, completed_at, schema_version";
+     created_at, started_at, completed_at, schema_version, priority";
 
 /// A held lease: the right to write to one batch while `epoch` is current.
 #[derive(Debug, Clone)]
@@ -137,28 +238,81 @@ pub enum FailOutcome {
 }
 
 impl Db {
-    /// Claims the oldest ready batch, or one whose lease expired.
+    /// Claims the next batch in the fair share: the client whose turn it is among those
+    /// with a batch to take and room under their `max_concurrent_batches` (round robin,
+    /// weighted by `weight`), then that client's batch of highest priority, oldest first
+    /// (a batch whose lease expired counts as ready since it was created).
     pub async fn claim_next(&self, owner: &str, lease_ms: i64) -> Result<Option<Lease>> {
-        let sql = self.sql(take_lease!(concat!(
-            "id = (SELECT id FROM batches WHERE ",
-            claimable!(),
-            " ORDER BY available_at, id LIMIT 1 {skip_locked})"
-        )));
-        let row = sqlx::query_as::<_, LeaseColumns>(sql)
-            .bind(owner)
-            .bind(lease_ms)
-            .fetch_optional(&mut *self.urgent_writer().await?)
-            .await?;
-        row.map(|r| r.parse(owner)).transpose()
+        // On PostgreSQL a claim first skips the clients that other claims hold; when that
+        // finds none it waits for one instead, or a single busy client would serve one
+        // claim at a time and turn the others away empty-handed. A turn can come to
+        // nothing (the client's last batch or its last free place was taken meanwhile):
+        // then the next client is tried.
+        let mut wait = false;
+        for _ in 0..3 {
+            let pick = if wait {
+                pick_client!(fair_next_client!("{for_update}"))
+            } else {
+                pick_client!(fair_next_client!("{skip_locked}"))
+            };
+            let mut tx = self.begin_urgent_write().await?;
+            let client: Option<String> = sqlx::query_scalar(self.sql(pick))
+                .fetch_optional(&mut *tx)
+                .await?;
+            let Some(client) = client else {
+                tx.rollback().await?;
+                // SQLite's writers take turns: what it found is what there is.
+                if wait || self.dialect == Dialect::Sqlite {
+                    return Ok(None);
+                }
+                wait = true;
+                continue;
+            };
+            let take = self.sql(take_lease!(concat!(
+                "id = (SELECT id FROM batches WHERE id IN (",
+                first_ready!("$3"),
+                ", ",
+                first_lapsed!("$3"),
+                ")",
+                client_order!(),
+                " LIMIT 1 {skip_locked}) AND ",
+                claimable!(),
+                " AND ",
+                under_cap!("$3")
+            )));
+            let row = sqlx::query_as::<_, LeaseColumns>(take)
+                .bind(owner)
+                .bind(lease_ms)
+                .bind(&client)
+                .fetch_optional(&mut *tx)
+                .await?;
+            match row {
+                Some(row) => {
+                    tx.commit().await?;
+                    return row.parse(owner).map(Some);
+                }
+                None => tx.rollback().await?,
+            }
+        }
+        Ok(None)
     }
 
-    /// Ids of batches a claim could take now, oldest first (for workers that lock before
-    /// they claim).
+    /// Ids of batches a claim could take now, in the fair share's order: the batches of
+    /// the client whose turn it is, ready ones first, then those under a lapsed lease (for
+    /// workers that lock before they claim).
     pub async fn claimable_batches(&self, limit: u32) -> Result<Vec<BatchId>> {
         let sql = self.sql(concat!(
-            "SELECT id FROM batches WHERE ",
-            claimable!(),
-            " ORDER BY available_at, id LIMIT $1"
+            "WITH next AS (",
+            fair_next_client!(""),
+            ") SELECT id FROM (SELECT id FROM batches \
+                 WHERE client_id = (SELECT id FROM next) AND status = 'ready' \
+                   AND available_at <= {now}",
+            client_order!(),
+            " LIMIT $1) AS due UNION ALL SELECT id FROM (SELECT id FROM batches \
+                 WHERE client_id = (SELECT id FROM next) AND status = 'processing' \
+                   AND lease_expires_at < {now}",
+            client_order!(),
+            " LIMIT $1) AS lapsed"
         ));
         let ids: Vec<String> = sqlx::query_scalar(sql)
             .bind(i64::from(limit))
@@ -167,21 +321,49 @@ impl Db {
         ids.into_iter().map(parse_id).collect()
     }
 
-    /// Claims one named batch if it is ready or its lease expired (a wake-up names it).
+    /// Claims one named batch if it is ready or its lease expired (a wake-up names it) and
+    /// its client has room under its `max_concurrent_batches`. It takes the client's turn
+    /// in the fair share.
     pub async fn claim(
         &self,
         batch_id: &BatchId,
         owner: &str,
         lease_ms: i64,
     ) -> Result<Option<Lease>> {
-        let sql = self.sql(take_lease!(concat!("id = $3 AND ", claimable!())));
+        let mut tx = self.begin_urgent_write().await?;
+        let client: Option<String> = sqlx::query_scalar(
+            self.sql(pick_client!("SELECT client_id FROM batches WHERE id = $1")),
+        )
+        .bind(batch_id.as_str())
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(client) = client else {
+            tx.rollback().await?;
+            return Ok(None);
+        };
+        let sql = self.sql(take_lease!(concat!(
+            "id = $3 AND client_id = $4 AND ",
+            claimable!(),
+            " AND ",
+            under_cap!("$4")
+        )));
         let row = sqlx::query_as::<_, LeaseColumns>(sql)
             .bind(owner)
             .bind(lease_ms)
             .bind(batch_id.as_str())
-            .fetch_optional(&mut *self.urgent_writer().await?)
+            .bind(&client)
+            .fetch_optional(&mut *tx)
             .await?;
-        row.map(|r| r.parse(owner)).transpose()
+        match row {
+            Some(row) => {
+                tx.commit().await?;
+                row.parse(owner).map(Some)
+            }
+            None => {
+                tx.rollback().await?;
+                Ok(None)
+            }
+        }
     }
 
     /// How long until a batch may next become claimable, by the ledger's clock: the earliest
@@ -979,6 +1161,7 @@ pub(super) struct BatchColumns {
     started_at: Option<i64>,
     completed_at: Option<i64>,
     schema_version: Option<i64>,
+    priority: i64,
 }
 
 impl BatchColumns {
@@ -1005,6 +1188,7 @@ impl BatchColumns {
                 _ => None,
             },
             schema_version: self.schema_version.map(count),
+            priority: Priority::from_rank(self.priority).map_err(Error::stored)?,
         })
     }
 }

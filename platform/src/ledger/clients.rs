@@ -141,13 +141,16 @@ impl Db {
         policy.validate().map_err(Error::Invalid)?;
         let id = ClientId::generate();
         let sql = self.sql(&format!(
-            "INSERT INTO clients (id, name, active, policy, created_at, updated_at) \
-             VALUES ($1, $2, 1, $3, {{now}}, {{now}}) RETURNING {CLIENT_COLUMNS}"
+            "INSERT INTO clients (id, name, active, policy, claim_weight, max_concurrent_batches, \
+                                  created_at, updated_at) \
+             VALUES ($1, $2, 1, $3, $4, $5, {{now}}, {{now}}) RETURNING {CLIENT_COLUMNS}"
         ));
         let row = sqlx::query_as::<_, ClientColumns>(sql)
             .bind(id.as_str())
             .bind(name)
             .bind(policy_json(policy))
+            .bind(i64::from(policy.weight))
+            .bind(policy.max_concurrent_batches.map(i64::from))
             .fetch_one(&mut *self.writer().await?)
             .await?;
         row.parse()
@@ -193,12 +196,15 @@ impl Db {
             super::schemas::check_keyed(&super::schemas::parse(&current.document)?, policy)?;
         }
         let sql = self.sql(&format!(
-            "UPDATE clients SET policy = $2, updated_at = {{now}} WHERE id = $1 \
+            "UPDATE clients SET policy = $2, claim_weight = $3, max_concurrent_batches = $4, \
+                 updated_at = {{now}} WHERE id = $1 \
              RETURNING {CLIENT_COLUMNS}"
         ));
         let row = sqlx::query_as::<_, ClientColumns>(sql)
             .bind(id.as_str())
             .bind(policy_json(policy))
+            .bind(i64::from(policy.weight))
+            .bind(policy.max_concurrent_batches.map(i64::from))
             .fetch_optional(&mut *self.writer().await?)
             .await?
             .ok_or(Error::NotFound)?;

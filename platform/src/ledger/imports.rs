@@ -5,7 +5,7 @@ use dataflow_contracts::events::{BatchCreated, BatchReady, Envelope, Event};
 use dataflow_contracts::http::ImportView;
 use dataflow_contracts::time::rfc3339;
 use dataflow_contracts::{
-    BatchId, BatchStatus, ClientId, ImportFormat, ImportId, Policy, UploadId,
+    BatchId, BatchStatus, ClientId, ImportFormat, ImportId, Policy, Priority, UploadId,
 };
 use sqlx::Row;
 
@@ -31,6 +31,8 @@ pub struct NewImport<'a> {
     pub policy: &'a Policy,
     /// The version of the client's schema its records are to be checked with.
     pub schema_version: Option<u64>,
+    /// Where its batch stands among the client's own batches.
+    pub priority: Priority,
     pub idempotency: Option<&'a IdempotencyClaim>,
 }
 
@@ -315,8 +317,8 @@ impl Db {
         let batch = self.sql(
             "INSERT INTO batches (id, import_id, client_id, status, format, policy, records_total, \
                                   accepted_seq, available_at, created_at, updated_at, schema_version, \
-                                  payload_id, payload_bytes) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, {next_accepted_seq}, $8, $8, $8, $9, $10, $11)",
+                                  priority, payload_id, payload_bytes) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, {next_accepted_seq}, $8, $8, $8, $9, $10, $11, $12)",
         );
         let payload_id = match new.payload {
             Payload::Inline(_) => batch_id.as_str(),
@@ -332,6 +334,7 @@ impl Db {
             .bind(new.records as i64)
             .bind(now)
             .bind(new.schema_version.map(|v| v as i64))
+            .bind(i64::from(new.priority.rank()))
             .bind(payload_id)
             .bind(new.bytes as i64)
             .execute(&mut *tx)
@@ -417,6 +420,7 @@ impl Db {
             checksum: new.checksum.to_owned(),
             created_at: rfc3339(now),
             duplicate: false,
+            priority: new.priority,
         };
         if let Some(claim) = new.idempotency {
             // Same transaction: if the process dies after commit, a retry replays this answer.
@@ -447,7 +451,8 @@ impl Db {
         id: &ImportId,
     ) -> Result<Option<ImportView>> {
         let row = sqlx::query_as::<_, ImportColumns>(
-            "SELECT i.id, i.batch_id, b.status, i.format, i.records, i.bytes, i.checksum, i.created_at \
+            "SELECT i.id, i.batch_id, b.status, i.format, i.records, i.bytes, i.checksum, i.created_at, \
+                    b.priority \
              FROM imports i JOIN batches b ON b.id = i.batch_id \
              WHERE i.id = $1 AND ($2 IS NULL OR i.client_id = $2)",
         )
@@ -470,6 +475,7 @@ struct ImportColumns {
     bytes: i64,
     checksum: String,
     created_at: i64,
+    priority: i64,
 }
 
 impl ImportColumns {
@@ -484,6 +490,7 @@ impl ImportColumns {
             checksum: self.checksum,
             created_at: rfc3339(self.created_at),
             duplicate: false,
+            priority: Priority::from_rank(self.priority).map_err(Error::stored)?,
         })
     }
 }

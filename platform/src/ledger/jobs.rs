@@ -85,6 +85,9 @@ pub enum Failure {
     Retry { backoff_ms: u64 },
     /// No retry can fix it (a refused webhook target, a malformed job): bury it now.
     Permanent,
+    /// Not attempted (its target or client is at its cap of deliveries at once): due again
+    /// after `delay_ms`, the attempt not counted.
+    Defer { delay_ms: u64 },
 }
 
 /// Filters of `GET /admin/jobs`.
@@ -283,10 +286,14 @@ impl Db {
         error: &str,
         failure: Failure,
     ) -> Result<Option<JobStatus>> {
-        let (permanent, backoff_ms) = match failure {
-            Failure::Retry { backoff_ms } => (0, backoff_ms),
-            Failure::Permanent => (1, 0),
+        // The attempts this ending adds: the attempt of a queue's delivery (a claim from
+        // SQL counted it already), less the one a deferral did not make.
+        let (permanent, delay_ms, deferred) = match failure {
+            Failure::Retry { backoff_ms } => (0, backoff_ms, 0),
+            Failure::Permanent => (1, 0, 0),
+            Failure::Defer { delay_ms } => (0, delay_ms, 1),
         };
+        let added = i64::from(counted) - deferred;
         let sql = self.sql(
             "UPDATE jobs SET attempts = attempts + $2, \
                  status = CASE WHEN $5 = 1 OR attempts + $2 >= max_attempts \
@@ -298,9 +305,9 @@ impl Db {
         );
         let status: Option<String> = sqlx::query_scalar(sql)
             .bind(ticket.id.as_str())
-            .bind(i64::from(counted))
+            .bind(added)
             .bind(truncate(error))
-            .bind(millis(backoff_ms))
+            .bind(millis(delay_ms))
             .bind(permanent)
             .bind(epoch(ticket))
             .fetch_optional(&mut *self.background_writer().await?)

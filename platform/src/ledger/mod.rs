@@ -3,7 +3,8 @@
 //! Statements use `$N` placeholders (both databases accept them). The few places where
 //! the dialects differ are spelled as placeholders in the statement text and filled in by
 //! [`Db::sql`]: `{now}` is the database clock in milliseconds (leases are judged by one clock,
-//! whichever process asks), `{skip_locked}` is `FOR UPDATE SKIP LOCKED` on PostgreSQL, and
+//! whichever process asks), `{skip_locked}` is `FOR UPDATE SKIP LOCKED` on PostgreSQL,
+//! `{for_update}` is `FOR UPDATE` there (both nothing on SQLite, whose writers take turns),
 //! `{id_list}` is the rows of the JSON array of strings bound as `$1`, `{ticket_list}` is
 //! the `(id, epoch)` rows of the JSON array of `[id, epoch]` pairs bound as `$1`, and
 //! `{next_accepted_seq}` is the acceptance number of a batch being created.
@@ -47,6 +48,7 @@ pub use jobs::{Failure, Handover, JobFilter};
 pub use operator::{BatchFilter, BatchRow, Throughput};
 pub use outbox::OutboxRow;
 pub use payloads::{ClientStorage, NewUpload, PartsReader, Upload, UploadCreated, UploadKind};
+pub use queues::ClientQueue;
 pub use records::RecordFilter;
 
 use std::path::Path;
@@ -122,6 +124,13 @@ impl Dialect {
         match self {
             Dialect::Sqlite => "",
             Dialect::Postgres => "FOR UPDATE SKIP LOCKED",
+        }
+    }
+
+    fn for_update(self) -> &'static str {
+        match self {
+            Dialect::Sqlite => "",
+            Dialect::Postgres => "FOR UPDATE",
         }
     }
 
@@ -352,6 +361,7 @@ impl Db {
             template
                 .replace("{now}", self.dialect.now_ms())
                 .replace("{skip_locked}", self.dialect.skip_locked())
+                .replace("{for_update}", self.dialect.for_update())
                 .replace("{id_list}", self.dialect.id_list())
                 .replace("{ticket_list}", self.dialect.ticket_list())
                 .replace("{next_accepted_seq}", self.dialect.next_accepted_seq()),
@@ -373,6 +383,12 @@ impl Db {
         self.begin_write_as(gate::Urgency::Background).await
     }
 
+    /// A [`Db::begin_write`] that goes ahead of the other writers waiting in this process:
+    /// for a write a worker waits on to start (a claim).
+    pub(crate) async fn begin_urgent_write(&self) -> Result<Tx> {
+        self.begin_write_as(gate::Urgency::Urgent).await
+    }
+
     async fn begin_write_as(&self, urgency: gate::Urgency) -> Result<Tx> {
         let pass = self.enter(urgency).await?;
         let tx = match self.dialect {
@@ -388,12 +404,6 @@ impl Db {
     /// reentrant (the second would wait out [`gate::WAIT`] and fail).
     pub async fn writer(&self) -> Result<Writer> {
         self.writer_as(gate::Urgency::Normal).await
-    }
-
-    /// A [`Db::writer`] that goes ahead of the other writers waiting in this process: for
-    /// a write a worker waits on to start (a claim).
-    pub(crate) async fn urgent_writer(&self) -> Result<Writer> {
-        self.writer_as(gate::Urgency::Urgent).await
     }
 
     /// A [`Db::writer`] that lets the other writers waiting in this process go first: for
@@ -540,15 +550,16 @@ mod tests {
         let mut writer = db.background_writer().await.unwrap();
         assert_eq!(show().fetch_one(&mut *writer).await.unwrap(), "off");
         drop(writer);
-        for mut writer in [
-            db.writer().await.unwrap(),
-            db.urgent_writer().await.unwrap(),
+        let mut writer = db.writer().await.unwrap();
+        assert_eq!(show().fetch_one(&mut *writer).await.unwrap(), "on");
+        drop(writer);
+        for mut tx in [
+            db.begin_write().await.unwrap(),
+            db.begin_urgent_write().await.unwrap(),
         ] {
-            assert_eq!(show().fetch_one(&mut *writer).await.unwrap(), "on");
+            assert_eq!(show().fetch_one(&mut *tx).await.unwrap(), "on");
+            tx.end(Ok(())).await.unwrap();
         }
-        let mut tx = db.begin_write().await.unwrap();
-        assert_eq!(show().fetch_one(&mut *tx).await.unwrap(), "on");
-        tx.end(Ok(())).await.unwrap();
         db.close().await;
     }
 }

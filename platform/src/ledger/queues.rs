@@ -4,8 +4,24 @@
 use dataflow_contracts::http::QueueDepth;
 use sqlx::Row;
 
+use super::clients::parse_id;
 use super::{Db, count};
 use crate::Result;
+use dataflow_contracts::ClientId;
+
+/// One client's share of the batch queue: what waits, what runs, and its fair-share policy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientQueue {
+    pub client_id: ClientId,
+    pub name: String,
+    /// Batches `ready` (due now or later).
+    pub ready: u64,
+    pub processing: u64,
+    /// Since the oldest `ready` batch was created.
+    pub oldest_ready_age_ms: Option<u64>,
+    pub weight: u32,
+    pub max_concurrent_batches: Option<u32>,
+}
 
 impl Db {
     /// Unfinished batches by status, the outbox backlog, and unfinished or dead jobs by
@@ -34,6 +50,37 @@ impl Db {
                     state: r.try_get("state")?,
                     count: count(r.try_get("n")?),
                     oldest_age_ms: oldest.map(count),
+                })
+            })
+            .collect()
+    }
+
+    /// The batch queue per client with work in it, longest waiting first.
+    pub async fn client_queues(&self) -> Result<Vec<ClientQueue>> {
+        let sql = self.sql(
+            "SELECT c.id, c.name, c.claim_weight, c.max_concurrent_batches, \
+                    SUM(CASE WHEN b.status = 'ready' THEN 1 ELSE 0 END) AS ready, \
+                    SUM(CASE WHEN b.status = 'processing' THEN 1 ELSE 0 END) AS processing, \
+                    {now} - MIN(CASE WHEN b.status = 'ready' THEN b.created_at END) AS oldest \
+             FROM batches b JOIN clients c ON c.id = b.client_id \
+             WHERE b.status IN ('ready', 'processing') \
+             GROUP BY c.id, c.name, c.claim_weight, c.max_concurrent_batches \
+             ORDER BY MIN(CASE WHEN b.status = 'ready' THEN b.created_at END), c.id",
+        );
+        let rows = sqlx::query(sql).fetch_all(self.pool()).await?;
+        rows.iter()
+            .map(|r| {
+                let oldest: Option<i64> = r.try_get("oldest")?;
+                let weight: i64 = r.try_get("claim_weight")?;
+                let cap: Option<i64> = r.try_get("max_concurrent_batches")?;
+                Ok(ClientQueue {
+                    client_id: parse_id(r.try_get("id")?)?,
+                    name: r.try_get("name")?,
+                    ready: count(r.try_get("ready")?),
+                    processing: count(r.try_get("processing")?),
+                    oldest_ready_age_ms: oldest.map(count),
+                    weight: u32::try_from(weight).unwrap_or(1),
+                    max_concurrent_batches: cap.and_then(|n| u32::try_from(n).ok()),
                 })
             })
             .collect()

@@ -1,7 +1,8 @@
 //! What each kind of job does. Every side effect is keyed by the job id: the email's
 //! `Message-ID`, the webhook's `webhook-id`, the report's batch (stored by upsert).
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 use dataflow_contracts::http::BatchReport;
 use dataflow_contracts::jobs::{JobMessage, JobSpec};
@@ -9,7 +10,7 @@ use dataflow_contracts::{BatchId, BatchStatus};
 use dataflow_platform::domain::keys::KeyHasher;
 use dataflow_platform::effects::mail::Mailer;
 use dataflow_platform::effects::report;
-use dataflow_platform::effects::webhook::{DeliveryError, WebhookSender};
+use dataflow_platform::effects::webhook::{DeliveryError, WebhookSender, target_host};
 use dataflow_platform::ledger::Db;
 use futures::future::BoxFuture;
 use lettre::Message;
@@ -28,6 +29,65 @@ pub struct Handlers {
     pub hasher: KeyHasher,
     pub mailer: Arc<Mailer>,
     pub webhooks: Arc<WebhookSender>,
+    pub webhook_slots: Arc<WebhookSlots>,
+}
+
+/// Webhook deliveries in flight in this process, counted by target host and by client, so
+/// that one slow or failing receiver (or one client's receivers) cannot take every webhook
+/// slot: a delivery over either cap is deferred instead of waiting in a slot.
+pub struct WebhookSlots {
+    per_host: usize,
+    per_client: usize,
+    /// Deliveries in flight by `host:…` and `client:…`; an entry goes at zero.
+    held: Mutex<HashMap<String, usize>>,
+}
+
+impl WebhookSlots {
+    pub fn new(per_host: usize, per_client: usize) -> Arc<WebhookSlots> {
+        Arc::new(WebhookSlots {
+            per_host,
+            per_client,
+            held: Mutex::default(),
+        })
+    }
+
+    /// A place for one delivery to `host` for `client`, held until it is dropped; `None`
+    /// when either is at its cap.
+    fn take(self: &Arc<Self>, host: &str, client: &str) -> Option<WebhookSlot> {
+        let keys = [format!("host:{host}"), format!("client:{client}")];
+        let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        let room = |key: &String, cap: usize| held.get(key).copied().unwrap_or(0) < cap;
+        if !(room(&keys[0], self.per_host) && room(&keys[1], self.per_client)) {
+            return None;
+        }
+        for key in &keys {
+            *held.entry(key.clone()).or_default() += 1;
+        }
+        Some(WebhookSlot {
+            slots: self.clone(),
+            keys,
+        })
+    }
+}
+
+/// One delivery's place under the caps of [`WebhookSlots`].
+struct WebhookSlot {
+    slots: Arc<WebhookSlots>,
+    keys: [String; 2],
+}
+
+impl Drop for WebhookSlot {
+    fn drop(&mut self) {
+        let mut held = self.slots.held.lock().unwrap_or_else(|p| p.into_inner());
+        for key in &self.keys {
+            if let Some(n) = held.get_mut(key) {
+                *n -= 1;
+                if *n == 0 {
+                    held.remove(key);
+                }
+            }
+        }
+    }
 }
 
 impl JobHandler for Handlers {
@@ -42,6 +102,14 @@ impl JobHandler for Handlers {
                 JobSpec::Webhook { url, event } => {
                     let body = serde_json::to_string(&event)
                         .map_err(|e| JobError::Permanent(e.to_string()))?;
+                    // A URL without a host is refused by the delivery itself.
+                    let host = target_host(&url).unwrap_or_else(|| url.clone());
+                    let Some(_slot) = self.webhook_slots.take(&host, job.client_id.as_str()) else {
+                        return Err(JobError::Defer(format!(
+                            "deferred: as many webhooks to {host} or for this client as \
+                             allowed at once are in flight"
+                        )));
+                    };
                     let key = self.hasher.webhook_key(job.client_id.as_str());
                     self.webhooks
                         .deliver(&url, job.id.as_str(), &key, body)

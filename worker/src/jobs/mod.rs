@@ -44,6 +44,10 @@ pub enum JobError {
     /// No retry can fix it: the job is dead-lettered at once.
     #[error("{0}")]
     Permanent(String),
+    /// Not attempted now (a cap of deliveries at once is reached): back to the queue
+    /// shortly, without spending an attempt or holding a worker slot while it waits.
+    #[error("{0}")]
+    Defer(String),
 }
 
 /// What running one job means; [`handlers::Handlers`] in production, anything in benchmarks.

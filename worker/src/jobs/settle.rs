@@ -29,7 +29,7 @@ const ROUND: usize = 1_000;
 /// One finished attempt.
 pub struct Settlement {
     receipt: Receipt,
-    result: std::result::Result<(), (String, bool)>,
+    result: std::result::Result<(), JobError>,
     /// Told once the result is in SQL, for a caller that must not go on before.
     written: Option<oneshot::Sender<()>>,
 }
@@ -85,7 +85,7 @@ impl Settler {
         let (written, wait) = oneshot::channel();
         let settlement = Settlement {
             receipt,
-            result: result.as_ref().map(|_| ()).map_err(describe_job_error),
+            result: result.clone(),
             written: Some(written),
         };
         if self.tx.send(settlement).await.is_err() || wait.await.is_err() {
@@ -94,21 +94,22 @@ impl Settler {
     }
 }
 
-/// The error text, and whether it is permanent. apalis hands back the handler's
-/// [`JobError`] boxed; a timeout or a caught panic is anything else, and retried.
-fn describe(e: &(dyn std::error::Error + Send + Sync + 'static)) -> (String, bool) {
+/// The handler's [`JobError`], which apalis hands back boxed; a timeout or a caught panic
+/// is anything else, and retried.
+fn describe(e: &(dyn std::error::Error + Send + Sync + 'static)) -> JobError {
     match e.downcast_ref::<JobError>() {
-        Some(e) => describe_job_error(e),
-        None => (e.to_string(), false),
+        Some(e) => e.clone(),
+        None => JobError::Retry(e.to_string()),
     }
 }
 
-fn describe_job_error(e: &JobError) -> (String, bool) {
-    match e {
-        JobError::Permanent(m) => (m.clone(), true),
-        JobError::Retry(m) => (m.clone(), false),
-    }
+/// How long a deferred job waits before it is due again: long enough for a delivery in
+/// flight to end, jittered so the deferred ones do not all come back at once.
+fn defer_delay_ms() -> u64 {
+    DEFER_MS + rand::rng().random_range(0..=DEFER_MS)
 }
+
+const DEFER_MS: u64 = 200;
 
 /// Retry policy of failed attempts.
 #[derive(Debug, Clone, Copy)]
@@ -170,25 +171,32 @@ async fn settle_round(
         superseded(kind, (done.len() as u64).saturating_sub(finished));
     }
     for s in round.iter() {
-        let Err((error, permanent)) = &s.result else {
+        let Err(error) = &s.result else {
             continue;
         };
-        let failure = if *permanent {
-            Failure::Permanent
-        } else {
-            Failure::Retry {
+        let failure = match error {
+            JobError::Permanent(_) => Failure::Permanent,
+            JobError::Retry(_) => Failure::Retry {
                 backoff_ms: backoff.delay_ms(s.receipt.attempts + 1),
-            }
+            },
+            JobError::Defer(_) => Failure::Defer {
+                delay_ms: defer_delay_ms(),
+            },
         };
+        let error = error.to_string();
         let job = &s.receipt.ticket.id;
         let outcome =
-            match persist(|| db.fail_job(&s.receipt.ticket, counted, error, failure)).await {
+            match persist(|| db.fail_job(&s.receipt.ticket, counted, &error, failure)).await {
                 Some(Some(JobStatus::Dead)) => {
                     tracing::error!(
                         %job, %kind, attempts = s.receipt.attempts + 1, %error, "job dead-lettered"
                     );
                     live.publish(LiveKind::JobDead, job.as_str());
                     "dead"
+                }
+                Some(Some(_)) if matches!(failure, Failure::Defer { .. }) => {
+                    tracing::debug!(%job, %kind, %error, "job deferred");
+                    "deferred"
                 }
                 Some(Some(_)) => {
                     tracing::warn!(%job, %kind, %error, "job attempt failed; will retry");
