@@ -45,7 +45,8 @@ fn api(guard_with: Option<&AppState>) -> OpenApiRouter<AppState> {
         .merge(routes::client::router())
         .merge(routes::summaries::router())
         .merge(routes::schemas::router())
-        .merge(routes::records::router());
+        .merge(routes::records::router())
+        .merge(routes::uploads::router());
     let mut admin = routes::admin::router()
         .merge(routes::summaries::admin_router())
         .merge(routes::schemas::admin_router());
@@ -145,19 +146,27 @@ async fn track(req: Request, next: Next) -> Response {
     resp
 }
 
-/// Bounds the time of every request; a slow sender gets 408 instead of holding a slot:
+/// Bounds the time of every request but a tus upload's; a slow sender gets 408 instead of
+/// holding a slot:
 /// at the request deadline, or as soon as its body sends nothing for
 /// `body_idle_timeout_secs` (the body fails with tower-http's `TimeoutError`, which the
 /// handlers that read bodies answer with 408). The handler sees its deadline
 /// ([`state::Deadline`]): whatever it holds for the request (an `Idempotency-Key`) it can
 /// hold until then and no longer.
 async fn deadline(State(state): State<AppState>, req: Request, next: Next) -> Response {
-    let limit = Duration::from_secs(state.config.request_timeout_secs);
-    let at = tokio::time::Instant::now() + limit;
     let idle = Duration::from_secs(state.config.body_idle_timeout_secs);
+    // A tus part may take as long as it keeps sending: each stored part is kept whatever
+    // happens to the request, and the idle timeout still cuts a sender that stopped.
+    let whole = !req.uri().path().starts_with("/v1/uploads");
+    let at = tokio::time::Instant::now() + Duration::from_secs(state.config.request_timeout_secs);
     let (mut parts, body) = req.into_parts();
-    parts.extensions.insert(state::Deadline(at));
+    if whole {
+        parts.extensions.insert(state::Deadline(at));
+    }
     let req = Request::from_parts(parts, axum::body::Body::new(TimeoutBody::new(idle, body)));
+    if !whole {
+        return next.run(req).await;
+    }
     match tokio::time::timeout_at(at, next.run(req)).await {
         Ok(resp) => resp,
         Err(_) => ApiError::new(

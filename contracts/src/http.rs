@@ -15,6 +15,39 @@ pub struct ErrorBody {
     pub detail: String,
 }
 
+/// Where a resumable upload (`/v1/uploads`, the tus protocol) stands: `GET
+/// /v1/uploads/{id}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct UploadView {
+    pub id: crate::UploadId,
+    /// The file's length, as declared when the upload was created.
+    pub length: u64,
+    /// Bytes received and stored: where the next part starts.
+    pub offset: u64,
+    pub state: UploadState,
+    /// The import the finished file became (or, for a duplicate, the earlier one).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub import: Option<ImportView>,
+    /// Why the finished file was refused.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<ErrorBody>,
+    /// When an unfinished upload expires, RFC 3339.
+    pub expires_at: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum UploadState {
+    /// Parts are still to come.
+    Receiving,
+    /// Every byte arrived; the file is being checked, or will be by the next `PATCH`.
+    Received,
+    /// The file became an import (or was a duplicate of one).
+    Imported,
+    /// The file was refused; `error` says why.
+    Refused,
+}
+
 /// `POST /v1/imports` answers (202 new, 200 duplicate) and `GET /v1/imports/{id}`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct ImportView {

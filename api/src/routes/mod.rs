@@ -10,6 +10,7 @@ pub mod metrics;
 pub mod records;
 pub mod schemas;
 pub mod summaries;
+pub mod uploads;
 
 use std::str::FromStr;
 

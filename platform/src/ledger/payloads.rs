@@ -238,13 +238,23 @@ impl Db {
         Ok(true)
     }
 
-    /// Records why the finished file was refused; the upload stays, answering with it.
+    /// Records why the finished file was not imported and deletes its parts; the upload
+    /// stays until it expires, answering with the outcome.
     pub async fn refuse_upload(&self, id: &UploadId, outcome: &str) -> Result<()> {
-        sqlx::query("UPDATE uploads SET outcome = $1 WHERE id = $2 AND import_id IS NULL")
-            .bind(outcome)
-            .bind(id.as_str())
-            .execute(&mut *self.writer().await?)
-            .await?;
+        let mut tx = self.begin_write().await?;
+        let refused =
+            sqlx::query("UPDATE uploads SET outcome = $1 WHERE id = $2 AND import_id IS NULL")
+                .bind(outcome)
+                .bind(id.as_str())
+                .execute(&mut *tx)
+                .await?;
+        if refused.rows_affected() > 0 {
+            sqlx::query("DELETE FROM payload_parts WHERE payload_id = $1")
+                .bind(id.as_str())
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
         Ok(())
     }
 
