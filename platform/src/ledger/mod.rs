@@ -47,7 +47,10 @@ pub use imports::{IdempotencyClaim, IdempotencyStart, NewImport, Payload, Submit
 pub use jobs::{Failure, Handover, JobFilter};
 pub use operator::{BatchFilter, BatchRow, Throughput};
 pub use outbox::OutboxRow;
-pub use payloads::{ClientStorage, NewUpload, PartsReader, Upload, UploadCreated, UploadKind};
+pub use payloads::{
+    ClientStorage, ExpiredPayloads, NewUpload, PartsReader, Upload, UploadCreated, UploadKind,
+    human_bytes,
+};
 pub use queues::ClientQueue;
 pub use records::RecordFilter;
 

@@ -92,6 +92,31 @@ pub struct ClientStorage {
     pub records: u64,
 }
 
+/// What one [`Db::expire_payloads`] call deleted.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ExpiredPayloads {
+    /// Batches whose payload is gone (an empty payload counts, so a caller can tell a
+    /// full round from the last one).
+    pub batches: u64,
+    /// Bytes freed.
+    pub bytes: u64,
+}
+
+/// A size as operators read it: `512 B`, `1.5 KiB`, `20.0 MiB`, `3.2 GiB`.
+pub fn human_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 4] = ["KiB", "MiB", "GiB", "TiB"];
+    if bytes < 1024 {
+        return format!("{bytes} B");
+    }
+    let mut value = bytes as f64 / 1024.0;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    format!("{value:.1} {}", UNITS[unit])
+}
+
 #[derive(sqlx::FromRow)]
 struct UploadColumns {
     id: String,
@@ -380,14 +405,13 @@ impl Db {
     }
 
     /// Deletes the payloads of the client's batches that ended more than `retention_ms`
-    /// ago, up to `limit` of them; the batches, their counts and errors stay. Returns the
-    /// bytes freed.
+    /// ago, up to `limit` of them; the batches, their counts and errors stay.
     pub async fn expire_payloads(
         &self,
         client: &ClientId,
         retention_ms: i64,
         limit: u32,
-    ) -> Result<u64> {
+    ) -> Result<ExpiredPayloads> {
         let mut tx = self.begin_write().await?;
         let sql = self.sql(
             "UPDATE batches SET payload_expired_at = {now} \
@@ -413,7 +437,10 @@ impl Db {
                 .await?;
         }
         tx.commit().await?;
-        Ok(freed)
+        Ok(ExpiredPayloads {
+            batches: expired.len() as u64,
+            bytes: freed,
+        })
     }
 
     /// The storage each client holds: kept payloads, unfinished uploads, records.
@@ -479,5 +506,23 @@ impl Read for PartsReader {
         buf[..n].copy_from_slice(&self.current[self.at..self.at + n]);
         self.at += n;
         Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::human_bytes;
+
+    #[test]
+    fn sizes_read_well() {
+        assert_eq!(human_bytes(0), "0 B");
+        assert_eq!(human_bytes(1023), "1023 B");
+        assert_eq!(human_bytes(1536), "1.5 KiB");
+        assert_eq!(human_bytes(20 * 1024 * 1024), "20.0 MiB");
+        assert_eq!(
+            human_bytes(3 * 1024 * 1024 * 1024 + 200 * 1024 * 1024),
+            "3.2 GiB"
+        );
+        assert_eq!(human_bytes(u64::MAX), "16777216.0 TiB");
     }
 }

@@ -7,6 +7,8 @@
 //!   worker held. Reaping and sweeping in one loop on one process is what keeps them apart:
 //!   a reap removes a dead worker's jobs from Redis before it settles them in SQL, and a
 //!   sweep running in between would take them for lost and requeue them uncounted.
+//!   Once a minute it also applies the retentions: finished jobs, the payloads of ended
+//!   batches (each client's `payload_retention_secs`) and expired uploads are deleted.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -30,6 +32,9 @@ const HEARTBEAT: Duration = Duration::from_secs(1);
 const PRUNE_EVERY: Duration = Duration::from_secs(60);
 const PRUNE_BATCH: u32 = 1_000;
 const PRUNE_ROUNDS: usize = 20;
+/// Batches whose payload one transaction deletes: a payload may hold many parts, and a
+/// short transaction never holds the ledger's writer for long.
+const EXPIRE_BATCH: u32 = 100;
 
 pub struct JobRelaySettings {
     pub kinds: Vec<JobKind>,
@@ -112,8 +117,8 @@ pub struct SweepSettings {
 }
 
 /// Until `stop`: every `settings.every` reaps dead workers (on DataFlow's Redis lists) and
-/// then takes back lost jobs; once a minute prunes old finished jobs. Runs on the leader,
-/// each step only while `mandate` holds.
+/// then takes back lost jobs; once a minute prunes old finished jobs and deletes stored
+/// files past their retention. Runs on the leader, each step only while `mandate` holds.
 pub async fn sweeper(
     db: Db,
     queues: Option<RedisJobQueue>,
@@ -148,6 +153,20 @@ pub async fn sweeper(
                 Ok(n) => tracing::info!(jobs = n, "pruned finished jobs past their retention"),
                 Err(e) => tracing::warn!(error = %e, "pruning finished jobs failed"),
             }
+            if !may_act(&mandate) {
+                break 'round;
+            }
+            match expire_stored(&db).await {
+                Ok(done) if done == Expired::default() => {}
+                Ok(done) => tracing::info!(
+                    payload_bytes = done.payload_bytes,
+                    uploads = done.uploads,
+                    "deleted stored files past their retention"
+                ),
+                Err(e) => {
+                    tracing::warn!(error = %e, "deleting stored files past their retention failed")
+                }
+            }
         }
         tokio::select! {
             _ = stop.cancelled() => break,
@@ -181,6 +200,47 @@ pub async fn prune(db: &Db, retention: Duration) -> Result<u64> {
         }
     }
     Ok(total)
+}
+
+/// What [`expire_stored`] deleted.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Expired {
+    /// Bytes of batch payloads whose retention was over.
+    pub payload_bytes: u64,
+    /// Uploads that expired unfinished (or whose import was made).
+    pub uploads: u64,
+}
+
+/// Deletes the payloads of each client's ended batches once its policy's
+/// `payload_retention_secs` is over (read now, so a changed policy applies at the next
+/// round), then the expired uploads; at most `PRUNE_ROUNDS` small transactions per client
+/// and for the uploads, so a large backlog is worked off over several calls.
+pub async fn expire_stored(db: &Db) -> Result<Expired> {
+    let mut expired = Expired::default();
+    for client in db.list_clients().await? {
+        let retention_ms = i64::try_from(client.policy.payload_retention_secs)
+            .unwrap_or(i64::MAX)
+            .saturating_mul(1000);
+        for _ in 0..PRUNE_ROUNDS {
+            let round = db
+                .expire_payloads(&client.id, retention_ms, EXPIRE_BATCH)
+                .await?;
+            metrics::counter!("dataflow_payload_bytes_expired_total").increment(round.bytes);
+            expired.payload_bytes += round.bytes;
+            if round.batches < u64::from(EXPIRE_BATCH) {
+                break;
+            }
+        }
+    }
+    for _ in 0..PRUNE_ROUNDS {
+        let n = db.expire_uploads(EXPIRE_BATCH).await?;
+        metrics::counter!("dataflow_uploads_expired_total").increment(n);
+        expired.uploads += n;
+        if n < u64::from(EXPIRE_BATCH) {
+            break;
+        }
+    }
+    Ok(expired)
 }
 
 /// One sweep: expired SQL claims go back (or die); queued jobs past their lease are looked
