@@ -10,7 +10,7 @@ use dataflow_contracts::http::BatchView;
 use dataflow_contracts::jobs::{JobKind, JobStatus, JobView};
 use dataflow_contracts::{BatchId, BatchStatus, ClientId, JobId};
 use dataflow_platform::Config;
-use dataflow_platform::ledger::{BatchAction, Db, JobFilter};
+use dataflow_platform::ledger::{BatchAction, Db, JobFilter, human_bytes};
 
 use super::{backends, ledger, print_json, redact};
 
@@ -127,7 +127,9 @@ pub async fn workers(config: &Config, cmd: WorkersCmd) -> anyhow::Result<()> {
     }
 }
 
-/// `dataflow status`: what waits where and for how long, and whether Redis answers.
+/// `dataflow status`: what waits where and for how long, whether Redis answers, and the
+/// storage each client holds in the ledger (payloads kept for their retention, uploads not
+/// yet finished, records).
 pub async fn status(config: &Config) -> anyhow::Result<()> {
     let backends = backends(config).await?;
     let redis = match &backends.redis {
@@ -192,6 +194,26 @@ pub async fn status(config: &Config) -> anyhow::Result<()> {
         println!("nothing waiting: every batch and job is finished");
     } else {
         print_table(&["QUEUE", "STATE", "COUNT", "OLDEST"], &rows);
+    }
+    println!();
+    let storage: Vec<Vec<String>> = backends
+        .db
+        .storage_by_client()
+        .await?
+        .into_iter()
+        .map(|s| {
+            vec![
+                s.client_id.to_string(),
+                human_bytes(s.payload_bytes),
+                human_bytes(s.upload_bytes),
+                s.records.to_string(),
+            ]
+        })
+        .collect();
+    if storage.is_empty() {
+        println!("no client stores anything yet");
+    } else {
+        print_table(&["CLIENT", "PAYLOADS", "UPLOADS", "RECORDS"], &storage);
     }
     Ok(())
 }

@@ -1,5 +1,5 @@
-//! `/ui/clients`: every client with its policy and keys, and the rate-limit refusals this
-//! process made recently (a bounded in-memory ring: see [`crate::ratelimit::Rejections`]).
+//! `/ui/clients`: every client with its policy, keys and the storage it holds in the
+//! ledger, and the rate-limit refusals this process made recently (a bounded in-memory ring: see [`crate::ratelimit::Rejections`]).
 
 use std::collections::HashMap;
 
@@ -7,7 +7,7 @@ use axum::Extension;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Query, State};
 use dataflow_contracts::time::{now_ms, rfc3339};
-use dataflow_platform::ledger::ClientRecord;
+use dataflow_platform::ledger::{ClientRecord, ClientStorage, human_bytes};
 use maud::{Markup, html};
 use serde::Deserialize;
 
@@ -24,6 +24,20 @@ pub struct ClientsQuery {
     page: Option<usize>,
 }
 
+/// Payloads kept for their retention, uploads not yet finished, records.
+fn storage(s: Option<&ClientStorage>) -> Markup {
+    let Some(s) = s else {
+        return html! { span.muted { "none" } };
+    };
+    html! {
+        ul.storage data-payload-bytes=(s.payload_bytes) data-upload-bytes=(s.upload_bytes) data-records=(s.records) {
+            li { (human_bytes(s.payload_bytes)) " payloads" }
+            li { (human_bytes(s.upload_bytes)) " unfinished uploads" }
+            li { (s.records) " records" }
+        }
+    }
+}
+
 fn policy(c: &ClientRecord) -> Markup {
     let p = &c.policy;
     html! {
@@ -31,6 +45,7 @@ fn policy(c: &ClientRecord) -> Markup {
             li { "rate " (p.rate_per_minute) "/min, burst " (p.rate_burst) }
             li { "quota " @match p.daily_record_quota { Some(q) => { (q) " records/day" }, None => "none" } }
             li { "max " (p.max_records) " records, " (p.max_payload_bytes) " bytes" }
+            li { "payloads kept " (layout::age(p.payload_retention_secs.saturating_mul(1000))) }
             @if p.approval_required { li { "approval required" } }
             @if !p.required_fields.is_empty() { li { "requires " (p.required_fields.join(", ")) } }
             @if p.webhook_url.is_some() { li { "webhook on" } }
@@ -58,6 +73,12 @@ pub async fn page(
     for c in &shown {
         keys.push(db.list_keys(&c.id).await?);
     }
+    let stored: HashMap<String, ClientStorage> = db
+        .storage_by_client()
+        .await?
+        .into_iter()
+        .map(|s| (s.client_id.to_string(), s))
+        .collect();
     let names: HashMap<String, &str> = clients
         .iter()
         .map(|c| (format!("client:{}", c.id), c.name.as_str()))
@@ -71,7 +92,7 @@ pub async fn page(
                 (layout::empty("No client yet. Create one with `dataflow clients create NAME` or POST /admin/clients."))
             } @else {
                 table {
-                    thead { tr { th { "Client" } th { "State" } th { "Policy" } th { "Schema" } th { "Keys" } th { "Created" } th { "" } } }
+                    thead { tr { th { "Client" } th { "State" } th { "Policy" } th { "Schema" } th { "Keys" } th { "Storage" } th { "Created" } th { "" } } }
                     tbody {
                         @for (c, ks) in shown.iter().zip(&keys) {
                             tr data-client=(c.id) {
@@ -97,6 +118,7 @@ pub async fn page(
                                         }
                                     }
                                 }
+                                td { (storage(stored.get(c.id.as_str()))) }
                                 td { (layout::time(&rfc3339(c.created_at))) }
                                 td { (layout::action_button(&op, "purge", c.id.as_str(), "/ui/clients", "Purge data", true)) }
                             }
