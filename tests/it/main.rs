@@ -24,6 +24,7 @@ mod metrics;
 mod openapi;
 mod records;
 mod redis;
+mod retention;
 mod schemas;
 mod typed;
 mod ui;

@@ -445,12 +445,15 @@ impl Db {
 
     /// The storage each client holds: kept payloads, unfinished uploads, records.
     pub async fn storage_by_client(&self) -> Result<Vec<ClientStorage>> {
+        // PostgreSQL sums BIGINTs as NUMERIC, which the Any driver cannot read: cast back.
         let rows: Vec<(String, i64, i64, i64)> = sqlx::query_as(
             "SELECT c.id, \
-                    COALESCE((SELECT SUM(payload_bytes) FROM batches b \
-                              WHERE b.client_id = c.id AND b.payload_expired_at IS NULL), 0), \
-                    COALESCE((SELECT SUM(received) FROM uploads u \
-                              WHERE u.client_id = c.id AND u.import_id IS NULL), 0), \
+                    CAST(COALESCE((SELECT SUM(payload_bytes) FROM batches b \
+                                   WHERE b.client_id = c.id \
+                                     AND b.payload_expired_at IS NULL), 0) AS BIGINT), \
+                    CAST(COALESCE((SELECT SUM(received) FROM uploads u \
+                                   WHERE u.client_id = c.id AND u.import_id IS NULL), 0) \
+                         AS BIGINT), \
                     (SELECT COUNT(*) FROM records r WHERE r.client_id = c.id) \
              FROM clients c ORDER BY c.id",
         )
