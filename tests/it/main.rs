@@ -28,6 +28,7 @@ mod retention;
 mod schemas;
 mod typed;
 mod ui;
+mod uploads;
 mod worker;
 
 fn main() -> std::process::ExitCode {

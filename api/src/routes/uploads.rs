@@ -1,6 +1,6 @@
 //! `/v1/uploads`: resumable uploads with the tus 1.0 protocol (core, creation,
-//! creation-with-upload, termination, checksum with `sha256`, expiration), for files of
-//! any size up to the client's `max_upload_bytes`.
+//! creation-with-upload, termination, checksum with `sha1` and `sha256`, expiration), for
+//! files of any size up to the client's `max_upload_bytes`.
 //!
 //! Every part is committed with the upload's new offset and running SHA-256 before it is
 //! acknowledged, so any API process can take the next `PATCH` and a restart loses nothing:
@@ -63,7 +63,10 @@ async fn options(p: Principal) -> Response {
     tus_headers(h);
     h.insert("tus-version", HeaderValue::from_static(TUS_VERSION));
     h.insert("tus-extension", HeaderValue::from_static(EXTENSIONS));
-    h.insert("tus-checksum-algorithm", HeaderValue::from_static("sha256"));
+    h.insert(
+        "tus-checksum-algorithm",
+        HeaderValue::from_static("sha1,sha256"),
+    );
     h.insert(
         "tus-max-size",
         HeaderValue::from(p.client.policy.max_upload_bytes),
@@ -198,7 +201,8 @@ async fn offset(
 }
 
 /// Stores the next part (tus `PATCH`) at `Upload-Offset`; the last one makes the file an
-/// import. `Upload-Checksum: sha256 <base64>` checks the part before any of it is kept.
+/// import. `Upload-Checksum` (`sha1` or `sha256`, base64) checks the part before any of it
+/// is kept.
 #[utoipa::path(
     patch,
     path = "/uploads/{id}",
@@ -208,7 +212,8 @@ async fn offset(
         ("id" = UploadId, Path, description = "The upload's id"),
         ("Tus-Resumable" = String, Header, description = "`1.0.0`"),
         ("Upload-Offset" = u64, Header, description = "Where this part starts"),
-        ("Upload-Checksum" = Option<String>, Header, description = "`sha256 <base64>`"),
+        ("Upload-Checksum" = Option<String>, Header,
+         description = "`sha1 <base64>` or `sha256 <base64>`"),
     ),
     request_body(content = Vec<u8>, content_type = "application/offset+octet-stream",
                  description = "The part, as it is or with `Content-Encoding: gzip` or `zstd`"),
@@ -379,6 +384,12 @@ async fn receive_part(
             }
             Err(e) => return Err(e),
         };
+        // A part that reaches the upload's length must be its last byte: one more is a 413.
+        let more = if more && offset + part.len() as u64 == upload.length {
+            inflow.fill(&mut BytesMut::new(), 1).await?
+        } else {
+            more
+        };
         if let Some(expected) = &expected {
             if more {
                 return Err(ApiError::new(
@@ -390,7 +401,7 @@ async fn receive_part(
                     ),
                 ));
             }
-            if Sha256::digest(&part).as_slice() != expected.as_slice() {
+            if !expected.matches(&part) {
                 return Err(ApiError::new(
                     StatusCode::from_u16(460).unwrap_or(StatusCode::BAD_REQUEST),
                     "checksum_mismatch",
@@ -607,15 +618,30 @@ fn number_header(headers: &HeaderMap, name: &str) -> ApiResult<Option<u64>> {
         })
 }
 
-/// `Upload-Checksum`: only `sha256` is supported.
-fn checksum(headers: &HeaderMap) -> ApiResult<Option<Vec<u8>>> {
+/// An `Upload-Checksum`: the algorithm and the digest the part must have.
+enum Checksum {
+    Sha1(Vec<u8>),
+    Sha256(Vec<u8>),
+}
+
+impl Checksum {
+    fn matches(&self, part: &[u8]) -> bool {
+        match self {
+            Checksum::Sha1(d) => sha1::Sha1::digest(part).as_slice() == d.as_slice(),
+            Checksum::Sha256(d) => Sha256::digest(part).as_slice() == d.as_slice(),
+        }
+    }
+}
+
+/// `Upload-Checksum`: `sha1` (which tus requires every server to accept) or `sha256`.
+fn checksum(headers: &HeaderMap) -> ApiResult<Option<Checksum>> {
     let Some(v) = headers.get("upload-checksum") else {
         return Ok(None);
     };
     let bad = || {
         ApiError::bad_request(
             "invalid_checksum",
-            "Upload-Checksum must be `sha256 <base64 digest>`",
+            "Upload-Checksum must be `sha1 <base64 digest>` or `sha256 <base64 digest>`",
         )
     };
     let (algorithm, digest) = v
@@ -623,17 +649,16 @@ fn checksum(headers: &HeaderMap) -> ApiResult<Option<Vec<u8>>> {
         .ok()
         .and_then(|s| s.split_once(' '))
         .ok_or_else(bad)?;
-    if algorithm != "sha256" {
-        return Err(ApiError::bad_request(
-            "checksum_algorithm_unsupported",
-            format!("Upload-Checksum algorithm `{algorithm}` is not supported; use sha256"),
-        ));
-    }
     let digest = BASE64.decode(digest.trim()).map_err(|_| bad())?;
-    if digest.len() != 32 {
-        return Err(bad());
+    match (algorithm, digest.len()) {
+        ("sha1", 20) => Ok(Some(Checksum::Sha1(digest))),
+        ("sha256", 32) => Ok(Some(Checksum::Sha256(digest))),
+        ("sha1" | "sha256", _) => Err(bad()),
+        _ => Err(ApiError::bad_request(
+            "checksum_algorithm_unsupported",
+            format!("Upload-Checksum algorithm `{algorithm}` is not supported; use sha1 or sha256"),
+        )),
     }
-    Ok(Some(digest))
 }
 
 fn tus_headers(h: &mut HeaderMap) {

@@ -363,15 +363,26 @@ impl Db {
                     .await?;
             }
             Payload::Upload(upload) => {
+                // A request body's upload has done its work; a tus upload stays, answering
+                // its client with the import until it expires.
                 let taken = sqlx::query(
-                    "UPDATE uploads SET import_id = $1 \
-                     WHERE id = $2 AND import_id IS NULL AND outcome IS NULL",
+                    "DELETE FROM uploads WHERE id = $1 AND kind = 'body' AND import_id IS NULL",
                 )
-                .bind(import_id.as_str())
                 .bind(upload.as_str())
                 .execute(&mut *tx)
-                .await?;
-                if taken.rows_affected() == 0 {
+                .await?
+                .rows_affected()
+                    + sqlx::query(
+                        "UPDATE uploads SET import_id = $1 \
+                         WHERE id = $2 AND kind = 'tus' AND import_id IS NULL \
+                           AND outcome IS NULL",
+                    )
+                    .bind(import_id.as_str())
+                    .bind(upload.as_str())
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected();
+                if taken == 0 {
                     tx.rollback().await?;
                     return Err(Error::Conflict(format!(
                         "upload {upload} was ended or imported by another request"
