@@ -9,6 +9,7 @@ pub mod healthcheck;
 pub mod import;
 pub mod ops;
 pub mod schema;
+pub mod upload;
 
 use std::path::PathBuf;
 

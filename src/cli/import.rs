@@ -1,5 +1,7 @@
-//! `dataflow import FILE --key … [--client NAME|ID] [--wait | --dry-run]`: a producer's
-//! upload over the HTTP API (the same path as any client: key, limits, dedup), then, with
+//! `dataflow import FILE --key … [--client NAME|ID] [--wait | --dry-run] [--compress …]`: a
+//! producer's upload over the HTTP API (the same path as any client: key, limits, dedup).
+//! A file above `--resumable-above` goes as a resumable upload ([`super::upload`]) with a
+//! progress bar, and a second run resumes it; a smaller one in one request. Then, with
 //! `--wait`, a progress bar of records processed until the batch ends; with `--dry-run`,
 //! nothing stored and a table of what the import would do. The exit status says how it
 //! ended. With `--client`, the key's client (`GET /v1/client`) must be that one, checked
@@ -16,6 +18,8 @@ use dataflow_contracts::http::{
 };
 use dataflow_contracts::{BatchStatus, ClientId, ImportFormat};
 use indicatif::{ProgressBar, ProgressStyle};
+
+use super::upload::{Compression, Upload, content_type as media_type};
 
 #[derive(Args, Debug, Clone)]
 pub struct ImportArgs {
@@ -50,33 +54,68 @@ pub struct ImportArgs {
     /// would be refused.
     #[arg(long)]
     pub dry_run: bool,
+    /// Compress what is sent (the server stores the file as it was).
+    #[arg(long, value_enum)]
+    pub compress: Option<Compression>,
+    /// Files longer than this many bytes go as a resumable upload (`/v1/uploads`), which a
+    /// second run of the same command resumes; 0: always.
+    #[arg(long, default_value_t = 16 * 1024 * 1024)]
+    pub resumable_above: u64,
+    /// Bytes per part of a resumable upload.
+    #[arg(long, default_value_t = 8 * 1024 * 1024, value_parser = clap::value_parser!(u64).range(1..=64 * 1024 * 1024))]
+    pub part_size: u64,
 }
 
 pub async fn run(args: ImportArgs) -> anyhow::Result<()> {
-    let content_type = content_type(&args)?;
-    let body = tokio::fs::read(&args.file)
+    let format = file_format(&args.file, args.format.as_deref())?;
+    let length = tokio::fs::metadata(&args.file)
         .await
-        .with_context(|| format!("reading {}", args.file.display()))?;
+        .with_context(|| format!("reading {}", args.file.display()))?
+        .len();
     let http = reqwest::Client::builder()
-        .timeout(Duration::from_secs(300))
+        .connect_timeout(Duration::from_secs(10))
         .build()?;
     let api = args.api.trim_end_matches('/');
     if let Some(expected) = &args.client {
         let identity = whoami(&http, api, &args.key).await?;
         check_client(expected, &identity)?;
     }
-    let mut req = http
-        .post(format!("{api}/v1/imports"))
-        .bearer_auth(&args.key)
-        .header("content-type", content_type)
-        .body(body);
-    if args.dry_run {
-        return dry_run(req.query(&[("dry_run", "true")]), api).await;
-    }
-    if let Some(k) = &args.idempotency_key {
-        req = req.header("idempotency-key", k);
-    }
-    let import: ImportView = answer(req, api, "the import was refused").await?;
+    let import: ImportView = if length > args.resumable_above && !args.dry_run {
+        Upload {
+            http: &http,
+            api,
+            key: &args.key,
+            file: &args.file,
+            format,
+            part_bytes: usize::try_from(args.part_size).unwrap_or(usize::MAX),
+            compression: args.compress,
+        }
+        .run()
+        .await?
+    } else {
+        // No longer than `resumable_above`: one request, read whole.
+        let body = tokio::fs::read(&args.file)
+            .await
+            .with_context(|| format!("reading {}", args.file.display()))?;
+        let mut req = http
+            .post(format!("{api}/v1/imports"))
+            .timeout(Duration::from_secs(300))
+            .bearer_auth(&args.key)
+            .header("content-type", media_type(format));
+        req = match args.compress {
+            Some(c) => req
+                .header("content-encoding", c.encoding())
+                .body(c.apply(&body)?),
+            None => req.body(body),
+        };
+        if args.dry_run {
+            return dry_run(req.query(&[("dry_run", "true")]), api).await;
+        }
+        if let Some(k) = &args.idempotency_key {
+            req = req.header("idempotency-key", k);
+        }
+        answer(req, api, "the import was refused").await?
+    };
     let note = if import.duplicate {
         " (the same payload was imported before: this is that import)"
     } else {
@@ -193,13 +232,6 @@ fn check_client(expected: &str, identity: &ClientIdentity) -> anyhow::Result<()>
         );
     }
     Ok(())
-}
-
-fn content_type(args: &ImportArgs) -> anyhow::Result<&'static str> {
-    Ok(match file_format(&args.file, args.format.as_deref())? {
-        ImportFormat::Csv => "text/csv",
-        ImportFormat::Ndjson => "application/x-ndjson",
-    })
 }
 
 /// A record file's format: `explicit` (`--format`), else the file's extension.

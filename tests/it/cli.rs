@@ -7,12 +7,14 @@ use std::time::{Duration, Instant};
 use dataflow::Roles;
 use dataflow::cli::import::{self, ImportArgs};
 use dataflow::cli::ops::{self, BatchesCmd, DlqCmd};
+use dataflow::cli::upload::Compression;
 use dataflow_contracts::http::QueueDepth;
 use dataflow_contracts::jobs::{JobPage, JobStatus};
 use dataflow_contracts::{BatchId, BatchStatus, ClientId};
 use reqwest::Method;
 use serde_json::json;
 
+use crate::common::proxy::Proxy;
 use crate::helpers::{Backend, TestApp, csv, replace_payload};
 use crate::sinks::WebhookReceiver;
 
@@ -26,8 +28,78 @@ fn upload(t: &TestApp, key: &str, file: std::path::PathBuf) -> ImportArgs {
         idempotency_key: None,
         wait: true,
         dry_run: false,
+        compress: None,
+        resumable_above: 16 * 1024 * 1024,
+        part_size: 8 * 1024 * 1024,
     }
 }
+
+/// A file sent as a resumable upload, interrupted (the command killed while its parts
+/// crawl through a slow link) and run again: it resumes the same upload, compressed this
+/// time, and the import holds the whole file.
+async fn import_resumes_an_interrupted_upload() {
+    let Some(t) = TestApp::spawn(Backend::Sqlite).await else {
+        return;
+    };
+    let (_, key) = t.client(json!({"rate_burst": 1000})).await;
+    let file = t.config.data_dir.join("big.csv");
+    let body = csv("resume", 40_000);
+    std::fs::write(&file, &body).unwrap();
+    let proxy = Proxy::start(t.addr).await;
+    proxy.delay(Duration::from_millis(300));
+    let mut first = std::process::Command::new(env!("CARGO_BIN_EXE_dataflow"))
+        .args(["import", file.to_str().unwrap(), "--key", &key])
+        .args(["--api", &format!("http://{}", proxy.addr)])
+        .args(["--resumable-above", "0", "--part-size", "65536"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let received = || async {
+        sqlx::query_scalar::<_, i64>("SELECT COALESCE(MAX(received), 0) FROM uploads")
+            .fetch_one(t.db.pool())
+            .await
+            .unwrap()
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while received().await == 0 {
+        assert!(Instant::now() < deadline, "no part arrived");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    first.kill().unwrap();
+    first.wait().unwrap();
+    let stored = received().await;
+    assert!(stored > 0 && stored < body.len() as i64, "{stored}");
+
+    import::run(ImportArgs {
+        compress: Some(Compression::Zstd),
+        resumable_above: 0,
+        part_size: 65536,
+        ..upload(&t, &key, file)
+    })
+    .await
+    .unwrap();
+    let (uploads, payload): (i64, String) = sqlx::query_as(
+        "SELECT (SELECT COUNT(*) FROM uploads), \
+                (SELECT payload_id FROM batches LIMIT 1)",
+    )
+    .fetch_one(t.db.pool())
+    .await
+    .unwrap();
+    assert_eq!(uploads, 1, "the second run made a new upload");
+    let upload: String = sqlx::query_scalar("SELECT id FROM uploads")
+        .fetch_one(t.db.pool())
+        .await
+        .unwrap();
+    assert_eq!(payload, upload);
+    let done = sqlx::query_scalar::<_, i64>("SELECT records_written FROM batches")
+        .fetch_one(t.db.pool())
+        .await
+        .unwrap();
+    assert_eq!(done, 40_000);
+    t.stop().await;
+}
+register!(import_resumes_an_interrupted_upload);
 
 async fn import_uploads_and_waits_for_its_batch() {
     let Some(t) = TestApp::spawn(Backend::Sqlite).await else {
