@@ -71,7 +71,10 @@ async fn an_ended_batchs_payload_goes_when_its_retention_is_over(b: Backend) {
     let (brief, brief_key) = t.client(json!({"payload_retention_secs": 1})).await;
     let (kept, kept_key) = t.client(json!({})).await;
     let body = csv("ret", 12);
-    let gone = t.import(&brief_key, "text/csv", body.clone()).await.batch_id;
+    let gone = t
+        .import(&brief_key, "text/csv", body.clone())
+        .await
+        .batch_id;
     let stays = t.import(&kept_key, "text/csv", body.clone()).await.batch_id;
     t.wait_for(&brief_key, &gone, BatchStatus::Completed).await;
     t.wait_for(&kept_key, &stays, BatchStatus::Completed).await;

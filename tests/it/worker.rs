@@ -165,15 +165,16 @@ async fn an_abandoned_batch_resumes_from_its_checkpoint(b: Backend) {
         (20, 1, 1),
         "a takeover resumes the attempt, it does not spend another"
     );
-    let run = second.start(lease.clone()).await.unwrap();
-    assert_eq!(
-        run.remaining_chunks(),
-        2,
-        "only the 15 unprocessed records are left"
-    );
+    // Only the 15 unprocessed records are left: a chunk of 10, then the last 5 with the
+    // completion.
+    let mut run = second.start(lease).await.unwrap();
     assert!(matches!(
-        second.process(lease, &Default::default()).await,
-        Outcome::Completed(_)
+        second.step(&mut run).await.unwrap(),
+        Step::Chunk(c) if c.written == 10
+    ));
+    assert!(matches!(
+        second.step(&mut run).await.unwrap(),
+        Step::Completed(_)
     ));
     let view = t.batch(&key, &imp.batch_id).await;
     assert_eq!(

@@ -13,6 +13,7 @@
 //!   (the job sweeper in [`jobs`], and [`summaries`]: the daily per-client summaries on
 //!   apalis-cron), and [`reclaim`]: taking back the batches of workers that are gone.
 
+mod chunks;
 pub mod consumer;
 pub mod jobs;
 pub mod leader;
@@ -25,17 +26,17 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use dataflow_contracts::BatchId;
 use dataflow_contracts::events::{BatchCompleted, Envelope, Event};
 use dataflow_contracts::live::LiveKind;
-use dataflow_contracts::{BatchId, ImportFormat};
 use dataflow_platform::config::WorkerConfig;
 use dataflow_platform::coordination::mutex::{Acquired, BatchMutex};
 use dataflow_platform::dashboard::live::LiveBus;
 use dataflow_platform::domain::compiled::CompiledSchemas;
-use dataflow_platform::domain::prepare::{Prepared, Rules, prepare};
-use dataflow_platform::domain::records::{self, Limits};
 use dataflow_platform::events::Mode;
 use dataflow_platform::ledger::{ChunkResult, Db, FailOutcome, Lease};
+
+use crate::chunks::{Chunks, Handed, Source};
 use dataflow_platform::{Error, Result};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, broadcast, watch};
 use tokio_util::sync::CancellationToken;
@@ -84,18 +85,14 @@ pub struct WakeUps {
     pub safety_sweep: Duration,
 }
 
-/// A claimed batch with its records prepared, advanced one chunk per [`Worker::step`].
+/// A claimed batch whose file is being read a chunk at a time, advanced one chunk per
+/// [`Worker::step`].
 pub struct BatchRun {
     pub lease: Lease,
-    prepared: Prepared,
-    /// Why the batch must write nothing (too many records refused), if it must.
-    refusal: Option<String>,
-}
-
-impl BatchRun {
-    pub fn remaining_chunks(&self) -> usize {
-        self.prepared.chunks.len()
-    }
+    chunks: Chunks,
+    /// The chunk read ahead: a step must know whether its chunk is the last, which then
+    /// commits with the completion.
+    ahead: Option<Handed>,
 }
 
 /// One step of a run.
@@ -160,7 +157,9 @@ impl From<Error> for AttemptError {
         };
         AttemptError {
             message,
-            permanent: false,
+            // The batch's state refuses it for good (its stored file is unreadable, or
+            // retention deleted it): no attempt can do better.
+            permanent: matches!(e, Error::Conflict(_)),
         }
     }
 }
@@ -351,7 +350,7 @@ impl Worker {
         release(held).await;
     }
 
-    /// Loads and prepares the records after the lease's checkpoint.
+    /// Starts reading and preparing the records after the lease's checkpoint.
     #[tracing::instrument(skip_all, fields(batch_id = %lease.batch_id, checkpoint = lease.checkpoint))]
     pub async fn start(&self, lease: Lease) -> Result<BatchRun> {
         let Some((payload_id, bytes)) = self.db.batch_payload(&lease.batch_id).await? else {
@@ -361,78 +360,60 @@ impl Worker {
                 lease.batch_id
             )));
         };
-        let body = self.db.read_payload(payload_id, bytes);
-        let chunk_size = self.config.chunk_size;
-        let (format, policy, checkpoint) = (lease.format, lease.policy.clone(), lease.checkpoint);
         let schema = lease
             .schema
             .as_ref()
             .map(|s| s.compiled(&lease.client_id, &self.schemas))
             .transpose()?;
-        let limits = Limits {
-            max_records: u64::MAX,
-            max_field_bytes: usize::MAX,
-        };
-        // Parsing, typing and hashing are CPU work; keep them off the async threads.
-        let (prepared, refusal) = tokio::task::spawn_blocking(move || -> Result<_> {
-            let mut scan = records::Scanner::new(format, body, limits)?;
-            let mut parsed = Vec::new();
-            while let Some(record) = scan.next_record()? {
-                parsed.push(record);
-            }
-            scan.finish()?;
-            // The API checked a CSV header against this schema version.
-            let rules = Rules::of(schema.as_deref(), &policy, format == ImportFormat::Csv);
-            let prepared = prepare(&parsed, rules, chunk_size, checkpoint);
-            // Decided before the first chunk, the same way on every attempt: a batch that
-            // committed a chunk was not refused then and is not now.
-            let refusal = if checkpoint == 0 {
-                prepared.refusal(rules.max_error_ratio(&policy))
-            } else {
-                None
-            };
-            Ok((prepared, refusal))
-        })
-        .await
-        .map_err(|e| Error::internal("record preparation panicked", e))??;
+        let mut chunks = Chunks::start(Source {
+            db: self.db.clone(),
+            payload_id,
+            bytes,
+            format: lease.format,
+            schema,
+            policy: lease.policy.clone(),
+            chunk_size: self.config.chunk_size,
+            checkpoint: lease.checkpoint,
+        });
+        let ahead = chunks.next().await?;
         Ok(BatchRun {
             lease,
-            prepared,
-            refusal,
+            chunks,
+            ahead,
         })
     }
 
     /// Commits the next chunk; the last one completes the batch in the same transaction
     /// (as does a step on a batch with no chunk left).
     pub async fn step(&self, run: &mut BatchRun) -> Result<Step> {
-        if let Some(reason) = &run.refusal {
-            self.db
-                .refuse_batch(&run.lease, &run.prepared, reason)
-                .await?;
-            return Ok(Step::Refused(reason.clone()));
-        }
-        let chunks = &mut run.prepared.chunks;
-        let result = match chunks.front() {
-            Some(chunk) if chunks.len() == 1 => {
-                let done = self.db.commit_last_chunk(&run.lease, chunk).await?;
-                chunks.pop_front();
-                return Ok(Step::Completed(done));
-            }
-            Some(chunk) => {
-                let written = self
-                    .db
-                    .commit_chunk(&run.lease, self.lease_ms(), chunk)
+        let chunk = match run.ahead.take() {
+            Some(Handed::Refused {
+                reason,
+                failed,
+                errors,
+            }) => {
+                self.db
+                    .refuse_batch(&run.lease, failed, &errors, &reason)
                     .await?;
-                self.extend_lock(&run.lease).await;
-                Step::Chunk(written)
+                return Ok(Step::Refused(reason));
             }
+            Some(Handed::Chunk(chunk)) => chunk,
             None => {
                 let done = self.db.complete_batch(&run.lease).await?;
                 return Ok(Step::Completed(done));
             }
         };
-        chunks.pop_front();
-        Ok(result)
+        run.ahead = run.chunks.next().await?;
+        if run.ahead.is_none() {
+            let done = self.db.commit_last_chunk(&run.lease, &chunk).await?;
+            return Ok(Step::Completed(done));
+        }
+        let written = self
+            .db
+            .commit_chunk(&run.lease, self.lease_ms(), &chunk)
+            .await?;
+        self.extend_lock(&run.lease).await;
+        Ok(Step::Chunk(written))
     }
 
     /// Claims and fully processes one batch; `None` when nothing was available.
@@ -512,20 +493,6 @@ impl Worker {
     ) -> Result<Outcome, AttemptError> {
         let mut run = match self.start(lease).await {
             Ok(run) => run,
-            // A stored payload that no longer parses will not parse next time either.
-            Err(Error::Parse(e)) => {
-                return Err(AttemptError {
-                    message: format!("stored payload is unreadable: {e}"),
-                    permanent: true,
-                });
-            }
-            // Nor will one that retention deleted come back.
-            Err(Error::Conflict(message)) => {
-                return Err(AttemptError {
-                    message,
-                    permanent: true,
-                });
-            }
             Err(e) => return Err(e.into()),
         };
         loop {

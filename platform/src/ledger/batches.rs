@@ -21,7 +21,7 @@ use sqlx::any::AnyRow;
 use super::clients::{StoredSchema, parse_id, parse_policy};
 use super::records::NewChange;
 use super::{Db, Dialect, Tx, count, json_list, split_page};
-use crate::domain::prepare::{Chunk, Prepared, RecordRow, RowError};
+use crate::domain::prepare::{Chunk, RecordRow, RowError};
 use crate::{Error, Result};
 
 /// A batch a claim may take: ready and due, or held under a lease that expired.
@@ -716,7 +716,8 @@ impl Db {
     pub async fn refuse_batch(
         &self,
         lease: &Lease,
-        prepared: &Prepared,
+        failed: u64,
+        errors: &[RowError],
         reason: &str,
     ) -> Result<()> {
         let mut tx = self.begin_write().await?;
@@ -736,13 +737,13 @@ impl Db {
                 .bind(lease.batch_id.as_str())
                 .bind(lease.epoch)
                 .bind(reason)
-                .bind(prepared.failed as i64)
+                .bind(failed as i64)
                 .fetch_optional(&mut *tx)
                 .await?
             else {
                 return Err(fence_rejected(lease));
             };
-            self.write_errors(&mut tx, lease, prepared.errors()).await?;
+            self.write_errors(&mut tx, lease, errors).await?;
             let event = Event::BatchRejected(BatchRejected {
                 reason: reason.to_owned(),
                 code: Some(BatchRejected::TOO_MANY_ERRORS.into()),

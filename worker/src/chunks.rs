@@ -1,0 +1,148 @@
+//! A claimed batch's file read back from the ledger and prepared a chunk at a time on a
+//! blocking thread, handed over a channel of one: a worker holds a few chunks of a batch
+//! whatever the size of its file.
+//!
+//! When the rules set an error threshold and nothing was committed yet, the file is read
+//! twice: once to count the refused records (and keep their errors, for the report of a
+//! refusal), then, if the batch is not refused, for its chunks. The threshold is decided
+//! before the first chunk, the same way on every attempt.
+
+use std::sync::Arc;
+
+use dataflow_contracts::{ImportFormat, Policy};
+use dataflow_platform::domain::prepare::{Chunk, Preparer, RowError, Rules};
+use dataflow_platform::domain::records::{Limits, Record, Scanner};
+use dataflow_platform::domain::schema::Schema;
+use dataflow_platform::ledger::Db;
+use dataflow_platform::{Error, Result};
+use tokio::sync::mpsc;
+
+/// What the preparing thread hands over.
+pub(crate) enum Handed {
+    Chunk(Chunk),
+    /// More records were refused than the threshold allows: the batch writes none.
+    Refused {
+        reason: String,
+        failed: u64,
+        errors: Vec<RowError>,
+    },
+}
+
+/// The file to prepare and how.
+pub(crate) struct Source {
+    pub db: Db,
+    pub payload_id: String,
+    pub bytes: u64,
+    pub format: ImportFormat,
+    pub schema: Option<Arc<Schema>>,
+    pub policy: Policy,
+    pub chunk_size: usize,
+    /// Records committed before: read for the file-wide checks, not prepared again.
+    pub checkpoint: u64,
+}
+
+/// The chunks of a file, in order; the end of the channel is the end of the file.
+pub(crate) struct Chunks {
+    rx: mpsc::Receiver<Result<Handed>>,
+}
+
+impl Chunks {
+    pub fn start(source: Source) -> Chunks {
+        let (tx, rx) = mpsc::channel(1);
+        tokio::task::spawn_blocking(move || {
+            if let Err(e) = source.produce(&tx) {
+                let _ = tx.blocking_send(Err(e));
+            }
+        });
+        Chunks { rx }
+    }
+
+    /// The next chunk (or the refusal); `None` after the last.
+    pub async fn next(&mut self) -> Result<Option<Handed>> {
+        self.rx.recv().await.transpose()
+    }
+}
+
+impl Source {
+    fn produce(&self, tx: &mpsc::Sender<Result<Handed>>) -> Result<()> {
+        let rules = Rules::of(
+            self.schema.as_deref(),
+            &self.policy,
+            // The API checked a CSV header against this schema version.
+            self.format == ImportFormat::Csv,
+        );
+        if self.checkpoint == 0 && rules.max_error_ratio(&self.policy).is_some() {
+            let mut preparer = Preparer::new(rules);
+            let mut errors = Vec::new();
+            self.each_chunk(|records, done| {
+                errors.extend(preparer.chunk(records, done).errors);
+                true
+            })?;
+            if let Some(reason) = preparer.refusal(&self.policy) {
+                let _ = tx.blocking_send(Ok(Handed::Refused {
+                    reason,
+                    failed: preparer.failed,
+                    errors,
+                }));
+                return Ok(());
+            }
+        }
+        let mut preparer = Preparer::new(rules);
+        self.each_chunk(|records, done| {
+            if done <= self.checkpoint {
+                preparer.skip(records);
+                return true;
+            }
+            // A chunk that straddles the checkpoint: what precedes it was committed.
+            let committed =
+                usize::try_from(self.checkpoint.saturating_sub(done - records.len() as u64))
+                    .unwrap_or(usize::MAX)
+                    .min(records.len());
+            preparer.skip(&records[..committed]);
+            let chunk = preparer.chunk(&records[committed..], done);
+            // The run was given up (released, or its lease lost): stop reading.
+            tx.blocking_send(Ok(Handed::Chunk(chunk))).is_ok()
+        })
+    }
+
+    /// Reads the file from the ledger and calls `each` with every `chunk_size` records and
+    /// the count read so far, until it returns `false` or the file ends.
+    fn each_chunk(&self, mut each: impl FnMut(&[Record], u64) -> bool) -> Result<()> {
+        let reader = self.db.read_payload(self.payload_id.clone(), self.bytes);
+        // The API checked the limits when the file arrived.
+        let limits = Limits {
+            max_records: u64::MAX,
+            max_field_bytes: usize::MAX,
+        };
+        let mut scan = Scanner::new(self.format, reader, limits).map_err(unreadable)?;
+        let size = self.chunk_size.max(1);
+        let mut buffer = Vec::with_capacity(size);
+        let mut done = 0u64;
+        while let Some(record) = scan.next_record().map_err(unreadable)? {
+            buffer.push(record);
+            if buffer.len() == size {
+                done += size as u64;
+                if !each(&buffer, done) {
+                    return Ok(());
+                }
+                buffer.clear();
+            }
+        }
+        scan.finish().map_err(unreadable)?;
+        if !buffer.is_empty() {
+            done += buffer.len() as u64;
+            each(&buffer, done);
+        }
+        Ok(())
+    }
+}
+
+/// A stored file that no longer parses will not parse on the next attempt either: say so
+/// as a conflict, which the worker takes as a permanent failure. Outages reading it stay
+/// what they are.
+fn unreadable(e: Error) -> Error {
+    match e {
+        Error::Parse(p) => Error::Conflict(format!("stored payload is unreadable: {p}")),
+        other => other,
+    }
+}
