@@ -82,10 +82,20 @@ impl Inflow {
             })
             .map_err(io::Error::other);
         let raw = BufReader::new(StreamReader::new(stream));
+        // Concatenated members (`cat a.gz b.gz`, bgzip, pzstd) are one body: each is read,
+        // and whatever follows the last one must be another, or the body is refused.
         let reader: Pin<Box<dyn AsyncRead + Send>> = match encoding {
             Encoding::Identity => Box::pin(raw),
-            Encoding::Gzip => Box::pin(GzipDecoder::new(raw)),
-            Encoding::Zstd => Box::pin(ZstdDecoder::new(raw)),
+            Encoding::Gzip => {
+                let mut d = GzipDecoder::new(raw);
+                d.multiple_members(true);
+                Box::pin(d)
+            }
+            Encoding::Zstd => {
+                let mut d = ZstdDecoder::new(raw);
+                d.multiple_members(true);
+                Box::pin(d)
+            }
         };
         Self {
             reader,

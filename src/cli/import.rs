@@ -89,6 +89,7 @@ pub async fn run(args: ImportArgs) -> anyhow::Result<()> {
             format,
             part_bytes: usize::try_from(args.part_size).unwrap_or(usize::MAX),
             compression: args.compress,
+            idempotency_key: args.idempotency_key.as_deref(),
         }
         .run()
         .await?

@@ -11,7 +11,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
-use dataflow_contracts::http::{ImportView, UploadView};
+use dataflow_contracts::http::ImportView;
 use dataflow_contracts::{ImportFormat, ImportId};
 use indicatif::{ProgressBar, ProgressStyle};
 use sha2::{Digest, Sha256};
@@ -57,6 +57,8 @@ pub struct Upload<'a> {
     pub format: ImportFormat,
     pub part_bytes: usize,
     pub compression: Option<Compression>,
+    /// Names the upload across runs instead of the file's fingerprint.
+    pub idempotency_key: Option<&'a str>,
 }
 
 impl Upload<'_> {
@@ -66,7 +68,11 @@ impl Upload<'_> {
             .await
             .with_context(|| format!("reading {}", self.file.display()))?;
         let length = meta.len();
-        let location = self.create(length, &fingerprint(self.file, &meta)?).await?;
+        let key = match self.idempotency_key {
+            Some(k) => k.to_owned(),
+            None => fingerprint(self.file, &meta)?,
+        };
+        let location = self.create(length, &key).await?;
         let url = format!("{}{location}", self.api);
         let mut at = self.offset(&url).await?;
         if at > 0 && at < length {
@@ -115,10 +121,19 @@ impl Upload<'_> {
             }
         }
         bar.finish();
+        if import.is_none() {
+            // Whole before this run's last part: a part of no bytes at the end asks the
+            // server to make it an import, or says what it became.
+            import = match self.send_part(&url, length, &[]).await {
+                Ok(done) => done,
+                Err(Step::Refused(why) | Step::Transient(why)) => {
+                    bail!("the upload was not imported: {why}")
+                }
+            };
+        }
         match import {
             Some(id) => self.import(&id).await,
-            // Already whole when this run began: the server says what it became.
-            None => self.finished(&url).await,
+            None => bail!("the server did not say which import the upload became"),
         }
     }
 
@@ -199,22 +214,14 @@ impl Upload<'_> {
                 .and_then(|v| v.parse().ok()));
         }
         let text = resp.text().await.unwrap_or_default();
-        if status.is_server_error() || status == reqwest::StatusCode::CONFLICT {
+        // 460: the part arrived damaged; sent again from where the server stands.
+        if status.is_server_error()
+            || status == reqwest::StatusCode::CONFLICT
+            || status.as_u16() == 460
+        {
             Err(Step::Transient(format!("{status}: {text}")))
         } else {
             Err(Step::Refused(format!("{status}: {text}")))
-        }
-    }
-
-    async fn finished(&self, url: &str) -> anyhow::Result<ImportView> {
-        let resp = self.authed(reqwest::Method::GET, url).send().await?;
-        let view: UploadView = resp.json().await?;
-        match (view.import, view.error) {
-            (Some(import), _) => Ok(import),
-            (None, Some(e)) => bail!("the upload was refused: {}: {}", e.code, e.detail),
-            (None, None) => {
-                bail!("the file is uploaded but not yet imported; run the same command again")
-            }
         }
     }
 

@@ -20,6 +20,7 @@ use crate::helpers::{Backend, TestApp, backend_tests, csv};
 backend_tests!(
     a_tus_upload_in_parts_becomes_an_import,
     a_refused_upload_keeps_its_reason_and_no_file,
+    an_upload_over_the_quota_waits_for_it,
     stock_tus_clients_upload_and_resume,
     a_body_longer_than_a_part_is_streamed_and_nothing_is_left_when_it_is_refused,
     compressed_bodies_are_read_and_bombs_refused,
@@ -251,6 +252,45 @@ async fn a_refused_upload_keeps_its_reason_and_no_file(b: Backend) {
     t.stop().await;
 }
 
+/// A file finished while its client's daily quota is used up is answered `429` and kept,
+/// not refused: once the quota allows it, a `PATCH` of no bytes at the end imports it.
+async fn an_upload_over_the_quota_waits_for_it(b: Backend) {
+    let Some(t) = TestApp::spawn(b).await else {
+        return;
+    };
+    let (client, key) = t.client(json!({"daily_record_quota": 15})).await;
+    let used = t.import(&key, "text/csv", csv("used", 10)).await;
+    t.wait_for(&key, &used.batch_id, BatchStatus::Completed)
+        .await;
+    let file = csv("quota", 10);
+    let at = create(&t, &key, file.len(), &metadata(&[("filename", "q.csv")])).await;
+    let resp = patch(&t, &key, &at, 0, file.as_bytes()).await;
+    assert_eq!(resp.status(), 429, "{}", resp.text().await.unwrap());
+    assert_eq!(view(&t, &key, &at).await.state, UploadState::Received);
+    assert!(parts_of(&t, at.trim_start_matches("/v1/uploads/")).await > 0);
+
+    let resp = t
+        .admin(Method::PATCH, &format!("/admin/clients/{client}/policy"))
+        .json(&json!({"daily_record_quota": 100}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    // The new policy reaches the API through its cache.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(40);
+    let resp = loop {
+        let resp = patch(&t, &key, &at, file.len(), b"").await;
+        if resp.status() != 429 || std::time::Instant::now() > deadline {
+            break resp;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    };
+    assert_eq!(resp.status(), 204);
+    assert!(!header(&resp, "dataflow-import-id").is_empty());
+    assert_eq!(view(&t, &key, &at).await.state, UploadState::Imported);
+    t.stop().await;
+}
+
 /// The tus project's own clients: tuspy sends half of a file (with checksums) to one API
 /// process, which then stops, and the rest to another; tus-js-client is cut off in the
 /// middle of a part and resumes. Both files become imports with every record.
@@ -443,6 +483,16 @@ async fn compressed_bodies_are_read_and_bombs_refused(b: Backend) {
     assert_eq!(again.status(), StatusCode::OK);
     let again: ImportView = again.json().await.unwrap();
     assert!(again.duplicate && again.id == first.id);
+    // Two gzip members one after the other are one body: all of it is read.
+    let (head, tail) = body.split_at(body.len() / 2);
+    let mut members = Vec::new();
+    for half in [head, tail] {
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        gz.write_all(half.as_bytes()).unwrap();
+        members.extend(gz.finish().unwrap());
+    }
+    let whole: ImportView = send("gzip", members).await.unwrap().json().await.unwrap();
+    assert!(whole.duplicate && whole.id == first.id, "{whole:?}");
     t.wait_for(&key, &first.batch_id, BatchStatus::Completed)
         .await;
 

@@ -375,12 +375,30 @@ impl Worker {
             chunk_size: self.config.chunk_size,
             checkpoint: lease.checkpoint,
         });
-        let ahead = chunks.next().await?;
+        let ahead = self.next_chunk(&lease, &mut chunks).await?;
         Ok(BatchRun {
             lease,
             chunks,
             ahead,
         })
+    }
+
+    /// The next chunk, keeping the lease (and the batch mutex) while it is prepared: before
+    /// one, a worker may read a long stretch of a large file.
+    async fn next_chunk(&self, lease: &Lease, chunks: &mut Chunks) -> Result<Option<Handed>> {
+        let every = Duration::from_millis(u64::try_from(self.lease_ms() / 3).unwrap_or(1).max(1));
+        let mut renew = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        let next = chunks.next();
+        tokio::pin!(next);
+        loop {
+            tokio::select! {
+                chunk = &mut next => return chunk,
+                _ = renew.tick() => {
+                    self.db.renew_lease(lease, self.lease_ms()).await?;
+                    self.extend_lock(lease).await;
+                }
+            }
+        }
     }
 
     /// Commits the next chunk; the last one completes the batch in the same transaction
@@ -403,7 +421,7 @@ impl Worker {
                 return Ok(Step::Completed(done));
             }
         };
-        run.ahead = run.chunks.next().await?;
+        run.ahead = self.next_chunk(&run.lease, &mut run.chunks).await?;
         if run.ahead.is_none() {
             let done = self.db.commit_last_chunk(&run.lease, &chunk).await?;
             return Ok(Step::Completed(done));

@@ -168,10 +168,9 @@ async fn submit(
     })?;
     let file = receive(&state, &p, format, &headers, body).await?;
     let answer = respond(&state, &p, deadline, dry_run, idem_key, priority, &file).await;
-    // Only a created import keeps the file; every other answer leaves nothing behind.
-    if !matches!(&answer, Ok(r) if r.status() == StatusCode::ACCEPTED) {
-        file.discard(&state.backends.db).await;
-    }
+    // Only an import created from it keeps the file (its upload is gone then, and this
+    // deletes nothing); every other answer, a replayed 202 too, leaves nothing behind.
+    file.discard(&state.backends.db).await;
     answer
 }
 

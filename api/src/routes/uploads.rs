@@ -157,7 +157,8 @@ async fn create(
         .get(header::CONTENT_TYPE)
         .is_some_and(|v| v.as_bytes() == PART_MEDIA_TYPE.as_bytes());
     let mut resp = if with_part && upload.received == 0 {
-        receive_part(&state, &p, &headers, body, upload).await?
+        // creation-with-upload: the first part, at offset 0.
+        receive_part(&state, &p, &headers, body, upload, 0).await?
     } else {
         upload_headers(StatusCode::NO_CONTENT, &upload)
     };
@@ -253,8 +254,10 @@ async fn append(
             format!("send parts as {PART_MEDIA_TYPE}"),
         ));
     }
+    let at = number_header(&headers, "upload-offset")?
+        .ok_or_else(|| ApiError::bad_request("missing_upload_offset", "send Upload-Offset"))?;
     let upload = find(&state, &p, &id).await?;
-    receive_part(&state, &p, &headers, body, upload).await
+    receive_part(&state, &p, &headers, body, upload, at).await
 }
 
 /// Ends an upload and deletes what it stored (tus termination). An upload that became an
@@ -339,8 +342,8 @@ async fn receive_part(
     headers: &HeaderMap,
     body: Body,
     upload: Upload,
+    at: u64,
 ) -> ApiResult<Response> {
-    let at = number_header(headers, "upload-offset")?.unwrap_or(0);
     if at != upload.received {
         return Err(ApiError::new(
             StatusCode::CONFLICT,
@@ -377,15 +380,21 @@ async fn receive_part(
         let read = inflow.fill(&mut part, part_size).await;
         let more = match read {
             Ok(more) => more,
-            // Keep what arrived before the connection failed: the client resumes after it.
-            Err(e) if expected.is_none() && !part.is_empty() => {
+            // Keep what arrived before the connection failed or went quiet: the client
+            // resumes after it. Bytes a decoder produced before it failed are not kept.
+            Err(e)
+                if expected.is_none()
+                    && !part.is_empty()
+                    && matches!(e.code.as_str(), "body_read_failed" | "body_idle_timeout") =>
+            {
                 store(state, &upload, &mut hasher, offset, &part).await?;
                 return Err(e);
             }
             Err(e) => return Err(e),
         };
-        // A part that reaches the upload's length must be its last byte: one more is a 413.
-        let more = if more && offset + part.len() as u64 == upload.length {
+        // A full part may still be the body's last: one more byte tells (past the upload's
+        // length, that byte is a 413).
+        let more = if more && (expected.is_some() || offset + part.len() as u64 == upload.length) {
             inflow.fill(&mut BytesMut::new(), 1).await?
         } else {
             more
@@ -409,9 +418,10 @@ async fn receive_part(
                 ));
             }
         }
-        if !part.is_empty() {
-            store(state, &upload, &mut hasher, offset, &part).await?;
-            offset += part.len() as u64;
+        // Stored in parts of the usual size, whatever the size of the request's part.
+        for piece in part.chunks(PART_BYTES) {
+            store(state, &upload, &mut hasher, offset, piece).await?;
+            offset += piece.len() as u64;
         }
         if !more {
             break offset;
@@ -427,7 +437,12 @@ async fn receive_part(
         tus_headers(resp.headers_mut());
         return Ok(resp);
     }
-    complete(state, p, upload).await
+    // The check of a large file takes a while: it runs to its end even if the client stops
+    // waiting, and a `PATCH` of no bytes at the end asks again.
+    let (state, p) = (state.clone(), p.clone());
+    tokio::spawn(async move { complete(&state, &p, upload).await })
+        .await
+        .map_err(|e| dataflow_platform::Error::internal("completing an upload", e))?
 }
 
 /// Commits one part; a `409` if another request moved the upload on meanwhile.
@@ -456,8 +471,9 @@ async fn store(
 }
 
 /// The whole file is stored: check it and make it an import, as `POST /v1/imports` would.
-/// A refusal is kept with the upload (and its parts deleted), so asking again answers the
-/// same; an outage leaves it to the next `PATCH`.
+/// A refusal of the file is kept with the upload (and its parts deleted), so asking again
+/// answers the same; one that waiting can lift (a quota, an outage) leaves it to the next
+/// `PATCH`.
 async fn complete(state: &AppState, p: &Principal, upload: Upload) -> ApiResult<Response> {
     let db = &state.backends.db;
     let limits = Limits {
@@ -505,7 +521,15 @@ async fn complete(state: &AppState, p: &Principal, upload: Upload) -> ApiResult<
             import_headers(resp.headers_mut(), &view);
             Ok(resp)
         }
-        Err(e) if e.status.is_server_error() => Err(e),
+        Err(e)
+            if e.status.is_server_error()
+                || matches!(
+                    e.status,
+                    StatusCode::TOO_MANY_REQUESTS | StatusCode::CONFLICT
+                ) =>
+        {
+            Err(e)
+        }
         Err(e) => {
             let body = ErrorBody {
                 code: e.code.clone(),

@@ -813,6 +813,25 @@ impl Db {
         Ok(outcome)
     }
 
+    /// Renews a lease without committing anything: a worker reading a long stretch of its
+    /// file before the next chunk (a count of refused records, a resume's skip) keeps it.
+    pub async fn renew_lease(&self, lease: &Lease, lease_ms: i64) -> Result<()> {
+        let sql = self.sql(
+            "UPDATE batches SET lease_expires_at = {now} + $3, updated_at = {now} \
+             WHERE id = $1 AND lease_epoch = $2 AND status = 'processing'",
+        );
+        let renewed = sqlx::query(sql)
+            .bind(lease.batch_id.as_str())
+            .bind(lease.epoch)
+            .bind(lease_ms)
+            .execute(&mut *self.writer().await?)
+            .await?;
+        if renewed.rows_affected() == 0 {
+            return Err(fence_rejected(lease));
+        }
+        Ok(())
+    }
+
     /// Gives a batch back untouched (shutdown): ready at once, the claim not counted (as an
     /// attempt or as a takeover, whichever it was).
     pub async fn release_batch(&self, lease: &Lease) -> Result<()> {

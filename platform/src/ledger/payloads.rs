@@ -157,6 +157,9 @@ impl Db {
     /// Opens an upload; with an idempotency key the client used before, answers that
     /// upload instead.
     pub async fn create_upload(&self, new: &NewUpload<'_>) -> Result<UploadCreated> {
+        if let Some(key) = new.idempotency_key {
+            self.release_expired_key(new.client_id, key).await?;
+        }
         if let Some(existing) = self.upload_by_key(new).await? {
             return Ok(UploadCreated::Existing(existing));
         }
@@ -188,6 +191,29 @@ impl Db {
                 .map(UploadCreated::Existing)
                 .ok_or_else(|| Error::Conflict("the upload was ended while it was created".into())),
         }
+    }
+
+    /// An expired upload not swept yet gives its idempotency key up (and its parts, unless
+    /// it became an import).
+    async fn release_expired_key(&self, client: &ClientId, key: &str) -> Result<()> {
+        let mut tx = self.begin_write().await?;
+        let sql = self.sql(
+            "DELETE FROM uploads WHERE client_id = $1 AND idempotency_key = $2 \
+               AND expires_at <= {now} RETURNING id, import_id",
+        );
+        let gone: Option<(String, Option<String>)> = sqlx::query_as(sql)
+            .bind(client.as_str())
+            .bind(key)
+            .fetch_optional(&mut *tx)
+            .await?;
+        if let Some((id, None)) = &gone {
+            sqlx::query("DELETE FROM payload_parts WHERE payload_id = $1")
+                .bind(id)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(())
     }
 
     async fn upload_by_key(&self, new: &NewUpload<'_>) -> Result<Option<Upload>> {
@@ -333,17 +359,22 @@ impl Db {
             .bind(i64::from(limit))
             .fetch_all(&mut *tx)
             .await?;
-        for (id, import) in &expired {
-            if import.is_none() {
+        for (id, _) in &expired {
+            // Deleted by its expiry again: an upload a submit made an import of meanwhile
+            // is no longer unfinished, and its parts are the batch's.
+            let sql = self.sql(
+                "DELETE FROM uploads WHERE id = $1 AND expires_at <= {now} RETURNING import_id",
+            );
+            let gone: Option<Option<String>> = sqlx::query_scalar(sql)
+                .bind(id)
+                .fetch_optional(&mut *tx)
+                .await?;
+            if gone == Some(None) {
                 sqlx::query("DELETE FROM payload_parts WHERE payload_id = $1")
                     .bind(id)
                     .execute(&mut *tx)
                     .await?;
             }
-            sqlx::query("DELETE FROM uploads WHERE id = $1")
-                .bind(id)
-                .execute(&mut *tx)
-                .await?;
         }
         tx.commit().await?;
         Ok(expired.len() as u64)
