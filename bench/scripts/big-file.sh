@@ -39,7 +39,7 @@ while :; do
   sleep 0.5
 done
 end=$(date +%s.%N)
-kill -INT $pid; wait $pid 2>/dev/null || true
+pkill -INT -P $pid; wait $pid 2>/dev/null || true
 python3 - "$start" "$uploaded" "$end" "$status" "$(stat -c %s big.csv 2>/dev/null || echo 0)" <<'PY'
 import sys
 start, uploaded, end = map(float, sys.argv[1:4])
