@@ -183,7 +183,9 @@ async fn create(
         (status = 200, description = "`Upload-Offset`, `Upload-Length`, `Upload-Metadata`, \
                                       `Upload-Expires`; once imported, `DataFlow-Import-Id` \
                                       and `DataFlow-Batch-Id`"),
+        (status = 400, description = "No `Tus-Resumable` header", body = ErrorBody),
         (status = 404, description = "No such upload for this client, or it expired"),
+        (status = 412, description = "Not tus 1.0.0", body = ErrorBody),
     ),
 )]
 async fn offset(
@@ -216,7 +218,7 @@ async fn offset(
         ("Upload-Checksum" = Option<String>, Header,
          description = "`sha1 <base64>` or `sha256 <base64>`"),
     ),
-    request_body(content = Vec<u8>, content_type = "application/offset+octet-stream",
+    request_body(content = String, content_type = "application/offset+octet-stream",
                  description = "The part, as it is or with `Content-Encoding: gzip` or `zstd`"),
     responses(
         (status = 204, description = "Stored; `Upload-Offset` is the new offset. After the \
@@ -232,6 +234,7 @@ async fn offset(
         (status = 413, description = "The part runs past `Upload-Length`", body = ErrorBody),
         (status = 415, description = "Not `application/offset+octet-stream`",
          body = ErrorBody),
+        (status = 412, description = "Not tus 1.0.0", body = ErrorBody),
         (status = 460, description = "The part does not match `Upload-Checksum`",
          body = ErrorBody),
     ),
@@ -273,7 +276,9 @@ async fn append(
     ),
     responses(
         (status = 204, description = "Ended"),
+        (status = 400, description = "No `Tus-Resumable` header", body = ErrorBody),
         (status = 404, description = "No such upload for this client", body = ErrorBody),
+        (status = 412, description = "Not tus 1.0.0", body = ErrorBody),
     ),
 )]
 async fn terminate(
@@ -612,16 +617,26 @@ fn ttl_ms(state: &AppState) -> i64 {
     (state.config.upload_ttl_secs * 1000) as i64
 }
 
-/// `Tus-Resumable` must say 1.0.0 (tus: otherwise 412 with the versions supported).
+/// `Tus-Resumable` must say 1.0.0: missing, the request is malformed (400); another
+/// version is one this server does not speak (tus: 412).
 fn check_version(headers: &HeaderMap) -> ApiResult<()> {
     match headers.get("tus-resumable") {
         Some(v) if v.as_bytes() == TUS_VERSION.as_bytes() => Ok(()),
+        Some(v) if v.is_empty() => Err(missing_version()),
+        None => Err(missing_version()),
         _ => Err(ApiError::new(
             StatusCode::PRECONDITION_FAILED,
             "tus_version_unsupported",
             format!("send Tus-Resumable: {TUS_VERSION}"),
         )),
     }
+}
+
+fn missing_version() -> ApiError {
+    ApiError::bad_request(
+        "missing_tus_resumable",
+        format!("send Tus-Resumable: {TUS_VERSION} with every upload request"),
+    )
 }
 
 fn number_header(headers: &HeaderMap, name: &str) -> ApiResult<Option<u64>> {

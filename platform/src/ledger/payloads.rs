@@ -207,10 +207,7 @@ impl Db {
             .fetch_optional(&mut *tx)
             .await?;
         if let Some((id, None)) = &gone {
-            sqlx::query("DELETE FROM payload_parts WHERE payload_id = $1")
-                .bind(id)
-                .execute(&mut *tx)
-                .await?;
+            delete_parts(&mut tx, id).await?;
         }
         tx.commit().await?;
         Ok(())
@@ -300,10 +297,7 @@ impl Db {
                 .execute(&mut *tx)
                 .await?;
         if refused.rows_affected() > 0 {
-            sqlx::query("DELETE FROM payload_parts WHERE payload_id = $1")
-                .bind(id.as_str())
-                .execute(&mut *tx)
-                .await?;
+            delete_parts(&mut tx, id.as_str()).await?;
         }
         tx.commit().await?;
         Ok(())
@@ -321,10 +315,7 @@ impl Db {
         .fetch_optional(&mut *tx)
         .await?;
         if import == Some(None) {
-            sqlx::query("DELETE FROM payload_parts WHERE payload_id = $1")
-                .bind(id.as_str())
-                .execute(&mut *tx)
-                .await?;
+            delete_parts(&mut tx, id.as_str()).await?;
         }
         tx.commit().await?;
         Ok(import.is_some())
@@ -339,10 +330,7 @@ impl Db {
             .execute(&mut *tx)
             .await?;
         if gone.rows_affected() > 0 {
-            sqlx::query("DELETE FROM payload_parts WHERE payload_id = $1")
-                .bind(id.as_str())
-                .execute(&mut *tx)
-                .await?;
+            delete_parts(&mut tx, id.as_str()).await?;
         }
         tx.commit().await?;
         Ok(())
@@ -370,10 +358,7 @@ impl Db {
                 .fetch_optional(&mut *tx)
                 .await?;
             if gone == Some(None) {
-                sqlx::query("DELETE FROM payload_parts WHERE payload_id = $1")
-                    .bind(id)
-                    .execute(&mut *tx)
-                    .await?;
+                delete_parts(&mut tx, id).await?;
             }
         }
         tx.commit().await?;
@@ -462,10 +447,9 @@ impl Db {
         let mut freed = 0;
         for (id, bytes) in &expired {
             freed += count(*bytes);
-            sqlx::query("DELETE FROM payload_parts WHERE payload_id = $1")
-                .bind(id)
-                .execute(&mut *tx)
-                .await?;
+            if let Some(id) = id {
+                delete_parts(&mut tx, id).await?;
+            }
         }
         tx.commit().await?;
         Ok(ExpiredPayloads {
@@ -501,6 +485,15 @@ impl Db {
             })
             .collect()
     }
+}
+
+/// Deletes the parts of one stored file, inside the caller's transaction.
+pub(super) async fn delete_parts(tx: &mut super::Tx, payload_id: &str) -> Result<()> {
+    sqlx::query("DELETE FROM payload_parts WHERE payload_id = $1")
+        .bind(payload_id)
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
 }
 
 /// A stored file as a `Read`, for the parsers on a blocking thread (see

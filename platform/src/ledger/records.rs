@@ -12,6 +12,7 @@ use serde_json::value::RawValue;
 use sqlx::Row;
 
 use super::clients::parse_id;
+use super::payloads::delete_parts;
 use super::{Db, Dialect, NewAction, Tx, count};
 use crate::{Error, Result};
 
@@ -450,11 +451,8 @@ impl Db {
             .bind(client.as_str())
             .fetch_all(&mut **tx)
             .await?;
-        for id in &payloads {
-            sqlx::query("DELETE FROM payload_parts WHERE payload_id = $1")
-                .bind(id)
-                .execute(&mut **tx)
-                .await?;
+        for id in payloads.iter().flatten() {
+            delete_parts(tx, id).await?;
         }
         sqlx::query(
             "DELETE FROM payload_parts WHERE payload_id IN \
