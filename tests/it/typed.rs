@@ -714,12 +714,7 @@ async fn follow_feed(t: &TestApp, key: &str, limit: u32) -> Vec<Value> {
     let mut changes = Vec::new();
     let mut after = 0u64;
     loop {
-        let page: Value = t
-            .get(key, &format!("/v1/changes?after={after}&limit={limit}"))
-            .await
-            .json()
-            .await
-            .unwrap();
+        let page = feed_page(t, key, after, limit).await;
         changes.extend(page["items"].as_array().unwrap().iter().cloned());
         after = page["cursor"].as_str().unwrap().parse().unwrap();
         if page["more"] == false {
@@ -835,14 +830,7 @@ async fn the_feed_has_no_gap_while_batches_commit_at_once(b: Backend) {
             std::time::Instant::now() < deadline,
             "the feed stopped at {seen}"
         );
-        let resp = t
-            .get(&key, &format!("/v1/changes?after={seen}&limit=1000"))
-            .await;
-        if resp.status() == 429 {
-            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-            continue;
-        }
-        let page: Value = resp.json().await.unwrap();
+        let page = feed_page(&t, &key, seen, 1000).await;
         for c in page["items"].as_array().unwrap() {
             seen += 1;
             assert_eq!(
@@ -856,14 +844,25 @@ async fn the_feed_has_no_gap_while_batches_commit_at_once(b: Backend) {
     for batch in &batches {
         t.wait_for(&key, batch, BatchStatus::Completed).await;
     }
-    let page: Value = t
-        .get(&key, &format!("/v1/changes?after={seen}"))
-        .await
-        .json()
-        .await
-        .unwrap();
+    let page = feed_page(&t, &key, seen, 1000).await;
     assert_eq!(page["items"], json!([]), "nothing past the 1,600 changes");
     t.stop().await;
+}
+
+/// One page of the change feed; tests poll faster than a client's rate allows, so a 429
+/// is waited out rather than read as a page.
+async fn feed_page(t: &TestApp, key: &str, after: u64, limit: u32) -> Value {
+    loop {
+        let resp = t
+            .get(key, &format!("/v1/changes?after={after}&limit={limit}"))
+            .await;
+        if resp.status() == 429 {
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            continue;
+        }
+        assert_eq!(resp.status(), 200);
+        return resp.json().await.unwrap();
+    }
 }
 
 async fn a_purge_removes_a_clients_data_and_is_logged(b: Backend) {
