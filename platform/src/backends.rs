@@ -41,7 +41,7 @@ use crate::guards::dedup::DedupFastPath;
 use crate::guards::limiter::{InProcessLimiter, Limiter, RedisLimiter};
 use crate::guards::lockout::{InProcessLockout, Lockout, LockoutPolicy, RedisLockout};
 use crate::jobqueue::{ApalisQueues, JobQueues, RedisJobQueue};
-use crate::ledger::{ClientRecord, Db, KeyRecord};
+use crate::ledger::{ClientRecord, Db, KeyRecord, PoolSettings};
 use crate::redis::{Purpose, Redis};
 use crate::{Error, Result};
 
@@ -188,8 +188,15 @@ pub async fn open_ledger(config: &Config) -> Result<Db> {
     // second): a stopped worker's successor takes its batch within about a lease.
     let hold = (Duration::from_secs(config.worker.lease_secs) / 3).max(Duration::from_secs(1));
     Ok(
-        Db::connect_holding(&config.database_url(), config.db_max_connections, hold)
-            .await?
+        Db::connect_with(
+            &config.database_url(),
+            PoolSettings {
+                max_connections: config.db_max_connections,
+                idle_in_transaction: hold,
+                sqlite_cache_mib: config.sqlite_cache_mib,
+            },
+        )
+        .await?
             .with_job_max_attempts(config.jobs.max_attempts)
             .with_durable_commits(config.sqlite_durable_commits),
     )

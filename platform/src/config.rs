@@ -54,6 +54,9 @@ pub struct Config {
     /// Connections in the SQL pool. On PostgreSQL a process opens up to half as many again
     /// (at least one) for bookkeeping writes, which commit without waiting for the disk.
     pub db_max_connections: u32,
+    /// SQLite: the page cache, in MiB, that a process's connections share evenly (at least
+    /// 1 MiB each); with the pool's size, it sets most of an embedded process's memory.
+    pub sqlite_cache_mib: u32,
     /// `redis://` or `rediss://` (TLS), password in the URL. Unset: embedded fallbacks.
     pub redis_url: Option<Secret>,
     /// Every Redis key DataFlow writes starts with `<redis_prefix>:`.
@@ -86,6 +89,7 @@ impl Default for Config {
             admin_token: None,
             secret: None,
             db_max_connections: 10,
+            sqlite_cache_mib: crate::ledger::DEFAULT_SQLITE_CACHE_MIB,
             sqlite_durable_commits: true,
             auto_migrate: true,
             redis_url: None,
@@ -539,6 +543,9 @@ impl Config {
         }
         if self.db_max_connections == 0 {
             return bad("db_max_connections must be at least 1");
+        }
+        if self.sqlite_cache_mib == 0 {
+            return bad("sqlite_cache_mib must be at least 1");
         }
         if self.worker.concurrency == 0 || self.worker.chunk_size == 0 {
             return bad("worker.concurrency and worker.chunk_size must be at least 1");

@@ -73,11 +73,49 @@ const IDLE_BEFORE_PING: std::time::Duration = std::time::Duration::from_secs(1);
 /// durable in WAL mode against process crashes, and against a host crash once [`flush`]
 /// has synced the log (within milliseconds, and before anything is answered:
 /// [`Db::durable`]); the busy timeout still covers writers outside the gate (another tool on
-/// the file); a 64 MiB page cache per connection keeps hot indexes out of read(2);
-/// checkpoints run beside the writers, not in their commits (see [`gate`]).
+/// the file); checkpoints run beside the writers, not in their commits (see [`gate`]). The
+/// page cache is set per connection by [`sqlite_session`].
 const SQLITE_SESSION: &str = "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; \
-     PRAGMA busy_timeout = 10000; PRAGMA foreign_keys = ON; PRAGMA cache_size = -65536; \
-     PRAGMA wal_autocheckpoint = 0;";
+     PRAGMA busy_timeout = 10000; PRAGMA foreign_keys = ON; PRAGMA wal_autocheckpoint = 0;";
+
+/// The session of each of `connections` SQLite connections sharing `cache_mib` of page
+/// cache evenly (at least 1 MiB each).
+///
+/// Why a share of one budget and not a size per connection: a process's memory is bounded
+/// by the sum, which an operator sets once whatever the pool's size. Little is lost by it:
+/// in WAL mode a connection empties its cache whenever another connection has written
+/// since its last transaction, so in a process that writes a large cache does not stay
+/// warm for long anyway.
+fn sqlite_session(cache_mib: u32, connections: u32) -> String {
+    let kib = (u64::from(cache_mib) * 1024 / u64::from(connections.max(1))).max(1024);
+    format!("{SQLITE_SESSION} PRAGMA cache_size = -{kib};")
+}
+
+/// How a process's pool connects ([`Db::connect_with`]).
+#[derive(Debug, Clone, Copy)]
+pub struct PoolSettings {
+    /// Connections in the main pool.
+    pub max_connections: u32,
+    /// PostgreSQL: how long a session may sit idle inside a transaction
+    /// ([`DEFAULT_IDLE_IN_TRANSACTION`] says why).
+    pub idle_in_transaction: std::time::Duration,
+    /// SQLite: the page cache all of the pool's connections share ([`sqlite_session`]).
+    pub sqlite_cache_mib: u32,
+}
+
+impl PoolSettings {
+    /// `max_connections` with the defaults for the rest.
+    pub fn new(max_connections: u32) -> PoolSettings {
+        PoolSettings {
+            max_connections,
+            idle_in_transaction: DEFAULT_IDLE_IN_TRANSACTION,
+            sqlite_cache_mib: DEFAULT_SQLITE_CACHE_MIB,
+        }
+    }
+}
+
+/// The page cache a process's SQLite connections share unless configured otherwise.
+pub const DEFAULT_SQLITE_CACHE_MIB: u32 = 64;
 
 /// Bookkeeping on PostgreSQL: relay marks, the job ledger's claims and settles, stored
 /// reports and daily summaries ([`Db::background_writer`]) commit with `synchronous_commit
@@ -98,7 +136,7 @@ const SQLITE_SESSION: &str = "PRAGMA journal_mode = WAL; PRAGMA synchronous = NO
 const BOOKKEEPING: &str = "SET synchronous_commit = off";
 
 /// How long a PostgreSQL session may sit idle inside a transaction before the server ends
-/// it, when the caller sets nothing shorter ([`Db::connect_holding`]).
+/// it, when the caller sets nothing shorter ([`PoolSettings`]).
 ///
 /// Why: a process that stops between two statements of a transaction (`SIGSTOP`, a VM
 /// pause, a debugger) keeps its row locks for as long as it is stopped. Its lease lapses,
@@ -186,17 +224,17 @@ pub struct Db {
 impl Db {
     /// Connects (creating the SQLite file and its folder when needed).
     pub async fn connect(url: &str, max_connections: u32) -> Result<Db> {
-        Self::connect_holding(url, max_connections, DEFAULT_IDLE_IN_TRANSACTION).await
+        Self::connect_with(url, PoolSettings::new(max_connections)).await
     }
 
-    /// [`Db::connect`] whose PostgreSQL sessions hold a transaction's locks for at most
-    /// `idle_in_transaction` of idleness ([`DEFAULT_IDLE_IN_TRANSACTION`] says why); a
-    /// worker passes a fraction of its lease, so no lock outlives a lease.
-    pub async fn connect_holding(
-        url: &str,
-        max_connections: u32,
-        idle_in_transaction: std::time::Duration,
-    ) -> Result<Db> {
+    /// [`Db::connect`] with every pool setting chosen; a worker passes a fraction of its
+    /// lease as `idle_in_transaction`, so no lock outlives a lease.
+    pub async fn connect_with(url: &str, settings: PoolSettings) -> Result<Db> {
+        let PoolSettings {
+            max_connections,
+            idle_in_transaction,
+            sqlite_cache_mib,
+        } = settings;
         install_default_drivers();
         let dialect = if url.starts_with("sqlite:") {
             Dialect::Sqlite
@@ -211,7 +249,7 @@ impl Db {
             Dialect::Postgres => (url.to_owned(), None),
         };
         let (session, bookkeeping_session) = match dialect {
-            Dialect::Sqlite => (SQLITE_SESSION.to_owned(), None),
+            Dialect::Sqlite => (sqlite_session(sqlite_cache_mib, max_connections), None),
             Dialect::Postgres => {
                 let hold = format!(
                     "SET idle_in_transaction_session_timeout = {}",
