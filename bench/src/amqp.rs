@@ -93,8 +93,17 @@ pub async fn run(args: AmqpArgs) -> anyhow::Result<()> {
     let run = ulid::Ulid::new().to_string().to_lowercase();
     let prefix = format!("dataflow-bench-{run}.");
     let result = measure(&args, &run, &prefix).await;
-    let names = Names::new(&amqp_config(&args, &prefix, 1).amqp);
-    let (_conn, ch) = raw_channel(&args.amqp_url).await?;
+    delete_topology(&args.amqp_url, &amqp_config(&args, &prefix, 1).amqp).await?;
+    result
+}
+
+/// Deletes the queues and exchanges a DataFlow on `config` declares.
+pub(crate) async fn delete_topology(
+    amqp_url: &str,
+    config: &dataflow_platform::config::AmqpConfig,
+) -> anyhow::Result<()> {
+    let names = Names::new(config);
+    let (_conn, ch) = raw_channel(amqp_url).await?;
     for q in [&names.ready_queue, &names.dead_letter_queue] {
         ch.queue_delete(q.as_str().into(), QueueDeleteOptions::default())
             .await?;
@@ -103,7 +112,7 @@ pub async fn run(args: AmqpArgs) -> anyhow::Result<()> {
         ch.exchange_delete(x.as_str().into(), ExchangeDeleteOptions::default())
             .await?;
     }
-    result
+    Ok(())
 }
 
 async fn measure(args: &AmqpArgs, run: &str, prefix: &str) -> anyhow::Result<()> {

@@ -14,9 +14,13 @@
 //!
 //! `dataflow-bench records` ([`records`]): a dry run against a full table, and an export
 //! of every record, with the peak memory of each.
+//!
+//! `dataflow-bench neighbours` ([`neighbours`]): one client's steady imports, alone and
+//! under another client's flood, through real `dataflow` processes.
 
 pub mod amqp;
 pub mod jobs;
+pub mod neighbours;
 pub mod records;
 
 use std::time::{Duration, Instant};

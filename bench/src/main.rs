@@ -26,6 +26,9 @@ enum Bench {
     Amqp(dataflow_bench::amqp::AmqpArgs),
     /// A dry run against a full table and an export of every record: rows/s, peak memory.
     Records(dataflow_bench::records::RecordsArgs),
+    /// One client's flood against another's steady imports: the steady client's latency
+    /// alone and under the flood, with DataFlow as real processes.
+    Neighbours(dataflow_bench::neighbours::NeighboursArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -41,6 +44,7 @@ fn main() -> anyhow::Result<()> {
                 Bench::Jobs(args) => dataflow_bench::jobs::run(args).await,
                 Bench::Amqp(args) => dataflow_bench::amqp::run(args).await,
                 Bench::Records(args) => dataflow_bench::records::run(args).await,
+                Bench::Neighbours(args) => dataflow_bench::neighbours::run(args).await,
             }
         })
 }

@@ -134,6 +134,36 @@ async fn amqp_bench_runs() {
 }
 register!(amqp_bench_runs);
 
+/// The neighbours benchmark runs `dataflow` itself as processes: the debug binary that
+/// `cargo test --workspace` builds beside this test (`target/debug/dataflow`).
+async fn neighbours_bench_runs_as_processes() {
+    let deps = std::env::current_exe().unwrap();
+    let bin = deps.parent().unwrap().parent().unwrap().join("dataflow");
+    assert!(
+        bin.exists(),
+        "no {}: build it first (cargo build -p dataflow)",
+        bin.display()
+    );
+    let args = dataflow_bench::neighbours::NeighboursArgs {
+        bin,
+        database_url: None,
+        redis_url: None,
+        amqp_url: None,
+        workers: 2,
+        flood: 4,
+        flood_records: 300,
+        imports: 3,
+        records: 50,
+        interval_ms: 100,
+        flood_only: false,
+    };
+    // The benchmark's HTTP client needs TLS's provider, which an in-process DataFlow would
+    // have installed.
+    dataflow_platform::install_crypto_provider();
+    dataflow_bench::neighbours::run(args).await.unwrap();
+}
+register!(neighbours_bench_runs_as_processes);
+
 fn main() -> std::process::ExitCode {
     common::harness::main()
 }

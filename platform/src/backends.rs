@@ -187,19 +187,17 @@ pub async fn open_ledger(config: &Config) -> Result<Db> {
     // No session may keep a transaction's locks past a third of a lease (at least a
     // second): a stopped worker's successor takes its batch within about a lease.
     let hold = (Duration::from_secs(config.worker.lease_secs) / 3).max(Duration::from_secs(1));
-    Ok(
-        Db::connect_with(
-            &config.database_url(),
-            PoolSettings {
-                max_connections: config.db_max_connections,
-                idle_in_transaction: hold,
-                sqlite_cache_mib: config.sqlite_cache_mib,
-            },
-        )
-        .await?
-            .with_job_max_attempts(config.jobs.max_attempts)
-            .with_durable_commits(config.sqlite_durable_commits),
+    Ok(Db::connect_with(
+        &config.database_url(),
+        PoolSettings {
+            max_connections: config.db_max_connections,
+            idle_in_transaction: hold,
+            sqlite_cache_mib: config.sqlite_cache_mib,
+        },
     )
+    .await?
+    .with_job_max_attempts(config.jobs.max_attempts)
+    .with_durable_commits(config.sqlite_durable_commits))
 }
 
 impl Backends {
@@ -348,17 +346,37 @@ fn resolve_secret(configured: Option<&Secret>, data_dir: &Path, name: &str) -> R
     }
     let path = data_dir.join(name);
     let io = |context: String| move |source| Error::Io { context, source };
-    match std::fs::read_to_string(&path) {
-        Ok(s) if !s.trim().is_empty() => return Ok(Secret::new(s.trim())),
-        Ok(_) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(io(format!("reading {}", path.display()))(e)),
+    let read = |path: &Path| match std::fs::read_to_string(path) {
+        Ok(s) if !s.trim().is_empty() => Ok(Some(Secret::new(s.trim()))),
+        Ok(_) => Err(Error::Config(format!(
+            "{} is empty: delete it and a new one is generated (or set it in the configuration)",
+            path.display()
+        ))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(io(format!("reading {}", path.display()))(e)),
+    };
+    if let Some(secret) = read(&path)? {
+        return Ok(secret);
     }
     std::fs::create_dir_all(data_dir).map_err(io(format!("creating {}", data_dir.display())))?;
+    // Processes sharing the folder may start together: each writes a whole file of its
+    // own, and a hard link publishes it under the name only if no other did first, so
+    // every process reads the same complete secret and none finds the name half written.
     let token = keys::random_token();
-    write_private(&path, &token).map_err(io(format!("writing {}", path.display())))?;
-    tracing::info!(path = %path.display(), "generated {name}; keep this file private");
-    Ok(Secret::new(token))
+    let draft = data_dir.join(format!(".{name}.{}", keys::random_token()));
+    write_private(&draft, &token).map_err(io(format!("writing {}", draft.display())))?;
+    let published = std::fs::hard_link(&draft, &path);
+    let _ = std::fs::remove_file(&draft);
+    match published {
+        Ok(()) => {
+            tracing::info!(path = %path.display(), "generated {name}; keep this file private");
+            Ok(Secret::new(token))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            read(&path)?.ok_or_else(|| Error::Config(format!("{} vanished", path.display())))
+        }
+        Err(e) => Err(io(format!("writing {}", path.display()))(e)),
+    }
 }
 
 fn write_private(path: &Path, contents: &str) -> std::io::Result<()> {
@@ -368,4 +386,45 @@ fn write_private(path: &Path, contents: &str) -> std::io::Result<()> {
     #[cfg(unix)]
     std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
     options.open(path)?.write_all(contents.as_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn processes_starting_together_share_one_generated_secret() {
+        for round in 0..20 {
+            let dir = std::env::temp_dir()
+                .join(format!("dataflow-secret-{}-{round}", keys::random_token()));
+            let start = std::sync::Arc::new(std::sync::Barrier::new(8));
+            let racers: Vec<_> = (0..8)
+                .map(|_| {
+                    let (dir, start) = (dir.clone(), start.clone());
+                    std::thread::spawn(move || {
+                        start.wait();
+                        resolve_secret(None, &dir, "admin-token").map(|s| s.expose().to_owned())
+                    })
+                })
+                .collect();
+            let secrets: Vec<String> = racers
+                .into_iter()
+                .map(|r| r.join().unwrap().unwrap())
+                .collect();
+            assert!(secrets.iter().all(|s| s == &secrets[0]), "{secrets:?}");
+            let files = std::fs::read_dir(&dir).unwrap().count();
+            assert_eq!(files, 1, "only the secret is left in the folder");
+            std::fs::remove_dir_all(&dir).unwrap();
+        }
+    }
+
+    #[test]
+    fn an_empty_secret_file_says_what_to_do() {
+        let dir = std::env::temp_dir().join(format!("dataflow-secret-{}", keys::random_token()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("server-secret"), "\n").unwrap();
+        let e = resolve_secret(None, &dir, "server-secret").unwrap_err();
+        assert!(e.to_string().contains("delete it"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

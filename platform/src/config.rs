@@ -225,6 +225,12 @@ pub struct WorkerConfig {
     /// claim to its outcome, mostly waiting on the ledger, and its payload and prepared
     /// records stay in memory meanwhile.
     pub concurrency: usize,
+    /// Of a worker's slots, how many are kept for clients with nothing in progress
+    /// anywhere in the fleet: the last free ones, which a client already being served may
+    /// not take. A client that arrives while another's backlog fills the fleet then starts
+    /// at once instead of waiting for one of that backlog's batches to end. At most
+    /// `concurrency - 1` of them are kept; 0 turns it off.
+    pub reserved_slots: usize,
     /// Records per committed chunk (and per checkpoint).
     pub chunk_size: usize,
     /// Lease length; every chunk renews it.
@@ -253,6 +259,11 @@ pub struct WorkerConfig {
 }
 
 impl WorkerConfig {
+    /// The slots kept for clients with nothing in progress: never all of them.
+    pub fn reserved_slots(&self) -> usize {
+        self.reserved_slots.min(self.concurrency.saturating_sub(1))
+    }
+
     /// The summary schedule, or `None` when summaries are off.
     pub fn summary_schedule(&self) -> Result<Option<cron::Schedule>> {
         if self.summary_schedule.trim().is_empty() {
@@ -271,6 +282,7 @@ impl Default for WorkerConfig {
             // Fewer slots leave `batch.ready` deliveries queued for one at a steady load, which
             // shows in the commit → start tail (docs/performance.md, "Why the code is as it is").
             concurrency: 8,
+            reserved_slots: 1,
             chunk_size: 5_000,
             lease_secs: 30,
             poll_interval_ms: 1_000,

@@ -16,6 +16,7 @@ use dataflow_platform::Config;
 use dataflow_platform::broker::Names;
 use dataflow_platform::config::Secret;
 use dataflow_platform::events::Mode;
+use dataflow_platform::ledger::Claimable;
 use dataflow_platform::ledger::leases::OUTBOX_RELAY;
 use futures::StreamExt;
 use lapin::options::{
@@ -1145,7 +1146,11 @@ async fn a_lapsed_lease_is_taken_over_when_it_runs_out_not_at_the_sweep(b: Backe
     wait_backlog(&api, 0).await;
     // A holder that claimed the batch and was never heard of again; its lease is short, so
     // it lapses before the fleet registry could judge the holder gone.
-    let ghost = api.db.claim_next("ghost", 2_000).await.unwrap();
+    let ghost = api
+        .db
+        .claim_next("ghost", 2_000, Claimable::AnyClient)
+        .await
+        .unwrap();
     assert_eq!(ghost.map(|l| l.batch_id), Some(imp.batch_id.clone()));
 
     let worker = api

@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 use dataflow::Roles;
 use dataflow_contracts::http::{ErrorBody, ImportView};
 use dataflow_contracts::{BatchId, BatchStatus, ClientId, Priority};
+use dataflow_platform::ledger::Claimable;
 use serde_json::json;
 
 use crate::helpers::{Backend, TestApp, backend_tests, csv};
@@ -16,6 +17,7 @@ backend_tests!(
     priority_orders_a_clients_own_batches,
     concurrent_claims_never_exceed_a_clients_cap,
     the_cap_holds_across_worker_processes,
+    a_workers_last_slot_waits_for_a_client_with_nothing_in_progress,
 );
 
 /// An API-only process: the test claims, or runs worker processes of its own.
@@ -152,7 +154,7 @@ async fn concurrent_claims_never_exceed_a_clients_cap(b: Backend) {
     let claims = (0..8).map(|i| {
         let db = t.db.clone();
         async move {
-            db.claim_next(&format!("claimer-{i}"), 60_000)
+            db.claim_next(&format!("claimer-{i}"), 60_000, Claimable::AnyClient)
                 .await
                 .unwrap()
         }
@@ -183,9 +185,18 @@ async fn concurrent_claims_never_exceed_a_clients_cap(b: Backend) {
     // A place frees up when a lease ends: the next claim takes it.
     let done = leases.iter().find(|l| l.client_id == capped).unwrap();
     t.db.release_batch(done).await.unwrap();
-    let next = t.db.claim_next("after", 60_000).await.unwrap().unwrap();
+    let next =
+        t.db.claim_next("after", 60_000, Claimable::AnyClient)
+            .await
+            .unwrap()
+            .unwrap();
     assert_eq!(next.client_id, capped);
-    assert!(t.db.claim_next("full", 60_000).await.unwrap().is_none());
+    assert!(
+        t.db.claim_next("full", 60_000, Claimable::AnyClient)
+            .await
+            .unwrap()
+            .is_none()
+    );
     t.stop().await;
 }
 
@@ -232,5 +243,40 @@ async fn the_cap_holds_across_worker_processes(b: Backend) {
     for id in &others {
         assert_eq!(t.batch(&free_key, id).await.status, BatchStatus::Completed);
     }
+    t.stop().await;
+}
+
+async fn a_workers_last_slot_waits_for_a_client_with_nothing_in_progress(b: Backend) {
+    // Two slots, one of them reserved (the default `worker.reserved_slots`).
+    let Some(t) = TestApp::spawn_with(b, Roles::API, |c| c.worker.concurrency = 2).await else {
+        return;
+    };
+    let (busy, busy_key) = t.client(json!({})).await;
+    let (_, late_key) = t.client(json!({})).await;
+    submit_many(&t, &busy_key, "busy", 3, 5).await;
+    let w = t.worker();
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let _first = w.slot(&shutdown).await.unwrap();
+    let lease = w
+        .claim_next()
+        .await
+        .unwrap()
+        .expect("the first slot serves anyone");
+    assert_eq!(lease.client_id, busy);
+    // The last free slot: the busy client has batches waiting but one in progress already.
+    let _last = w.slot(&shutdown).await.unwrap();
+    assert!(w.claim_next().await.unwrap().is_none());
+    assert_eq!(in_flight(&t, &busy).await, 1);
+    // A client arriving now takes it at once, though it came last.
+    let late = submit_many(&t, &late_key, "late", 1, 5).await;
+    let lease = w.claim_next().await.unwrap().expect("the newcomer's batch");
+    assert_eq!(lease.batch_id, late[0]);
+    // Nobody else is idle: the ledger turns a reserved claim away.
+    assert!(
+        t.db.claim_next("another", 60_000, Claimable::IdleClients)
+            .await
+            .unwrap()
+            .is_none()
+    );
     t.stop().await;
 }

@@ -34,7 +34,7 @@ use dataflow_platform::coordination::mutex::{Acquired, BatchMutex};
 use dataflow_platform::dashboard::live::LiveBus;
 use dataflow_platform::domain::compiled::CompiledSchemas;
 use dataflow_platform::events::Mode;
-use dataflow_platform::ledger::{ChunkResult, Db, FailOutcome, Lease};
+use dataflow_platform::ledger::{ChunkResult, Claimable, Db, FailOutcome, Lease};
 
 use crate::chunks::{Chunks, Handed, Source};
 use dataflow_platform::{Error, Result};
@@ -211,14 +211,25 @@ impl Worker {
     }
 
     /// Claims the next available batch, if any. With the Redlock mutex the batch is locked
-    /// first and leased second; batches locked by other workers are left to them.
+    /// first and leased second; batches locked by other workers are left to them. A claim
+    /// made for one of the worker's last free slots (`worker.reserved_slots`; the caller
+    /// holds the slot it claims for) takes only a batch of a client with nothing in
+    /// progress.
     pub async fn claim_next(&self) -> Result<Option<Lease>> {
+        let claimable = if self.permits.available_permits() < self.config.reserved_slots() {
+            Claimable::IdleClients
+        } else {
+            Claimable::AnyClient
+        };
         if matches!(*self.mutex, BatchMutex::SqlOnly) {
-            return self.db.claim_next(&self.id, self.lease_ms()).await;
+            return self
+                .db
+                .claim_next(&self.id, self.lease_ms(), claimable)
+                .await;
         }
         let candidates = self
             .db
-            .claimable_batches(self.config.concurrency as u32 * 2)
+            .claimable_batches(self.config.concurrency as u32 * 2, claimable)
             .await?;
         for id in candidates {
             let lock = match self

@@ -78,12 +78,24 @@ macro_rules! pick_client {
     };
 }
 
+/// `$client` has no batch in progress under a live lease ([`Claimable::IdleClients`]).
+macro_rules! idle {
+    ($client:literal) => {
+        concat!(
+            " AND NOT EXISTS (SELECT 1 FROM batches held WHERE held.client_id = ",
+            $client,
+            " AND held.status = 'processing' AND held.lease_expires_at >= {now})"
+        )
+    };
+}
+
 /// The next client in the fair share: among those with a batch a claim may take and room
-/// under their cap, the one with the smallest place in the round. Each test is a scalar
-/// subquery on purpose: the clients are read in the order of their place and the first
-/// that passes ends the search, where a join would gather every claimable batch first.
+/// under their cap (and that pass `$only`: empty, or [`idle`]), the one with the smallest
+/// place in the round. Each test is a scalar subquery on purpose: the clients are read in
+/// the order of their place and the first that passes ends the search, where a join would
+/// gather every claimable batch first.
 macro_rules! fair_next_client {
-    ($lock:literal) => {
+    ($lock:literal, $only:expr) => {
         concat!(
             "SELECT c.id FROM clients c WHERE COALESCE(",
             first_ready!("c.id"),
@@ -91,10 +103,21 @@ macro_rules! fair_next_client {
             first_lapsed!("c.id"),
             ") IS NOT NULL AND ",
             under_cap!("c.id"),
+            $only,
             " ORDER BY c.claim_pass, c.id LIMIT 1 ",
             $lock
         )
     };
+}
+
+/// Whose batches a claim may take.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Claimable {
+    /// Any client's, in the fair share.
+    AnyClient,
+    /// Only those of clients with no batch in progress: the claim of a worker's reserved
+    /// slot (`worker.reserved_slots`), which a client already being served cannot fill.
+    IdleClients,
 }
 
 /// A client's own order: its highest priority first, then the oldest.
@@ -240,9 +263,15 @@ pub enum FailOutcome {
 impl Db {
     /// Claims the next batch in the fair share: the client whose turn it is among those
     /// with a batch to take and room under their `max_concurrent_batches` (round robin,
-    /// weighted by `weight`), then that client's batch of highest priority, oldest first
-    /// (a batch whose lease expired counts as ready since it was created).
-    pub async fn claim_next(&self, owner: &str, lease_ms: i64) -> Result<Option<Lease>> {
+    /// weighted by `weight`; only clients with nothing in progress when `claimable` says
+    /// so), then that client's batch of highest priority, oldest first (a batch whose
+    /// lease expired counts as ready since it was created).
+    pub async fn claim_next(
+        &self,
+        owner: &str,
+        lease_ms: i64,
+        claimable: Claimable,
+    ) -> Result<Option<Lease>> {
         // On PostgreSQL a claim first skips the clients that other claims hold; when that
         // finds none it waits for one instead, or a single busy client would serve one
         // claim at a time and turn the others away empty-handed. A turn can come to
@@ -250,10 +279,17 @@ impl Db {
         // then the next client is tried.
         let mut wait = false;
         for _ in 0..3 {
-            let pick = if wait {
-                pick_client!(fair_next_client!("{for_update}"))
-            } else {
-                pick_client!(fair_next_client!("{skip_locked}"))
+            let pick = match (wait, claimable) {
+                (true, Claimable::AnyClient) => pick_client!(fair_next_client!("{for_update}", "")),
+                (false, Claimable::AnyClient) => {
+                    pick_client!(fair_next_client!("{skip_locked}", ""))
+                }
+                (true, Claimable::IdleClients) => {
+                    pick_client!(fair_next_client!("{for_update}", idle!("c.id")))
+                }
+                (false, Claimable::IdleClients) => {
+                    pick_client!(fair_next_client!("{skip_locked}", idle!("c.id")))
+                }
             };
             let mut tx = self.begin_urgent_write().await?;
             let client: Option<String> = sqlx::query_scalar(self.sql(pick))
@@ -298,22 +334,34 @@ impl Db {
     }
 
     /// Ids of batches a claim could take now, in the fair share's order: the batches of
-    /// the client whose turn it is, ready ones first, then those under a lapsed lease (for
-    /// workers that lock before they claim).
-    pub async fn claimable_batches(&self, limit: u32) -> Result<Vec<BatchId>> {
-        let sql = self.sql(concat!(
-            "WITH next AS (",
-            fair_next_client!(""),
-            ") SELECT id FROM (SELECT id FROM batches \
-                 WHERE client_id = (SELECT id FROM next) AND status = 'ready' \
-                   AND available_at <= {now}",
-            client_order!(),
-            " LIMIT $1) AS due UNION ALL SELECT id FROM (SELECT id FROM batches \
-                 WHERE client_id = (SELECT id FROM next) AND status = 'processing' \
-                   AND lease_expires_at < {now}",
-            client_order!(),
-            " LIMIT $1) AS lapsed"
-        ));
+    /// the client whose turn it is (among those `claimable` allows), ready ones first, then
+    /// those under a lapsed lease (for workers that lock before they claim).
+    pub async fn claimable_batches(
+        &self,
+        limit: u32,
+        claimable: Claimable,
+    ) -> Result<Vec<BatchId>> {
+        macro_rules! of_next_client {
+            ($only:expr) => {
+                concat!(
+                    "WITH next AS (",
+                    fair_next_client!("", $only),
+                    ") SELECT id FROM (SELECT id FROM batches \
+                         WHERE client_id = (SELECT id FROM next) AND status = 'ready' \
+                           AND available_at <= {now}",
+                    client_order!(),
+                    " LIMIT $1) AS due UNION ALL SELECT id FROM (SELECT id FROM batches \
+                         WHERE client_id = (SELECT id FROM next) AND status = 'processing' \
+                           AND lease_expires_at < {now}",
+                    client_order!(),
+                    " LIMIT $1) AS lapsed"
+                )
+            };
+        }
+        let sql = self.sql(match claimable {
+            Claimable::AnyClient => of_next_client!(""),
+            Claimable::IdleClients => of_next_client!(idle!("c.id")),
+        });
         let ids: Vec<String> = sqlx::query_scalar(sql)
             .bind(i64::from(limit))
             .fetch_all(self.pool())

@@ -39,7 +39,7 @@ pub mod schemas;
 pub mod summaries;
 
 pub use actions::{ActionRecord, NewAction};
-pub use batches::{BatchAction, ChunkResult, ErrorCursor, FailOutcome, Lease};
+pub use batches::{BatchAction, ChunkResult, Claimable, ErrorCursor, FailOutcome, Lease};
 pub use clients::{ClientRecord, KeyRecord, StoredSchema};
 pub use commits::CommitWake;
 pub use gate::{Tx, Writer};
