@@ -88,9 +88,17 @@ async fn measure(args: &NeighboursArgs, p: &mut Processes, backend: &str) -> any
     let open = json!({"rate_per_minute": 600_000, "rate_burst": 10_000, "dedup_window_secs": 0});
     let a = p.client("flood", &json!({"max_records": args.flood_records}), &open)?;
     let b = p.client("steady", &json!({"max_records": args.records}), &open)?;
-    p.start()?;
+    // The API first: it generates the folder's secrets (older builds cannot share their
+    // generation between processes starting together).
+    p.spawn("serve")?;
     let api = Api::new(p.addr);
     api.ready().await?;
+    for i in 0..args.workers {
+        p.spawn(&format!("worker-{i}"))?;
+    }
+    // A first import of B's, unmeasured: the workers are up and their connections open.
+    let warm_up = api.submit(&b, csv_body(usize::MAX, 1)).await?;
+    api.completion(&b, &warm_up, "warm-up").await?;
     let line = |phase: &str, l: &Latencies| {
         println!(
             "name=neighbours backend={backend} workers={} phase={phase} imports={} records={} \
@@ -111,14 +119,14 @@ async fn measure(args: &NeighboursArgs, p: &mut Processes, backend: &str) -> any
     let alone = if args.flood_only {
         None
     } else {
-        let l = steady(&api, &b, args, "alone").await?;
+        let l = steady(&api, &b, args, "alone", 0).await?;
         line("alone", &l);
         Some(l)
     };
 
     let started = Instant::now();
     let flood = tokio::spawn(flood(api.clone(), a.clone(), args.clone()));
-    let under = steady(&api, &b, args, "flood").await?;
+    let under = steady(&api, &b, args, "flood", args.imports).await?;
     let flood_submit_s = flood.await??;
     let a_done = api.completed(&a).await?;
     line("flood", &under);
@@ -136,43 +144,30 @@ async fn measure(args: &NeighboursArgs, p: &mut Processes, backend: &str) -> any
     Ok(())
 }
 
-/// B's imports, one every `interval_ms`; returns each one's submit → completed latency once
-/// all have completed.
+/// B's imports, one every `interval_ms`, numbered from `first` (each phase's records are
+/// new ones, not updates of the last phase's); returns each one's submit → completed
+/// latency once all have completed.
 async fn steady(
     api: &Api,
     key: &str,
     args: &NeighboursArgs,
     phase: &str,
+    first: usize,
 ) -> anyhow::Result<Latencies> {
     let mut sent = Vec::with_capacity(args.imports);
     let mut tick = tokio::time::interval(Duration::from_millis(args.interval_ms));
-    for i in 0..args.imports {
+    for i in first..first + args.imports {
         tick.tick().await;
         let at = now_ms();
         let batch = api.submit(key, csv_body(i, args.records)).await?;
         sent.push((batch, at));
     }
     let mut latencies = Vec::with_capacity(sent.len());
-    let deadline = Instant::now() + Duration::from_secs(1_800);
-    while let Some((batch, at)) = sent.pop() {
-        loop {
-            let view = api.batch(key, &batch).await?;
-            match view["status"].as_str() {
-                Some("completed") => {
-                    let started = time_of(&view, "started_at")?;
-                    let done = time_of(&view, "completed_at")?;
-                    latencies.push(((done - at) as f64, (started - at) as f64));
-                    break;
-                }
-                Some("ready" | "processing" | "retrying") => {}
-                other => bail!("{phase}: B's batch {batch} ended {other:?}: {view}"),
-            }
-            ensure!(
-                Instant::now() < deadline,
-                "{phase}: B's batches did not complete"
-            );
-            tokio::time::sleep(Duration::from_millis(250)).await;
-        }
+    for (batch, at) in sent {
+        let view = api.completion(key, &batch, phase).await?;
+        let started = time_of(&view, "started_at")?;
+        let done = time_of(&view, "completed_at")?;
+        latencies.push(((done - at) as f64, (started - at) as f64));
     }
     Ok(Latencies::of(latencies))
 }
@@ -302,6 +297,24 @@ impl Api {
         Ok(resp.json().await?)
     }
 
+    /// The batch's view once it completed (within 30 minutes).
+    async fn completion(&self, key: &str, batch: &str, phase: &str) -> anyhow::Result<Value> {
+        let deadline = Instant::now() + Duration::from_secs(1_800);
+        loop {
+            let view = self.batch(key, batch).await?;
+            match view["status"].as_str() {
+                Some("completed") => return Ok(view),
+                Some("ready" | "processing" | "retrying") => {}
+                other => bail!("{phase}: batch {batch} ended {other:?}: {view}"),
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "{phase}: batch {batch} did not complete"
+            );
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
     /// How many of the client's batches have completed.
     async fn completed(&self, key: &str) -> anyhow::Result<usize> {
         let mut count = 0;
@@ -373,10 +386,7 @@ impl Processes {
     fn command(&self, args: &[&str]) -> Command {
         let mut command = Command::new(&self.bin);
         for (name, _) in std::env::vars() {
-            let configures = ["DATABASE_URL", "REDIS_URL", "AMQP_URL", "SMTP_URL"]
-                .contains(&name.as_str())
-                || name.starts_with("DATAFLOW_");
-            if configures {
+            if dataflow_platform::config::read_by_dataflow(&name) {
                 command.env_remove(name);
             }
         }
@@ -411,20 +421,19 @@ impl Processes {
         Ok(key.trim().to_owned())
     }
 
-    /// The API process and the workers, logging to files in the scratch folder; nothing
-    /// migrates on its own (the ledger was migrated once before).
-    fn start(&mut self) -> anyhow::Result<()> {
-        for name in self.names() {
-            let role = name.split('-').next().unwrap_or("worker");
-            let log = std::fs::File::create(self.dir.join(format!("{name}.log")))?;
-            let child = self
-                .command(&[role])
-                .env("DATAFLOW_AUTO_MIGRATE", "false")
-                .stdout(Stdio::null())
-                .stderr(log)
-                .spawn()?;
-            self.running.push(child);
-        }
+    /// Starts the process `name` (its role, and a number for a worker: `worker-0`), logging
+    /// to a file in the scratch folder; nothing migrates on its own (the ledger was migrated
+    /// once before).
+    fn spawn(&mut self, name: &str) -> anyhow::Result<()> {
+        let role = name.split('-').next().unwrap_or(name);
+        let log = std::fs::File::create(self.dir.join(format!("{name}.log")))?;
+        let child = self
+            .command(&[role])
+            .env("DATAFLOW_AUTO_MIGRATE", "false")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()?;
+        self.running.push(child);
         Ok(())
     }
 

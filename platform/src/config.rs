@@ -24,6 +24,16 @@ const NON_CONFIG_ENV: &[&str] = &[
     "DATAFLOW_API_URL",
 ];
 
+/// The service URLs' conventional variables, read as configuration without the prefix.
+const URL_ENV: &[&str] = &["DATABASE_URL", "REDIS_URL", "AMQP_URL", "SMTP_URL"];
+
+/// Whether a `dataflow` process reads the environment variable `name`: its configuration,
+/// its log filter or its config file's path. A harness that starts `dataflow` on settings
+/// of its own removes these from what the child inherits.
+pub fn read_by_dataflow(name: &str) -> bool {
+    URL_ENV.contains(&name) || name.starts_with("DATAFLOW_")
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {

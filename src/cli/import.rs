@@ -19,7 +19,7 @@ use dataflow_contracts::http::{
 use dataflow_contracts::{BatchStatus, ClientId, ImportFormat};
 use indicatif::{ProgressBar, ProgressStyle};
 
-use super::upload::{Compression, Upload, content_type as media_type};
+use super::upload::{Compression, Upload, content_type as media_type, patiently};
 
 #[derive(Args, Debug, Clone)]
 pub struct ImportArgs {
@@ -210,7 +210,7 @@ async fn get_json<T: serde::de::DeserializeOwned>(
     url: &str,
     key: &str,
 ) -> anyhow::Result<T> {
-    let resp = http.get(url).bearer_auth(key).send().await?;
+    let resp = patiently(http.get(url).bearer_auth(key)).await?;
     let status = resp.status();
     if !status.is_success() {
         bail!("{status}: {}", resp.text().await.unwrap_or_default());
@@ -259,8 +259,7 @@ async fn answer<T: serde::de::DeserializeOwned>(
     api: &str,
     refused: &str,
 ) -> anyhow::Result<T> {
-    let resp = req
-        .send()
+    let resp = patiently(req)
         .await
         .with_context(|| format!("sending to {api}"))?;
     let status = resp.status();

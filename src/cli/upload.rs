@@ -153,13 +153,14 @@ impl Upload<'_> {
         .map(|(k, v)| format!("{k} {}", BASE64.encode(v)))
         .collect::<Vec<_>>()
         .join(",");
-        let resp = self
-            .tus(reqwest::Method::POST, &format!("{}/v1/uploads", self.api))
-            .header("upload-length", length)
-            .header("upload-metadata", metadata)
-            .send()
-            .await
-            .with_context(|| format!("sending to {}", self.api))?;
+        let create = format!("{}/v1/uploads", self.api);
+        let resp = patiently(
+            self.tus(reqwest::Method::POST, &create)
+                .header("upload-length", length)
+                .header("upload-metadata", metadata),
+        )
+        .await
+        .with_context(|| format!("sending to {}", self.api))?;
         let status = resp.status();
         if status != reqwest::StatusCode::CREATED {
             bail!(
@@ -175,7 +176,7 @@ impl Upload<'_> {
     }
 
     async fn offset(&self, url: &str) -> anyhow::Result<u64> {
-        let resp = self.tus(reqwest::Method::HEAD, url).send().await?;
+        let resp = patiently(self.tus(reqwest::Method::HEAD, url)).await?;
         if !resp.status().is_success() {
             bail!("asking where the upload stands: {}", resp.status());
         }
@@ -201,8 +202,7 @@ impl Upload<'_> {
             ),
             None => req.body(part.to_vec()),
         };
-        let resp = req
-            .send()
+        let resp = patiently(req)
             .await
             .map_err(|e| Step::Transient(e.to_string()))?;
         let status = resp.status();
@@ -227,7 +227,7 @@ impl Upload<'_> {
 
     async fn import(&self, id: &ImportId) -> anyhow::Result<ImportView> {
         let url = format!("{}/v1/imports/{id}", self.api);
-        let resp = self.authed(reqwest::Method::GET, &url).send().await?;
+        let resp = patiently(self.authed(reqwest::Method::GET, &url)).await?;
         if !resp.status().is_success() {
             bail!("reading import {id}: {}", resp.status());
         }
@@ -240,6 +240,39 @@ impl Upload<'_> {
 
     fn tus(&self, method: reqwest::Method, url: &str) -> reqwest::RequestBuilder {
         self.authed(method, url).header("tus-resumable", "1.0.0")
+    }
+}
+
+/// The longest `Retry-After` a request waits out by itself; a longer one (a quota that
+/// clears tomorrow) is the answer, and the person running the command decides.
+const MOST_PATIENCE: Duration = Duration::from_secs(60);
+
+/// Sends `req`, and again each time the server answers `429` with a `Retry-After` of at
+/// most [`MOST_PATIENCE`], after waiting that long: the parts of a large file outrun a
+/// client's request rate, and that is a reason to slow down, not to stop.
+pub(crate) async fn patiently(req: reqwest::RequestBuilder) -> reqwest::Result<reqwest::Response> {
+    loop {
+        // Every body the CLI sends is bytes, which can be sent again; one that could not
+        // would be sent once.
+        let Some(attempt) = req.try_clone() else {
+            return req.send().await;
+        };
+        let resp = attempt.send().await?;
+        if resp.status() != reqwest::StatusCode::TOO_MANY_REQUESTS {
+            return Ok(resp);
+        }
+        let wait = resp
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok())
+            .map(Duration::from_secs);
+        match wait {
+            Some(wait) if wait <= MOST_PATIENCE => {
+                tokio::time::sleep(wait.max(Duration::from_millis(100))).await;
+            }
+            _ => return Ok(resp),
+        }
     }
 }
 

@@ -23,10 +23,7 @@ pub fn dataflow_command(
     };
     let mut command = Command::new(env!("CARGO_BIN_EXE_dataflow"));
     for (name, _) in std::env::vars() {
-        let configures = ["DATABASE_URL", "REDIS_URL", "AMQP_URL", "SMTP_URL"]
-            .contains(&name.as_str())
-            || name.starts_with("DATAFLOW_");
-        if configures {
+        if dataflow_platform::config::read_by_dataflow(&name) {
             command.env_remove(name);
         }
     }

@@ -34,6 +34,33 @@ fn upload(t: &TestApp, key: &str, file: std::path::PathBuf) -> ImportArgs {
     }
 }
 
+/// A file of more parts than the client's rate allows at once: each `429` is waited out
+/// (its `Retry-After`) and the import completes, the processing followed to its end too.
+async fn import_slows_down_to_the_clients_rate() {
+    let Some(t) = TestApp::spawn(Backend::Sqlite).await else {
+        return;
+    };
+    let (_, key) = t
+        .client(json!({"rate_per_minute": 120, "rate_burst": 3}))
+        .await;
+    let file = t.config.data_dir.join("parts.csv");
+    std::fs::write(&file, csv("slow", 4_000)).unwrap();
+    import::run(ImportArgs {
+        resumable_above: 0,
+        part_size: 16 * 1024,
+        ..upload(&t, &key, file)
+    })
+    .await
+    .unwrap();
+    let written = sqlx::query_scalar::<_, i64>("SELECT records_written FROM batches")
+        .fetch_one(t.db.pool())
+        .await
+        .unwrap();
+    assert_eq!(written, 4_000);
+    t.stop().await;
+}
+register!(import_slows_down_to_the_clients_rate);
+
 /// A file sent as a resumable upload, interrupted (the command killed while its parts
 /// crawl through a slow link) and run again: it resumes the same upload, compressed this
 /// time, and the import holds the whole file.

@@ -263,14 +263,10 @@ fn interpolate(text: &str, env: &BTreeMap<String, String>) -> String {
 fn compose_and_dockerfile_set_only_config_dataflow_accepts() {
     let env = env_example();
     let compose = interpolate(&repo_file("docker-compose.yml"), &env);
-    let is_dataflow_var = |k: &str| {
-        ["DATABASE_URL", "REDIS_URL", "AMQP_URL", "SMTP_URL"].contains(&k)
-            || k.starts_with("DATAFLOW_")
-    };
     let mut vars: BTreeMap<String, String> = compose
         .lines()
         .filter_map(|l| l.trim().split_once(": "))
-        .filter(|(k, _)| is_dataflow_var(k))
+        .filter(|(k, _)| dataflow_platform::config::read_by_dataflow(k))
         .map(|(k, v)| (k.to_owned(), v.trim_matches('"').to_owned()))
         .collect();
     // The image's own defaults (`ENV A=1 \ B=2`) come first; compose overrides them.
@@ -278,7 +274,7 @@ fn compose_and_dockerfile_set_only_config_dataflow_accepts() {
     let image_vars: Vec<(String, String)> = dockerfile
         .split_whitespace()
         .filter_map(|w| w.split_once('='))
-        .filter(|(k, _)| is_dataflow_var(k))
+        .filter(|(k, _)| dataflow_platform::config::read_by_dataflow(k))
         .map(|(k, v)| (k.to_owned(), v.to_owned()))
         .collect();
     assert!(image_vars.len() >= 2, "Dockerfile ENV not found");

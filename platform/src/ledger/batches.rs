@@ -322,12 +322,8 @@ impl Db {
                 .bind(&client)
                 .fetch_optional(&mut *tx)
                 .await?;
-            match row {
-                Some(row) => {
-                    tx.commit().await?;
-                    return row.parse(owner).map(Some);
-                }
-                None => tx.rollback().await?,
+            if let Some(lease) = settle_claim(tx, row, owner).await? {
+                return Ok(Some(lease));
             }
         }
         Ok(None)
@@ -402,16 +398,7 @@ impl Db {
             .bind(&client)
             .fetch_optional(&mut *tx)
             .await?;
-        match row {
-            Some(row) => {
-                tx.commit().await?;
-                row.parse(owner).map(Some)
-            }
-            None => {
-                tx.rollback().await?;
-                Ok(None)
-            }
-        }
+        settle_claim(tx, row, owner).await
     }
 
     /// How long until a batch may next become claimable, by the ledger's clock: the earliest
@@ -1165,6 +1152,21 @@ fn fence_rejected(lease: &Lease) -> Error {
     Error::FenceRejected {
         batch_id: lease.batch_id.to_string(),
         epoch: lease.epoch,
+    }
+}
+
+/// Ends a claim's transaction: commits the lease its statement took, or rolls back when it
+/// took none.
+async fn settle_claim(tx: Tx, row: Option<LeaseColumns>, owner: &str) -> Result<Option<Lease>> {
+    match row {
+        Some(row) => {
+            tx.commit().await?;
+            row.parse(owner).map(Some)
+        }
+        None => {
+            tx.rollback().await?;
+            Ok(None)
+        }
     }
 }
 
