@@ -68,8 +68,10 @@ pub async fn run(args: NeighboursArgs) -> anyhow::Result<()> {
         processes.print_logs();
     }
     if let Some(url) = &args.amqp_url {
-        let mut amqp = dataflow_platform::config::AmqpConfig::default();
-        amqp.prefix = format!("{prefix}.");
+        let amqp = dataflow_platform::config::AmqpConfig {
+            prefix: format!("{prefix}."),
+            ..Default::default()
+        };
         crate::amqp::delete_topology(url, &amqp).await?;
     }
     if let Some(url) = &args.redis_url {
