@@ -92,8 +92,40 @@ pub fn router(state: AppState) -> Router {
         .fallback(|| async { ApiError::not_found() })
         .layer(middleware::from_fn_with_state(state.clone(), durable))
         .layer(middleware::from_fn_with_state(state.clone(), deadline))
+        .layer(middleware::from_fn(close_unread))
         .layer(middleware::from_fn(track))
         .with_state(state)
+}
+
+/// A request whose body was not read to its end (refused before or while it was read: too
+/// large, rate-limited, a decompression bomb, out of time) is answered with `Connection:
+/// close`. The server does not keep such a connection, and a client told so sends its next
+/// request on a new one rather than into the one being closed, where it would fail.
+async fn close_unread(req: Request, next: Next) -> Response {
+    use axum::body::HttpBody;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    if req.body().is_end_stream() || req.version() > axum::http::Version::HTTP_11 {
+        return next.run(req).await;
+    }
+    let read_to_end = Arc::new(AtomicBool::new(false));
+    let flag = read_to_end.clone();
+    // Polled once the body has no more frames: the handler read it to its end.
+    let end = futures::stream::poll_fn(move |_| {
+        flag.store(true, Ordering::Relaxed);
+        std::task::Poll::<Option<Result<bytes::Bytes, axum::Error>>>::Ready(None)
+    });
+    let (parts, body) = req.into_parts();
+    let body =
+        axum::body::Body::from_stream(futures::StreamExt::chain(body.into_data_stream(), end));
+    let mut resp = next.run(Request::from_parts(parts, body)).await;
+    if !read_to_end.load(Ordering::Relaxed) {
+        resp.headers_mut().insert(
+            axum::http::header::CONNECTION,
+            axum::http::HeaderValue::from_static("close"),
+        );
+    }
+    resp
 }
 
 /// A request that may have written is answered only once its writes are on disk

@@ -486,6 +486,10 @@ async fn compressed_bodies_are_read_and_bombs_refused(b: Backend) {
     };
     let first = send("gzip", gz.clone()).await.unwrap();
     assert_eq!(first.status(), 202);
+    assert!(
+        first.headers().get("connection").is_none(),
+        "a body read whole keeps the connection"
+    );
     let first: ImportView = first.json().await.unwrap();
     assert_eq!(first.checksum, hex::encode(Sha256::digest(body.as_bytes())));
     assert_eq!((first.records, first.bytes), (2000, body.len() as u64));
@@ -519,6 +523,9 @@ async fn compressed_bodies_are_read_and_bombs_refused(b: Backend) {
     let bomb = bomb.finish().unwrap();
     let resp = send("gzip", bomb).await.unwrap();
     assert_eq!(resp.status(), 413);
+    // Refused before its end: the connection is not kept, and the client is told so (or
+    // its next request goes into the closing connection and fails).
+    assert_eq!(resp.headers()["connection"], "close");
     assert_eq!(
         resp.json::<ErrorBody>().await.unwrap().code,
         "compression_ratio_too_high"
