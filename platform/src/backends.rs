@@ -375,7 +375,13 @@ fn resolve_secret(configured: Option<&Secret>, data_dir: &Path, name: &str) -> R
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
             read(&path)?.ok_or_else(|| Error::Config(format!("{} vanished", path.display())))
         }
-        Err(e) => Err(io(format!("writing {}", path.display()))(e)),
+        // A file system without hard links (vfat, some network and FUSE mounts): the name
+        // is created directly, as one process starting alone needs.
+        Err(_) => {
+            write_private(&path, &token).map_err(io(format!("writing {}", path.display())))?;
+            tracing::info!(path = %path.display(), "generated {name}; keep this file private");
+            Ok(Secret::new(token))
+        }
     }
 }
 
@@ -385,7 +391,10 @@ fn write_private(path: &Path, contents: &str) -> std::io::Result<()> {
     options.write(true).create_new(true);
     #[cfg(unix)]
     std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-    options.open(path)?.write_all(contents.as_bytes())
+    let mut file = options.open(path)?;
+    file.write_all(contents.as_bytes())?;
+    // On disk before it is published: a power cut must not leave an empty secret.
+    file.sync_all()
 }
 
 #[cfg(test)]

@@ -247,10 +247,15 @@ impl Upload<'_> {
 /// clears tomorrow) is the answer, and the person running the command decides.
 const MOST_PATIENCE: Duration = Duration::from_secs(60);
 
+/// How long one request may wait out `429`s in all before the last one is the answer.
+const MOST_WAITING: Duration = Duration::from_secs(600);
+
 /// Sends `req`, and again each time the server answers `429` with a `Retry-After` of at
-/// most [`MOST_PATIENCE`], after waiting that long: the parts of a large file outrun a
-/// client's request rate, and that is a reason to slow down, not to stop.
+/// most [`MOST_PATIENCE`], after waiting that long (up to [`MOST_WAITING`] in all): the
+/// parts of a large file outrun a client's request rate, and that is a reason to slow
+/// down, not to stop.
 pub(crate) async fn patiently(req: reqwest::RequestBuilder) -> reqwest::Result<reqwest::Response> {
+    let mut waited = Duration::ZERO;
     loop {
         // Every body the CLI sends is bytes, which can be sent again; one that could not
         // would be sent once.
@@ -267,9 +272,10 @@ pub(crate) async fn patiently(req: reqwest::RequestBuilder) -> reqwest::Result<r
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse().ok())
             .map(Duration::from_secs);
-        match wait {
-            Some(wait) if wait <= MOST_PATIENCE => {
-                tokio::time::sleep(wait.max(Duration::from_millis(100))).await;
+        match wait.map(|w| w.max(Duration::from_millis(100))) {
+            Some(wait) if wait <= MOST_PATIENCE && waited + wait <= MOST_WAITING => {
+                tokio::time::sleep(wait).await;
+                waited += wait;
             }
             _ => return Ok(resp),
         }

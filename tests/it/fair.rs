@@ -177,7 +177,7 @@ async fn concurrent_claims_never_exceed_a_clients_cap(b: Backend) {
     .unwrap();
     let waiting: BatchId = waiting.parse().unwrap();
     assert!(
-        t.db.claim(&waiting, "named", 60_000)
+        t.db.claim(&waiting, "named", 60_000, Claimable::AnyClient)
             .await
             .unwrap()
             .is_none()
@@ -253,23 +253,34 @@ async fn a_workers_last_slot_waits_for_a_client_with_nothing_in_progress(b: Back
     };
     let (busy, busy_key) = t.client(json!({})).await;
     let (_, late_key) = t.client(json!({})).await;
-    submit_many(&t, &busy_key, "busy", 3, 5).await;
+    let waiting = submit_many(&t, &busy_key, "busy", 3, 5).await;
     let w = t.worker();
     let shutdown = tokio_util::sync::CancellationToken::new();
-    let _first = w.slot(&shutdown).await.unwrap();
+    let first = w.slot(&shutdown).await.unwrap();
     let lease = w
-        .claim_next()
+        .claim_for(&first)
         .await
         .unwrap()
         .expect("the first slot serves anyone");
     assert_eq!(lease.client_id, busy);
-    // The last free slot: the busy client has batches waiting but one in progress already.
-    let _last = w.slot(&shutdown).await.unwrap();
-    assert!(w.claim_next().await.unwrap().is_none());
+    // The last free slot: the busy client has batches waiting but one in progress already,
+    // by the fair share's choice and by name (as a worker that locks first claims).
+    let last = w.slot(&shutdown).await.unwrap();
+    assert!(w.claim_for(&last).await.unwrap().is_none());
+    assert!(
+        t.db.claim(&waiting[2], "named", 60_000, Claimable::IdleClients)
+            .await
+            .unwrap()
+            .is_none()
+    );
     assert_eq!(in_flight(&t, &busy).await, 1);
     // A client arriving now takes it at once, though it came last.
     let late = submit_many(&t, &late_key, "late", 1, 5).await;
-    let lease = w.claim_next().await.unwrap().expect("the newcomer's batch");
+    let lease = w
+        .claim_for(&last)
+        .await
+        .unwrap()
+        .expect("the newcomer's batch");
     assert_eq!(lease.batch_id, late[0]);
     // Nobody else is idle: the ledger turns a reserved claim away.
     assert!(

@@ -120,7 +120,7 @@ async fn handle(worker: &Worker, delivery: Delivery, shutdown: &CancellationToke
                 // Shutting down: the broker redelivers it to another worker.
                 return;
             };
-            match worker.claim_delivered(&env.batch_id).await {
+            match worker.claim_delivered(&env.batch_id, &slot).await {
                 Ok(BatchClaim::Taken(lease)) => {
                     worker.stats.delivery_claims.fetch_add(1, Ordering::Relaxed);
                     worker.spawn_process(*lease, slot);

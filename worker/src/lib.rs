@@ -127,8 +127,11 @@ pub struct Worker {
     /// Batch mutexes this worker holds, by batch and lease epoch (a worker that re-claims a
     /// batch after its own lease expired must not release the newer lock with the old).
     locks: Arc<Mutex<HashMap<(BatchId, i64), rslock::Lock>>>,
-    /// One per batch in flight, shared by the claim loop and the broker consumer.
+    /// One per batch in flight, shared by the claim loop and the broker consumer: the
+    /// slots any client may fill, and those kept for clients with nothing in progress
+    /// (`worker.reserved_slots`).
     permits: Arc<Semaphore>,
+    reserve: Arc<Semaphore>,
     inflight: TaskTracker,
     /// Asks in-flight batches to stop at the next chunk and hand their batch back.
     release: CancellationToken,
@@ -171,7 +174,8 @@ impl Worker {
             id: worker_id(),
             live,
             stats: Arc::default(),
-            permits: Arc::new(Semaphore::new(config.concurrency)),
+            permits: Arc::new(Semaphore::new(config.concurrency - config.reserved_slots())),
+            reserve: Arc::new(Semaphore::new(config.reserved_slots())),
             config,
             mutex,
             locks: Arc::default(),
@@ -210,17 +214,20 @@ impl Worker {
         i64::try_from(self.config.lease_secs.saturating_mul(1000)).unwrap_or(i64::MAX)
     }
 
-    /// Claims the next available batch, if any. With the Redlock mutex the batch is locked
-    /// first and leased second; batches locked by other workers are left to them. A claim
-    /// made for one of the worker's last free slots (`worker.reserved_slots`; the caller
-    /// holds the slot it claims for) takes only a batch of a client with nothing in
-    /// progress.
+    /// Claims the next available batch of any client, if any ([`Worker::claim_for`]).
     pub async fn claim_next(&self) -> Result<Option<Lease>> {
-        let claimable = if self.permits.available_permits() < self.config.reserved_slots() {
-            Claimable::IdleClients
-        } else {
-            Claimable::AnyClient
-        };
+        self.claim_as(Claimable::AnyClient).await
+    }
+
+    /// Claims the next batch `slot` may hold: a reserved slot takes only a batch of a
+    /// client with nothing in progress.
+    pub async fn claim_for(&self, slot: &Slot) -> Result<Option<Lease>> {
+        self.claim_as(slot.claimable()).await
+    }
+
+    /// With the Redlock mutex the batch is locked first and leased second; batches locked
+    /// by other workers are left to them.
+    async fn claim_as(&self, claimable: Claimable) -> Result<Option<Lease>> {
         if matches!(*self.mutex, BatchMutex::SqlOnly) {
             return self
                 .db
@@ -241,7 +248,11 @@ impl Worker {
                 Acquired::Held(lock) => Some(lock),
                 Acquired::Degraded => None,
             };
-            match self.db.claim(&id, &self.id, self.lease_ms()).await {
+            match self
+                .db
+                .claim(&id, &self.id, self.lease_ms(), claimable)
+                .await
+            {
                 Ok(Some(lease)) => {
                     if let Some(lock) = lock {
                         self.locks_held().insert((id, lease.epoch), lock);
@@ -270,7 +281,11 @@ impl Worker {
             Acquired::Held(lock) => Some(lock),
             Acquired::Degraded => None,
         };
-        match self.db.claim(id, &self.id, self.lease_ms()).await {
+        match self
+            .db
+            .claim(id, &self.id, self.lease_ms(), Claimable::AnyClient)
+            .await
+        {
             Ok(Some(lease)) => {
                 if let Some(lock) = lock {
                     self.locks_held().insert((id.clone(), lease.epoch), lock);
@@ -302,28 +317,36 @@ impl Worker {
     /// client's when it is theirs to go, or nothing while every waiting client is at its
     /// cap; the named batch then stays `ready` in the ledger for a later claim. A delivery
     /// naming no batch of this ledger claims nothing.
-    pub async fn claim_delivered(&self, id: &BatchId) -> Result<BatchClaim> {
+    pub async fn claim_delivered(&self, id: &BatchId, slot: &Slot) -> Result<BatchClaim> {
         if self.db.get_batch(None, id).await?.is_none() {
             return Ok(BatchClaim::Unknown);
         }
-        match self.claim_next().await? {
+        match self.claim_for(slot).await? {
             Some(lease) => Ok(BatchClaim::Taken(Box::new(lease))),
             None => self.unclaimed(id).await,
         }
     }
 
-    /// Waits for a free slot (one per batch in flight); `None` on `shutdown`.
-    pub async fn slot(&self, shutdown: &CancellationToken) -> Option<OwnedSemaphorePermit> {
+    /// Waits for a free slot (one per batch in flight), an open one before a reserved one;
+    /// `None` on `shutdown`.
+    pub async fn slot(&self, shutdown: &CancellationToken) -> Option<Slot> {
+        // Shutdown first: no claim may start once it began.
+        if shutdown.is_cancelled() {
+            return None;
+        }
+        if let Ok(permit) = self.permits.clone().try_acquire_owned() {
+            return Some(Slot::open(permit));
+        }
         tokio::select! {
-            // Shutdown first: no claim may start once it began.
             biased;
             _ = shutdown.cancelled() => None,
-            p = self.permits.clone().acquire_owned() => p.ok(),
+            p = self.permits.clone().acquire_owned() => p.ok().map(Slot::open),
+            p = self.reserve.clone().acquire_owned() => p.ok().map(Slot::reserved),
         }
     }
 
     /// Processes a claimed batch in the background, holding `slot` until it ends.
-    pub fn spawn_process(&self, lease: Lease, slot: OwnedSemaphorePermit) {
+    pub fn spawn_process(&self, lease: Lease, slot: Slot) {
         let worker = self.clone();
         self.inflight.spawn(async move {
             worker.process(lease, &worker.release.clone()).await;
@@ -646,7 +669,7 @@ impl Worker {
             let Some(slot) = self.slot(&shutdown).await else {
                 break;
             };
-            match self.claim_next().await {
+            match self.claim_for(&slot).await {
                 Ok(Some(lease)) => {
                     self.spawn_process(lease, slot);
                     continue;
@@ -698,6 +721,37 @@ impl Worker {
             self.inflight.wait().await;
         }
         tracing::info!(worker_id = %self.id, "worker stopped");
+    }
+}
+
+/// A worker's place for one batch in flight, held from the claim to the batch's outcome.
+pub struct Slot {
+    _permit: OwnedSemaphorePermit,
+    /// One of the slots kept for clients with nothing in progress.
+    reserved: bool,
+}
+
+impl Slot {
+    fn open(permit: OwnedSemaphorePermit) -> Slot {
+        Slot {
+            _permit: permit,
+            reserved: false,
+        }
+    }
+
+    fn reserved(permit: OwnedSemaphorePermit) -> Slot {
+        Slot {
+            _permit: permit,
+            reserved: true,
+        }
+    }
+
+    fn claimable(&self) -> Claimable {
+        if self.reserved {
+            Claimable::IdleClients
+        } else {
+            Claimable::AnyClient
+        }
     }
 }
 

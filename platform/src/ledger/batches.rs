@@ -304,18 +304,29 @@ impl Db {
                 wait = true;
                 continue;
             };
-            let take = self.sql(take_lease!(concat!(
-                "id = (SELECT id FROM batches WHERE id IN (",
-                first_ready!("$3"),
-                ", ",
-                first_lapsed!("$3"),
-                ")",
-                client_order!(),
-                " LIMIT 1 {skip_locked}) AND ",
-                claimable!(),
-                " AND ",
-                under_cap!("$3")
-            )));
+            // The client's tests again, now that its row is held: a claim that waited for it
+            // sees what the claim before it took.
+            macro_rules! take_next {
+                ($only:expr) => {
+                    take_lease!(concat!(
+                        "id = (SELECT id FROM batches WHERE id IN (",
+                        first_ready!("$3"),
+                        ", ",
+                        first_lapsed!("$3"),
+                        ")",
+                        client_order!(),
+                        " LIMIT 1 {skip_locked}) AND ",
+                        claimable!(),
+                        " AND ",
+                        under_cap!("$3"),
+                        $only
+                    ))
+                };
+            }
+            let take = self.sql(match claimable {
+                Claimable::AnyClient => take_next!(""),
+                Claimable::IdleClients => take_next!(idle!("$3")),
+            });
             let row = sqlx::query_as::<_, LeaseColumns>(take)
                 .bind(owner)
                 .bind(lease_ms)
@@ -365,14 +376,15 @@ impl Db {
         ids.into_iter().map(parse_id).collect()
     }
 
-    /// Claims one named batch if it is ready or its lease expired (a wake-up names it) and
-    /// its client has room under its `max_concurrent_batches`. It takes the client's turn
-    /// in the fair share.
+    /// Claims one named batch if it is ready or its lease expired (a wake-up names it), its
+    /// client has room under its `max_concurrent_batches` (and nothing in progress, when
+    /// `claimable` says so). It takes the client's turn in the fair share.
     pub async fn claim(
         &self,
         batch_id: &BatchId,
         owner: &str,
         lease_ms: i64,
+        claimable: Claimable,
     ) -> Result<Option<Lease>> {
         let mut tx = self.begin_urgent_write().await?;
         let client: Option<String> = sqlx::query_scalar(
@@ -385,12 +397,21 @@ impl Db {
             tx.rollback().await?;
             return Ok(None);
         };
-        let sql = self.sql(take_lease!(concat!(
-            "id = $3 AND client_id = $4 AND ",
-            claimable!(),
-            " AND ",
-            under_cap!("$4")
-        )));
+        macro_rules! take_named {
+            ($only:expr) => {
+                take_lease!(concat!(
+                    "id = $3 AND client_id = $4 AND ",
+                    claimable!(),
+                    " AND ",
+                    under_cap!("$4"),
+                    $only
+                ))
+            };
+        }
+        let sql = self.sql(match claimable {
+            Claimable::AnyClient => take_named!(""),
+            Claimable::IdleClients => take_named!(idle!("$4")),
+        });
         let row = sqlx::query_as::<_, LeaseColumns>(sql)
             .bind(owner)
             .bind(lease_ms)
