@@ -17,11 +17,16 @@
 //!
 //! `dataflow-bench neighbours` ([`neighbours`]): one client's steady imports, alone and
 //! under another client's flood, through real `dataflow` processes.
+//!
+//! `dataflow-bench submit` ([`submit`]): small imports from many connections at once,
+//! through real `dataflow` processes, beside an axum hello server's ceiling.
 
 pub mod amqp;
 pub mod jobs;
 pub mod neighbours;
+pub mod processes;
 pub mod records;
+pub mod submit;
 
 use std::time::{Duration, Instant};
 

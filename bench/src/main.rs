@@ -29,6 +29,15 @@ enum Bench {
     /// One client's flood against another's steady imports: the steady client's latency
     /// alone and under the flood, with DataFlow as real processes.
     Neighbours(dataflow_bench::neighbours::NeighboursArgs),
+    /// Small imports from many connections at once: accepted imports/s, the answer's
+    /// latency and completed batches/s, beside the HTTP ceiling of the same sitting.
+    Submit(dataflow_bench::submit::SubmitArgs),
+    /// The HTTP ceiling's server, which `submit` starts as a process of its own.
+    #[command(hide = true)]
+    Hello {
+        #[arg(long)]
+        listen: std::net::SocketAddr,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -45,6 +54,8 @@ fn main() -> anyhow::Result<()> {
                 Bench::Amqp(args) => dataflow_bench::amqp::run(args).await,
                 Bench::Records(args) => dataflow_bench::records::run(args).await,
                 Bench::Neighbours(args) => dataflow_bench::neighbours::run(args).await,
+                Bench::Submit(args) => dataflow_bench::submit::run(args).await,
+                Bench::Hello { listen } => dataflow_bench::submit::hello(listen).await,
             }
         })
 }

@@ -145,10 +145,13 @@ async fn neighbours_bench_runs_as_processes() {
         bin.display()
     );
     let args = dataflow_bench::neighbours::NeighboursArgs {
-        bin,
-        database_url: None,
-        redis_url: None,
-        amqp_url: None,
+        stack: dataflow_bench::processes::StackArgs {
+            bin,
+            database_url: None,
+            redis_url: None,
+            amqp_url: None,
+            env: Vec::new(),
+        },
         workers: 2,
         flood: 4,
         flood_records: 300,
