@@ -17,6 +17,10 @@ use crate::ratelimit::Rejections;
 /// `last_used_at` is written at most this often per key, to keep writes off the hot path.
 const TOUCH_EVERY: Duration = Duration::from_secs(60);
 
+/// How long an import waits for one of its client's slots before it is refused with a
+/// `429`: slots free as imports are answered, within a few milliseconds under load, so a
+/// wait this long means the client's imports are not getting through anyway.
+pub const IMPORT_SLOT_WAIT: Duration = Duration::from_secs(1);
 #[derive(Clone)]
 pub struct AppState {
     pub backends: Arc<Backends>,
@@ -90,8 +94,10 @@ impl AppState {
         });
     }
 
-    /// One of the client's concurrent-import slots, or `None` when all are taken.
-    pub fn import_slot(&self, client: &ClientId) -> Option<OwnedSemaphorePermit> {
+    /// One of the client's concurrent-import slots, waiting up to [`IMPORT_SLOT_WAIT`] for
+    /// one to free: a producer with more connections than slots gets its imports through
+    /// at the slots' pace instead of a refusal for most of them. `None` when none freed.
+    pub async fn import_slot(&self, client: &ClientId) -> Option<OwnedSemaphorePermit> {
         let sem = {
             let mut slots = self.import_slots.lock().unwrap_or_else(|p| p.into_inner());
             // Drop idle semaphores (nobody else holds a reference to them) now and then.
@@ -107,7 +113,13 @@ impl AppState {
                 })
                 .clone()
         };
-        sem.try_acquire_owned().ok()
+        match sem.clone().try_acquire_owned() {
+            Ok(permit) => Some(permit),
+            Err(_) => tokio::time::timeout(IMPORT_SLOT_WAIT, sem.acquire_owned())
+                .await
+                .ok()?
+                .ok(),
+        }
     }
 }
 

@@ -144,7 +144,8 @@ pub struct ApiConfig {
     /// Connections a listener serves at once; past it, new ones wait to be accepted, so a
     /// client holding many slow connections cannot exhaust the process.
     pub max_connections: usize,
-    /// Imports one client may have in flight on this process at once.
+    /// Imports one client may have in flight on this process at once; another waits for
+    /// one of them to end (up to a second, then `429`).
     pub max_concurrent_imports_per_client: usize,
     /// Use the right-most `X-Forwarded-For` address (the one the proxy appended) as the
     /// client IP; only behind exactly one trusted proxy.
@@ -182,7 +183,7 @@ impl Default for ApiConfig {
             body_idle_timeout_secs: 15,
             max_connections: 1024,
             metrics_token: None,
-            max_concurrent_imports_per_client: 8,
+            max_concurrent_imports_per_client: 32,
             trust_forwarded_for: false,
             auth_max_failures: 10,
             auth_window_secs: 300,

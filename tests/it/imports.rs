@@ -15,6 +15,8 @@ backend_tests!(
     other_clients_see_404,
     idempotency_key_replays_conflicts_and_mismatches,
     identical_concurrent_submits_make_one_batch,
+    more_connections_than_import_slots_wait_for_one,
+    submits_that_meet_share_a_commit_and_keep_their_own_outcomes,
     daily_quota_is_enforced,
     batch_report_counts_and_defuses_formulas,
     a_large_report_streams_every_rejected_row_once,
@@ -574,6 +576,111 @@ async fn identical_concurrent_submits_make_one_batch(b: Backend) {
     assert_eq!(created, 1);
     assert_eq!(ids.len(), 1, "every answer names the same import");
     assert_eq!(count(&t, "batches").await, 1);
+    t.stop().await;
+}
+
+/// A producer sending more imports at once than its slots gets every one through at the
+/// slots' pace: a submit waits for a slot to free instead of being refused at once.
+async fn more_connections_than_import_slots_wait_for_one(b: Backend) {
+    let Some(t) = TestApp::spawn_with(b, dataflow::Roles::ALL, |c| {
+        c.api.max_concurrent_imports_per_client = 2
+    })
+    .await
+    else {
+        return;
+    };
+    let (_, key) = t.client(json!({"rate_burst": 100})).await;
+    let answers = futures::future::join_all(
+        (0..40).map(|i| t.submit(&key, "text/csv", csv(&format!("c{i}"), 20)).send()),
+    )
+    .await;
+    for resp in answers {
+        let resp = resp.unwrap();
+        assert_eq!(resp.status(), 202, "{}", resp.text().await.unwrap());
+    }
+    assert_eq!(count(&t, "batches").await, 40);
+    t.stop().await;
+}
+
+/// Plain submits that arrive together share a transaction (the group commit), and each
+/// answer is its own: every new file its own import, one import for a key sent several
+/// times (the others its duplicates), and an import that cannot be stored (its client does
+/// not exist) fails alone, without failing the others of its group.
+async fn submits_that_meet_share_a_commit_and_keep_their_own_outcomes(b: Backend) {
+    let Some(t) = TestApp::spawn(b).await else {
+        return;
+    };
+    let (client, _) = t.client(json!({})).await;
+    let policy = t.db.get_client(&client).await.unwrap().unwrap().policy;
+    let nobody = dataflow_contracts::ClientId::generate();
+    // 30 new files, one file 6 times, 5 files of a client that does not exist.
+    let mut sent: Vec<(String, &dataflow_contracts::ClientId)> = (0..30)
+        .map(|i| (csv(&format!("g{i}"), 3), &client))
+        .collect();
+    sent.extend((0..6).map(|_| (csv("same", 3), &client)));
+    sent.extend((0..5).map(|i| (csv(&format!("n{i}"), 3), &nobody)));
+    let checksums: Vec<String> = sent.iter().map(|(body, _)| sha(body)).collect();
+    let imports: Vec<NewImport<'_>> = sent
+        .iter()
+        .zip(&checksums)
+        .map(|((body, client), checksum)| NewImport {
+            client_id: client,
+            format: ImportFormat::Csv,
+            payload: Payload::Inline(body.as_bytes()),
+            bytes: body.len() as u64,
+            records: 3,
+            checksum,
+            dedup_key: checksum,
+            policy: &policy,
+            schema_version: None,
+            priority: Priority::Normal,
+            idempotency: None,
+        })
+        .collect();
+    let outcomes =
+        futures::future::join_all(imports.iter().map(|new| t.db.submit_import(new))).await;
+
+    let mut same = std::collections::HashSet::new();
+    let mut created_same = 0;
+    for (i, outcome) in outcomes.into_iter().enumerate() {
+        match (i, outcome) {
+            (0..30, Ok(SubmitOutcome::Created(view))) => {
+                assert_eq!(
+                    view.checksum, checksums[i],
+                    "import {i} answered another's view"
+                )
+            }
+            (30..36, Ok(SubmitOutcome::Created(view))) => {
+                created_same += 1;
+                same.insert(view.id);
+            }
+            (30..36, Ok(SubmitOutcome::Duplicate(view))) => {
+                same.insert(view.id);
+            }
+            (36.., Err(_)) => {}
+            (i, Ok(_)) => panic!("import {i}: unexpected outcome"),
+            (i, Err(e)) => panic!("import {i} failed: {e}"),
+        }
+    }
+    assert_eq!(created_same, 1, "one import for the file sent six times");
+    assert_eq!(same.len(), 1, "its duplicates name that import");
+    assert_eq!(count(&t, "batches").await, 31);
+    assert_eq!(count(&t, "imports").await, 31);
+    assert_eq!(count(&t, "payload_parts").await, 31);
+    // Every batch has its two events, and its own acceptance number.
+    let events: i64 = sqlx::query_scalar(
+        "SELECT COUNT(*) FROM outbox o JOIN batches b ON b.id = o.batch_id \
+         WHERE o.event_type IN ('BatchCreated', 'BatchReady')",
+    )
+    .fetch_one(t.db.pool())
+    .await
+    .unwrap();
+    assert_eq!(events, 62);
+    let numbers: i64 = sqlx::query_scalar("SELECT COUNT(DISTINCT accepted_seq) FROM batches")
+        .fetch_one(t.db.pool())
+        .await
+        .unwrap();
+    assert_eq!(numbers, 31);
     t.stop().await;
 }
 

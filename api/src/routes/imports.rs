@@ -37,7 +37,7 @@ use super::{PathParam, dry_run, parse_path_id, query};
 use crate::auth::Principal;
 use crate::error::{ApiError, ApiResult};
 use crate::intake::{Encoding, Inflow};
-use crate::state::{AppState, Deadline};
+use crate::state::{AppState, Deadline, IMPORT_SLOT_WAIT};
 
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
@@ -159,10 +159,15 @@ async fn submit(
     })?;
     let idem_key = idempotency_key(&state, &headers)?;
     let priority = priority(&headers)?;
-    let _slot = state.import_slot(&client).ok_or_else(|| {
+    let _slot = state.import_slot(&client).await.ok_or_else(|| {
         ApiError::too_many(
             "too_many_concurrent_imports",
-            "too many imports in flight for this client",
+            format!(
+                "this client's {} imports in flight did not make room within {} ms; retry \
+                 after the time in Retry-After, or send fewer at once",
+                state.config.max_concurrent_imports_per_client,
+                IMPORT_SLOT_WAIT.as_millis()
+            ),
             1000,
         )
     })?;

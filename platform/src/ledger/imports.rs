@@ -10,7 +10,7 @@ use dataflow_contracts::{
 use sqlx::Row;
 
 use super::clients::parse_id;
-use super::{Db, count};
+use super::{Db, Field, Tx, count};
 use crate::{Error, Result};
 
 const MS_PER_DAY: i64 = 86_400_000;
@@ -34,6 +34,31 @@ pub struct NewImport<'a> {
     /// Where its batch stands among the client's own batches.
     pub priority: Priority,
     pub idempotency: Option<&'a IdempotencyClaim>,
+}
+
+impl NewImport<'_> {
+    /// The file of an import that shares its transaction with others ([`super::submits`]): what
+    /// makes an import special takes statements of its own, and a transaction of its own
+    /// keeps their outcomes (a spent quota, a lost key, an upload taken) to it alone.
+    fn joins_a_group(&self) -> Option<&[u8]> {
+        match self.payload {
+            Payload::Inline(body)
+                if self.idempotency.is_none() && self.policy.daily_record_quota.is_none() =>
+            {
+                Some(body)
+            }
+            _ => None,
+        }
+    }
+}
+
+/// An import whose dedup key was claimed, about to be stored.
+pub(super) struct Accepted<'a> {
+    pub new: &'a NewImport<'a>,
+    pub import_id: ImportId,
+    pub batch_id: BatchId,
+    /// The transaction's clock when the key was claimed.
+    pub now: i64,
 }
 
 /// Where an import's file is.
@@ -224,9 +249,11 @@ impl Db {
         }
     }
 
-    /// Stores an import in one transaction: dedup claim, quota, batch, import, payload,
-    /// outbox events and (when given) the idempotent response. Nothing is written unless
-    /// all of it is.
+    /// Stores an import: dedup claim, quota, batch, import, payload, outbox events and (when
+    /// given) the idempotent response, all or nothing, committed before it returns. A plain
+    /// import (its file in the request, no `Idempotency-Key`, no quota to count) shares its
+    /// transaction with the other submits of this process that arrive meanwhile
+    /// ([`super::submits`]); the others take a transaction of their own.
     #[tracing::instrument(skip_all, fields(client_id = %new.client_id, records = new.records))]
     pub async fn submit_import(&self, new: &NewImport<'_>) -> Result<SubmitOutcome> {
         if let Some(quota) = new.policy.daily_record_quota
@@ -234,46 +261,17 @@ impl Db {
         {
             return Ok(SubmitOutcome::LargerThanQuota { quota });
         }
-        let import_id = ImportId::generate();
-        let batch_id = BatchId::generate();
+        if let Some(body) = new.joins_a_group() {
+            return self.submit_grouped(new, body).await;
+        }
         let mut tx = self.begin_write().await?;
-        // Capped so that the database's clock plus the window cannot overflow (the cap is
-        // millions of years: "forever").
-        let window_ms = i64::try_from(new.policy.dedup_window_secs.saturating_mul(1000))
-            .unwrap_or(i64::MAX)
-            .min(i64::MAX / 4);
-        // The claim also tells the transaction's clock (its expiry less the window), which
-        // saves a statement of its own for it.
-        let claim = self.sql(
-            "INSERT INTO import_checksums (client_id, checksum, import_id, expires_at) \
-             VALUES ($1, $2, $3, {now} + $4) \
-             ON CONFLICT (client_id, checksum) DO UPDATE \
-               SET import_id = excluded.import_id, expires_at = excluded.expires_at \
-             WHERE import_checksums.expires_at <= {now} \
-             RETURNING expires_at - $4",
-        );
-        let claimed: Option<i64> = sqlx::query_scalar(claim)
-            .bind(new.client_id.as_str())
-            .bind(new.dedup_key)
-            .bind(import_id.as_str())
-            .bind(window_ms)
-            .fetch_optional(&mut *tx)
+        let import_id = ImportId::generate();
+        let claimed = self
+            .claim_keys(&mut tx, &[(new, import_id.clone())])
             .await?;
-        let Some(now) = claimed else {
-            let first: String = sqlx::query_scalar(
-                "SELECT import_id FROM import_checksums WHERE client_id = $1 AND checksum = $2",
-            )
-            .bind(new.client_id.as_str())
-            .bind(new.dedup_key)
-            .fetch_one(&mut *tx)
-            .await?;
+        let Some(now) = claimed[0] else {
             tx.rollback().await?;
-            let view = self
-                .get_import(Some(new.client_id), &parse_id(first)?)
-                .await?;
-            return view
-                .map(|v| SubmitOutcome::Duplicate(v.into_duplicate()))
-                .ok_or(Error::NotFound);
+            return self.duplicate_of(new).await;
         };
 
         if let Some(quota) = new.policy.daily_record_quota {
@@ -308,131 +306,43 @@ impl Db {
             }
         }
 
-        let status = if new.policy.approval_required {
-            BatchStatus::AwaitingApproval
-        } else {
-            BatchStatus::Ready
+        let accepted = Accepted {
+            new,
+            import_id,
+            batch_id: BatchId::generate(),
+            now,
         };
-        let policy_json = serde_json::to_string(new.policy).unwrap_or_default();
-        let batch = self.sql(
-            "INSERT INTO batches (id, import_id, client_id, status, format, policy, records_total, \
-                                  accepted_seq, available_at, created_at, updated_at, schema_version, \
-                                  priority, payload_id, payload_bytes) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, {next_accepted_seq}, $8, $8, $8, $9, $10, $11, $12)",
-        );
-        let payload_id = match new.payload {
-            Payload::Inline(_) => batch_id.as_str(),
-            Payload::Upload(upload) => upload.as_str(),
-        };
-        sqlx::query(batch)
-            .bind(batch_id.as_str())
-            .bind(import_id.as_str())
-            .bind(new.client_id.as_str())
-            .bind(status.as_str())
-            .bind(new.format.as_str())
-            .bind(policy_json)
-            .bind(new.records as i64)
-            .bind(now)
-            .bind(new.schema_version.map(|v| v as i64))
-            .bind(i64::from(new.priority.rank()))
-            .bind(payload_id)
-            .bind(new.bytes as i64)
+        let view = self
+            .store_accepted(&mut tx, std::slice::from_ref(&accepted))
+            .await?
+            .remove(0);
+        if let Payload::Upload(upload) = new.payload {
+            // A request body's upload has done its work; a tus upload stays, answering
+            // its client with the import until it expires.
+            let taken = sqlx::query(
+                "DELETE FROM uploads WHERE id = $1 AND kind = 'body' AND import_id IS NULL",
+            )
+            .bind(upload.as_str())
             .execute(&mut *tx)
-            .await?;
-        sqlx::query(
-            "INSERT INTO imports (id, client_id, batch_id, checksum, idempotency_key, format, bytes, records, created_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
-        )
-        .bind(import_id.as_str())
-        .bind(new.client_id.as_str())
-        .bind(batch_id.as_str())
-        .bind(new.checksum)
-        .bind(new.idempotency.map(|c| c.key.as_str()))
-        .bind(new.format.as_str())
-        .bind(new.bytes as i64)
-        .bind(new.records as i64)
-        .bind(now)
-        .execute(&mut *tx)
-        .await?;
-        match new.payload {
-            Payload::Inline(body) => {
-                sqlx::query("INSERT INTO payload_parts (payload_id, seq, body) VALUES ($1, 0, $2)")
-                    .bind(batch_id.as_str())
-                    .bind(body)
-                    .execute(&mut *tx)
-                    .await?;
-            }
-            Payload::Upload(upload) => {
-                // A request body's upload has done its work; a tus upload stays, answering
-                // its client with the import until it expires.
-                let taken = sqlx::query(
-                    "DELETE FROM uploads WHERE id = $1 AND kind = 'body' AND import_id IS NULL",
+            .await?
+            .rows_affected()
+                + sqlx::query(
+                    "UPDATE uploads SET import_id = $1 \
+                     WHERE id = $2 AND kind = 'tus' AND import_id IS NULL \
+                       AND outcome IS NULL",
                 )
+                .bind(view.id.as_str())
                 .bind(upload.as_str())
                 .execute(&mut *tx)
                 .await?
-                .rows_affected()
-                    + sqlx::query(
-                        "UPDATE uploads SET import_id = $1 \
-                         WHERE id = $2 AND kind = 'tus' AND import_id IS NULL \
-                           AND outcome IS NULL",
-                    )
-                    .bind(import_id.as_str())
-                    .bind(upload.as_str())
-                    .execute(&mut *tx)
-                    .await?
-                    .rows_affected();
-                if taken == 0 {
-                    tx.rollback().await?;
-                    return Err(Error::Conflict(format!(
-                        "upload {upload} was ended or imported by another request"
-                    )));
-                }
+                .rows_affected();
+            if taken == 0 {
+                tx.rollback().await?;
+                return Err(Error::Conflict(format!(
+                    "upload {upload} was ended or imported by another request"
+                )));
             }
         }
-
-        let created = Event::BatchCreated(BatchCreated {
-            import_id: import_id.clone(),
-            format: new.format,
-            records: new.records,
-            bytes: new.bytes,
-        });
-        let mut events = vec![Envelope::new(
-            batch_id.clone(),
-            new.client_id.clone(),
-            now,
-            created,
-        )];
-        if status == BatchStatus::Ready {
-            let ready = Event::BatchReady(BatchReady {
-                import_id: import_id.clone(),
-            });
-            events.push(Envelope::new(
-                batch_id.clone(),
-                new.client_id.clone(),
-                now,
-                ready,
-            ));
-        }
-        // The import's own events follow the policy it was accepted under (stored with the
-        // batch), which saves reading the client's row once per event.
-        let first = self
-            .enqueue_events(&mut tx, &events, Some(new.policy))
-            .await?;
-        tx.hand_over(first);
-
-        let view = ImportView {
-            id: import_id,
-            batch_id,
-            status,
-            format: new.format,
-            records: new.records,
-            bytes: new.bytes,
-            checksum: new.checksum.to_owned(),
-            created_at: rfc3339(now),
-            duplicate: false,
-            priority: new.priority,
-        };
         if let Some(claim) = new.idempotency {
             // Same transaction: if the process dies after commit, a retry replays this answer.
             let stored = sqlx::query(
@@ -453,6 +363,252 @@ impl Db {
         }
         tx.commit().await?;
         Ok(SubmitOutcome::Created(view))
+    }
+
+    /// Claims each import's dedup key for its import id, in one statement: the claim's
+    /// time (the transaction's clock, read from the claim's expiry less the window, which
+    /// saves a statement of its own), or `None` for an import that is a duplicate of a
+    /// live claim. No two imports of one call may share a client and a key.
+    pub(super) async fn claim_keys(
+        &self,
+        tx: &mut Tx,
+        imports: &[(&NewImport<'_>, ImportId)],
+    ) -> Result<Vec<Option<i64>>> {
+        let windows: Vec<i64> = imports
+            .iter()
+            .map(|(new, _)| {
+                // Capped so that the database's clock plus the window cannot overflow (the
+                // cap is millions of years: "forever").
+                i64::try_from(new.policy.dedup_window_secs.saturating_mul(1000))
+                    .unwrap_or(i64::MAX)
+                    .min(i64::MAX / 4)
+            })
+            .collect();
+        let rows: Vec<serde_json::Value> = imports
+            .iter()
+            .zip(&windows)
+            .map(|((new, import_id), window_ms)| {
+                serde_json::json!({
+                    "client_id": new.client_id.as_str(),
+                    "checksum": new.dedup_key,
+                    "import_id": import_id.as_str(),
+                    "window_ms": window_ms,
+                })
+            })
+            .collect();
+        // `WHERE true`: SQLite's parser reads an `ON` after a bare `FROM` as a join's.
+        let claim = self.sql(&format!(
+            "INSERT INTO import_checksums (client_id, checksum, import_id, expires_at) \
+             SELECT m.client_id, m.checksum, m.import_id, {{now}} + m.window_ms FROM {} m \
+             WHERE true \
+             ON CONFLICT (client_id, checksum) DO UPDATE \
+               SET import_id = excluded.import_id, expires_at = excluded.expires_at \
+             WHERE import_checksums.expires_at <= {{now}} \
+             RETURNING import_id, expires_at",
+            self.json_rows(&[
+                ("client_id", Field::Text),
+                ("checksum", Field::Text),
+                ("import_id", Field::Text),
+                ("window_ms", Field::Int),
+            ])
+        ));
+        let claimed: Vec<(String, i64)> = sqlx::query_as(claim)
+            .bind(serde_json::Value::Array(rows).to_string())
+            .fetch_all(&mut **tx)
+            .await?;
+        Ok(imports
+            .iter()
+            .zip(&windows)
+            .map(|((_, import_id), window_ms)| {
+                claimed
+                    .iter()
+                    .find(|(id, _)| id == import_id.as_str())
+                    .map(|(_, expires_at)| expires_at - window_ms)
+            })
+            .collect())
+    }
+
+    /// Writes the batches, imports, files kept in the request and events of imports whose
+    /// keys were claimed, a statement per table whatever their number; hands the events to
+    /// this process's relay for when the transaction commits. Their views, in order.
+    pub(super) async fn store_accepted(
+        &self,
+        tx: &mut Tx,
+        accepted: &[Accepted<'_>],
+    ) -> Result<Vec<ImportView>> {
+        if accepted.is_empty() {
+            return Ok(Vec::new());
+        }
+        let status = |a: &Accepted<'_>| {
+            if a.new.policy.approval_required {
+                BatchStatus::AwaitingApproval
+            } else {
+                BatchStatus::Ready
+            }
+        };
+        let rows: Vec<serde_json::Value> = accepted
+            .iter()
+            .enumerate()
+            .map(|(n, a)| {
+                let new = a.new;
+                serde_json::json!({
+                    "n": n + 1,
+                    "batch_id": a.batch_id.as_str(),
+                    "import_id": a.import_id.as_str(),
+                    "client_id": new.client_id.as_str(),
+                    "status": status(a).as_str(),
+                    "format": new.format.as_str(),
+                    "policy": serde_json::to_string(new.policy).unwrap_or_default(),
+                    "records": new.records,
+                    "now": a.now,
+                    "schema_version": new.schema_version,
+                    "priority": new.priority.rank(),
+                    "payload_id": match new.payload {
+                        Payload::Inline(_) => a.batch_id.as_str(),
+                        Payload::Upload(upload) => upload.as_str(),
+                    },
+                    "bytes": new.bytes,
+                    "checksum": new.checksum,
+                    "idempotency_key": new.idempotency.map(|c| c.key.as_str()),
+                })
+            })
+            .collect();
+        let rows = serde_json::Value::Array(rows).to_string();
+        let batches = self.sql(&format!(
+            "INSERT INTO batches (id, import_id, client_id, status, format, policy, records_total, \
+                                  accepted_seq, available_at, created_at, updated_at, schema_version, \
+                                  priority, payload_id, payload_bytes) \
+             SELECT m.batch_id, m.import_id, m.client_id, m.status, m.format, m.policy, m.records, \
+                    {{accepted_seq}}, m.now, m.now, m.now, m.schema_version, m.priority, \
+                    m.payload_id, m.bytes \
+             FROM {} m ORDER BY m.n",
+            self.json_rows(&[
+                ("n", Field::Int),
+                ("batch_id", Field::Text),
+                ("import_id", Field::Text),
+                ("client_id", Field::Text),
+                ("status", Field::Text),
+                ("format", Field::Text),
+                ("policy", Field::Text),
+                ("records", Field::Int),
+                ("now", Field::Int),
+                ("schema_version", Field::Int),
+                ("priority", Field::Int),
+                ("payload_id", Field::Text),
+                ("bytes", Field::Int),
+            ])
+        ));
+        sqlx::query(batches)
+            .bind(rows.as_str())
+            .execute(&mut **tx)
+            .await?;
+        let imports = self.sql(&format!(
+            "INSERT INTO imports (id, client_id, batch_id, checksum, idempotency_key, format, \
+                                  bytes, records, created_at) \
+             SELECT m.import_id, m.client_id, m.batch_id, m.checksum, m.idempotency_key, \
+                    m.format, m.bytes, m.records, m.now \
+             FROM {} m",
+            self.json_rows(&[
+                ("import_id", Field::Text),
+                ("client_id", Field::Text),
+                ("batch_id", Field::Text),
+                ("checksum", Field::Text),
+                ("idempotency_key", Field::Text),
+                ("format", Field::Text),
+                ("bytes", Field::Int),
+                ("records", Field::Int),
+                ("now", Field::Int),
+            ])
+        ));
+        sqlx::query(imports)
+            .bind(rows.as_str())
+            .execute(&mut **tx)
+            .await?;
+        let bodies: Vec<serde_json::Value> = accepted
+            .iter()
+            .filter_map(|a| match a.new.payload {
+                Payload::Inline(body) => Some(serde_json::json!({
+                    "batch_id": a.batch_id.as_str(),
+                    "body": hex::encode(body),
+                })),
+                Payload::Upload(_) => None,
+            })
+            .collect();
+        if !bodies.is_empty() {
+            let parts = self.sql(&format!(
+                "INSERT INTO payload_parts (payload_id, seq, body) \
+                 SELECT m.batch_id, 0, m.body FROM {} m",
+                self.json_rows(&[("batch_id", Field::Text), ("body", Field::Hex)])
+            ));
+            sqlx::query(parts)
+                .bind(serde_json::Value::Array(bodies).to_string())
+                .execute(&mut **tx)
+                .await?;
+        }
+
+        let mut events = Vec::with_capacity(accepted.len() * 2);
+        for a in accepted {
+            let (batch, client) = (&a.batch_id, a.new.client_id);
+            let created = Event::BatchCreated(BatchCreated {
+                import_id: a.import_id.clone(),
+                format: a.new.format,
+                records: a.new.records,
+                bytes: a.new.bytes,
+            });
+            events.push((
+                Envelope::new(batch.clone(), client.clone(), a.now, created),
+                a,
+            ));
+            if status(a) == BatchStatus::Ready {
+                let ready = Event::BatchReady(BatchReady {
+                    import_id: a.import_id.clone(),
+                });
+                events.push((
+                    Envelope::new(batch.clone(), client.clone(), a.now, ready),
+                    a,
+                ));
+            }
+        }
+        // An import's own events follow the policy it was accepted under (stored with the
+        // batch), which saves reading the client's row once per event.
+        let with_policies: Vec<(&Envelope, Option<&Policy>)> = events
+            .iter()
+            .map(|(event, a)| (event, Some(a.new.policy)))
+            .collect();
+        let first = self.enqueue_events(tx, &with_policies).await?;
+        tx.hand_over(first);
+
+        Ok(accepted
+            .iter()
+            .map(|a| ImportView {
+                id: a.import_id.clone(),
+                batch_id: a.batch_id.clone(),
+                status: status(a),
+                format: a.new.format,
+                records: a.new.records,
+                bytes: a.new.bytes,
+                checksum: a.new.checksum.to_owned(),
+                created_at: rfc3339(a.now),
+                duplicate: false,
+                priority: a.new.priority,
+            })
+            .collect())
+    }
+
+    /// The import `new` is a duplicate of: the one holding its dedup key.
+    pub(super) async fn duplicate_of(&self, new: &NewImport<'_>) -> Result<SubmitOutcome> {
+        let first: String = sqlx::query_scalar(
+            "SELECT import_id FROM import_checksums WHERE client_id = $1 AND checksum = $2",
+        )
+        .bind(new.client_id.as_str())
+        .bind(new.dedup_key)
+        .fetch_one(self.pool())
+        .await?;
+        let view = self
+            .get_import(Some(new.client_id), &parse_id(first)?)
+            .await?;
+        view.map(|v| SubmitOutcome::Duplicate(v.into_duplicate()))
+            .ok_or(Error::NotFound)
     }
 
     /// An import with its batch's current status; `client` scopes the lookup to one tenant.

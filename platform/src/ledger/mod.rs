@@ -7,10 +7,16 @@
 //! `{for_update}` is `FOR UPDATE` there (both nothing on SQLite, whose writers take turns),
 //! `{id_list}` is the rows of the JSON array of strings bound as `$1`, `{ticket_list}` is
 //! the `(id, epoch)` rows of the JSON array of `[id, epoch]` pairs bound as `$1`, and
-//! `{next_accepted_seq}` is the acceptance number of a batch being created.
+//! `{accepted_seq}` is the acceptance number of the batch created from row `m` of a
+//! [`Db::json_rows`] set (`m.n` is its place in the set, from 1).
+//!
+//! A statement that writes a set of rows at once (the submits of a group commit, the
+//! events of a transaction) takes them as one JSON array of objects bound as `$1`
+//! ([`Db::json_rows`]): one statement text whatever the count, which each connection
+//! prepares once.
 //!
 //! Layout: [`clients`] (tenants, keys, policies), [`imports`] (the submit transaction,
-//! idempotency, dedup, quota), [`batches`] (claims, the fenced lease, views),
+//! idempotency, dedup, quota), [`submits`] (the group commit of plain submits), [`batches`] (claims, the fenced lease, views),
 //! [`outbox`] (events written in the same transaction as the change they announce),
 //! [`payloads`] (stored files a part at a time: uploads, payloads read back, retention),
 //! [`jobs`] (follow-up job intents written beside those events, and stored reports),
@@ -36,6 +42,7 @@ pub mod payloads;
 pub mod queues;
 pub mod records;
 pub mod schemas;
+mod submits;
 pub mod summaries;
 
 pub use actions::{ActionRecord, NewAction};
@@ -147,6 +154,15 @@ const BOOKKEEPING: &str = "SET synchronous_commit = off";
 /// statements, so only a stopped or hung process reaches the limit.
 pub const DEFAULT_IDLE_IN_TRANSACTION: std::time::Duration = std::time::Duration::from_secs(10);
 
+/// The type of a field of [`Db::json_rows`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Field {
+    Text,
+    Int,
+    /// Bytes, written in the JSON as hex.
+    Hex,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Dialect {
     Sqlite,
@@ -195,9 +211,10 @@ impl Dialect {
 
     /// The next import's place in the order of acceptance (migration 0010 says why each
     /// dialect's way keeps that order).
-    fn next_accepted_seq(self) -> &'static str {
+    fn accepted_seq(self) -> &'static str {
         match self {
-            Dialect::Sqlite => "(SELECT COALESCE(MAX(accepted_seq), 0) + 1 FROM batches)",
+            // Writers take turns, and the set's numbers follow the largest in order.
+            Dialect::Sqlite => "(SELECT COALESCE(MAX(accepted_seq), 0) FROM batches) + m.n",
             Dialect::Postgres => "nextval('batches_accepted_seq')",
         }
     }
@@ -219,6 +236,8 @@ pub struct Db {
     commits: Arc<CommitWake>,
     /// SQLite: [`Db::durable`] waits for the disk (`sqlite_durable_commits`).
     durable_commits: bool,
+    /// Plain submits waiting to share a transaction ([`submits`]).
+    groups: Arc<submits::Groups>,
 }
 
 impl Db {
@@ -273,6 +292,7 @@ impl Db {
             gate,
             commits: Arc::default(),
             durable_commits: true,
+            groups: Arc::default(),
         })
     }
 
@@ -405,8 +425,37 @@ impl Db {
                 .replace("{for_update}", self.dialect.for_update())
                 .replace("{id_list}", self.dialect.id_list())
                 .replace("{ticket_list}", self.dialect.ticket_list())
-                .replace("{next_accepted_seq}", self.dialect.next_accepted_seq()),
+                .replace("{accepted_seq}", self.dialect.accepted_seq()),
         )
+    }
+
+    /// The rows of the JSON array of objects bound as `$1`, as a subquery with one column
+    /// per field: `(SELECT … FROM json_to_recordset($1) …)` on PostgreSQL, `json_each` on
+    /// SQLite. A [`Field::Hex`] arrives as hex text and reads as bytes.
+    pub(crate) fn json_rows(&self, fields: &[(&str, Field)]) -> String {
+        let list = |f: &dyn Fn(&(&str, Field)) -> String| {
+            fields.iter().map(f).collect::<Vec<_>>().join(", ")
+        };
+        match self.dialect {
+            Dialect::Sqlite => format!(
+                "(SELECT {} FROM json_each($1))",
+                list(&|(name, field)| match field {
+                    Field::Hex => format!("unhex(json_extract(value, '$.{name}')) AS {name}"),
+                    _ => format!("json_extract(value, '$.{name}') AS {name}"),
+                })
+            ),
+            Dialect::Postgres => format!(
+                "(SELECT {} FROM json_to_recordset($1::json) AS r({}))",
+                list(&|(name, field)| match field {
+                    Field::Hex => format!("decode(r.{name}, 'hex') AS {name}"),
+                    _ => format!("r.{name}"),
+                }),
+                list(&|(name, field)| match field {
+                    Field::Int => format!("{name} BIGINT"),
+                    Field::Text | Field::Hex => format!("{name} TEXT"),
+                })
+            ),
+        }
     }
 
     /// Starts a transaction that will write, through the gate. SQLite takes the write lock

@@ -6,7 +6,7 @@ use dataflow_contracts::Policy;
 use dataflow_contracts::events::Envelope;
 use sqlx::Row;
 
-use super::{Db, Dialect, Tx, json_list};
+use super::{Db, Dialect, Field, Tx, json_list};
 use crate::Result;
 
 /// Outbox rows looked at per statement when pruning: a short write, since on SQLite it
@@ -33,45 +33,23 @@ impl Db {
         event: &Envelope,
         policy: Option<&Policy>,
     ) -> Result<()> {
-        self.enqueue_events(tx, std::slice::from_ref(event), policy)
-            .await
-            .map(drop)
+        self.enqueue_events(tx, &[(event, policy)]).await.map(drop)
     }
 
-    /// [`Db::enqueue_event`] for several events of one transaction, in one statement. The
-    /// rows take their ids in the order given (one `INSERT` numbers its `VALUES` rows in
-    /// order on both dialects), which is the order the relay publishes them in. Returns the
-    /// rows as the relay would read them.
+    /// [`Db::enqueue_event`] for several events of one transaction, each under its own
+    /// policy, in one statement. The rows take their ids in the order given, which is the
+    /// order the relay publishes them in. Returns the rows as the relay would read them.
     pub(crate) async fn enqueue_events(
         &self,
         tx: &mut Tx,
-        events: &[Envelope],
-        policy: Option<&Policy>,
+        events: &[(&Envelope, Option<&Policy>)],
     ) -> Result<Vec<OutboxRow>> {
         if events.is_empty() {
             return Ok(Vec::new());
         }
-        let rows: Vec<String> = (0..events.len())
-            .map(|i| {
-                let p = i * 5;
-                format!(
-                    "(${}, ${}, ${}, ${}, ${}, {{now}})",
-                    p + 1,
-                    p + 2,
-                    p + 3,
-                    p + 4,
-                    p + 5
-                )
-            })
-            .collect();
-        let sql = self.sql(&format!(
-            "INSERT INTO outbox (event_id, batch_id, event_type, routing_key, body, created_at) \
-             VALUES {} RETURNING id, event_id",
-            rows.join(", ")
-        ));
         let mut written: Vec<OutboxRow> = events
             .iter()
-            .map(|event| OutboxRow {
+            .map(|(event, _)| OutboxRow {
                 id: 0,
                 event_id: event.id.as_str().to_owned(),
                 event_type: event.event.kind().to_owned(),
@@ -79,25 +57,48 @@ impl Db {
                 body: serde_json::to_string(event).unwrap_or_default(),
             })
             .collect();
-        let mut insert = sqlx::query(sql);
-        for (event, row) in events.iter().zip(&written) {
-            insert = insert
-                .bind(row.event_id.as_str())
-                .bind(event.batch_id.as_str())
-                .bind(row.event_type.as_str())
-                .bind(row.routing_key.as_str())
-                .bind(row.body.as_str());
-        }
+        let rows: Vec<serde_json::Value> = events
+            .iter()
+            .zip(&written)
+            .enumerate()
+            .map(|(n, ((event, _), row))| {
+                serde_json::json!({
+                    "n": n,
+                    "event_id": row.event_id,
+                    "batch_id": event.batch_id.as_str(),
+                    "event_type": row.event_type,
+                    "routing_key": row.routing_key,
+                    "body": row.body,
+                })
+            })
+            .collect();
+        let sql = self.sql(&format!(
+            "INSERT INTO outbox (event_id, batch_id, event_type, routing_key, body, created_at) \
+             SELECT m.event_id, m.batch_id, m.event_type, m.routing_key, m.body, {{now}} \
+             FROM {} m ORDER BY m.n RETURNING id, event_id",
+            self.json_rows(&[
+                ("n", Field::Int),
+                ("event_id", Field::Text),
+                ("batch_id", Field::Text),
+                ("event_type", Field::Text),
+                ("routing_key", Field::Text),
+                ("body", Field::Text),
+            ])
+        ));
+        let returned = sqlx::query(sql)
+            .bind(serde_json::Value::Array(rows).to_string())
+            .fetch_all(&mut **tx)
+            .await?;
         // Matched by event id: RETURNING promises no order.
-        for r in insert.fetch_all(&mut **tx).await? {
+        for r in returned {
             let (id, event_id): (i64, String) = (r.try_get("id")?, r.try_get("event_id")?);
             if let Some(row) = written.iter_mut().find(|w| w.event_id == event_id) {
                 row.id = id;
             }
         }
         tx.wrote_outbox(written.len());
-        for event in events {
-            self.write_job_intents(tx, event, policy).await?;
+        for (event, policy) in events {
+            self.write_job_intents(tx, event, *policy).await?;
         }
         Ok(written)
     }
