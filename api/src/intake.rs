@@ -17,6 +17,9 @@ use tokio_util::io::StreamReader;
 
 use crate::error::{ApiError, ApiResult};
 
+/// The most a read adds to a part's buffer at once.
+const READ_STEP: usize = 64 * 1024;
+
 /// Decompressed bytes are not judged against the ratio below this much: small bodies of
 /// repeated values compress very well and are no threat.
 const RATIO_FLOOR: u64 = 1024 * 1024;
@@ -118,7 +121,8 @@ impl Inflow {
     pub async fn fill(&mut self, part: &mut BytesMut, size: usize) -> ApiResult<bool> {
         while part.len() < size {
             let want = size - part.len();
-            part.reserve(want);
+            // In steps: a short body sent without its length does not take a whole part.
+            part.reserve(want.min(READ_STEP));
             let n = match self.reader.as_mut().take(want as u64).read_buf(part).await {
                 Ok(n) => n,
                 Err(e) => return Err(self.failure(e)),

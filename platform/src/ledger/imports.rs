@@ -597,17 +597,9 @@ impl Db {
 
     /// The import `new` is a duplicate of: the one holding its dedup key.
     pub(super) async fn duplicate_of(&self, new: &NewImport<'_>) -> Result<SubmitOutcome> {
-        let first: String = sqlx::query_scalar(
-            "SELECT import_id FROM import_checksums WHERE client_id = $1 AND checksum = $2",
-        )
-        .bind(new.client_id.as_str())
-        .bind(new.dedup_key)
-        .fetch_one(self.pool())
-        .await?;
-        let view = self
-            .get_import(Some(new.client_id), &parse_id(first)?)
-            .await?;
-        view.map(|v| SubmitOutcome::Duplicate(v.into_duplicate()))
+        self.find_duplicate(new.client_id, new.dedup_key)
+            .await?
+            .map(SubmitOutcome::Duplicate)
             .ok_or(Error::NotFound)
     }
 
