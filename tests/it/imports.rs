@@ -17,6 +17,7 @@ backend_tests!(
     identical_concurrent_submits_make_one_batch,
     more_connections_than_import_slots_wait_for_one,
     submits_that_meet_share_a_commit_and_keep_their_own_outcomes,
+    a_file_accepted_before_is_its_duplicate_under_stricter_checks,
     daily_quota_is_enforced,
     batch_report_counts_and_defuses_formulas,
     a_large_report_streams_every_rejected_row_once,
@@ -681,6 +682,41 @@ async fn submits_that_meet_share_a_commit_and_keep_their_own_outcomes(b: Backend
         .await
         .unwrap();
     assert_eq!(numbers, 31);
+    t.stop().await;
+}
+
+/// A file sent again within the dedup window is answered with the import it made, even
+/// when the client's checks have changed since and would refuse it now; a new file is
+/// checked as usual.
+async fn a_file_accepted_before_is_its_duplicate_under_stricter_checks(b: Backend) {
+    let Some(t) = TestApp::spawn(b).await else {
+        return;
+    };
+    let (client, key) = t.client(json!({})).await;
+    let body = csv("before", 3);
+    let first = t.import(&key, "text/csv", body.clone()).await;
+    let patched = t
+        .admin(
+            reqwest::Method::PATCH,
+            &format!("/admin/clients/{client}/policy"),
+        )
+        .json(&json!({"required_fields": ["email"]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(patched.status(), 200);
+    let again = t.submit(&key, "text/csv", body).send().await.unwrap();
+    assert_eq!(again.status(), 200);
+    let view: ImportView = again.json().await.unwrap();
+    assert!(view.duplicate);
+    assert_eq!(view.id, first.id);
+    let new = t
+        .submit(&key, "text/csv", csv("after", 3))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(new.status(), 422);
+    assert_eq!(count(&t, "imports").await, 1);
     t.stop().await;
 }
 
