@@ -515,9 +515,14 @@ async fn receive_short(
     length: u64,
     limits: Limits,
 ) -> ApiResult<Received> {
-    let mut body = bytes::BytesMut::with_capacity(length as usize);
     // One more than declared: reads to the end, which the declared length bounds.
-    inflow.fill(&mut body, length as usize + 1).await?;
+    let mut body = bytes::BytesMut::with_capacity(length as usize + 1);
+    if inflow.fill(&mut body, length as usize + 1).await? {
+        return Err(ApiError::bad_request(
+            "length_mismatch",
+            "the body is longer than its Content-Length",
+        ));
+    }
     if body.is_empty() {
         return Err(ApiError::bad_request("empty_body", "the body is empty"));
     }
@@ -555,7 +560,8 @@ async fn read_parts(
     let ttl_ms = (state.config.upload_ttl_secs * 1000) as i64;
     let mut offset = 0u64;
     loop {
-        let mut part = bytes::BytesMut::with_capacity(PART_BYTES);
+        // Grown as the body arrives: a short body sent without its length stays small.
+        let mut part = bytes::BytesMut::new();
         let more = inflow.fill(&mut part, PART_BYTES).await?;
         if part.is_empty() {
             return Ok(Bytes::new());

@@ -15,6 +15,10 @@ use crate::{Error, Result};
 
 const MS_PER_DAY: i64 = 86_400_000;
 
+/// The longest file that shares a transaction: small imports are what the group commit is
+/// for, and it bounds what a group holds in memory (its files, copied and hex-encoded).
+const GROUPED_BODY_BYTES: usize = 16 * 1024;
+
 /// An accepted, parsed import about to be stored.
 pub struct NewImport<'a> {
     pub client_id: &'a ClientId,
@@ -37,19 +41,31 @@ pub struct NewImport<'a> {
 }
 
 impl NewImport<'_> {
-    /// The file of an import that shares its transaction with others ([`super::submits`]): what
-    /// makes an import special takes statements of its own, and a transaction of its own
-    /// keeps their outcomes (a spent quota, a lost key, an upload taken) to it alone.
+    /// The file of an import that shares its transaction with others ([`super::submits`]): a
+    /// short one kept in the request. What makes an import special takes statements of its
+    /// own, and a transaction of its own keeps their outcomes (a spent quota, a lost key, an
+    /// upload taken) to it alone.
     fn joins_a_group(&self) -> Option<&[u8]> {
         match self.payload {
             Payload::Inline(body)
-                if self.idempotency.is_none() && self.policy.daily_record_quota.is_none() =>
+                if body.len() <= GROUPED_BODY_BYTES
+                    && self.idempotency.is_none()
+                    && self.policy.daily_record_quota.is_none() =>
             {
                 Some(body)
             }
             _ => None,
         }
     }
+}
+
+/// What the dedup claim of one import found.
+pub(super) enum Claim {
+    /// The key is this import's; `now` is the transaction's clock (read from the claim's
+    /// expiry less the window, which saves a statement of its own).
+    Claimed { now: i64 },
+    /// The key is held by this earlier import.
+    DuplicateOf(ImportId),
 }
 
 /// An import whose dedup key was claimed, about to be stored.
@@ -268,10 +284,18 @@ impl Db {
         let import_id = ImportId::generate();
         let claimed = self
             .claim_keys(&mut tx, &[(new, import_id.clone())])
-            .await?;
-        let Some(now) = claimed[0] else {
-            tx.rollback().await?;
-            return self.duplicate_of(new).await;
+            .await?
+            .pop();
+        let claimed = claimed.ok_or_else(|| Error::Internal {
+            context: "the dedup claim answered for no import".into(),
+            source: None,
+        })?;
+        let now = match claimed {
+            Claim::Claimed { now } => now,
+            Claim::DuplicateOf(first) => {
+                tx.rollback().await?;
+                return self.duplicate_of(new.client_id, &first).await;
+            }
         };
 
         if let Some(quota) = new.policy.daily_record_quota {
@@ -365,15 +389,15 @@ impl Db {
         Ok(SubmitOutcome::Created(view))
     }
 
-    /// Claims each import's dedup key for its import id, in one statement: the claim's
-    /// time (the transaction's clock, read from the claim's expiry less the window, which
-    /// saves a statement of its own), or `None` for an import that is a duplicate of a
-    /// live claim. No two imports of one call may share a client and a key.
+    /// Claims each import's dedup key for its import id, in one statement (in key order, so
+    /// that transactions claiming the same keys at once take them in the same order), and
+    /// says for each whether it claimed its key or is a duplicate of the import holding it.
+    /// No two imports of one call may share a client and a key.
     pub(super) async fn claim_keys(
         &self,
         tx: &mut Tx,
         imports: &[(&NewImport<'_>, ImportId)],
-    ) -> Result<Vec<Option<i64>>> {
+    ) -> Result<Vec<Claim>> {
         let windows: Vec<i64> = imports
             .iter()
             .map(|(new, _)| {
@@ -397,35 +421,63 @@ impl Db {
             })
             .collect();
         // `WHERE true`: SQLite's parser reads an `ON` after a bare `FROM` as a join's.
+        let keys = self.json_rows(&[
+            ("client_id", Field::Text),
+            ("checksum", Field::Text),
+            ("import_id", Field::Text),
+            ("window_ms", Field::Int),
+        ]);
+        let rows = serde_json::Value::Array(rows).to_string();
         let claim = self.sql(&format!(
             "INSERT INTO import_checksums (client_id, checksum, import_id, expires_at) \
-             SELECT m.client_id, m.checksum, m.import_id, {{now}} + m.window_ms FROM {} m \
-             WHERE true \
+             SELECT m.client_id, m.checksum, m.import_id, {{now}} + m.window_ms FROM {keys} m \
+             WHERE true ORDER BY m.client_id, m.checksum \
              ON CONFLICT (client_id, checksum) DO UPDATE \
                SET import_id = excluded.import_id, expires_at = excluded.expires_at \
              WHERE import_checksums.expires_at <= {{now}} \
-             RETURNING import_id, expires_at",
-            self.json_rows(&[
-                ("client_id", Field::Text),
-                ("checksum", Field::Text),
-                ("import_id", Field::Text),
-                ("window_ms", Field::Int),
-            ])
+             RETURNING import_id, expires_at"
         ));
         let claimed: Vec<(String, i64)> = sqlx::query_as(claim)
-            .bind(serde_json::Value::Array(rows).to_string())
+            .bind(rows.as_str())
             .fetch_all(&mut **tx)
             .await?;
-        Ok(imports
+        // The holders of the keys not claimed, read in the same transaction: the claim that
+        // made them duplicates is still live there.
+        let holders: Vec<(String, String, String)> = if claimed.len() < imports.len() {
+            let held = self.sql(&format!(
+                "SELECT c.client_id, c.checksum, c.import_id FROM import_checksums c \
+                 JOIN {keys} m ON c.client_id = m.client_id AND c.checksum = m.checksum"
+            ));
+            sqlx::query_as(held)
+                .bind(rows.as_str())
+                .fetch_all(&mut **tx)
+                .await?
+        } else {
+            Vec::new()
+        };
+        imports
             .iter()
             .zip(&windows)
-            .map(|((_, import_id), window_ms)| {
-                claimed
+            .map(|((new, import_id), window_ms)| {
+                if let Some((_, expires_at)) =
+                    claimed.iter().find(|(id, _)| id == import_id.as_str())
+                {
+                    return Ok(Claim::Claimed {
+                        now: expires_at - window_ms,
+                    });
+                }
+                let (_, _, first) = holders
                     .iter()
-                    .find(|(id, _)| id == import_id.as_str())
-                    .map(|(_, expires_at)| expires_at - window_ms)
+                    .find(|(client, key, _)| {
+                        client == new.client_id.as_str() && key == new.dedup_key
+                    })
+                    .ok_or_else(|| Error::Internal {
+                        context: format!("dedup key {} has no holder", new.dedup_key),
+                        source: None,
+                    })?;
+                Ok(Claim::DuplicateOf(parse_id(first.clone())?))
             })
-            .collect())
+            .collect()
     }
 
     /// Writes the batches, imports, files kept in the request and events of imports whose
@@ -595,11 +647,14 @@ impl Db {
             .collect())
     }
 
-    /// The import `new` is a duplicate of: the one holding its dedup key.
-    pub(super) async fn duplicate_of(&self, new: &NewImport<'_>) -> Result<SubmitOutcome> {
-        self.find_duplicate(new.client_id, new.dedup_key)
-            .await?
-            .map(SubmitOutcome::Duplicate)
+    /// The answer to a duplicate of `first`.
+    pub(super) async fn duplicate_of(
+        &self,
+        client: &ClientId,
+        first: &ImportId,
+    ) -> Result<SubmitOutcome> {
+        let view = self.get_import(Some(client), first).await?;
+        view.map(|v| SubmitOutcome::Duplicate(v.into_duplicate()))
             .ok_or(Error::NotFound)
     }
 

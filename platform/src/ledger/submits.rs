@@ -25,8 +25,8 @@ use dataflow_contracts::http::ImportView;
 use dataflow_contracts::{BatchId, ClientId, ImportFormat, ImportId, Policy, Priority};
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
-use super::imports::Accepted;
-use super::{Db, Dialect, NewImport, Payload, SubmitOutcome};
+use super::imports::{Accepted, Claim};
+use super::{Db, Dialect, NewImport, Payload, SubmitOutcome, Tx};
 use crate::{Error, Result};
 
 /// The most submits one transaction takes.
@@ -43,7 +43,14 @@ pub(crate) struct Groups {
     queue: OnceLock<mpsc::UnboundedSender<Member>>,
 }
 
-/// A queued submit: its import, owned, and where its outcome goes (`None`: a duplicate).
+/// What a group did with one of its submits.
+enum Grouped {
+    Created(ImportView),
+    /// Its file is a duplicate of this earlier import.
+    DuplicateOf(ImportId),
+}
+
+/// A queued submit: its import, owned, and where its outcome goes.
 struct Member {
     client_id: ClientId,
     format: ImportFormat,
@@ -55,7 +62,7 @@ struct Member {
     policy: Policy,
     schema_version: Option<u64>,
     priority: Priority,
-    answer: oneshot::Sender<Result<Option<ImportView>>>,
+    answer: oneshot::Sender<Result<Grouped>>,
 }
 
 impl Member {
@@ -99,10 +106,9 @@ impl Db {
         };
         let queue = self.groups.queue.get_or_init(|| self.start_groups());
         queue.send(member).map_err(|_| stopped())?;
-        match answered.await.map_err(|_| stopped())? {
-            Ok(Some(view)) => Ok(SubmitOutcome::Created(view)),
-            Ok(None) => self.duplicate_of(new).await,
-            Err(e) => Err(e),
+        match answered.await.map_err(|_| stopped())?? {
+            Grouped::Created(view) => Ok(SubmitOutcome::Created(view)),
+            Grouped::DuplicateOf(first) => self.duplicate_of(new.client_id, &first).await,
         }
     }
 
@@ -151,61 +157,92 @@ impl Db {
         }
     }
 
-    /// Commits `group` in one transaction and answers each member; if that fails, commits
-    /// each member alone.
-    async fn commit_group(&self, group: Vec<Member>) {
+    /// Commits `group` in one transaction and answers each member. When the database
+    /// refused the transaction (one member's rows, a deadlock), each member is committed
+    /// alone; when the ledger is out of reach, each is told so at once.
+    async fn commit_group(&self, mut group: Vec<Member>) {
+        // A submit whose request was given up stores nothing, as when its own transaction
+        // was dropped before it committed.
+        group.retain(|m| !m.answer.is_closed());
+        if group.is_empty() {
+            return;
+        }
         metrics::histogram!("dataflow_submit_group_size").record(group.len() as f64);
         match self.store_group(&group).await {
             Ok(outcomes) => {
                 for (member, outcome) in group.into_iter().zip(outcomes) {
-                    // A submitter that went away finds its import stored, as after any
-                    // commit it did not wait for.
                     let _ = member.answer.send(Ok(outcome));
                 }
             }
-            Err(e) if group.len() > 1 => {
+            Err(Error::Db(sqlx::Error::Database(e))) if group.len() > 1 => {
                 tracing::debug!(error = %e, members = group.len(), "a group commit failed; committing its submits one by one");
                 for member in group {
+                    if member.answer.is_closed() {
+                        continue;
+                    }
                     let outcome = self.store_group(std::slice::from_ref(&member)).await;
                     let _ = member.answer.send(outcome.map(|mut o| o.remove(0)));
                 }
             }
             Err(e) => {
-                if let Some(member) = group.into_iter().next() {
-                    let _ = member.answer.send(Err(e));
+                for member in group {
+                    let _ = member.answer.send(Err(each_members(&e)));
                 }
             }
         }
     }
 
     /// One transaction for the group: its keys claimed, then the imports that claimed
-    /// theirs stored. Each member's view, or `None` for a duplicate.
-    async fn store_group(&self, group: &[Member]) -> Result<Vec<Option<ImportView>>> {
+    /// theirs stored. What became of each member, in order.
+    async fn store_group(&self, group: &[Member]) -> Result<Vec<Grouped>> {
         let imports: Vec<NewImport<'_>> = group.iter().map(Member::new_import).collect();
         let ids: Vec<(&NewImport<'_>, ImportId)> = imports
             .iter()
             .map(|new| (new, ImportId::generate()))
             .collect();
         let mut tx = self.begin_write().await?;
-        let claimed = self.claim_keys(&mut tx, &ids).await?;
-        let accepted: Vec<Accepted<'_>> = ids
+        let work = self.store_group_in(&mut tx, ids).await;
+        // Rolled back, on failure, before the write gate opens for the next writer.
+        tx.end(work).await
+    }
+
+    async fn store_group_in(
+        &self,
+        tx: &mut Tx,
+        ids: Vec<(&NewImport<'_>, ImportId)>,
+    ) -> Result<Vec<Grouped>> {
+        let claims = self.claim_keys(tx, &ids).await?;
+        let mut duplicates: Vec<Option<ImportId>> = Vec::with_capacity(claims.len());
+        let mut accepted = Vec::new();
+        for ((new, import_id), claim) in ids.into_iter().zip(claims) {
+            match claim {
+                Claim::Claimed { now } => {
+                    duplicates.push(None);
+                    accepted.push(Accepted {
+                        new,
+                        import_id,
+                        batch_id: BatchId::generate(),
+                        now,
+                    });
+                }
+                Claim::DuplicateOf(first) => duplicates.push(Some(first)),
+            }
+        }
+        // One view per accepted import, in order.
+        let mut views = self.store_accepted(tx, &accepted).await?.into_iter();
+        duplicates
             .into_iter()
-            .zip(&claimed)
-            .filter_map(|((new, import_id), now)| {
-                now.map(|now| Accepted {
-                    new,
-                    import_id,
-                    batch_id: BatchId::generate(),
-                    now,
-                })
+            .map(|duplicate| match duplicate {
+                Some(first) => Ok(Grouped::DuplicateOf(first)),
+                None => views
+                    .next()
+                    .map(Grouped::Created)
+                    .ok_or_else(|| Error::Internal {
+                        context: "an accepted import without its view".into(),
+                        source: None,
+                    }),
             })
-            .collect();
-        let mut views = self.store_accepted(&mut tx, &accepted).await?.into_iter();
-        tx.commit().await?;
-        Ok(claimed
-            .iter()
-            .map(|now| now.and_then(|_| views.next()))
-            .collect())
+            .collect()
     }
 }
 
@@ -230,7 +267,23 @@ fn next_group(held: &mut VecDeque<Member>) -> Vec<Member> {
 
 fn stopped() -> Error {
     Error::Internal {
-        context: "the submit group commit stopped (the process is shutting down)".into(),
+        context: "the submit's group commit ended without answering it".into(),
         source: None,
+    }
+}
+
+/// What a group's failure tells each of its members: what it means (an outage stays one,
+/// answered `503`), with its cause as text.
+fn each_members(e: &Error) -> Error {
+    if e.is_unavailable() {
+        Error::Io {
+            context: "the ledger is unavailable".into(),
+            source: std::io::Error::new(std::io::ErrorKind::TimedOut, e.to_string()),
+        }
+    } else {
+        Error::Internal {
+            context: format!("the submit's group commit failed: {e}"),
+            source: None,
+        }
     }
 }
