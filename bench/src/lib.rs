@@ -3,7 +3,9 @@
 //! `dataflow-bench ingest`: submits imports over HTTP to a full in-process DataFlow and
 //! measures the submit rate and the end-to-end rate (first submit → last batch completed).
 //! On PostgreSQL it also loads the same rows with `COPY` into a table of the same shape in
-//! the same database and prints the ratio.
+//! the same database and prints the ratio, and what each path cost PostgreSQL per 1,000
+//! records: WAL bytes, and for DataFlow's path transactions (reads included) and rows
+//! written.
 //!
 //! `dataflow-bench limiter`: the Redis rate limiter against `redis-benchmark`.
 //!
@@ -161,11 +163,20 @@ async fn run_ingest(args: &IngestArgs, config: Config, backend: &str) -> anyhow:
         })
         .collect();
     let bytes: usize = bodies.iter().map(String::len).sum();
+    let url = db.pool().connect_options().database_url.to_string();
+    let work_before = match backend {
+        "postgres" => Some(PgWork::read(&url).await?),
+        _ => None,
+    };
     let started = Instant::now();
     submit_all(addr, &token, bodies).await?;
     let submit_s = started.elapsed().as_secs_f64();
     wait_completed(&db, args.imports as u64, started).await?;
     let e2e_s = started.elapsed().as_secs_f64();
+    let wal_after = match backend {
+        "postgres" => Some(PgWork::wal(&url).await?),
+        _ => None,
+    };
     let total = (args.imports * args.records) as f64;
     let e2e_rate = total / e2e_s;
     print!(
@@ -180,16 +191,64 @@ async fn run_ingest(args: &IngestArgs, config: Config, backend: &str) -> anyhow:
         bytes as f64 / 1_048_576.0,
         total / submit_s,
     );
-    if backend == "postgres" {
-        let copy_rate = copy_baseline(&db, args).await?;
+    app.stop().await;
+    if let (Some(before), Some(wal_after)) = (work_before, wal_after) {
+        // Read once the processes' connections are closed: a backend reports its counts
+        // when it exits (or when idle, up to seconds later).
+        let after = PgWork::read(&url).await?;
+        let per_1k = 1000.0 / total;
         print!(
-            " copy_records_per_s={copy_rate:.0} ratio_vs_copy={:.2}",
-            e2e_rate / copy_rate
+            " wal_kib_per_1k_records={:.0} transactions_per_1k_records={:.1} \
+             rows_written_per_1k_records={:.0}",
+            (wal_after - before.wal) as f64 / 1024.0 * per_1k,
+            (after.transactions - before.transactions) as f64 * per_1k,
+            (after.rows_written - before.rows_written) as f64 * per_1k,
+        );
+        let (copy_rate, copy_wal) = copy_baseline(&url, args).await?;
+        print!(
+            " copy_records_per_s={copy_rate:.0} ratio_vs_copy={:.2} copy_wal_kib_per_1k_records={:.0}",
+            e2e_rate / copy_rate,
+            copy_wal as f64 / 1024.0 * per_1k,
         );
     }
     println!();
-    app.stop().await;
     Ok(())
+}
+
+/// What PostgreSQL has done so far, from its statistics: the server's WAL position, and
+/// the scratch database's transactions and rows written (inserted, updated, deleted).
+struct PgWork {
+    wal: i64,
+    transactions: i64,
+    rows_written: i64,
+}
+
+impl PgWork {
+    async fn read(url: &str) -> anyhow::Result<PgWork> {
+        let mut conn = sqlx::PgConnection::connect(url).await?;
+        let (wal, transactions, rows_written): (i64, i64, i64) = sqlx::query_as(
+            "SELECT (pg_current_wal_lsn() - '0/0'::pg_lsn)::bigint, \
+                    xact_commit + xact_rollback, tup_inserted + tup_updated + tup_deleted \
+             FROM pg_stat_database WHERE datname = current_database()",
+        )
+        .fetch_one(&mut conn)
+        .await?;
+        Ok(PgWork {
+            wal,
+            transactions,
+            rows_written,
+        })
+    }
+
+    /// The server's WAL position alone (it moves at once, unlike the counts).
+    async fn wal(url: &str) -> anyhow::Result<i64> {
+        let mut conn = sqlx::PgConnection::connect(url).await?;
+        Ok(
+            sqlx::query_scalar("SELECT (pg_current_wal_lsn() - '0/0'::pg_lsn)::bigint")
+                .fetch_one(&mut conn)
+                .await?,
+        )
+    }
 }
 
 /// Submits each CSV body as an import, one after another; each must be accepted.
@@ -335,12 +394,8 @@ fn typed_schema() -> serde_json::Value {
 
 /// `COPY`s the records the benchmark stored into a fresh table shaped like `records` and
 /// returns rows/s: the ceiling for writing these rows on this database.
-async fn copy_baseline(
-    db: &dataflow_platform::ledger::Db,
-    args: &IngestArgs,
-) -> anyhow::Result<f64> {
-    let url = db.pool().connect_options().database_url.to_string();
-    let mut conn = sqlx::PgConnection::connect(&url).await?;
+async fn copy_baseline(url: &str, args: &IngestArgs) -> anyhow::Result<(f64, i64)> {
+    let mut conn = sqlx::PgConnection::connect(url).await?;
     // Same columns, collations, keys and storage as the ledger's records table.
     sqlx::query("CREATE TABLE bench_copy (LIKE records INCLUDING ALL)")
         .execute(&mut conn)
@@ -365,6 +420,7 @@ async fn copy_baseline(
         ));
     }
     sqlx::query("CHECKPOINT").execute(&mut conn).await?;
+    let wal_before = PgWork::wal(url).await?;
     let started = Instant::now();
     let mut copy = conn
         .copy_in_raw(
@@ -374,7 +430,8 @@ async fn copy_baseline(
         .await?;
     copy.send(text.as_bytes()).await?;
     copy.finish().await?;
-    Ok(rows.len() as f64 / started.elapsed().as_secs_f64())
+    let rate = rows.len() as f64 / started.elapsed().as_secs_f64();
+    Ok((rate, PgWork::wal(url).await? - wal_before))
 }
 
 /// A throwaway database on the server of a given URL.

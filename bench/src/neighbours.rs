@@ -99,7 +99,7 @@ async fn measure(args: &NeighboursArgs, p: &mut Processes, backend: &str) -> any
     line("flood", &under);
     println!(
         "name=neighbours-flood backend={backend} flood_imports={} flood_records={} \
-         flood_submit_s={flood_submit_s:.1} steady_done_s={:.1} flood_completed_by_then={a_done}{}",
+         flood_submit_s={flood_submit_s:.1} steady_done_s={:.1} flood_completed_by_then={a_done}{}{}",
         args.flood,
         args.flood_records,
         started.elapsed().as_secs_f64(),
@@ -107,6 +107,7 @@ async fn measure(args: &NeighboursArgs, p: &mut Processes, backend: &str) -> any
             " p95_ratio={:.2}",
             under.at(0.95) / l.at(0.95)
         )),
+        p.peaks_line()?,
     );
     Ok(())
 }

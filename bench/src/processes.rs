@@ -301,6 +301,34 @@ impl Processes {
         Ok(())
     }
 
+    /// The peak resident memory of each running process so far, in MiB, by name: the
+    /// kernel's high-water mark (`VmHWM`).
+    pub(crate) fn peaks_mib(&self) -> anyhow::Result<Vec<(String, f64)>> {
+        self.names
+            .iter()
+            .zip(&self.running)
+            .map(|(name, child)| {
+                let status = std::fs::read_to_string(format!("/proc/{}/status", child.id()))
+                    .with_context(|| format!("reading the status of {name} (Linux)"))?;
+                let kib: u64 = status
+                    .lines()
+                    .find_map(|l| l.strip_prefix("VmHWM:"))
+                    .and_then(|v| v.trim().trim_end_matches(" kB").parse().ok())
+                    .with_context(|| format!("no VmHWM for {name}"))?;
+                Ok((name.clone(), kib as f64 / 1024.0))
+            })
+            .collect()
+    }
+
+    /// The peaks of [`Processes::peaks_mib`] as `key=value` fields: ` peak_mib_serve=…`.
+    pub(crate) fn peaks_line(&self) -> anyhow::Result<String> {
+        Ok(self
+            .peaks_mib()?
+            .iter()
+            .map(|(name, mib)| format!(" peak_mib_{}={mib:.0}", name.replace('-', "_")))
+            .collect())
+    }
+
     /// Interrupts every process (a graceful stop) and waits for it; kills one that does
     /// not stop within 30 s.
     fn stop(&mut self) {

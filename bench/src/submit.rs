@@ -4,7 +4,8 @@
 //! send the next, for `--seconds` (wrk's closed loop; a `429` is counted, not waited out).
 //! Every body is different, so each accepted one is a new, durable import. It reports the
 //! accepted imports/s with the answer's latency, then how soon the workers completed them
-//! all (batches/s from the first submit to the last completion).
+//! all (batches/s from the first submit to the last completion), and each process's peak
+//! resident memory.
 //!
 //! The load comes from this process; DataFlow runs as real processes
 //! ([`crate::processes`]). Beside it, the same load against an axum "hello" server (this
@@ -117,7 +118,7 @@ async fn measure(
     println!(
         "name=submit backend={backend} workers={} connections={} records={} seconds={submit_s:.1} \
          accepted={accepted} accepted_s={:.0} refused_429={} other={} p50_ms={:.1} p99_ms={:.1} \
-         completed_batches_s={:.0}{ceiling}",
+         completed_batches_s={:.0}{ceiling}{}",
         args.workers,
         args.connections,
         args.records,
@@ -127,6 +128,7 @@ async fn measure(
         load.at(0.50),
         load.at(0.99),
         accepted as f64 / done_s,
+        p.peaks_line()?,
     );
     ensure!(
         load.requests == accepted + load.answered(429),

@@ -167,6 +167,31 @@ async fn neighbours_bench_runs_as_processes() {
 }
 register!(neighbours_bench_runs_as_processes);
 
+/// The submit benchmark's load against `dataflow` processes (the hello ceiling runs this
+/// benchmark's own binary, which a test is not).
+async fn submit_bench_runs_as_processes() {
+    let deps = std::env::current_exe().unwrap();
+    let bin = deps.parent().unwrap().parent().unwrap().join("dataflow");
+    assert!(bin.exists(), "no {}: build it first", bin.display());
+    let args = dataflow_bench::submit::SubmitArgs {
+        stack: dataflow_bench::processes::StackArgs {
+            bin,
+            database_url: None,
+            redis_url: None,
+            amqp_url: None,
+            env: Vec::new(),
+        },
+        workers: 1,
+        connections: 4,
+        seconds: 1,
+        records: 5,
+        no_ceiling: true,
+    };
+    dataflow_platform::install_crypto_provider();
+    dataflow_bench::submit::run(args).await.unwrap();
+}
+register!(submit_bench_runs_as_processes);
+
 fn main() -> std::process::ExitCode {
     common::harness::main()
 }
