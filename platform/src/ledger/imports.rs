@@ -421,12 +421,15 @@ impl Db {
             })
             .collect();
         // `WHERE true`: SQLite's parser reads an `ON` after a bare `FROM` as a join's.
-        let keys = self.json_rows(&[
-            ("client_id", Field::Text),
-            ("checksum", Field::Text),
-            ("import_id", Field::Text),
-            ("window_ms", Field::Int),
-        ]);
+        let keys = self.json_rows(
+            &[
+                ("client_id", Field::Text),
+                ("checksum", Field::Text),
+                ("import_id", Field::Text),
+                ("window_ms", Field::Int),
+            ],
+            &rows,
+        );
         let rows = serde_json::Value::Array(rows).to_string();
         let claim = self.sql(&format!(
             "INSERT INTO import_checksums (client_id, checksum, import_id, expires_at) \
@@ -525,7 +528,6 @@ impl Db {
                 })
             })
             .collect();
-        let rows = serde_json::Value::Array(rows).to_string();
         let batches = self.sql(&format!(
             "INSERT INTO batches (id, import_id, client_id, status, format, policy, records_total, \
                                   accepted_seq, available_at, created_at, updated_at, schema_version, \
@@ -548,34 +550,36 @@ impl Db {
                 ("priority", Field::Int),
                 ("payload_id", Field::Text),
                 ("bytes", Field::Int),
-            ])
+            ], &rows)
         ));
-        sqlx::query(batches)
-            .bind(rows.as_str())
-            .execute(&mut **tx)
-            .await?;
         let imports = self.sql(&format!(
             "INSERT INTO imports (id, client_id, batch_id, checksum, idempotency_key, format, \
                                   bytes, records, created_at) \
              SELECT m.import_id, m.client_id, m.batch_id, m.checksum, m.idempotency_key, \
                     m.format, m.bytes, m.records, m.now \
              FROM {} m",
-            self.json_rows(&[
-                ("import_id", Field::Text),
-                ("client_id", Field::Text),
-                ("batch_id", Field::Text),
-                ("checksum", Field::Text),
-                ("idempotency_key", Field::Text),
-                ("format", Field::Text),
-                ("bytes", Field::Int),
-                ("records", Field::Int),
-                ("now", Field::Int),
-            ])
+            self.json_rows(
+                &[
+                    ("import_id", Field::Text),
+                    ("client_id", Field::Text),
+                    ("batch_id", Field::Text),
+                    ("checksum", Field::Text),
+                    ("idempotency_key", Field::Text),
+                    ("format", Field::Text),
+                    ("bytes", Field::Int),
+                    ("records", Field::Int),
+                    ("now", Field::Int),
+                ],
+                &rows
+            )
         ));
-        sqlx::query(imports)
-            .bind(rows.as_str())
-            .execute(&mut **tx)
-            .await?;
+        let rows = serde_json::Value::Array(rows).to_string();
+        for statement in [batches, imports] {
+            sqlx::query(statement)
+                .bind(rows.as_str())
+                .execute(&mut **tx)
+                .await?;
+        }
         let bodies: Vec<serde_json::Value> = accepted
             .iter()
             .filter_map(|a| match a.new.payload {
@@ -590,7 +594,7 @@ impl Db {
             let parts = self.sql(&format!(
                 "INSERT INTO payload_parts (payload_id, seq, body) \
                  SELECT m.batch_id, 0, m.body FROM {} m",
-                self.json_rows(&[("batch_id", Field::Text), ("body", Field::Hex)])
+                self.json_rows(&[("batch_id", Field::Text), ("body", Field::Hex)], &bodies)
             ));
             sqlx::query(parts)
                 .bind(serde_json::Value::Array(bodies).to_string())

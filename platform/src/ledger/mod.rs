@@ -431,8 +431,15 @@ impl Db {
 
     /// The rows of the JSON array of objects bound as `$1`, as a subquery with one column
     /// per field: `(SELECT … FROM json_to_recordset($1) …)` on PostgreSQL, `json_each` on
-    /// SQLite. A [`Field::Hex`] arrives as hex text and reads as bytes.
-    pub(crate) fn json_rows(&self, fields: &[(&str, Field)]) -> String {
+    /// SQLite. A [`Field::Hex`] arrives as hex text and reads as bytes. `rows`, the objects
+    /// to be bound, must each name every field (a null is named too): checked in debug
+    /// builds, since a misspelt name would read as NULL, not fail.
+    pub(crate) fn json_rows(&self, fields: &[(&str, Field)], rows: &[serde_json::Value]) -> String {
+        debug_assert!(
+            rows.iter()
+                .all(|row| fields.iter().all(|(name, _)| row.get(name).is_some())),
+            "a row of a JSON set misses one of the fields {fields:?}"
+        );
         let list = |f: &dyn Fn(&(&str, Field)) -> String| {
             fields.iter().map(f).collect::<Vec<_>>().join(", ")
         };
@@ -620,6 +627,20 @@ pub(crate) fn count(v: i64) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A row of a JSON set that misses a field the statement reads is a mistake in the
+    /// code (it would read as NULL): debug builds stop on it.
+    #[tokio::test]
+    #[should_panic(expected = "misses one of the fields")]
+    async fn a_json_set_row_without_a_statements_field_is_caught() {
+        let dir = std::env::temp_dir().join(format!("dataflow-json-{}", ulid::Ulid::new()));
+        let db = Db::connect(&format!("sqlite://{}", dir.join("ledger.db").display()), 1)
+            .await
+            .unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+        let rows = [serde_json::json!({"batch_id": "b", "bdoy": "00"})];
+        db.json_rows(&[("batch_id", Field::Text), ("body", Field::Hex)], &rows);
+    }
 
     /// Bookkeeping commits without waiting for the WAL flush; every other write waits.
     #[tokio::test]

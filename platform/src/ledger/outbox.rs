@@ -76,14 +76,17 @@ impl Db {
             "INSERT INTO outbox (event_id, batch_id, event_type, routing_key, body, created_at) \
              SELECT m.event_id, m.batch_id, m.event_type, m.routing_key, m.body, {{now}} \
              FROM {} m ORDER BY m.n RETURNING id, event_id",
-            self.json_rows(&[
-                ("n", Field::Int),
-                ("event_id", Field::Text),
-                ("batch_id", Field::Text),
-                ("event_type", Field::Text),
-                ("routing_key", Field::Text),
-                ("body", Field::Text),
-            ])
+            self.json_rows(
+                &[
+                    ("n", Field::Int),
+                    ("event_id", Field::Text),
+                    ("batch_id", Field::Text),
+                    ("event_type", Field::Text),
+                    ("routing_key", Field::Text),
+                    ("body", Field::Text),
+                ],
+                &rows
+            )
         ));
         let returned = sqlx::query(sql)
             .bind(serde_json::Value::Array(rows).to_string())
