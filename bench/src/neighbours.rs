@@ -55,17 +55,7 @@ async fn measure(args: &NeighboursArgs, p: &mut Processes, backend: &str) -> any
     let open = json!({"rate_per_minute": 600_000, "rate_burst": 10_000, "dedup_window_secs": 0});
     let a = p.client("flood", &json!({"max_records": args.flood_records}), &open)?;
     let b = p.client("steady", &json!({"max_records": args.records}), &open)?;
-    // The API first: it generates the folder's secrets (older builds cannot share their
-    // generation between processes starting together).
-    p.spawn("serve")?;
-    let api = p.api();
-    api.ready().await?;
-    for i in 0..args.workers {
-        p.spawn(&format!("worker-{i}"))?;
-    }
-    // A first import of B's, unmeasured: the workers are up and their connections open.
-    let warm_up = api.submit(&b, csv_body(usize::MAX, 1)).await?;
-    api.completion(&b, &warm_up, "warm-up").await?;
+    let api = p.start("serve", args.workers, &b).await?;
     let line = |phase: &str, l: &Latencies| {
         println!(
             "name=neighbours backend={backend} workers={} phase={phase} imports={} records={} \

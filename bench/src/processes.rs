@@ -287,7 +287,7 @@ impl Processes {
     /// Starts the process `name` (its role, and a number for a worker: `worker-0`), logging
     /// to a file in the scratch folder; nothing migrates on its own (the ledger was migrated
     /// once before).
-    pub(crate) fn spawn(&mut self, name: &str) -> anyhow::Result<()> {
+    fn spawn(&mut self, name: &str) -> anyhow::Result<()> {
         let role = name.split('-').next().unwrap_or(name);
         let log = std::fs::File::create(self.dir.join(format!("{name}.log")))?;
         let child = self
@@ -349,9 +349,26 @@ impl Processes {
         self.running.clear();
     }
 
-    /// The public API of the API process.
-    pub(crate) fn api(&self) -> Api {
-        Api::new(self.addr)
+    /// Starts `api` (`serve`, or `all`), waits until it is ready, starts `workers` worker
+    /// processes, and sends a first import of `key`'s, unmeasured, through them: once it
+    /// completed, the workers are up and their connections open. The API process starts
+    /// first: it generates the folder's secrets (older builds cannot share their generation
+    /// between processes starting together).
+    pub(crate) async fn start(
+        &mut self,
+        api: &str,
+        workers: usize,
+        key: &str,
+    ) -> anyhow::Result<Api> {
+        self.spawn(api)?;
+        let client = Api::new(self.addr);
+        client.ready().await?;
+        for i in 0..workers {
+            self.spawn(&format!("worker-{i}"))?;
+        }
+        let warm_up = client.submit(key, crate::csv_body(usize::MAX, 1)).await?;
+        client.completion(key, &warm_up, "warm-up").await?;
+        Ok(client)
     }
 
     /// The end of each process's log, for a run that failed (the folder goes with it).

@@ -66,18 +66,8 @@ async fn measure(
     p.cli(&["migrate"])?;
     let open = json!({"rate_per_minute": 6_000_000, "rate_burst": 100_000});
     let key = p.client("producer", &json!({"max_records": args.records}), &open)?;
-    if args.workers == 0 {
-        p.spawn("all")?;
-    } else {
-        p.spawn("serve")?;
-    }
-    let api = p.api();
-    api.ready().await?;
-    for i in 0..args.workers {
-        p.spawn(&format!("worker-{i}"))?;
-    }
-    let warm_up = api.submit(&key, csv_body(usize::MAX, 1)).await?;
-    api.completion(&key, &warm_up, "warm-up").await?;
+    let first = if args.workers == 0 { "all" } else { "serve" };
+    p.start(first, args.workers, &key).await?;
 
     let url = format!("http://{}/v1/imports", p.addr);
     let next = Arc::new(AtomicUsize::new(0));

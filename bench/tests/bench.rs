@@ -134,9 +134,9 @@ async fn amqp_bench_runs() {
 }
 register!(amqp_bench_runs);
 
-/// The neighbours benchmark runs `dataflow` itself as processes: the debug binary that
-/// `cargo test --workspace` builds beside this test (`target/debug/dataflow`).
-async fn neighbours_bench_runs_as_processes() {
+/// The benchmarks that run `dataflow` itself as processes run the debug binary that
+/// `cargo test --workspace` builds beside this test (`target/debug/dataflow`), on SQLite.
+fn debug_processes() -> dataflow_bench::processes::StackArgs {
     let deps = std::env::current_exe().unwrap();
     let bin = deps.parent().unwrap().parent().unwrap().join("dataflow");
     assert!(
@@ -144,14 +144,18 @@ async fn neighbours_bench_runs_as_processes() {
         "no {}: build it first (cargo build -p dataflow)",
         bin.display()
     );
+    dataflow_bench::processes::StackArgs {
+        bin,
+        database_url: None,
+        redis_url: None,
+        amqp_url: None,
+        env: Vec::new(),
+    }
+}
+
+async fn neighbours_bench_runs_as_processes() {
     let args = dataflow_bench::neighbours::NeighboursArgs {
-        stack: dataflow_bench::processes::StackArgs {
-            bin,
-            database_url: None,
-            redis_url: None,
-            amqp_url: None,
-            env: Vec::new(),
-        },
+        stack: debug_processes(),
         workers: 2,
         flood: 4,
         flood_records: 300,
@@ -170,17 +174,8 @@ register!(neighbours_bench_runs_as_processes);
 /// The submit benchmark's load against `dataflow` processes (the hello ceiling runs this
 /// benchmark's own binary, which a test is not).
 async fn submit_bench_runs_as_processes() {
-    let deps = std::env::current_exe().unwrap();
-    let bin = deps.parent().unwrap().parent().unwrap().join("dataflow");
-    assert!(bin.exists(), "no {}: build it first", bin.display());
     let args = dataflow_bench::submit::SubmitArgs {
-        stack: dataflow_bench::processes::StackArgs {
-            bin,
-            database_url: None,
-            redis_url: None,
-            amqp_url: None,
-            env: Vec::new(),
-        },
+        stack: debug_processes(),
         workers: 1,
         connections: 4,
         seconds: 1,
