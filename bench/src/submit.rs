@@ -4,8 +4,9 @@
 //! send the next, for `--seconds` (wrk's closed loop; a `429` is counted, not waited out).
 //! Every body is different, so each accepted one is a new, durable import. It reports the
 //! accepted imports/s with the answer's latency, then how soon the workers completed them
-//! all (batches/s from the first submit to the last completion), and each process's peak
-//! resident memory.
+//! all (batches/s from the first submit to the last completion), the workers' own pace on
+//! the backlog left when the load stopped (the API process then idle), and each process's
+//! peak resident memory.
 //!
 //! The load comes from this process; DataFlow runs as real processes
 //! ([`crate::processes`]). Beside it, the same load against an axum "hello" server (this
@@ -84,12 +85,17 @@ async fn measure(
     let accepted = load.answered(202);
     let submit_s = load.seconds;
 
-    // The workers' pace: the first submit to the moment the last accepted one completed.
+    // The workers' pace: the first submit to the moment the last accepted one completed,
+    // and, on its own, the backlog the load left, drained with the API process idle.
     let ledger = dataflow_platform::ledger::Db::connect(&p.database_url, 1).await?;
     let deadline = Instant::now() + Duration::from_secs(600);
+    // The warm-up's batch is one of them.
+    let (left, drain_started) = (
+        accepted as u64 + 1 - completed(&ledger).await?,
+        Instant::now(),
+    );
     let done_s = loop {
         let completed = completed(&ledger).await?;
-        // The warm-up's batch is one of them.
         if completed > accepted as u64 {
             break started.elapsed().as_secs_f64();
         }
@@ -105,10 +111,11 @@ async fn measure(
             accepted as f64 / submit_s / c
         )
     });
+    let drain_s = drain_started.elapsed().as_secs_f64();
     println!(
         "name=submit backend={backend} workers={} connections={} records={} seconds={submit_s:.1} \
          accepted={accepted} accepted_s={:.0} refused_429={} other={} p50_ms={:.1} p99_ms={:.1} \
-         completed_batches_s={:.0}{ceiling}{}",
+         completed_batches_s={:.0} backlog_after_load={left} drained_batches_s={:.0}{ceiling}{}",
         args.workers,
         args.connections,
         args.records,
@@ -118,6 +125,7 @@ async fn measure(
         load.at(0.50),
         load.at(0.99),
         accepted as f64 / done_s,
+        left as f64 / drain_s,
         p.peaks_line()?,
     );
     ensure!(

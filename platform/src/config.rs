@@ -244,6 +244,11 @@ pub struct WorkerConfig {
     pub reserved_slots: usize,
     /// Records per committed chunk (and per checkpoint).
     pub chunk_size: usize,
+    /// Small batches one slot may take in one claim and complete in one commit (a bundle),
+    /// as long as their records together fit in one chunk; 1 takes batches one at a time.
+    /// Many small imports then cost the ledger a claim and a commit per bundle, not per
+    /// batch.
+    pub bundle_batches: u32,
     /// Lease length; every chunk renews it.
     pub lease_secs: u64,
     /// SQL polling interval when no wake-up arrives (with a broker: while it is
@@ -295,6 +300,7 @@ impl Default for WorkerConfig {
             concurrency: 8,
             reserved_slots: 1,
             chunk_size: 5_000,
+            bundle_batches: 64,
             lease_secs: 30,
             poll_interval_ms: 1_000,
             max_attempts: 5,
@@ -572,6 +578,9 @@ impl Config {
         }
         if self.worker.concurrency == 0 || self.worker.chunk_size == 0 {
             return bad("worker.concurrency and worker.chunk_size must be at least 1");
+        }
+        if self.worker.bundle_batches == 0 {
+            return bad("worker.bundle_batches must be at least 1");
         }
         if self.worker.chunk_size > 100_000 {
             return bad("worker.chunk_size must be at most 100000");

@@ -16,8 +16,8 @@ use dataflow_platform::Config;
 use dataflow_platform::broker::Names;
 use dataflow_platform::config::Secret;
 use dataflow_platform::events::Mode;
-use dataflow_platform::ledger::Claimable;
 use dataflow_platform::ledger::leases::OUTBOX_RELAY;
+use dataflow_platform::ledger::{Bundle, Claimable};
 use futures::StreamExt;
 use lapin::options::{
     BasicConsumeOptions, BasicGetOptions, BasicPublishOptions, BasicQosOptions,
@@ -1148,10 +1148,11 @@ async fn a_lapsed_lease_is_taken_over_when_it_runs_out_not_at_the_sweep(b: Backe
     // it lapses before the fleet registry could judge the holder gone.
     let ghost = api
         .db
-        .claim_next("ghost", 2_000, Claimable::AnyClient)
+        .claim_next("ghost", 2_000, Claimable::AnyClient, Bundle::ONE)
         .await
         .unwrap();
-    assert_eq!(ghost.map(|l| l.batch_id), Some(imp.batch_id.clone()));
+    let ghost: Vec<BatchId> = ghost.into_iter().map(|l| l.batch_id).collect();
+    assert_eq!(ghost, std::slice::from_ref(&imp.batch_id));
 
     let worker = api
         .sibling_with(Roles::WORKER, |c| c.amqp.safety_sweep_ms = 60_000)

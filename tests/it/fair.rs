@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use dataflow::Roles;
 use dataflow_contracts::http::{ErrorBody, ImportView};
 use dataflow_contracts::{BatchId, BatchStatus, ClientId, Priority};
-use dataflow_platform::ledger::Claimable;
+use dataflow_platform::ledger::{Bundle, Claimable};
 use serde_json::json;
 
 use crate::helpers::{Backend, TestApp, backend_tests, csv};
@@ -154,9 +154,14 @@ async fn concurrent_claims_never_exceed_a_clients_cap(b: Backend) {
     let claims = (0..8).map(|i| {
         let db = t.db.clone();
         async move {
-            db.claim_next(&format!("claimer-{i}"), 60_000, Claimable::AnyClient)
-                .await
-                .unwrap()
+            db.claim_next(
+                &format!("claimer-{i}"),
+                60_000,
+                Claimable::AnyClient,
+                Bundle::ONE,
+            )
+            .await
+            .unwrap()
         }
     });
     let leases: Vec<_> = futures::future::join_all(claims)
@@ -177,25 +182,30 @@ async fn concurrent_claims_never_exceed_a_clients_cap(b: Backend) {
     .unwrap();
     let waiting: BatchId = waiting.parse().unwrap();
     assert!(
-        t.db.claim(&waiting, "named", 60_000, Claimable::AnyClient)
+        t.db.claim(&waiting, "named", 60_000, Claimable::AnyClient, Bundle::ONE)
             .await
             .unwrap()
-            .is_none()
+            .is_empty()
     );
     // A place frees up when a lease ends: the next claim takes it.
     let done = leases.iter().find(|l| l.client_id == capped).unwrap();
     t.db.release_batch(done).await.unwrap();
+    // A bundle too stops at the cap: of the capped client's small batches, one fits.
+    let room = Bundle {
+        records: 100,
+        batches: 10,
+    };
     let next =
-        t.db.claim_next("after", 60_000, Claimable::AnyClient)
+        t.db.claim_next("after", 60_000, Claimable::AnyClient, room)
             .await
-            .unwrap()
             .unwrap();
-    assert_eq!(next.client_id, capped);
+    assert_eq!(next.len(), 1);
+    assert_eq!(next[0].client_id, capped);
     assert!(
-        t.db.claim_next("full", 60_000, Claimable::AnyClient)
+        t.db.claim_next("full", 60_000, Claimable::AnyClient, room)
             .await
             .unwrap()
-            .is_none()
+            .is_empty()
     );
     t.stop().await;
 }
@@ -257,37 +267,41 @@ async fn a_workers_last_slot_waits_for_a_client_with_nothing_in_progress(b: Back
     let w = t.worker();
     let shutdown = tokio_util::sync::CancellationToken::new();
     let first = w.slot(&shutdown).await.unwrap();
-    let lease = w
-        .claim_for(&first)
+    // The first slot serves anyone: the busy client's first two batches, a bundle of ten
+    // records (the test's chunk size).
+    let leases = w.claim_for(&first).await.unwrap();
+    assert_eq!(leases.len(), 2);
+    assert!(leases.iter().all(|l| l.client_id == busy));
+    // The last free slot: the busy client has a batch waiting but others in progress
+    // already, by the fair share's choice and by name (as a worker that locks first claims).
+    let last = w.slot(&shutdown).await.unwrap();
+    assert!(w.claim_for(&last).await.unwrap().is_empty());
+    assert!(
+        t.db.claim(
+            &waiting[2],
+            "named",
+            60_000,
+            Claimable::IdleClients,
+            Bundle::ONE
+        )
         .await
         .unwrap()
-        .expect("the first slot serves anyone");
-    assert_eq!(lease.client_id, busy);
-    // The last free slot: the busy client has batches waiting but one in progress already,
-    // by the fair share's choice and by name (as a worker that locks first claims).
-    let last = w.slot(&shutdown).await.unwrap();
-    assert!(w.claim_for(&last).await.unwrap().is_none());
-    assert!(
-        t.db.claim(&waiting[2], "named", 60_000, Claimable::IdleClients)
-            .await
-            .unwrap()
-            .is_none()
+        .is_empty()
     );
-    assert_eq!(in_flight(&t, &busy).await, 1);
+    assert_eq!(in_flight(&t, &busy).await, 2);
     // A client arriving now takes it at once, though it came last.
     let late = submit_many(&t, &late_key, "late", 1, 5).await;
-    let lease = w
-        .claim_for(&last)
-        .await
-        .unwrap()
-        .expect("the newcomer's batch");
-    assert_eq!(lease.batch_id, late[0]);
+    let leases = w.claim_for(&last).await.unwrap();
+    assert_eq!(
+        leases.iter().map(|l| &l.batch_id).collect::<Vec<_>>(),
+        [&late[0]]
+    );
     // Nobody else is idle: the ledger turns a reserved claim away.
     assert!(
-        t.db.claim_next("another", 60_000, Claimable::IdleClients)
+        t.db.claim_next("another", 60_000, Claimable::IdleClients, Bundle::ONE)
             .await
             .unwrap()
-            .is_none()
+            .is_empty()
     );
     t.stop().await;
 }

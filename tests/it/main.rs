@@ -13,6 +13,7 @@ mod sinks;
 
 mod amqp;
 mod auth;
+mod bundles;
 mod cli;
 mod deploy;
 mod fair;

@@ -37,7 +37,7 @@ async fn name_of(t: &TestApp, client: &ClientId, i: usize) -> String {
 
 async fn claim(w: &Worker, id: &BatchId) -> dataflow_platform::ledger::Lease {
     match w.claim_batch(id).await.unwrap() {
-        BatchClaim::Taken(lease) => *lease,
+        BatchClaim::Taken(mut leases) => leases.remove(0),
         other => panic!("batch {id} not taken: {other:?}"),
     }
 }

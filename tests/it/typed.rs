@@ -60,7 +60,7 @@ async fn set_schema(t: &TestApp, client: &ClientId, schema: &Value) -> SchemaVie
 
 async fn claim(w: &Worker, id: &BatchId) -> dataflow_platform::ledger::Lease {
     match w.claim_batch(id).await.unwrap() {
-        BatchClaim::Taken(lease) => *lease,
+        BatchClaim::Taken(mut leases) => leases.remove(0),
         other => panic!("batch {id} not taken: {other:?}"),
     }
 }

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use dataflow::Roles;
 use dataflow_contracts::live::LiveEvent;
 use dataflow_contracts::{BatchId, BatchStatus, ClientId};
-use dataflow_platform::ledger::Claimable;
+use dataflow_platform::ledger::{Bundle, Claimable};
 use reqwest::{Method, StatusCode, header};
 use serde_json::json;
 
@@ -1122,10 +1122,16 @@ async fn the_queue_page_shows_each_clients_depth_and_oldest_wait(b: Backend) {
     tokio::time::sleep(Duration::from_millis(1_100)).await;
     t.import(&quiet_key, "text/csv", csv("quiet", 2)).await;
     let held =
-        t.db.claim(&busy_batches[2], "holder", 60_000, Claimable::AnyClient)
-            .await
-            .unwrap();
-    assert!(held.is_some());
+        t.db.claim(
+            &busy_batches[2],
+            "holder",
+            60_000,
+            Claimable::AnyClient,
+            Bundle::ONE,
+        )
+        .await
+        .unwrap();
+    assert_eq!(held.len(), 1);
 
     let ui = Ui::login(&t, "ann").await;
     let page = ui.page("/ui/queues").await;

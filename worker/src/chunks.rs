@@ -7,6 +7,7 @@
 //! refusal), then, if the batch is not refused, for its chunks. The threshold is decided
 //! before the first chunk, the same way on every attempt.
 
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 
 use dataflow_contracts::{ImportFormat, Policy};
@@ -48,11 +49,26 @@ pub(crate) struct Chunks {
 
 impl Chunks {
     pub fn start(source: Source) -> Chunks {
+        Chunks::spawn(move |tx| source.produce(tx))
+    }
+
+    /// Runs `produce` on a blocking thread. Its error, or its panic, is handed over as the
+    /// last item: the end of the channel must mean the end of the file, or a panic halfway
+    /// would complete the batch with the records before it.
+    fn spawn(
+        produce: impl FnOnce(&mpsc::Sender<Result<Handed>>) -> Result<()> + Send + 'static,
+    ) -> Chunks {
         let (tx, rx) = mpsc::channel(1);
         tokio::task::spawn_blocking(move || {
-            if let Err(e) = source.produce(&tx) {
-                let _ = tx.blocking_send(Err(e));
-            }
+            let failed = match std::panic::catch_unwind(AssertUnwindSafe(|| produce(&tx))) {
+                Ok(Ok(())) => return,
+                Ok(Err(e)) => e,
+                Err(panic) => Error::internal(
+                    "record preparation panicked",
+                    crate::panic_text(panic.as_ref()),
+                ),
+            };
+            let _ = tx.blocking_send(Err(failed));
         });
         Chunks { rx }
     }
@@ -144,5 +160,34 @@ fn unreadable(e: Error) -> Error {
     match e {
         Error::Parse(p) => Error::Conflict(format!("stored payload is unreadable: {p}")),
         other => other,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_panic_while_preparing_is_an_error_not_the_end_of_the_file() {
+        let mut chunks = Chunks::spawn(|tx| {
+            let refused = Handed::Refused {
+                reason: "first".into(),
+                failed: 0,
+                errors: Vec::new(),
+            };
+            let _ = tx.blocking_send(Ok(refused));
+            panic!("a defect halfway through the file");
+        });
+        assert!(matches!(
+            chunks.next().await,
+            Ok(Some(Handed::Refused { .. }))
+        ));
+        let Err(e) = chunks.next().await else {
+            panic!("the end of the channel read as the end of the file");
+        };
+        assert!(
+            e.to_string().starts_with("record preparation panicked"),
+            "{e}"
+        );
     }
 }

@@ -121,9 +121,9 @@ async fn handle(worker: &Worker, delivery: Delivery, shutdown: &CancellationToke
                 return;
             };
             match worker.claim_delivered(&env.batch_id, &slot).await {
-                Ok(BatchClaim::Taken(lease)) => {
+                Ok(BatchClaim::Taken(leases)) => {
                     worker.stats.delivery_claims.fetch_add(1, Ordering::Relaxed);
-                    worker.spawn_process(*lease, slot);
+                    worker.spawn_process(leases, slot);
                     Verdict::Ack
                 }
                 Ok(BatchClaim::Held | BatchClaim::NotClaimable) => Verdict::Ack,

@@ -8,11 +8,13 @@
 //! - [`consumer`]: the `batch.ready` consumer, claiming through the same path;
 //! - [`Worker::claim_next`], [`Worker::claim_batch`], [`Worker::start`], [`Worker::step`]:
 //!   one batch, one chunk at a time, so tests can drive a worker deterministically;
+//! - [`bundle`]: small batches claimed together and completed in one commit;
 //! - [`jobs`]: the follow-up jobs (email, report, webhook) on apalis workers;
 //! - [`leader`]: the fleet leader's lease, and the singleton duties that run only there
 //!   (the job sweeper in [`jobs`], and [`summaries`]: the daily per-client summaries on
 //!   apalis-cron), and [`reclaim`]: taking back the batches of workers that are gone.
 
+mod bundle;
 mod chunks;
 pub mod consumer;
 pub mod jobs;
@@ -34,7 +36,7 @@ use dataflow_platform::coordination::mutex::{Acquired, BatchMutex};
 use dataflow_platform::dashboard::live::LiveBus;
 use dataflow_platform::domain::compiled::CompiledSchemas;
 use dataflow_platform::events::Mode;
-use dataflow_platform::ledger::{ChunkResult, Claimable, Db, FailOutcome, Lease};
+use dataflow_platform::ledger::{Bundle, ChunkResult, Claimable, Db, FailOutcome, Lease};
 
 use crate::chunks::{Chunks, Handed, Source};
 use dataflow_platform::{Error, Result};
@@ -64,7 +66,9 @@ pub enum Outcome {
 /// What a claim of one named batch (a `BatchReady` delivery) found.
 #[derive(Debug)]
 pub enum BatchClaim {
-    Taken(Box<Lease>),
+    /// The batch claimed, and after it the followers of its bundle, if any
+    /// ([`Worker::claim_for`]).
+    Taken(Vec<Lease>),
     /// Another worker holds it (its mutex or an unexpired lease).
     Held,
     /// It exists but is not claimable: done, dead, rejected, awaiting approval, due later,
@@ -214,24 +218,37 @@ impl Worker {
         i64::try_from(self.config.lease_secs.saturating_mul(1000)).unwrap_or(i64::MAX)
     }
 
-    /// Claims the next available batch of any client, if any ([`Worker::claim_for`]).
+    /// Claims the next available batch of any client, if any, alone.
     pub async fn claim_next(&self) -> Result<Option<Lease>> {
-        self.claim_as(Claimable::AnyClient).await
+        let mut leases = self.claim_as(Claimable::AnyClient, Bundle::ONE).await?;
+        Ok(leases.pop())
     }
 
-    /// Claims the next batch `slot` may hold: a reserved slot takes only a batch of a
-    /// client with nothing in progress.
-    pub async fn claim_for(&self, slot: &Slot) -> Result<Option<Lease>> {
-        self.claim_as(slot.claimable()).await
+    /// Claims the next batch `slot` may hold (a reserved slot takes only a batch of a
+    /// client with nothing in progress) and, when it is small, the bundle of the same
+    /// client's small batches that follow it (`worker.bundle_batches`, within one chunk's
+    /// records). Empty when nothing is available.
+    pub async fn claim_for(&self, slot: &Slot) -> Result<Vec<Lease>> {
+        self.claim_as(slot.claimable(), self.bundle()).await
+    }
+
+    fn bundle(&self) -> Bundle {
+        Bundle {
+            records: self.config.chunk_size as u64,
+            batches: self.config.bundle_batches,
+        }
     }
 
     /// With the Redlock mutex the batch is locked first and leased second; batches locked
-    /// by other workers are left to them.
-    async fn claim_as(&self, claimable: Claimable) -> Result<Option<Lease>> {
+    /// by other workers are left to them. A bundle's followers are leased without a lock:
+    /// the claim takes them in its own transaction, holding their client's row, so no
+    /// other claim can race for them, and no worker sees them as claimable until their
+    /// leases lapse.
+    async fn claim_as(&self, claimable: Claimable, bundle: Bundle) -> Result<Vec<Lease>> {
         if matches!(*self.mutex, BatchMutex::SqlOnly) {
             return self
                 .db
-                .claim_next(&self.id, self.lease_ms(), claimable)
+                .claim_next(&self.id, self.lease_ms(), claimable, bundle)
                 .await;
         }
         let candidates = self
@@ -250,23 +267,23 @@ impl Worker {
             };
             match self
                 .db
-                .claim(&id, &self.id, self.lease_ms(), claimable)
+                .claim(&id, &self.id, self.lease_ms(), claimable, bundle)
                 .await
             {
-                Ok(Some(lease)) => {
+                Ok(leases) if leases.is_empty() => release(lock).await,
+                Ok(leases) => {
                     if let Some(lock) = lock {
-                        self.locks_held().insert((id, lease.epoch), lock);
+                        self.locks_held().insert((id, leases[0].epoch), lock);
                     }
-                    return Ok(Some(lease));
+                    return Ok(leases);
                 }
-                Ok(None) => release(lock).await,
                 Err(e) => {
                     release(lock).await;
                     return Err(e);
                 }
             }
         }
-        Ok(None)
+        Ok(Vec::new())
     }
 
     /// Claims the batch a `BatchReady` names, through the same mutex and fenced lease as
@@ -283,18 +300,25 @@ impl Worker {
         };
         match self
             .db
-            .claim(id, &self.id, self.lease_ms(), Claimable::AnyClient)
+            .claim(
+                id,
+                &self.id,
+                self.lease_ms(),
+                Claimable::AnyClient,
+                Bundle::ONE,
+            )
             .await
         {
-            Ok(Some(lease)) => {
-                if let Some(lock) = lock {
-                    self.locks_held().insert((id.clone(), lease.epoch), lock);
-                }
-                Ok(BatchClaim::Taken(Box::new(lease)))
-            }
-            Ok(None) => {
+            Ok(leases) if leases.is_empty() => {
                 release(lock).await;
                 self.unclaimed(id).await
+            }
+            Ok(leases) => {
+                if let Some(lock) = lock {
+                    self.locks_held()
+                        .insert((id.clone(), leases[0].epoch), lock);
+                }
+                Ok(BatchClaim::Taken(leases))
             }
             Err(e) => {
                 release(lock).await;
@@ -321,10 +345,11 @@ impl Worker {
         if self.db.get_batch(None, id).await?.is_none() {
             return Ok(BatchClaim::Unknown);
         }
-        match self.claim_for(slot).await? {
-            Some(lease) => Ok(BatchClaim::Taken(Box::new(lease))),
-            None => self.unclaimed(id).await,
+        let leases = self.claim_for(slot).await?;
+        if leases.is_empty() {
+            return self.unclaimed(id).await;
         }
+        Ok(BatchClaim::Taken(leases))
     }
 
     /// Waits for a free slot (one per batch in flight), an open one before a reserved one;
@@ -345,11 +370,12 @@ impl Worker {
         }
     }
 
-    /// Processes a claimed batch in the background, holding `slot` until it ends.
-    pub fn spawn_process(&self, lease: Lease, slot: Slot) {
+    /// Processes claimed batches (one, or a bundle) in the background, holding `slot` until
+    /// they end.
+    pub fn spawn_process(&self, leases: Vec<Lease>, slot: Slot) {
         let worker = self.clone();
         self.inflight.spawn(async move {
-            worker.process(lease, &worker.release.clone()).await;
+            worker.process_all(leases, &worker.release.clone()).await;
             drop(slot);
             // The client's cap may have held back a batch of its own that nothing else
             // announces: look now, not at the next poll.
@@ -670,11 +696,11 @@ impl Worker {
                 break;
             };
             match self.claim_for(&slot).await {
-                Ok(Some(lease)) => {
-                    self.spawn_process(lease, slot);
+                Ok(leases) if leases.is_empty() => {}
+                Ok(leases) => {
+                    self.spawn_process(leases, slot);
                     continue;
                 }
-                Ok(None) => {}
                 Err(e) => {
                     tracing::warn!(error = %e, "claim failed; retrying after the poll interval")
                 }
@@ -763,13 +789,18 @@ async fn release(lock: Option<rslock::Lock>) {
 
 fn panic_message(e: tokio::task::JoinError) -> String {
     match e.try_into_panic() {
-        Ok(p) => p
-            .downcast_ref::<&str>()
-            .map(|s| (*s).to_owned())
-            .or_else(|| p.downcast_ref::<String>().cloned())
-            .unwrap_or_else(|| "unknown panic".into()),
+        Ok(p) => panic_text(p.as_ref()),
         Err(e) => e.to_string(),
     }
+}
+
+/// What a panic said, when it said it as text.
+fn panic_text(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".into())
 }
 
 /// base × 2^(attempt−1), capped at `max_ms`.

@@ -19,8 +19,8 @@ use sqlx::Row;
 use sqlx::any::AnyRow;
 
 use super::clients::{StoredSchema, parse_id, parse_policy};
-use super::records::NewChange;
-use super::{Db, Dialect, Tx, count, json_list, split_page};
+use super::records::{ChangeGroup, NewChange};
+use super::{Db, Dialect, Field, Tx, count, json_list, split_page};
 use crate::domain::prepare::{Chunk, RecordRow, RowError};
 use crate::{Error, Result};
 
@@ -210,6 +210,58 @@ macro_rules! take_lease {
     };
 }
 
+/// The batches of client `$3` that a claim takes after its first ([`Bundle`]): those a
+/// claim may take, in the client's own order, while their records add up to at most `$4`,
+/// at most `$5` of them, and no more than its room under its `max_concurrent_batches` (read
+/// after the first was taken, in the same transaction). Each arm reads at most `$5` rows
+/// from the index, in order, before the running sum is taken.
+macro_rules! take_followers {
+    () => {
+        take_lease!(concat!(
+            "id IN (SELECT id FROM ( \
+                 SELECT id, ROW_NUMBER() OVER w AS n, SUM(records_total) OVER w AS upto FROM ( \
+                     SELECT id, priority, available_at, records_total FROM ( \
+                         SELECT id, priority, available_at, records_total FROM batches \
+                         WHERE client_id = $3 AND status = 'ready' AND available_at <= {now}",
+            client_order!(),
+            " LIMIT $5 {skip_locked}) AS due \
+                     UNION ALL \
+                     SELECT id, priority, available_at, records_total FROM ( \
+                         SELECT id, priority, available_at, records_total FROM batches \
+                         WHERE client_id = $3 AND status = 'processing' AND lease_expires_at < {now}",
+            client_order!(),
+            " LIMIT $5 {skip_locked}) AS lapsed) AS next \
+                 WINDOW w AS (ORDER BY priority DESC, available_at, id)) AS bundle \
+             WHERE upto <= $4 AND n <= $5 AND n <= COALESCE( \
+                 (SELECT max_concurrent_batches FROM clients cap WHERE cap.id = $3) \
+                 - (SELECT COUNT(*) FROM batches held WHERE held.client_id = $3 \
+                      AND held.status = 'processing' AND held.lease_expires_at >= {now}), $5)) \
+             AND ",
+            claimable!()
+        ))
+    };
+}
+
+/// How much one claim may take: its first batch, whatever its size, and after it, when
+/// that one is small, more of the same client's batches (its followers) while all of them
+/// together hold at most `records` records and number at most `batches`. Small batches
+/// then cost a worker one claim and one commit between them, not one each: a bundle is
+/// processed as one chunk ([`Db::complete_bundle`]), so `records` is the worker's chunk
+/// size and its memory stays what one chunk takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Bundle {
+    pub records: u64,
+    pub batches: u32,
+}
+
+impl Bundle {
+    /// The first batch alone.
+    pub const ONE: Bundle = Bundle {
+        records: 0,
+        batches: 1,
+    };
+}
+
 pub(super) const BATCH_COLUMNS: &str = "id, import_id, status, records_total, checkpoint, records_written, \
      records_unchanged, records_superseded, records_failed, attempts, takeovers, last_error, \
      created_at, started_at, completed_at, schema_version, priority";
@@ -271,7 +323,8 @@ impl Db {
         owner: &str,
         lease_ms: i64,
         claimable: Claimable,
-    ) -> Result<Option<Lease>> {
+        bundle: Bundle,
+    ) -> Result<Vec<Lease>> {
         // On PostgreSQL a claim first skips the clients that other claims hold; when that
         // finds none it waits for one instead, or a single busy client would serve one
         // claim at a time and turn the others away empty-handed. A turn can come to
@@ -299,7 +352,7 @@ impl Db {
                 tx.rollback().await?;
                 // SQLite's writers take turns: what it found is what there is.
                 if wait || self.dialect == Dialect::Sqlite {
-                    return Ok(None);
+                    return Ok(Vec::new());
                 }
                 wait = true;
                 continue;
@@ -333,11 +386,14 @@ impl Db {
                 .bind(&client)
                 .fetch_optional(&mut *tx)
                 .await?;
-            if let Some(lease) = settle_claim(tx, row, owner).await? {
-                return Ok(Some(lease));
+            let leases = self
+                .settle_claim(tx, row, &client, owner, lease_ms, bundle)
+                .await?;
+            if !leases.is_empty() {
+                return Ok(leases);
             }
         }
-        Ok(None)
+        Ok(Vec::new())
     }
 
     /// Ids of batches a claim could take now, in the fair share's order: the batches of
@@ -385,7 +441,8 @@ impl Db {
         owner: &str,
         lease_ms: i64,
         claimable: Claimable,
-    ) -> Result<Option<Lease>> {
+        bundle: Bundle,
+    ) -> Result<Vec<Lease>> {
         let mut tx = self.begin_urgent_write().await?;
         let client: Option<String> = sqlx::query_scalar(
             self.sql(pick_client!("SELECT client_id FROM batches WHERE id = $1")),
@@ -395,7 +452,7 @@ impl Db {
         .await?;
         let Some(client) = client else {
             tx.rollback().await?;
-            return Ok(None);
+            return Ok(Vec::new());
         };
         macro_rules! take_named {
             ($only:expr) => {
@@ -419,7 +476,53 @@ impl Db {
             .bind(&client)
             .fetch_optional(&mut *tx)
             .await?;
-        settle_claim(tx, row, owner).await
+        self.settle_claim(tx, row, &client, owner, lease_ms, bundle)
+            .await
+    }
+
+    /// Ends a claim's transaction: takes the first batch's followers when `bundle` has
+    /// room for them, moving the client on in the round by one stride for each, and
+    /// commits; or rolls back when the claim took nothing. The leases, first one first.
+    async fn settle_claim(
+        &self,
+        mut tx: Tx,
+        first: Option<LeaseColumns>,
+        client: &str,
+        owner: &str,
+        lease_ms: i64,
+        bundle: Bundle,
+    ) -> Result<Vec<Lease>> {
+        let Some(first) = first else {
+            tx.rollback().await?;
+            return Ok(Vec::new());
+        };
+        let mut leases = vec![first.parse(owner)?];
+        let room = bundle.records.saturating_sub(leases[0].records_total);
+        if bundle.batches > 1 && room > 0 {
+            let followers = sqlx::query_as::<_, LeaseColumns>(self.sql(take_followers!()))
+                .bind(owner)
+                .bind(lease_ms)
+                .bind(client)
+                .bind(i64::try_from(room).unwrap_or(i64::MAX))
+                .bind(i64::from(bundle.batches - 1))
+                .fetch_all(&mut *tx)
+                .await?;
+            if !followers.is_empty() {
+                sqlx::query(self.sql(
+                    "UPDATE clients SET claim_pass = claim_pass + 1000000 / claim_weight * $2 \
+                     WHERE id = $1",
+                ))
+                .bind(client)
+                .bind(followers.len() as i64)
+                .execute(&mut *tx)
+                .await?;
+            }
+            for row in followers {
+                leases.push(row.parse(owner)?);
+            }
+        }
+        tx.commit().await?;
+        Ok(leases)
     }
 
     /// How long until a batch may next become claimable, by the ledger's clock: the earliest
@@ -471,7 +574,17 @@ impl Db {
     ) -> Result<ChunkResult> {
         let mut tx = self.begin_write().await?;
         let written = async {
-            let result = self.write_rows(&mut tx, lease, chunk).await?;
+            let (mut result, written) = self.write_rows(&mut tx, lease, chunk).await?;
+            let wrote = Wrote {
+                lease,
+                records: &chunk.records,
+                written,
+            };
+            result.changes = self
+                .append_written(&mut tx, &[wrote])
+                .await?
+                .pop()
+                .flatten();
             self.advance(&mut tx, lease, lease_ms, chunk, result)
                 .await?;
             Ok(result)
@@ -486,40 +599,171 @@ impl Db {
     /// writes every index of `batches` again.
     #[tracing::instrument(skip_all, fields(batch_id = %lease.batch_id, checkpoint = chunk.checkpoint))]
     pub async fn commit_last_chunk(&self, lease: &Lease, chunk: &Chunk) -> Result<BatchCompleted> {
+        let mut done = self.complete_bundle(&[(lease, Some(chunk))]).await?;
+        done.pop().ok_or_else(|| fence_rejected(lease))
+    }
+
+    /// Completes the batch under the fence and announces it.
+    pub async fn complete_batch(&self, lease: &Lease) -> Result<BatchCompleted> {
+        let mut done = self.complete_bundle(&[(lease, None)]).await?;
+        done.pop().ok_or_else(|| fence_rejected(lease))
+    }
+
+    /// Completes batches in one transaction, each with its last chunk (if it has one
+    /// left) under its own fence, with its own counts, event and jobs: a batch alone, or
+    /// the batches of a bundle ([`Bundle`]). All or none: when any of them fails (its lease
+    /// was lost, say) nothing is written, and the caller commits them one at a time, so
+    /// that the failure stays that batch's alone.
+    ///
+    /// The records of every batch are written first. The client's feed counter comes
+    /// after them (see [`Db::append_changes`]) and stays locked to the commit, so what
+    /// follows it is a fixed handful of statements whatever the bundle's size: the
+    /// changes, the batches, the events and the jobs, each written for all at once.
+    pub async fn complete_bundle(
+        &self,
+        bundle: &[(&Lease, Option<&Chunk>)],
+    ) -> Result<Vec<BatchCompleted>> {
         let mut tx = self.begin_write().await?;
-        let done = async {
-            let result = self.write_rows(&mut tx, lease, chunk).await?;
-            self.complete_in(&mut tx, lease, Some((chunk, result)))
-                .await
-        }
-        .await;
+        let done = self.complete_in(&mut tx, bundle).await;
         tx.end(done).await
     }
 
-    /// A chunk's records and row errors inside `tx`; what they changed.
-    async fn write_rows(&self, tx: &mut Tx, lease: &Lease, chunk: &Chunk) -> Result<ChunkResult> {
+    async fn complete_in(
+        &self,
+        tx: &mut Tx,
+        bundle: &[(&Lease, Option<&Chunk>)],
+    ) -> Result<Vec<BatchCompleted>> {
+        let mut results = Vec::with_capacity(bundle.len());
+        let mut written = Vec::with_capacity(bundle.len());
+        for (lease, chunk) in bundle {
+            let (result, keys, records) = match chunk {
+                Some(chunk) => {
+                    let (result, keys) = self.write_rows(tx, lease, chunk).await?;
+                    (result, keys, &chunk.records[..])
+                }
+                None => (ChunkResult::default(), Vec::new(), &[][..]),
+            };
+            results.push(result);
+            written.push(Wrote {
+                lease,
+                records,
+                written: keys,
+            });
+        }
+        let ranges = self.append_written(tx, &written).await?;
+        let rows: Vec<serde_json::Value> = bundle
+            .iter()
+            .zip(&results)
+            .zip(ranges)
+            .map(|(((lease, chunk), result), range)| {
+                serde_json::json!({
+                    "id": lease.batch_id.as_str(),
+                    "epoch": lease.epoch,
+                    "checkpoint": chunk.map(|c| c.checkpoint as i64),
+                    "written": result.written as i64,
+                    "unchanged": result.unchanged as i64,
+                    "failed": chunk.map_or(0, |c| c.failed as i64),
+                    "superseded": result.superseded as i64,
+                    "first": range.map(|r| r.0),
+                    "last": range.map(|r| r.1),
+                })
+            })
+            .collect();
+        let sql = self.sql(&format!(
+            concat!(
+                "UPDATE batches SET status = 'completed', completed_at = {{now}}, \
+                     updated_at = {{now}}, lease_owner = NULL, lease_expires_at = NULL, \
+                     last_error = NULL, checkpoint = COALESCE(m.checkpoint, batches.checkpoint), \
+                     records_written = batches.records_written + m.written, \
+                     records_unchanged = batches.records_unchanged + m.unchanged, \
+                     records_failed = batches.records_failed + m.failed, \
+                     records_superseded = batches.records_superseded + m.superseded, \
+                     changes_first = COALESCE(batches.changes_first, m.first), \
+                     changes_last = COALESCE(m.last, batches.changes_last) \
+                 FROM {} m \
+                 WHERE batches.id = m.id AND batches.lease_epoch = m.epoch \
+                   AND batches.status = 'processing' \
+                 RETURNING batches.id AS id, records_total, records_written, records_unchanged, \
+                     records_superseded, records_failed, started_at, completed_at, \
+                     changes_first, changes_last, ",
+                client_policy!()
+            ),
+            self.json_rows(
+                &[
+                    ("id", Field::Text),
+                    ("epoch", Field::Int),
+                    ("checkpoint", Field::Int),
+                    ("written", Field::Int),
+                    ("unchanged", Field::Int),
+                    ("failed", Field::Int),
+                    ("superseded", Field::Int),
+                    ("first", Field::Int),
+                    ("last", Field::Int),
+                ],
+                &rows
+            )
+        ));
+        let returned = sqlx::query(sql)
+            .bind(serde_json::Value::Array(rows).to_string())
+            .fetch_all(&mut **tx)
+            .await?;
+        let mut done = Vec::with_capacity(bundle.len());
+        let mut events = Vec::with_capacity(bundle.len());
+        for (lease, _) in bundle {
+            // RETURNING promises no order: each batch finds its own row.
+            let mut row = None;
+            for r in &returned {
+                if r.try_get::<String, _>("id")? == lease.batch_id.as_str() {
+                    row = Some(r);
+                }
+            }
+            let Some(row) = row else {
+                return Err(fence_rejected(lease));
+            };
+            let (completed, at_ms) = completed_from(row)?;
+            let policy: Option<String> = row.try_get("client_policy")?;
+            let policy = policy.as_deref().map(parse_policy).transpose()?;
+            let env = Envelope::new(
+                lease.batch_id.clone(),
+                lease.client_id.clone(),
+                at_ms,
+                Event::BatchCompleted(completed.clone()),
+            );
+            done.push(completed);
+            events.push((env, policy));
+        }
+        let events: Vec<(&Envelope, Option<&Policy>)> =
+            events.iter().map(|(e, p)| (e, p.as_ref())).collect();
+        self.enqueue_events(tx, &events).await?;
+        Ok(done)
+    }
+
+    /// A chunk's records and row errors inside `tx`: what they changed (without the feed,
+    /// [`Db::append_written`]), and the records it wrote, by key with their new version.
+    async fn write_rows(
+        &self,
+        tx: &mut Tx,
+        lease: &Lease,
+        chunk: &Chunk,
+    ) -> Result<(ChunkResult, Vec<(String, i64)>)> {
         let mut result = ChunkResult {
             unchanged: chunk.replaced,
             ..ChunkResult::default()
         };
-        // The errors first: the feed's counter, taken with the records, stays locked to the
-        // commit, and a client's other writers wait on it.
         self.write_errors(tx, lease, &chunk.errors).await?;
-        if !chunk.records.is_empty() {
-            let records = chunk.records.len() as u64;
-            let (touched, written) = self.upsert_records(tx, lease, &chunk.records).await?;
-            // Left alone: held by a newer import, or by an earlier chunk of this batch with
-            // the same values. Only the first needs a look (rows the upsert locked).
-            if touched < records {
-                result.superseded = self.count_newer(tx, lease, &chunk.records).await?;
-            }
-            result.written = written.len() as u64;
-            result.unchanged += records - result.written - result.superseded;
-            result.changes = self
-                .append_chunk_changes(tx, lease, &chunk.records, written)
-                .await?;
+        if chunk.records.is_empty() {
+            return Ok((result, Vec::new()));
         }
-        Ok(result)
+        let records = chunk.records.len() as u64;
+        let (touched, written) = self.upsert_records(tx, lease, &chunk.records).await?;
+        // Left alone: held by a newer import, or by an earlier chunk of this batch with
+        // the same values. Only the first needs a look (rows the upsert locked).
+        if touched < records {
+            result.superseded = self.count_newer(tx, lease, &chunk.records).await?;
+        }
+        result.written = written.len() as u64;
+        result.unchanged += records - result.written - result.superseded;
+        Ok((result, written))
     }
 
     /// Row errors inside `tx`.
@@ -602,34 +846,50 @@ impl Db {
         Ok((touched.len() as u64, written))
     }
 
-    /// Appends the changes a chunk made (`written`, by key with their versions) to the
-    /// client's feed; the numbers taken, first and last.
-    async fn append_chunk_changes(
+    /// Appends the changes chunks made (`written`: by key with their versions, among the
+    /// chunk's `records`) to their clients' feeds, after every record of the transaction
+    /// was written; the numbers each took, first and last.
+    async fn append_written(
         &self,
         tx: &mut Tx,
-        lease: &Lease,
-        records: &[RecordRow],
-        mut written: Vec<(String, i64)>,
-    ) -> Result<Option<(i64, i64)>> {
-        written.sort_unstable();
-        let changes: Vec<NewChange<'_>> = written
+        written: &[Wrote<'_>],
+    ) -> Result<Vec<Option<(i64, i64)>>> {
+        let changes: Vec<Vec<NewChange<'_>>> = written
             .iter()
-            .filter_map(|(key, version)| {
-                // `records` is sorted by key: the chunk's distinct keys in lock order.
-                let at = records.binary_search_by(|r| r.key.as_str().cmp(key)).ok()?;
-                Some(NewChange {
-                    key,
-                    kind: if *version == 1 {
-                        RecordChangeKind::Inserted
-                    } else {
-                        RecordChangeKind::Updated
-                    },
-                    data: Some(&records[at].data),
-                })
+            .map(
+                |Wrote {
+                     records, written, ..
+                 }| {
+                    let mut keys: Vec<&(String, i64)> = written.iter().collect();
+                    keys.sort_unstable();
+                    keys.into_iter()
+                        .filter_map(|(key, version)| {
+                            // `records` is sorted by key: the chunk's distinct keys in lock order.
+                            let at = records.binary_search_by(|r| r.key.as_str().cmp(key)).ok()?;
+                            Some(NewChange {
+                                key,
+                                kind: if *version == 1 {
+                                    RecordChangeKind::Inserted
+                                } else {
+                                    RecordChangeKind::Updated
+                                },
+                                data: Some(&records[at].data),
+                            })
+                        })
+                        .collect()
+                },
+            )
+            .collect();
+        let groups: Vec<ChangeGroup<'_>> = written
+            .iter()
+            .zip(&changes)
+            .map(|(Wrote { lease, .. }, changes)| ChangeGroup {
+                client: &lease.client_id,
+                batch: Some(&lease.batch_id),
+                changes,
             })
             .collect();
-        self.append_changes(tx, &lease.client_id, Some(&lease.batch_id), &changes)
-            .await
+        self.append_change_groups(tx, &groups).await
     }
 
     /// How many of `records` a later accepted import holds.
@@ -690,78 +950,6 @@ impl Db {
             return Err(fence_rejected(lease));
         }
         Ok(())
-    }
-
-    /// Completes the batch under the fence and announces it.
-    pub async fn complete_batch(&self, lease: &Lease) -> Result<BatchCompleted> {
-        let mut tx = self.begin_write().await?;
-        let done = self.complete_in(&mut tx, lease, None).await;
-        tx.end(done).await
-    }
-
-    /// The completion inside `tx`, under the fence, moving the checkpoint past the last
-    /// chunk when it comes with one.
-    async fn complete_in(
-        &self,
-        tx: &mut Tx,
-        lease: &Lease,
-        last: Option<(&Chunk, ChunkResult)>,
-    ) -> Result<BatchCompleted> {
-        let sql = self.sql(concat!(
-            "UPDATE batches SET status = 'completed', completed_at = {now}, updated_at = {now}, \
-                 lease_owner = NULL, lease_expires_at = NULL, last_error = NULL, \
-                 checkpoint = COALESCE($3, checkpoint), records_written = records_written + $4, \
-                 records_unchanged = records_unchanged + $5, records_failed = records_failed + $6, \
-                 records_superseded = records_superseded + $7, \
-                 changes_first = COALESCE(changes_first, $8), \
-                 changes_last = COALESCE($9, changes_last) \
-             WHERE id = $1 AND lease_epoch = $2 AND status = 'processing' \
-             RETURNING records_total, records_written, records_unchanged, records_superseded, \
-                       records_failed, started_at, completed_at, changes_first, changes_last, ",
-            client_policy!()
-        ));
-        let (checkpoint, result, failed) = match last {
-            Some((chunk, result)) => (Some(chunk.checkpoint as i64), result, chunk.failed as i64),
-            None => (None, ChunkResult::default(), 0),
-        };
-        let Some(row) = sqlx::query(sql)
-            .bind(lease.batch_id.as_str())
-            .bind(lease.epoch)
-            .bind(checkpoint)
-            .bind(result.written as i64)
-            .bind(result.unchanged as i64)
-            .bind(failed)
-            .bind(result.superseded as i64)
-            .bind(result.changes.map(|c| c.0))
-            .bind(result.changes.map(|c| c.1))
-            .fetch_optional(&mut **tx)
-            .await?
-        else {
-            return Err(fence_rejected(lease));
-        };
-        let completed_at: i64 = row.try_get("completed_at")?;
-        let started_at: Option<i64> = row.try_get("started_at")?;
-        let done = BatchCompleted {
-            records_total: count(row.try_get("records_total")?),
-            records_written: count(row.try_get("records_written")?),
-            records_unchanged: count(row.try_get("records_unchanged")?),
-            records_superseded: count(row.try_get("records_superseded")?),
-            records_failed: count(row.try_get("records_failed")?),
-            duration_ms: count(completed_at - started_at.unwrap_or(completed_at)),
-            changes: match (
-                row.try_get::<Option<i64>, _>("changes_first")?,
-                row.try_get::<Option<i64>, _>("changes_last")?,
-            ) {
-                (Some(first), Some(last)) => Some(ChangeRange {
-                    first: count(first),
-                    last: count(last),
-                }),
-                _ => None,
-            },
-        };
-        let event = Event::BatchCompleted(done.clone());
-        self.announce(tx, lease, completed_at, event, &row).await?;
-        Ok(done)
     }
 
     /// Ends a batch whose file has more refused records than its error threshold allows,
@@ -1169,25 +1357,45 @@ pub enum BatchAction {
     },
 }
 
+/// What one chunk's records did, for the feed ([`Db::append_written`]).
+struct Wrote<'a> {
+    lease: &'a Lease,
+    /// The chunk's records, sorted by key.
+    records: &'a [RecordRow],
+    /// Those it wrote (inserted, or changed), by key with their new version.
+    written: Vec<(String, i64)>,
+}
+
+/// A completed batch's counts as its completion's `RETURNING` gives them, and when it
+/// completed.
+fn completed_from(row: &AnyRow) -> Result<(BatchCompleted, i64)> {
+    let completed_at: i64 = row.try_get("completed_at")?;
+    let started_at: Option<i64> = row.try_get("started_at")?;
+    let done = BatchCompleted {
+        records_total: count(row.try_get("records_total")?),
+        records_written: count(row.try_get("records_written")?),
+        records_unchanged: count(row.try_get("records_unchanged")?),
+        records_superseded: count(row.try_get("records_superseded")?),
+        records_failed: count(row.try_get("records_failed")?),
+        duration_ms: count(completed_at - started_at.unwrap_or(completed_at)),
+        changes: match (
+            row.try_get::<Option<i64>, _>("changes_first")?,
+            row.try_get::<Option<i64>, _>("changes_last")?,
+        ) {
+            (Some(first), Some(last)) => Some(ChangeRange {
+                first: count(first),
+                last: count(last),
+            }),
+            _ => None,
+        },
+    };
+    Ok((done, completed_at))
+}
+
 fn fence_rejected(lease: &Lease) -> Error {
     Error::FenceRejected {
         batch_id: lease.batch_id.to_string(),
         epoch: lease.epoch,
-    }
-}
-
-/// Ends a claim's transaction: commits the lease its statement took, or rolls back when it
-/// took none.
-async fn settle_claim(tx: Tx, row: Option<LeaseColumns>, owner: &str) -> Result<Option<Lease>> {
-    match row {
-        Some(row) => {
-            tx.commit().await?;
-            row.parse(owner).map(Some)
-        }
-        None => {
-            tx.rollback().await?;
-            Ok(None)
-        }
     }
 }
 

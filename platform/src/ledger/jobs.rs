@@ -22,7 +22,7 @@ use sqlx::Row;
 
 use super::clients::{parse_id, parse_policy};
 use super::commits::Kinds;
-use super::{Db, Tx, count, json_list, split_page};
+use super::{Db, Field, Tx, count, json_list, split_page};
 use crate::{Error, Result};
 
 /// The epoch of a job's message in a queue. An apalis-redis run moves `delivery_epoch` on
@@ -132,52 +132,77 @@ pub fn jobs_for_event(event: &Envelope, policy: &Policy) -> Vec<JobSpec> {
 }
 
 impl Db {
-    /// Writes the intents `event` asks for under `policy` (the client's stored one when
-    /// `None`) inside the caller's transaction.
+    /// Writes the intents each event asks for under its policy (the client's stored one
+    /// when `None`) inside the caller's transaction, all in one statement.
     pub(crate) async fn write_job_intents(
         &self,
         tx: &mut Tx,
-        event: &Envelope,
-        policy: Option<&Policy>,
+        events: &[(&Envelope, Option<&Policy>)],
     ) -> Result<()> {
-        let stored;
-        let policy = match policy {
-            Some(p) => p,
-            None => {
-                let json: Option<String> =
-                    sqlx::query_scalar("SELECT policy FROM clients WHERE id = $1")
-                        .bind(event.client_id.as_str())
-                        .fetch_optional(&mut **tx)
-                        .await?;
-                let Some(json) = json else {
-                    return Ok(());
-                };
-                stored = parse_policy(&json)?;
-                &stored
-            }
-        };
-        for spec in jobs_for_event(event, policy) {
-            self.insert_job(tx, event, &spec).await?;
+        let mut jobs: Vec<(&Envelope, JobSpec)> = Vec::new();
+        for (event, policy) in events {
+            let stored;
+            let policy = match policy {
+                Some(p) => *p,
+                None => {
+                    let json: Option<String> =
+                        sqlx::query_scalar("SELECT policy FROM clients WHERE id = $1")
+                            .bind(event.client_id.as_str())
+                            .fetch_optional(&mut **tx)
+                            .await?;
+                    let Some(json) = json else {
+                        continue;
+                    };
+                    stored = parse_policy(&json)?;
+                    &stored
+                }
+            };
+            jobs.extend(
+                jobs_for_event(event, policy)
+                    .into_iter()
+                    .map(|spec| (*event, spec)),
+            );
         }
-        Ok(())
-    }
-
-    async fn insert_job(&self, tx: &mut Tx, event: &Envelope, spec: &JobSpec) -> Result<()> {
-        let sql = self.sql(
+        if jobs.is_empty() {
+            return Ok(());
+        }
+        let rows: Vec<serde_json::Value> = jobs
+            .iter()
+            .map(|(event, spec)| {
+                serde_json::json!({
+                    "id": JobId::generate().as_str(),
+                    "kind": spec.kind().as_str(),
+                    "batch_id": event.batch_id.as_str(),
+                    "client_id": event.client_id.as_str(),
+                    "spec": serde_json::to_string(spec).unwrap_or_default(),
+                })
+            })
+            .collect();
+        let sql = self.sql(&format!(
             "INSERT INTO jobs (id, kind, batch_id, client_id, spec, status, attempts, \
                                max_attempts, run_at, created_at, updated_at) \
-             VALUES ($1, $2, $3, $4, $5, 'pending', 0, $6, {now}, {now}, {now})",
-        );
+             SELECT m.id, m.kind, m.batch_id, m.client_id, m.spec, 'pending', 0, $2, \
+                    {{now}}, {{now}}, {{now}} \
+             FROM {} m",
+            self.json_rows(
+                &[
+                    ("id", Field::Text),
+                    ("kind", Field::Text),
+                    ("batch_id", Field::Text),
+                    ("client_id", Field::Text),
+                    ("spec", Field::Text),
+                ],
+                &rows
+            )
+        ));
         sqlx::query(sql)
-            .bind(JobId::generate().as_str())
-            .bind(spec.kind().as_str())
-            .bind(event.batch_id.as_str())
-            .bind(event.client_id.as_str())
-            .bind(serde_json::to_string(spec).unwrap_or_default())
+            .bind(serde_json::Value::Array(rows).to_string())
             .bind(i64::from(self.job_max_attempts))
             .execute(&mut **tx)
             .await?;
-        tx.wrote_job(spec.kind());
+        for (_, spec) in &jobs {
+            tx.wrote_job(spec.kind());
+        }
         Ok(())
     }
 

@@ -46,7 +46,7 @@ mod submits;
 pub mod summaries;
 
 pub use actions::{ActionRecord, NewAction};
-pub use batches::{BatchAction, ChunkResult, Claimable, ErrorCursor, FailOutcome, Lease};
+pub use batches::{BatchAction, Bundle, ChunkResult, Claimable, ErrorCursor, FailOutcome, Lease};
 pub use clients::{ClientRecord, KeyRecord, StoredSchema};
 pub use commits::CommitWake;
 pub use gate::{Tx, Writer};

@@ -100,9 +100,7 @@ impl Db {
             }
         }
         tx.wrote_outbox(written.len());
-        for (event, policy) in events {
-            self.write_job_intents(tx, event, *policy).await?;
-        }
+        self.write_job_intents(tx, events).await?;
         Ok(written)
     }
 

@@ -16,6 +16,14 @@ use super::payloads::delete_parts;
 use super::{Db, Dialect, NewAction, Tx, count};
 use crate::{Error, Result};
 
+/// One writer's changes to append to its client's feed ([`Db::append_change_groups`]).
+pub(super) struct ChangeGroup<'a> {
+    pub client: &'a ClientId,
+    /// The batch that made them, if a batch did.
+    pub batch: Option<&'a BatchId>,
+    pub changes: &'a [NewChange<'a>],
+}
+
 /// A change to append to a client's feed.
 #[derive(Debug, Clone)]
 pub struct NewChange<'a> {
@@ -75,60 +83,105 @@ impl Db {
         batch: Option<&BatchId>,
         changes: &[NewChange<'_>],
     ) -> Result<Option<(i64, i64)>> {
-        if changes.is_empty() {
-            return Ok(None);
+        let group = ChangeGroup {
+            client,
+            batch,
+            changes,
+        };
+        let mut taken = self.append_change_groups(tx, &[group]).await?;
+        Ok(taken.pop().flatten())
+    }
+
+    /// [`Db::append_changes`] for several writers of one transaction (the batches of a
+    /// bundle) at once: one counter statement per client, clients in id order, and one
+    /// insert for every change. The numbers each group took, in the order given.
+    pub(super) async fn append_change_groups(
+        &self,
+        tx: &mut Tx,
+        groups: &[ChangeGroup<'_>],
+    ) -> Result<Vec<Option<(i64, i64)>>> {
+        let mut totals: Vec<(&ClientId, i64)> = Vec::new();
+        for g in groups.iter().filter(|g| !g.changes.is_empty()) {
+            match totals.iter_mut().find(|(c, _)| *c == g.client) {
+                Some((_, n)) => *n += g.changes.len() as i64,
+                None => totals.push((g.client, g.changes.len() as i64)),
+            }
         }
-        let n = changes.len() as i64;
-        let last: i64 = sqlx::query_scalar(
-            "INSERT INTO change_counters (client_id, last) VALUES ($1, $2) \
-             ON CONFLICT (client_id) DO UPDATE SET last = change_counters.last + excluded.last \
-             RETURNING last",
-        )
-        .bind(client.as_str())
-        .bind(n)
-        .fetch_one(&mut **tx)
-        .await?;
-        let first = last - n + 1;
+        totals.sort_unstable();
+        // Each client's next free number, once its counter moved past them all.
+        let mut next: Vec<(&ClientId, i64)> = Vec::with_capacity(totals.len());
+        for (client, n) in totals {
+            let last: i64 = sqlx::query_scalar(
+                "INSERT INTO change_counters (client_id, last) VALUES ($1, $2) \
+                 ON CONFLICT (client_id) DO UPDATE SET last = change_counters.last + excluded.last \
+                 RETURNING last",
+            )
+            .bind(client.as_str())
+            .bind(n)
+            .fetch_one(&mut **tx)
+            .await?;
+            next.push((client, last - n + 1));
+        }
         #[derive(serde::Serialize)]
         struct Row<'a> {
+            c: &'a str,
+            b: Option<&'a str>,
             s: i64,
             k: &'a str,
             kind: &'a str,
             d: Option<&'a RawValue>,
         }
-        let rows: Vec<Row<'_>> = changes
-            .iter()
-            .zip(first..)
-            .map(|(c, seq)| Row {
-                s: seq,
-                k: c.key,
-                kind: c.kind.as_str(),
-                d: c.data,
-            })
-            .collect();
+        let mut rows: Vec<Row<'_>> = Vec::new();
+        let mut taken = Vec::with_capacity(groups.len());
+        for g in groups {
+            let Some((_, first)) = next.iter_mut().find(|(c, _)| *c == g.client) else {
+                taken.push(None);
+                continue;
+            };
+            if g.changes.is_empty() {
+                taken.push(None);
+                continue;
+            }
+            let from = *first;
+            for (c, seq) in g.changes.iter().zip(from..) {
+                rows.push(Row {
+                    c: g.client.as_str(),
+                    b: g.batch.map(BatchId::as_str),
+                    s: seq,
+                    k: c.key,
+                    kind: c.kind.as_str(),
+                    d: c.data,
+                });
+            }
+            *first += g.changes.len() as i64;
+            taken.push(Some((from, *first - 1)));
+        }
+        if rows.is_empty() {
+            return Ok(taken);
+        }
         let sql = self.sql(match self.dialect {
             Dialect::Postgres => {
                 "INSERT INTO record_changes \
                    (client_id, seq, record_key, kind, batch_id, data, changed_at) \
-                 SELECT $1, r.s, r.k, r.kind, $2, r.d::jsonb, {now} \
-                 FROM json_to_recordset($3::json) AS r(s bigint, k text, kind text, d json)"
+                 SELECT r.c, r.s, r.k, r.kind, r.b, r.d::jsonb, {now} \
+                 FROM json_to_recordset($1::json) \
+                   AS r(c text, b text, s bigint, k text, kind text, d json)"
             }
             Dialect::Sqlite => {
                 "INSERT INTO record_changes \
                    (client_id, seq, record_key, kind, batch_id, data, changed_at) \
-                 SELECT $1, value ->> 's', value ->> 'k', value ->> 'kind', $2, \
+                 SELECT value ->> 'c', value ->> 's', value ->> 'k', value ->> 'kind', \
+                        value ->> 'b', \
                         CASE WHEN value ->> 'd' IS NULL THEN NULL ELSE json(value -> 'd') END, \
                         {now} \
-                 FROM json_each($3)"
+                 FROM json_each($1)"
             }
         });
         sqlx::query(sql)
-            .bind(client.as_str())
-            .bind(batch.map(BatchId::as_str))
             .bind(serde_json::to_string(&rows).unwrap_or_default())
             .execute(&mut **tx)
             .await?;
-        Ok(Some((first, last)))
+        Ok(taken)
     }
 
     /// Deletes one of `client`'s records, a change in its feed; whether there was one.

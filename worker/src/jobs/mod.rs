@@ -305,14 +305,10 @@ async fn attempt(handler: &SharedHandler, job: &JobMessage) -> Result<(), JobErr
     let attempt = std::panic::AssertUnwindSafe(handler.handle(job));
     match futures::FutureExt::catch_unwind(attempt).await {
         Ok(result) => result,
-        Err(panic) => {
-            let what = panic
-                .downcast_ref::<&str>()
-                .map(|s| (*s).to_owned())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_default();
-            Err(JobError::Retry(format!("the job panicked: {what}")))
-        }
+        Err(panic) => Err(JobError::Retry(format!(
+            "the job panicked: {}",
+            crate::panic_text(panic.as_ref())
+        ))),
     }
 }
 

@@ -1,0 +1,136 @@
+//! Bundles: the small batches one claim took together ([`Bundle`]), each prepared as one
+//! chunk and all completed in one ledger transaction, each under its own fence with its
+//! own counts, event and jobs ([`Db::complete_bundle`]).
+//!
+//! Anything that is not the plain case leaves the bundle and is processed alone, the way
+//! a batch claimed alone is: a batch whose file turns out longer than one chunk, one that
+//! is refused for its errors, one whose file cannot be read, a poison batch, and, when the
+//! shared commit fails (a lease lost, say), every batch of it. So a failure of one batch
+//! stays that batch's, and every path it can take is the single batch's path.
+//!
+//! [`Bundle`]: dataflow_platform::ledger::Bundle
+//! [`Db::complete_bundle`]: dataflow_platform::ledger::Db::complete_bundle
+
+use std::sync::atomic::Ordering;
+
+use dataflow_contracts::live::LiveKind;
+use dataflow_platform::domain::prepare::Chunk;
+use dataflow_platform::ledger::Lease;
+use futures::StreamExt;
+use tokio_util::sync::CancellationToken;
+
+use crate::chunks::Handed;
+use crate::{Outcome, Worker, record_outcome};
+
+/// Files read and prepared at once while a bundle is gathered: enough to overlap their
+/// ledger reads, few enough to leave the pool's connections to the rest of the process.
+const PREPARED_AT_ONCE: usize = 8;
+
+impl Worker {
+    /// Processes what one claim took: a batch alone, or a bundle. Their outcomes, in no
+    /// particular order.
+    pub async fn process_all(
+        &self,
+        leases: Vec<Lease>,
+        release: &CancellationToken,
+    ) -> Vec<Outcome> {
+        let alone = if leases.len() > 1 {
+            let worker = self.clone();
+            let bundle = leases.clone();
+            // A panic in the shared part ends it, not the worker: every batch goes alone.
+            match tokio::spawn(async move { worker.complete_together(bundle).await }).await {
+                Ok(left) => left,
+                Err(e) => {
+                    tracing::error!(error = %e, "a bundle's shared commit panicked; its batches go one at a time");
+                    leases
+                }
+            }
+        } else {
+            leases
+        };
+        let mut outcomes = Vec::with_capacity(alone.len());
+        for lease in alone {
+            outcomes.push(self.process(lease, release).await);
+        }
+        outcomes
+    }
+
+    /// Completes in one commit the members whose file is a single chunk; the members left
+    /// to process alone.
+    async fn complete_together(&self, leases: Vec<Lease>) -> Vec<Lease> {
+        let prepared: Vec<(Lease, Option<Option<Chunk>>)> = futures::stream::iter(leases)
+            .map(async |lease| {
+                let whole = self.whole(&lease).await;
+                (lease, whole)
+            })
+            .buffered(PREPARED_AT_ONCE)
+            .collect()
+            .await;
+        let mut alone = Vec::new();
+        let mut together = Vec::new();
+        for (lease, whole) in prepared {
+            match whole {
+                Some(chunk) => together.push((lease, chunk)),
+                None => alone.push(lease),
+            }
+        }
+        if together.is_empty() {
+            return alone;
+        }
+        let claimed = std::time::Instant::now();
+        for (lease, _) in &together {
+            self.live
+                .publish(LiveKind::BatchProcessing, lease.batch_id.as_str());
+        }
+        let members: Vec<_> = together
+            .iter()
+            .map(|(lease, chunk)| (lease, chunk.as_ref()))
+            .collect();
+        match self.db.complete_bundle(&members).await {
+            Ok(done) => {
+                for ((lease, _), done) in together.iter().zip(done) {
+                    if lease.attempts == 1 && !lease.took_over {
+                        metrics::histogram!("dataflow_batch_enqueue_to_start_seconds")
+                            .record(lease.waited_ms as f64 / 1000.0);
+                    }
+                    self.stats.completed.fetch_add(1, Ordering::Relaxed);
+                    tracing::info!(
+                        batch_id = %lease.batch_id,
+                        records = done.records_total,
+                        failed = done.records_failed,
+                        bundled = members.len(),
+                        "batch completed"
+                    );
+                    self.unlock(lease).await;
+                    let outcome = Outcome::Completed(done);
+                    record_outcome(&outcome, lease, claimed);
+                    self.announce(lease, &outcome);
+                }
+            }
+            Err(e) => {
+                tracing::info!(error = %e, batches = members.len(), "a bundle's shared commit failed; its batches commit one at a time");
+                alone.extend(together.into_iter().map(|(lease, _)| lease));
+            }
+        }
+        alone
+    }
+
+    /// The batch's records as its one and only chunk (`Some(None)`: it has none left);
+    /// `None` when it must be processed alone.
+    async fn whole(&self, lease: &Lease) -> Option<Option<Chunk>> {
+        if lease.takeovers > self.config.max_takeovers {
+            return None;
+        }
+        let mut run = self.start(lease.clone()).await.ok()?;
+        match run.ahead.take() {
+            None => Some(None),
+            Some(Handed::Refused { .. }) => None,
+            Some(Handed::Chunk(chunk)) => {
+                match self.next_chunk(&run.lease, &mut run.chunks).await {
+                    Ok(None) => Some(Some(chunk)),
+                    _ => None,
+                }
+            }
+        }
+    }
+}
