@@ -24,7 +24,7 @@ use crate::{Outcome, Worker, record_outcome};
 
 /// Files read and prepared at once while a bundle is gathered: enough to overlap their
 /// ledger reads, few enough to leave the pool's connections to the rest of the process.
-const PREPARED_AT_ONCE: usize = 8;
+const PREPARED_AT_ONCE: usize = 4;
 
 impl Worker {
     /// Processes what one claim took: a batch alone, or a bundle. Their outcomes, in no

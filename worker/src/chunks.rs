@@ -132,7 +132,10 @@ impl Source {
         };
         let mut scan = Scanner::new(self.format, reader, limits).map_err(unreadable)?;
         let size = self.chunk_size.max(1);
-        let mut buffer = Vec::with_capacity(size);
+        // No more room than the file can fill: every record takes at least two bytes (a
+        // character and a line end), and a bundle holds many small files' chunks at once.
+        let most = usize::try_from(self.bytes / 2).unwrap_or(usize::MAX).max(1);
+        let mut buffer = Vec::with_capacity(size.min(most));
         let mut done = 0u64;
         while let Some(record) = scan.next_record().map_err(unreadable)? {
             buffer.push(record);
