@@ -2,6 +2,8 @@
 //! and the worker completes them in one commit, each with its own fence, counts and
 //! events; a batch of a bundle that fails fails alone.
 
+use std::sync::atomic::Ordering;
+
 use dataflow::Roles;
 use dataflow_contracts::{BatchId, BatchStatus, ClientId};
 use dataflow_worker::{Outcome, Worker};
@@ -12,6 +14,7 @@ use crate::helpers::{Backend, TestApp, backend_tests, csv, replace_payload};
 backend_tests!(
     small_batches_are_claimed_and_completed_together,
     a_bundles_batch_that_fails_fails_alone,
+    writers_that_share_keys_take_them_in_one_order,
 );
 
 /// Claims with `w` until nothing is left: each claim's batches, by client, in claim order.
@@ -29,7 +32,9 @@ async fn claim_all(w: &Worker) -> Vec<(ClientId, Vec<BatchId>)> {
             leases.iter().all(|l| l.client_id == client),
             "a bundle is one client's"
         );
-        let ids = leases.iter().map(|l| l.batch_id.clone()).collect();
+        // In the order they were accepted (the client's own, here).
+        let mut ids: Vec<BatchId> = leases.iter().map(|l| l.batch_id.clone()).collect();
+        ids.sort();
         let outcomes = w.process_all(leases, &Default::default()).await;
         assert!(
             outcomes.iter().all(|o| matches!(o, Outcome::Completed(_))),
@@ -74,7 +79,9 @@ async fn small_batches_are_claimed_and_completed_together(b: Backend) {
         "{claims:?}"
     );
 
-    // Each its own counts, event and report.
+    // The three went through one shared commit; the batches alone did not.
+    assert_eq!(w.stats().bundled.load(Ordering::Relaxed), 3);
+    // Each its own counts, event and report, and its own stretch of the changes feed.
     for id in &a_batches {
         let view = t.batch(&a_key, id).await;
         assert_eq!(
@@ -83,6 +90,22 @@ async fn small_batches_are_claimed_and_completed_together(b: Backend) {
         );
         assert_eq!(t.completions(id).await, 1, "batch {id}");
     }
+    let mut ranges: Vec<(i64, i64)> = Vec::new();
+    for id in &a_batches {
+        let range: (i64, i64) =
+            sqlx::query_as("SELECT changes_first, changes_last FROM batches WHERE id = $1")
+                .bind(id.as_str())
+                .fetch_one(t.db.pool())
+                .await
+                .unwrap();
+        ranges.push(range);
+    }
+    ranges.sort_unstable();
+    assert_eq!(
+        ranges,
+        [(1, 3), (4, 6), (7, 9), (10, 12)],
+        "each batch's three changes, one after another"
+    );
     assert_eq!(t.batch(&b_key, &big).await.records_written, 25);
     let reports: i64 =
         sqlx::query_scalar("SELECT COUNT(DISTINCT batch_id) FROM jobs WHERE kind = 'report'")
@@ -131,6 +154,11 @@ async fn a_bundles_batch_that_fails_fails_alone(b: Backend) {
         .count();
     assert_eq!(completed, 2, "{outcomes:?}");
     assert!(outcomes.contains(&Outcome::LeaseLost), "{outcomes:?}");
+    assert_eq!(
+        w.stats().bundled.load(Ordering::Relaxed),
+        0,
+        "the shared commit failed, and each batch went alone"
+    );
 
     let first = t.batch(&key, &batches[0]).await;
     assert_eq!(
@@ -151,5 +179,59 @@ async fn a_bundles_batch_that_fails_fails_alone(b: Backend) {
     for (id, n) in [(&batches[0], 1), (&batches[1], 0), (&batches[2], 1)] {
         assert_eq!(t.completions(id).await, n, "batch {id}");
     }
+    t.stop().await;
+}
+
+/// Upserts `client`'s record `key` in `tx`, as another writer of the client would.
+async fn upsert(tx: &mut sqlx::Transaction<'_, sqlx::Any>, client: &ClientId, key: &str) {
+    sqlx::query(
+        "INSERT INTO records (client_id, record_key, data, checksum, batch_id, accepted_seq, \
+                              updated_at) VALUES ($1, $2, '{}', 'other', 'bat_other', 0, 0) \
+         ON CONFLICT (client_id, record_key) DO UPDATE SET checksum = excluded.checksum",
+    )
+    .bind(client.as_str())
+    .bind(key)
+    .execute(&mut **tx)
+    .await
+    .expect("the other writer is not aborted");
+}
+
+async fn writers_that_share_keys_take_them_in_one_order(b: Backend) {
+    let Some(t) = TestApp::spawn_with(b, Roles::API, |_| {}).await else {
+        return;
+    };
+    let (client, key) = t.client(json!({})).await;
+    // The bundle's first batch has the later key, its second the earlier one.
+    for body in ["id,name\nk2,first\n", "id,name\nk1,second\n"] {
+        t.import(&key, "text/csv", body.to_owned()).await;
+    }
+    let w = t.worker();
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let slot = w.slot(&shutdown).await.unwrap();
+    let leases = w.claim_for(&slot).await.unwrap();
+    assert_eq!(leases.len(), 2);
+
+    // Another writer of the client holds k1 while the bundle commits...
+    let mut other = t.db.pool().begin().await.unwrap();
+    upsert(&mut other, &client, "k1").await;
+    let bundle = tokio::spawn({
+        let w = w.clone();
+        async move { w.process_all(leases, &Default::default()).await }
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    // ...then takes k2. Had the bundle locked its first batch's k2 before waiting for k1,
+    // PostgreSQL would abort one of the two as a deadlock.
+    upsert(&mut other, &client, "k2").await;
+    other.commit().await.unwrap();
+    let outcomes = bundle.await.unwrap();
+    assert!(
+        outcomes.iter().all(|o| matches!(o, Outcome::Completed(_))),
+        "{outcomes:?}"
+    );
+    assert_eq!(
+        w.stats().bundled.load(Ordering::Relaxed),
+        2,
+        "completed together"
+    );
     t.stop().await;
 }

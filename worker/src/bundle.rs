@@ -88,6 +88,10 @@ impl Worker {
             .collect();
         match self.db.complete_bundle(&members).await {
             Ok(done) => {
+                metrics::histogram!("dataflow_bundle_size").record(members.len() as f64);
+                self.stats
+                    .bundled
+                    .fetch_add(members.len() as u64, Ordering::Relaxed);
                 for ((lease, _), done) in together.iter().zip(done) {
                     if lease.attempts == 1 && !lease.took_over {
                         metrics::histogram!("dataflow_batch_enqueue_to_start_seconds")

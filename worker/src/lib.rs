@@ -117,6 +117,8 @@ pub struct WorkerStats {
     /// `batch.ready` deliveries settled by the consumer, and the batches they took.
     pub deliveries: AtomicU64,
     pub delivery_claims: AtomicU64,
+    /// Batches completed together with others, in a bundle's shared commit.
+    pub bundled: AtomicU64,
 }
 
 #[derive(Clone)]

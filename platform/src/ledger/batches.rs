@@ -574,7 +574,11 @@ impl Db {
     ) -> Result<ChunkResult> {
         let mut tx = self.begin_write().await?;
         let written = async {
-            let (mut result, written) = self.write_rows(&mut tx, lease, chunk).await?;
+            let (mut result, written) = self
+                .write_chunks(&mut tx, &[(lease, chunk)])
+                .await?
+                .pop()
+                .unwrap_or_default();
             let wrote = Wrote {
                 lease,
                 records: &chunk.records,
@@ -633,20 +637,22 @@ impl Db {
         tx: &mut Tx,
         bundle: &[(&Lease, Option<&Chunk>)],
     ) -> Result<Vec<BatchCompleted>> {
+        let chunks: Vec<(&Lease, &Chunk)> = bundle
+            .iter()
+            .filter_map(|(lease, chunk)| Some((*lease, (*chunk)?)))
+            .collect();
+        let mut wrote = self.write_chunks(tx, &chunks).await?.into_iter();
         let mut results = Vec::with_capacity(bundle.len());
         let mut written = Vec::with_capacity(bundle.len());
         for (lease, chunk) in bundle {
-            let (result, keys, records) = match chunk {
-                Some(chunk) => {
-                    let (result, keys) = self.write_rows(tx, lease, chunk).await?;
-                    (result, keys, &chunk.records[..])
-                }
-                None => (ChunkResult::default(), Vec::new(), &[][..]),
+            let (result, keys) = match chunk {
+                Some(_) => wrote.next().unwrap_or_default(),
+                None => Default::default(),
             };
             results.push(result);
             written.push(Wrote {
                 lease,
-                records,
+                records: chunk.map_or(&[][..], |c| &c.records[..]),
                 written: keys,
             });
         }
@@ -738,32 +744,35 @@ impl Db {
         Ok(done)
     }
 
-    /// A chunk's records and row errors inside `tx`: what they changed (without the feed,
-    /// [`Db::append_written`]), and the records it wrote, by key with their new version.
-    async fn write_rows(
+    /// Chunks' records and row errors inside `tx` (a batch's chunk, or the chunks of a
+    /// bundle): what each changed (without the feed, [`Db::append_written`]), and the
+    /// records each wrote, by key with their new version.
+    async fn write_chunks(
         &self,
         tx: &mut Tx,
-        lease: &Lease,
-        chunk: &Chunk,
-    ) -> Result<(ChunkResult, Vec<(String, i64)>)> {
-        let mut result = ChunkResult {
-            unchanged: chunk.replaced,
-            ..ChunkResult::default()
-        };
-        self.write_errors(tx, lease, &chunk.errors).await?;
-        if chunk.records.is_empty() {
-            return Ok((result, Vec::new()));
+        chunks: &[(&Lease, &Chunk)],
+    ) -> Result<Vec<(ChunkResult, Vec<(String, i64)>)>> {
+        for (lease, chunk) in chunks {
+            self.write_errors(tx, lease, &chunk.errors).await?;
         }
-        let records = chunk.records.len() as u64;
-        let (touched, written) = self.upsert_records(tx, lease, &chunk.records).await?;
-        // Left alone: held by a newer import, or by an earlier chunk of this batch with
-        // the same values. Only the first needs a look (rows the upsert locked).
-        if touched < records {
-            result.superseded = self.count_newer(tx, lease, &chunk.records).await?;
+        let upserted = self.upsert_records(tx, chunks).await?;
+        let mut out = Vec::with_capacity(chunks.len());
+        for ((lease, chunk), (touched, written)) in chunks.iter().zip(upserted) {
+            let records = chunk.records.len() as u64;
+            let mut result = ChunkResult {
+                unchanged: chunk.replaced,
+                ..ChunkResult::default()
+            };
+            // Left alone: held by a newer import, or by an earlier chunk of this batch with
+            // the same values. Only the first needs a look (rows the upsert locked).
+            if touched < records {
+                result.superseded = self.count_newer(tx, lease, &chunk.records).await?;
+            }
+            result.written = written.len() as u64;
+            result.unchanged += records - result.written - result.superseded;
+            out.push((result, written));
         }
-        result.written = written.len() as u64;
-        result.unchanged += records - result.written - result.superseded;
-        Ok((result, written))
+        Ok(out)
     }
 
     /// Row errors inside `tx`.
@@ -801,9 +810,16 @@ impl Db {
         Ok(())
     }
 
-    /// Upserts `records` under [`take_newer!`]: how many it inserted or updated, and of
-    /// those the ones it wrote (inserted, or changed the values of), by key with their new
-    /// version.
+    /// Upserts the chunks' records under [`take_newer!`]: for each chunk, how many it
+    /// inserted or updated, and of those the ones it wrote (inserted, or changed the values
+    /// of), by key with their new version.
+    ///
+    /// The rows are locked in one key order for the whole transaction, so that writers
+    /// that share keys never wait on each other in a circle (PostgreSQL would abort one):
+    /// the first statement writes every key once, in key order, each with the first chunk
+    /// that has it; a key that more chunks have is written again by the next statements, in
+    /// the chunks' order, on rows the transaction already holds. One chunk's records, each
+    /// key once, are one statement.
     ///
     /// An unchanged record is updated too when this import is the newer: it takes this
     /// import's number, so that an import older than both, run later, cannot bring its
@@ -811,39 +827,85 @@ impl Db {
     async fn upsert_records(
         &self,
         tx: &mut Tx,
-        lease: &Lease,
-        records: &[RecordRow],
-    ) -> Result<(u64, Vec<(String, i64)>)> {
-        let sql = self.sql(match self.dialect {
+        chunks: &[(&Lease, &Chunk)],
+    ) -> Result<Vec<(u64, Vec<(String, i64)>)>> {
+        #[derive(serde::Serialize)]
+        struct Row<'a> {
+            cl: &'a str,
+            b: &'a str,
+            s: i64,
+            k: &'a str,
+            d: &'a serde_json::value::RawValue,
+            c: &'a str,
+        }
+        // Each record's round: how many chunks before its own have its key.
+        let mut rounds: Vec<Vec<(&str, usize, &RecordRow)>> = Vec::new();
+        let mut seen: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
+        for (at, (_, chunk)) in chunks.iter().enumerate() {
+            for record in &chunk.records {
+                let round = seen.entry(record.key.as_str()).or_insert(0);
+                if rounds.len() <= *round {
+                    rounds.push(Vec::new());
+                }
+                rounds[*round].push((record.key.as_str(), at, record));
+                *round += 1;
+            }
+        }
+        let template = match self.dialect {
             Dialect::Postgres => concat!(
                 "INSERT INTO records \
                    (client_id, record_key, data, checksum, batch_id, accepted_seq, updated_at) \
-                 SELECT $1, r.k, r.d::jsonb, r.c, $2, $4, {now} \
-                 FROM json_to_recordset($3::json) AS r(k text, d json, c text) ",
+                 SELECT r.cl, r.k, r.d::jsonb, r.c, r.b, r.s, {now} \
+                 FROM json_to_recordset($1::json) \
+                   AS r(cl text, b text, s bigint, k text, d json, c text) ",
                 take_newer!()
             ),
             Dialect::Sqlite => concat!(
                 "INSERT INTO records \
                    (client_id, record_key, data, checksum, batch_id, accepted_seq, updated_at) \
-                 SELECT $1, value ->> 'k', json(value -> 'd'), value ->> 'c', $2, $4, {now} \
-                 FROM jsonb_each(jsonb($3)) WHERE true ",
+                 SELECT value ->> 'cl', value ->> 'k', json(value -> 'd'), value ->> 'c', \
+                        value ->> 'b', value ->> 's', {now} \
+                 FROM jsonb_each(jsonb($1)) WHERE true ",
                 take_newer!()
             ),
-        });
-        let touched = sqlx::query(sql)
-            .bind(lease.client_id.as_str())
-            .bind(lease.batch_id.as_str())
-            .bind(serde_json::to_string(records).unwrap_or_default())
-            .bind(lease.accepted_seq)
-            .fetch_all(&mut **tx)
-            .await?;
-        let mut written = Vec::new();
-        for row in &touched {
-            if row.try_get::<String, _>("batch_id")? == lease.batch_id.as_str() {
-                written.push((row.try_get("record_key")?, row.try_get("version")?));
+        };
+        let mut out: Vec<(u64, Vec<(String, i64)>)> = vec![(0, Vec::new()); chunks.len()];
+        for mut round in rounds {
+            round.sort_unstable_by_key(|(key, _, _)| *key);
+            let rows: Vec<Row<'_>> = round
+                .iter()
+                .map(|(key, at, record)| {
+                    let lease = chunks[*at].0;
+                    Row {
+                        cl: lease.client_id.as_str(),
+                        b: lease.batch_id.as_str(),
+                        s: lease.accepted_seq,
+                        k: key,
+                        d: &record.data,
+                        c: &record.checksum,
+                    }
+                })
+                .collect();
+            let touched = sqlx::query(self.sql(template))
+                .bind(serde_json::to_string(&rows).unwrap_or_default())
+                .fetch_all(&mut **tx)
+                .await?;
+            // A round has each key once: the key tells whose row it was.
+            let whose: std::collections::HashMap<&str, usize> =
+                round.iter().map(|(key, at, _)| (*key, *at)).collect();
+            for row in &touched {
+                let key: String = row.try_get("record_key")?;
+                let Some(&at) = whose.get(key.as_str()) else {
+                    continue;
+                };
+                let (touched, written) = &mut out[at];
+                *touched += 1;
+                if row.try_get::<String, _>("batch_id")? == chunks[at].0.batch_id.as_str() {
+                    written.push((key, row.try_get("version")?));
+                }
             }
         }
-        Ok((touched.len() as u64, written))
+        Ok(out)
     }
 
     /// Appends the changes chunks made (`written`: by key with their versions, among the
