@@ -115,7 +115,8 @@ async fn measure(
     println!(
         "name=submit backend={backend} workers={} connections={} records={} seconds={submit_s:.1} \
          accepted={accepted} accepted_s={:.0} refused_429={} other={} p50_ms={:.1} p99_ms={:.1} \
-         completed_batches_s={:.0} backlog_after_load={left} drained_batches_s={:.0}{ceiling}{}",
+         completed_batches_s={:.0} completed_records_s={:.0} backlog_after_load={left} \
+         drained_batches_s={:.0}{ceiling}{}",
         args.workers,
         args.connections,
         args.records,
@@ -125,6 +126,7 @@ async fn measure(
         load.at(0.50),
         load.at(0.99),
         accepted as f64 / done_s,
+        (accepted * args.records) as f64 / done_s,
         left as f64 / drain_s,
         p.peaks_line()?,
     );

@@ -819,7 +819,7 @@ impl Db {
     /// the first statement writes every key once, in key order, each with the first chunk
     /// that has it; a key that more chunks have is written again by the next statements, in
     /// the chunks' order, on rows the transaction already holds. One chunk's records, each
-    /// key once, are one statement.
+    /// key once, are one statement ([`Db::upsert_chunk`]).
     ///
     /// An unchanged record is updated too when this import is the newer: it takes this
     /// import's number, so that an import older than both, run later, cannot bring its
@@ -837,6 +837,9 @@ impl Db {
             k: &'a str,
             d: &'a serde_json::value::RawValue,
             c: &'a str,
+        }
+        if let [(lease, chunk)] = chunks {
+            return Ok(vec![self.upsert_chunk(tx, lease, &chunk.records).await?]);
         }
         // Each record's round: how many chunks before its own have its key.
         let mut rounds: Vec<Vec<(&str, usize, &RecordRow)>> = Vec::new();
@@ -906,6 +909,47 @@ impl Db {
             }
         }
         Ok(out)
+    }
+
+    /// [`Db::upsert_records`] for one chunk, whose keys are distinct and sorted: one
+    /// statement, with the client, the batch and its number as parameters (read from
+    /// every row instead, they cost a large file's ingest on SQLite a sixth of its rate).
+    async fn upsert_chunk(
+        &self,
+        tx: &mut Tx,
+        lease: &Lease,
+        records: &[RecordRow],
+    ) -> Result<(u64, Vec<(String, i64)>)> {
+        let sql = self.sql(match self.dialect {
+            Dialect::Postgres => concat!(
+                "INSERT INTO records \
+                   (client_id, record_key, data, checksum, batch_id, accepted_seq, updated_at) \
+                 SELECT $1, r.k, r.d::jsonb, r.c, $2, $4, {now} \
+                 FROM json_to_recordset($3::json) AS r(k text, d json, c text) ",
+                take_newer!()
+            ),
+            Dialect::Sqlite => concat!(
+                "INSERT INTO records \
+                   (client_id, record_key, data, checksum, batch_id, accepted_seq, updated_at) \
+                 SELECT $1, value ->> 'k', json(value -> 'd'), value ->> 'c', $2, $4, {now} \
+                 FROM jsonb_each(jsonb($3)) WHERE true ",
+                take_newer!()
+            ),
+        });
+        let touched = sqlx::query(sql)
+            .bind(lease.client_id.as_str())
+            .bind(lease.batch_id.as_str())
+            .bind(serde_json::to_string(records).unwrap_or_default())
+            .bind(lease.accepted_seq)
+            .fetch_all(&mut **tx)
+            .await?;
+        let mut written = Vec::new();
+        for row in &touched {
+            if row.try_get::<String, _>("batch_id")? == lease.batch_id.as_str() {
+                written.push((row.try_get("record_key")?, row.try_get("version")?));
+            }
+        }
+        Ok((touched.len() as u64, written))
     }
 
     /// Appends the changes chunks made (`written`: by key with their versions, among the

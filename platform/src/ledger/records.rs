@@ -124,13 +124,16 @@ impl Db {
         }
         #[derive(serde::Serialize)]
         struct Row<'a> {
-            c: &'a str,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            c: Option<&'a str>,
+            #[serde(skip_serializing_if = "Option::is_none")]
             b: Option<&'a str>,
             s: i64,
             k: &'a str,
             kind: &'a str,
             d: Option<&'a RawValue>,
         }
+        let many = groups.len() > 1;
         let mut rows: Vec<Row<'_>> = Vec::new();
         let mut taken = Vec::with_capacity(groups.len());
         for g in groups {
@@ -145,8 +148,8 @@ impl Db {
             let from = *first;
             for (c, seq) in g.changes.iter().zip(from..) {
                 rows.push(Row {
-                    c: g.client.as_str(),
-                    b: g.batch.map(BatchId::as_str),
+                    c: many.then(|| g.client.as_str()),
+                    b: g.batch.filter(|_| many).map(BatchId::as_str),
                     s: seq,
                     k: c.key,
                     kind: c.kind.as_str(),
@@ -159,15 +162,35 @@ impl Db {
         if rows.is_empty() {
             return Ok(taken);
         }
-        let sql = self.sql(match self.dialect {
-            Dialect::Postgres => {
+        // One writer's changes (a batch alone, a chunk) name its client and batch once, as
+        // parameters; a bundle's, on every row.
+        let one = match groups {
+            [g] => Some((g.client.as_str(), g.batch.map(BatchId::as_str))),
+            _ => None,
+        };
+        let sql = self.sql(match (self.dialect, one.is_some()) {
+            (Dialect::Postgres, true) => {
+                "INSERT INTO record_changes \
+                   (client_id, seq, record_key, kind, batch_id, data, changed_at) \
+                 SELECT $2, r.s, r.k, r.kind, $3, r.d::jsonb, {now} \
+                 FROM json_to_recordset($1::json) AS r(s bigint, k text, kind text, d json)"
+            }
+            (Dialect::Postgres, false) => {
                 "INSERT INTO record_changes \
                    (client_id, seq, record_key, kind, batch_id, data, changed_at) \
                  SELECT r.c, r.s, r.k, r.kind, r.b, r.d::jsonb, {now} \
                  FROM json_to_recordset($1::json) \
                    AS r(c text, b text, s bigint, k text, kind text, d json)"
             }
-            Dialect::Sqlite => {
+            (Dialect::Sqlite, true) => {
+                "INSERT INTO record_changes \
+                   (client_id, seq, record_key, kind, batch_id, data, changed_at) \
+                 SELECT $2, value ->> 's', value ->> 'k', value ->> 'kind', $3, \
+                        CASE WHEN value ->> 'd' IS NULL THEN NULL ELSE json(value -> 'd') END, \
+                        {now} \
+                 FROM json_each($1)"
+            }
+            (Dialect::Sqlite, false) => {
                 "INSERT INTO record_changes \
                    (client_id, seq, record_key, kind, batch_id, data, changed_at) \
                  SELECT value ->> 'c', value ->> 's', value ->> 'k', value ->> 'kind', \
@@ -177,10 +200,12 @@ impl Db {
                  FROM json_each($1)"
             }
         });
-        sqlx::query(sql)
-            .bind(serde_json::to_string(&rows).unwrap_or_default())
-            .execute(&mut **tx)
-            .await?;
+        let insert = sqlx::query(sql).bind(serde_json::to_string(&rows).unwrap_or_default());
+        let insert = match one {
+            Some((client, batch)) => insert.bind(client).bind(batch),
+            None => insert,
+        };
+        insert.execute(&mut **tx).await?;
         Ok(taken)
     }
 
