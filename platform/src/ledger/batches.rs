@@ -187,6 +187,47 @@ macro_rules! take_newer {
     };
 }
 
+/// An upsert under [`take_newer!`] of the records of the JSON set bound as `$set` (objects
+/// of `k`, `d` and `c`). The client, the batch and its acceptance number are the
+/// expressions `$client`, `$batch` and `$seq`: parameters for one chunk, or more fields of
+/// each object for a bundle's (named, with their types, by `$fields` on PostgreSQL).
+macro_rules! upsert_records {
+    (Postgres, $set:literal, $client:literal, $batch:literal, $seq:literal, $fields:literal) => {
+        concat!(
+            "INSERT INTO records \
+               (client_id, record_key, data, checksum, batch_id, accepted_seq, updated_at) \
+             SELECT ",
+            $client,
+            ", r.k, r.d::jsonb, r.c, ",
+            $batch,
+            ", ",
+            $seq,
+            ", {now} FROM json_to_recordset(",
+            $set,
+            "::json) AS r(",
+            $fields,
+            "k text, d json, c text) ",
+            take_newer!()
+        )
+    };
+    (Sqlite, $set:literal, $client:literal, $batch:literal, $seq:literal) => {
+        concat!(
+            "INSERT INTO records \
+               (client_id, record_key, data, checksum, batch_id, accepted_seq, updated_at) \
+             SELECT ",
+            $client,
+            ", value ->> 'k', json(value -> 'd'), value ->> 'c', ",
+            $batch,
+            ", ",
+            $seq,
+            ", {now} FROM jsonb_each(jsonb(",
+            $set,
+            ")) WHERE true ",
+            take_newer!()
+        )
+    };
+}
+
 /// The claim itself for the batch `$where` selects: a new lease epoch (the fencing token),
 /// and one more attempt, or, for a batch still `processing` under a lapsed lease, one more
 /// takeover (its holder died or stalled: that spends no attempt). Binds `$1` owner and `$2`
@@ -715,15 +756,13 @@ impl Db {
             .await?;
         let mut done = Vec::with_capacity(bundle.len());
         let mut events = Vec::with_capacity(bundle.len());
+        // RETURNING promises no order: each batch finds its own row.
+        let mut by_id = std::collections::HashMap::with_capacity(returned.len());
+        for row in &returned {
+            by_id.insert(row.try_get::<String, _>("id")?, row);
+        }
         for (lease, _) in bundle {
-            // RETURNING promises no order: each batch finds its own row.
-            let mut row = None;
-            for r in &returned {
-                if r.try_get::<String, _>("id")? == lease.batch_id.as_str() {
-                    row = Some(r);
-                }
-            }
-            let Some(row) = row else {
+            let Some(row) = by_id.get(lease.batch_id.as_str()) else {
                 return Err(fence_rejected(lease));
             };
             let (completed, at_ms) = completed_from(row)?;
@@ -855,21 +894,20 @@ impl Db {
             }
         }
         let template = match self.dialect {
-            Dialect::Postgres => concat!(
-                "INSERT INTO records \
-                   (client_id, record_key, data, checksum, batch_id, accepted_seq, updated_at) \
-                 SELECT r.cl, r.k, r.d::jsonb, r.c, r.b, r.s, {now} \
-                 FROM json_to_recordset($1::json) \
-                   AS r(cl text, b text, s bigint, k text, d json, c text) ",
-                take_newer!()
+            Dialect::Postgres => upsert_records!(
+                Postgres,
+                "$1",
+                "r.cl",
+                "r.b",
+                "r.s",
+                "cl text, b text, s bigint, "
             ),
-            Dialect::Sqlite => concat!(
-                "INSERT INTO records \
-                   (client_id, record_key, data, checksum, batch_id, accepted_seq, updated_at) \
-                 SELECT value ->> 'cl', value ->> 'k', json(value -> 'd'), value ->> 'c', \
-                        value ->> 'b', value ->> 's', {now} \
-                 FROM jsonb_each(jsonb($1)) WHERE true ",
-                take_newer!()
+            Dialect::Sqlite => upsert_records!(
+                Sqlite,
+                "$1",
+                "value ->> 'cl'",
+                "value ->> 'b'",
+                "value ->> 's'"
             ),
         };
         let mut out: Vec<(u64, Vec<(String, i64)>)> = vec![(0, Vec::new()); chunks.len()];
@@ -921,20 +959,8 @@ impl Db {
         records: &[RecordRow],
     ) -> Result<(u64, Vec<(String, i64)>)> {
         let sql = self.sql(match self.dialect {
-            Dialect::Postgres => concat!(
-                "INSERT INTO records \
-                   (client_id, record_key, data, checksum, batch_id, accepted_seq, updated_at) \
-                 SELECT $1, r.k, r.d::jsonb, r.c, $2, $4, {now} \
-                 FROM json_to_recordset($3::json) AS r(k text, d json, c text) ",
-                take_newer!()
-            ),
-            Dialect::Sqlite => concat!(
-                "INSERT INTO records \
-                   (client_id, record_key, data, checksum, batch_id, accepted_seq, updated_at) \
-                 SELECT $1, value ->> 'k', json(value -> 'd'), value ->> 'c', $2, $4, {now} \
-                 FROM jsonb_each(jsonb($3)) WHERE true ",
-                take_newer!()
-            ),
+            Dialect::Postgres => upsert_records!(Postgres, "$3", "$1", "$2", "$4", ""),
+            Dialect::Sqlite => upsert_records!(Sqlite, "$3", "$1", "$2", "$4"),
         });
         let touched = sqlx::query(sql)
             .bind(lease.client_id.as_str())

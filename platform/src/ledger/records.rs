@@ -24,6 +24,38 @@ pub(super) struct ChangeGroup<'a> {
     pub changes: &'a [NewChange<'a>],
 }
 
+/// An insert into the changes feed of the JSON set bound as `$1` (objects of `s`, `k`,
+/// `kind` and `d`). The client and the batch are the expressions `$client` and `$batch`:
+/// parameters for one writer, or more fields of each object for several (named, with
+/// their types, by `$fields` on PostgreSQL).
+macro_rules! insert_changes {
+    (Postgres, $client:literal, $batch:literal, $fields:literal) => {
+        concat!(
+            "INSERT INTO record_changes \
+               (client_id, seq, record_key, kind, batch_id, data, changed_at) \
+             SELECT ",
+            $client,
+            ", r.s, r.k, r.kind, ",
+            $batch,
+            ", r.d::jsonb, {now} FROM json_to_recordset($1::json) AS r(",
+            $fields,
+            "s bigint, k text, kind text, d json)"
+        )
+    };
+    (Sqlite, $client:literal, $batch:literal) => {
+        concat!(
+            "INSERT INTO record_changes \
+               (client_id, seq, record_key, kind, batch_id, data, changed_at) \
+             SELECT ",
+            $client,
+            ", value ->> 's', value ->> 'k', value ->> 'kind', ",
+            $batch,
+            ", CASE WHEN value ->> 'd' IS NULL THEN NULL ELSE json(value -> 'd') END, {now} \
+             FROM json_each($1)"
+        )
+    };
+}
+
 /// A change to append to a client's feed.
 #[derive(Debug, Clone)]
 pub struct NewChange<'a> {
@@ -133,7 +165,13 @@ impl Db {
             kind: &'a str,
             d: Option<&'a RawValue>,
         }
-        let many = groups.len() > 1;
+        // One writer's changes (a batch alone, a chunk) name its client and batch once, as
+        // parameters; several writers' name theirs on every row.
+        let one = match groups {
+            [g] => Some((g.client.as_str(), g.batch.map(BatchId::as_str))),
+            _ => None,
+        };
+        let many = one.is_none();
         let mut rows: Vec<Row<'_>> = Vec::new();
         let mut taken = Vec::with_capacity(groups.len());
         for g in groups {
@@ -162,43 +200,13 @@ impl Db {
         if rows.is_empty() {
             return Ok(taken);
         }
-        // One writer's changes (a batch alone, a chunk) name its client and batch once, as
-        // parameters; a bundle's, on every row.
-        let one = match groups {
-            [g] => Some((g.client.as_str(), g.batch.map(BatchId::as_str))),
-            _ => None,
-        };
         let sql = self.sql(match (self.dialect, one.is_some()) {
-            (Dialect::Postgres, true) => {
-                "INSERT INTO record_changes \
-                   (client_id, seq, record_key, kind, batch_id, data, changed_at) \
-                 SELECT $2, r.s, r.k, r.kind, $3, r.d::jsonb, {now} \
-                 FROM json_to_recordset($1::json) AS r(s bigint, k text, kind text, d json)"
-            }
+            (Dialect::Postgres, true) => insert_changes!(Postgres, "$2", "$3", ""),
             (Dialect::Postgres, false) => {
-                "INSERT INTO record_changes \
-                   (client_id, seq, record_key, kind, batch_id, data, changed_at) \
-                 SELECT r.c, r.s, r.k, r.kind, r.b, r.d::jsonb, {now} \
-                 FROM json_to_recordset($1::json) \
-                   AS r(c text, b text, s bigint, k text, kind text, d json)"
+                insert_changes!(Postgres, "r.c", "r.b", "c text, b text, ")
             }
-            (Dialect::Sqlite, true) => {
-                "INSERT INTO record_changes \
-                   (client_id, seq, record_key, kind, batch_id, data, changed_at) \
-                 SELECT $2, value ->> 's', value ->> 'k', value ->> 'kind', $3, \
-                        CASE WHEN value ->> 'd' IS NULL THEN NULL ELSE json(value -> 'd') END, \
-                        {now} \
-                 FROM json_each($1)"
-            }
-            (Dialect::Sqlite, false) => {
-                "INSERT INTO record_changes \
-                   (client_id, seq, record_key, kind, batch_id, data, changed_at) \
-                 SELECT value ->> 'c', value ->> 's', value ->> 'k', value ->> 'kind', \
-                        value ->> 'b', \
-                        CASE WHEN value ->> 'd' IS NULL THEN NULL ELSE json(value -> 'd') END, \
-                        {now} \
-                 FROM json_each($1)"
-            }
+            (Dialect::Sqlite, true) => insert_changes!(Sqlite, "$2", "$3"),
+            (Dialect::Sqlite, false) => insert_changes!(Sqlite, "value ->> 'c'", "value ->> 'b'"),
         });
         let insert = sqlx::query(sql).bind(serde_json::to_string(&rows).unwrap_or_default());
         let insert = match one {
