@@ -290,6 +290,7 @@ pub fn load_config(cli: &Cli) -> anyhow::Result<Config> {
 /// one TLS crypto provider, and logs to stderr filtered by `DATAFLOW_LOG`, else `RUST_LOG`,
 /// else `info`.
 pub fn init_process() {
+    dataflow_platform::memory::return_freed_memory_promptly();
     dataflow_platform::install_crypto_provider();
     let spec = std::env::var("DATAFLOW_LOG")
         .or_else(|_| std::env::var("RUST_LOG"))

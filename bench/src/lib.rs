@@ -22,12 +22,16 @@
 //!
 //! `dataflow-bench submit` ([`submit`]): small imports from many connections at once,
 //! through real `dataflow` processes, beside an axum hello server's ceiling.
+//!
+//! `dataflow-bench scale` ([`scale`]): 1, 2, 4 worker processes draining a backlog of big
+//! or small batches, with what each batch costs PostgreSQL.
 
 pub mod amqp;
 pub mod jobs;
 pub mod neighbours;
 pub mod processes;
 pub mod records;
+pub mod scale;
 pub mod submit;
 
 use std::time::{Duration, Instant};
@@ -216,15 +220,17 @@ async fn run_ingest(args: &IngestArgs, config: Config, backend: &str) -> anyhow:
 }
 
 /// What PostgreSQL has done so far, from its statistics: the server's WAL position, and
-/// the scratch database's transactions and rows written (inserted, updated, deleted).
-struct PgWork {
-    wal: i64,
-    transactions: i64,
-    rows_written: i64,
+/// the scratch database's transactions and rows written (inserted, updated, deleted), and
+/// its statements when the server loads `pg_stat_statements`.
+pub(crate) struct PgWork {
+    pub wal: i64,
+    pub transactions: i64,
+    pub rows_written: i64,
+    pub statements: Option<i64>,
 }
 
 impl PgWork {
-    async fn read(url: &str) -> anyhow::Result<PgWork> {
+    pub(crate) async fn read(url: &str) -> anyhow::Result<PgWork> {
         let mut conn = sqlx::PgConnection::connect(url).await?;
         let (wal, transactions, rows_written): (i64, i64, i64) = sqlx::query_as(
             "SELECT (pg_current_wal_lsn() - '0/0'::pg_lsn)::bigint, \
@@ -233,15 +239,27 @@ impl PgWork {
         )
         .fetch_one(&mut conn)
         .await?;
+        // Absent unless the server preloads the extension and the database created it.
+        let _ = sqlx::query("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+            .execute(&mut conn)
+            .await;
+        let statements = sqlx::query_scalar(
+            "SELECT COALESCE(SUM(calls), 0)::bigint FROM pg_stat_statements \
+             WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database())",
+        )
+        .fetch_one(&mut conn)
+        .await
+        .ok();
         Ok(PgWork {
             wal,
             transactions,
             rows_written,
+            statements,
         })
     }
 
     /// The server's WAL position alone (it moves at once, unlike the counts).
-    async fn wal(url: &str) -> anyhow::Result<i64> {
+    pub(crate) async fn wal(url: &str) -> anyhow::Result<i64> {
         let mut conn = sqlx::PgConnection::connect(url).await?;
         Ok(
             sqlx::query_scalar("SELECT (pg_current_wal_lsn() - '0/0'::pg_lsn)::bigint")

@@ -32,6 +32,9 @@ enum Bench {
     /// Small imports from many connections at once: accepted imports/s, the answer's
     /// latency and completed batches/s, beside the HTTP ceiling of the same sitting.
     Submit(dataflow_bench::submit::SubmitArgs),
+    /// 1, 2, 4 worker processes draining a backlog of big or small batches: records/s,
+    /// batches/s, and what each batch costs PostgreSQL (WAL, transactions, rows, CPU).
+    Scale(dataflow_bench::scale::ScaleArgs),
     /// The HTTP ceiling's server, which `submit` starts as a process of its own.
     #[command(hide = true)]
     Hello {
@@ -55,6 +58,7 @@ fn main() -> anyhow::Result<()> {
                 Bench::Records(args) => dataflow_bench::records::run(args).await,
                 Bench::Neighbours(args) => dataflow_bench::neighbours::run(args).await,
                 Bench::Submit(args) => dataflow_bench::submit::run(args).await,
+                Bench::Scale(args) => dataflow_bench::scale::run(args).await,
                 Bench::Hello { listen } => dataflow_bench::submit::hello(listen).await,
             }
         })

@@ -331,7 +331,7 @@ impl Processes {
 
     /// Interrupts every process (a graceful stop) and waits for it; kills one that does
     /// not stop within 30 s.
-    fn stop(&mut self) {
+    pub(crate) fn stop(&mut self) {
         for child in &self.running {
             let _ = Command::new("kill")
                 .arg("-INT")
@@ -360,15 +360,41 @@ impl Processes {
         workers: usize,
         key: &str,
     ) -> anyhow::Result<Api> {
-        self.spawn(api)?;
-        let client = Api::new(self.addr);
-        client.ready().await?;
-        for i in 0..workers {
-            self.spawn(&format!("worker-{i}"))?;
-        }
+        let client = self.start_api(api).await?;
+        self.spawn_workers(workers)?;
         let warm_up = client.submit(key, crate::csv_body(usize::MAX, 1)).await?;
         client.completion(key, &warm_up, "warm-up").await?;
         Ok(client)
+    }
+
+    /// Starts `api` (`serve`, or `all`) and waits until it is ready.
+    pub(crate) async fn start_api(&mut self, api: &str) -> anyhow::Result<Api> {
+        self.spawn(api)?;
+        let client = Api::new(self.addr);
+        client.ready().await?;
+        Ok(client)
+    }
+
+    /// Starts `workers` more worker processes (`worker-0`, `worker-1`, …).
+    pub(crate) fn spawn_workers(&mut self, workers: usize) -> anyhow::Result<()> {
+        let first = self
+            .names
+            .iter()
+            .filter(|n| n.starts_with("worker-"))
+            .count();
+        for i in first..first + workers {
+            self.spawn(&format!("worker-{i}"))?;
+        }
+        Ok(())
+    }
+
+    /// The CPU time each running process has used so far, in seconds, by name.
+    pub(crate) fn cpu_seconds(&self) -> anyhow::Result<Vec<(String, f64)>> {
+        self.names
+            .iter()
+            .zip(&self.running)
+            .map(|(name, child)| Ok((name.clone(), cpu_seconds(child.id())?)))
+            .collect()
     }
 
     /// The end of each process's log, for a run that failed (the folder goes with it).
@@ -389,4 +415,25 @@ impl Drop for Processes {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// The CPU time (user and system, every thread) process `pid` has used, in seconds, from
+/// `/proc/<pid>/stat` (Linux; its clock ticks are 1/100 s on every mainstream kernel).
+pub(crate) fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .with_context(|| format!("reading the CPU time of process {pid} (Linux)"))?;
+    // The fields after the command, which is in parentheses and may hold spaces.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    // utime and stime are the 14th and 15th fields of the line, the 12th and 13th after the
+    // command.
+    let ticks = |i: usize| -> anyhow::Result<f64> {
+        Ok(fields
+            .get(i)
+            .context("a short /proc/<pid>/stat")?
+            .parse::<f64>()?)
+    };
+    Ok((ticks(11)? + ticks(12)?) / 100.0)
 }

@@ -138,7 +138,7 @@ async fn measure(
     Ok(())
 }
 
-async fn completed(ledger: &dataflow_platform::ledger::Db) -> anyhow::Result<u64> {
+pub(crate) async fn completed(ledger: &dataflow_platform::ledger::Db) -> anyhow::Result<u64> {
     Ok(ledger
         .batch_counts()
         .await?

@@ -244,6 +244,12 @@ pub struct WorkerConfig {
     pub reserved_slots: usize,
     /// Records per committed chunk (and per checkpoint).
     pub chunk_size: usize,
+    /// Records one worker process holds in memory at once across all its batches, read,
+    /// prepared or being committed: a chunk waits for room before it is read, so memory
+    /// stays bounded whatever the size and number of files (a chunk larger than this takes
+    /// all of it). Each batch overlaps reading one chunk with committing the one before
+    /// when the budget has room for both.
+    pub records_in_memory: usize,
     /// Small batches one slot may take in one claim and complete in one commit (a bundle),
     /// as long as their records together fit in one chunk; 1 takes batches one at a time.
     /// Many small imports then cost the ledger a claim and a commit per bundle, not per
@@ -300,6 +306,7 @@ impl Default for WorkerConfig {
             concurrency: 8,
             reserved_slots: 1,
             chunk_size: 5_000,
+            records_in_memory: 20_000,
             bundle_batches: 64,
             lease_secs: 30,
             poll_interval_ms: 1_000,
@@ -578,6 +585,9 @@ impl Config {
         }
         if self.worker.concurrency == 0 || self.worker.chunk_size == 0 {
             return bad("worker.concurrency and worker.chunk_size must be at least 1");
+        }
+        if self.worker.records_in_memory == 0 {
+            return bad("worker.records_in_memory must be at least 1");
         }
         if self.worker.bundle_batches == 0 {
             return bad("worker.bundle_batches must be at least 1");

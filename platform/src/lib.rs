@@ -13,7 +13,8 @@
 //!   [`guards`] (rate limits, lock-out, cache, dedup), [`coordination`] (batch mutex, worker
 //!   fleet) and [`dashboard`] (live updates, sessions).
 //! - [`effects`]: what jobs do outside: mail, webhooks, reports.
-//! - [`telemetry`]: the Prometheus recorder and the gauges refreshed on each scrape.
+//! - [`telemetry`]: the Prometheus recorder and the gauges refreshed on each scrape;
+//!   [`memory`]: how a process gives memory back.
 
 pub mod backends;
 pub mod broker;
@@ -27,6 +28,7 @@ pub mod events;
 pub mod guards;
 pub mod jobqueue;
 pub mod ledger;
+pub mod memory;
 pub mod redis;
 pub mod telemetry;
 

@@ -19,6 +19,7 @@ use dataflow_platform::ledger::Lease;
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 
+use crate::budget::Budget;
 use crate::chunks::Handed;
 use crate::{Outcome, Worker, record_outcome};
 
@@ -58,6 +59,13 @@ impl Worker {
     /// Completes in one commit the members whose file is a single chunk; the members left
     /// to process alone.
     async fn complete_together(&self, leases: Vec<Lease>) -> Vec<Lease> {
+        // The room of all the members at once: a bundle that took it member by member
+        // could wait for room that other bundles hold while they wait for its own.
+        let records = leases
+            .iter()
+            .map(|l| l.records_total.saturating_sub(l.checkpoint))
+            .sum();
+        let _room = self.budget.room(records).await;
         let prepared: Vec<(Lease, Option<Option<Chunk>>)> = futures::stream::iter(leases)
             .map(async |lease| {
                 let whole = self.whole(&lease).await;
@@ -125,16 +133,13 @@ impl Worker {
         if lease.takeovers > self.config.max_takeovers {
             return None;
         }
-        let mut run = self.start(lease.clone()).await.ok()?;
-        match run.ahead.take() {
+        let mut run = self.start_in(lease.clone(), Budget::Taken).await.ok()?;
+        match self.next_chunk(&run.lease, &mut run.chunks).await.ok()? {
             None => Some(None),
-            Some(Handed::Refused { .. }) => None,
-            Some(Handed::Chunk(chunk)) => {
-                match self.next_chunk(&run.lease, &mut run.chunks).await {
-                    Ok(None) => Some(Some(chunk)),
-                    _ => None,
-                }
-            }
+            Some(Handed::Chunk {
+                chunk, last: true, ..
+            }) => Some(Some(chunk)),
+            Some(Handed::Chunk { .. } | Handed::Refused { .. }) => None,
         }
     }
 }

@@ -1,6 +1,7 @@
 //! A claimed batch's file read back from the ledger and prepared a chunk at a time on a
-//! blocking thread, handed over a channel of one: a worker holds a few chunks of a batch
-//! whatever the size of its file.
+//! blocking thread, handed over a channel of one. Each chunk waits for its room in the
+//! worker's [`Budget`] before it is read and keeps it until it is committed, so what a
+//! worker holds does not grow with the size of its files or their number.
 //!
 //! When the rules set an error threshold and nothing was committed yet, the file is read
 //! twice: once to count the refused records (and keep their errors, for the report of a
@@ -18,9 +19,17 @@ use dataflow_platform::ledger::Db;
 use dataflow_platform::{Error, Result};
 use tokio::sync::mpsc;
 
+use crate::budget::{Budget, Room};
+
 /// What the preparing thread hands over.
 pub(crate) enum Handed {
-    Chunk(Chunk),
+    Chunk {
+        chunk: Chunk,
+        /// The file has no record after this chunk's (and it parsed to its end).
+        last: bool,
+        /// Its records' room in the budget, until it is committed.
+        room: Room,
+    },
     /// More records were refused than the threshold allows: the batch writes none.
     Refused {
         reason: String,
@@ -40,6 +49,9 @@ pub(crate) struct Source {
     pub chunk_size: usize,
     /// Records committed before: read for the file-wide checks, not prepared again.
     pub checkpoint: u64,
+    /// The records the file holds, as counted when it arrived: the room a chunk waits for.
+    pub records: u64,
+    pub budget: Budget,
 }
 
 /// The chunks of a file, in order; the end of the channel is the end of the file.
@@ -90,7 +102,7 @@ impl Source {
         if self.checkpoint == 0 && rules.max_error_ratio(&self.policy).is_some() {
             let mut preparer = Preparer::new(rules);
             let mut errors = Vec::new();
-            self.each_chunk(|records, done| {
+            self.each_chunk(|records, done, _, _room| {
                 errors.extend(preparer.chunk(records, done).errors);
                 true
             })?;
@@ -104,7 +116,7 @@ impl Source {
             }
         }
         let mut preparer = Preparer::new(rules);
-        self.each_chunk(|records, done| {
+        self.each_chunk(|records, done, last, room| {
             if done <= self.checkpoint {
                 preparer.skip(records);
                 return true;
@@ -117,13 +129,15 @@ impl Source {
             preparer.skip(&records[..committed]);
             let chunk = preparer.chunk(&records[committed..], done);
             // The run was given up (released, or its lease lost): stop reading.
-            tx.blocking_send(Ok(Handed::Chunk(chunk))).is_ok()
+            tx.blocking_send(Ok(Handed::Chunk { chunk, last, room }))
+                .is_ok()
         })
     }
 
-    /// Reads the file from the ledger and calls `each` with every `chunk_size` records and
-    /// the count read so far, until it returns `false` or the file ends.
-    fn each_chunk(&self, mut each: impl FnMut(&[Record], u64) -> bool) -> Result<()> {
+    /// Reads the file from the ledger and calls `each` with every `chunk_size` records, the
+    /// count read so far, whether they are the file's last, and their room in the budget,
+    /// taken before they were read; until it returns `false` or the file ends.
+    fn each_chunk(&self, mut each: impl FnMut(&[Record], u64, bool, Room) -> bool) -> Result<()> {
         let reader = self.db.read_payload(self.payload_id.clone(), self.bytes);
         // The API checked the limits when the file arrived.
         let limits = Limits {
@@ -137,22 +151,36 @@ impl Source {
         let most = usize::try_from(self.bytes / 2).unwrap_or(usize::MAX).max(1);
         let mut buffer = Vec::with_capacity(size.min(most));
         let mut done = 0u64;
-        while let Some(record) = scan.next_record().map_err(unreadable)? {
-            buffer.push(record);
-            if buffer.len() == size {
-                done += size as u64;
-                if !each(&buffer, done) {
-                    return Ok(());
+        // The record after a full chunk, read to know whether that chunk is the last.
+        let mut after = None;
+        loop {
+            let room = self
+                .budget
+                .room_blocking((size as u64).min(self.records.saturating_sub(done)));
+            buffer.extend(after.take());
+            while buffer.len() < size {
+                match scan.next_record().map_err(unreadable)? {
+                    Some(record) => buffer.push(record),
+                    None => break,
                 }
-                buffer.clear();
             }
-        }
-        scan.finish().map_err(unreadable)?;
-        if !buffer.is_empty() {
+            if buffer.len() == size {
+                after = scan.next_record().map_err(unreadable)?;
+            }
+            if after.is_none() {
+                // What follows the last record must parse too, before the last commit.
+                scan.finish().map_err(unreadable)?;
+                if !buffer.is_empty() {
+                    each(&buffer, done + buffer.len() as u64, true, room);
+                }
+                return Ok(());
+            }
             done += buffer.len() as u64;
-            each(&buffer, done);
+            if !each(&buffer, done, false, room) {
+                return Ok(());
+            }
+            buffer.clear();
         }
-        Ok(())
     }
 }
 

@@ -14,6 +14,7 @@
 //!   (the job sweeper in [`jobs`], and [`summaries`]: the daily per-client summaries on
 //!   apalis-cron), and [`reclaim`]: taking back the batches of workers that are gone.
 
+mod budget;
 mod bundle;
 mod chunks;
 pub mod consumer;
@@ -38,6 +39,7 @@ use dataflow_platform::domain::compiled::CompiledSchemas;
 use dataflow_platform::events::Mode;
 use dataflow_platform::ledger::{Bundle, ChunkResult, Claimable, Db, FailOutcome, Lease};
 
+use crate::budget::Budget;
 use crate::chunks::{Chunks, Handed, Source};
 use dataflow_platform::{Error, Result};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, broadcast, watch};
@@ -94,9 +96,6 @@ pub struct WakeUps {
 pub struct BatchRun {
     pub lease: Lease,
     chunks: Chunks,
-    /// The chunk read ahead: a step must know whether its chunk is the last, which then
-    /// commits with the completion.
-    ahead: Option<Handed>,
 }
 
 /// One step of a run.
@@ -138,6 +137,8 @@ pub struct Worker {
     /// (`worker.reserved_slots`).
     permits: Arc<Semaphore>,
     reserve: Arc<Semaphore>,
+    /// The records all its batches may hold in memory at once (`worker.records_in_memory`).
+    budget: Budget,
     inflight: TaskTracker,
     /// Asks in-flight batches to stop at the next chunk and hand their batch back.
     release: CancellationToken,
@@ -182,6 +183,7 @@ impl Worker {
             stats: Arc::default(),
             permits: Arc::new(Semaphore::new(config.concurrency - config.reserved_slots())),
             reserve: Arc::new(Semaphore::new(config.reserved_slots())),
+            budget: Budget::new(config.records_in_memory),
             config,
             mutex,
             locks: Arc::default(),
@@ -413,8 +415,13 @@ impl Worker {
     }
 
     /// Starts reading and preparing the records after the lease's checkpoint.
-    #[tracing::instrument(skip_all, fields(batch_id = %lease.batch_id, checkpoint = lease.checkpoint))]
     pub async fn start(&self, lease: Lease) -> Result<BatchRun> {
+        self.start_in(lease, self.budget.clone()).await
+    }
+
+    /// [`Worker::start`], its chunks taking their room in `budget`.
+    #[tracing::instrument(skip_all, fields(batch_id = %lease.batch_id, checkpoint = lease.checkpoint))]
+    async fn start_in(&self, lease: Lease, budget: Budget) -> Result<BatchRun> {
         let Some((payload_id, bytes)) = self.db.batch_payload(&lease.batch_id).await? else {
             return Err(Error::Conflict(format!(
                 "the payload of batch {} was deleted when its retention ended; submit the \
@@ -427,7 +434,7 @@ impl Worker {
             .as_ref()
             .map(|s| s.compiled(&lease.client_id, &self.schemas))
             .transpose()?;
-        let mut chunks = Chunks::start(Source {
+        let chunks = Chunks::start(Source {
             db: self.db.clone(),
             payload_id,
             bytes,
@@ -436,13 +443,10 @@ impl Worker {
             policy: lease.policy.clone(),
             chunk_size: self.config.chunk_size,
             checkpoint: lease.checkpoint,
+            records: lease.records_total,
+            budget,
         });
-        let ahead = self.next_chunk(&lease, &mut chunks).await?;
-        Ok(BatchRun {
-            lease,
-            chunks,
-            ahead,
-        })
+        Ok(BatchRun { lease, chunks })
     }
 
     /// The next chunk, keeping the lease (and the batch mutex) while it is prepared: before
@@ -466,7 +470,7 @@ impl Worker {
     /// Commits the next chunk; the last one completes the batch in the same transaction
     /// (as does a step on a batch with no chunk left).
     pub async fn step(&self, run: &mut BatchRun) -> Result<Step> {
-        let chunk = match run.ahead.take() {
+        match self.next_chunk(&run.lease, &mut run.chunks).await? {
             Some(Handed::Refused {
                 reason,
                 failed,
@@ -475,25 +479,30 @@ impl Worker {
                 self.db
                     .refuse_batch(&run.lease, failed, &errors, &reason)
                     .await?;
-                return Ok(Step::Refused(reason));
+                Ok(Step::Refused(reason))
             }
-            Some(Handed::Chunk(chunk)) => chunk,
-            None => {
-                let done = self.db.complete_batch(&run.lease).await?;
-                return Ok(Step::Completed(done));
+            None => Ok(Step::Completed(self.db.complete_batch(&run.lease).await?)),
+            // The room goes back once the chunk is committed (or its commit failed).
+            Some(Handed::Chunk {
+                chunk,
+                last: true,
+                room: _room,
+            }) => Ok(Step::Completed(
+                self.db.commit_last_chunk(&run.lease, &chunk).await?,
+            )),
+            Some(Handed::Chunk {
+                chunk,
+                last: false,
+                room: _room,
+            }) => {
+                let written = self
+                    .db
+                    .commit_chunk(&run.lease, self.lease_ms(), &chunk)
+                    .await?;
+                self.extend_lock(&run.lease).await;
+                Ok(Step::Chunk(written))
             }
-        };
-        run.ahead = self.next_chunk(&run.lease, &mut run.chunks).await?;
-        if run.ahead.is_none() {
-            let done = self.db.commit_last_chunk(&run.lease, &chunk).await?;
-            return Ok(Step::Completed(done));
         }
-        let written = self
-            .db
-            .commit_chunk(&run.lease, self.lease_ms(), &chunk)
-            .await?;
-        self.extend_lock(&run.lease).await;
-        Ok(Step::Chunk(written))
     }
 
     /// Claims and fully processes one batch; `None` when nothing was available.

@@ -262,6 +262,7 @@ impl Db {
         };
         let (url, gate) = match dialect {
             Dialect::Sqlite => {
+                crate::memory::sqlite_allocates_from_mimalloc();
                 let (url, file) = prepare_sqlite_url(url)?;
                 (url, file.map(|f| gate::Gate::of(&f)).transpose()?)
             }

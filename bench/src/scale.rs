@@ -1,0 +1,191 @@
+//! `dataflow-bench scale`: the worker fleet's own pace as it grows, and what each batch
+//! costs the ledger.
+//!
+//! For each count of worker processes (`--workers 1,2,4`) and each shape of batch (big
+//! files, small ones), one API process fills a scratch ledger with a backlog, and only then
+//! do the workers start and drain it: nothing else runs while they do. The pace is taken
+//! from the ledger's own clock, from the first batch's start to the last one's completion.
+//! On PostgreSQL the run also reads the server's statistics around the drain: WAL bytes,
+//! transactions and rows written per batch (statements too, when `pg_stat_statements` is
+//! loaded), and the CPU time of PostgreSQL's processes beside that of the workers.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::ensure;
+use clap::{Args, ValueEnum};
+use serde_json::json;
+
+use crate::processes::{Processes, StackArgs, cpu_seconds, with_processes};
+use crate::{PgWork, csv_body};
+
+#[derive(Args, Debug, Clone)]
+pub struct ScaleArgs {
+    #[command(flatten)]
+    pub stack: StackArgs,
+    /// Worker processes, one run each.
+    #[arg(long, value_delimiter = ',', default_values_t = [1, 2, 4])]
+    pub workers: Vec<usize>,
+    /// The shapes of batch, one run each.
+    #[arg(long, value_delimiter = ',', default_values_t = [Shape::Big, Shape::Small])]
+    pub shapes: Vec<Shape>,
+    /// Big batches in a backlog, and their records.
+    #[arg(long, default_value_t = 20)]
+    pub big: usize,
+    #[arg(long, default_value_t = 50_000)]
+    pub big_records: usize,
+    /// Small batches in a backlog, and their records.
+    #[arg(long, default_value_t = 5_000)]
+    pub small: usize,
+    #[arg(long, default_value_t = 10)]
+    pub small_records: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Shape {
+    Big,
+    Small,
+}
+
+impl std::fmt::Display for Shape {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Shape::Big => "big",
+            Shape::Small => "small",
+        })
+    }
+}
+
+pub async fn run(args: ScaleArgs) -> anyhow::Result<()> {
+    for &workers in &args.workers {
+        for &shape in &args.shapes {
+            with_processes(&args.stack, async |p, backend| {
+                drain(&args, p, backend, workers, shape).await
+            })
+            .await?;
+        }
+    }
+    Ok(())
+}
+
+async fn drain(
+    args: &ScaleArgs,
+    p: &mut Processes,
+    backend: &str,
+    workers: usize,
+    shape: Shape,
+) -> anyhow::Result<()> {
+    let (batches, records) = match shape {
+        Shape::Big => (args.big, args.big_records),
+        Shape::Small => (args.small, args.small_records),
+    };
+    p.cli(&["migrate"])?;
+    // One client whose limits stay out of the way: the fleet is what is measured.
+    let open = json!({
+        "rate_per_minute": 6_000_000,
+        "rate_burst": 100_000,
+        "max_concurrent_batches": 10_000,
+    });
+    let key = p.client("producer", &json!({"max_records": records}), &open)?;
+    let api = p.start_api("serve").await?;
+
+    // The backlog, from a few submitters at once.
+    let next = Arc::new(AtomicUsize::new(0));
+    let submitters: Vec<_> = (0..16)
+        .map(|_| {
+            let (api, key, next) = (api.clone(), key.clone(), next.clone());
+            tokio::spawn(async move {
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= batches {
+                        return anyhow::Ok(());
+                    }
+                    api.submit(&key, csv_body(i, records)).await?;
+                }
+            })
+        })
+        .collect();
+    for s in submitters {
+        s.await??;
+    }
+
+    let ledger = dataflow_platform::ledger::Db::connect(&p.database_url, 1).await?;
+    let postgres = backend == "postgres";
+    let before = match postgres {
+        true => Some((PgWork::read(&p.database_url).await?, postgres_cpu()?)),
+        false => None,
+    };
+    p.spawn_workers(workers)?;
+    let deadline = Instant::now() + Duration::from_secs(1_800);
+    while crate::submit::completed(&ledger).await? < batches as u64 {
+        ensure!(
+            Instant::now() < deadline,
+            "the backlog was not drained in 30 minutes"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (first_start, last_end): (i64, i64) =
+        sqlx::query_as("SELECT MIN(started_at), MAX(completed_at) FROM batches")
+            .fetch_one(ledger.pool())
+            .await?;
+    let drain_s = (last_end - first_start) as f64 / 1000.0;
+    let dataflow_cpu: f64 = p
+        .cpu_seconds()?
+        .iter()
+        .filter(|(name, _)| name.starts_with("worker-"))
+        .map(|(_, s)| s)
+        .sum();
+    let wal_after = match postgres {
+        true => Some((PgWork::wal(&p.database_url).await?, postgres_cpu()?)),
+        false => None,
+    };
+    let peaks = p.peaks_line()?;
+    ledger.close().await;
+    // The counts are read once the processes' connections are closed: a backend reports
+    // them when it exits.
+    p.stop();
+    print!(
+        "name=scale backend={backend} workers={workers} shape={shape} batches={batches} \
+         records_per_batch={records} drain_s={drain_s:.2} records_s={:.0} batches_s={:.0} \
+         cpu_workers_s={dataflow_cpu:.1}",
+        (batches * records) as f64 / drain_s,
+        batches as f64 / drain_s,
+    );
+    if let (Some((before, cpu_before)), Some((wal, cpu_after))) = (before, wal_after) {
+        let after = PgWork::read(&p.database_url).await?;
+        let per = 1.0 / batches as f64;
+        let postgres_cpu = cpu_after - cpu_before;
+        print!(
+            " cpu_postgres_s={postgres_cpu:.1} postgres_per_worker_cpu={:.2} \
+             wal_kib_per_batch={:.1} transactions_per_batch={:.2} rows_written_per_batch={:.1}",
+            postgres_cpu / dataflow_cpu,
+            (wal - before.wal) as f64 / 1024.0 * per,
+            (after.transactions - before.transactions) as f64 * per,
+            (after.rows_written - before.rows_written) as f64 * per,
+        );
+        if let (Some(s0), Some(s1)) = (before.statements, after.statements) {
+            print!(" statements_per_batch={:.1}", (s1 - s0) as f64 * per);
+        }
+    }
+    println!("{peaks}");
+    Ok(())
+}
+
+/// The CPU time, in seconds, that PostgreSQL's processes on this machine have used so far
+/// (those that exited before are not counted: a benchmark reads it around a stretch in
+/// which the backends it measures stay connected).
+fn postgres_cpu() -> anyhow::Result<f64> {
+    let mut total = 0.0;
+    for entry in std::fs::read_dir("/proc")? {
+        let Some(pid) = entry?.file_name().to_str().and_then(|n| n.parse().ok()) else {
+            continue;
+        };
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+        if comm.trim() == "postgres" {
+            // It may have exited since it was listed.
+            total += cpu_seconds(pid).unwrap_or(0.0);
+        }
+    }
+    Ok(total)
+}
