@@ -19,6 +19,7 @@ backend_tests!(
     a_poison_batch_goes_dead_while_others_flow,
     shutdown_releases_in_flight_batches,
     a_batch_whose_workers_keep_dying_goes_dead,
+    a_budget_of_one_chunk_slows_batches_but_never_stalls_them,
 );
 
 /// An API-only process, plus workers the test drives itself.
@@ -395,3 +396,33 @@ async fn a_stopped_worker_cannot_stall_its_batch() {
     api.stop().await;
 }
 register!(a_stopped_worker_cannot_stall_its_batch);
+
+/// With room for one chunk in all, eight slots of big and small batches still drain:
+/// a batch never waits for room while it holds a chunk it has not committed, and a bundle
+/// takes its members' room at once.
+async fn a_budget_of_one_chunk_slows_batches_but_never_stalls_them(b: Backend) {
+    let Some(t) = TestApp::spawn_with(b, Roles::ALL, |c| {
+        c.worker.records_in_memory = c.worker.chunk_size;
+        c.worker.concurrency = 8;
+        c.worker.poll_interval_ms = 50;
+    })
+    .await
+    else {
+        return;
+    };
+    let (_, key) = t.client(json!({"rate_burst": 100})).await;
+    let mut batches = Vec::new();
+    for i in 0..6 {
+        let body = csv(&format!("big{i}"), 35);
+        batches.push((t.import(&key, "text/csv", body).await.batch_id, 35));
+    }
+    for i in 0..16 {
+        let body = csv(&format!("small{i}"), 2);
+        batches.push((t.import(&key, "text/csv", body).await.batch_id, 2));
+    }
+    for (id, records) in &batches {
+        let view = t.wait_for(&key, id, BatchStatus::Completed).await;
+        assert_eq!(view.records_written, *records, "batch {id}");
+    }
+    t.stop().await;
+}
