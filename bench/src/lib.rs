@@ -239,10 +239,7 @@ impl PgWork {
         )
         .fetch_one(&mut conn)
         .await?;
-        // Absent unless the server preloads the extension and the database created it.
-        let _ = sqlx::query("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
-            .execute(&mut conn)
-            .await;
+        // Absent unless the server preloads the extension ([`PgWork::count_statements`]).
         let statements = sqlx::query_scalar(
             "SELECT COALESCE(SUM(calls), 0)::bigint FROM pg_stat_statements \
              WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database())",
@@ -256,6 +253,36 @@ impl PgWork {
             rows_written,
             statements,
         })
+    }
+
+    /// Creates `pg_stat_statements` in the scratch database, if the server preloads it, so
+    /// that [`PgWork::read`] counts statements too. Before the first read: its own work is
+    /// then not counted.
+    pub(crate) async fn count_statements(url: &str) -> anyhow::Result<()> {
+        let mut conn = sqlx::PgConnection::connect(url).await?;
+        let _ = sqlx::query("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+            .execute(&mut conn)
+            .await;
+        Ok(())
+    }
+
+    /// Waits until no other session is connected to the scratch database: a backend
+    /// reports its counts when it exits, and exits some time after its client closed.
+    pub(crate) async fn sessions_gone(url: &str) -> anyhow::Result<()> {
+        let mut conn = sqlx::PgConnection::connect(url).await?;
+        for _ in 0..100 {
+            let others: i64 = sqlx::query_scalar(
+                "SELECT COUNT(*) FROM pg_stat_activity \
+                 WHERE datname = current_database() AND pid <> pg_backend_pid()",
+            )
+            .fetch_one(&mut conn)
+            .await?;
+            if others == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Ok(())
     }
 
     /// The server's WAL position alone (it moves at once, unlike the counts).

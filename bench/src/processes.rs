@@ -197,7 +197,8 @@ pub(crate) struct Processes {
     pub(crate) addr: std::net::SocketAddr,
     /// The ledger's URL, for a benchmark that reads it directly.
     pub(crate) database_url: String,
-    running: Vec<Child>,
+    /// The processes running now, by name.
+    running: Vec<(String, Child)>,
     /// Every process started, by name (its role, and a number for a worker: `worker-0`).
     names: Vec<String>,
 }
@@ -296,7 +297,7 @@ impl Processes {
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()?;
-        self.running.push(child);
+        self.running.push((name.to_owned(), child));
         self.names.push(name.to_owned());
         Ok(())
     }
@@ -304,9 +305,8 @@ impl Processes {
     /// The peak resident memory of each running process so far, in MiB, by name: the
     /// kernel's high-water mark (`VmHWM`).
     pub(crate) fn peaks_mib(&self) -> anyhow::Result<Vec<(String, f64)>> {
-        self.names
+        self.running
             .iter()
-            .zip(&self.running)
             .map(|(name, child)| {
                 let status = std::fs::read_to_string(format!("/proc/{}/status", child.id()))
                     .with_context(|| format!("reading the status of {name} (Linux)"))?;
@@ -332,14 +332,14 @@ impl Processes {
     /// Interrupts every process (a graceful stop) and waits for it; kills one that does
     /// not stop within 30 s.
     pub(crate) fn stop(&mut self) {
-        for child in &self.running {
+        for (_, child) in &self.running {
             let _ = Command::new("kill")
                 .arg("-INT")
                 .arg(child.id().to_string())
                 .status();
         }
         let deadline = Instant::now() + Duration::from_secs(30);
-        for child in &mut self.running {
+        for (_, child) in &mut self.running {
             while matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {
                 std::thread::sleep(Duration::from_millis(50));
             }
@@ -390,9 +390,8 @@ impl Processes {
 
     /// The CPU time each running process has used so far, in seconds, by name.
     pub(crate) fn cpu_seconds(&self) -> anyhow::Result<Vec<(String, f64)>> {
-        self.names
+        self.running
             .iter()
-            .zip(&self.running)
             .map(|(name, child)| Ok((name.clone(), cpu_seconds(child.id())?)))
             .collect()
     }

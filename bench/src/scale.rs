@@ -109,41 +109,47 @@ async fn drain(
     for s in submitters {
         s.await??;
     }
-
-    let ledger = dataflow_platform::ledger::Db::connect(&p.database_url, 1).await?;
-    let postgres = backend == "postgres";
-    let before = match postgres {
-        true => Some((PgWork::read(&p.database_url).await?, postgres_cpu()?)),
-        false => None,
+    // The API goes before the drain, and its sessions with it: PostgreSQL's counts of a
+    // session are complete once it has exited.
+    p.stop();
+    let url = p.database_url.clone();
+    let before = match backend {
+        "postgres" => {
+            PgWork::count_statements(&url).await?;
+            PgWork::sessions_gone(&url).await?;
+            Some((PgWork::read(&url).await?, postgres_cpu()?))
+        }
+        _ => None,
     };
+    let ledger = dataflow_platform::ledger::Db::connect(&url, 1).await?;
     p.spawn_workers(workers)?;
     let deadline = Instant::now() + Duration::from_secs(1_800);
-    while crate::submit::completed(&ledger).await? < batches as u64 {
+    // Each look is one transaction of the ledger's, taken off its counts below.
+    let mut looks = 0;
+    loop {
+        looks += 1;
+        if crate::submit::completed(&ledger).await? >= batches as u64 {
+            break;
+        }
         ensure!(
             Instant::now() < deadline,
             "the backlog was not drained in 30 minutes"
         );
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let (first_start, last_end): (i64, i64) =
         sqlx::query_as("SELECT MIN(started_at), MAX(completed_at) FROM batches")
             .fetch_one(ledger.pool())
             .await?;
     let drain_s = (last_end - first_start) as f64 / 1000.0;
-    let dataflow_cpu: f64 = p
-        .cpu_seconds()?
-        .iter()
-        .filter(|(name, _)| name.starts_with("worker-"))
-        .map(|(_, s)| s)
-        .sum();
-    let wal_after = match postgres {
-        true => Some((PgWork::wal(&p.database_url).await?, postgres_cpu()?)),
-        false => None,
+    // From each worker's start: its start-up and its first look are counted too.
+    let dataflow_cpu: f64 = p.cpu_seconds()?.iter().map(|(_, s)| s).sum();
+    let after_drain = match before {
+        Some(_) => Some((PgWork::wal(&url).await?, postgres_cpu()?)),
+        None => None,
     };
     let peaks = p.peaks_line()?;
     ledger.close().await;
-    // The counts are read once the processes' connections are closed: a backend reports
-    // them when it exits.
     p.stop();
     print!(
         "name=scale backend={backend} workers={workers} shape={shape} batches={batches} \
@@ -152,16 +158,17 @@ async fn drain(
         (batches * records) as f64 / drain_s,
         batches as f64 / drain_s,
     );
-    if let (Some((before, cpu_before)), Some((wal, cpu_after))) = (before, wal_after) {
-        let after = PgWork::read(&p.database_url).await?;
+    if let (Some((before, cpu_before)), Some((wal, cpu_after))) = (before, after_drain) {
+        PgWork::sessions_gone(&url).await?;
+        let after = PgWork::read(&url).await?;
         let per = 1.0 / batches as f64;
         let postgres_cpu = cpu_after - cpu_before;
         print!(
-            " cpu_postgres_s={postgres_cpu:.1} postgres_per_worker_cpu={:.2} \
+            " cpu_postgres_s={postgres_cpu:.1} postgres_cpu_per_worker_cpu={:.2} \
              wal_kib_per_batch={:.1} transactions_per_batch={:.2} rows_written_per_batch={:.1}",
             postgres_cpu / dataflow_cpu,
             (wal - before.wal) as f64 / 1024.0 * per,
-            (after.transactions - before.transactions) as f64 * per,
+            (after.transactions - before.transactions - looks) as f64 * per,
             (after.rows_written - before.rows_written) as f64 * per,
         );
         if let (Some(s0), Some(s1)) = (before.statements, after.statements) {

@@ -26,9 +26,13 @@ const MI_OPTION_PURGE_DELAY: mi::mi_option_t = 15;
 const PURGE_DELAY_MS: c_long = 10;
 
 /// Makes mimalloc purge freed pages after [`PURGE_DELAY_MS`]; called at process start. A
-/// `MIMALLOC_PURGE_DELAY` in the environment still wins.
+/// `MIMALLOC_PURGE_DELAY` (or its old name, `MIMALLOC_RESET_DELAY`) in the environment still
+/// wins.
 pub fn return_freed_memory_promptly() {
-    if std::env::var_os("MIMALLOC_PURGE_DELAY").is_some() {
+    if ["MIMALLOC_PURGE_DELAY", "MIMALLOC_RESET_DELAY"]
+        .iter()
+        .any(|name| std::env::var_os(name).is_some())
+    {
         return;
     }
     // SAFETY: sets one of mimalloc's options, which it reads at each purge.
@@ -76,7 +80,7 @@ fn bytes(n: c_int) -> usize {
     usize::try_from(n).unwrap_or(0)
 }
 
-/// A size back to SQLite: never more than it asked for, so it fits.
+/// A size back to SQLite, which asks for blocks far below `int`'s limit.
 fn int(n: usize) -> c_int {
     c_int::try_from(n).unwrap_or(c_int::MAX)
 }
@@ -133,7 +137,9 @@ mod tests {
     #[test]
     fn the_purge_delay_is_the_option_set() {
         return_freed_memory_promptly();
-        if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
+        if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none()
+            && std::env::var_os("MIMALLOC_RESET_DELAY").is_none()
+        {
             // SAFETY: reads one of mimalloc's options.
             let delay = unsafe { mi::mi_option_get(MI_OPTION_PURGE_DELAY) };
             assert_eq!(delay, PURGE_DELAY_MS);

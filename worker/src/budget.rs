@@ -3,10 +3,12 @@
 //! and gives the room back once it is committed or dropped. What a worker holds then
 //! depends on this budget, not on the size of the files or on how many are in flight.
 //!
-//! Why it cannot deadlock: room is held only by chunks already read, which their batch
-//! commits without waiting for more room (a run takes its next chunk only after committing
-//! the one before), and by a bundle, which takes the room of all its members at once. A
-//! request larger than the whole budget takes all of it, so it waits, never forever.
+//! Why it cannot deadlock: room is held by chunks being read or already read, which their
+//! batch commits without waiting for more room, and by a bundle, which takes the room of
+//! all its members at once. A run holds room for at most two chunks: the one being
+//! committed and the next, whose reading waits for a place in the run's channel before it
+//! waits for room. A request larger than the whole budget takes all of it, so it waits,
+//! never forever.
 
 use std::sync::Arc;
 

@@ -61,10 +61,8 @@ impl Worker {
     async fn complete_together(&self, leases: Vec<Lease>) -> Vec<Lease> {
         // The room of all the members at once: a bundle that took it member by member
         // could wait for room that other bundles hold while they wait for its own.
-        let records = leases
-            .iter()
-            .map(|l| l.records_total.saturating_sub(l.checkpoint))
-            .sum();
+        // A member's records before its checkpoint are read too.
+        let records = leases.iter().map(|l| l.records_total).sum();
         let _room = self.budget.room(records).await;
         let prepared: Vec<(Lease, Option<Option<Chunk>>)> = futures::stream::iter(leases)
             .map(async |lease| {

@@ -102,9 +102,8 @@ impl Source {
         if self.checkpoint == 0 && rules.max_error_ratio(&self.policy).is_some() {
             let mut preparer = Preparer::new(rules);
             let mut errors = Vec::new();
-            self.each_chunk(|records, done, _, _room| {
+            self.each_chunk(tx, |records, done, _, _room, _slot| {
                 errors.extend(preparer.chunk(records, done).errors);
-                true
             })?;
             if let Some(reason) = preparer.refusal(&self.policy) {
                 let _ = tx.blocking_send(Ok(Handed::Refused {
@@ -116,10 +115,10 @@ impl Source {
             }
         }
         let mut preparer = Preparer::new(rules);
-        self.each_chunk(|records, done, last, room| {
+        self.each_chunk(tx, |records, done, last, room, slot| {
             if done <= self.checkpoint {
                 preparer.skip(records);
-                return true;
+                return;
             }
             // A chunk that straddles the checkpoint: what precedes it was committed.
             let committed =
@@ -128,16 +127,19 @@ impl Source {
                     .min(records.len());
             preparer.skip(&records[..committed]);
             let chunk = preparer.chunk(&records[committed..], done);
-            // The run was given up (released, or its lease lost): stop reading.
-            tx.blocking_send(Ok(Handed::Chunk { chunk, last, room }))
-                .is_ok()
+            slot.send(Ok(Handed::Chunk { chunk, last, room }));
         })
     }
 
     /// Reads the file from the ledger and calls `each` with every `chunk_size` records, the
-    /// count read so far, whether they are the file's last, and their room in the budget,
-    /// taken before they were read; until it returns `false` or the file ends.
-    fn each_chunk(&self, mut each: impl FnMut(&[Record], u64, bool, Room) -> bool) -> Result<()> {
+    /// count read so far, whether they are the file's last, their room in the budget and
+    /// their place in `tx`'s channel, both taken before they were read; until the file ends,
+    /// or the run is given up (released, or its lease lost: the channel closed).
+    fn each_chunk<'t>(
+        &self,
+        tx: &'t mpsc::Sender<Result<Handed>>,
+        mut each: impl FnMut(&[Record], u64, bool, Room, mpsc::Permit<'t, Result<Handed>>),
+    ) -> Result<()> {
         let reader = self.db.read_payload(self.payload_id.clone(), self.bytes);
         // The API checked the limits when the file arrived.
         let limits = Limits {
@@ -154,6 +156,11 @@ impl Source {
         // The record after a full chunk, read to know whether that chunk is the last.
         let mut after = None;
         loop {
+            // The place in the channel first: a run holds room for at most the chunk being
+            // committed and the next, and a run given up stops here without taking room.
+            let Ok(slot) = futures::executor::block_on(tx.reserve()) else {
+                return Ok(());
+            };
             let room = self
                 .budget
                 .room_blocking((size as u64).min(self.records.saturating_sub(done)));
@@ -171,14 +178,12 @@ impl Source {
                 // What follows the last record must parse too, before the last commit.
                 scan.finish().map_err(unreadable)?;
                 if !buffer.is_empty() {
-                    each(&buffer, done + buffer.len() as u64, true, room);
+                    each(&buffer, done + buffer.len() as u64, true, room, slot);
                 }
                 return Ok(());
             }
             done += buffer.len() as u64;
-            if !each(&buffer, done, false, room) {
-                return Ok(());
-            }
+            each(&buffer, done, false, room, slot);
             buffer.clear();
         }
     }
