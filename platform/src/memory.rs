@@ -17,8 +17,9 @@ use std::sync::Once;
 use libmimalloc_sys as mi;
 use libsqlite3_sys as sqlite;
 
-/// `mi_option_purge_delay` in mimalloc 3's `mimalloc.h`, which the Rust binding does not
-/// name.
+/// `mi_option_purge_delay`, the 16th entry of `mi_option_t` in mimalloc 3's `mimalloc.h`,
+/// which the Rust binding does not name (no test can tell one option from another: setting
+/// and reading back any index agree).
 const MI_OPTION_PURGE_DELAY: mi::mi_option_t = 15;
 
 /// Freed pages go back to the system after this long: what mimalloc 2 does, and mimalloc
@@ -131,18 +132,6 @@ mod tests {
             );
             assert!(sqlite::sqlite3_msize(p) >= 1000);
             sqlite::sqlite3_free(p);
-        }
-    }
-
-    #[test]
-    fn the_purge_delay_is_the_option_set() {
-        return_freed_memory_promptly();
-        if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none()
-            && std::env::var_os("MIMALLOC_RESET_DELAY").is_none()
-        {
-            // SAFETY: reads one of mimalloc's options.
-            let delay = unsafe { mi::mi_option_get(MI_OPTION_PURGE_DELAY) };
-            assert_eq!(delay, PURGE_DELAY_MS);
         }
     }
 }
