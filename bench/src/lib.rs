@@ -27,6 +27,7 @@
 //! or small batches, with what each batch costs PostgreSQL.
 
 pub mod amqp;
+mod baselines;
 pub mod jobs;
 pub mod neighbours;
 pub mod processes;
@@ -149,6 +150,13 @@ async fn run_ingest(args: &IngestArgs, config: Config, backend: &str) -> anyhow:
         dedup_window_secs: 0,
         ..Policy::default()
     };
+    // SQLite: the ledger's file, and a folder beside it for the `.import` baseline.
+    let sqlite_file = config
+        .database_url
+        .as_deref()
+        .and_then(|url| url.strip_prefix("sqlite://"))
+        .map(std::path::PathBuf::from);
+    let scratch_dir = config.data_dir.clone();
     let (app, addr, token) = start_with_client(config, Roles::ALL, &policy).await?;
     let db = app.backends.db.clone();
     if args.schema {
@@ -208,12 +216,22 @@ async fn run_ingest(args: &IngestArgs, config: Config, backend: &str) -> anyhow:
             (after.transactions - before.transactions) as f64 * per_1k,
             (after.rows_written - before.rows_written) as f64 * per_1k,
         );
-        let (copy_rate, copy_wal) = copy_baseline(&url, args).await?;
+        let (copy_rate, copy_wal) =
+            baselines::copy_baseline(&url, args.imports * args.records).await?;
         print!(
             " copy_records_per_s={copy_rate:.0} ratio_vs_copy={:.2} copy_wal_kib_per_1k_records={:.0}",
             e2e_rate / copy_rate,
             copy_wal as f64 / 1024.0 * per_1k,
         );
+    }
+    if let Some(file) = sqlite_file.filter(|_| backend == "sqlite") {
+        let expected = args.imports * args.records;
+        if let Some(rate) = baselines::sqlite_import_baseline(&file, &scratch_dir, expected)? {
+            print!(
+                " sqlite_import_records_per_s={rate:.0} ratio_vs_sqlite_import={:.2}",
+                e2e_rate / rate
+            );
+        }
     }
     println!();
     Ok(())
@@ -435,48 +453,6 @@ fn typed_schema() -> serde_json::Value {
         ],
         "primaryKey": "id"
     })
-}
-
-/// `COPY`s the records the benchmark stored into a fresh table shaped like `records` and
-/// returns rows/s: the ceiling for writing these rows on this database.
-async fn copy_baseline(url: &str, args: &IngestArgs) -> anyhow::Result<(f64, i64)> {
-    let mut conn = sqlx::PgConnection::connect(url).await?;
-    // Same columns, collations, keys and storage as the ledger's records table.
-    sqlx::query("CREATE TABLE bench_copy (LIKE records INCLUDING ALL)")
-        .execute(&mut conn)
-        .await?;
-    // The rows as text, prepared before timing: only the load is measured.
-    let rows: Vec<(String, String, String, String, String, i64, i64)> = sqlx::query_as(
-        "SELECT client_id, record_key, data::text, checksum, batch_id, updated_at, accepted_seq \
-         FROM records",
-    )
-    .fetch_all(&mut conn)
-    .await?;
-    anyhow::ensure!(
-        rows.len() == args.imports * args.records,
-        "expected every record stored, found {}",
-        rows.len()
-    );
-    let mut text = String::new();
-    for (c, k, d, s, b, u, a) in &rows {
-        text.push_str(&format!(
-            "{c}\t{k}\t{}\t{s}\t{b}\t{u}\t{a}\n",
-            d.replace('\\', "\\\\")
-        ));
-    }
-    sqlx::query("CHECKPOINT").execute(&mut conn).await?;
-    let wal_before = PgWork::wal(url).await?;
-    let started = Instant::now();
-    let mut copy = conn
-        .copy_in_raw(
-            "COPY bench_copy (client_id, record_key, data, checksum, batch_id, updated_at, \
-             accepted_seq) FROM STDIN",
-        )
-        .await?;
-    copy.send(text.as_bytes()).await?;
-    copy.finish().await?;
-    let rate = rows.len() as f64 / started.elapsed().as_secs_f64();
-    Ok((rate, PgWork::wal(url).await? - wal_before))
 }
 
 /// A throwaway database on the server of a given URL.

@@ -29,6 +29,7 @@
 
 pub mod actions;
 pub mod batches;
+mod chunk_writes;
 pub mod clients;
 pub mod commits;
 mod flush;
