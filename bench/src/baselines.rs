@@ -96,6 +96,9 @@ pub(crate) fn sqlite_import_baseline(
     let loaded: usize = sqlite3(&target, &["SELECT COUNT(*) FROM records"])?
         .trim()
         .parse()?;
-    anyhow::ensure!(loaded == expected, "expected {expected} rows imported, found {loaded}");
+    anyhow::ensure!(
+        loaded == expected,
+        "expected {expected} rows imported, found {loaded}"
+    );
     Ok(Some(rate))
 }

@@ -64,6 +64,10 @@ pub struct IngestArgs {
     /// Records per committed chunk.
     #[arg(long, default_value_t = 5_000)]
     pub chunk_size: usize,
+    /// The worker's budget of records held at once (`worker.records_in_memory`); default:
+    /// the configuration's.
+    #[arg(long)]
+    pub records_in_memory: Option<usize>,
     /// SQLite: answer submits without waiting for their commit to reach the disk
     /// (`sqlite_durable_commits = false`), to measure what durability costs.
     #[arg(long)]
@@ -84,6 +88,9 @@ pub async fn ingest(args: IngestArgs) -> anyhow::Result<()> {
     let mut config = ledger.config.clone();
     config.worker.concurrency = args.concurrency;
     config.worker.chunk_size = args.chunk_size;
+    if let Some(records) = args.records_in_memory {
+        config.worker.records_in_memory = records;
+    }
     config.worker.poll_interval_ms = 100;
     config.sqlite_durable_commits = !args.fast_commits;
     config.api.max_concurrent_imports_per_client = args.imports.max(1);
