@@ -36,7 +36,13 @@ macro_rules! prefixed_id {
 
             /// A fresh id; ids made later sort after ids made earlier (to the millisecond).
             pub fn generate() -> Self {
-                Self(format!("{}_{}", $prefix, ulid::Ulid::new()))
+                Self::from_ulid(ulid::Ulid::new())
+            }
+
+            /// The id of this ULID: the first id minted at a millisecond is
+            /// `from_ulid(Ulid::from_parts(ms, 0))`, a bound for a range of ids by time.
+            pub fn from_ulid(ulid: ulid::Ulid) -> Self {
+                Self(format!("{}_{}", $prefix, ulid))
             }
 
             pub fn as_str(&self) -> &str {

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use dataflow::Roles;
 use dataflow_contracts::http::{DailySummary, WorkerInfo};
 use dataflow_contracts::time::{DAY_MS, utc_day};
-use dataflow_contracts::{BatchId, ClientId};
+use dataflow_contracts::{BatchId, ClientId, ImportId};
 use dataflow_platform::ledger::leases::LEADER;
 use reqwest::Method;
 use serde_json::json;
@@ -118,14 +118,14 @@ async fn one_leader_hands_over_when_it_stops_or_dies(backend: Backend) {
 /// A batch of `client` whose id was minted at `at_ms`, with `failed` rejected rows.
 async fn past_batch(t: &TestApp, client: &ClientId, at_ms: i64, status: &str, failed: i64) {
     let ulid = ulid::Ulid::from_parts(u64::try_from(at_ms).unwrap(), rand_part());
-    let id = format!("{}{ulid}", BatchId::PREFIX);
+    let id = BatchId::from_ulid(ulid);
     sqlx::query(
         "INSERT INTO batches (id, import_id, client_id, status, format, policy, records_total, \
          records_written, records_failed, available_at, created_at, updated_at) \
          VALUES ($1, $2, $3, $4, 'csv', '{}', $5, $6, $7, $8, $8, $8)",
     )
-    .bind(&id)
-    .bind(format!("imp_{ulid}"))
+    .bind(id.as_str())
+    .bind(ImportId::from_ulid(ulid).as_str())
     .bind(client.as_str())
     .bind(status)
     .bind(10_i64)
@@ -144,7 +144,7 @@ async fn past_batch(t: &TestApp, client: &ClientId, at_ms: i64, status: &str, fa
         sqlx::query(
             "INSERT INTO record_errors (batch_id, line, field, code, detail) VALUES ($1, $2, 'email', $3, 'bad')",
         )
-        .bind(&id)
+        .bind(id.as_str())
         .bind(line + 2)
         .bind(code)
         .execute(t.db.pool())

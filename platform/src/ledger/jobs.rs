@@ -461,7 +461,7 @@ impl Db {
         // The ledger's clock, the one `done_at` was written by.
         let now_ms = u64::try_from(self.now_ms().await?).unwrap_or(0);
         let cutoff_ms = now_ms.saturating_sub(u64::try_from(retention_ms).unwrap_or(0));
-        let cutoff = format!("{}_{}", JobId::PREFIX, ulid::Ulid::from_parts(cutoff_ms, 0));
+        let cutoff = JobId::from_ulid(ulid::Ulid::from_parts(cutoff_ms, 0));
         let sql = self.sql(
             "DELETE FROM jobs WHERE id IN (SELECT id FROM jobs \
                  WHERE id < $3 AND status IN ('done', 'discarded') AND done_at < {now} - $1 \
@@ -470,7 +470,7 @@ impl Db {
         Ok(sqlx::query(sql)
             .bind(retention_ms)
             .bind(i64::from(limit))
-            .bind(cutoff)
+            .bind(cutoff.as_str())
             .execute(&mut *self.background_writer().await?)
             .await?
             .rows_affected())

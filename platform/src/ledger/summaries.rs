@@ -25,7 +25,7 @@ impl Db {
     ) -> Result<DailySummary> {
         let bound = |ms: i64| {
             let ms = u64::try_from(ms).unwrap_or(0);
-            format!("{}{}", BatchId::PREFIX, ulid::Ulid::from_parts(ms, 0))
+            BatchId::from_ulid(ulid::Ulid::from_parts(ms, 0))
         };
         let (from, to) = (bound(day_start_ms), bound(day_start_ms + DAY_MS));
         let rows = sqlx::query(
@@ -38,8 +38,8 @@ impl Db {
              FROM batches WHERE client_id = $1 AND id >= $2 AND id < $3 GROUP BY status",
         )
         .bind(client.as_str())
-        .bind(&from)
-        .bind(&to)
+        .bind(from.as_str())
+        .bind(to.as_str())
         .fetch_all(self.pool())
         .await?;
         let mut summary = DailySummary {
@@ -77,8 +77,8 @@ impl Db {
              GROUP BY e.code ORDER BY n DESC, e.code LIMIT $4",
         )
         .bind(client.as_str())
-        .bind(&from)
-        .bind(&to)
+        .bind(from.as_str())
+        .bind(to.as_str())
         .bind(TOP_ERRORS)
         .fetch_all(self.pool())
         .await?;
