@@ -25,9 +25,13 @@
 //!
 //! `dataflow-bench scale` ([`scale`]): 1, 2, 4 worker processes draining a backlog of big
 //! or small batches, with what each batch costs PostgreSQL.
+//!
+//! `dataflow-bench growth` ([`growth`]): the ledger's reads and prunes timed as it grows to
+//! 10 million records.
 
 pub mod amqp;
 mod baselines;
+pub mod growth;
 pub mod jobs;
 pub mod neighbours;
 pub mod processes;

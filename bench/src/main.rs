@@ -35,6 +35,9 @@ enum Bench {
     /// 1, 2, 4 worker processes draining a backlog of big or small batches: records/s,
     /// batches/s, and what each batch costs PostgreSQL (WAL, transactions, rows, CPU).
     Scale(dataflow_bench::scale::ScaleArgs),
+    /// A ledger grown to 10 million records and 100,000 batches: how each read and prune
+    /// the system runs holds up, timed at each size on the way.
+    Growth(dataflow_bench::growth::GrowthArgs),
     /// The HTTP ceiling's server, which `submit` starts as a process of its own.
     #[command(hide = true)]
     Hello {
@@ -59,6 +62,7 @@ fn main() -> anyhow::Result<()> {
                 Bench::Neighbours(args) => dataflow_bench::neighbours::run(args).await,
                 Bench::Submit(args) => dataflow_bench::submit::run(args).await,
                 Bench::Scale(args) => dataflow_bench::scale::run(args).await,
+                Bench::Growth(args) => dataflow_bench::growth::run(args).await,
                 Bench::Hello { listen } => dataflow_bench::submit::hello(listen).await,
             }
         })

@@ -34,6 +34,10 @@ pub struct StackArgs {
     /// configuration is measured against the default.
     #[arg(long = "env", value_name = "NAME=VALUE", value_parser = setting)]
     pub env: Vec<(String, String)>,
+    /// Leaves the scratch ledger in place at the end (its URL is printed), to look into it
+    /// with the database's own tools.
+    #[arg(long)]
+    pub keep_ledger: bool,
 }
 
 fn setting(text: &str) -> Result<(String, String), String> {
@@ -75,7 +79,11 @@ pub(crate) async fn with_processes(
             .delete_all_under_prefix()
             .await?;
     }
-    ledger.remove().await?;
+    if stack.keep_ledger {
+        eprintln!("the ledger is kept: {}", processes.database_url);
+    } else {
+        ledger.remove().await?;
+    }
     result
 }
 
@@ -131,13 +139,22 @@ impl Api {
     }
 
     pub(crate) async fn batch(&self, key: &str, id: &str) -> anyhow::Result<Value> {
+        self.get(key, &format!("/v1/batches/{id}")).await
+    }
+
+    /// `GET path` as `key`'s client; its JSON body.
+    pub(crate) async fn get(&self, key: &str, path: &str) -> anyhow::Result<Value> {
         let resp = self
             .http
-            .get(format!("{}/v1/batches/{id}", self.base))
+            .get(format!("{}{path}", self.base))
             .bearer_auth(key)
             .send()
             .await?;
-        ensure!(resp.status() == 200, "GET batch answered {}", resp.status());
+        ensure!(
+            resp.status() == 200,
+            "GET {path} answered {}",
+            resp.status()
+        );
         Ok(resp.json().await?)
     }
 

@@ -710,6 +710,16 @@ async fn records_are_listed_filtered_and_exported(b: Backend) {
 }
 
 /// Follows the feed from the start, `limit` per request; every change in order.
+/// The records `client` holds, as `dataflow status` and the dashboard show it.
+async fn held_records(t: &TestApp, client: &ClientId) -> u64 {
+    let storage = t.db.storage_by_client().await.unwrap();
+    storage
+        .iter()
+        .find(|s| &s.client_id == client)
+        .unwrap()
+        .records
+}
+
 async fn follow_feed(t: &TestApp, key: &str, limit: u32) -> Vec<Value> {
     let mut changes = Vec::new();
     let mut after = 0u64;
@@ -727,7 +737,7 @@ async fn the_changes_feed_lists_every_change_once_in_order(b: Backend) {
     let Some(t) = TestApp::spawn_with(b, Roles::API, |_| {}).await else {
         return;
     };
-    let (_, key) = t.client(json!({})).await;
+    let (client, key) = t.client(json!({})).await;
     let (_, other) = t.client(json!({})).await;
     let rows = |range: std::ops::Range<u32>, tag: &str| {
         let mut s = String::from("id,v\n");
@@ -753,6 +763,8 @@ async fn the_changes_feed_lists_every_change_once_in_order(b: Backend) {
     assert_eq!(delete().await.unwrap().status(), 204);
     assert_eq!(delete().await.unwrap().status(), 404, "deleted already");
     assert_eq!(t.get(&key, "/v1/records/k05").await.status(), 404);
+    // What the client holds follows: 30 inserted, 5 more, 10 updated, 1 deleted.
+    assert_eq!(held_records(&t, &client).await, 34);
 
     let feed = follow_feed(&t, &key, 7).await;
     let seqs: Vec<u64> = feed.iter().map(|c| c["seq"].as_u64().unwrap()).collect();
@@ -953,6 +965,7 @@ async fn a_purge_removes_a_clients_data_and_is_logged(b: Backend) {
     .await
     .unwrap();
     assert_eq!(left, 0);
+    assert_eq!(held_records(&t, &client).await, 0, "what it holds says so");
     assert_eq!(
         t.get(&other, "/v1/records/1").await.status(),
         200,

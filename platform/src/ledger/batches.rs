@@ -1020,9 +1020,12 @@ impl Db {
         after: ErrorCursor,
         limit: u32,
     ) -> Result<RecordErrorPage> {
+        // A range on the key, as both databases read it from the index: written as
+        // `line > $2 OR (line = $2 AND …)` it is a filter, and each page starts again from
+        // the batch's first error.
         let rows = sqlx::query_as::<_, RecordErrorColumns>(
             "SELECT line, position, field, code, detail, value FROM record_errors \
-             WHERE batch_id = $1 AND (line > $2 OR (line = $2 AND position > $3)) \
+             WHERE batch_id = $1 AND line >= $2 AND (line, position) > ($2, $3) \
              ORDER BY line, position LIMIT $4",
         )
         .bind(batch.as_str())

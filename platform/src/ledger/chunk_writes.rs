@@ -130,9 +130,11 @@ impl Db {
              wrote AS (SELECT record_key, version, data, \
                     ROW_NUMBER() OVER (ORDER BY record_key) AS n, COUNT(*) OVER () AS total \
                 FROM up WHERE batch_id = $2), \
-             counter AS (INSERT INTO change_counters (client_id, last) \
-                SELECT $1, COUNT(*) FROM wrote HAVING COUNT(*) > 0 \
-                ON CONFLICT (client_id) DO UPDATE SET last = change_counters.last + excluded.last \
+             counter AS (INSERT INTO change_counters (client_id, last, records) \
+                SELECT $1, COUNT(*), COUNT(*) FILTER (WHERE version = 1) FROM wrote \
+                HAVING COUNT(*) > 0 \
+                ON CONFLICT (client_id) DO UPDATE SET last = change_counters.last + excluded.last, \
+                    records = change_counters.records + excluded.records \
                 RETURNING last), \
              feed AS (INSERT INTO record_changes \
                     (client_id, seq, record_key, kind, batch_id, data, changed_at) \

@@ -428,19 +428,22 @@ impl Db {
         retention_ms: i64,
         limit: u32,
     ) -> Result<ExpiredPayloads> {
+        // The cutoff as a value, so that it bounds the walk of the client's kept files by
+        // age (PostgreSQL reads `{now}` row by row: it would walk them all).
+        let cutoff = self.now_ms().await? - retention_ms;
         let mut tx = self.begin_write().await?;
         let sql = self.sql(
             "UPDATE batches SET payload_expired_at = {now} \
              WHERE id IN (SELECT id FROM batches \
                           WHERE client_id = $1 AND payload_expired_at IS NULL \
+                            AND updated_at <= $2 \
                             AND status IN ('completed', 'rejected', 'dead') \
-                            AND updated_at <= {now} - $2 \
                           ORDER BY updated_at LIMIT $3) \
              RETURNING payload_id, payload_bytes",
         );
         let expired: Vec<(Option<String>, i64)> = sqlx::query_as(sql)
             .bind(client.as_str())
-            .bind(retention_ms)
+            .bind(cutoff)
             .bind(i64::from(limit))
             .fetch_all(&mut *tx)
             .await?;
@@ -469,7 +472,7 @@ impl Db {
                     CAST(COALESCE((SELECT SUM(received) FROM uploads u \
                                    WHERE u.client_id = c.id AND u.import_id IS NULL), 0) \
                          AS BIGINT), \
-                    (SELECT COUNT(*) FROM records r WHERE r.client_id = c.id) \
+                    COALESCE((SELECT records FROM change_counters k WHERE k.client_id = c.id), 0) \
              FROM clients c ORDER BY c.id",
         )
         .fetch_all(self.pool())

@@ -26,6 +26,11 @@ pub struct ClientQueue {
 impl Db {
     /// Unfinished batches by status, the outbox backlog, and unfinished or dead jobs by
     /// kind and status. States with nothing in them are left out.
+    ///
+    /// Every part reads only what it counts, through an index whose rows are those states
+    /// (the jobs one status group at a time, each with its partial index; the outbox's
+    /// oldest by the lowest unpublished id), never the finished jobs and published events
+    /// kept for their retention: every `/metrics` scrape runs it.
     pub async fn queue_depths(&self) -> Result<Vec<QueueDepth>> {
         let sql = self.sql(
             "SELECT 'batches' AS queue, status AS state, COUNT(*) AS n, \
@@ -33,12 +38,19 @@ impl Db {
              FROM batches WHERE status IN ('awaiting_approval', 'ready', 'processing', 'dead') \
              GROUP BY status \
              UNION ALL \
-             SELECT 'outbox', 'unpublished', COUNT(*), {now} - MIN(o.created_at) \
-             FROM outbox_pending p JOIN outbox o ON o.id = p.id HAVING COUNT(*) > 0 \
+             SELECT 'outbox', 'unpublished', (SELECT COUNT(*) FROM outbox_pending), \
+                    {now} - (SELECT created_at FROM outbox \
+                             WHERE id = (SELECT MIN(id) FROM outbox_pending)) \
+             WHERE EXISTS (SELECT 1 FROM outbox_pending) \
              UNION ALL \
              SELECT 'jobs:' || kind, status, COUNT(*), {now} - MIN(created_at) \
-             FROM jobs WHERE status IN ('pending', 'queued', 'running', 'dead') \
-             GROUP BY kind, status \
+             FROM jobs WHERE status = 'pending' GROUP BY kind, status \
+             UNION ALL \
+             SELECT 'jobs:' || kind, status, COUNT(*), {now} - MIN(created_at) \
+             FROM jobs WHERE status IN ('queued', 'running') GROUP BY kind, status \
+             UNION ALL \
+             SELECT 'jobs:' || kind, status, COUNT(*), {now} - MIN(created_at) \
+             FROM jobs WHERE status = 'dead' GROUP BY kind, status \
              ORDER BY 1, 2",
         );
         let rows = sqlx::query(sql).fetch_all(self.pool()).await?;

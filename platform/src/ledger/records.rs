@@ -132,24 +132,41 @@ impl Db {
         tx: &mut Tx,
         groups: &[ChangeGroup<'_>],
     ) -> Result<Vec<Option<(i64, i64)>>> {
-        let mut totals: Vec<(&ClientId, i64)> = Vec::new();
+        // Per client: its changes, and how many records they add (inserted) or take away
+        // (deleted), kept beside its counter so that what a client holds is read, not
+        // counted.
+        let mut totals: Vec<(&ClientId, i64, i64)> = Vec::new();
         for g in groups.iter().filter(|g| !g.changes.is_empty()) {
-            match totals.iter_mut().find(|(c, _)| *c == g.client) {
-                Some((_, n)) => *n += g.changes.len() as i64,
-                None => totals.push((g.client, g.changes.len() as i64)),
+            let held: i64 = g
+                .changes
+                .iter()
+                .map(|c| match c.kind {
+                    RecordChangeKind::Inserted => 1,
+                    RecordChangeKind::Deleted => -1,
+                    RecordChangeKind::Updated | RecordChangeKind::Purged => 0,
+                })
+                .sum();
+            match totals.iter_mut().find(|(c, _, _)| *c == g.client) {
+                Some((_, n, records)) => {
+                    *n += g.changes.len() as i64;
+                    *records += held;
+                }
+                None => totals.push((g.client, g.changes.len() as i64, held)),
             }
         }
         totals.sort_unstable();
         // Each client's next free number, once its counter moved past them all.
         let mut next: Vec<(&ClientId, i64)> = Vec::with_capacity(totals.len());
-        for (client, n) in totals {
+        for (client, n, records) in totals {
             let last: i64 = sqlx::query_scalar(
-                "INSERT INTO change_counters (client_id, last) VALUES ($1, $2) \
-                 ON CONFLICT (client_id) DO UPDATE SET last = change_counters.last + excluded.last \
+                "INSERT INTO change_counters (client_id, last, records) VALUES ($1, $2, $3) \
+                 ON CONFLICT (client_id) DO UPDATE SET last = change_counters.last + excluded.last, \
+                     records = change_counters.records + excluded.records \
                  RETURNING last",
             )
             .bind(client.as_str())
             .bind(n)
+            .bind(records)
             .fetch_one(&mut **tx)
             .await?;
             next.push((client, last - n + 1));
@@ -318,6 +335,10 @@ impl Db {
                     *count = deleted;
                 }
             }
+            sqlx::query("UPDATE change_counters SET records = 0 WHERE client_id = $1")
+                .bind(client.as_str())
+                .execute(&mut *tx)
+                .await?;
             let marker = NewChange {
                 key: "",
                 kind: RecordChangeKind::Purged,
