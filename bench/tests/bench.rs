@@ -24,6 +24,7 @@ fn tiny(database_url: Option<String>) -> IngestArgs {
         database_url,
         concurrency: 2,
         chunk_size: 50,
+        records_in_memory: None,
         fast_commits: false,
         ten_fields: false,
         schema: false,
@@ -150,6 +151,7 @@ fn debug_processes() -> dataflow_bench::processes::StackArgs {
         redis_url: None,
         amqp_url: None,
         env: Vec::new(),
+        keep_ledger: false,
     }
 }
 
@@ -186,6 +188,21 @@ async fn submit_bench_runs_as_processes() {
     dataflow_bench::submit::run(args).await.unwrap();
 }
 register!(submit_bench_runs_as_processes);
+
+/// The growth benchmark's fill and every timed operation, at two tiny sizes.
+async fn growth_bench_runs_as_processes() {
+    let args = dataflow_bench::growth::GrowthArgs {
+        stack: debug_processes(),
+        sizes: vec![3, 6],
+        records: 5,
+        clients: 2,
+        rounds: 1,
+        no_vacuum: false,
+    };
+    dataflow_platform::install_crypto_provider();
+    dataflow_bench::growth::run(args).await.unwrap();
+}
+register!(growth_bench_runs_as_processes);
 
 fn main() -> std::process::ExitCode {
     common::harness::main()
