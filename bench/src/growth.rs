@@ -192,8 +192,8 @@ async fn profile(
             .await?;
     let middle = format!("/v1/changes?after={}&limit=100", changes / 2);
     let today = ledger.now_ms().await? / DAY_MS * DAY_MS;
-    // Rows of their own: keys no import of the fill has.
-    let mut import = 1_000_000_000 + size;
+    // Rows of their own: keys no import of the fill, or of another size's look, has.
+    let mut import = 1_000_000_000 + size * args.rounds;
     for &op in OPS {
         let mut ms = Vec::with_capacity(args.rounds);
         for _ in 0..args.rounds {

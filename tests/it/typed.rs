@@ -877,6 +877,88 @@ async fn feed_page(t: &TestApp, key: &str, after: u64, limit: u32) -> Value {
     }
 }
 
+/// A record written while a purge runs (PostgreSQL lets imports go on) stays counted in
+/// what its client holds: the purge takes away what it deleted, not everything.
+async fn a_record_written_during_a_purge_stays_counted() {
+    let Some(t) = TestApp::spawn_with(Backend::Postgres, Roles::ALL, |_| {}).await else {
+        return;
+    };
+    let (client, key) = t.client(json!({})).await;
+    let done = t
+        .import(&key, "text/csv", "id,v\n1,a\n2,b\n")
+        .await
+        .batch_id;
+    t.wait_for(&key, &done, BatchStatus::Completed).await;
+    // Its follow-up jobs end first: a job that could still read the batch holds a purge off.
+    while t
+        .db
+        .queue_depths()
+        .await
+        .unwrap()
+        .iter()
+        .any(|d| d.queue.starts_with("jobs:") && d.state != "dead")
+    {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(held_records(&t, &client).await, 2);
+
+    // A writer in the middle of a chunk holds the client's feed counter.
+    let mut writer = t.db.pool().begin().await.unwrap();
+    sqlx::query("SELECT last FROM change_counters WHERE client_id = $1 FOR UPDATE")
+        .bind(client.as_str())
+        .fetch_one(&mut *writer)
+        .await
+        .unwrap();
+    // The purge deletes the records it sees, then waits for the counter.
+    let purge = tokio::spawn({
+        let (db, client) = (t.db.clone(), client.clone());
+        async move { db.purge_client(&client).await }
+    });
+    let waiting = || async {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT COUNT(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' \
+             AND query LIKE 'UPDATE change_counters%'",
+        )
+        .fetch_one(t.db.pool())
+        .await
+        .unwrap()
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while waiting().await == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the purge never reached the counter"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    // The writer's record lands after the purge's look, counted as a chunk counts it.
+    sqlx::query(
+        "INSERT INTO records (client_id, record_key, data, checksum, batch_id, updated_at) \
+         VALUES ($1, 'late', '{}', 'x', $2, 0)",
+    )
+    .bind(client.as_str())
+    .bind(done.as_str())
+    .execute(&mut *writer)
+    .await
+    .unwrap();
+    sqlx::query("UPDATE change_counters SET records = records + 1 WHERE client_id = $1")
+        .bind(client.as_str())
+        .execute(&mut *writer)
+        .await
+        .unwrap();
+    writer.commit().await.unwrap();
+
+    let purged = purge.await.unwrap().unwrap();
+    assert_eq!(purged.records, 2);
+    let stored: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM records WHERE client_id = $1")
+        .bind(client.as_str())
+        .fetch_one(t.db.pool())
+        .await
+        .unwrap();
+    assert_eq!((stored, held_records(&t, &client).await), (1, 1));
+}
+crate::common::harness::register!(a_record_written_during_a_purge_stays_counted);
+
 async fn a_purge_removes_a_clients_data_and_is_logged(b: Backend) {
     let Some(t) = TestApp::spawn_with(b, Roles::ALL, |_| {}).await else {
         return;
