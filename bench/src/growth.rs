@@ -13,8 +13,6 @@
 //! with the ledger shows between the sizes. The ledger is vacuumed and analysed before it
 //! is timed (as autovacuum keeps it), unless `--no-vacuum` asks for it as the fill left it.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, ensure};
@@ -93,10 +91,11 @@ async fn grow(args: &GrowthArgs, p: &mut Processes, backend: &str) -> anyhow::Re
         .into_iter()
         .map(|c| c.id)
         .collect();
-    let next = Arc::new(AtomicUsize::new(0));
+    let mut filled = 0;
     let started = Instant::now();
     for &size in &args.sizes {
-        fill(&api, &keys, args.records, &next, size).await?;
+        api.fill(&keys, args.records, filled..size).await?;
+        filled = size;
         wait_drained(&ledger, size).await?;
         if !args.no_vacuum {
             let tidy = match backend {
@@ -117,37 +116,6 @@ async fn grow(args: &GrowthArgs, p: &mut Processes, backend: &str) -> anyhow::Re
         profile(args, &api, &keys, &ledger, &clients, size).await?;
     }
     ledger.close().await;
-    Ok(())
-}
-
-/// Submits imports from 16 connections until `size` have been accepted, each import taking
-/// the next number (its rows' keys are new) and the next client in turn.
-async fn fill(
-    api: &Api,
-    keys: &[String],
-    records: usize,
-    next: &Arc<AtomicUsize>,
-    size: usize,
-) -> anyhow::Result<()> {
-    let submitters: Vec<_> = (0..16)
-        .map(|_| {
-            let (api, keys, next) = (api.clone(), keys.to_vec(), next.clone());
-            tokio::spawn(async move {
-                loop {
-                    let i = next.fetch_add(1, Ordering::Relaxed);
-                    if i >= size {
-                        next.fetch_min(size, Ordering::Relaxed);
-                        return anyhow::Ok(());
-                    }
-                    api.submit(&keys[i % keys.len()], csv_body(i, records))
-                        .await?;
-                }
-            })
-        })
-        .collect();
-    for s in submitters {
-        s.await??;
-    }
     Ok(())
 }
 

@@ -142,6 +142,37 @@ impl Api {
         self.get(key, &format!("/v1/batches/{id}")).await
     }
 
+    /// Submits the imports numbered `imports` (each `csv_body` of its number, so every
+    /// row is a new record) from 16 connections at once, taking the keys in turn.
+    pub(crate) async fn fill(
+        &self,
+        keys: &[String],
+        records: usize,
+        imports: std::ops::Range<usize>,
+    ) -> anyhow::Result<()> {
+        let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(imports.start));
+        let submitters: Vec<_> = (0..16)
+            .map(|_| {
+                let (api, keys, next) = (self.clone(), keys.to_vec(), next.clone());
+                let end = imports.end;
+                tokio::spawn(async move {
+                    loop {
+                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        if i >= end {
+                            return anyhow::Ok(());
+                        }
+                        api.submit(&keys[i % keys.len()], crate::csv_body(i, records))
+                            .await?;
+                    }
+                })
+            })
+            .collect();
+        for s in submitters {
+            s.await??;
+        }
+        Ok(())
+    }
+
     /// `GET path` as `key`'s client; its JSON body.
     pub(crate) async fn get(&self, key: &str, path: &str) -> anyhow::Result<Value> {
         let resp = self

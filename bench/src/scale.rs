@@ -9,16 +9,14 @@
 //! transactions and rows written per batch (statements too, when `pg_stat_statements` is
 //! loaded), and the CPU time of PostgreSQL's processes beside that of the workers.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::ensure;
 use clap::{Args, ValueEnum};
 use serde_json::json;
 
+use crate::PgWork;
 use crate::processes::{Processes, StackArgs, cpu_seconds, with_processes};
-use crate::{PgWork, csv_body};
 
 #[derive(Args, Debug, Clone)]
 pub struct ScaleArgs {
@@ -91,24 +89,7 @@ async fn drain(
     let api = p.start_api("serve").await?;
 
     // The backlog, from a few submitters at once.
-    let next = Arc::new(AtomicUsize::new(0));
-    let submitters: Vec<_> = (0..16)
-        .map(|_| {
-            let (api, key, next) = (api.clone(), key.clone(), next.clone());
-            tokio::spawn(async move {
-                loop {
-                    let i = next.fetch_add(1, Ordering::Relaxed);
-                    if i >= batches {
-                        return anyhow::Ok(());
-                    }
-                    api.submit(&key, csv_body(i, records)).await?;
-                }
-            })
-        })
-        .collect();
-    for s in submitters {
-        s.await??;
-    }
+    api.fill(&[key], records, 0..batches).await?;
     // The API goes before the drain, and its sessions with it: PostgreSQL's counts of a
     // session are complete once it has exited.
     p.stop();
