@@ -31,6 +31,9 @@ use tokio_util::sync::CancellationToken;
 pub struct JobsArgs {
     #[arg(long, default_value = "redis://127.0.0.1:6379/")]
     pub redis_url: String,
+    /// Seed nodes of a Redis Cluster (comma-separated), in place of `--redis-url`.
+    #[arg(long, value_delimiter = ',')]
+    pub redis_cluster_urls: Vec<String>,
     /// `postgres://…` for the ledger; default: SQLite in a temporary folder.
     #[arg(long)]
     pub database_url: Option<String>,
@@ -99,7 +102,16 @@ pub async fn run(args: JobsArgs) -> anyhow::Result<()> {
     if let Some(s) = &scratch {
         config.database_url = Some(s.url.clone());
     }
-    config.redis_url = Some(Secret::new(args.redis_url.clone()));
+    if args.redis_cluster_urls.is_empty() {
+        config.redis_url = Some(Secret::new(args.redis_url.clone()));
+    } else {
+        config.redis_cluster_urls = args
+            .redis_cluster_urls
+            .iter()
+            .cloned()
+            .map(Secret::new)
+            .collect();
+    }
     config.redis_prefix = format!("dataflow-bench-{run}");
     config.jobs.concurrency = args.concurrency;
     config.jobs.redis_queue = args.queue;
@@ -138,6 +150,11 @@ async fn measure(
     let queue_name = match config.jobs.redis_queue {
         RedisQueue::Lists => "lists",
         RedisQueue::ApalisRedis => "apalis-redis",
+    };
+    let redis = if config.redis_cluster_urls.is_empty() {
+        "single"
+    } else {
+        "cluster"
     };
     let db = &backends.db;
     let noop = Arc::new(Noop {
@@ -197,7 +214,7 @@ async fn measure(
     workers.await?;
     sampler.await?;
     println!(
-        "name=dataflow-jobs queue={queue_name} backend={backend} jobs={} conc={} working_set={} enqueue_s={enqueue_s:.3} \
+        "name=dataflow-jobs queue={queue_name} redis={redis} backend={backend} jobs={} conc={} working_set={} enqueue_s={enqueue_s:.3} \
          enqueue_per_s={:.0} process_s={process_s:.3} jobs_per_s={:.0} handler_runs={} \
          peak_in_redis={}",
         args.jobs,
@@ -245,7 +262,7 @@ async fn measure(
     lat.sort_unstable();
     let at = |q: f64| lat[((lat.len() as f64 - 1.0) * q).round() as usize] as f64 / 1000.0;
     println!(
-        "name=dataflow-jobs-latency queue={queue_name} jobs={} rate={} conc={} p50_ms={:.3} p99_ms={:.3} max_ms={:.3}",
+        "name=dataflow-jobs-latency queue={queue_name} redis={redis} jobs={} rate={} conc={} p50_ms={:.3} p99_ms={:.3} max_ms={:.3}",
         args.latency_jobs,
         args.rate,
         args.concurrency,

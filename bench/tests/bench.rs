@@ -84,6 +84,7 @@ async fn jobs_bench_runs_on_both_redis_queues() {
     for queue in [RedisQueue::Lists, RedisQueue::ApalisRedis] {
         let args = dataflow_bench::jobs::JobsArgs {
             redis_url: redis_url.clone(),
+            redis_cluster_urls: Vec::new(),
             database_url: None,
             jobs: 500,
             concurrency: 10,

@@ -1,13 +1,13 @@
 //! The one place where backends are chosen from configuration. Callers get [`Backends`]
 //! and never learn which implementation sits behind each part.
 //!
-//! | part | with `redis_url` | without |
+//! | part | with `redis_url` or `redis_cluster_urls` | without |
 //! | --- | --- | --- |
 //! | rate limiter | Redis GCRA script, in-process fallback | in-process GCRA |
 //! | auth lock-out | Redis counters with TTL, in-process fallback | in-process |
 //! | key / client cache | L1 in process + L2 in Redis, pub/sub invalidation | in process |
 //! | dedup fast path | Redis `SET NX PX` before the SQL decider | SQL only |
-//! | batch mutex | Redlock, fenced by the SQL lease epoch | the SQL lease alone |
+//! | batch mutex | Redlock (on `redlock_urls`, else `redis_url`; a cluster needs `redlock_urls`), fenced by the SQL lease epoch | the SQL lease alone |
 //! | job queue | Redis lists (or apalis-redis) fed from the SQL intents | workers claim the SQL intents |
 //! | mail | SMTP when `jobs.smtp_url` is set | `.eml` files in `<data_dir>/mail` |
 //! | live updates (dashboard SSE) | Redis pub/sub across processes | in-process broadcast |
@@ -27,7 +27,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::broker::Broker;
 use crate::config::RedisQueue;
-use crate::config::{Config, Secret};
+use crate::config::{Config, RedisTarget, Secret};
 use crate::coordination::fleet::Fleet;
 use crate::coordination::mutex::{BatchMutex, LOCK_TIMEOUT, Redlock};
 use crate::dashboard::live::LiveBus;
@@ -92,16 +92,21 @@ pub struct Operator {
 impl Operator {
     pub async fn open(config: &Config) -> Result<Operator> {
         let db = ready_ledger(config).await?;
-        let cache_redis = match config
-            .redis_cache_url
-            .as_ref()
-            .or(config.redis_url.as_ref())
-        {
-            Some(url) => {
-                let ca = redis_ca(config)?;
-                Some(connect_redis(config, ca.as_deref(), url, Purpose::Cache).await?)
+        let ca = redis_ca(config)?;
+        let cache_redis = match (&config.redis_cache_url, config.redis()) {
+            (Some(url), _) => Some(
+                connect_redis(
+                    config,
+                    ca.as_deref(),
+                    RedisTarget::Server(url),
+                    Purpose::Cache,
+                )
+                .await?,
+            ),
+            (None, Some(target)) => {
+                Some(connect_redis(config, ca.as_deref(), target, Purpose::Cache).await?)
             }
-            None => None,
+            (None, None) => None,
         };
         let (keys, clients) = caches(config, cache_redis.as_ref());
         Ok(Operator { db, keys, clients })
@@ -141,20 +146,22 @@ fn redis_ca(config: &Config) -> Result<Option<Vec<u8>>> {
         .transpose()
 }
 
-/// A Redis connection under the configured prefix and `ca`.
+/// A Redis connection (to one server or a cluster) under the configured prefix and `ca`.
 async fn connect_redis(
     config: &Config,
     ca: Option<&[u8]>,
-    url: &Secret,
+    target: RedisTarget<'_>,
     purpose: Purpose,
 ) -> Result<Redis> {
-    Redis::connect(
-        url.expose(),
-        &config.redis_prefix,
-        ca.map(<[u8]>::to_vec),
-        purpose,
-    )
-    .await
+    let prefix = &config.redis_prefix;
+    let ca = ca.map(<[u8]>::to_vec);
+    match target {
+        RedisTarget::Server(url) => Redis::connect(url.expose(), prefix, ca, purpose).await,
+        RedisTarget::Cluster(urls) => {
+            let urls: Vec<&str> = urls.iter().map(Secret::expose).collect();
+            Redis::connect_cluster(&urls, prefix, ca, purpose).await
+        }
+    }
 }
 
 /// The key and client caches: in process, with a shared tier in `cache_redis` when there
@@ -213,18 +220,30 @@ impl Backends {
             resolve_secret(config.admin_token.as_ref(), &config.data_dir, "admin-token")?;
         let ca = redis_ca(config)?;
         let connect =
-            async |url: &Secret, purpose| connect_redis(config, ca.as_deref(), url, purpose).await;
-        let redis = match &config.redis_url {
-            Some(url) => Some(connect(url, Purpose::State).await?),
+            async |target, purpose| connect_redis(config, ca.as_deref(), target, purpose).await;
+        let redis = match config.redis() {
+            Some(target) => Some(connect(target, Purpose::State).await?),
             None => None,
         };
         let cache_redis = match &config.redis_cache_url {
-            Some(url) => Some(connect(url, Purpose::Cache).await?),
+            Some(url) => Some(connect(RedisTarget::Server(url), Purpose::Cache).await?),
             None => redis.clone(),
         };
         let mut lock_nodes = Vec::with_capacity(config.redlock_urls.len());
         for url in &config.redlock_urls {
-            lock_nodes.push(connect(url, Purpose::State).await?);
+            lock_nodes.push(connect(RedisTarget::Server(url), Purpose::State).await?);
+        }
+        // Redlock needs independent servers: a cluster is not one, so without `redlock_urls`
+        // a cluster's workers hold batches by the SQL lease alone (the fence either way).
+        if lock_nodes.is_empty()
+            && let Some(r) = redis.as_ref().filter(|r| !r.is_cluster())
+        {
+            lock_nodes.push(r.clone());
+        }
+        if redis.as_ref().is_some_and(Redis::is_cluster) && lock_nodes.is_empty() {
+            tracing::info!(
+                "Redis Cluster without redlock_urls: the batch mutex is the SQL lease alone"
+            );
         }
 
         let api = &config.api;
@@ -233,26 +252,22 @@ impl Backends {
             window: Duration::from_secs(api.auth_window_secs),
             lockout: Duration::from_secs(api.auth_lockout_secs),
         };
-        let (limiter, lockout, dedup, mutex) = match &redis {
+        let (limiter, lockout, dedup) = match &redis {
             Some(r) => (
                 Limiter::Redis(Box::new(RedisLimiter::new(r.clone()))),
                 Lockout::Redis(Box::new(RedisLockout::new(r.clone(), lockout_policy))),
                 DedupFastPath::Redis(Box::new(r.clone())),
-                BatchMutex::Redlock(Box::new(Redlock::new(
-                    if lock_nodes.is_empty() {
-                        vec![r.clone()]
-                    } else {
-                        lock_nodes
-                    },
-                    LOCK_TIMEOUT,
-                ))),
             ),
             None => (
                 Limiter::InProcess(InProcessLimiter::default()),
                 Lockout::InProcess(InProcessLockout::new(lockout_policy)),
                 DedupFastPath::Off,
-                BatchMutex::SqlOnly,
             ),
+        };
+        let mutex = if lock_nodes.is_empty() {
+            BatchMutex::SqlOnly
+        } else {
+            BatchMutex::Redlock(Box::new(Redlock::new(lock_nodes, LOCK_TIMEOUT)))
         };
         let (keys, clients) = caches(config, cache_redis.as_ref());
         let mailer = Mailer::from_config(&config.jobs, &config.data_dir)?;

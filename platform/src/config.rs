@@ -67,17 +67,22 @@ pub struct Config {
     /// SQLite: the page cache, in MiB, that a process's connections share evenly (at least
     /// 1 MiB each); with the pool's size, it sets most of an embedded process's memory.
     pub sqlite_cache_mib: u32,
-    /// `redis://` or `rediss://` (TLS), password in the URL. Unset: embedded fallbacks.
+    /// `redis://` or `rediss://` (TLS), password in the URL. Unset (and no cluster):
+    /// embedded fallbacks.
     pub redis_url: Option<Secret>,
+    /// Seed nodes of a Redis Cluster, in place of `redis_url` (any one answering is enough;
+    /// the rest of the cluster is learnt from it).
+    pub redis_cluster_urls: Vec<Secret>,
     /// Every Redis key DataFlow writes starts with `<redis_prefix>:`.
     pub redis_prefix: String,
     /// PEM file of a private CA to trust for `rediss://` (default: the public web roots).
     pub redis_ca_file: Option<PathBuf>,
     /// A separate Redis for the key/client cache and its invalidations, which may evict
-    /// (`allkeys-lru`); unset: the cache lives on `redis_url`.
+    /// (`allkeys-lru`); unset: the cache lives on `redis_url` or the cluster.
     pub redis_cache_url: Option<Secret>,
     /// The Redis servers the batch mutex locks on (Redlock: a lock needs N/2+1 of them);
-    /// independent servers, not replicas. Empty: `redis_url` alone.
+    /// independent servers, not replicas nor a cluster. Empty: `redis_url` alone; on a
+    /// cluster, the SQL lease alone.
     pub redlock_urls: Vec<Secret>,
     /// `amqp://` or `amqps://` (TLS) RabbitMQ URL with credentials and vhost. Unset: events
     /// stay in process and workers find batches by SQL polling.
@@ -103,6 +108,7 @@ impl Default for Config {
             sqlite_durable_commits: true,
             auto_migrate: true,
             redis_url: None,
+            redis_cluster_urls: Vec::new(),
             redis_prefix: "dataflow".to_owned(),
             redis_ca_file: None,
             redis_cache_url: None,
@@ -465,6 +471,13 @@ impl Default for JobsConfig {
     }
 }
 
+/// The state Redis: one server (`redis_url`) or a cluster (`redis_cluster_urls`).
+#[derive(Debug, Clone, Copy)]
+pub enum RedisTarget<'a> {
+    Server(&'a Secret),
+    Cluster(&'a [Secret]),
+}
+
 /// The Redis job queue implementation (`jobs.redis_queue`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -565,6 +578,17 @@ impl Config {
             .map_err(|e: toml::de::Error| Error::Config(e.message().to_owned()))?;
         config.validate()?;
         Ok(config)
+    }
+
+    /// Where the state Redis is, if anywhere.
+    pub fn redis(&self) -> Option<RedisTarget<'_>> {
+        match &self.redis_url {
+            Some(url) => Some(RedisTarget::Server(url)),
+            None if !self.redis_cluster_urls.is_empty() => {
+                Some(RedisTarget::Cluster(&self.redis_cluster_urls))
+            }
+            None => None,
+        }
     }
 
     /// Rules that serde's types cannot express.
@@ -686,18 +710,41 @@ impl Config {
             return bad("jobs.mail_from must be a mailbox such as \"DataFlow <ops@example.com>\"");
         }
         let redis_urls = self.redis_url.iter().map(|u| ("redis_url", u));
+        let cluster_urls = self
+            .redis_cluster_urls
+            .iter()
+            .map(|u| ("redis_cluster_urls", u));
         let cache_urls = self.redis_cache_url.iter().map(|u| ("redis_cache_url", u));
         let lock_urls = self.redlock_urls.iter().map(|u| ("redlock_urls", u));
-        for (name, url) in redis_urls.chain(cache_urls).chain(lock_urls) {
+        for (name, url) in redis_urls
+            .chain(cluster_urls)
+            .chain(cache_urls)
+            .chain(lock_urls)
+        {
             let url = url.expose();
             if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
                 return bad(&format!("{name} must start with redis:// or rediss://"));
             }
         }
-        if self.redis_url.is_none()
+        if self.redis_url.is_some() && !self.redis_cluster_urls.is_empty() {
+            return bad(
+                "set redis_url (one Redis) or redis_cluster_urls (a Redis Cluster), not both",
+            );
+        }
+        if self.redis().is_none()
             && (self.redis_cache_url.is_some() || !self.redlock_urls.is_empty())
         {
-            return bad("redis_cache_url and redlock_urls need redis_url");
+            return bad("redis_cache_url and redlock_urls need redis_url or redis_cluster_urls");
+        }
+        // apalis-redis 1.0's scripts build key names inside Lua (a task's metadata key from
+        // its id), which a cluster cannot route.
+        if matches!(self.redis(), Some(RedisTarget::Cluster(_)))
+            && jobs.redis_queue == RedisQueue::ApalisRedis
+        {
+            return bad(
+                "jobs.redis_queue = \"apalis-redis\" cannot run on a Redis Cluster (apalis-redis \
+                 1.0 builds key names inside its Lua scripts); use \"lists\", the default",
+            );
         }
         if let Some(url) = &self.amqp_url
             && !(url.expose().starts_with("amqp://") || url.expose().starts_with("amqps://"))
@@ -726,8 +773,13 @@ impl Config {
         if amqp.safety_sweep_ms == 0 {
             return bad("amqp.safety_sweep_ms must be at least 1");
         }
-        if self.redis_prefix.is_empty() || self.redis_prefix.contains(char::is_whitespace) {
-            return bad("redis_prefix must be non-empty without spaces");
+        // Braces would make the prefix a hash tag, and every key one cluster slot.
+        if self.redis_prefix.is_empty()
+            || self
+                .redis_prefix
+                .contains(|c: char| c.is_whitespace() || c == '{' || c == '}')
+        {
+            return bad("redis_prefix must be non-empty without spaces or braces");
         }
         for (name, s) in [("admin_token", &self.admin_token), ("secret", &self.secret)] {
             if let Some(s) = s
@@ -871,6 +923,30 @@ mod tests {
         // A relay reading pages of no rows would never see the outbox drained.
         let e = Config::from_sources(None, env(&[("DATAFLOW_OUTBOX__BATCH_SIZE", "0")]));
         assert!(e.unwrap_err().to_string().contains("outbox.batch_size"));
+    }
+
+    #[test]
+    fn a_redis_cluster_is_configured_by_its_seeds_alone() {
+        let seeds = r#"["redis://10.0.0.1:7000","redis://10.0.0.2:7000"]"#;
+        let c = Config::from_sources(None, env(&[("DATAFLOW_REDIS_CLUSTER_URLS", seeds)])).unwrap();
+        assert!(matches!(c.redis(), Some(RedisTarget::Cluster(urls)) if urls.len() == 2));
+        let both = env(&[
+            ("DATAFLOW_REDIS_CLUSTER_URLS", seeds),
+            ("REDIS_URL", "redis://10.0.0.3:6379"),
+        ]);
+        let e = Config::from_sources(None, both).unwrap_err().to_string();
+        assert!(e.contains("not both"), "{e}");
+        let braces = env(&[
+            ("DATAFLOW_REDIS_CLUSTER_URLS", seeds),
+            ("DATAFLOW_REDIS_PREFIX", "{df}"),
+        ]);
+        let e = Config::from_sources(None, braces).unwrap_err().to_string();
+        assert!(e.contains("braces"), "{e}");
+        let apalis = env(&[
+            ("DATAFLOW_REDIS_CLUSTER_URLS", seeds),
+            ("DATAFLOW_JOBS__REDIS_QUEUE", "apalis-redis"),
+        ]);
+        assert!(Config::from_sources(None, apalis).is_err());
     }
 
     #[test]

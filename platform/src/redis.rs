@@ -1,14 +1,23 @@
 //! The Redis foundation: one multiplexed, self-reconnecting connection per process, with
 //! explicit timeouts, TLS (`rediss://`) and passwords from the URL, and every key under one
-//! configurable prefix.
+//! configurable prefix. The same handle works on one Redis server or on a Redis Cluster
+//! (`redis_cluster_urls`): callers send commands through [`Conn`] and never learn which.
+//!
+//! On a cluster every command, script and pipeline must touch keys of one hash slot. Keys
+//! that a script or a pipeline uses together share a hash tag ([`tag`]): the job queue's keys
+//! of one kind, the fleet's entries, a subject's lock-out counter and lock. Nothing derives a
+//! key name inside Lua. Keys used alone carry no tag, so they spread over the masters.
 //!
 //! Redis is a fast path, never the ledger: every caller has an answer for "Redis is down".
 
 use std::time::Duration;
 
 use futures::StreamExt;
-use redis::aio::ConnectionManager;
-use redis::{AsyncCommands, Client};
+use redis::aio::{ConnectionLike, ConnectionManager, MultiplexedConnection};
+use redis::cluster::{ClusterClient, ClusterConfig};
+use redis::cluster_async::ClusterConnection;
+use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
+use redis::{AsyncCommands, Client, Cmd, Pipeline, RedisFuture, Value};
 use tokio_util::sync::CancellationToken;
 
 use crate::{Error, Result};
@@ -16,6 +25,8 @@ use crate::{Error, Result};
 /// Timeouts short enough that a hung Redis costs a request milliseconds, not seconds.
 const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
 const RESPONSE_TIMEOUT: Duration = Duration::from_millis(500);
+/// A blocking connection's connect timeout: it waits on an empty queue, so no reply timeout.
+const BLOCKING_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// What a Redis holds, which decides whether it may evict keys.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -26,49 +37,149 @@ pub enum Purpose {
     Cache,
 }
 
+/// A hash tag of `parts` joined by `:`: keys that carry the same tag live in one cluster
+/// slot, so a script or a pipeline may use them together. Never empty, so never ignored.
+pub fn tag(parts: &[&str]) -> String {
+    format!("{{{}}}", parts.join(":"))
+}
+
+/// A connection for commands, to a server or to a cluster; cheap to clone (multiplexed).
+#[derive(Clone)]
+pub enum Conn {
+    /// The shared connection to one server, reconnecting on its own.
+    Server(ConnectionManager),
+    /// A connection of its own to one server (for blocking commands).
+    Dedicated(MultiplexedConnection),
+    /// The cluster: each command goes to the master of its keys' slot.
+    Cluster(ClusterConnection),
+}
+
+impl ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Conn::Server(c) => c.req_packed_command(cmd),
+            Conn::Dedicated(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Conn::Server(c) => c.req_packed_commands(pipeline, offset, count),
+            Conn::Dedicated(c) => c.req_packed_commands(pipeline, offset, count),
+            Conn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Server(c) => c.get_db(),
+            Conn::Dedicated(c) => c.get_db(),
+            Conn::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+/// Where the connection goes, kept for the connections made apart from the shared one.
+#[derive(Clone)]
+enum Target {
+    Server(Box<Client>),
+    /// The cluster's client, and a client per seed node for pub/sub, which a cluster
+    /// delivers on every node.
+    Cluster {
+        client: Box<ClusterClient>,
+        seeds: Vec<Client>,
+    },
+}
+
 #[derive(Clone)]
 pub struct Redis {
-    conn: ConnectionManager,
-    client: Client,
+    conn: Conn,
+    target: Target,
     prefix: String,
 }
 
 impl Redis {
-    /// Prepares the connection (made lazily: a process whose Redis is down at startup
-    /// starts anyway, on its fallbacks) and, for state, checks the eviction policy.
-    /// `ca_pem`: a private CA to trust for `rediss://` instead of the public roots.
+    /// Prepares the connection to one server (made lazily: a process whose Redis is down
+    /// at startup starts anyway, on its fallbacks) and, for state, checks the eviction
+    /// policy. `ca_pem`: a private CA to trust for `rediss://` instead of the public roots.
     pub async fn connect(
         url: &str,
         prefix: &str,
         ca_pem: Option<Vec<u8>>,
         purpose: Purpose,
     ) -> Result<Redis> {
-        let client = match ca_pem {
-            Some(root_cert) => Client::build_with_tls(
-                url,
-                redis::TlsCertificates {
-                    client_tls: None,
-                    root_cert: Some(root_cert),
-                },
-            ),
-            None => Client::open(url),
-        }
-        .map_err(|e| Error::Config(format!("Redis URL: {e}")))?;
+        let client = server_client(url, ca_pem)?;
         let config = redis::aio::ConnectionManagerConfig::new()
             .set_connection_timeout(Some(CONNECT_TIMEOUT))
             .set_response_timeout(Some(RESPONSE_TIMEOUT))
             .set_number_of_retries(1)
             .set_max_delay(Duration::from_millis(500));
         let conn = ConnectionManager::new_lazy_with_config(client.clone(), config)?;
+        let target = Target::Server(Box::new(client));
+        Redis::ready(Conn::Server(conn), target, prefix, purpose).await
+    }
+
+    /// Prepares the connection to a Redis Cluster through its seed nodes `urls` (any of
+    /// them answering is enough; the rest of the cluster is learnt from it). Lazy, as
+    /// [`Redis::connect`]: the nodes are reached in the background and again after a loss.
+    pub async fn connect_cluster(
+        urls: &[&str],
+        prefix: &str,
+        ca_pem: Option<Vec<u8>>,
+        purpose: Purpose,
+    ) -> Result<Redis> {
+        let mut builder = ClusterClient::builder(urls.iter().copied())
+            .connection_timeout(CONNECT_TIMEOUT)
+            .retries(1)
+            .max_retry_wait(500);
+        if let Some(root_cert) = ca_pem.clone() {
+            builder = builder.certs(redis::TlsCertificates {
+                client_tls: None,
+                root_cert: Some(root_cert),
+            });
+        }
+        let client = builder
+            .build()
+            .map_err(|e| Error::Config(format!("redis_cluster_urls: {e}")))?;
+        // The reply timeout is the shared connection's alone (not the client's), so that a
+        // blocking connection made from the same client may wait as long as it asks.
+        let conn = client.get_pending_async_connection_with_config(
+            ClusterConfig::new()
+                .set_connection_timeout(CONNECT_TIMEOUT)
+                .set_response_timeout(RESPONSE_TIMEOUT),
+        );
+        let seeds = urls
+            .iter()
+            .map(|url| server_client(url, ca_pem.clone()))
+            .collect::<Result<_>>()?;
+        let target = Target::Cluster {
+            client: Box::new(client),
+            seeds,
+        };
+        Redis::ready(Conn::Cluster(conn), target, prefix, purpose).await
+    }
+
+    async fn ready(conn: Conn, target: Target, prefix: &str, purpose: Purpose) -> Result<Redis> {
         let redis = Redis {
             conn,
-            client,
+            target,
             prefix: prefix.to_owned(),
         };
         if purpose == Purpose::State {
             redis.warn_unless_noeviction().await;
         }
         Ok(redis)
+    }
+
+    /// Whether this is a Redis Cluster.
+    pub fn is_cluster(&self) -> bool {
+        matches!(self.target, Target::Cluster { .. })
     }
 
     /// `<prefix>:<part>:<part>…`
@@ -86,18 +197,52 @@ impl Redis {
     }
 
     /// A handle for commands; cheap (the connection is multiplexed).
-    pub fn conn(&self) -> ConnectionManager {
+    pub fn conn(&self) -> Conn {
         self.conn.clone()
     }
 
-    pub fn client(&self) -> &Client {
-        &self.client
+    /// The client of a single server, for what needs one server by design (a Redlock
+    /// node); `None` on a cluster.
+    pub fn server_client(&self) -> Option<&Client> {
+        match &self.target {
+            Target::Server(client) => Some(client),
+            Target::Cluster { .. } => None,
+        }
+    }
+
+    /// A connection of its own, with no reply timeout, for a command that blocks (`BLMOVE`)
+    /// and would stall every other command on the shared one.
+    pub async fn blocking_connection(&self) -> Result<Conn> {
+        Ok(match &self.target {
+            Target::Server(client) => {
+                let config = redis::AsyncConnectionConfig::new()
+                    .set_connection_timeout(Some(BLOCKING_CONNECT_TIMEOUT))
+                    .set_response_timeout(None);
+                Conn::Dedicated(
+                    client
+                        .get_multiplexed_async_connection_with_config(&config)
+                        .await?,
+                )
+            }
+            Target::Cluster { client, .. } => Conn::Cluster(
+                client
+                    .get_async_connection_with_config(
+                        ClusterConfig::new().set_connection_timeout(BLOCKING_CONNECT_TIMEOUT),
+                    )
+                    .await?,
+            ),
+        })
     }
 
     /// Listens on the pub/sub `channel` until `shutdown`, resubscribing with backoff when
     /// the subscription fails or drops. `on_subscribed` runs after every (re)subscribe —
     /// messages published while disconnected are lost, so that is where a listener catches
     /// up — and `on_message` for every payload. `what` names the channel in logs.
+    ///
+    /// On a cluster the subscription is on one seed node, the next one after a failure: a
+    /// cluster delivers every `PUBLISH` to the subscribers of every node. (Sharded pub/sub
+    /// would confine a channel to its slot's shard; these channels are fan-outs to every
+    /// process, few messages each, so the classic form fits them.)
     pub async fn listen(
         &self,
         channel: &str,
@@ -107,9 +252,15 @@ impl Redis {
         mut on_message: impl FnMut(String),
     ) {
         let mut backoff = Duration::from_millis(100);
+        let mut attempt = 0usize;
         while !shutdown.is_cancelled() {
+            let client = match &self.target {
+                Target::Server(client) => client,
+                Target::Cluster { seeds, .. } => &seeds[attempt % seeds.len()],
+            };
+            attempt = attempt.wrapping_add(1);
             let subscribed = async {
-                let mut pubsub = self.client.get_async_pubsub().await?;
+                let mut pubsub = client.get_async_pubsub().await?;
                 pubsub.subscribe(channel).await?;
                 redis::RedisResult::Ok(pubsub)
             }
@@ -147,27 +298,40 @@ impl Redis {
     }
 
     /// Limits, lock-outs and dedup claims must not be evicted: only `noeviction` keeps
-    /// them. Managed Redis often forbids `CONFIG`; then say so and go on.
+    /// them. Managed Redis often forbids `CONFIG`; then say so and go on. On a cluster,
+    /// every master is asked.
     async fn warn_unless_noeviction(&self) {
-        let policy: redis::RedisResult<Vec<String>> = redis::cmd("CONFIG")
-            .arg("GET")
-            .arg("maxmemory-policy")
-            .query_async(&mut self.conn())
-            .await;
-        match policy.as_deref() {
-            Ok([_, p]) if p == "noeviction" => {}
-            Ok([_, p]) => tracing::warn!(
-                policy = %p,
-                "Redis maxmemory-policy is not noeviction: limiter, lock-out and dedup keys may be \
-                 evicted under memory pressure; set `maxmemory-policy noeviction`"
-            ),
-            _ => {
-                tracing::warn!("could not read Redis maxmemory-policy; make sure it is noeviction")
+        let mut config_get = redis::cmd("CONFIG");
+        config_get.arg("GET").arg("maxmemory-policy");
+        let policies: Result<Vec<Vec<String>>> = async {
+            let mut out = Vec::new();
+            for node in self.masters().await? {
+                out.push(parse(self.on(&node, &config_get).await?)?);
+            }
+            Ok(out)
+        }
+        .await;
+        let Ok(policies) = policies else {
+            tracing::warn!("could not read Redis maxmemory-policy; make sure it is noeviction");
+            return;
+        };
+        for policy in policies {
+            match policy.as_slice() {
+                [_, p] if p == "noeviction" => {}
+                [_, p] => tracing::warn!(
+                    policy = %p,
+                    "Redis maxmemory-policy is not noeviction: limiter, lock-out and dedup keys may \
+                     be evicted under memory pressure; set `maxmemory-policy noeviction`"
+                ),
+                _ => tracing::warn!(
+                    "could not read Redis maxmemory-policy; make sure it is noeviction"
+                ),
             }
         }
     }
 
-    /// Every key under this prefix (for audits such as "no key without a TTL").
+    /// Every key under this prefix (for audits such as "no key without a TTL"), from every
+    /// master of a cluster.
     pub async fn keys_with_prefix(&self) -> Result<Vec<String>> {
         self.scan(&format!("{}:*", self.prefix)).await
     }
@@ -178,6 +342,7 @@ impl Redis {
     pub async fn delete_all_under_prefix(&self) -> Result<usize> {
         let keys = self.scan(&format!("{}*", self.prefix)).await?;
         let mut conn = self.conn();
+        // `DEL` of several keys: the cluster connection splits it by slot.
         for chunk in keys.chunks(500) {
             let _: () = redis::cmd("DEL").arg(chunk).query_async(&mut conn).await?;
         }
@@ -185,12 +350,130 @@ impl Redis {
     }
 
     async fn scan(&self, pattern: &str) -> Result<Vec<String>> {
-        let mut conn = self.conn();
-        let mut iter: redis::AsyncIter<String> = conn.scan_match(pattern).await?;
+        if !self.is_cluster() {
+            let mut conn = self.conn();
+            let mut iter: redis::AsyncIter<String> = conn.scan_match(pattern).await?;
+            let mut keys = Vec::new();
+            while let Some(k) = iter.next().await {
+                keys.push(k?);
+            }
+            return Ok(keys);
+        }
         let mut keys = Vec::new();
-        while let Some(k) = iter.next().await {
-            keys.push(k?);
+        for node in self.masters().await? {
+            let mut cursor = 0u64;
+            loop {
+                let mut scan = redis::cmd("SCAN");
+                scan.arg(cursor)
+                    .arg("MATCH")
+                    .arg(pattern)
+                    .arg("COUNT")
+                    .arg(1000);
+                let (next, batch): (u64, Vec<String>) = parse(self.on(&node, &scan).await?)?;
+                keys.extend(batch);
+                if next == 0 {
+                    break;
+                }
+                cursor = next;
+            }
         }
         Ok(keys)
+    }
+
+    /// The masters of a cluster (`host`, `port`), from `CLUSTER NODES`; `None` for the one
+    /// server of a single Redis.
+    async fn masters(&self) -> Result<Vec<Option<(String, u16)>>> {
+        if !self.is_cluster() {
+            return Ok(vec![None]);
+        }
+        let nodes: String = redis::cmd("CLUSTER")
+            .arg("NODES")
+            .query_async(&mut self.conn())
+            .await?;
+        Ok(masters_of(&nodes).into_iter().map(Some).collect())
+    }
+
+    /// Runs `cmd` on `node` (a master of [`Redis::masters`]), or on the one server.
+    async fn on(&self, node: &Option<(String, u16)>, cmd: &Cmd) -> Result<Value> {
+        Ok(match (&self.conn, node) {
+            (Conn::Cluster(cluster), Some((host, port))) => {
+                let route = RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress {
+                    host: host.clone(),
+                    port: *port,
+                });
+                cluster.clone().route_command(cmd.clone(), route).await?
+            }
+            _ => cmd.query_async(&mut self.conn()).await?,
+        })
+    }
+}
+
+/// A reply read as `T`.
+fn parse<T: redis::FromRedisValue>(value: Value) -> Result<T> {
+    Ok(redis::from_redis_value(value).map_err(redis::RedisError::from)?)
+}
+
+/// A client of one server, trusting `ca_pem` for `rediss://` when given.
+fn server_client(url: &str, ca_pem: Option<Vec<u8>>) -> Result<Client> {
+    match ca_pem {
+        Some(root_cert) => Client::build_with_tls(
+            url,
+            redis::TlsCertificates {
+                client_tls: None,
+                root_cert: Some(root_cert),
+            },
+        ),
+        None => Client::open(url),
+    }
+    .map_err(|e| Error::Config(format!("Redis URL: {e}")))
+}
+
+/// The masters' addresses in a `CLUSTER NODES` reply: per line, the id, `host:port@bus`
+/// (optionally `,hostname`), then the flags, among them `master`. A failed master is left
+/// out: its slots are served by the replica promoted in its place.
+fn masters_of(nodes: &str) -> Vec<(String, u16)> {
+    nodes
+        .lines()
+        .filter_map(|line| {
+            let mut fields = line.split_whitespace();
+            let address = fields.nth(1)?;
+            let flags: Vec<&str> = fields.next()?.split(',').collect();
+            if !flags.contains(&"master") || flags.contains(&"fail") {
+                return None;
+            }
+            let (host_port, _bus) = address.split_once('@')?;
+            let (host, port) = host_port.rsplit_once(':')?;
+            Some((host.to_owned(), port.parse().ok()?))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn masters_are_read_from_cluster_nodes() {
+        let reply = "\
+07c3 127.0.0.1:30004@40004 slave e7d1 0 1426238317239 4 connected
+67ed 127.0.0.1:30002@40002 master - 0 1426238316232 2 connected 5461-10922
+292f 127.0.0.1:30003@40003 myself,master - 0 1426238318243 3 connected 10923-16383
+6ec2 127.0.0.1:30005@40005 master,fail - 1426238316232 1426238316232 5 disconnected
+e7d1 ::1:30001@40001,node-1 master - 0 1426238317741 1 connected 0-5460
+";
+        assert_eq!(
+            masters_of(reply),
+            vec![
+                ("127.0.0.1".to_owned(), 30002),
+                ("127.0.0.1".to_owned(), 30003),
+                ("::1".to_owned(), 30001),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_tag_joins_its_parts_inside_braces() {
+        assert_eq!(tag(&["jobs", "email"]), "{jobs:email}");
+        assert_eq!(tag(&["fleet"]), "{fleet}");
     }
 }

@@ -223,15 +223,17 @@ pub async fn immortal_keys(redis: &dataflow_platform::redis::Redis) -> Vec<Strin
     v.into_lines()
 }
 
-/// The keys README documents as the job queue itself: `jobs:<kind>:ready`,
-/// `jobs:<kind>:inflight:<worker>`, `jobs:<kind>:present` and `jobs:workers`.
+/// The keys the docs name as the job queue itself: `{jobs:<kind>}:ready`,
+/// `{jobs:<kind>}:inflight:<worker>`, `{jobs:<kind>}:present` and `{jobs:<kind>}:workers`.
 fn is_queue_key(key: &str) -> bool {
     let parts: Vec<&str> = key.splitn(4, ':').collect();
-    let kind = |k: &str| JobKind::ALL.iter().any(|j| j.as_str() == k);
+    let kind = |k: &str| {
+        k.strip_suffix('}')
+            .is_some_and(|k| JobKind::ALL.iter().any(|j| j.as_str() == k))
+    };
     match parts.as_slice() {
-        ["jobs", "workers"] => true,
-        ["jobs", k, "ready" | "present"] => kind(k),
-        ["jobs", k, "inflight", worker] => kind(k) && !worker.is_empty(),
+        ["{jobs", k, "ready" | "present" | "workers"] => kind(k),
+        ["{jobs", k, "inflight", worker] => kind(k) && !worker.is_empty(),
         _ => false,
     }
 }

@@ -8,4 +8,5 @@ pub mod harness;
 pub mod process;
 pub mod proxy;
 pub mod records;
+pub mod redis_cluster;
 pub mod services;

@@ -148,6 +148,26 @@ impl TestApp {
         .await
     }
 
+    /// A process on the Redis Cluster `cluster` under a fresh prefix.
+    pub async fn spawn_on_cluster(
+        backend: Backend,
+        roles: Roles,
+        cluster: &crate::common::redis_cluster::RedisCluster,
+        tweak: impl FnOnce(&mut Config),
+    ) -> Option<TestApp> {
+        let prefix = format!("dftest-{}", ulid::Ulid::new().to_string().to_lowercase());
+        Self::spawn_with(backend, roles, |c| {
+            c.redis_cluster_urls = cluster
+                .urls()
+                .into_iter()
+                .map(dataflow_platform::config::Secret::new)
+                .collect();
+            c.redis_prefix = prefix;
+            tweak(c);
+        })
+        .await
+    }
+
     pub async fn spawn(backend: Backend) -> Option<TestApp> {
         Self::spawn_with(backend, Roles::ALL, |_| {}).await
     }

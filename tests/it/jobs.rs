@@ -14,7 +14,7 @@ use dataflow_contracts::{BatchStatus, JobId};
 use dataflow_platform::Config;
 use dataflow_platform::config::{RedisQueue, Secret};
 use dataflow_platform::effects::webhook;
-use dataflow_platform::jobqueue::{JobQueues, RedisJobQueue};
+use dataflow_platform::jobqueue::{JobQueues, QueueKeys, RedisJobQueue};
 use dataflow_platform::ledger::{Failure, Handover};
 use dataflow_platform::redis::{Purpose, Redis};
 use dataflow_worker::jobs::upkeep;
@@ -33,7 +33,7 @@ backend_tests!(only_the_current_delivery_of_a_job_settles);
 backend_tests!(a_slow_webhook_receiver_holds_no_more_slots_than_its_caps);
 
 /// Fast retries and local targets.
-fn fast_jobs(c: &mut Config, smtp: &SmtpSink) {
+pub(crate) fn fast_jobs(c: &mut Config, smtp: &SmtpSink) {
     c.jobs.smtp_url = Some(Secret::new(smtp.url()));
     c.jobs.webhook_allow_private = true;
     c.jobs.retry_base_ms = 20;
@@ -144,7 +144,7 @@ async fn a_batchs_end_follows_the_clients_policy_at_that_time(b: Backend) {
 }
 
 /// Submit a batch with a rejected row; check the mail, the webhooks and the report.
-async fn run_the_walk(t: &TestApp, smtp: &SmtpSink, hooks: &WebhookReceiver) {
+pub(crate) async fn run_the_walk(t: &TestApp, smtp: &SmtpSink, hooks: &WebhookReceiver) {
     let (_, key) = t
         .client(json!({"notify_email": "ops@example.com", "webhook_url": hooks.url()}))
         .await;
@@ -380,6 +380,14 @@ async fn walk_through_redis(queue: RedisQueue) {
         return;
     };
     run_the_walk(&t, &smtp, &hooks).await;
+    nothing_is_left_in_redis(&t).await;
+    let redis = t.app.as_ref().unwrap().backends.redis.clone().unwrap();
+    t.stop().await;
+    redis.delete_all_under_prefix().await.unwrap();
+}
+
+/// Waits (up to 10 s) until `t`'s Redis job queue holds nothing of any kind.
+pub(crate) async fn nothing_is_left_in_redis(t: &TestApp) {
     let backends = &t.app.as_ref().unwrap().backends;
     let jobs = backends.job_queue.clone().unwrap();
     // apalis-redis acknowledges a moment after the handler returns: wait for it.
@@ -405,16 +413,12 @@ async fn walk_through_redis(queue: RedisQueue) {
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
     }
-    let redis = backends.redis.clone().unwrap();
-    t.stop().await;
-    redis.delete_all_under_prefix().await.unwrap();
 }
 
 /// An API process on Redis whose job workers are dead after 2 s without a heartbeat.
 async fn api_with_quick_reaping(smtp: &SmtpSink) -> Option<TestApp> {
     TestApp::spawn_redis(Backend::Sqlite, Roles::API, None, |c| {
-        fast_jobs(c, smtp);
-        c.jobs.dead_worker_ms = 2_000;
+        quick_reaping(c, smtp)
     })
     .await
 }
@@ -475,8 +479,22 @@ async fn a_dead_workers_jobs_are_taken_back() {
     let Some(api) = api_with_quick_reaping(&smtp).await else {
         return;
     };
+    a_dead_workers_job_runs_again(&api, &hooks).await;
+    api.stop().await;
+}
+register!(a_dead_workers_jobs_are_taken_back);
+
+/// The settings under which a dead worker is found within two seconds.
+pub(crate) fn quick_reaping(c: &mut Config, smtp: &SmtpSink) {
+    fast_jobs(c, smtp);
+    c.jobs.dead_worker_ms = 2_000;
+}
+
+/// A job a worker took before it died (on `api`'s Redis, under [`quick_reaping`]) is
+/// taken back and run by a live worker, its lost attempt counted.
+pub(crate) async fn a_dead_workers_job_runs_again(api: &TestApp, hooks: &WebhookReceiver) {
     // The dead worker: the job was relayed, it took it, beat once, and was killed.
-    let (queues, job) = relay_one_webhook(&api, &hooks, 60_000).await;
+    let (queues, job) = relay_one_webhook(api, hooks, 60_000).await;
     taken_by_a_ghost(&queues).await;
     queues.heartbeat("ghost").await.unwrap();
 
@@ -502,9 +520,7 @@ async fn a_dead_workers_jobs_are_taken_back() {
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
     worker.stop().await;
-    api.stop().await;
 }
-register!(a_dead_workers_jobs_are_taken_back);
 
 /// A real `dataflow worker` process is killed with SIGKILL while its three webhook
 /// deliveries are in flight. With the default dead-worker timeout and job timeout, a live
@@ -868,7 +884,7 @@ async fn a_superseded_delivery_cannot_settle_or_ack_the_live_one() {
     tokio::time::sleep(Duration::from_secs(3)).await;
     let redis = api.app.as_ref().unwrap().backends.redis.clone().unwrap();
     let present: Option<f64> = redis::cmd("ZSCORE")
-        .arg(redis.key(&["jobs", "webhook", "present"]))
+        .arg(QueueKeys::new(&redis, JobKind::Webhook).present)
         .arg(job.as_str())
         .query_async(&mut redis.conn())
         .await
@@ -932,8 +948,9 @@ async fn a_message_a_lost_take_reply_stranded_is_given_back() {
     // What a move leaves when its reply never reaches the worker: the message in the worker's
     // in-flight list (and in `present`), and the worker none the wiser.
     let redis = api.app.as_ref().unwrap().backends.redis.clone().unwrap();
-    let inflight = redis.key(&["jobs", "webhook", "inflight", &worker.worker_id()]);
-    let present = redis.key(&["jobs", "webhook", "present"]);
+    let keys = QueueKeys::new(&redis, JobKind::Webhook);
+    let inflight = keys.inflight(&worker.worker_id());
+    let present = keys.present;
     redis::pipe()
         .rpush(&inflight, serde_json::to_string(&job).unwrap())
         .zadd(&present, job.id.as_str(), job.epoch)
@@ -994,7 +1011,7 @@ async fn an_ambiguous_push_leaves_the_job_queued_once() {
     api.import(&key, "text/csv", "id\n1\n").await;
 
     let direct = api.app.as_ref().unwrap().backends.redis.clone().unwrap();
-    let ready = direct.key(&["jobs", "webhook", "ready"]);
+    let ready = QueueKeys::new(&direct, JobKind::Webhook).ready;
     let queued = async || -> Vec<String> {
         redis::cmd("LRANGE")
             .arg(&ready)
@@ -1074,7 +1091,7 @@ async fn a_paused_ex_leader_does_not_reap_beside_its_successor() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     let redis = api.app.as_ref().unwrap().backends.redis.clone().unwrap();
     redis::cmd("ZADD")
-        .arg(redis.key(&["jobs", "workers"]))
+        .arg(QueueKeys::new(&redis, JobKind::Webhook).workers)
         .arg(1)
         .arg("ghost")
         .query_async::<()>(&mut redis.conn())

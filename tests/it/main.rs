@@ -25,6 +25,7 @@ mod metrics;
 mod openapi;
 mod records;
 mod redis;
+mod redis_cluster;
 mod retention;
 mod schemas;
 mod typed;

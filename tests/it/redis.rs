@@ -34,12 +34,19 @@ async fn rate_limit_is_exact_across_two_processes(b: Backend) {
         return;
     };
     let other = a.sibling(Roles::API).await;
+    rate_limit_is_shared(&a, &other).await;
+    other.stop().await;
+    a.stop().await;
+}
+
+/// Requests alternating between `a` and `other` are limited as one client's.
+pub(crate) async fn rate_limit_is_shared(a: &TestApp, other: &TestApp) {
     let (_, key) = a
         .client(json!({"rate_per_minute": 60, "rate_burst": 10}))
         .await;
     let started = Instant::now();
     let requests = (0..60).map(|i| {
-        let target = if i % 2 == 0 { &a } else { &other };
+        let target = if i % 2 == 0 { a } else { other };
         target.get(&key, "/v1/batches")
     });
     let answers = futures::future::join_all(requests).await;
@@ -58,8 +65,6 @@ async fn rate_limit_is_exact_across_two_processes(b: Backend) {
         (10..=ceiling).contains(&admitted),
         "admitted {admitted} in {elapsed:.2}s (ceiling {ceiling})"
     );
-    other.stop().await;
-    a.stop().await;
 }
 
 async fn revocation_and_policy_changes_reach_every_process_within_a_second(b: Backend) {
@@ -69,10 +74,18 @@ async fn revocation_and_policy_changes_reach_every_process_within_a_second(b: Ba
         return;
     };
     let other = a.sibling(Roles::API).await;
+    changes_reach_the_other_process(&a, &other).await;
+    other.stop().await;
+    a.stop().await;
+}
+
+/// A policy change, a revocation through `/admin` and one through the operator CLI, made
+/// on `a`, are enforced by `other` (whose L1 cache holds the old values) within a second.
+pub(crate) async fn changes_reach_the_other_process(a: &TestApp, other: &TestApp) {
     let (client, key) = a.client(json!({"rate_per_minute": 600})).await;
     // Both processes now hold the key and the client in their own L1.
-    assert_eq!(status_of(&a, &key).await, 200);
-    assert_eq!(status_of(&other, &key).await, 200);
+    assert_eq!(status_of(a, &key).await, 200);
+    assert_eq!(status_of(other, &key).await, 200);
 
     let patched = a
         .admin(Method::PATCH, &format!("/admin/clients/{client}/policy"))
@@ -94,11 +107,11 @@ async fn revocation_and_policy_changes_reach_every_process_within_a_second(b: Ba
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 
-    revoke_and_see_it_refused(&a, &other, &key).await;
+    revoke_and_see_it_refused(a, other, &key).await;
 
     // The operator CLI writes the ledger directly and announces the change the same way.
     let cli_key = a.new_key(&client).await;
-    assert_eq!(status_of(&other, &cli_key).await, 200);
+    assert_eq!(status_of(other, &cli_key).await, 200);
     let cli_key_id = cli_key.split('_').nth(1).unwrap().to_owned();
     dataflow::cli::keys(
         &a.config,
@@ -106,9 +119,7 @@ async fn revocation_and_policy_changes_reach_every_process_within_a_second(b: Ba
     )
     .await
     .unwrap();
-    within_a_second(&other, &cli_key).await;
-    other.stop().await;
-    a.stop().await;
+    within_a_second(other, &cli_key).await;
 }
 
 /// Revokes `key` through `a`'s `/admin`; `other` must refuse it within a second.
@@ -203,19 +214,17 @@ async fn redis_outage_falls_back_without_going_unlimited(b: Backend) {
     t.stop().await;
 }
 
-async fn dedup_holds_with_redis_flushed_and_with_redis_cut(b: Backend) {
-    let Some((t, proxy)) = behind_proxy(b, Roles::ALL, |c| {
-        c.api.max_concurrent_imports_per_client = 64
-    })
-    .await
-    else {
-        return;
-    };
-    let (_, key) = t.client(json!({"rate_burst": 200})).await;
-    let body = csv("d", 20);
-    let answers =
-        futures::future::join_all((0..30).map(|_| t.submit(&key, "text/csv", body.clone()).send()))
-            .await;
+/// Thirty submits of `body` at once make one import (its id returned), and a repeat is
+/// answered as its duplicate, by the fast path once it knows the payload.
+pub(crate) async fn concurrent_repeats_make_one_import(
+    t: &TestApp,
+    key: &str,
+    body: &str,
+) -> dataflow_contracts::ImportId {
+    let answers = futures::future::join_all(
+        (0..30).map(|_| t.submit(key, "text/csv", body.to_owned()).send()),
+    )
+    .await;
     let mut created = Vec::new();
     for resp in answers {
         let resp = resp.unwrap();
@@ -231,10 +240,8 @@ async fn dedup_holds_with_redis_flushed_and_with_redis_cut(b: Backend) {
     }
     assert_eq!(created.len(), 1);
     let first = created[0].clone();
-
-    // The fast path knows it now: a repeat is answered without the transaction.
     let again: ImportView = t
-        .submit(&key, "text/csv", body.clone())
+        .submit(key, "text/csv", body.to_owned())
         .send()
         .await
         .unwrap()
@@ -242,6 +249,20 @@ async fn dedup_holds_with_redis_flushed_and_with_redis_cut(b: Backend) {
         .await
         .unwrap();
     assert_eq!((again.id.clone(), again.duplicate), (first.clone(), true));
+    first
+}
+
+async fn dedup_holds_with_redis_flushed_and_with_redis_cut(b: Backend) {
+    let Some((t, proxy)) = behind_proxy(b, Roles::ALL, |c| {
+        c.api.max_concurrent_imports_per_client = 64
+    })
+    .await
+    else {
+        return;
+    };
+    let (_, key) = t.client(json!({"rate_burst": 200})).await;
+    let body = csv("d", 20);
+    let first = concurrent_repeats_make_one_import(&t, &key, &body).await;
 
     // Redis loses the dedup keys: SQL still decides.
     let redis = t.app.as_ref().unwrap().backends.redis.clone().unwrap();
@@ -300,8 +321,9 @@ async fn dedup_holds_with_redis_flushed_and_with_redis_cut(b: Backend) {
 }
 
 /// K1: every limiter, lock, dedup and cache key DataFlow wrote under its prefix carries a
-/// TTL. The job queue's keys (`<prefix>:jobs:…`) are the queue itself and must not expire.
-async fn assert_no_immortal_keys(t: &TestApp) {
+/// TTL. The job queue's keys (`<prefix>:{jobs:<kind>}:…`) are the queue itself and must not
+/// expire.
+pub(crate) async fn assert_no_immortal_keys(t: &TestApp) {
     let redis = t.app.as_ref().unwrap().backends.redis.clone().unwrap();
     let started = Instant::now();
     let keys = loop {
@@ -315,7 +337,7 @@ async fn assert_no_immortal_keys(t: &TestApp) {
     };
     assert!(!keys.is_empty(), "the scenario should have written keys");
     let mut conn = redis.conn();
-    let queue = redis.key(&["jobs", ""]);
+    let queue = redis.key(&["{jobs:"]);
     for k in keys.into_iter().filter(|k| !k.starts_with(&queue)) {
         let ttl: i64 = redis::cmd("PTTL")
             .arg(&k)

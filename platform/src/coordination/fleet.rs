@@ -3,9 +3,10 @@
 //! within [`MEMBER_TTL`]. An operator can ask one to drain: it stops taking work, finishes
 //! or hands back what it holds, leaves and exits.
 //!
-//! With Redis the entries are keys with a TTL (`fleet:worker:<id>`, `fleet:drain:<id>`,
-//! and the `fleet:members` index, itself expiring when no worker beats); without it a
-//! `fleet_workers` table in the ledger, judged by the ledger's clock.
+//! With Redis the entries are keys with a TTL (`{fleet}:worker:<id>`, `{fleet}:drain:<id>`,
+//! and the `{fleet}:members` index, itself expiring when no worker beats; one hash tag, so a
+//! Redis Cluster keeps them in one slot for the scripts and pipelines that use them
+//! together); without it a `fleet_workers` table in the ledger, judged by the ledger's clock.
 
 use std::time::Duration;
 
@@ -14,7 +15,7 @@ use redis::Script;
 use sqlx::Row;
 
 use crate::ledger::Db;
-use crate::redis::Redis;
+use crate::redis::{Redis, tag};
 use crate::{Error, Result};
 
 /// How often a member beats; three missed beats and it is gone.
@@ -47,6 +48,14 @@ pub enum Fleet {
     Sql(Db),
 }
 
+/// A fleet key: `<prefix>:{fleet}:<parts>`.
+fn fleet_key(r: &Redis, parts: &[&str]) -> String {
+    let tag = tag(&["fleet"]);
+    let mut all = vec![tag.as_str()];
+    all.extend_from_slice(parts);
+    r.key(&all)
+}
+
 impl Fleet {
     fn ttl_ms() -> i64 {
         i64::try_from(MEMBER_TTL.as_millis()).unwrap_or(i64::MAX)
@@ -59,8 +68,8 @@ impl Fleet {
         match self {
             Fleet::Redis(r) => {
                 Script::new(BEAT_SCRIPT)
-                    .key(r.key(&["fleet", "members"]))
-                    .key(r.key(&["fleet", "worker", &w.id]))
+                    .key(fleet_key(r, &["members"]))
+                    .key(fleet_key(r, &["worker", &w.id]))
                     .arg(&w.id)
                     .arg(info)
                     .arg(Self::ttl_ms())
@@ -89,7 +98,7 @@ impl Fleet {
         let mut workers: Vec<WorkerInfo> = match self {
             Fleet::Redis(r) => {
                 let ids: Vec<String> = Script::new(LIVE_SCRIPT)
-                    .key(r.key(&["fleet", "members"]))
+                    .key(fleet_key(r, &["members"]))
                     .invoke_async(&mut r.conn())
                     .await?;
                 if ids.is_empty() {
@@ -97,8 +106,8 @@ impl Fleet {
                 }
                 let mut pipe = redis::pipe();
                 for id in &ids {
-                    pipe.get(r.key(&["fleet", "worker", id]));
-                    pipe.exists(r.key(&["fleet", "drain", id]));
+                    pipe.get(fleet_key(r, &["worker", id]));
+                    pipe.exists(fleet_key(r, &["drain", id]));
                 }
                 let got: Vec<(Option<String>, bool)> = pipe.query_async(&mut r.conn()).await?;
                 got.into_iter()
@@ -142,7 +151,7 @@ impl Fleet {
         match self {
             Fleet::Redis(r) => {
                 redis::cmd("SET")
-                    .arg(r.key(&["fleet", "drain", id]))
+                    .arg(fleet_key(r, &["drain", id]))
                     .arg(1)
                     .arg("PX")
                     .arg(u64::try_from(DRAIN_TTL.as_millis()).unwrap_or(u64::MAX))
@@ -163,7 +172,7 @@ impl Fleet {
     pub async fn drain_requested(&self, id: &str) -> Result<bool> {
         match self {
             Fleet::Redis(r) => Ok(redis::cmd("EXISTS")
-                .arg(r.key(&["fleet", "drain", id]))
+                .arg(fleet_key(r, &["drain", id]))
                 .query_async(&mut r.conn())
                 .await?),
             Fleet::Sql(db) => {
@@ -182,9 +191,9 @@ impl Fleet {
         match self {
             Fleet::Redis(r) => {
                 let mut pipe = redis::pipe();
-                pipe.zrem(r.key(&["fleet", "members"]), id)
-                    .del(r.key(&["fleet", "worker", id]))
-                    .del(r.key(&["fleet", "drain", id]));
+                pipe.zrem(fleet_key(r, &["members"]), id)
+                    .del(fleet_key(r, &["worker", id]))
+                    .del(fleet_key(r, &["drain", id]));
                 pipe.query_async::<()>(&mut r.conn()).await?;
             }
             Fleet::Sql(db) => {

@@ -25,7 +25,8 @@ pub enum Acquired {
 }
 
 pub enum BatchMutex {
-    /// Embedded: the SQL lease alone.
+    /// No Redlock servers (embedded, or a Redis Cluster without `redlock_urls`): the SQL
+    /// lease alone.
     SqlOnly,
     Redlock(Box<Redlock>),
 }
@@ -42,9 +43,13 @@ pub struct Redlock {
 
 impl Redlock {
     /// Locks on `nodes` (their clients carry the URLs, passwords and TLS settings); a lock
-    /// needs a majority of them. `nodes` must not be empty.
+    /// needs a majority of them. `nodes` must not be empty, and each must be one server
+    /// (Redlock's independent nodes): the factory never hands it a cluster.
     pub fn new(nodes: Vec<Redis>, timeout: Duration) -> Self {
-        let clients = nodes.iter().map(|n| n.client().clone()).collect();
+        let clients = nodes
+            .iter()
+            .filter_map(|n| n.server_client().cloned())
+            .collect();
         let mut manager = LockManager::from_clients(clients);
         // One quick try: a contended batch is simply skipped, the next poll comes soon.
         manager.set_retry(1, Duration::from_millis(1));

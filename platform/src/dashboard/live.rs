@@ -137,7 +137,7 @@ impl RedisBus {
         };
         let channel = self.redis.key(&["live"]);
         let mut conn = self.redis.conn();
-        let publish = async |conn: &mut redis::aio::ConnectionManager, json: String| {
+        let publish = async |conn: &mut crate::redis::Conn, json: String| {
             let sent: redis::RedisResult<()> = redis::cmd("PUBLISH")
                 .arg(&channel)
                 .arg(json)

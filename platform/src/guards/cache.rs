@@ -108,7 +108,8 @@ impl SharedTier {
 
     /// Deletes the shared copy, leaves a tombstone that outlives any fill that may have
     /// read SQL before the change, and tells every process. `DEL` comes first: Redis accepts
-    /// it even when full, so the old value cannot survive a refused tombstone.
+    /// it even when full, so the old value cannot survive a refused tombstone. The
+    /// announcement goes apart: on a cluster its channel hashes to another slot than the key.
     async fn invalidate(&self, key: &str) -> Result<(), Error> {
         let tombstone_ttl = self.ttl + TOMBSTONE_MARGIN;
         let mut pipe = redis::pipe();
@@ -119,14 +120,15 @@ impl SharedTier {
             .arg(TOMBSTONE)
             .arg("PX")
             .arg(tombstone_ttl.as_millis() as u64)
-            .ignore()
-            .publish(
-                Self::channel(&self.redis),
-                format!("{}\n{key}", self.namespace),
-            )
             .ignore();
-        let done: redis::RedisResult<()> = pipe.query_async(&mut self.redis.conn()).await;
-        Ok(done?)
+        let mut conn = self.redis.conn();
+        pipe.query_async::<()>(&mut conn).await?;
+        let announced: redis::RedisResult<()> = redis::cmd("PUBLISH")
+            .arg(Self::channel(&self.redis))
+            .arg(format!("{}\n{key}", self.namespace))
+            .query_async(&mut conn)
+            .await;
+        Ok(announced?)
     }
 }
 

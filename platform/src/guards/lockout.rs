@@ -9,7 +9,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::redis::Redis;
+use crate::redis::{Redis, tag};
 
 /// Subjects tracked in process at most.
 const MAX_SUBJECTS: usize = 100_000;
@@ -95,9 +95,18 @@ impl RedisLockout {
         }
     }
 
+    /// A subject's counter and lock share a hash tag: the failure script sets both.
+    fn key(&self, subject: &str, what: &str) -> String {
+        self.redis.key(&[&tag(&["auth", subject]), what])
+    }
+
+    fn lock_key(&self, subject: &str) -> String {
+        self.key(subject, "lock")
+    }
+
     async fn locked(&self, subject: &str) -> Option<Duration> {
         let ttl: redis::RedisResult<i64> = redis::cmd("PTTL")
-            .arg(self.redis.key(&["authlock", subject]))
+            .arg(self.lock_key(subject))
             .query_async(&mut self.redis.conn())
             .await;
         let local = self.fallback.locked(subject, Instant::now());
@@ -116,8 +125,8 @@ impl RedisLockout {
         let ms = |d: Duration| d.as_millis() as u64;
         let counted: redis::RedisResult<i64> = self
             .script
-            .key(self.redis.key(&["authfail", subject]))
-            .key(self.redis.key(&["authlock", subject]))
+            .key(self.key(subject, "failures"))
+            .key(self.lock_key(subject))
             .arg(ms(self.policy.window))
             .arg(self.policy.max_failures)
             .arg(ms(self.policy.lockout))

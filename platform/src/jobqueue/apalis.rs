@@ -32,7 +32,7 @@ use apalis_redis::RedisStorage;
 use dataflow_contracts::jobs::{JobKind, JobMessage, JobTicket};
 use redis::Script;
 
-use crate::redis::Redis;
+use crate::redis::{Conn, Redis};
 use crate::{Error, Result};
 
 /// Tasks waiting or held by any worker of one queue.
@@ -98,7 +98,7 @@ impl ApalisQueues {
     }
 
     /// The storage an apalis worker of `kind` runs on.
-    pub fn storage(&self, kind: JobKind) -> RedisStorage<JobMessage> {
+    pub fn storage(&self, kind: JobKind) -> RedisStorage<JobMessage, Conn> {
         RedisStorage::new(self.redis.conn()).with_config(self.config(kind))
     }
 

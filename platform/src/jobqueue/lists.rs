@@ -1,14 +1,16 @@
 //! DataFlow's own Redis job queue (the default): a bounded working set of job messages, fed
 //! from the SQL intents by the relay and drained by workers with a reliable-queue pattern.
 //!
-//! Keys (under the prefix), per job kind `k`:
-//! - `jobs:k:ready` LIST: messages waiting, oldest at the head;
-//! - `jobs:k:inflight:<worker>` LIST: messages one worker took (atomically, by `LMOVE`);
-//! - `jobs:k:present` ZSET: id → delivery epoch of every job whose current delivery is in
+//! Keys (under the prefix), per job kind `k`, all under the hash tag `{jobs:k}` so that a
+//! Redis Cluster keeps one kind's queue in one slot and its scripts may use them together:
+//! - `{jobs:k}:ready` LIST: messages waiting, oldest at the head;
+//! - `{jobs:k}:inflight:<worker>` LIST: messages one worker took (atomically, by `LMOVE`);
+//! - `{jobs:k}:present` ZSET: id → delivery epoch of every job whose current delivery is in
 //!   Redis (ready or in flight), so the sweeper can tell "still queued" from "Redis lost it".
 //!   Only that delivery's acknowledgement or reaping removes it: a superseded delivery's
 //!   late ack leaves its successor in place;
-//! - `jobs:workers` ZSET: worker → last heartbeat (ms, Redis clock).
+//! - `{jobs:k}:workers` ZSET: worker → last heartbeat (ms, Redis clock), one set per kind so
+//!   that the reaper's script finds the heartbeats beside the lists it empties.
 //!
 //! A worker that stops beating its heart has its in-flight lists taken back by the leader
 //! ([`JobQueues::reap`]). A live worker gives back what sits in its in-flight list without
@@ -23,12 +25,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use dataflow_contracts::jobs::{JobKind, JobMessage, JobTicket};
-use redis::{AsyncConnectionConfig, Script};
+use redis::Script;
 
-/// The connection a worker blocks on while its queue is empty (see [`JobQueue::take`]).
-pub use redis::aio::MultiplexedConnection as BlockingConnection;
-
-use crate::redis::Redis;
+use crate::redis::{Conn, Redis, tag};
 use crate::{Error, Result};
 
 /// Moves up to ARGV[1] messages from the head of `ready` to the worker's in-flight list.
@@ -45,33 +44,30 @@ local t = redis.call('TIME')
 redis.call('ZADD', KEYS[1], t[1] * 1000 + math.floor(t[2] / 1000), ARGV[1])
 ";
 
-/// Takes the in-flight messages of every worker silent for ARGV[1] ms (their ids leave
-/// `present` when they are its current delivery). ARGV[2] is the key prefix, ARGV[3..] the
-/// job kinds. Returns kind, message, kind, message, …
-/// (The in-flight key names are derived here, so this needs a single Redis, not a cluster.)
+/// Takes the in-flight messages of the workers among ARGV[2..] silent for ARGV[1] ms.
+/// KEYS[1]: the kind's heartbeats, KEYS[2]: `present`, KEYS[3..]: the in-flight list of
+/// each worker of ARGV[2..], in order. The ids of what it takes leave `present` when they
+/// are their job's current delivery. Returns the messages.
 const REAP: &str = r"
 local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
-local dead = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[1]))
 local out = {}
-for _, w in ipairs(dead) do
-  for i = 3, #ARGV do
-    local base = ARGV[2] .. ':jobs:' .. ARGV[i]
-    local list = base .. ':inflight:' .. w
+for i = 2, #ARGV do
+  local beat = tonumber(redis.call('ZSCORE', KEYS[1], ARGV[i]))
+  if beat and beat <= now - tonumber(ARGV[1]) then
+    local list = KEYS[i + 1]
     for _, m in ipairs(redis.call('LRANGE', list, 0, -1)) do
       local ok, msg = pcall(cjson.decode, m)
       if ok and msg['id'] then
-        local present = base .. ':present'
-        if tonumber(redis.call('ZSCORE', present, msg['id'])) == (msg['epoch'] or 0) then
-          redis.call('ZREM', present, msg['id'])
+        if tonumber(redis.call('ZSCORE', KEYS[2], msg['id'])) == (msg['epoch'] or 0) then
+          redis.call('ZREM', KEYS[2], msg['id'])
         end
       end
-      out[#out + 1] = ARGV[i]
       out[#out + 1] = m
     end
     redis.call('DEL', list)
+    redis.call('ZREM', KEYS[1], ARGV[i])
   end
-  redis.call('ZREM', KEYS[1], w)
 end
 return out
 ";
@@ -114,20 +110,46 @@ pub struct Delivery {
     raw: String,
 }
 
+/// The names of one kind's keys (see the module's documentation).
+#[derive(Debug, Clone)]
+pub struct QueueKeys {
+    pub ready: String,
+    pub present: String,
+    pub workers: String,
+    tag: String,
+    redis_prefix: String,
+}
+
+impl QueueKeys {
+    pub fn new(redis: &Redis, kind: JobKind) -> Self {
+        let tag = tag(&["jobs", kind.as_str()]);
+        Self {
+            ready: redis.key(&[&tag, "ready"]),
+            present: redis.key(&[&tag, "present"]),
+            workers: redis.key(&[&tag, "workers"]),
+            redis_prefix: redis.prefix().to_owned(),
+            tag,
+        }
+    }
+
+    /// The list of the messages `worker` took.
+    pub fn inflight(&self, worker: &str) -> String {
+        format!("{}:{}:inflight:{worker}", self.redis_prefix, self.tag)
+    }
+}
+
 /// The queue of one job kind.
 #[derive(Clone)]
 pub struct JobQueue {
     redis: Redis,
     kind: JobKind,
-    ready: String,
-    present: String,
+    keys: QueueKeys,
 }
 
 impl JobQueue {
     pub fn new(redis: Redis, kind: JobKind) -> Self {
         Self {
-            ready: redis.key(&["jobs", kind.as_str(), "ready"]),
-            present: redis.key(&["jobs", kind.as_str(), "present"]),
+            keys: QueueKeys::new(&redis, kind),
             redis,
             kind,
         }
@@ -137,15 +159,18 @@ impl JobQueue {
         self.kind
     }
 
+    pub fn keys(&self) -> &QueueKeys {
+        &self.keys
+    }
+
     fn inflight(&self, worker: &str) -> String {
-        self.redis
-            .key(&["jobs", self.kind.as_str(), "inflight", worker])
+        self.keys.inflight(worker)
     }
 
     /// Messages in Redis (waiting or in flight): the working set the relay keeps bounded.
     pub async fn outstanding(&self) -> Result<u64> {
         Ok(redis::cmd("ZCARD")
-            .arg(&self.present)
+            .arg(&self.keys.present)
             .query_async(&mut self.redis.conn())
             .await?)
     }
@@ -153,7 +178,7 @@ impl JobQueue {
     /// Messages waiting for a worker.
     pub async fn waiting(&self) -> Result<u64> {
         Ok(redis::cmd("LLEN")
-            .arg(&self.ready)
+            .arg(&self.keys.ready)
             .query_async(&mut self.redis.conn())
             .await?)
     }
@@ -174,9 +199,9 @@ impl JobQueue {
             );
             present.push((m.epoch, m.id.as_str()));
         }
-        pipe.rpush(&self.ready, raws).ignore();
+        pipe.rpush(&self.keys.ready, raws).ignore();
         pipe.cmd("ZADD")
-            .arg(&self.present)
+            .arg(&self.keys.present)
             .arg("GT")
             .arg(&present)
             .ignore();
@@ -186,15 +211,8 @@ impl JobQueue {
 
     /// A connection of its own for [`JobQueue::take`], whose blocking wait would stall every
     /// other command on the shared one.
-    pub async fn blocking_connection(&self) -> Result<BlockingConnection> {
-        let config = AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(Duration::from_secs(2)))
-            .set_response_timeout(None);
-        Ok(self
-            .redis
-            .client()
-            .get_multiplexed_async_connection_with_config(&config)
-            .await?)
+    pub async fn blocking_connection(&self) -> Result<Conn> {
+        self.redis.blocking_connection().await
     }
 
     /// Takes up to `max` messages for `worker`; when none is waiting, blocks up to `wait`
@@ -202,21 +220,21 @@ impl JobQueue {
     /// as errors for the caller to report; their SQL intents stay as they are.
     pub async fn take(
         &self,
-        conn: &mut BlockingConnection,
+        conn: &mut Conn,
         worker: &str,
         max: usize,
         wait: Duration,
     ) -> Result<Vec<Delivery>> {
         let inflight = self.inflight(worker);
         let mut raws: Vec<String> = Script::new(TAKE)
-            .key(&self.ready)
+            .key(&self.keys.ready)
             .key(&inflight)
             .arg(max)
             .invoke_async(conn)
             .await?;
         if raws.is_empty() {
             let first: Option<String> = redis::cmd("BLMOVE")
-                .arg(&self.ready)
+                .arg(&self.keys.ready)
                 .arg(&inflight)
                 .arg("LEFT")
                 .arg("RIGHT")
@@ -251,7 +269,7 @@ impl JobQueue {
         }
         let script = Script::new(ACK);
         let mut call = script.key(self.inflight(worker));
-        call.key(&self.present);
+        call.key(&self.keys.present);
         for d in deliveries {
             call.arg(&d.raw)
                 .arg(d.message.id.as_str())
@@ -268,7 +286,7 @@ impl JobQueue {
             return Ok(Vec::new());
         }
         let scores: Vec<Option<f64>> = redis::cmd("ZMSCORE")
-            .arg(&self.present)
+            .arg(&self.keys.present)
             .arg(tickets.iter().map(|t| t.id.as_str()).collect::<Vec<_>>())
             .query_async(&mut self.redis.conn())
             .await?;
@@ -282,7 +300,7 @@ impl JobQueue {
     /// A stopping worker hands back what it took and did not start, then leaves.
     pub async fn release(&self, worker: &str) -> Result<u64> {
         Ok(Script::new(RELEASE)
-            .key(&self.ready)
+            .key(&self.keys.ready)
             .key(self.inflight(worker))
             .invoke_async(&mut self.redis.conn())
             .await?)
@@ -314,12 +332,7 @@ impl Consumer {
     }
 
     /// [`JobQueue::take`] for this worker, counting what it received as held.
-    pub async fn take(
-        &self,
-        conn: &mut BlockingConnection,
-        max: usize,
-        wait: Duration,
-    ) -> Result<Vec<Delivery>> {
+    pub async fn take(&self, conn: &mut Conn, max: usize, wait: Duration) -> Result<Vec<Delivery>> {
         let taken = self.queue.take(conn, &self.worker, max, wait).await?;
         let mut held = self.held();
         for d in &taken {
@@ -372,7 +385,7 @@ impl Consumer {
             return Ok(0);
         }
         Ok(Script::new(GIVE_BACK)
-            .key(&self.queue.ready)
+            .key(&self.queue.keys.ready)
             .key(&inflight)
             .arg(strays)
             .invoke_async(&mut self.queue.redis.conn())
@@ -387,32 +400,33 @@ impl Consumer {
     }
 }
 
-/// What all kinds share: the heartbeat set of workers.
+/// Every kind's queue, for what a worker process does across them: its heartbeat, the
+/// reaping of dead workers' messages, and its leaving.
 #[derive(Clone)]
 pub struct JobQueues {
     redis: Redis,
-    workers: String,
 }
 
 impl JobQueues {
     pub fn new(redis: Redis) -> Self {
-        Self {
-            workers: redis.key(&["jobs", "workers"]),
-            redis,
-        }
+        Self { redis }
     }
 
     pub fn queue(&self, kind: JobKind) -> JobQueue {
         JobQueue::new(self.redis.clone(), kind)
     }
 
-    /// Marks `worker` alive (heartbeats are per process, for every kind).
+    /// Marks `worker` alive in every kind's heartbeats (one script per kind: on a cluster
+    /// the kinds live in different slots).
     pub async fn heartbeat(&self, worker: &str) -> Result<()> {
-        Script::new(HEARTBEAT)
-            .key(&self.workers)
-            .arg(worker)
-            .invoke_async::<()>(&mut self.redis.conn())
-            .await?;
+        let script = Script::new(HEARTBEAT);
+        for kind in JobKind::ALL {
+            script
+                .key(QueueKeys::new(&self.redis, kind).workers)
+                .arg(worker)
+                .invoke_async::<()>(&mut self.redis.conn())
+                .await?;
+        }
         Ok(())
     }
 
@@ -420,32 +434,48 @@ impl JobQueues {
     /// kind. Their ids leave `present`; the caller settles them in SQL.
     pub async fn reap(&self, dead_after: Duration) -> Result<Vec<(JobKind, Delivery)>> {
         let script = Script::new(REAP);
-        let mut call = script.key(&self.workers);
-        call.arg(u64::try_from(dead_after.as_millis()).unwrap_or(u64::MAX))
-            .arg(self.redis.prefix());
+        let dead_after = u64::try_from(dead_after.as_millis()).unwrap_or(u64::MAX);
+        let mut out = Vec::new();
         for kind in JobKind::ALL {
-            call.arg(kind.as_str());
-        }
-        let flat: Vec<String> = call.invoke_async(&mut self.redis.conn()).await?;
-        let mut out = Vec::with_capacity(flat.len() / 2);
-        for pair in flat.chunks_exact(2) {
-            let (Ok(kind), Ok(message)) = (pair[0].parse(), serde_json::from_str(&pair[1])) else {
-                tracing::error!(message = %pair[1], "dropping unreadable job message of a dead worker");
+            let keys = QueueKeys::new(&self.redis, kind);
+            // Every worker with a heartbeat is a candidate (a fleet's worth); the script
+            // judges each by the Redis clock as it reaps, so one that beats meanwhile stays.
+            let workers: Vec<String> = redis::cmd("ZRANGE")
+                .arg(&keys.workers)
+                .arg(0)
+                .arg(-1)
+                .query_async(&mut self.redis.conn())
+                .await?;
+            if workers.is_empty() {
                 continue;
-            };
-            let raw = pair[1].clone();
-            out.push((kind, Delivery { message, raw }));
+            }
+            let mut call = script.key(&keys.workers);
+            call.key(&keys.present).arg(dead_after);
+            for w in &workers {
+                call.key(keys.inflight(w)).arg(w);
+            }
+            let raws: Vec<String> = call.invoke_async(&mut self.redis.conn()).await?;
+            for raw in raws {
+                match serde_json::from_str(&raw) {
+                    Ok(message) => out.push((kind, Delivery { message, raw })),
+                    Err(_) => {
+                        tracing::error!(message = %raw, "dropping unreadable job message of a dead worker")
+                    }
+                }
+            }
         }
         Ok(out)
     }
 
-    /// Removes `worker` from the heartbeat set (after it released every kind).
+    /// Removes `worker` from every kind's heartbeats (after it released every kind).
     pub async fn leave(&self, worker: &str) -> Result<()> {
-        redis::cmd("ZREM")
-            .arg(&self.workers)
-            .arg(worker)
-            .query_async::<()>(&mut self.redis.conn())
-            .await?;
+        for kind in JobKind::ALL {
+            redis::cmd("ZREM")
+                .arg(QueueKeys::new(&self.redis, kind).workers)
+                .arg(worker)
+                .query_async::<()>(&mut self.redis.conn())
+                .await?;
+        }
         Ok(())
     }
 }

@@ -12,7 +12,7 @@ pub mod apalis;
 mod lists;
 
 pub use apalis::ApalisQueues;
-pub use lists::{BlockingConnection, Consumer, Delivery, JobQueue, JobQueues};
+pub use lists::{Consumer, Delivery, JobQueue, JobQueues, QueueKeys};
 
 use dataflow_contracts::jobs::{JobKind, JobMessage, JobTicket};
 

@@ -19,8 +19,9 @@ use apalis_core::backend::BackendConfig;
 use apalis_core::backend::finalize::Ephemeral;
 use dataflow_contracts::jobs::{JobKind, JobMessage, JobTicket};
 use dataflow_platform::Result;
-use dataflow_platform::jobqueue::{BlockingConnection, Consumer, Delivery};
+use dataflow_platform::jobqueue::{Consumer, Delivery};
 use dataflow_platform::ledger::{Db, Handover};
+use dataflow_platform::redis::Conn;
 use tokio::sync::{Notify, mpsc};
 use tokio::time::{Instant, sleep_until};
 use tokio_util::sync::CancellationToken;
@@ -56,7 +57,7 @@ pub enum Source {
     /// Take messages from the Redis queue, blocking while it is empty.
     Redis {
         consumer: Box<Consumer>,
-        conn: Option<Box<BlockingConnection>>,
+        conn: Option<Box<Conn>>,
         /// How often messages stranded in this worker's in-flight list are given back.
         strays_every: Duration,
         /// When they are looked for next.

@@ -1,0 +1,160 @@
+//! A Redis Cluster of the test's own: masters (and replicas, if asked) from the machine's
+//! `redis-server` on loopback ports, joined with `redis-cli --cluster create`, all of them
+//! killed when the cluster is dropped. Nothing is kept on disk but the nodes' files, in a
+//! folder of the test's own.
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use super::process::Spawned;
+use super::services::unreachable;
+
+pub struct RedisCluster {
+    /// `(port, process)` of every node, masters first.
+    nodes: Vec<(u16, Spawned)>,
+    masters: usize,
+    dir: PathBuf,
+}
+
+impl Drop for RedisCluster {
+    fn drop(&mut self) {
+        // The nodes first (their `Spawned` kills them), then their files.
+        self.nodes.clear();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+impl RedisCluster {
+    /// A cluster of `masters` masters with `replicas` replicas each, `cluster_state:ok` on
+    /// every node; `None` (the test skipped, or failed when services are required) when the
+    /// machine has no `redis-server` or `redis-cli`.
+    pub async fn start(masters: usize, replicas: usize) -> Option<RedisCluster> {
+        for tool in ["redis-server", "redis-cli"] {
+            let found = Command::new(tool)
+                .arg("--version")
+                .stdout(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success());
+            if !found {
+                return unreachable("Redis Cluster", &format!("no {tool} on this machine"));
+            }
+        }
+        let tag = ulid::Ulid::new().to_string().to_lowercase();
+        let dir = std::env::temp_dir().join(format!("dataflow-redis-cluster-{tag}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let count = masters * (1 + replicas);
+        let ports = free_ports(count);
+        let mut nodes = Vec::with_capacity(count);
+        for &port in &ports {
+            let child = Command::new("redis-server")
+                .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
+                .args(["--cluster-enabled", "yes"])
+                .args(["--cluster-config-file", &format!("nodes-{port}.conf")])
+                .args(["--cluster-node-timeout", "2000"])
+                .args(["--save", "", "--appendonly", "no"])
+                .args(["--maxmemory-policy", "noeviction"])
+                .arg("--dir")
+                .arg(&dir)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap();
+            nodes.push((port, Spawned(child)));
+        }
+        let cluster = RedisCluster {
+            nodes,
+            masters,
+            dir,
+        };
+        for &port in &ports {
+            cluster.wait_for(port, "PING", "PONG").await;
+        }
+        let created = Command::new("redis-cli")
+            .arg("--cluster")
+            .arg("create")
+            .args(ports.iter().map(|p| format!("127.0.0.1:{p}")))
+            .args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .output()
+            .unwrap();
+        assert!(
+            created.status.success(),
+            "redis-cli --cluster create: {}",
+            String::from_utf8_lossy(&created.stderr)
+        );
+        for &port in &ports {
+            cluster
+                .wait_for(port, "CLUSTER INFO", "cluster_state:ok")
+                .await;
+        }
+        Some(cluster)
+    }
+
+    /// The seed URLs for `redis_cluster_urls`: every node.
+    pub fn urls(&self) -> Vec<String> {
+        self.nodes
+            .iter()
+            .map(|(port, _)| format!("redis://127.0.0.1:{port}/"))
+            .collect()
+    }
+
+    /// A direct connection to each master as the cluster was created (not following a
+    /// failover), for looking at what one node holds.
+    pub async fn master_connections(&self) -> Vec<redis::aio::MultiplexedConnection> {
+        let mut out = Vec::with_capacity(self.masters);
+        for (port, _) in &self.nodes[..self.masters] {
+            let client = redis::Client::open(format!("redis://127.0.0.1:{port}/")).unwrap();
+            out.push(client.get_multiplexed_async_connection().await.unwrap());
+        }
+        out
+    }
+
+    /// The ports of the replicas.
+    pub fn replica_ports(&self) -> Vec<u16> {
+        self.nodes[self.masters..].iter().map(|(p, _)| *p).collect()
+    }
+
+    /// Runs `redis-cli -p port <args>` and returns what it printed.
+    pub fn cli(&self, port: u16, args: &[&str]) -> String {
+        let out = Command::new("redis-cli")
+            .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+            .args(args)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Waits until `command` on `port` prints something containing `expected`.
+    pub async fn wait_for(&self, port: u16, command: &str, expected: &str) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let args: Vec<&str> = command.split(' ').collect();
+        loop {
+            if self.cli(port, &args).contains(expected) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "node {port} never answered {command} with {expected}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+/// `count` loopback ports that are free, with their cluster bus ports (+10000) free too.
+fn free_ports(count: usize) -> Vec<u16> {
+    let mut ports = Vec::with_capacity(count);
+    while ports.len() < count {
+        let probe = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = probe.local_addr().unwrap().port();
+        drop(probe);
+        let bus_free = port < 55_535 && TcpListener::bind(("127.0.0.1", port + 10_000)).is_ok();
+        if bus_free && !ports.contains(&port) {
+            ports.push(port);
+        }
+    }
+    ports
+}
