@@ -945,8 +945,10 @@ mod tests {
         let apalis = env(&[
             ("DATAFLOW_REDIS_CLUSTER_URLS", seeds),
             ("DATAFLOW_JOBS__REDIS_QUEUE", "apalis-redis"),
+            ("DATAFLOW_JOBS__REDIS_WORKING_SET", "1000"),
         ]);
-        assert!(Config::from_sources(None, apalis).is_err());
+        let e = Config::from_sources(None, apalis).unwrap_err().to_string();
+        assert!(e.contains("cannot run on a Redis Cluster"), "{e}");
     }
 
     #[test]

@@ -54,12 +54,47 @@ pub enum Conn {
     Cluster(ClusterConnection),
 }
 
+/// How often a cluster command refused before it ran is sent again, and how long apart.
+const NOT_RUN_RETRIES: u32 = 3;
+const NOT_RUN_PAUSE: Duration = Duration::from_millis(50);
+
+/// Whether the cluster refused `e`'s command without running it: its slot is served
+/// elsewhere now (`MOVED`, `ASK`), is moving or has no master for a moment, or the client
+/// had no connection for it. Sending it again cannot run it twice.
+fn not_run(e: &redis::RedisError) -> bool {
+    use redis::ServerErrorKind as S;
+    matches!(
+        e.kind(),
+        redis::ErrorKind::Server(S::Moved | S::Ask | S::TryAgain | S::ClusterDown | S::MasterDown)
+            | redis::ErrorKind::ClusterConnectionNotFound
+    )
+}
+
+/// A future of `$send` on the cluster, sent again (a few times, a moment apart) while the
+/// cluster refuses it without running it.
+macro_rules! resend_if_not_run {
+    ($send:expr) => {
+        Box::pin(async move {
+            let mut tries = 0;
+            loop {
+                match $send.await {
+                    Err(e) if not_run(&e) && tries < NOT_RUN_RETRIES => {
+                        tries += 1;
+                        tokio::time::sleep(NOT_RUN_PAUSE).await;
+                    }
+                    done => return done,
+                }
+            }
+        })
+    };
+}
+
 impl ConnectionLike for Conn {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         match self {
             Conn::Server(c) => c.req_packed_command(cmd),
             Conn::Dedicated(c) => c.req_packed_command(cmd),
-            Conn::Cluster(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => resend_if_not_run!(c.req_packed_command(cmd)),
         }
     }
 
@@ -72,7 +107,8 @@ impl ConnectionLike for Conn {
         match self {
             Conn::Server(c) => c.req_packed_commands(pipeline, offset, count),
             Conn::Dedicated(c) => c.req_packed_commands(pipeline, offset, count),
-            Conn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+            // A pipeline goes to one slot's node: refused there, none of it ran.
+            Conn::Cluster(c) => resend_if_not_run!(c.req_packed_commands(pipeline, offset, count)),
         }
     }
 
@@ -134,10 +170,13 @@ impl Redis {
         ca_pem: Option<Vec<u8>>,
         purpose: Purpose,
     ) -> Result<Redis> {
+        // No retries by the client: it would send a command again after a timeout or a
+        // dropped connection, and a push, a reap or a counted failure must not run twice.
+        // [`Conn`] sends again only what the cluster refused without running (`MOVED`…),
+        // while the client learns the slot's new owner.
         let mut builder = ClusterClient::builder(urls.iter().copied())
             .connection_timeout(CONNECT_TIMEOUT)
-            .retries(1)
-            .max_retry_wait(500);
+            .retries(0);
         if let Some(root_cert) = ca_pem.clone() {
             builder = builder.certs(redis::TlsCertificates {
                 client_tls: None,
@@ -254,13 +293,10 @@ impl Redis {
         let mut backoff = Duration::from_millis(100);
         let mut attempt = 0usize;
         while !shutdown.is_cancelled() {
-            let client = match &self.target {
-                Target::Server(client) => client,
-                Target::Cluster { seeds, .. } => &seeds[attempt % seeds.len()],
-            };
+            let client = self.subscriber(attempt).await;
             attempt = attempt.wrapping_add(1);
             let subscribed = async {
-                let mut pubsub = client.get_async_pubsub().await?;
+                let mut pubsub = client?.get_async_pubsub().await?;
                 pubsub.subscribe(channel).await?;
                 redis::RedisResult::Ok(pubsub)
             }
@@ -292,6 +328,39 @@ impl Redis {
         }
     }
 
+    /// The client to subscribe with on attempt `attempt`: the one server; on a cluster, in
+    /// turn, each master the cluster now has (so a fleet whose seed nodes were replaced
+    /// still hears), then each seed node (so a subscription survives a cluster that cannot
+    /// be asked).
+    async fn subscriber(&self, attempt: usize) -> redis::RedisResult<Client> {
+        let seeds = match &self.target {
+            Target::Server(client) => return Ok(Client::clone(client)),
+            Target::Cluster { seeds, .. } => seeds,
+        };
+        let seed = seeds[0].get_connection_info();
+        let mut candidates = Vec::with_capacity(seeds.len() + 3);
+        if let Ok(masters) = self.masters().await {
+            for (host, port) in masters.into_iter().flatten() {
+                let addr = match seed.addr() {
+                    redis::ConnectionAddr::TcpTls {
+                        insecure,
+                        tls_params,
+                        ..
+                    } => redis::ConnectionAddr::TcpTls {
+                        host,
+                        port,
+                        insecure: *insecure,
+                        tls_params: tls_params.clone(),
+                    },
+                    _ => redis::ConnectionAddr::Tcp(host, port),
+                };
+                candidates.push(Client::open(seed.clone().set_addr(addr))?);
+            }
+        }
+        candidates.extend(seeds.iter().cloned());
+        Ok(candidates.swap_remove(attempt % candidates.len()))
+    }
+
     pub async fn ping(&self) -> Result<()> {
         let _: String = redis::cmd("PING").query_async(&mut self.conn()).await?;
         Ok(())
@@ -311,9 +380,10 @@ impl Redis {
             Ok(out)
         }
         .await;
+        let unreadable =
+            || tracing::warn!("could not read Redis maxmemory-policy; make sure it is noeviction");
         let Ok(policies) = policies else {
-            tracing::warn!("could not read Redis maxmemory-policy; make sure it is noeviction");
-            return;
+            return unreadable();
         };
         for policy in policies {
             match policy.as_slice() {
@@ -323,9 +393,7 @@ impl Redis {
                     "Redis maxmemory-policy is not noeviction: limiter, lock-out and dedup keys may \
                      be evicted under memory pressure; set `maxmemory-policy noeviction`"
                 ),
-                _ => tracing::warn!(
-                    "could not read Redis maxmemory-policy; make sure it is noeviction"
-                ),
+                _ => unreadable(),
             }
         }
     }
@@ -380,17 +448,17 @@ impl Redis {
         Ok(keys)
     }
 
-    /// The masters of a cluster (`host`, `port`), from `CLUSTER NODES`; `None` for the one
-    /// server of a single Redis.
+    /// The masters of a cluster (`host`, `port`) as the cluster client knows them (from
+    /// `CLUSTER SLOTS`, as its slot map is); `None` for the one server of a single Redis.
     async fn masters(&self) -> Result<Vec<Option<(String, u16)>>> {
         if !self.is_cluster() {
             return Ok(vec![None]);
         }
-        let nodes: String = redis::cmd("CLUSTER")
-            .arg("NODES")
+        let slots: Value = redis::cmd("CLUSTER")
+            .arg("SLOTS")
             .query_async(&mut self.conn())
             .await?;
-        Ok(masters_of(&nodes).into_iter().map(Some).collect())
+        Ok(masters_of(&slots).into_iter().map(Some).collect())
     }
 
     /// Runs `cmd` on `node` (a master of [`Redis::masters`]), or on the one server.
@@ -428,24 +496,36 @@ fn server_client(url: &str, ca_pem: Option<Vec<u8>>) -> Result<Client> {
     .map_err(|e| Error::Config(format!("Redis URL: {e}")))
 }
 
-/// The masters' addresses in a `CLUSTER NODES` reply: per line, the id, `host:port@bus`
-/// (optionally `,hostname`), then the flags, among them `master`. A failed master is left
-/// out: its slots are served by the replica promoted in its place.
-fn masters_of(nodes: &str) -> Vec<(String, u16)> {
-    nodes
-        .lines()
-        .filter_map(|line| {
-            let mut fields = line.split_whitespace();
-            let address = fields.nth(1)?;
-            let flags: Vec<&str> = fields.next()?.split(',').collect();
-            if !flags.contains(&"master") || flags.contains(&"fail") {
-                return None;
-            }
-            let (host_port, _bus) = address.split_once('@')?;
-            let (host, port) = host_port.rsplit_once(':')?;
-            Some((host.to_owned(), port.parse().ok()?))
-        })
-        .collect()
+/// The masters' addresses in a `CLUSTER SLOTS` reply, once each: per slot range, its
+/// start, its end, then its master (`host`, `port`, id, …) and its replicas.
+fn masters_of(slots: &Value) -> Vec<(String, u16)> {
+    let Value::Array(ranges) = slots else {
+        return Vec::new();
+    };
+    let mut masters = Vec::new();
+    for range in ranges {
+        let Value::Array(fields) = range else {
+            continue;
+        };
+        let Some(Value::Array(master)) = fields.get(2) else {
+            continue;
+        };
+        let host = match master.first() {
+            Some(Value::BulkString(host)) => String::from_utf8_lossy(host).into_owned(),
+            Some(Value::SimpleString(host)) => host.clone(),
+            _ => continue,
+        };
+        let Some(Value::Int(port)) = master.get(1) else {
+            continue;
+        };
+        let Ok(port) = u16::try_from(*port) else {
+            continue;
+        };
+        if !masters.contains(&(host.clone(), port)) {
+            masters.push((host, port));
+        }
+    }
+    masters
 }
 
 #[cfg(test)]
@@ -453,20 +533,35 @@ mod tests {
     use super::*;
 
     #[test]
-    fn masters_are_read_from_cluster_nodes() {
-        let reply = "\
-07c3 127.0.0.1:30004@40004 slave e7d1 0 1426238317239 4 connected
-67ed 127.0.0.1:30002@40002 master - 0 1426238316232 2 connected 5461-10922
-292f 127.0.0.1:30003@40003 myself,master - 0 1426238318243 3 connected 10923-16383
-6ec2 127.0.0.1:30005@40005 master,fail - 1426238316232 1426238316232 5 disconnected
-e7d1 ::1:30001@40001,node-1 master - 0 1426238317741 1 connected 0-5460
-";
+    fn masters_are_read_from_cluster_slots() {
+        let node = |host: &str, port: i64| {
+            Value::Array(vec![
+                Value::BulkString(host.as_bytes().to_vec()),
+                Value::Int(port),
+                Value::BulkString(b"id".to_vec()),
+            ])
+        };
+        let range = |start: i64, end: i64, nodes: Vec<Value>| {
+            let mut fields = vec![Value::Int(start), Value::Int(end)];
+            fields.extend(nodes);
+            Value::Array(fields)
+        };
+        let reply = Value::Array(vec![
+            range(
+                0,
+                5460,
+                vec![node("10.0.0.1", 7000), node("10.0.0.4", 7003)],
+            ),
+            range(5461, 10922, vec![node("10.0.0.2", 7001)]),
+            range(10923, 12000, vec![node("10.0.0.3", 7002)]),
+            range(12001, 16383, vec![node("10.0.0.3", 7002)]),
+        ]);
         assert_eq!(
-            masters_of(reply),
+            masters_of(&reply),
             vec![
-                ("127.0.0.1".to_owned(), 30002),
-                ("127.0.0.1".to_owned(), 30003),
-                ("::1".to_owned(), 30001),
+                ("10.0.0.1".to_owned(), 7000),
+                ("10.0.0.2".to_owned(), 7001),
+                ("10.0.0.3".to_owned(), 7002),
             ]
         );
     }

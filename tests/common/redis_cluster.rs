@@ -31,6 +31,14 @@ impl RedisCluster {
     /// every node; `None` (the test skipped, or failed when services are required) when the
     /// machine has no `redis-server` or `redis-cli`.
     pub async fn start(masters: usize, replicas: usize) -> Option<RedisCluster> {
+        Self::start_on(free_ports(masters * (1 + replicas)), masters).await
+    }
+
+    /// [`RedisCluster::start`] on `ports` (as many as the nodes; `masters` of them masters,
+    /// the rest their replicas, spread evenly), for a test that configured a process on
+    /// them before the cluster was there.
+    pub async fn start_on(ports: Vec<u16>, masters: usize) -> Option<RedisCluster> {
+        let replicas = ports.len() / masters - 1;
         for tool in ["redis-server", "redis-cli"] {
             let found = Command::new(tool)
                 .arg("--version")
@@ -44,9 +52,7 @@ impl RedisCluster {
         let tag = ulid::Ulid::new().to_string().to_lowercase();
         let dir = std::env::temp_dir().join(format!("dataflow-redis-cluster-{tag}"));
         std::fs::create_dir_all(&dir).unwrap();
-        let count = masters * (1 + replicas);
-        let ports = free_ports(count);
-        let mut nodes = Vec::with_capacity(count);
+        let mut nodes = Vec::with_capacity(ports.len());
         for &port in &ports {
             let child = Command::new("redis-server")
                 .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
@@ -95,10 +101,7 @@ impl RedisCluster {
 
     /// The seed URLs for `redis_cluster_urls`: every node.
     pub fn urls(&self) -> Vec<String> {
-        self.nodes
-            .iter()
-            .map(|(port, _)| format!("redis://127.0.0.1:{port}/"))
-            .collect()
+        urls(&self.nodes.iter().map(|(port, _)| *port).collect::<Vec<_>>())
     }
 
     /// A direct connection to each master as the cluster was created (not following a
@@ -144,8 +147,16 @@ impl RedisCluster {
     }
 }
 
+/// The URLs of nodes on `ports` of loopback.
+pub fn urls(ports: &[u16]) -> Vec<String> {
+    ports
+        .iter()
+        .map(|port| format!("redis://127.0.0.1:{port}/"))
+        .collect()
+}
+
 /// `count` loopback ports that are free, with their cluster bus ports (+10000) free too.
-fn free_ports(count: usize) -> Vec<u16> {
+pub fn free_ports(count: usize) -> Vec<u16> {
     let mut ports = Vec::with_capacity(count);
     while ports.len() < count {
         let probe = TcpListener::bind("127.0.0.1:0").unwrap();

@@ -148,17 +148,16 @@ impl TestApp {
         .await
     }
 
-    /// A process on the Redis Cluster `cluster` under a fresh prefix.
+    /// A process on the Redis Cluster whose seed nodes are `urls`, under a fresh prefix.
     pub async fn spawn_on_cluster(
         backend: Backend,
         roles: Roles,
-        cluster: &crate::common::redis_cluster::RedisCluster,
+        urls: Vec<String>,
         tweak: impl FnOnce(&mut Config),
     ) -> Option<TestApp> {
         let prefix = format!("dftest-{}", ulid::Ulid::new().to_string().to_lowercase());
         Self::spawn_with(backend, roles, |c| {
-            c.redis_cluster_urls = cluster
-                .urls()
+            c.redis_cluster_urls = urls
                 .into_iter()
                 .map(dataflow_platform::config::Secret::new)
                 .collect();

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use dataflow::Roles;
 use dataflow_contracts::BatchStatus;
+use dataflow_contracts::http::Readiness;
 use dataflow_contracts::jobs::{JobKind, JobStatus};
 use dataflow_platform::Config;
 use dataflow_platform::config::{RedisQueue, Secret};
@@ -17,7 +18,7 @@ use dataflow_platform::ledger::jobs::JobFilter;
 use serde_json::json;
 
 use crate::common::process::dataflow_command;
-use crate::common::redis_cluster::RedisCluster;
+use crate::common::redis_cluster::{RedisCluster, free_ports, urls};
 use crate::helpers::{Backend, TestApp, csv};
 use crate::jobs::{
     a_dead_workers_job_runs_again, fast_jobs, nothing_is_left_in_redis, quick_reaping,
@@ -37,7 +38,7 @@ async fn the_redis_tier_runs_on_a_three_master_cluster() {
     };
     let smtp = SmtpSink::start().await;
     let hooks = WebhookReceiver::start(200).await;
-    let Some(a) = TestApp::spawn_on_cluster(Backend::Postgres, Roles::ALL, &cluster, |c| {
+    let Some(a) = TestApp::spawn_on_cluster(Backend::Postgres, Roles::ALL, cluster.urls(), |c| {
         fast_jobs(c, &smtp);
         c.api.cache_l1_ttl_ms = 60_000;
         c.api.auth_max_failures = 5;
@@ -140,7 +141,7 @@ async fn a_dead_workers_jobs_are_taken_back_on_a_cluster() {
     };
     let smtp = SmtpSink::start().await;
     let hooks = WebhookReceiver::start(200).await;
-    let Some(api) = TestApp::spawn_on_cluster(Backend::Sqlite, Roles::API, &cluster, |c| {
+    let Some(api) = TestApp::spawn_on_cluster(Backend::Sqlite, Roles::API, cluster.urls(), |c| {
         quick_reaping(c, &smtp)
     })
     .await
@@ -161,7 +162,7 @@ async fn the_job_queue_survives_a_failover_of_every_master() {
     };
     let smtp = SmtpSink::start().await;
     let hooks = WebhookReceiver::start(200).await;
-    let Some(t) = TestApp::spawn_on_cluster(Backend::Postgres, Roles::ALL, &cluster, |c| {
+    let Some(t) = TestApp::spawn_on_cluster(Backend::Postgres, Roles::ALL, cluster.urls(), |c| {
         fast_jobs(c, &smtp)
     })
     .await
@@ -217,6 +218,48 @@ async fn the_job_queue_survives_a_failover_of_every_master() {
     t.stop().await;
 }
 register!(the_job_queue_survives_a_failover_of_every_master);
+
+/// A process started while its cluster is down starts on its fallbacks (`/readyz` says
+/// Redis is down), then uses the cluster once it is up: Redis is reported up and the
+/// Redis tier carries an import (its rate-limit key lands in the cluster).
+async fn a_process_started_before_its_cluster_joins_it_when_it_comes() {
+    let ports = free_ports(3);
+    let Some(t) =
+        TestApp::spawn_on_cluster(Backend::Sqlite, Roles::ALL, urls(&ports), |_| {}).await
+    else {
+        return;
+    };
+    let redis_state = async || -> String {
+        let resp = t.http.get(t.url("/readyz")).send().await.unwrap();
+        assert_eq!(
+            resp.status(),
+            200,
+            "the ledger answers, so the process is ready"
+        );
+        resp.json::<Readiness>().await.unwrap().redis
+    };
+    assert_eq!(redis_state().await, "down");
+    let Some(_cluster) = RedisCluster::start_on(ports, 3).await else {
+        return;
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while redis_state().await != "up" {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the process never reached the cluster"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (_, key) = t.client(json!({})).await;
+    let import = t.import(&key, "text/csv", csv("up", 3)).await;
+    t.wait_for(&key, &import.batch_id, BatchStatus::Completed)
+        .await;
+    let redis = t.app.as_ref().unwrap().backends.redis.clone().unwrap();
+    let keys = redis.keys_with_prefix().await.unwrap();
+    assert!(keys.iter().any(|k| k.contains(":rl:")), "{keys:?}");
+    t.stop().await;
+}
+register!(a_process_started_before_its_cluster_joins_it_when_it_comes);
 
 /// apalis-redis cannot run on a cluster: a `dataflow serve` so configured refuses to start
 /// and says why, before it connects to anything.

@@ -122,13 +122,15 @@ impl SharedTier {
             .arg(tombstone_ttl.as_millis() as u64)
             .ignore();
         let mut conn = self.redis.conn();
-        pipe.query_async::<()>(&mut conn).await?;
+        // Announced whatever became of the tombstone (refused when Redis is full): the
+        // other processes' own copies must go in any case.
+        let stored: redis::RedisResult<()> = pipe.query_async(&mut conn).await;
         let announced: redis::RedisResult<()> = redis::cmd("PUBLISH")
             .arg(Self::channel(&self.redis))
             .arg(format!("{}\n{key}", self.namespace))
             .query_async(&mut conn)
             .await;
-        Ok(announced?)
+        Ok(stored.and(announced)?)
     }
 }
 

@@ -116,25 +116,24 @@ pub struct QueueKeys {
     pub ready: String,
     pub present: String,
     pub workers: String,
-    tag: String,
-    redis_prefix: String,
+    /// `<prefix>:{jobs:k}`, which every key of the kind extends.
+    base: String,
 }
 
 impl QueueKeys {
     pub fn new(redis: &Redis, kind: JobKind) -> Self {
-        let tag = tag(&["jobs", kind.as_str()]);
+        let base = redis.key(&[&tag(&["jobs", kind.as_str()])]);
         Self {
-            ready: redis.key(&[&tag, "ready"]),
-            present: redis.key(&[&tag, "present"]),
-            workers: redis.key(&[&tag, "workers"]),
-            redis_prefix: redis.prefix().to_owned(),
-            tag,
+            ready: format!("{base}:ready"),
+            present: format!("{base}:present"),
+            workers: format!("{base}:workers"),
+            base,
         }
     }
 
     /// The list of the messages `worker` took.
     pub fn inflight(&self, worker: &str) -> String {
-        format!("{}:{}:inflight:{worker}", self.redis_prefix, self.tag)
+        format!("{}:inflight:{worker}", self.base)
     }
 }
 
@@ -417,50 +416,73 @@ impl JobQueues {
     }
 
     /// Marks `worker` alive in every kind's heartbeats (one script per kind: on a cluster
-    /// the kinds live in different slots).
+    /// the kinds live in different slots). Every kind is beaten even when one fails, so a
+    /// master away for a while leaves the other kinds' messages to their live worker.
     pub async fn heartbeat(&self, worker: &str) -> Result<()> {
         let script = Script::new(HEARTBEAT);
+        let mut failed = None;
         for kind in JobKind::ALL {
-            script
+            let beat = script
                 .key(QueueKeys::new(&self.redis, kind).workers)
                 .arg(worker)
                 .invoke_async::<()>(&mut self.redis.conn())
-                .await?;
+                .await;
+            if let Err(e) = beat {
+                failed.get_or_insert(e);
+            }
         }
-        Ok(())
+        failed.map_or(Ok(()), |e| Err(e.into()))
     }
 
     /// Takes back the in-flight messages of workers silent for `dead_after`, for every
-    /// kind. Their ids leave `present`; the caller settles them in SQL.
+    /// kind. Their ids leave `present`; the caller settles them in SQL. A kind whose reap
+    /// fails does not lose what the others took back: that is returned, and the failure
+    /// only when nothing was.
     pub async fn reap(&self, dead_after: Duration) -> Result<Vec<(JobKind, Delivery)>> {
-        let script = Script::new(REAP);
         let dead_after = u64::try_from(dead_after.as_millis()).unwrap_or(u64::MAX);
         let mut out = Vec::new();
+        let mut failed = None;
         for kind in JobKind::ALL {
-            let keys = QueueKeys::new(&self.redis, kind);
-            // Every worker with a heartbeat is a candidate (a fleet's worth); the script
-            // judges each by the Redis clock as it reaps, so one that beats meanwhile stays.
-            let workers: Vec<String> = redis::cmd("ZRANGE")
-                .arg(&keys.workers)
-                .arg(0)
-                .arg(-1)
-                .query_async(&mut self.redis.conn())
-                .await?;
-            if workers.is_empty() {
-                continue;
+            match self.reap_kind(kind, dead_after).await {
+                Ok(raws) => out.extend(raws.into_iter().map(|d| (kind, d))),
+                Err(e) => {
+                    tracing::warn!(%kind, error = %e, "could not reap this kind's dead workers");
+                    failed.get_or_insert(e);
+                }
             }
-            let mut call = script.key(&keys.workers);
-            call.key(&keys.present).arg(dead_after);
-            for w in &workers {
-                call.key(keys.inflight(w)).arg(w);
-            }
-            let raws: Vec<String> = call.invoke_async(&mut self.redis.conn()).await?;
-            for raw in raws {
-                match serde_json::from_str(&raw) {
-                    Ok(message) => out.push((kind, Delivery { message, raw })),
-                    Err(_) => {
-                        tracing::error!(message = %raw, "dropping unreadable job message of a dead worker")
-                    }
+        }
+        match failed {
+            Some(e) if out.is_empty() => Err(e),
+            _ => Ok(out),
+        }
+    }
+
+    async fn reap_kind(&self, kind: JobKind, dead_after: u64) -> Result<Vec<Delivery>> {
+        let keys = QueueKeys::new(&self.redis, kind);
+        // Every worker with a heartbeat is a candidate (a fleet's worth); the script judges
+        // each by the Redis clock as it reaps, so one that beats meanwhile stays.
+        let workers: Vec<String> = redis::cmd("ZRANGE")
+            .arg(&keys.workers)
+            .arg(0)
+            .arg(-1)
+            .query_async(&mut self.redis.conn())
+            .await?;
+        let mut out = Vec::new();
+        if workers.is_empty() {
+            return Ok(out);
+        }
+        let script = Script::new(REAP);
+        let mut call = script.key(&keys.workers);
+        call.key(&keys.present).arg(dead_after);
+        for w in &workers {
+            call.key(keys.inflight(w)).arg(w);
+        }
+        let raws: Vec<String> = call.invoke_async(&mut self.redis.conn()).await?;
+        for raw in raws {
+            match serde_json::from_str(&raw) {
+                Ok(message) => out.push(Delivery { message, raw }),
+                Err(_) => {
+                    tracing::error!(message = %raw, "dropping unreadable job message of a dead worker")
                 }
             }
         }
