@@ -1077,7 +1077,11 @@ async fn seed_chart_history(t: &TestApp, client: &ClientId) {
             }),
             depth: Depth {
                 awaiting_approval: u64::from(back % 300 < 40),
-                ready: if burst > 1.0 { (jitter * 40.0) as u64 + 20 } else { (jitter * 4.0) as u64 },
+                ready: if burst > 1.0 {
+                    (jitter * 40.0) as u64 + 20
+                } else {
+                    (jitter * 4.0) as u64
+                },
                 processing: (load * 2.5).round() as u64,
                 dead: u64::from(back < 700) * share.ceil() as u64,
             },

@@ -18,7 +18,7 @@ use crate::error::ApiResult;
 
 /// A span of time a chart covers, and how it is cut into points.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Window {
+struct Window {
     id: &'static str,
     title: &'static str,
     buckets: i64,
@@ -27,7 +27,7 @@ pub struct Window {
     axis: [&'static str; 3],
 }
 
-pub const HOUR: Window = Window {
+const HOUR: Window = Window {
     id: "hour",
     title: "Last hour",
     buckets: 60,
@@ -35,7 +35,7 @@ pub const HOUR: Window = Window {
     axis: ["−60 min", "−30 min", "now"],
 };
 
-pub const DAY: Window = Window {
+const DAY: Window = Window {
     id: "day",
     title: "Last day",
     buckets: 96,
@@ -48,7 +48,10 @@ impl Window {
     /// aligned on the clock (a day's on the quarter hour), so they keep their place as
     /// time goes by.
     fn first(&self, now_minute: i64) -> i64 {
-        now_minute.div_euclid(MINUTE_MS).div_euclid(self.bucket_minutes) - (self.buckets - 1)
+        now_minute
+            .div_euclid(MINUTE_MS)
+            .div_euclid(self.bucket_minutes)
+            - (self.buckets - 1)
     }
 
     /// The start of the window's first bucket, in milliseconds.
@@ -62,7 +65,11 @@ impl Window {
         let first = self.first(now_minute);
         let mut buckets: Vec<Option<Bucket>> = vec![None; self.buckets as usize];
         for s in samples {
-            let at = s.minute.div_euclid(MINUTE_MS).div_euclid(self.bucket_minutes) - first;
+            let at = s
+                .minute
+                .div_euclid(MINUTE_MS)
+                .div_euclid(self.bucket_minutes)
+                - first;
             if let Some(slot) = usize::try_from(at).ok().and_then(|i| buckets.get_mut(i)) {
                 slot.get_or_insert_with(Bucket::default).add(s);
             }
@@ -143,7 +150,10 @@ impl Series {
         Series {
             key,
             label,
-            points: buckets.iter().map(|b| b.as_ref().and_then(&value)).collect(),
+            points: buckets
+                .iter()
+                .map(|b| b.as_ref().and_then(&value))
+                .collect(),
         }
     }
 
@@ -273,7 +283,12 @@ fn window_charts(w: &Window, samples: &[Sample], now_minute: i64) -> Markup {
         Series::of("p99", "p99", &b, latency(2)),
     ];
     let depths = [
-        Series::of("awaiting_approval", "awaiting approval", &b, depth(|d| d.awaiting_approval)),
+        Series::of(
+            "awaiting_approval",
+            "awaiting approval",
+            &b,
+            depth(|d| d.awaiting_approval),
+        ),
         Series::of("ready", "ready", &b, depth(|d| d.ready)),
         Series::of("processing", "processing", &b, depth(|d| d.processing)),
         Series::of("dead", "dead", &b, depth(|d| d.dead)),
@@ -347,7 +362,14 @@ mod tests {
     fn an_hour_has_a_bucket_a_minute_and_gaps_where_nothing_was_sampled() {
         let now = 1_000 * MINUTE_MS;
         assert_eq!(HOUR.since(now), 941 * MINUTE_MS);
-        let b = HOUR.buckets(&[sample(940, 9, 9, 9), sample(941, 1, 100, 3), sample(1_000, 2, 50, 0)], now);
+        let b = HOUR.buckets(
+            &[
+                sample(940, 9, 9, 9),
+                sample(941, 1, 100, 3),
+                sample(1_000, 2, 50, 0),
+            ],
+            now,
+        );
         assert_eq!(b.len(), 60);
         assert_eq!(b[0].map(|b| b.batches), Some(1), "minute 940 is outside");
         assert!(b[1..59].iter().all(Option::is_none));
@@ -360,7 +382,11 @@ mod tests {
         let now = 1_000 * MINUTE_MS;
         assert_eq!(DAY.since(now), (66 - 95) * 15 * MINUTE_MS);
         let b = DAY.buckets(
-            &[sample(990, 4, 100, 7), sample(995, 2, 300, 2), sample(1_000, 0, 200, 1)],
+            &[
+                sample(990, 4, 100, 7),
+                sample(995, 2, 300, 2),
+                sample(1_000, 0, 200, 1),
+            ],
             now,
         );
         assert_eq!(b.len(), 96);
@@ -414,12 +440,27 @@ mod tests {
         let samples = [sample(8, 3, 900, 4), sample(10, 1, 600, 2)];
         let html = window_charts(&HOUR, &samples, now).into_string();
         for id in ["records-hour", "batches-hour", "latency-hour", "depth-hour"] {
-            assert!(html.contains(&format!("data-chart=\"{id}\"")), "{id}: {html}");
+            assert!(
+                html.contains(&format!("data-chart=\"{id}\"")),
+                "{id}: {html}"
+            );
         }
-        assert!(html.contains(r#"data-series="records" data-last="10""#), "{html}");
-        assert!(html.contains(r#"data-series="p99" data-last="600""#), "{html}");
-        assert!(html.contains(r#"data-series="ready" data-last="2""#), "{html}");
-        assert!(html.contains("<title id=\"depth-hour-title\">Batches by state, last hour</title>"), "{html}");
+        assert!(
+            html.contains(r#"data-series="records" data-last="10""#),
+            "{html}"
+        );
+        assert!(
+            html.contains(r#"data-series="p99" data-last="600""#),
+            "{html}"
+        );
+        assert!(
+            html.contains(r#"data-series="ready" data-last="2""#),
+            "{html}"
+        );
+        assert!(
+            html.contains("<title id=\"depth-hour-title\">Batches by state, last hour</title>"),
+            "{html}"
+        );
         assert!(html.contains("−60 min") && html.contains("now"), "{html}");
     }
 }

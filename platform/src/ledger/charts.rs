@@ -14,6 +14,7 @@
 //! (as the queue depths read them), and the samples by their key.
 
 use std::collections::BTreeMap;
+use std::collections::btree_map::Entry;
 
 use dataflow_contracts::ClientId;
 use serde_json::json;
@@ -89,6 +90,21 @@ pub fn minute_of(ms: i64) -> i64 {
     ms.div_euclid(MINUTE_MS) * MINUTE_MS
 }
 
+/// The sample of client `id` in `clients`, started when it is the first seen.
+fn client_sample(
+    clients: &mut BTreeMap<String, Sample>,
+    id: String,
+    minute: i64,
+) -> Result<&mut Sample> {
+    match clients.entry(id) {
+        Entry::Occupied(e) => Ok(e.into_mut()),
+        Entry::Vacant(e) => {
+            let client = parse_id(e.key().clone())?;
+            Ok(e.insert(Sample::new(Some(client), minute)))
+        }
+    }
+}
+
 impl Db {
     /// The minute that starts at `minute`: the fleet's sample first, then one for each
     /// client with batches completed in it or unfinished (or dead) now, by client id. The
@@ -97,13 +113,6 @@ impl Db {
         let end = minute + MINUTE_MS;
         let mut fleet = Sample::new(None, minute);
         let mut clients: BTreeMap<String, Sample> = BTreeMap::new();
-        let mut of = |id: &str| -> Result<&mut Sample> {
-            if !clients.contains_key(id) {
-                let sample = Sample::new(Some(parse_id(id.to_owned())?), minute);
-                clients.insert(id.to_owned(), sample);
-            }
-            Ok(clients.get_mut(id).expect("inserted above"))
-        };
         let done = sqlx::query(
             "SELECT client_id, COUNT(*) AS n, CAST(COALESCE(SUM(records_total), 0) AS BIGINT) AS records \
              FROM batches WHERE completed_at >= $1 AND completed_at < $2 AND status = 'completed' \
@@ -114,7 +123,7 @@ impl Db {
         .fetch_all(self.pool())
         .await?;
         for r in &done {
-            let s = of(r.try_get("client_id")?)?;
+            let s = client_sample(&mut clients, r.try_get("client_id")?, minute)?;
             s.batches = count(r.try_get("n")?);
             s.records = count(r.try_get("records")?);
             fleet.batches += s.batches;
@@ -143,7 +152,7 @@ impl Db {
         }
         fleet.latency = Latency::of(&mut all);
         for (id, mut latencies) in by_client {
-            of(&id)?.latency = Latency::of(&mut latencies);
+            client_sample(&mut clients, id, minute)?.latency = Latency::of(&mut latencies);
         }
         let waiting = sqlx::query(
             "SELECT client_id, status, COUNT(*) AS n FROM batches \
@@ -155,7 +164,8 @@ impl Db {
         for r in &waiting {
             let n = count(r.try_get("n")?);
             let status: String = r.try_get("status")?;
-            for depth in [&mut fleet.depth, &mut of(r.try_get("client_id")?)?.depth] {
+            let client = client_sample(&mut clients, r.try_get("client_id")?, minute)?;
+            for depth in [&mut fleet.depth, &mut client.depth] {
                 match status.as_str() {
                     "awaiting_approval" => depth.awaiting_approval += n,
                     "ready" => depth.ready += n,
@@ -164,7 +174,9 @@ impl Db {
                 }
             }
         }
-        Ok(std::iter::once(fleet).chain(clients.into_values()).collect())
+        Ok(std::iter::once(fleet)
+            .chain(clients.into_values())
+            .collect())
     }
 
     /// Keeps `samples`; a minute of a client (or of the fleet) already kept stays as it
@@ -223,7 +235,11 @@ impl Db {
     /// The kept samples of `client` (the fleet's with `None`) from `since`, oldest first:
     /// one for every minute the fleet was sampled, the client's zero when it had no
     /// activity then. A minute nobody sampled (no worker led) is absent.
-    pub async fn chart_samples(&self, client: Option<&ClientId>, since: i64) -> Result<Vec<Sample>> {
+    pub async fn chart_samples(
+        &self,
+        client: Option<&ClientId>,
+        since: i64,
+    ) -> Result<Vec<Sample>> {
         let rows = sqlx::query(
             "SELECT f.minute, c.batches, c.records, c.latency_p50, c.latency_p95, c.latency_p99, \
                     c.awaiting_approval, c.ready, c.processing, c.dead \
