@@ -1065,26 +1065,31 @@ async fn seed_chart_history(t: &TestApp, client: &ClientId) {
         let load = (1.0 + 0.55 * day) * burst * (0.85 + 0.3 * jitter);
         let records = (load * 2_400.0) as u64;
         let p50 = (600.0 + 500.0 * load) as u64;
-        let sample = |share: f64, client_id: Option<ClientId>| Sample {
-            client_id,
-            minute: now - back * MINUTE_MS,
-            batches: ((records as f64 * share) / 120.0).round() as u64,
-            records: (records as f64 * share) as u64,
-            latency: Some(Latency {
-                p50_ms: p50,
-                p95_ms: p50 * 2 + (jitter * 400.0) as u64,
-                p99_ms: p50 * 3 + (jitter * 1_500.0) as u64,
-            }),
-            depth: Depth {
-                awaiting_approval: u64::from(back % 300 < 40),
-                ready: if burst > 1.0 {
-                    (jitter * 40.0) as u64 + 20
-                } else {
-                    (jitter * 4.0) as u64
+        let sample = |share: f64, client_id: Option<ClientId>| {
+            let fleet = client_id.is_none();
+            Sample {
+                client_id,
+                minute: now - back * MINUTE_MS,
+                batches: ((records as f64 * share) / 120.0).round() as u64,
+                records: (records as f64 * share) as u64,
+                latency: Some(Latency {
+                    p50_ms: p50,
+                    p95_ms: p50 * 2 + (jitter * 400.0) as u64,
+                    p99_ms: p50 * 3 + (jitter * 1_500.0) as u64,
+                }),
+                // Batches waiting in the bursts; the dead one and those awaiting approval are
+                // another client's.
+                depth: Depth {
+                    awaiting_approval: u64::from(fleet && back % 300 < 40),
+                    ready: ((if burst > 1.0 {
+                        20.0 + jitter * 40.0
+                    } else {
+                        jitter * 4.0
+                    }) * share) as u64,
+                    processing: (load * 2.5 * share).round() as u64,
+                    dead: u64::from(fleet && back < 700),
                 },
-                processing: (load * 2.5).round() as u64,
-                dead: u64::from(back < 700) * share.ceil() as u64,
-            },
+            }
         };
         samples.push(sample(1.0, None));
         samples.push(sample(0.6, Some(client.clone())));

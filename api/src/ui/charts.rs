@@ -126,11 +126,18 @@ impl Unit {
     fn format(self, v: f64) -> String {
         match self {
             Unit::Millis => layout::age(v.round() as u64),
-            Unit::PerMinute | Unit::Count if v >= 10_000.0 => format!("{:.1}k", v / 1_000.0),
-            Unit::PerMinute | Unit::Count if v.fract() == 0.0 => format!("{v:.0}"),
-            Unit::PerMinute | Unit::Count => format!("{v:.1}"),
+            Unit::PerMinute | Unit::Count if v >= 1_000.0 => {
+                format!("{}k", one_decimal(v / 1_000.0))
+            }
+            Unit::PerMinute | Unit::Count => one_decimal(v),
         }
     }
+}
+
+/// `v` with one decimal, none when it is whole at that precision: `2.5`, `3`.
+fn one_decimal(v: f64) -> String {
+    let text = format!("{v:.1}");
+    text.strip_suffix(".0").map_or(text.clone(), str::to_owned)
 }
 
 /// One line of a chart: its points, one per bucket.
@@ -430,7 +437,10 @@ mod tests {
         assert_eq!(Unit::PerMinute.format(0.0), "0");
         assert_eq!(Unit::PerMinute.format(2.5), "2.5");
         assert_eq!(Unit::Count.format(120.0), "120");
-        assert_eq!(Unit::Count.format(25_000.0), "25.0k");
+        assert_eq!(Unit::Count.format(999.96), "1000");
+        assert_eq!(Unit::PerMinute.format(5_000.0), "5k");
+        assert_eq!(Unit::PerMinute.format(2_550.0), "2.5k");
+        assert_eq!(Unit::Count.format(25_000.0), "25k");
         assert_eq!(Unit::Millis.format(1_500.0), "1 s");
     }
 
