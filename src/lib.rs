@@ -148,6 +148,13 @@ impl App {
                     move |token, _| summaries::run(db.clone(), schedule.clone(), token),
                 ));
             }
+            // The leader samples each minute for the dashboard's charts.
+            let db = backends.db.clone();
+            tasks.spawn(leader::while_leading(
+                leading.clone(),
+                shutdown.clone(),
+                move |token, mandate| dataflow_worker::charts::run(db.clone(), token, mandate),
+            ));
             // The leader takes back the batches of workers the registry says are gone.
             let (db, fleet, me) = (backends.db.clone(), backends.fleet.clone(), worker.clone());
             tasks.spawn(leader::while_leading(

@@ -8,10 +8,11 @@
 //! runs against the ledger on a schedule or per request: a worker's claim with nothing to
 //! take, the queue depths every `/metrics` scrape reads, the dashboard's overview, batch
 //! search, queues and clients pages, the client API's listings and its changes feed, the
-//! retention sweeps, the daily summary, and one more small import from submit to
-//! completion. Each line prints the median and the worst in milliseconds, so what grows
-//! with the ledger shows between the sizes. The ledger is vacuumed and analysed before it
-//! is timed (as autovacuum keeps it), unless `--no-vacuum` asks for it as the fill left it.
+//! retention sweeps, the daily summary, the leader's minute sample for the charts and the
+//! charts' day of samples, and one more small import from submit to completion. Each line
+//! prints the median and the worst in milliseconds, so what grows with the ledger shows
+//! between the sizes. The ledger is vacuumed and analysed before it is timed (as
+//! autovacuum keeps it), unless `--no-vacuum` asks for it as the fill left it.
 
 use std::time::{Duration, Instant};
 
@@ -20,6 +21,7 @@ use clap::Args;
 use dataflow_contracts::{BatchStatus, ClientId};
 use dataflow_platform::ledger::Db;
 use dataflow_platform::ledger::batches::{Bundle, Claimable};
+use dataflow_platform::ledger::charts::{MINUTE_MS, minute_of};
 use dataflow_platform::ledger::jobs::JobFilter;
 use dataflow_platform::ledger::operator::BatchFilter;
 use serde_json::{Value, json};
@@ -210,6 +212,15 @@ async fn profile(
                     }
                 }
                 "daily_summary" => drop(ledger.compute_daily_summary(client, today).await?),
+                "chart_sample_minute" => {
+                    let now = ledger.now_ms().await?;
+                    drop(ledger.measure_minute(minute_of(now) - MINUTE_MS).await?);
+                }
+                "chart_samples_day" => {
+                    let since = ledger.now_ms().await? - DAY_MS;
+                    drop(ledger.chart_samples(None, since).await?);
+                    drop(ledger.chart_samples(Some(client), since).await?);
+                }
                 "api_batches" => get(api, key, "/v1/batches?limit=50").await?,
                 "api_batches_completed" => {
                     get(api, key, "/v1/batches?status=completed&limit=50").await?
@@ -260,6 +271,8 @@ const OPS: &[&str] = &[
     "prune_published",
     "expire_payloads_all_clients",
     "daily_summary",
+    "chart_sample_minute",
+    "chart_samples_day",
     "api_batches",
     "api_batches_completed",
     "api_records",

@@ -14,6 +14,7 @@ mod sinks;
 mod amqp;
 mod auth;
 mod bundles;
+mod charts;
 mod cli;
 mod deploy;
 mod fair;

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use dataflow::Roles;
 use dataflow_contracts::live::LiveEvent;
 use dataflow_contracts::{BatchId, BatchStatus, ClientId};
+use dataflow_platform::ledger::charts::{Depth, Latency, MINUTE_MS, Sample, minute_of};
 use dataflow_platform::ledger::{Bundle, Claimable};
 use reqwest::{Method, StatusCode, header};
 use serde_json::json;
@@ -33,6 +34,7 @@ backend_tests!(
     a_session_store_that_is_down_answers_503,
     the_dashboard_in_a_browser,
     the_queue_page_shows_each_clients_depth_and_oldest_wait,
+    the_charts_follow_completions_live,
 );
 
 const TOKEN: &str = "test-operator-token-0123456789";
@@ -970,6 +972,131 @@ async fn the_dashboard_in_a_browser(b: Backend) {
     t.stop().await;
 }
 
+async fn the_charts_follow_completions_live(b: Backend) {
+    let Some(browser) = browser::Browser::start().await else {
+        return;
+    };
+    let Some(t) = TestApp::spawn(b).await else {
+        browser.stop().await;
+        return;
+    };
+    let base = format!("http://{}", t.addr);
+    let (client, key) = t.client(json!({})).await;
+    browser.login(&base, "ann").await;
+    // The batches of the minute in progress, as the page draws it, put to `test` (on `v`).
+    let latest = |test: &str| {
+        format!(
+            "var p = document.querySelector(\"svg[data-chart='batches-hour'] path[data-series='batches']\"); \
+             var v = p ? Number(p.getAttribute('data-last')) : -1; return {test};"
+        )
+    };
+    for (round, path) in ["/ui".to_owned(), format!("/ui/clients/{client}")]
+        .iter()
+        .enumerate()
+    {
+        browser.goto(&format!("{base}{path}")).await;
+        browser
+            .wait_until(
+                10,
+                "live updates connected",
+                "return document.getElementById('live-status').textContent === 'live'",
+            )
+            .await;
+        // Eight charts (four a window), each titled for screen readers, with a legend.
+        browser
+            .wait_until(
+                5,
+                &format!("{path}: the charts"),
+                "return document.querySelectorAll('svg.chart[role=img] > title').length === 8 \
+                 && document.querySelectorAll('figure.chart ul.legend li').length === 18 \
+                 && document.querySelector(\"svg[data-chart='depth-day'] path[data-series='dead']\") !== null",
+            )
+            .await;
+        browser
+            .client
+            .execute("window.__sameDocument = true; return true", vec![])
+            .await
+            .unwrap();
+        crate::charts::clear_of_a_minutes_end(&t).await;
+        let before = browser.client.execute(&latest("v"), vec![]).await.unwrap();
+        let before = before.as_f64().unwrap();
+        assert!(before >= 0.0, "{path}: no batches chart");
+        let body = csv(&format!("live{round}"), 8);
+        let done = t.import(&key, "text/csv", body).await.batch_id;
+        t.wait_for(&key, &done, BatchStatus::Completed).await;
+        browser
+            .wait_until(
+                10,
+                &format!("{path}: the completion in the batches chart"),
+                &latest(&format!("v >= {}", before + 1.0)),
+            )
+            .await;
+        browser
+            .wait_until(
+                1,
+                "no reload happened",
+                "return window.__sameDocument === true",
+            )
+            .await;
+    }
+    browser.stop().await;
+    t.stop().await;
+}
+
+/// A day of minute samples behind the charts, for the fleet and for `client`: a day
+/// cannot be waited for, so the screenshots draw this one (a daily swell with bursts,
+/// latency rising with load, a backlog during the bursts); the minute in progress stays
+/// the ledger's own.
+async fn seed_chart_history(t: &TestApp, client: &ClientId) {
+    let now = minute_of(t.db.now_ms().await.unwrap());
+    sqlx::query("DELETE FROM chart_samples")
+        .execute(t.db.pool())
+        .await
+        .unwrap();
+    let mut noise: u64 = 0x2545_f491_4f6c_dd1d;
+    let mut samples = Vec::new();
+    for back in (1..=1_440i64).rev() {
+        noise ^= noise << 13;
+        noise ^= noise >> 7;
+        noise ^= noise << 17;
+        let jitter = (noise % 1_000) as f64 / 1_000.0;
+        let day = (back as f64 / 1_440.0 * std::f64::consts::TAU).cos();
+        let burst = if back % 240 < 12 { 2.2 } else { 1.0 };
+        let load = (1.0 + 0.55 * day) * burst * (0.85 + 0.3 * jitter);
+        let records = (load * 2_400.0) as u64;
+        let p50 = (600.0 + 500.0 * load) as u64;
+        let sample = |share: f64, client_id: Option<ClientId>| {
+            let fleet = client_id.is_none();
+            Sample {
+                client_id,
+                minute: now - back * MINUTE_MS,
+                batches: ((records as f64 * share) / 120.0).round() as u64,
+                records: (records as f64 * share) as u64,
+                latency: Some(Latency {
+                    p50_ms: p50,
+                    p95_ms: p50 * 2 + (jitter * 400.0) as u64,
+                    p99_ms: p50 * 3 + (jitter * 1_500.0) as u64,
+                }),
+                // Batches waiting in the bursts; the dead one and those awaiting approval are
+                // another client's.
+                depth: Depth {
+                    awaiting_approval: u64::from(fleet && back % 300 < 40),
+                    ready: ((if burst > 1.0 {
+                        20.0 + jitter * 40.0
+                    } else {
+                        jitter * 4.0
+                    }) * share) as u64,
+                    processing: (load * 2.5 * share).round() as u64,
+                    dead: u64::from(fleet && back < 700),
+                },
+            }
+        };
+        samples.push(sample(1.0, None));
+        samples.push(sample(0.6, Some(client.clone())));
+    }
+    t.db.store_samples(&samples).await.unwrap();
+}
+
 /// Renders every page into `docs/screenshots/` from a small, realistic ledger.
 async fn screenshots() {
     let Some(browser) = browser::Browser::start().await else {
@@ -1033,6 +1160,7 @@ async fn screenshots() {
     for _ in 0..3 {
         t.get(&slow, "/v1/batches").await;
     }
+    seed_chart_history(&t, &acme_id).await;
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/screenshots");
     std::fs::create_dir_all(&dir).unwrap();
     browser.goto(&format!("{base}/ui/login")).await;
@@ -1043,6 +1171,7 @@ async fn screenshots() {
     .unwrap();
     browser.login(&base, "ann").await;
     let detail = format!("/ui/batches/{}", last.unwrap());
+    let client_page = format!("/ui/clients/{acme_id}");
     let started = Instant::now();
     // A refused login, for the action log.
     try_login(&t, "mallory", "guess").await;
@@ -1054,6 +1183,8 @@ async fn screenshots() {
         ("workers", "/ui/workers"),
         ("dead-letters", "/ui/dead"),
         ("clients", "/ui/clients"),
+        ("client", client_page.as_str()),
+        ("charts", "/ui"),
         ("actions", "/ui/actions"),
     ] {
         if name == "actions" {
@@ -1090,6 +1221,16 @@ async fn screenshots() {
                 .await;
             // The cards follow the feed by one refresh.
             tokio::time::sleep(Duration::from_millis(600)).await;
+        }
+        if name == "charts" {
+            browser
+                .client
+                .execute(
+                    "document.querySelector('h2 + #charts').previousElementSibling.scrollIntoView(); return true",
+                    vec![],
+                )
+                .await
+                .unwrap();
         }
         std::fs::write(
             dir.join(format!("{name}.png")),

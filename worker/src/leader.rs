@@ -1,10 +1,11 @@
 //! The fleet's leader: one worker at a time holds the `leader` lease in SQL and runs the
-//! singleton duties (the job sweeper with its reaper, and the daily summaries). The leader
-//! renews its lease at a third of its length; when it dies another worker takes the lapsed
-//! lease.
+//! singleton duties (the job sweeper with its reaper, the daily summaries, and the minute
+//! samples of the dashboard's charts). The leader renews its lease at a third of its
+//! length; when it dies another worker takes the lapsed lease.
 //! A leader that cannot reach the ledger steps down before its lease could lapse, so two
 //! workers lead at once only when a renewal outlives its own lease (every duty is
-//! idempotent for that window: sweeps re-check SQL, a summary is written once).
+//! idempotent for that window: sweeps re-check SQL, a summary or a chart's minute is
+//! written once).
 //!
 //! A leader whose process was paused (a `SIGSTOP`, a VM freeze) past its lease finds its
 //! duties due the moment it resumes, before its campaign can learn that another worker took
@@ -86,7 +87,7 @@ pub async fn campaign(
         let leads = term.leads();
         if leads != leading.borrow().leads() {
             if leads {
-                tracing::info!(worker_id = %owner, "this worker leads the fleet: the job sweeper and the daily summaries run here");
+                tracing::info!(worker_id = %owner, "this worker leads the fleet: the job sweeper, the daily summaries and the charts' samples run here");
             } else {
                 tracing::warn!(worker_id = %owner, "this worker no longer leads the fleet");
             }

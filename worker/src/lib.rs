@@ -11,11 +11,13 @@
 //! - [`bundle`]: small batches claimed together and completed in one commit;
 //! - [`jobs`]: the follow-up jobs (email, report, webhook) on apalis workers;
 //! - [`leader`]: the fleet leader's lease, and the singleton duties that run only there
-//!   (the job sweeper in [`jobs`], and [`summaries`]: the daily per-client summaries on
-//!   apalis-cron), and [`reclaim`]: taking back the batches of workers that are gone.
+//!   (the job sweeper in [`jobs`], [`summaries`]: the daily per-client summaries on
+//!   apalis-cron, and [`charts`]: the minute samples the dashboard's charts draw), and
+//!   [`reclaim`]: taking back the batches of workers that are gone.
 
 mod budget;
 mod bundle;
+pub mod charts;
 mod chunks;
 pub mod consumer;
 pub mod jobs;

@@ -1,11 +1,13 @@
 //! `/ui/clients`: every client with its policy, keys and the storage it holds in the
 //! ledger, and the rate-limit refusals this process made recently (a bounded in-memory ring: see [`crate::ratelimit::Rejections`]).
+//! `/ui/clients/{id}`: one client's charts, its policy and what it holds.
 
 use std::collections::HashMap;
 
 use axum::Extension;
 use axum::extract::rejection::QueryRejection;
-use axum::extract::{Query, State};
+use axum::extract::{Path, Query, State};
+use dataflow_contracts::ClientId;
 use dataflow_contracts::time::{now_ms, rfc3339};
 use dataflow_platform::ledger::{ClientRecord, ClientStorage, human_bytes};
 use maud::{Markup, html};
@@ -13,8 +15,8 @@ use serde::Deserialize;
 
 use super::layout::{self, Nav, Notice};
 use super::session::Operator;
-use crate::error::ApiResult;
-use crate::routes::query;
+use crate::error::{ApiError, ApiResult};
+use crate::routes::{parse_path_id, query};
 use crate::state::AppState;
 
 const PAGE: usize = 25;
@@ -96,7 +98,7 @@ pub async fn page(
                     tbody {
                         @for (c, ks) in shown.iter().zip(&keys) {
                             tr data-client=(c.id) {
-                                td { strong { (c.name) } br; span.mono.muted { (c.id) } }
+                                td { a href=(format!("/ui/clients/{}", c.id)) { strong { (c.name) } } br; span.mono.muted { (c.id) } }
                                 td { @if c.active { (layout::status("active")) } @else { (layout::status("inactive")) } }
                                 td { (policy(c)) }
                                 td {
@@ -156,4 +158,39 @@ pub async fn page(
         }))
     };
     Ok(layout::page(&op, Nav::Clients, "Clients", &notice, body))
+}
+
+pub async fn detail(
+    State(state): State<AppState>,
+    Extension(op): Extension<Operator>,
+    Path(id): Path<String>,
+    notice: Notice,
+) -> ApiResult<Markup> {
+    let id: ClientId = parse_path_id(&id)?;
+    let db = &state.backends.db;
+    let client = db.get_client(&id).await?.ok_or_else(ApiError::not_found)?;
+    let charts = super::charts::section(db, Some(&id)).await?;
+    let stored = db
+        .storage_by_client()
+        .await?
+        .into_iter()
+        .find(|s| s.client_id == id);
+    let body = html! {
+        p.lead {
+            "Client " span.mono.muted { (client.id) } ", created " (layout::time(&rfc3339(client.created_at))) ". "
+            a href=(layout::link("/ui/batches", &[("client", id.as_str())])) { "Its batches" } " · "
+            a href=(format!("/ui/clients/{id}/schema")) { "its schema" }
+        }
+        div.cards {
+            div.card {
+                h2 { "State" }
+                @if client.active { (layout::status("active")) } @else { (layout::status("inactive")) }
+            }
+            div.card { h2 { "Policy" } (policy(&client)) }
+            div.card { h2 { "Storage" } (storage(stored.as_ref())) }
+        }
+        h2 { "Charts" }
+        (layout::live("charts", charts))
+    };
+    Ok(layout::page(&op, Nav::Clients, &client.name, &notice, body))
 }

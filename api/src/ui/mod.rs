@@ -9,13 +9,15 @@
 //! - [`actions`]: the one endpoint dashboard forms post to, and the action log;
 //! - [`events`]: live updates over SSE;
 //! - one module per page: [`overview`], [`batches`], [`queues`], [`workers`], [`dead`],
-//!   [`clients`], [`schema`] (a client's schema and its versions);
+//!   [`clients`] (and a client's own page), [`schema`] (a client's schema and its versions);
+//! - [`charts`]: the throughput, latency and queue-depth charts, drawn as SVG;
 //! - [`layout`]: the page shell and view helpers; [`form`]: form bodies;
 //!   [`errors`]: error answers as pages; [`assets`]: the stylesheet and script.
 
 mod actions;
 mod assets;
 mod batches;
+mod charts;
 mod clients;
 mod csrf;
 mod dead;
@@ -51,6 +53,7 @@ pub fn router(state: AppState) -> Router<AppState> {
         .route("/workers", get(workers::page))
         .route("/dead", get(dead::page))
         .route("/clients", get(clients::page))
+        .route("/clients/{id}", get(clients::detail))
         .route("/clients/{id}/schema", get(schema::page))
         .route("/actions", get(actions::log).post(actions::perform))
         .route("/events", get(events::stream))

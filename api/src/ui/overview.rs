@@ -1,6 +1,6 @@
 //! `/ui`: what the system is doing now — throughput and latency over the last five
-//! minutes and hour, what waits in each queue, how events reach workers, and a feed of
-//! live updates.
+//! minutes and hour, what waits in each queue, how events reach workers, the fleet's
+//! charts over the last hour and day, and a feed of live updates.
 
 use std::time::Duration;
 
@@ -45,6 +45,7 @@ pub async fn page(
     let recent = b.db.throughput(5 * MINUTE_MS).await?;
     let hour = b.db.throughput(60 * MINUTE_MS).await?;
     let depths = b.db.queue_depths().await?;
+    let charts = super::charts::section(&b.db, None).await?;
     let workers = b.fleet.list().await?;
     let mode = b.mode.borrow().as_str();
     let redis = match &b.redis {
@@ -77,6 +78,8 @@ pub async fn page(
             h2 { "Queue depth" }
             (super::queues::depth_table(&depths))
         }))
+        h2 { "Charts" }
+        (layout::live("charts", charts))
         section.feed {
             h2 { "Live updates" }
             ol #feed { li.empty { "Waiting for changes… (this list fills while the page is open)" } }

@@ -23,12 +23,14 @@
 //! [`queues`] (depth and age of everything waiting), [`operator`] (the dashboard's
 //! cross-client batch search and throughput), [`actions`] (the dashboard's action log),
 //! [`leases`] (named leases on the ledger's clock: the fleet leader, the outbox relay),
-//! [`summaries`] (the daily per-client summaries), [`commits`] (what a commit wakes in
+//! [`summaries`] (the daily per-client summaries), [`charts`] (the minute samples the
+//! dashboard's charts draw), [`commits`] (what a commit wakes in
 //! this process); and for SQLite, `gate` (writers queued, across processes too) and
 //! `flush` (commits put on disk little and often, and the group commit of answers).
 
 pub mod actions;
 pub mod batches;
+pub mod charts;
 mod chunk_writes;
 pub mod clients;
 pub mod commits;

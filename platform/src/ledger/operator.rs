@@ -48,7 +48,14 @@ pub struct Throughput {
 }
 
 /// Completions read for the latency percentiles; beyond this the newest are used.
-const LATENCY_SAMPLE: i64 = 10_000;
+pub(crate) const LATENCY_SAMPLE: i64 = 10_000;
+
+/// The `q`th percentile of `sorted` by nearest rank (the smallest value with at least
+/// `q`% of them at or below it); `None` when it is empty.
+pub(crate) fn percentile(sorted: &[u64], q: usize) -> Option<u64> {
+    let rank = (sorted.len() * q).div_ceil(100).max(1);
+    sorted.get(rank - 1).copied()
+}
 
 impl Db {
     /// Batches matching `filter`, newest first, after `cursor`; the next page's cursor.
@@ -109,13 +116,8 @@ impl Db {
         }
         t.completed = latencies.len() as u64;
         latencies.sort_unstable();
-        let at = |q: usize| {
-            latencies
-                .get((latencies.len() * q / 100).min(latencies.len().saturating_sub(1)))
-                .copied()
-        };
-        t.latency_p50_ms = at(50);
-        t.latency_p95_ms = at(95);
+        t.latency_p50_ms = percentile(&latencies, 50);
+        t.latency_p95_ms = percentile(&latencies, 95);
         t.latency_max_ms = latencies.last().copied();
         let dead: i64 = sqlx::query_scalar(
             "SELECT COUNT(*) FROM batches WHERE status = 'dead' AND updated_at >= $1",
@@ -125,5 +127,20 @@ impl Db {
         .await?;
         t.dead = count(dead);
         Ok(t)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::percentile;
+
+    #[test]
+    fn percentiles_by_nearest_rank() {
+        assert_eq!(percentile(&[], 50), None);
+        assert_eq!(percentile(&[7], 99), Some(7));
+        assert_eq!(percentile(&[1, 2, 3, 4], 50), Some(2));
+        assert_eq!(percentile(&[1, 2, 3, 4], 51), Some(3));
+        assert_eq!(percentile(&[1, 2, 3, 4], 100), Some(4));
+        assert_eq!(percentile(&[1, 2, 3, 4], 0), Some(1));
     }
 }

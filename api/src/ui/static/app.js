@@ -1,6 +1,7 @@
 // DataFlow dashboard: live updates over SSE. Every page works without this file; with it,
-// the regions marked data-refresh are re-read from the server when something changes, the
-// overview's feed lists the updates, and bulk forms get a "select all".
+// the regions marked data-refresh are re-read from the server when something changes (and
+// pages with charts each minute), the overview's feed lists the updates, and bulk forms get
+// a "select all".
 (function () {
   'use strict';
   var status = document.getElementById('live-status');
@@ -88,6 +89,8 @@
       source.close();
       location.assign('/ui/login');
     });
+    // Charts move on with the clock even when nothing changes: a new minute each minute.
+    if (document.querySelector('[data-refresh] svg.chart')) setInterval(schedule, 60000);
     // Leaving the page closes the stream at once: a browser allows only a few connections
     // per server, and a stream left to linger would hold one.
     window.addEventListener('pagehide', function () { source.close(); });
