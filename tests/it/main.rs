@@ -27,6 +27,7 @@ mod records;
 mod redis;
 mod retention;
 mod schemas;
+mod traces;
 mod typed;
 mod ui;
 mod uploads;

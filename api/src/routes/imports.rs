@@ -23,6 +23,7 @@ use dataflow_platform::domain::records::{self, Limits, Summary};
 use dataflow_platform::domain::schema::Schema;
 use dataflow_platform::guards::dedup::DedupClaim;
 use dataflow_platform::ledger::payloads::PART_BYTES;
+use dataflow_platform::traces;
 use dataflow_platform::ledger::{
     Db, IdempotencyClaim, IdempotencyStart, NewImport, NewUpload, PartsReader, Payload,
     SubmitOutcome, UploadCreated, UploadKind,
@@ -650,6 +651,7 @@ async fn decide(
         };
     }
     let summary = &file.summary;
+    let traceparent = traces::current();
     let new = NewImport {
         client_id: &p.client.id,
         format: file.format,
@@ -662,6 +664,7 @@ async fn decide(
         schema_version: p.client.schema.as_ref().map(|s| s.version),
         priority,
         idempotency,
+        traceparent: traceparent.as_deref(),
     };
     let outcome = db.submit_import(&new).await?;
     match outcome {

@@ -54,6 +54,7 @@ pub use gate::{Tx, Writer};
 pub use imports::{IdempotencyClaim, IdempotencyStart, NewImport, Payload, SubmitOutcome};
 pub use jobs::{Failure, Handover, JobFilter};
 pub use operator::{BatchFilter, BatchRow, Throughput};
+pub(crate) use outbox::Outgoing;
 pub use outbox::OutboxRow;
 pub use payloads::{
     ClientStorage, ExpiredPayloads, NewUpload, PartsReader, Upload, UploadCreated, UploadKind,
