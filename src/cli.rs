@@ -312,13 +312,16 @@ pub fn init_process() -> Option<Exporter> {
     };
     let Some(exporter) = exporter else {
         // No exporter, no layer: the subscriber is the one a process without traces had.
-        fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+        fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .init();
         return None;
     };
     // Each layer filters for itself: the log level does not thin out the traces, which
     // take DataFlow's own spans (from its crates, all named `dataflow…`) and no library's.
-    let spans = tracing_subscriber::filter::Targets::new()
-        .with_target("dataflow", tracing::Level::INFO);
+    let spans =
+        tracing_subscriber::filter::Targets::new().with_target("dataflow", tracing::Level::INFO);
     tracing_subscriber::registry()
         .with(
             fmt::layer()

@@ -188,7 +188,10 @@ async fn track(req: Request, next: Next) -> Response {
     );
     let started = std::time::Instant::now();
     let resp = next.run(req).instrument(span.clone()).await;
-    span.record("http.response.status_code", u64::from(resp.status().as_u16()));
+    span.record(
+        "http.response.status_code",
+        u64::from(resp.status().as_u16()),
+    );
     if resp.status().is_server_error() {
         span.record("otel.status_code", "ERROR");
     }

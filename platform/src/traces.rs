@@ -79,7 +79,9 @@ impl Exporter {
     }
 
     /// The layer that turns this process's `tracing` spans into exported spans.
-    pub fn layer<S>(&self) -> tracing_opentelemetry::OpenTelemetryLayer<S, opentelemetry_sdk::trace::SdkTracer>
+    pub fn layer<S>(
+        &self,
+    ) -> tracing_opentelemetry::OpenTelemetryLayer<S, opentelemetry_sdk::trace::SdkTracer>
     where
         S: Subscriber + for<'a> LookupSpan<'a>,
     {

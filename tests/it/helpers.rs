@@ -120,6 +120,8 @@ impl TestApp {
     /// The handle of a `dataflow serve` process the test started on `config`, listening on
     /// `config.listen`: the same typed client, and a ledger handle of the test's own.
     pub async fn attach(config: Config, test_db: TestDb) -> TestApp {
+        // No backends are built in this process to install it.
+        dataflow_platform::install_crypto_provider();
         let db = dataflow_platform::backends::open_ledger(&config)
             .await
             .expect("open the ledger");

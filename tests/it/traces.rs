@@ -134,6 +134,7 @@ fn spawn(
     service: &str,
     receiver: &Receiver,
 ) -> Spawned {
+    std::fs::create_dir_all(&config.data_dir).unwrap();
     let log = std::fs::File::create(config.data_dir.join(format!("{role}.log"))).unwrap();
     let child = dataflow_command(config, role, role, Some(log))
         .env("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.endpoint())
@@ -192,7 +193,11 @@ async fn one_import_is_one_trace_from_the_request_to_the_webhook() {
             ..Default::default()
         };
         let declared = ch
-            .queue_declare(names.ready_queue.as_str().into(), passive, FieldTable::default())
+            .queue_declare(
+                names.ready_queue.as_str().into(),
+                passive,
+                FieldTable::default(),
+            )
             .await;
         if declared.is_ok_and(|q| q.consumer_count() >= 1) {
             break;
@@ -267,10 +272,7 @@ async fn one_import_is_one_trace_from_the_request_to_the_webhook() {
         .expect("the webhook's traceparent names a span of the trace");
     assert_eq!((post.name.as_str(), post.kind), ("POST", SpanKind::Client));
     // Broker spans follow the messaging conventions.
-    let publish = spans
-        .iter()
-        .find(|s| s.kind == SpanKind::Producer)
-        .unwrap();
+    let publish = spans.iter().find(|s| s.kind == SpanKind::Producer).unwrap();
     assert_eq!(publish.attributes["messaging.system"], "rabbitmq");
     assert_eq!(publish.attributes["messaging.operation.type"], "publish");
     assert_eq!(
@@ -292,10 +294,7 @@ async fn one_import_is_one_trace_from_the_request_to_the_webhook() {
         .find(|s| s.span_id == delivery.parent_id)
         .unwrap();
     assert_eq!(parent_of_delivery.kind, SpanKind::Producer);
-    let job = spans
-        .iter()
-        .find(|s| s.name == "process webhook")
-        .unwrap();
+    let job = spans.iter().find(|s| s.name == "process webhook").unwrap();
     assert_eq!(job.attributes["messaging.system"], "redis");
 
     // Logs of the worker lead to the trace.

@@ -124,14 +124,12 @@ fn delivery_span(queue: &str, delivery: &Delivery) -> tracing::Span {
         delivery_tag = delivery.delivery_tag,
         redelivered = delivery.redelivered,
     );
-    let traceparent = delivery
-        .properties
-        .headers()
-        .as_ref()
-        .and_then(|headers| match headers.inner().get(traces::TRACEPARENT) {
+    let traceparent = delivery.properties.headers().as_ref().and_then(|headers| {
+        match headers.inner().get(traces::TRACEPARENT) {
             Some(AMQPValue::LongString(value)) => std::str::from_utf8(value.as_bytes()).ok(),
             _ => None,
-        });
+        }
+    });
     traces::follow(&span, traceparent);
     span
 }

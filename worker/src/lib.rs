@@ -550,7 +550,10 @@ impl Worker {
             otel.status_code = tracing::field::Empty,
         );
         traces::follow(&span, lease.traceparent.as_deref());
-        let outcome = self.process_in(lease, release).instrument(span.clone()).await;
+        let outcome = self
+            .process_in(lease, release)
+            .instrument(span.clone())
+            .await;
         if matches!(outcome, Outcome::Retrying { .. } | Outcome::Dead) {
             span.record("otel.status_code", "ERROR");
         }

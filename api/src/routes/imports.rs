@@ -23,11 +23,11 @@ use dataflow_platform::domain::records::{self, Limits, Summary};
 use dataflow_platform::domain::schema::Schema;
 use dataflow_platform::guards::dedup::DedupClaim;
 use dataflow_platform::ledger::payloads::PART_BYTES;
-use dataflow_platform::traces;
 use dataflow_platform::ledger::{
     Db, IdempotencyClaim, IdempotencyStart, NewImport, NewUpload, PartsReader, Payload,
     SubmitOutcome, UploadCreated, UploadKind,
 };
+use dataflow_platform::traces;
 use sha2::digest::common::hazmat::SerializableState;
 use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;

@@ -260,13 +260,9 @@ impl WebhookSender {
         if let Some(traceparent) = traceparent {
             request = request.header(traces::TRACEPARENT, traceparent);
         }
-        let response = request
-            .body(body)
-            .send()
-            .await
-            .map_err(|e| {
-                DeliveryError::Failed(format!("webhook request failed: {}", error_chain(&e)))
-            })?;
+        let response = request.body(body).send().await.map_err(|e| {
+            DeliveryError::Failed(format!("webhook request failed: {}", error_chain(&e)))
+        })?;
         let status = response.status();
         if status.is_success() {
             Ok(status.as_u16())

@@ -135,7 +135,11 @@ impl Db {
     /// Writes the intents each event asks for under its policy (the client's stored one
     /// when `None`) inside the caller's transaction, all in one statement. Each job
     /// continues its event's trace.
-    pub(crate) async fn write_job_intents(&self, tx: &mut Tx, events: &[Outgoing<'_>]) -> Result<()> {
+    pub(crate) async fn write_job_intents(
+        &self,
+        tx: &mut Tx,
+        events: &[Outgoing<'_>],
+    ) -> Result<()> {
         let mut jobs: Vec<(&Outgoing<'_>, JobSpec)> = Vec::new();
         for outgoing in events {
             let event = outgoing.event;

@@ -54,8 +54,8 @@ pub use gate::{Tx, Writer};
 pub use imports::{IdempotencyClaim, IdempotencyStart, NewImport, Payload, SubmitOutcome};
 pub use jobs::{Failure, Handover, JobFilter};
 pub use operator::{BatchFilter, BatchRow, Throughput};
-pub(crate) use outbox::Outgoing;
 pub use outbox::OutboxRow;
+pub(crate) use outbox::Outgoing;
 pub use payloads::{
     ClientStorage, ExpiredPayloads, NewUpload, PartsReader, Upload, UploadCreated, UploadKind,
     human_bytes,
