@@ -162,24 +162,30 @@ pub fn ops_router(state: AppState) -> Router {
 }
 
 /// Counts every request by method, matched route (never the raw path: ids would make a
-/// series per batch) and status, and times it. Each request is a server span named by its
-/// method and route, continuing the caller's trace when the request carries a
-/// `traceparent`.
+/// series per batch) and status, and times it. While traces are exported, each request is
+/// a server span named by its method and route, continuing the caller's trace when the
+/// request carries a `traceparent`.
 async fn track(req: Request, next: Next) -> Response {
     let route = req
         .extensions()
         .get::<MatchedPath>()
         .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
     let method = req.method().as_str().to_owned();
-    let span = tracing::info_span!(
-        "http.request",
-        otel.name = %format_args!("{method} {route}"),
-        otel.kind = "server",
-        http.request.method = %method,
-        http.route = %route,
-        http.response.status_code = tracing::field::Empty,
-        otel.status_code = tracing::field::Empty,
-    );
+    // Only for the exporter: a span per request would add nothing to the logs but its
+    // fields on every line, and its cost to every request.
+    let span = if traces::exporting() {
+        tracing::info_span!(
+            "http.request",
+            otel.name = %format_args!("{method} {route}"),
+            otel.kind = "server",
+            http.request.method = %method,
+            http.route = %route,
+            http.response.status_code = tracing::field::Empty,
+            otel.status_code = tracing::field::Empty,
+        )
+    } else {
+        tracing::Span::none()
+    };
     traces::follow(
         &span,
         req.headers()

@@ -101,6 +101,11 @@ impl Exporter {
     }
 }
 
+/// Whether this process exports traces.
+pub fn exporting() -> bool {
+    EXPORTING.load(Ordering::Relaxed)
+}
+
 /// The `traceparent` of the current span, to carry to the next hop; `None` when traces are
 /// not exported (or no span is current).
 pub fn current() -> Option<String> {
@@ -109,7 +114,7 @@ pub fn current() -> Option<String> {
 
 /// The `traceparent` of `span`, as [`current`].
 pub fn of(span: &tracing::Span) -> Option<String> {
-    if !EXPORTING.load(Ordering::Relaxed) {
+    if !exporting() {
         return None;
     }
     let cx = span.context();
@@ -125,7 +130,7 @@ pub fn of(span: &tracing::Span) -> Option<String> {
 /// entered: a started span keeps its parent. A missing or malformed `traceparent` leaves
 /// the span where it is (under the current span, or the root of a new trace).
 pub fn follow(span: &tracing::Span, traceparent: Option<&str>) {
-    let Some(traceparent) = traceparent.filter(|_| EXPORTING.load(Ordering::Relaxed)) else {
+    let Some(traceparent) = traceparent.filter(|_| exporting()) else {
         return;
     };
     let cx = TraceContextPropagator::new().extract(&Carried(Some(traceparent.to_owned())));
