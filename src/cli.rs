@@ -20,6 +20,7 @@ use dataflow_contracts::{ClientId, Policy};
 use dataflow_platform::backends::Operator;
 use dataflow_platform::domain::keys::KeyHasher;
 use dataflow_platform::ledger::Db;
+use dataflow_platform::traces::{Exporter, WithTraceIds};
 use dataflow_platform::{Backends, Config};
 
 #[derive(Parser, Debug)]
@@ -288,17 +289,49 @@ pub fn load_config(cli: &Cli) -> anyhow::Result<Config> {
 ///
 /// What every `dataflow` process (and the benchmarks) sets up before anything else: the
 /// one TLS crypto provider, and logs to stderr filtered by `DATAFLOW_LOG`, else `RUST_LOG`,
-/// else `info`.
-pub fn init_process() {
+/// else `info`. With an OTLP endpoint set (`OTEL_EXPORTER_OTLP_ENDPOINT`), DataFlow's spans
+/// are exported as traces too and each log line inside one names its trace and span; the
+/// exporter returned is shut down at the end of the process, to send what it still holds.
+pub fn init_process() -> Option<Exporter> {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::{Layer, fmt};
+
     dataflow_platform::memory::return_freed_memory_promptly();
     dataflow_platform::install_crypto_provider();
     let spec = std::env::var("DATAFLOW_LOG")
         .or_else(|_| std::env::var("RUST_LOG"))
         .ok();
-    tracing_subscriber::fmt()
-        .with_env_filter(log_filter(spec.as_deref()))
-        .with_writer(std::io::stderr)
+    let filter = log_filter(spec.as_deref());
+    let exporter = match Exporter::start() {
+        Ok(exporter) => exporter,
+        Err(e) => {
+            eprintln!("traces are not exported: {}", one_line(&e.into()));
+            None
+        }
+    };
+    let Some(exporter) = exporter else {
+        // No exporter, no layer: the subscriber is the one a process without traces had.
+        fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .init();
+        return None;
+    };
+    // Each layer filters for itself: the log level does not thin out the traces, which
+    // take DataFlow's own spans (from its crates, all named `dataflow…`) and no library's.
+    let spans =
+        tracing_subscriber::filter::Targets::new().with_target("dataflow", tracing::Level::INFO);
+    tracing_subscriber::registry()
+        .with(
+            fmt::layer()
+                .event_format(WithTraceIds(fmt::format()))
+                .with_writer(std::io::stderr)
+                .with_filter(filter),
+        )
+        .with(exporter.layer().with_filter(spans))
         .init();
+    Some(exporter)
 }
 
 /// lapin warns with the whole message of every event the broker returns unroutable, and a

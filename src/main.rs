@@ -12,12 +12,15 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    cli::init_process();
+    let traces = cli::init_process();
     let ran = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .map_err(anyhow::Error::from)
         .and_then(|runtime| runtime.block_on(run(cli)));
+    if let Some(traces) = traces {
+        traces.shutdown();
+    }
     match ran {
         Ok(()) => ExitCode::SUCCESS,
         // The message and its causes on one line, for the person at the terminal; no

@@ -577,6 +577,7 @@ fn ready_row() -> anyhow::Result<OutboxRow> {
         event_type: env.event.kind().to_owned(),
         routing_key: READY_KEY.to_owned(),
         body: serde_json::to_string(&env)?,
+        traceparent: None,
     })
 }
 

@@ -48,8 +48,11 @@ enum Bench {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    dataflow::cli::init_process();
-    tokio::runtime::Builder::new_multi_thread()
+    // Traces as a `dataflow` process exports them, so `bench ingest` and `bench jobs` run
+    // with an OTLP endpoint set show what exporting costs (and without one, that it costs
+    // nothing).
+    let traces = dataflow::cli::init_process();
+    let ran = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?
         .block_on(async {
@@ -65,5 +68,9 @@ fn main() -> anyhow::Result<()> {
                 Bench::Growth(args) => dataflow_bench::growth::run(args).await,
                 Bench::Hello { listen } => dataflow_bench::submit::hello(listen).await,
             }
-        })
+        });
+    if let Some(traces) = traces {
+        traces.shutdown();
+    }
+    ran
 }

@@ -146,6 +146,10 @@ pub struct JobMessage {
     pub epoch: u64,
     /// The [`JobSpec`] as stored; decoded by the handler, so a queue never re-encodes it.
     pub spec: Box<RawValue>,
+    /// The W3C trace context the job's run continues (the completion that asked for it);
+    /// absent when traces are off, and in messages written before it existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<String>,
 }
 
 impl JobMessage {

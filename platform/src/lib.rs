@@ -14,6 +14,7 @@
 //!   fleet) and [`dashboard`] (live updates, sessions).
 //! - [`effects`]: what jobs do outside: mail, webhooks, reports.
 //! - [`telemetry`]: the Prometheus recorder and the gauges refreshed on each scrape;
+//!   [`traces`]: OpenTelemetry traces and the trace context carried from hop to hop;
 //!   [`memory`]: how a process gives memory back.
 
 pub mod backends;
@@ -31,6 +32,7 @@ pub mod ledger;
 pub mod memory;
 pub mod redis;
 pub mod telemetry;
+pub mod traces;
 
 pub use backends::Backends;
 pub use config::Config;

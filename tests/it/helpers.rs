@@ -117,6 +117,29 @@ impl TestApp {
         }
     }
 
+    /// The handle of a `dataflow serve` process the test started on `config`, listening on
+    /// `config.listen`: the same typed client, and a ledger handle of the test's own.
+    pub async fn attach(config: Config, test_db: TestDb) -> TestApp {
+        // No backends are built in this process to install it.
+        dataflow_platform::install_crypto_provider();
+        let db = dataflow_platform::backends::open_ledger(&config)
+            .await
+            .expect("open the ledger");
+        let http = reqwest::Client::builder()
+            .no_proxy()
+            .build()
+            .expect("http client");
+        TestApp {
+            app: None,
+            addr: config.listen,
+            ops_addr: None,
+            http,
+            db,
+            config,
+            _test_db: Some(test_db),
+        }
+    }
+
     /// A second process on the same database and Redis prefix (stop it before this one).
     pub async fn sibling(&self, roles: Roles) -> TestApp {
         self.sibling_with(roles, |_| {}).await

@@ -377,6 +377,7 @@ async fn idempotency_key_replays_conflicts_and_mismatches(b: Backend) {
         schema_version: None,
         priority: Priority::Normal,
         idempotency: Some(&stale_claim),
+        traceparent: None,
     };
     assert!(matches!(
         t.db.submit_import(&slow).await.unwrap(),
@@ -636,6 +637,7 @@ async fn submits_that_meet_share_a_commit_and_keep_their_own_outcomes(b: Backend
             schema_version: None,
             priority: Priority::Normal,
             idempotency: None,
+            traceparent: None,
         })
         .collect();
     let outcomes =

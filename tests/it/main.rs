@@ -29,6 +29,7 @@ mod redis;
 mod redis_cluster;
 mod retention;
 mod schemas;
+mod traces;
 mod typed;
 mod ui;
 mod uploads;

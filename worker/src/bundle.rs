@@ -16,8 +16,10 @@ use std::sync::atomic::Ordering;
 use dataflow_contracts::live::LiveKind;
 use dataflow_platform::domain::prepare::Chunk;
 use dataflow_platform::ledger::Lease;
+use dataflow_platform::traces;
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::budget::Budget;
 use crate::chunks::Handed;
@@ -38,8 +40,12 @@ impl Worker {
         let alone = if leases.len() > 1 {
             let worker = self.clone();
             let bundle = leases.clone();
+            // One commit for the bundle: its span continues the first member's trace.
+            let span = tracing::info_span!("bundle", batches = bundle.len());
+            traces::follow(&span, bundle[0].traceparent.as_deref());
+            let together = async move { worker.complete_together(bundle).await }.instrument(span);
             // A panic in the shared part ends it, not the worker: every batch goes alone.
-            match tokio::spawn(async move { worker.complete_together(bundle).await }).await {
+            match tokio::spawn(together).await {
                 Ok(left) => left,
                 Err(e) => {
                     tracing::error!(error = %e, "a bundle's shared commit panicked; its batches go one at a time");

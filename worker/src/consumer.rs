@@ -23,10 +23,13 @@ use std::time::Duration;
 
 use dataflow_contracts::events::{ENVELOPE_VERSION, Envelope, Event};
 use dataflow_platform::broker::Broker;
+use dataflow_platform::traces;
 use futures::StreamExt;
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicNackOptions};
+use lapin::types::AMQPValue;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::{BatchClaim, Worker};
 
@@ -69,7 +72,10 @@ pub async fn run(worker: Worker, broker: Arc<Broker>, shutdown: CancellationToke
             match next {
                 Some(Ok(delivery)) => {
                     let (worker, shutdown) = (worker.clone(), shutdown.clone());
-                    handling.spawn(async move { handle(&worker, delivery, &shutdown).await });
+                    let span = delivery_span(&broker.names().ready_queue, &delivery);
+                    handling.spawn(
+                        async move { handle(&worker, delivery, &shutdown).await }.instrument(span),
+                    );
                 }
                 Some(Err(e)) => {
                     tracing::warn!(error = %e, "batch.ready consumer failed; reopening");
@@ -103,7 +109,31 @@ enum Verdict {
     DeadLetter,
 }
 
-#[tracing::instrument(skip_all, fields(delivery_tag = delivery.delivery_tag, redelivered = delivery.redelivered))]
+/// The consumer span of one delivery (OpenTelemetry messaging conventions), continuing the
+/// trace of the publish that sent it (the message's `traceparent` header).
+fn delivery_span(queue: &str, delivery: &Delivery) -> tracing::Span {
+    let span = tracing::info_span!(
+        "amqp.process",
+        otel.name = %format_args!("process {queue}"),
+        otel.kind = "consumer",
+        "messaging.system" = "rabbitmq",
+        "messaging.operation.type" = "process",
+        "messaging.destination.name" = queue,
+        "messaging.rabbitmq.destination.routing_key" = delivery.routing_key.as_str(),
+        "messaging.message.id" = delivery.properties.message_id().as_ref().map(|id| id.as_str()),
+        delivery_tag = delivery.delivery_tag,
+        redelivered = delivery.redelivered,
+    );
+    let traceparent = delivery.properties.headers().as_ref().and_then(|headers| {
+        match headers.inner().get(traces::TRACEPARENT) {
+            Some(AMQPValue::LongString(value)) => std::str::from_utf8(value.as_bytes()).ok(),
+            _ => None,
+        }
+    });
+    traces::follow(&span, traceparent);
+    span
+}
+
 async fn handle(worker: &Worker, delivery: Delivery, shutdown: &CancellationToken) {
     let verdict = match ready_batch(&delivery.data) {
         Err(why) => {
@@ -120,7 +150,14 @@ async fn handle(worker: &Worker, delivery: Delivery, shutdown: &CancellationToke
                 // Shutting down: the broker redelivers it to another worker.
                 return;
             };
-            match worker.claim_delivered(&env.batch_id, &slot).await {
+            // The claim takes the fair share's next batch, which need not be this one: the
+            // batch it took continues its own trace when it is processed.
+            let claim = tracing::info_span!("claim", batch_id = %env.batch_id);
+            match worker
+                .claim_delivered(&env.batch_id, &slot)
+                .instrument(claim)
+                .await
+            {
                 Ok(BatchClaim::Taken(leases)) => {
                     worker.stats.delivery_claims.fetch_add(1, Ordering::Relaxed);
                     worker.spawn_process(leases, slot);

@@ -40,6 +40,7 @@ use dataflow_platform::dashboard::live::LiveBus;
 use dataflow_platform::domain::compiled::CompiledSchemas;
 use dataflow_platform::events::Mode;
 use dataflow_platform::ledger::{Bundle, ChunkResult, Claimable, Db, FailOutcome, Lease};
+use dataflow_platform::traces;
 
 use crate::budget::Budget;
 use crate::chunks::{Chunks, Handed, Source};
@@ -47,6 +48,7 @@ use dataflow_platform::{Error, Result};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, broadcast, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tracing::Instrument;
 
 /// What happened to one batch.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -470,9 +472,25 @@ impl Worker {
     }
 
     /// Commits the next chunk; the last one completes the batch in the same transaction
-    /// (as does a step on a batch with no chunk left).
+    /// (as does a step on a batch with no chunk left). A step is a span, from the chunk's
+    /// preparation to its commit; a completion is a span of its own inside it.
     pub async fn step(&self, run: &mut BatchRun) -> Result<Step> {
-        match self.next_chunk(&run.lease, &mut run.chunks).await? {
+        let span = tracing::info_span!(
+            "chunk",
+            records = tracing::field::Empty,
+            checkpoint = tracing::field::Empty,
+        );
+        self.step_in(run, &span).instrument(span.clone()).await
+    }
+
+    async fn step_in(&self, run: &mut BatchRun, span: &tracing::Span) -> Result<Step> {
+        let completion = || tracing::info_span!("complete", batch_id = %run.lease.batch_id);
+        let next = self.next_chunk(&run.lease, &mut run.chunks).await?;
+        if let Some(Handed::Chunk { chunk, .. }) = &next {
+            span.record("records", chunk.records.len() as u64 + chunk.failed);
+            span.record("checkpoint", chunk.checkpoint);
+        }
+        match next {
             Some(Handed::Refused {
                 reason,
                 failed,
@@ -483,14 +501,22 @@ impl Worker {
                     .await?;
                 Ok(Step::Refused(reason))
             }
-            None => Ok(Step::Completed(self.db.complete_batch(&run.lease).await?)),
+            None => Ok(Step::Completed(
+                self.db
+                    .complete_batch(&run.lease)
+                    .instrument(completion())
+                    .await?,
+            )),
             // The room goes back once the chunk is committed (or its commit failed).
             Some(Handed::Chunk {
                 chunk,
                 last: true,
                 room: _room,
             }) => Ok(Step::Completed(
-                self.db.commit_last_chunk(&run.lease, &chunk).await?,
+                self.db
+                    .commit_last_chunk(&run.lease, &chunk)
+                    .instrument(completion())
+                    .await?,
             )),
             Some(Handed::Chunk {
                 chunk,
@@ -516,9 +542,27 @@ impl Worker {
     }
 
     /// Processes a claimed batch to its end. `release` asks to stop at the next chunk
-    /// boundary and hand the batch back.
-    #[tracing::instrument(skip_all, fields(batch_id = %lease.batch_id, attempt = lease.attempts))]
+    /// boundary and hand the batch back. Its span continues the submit's trace, whichever
+    /// way the batch was claimed.
     pub async fn process(&self, lease: Lease, release: &CancellationToken) -> Outcome {
+        let span = tracing::info_span!(
+            "process",
+            batch_id = %lease.batch_id,
+            attempt = lease.attempts,
+            otel.status_code = tracing::field::Empty,
+        );
+        traces::follow(&span, lease.traceparent.as_deref());
+        let outcome = self
+            .process_in(lease, release)
+            .instrument(span.clone())
+            .await;
+        if matches!(outcome, Outcome::Retrying { .. } | Outcome::Dead) {
+            span.record("otel.status_code", "ERROR");
+        }
+        outcome
+    }
+
+    async fn process_in(&self, lease: Lease, release: &CancellationToken) -> Outcome {
         if lease.takeovers > self.config.max_takeovers {
             // Its holders died or stalled mid-batch every time: a poison batch.
             let error = AttemptError {
@@ -545,8 +589,10 @@ impl Worker {
         let task_lease = lease.clone();
         let release = release.clone();
         // A panic in processing must end the attempt, not the worker.
-        let joined =
-            tokio::spawn(async move { worker.run_batch(task_lease, &release).await }).await;
+        let joined = tokio::spawn(
+            async move { worker.run_batch(task_lease, &release).await }.in_current_span(),
+        )
+        .await;
         let result = joined.unwrap_or_else(|e| {
             Err(AttemptError {
                 message: format!("processing panicked: {}", panic_message(e)),

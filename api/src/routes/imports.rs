@@ -27,6 +27,7 @@ use dataflow_platform::ledger::{
     Db, IdempotencyClaim, IdempotencyStart, NewImport, NewUpload, PartsReader, Payload,
     SubmitOutcome, UploadCreated, UploadKind,
 };
+use dataflow_platform::traces;
 use sha2::digest::common::hazmat::SerializableState;
 use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
@@ -650,6 +651,7 @@ async fn decide(
         };
     }
     let summary = &file.summary;
+    let traceparent = traces::current();
     let new = NewImport {
         client_id: &p.client.id,
         format: file.format,
@@ -662,6 +664,7 @@ async fn decide(
         schema_version: p.client.schema.as_ref().map(|s| s.version),
         priority,
         idempotency,
+        traceparent: traceparent.as_deref(),
     };
     let outcome = db.submit_import(&new).await?;
     match outcome {

@@ -11,12 +11,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use lapin::options::BasicPublishOptions;
+use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Confirmation, PublisherConfirm};
 use tokio::time::Instant;
 
 use super::topology::READY_KEY;
 use super::{Broker, Link};
-use crate::{Error, Result};
+use crate::{Error, Result, traces};
 
 /// One event as it goes on the wire.
 #[derive(Debug, Clone, Copy)]
@@ -28,6 +29,8 @@ pub struct Message<'a> {
     pub routing_key: &'a str,
     /// The JSON envelope.
     pub body: &'a str,
+    /// The trace context it travels in (the `traceparent` header), if any.
+    pub traceparent: Option<&'a str>,
 }
 
 impl Message<'_> {
@@ -43,6 +46,17 @@ impl Message<'_> {
             .with_content_type("application/json".into())
             .with_message_id(self.id.into())
             .with_type(self.kind.into());
+        let props = match self.traceparent {
+            Some(traceparent) => {
+                let mut headers = FieldTable::default();
+                headers.insert(
+                    traces::TRACEPARENT.into(),
+                    AMQPValue::LongString(traceparent.into()),
+                );
+                props.with_headers(headers)
+            }
+            None => props,
+        };
         (options, props)
     }
 }
@@ -105,12 +119,18 @@ impl Sender<'_> {
     /// that order on the wire; the write is awaited later, just before its confirm. A lapin
     /// that awaited first would reorder messages, which the test relaying a backlog through
     /// a small confirm window checks.
+    ///
+    /// A message with a trace context is published in a producer span of that trace, which
+    /// lasts until the broker's confirm, and travels with the span's own context.
     pub async fn send(&self, message: Message<'_>) -> Result<Pending> {
-        let mut write: Write = Box::pin(publish(
-            &self.link.publisher,
-            &self.broker.names.exchange,
-            message,
-        ));
+        let exchange = &self.broker.names.exchange;
+        let span = publish_span(exchange, &message);
+        let carried = traces::of(&span);
+        let message = Message {
+            traceparent: carried.as_deref().or(message.traceparent),
+            ..message
+        };
+        let mut write: Write = Box::pin(publish(&self.link.publisher, exchange, message));
         let stage = match futures::poll!(write.as_mut()) {
             std::task::Poll::Pending => Stage::Writing(write),
             std::task::Poll::Ready(Ok(confirm)) => Stage::Confirming(confirm),
@@ -121,6 +141,7 @@ impl Sender<'_> {
         Ok(Pending {
             deadline: Instant::now() + self.confirm_timeout(),
             stage,
+            span,
         })
     }
 
@@ -140,10 +161,32 @@ enum Stage {
     Confirming(PublisherConfirm),
 }
 
-/// A publish awaiting its confirm.
+/// The producer span of one publish (OpenTelemetry messaging conventions), continuing the
+/// trace its event was written in; none for an event written outside any trace.
+fn publish_span(exchange: &str, message: &Message<'_>) -> tracing::Span {
+    let Some(traceparent) = message.traceparent else {
+        return tracing::Span::none();
+    };
+    let span = tracing::info_span!(
+        "amqp.publish",
+        otel.name = %format_args!("publish {exchange}"),
+        otel.kind = "producer",
+        otel.status_code = tracing::field::Empty,
+        "messaging.system" = "rabbitmq",
+        "messaging.operation.type" = "publish",
+        "messaging.destination.name" = exchange,
+        "messaging.rabbitmq.destination.routing_key" = message.routing_key,
+        "messaging.message.id" = message.id,
+    );
+    traces::follow(&span, Some(traceparent));
+    span
+}
+
+/// A publish awaiting its confirm; its span (if traced) ends when it is dropped.
 pub struct Pending {
     deadline: Instant,
     stage: Stage,
+    span: tracing::Span,
 }
 
 /// Why a publish did not count.
@@ -172,9 +215,9 @@ impl Pending {
     pub async fn confirmed(&mut self) -> std::result::Result<Option<Returned>, Unconfirmed> {
         let answer = tokio::time::timeout_at(self.deadline, self.confirmation()).await;
         let returned = match answer {
-            Err(_) => return Err(Unconfirmed::TimedOut),
-            Ok(Err(e)) => return Err(Unconfirmed::Link(e)),
-            Ok(Ok(Confirmation::Nack(_))) => return Err(Unconfirmed::Nacked),
+            Err(_) => return Err(self.failed(Unconfirmed::TimedOut)),
+            Ok(Err(e)) => return Err(self.failed(Unconfirmed::Link(e))),
+            Ok(Ok(Confirmation::Nack(_))) => return Err(self.failed(Unconfirmed::Nacked)),
             Ok(Ok(Confirmation::Ack(returned))) => returned,
             Ok(Ok(Confirmation::NotRequested)) => None,
         };
@@ -190,6 +233,12 @@ impl Pending {
         Ok(Some(Returned {
             id: id.map(|id| id.to_string()).unwrap_or_default(),
         }))
+    }
+
+    /// Marks the span failed, with why.
+    fn failed(&self, why: Unconfirmed) -> Unconfirmed {
+        self.span.record("otel.status_code", "ERROR");
+        why
     }
 
     async fn confirmation(&mut self) -> lapin::Result<Confirmation> {

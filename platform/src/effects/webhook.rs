@@ -20,6 +20,9 @@ use base64::engine::general_purpose::STANDARD as BASE64;
 use hmac::{Hmac, KeyInit, Mac};
 use reqwest::dns::{Addrs, Name, Resolve, Resolving};
 use sha2::Sha256;
+use tracing::Instrument;
+
+use crate::traces;
 
 /// Why a delivery did not land.
 #[derive(Debug, thiserror::Error)]
@@ -208,25 +211,58 @@ impl WebhookSender {
         key: &[u8],
         body: String,
     ) -> Result<u16, DeliveryError> {
+        // A client span; the receiver continues its trace from the `traceparent` header.
+        let span = tracing::info_span!(
+            "webhook.post",
+            otel.name = "POST",
+            otel.kind = "client",
+            "http.request.method" = "POST",
+            "http.response.status_code" = tracing::field::Empty,
+            otel.status_code = tracing::field::Empty,
+        );
+        let traceparent = traces::of(&span);
+        let delivered = self
+            .post(url, msg_id, key, body, traceparent.as_deref())
+            .instrument(span.clone())
+            .await;
+        match &delivered {
+            Ok(status) => {
+                span.record("http.response.status_code", u64::from(*status));
+            }
+            Err(_) => {
+                span.record("otel.status_code", "ERROR");
+            }
+        }
+        delivered
+    }
+
+    async fn post(
+        &self,
+        url: &str,
+        msg_id: &str,
+        key: &[u8],
+        body: String,
+        traceparent: Option<&str>,
+    ) -> Result<u16, DeliveryError> {
         let target = self.check_target(url).await?;
         let timestamp = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
             .unwrap_or(0);
         let sig = signature(key, msg_id, timestamp, body.as_bytes());
-        let response = self
+        let mut request = self
             .client
             .post(target)
             .header("content-type", "application/json")
             .header("webhook-id", msg_id)
             .header("webhook-timestamp", timestamp.to_string())
-            .header("webhook-signature", sig)
-            .body(body)
-            .send()
-            .await
-            .map_err(|e| {
-                DeliveryError::Failed(format!("webhook request failed: {}", error_chain(&e)))
-            })?;
+            .header("webhook-signature", sig);
+        if let Some(traceparent) = traceparent {
+            request = request.header(traces::TRACEPARENT, traceparent);
+        }
+        let response = request.body(body).send().await.map_err(|e| {
+            DeliveryError::Failed(format!("webhook request failed: {}", error_chain(&e)))
+        })?;
         let status = response.status();
         if status.is_success() {
             Ok(status.as_u16())

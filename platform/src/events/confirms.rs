@@ -363,6 +363,7 @@ impl<'a> From<&'a OutboxRow> for Message<'a> {
             kind: &row.event_type,
             routing_key: &row.routing_key,
             body: &row.body,
+            traceparent: row.traceparent.as_deref(),
         }
     }
 }

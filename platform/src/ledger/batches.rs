@@ -17,9 +17,9 @@ use sqlx::Row;
 use sqlx::any::AnyRow;
 
 use super::clients::{StoredSchema, parse_id, parse_policy};
-use super::{Db, Dialect, Field, Tx, count, json_list, split_page};
+use super::{Db, Dialect, Field, Outgoing, Tx, count, json_list, split_page};
 use crate::domain::prepare::{Chunk, RowError};
-use crate::{Error, Result};
+use crate::{Error, Result, traces};
 
 /// A batch a claim may take: ready and due, or held under a lease that expired.
 macro_rules! claimable {
@@ -178,7 +178,7 @@ macro_rules! take_lease {
               took_over, checkpoint, records_total, format, policy, {now} - created_at AS waited_ms, \
               schema_version, (SELECT document FROM client_schemas s \
                 WHERE s.client_id = batches.client_id AND s.version = batches.schema_version) \
-                AS schema_document"
+                AS schema_document, traceparent"
         )
     };
 }
@@ -266,6 +266,8 @@ pub struct Lease {
     pub schema: Option<StoredSchema>,
     /// From the batch's creation to this claim, by the ledger's clock.
     pub waited_ms: u64,
+    /// The trace context of the submit: processing the batch continues its trace.
+    pub traceparent: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -690,8 +692,16 @@ impl Db {
             done.push(completed);
             events.push((env, policy));
         }
-        let events: Vec<(&Envelope, Option<&Policy>)> =
-            events.iter().map(|(e, p)| (e, p.as_ref())).collect();
+        // The completion's span is the current one: its events and jobs continue it.
+        let traceparent = traces::current();
+        let events: Vec<Outgoing<'_>> = events
+            .iter()
+            .map(|(event, policy)| Outgoing {
+                event,
+                policy: policy.as_ref(),
+                traceparent: traceparent.as_deref(),
+            })
+            .collect();
         self.enqueue_events(tx, &events).await?;
         Ok(done)
     }
@@ -1193,6 +1203,7 @@ struct LeaseColumns {
     waited_ms: i64,
     schema_version: Option<i64>,
     schema_document: Option<String>,
+    traceparent: Option<String>,
 }
 
 impl LeaseColumns {
@@ -1213,6 +1224,7 @@ impl LeaseColumns {
             policy: parse_policy(&self.policy)?,
             waited_ms: count(self.waited_ms),
             schema: StoredSchema::from_columns(self.schema_version, self.schema_document)?,
+            traceparent: self.traceparent,
         })
     }
 }

@@ -343,6 +343,7 @@ mod tests {
             event_type: "BatchReady".into(),
             routing_key: "batch.ready".into(),
             body: "{}".into(),
+            traceparent: None,
         }
     }
 

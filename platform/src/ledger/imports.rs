@@ -10,7 +10,7 @@ use dataflow_contracts::{
 use sqlx::Row;
 
 use super::clients::parse_id;
-use super::{Db, Field, Tx, count};
+use super::{Db, Field, Outgoing, Tx, count};
 use crate::{Error, Result};
 
 const MS_PER_DAY: i64 = 86_400_000;
@@ -38,6 +38,9 @@ pub struct NewImport<'a> {
     /// Where its batch stands among the client's own batches.
     pub priority: Priority,
     pub idempotency: Option<&'a IdempotencyClaim>,
+    /// The W3C trace context of the request that submitted it (`None` without traces):
+    /// stored with its batch and its events, so what they start elsewhere joins its trace.
+    pub traceparent: Option<&'a str>,
 }
 
 impl NewImport<'_> {
@@ -525,16 +528,17 @@ impl Db {
                     "bytes": new.bytes,
                     "checksum": new.checksum,
                     "idempotency_key": new.idempotency.map(|c| c.key.as_str()),
+                    "traceparent": new.traceparent,
                 })
             })
             .collect();
         let batches = self.sql(&format!(
             "INSERT INTO batches (id, import_id, client_id, status, format, policy, records_total, \
                                   accepted_seq, available_at, created_at, updated_at, schema_version, \
-                                  priority, payload_id, payload_bytes) \
+                                  priority, payload_id, payload_bytes, traceparent) \
              SELECT m.batch_id, m.import_id, m.client_id, m.status, m.format, m.policy, m.records, \
                     {{accepted_seq}}, m.now, m.now, m.now, m.schema_version, m.priority, \
-                    m.payload_id, m.bytes \
+                    m.payload_id, m.bytes, m.traceparent \
              FROM {} m ORDER BY m.n",
             self.json_rows(&[
                 ("n", Field::Int),
@@ -550,6 +554,7 @@ impl Db {
                 ("priority", Field::Int),
                 ("payload_id", Field::Text),
                 ("bytes", Field::Int),
+                ("traceparent", Field::Text),
             ], &rows)
         ));
         let imports = self.sql(&format!(
@@ -626,12 +631,17 @@ impl Db {
             }
         }
         // An import's own events follow the policy it was accepted under (stored with the
-        // batch), which saves reading the client's row once per event.
-        let with_policies: Vec<(&Envelope, Option<&Policy>)> = events
+        // batch), which saves reading the client's row once per event, and its request's
+        // trace.
+        let outgoing: Vec<Outgoing<'_>> = events
             .iter()
-            .map(|(event, a)| (event, Some(a.new.policy)))
+            .map(|(event, a)| Outgoing {
+                event,
+                policy: Some(a.new.policy),
+                traceparent: a.new.traceparent,
+            })
             .collect();
-        let first = self.enqueue_events(tx, &with_policies).await?;
+        let first = self.enqueue_events(tx, &outgoing).await?;
         tx.hand_over(first);
 
         Ok(accepted

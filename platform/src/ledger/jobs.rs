@@ -22,7 +22,7 @@ use sqlx::Row;
 
 use super::clients::{parse_id, parse_policy};
 use super::commits::Kinds;
-use super::{Db, Field, Tx, count, json_list, split_page};
+use super::{Db, Field, Outgoing, Tx, count, json_list, split_page};
 use crate::{Error, Result};
 
 /// The epoch of a job's message in a queue. An apalis-redis run moves `delivery_epoch` on
@@ -133,17 +133,19 @@ pub fn jobs_for_event(event: &Envelope, policy: &Policy) -> Vec<JobSpec> {
 
 impl Db {
     /// Writes the intents each event asks for under its policy (the client's stored one
-    /// when `None`) inside the caller's transaction, all in one statement.
+    /// when `None`) inside the caller's transaction, all in one statement. Each job
+    /// continues its event's trace.
     pub(crate) async fn write_job_intents(
         &self,
         tx: &mut Tx,
-        events: &[(&Envelope, Option<&Policy>)],
+        events: &[Outgoing<'_>],
     ) -> Result<()> {
-        let mut jobs: Vec<(&Envelope, JobSpec)> = Vec::new();
-        for (event, policy) in events {
+        let mut jobs: Vec<(&Outgoing<'_>, JobSpec)> = Vec::new();
+        for outgoing in events {
+            let event = outgoing.event;
             let stored;
-            let policy = match policy {
-                Some(p) => *p,
+            let policy = match outgoing.policy {
+                Some(p) => p,
                 None => {
                     let json: Option<String> =
                         sqlx::query_scalar("SELECT policy FROM clients WHERE id = $1")
@@ -160,7 +162,7 @@ impl Db {
             jobs.extend(
                 jobs_for_event(event, policy)
                     .into_iter()
-                    .map(|spec| (*event, spec)),
+                    .map(|spec| (outgoing, spec)),
             );
         }
         if jobs.is_empty() {
@@ -168,21 +170,22 @@ impl Db {
         }
         let rows: Vec<serde_json::Value> = jobs
             .iter()
-            .map(|(event, spec)| {
+            .map(|(outgoing, spec)| {
                 serde_json::json!({
                     "id": JobId::generate().as_str(),
                     "kind": spec.kind().as_str(),
-                    "batch_id": event.batch_id.as_str(),
-                    "client_id": event.client_id.as_str(),
+                    "batch_id": outgoing.event.batch_id.as_str(),
+                    "client_id": outgoing.event.client_id.as_str(),
                     "spec": serde_json::to_string(spec).unwrap_or_default(),
+                    "traceparent": outgoing.traceparent,
                 })
             })
             .collect();
         let sql = self.sql(&format!(
             "INSERT INTO jobs (id, kind, batch_id, client_id, spec, status, attempts, \
-                               max_attempts, run_at, created_at, updated_at) \
+                               max_attempts, run_at, created_at, updated_at, traceparent) \
              SELECT m.id, m.kind, m.batch_id, m.client_id, m.spec, 'pending', 0, $2, \
-                    {{now}}, {{now}}, {{now}} \
+                    {{now}}, {{now}}, {{now}}, m.traceparent \
              FROM {} m",
             self.json_rows(
                 &[
@@ -191,6 +194,7 @@ impl Db {
                     ("batch_id", Field::Text),
                     ("client_id", Field::Text),
                     ("spec", Field::Text),
+                    ("traceparent", Field::Text),
                 ],
                 &rows
             )
@@ -223,7 +227,8 @@ impl Db {
                  queued_epoch = CASE WHEN $3 = 'queued' THEN delivery_epoch + 1 END \
              WHERE id IN (SELECT id FROM jobs WHERE kind = $1 AND status = 'pending' \
                           AND run_at <= {now} ORDER BY run_at LIMIT $2 {skip_locked}) \
-             RETURNING id, batch_id, client_id, spec, attempts, max_attempts, delivery_epoch",
+             RETURNING id, batch_id, client_id, spec, attempts, max_attempts, delivery_epoch, \
+                       traceparent",
         );
         let (status, counted) = handover.status_and_count();
         let rows = sqlx::query(sql)
@@ -250,6 +255,7 @@ impl Db {
                     epoch: u64::try_from(r.try_get::<i64, _>("delivery_epoch")?).unwrap_or(0),
                     spec: RawValue::from_string(spec)
                         .map_err(|e| Error::internal("a stored job spec is not JSON", e))?,
+                    traceparent: r.try_get("traceparent")?,
                 })
             })
             .collect::<Result<Vec<_>>>()?;

@@ -57,6 +57,7 @@ pub use imports::{IdempotencyClaim, IdempotencyStart, NewImport, Payload, Submit
 pub use jobs::{Failure, Handover, JobFilter};
 pub use operator::{BatchFilter, BatchRow, Throughput};
 pub use outbox::OutboxRow;
+pub(crate) use outbox::Outgoing;
 pub use payloads::{
     ClientStorage, ExpiredPayloads, NewUpload, PartsReader, Upload, UploadCreated, UploadKind,
     human_bytes,

@@ -7,7 +7,7 @@ use dataflow_contracts::events::Envelope;
 use sqlx::Row;
 
 use super::{Db, Dialect, Field, Tx, json_list};
-use crate::Result;
+use crate::{Result, traces};
 
 /// Outbox rows looked at per statement when pruning: a short write, since on SQLite it
 /// holds the ledger's one write lock.
@@ -22,59 +22,82 @@ pub struct OutboxRow {
     pub event_type: String,
     pub routing_key: String,
     pub body: String,
+    /// The trace context of the transaction that wrote it (see [`crate::traces`]).
+    pub traceparent: Option<String>,
+}
+
+/// An event about to be written to the outbox, with what it brings along.
+pub(crate) struct Outgoing<'a> {
+    pub event: &'a Envelope,
+    /// The policy its follow-up jobs are chosen under; the client's stored one when `None`.
+    pub policy: Option<&'a Policy>,
+    /// The trace its publish and its jobs continue.
+    pub traceparent: Option<&'a str>,
 }
 
 impl Db {
     /// Adds `event` to the outbox inside the caller's transaction, with the follow-up jobs
-    /// it asks for under `policy`, or under the client's stored policy when `None`.
+    /// it asks for under `policy`, or under the client's stored policy when `None`; both
+    /// continue the current span's trace.
     pub(crate) async fn enqueue_event(
         &self,
         tx: &mut Tx,
         event: &Envelope,
         policy: Option<&Policy>,
     ) -> Result<()> {
-        self.enqueue_events(tx, &[(event, policy)]).await.map(drop)
+        let traceparent = traces::current();
+        let outgoing = Outgoing {
+            event,
+            policy,
+            traceparent: traceparent.as_deref(),
+        };
+        self.enqueue_events(tx, &[outgoing]).await.map(drop)
     }
 
     /// [`Db::enqueue_event`] for several events of one transaction, each under its own
-    /// policy, in one statement. The rows take their ids in the order given, which is the
-    /// order the relay publishes them in. Returns the rows as the relay would read them.
+    /// policy and trace, in one statement. The rows take their ids in the order given, which
+    /// is the order the relay publishes them in. Returns the rows as the relay would read
+    /// them.
     pub(crate) async fn enqueue_events(
         &self,
         tx: &mut Tx,
-        events: &[(&Envelope, Option<&Policy>)],
+        events: &[Outgoing<'_>],
     ) -> Result<Vec<OutboxRow>> {
         if events.is_empty() {
             return Ok(Vec::new());
         }
         let mut written: Vec<OutboxRow> = events
             .iter()
-            .map(|(event, _)| OutboxRow {
+            .map(|o| OutboxRow {
                 id: 0,
-                event_id: event.id.as_str().to_owned(),
-                event_type: event.event.kind().to_owned(),
-                routing_key: event.event.routing_key().to_owned(),
-                body: serde_json::to_string(event).unwrap_or_default(),
+                event_id: o.event.id.as_str().to_owned(),
+                event_type: o.event.event.kind().to_owned(),
+                routing_key: o.event.event.routing_key().to_owned(),
+                body: serde_json::to_string(o.event).unwrap_or_default(),
+                traceparent: o.traceparent.map(str::to_owned),
             })
             .collect();
         let rows: Vec<serde_json::Value> = events
             .iter()
             .zip(&written)
             .enumerate()
-            .map(|(n, ((event, _), row))| {
+            .map(|(n, (o, row))| {
                 serde_json::json!({
                     "n": n,
                     "event_id": row.event_id,
-                    "batch_id": event.batch_id.as_str(),
+                    "batch_id": o.event.batch_id.as_str(),
                     "event_type": row.event_type,
                     "routing_key": row.routing_key,
                     "body": row.body,
+                    "traceparent": row.traceparent,
                 })
             })
             .collect();
         let sql = self.sql(&format!(
-            "INSERT INTO outbox (event_id, batch_id, event_type, routing_key, body, created_at) \
-             SELECT m.event_id, m.batch_id, m.event_type, m.routing_key, m.body, {{now}} \
+            "INSERT INTO outbox (event_id, batch_id, event_type, routing_key, body, traceparent, \
+                                 created_at) \
+             SELECT m.event_id, m.batch_id, m.event_type, m.routing_key, m.body, m.traceparent, \
+                    {{now}} \
              FROM {} m ORDER BY m.n RETURNING id, event_id",
             self.json_rows(
                 &[
@@ -84,6 +107,7 @@ impl Db {
                     ("event_type", Field::Text),
                     ("routing_key", Field::Text),
                     ("body", Field::Text),
+                    ("traceparent", Field::Text),
                 ],
                 &rows
             )
@@ -109,7 +133,7 @@ impl Db {
     pub async fn unpublished_events(&self, limit: u32, except: &[i64]) -> Result<Vec<OutboxRow>> {
         let sql = self.sql(match self.dialect() {
             Dialect::Sqlite => {
-                "SELECT o.id, o.event_id, o.event_type, o.routing_key, o.body \
+                "SELECT o.id, o.event_id, o.event_type, o.routing_key, o.body, o.traceparent \
                  FROM outbox_pending p JOIN outbox o ON o.id = p.id \
                  WHERE p.id NOT IN (SELECT value FROM json_each($2)) \
                  ORDER BY p.id LIMIT $1"
@@ -119,7 +143,8 @@ impl Db {
             // published rows and all, so a read grew with the outbox; this form is an index
             // lookup per id.
             Dialect::Postgres => {
-                "SELECT o.id, o.event_id, o.event_type, o.routing_key, o.body FROM outbox o \
+                "SELECT o.id, o.event_id, o.event_type, o.routing_key, o.body, o.traceparent \
+                 FROM outbox o \
                  WHERE o.id = ANY(ARRAY(SELECT p.id FROM outbox_pending p \
                    WHERE p.id NOT IN (SELECT CAST(json_array_elements_text($2::json) AS BIGINT)) \
                    ORDER BY p.id LIMIT $1)) \

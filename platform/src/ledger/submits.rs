@@ -62,6 +62,7 @@ struct Member {
     policy: Policy,
     schema_version: Option<u64>,
     priority: Priority,
+    traceparent: Option<String>,
     answer: oneshot::Sender<Result<Grouped>>,
 }
 
@@ -79,6 +80,7 @@ impl Member {
             schema_version: self.schema_version,
             priority: self.priority,
             idempotency: None,
+            traceparent: self.traceparent.as_deref(),
         }
     }
 }
@@ -102,6 +104,7 @@ impl Db {
             policy: new.policy.clone(),
             schema_version: new.schema_version,
             priority: new.priority,
+            traceparent: new.traceparent.map(str::to_owned),
             answer,
         };
         let queue = self.groups.queue.get_or_init(|| self.start_groups());

@@ -26,10 +26,12 @@ use dataflow_platform::dashboard::live::LiveBus;
 use dataflow_platform::jobqueue::{Consumer, JobQueues, RedisJobQueue};
 use dataflow_platform::ledger::Db;
 use dataflow_platform::ledger::commits::{CommitWake, Kinds, kinds_for_event};
+use dataflow_platform::traces;
 use futures::future::BoxFuture;
 use tokio::sync::{broadcast, mpsc, watch};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::leader;
 use feed::{Inbox, JobFeed, Receipt, Source};
@@ -126,7 +128,11 @@ pub async fn run(setup: JobsSetup, stop: CancellationToken) {
             ));
             let worker = WorkerBuilder::new(name)
                 .backend(q.storage(kind).poll_with_interval(APALIS_POLL))
-                .data(SharedHandler(handler.clone()))
+                .data(SharedHandler {
+                    handler: handler.clone(),
+                    kind,
+                    system: "redis",
+                })
                 .data(SettleFirst {
                     db: db.clone(),
                     settler,
@@ -163,6 +169,7 @@ pub async fn run(setup: JobsSetup, stop: CancellationToken) {
                 (source, Origin::SqlClaim)
             }
         };
+        let system = if lists.is_some() { "redis" } else { "sql" };
         let (tx, rx) = mpsc::channel(TAKE_BATCH);
         let rx = Arc::new(Mutex::new(rx));
         leftovers.push((kind, rx.clone()));
@@ -178,7 +185,11 @@ pub async fn run(setup: JobsSetup, stop: CancellationToken) {
 
         let worker = WorkerBuilder::new(name)
             .backend(JobFeed::new(rx, settler))
-            .data(SharedHandler(handler.clone()))
+            .data(SharedHandler {
+                handler: handler.clone(),
+                kind,
+                system,
+            })
             .concurrency(config.concurrency)
             .timeout(timeout)
             .build(run_job);
@@ -289,9 +300,36 @@ async fn hand_back(
     }
 }
 
-/// The handler as apalis task data.
+/// The handler as apalis task data, with the queue it runs the jobs of.
 #[derive(Clone)]
-struct SharedHandler(Arc<dyn JobHandler>);
+struct SharedHandler {
+    handler: Arc<dyn JobHandler>,
+    kind: JobKind,
+    /// What carries the queue's messages (`messaging.system`): `redis`, or `sql` when
+    /// workers claim jobs from the ledger.
+    system: &'static str,
+}
+
+impl SharedHandler {
+    /// The consumer span of one attempt (OpenTelemetry messaging conventions), continuing
+    /// the trace of the completion that asked for the job.
+    fn span(&self, job: &JobMessage) -> tracing::Span {
+        let span = tracing::info_span!(
+            "job",
+            otel.name = %format_args!("process {}", self.kind),
+            otel.kind = "consumer",
+            otel.status_code = tracing::field::Empty,
+            "messaging.system" = self.system,
+            "messaging.operation.type" = "process",
+            "messaging.destination.name" = self.kind.as_str(),
+            "messaging.message.id" = job.id.as_str(),
+            batch_id = %job.batch_id,
+            attempt = job.attempts + 1,
+        );
+        traces::follow(&span, job.traceparent.as_deref());
+        span
+    }
+}
 
 /// The apalis handler: every kind goes through the same entry point.
 async fn run_job(job: JobMessage, handler: Data<SharedHandler>) -> Result<(), JobError> {
@@ -300,16 +338,24 @@ async fn run_job(job: JobMessage, handler: Data<SharedHandler>) -> Result<(), Jo
 
 /// One attempt. A panic is a failed attempt like any other (retried, counted), not a dead
 /// worker.
-async fn attempt(handler: &SharedHandler, job: &JobMessage) -> Result<(), JobError> {
-    let SharedHandler(handler) = handler;
-    let attempt = std::panic::AssertUnwindSafe(handler.handle(job));
-    match futures::FutureExt::catch_unwind(attempt).await {
+async fn attempt(shared: &SharedHandler, job: &JobMessage) -> Result<(), JobError> {
+    let span = shared.span(job);
+    let attempt = std::panic::AssertUnwindSafe(shared.handler.handle(job));
+    let result = match futures::FutureExt::catch_unwind(attempt)
+        .instrument(span.clone())
+        .await
+    {
         Ok(result) => result,
         Err(panic) => Err(JobError::Retry(format!(
             "the job panicked: {}",
             crate::panic_text(panic.as_ref())
         ))),
+    };
+    // A deferred job was not attempted: not a failure.
+    if matches!(result, Err(JobError::Retry(_) | JobError::Permanent(_))) {
+        span.record("otel.status_code", "ERROR");
     }
+    result
 }
 
 /// What an apalis-redis worker's handler needs to record its result before apalis acks.
