@@ -107,6 +107,11 @@ async fn an_ended_batchs_payload_goes_when_its_retention_is_over(b: Backend) {
     let of = |c: &ClientId| storage.iter().find(|s| &s.client_id == c).unwrap();
     assert_eq!((of(&brief).payload_bytes, of(&brief).records), (0, 12));
     assert_eq!(of(&kept).payload_bytes, body.len() as u64);
+    // One client's storage (its dashboard page) is the same figure.
+    assert_eq!(
+        t.db.storage_of(&kept).await.unwrap().as_ref(),
+        Some(of(&kept))
+    );
     let brief_row = status_row(&t, &brief);
     assert!(brief_row.contains(" 0 B "), "{brief_row}");
     assert!(brief_row.trim_end().ends_with(" 12"), "{brief_row}");

@@ -170,11 +170,7 @@ pub async fn detail(
     let db = &state.backends.db;
     let client = db.get_client(&id).await?.ok_or_else(ApiError::not_found)?;
     let charts = super::charts::section(db, Some(&id)).await?;
-    let stored = db
-        .storage_by_client()
-        .await?
-        .into_iter()
-        .find(|s| s.client_id == id);
+    let stored = db.storage_of(&id).await?;
     let body = html! {
         p.lead {
             "Client " span.mono.muted { (client.id) } ", created " (layout::time(&rfc3339(client.created_at))) ". "

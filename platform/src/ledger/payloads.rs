@@ -16,6 +16,26 @@ use super::clients::parse_id;
 use super::{Db, count};
 use crate::{Error, Result};
 
+/// The storage of the clients that `$rest` (a `WHERE` or an `ORDER BY`) selects: id, kept
+/// payload bytes, unfinished upload bytes, records. PostgreSQL sums BIGINTs as NUMERIC,
+/// which the Any driver cannot read: cast back.
+macro_rules! storage_of_clients {
+    ($rest:literal) => {
+        concat!(
+            "SELECT c.id, \
+                    CAST(COALESCE((SELECT SUM(payload_bytes) FROM batches b \
+                                   WHERE b.client_id = c.id \
+                                     AND b.payload_expired_at IS NULL), 0) AS BIGINT), \
+                    CAST(COALESCE((SELECT SUM(received) FROM uploads u \
+                                   WHERE u.client_id = c.id AND u.import_id IS NULL), 0) \
+                         AS BIGINT), \
+                    COALESCE((SELECT records FROM change_counters k WHERE k.client_id = c.id), 0) \
+             FROM clients c ",
+            $rest
+        )
+    };
+}
+
 /// How much of a file one stored part holds: what a reader or writer keeps in memory per
 /// file, and the most a connection cut mid-part can lose (the sender resends it).
 pub const PART_BYTES: usize = 1024 * 1024;
@@ -463,31 +483,31 @@ impl Db {
 
     /// The storage each client holds: kept payloads, unfinished uploads, records.
     pub async fn storage_by_client(&self) -> Result<Vec<ClientStorage>> {
-        // PostgreSQL sums BIGINTs as NUMERIC, which the Any driver cannot read: cast back.
-        let rows: Vec<(String, i64, i64, i64)> = sqlx::query_as(
-            "SELECT c.id, \
-                    CAST(COALESCE((SELECT SUM(payload_bytes) FROM batches b \
-                                   WHERE b.client_id = c.id \
-                                     AND b.payload_expired_at IS NULL), 0) AS BIGINT), \
-                    CAST(COALESCE((SELECT SUM(received) FROM uploads u \
-                                   WHERE u.client_id = c.id AND u.import_id IS NULL), 0) \
-                         AS BIGINT), \
-                    COALESCE((SELECT records FROM change_counters k WHERE k.client_id = c.id), 0) \
-             FROM clients c ORDER BY c.id",
-        )
-        .fetch_all(self.pool())
-        .await?;
-        rows.into_iter()
-            .map(|(id, payload, upload, records)| {
-                Ok(ClientStorage {
-                    client_id: parse_id(id)?,
-                    payload_bytes: count(payload),
-                    upload_bytes: count(upload),
-                    records: count(records),
-                })
-            })
-            .collect()
+        let rows = sqlx::query_as(storage_of_clients!("ORDER BY c.id"))
+            .fetch_all(self.pool())
+            .await?;
+        rows.into_iter().map(client_storage).collect()
     }
+
+    /// [`Db::storage_by_client`] for one client (its dashboard page), `None` if unknown.
+    pub async fn storage_of(&self, client: &ClientId) -> Result<Option<ClientStorage>> {
+        let row = sqlx::query_as(storage_of_clients!("WHERE c.id = $1"))
+            .bind(client.as_str())
+            .fetch_optional(self.pool())
+            .await?;
+        row.map(client_storage).transpose()
+    }
+}
+
+fn client_storage(
+    (id, payload, upload, records): (String, i64, i64, i64),
+) -> Result<ClientStorage> {
+    Ok(ClientStorage {
+        client_id: parse_id(id)?,
+        payload_bytes: count(payload),
+        upload_bytes: count(upload),
+        records: count(records),
+    })
 }
 
 /// Deletes the parts of one stored file, inside the caller's transaction.
