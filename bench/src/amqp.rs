@@ -483,7 +483,7 @@ async fn relay_throughput(args: &AmqpArgs, run: &str, prefix: &str) -> anyhow::R
 
     let config = amqp_config(args, prefix, args.relay_batch);
     let broker = Arc::new(Broker::new(
-        Secret::new(args.amqp_url.clone()),
+        config.amqp_nodes(),
         config.amqp.clone(),
         watch::channel(Mode::Polling).0,
     ));

@@ -435,6 +435,9 @@ pub struct EventsReadiness {
     pub mode: String,
     /// Outbox events not yet published; absent when the ledger did not answer.
     pub outbox_backlog: Option<u64>,
+    /// The RabbitMQ node this process's link is up to, as `host:port` from `amqp_url`
+    /// (one of a cluster's nodes); absent while there is no link or no broker.
+    pub node: Option<String>,
 }
 
 /// Decisions made in process because Redis did not answer, since the process started.

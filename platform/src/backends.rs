@@ -276,10 +276,9 @@ impl Backends {
             config.jobs.webhook_allow_private,
         )?;
         let mode = watch::channel(Mode::Embedded).0;
-        let broker = config
-            .amqp_url
-            .as_ref()
-            .map(|url| Arc::new(Broker::new(url.clone(), config.amqp.clone(), mode.clone())));
+        let nodes = config.amqp_nodes();
+        let broker = (!nodes.is_empty())
+            .then(|| Arc::new(Broker::new(nodes, config.amqp.clone(), mode.clone())));
         mode.borrow().record();
         let publisher = match &broker {
             Some(b) => Publisher::broker(b.clone()),

@@ -84,8 +84,10 @@ pub struct Config {
     /// independent servers, not replicas nor a cluster. Empty: `redis_url` alone; on a
     /// cluster, the SQL lease alone.
     pub redlock_urls: Vec<Secret>,
-    /// `amqp://` or `amqps://` (TLS) RabbitMQ URL with credentials and vhost. Unset: events
-    /// stay in process and workers find batches by SQL polling.
+    /// `amqp://` or `amqps://` (TLS) RabbitMQ URL with credentials and vhost; for a
+    /// RabbitMQ cluster, one URL per node separated by commas, tried in turn (a comma inside
+    /// a password is written `%2C`). Unset: events stay in process and workers find batches
+    /// by SQL polling.
     pub amqp_url: Option<Secret>,
     pub amqp: AmqpConfig,
     pub api: ApiConfig,
@@ -591,6 +593,18 @@ impl Config {
         }
     }
 
+    /// The RabbitMQ nodes `amqp_url` lists, in the order they are tried; empty when unset.
+    pub fn amqp_nodes(&self) -> Vec<Secret> {
+        self.amqp_url.as_ref().map_or_else(Vec::new, |urls| {
+            urls.expose()
+                .split(',')
+                .map(str::trim)
+                .filter(|u| !u.is_empty())
+                .map(Secret::new)
+                .collect()
+        })
+    }
+
     /// Rules that serde's types cannot express.
     pub fn validate(&self) -> Result<()> {
         let bad = |m: &str| Err(Error::Config(m.to_owned()));
@@ -746,10 +760,18 @@ impl Config {
                  1.0 builds key names inside its Lua scripts); use \"lists\", the default",
             );
         }
-        if let Some(url) = &self.amqp_url
-            && !(url.expose().starts_with("amqp://") || url.expose().starts_with("amqps://"))
+        let nodes = self.amqp_nodes();
+        if self.amqp_url.is_some() && nodes.is_empty() {
+            return bad("amqp_url is set but lists no node: give amqp://… or leave it unset");
+        }
+        if nodes
+            .iter()
+            .any(|u| !(u.expose().starts_with("amqp://") || u.expose().starts_with("amqps://")))
         {
-            return bad("amqp_url must start with amqp:// or amqps://");
+            return bad(
+                "amqp_url must start with amqp:// or amqps:// (each node's URL, when it lists \
+                 several separated by commas)",
+            );
         }
         if self.outbox.batch_size == 0 || self.outbox.poll_interval_ms == 0 {
             return bad("outbox.batch_size and outbox.poll_interval_ms must be at least 1");
@@ -916,6 +938,7 @@ mod tests {
             Config::from_sources(None, env(&[("AMQP_URL", "amqps://u:p@mq:5671/%2f")])).unwrap();
         assert_eq!(c.amqp_url.unwrap().expose(), "amqps://u:p@mq:5671/%2f");
         assert!(Config::from_sources(None, env(&[("AMQP_URL", "http://mq")])).is_err());
+        assert!(Config::from_sources(None, env(&[("AMQP_URL", " , ")])).is_err());
         let short_lease = env(&[("DATAFLOW_AMQP__RELAY_LEASE_MS", "10")]);
         assert!(Config::from_sources(None, short_lease).is_err());
         let no_poll = env(&[("DATAFLOW_WORKER__POLL_INTERVAL_MS", "0")]);
@@ -923,6 +946,24 @@ mod tests {
         // A relay reading pages of no rows would never see the outbox drained.
         let e = Config::from_sources(None, env(&[("DATAFLOW_OUTBOX__BATCH_SIZE", "0")]));
         assert!(e.unwrap_err().to_string().contains("outbox.batch_size"));
+    }
+
+    #[test]
+    fn amqp_url_lists_the_nodes_of_a_cluster_in_order() {
+        let urls = "amqp://u:p@mq1:5672/%2f, amqp://u:p@mq2:5672/%2f,amqp://u:p@mq3:5672/%2f";
+        let c = Config::from_sources(None, env(&[("AMQP_URL", urls)])).unwrap();
+        let nodes: Vec<String> = c.amqp_nodes().iter().map(|n| n.expose().into()).collect();
+        assert_eq!(
+            nodes,
+            [
+                "amqp://u:p@mq1:5672/%2f",
+                "amqp://u:p@mq2:5672/%2f",
+                "amqp://u:p@mq3:5672/%2f"
+            ]
+        );
+        let one_bad = "amqp://u:p@mq1:5672/%2f,mq2:5672";
+        let e = Config::from_sources(None, env(&[("AMQP_URL", one_bad)])).unwrap_err();
+        assert!(e.to_string().contains("each node"), "{e}");
     }
 
     #[test]

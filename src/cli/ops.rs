@@ -10,6 +10,8 @@ use dataflow_contracts::http::BatchView;
 use dataflow_contracts::jobs::{JobKind, JobStatus, JobView};
 use dataflow_contracts::{BatchId, BatchStatus, ClientId, JobId};
 use dataflow_platform::Config;
+use dataflow_platform::broker::endpoint;
+use dataflow_platform::config::Secret;
 use dataflow_platform::ledger::{BatchAction, Db, JobFilter, human_bytes};
 
 use super::{backends, ledger, print_json, redact};
@@ -139,9 +141,11 @@ pub async fn status(config: &Config) -> anyhow::Result<()> {
             Err(e) => format!("DOWN ({e}): limits, cache and locks on their fallbacks"),
         },
     };
-    let events = match &config.amqp_url {
-        None => "embedded (workers poll SQL)".to_owned(),
-        Some(url) => broker_reachability(url.expose()).await,
+    let nodes = config.amqp_nodes();
+    let events = if nodes.is_empty() {
+        "embedded (workers poll SQL)".to_owned()
+    } else {
+        broker_reachability(&nodes).await
     };
     let workers = match backends.fleet.list().await {
         Ok(ws) => {
@@ -218,23 +222,30 @@ pub async fn status(config: &Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Whether the broker's port answers (a CLI does not open an AMQP session; each running
-/// process reports its own mode at `/readyz`).
-async fn broker_reachability(url: &str) -> String {
-    let Ok(parsed) = url::Url::parse(url) else {
-        return "RabbitMQ URL unreadable".into();
-    };
-    let host = parsed.host_str().unwrap_or("localhost").to_owned();
-    let port = parsed.port().unwrap_or(if parsed.scheme() == "amqps" {
-        5671
-    } else {
-        5672
+/// Whether each broker node's port answers (a CLI does not open an AMQP session; each
+/// running process reports its own mode and node at `/readyz`).
+async fn broker_reachability(nodes: &[Secret]) -> String {
+    let checks = nodes.iter().map(|url| async move {
+        let node = endpoint(url.expose());
+        let connect = tokio::net::TcpStream::connect(node.clone());
+        let up = matches!(
+            tokio::time::timeout(Duration::from_secs(1), connect).await,
+            Ok(Ok(_))
+        );
+        (node, up)
     });
-    let connect = tokio::net::TcpStream::connect((host.as_str(), port));
-    match tokio::time::timeout(Duration::from_secs(1), connect).await {
-        Ok(Ok(_)) => format!("RabbitMQ at {host}:{port} reachable"),
-        _ => format!("RabbitMQ at {host}:{port} UNREACHABLE: workers poll SQL until it returns"),
-    }
+    let checked = futures::future::join_all(checks).await;
+    let up = checked.iter().filter(|(_, up)| *up).count();
+    let each: Vec<String> = checked
+        .iter()
+        .map(|(node, up)| format!("{node} {}", if *up { "reachable" } else { "UNREACHABLE" }))
+        .collect();
+    let verdict = if up == 0 {
+        ": workers poll SQL until one returns"
+    } else {
+        ""
+    };
+    format!("RabbitMQ {}{verdict}", each.join(", "))
 }
 
 pub async fn batches(config: &Config, cmd: BatchesCmd) -> anyhow::Result<()> {

@@ -3,11 +3,11 @@
 //! killed when the cluster is dropped. Nothing is kept on disk but the nodes' files, in a
 //! folder of the test's own.
 
-use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use super::ports::free_ports;
 use super::process::Spawned;
 use super::services::unreachable;
 
@@ -153,19 +153,4 @@ pub fn urls(ports: &[u16]) -> Vec<String> {
         .iter()
         .map(|port| format!("redis://127.0.0.1:{port}/"))
         .collect()
-}
-
-/// `count` loopback ports that are free, with their cluster bus ports (+10000) free too.
-pub fn free_ports(count: usize) -> Vec<u16> {
-    let mut ports = Vec::with_capacity(count);
-    while ports.len() < count {
-        let probe = TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = probe.local_addr().unwrap().port();
-        drop(probe);
-        let bus_free = port < 55_535 && TcpListener::bind(("127.0.0.1", port + 10_000)).is_ok();
-        if bus_free && !ports.contains(&port) {
-            ports.push(port);
-        }
-    }
-    ports
 }

@@ -23,7 +23,7 @@ use lapin::options::{
     BasicConsumeOptions, BasicGetOptions, BasicPublishOptions, BasicQosOptions,
     ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
 };
-use lapin::types::FieldTable;
+use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use reqwest::Method;
 use serde_json::{Value, json};
@@ -49,10 +49,10 @@ backend_tests!(
 
 /// The test's own view of the broker: a direct connection (never through the proxy) and
 /// the names of one test's exchanges and queues.
-struct TestBroker {
+pub(crate) struct TestBroker {
     url: String,
     prefix: String,
-    names: Names,
+    pub(crate) names: Names,
     _conn: Connection,
     ch: Channel,
     taps: Vec<String>,
@@ -60,7 +60,11 @@ struct TestBroker {
 
 impl TestBroker {
     async fn new() -> Option<TestBroker> {
-        let url = test_amqp_url().await?;
+        Some(Self::on(test_amqp_url().await?).await)
+    }
+
+    /// The view through `url` (one node of a cluster, say).
+    pub(crate) async fn on(url: String) -> TestBroker {
         let prefix = format!("dftest-{}.", ulid::Ulid::new().to_string().to_lowercase());
         let mut config = Config::default().amqp;
         config.prefix = prefix.clone();
@@ -68,14 +72,14 @@ impl TestBroker {
             .await
             .unwrap();
         let ch = conn.create_channel().await.unwrap();
-        Some(TestBroker {
+        TestBroker {
             url,
             prefix,
             names: Names::new(&config),
             _conn: conn,
             ch,
             taps: Vec::new(),
-        })
+        }
     }
 
     /// Points a process at `url` (default: the broker itself) under this test's prefix.
@@ -86,14 +90,23 @@ impl TestBroker {
         c.amqp.reconnect_max_ms = 200;
     }
 
-    /// A queue bound to every `batch.*` event (the exchange must exist: wait for `broker`).
-    async fn tap(&mut self) -> String {
+    /// A queue bound to every `batch.*` event (the exchange must exist: wait for `broker`);
+    /// a quorum queue like DataFlow's own, so that on a cluster it outlives a node.
+    pub(crate) async fn tap(&mut self) -> String {
         let name = format!("{}tap", self.prefix);
+        let mut quorum = FieldTable::default();
+        quorum.insert(
+            "x-queue-type".into(),
+            AMQPValue::LongString("quorum".into()),
+        );
         self.ch
             .queue_declare(
                 name.as_str().into(),
-                QueueDeclareOptions::default(),
-                FieldTable::default(),
+                QueueDeclareOptions {
+                    durable: true,
+                    ..QueueDeclareOptions::default()
+                },
+                quorum,
             )
             .await
             .unwrap();
@@ -140,7 +153,7 @@ impl TestBroker {
         drop(confirm);
     }
 
-    async fn depth(&self, queue: &str) -> u32 {
+    pub(crate) async fn depth(&self, queue: &str) -> u32 {
         let passive = QueueDeclareOptions {
             passive: true,
             ..Default::default()
@@ -177,7 +190,7 @@ async fn spawn(b: Backend, broker: &TestBroker, roles: Roles, url: Option<&str>)
     spawn_tweaked(b, broker, roles, url, |_| {}).await
 }
 
-async fn spawn_tweaked(
+pub(crate) async fn spawn_tweaked(
     b: Backend,
     broker: &TestBroker,
     roles: Roles,
@@ -218,7 +231,7 @@ async fn wait_backlog(t: &TestApp, n: i64) {
 }
 
 /// Collects envelopes from `queue` until `done` holds for them (up to 15 s).
-async fn collect(
+pub(crate) async fn collect(
     broker: &TestBroker,
     queue: &str,
     done: impl Fn(&[Envelope]) -> bool,
@@ -271,7 +284,7 @@ fn assert_documented_shape(v: &Value) {
     assert!(v["payload"].is_object());
 }
 
-fn kinds_of(events: &[Envelope], batch: &BatchId) -> Vec<&'static str> {
+pub(crate) fn kinds_of(events: &[Envelope], batch: &BatchId) -> Vec<&'static str> {
     events
         .iter()
         .filter(|e| &e.batch_id == batch)
@@ -713,7 +726,7 @@ impl BrokerLink {
         tb.configure(&mut config, None);
         tweak(&mut config.amqp);
         let broker = std::sync::Arc::new(dataflow_platform::broker::Broker::new(
-            Secret::new(tb.url.clone()),
+            vec![Secret::new(tb.url.clone())],
             config.amqp.clone(),
             tokio::sync::watch::channel(Mode::Polling).0,
         ));
@@ -945,6 +958,35 @@ async fn amqps_failure_is_an_error_and_polling_carries_on(b: Backend) {
     t.stop().await;
     server.abort();
 }
+
+/// `amqp_url` lists a node that is down before the live one: the link passes over it, comes
+/// up on the next, and `/readyz` names that node; batches then move by the broker.
+async fn a_node_that_is_down_is_passed_over_for_the_next_listed() {
+    let Some(broker) = TestBroker::new().await else {
+        return;
+    };
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let down = format!(
+        "amqp://guest:guest@127.0.0.1:{}/%2f",
+        closed.local_addr().unwrap().port()
+    );
+    drop(closed);
+    let urls = format!("{down},{}", broker.url);
+    let t = spawn_tweaked(Backend::Sqlite, &broker, Roles::ALL, Some(&urls), |c| {
+        c.amqp.safety_sweep_ms = 60_000;
+    })
+    .await;
+    let ready = wait_mode(&t, "broker").await;
+    let live = dataflow_platform::broker::endpoint(&broker.url);
+    assert_eq!(ready["events"]["node"], live.as_str(), "{ready}");
+    let (_, key) = t.client(json!({})).await;
+    let id = t.import(&key, "text/csv", csv("next", 3)).await.batch_id;
+    t.wait_for(&key, &id, BatchStatus::Completed).await;
+    assert!(t.worker_stats().deliveries.load(Ordering::Relaxed) >= 1);
+    t.stop().await;
+    broker.cleanup().await;
+}
+register!(a_node_that_is_down_is_passed_over_for_the_next_listed);
 
 /// Someone removes the ready queue's binding: the relay's `mandatory` publish of
 /// `batch.ready` comes back unroutable, is not marked published, and after the relay's

@@ -495,6 +495,38 @@ fn embedded(dir: &std::path::Path, args: &[&str]) -> std::process::Command {
     command
 }
 
+/// `dataflow status` checks every RabbitMQ node `amqp_url` lists and says which answer.
+async fn status_checks_every_listed_broker_node() {
+    let Some(live) = crate::helpers::test_amqp_url().await else {
+        return;
+    };
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let down = closed.local_addr().unwrap().port();
+    drop(closed);
+    let dir = std::env::temp_dir().join(format!("dataflow-status-{}", ulid::Ulid::new()));
+    let config = dataflow_platform::Config {
+        data_dir: dir.clone(),
+        amqp_url: Some(dataflow_platform::config::Secret::new(format!(
+            "amqp://guest:guest@127.0.0.1:{down}/%2f,{live}"
+        ))),
+        ..dataflow_platform::Config::default()
+    };
+    let out = crate::common::process::dataflow_command(&config, "status", "cli", None)
+        .stdout(std::process::Stdio::piped())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let events = stdout.lines().find(|l| l.starts_with("events:")).unwrap();
+    let live = dataflow_platform::broker::endpoint(&live);
+    assert_eq!(
+        events,
+        format!("events:  RabbitMQ 127.0.0.1:{down} UNREACHABLE, {live} reachable")
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+register!(status_checks_every_listed_broker_node);
+
 /// Logs follow `DATAFLOW_LOG`, or `RUST_LOG` when that is unset, as Rust tools do.
 fn logs_follow_rust_log_when_dataflow_log_is_unset() {
     let dir = std::env::temp_dir().join(format!("dataflow-log-{}", ulid::Ulid::new()));

@@ -24,6 +24,7 @@ mod jobs;
 mod leader;
 mod metrics;
 mod openapi;
+mod rabbitmq_cluster;
 mod records;
 mod redis;
 mod redis_cluster;

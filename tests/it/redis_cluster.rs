@@ -17,8 +17,9 @@ use dataflow_platform::config::{RedisQueue, Secret};
 use dataflow_platform::ledger::jobs::JobFilter;
 use serde_json::json;
 
+use crate::common::ports::free_ports;
 use crate::common::process::dataflow_command;
-use crate::common::redis_cluster::{RedisCluster, free_ports, urls};
+use crate::common::redis_cluster::{RedisCluster, urls};
 use crate::helpers::{Backend, TestApp, csv};
 use crate::jobs::{
     a_dead_workers_job_runs_again, fast_jobs, nothing_is_left_in_redis, quick_reaping,

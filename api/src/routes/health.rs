@@ -1,6 +1,6 @@
 //! `GET /healthz` (the process answers) and `GET /readyz` (the ledger answers; Redis, the
-//! events mode (`embedded`, `broker`, or `polling` while RabbitMQ is unreachable), the outbox
-//! backlog and the fallbacks in use are reported, but only a missing ledger makes it 503).
+//! events mode (`embedded`, `broker`, or `polling` while RabbitMQ is unreachable) and the
+//! RabbitMQ node the link is up to, the outbox backlog and the fallbacks in use are reported, but only a missing ledger makes it 503).
 
 use axum::Json;
 use axum::extract::State;
@@ -55,6 +55,7 @@ async fn ready(State(state): State<AppState>) -> (StatusCode, Json<Readiness>) {
     let mode = b.mode.borrow().as_str().to_owned();
     let events = EventsReadiness {
         mode,
+        node: b.broker.as_ref().and_then(|broker| broker.node()),
         outbox_backlog: b
             .db
             .outbox_backlog()

@@ -10,6 +10,10 @@
 //!   link. Until then [`Mode`] says `polling` and workers poll SQL.
 //! - Startup never waits for the broker: the process starts in `polling` mode and the
 //!   supervisor connects in the background.
+//! - A RabbitMQ cluster is reached through the nodes `amqp_url` lists: the supervisor tries
+//!   them in turn, and after a lost link starts from the node after the one it lost, so a
+//!   dead node is tried last. Every queue is a quorum queue, replicated on the cluster's
+//!   nodes, so the surviving majority keeps confirming publishes and delivering.
 //! - A publish counts only when the broker acked it (see [`publish`]).
 
 mod consume;
@@ -20,6 +24,7 @@ pub use publish::{Message, Pending, Returned, Sender, Unconfirmed, publish};
 pub use topology::{Names, READY_KEY};
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -31,7 +36,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{AmqpConfig, Secret};
 use crate::events::Mode;
 
-/// Connecting, the handshake and declaring the topology must finish within this.
+/// Connecting to one node, the handshake and declaring the topology must finish within this.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The connection's event stream.
@@ -41,10 +46,14 @@ type Events = std::pin::Pin<Box<dyn futures::Stream<Item = lapin::Event> + Send>
 struct Link {
     conn: Connection,
     publisher: Channel,
+    /// Which of the configured nodes this is: its index and `host:port`.
+    node: (usize, String),
 }
 
 pub struct Broker {
-    url: Secret,
+    nodes: Vec<Secret>,
+    /// The node the next connection attempt starts from.
+    next: AtomicUsize,
     config: AmqpConfig,
     names: Names,
     link: watch::Sender<Option<Arc<Link>>>,
@@ -54,11 +63,14 @@ pub struct Broker {
 }
 
 impl Broker {
-    /// A broker handle in `polling` mode; [`Broker::run`] connects it.
-    pub fn new(url: Secret, config: AmqpConfig, mode: watch::Sender<Mode>) -> Broker {
+    /// A broker handle in `polling` mode for the RabbitMQ `nodes` (one server, or the
+    /// nodes of a cluster, at least one); [`Broker::run`] connects it.
+    pub fn new(nodes: Vec<Secret>, config: AmqpConfig, mode: watch::Sender<Mode>) -> Broker {
+        assert!(!nodes.is_empty(), "a broker needs at least one node");
         mode.send_replace(Mode::Polling);
         Broker {
-            url,
+            nodes,
+            next: AtomicUsize::new(0),
             names: Names::new(&config),
             config,
             link: watch::channel(None).0,
@@ -79,6 +91,11 @@ impl Broker {
         self.link.borrow().is_some()
     }
 
+    /// The node the link is up to, as `host:port` from `amqp_url`; `None` while down.
+    pub fn node(&self) -> Option<String> {
+        self.link.borrow().as_ref().map(|l| l.node.1.clone())
+    }
+
     /// Waits until the supervisor has a link up.
     pub async fn connected(&self) {
         // The sender is `self.link`, so the wait cannot end in an error.
@@ -95,13 +112,17 @@ impl Broker {
         loop {
             let connected = tokio::select! {
                 _ = shutdown.cancelled() => return,
-                c = tokio::time::timeout(CONNECT_TIMEOUT, self.connect()) => c,
+                c = self.connect_any() => c,
             };
             match connected {
-                Ok(Ok((link, mut events))) => {
-                    backoff = min;
+                Ok((link, mut events)) => {
+                    let up = tokio::time::Instant::now();
                     failures = 0;
-                    tracing::info!(exchange = %self.names.exchange, "RabbitMQ connected; events flow through the broker");
+                    tracing::info!(
+                        exchange = %self.names.exchange,
+                        node = %link.node.1,
+                        "RabbitMQ connected; events flow through the broker"
+                    );
                     self.link.send_replace(Some(link.clone()));
                     self.set_mode(Mode::Broker);
                     let reason = self.watch(&link, &mut events, &shutdown).await;
@@ -112,10 +133,22 @@ impl Broker {
                     if shutdown.is_cancelled() {
                         return;
                     }
-                    tracing::warn!(%reason, "RabbitMQ link lost; workers poll SQL until it is back");
+                    // A link that lasted resets the backoff; one that failed soon after it
+                    // came up (a queue whose leader a cluster is still electing refuses
+                    // the consumer) keeps doubling it, so the nodes are not hammered.
+                    if up.elapsed() >= max {
+                        backoff = min;
+                    }
+                    // The lost node is tried last: it may be the one that went away.
+                    self.next
+                        .store((link.node.0 + 1) % self.nodes.len(), Ordering::Relaxed);
+                    tracing::warn!(
+                        %reason,
+                        node = %link.node.1,
+                        "RabbitMQ link lost; workers poll SQL until it is back"
+                    );
                 }
-                Ok(Err(e)) => log_connect_failure(&mut failures, &e.to_string()),
-                Err(_) => log_connect_failure(&mut failures, "timed out"),
+                Err(errors) => log_connect_failure(&mut failures, &errors),
             }
             tokio::select! {
                 _ = shutdown.cancelled() => return,
@@ -130,9 +163,34 @@ impl Broker {
         mode.record();
     }
 
-    async fn connect(&self) -> lapin::Result<(Arc<Link>, Events)> {
+    /// Tries every node once, starting from `next`; the first that connects is kept (and
+    /// tried first again next time). Fails with what each node said.
+    async fn connect_any(&self) -> Result<(Arc<Link>, Events), String> {
+        let start = self.next.load(Ordering::Relaxed);
+        let mut errors = Vec::with_capacity(self.nodes.len());
+        for i in 0..self.nodes.len() {
+            let index = (start + i) % self.nodes.len();
+            let node = (index, endpoint(self.nodes[index].expose()));
+            match tokio::time::timeout(CONNECT_TIMEOUT, self.connect(&self.nodes[index])).await {
+                Ok(Ok((conn, publisher, events))) => {
+                    self.next.store(index, Ordering::Relaxed);
+                    let link = Link {
+                        conn,
+                        publisher,
+                        node,
+                    };
+                    return Ok((Arc::new(link), events));
+                }
+                Ok(Err(e)) => errors.push(format!("{}: {e}", node.1)),
+                Err(_) => errors.push(format!("{}: timed out", node.1)),
+            }
+        }
+        Err(errors.join("; "))
+    }
+
+    async fn connect(&self, url: &Secret) -> lapin::Result<(Connection, Channel, Events)> {
         let props = ConnectionProperties::default().with_connection_name("dataflow".into());
-        let conn = Connection::connect(self.url.expose(), props).await?;
+        let conn = Connection::connect(url.expose(), props).await?;
         // Listen before anything can fail, so no error event is missed.
         let events = conn.events_listener();
         let publisher = conn.create_channel().await?;
@@ -140,7 +198,7 @@ impl Broker {
         publisher
             .confirm_select(ConfirmSelectOptions::default())
             .await?;
-        Ok((Arc::new(Link { conn, publisher }), Box::pin(events)))
+        Ok((conn, publisher, Box::pin(events)))
     }
 
     /// Waits until the link fails (or `shutdown`) and says why.
@@ -175,6 +233,19 @@ impl Broker {
         if current.is_some_and(|c| Arc::ptr_eq(&c, link)) {
             self.broken.notify_one();
         }
+    }
+}
+
+/// `host:port` of a node's URL, for logs and `/readyz` (never its credentials).
+pub fn endpoint(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(u) => {
+            let port = u
+                .port()
+                .unwrap_or(if u.scheme() == "amqps" { 5671 } else { 5672 });
+            format!("{}:{port}", u.host_str().unwrap_or("localhost"))
+        }
+        Err(_) => "an unreadable URL".into(),
     }
 }
 

@@ -1,0 +1,139 @@
+//! The broker tier on a RabbitMQ cluster of three nodes that the test starts from the
+//! machine's own `rabbitmq-server` (see `common/rabbitmq_cluster.rs`): one node is killed
+//! while imports flow, and nothing is lost or done twice.
+
+use crate::common::harness::register;
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use dataflow::Roles;
+use dataflow_contracts::events::Envelope;
+use dataflow_contracts::{BatchId, BatchStatus};
+use serde_json::{Value, json};
+
+use crate::amqp::{TestBroker, collect, kinds_of, spawn_tweaked};
+use crate::common::rabbitmq_cluster::RabbitCluster;
+use crate::helpers::{Backend, TestApp, csv};
+
+/// Imports submitted before, during and after the kill.
+const IMPORTS: usize = 40;
+/// The kill comes after this many of them.
+const KILL_AFTER: usize = 10;
+
+/// An API process (it relays the outbox) and a worker, both listing the three nodes and both
+/// on the first. That node, where their links and the queues' first leaders are, is killed
+/// with `kill -9` while imports flow. Both processes move to the next node, the relay keeps
+/// publishing with confirms to the surviving majority, the worker keeps consuming, and in
+/// the end every batch completed once and every event of every batch reached a quorum queue
+/// bound to the exchange.
+async fn the_broker_survives_the_loss_of_one_node_of_three() {
+    let Some(cluster) = RabbitCluster::start(3).await else {
+        return;
+    };
+    // The test watches from the last node, which it never stops.
+    let mut broker = TestBroker::on(cluster.url(2)).await;
+    let url = cluster.amqp_url();
+    // A long safety sweep: with a link up, batches move by the broker alone.
+    let api = spawn_tweaked(Backend::Postgres, &broker, Roles::API, Some(&url), |c| {
+        c.amqp.safety_sweep_ms = 60_000;
+    })
+    .await;
+    let worker = api.sibling(Roles::WORKER).await;
+    let first = cluster.endpoint(0);
+    for p in [&api, &worker] {
+        wait_node(p, |node| node == first).await;
+    }
+    let tap = broker.tap().await;
+    let (_, key) = api
+        .client(json!({"rate_per_minute": 60_000, "rate_burst": 1_000}))
+        .await;
+
+    let mut batches = Vec::with_capacity(IMPORTS);
+    for i in 0..IMPORTS {
+        if i == KILL_AFTER {
+            cluster.kill(0);
+        }
+        let body = csv(&format!("n{i}"), 20);
+        batches.push(api.import(&key, "text/csv", body).await.batch_id);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // A surviving node: the next in the list, or the one after if the next was still
+    // busy electing the queues' new leaders when they tried it.
+    let survivors = [cluster.endpoint(1), cluster.endpoint(2)];
+    for p in [&api, &worker] {
+        wait_node(p, |node| survivors.iter().any(|s| s == node)).await;
+    }
+    for id in &batches {
+        let done = api.wait_for(&key, id, BatchStatus::Completed).await;
+        assert_eq!(done.records_processed, 20, "{id}");
+    }
+
+    // After the failover, a batch moves by the broker: the safety sweep is a minute away
+    // and the worker polls SQL only while it has no link.
+    let stats = worker.worker_stats();
+    let delivered = stats.deliveries.load(std::sync::atomic::Ordering::Relaxed);
+    let last = api
+        .import(&key, "text/csv", csv("after", 20))
+        .await
+        .batch_id;
+    api.wait_for(&key, &last, BatchStatus::Completed).await;
+    assert!(stats.deliveries.load(std::sync::atomic::Ordering::Relaxed) > delivered);
+    batches.push(last);
+
+    // Every event of every batch, once each by its id (a publish whose confirm died with
+    // the node is sent again under the same id), in lifecycle order.
+    let events = collect(&broker, &tap, |got| {
+        batches.iter().all(|id| distinct(got, id).len() >= 3)
+    })
+    .await;
+    for id in &batches {
+        assert_eq!(
+            distinct(&events, id),
+            ["BatchCreated", "BatchReady", "BatchCompleted"],
+            "{id}"
+        );
+        assert_eq!(api.completions(id).await, 1, "one completion for {id}");
+    }
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while broker.depth(&broker.names.ready_queue).await > 0 {
+        assert!(Instant::now() < deadline, "batch.ready never drained");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(broker.depth(&broker.names.dead_letter_queue).await, 0);
+    worker.stop().await;
+    api.stop().await;
+}
+register!(the_broker_survives_the_loss_of_one_node_of_three);
+
+/// A batch's event kinds in order, each event id counted once.
+fn distinct(events: &[Envelope], batch: &BatchId) -> Vec<&'static str> {
+    let mut seen = HashSet::new();
+    let once: Vec<Envelope> = events
+        .iter()
+        .filter(|e| seen.insert(e.id.clone()))
+        .cloned()
+        .collect();
+    kinds_of(&once, batch)
+}
+
+/// Waits (up to 30 s) until the process's `/readyz` says its link is up to a node that
+/// `wanted` accepts.
+async fn wait_node(p: &TestApp, wanted: impl Fn(&str) -> bool) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let r: Value = p
+            .http
+            .get(p.ops_url("/readyz"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if r["events"]["mode"] == "broker" && r["events"]["node"].as_str().is_some_and(&wanted) {
+            return r;
+        }
+        assert!(Instant::now() < deadline, "never on the node wanted: {r}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
