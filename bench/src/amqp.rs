@@ -45,6 +45,7 @@ use dataflow::{App, Roles};
 
 #[derive(Args, Debug, Clone)]
 pub struct AmqpArgs {
+    /// The broker; for a cluster, its nodes' URLs separated by commas, as `amqp_url` takes them.
     #[arg(long, default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
     pub amqp_url: String,
     /// `postgres://…` for the ledger; default: SQLite in a temporary folder.
@@ -621,8 +622,11 @@ async fn fill_outbox(db: &Db, n: usize) -> anyhow::Result<Vec<OutboxRow>> {
     Ok(rows)
 }
 
-async fn raw_channel(url: &str) -> anyhow::Result<(Connection, Channel)> {
-    let conn = Connection::connect(url, ConnectionProperties::default())
+/// A channel of the bench's own; on a cluster (`--amqp-url` listing its nodes), on the
+/// first node, where DataFlow's link starts too.
+async fn raw_channel(urls: &str) -> anyhow::Result<(Connection, Channel)> {
+    let first = urls.split(',').next().unwrap_or(urls).trim();
+    let conn = Connection::connect(first, ConnectionProperties::default())
         .await
         .context("connecting to RabbitMQ")?;
     let ch = conn.create_channel().await?;

@@ -219,7 +219,7 @@ async fn wait_mode(t: &TestApp, mode: &str) -> Value {
 }
 
 /// Waits (up to 15 s) until the outbox has `n` unpublished rows.
-async fn wait_backlog(t: &TestApp, n: i64) {
+pub(crate) async fn wait_backlog(t: &TestApp, n: i64) {
     let deadline = Instant::now() + Duration::from_secs(15);
     while t.db.outbox_backlog().await.unwrap() != n {
         assert!(

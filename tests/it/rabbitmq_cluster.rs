@@ -11,7 +11,7 @@ use dataflow_contracts::events::Envelope;
 use dataflow_contracts::{BatchId, BatchStatus};
 use serde_json::{Value, json};
 
-use crate::amqp::{TestBroker, collect, kinds_of, spawn_tweaked};
+use crate::amqp::{TestBroker, collect, kinds_of, spawn_tweaked, wait_backlog};
 use crate::common::rabbitmq_cluster::RabbitCluster;
 use crate::helpers::{Backend, TestApp, csv};
 
@@ -94,6 +94,8 @@ async fn the_broker_survives_the_loss_of_one_node_of_three() {
         );
         assert_eq!(api.completions(id).await, 1, "one completion for {id}");
     }
+    // Every outbox row was marked, which happens only on the broker's confirm.
+    wait_backlog(&api, 0).await;
     let deadline = Instant::now() + Duration::from_secs(15);
     while broker.depth(&broker.names.ready_queue).await > 0 {
         assert!(Instant::now() < deadline, "batch.ready never drained");
