@@ -482,7 +482,8 @@ async fn relay_throughput(args: &AmqpArgs, run: &str, prefix: &str) -> anyhow::R
     let db = Db::connect(&ledger.config.database_url(), 4).await?;
     db.migrate().await?;
 
-    let config = amqp_config(args, prefix, args.relay_batch);
+    let mut config = amqp_config(args, prefix, args.relay_batch);
+    config.amqp_url = Some(Secret::new(args.amqp_url.clone()));
     let broker = Arc::new(Broker::new(
         config.amqp_nodes(),
         config.amqp.clone(),

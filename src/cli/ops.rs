@@ -242,6 +242,8 @@ async fn broker_reachability(nodes: &[Secret]) -> String {
         .collect();
     let verdict = if up == 0 {
         ": workers poll SQL until one returns"
+    } else if up <= checked.len() / 2 {
+        ": a cluster's majority is down, so its quorum queues neither confirm nor deliver"
     } else {
         ""
     };

@@ -99,6 +99,13 @@ impl RabbitCluster {
                 "rabbitmq-server -detached for {}",
                 node.name
             );
+            // The pid file is how the drop kills the node: wait for it before going on, so
+            // a failure past this point leaves no node running.
+            let deadline = Instant::now() + BOOT;
+            while !d.join("pid").exists() {
+                assert!(Instant::now() < deadline, "{} wrote no pid file", node.name);
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
         }
         for i in 0..cluster.nodes.len() {
             cluster.wait_booted(i).await;
@@ -133,6 +140,13 @@ impl RabbitCluster {
         format!("127.0.0.1:{}", self.nodes[i].port)
     }
 
+    /// The index of the node `/readyz` names `endpoint`.
+    pub fn index_of(&self, endpoint: &str) -> usize {
+        (0..self.nodes.len())
+            .find(|&i| self.endpoint(i) == endpoint)
+            .unwrap_or_else(|| panic!("{endpoint} is no node of this cluster"))
+    }
+
     /// Kills node `i` at once (`kill -9` of its Erlang VM), as a crash would.
     pub fn kill(&self, i: usize) {
         let pid_file = self.nodes[i].dir.join("pid");
@@ -143,7 +157,7 @@ impl RabbitCluster {
     }
 
     /// Runs `rabbitmqctl -n <node> <args>` and returns what it printed; panics on failure.
-    pub fn ctl(&self, node: &str, args: &[&str]) -> String {
+    fn ctl(&self, node: &str, args: &[&str]) -> String {
         let out = Command::new("rabbitmqctl")
             .args(["-q", "-n", node])
             .args(args)
@@ -156,11 +170,6 @@ impl RabbitCluster {
             String::from_utf8_lossy(&out.stderr)
         );
         String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
-    /// The name of node `i`.
-    pub fn name(&self, i: usize) -> &str {
-        &self.nodes[i].name
     }
 
     /// Waits until node `i` has booted: its listener answers and `await_startup` returns.

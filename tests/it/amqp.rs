@@ -82,6 +82,16 @@ impl TestBroker {
         }
     }
 
+    /// Moves the test's own connection to `url` (another node of a cluster).
+    pub(crate) async fn view_through(&mut self, url: String) {
+        let conn = Connection::connect(&url, ConnectionProperties::default())
+            .await
+            .unwrap();
+        self.ch = conn.create_channel().await.unwrap();
+        self._conn = conn;
+        self.url = url;
+    }
+
     /// Points a process at `url` (default: the broker itself) under this test's prefix.
     fn configure(&self, c: &mut Config, url: Option<&str>) {
         c.amqp_url = Some(Secret::new(url.unwrap_or(&self.url)));

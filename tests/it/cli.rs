@@ -11,6 +11,7 @@ use dataflow::cli::upload::Compression;
 use dataflow_contracts::http::QueueDepth;
 use dataflow_contracts::jobs::{JobPage, JobStatus};
 use dataflow_contracts::{BatchId, BatchStatus, ClientId};
+use dataflow_platform::broker::endpoint;
 use reqwest::Method;
 use serde_json::json;
 
@@ -495,33 +496,52 @@ fn embedded(dir: &std::path::Path, args: &[&str]) -> std::process::Command {
     command
 }
 
-/// `dataflow status` checks every RabbitMQ node `amqp_url` lists and says which answer.
+/// `dataflow status` checks every RabbitMQ node `amqp_url` lists, says which answer, and
+/// warns when fewer than a majority of them do.
 async fn status_checks_every_listed_broker_node() {
     let Some(live) = crate::helpers::test_amqp_url().await else {
         return;
     };
     let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let down = closed.local_addr().unwrap().port();
+    let down = format!(
+        "amqp://guest:guest@127.0.0.1:{}/%2f",
+        closed.local_addr().unwrap().port()
+    );
     drop(closed);
     let dir = std::env::temp_dir().join(format!("dataflow-status-{}", ulid::Ulid::new()));
-    let config = dataflow_platform::Config {
-        data_dir: dir.clone(),
-        amqp_url: Some(dataflow_platform::config::Secret::new(format!(
-            "amqp://guest:guest@127.0.0.1:{down}/%2f,{live}"
-        ))),
-        ..dataflow_platform::Config::default()
+    let events = |amqp_url: String| {
+        let config = dataflow_platform::Config {
+            data_dir: dir.clone(),
+            amqp_url: Some(dataflow_platform::config::Secret::new(amqp_url)),
+            ..dataflow_platform::Config::default()
+        };
+        let out = crate::common::process::dataflow_command(&config, "status", "cli", None)
+            .stdout(std::process::Stdio::piped())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        stdout
+            .lines()
+            .find(|l| l.starts_with("events:"))
+            .unwrap()
+            .to_owned()
     };
-    let out = crate::common::process::dataflow_command(&config, "status", "cli", None)
-        .stdout(std::process::Stdio::piped())
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{out:?}");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let events = stdout.lines().find(|l| l.starts_with("events:")).unwrap();
-    let live = dataflow_platform::broker::endpoint(&live);
+    let (up, gone) = (endpoint(&live), endpoint(&down));
     assert_eq!(
-        events,
-        format!("events:  RabbitMQ 127.0.0.1:{down} UNREACHABLE, {live} reachable")
+        events(live.clone()),
+        format!("events:  RabbitMQ {up} reachable")
+    );
+    assert_eq!(
+        events(format!("{down},{live}")),
+        format!(
+            "events:  RabbitMQ {gone} UNREACHABLE, {up} reachable: a cluster's majority is \
+             down, so its quorum queues neither confirm nor deliver"
+        )
+    );
+    assert_eq!(
+        events(down),
+        format!("events:  RabbitMQ {gone} UNREACHABLE: workers poll SQL until one returns")
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -1,6 +1,7 @@
 //! `GET /healthz` (the process answers) and `GET /readyz` (the ledger answers; Redis, the
 //! events mode (`embedded`, `broker`, or `polling` while RabbitMQ is unreachable) and the
-//! RabbitMQ node the link is up to, the outbox backlog and the fallbacks in use are reported, but only a missing ledger makes it 503).
+//! RabbitMQ node the link is up to, the outbox backlog and the fallbacks in use are
+//! reported, but only a missing ledger makes it 503).
 
 use axum::Json;
 use axum::extract::State;

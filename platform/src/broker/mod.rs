@@ -11,8 +11,9 @@
 //! - Startup never waits for the broker: the process starts in `polling` mode and the
 //!   supervisor connects in the background.
 //! - A RabbitMQ cluster is reached through the nodes `amqp_url` lists: the supervisor tries
-//!   them in turn, and after a lost link starts from the node after the one it lost, so a
-//!   dead node is tried last. Every queue is a quorum queue, replicated on the cluster's
+//!   them in turn, and after a lost link starts at once from the node after the one it
+//!   lost, so a dead node is tried last. It backs off only after a round in which no node
+//!   answered, or after a link that failed soon after it came up. Every queue is a quorum queue, replicated on the cluster's
 //!   nodes, so the surviving majority keeps confirming publishes and delivering.
 //! - A publish counts only when the broker acked it (see [`publish`]).
 
@@ -39,6 +40,11 @@ use crate::events::Mode;
 /// Connecting to one node, the handshake and declaring the topology must finish within this.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// A link up this long was healthy, and after its loss the next node is tried at once. One
+/// lost sooner is flapping (a cluster refuses the consumer while it elects a queue's new
+/// leader, say), and the backoff between rounds keeps growing.
+const STABLE_LINK: Duration = Duration::from_secs(10);
+
 /// The connection's event stream.
 type Events = std::pin::Pin<Box<dyn futures::Stream<Item = lapin::Event> + Send>>;
 
@@ -48,6 +54,9 @@ struct Link {
     publisher: Channel,
     /// Which of the configured nodes this is: its index and `host:port`.
     node: (usize, String),
+    /// A user of this link saw it fail before the connection noticed. Each link has its
+    /// own, so a failure reported late about a lost link cannot end its successor.
+    broken: Notify,
 }
 
 pub struct Broker {
@@ -58,8 +67,6 @@ pub struct Broker {
     names: Names,
     link: watch::Sender<Option<Arc<Link>>>,
     mode: watch::Sender<Mode>,
-    /// A user of the link saw it fail before the connection noticed.
-    broken: Notify,
 }
 
 impl Broker {
@@ -75,7 +82,6 @@ impl Broker {
             config,
             link: watch::channel(None).0,
             mode,
-            broken: Notify::new(),
         }
     }
 
@@ -117,7 +123,6 @@ impl Broker {
             match connected {
                 Ok((link, mut events)) => {
                     let up = tokio::time::Instant::now();
-                    failures = 0;
                     tracing::info!(
                         exchange = %self.names.exchange,
                         node = %link.node.1,
@@ -133,12 +138,6 @@ impl Broker {
                     if shutdown.is_cancelled() {
                         return;
                     }
-                    // A link that lasted resets the backoff; one that failed soon after it
-                    // came up (a queue whose leader a cluster is still electing refuses
-                    // the consumer) keeps doubling it, so the nodes are not hammered.
-                    if up.elapsed() >= max {
-                        backoff = min;
-                    }
                     // The lost node is tried last: it may be the one that went away.
                     self.next
                         .store((link.node.0 + 1) % self.nodes.len(), Ordering::Relaxed);
@@ -147,6 +146,11 @@ impl Broker {
                         node = %link.node.1,
                         "RabbitMQ link lost; workers poll SQL until it is back"
                     );
+                    if up.elapsed() >= STABLE_LINK {
+                        backoff = min;
+                        failures = 0;
+                        continue;
+                    }
                 }
                 Err(errors) => log_connect_failure(&mut failures, &errors),
             }
@@ -178,6 +182,7 @@ impl Broker {
                         conn,
                         publisher,
                         node,
+                        broken: Notify::new(),
                     };
                     return Ok((Arc::new(link), events));
                 }
@@ -212,7 +217,7 @@ impl Broker {
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return "shutdown".into(),
-                _ = self.broken.notified() => return "a publish or consume failed".into(),
+                _ = link.broken.notified() => return "a publish or consume failed".into(),
                 ev = events.next() => match ev {
                     Some(lapin::Event::Error(e)) => return e.to_string(),
                     Some(other) => tracing::debug!(event = ?other, "RabbitMQ connection event"),
@@ -231,7 +236,7 @@ impl Broker {
     fn report_broken(&self, link: &Arc<Link>) {
         let current = self.link.borrow().clone();
         if current.is_some_and(|c| Arc::ptr_eq(&c, link)) {
-            self.broken.notify_one();
+            link.broken.notify_one();
         }
     }
 }
@@ -249,12 +254,13 @@ pub fn endpoint(url: &str) -> String {
     }
 }
 
-/// Logs the first failure and then one in twenty, so an absent broker does not flood logs.
+/// Logs the first failed round (every node tried once) and then one in twenty, so an absent
+/// broker does not flood logs.
 fn log_connect_failure(failures: &mut u64, error: &str) {
     if failures.is_multiple_of(20) {
         tracing::warn!(
             error,
-            attempts = *failures + 1,
+            rounds = *failures + 1,
             "RabbitMQ unreachable; polling SQL meanwhile"
         );
     }
