@@ -25,6 +25,8 @@ struct State {
     delay_ms: AtomicU64,
     /// Reads held back by a delay, since the proxy started.
     delayed: AtomicU64,
+    /// Connections passed on to the service, since the proxy started.
+    accepted: AtomicU64,
     /// Requests containing this switch `muted` on.
     mute_after: Mutex<Option<&'static [u8]>>,
     /// The service's replies are dropped.
@@ -64,6 +66,7 @@ impl Proxy {
                     drop(inbound);
                     continue;
                 }
+                shared.accepted.fetch_add(1, Ordering::SeqCst);
                 let conn = shared.clone();
                 let task = tokio::spawn(async move {
                     if let Ok(outbound) = TcpStream::connect(target).await {
@@ -115,6 +118,11 @@ impl Proxy {
     /// Reads that a delay held back, since the proxy started.
     pub fn delayed(&self) -> u64 {
         self.state.delayed.load(Ordering::SeqCst)
+    }
+
+    /// Connections passed on to the service, since the proxy started.
+    pub fn accepted(&self) -> u64 {
+        self.state.accepted.load(Ordering::SeqCst)
     }
 }
 

@@ -28,7 +28,8 @@ use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use reqwest::Method;
 use serde_json::{Value, json};
 
-use crate::helpers::{Backend, Proxy, TestApp, backend_tests, csv, test_amqp_url};
+use crate::common::services::url_via;
+use crate::helpers::{Backend, Proxy, TestApp, backend_tests, csv, service_addr, test_amqp_url};
 use crate::jobs::wait_jobs;
 
 backend_tests!(
@@ -997,6 +998,37 @@ async fn a_node_that_is_down_is_passed_over_for_the_next_listed() {
     broker.cleanup().await;
 }
 register!(a_node_that_is_down_is_passed_over_for_the_next_listed);
+
+/// A link reported broken twice in a row (a publish and its confirm failing together): the
+/// supervisor replaces it once, and the second report, about a link already lost, does not
+/// end the new one.
+async fn a_late_report_about_a_lost_link_leaves_its_successor_up() {
+    let Some(broker) = TestBroker::new().await else {
+        return;
+    };
+    let proxy = Proxy::start(service_addr(&broker.url, 5672)).await;
+    let via_proxy = url_via(&broker.url, proxy.addr);
+    let t = spawn(Backend::Sqlite, &broker, Roles::API, Some(&via_proxy)).await;
+    wait_mode(&t, "broker").await;
+    assert_eq!(proxy.accepted(), 1);
+    let link = t.app.as_ref().unwrap().backends.broker.clone().unwrap();
+    let sender = link.sender().unwrap();
+    sender.broken();
+    sender.broken();
+    drop(sender);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while proxy.accepted() < 2 || !link.is_connected() {
+        assert!(Instant::now() < deadline, "the link never came back");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Long enough for the reconnects after a second lost link (backoff 50–200 ms).
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    assert_eq!(proxy.accepted(), 2, "one new link, kept");
+    assert!(link.is_connected());
+    t.stop().await;
+    broker.cleanup().await;
+}
+register!(a_late_report_about_a_lost_link_leaves_its_successor_up);
 
 /// Someone removes the ready queue's binding: the relay's `mandatory` publish of
 /// `batch.ready` comes back unroutable, is not marked published, and after the relay's
