@@ -93,6 +93,29 @@ async fn the_broker_survives_the_loss_of_one_node_of_three() {
         );
         assert_eq!(api.completions(id).await, 1, "one completion for {id}");
     }
+    // The moves are counted by node (both processes share this test's metrics recorder).
+    let metrics = api
+        .http
+        .get(api.ops_url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let links = |node: &str| {
+        metrics
+            .lines()
+            .filter(|l| l.starts_with(&format!("dataflow_amqp_links_total{{node=\"{node}\"}}")))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>()
+    };
+    assert!(links(&first) >= 2.0, "{metrics}");
+    let others: f64 = (0..3)
+        .filter(|&i| i != lost)
+        .map(|i| links(&cluster.endpoint(i)))
+        .sum();
+    assert!(others >= 2.0, "{metrics}");
     // Every outbox row was marked, which happens only on the broker's confirm.
     wait_backlog(&api, 0).await;
     let deadline = Instant::now() + Duration::from_secs(15);

@@ -128,6 +128,8 @@ impl Broker {
                         node = %link.node.1,
                         "RabbitMQ connected; events flow through the broker"
                     );
+                    metrics::counter!("dataflow_amqp_links_total", "node" => link.node.1.clone())
+                        .increment(1);
                     self.link.send_replace(Some(link.clone()));
                     self.set_mode(Mode::Broker);
                     let reason = self.watch(&link, &mut events, &shutdown).await;
