@@ -146,118 +146,174 @@ fn spawn(
     Spawned(child)
 }
 
-async fn one_import_is_one_trace_from_the_request_to_the_webhook() {
-    let Some(amqp_url) = test_amqp_url().await else {
-        return;
-    };
-    let Some(redis_url) = test_redis_url().await else {
-        return;
-    };
-    let Some(test_db) = TestDb::create(Backend::Postgres).await else {
-        return;
-    };
-    let receiver = Receiver::start().await;
-    let hooks = WebhookReceiver::start(200).await;
-    let tag = ulid::Ulid::new().to_string().to_lowercase();
-    let mut config = test_config(&test_db);
-    config.listen = free_port().await;
-    config.redis_url = Some(Secret::new(redis_url));
-    config.redis_prefix = format!("dftest-{tag}");
-    config.amqp_url = Some(Secret::new(amqp_url.clone()));
-    config.amqp.prefix = format!("dftest-{tag}.");
-    // The delivery claims the batch, not a sweep that happens to come first.
-    config.amqp.safety_sweep_ms = 60_000;
-    config.jobs.webhook_allow_private = true;
-    config.jobs.poll_interval_ms = 50;
-    let names = dataflow_platform::broker::Names::new(&config.amqp);
+/// The API and a worker as `dataflow` processes exporting to `receiver`, on a database,
+/// Redis prefix and exchange of their own, with a client whose webhooks go to `hooks`.
+struct Stack {
+    receiver: Receiver,
+    hooks: WebhookReceiver,
+    config: dataflow_platform::Config,
+    names: dataflow_platform::broker::Names,
+    api: TestApp,
+    key: String,
+    amqp_url: String,
+    _api_process: Spawned,
+}
 
-    let _api_process = spawn(&config, "serve", "dataflow-api", &receiver);
-    let api = TestApp::attach(config.clone(), test_db).await;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while api.http.get(api.url("/healthz")).send().await.is_err() {
-        assert!(Instant::now() < deadline, "the API process never answered");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let _worker_process = spawn(&config, "worker", "dataflow-worker", &receiver);
-    let (_, key) = api.client(json!({"webhook_url": hooks.url()})).await;
-    // The worker's consumer is on the ready queue before the import is.
-    let conn = lapin::Connection::connect(&amqp_url, lapin::ConnectionProperties::default())
-        .await
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        // A passive declare of a queue not there yet closes its channel: one per look.
-        let ch = conn.create_channel().await.unwrap();
-        let passive = QueueDeclareOptions {
-            passive: true,
-            ..Default::default()
-        };
-        let declared = ch
-            .queue_declare(
-                names.ready_queue.as_str().into(),
-                passive,
-                FieldTable::default(),
-            )
-            .await;
-        if declared.is_ok_and(|q| q.consumer_count() >= 1) {
-            break;
+impl Stack {
+    /// The API process and the client; `None` when a service is missing and not required.
+    async fn start() -> Option<Stack> {
+        let amqp_url = test_amqp_url().await?;
+        let redis_url = test_redis_url().await?;
+        let test_db = TestDb::create(Backend::Postgres).await?;
+        let receiver = Receiver::start().await;
+        let hooks = WebhookReceiver::start(200).await;
+        let tag = ulid::Ulid::new().to_string().to_lowercase();
+        let mut config = test_config(&test_db);
+        config.listen = free_port().await;
+        config.redis_url = Some(Secret::new(redis_url));
+        config.redis_prefix = format!("dftest-{tag}");
+        config.amqp_url = Some(Secret::new(amqp_url.clone()));
+        config.amqp.prefix = format!("dftest-{tag}.");
+        // The delivery claims the batch, not a sweep that happens to come first.
+        config.amqp.safety_sweep_ms = 60_000;
+        config.jobs.webhook_allow_private = true;
+        config.jobs.poll_interval_ms = 50;
+        let names = dataflow_platform::broker::Names::new(&config.amqp);
+        let api_process = spawn(&config, "serve", "dataflow-api", &receiver);
+        let api = TestApp::attach(config.clone(), test_db).await;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while api.http.get(api.url("/healthz")).send().await.is_err() {
+            assert!(Instant::now() < deadline, "the API process never answered");
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        assert!(Instant::now() < deadline, "the worker never consumed");
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        let (_, key) = api
+            .client(json!({"webhook_url": hooks.url(), "rate_burst": 100}))
+            .await;
+        Some(Stack {
+            receiver,
+            hooks,
+            config,
+            names,
+            api,
+            key,
+            amqp_url,
+            _api_process: api_process,
+        })
     }
 
-    let import = api.import(&key, "text/csv", csv("traced", 3)).await;
-    api.wait_for(&key, &import.batch_id, BatchStatus::Completed)
+    /// Starts the worker process and waits until its consumer is on the ready queue.
+    async fn worker(&self) -> Spawned {
+        let worker = spawn(&self.config, "worker", "dataflow-worker", &self.receiver);
+        let conn = self.connection().await;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            // A passive declare of a queue not there yet closes its channel: one per look.
+            let ch = conn.create_channel().await.unwrap();
+            let passive = QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            };
+            let declared = ch
+                .queue_declare(
+                    self.names.ready_queue.as_str().into(),
+                    passive,
+                    FieldTable::default(),
+                )
+                .await;
+            if declared.is_ok_and(|q| q.consumer_count() >= 1) {
+                return worker;
+            }
+            assert!(Instant::now() < deadline, "the worker never consumed");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn connection(&self) -> lapin::Connection {
+        lapin::Connection::connect(&self.amqp_url, lapin::ConnectionProperties::default())
+            .await
+            .unwrap()
+    }
+
+    /// The spans of `trace_id` once every `wanted` one (service, name — a trailing space
+    /// matches a prefix — and kind) is there and every parent is in the trace.
+    async fn trace(&self, trace_id: &str, wanted: &[(&str, &str, SpanKind)]) -> Vec<Exported> {
+        let found = |spans: &[Exported], (service, name, kind): (&str, &str, SpanKind)| {
+            spans.iter().any(|s| {
+                (service.is_empty() || s.service == service)
+                    && s.kind == kind
+                    && if name.ends_with(' ') {
+                        s.name.starts_with(name)
+                    } else {
+                        s.name == name
+                    }
+            })
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let spans = self.receiver.trace(trace_id);
+            let ids: HashSet<&str> = spans.iter().map(|s| s.span_id.as_str()).collect();
+            let orphans = spans
+                .iter()
+                .filter(|s| !s.parent_id.is_empty() && !ids.contains(s.parent_id.as_str()))
+                .count();
+            if orphans == 0 && wanted.iter().all(|w| found(&spans, *w)) {
+                return spans;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "trace {trace_id} is missing spans or parents: {spans:#?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    async fn finish(self) {
+        let ch = self.connection().await.create_channel().await.unwrap();
+        delete_amqp_topology(&ch, &self.names, &[]).await;
+    }
+}
+
+/// The trace id and parent span id of a webhook's `traceparent`.
+fn trace_of(hook: &crate::sinks::Hook) -> (String, String) {
+    let traceparent = hook.header("traceparent").to_owned();
+    let parts: Vec<&str> = traceparent.split('-').collect();
+    assert_eq!(parts.len(), 4, "a W3C traceparent: {traceparent:?}");
+    (parts[1].to_owned(), parts[2].to_owned())
+}
+
+async fn one_import_is_one_trace_from_the_request_to_the_webhook() {
+    let Some(stack) = Stack::start().await else {
+        return;
+    };
+    let _worker_process = stack.worker().await;
+    let (api, key, names, hooks) = (&stack.api, &stack.key, &stack.names, &stack.hooks);
+
+    let import = api.import(key, "text/csv", csv("traced", 3)).await;
+    api.wait_for(key, &import.batch_id, BatchStatus::Completed)
         .await;
     let hook = hooks
         .wait_until("a webhook", |h| !h.is_empty())
         .await
         .remove(0);
-    let traceparent = hook.header("traceparent").to_owned();
-    let parts: Vec<&str> = traceparent.split('-').collect();
-    assert_eq!(parts.len(), 4, "a W3C traceparent: {traceparent:?}");
-    let (trace_id, webhook_parent) = (parts[1].to_owned(), parts[2].to_owned());
+    let (trace_id, webhook_parent) = trace_of(&hook);
 
     // Every span named here is in the trace once exported, each under a parent of the trace.
-    let wanted: [(&str, &str, SpanKind); 9] = [
-        ("dataflow-api", "POST /v1/imports", SpanKind::Server),
-        ("", "publish ", SpanKind::Producer),
-        ("dataflow-worker", "process ", SpanKind::Consumer),
-        ("dataflow-worker", "claim", SpanKind::Internal),
-        ("dataflow-worker", "process", SpanKind::Internal),
-        ("dataflow-worker", "chunk", SpanKind::Internal),
-        ("dataflow-worker", "complete", SpanKind::Internal),
-        ("dataflow-worker", "process webhook", SpanKind::Consumer),
-        ("dataflow-worker", "POST", SpanKind::Client),
-    ];
-    let found = |spans: &[Exported], (service, name, kind): (&str, &str, SpanKind)| {
-        spans.iter().any(|s| {
-            (service.is_empty() || s.service == service)
-                && s.kind == kind
-                && if name.ends_with(' ') {
-                    s.name.starts_with(name)
-                } else {
-                    s.name == name
-                }
-        })
-    };
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let spans = loop {
-        let spans = receiver.trace(&trace_id);
-        let ids: HashSet<&str> = spans.iter().map(|s| s.span_id.as_str()).collect();
-        let orphans = spans
-            .iter()
-            .filter(|s| !s.parent_id.is_empty() && !ids.contains(s.parent_id.as_str()))
-            .count();
-        if orphans == 0 && wanted.iter().all(|w| found(&spans, *w)) {
-            break spans;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "trace {trace_id} is missing spans or parents: {spans:#?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let spans = stack
+        .trace(
+            &trace_id,
+            &[
+                ("dataflow-api", "POST /v1/imports", SpanKind::Server),
+                ("", "publish ", SpanKind::Producer),
+                ("dataflow-worker", "process ", SpanKind::Consumer),
+                ("dataflow-worker", "claim", SpanKind::Internal),
+                ("dataflow-worker", "process", SpanKind::Internal),
+                ("dataflow-worker", "chunk", SpanKind::Internal),
+                ("dataflow-worker", "complete", SpanKind::Internal),
+                ("dataflow-worker", "process webhook", SpanKind::Consumer),
+                ("dataflow-worker", "POST", SpanKind::Client),
+            ],
+        )
+        .await;
 
     // One root: the producer's request.
     let roots: Vec<&Exported> = spans.iter().filter(|s| s.parent_id.is_empty()).collect();
@@ -298,14 +354,67 @@ async fn one_import_is_one_trace_from_the_request_to_the_webhook() {
     assert_eq!(job.attributes["messaging.system"], "redis");
 
     // Logs of the worker lead to the trace.
-    let log = std::fs::read_to_string(config.data_dir.join("worker.log")).unwrap();
+    let log = std::fs::read_to_string(stack.config.data_dir.join("worker.log")).unwrap();
     assert!(
         log.lines()
             .any(|l| l.contains("batch completed") && l.contains(&format!("trace_id={trace_id}"))),
         "the worker's log names the trace: {log}"
     );
-
-    let ch = conn.create_channel().await.unwrap();
-    delete_amqp_topology(&ch, &names, &[]).await;
+    stack.finish().await;
 }
 register!(one_import_is_one_trace_from_the_request_to_the_webhook);
+
+/// Small imports waiting when the worker starts are claimed and completed together, as a
+/// bundle in one commit; each is still a trace of its own: its completion, its event and its
+/// webhook continue its own request's trace, not the bundle's first member's.
+async fn each_import_of_a_bundle_is_a_trace_of_its_own() {
+    let Some(stack) = Stack::start().await else {
+        return;
+    };
+    let (api, key) = (&stack.api, &stack.key);
+    let mut batches = Vec::new();
+    for i in 0..3 {
+        let body = csv(&format!("bundled{i}"), 2);
+        batches.push(api.import(key, "text/csv", body).await.batch_id);
+    }
+    let _worker_process = stack.worker().await;
+    for id in &batches {
+        api.wait_for(key, id, BatchStatus::Completed).await;
+    }
+    let log = std::fs::read_to_string(stack.config.data_dir.join("worker.log")).unwrap();
+    assert!(
+        log.lines().any(|l| l.contains("batch completed")
+            && !l.contains("bundled=1")
+            && l.contains("bundled=")),
+        "the imports were completed as a bundle: {log}"
+    );
+    let hooks = stack
+        .hooks
+        .wait_until("three webhooks", |h| h.len() >= 3)
+        .await;
+    let traces: HashSet<String> = hooks.iter().map(|h| trace_of(h).0).collect();
+    assert_eq!(traces.len(), 3, "one trace per import: {traces:?}");
+    for trace_id in &traces {
+        let spans = stack
+            .trace(
+                trace_id,
+                &[
+                    ("dataflow-api", "POST /v1/imports", SpanKind::Server),
+                    ("dataflow-worker", "complete", SpanKind::Internal),
+                    ("dataflow-worker", "process webhook", SpanKind::Consumer),
+                    ("dataflow-worker", "POST", SpanKind::Client),
+                ],
+            )
+            .await;
+        let roots = spans.iter().filter(|s| s.parent_id.is_empty()).count();
+        assert_eq!(roots, 1, "one root in {trace_id}: {spans:#?}");
+        assert!(
+            log.lines()
+                .any(|l| l.contains("batch completed")
+                    && l.contains(&format!("trace_id={trace_id}"))),
+            "the log line of each member names its trace"
+        );
+    }
+    stack.finish().await;
+}
+register!(each_import_of_a_bundle_is_a_trace_of_its_own);

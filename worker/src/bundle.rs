@@ -15,7 +15,7 @@ use std::sync::atomic::Ordering;
 
 use dataflow_contracts::live::LiveKind;
 use dataflow_platform::domain::prepare::Chunk;
-use dataflow_platform::ledger::Lease;
+use dataflow_platform::ledger::{Completing, Lease};
 use dataflow_platform::traces;
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
@@ -40,7 +40,8 @@ impl Worker {
         let alone = if leases.len() > 1 {
             let worker = self.clone();
             let bundle = leases.clone();
-            // One commit for the bundle: its span continues the first member's trace.
+            // One commit for the bundle: its span continues the first member's trace, and
+            // each member's completion is a span of its own import's trace inside it.
             let span = tracing::info_span!("bundle", batches = bundle.len());
             traces::follow(&span, bundle[0].traceparent.as_deref());
             let together = async move { worker.complete_together(bundle).await }.instrument(span);
@@ -94,9 +95,23 @@ impl Worker {
             self.live
                 .publish(LiveKind::BatchProcessing, lease.batch_id.as_str());
         }
-        let members: Vec<_> = together
+        // Each member's completion in its own import's trace, as a batch alone has it.
+        let spans: Vec<tracing::Span> = together
             .iter()
-            .map(|(lease, chunk)| (lease, chunk.as_ref()))
+            .map(|(lease, _)| {
+                let span = tracing::info_span!("complete", batch_id = %lease.batch_id);
+                traces::follow(&span, lease.traceparent.as_deref());
+                span
+            })
+            .collect();
+        let members: Vec<Completing<'_>> = together
+            .iter()
+            .zip(&spans)
+            .map(|((lease, chunk), span)| Completing {
+                lease,
+                chunk: chunk.as_ref(),
+                traceparent: traces::of(span),
+            })
             .collect();
         match self.db.complete_bundle(&members).await {
             Ok(done) => {
@@ -104,19 +119,22 @@ impl Worker {
                 self.stats
                     .bundled
                     .fetch_add(members.len() as u64, Ordering::Relaxed);
-                for ((lease, _), done) in together.iter().zip(done) {
+                for (((lease, _), done), span) in together.iter().zip(done).zip(&spans) {
                     if lease.attempts == 1 && !lease.took_over {
                         metrics::histogram!("dataflow_batch_enqueue_to_start_seconds")
                             .record(lease.waited_ms as f64 / 1000.0);
                     }
                     self.stats.completed.fetch_add(1, Ordering::Relaxed);
-                    tracing::info!(
-                        batch_id = %lease.batch_id,
-                        records = done.records_total,
-                        failed = done.records_failed,
-                        bundled = members.len(),
-                        "batch completed"
-                    );
+                    // The log line names the member's own trace.
+                    span.in_scope(|| {
+                        tracing::info!(
+                            batch_id = %lease.batch_id,
+                            records = done.records_total,
+                            failed = done.records_failed,
+                            bundled = members.len(),
+                            "batch completed"
+                        );
+                    });
                     self.unlock(lease).await;
                     let outcome = Outcome::Completed(done);
                     record_outcome(&outcome, lease, claimed);

@@ -239,6 +239,27 @@ pub(super) const BATCH_COLUMNS: &str = "id, import_id, status, records_total, ch
      records_unchanged, records_superseded, records_failed, attempts, takeovers, last_error, \
      created_at, started_at, completed_at, schema_version, priority";
 
+/// One batch of a commit that completes it ([`Db::complete_bundle`]).
+pub struct Completing<'a> {
+    pub lease: &'a Lease,
+    /// Its last chunk, when it has one left.
+    pub chunk: Option<&'a Chunk>,
+    /// The trace its event and jobs continue: its completion span's (each batch of a
+    /// bundle has its own, in its own import's trace).
+    pub traceparent: Option<String>,
+}
+
+impl<'a> Completing<'a> {
+    /// A batch completed alone, inside its completion span.
+    pub fn in_current_span(lease: &'a Lease, chunk: Option<&'a Chunk>) -> Self {
+        Completing {
+            lease,
+            chunk,
+            traceparent: traces::current(),
+        }
+    }
+}
+
 /// A held lease: the right to write to one batch while `epoch` is current.
 #[derive(Debug, Clone)]
 pub struct Lease {
@@ -568,13 +589,17 @@ impl Db {
     /// writes every index of `batches` again.
     #[tracing::instrument(skip_all, fields(batch_id = %lease.batch_id, checkpoint = chunk.checkpoint))]
     pub async fn commit_last_chunk(&self, lease: &Lease, chunk: &Chunk) -> Result<BatchCompleted> {
-        let mut done = self.complete_bundle(&[(lease, Some(chunk))]).await?;
+        let mut done = self
+            .complete_bundle(&[Completing::in_current_span(lease, Some(chunk))])
+            .await?;
         done.pop().ok_or_else(|| fence_rejected(lease))
     }
 
     /// Completes the batch under the fence and announces it.
     pub async fn complete_batch(&self, lease: &Lease) -> Result<BatchCompleted> {
-        let mut done = self.complete_bundle(&[(lease, None)]).await?;
+        let mut done = self
+            .complete_bundle(&[Completing::in_current_span(lease, None)])
+            .await?;
         done.pop().ok_or_else(|| fence_rejected(lease))
     }
 
@@ -588,10 +613,7 @@ impl Db {
     /// after them (see [`Db::append_changes`]) and stays locked to the commit, so what
     /// follows it is a fixed handful of statements whatever the bundle's size: the
     /// changes, the batches, the events and the jobs, each written for all at once.
-    pub async fn complete_bundle(
-        &self,
-        bundle: &[(&Lease, Option<&Chunk>)],
-    ) -> Result<Vec<BatchCompleted>> {
+    pub async fn complete_bundle(&self, bundle: &[Completing<'_>]) -> Result<Vec<BatchCompleted>> {
         let mut tx = self.begin_write().await?;
         let done = self.complete_in(&mut tx, bundle).await;
         tx.end(done).await
@@ -600,16 +622,16 @@ impl Db {
     async fn complete_in(
         &self,
         tx: &mut Tx,
-        bundle: &[(&Lease, Option<&Chunk>)],
+        bundle: &[Completing<'_>],
     ) -> Result<Vec<BatchCompleted>> {
         let chunks: Vec<(&Lease, &Chunk)> = bundle
             .iter()
-            .filter_map(|(lease, chunk)| Some((*lease, (*chunk)?)))
+            .filter_map(|c| Some((c.lease, c.chunk?)))
             .collect();
         let mut wrote = self.write_chunks(tx, &chunks).await?.into_iter();
         let results: Vec<ChunkResult> = bundle
             .iter()
-            .map(|(_, chunk)| match chunk {
+            .map(|c| match c.chunk {
                 Some(_) => wrote.next().unwrap_or_default(),
                 None => ChunkResult::default(),
             })
@@ -617,7 +639,7 @@ impl Db {
         let rows: Vec<serde_json::Value> = bundle
             .iter()
             .zip(&results)
-            .map(|((lease, chunk), result)| {
+            .map(|(Completing { lease, chunk, .. }, result)| {
                 serde_json::json!({
                     "id": lease.batch_id.as_str(),
                     "epoch": lease.epoch,
@@ -676,7 +698,7 @@ impl Db {
         for row in &returned {
             by_id.insert(row.try_get::<String, _>("id")?, row);
         }
-        for (lease, _) in bundle {
+        for Completing { lease, .. } in bundle {
             let Some(row) = by_id.get(lease.batch_id.as_str()) else {
                 return Err(fence_rejected(lease));
             };
@@ -692,14 +714,14 @@ impl Db {
             done.push(completed);
             events.push((env, policy));
         }
-        // The completion's span is the current one: its events and jobs continue it.
-        let traceparent = traces::current();
+        // Each batch's event and jobs continue its own completion's trace.
         let events: Vec<Outgoing<'_>> = events
             .iter()
-            .map(|(event, policy)| Outgoing {
+            .zip(bundle)
+            .map(|((event, policy), c)| Outgoing {
                 event,
                 policy: policy.as_ref(),
-                traceparent: traceparent.as_deref(),
+                traceparent: c.traceparent.as_deref(),
             })
             .collect();
         self.enqueue_events(tx, &events).await?;

@@ -49,7 +49,9 @@ mod submits;
 pub mod summaries;
 
 pub use actions::{ActionRecord, NewAction};
-pub use batches::{BatchAction, Bundle, ChunkResult, Claimable, ErrorCursor, FailOutcome, Lease};
+pub use batches::{
+    BatchAction, Bundle, ChunkResult, Claimable, Completing, ErrorCursor, FailOutcome, Lease,
+};
 pub use clients::{ClientRecord, KeyRecord, StoredSchema};
 pub use commits::CommitWake;
 pub use gate::{Tx, Writer};
