@@ -214,7 +214,11 @@ async fn profile(
                 "daily_summary" => drop(ledger.compute_daily_summary(client, today).await?),
                 "chart_sample_minute" => {
                     let now = ledger.now_ms().await?;
-                    drop(ledger.measure_minute(minute_of(now) - MINUTE_MS).await?);
+                    drop(
+                        ledger
+                            .measure_minute(minute_of(now) - MINUTE_MS, None)
+                            .await?,
+                    );
                 }
                 "chart_samples_day" => {
                     let since = ledger.now_ms().await? - DAY_MS;

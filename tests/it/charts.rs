@@ -71,6 +71,21 @@ async fn the_leader_samples_each_ended_minute_once_and_prunes_past_a_day(b: Back
         sample(&t.db, m).await;
         // A minute is written once: sampling it again (a second leader) adds nothing.
         assert_eq!(sample(&t.db, m).await, 0);
+        // A client's page measures that client alone, to the same figures.
+        let everyone = t.db.measure_minute(m, None).await.unwrap();
+        for client in [&busy, &held, &idle] {
+            let alone = t.db.measure_minute(m, Some(client)).await.unwrap();
+            let among = everyone
+                .iter()
+                .find(|s| s.client_id.as_ref() == Some(client))
+                .cloned()
+                .unwrap_or(Sample {
+                    client_id: Some(client.clone()),
+                    minute: m,
+                    ..Sample::default()
+                });
+            assert_eq!(alone, [among], "{client}");
+        }
     }
 
     let since = *minutes.first().unwrap();

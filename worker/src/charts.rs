@@ -54,7 +54,7 @@ pub async fn run(db: Db, stop: CancellationToken, mandate: Mandate) {
 /// ledger's clock) and prunes what is past [`KEEP`]; how many samples were new.
 pub async fn sample_ended(db: &Db, now: i64) -> Result<u64> {
     let minute = minute_of(now - SETTLE_MS) - MINUTE_MS;
-    let samples = db.measure_minute(minute).await?;
+    let samples = db.measure_minute(minute, None).await?;
     let written = db.store_samples(&samples).await?;
     let keep = i64::try_from(KEEP.as_millis()).unwrap_or(i64::MAX);
     db.prune_samples(keep).await?;

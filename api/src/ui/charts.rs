@@ -323,11 +323,12 @@ pub async fn section(db: &Db, client: Option<&ClientId>) -> ApiResult<Markup> {
         .into_iter()
         .filter(|s| s.minute < now_minute)
         .collect();
+    // The fleet's sample comes first; a client's is the only one measured.
     let current = db
-        .measure_minute(now_minute)
+        .measure_minute(now_minute, client)
         .await?
         .into_iter()
-        .find(|s| s.client_id.as_ref() == client)
+        .next()
         .unwrap_or(Sample {
             client_id: client.cloned(),
             minute: now_minute,

@@ -5,8 +5,8 @@
 //! stores it ([`Db::store_samples`]); rows older than the longest chart are pruned
 //! ([`Db::prune_samples`]), so the table holds about a day of minutes whatever the ledger
 //! holds. A page reads one client's (or the fleet's) rows of the last day
-//! ([`Db::chart_samples`]) and measures the minute in progress itself, so a completion
-//! shows at once.
+//! ([`Db::chart_samples`]) and measures the minute in progress itself (a client's page
+//! that client's alone), so a completion shows at once.
 //!
 //! Every read here is bounded by time, never by the ledger's size: the minute's
 //! completions through the `batches_completed` index (the latencies at most
@@ -108,20 +108,35 @@ fn client_sample(
 impl Db {
     /// The minute that starts at `minute`: the fleet's sample first, then one for each
     /// client with batches completed in it or unfinished (or dead) now, by client id. The
-    /// depth is the ledger's now: for a minute just over, its end.
-    pub async fn measure_minute(&self, minute: i64) -> Result<Vec<Sample>> {
+    /// depth is the ledger's now: for a minute just over, its end. With `only`, that
+    /// client's sample alone, read from its own rows (a client's page needs no other's).
+    pub async fn measure_minute(
+        &self,
+        minute: i64,
+        only: Option<&ClientId>,
+    ) -> Result<Vec<Sample>> {
         let end = minute + MINUTE_MS;
+        // `$1`, `$2` the minute's bounds where they are used, the client always last.
+        let of_client = |next: usize| match only {
+            Some(_) => format!(" AND client_id = ${next}"),
+            None => String::new(),
+        };
+        let bind_client =
+            |q: sqlx::query::Query<'static, sqlx::Any, sqlx::any::AnyArguments>| match only {
+                Some(c) => q.bind(c.as_str().to_owned()),
+                None => q,
+            };
         let mut fleet = Sample::new(None, minute);
         let mut clients: BTreeMap<String, Sample> = BTreeMap::new();
-        let done = sqlx::query(
+        let done = self.sql(&format!(
             "SELECT client_id, COUNT(*) AS n, CAST(COALESCE(SUM(records_total), 0) AS BIGINT) AS records \
-             FROM batches WHERE completed_at >= $1 AND completed_at < $2 AND status = 'completed' \
+             FROM batches WHERE completed_at >= $1 AND completed_at < $2 AND status = 'completed'{} \
              GROUP BY client_id",
-        )
-        .bind(minute)
-        .bind(end)
-        .fetch_all(self.pool())
-        .await?;
+            of_client(3)
+        ));
+        let done = bind_client(sqlx::query(done).bind(minute).bind(end))
+            .fetch_all(self.pool())
+            .await?;
         for r in &done {
             let s = client_sample(&mut clients, r.try_get("client_id")?, minute)?;
             s.batches = count(r.try_get("n")?);
@@ -130,14 +145,18 @@ impl Db {
             fleet.records += s.records;
         }
         // A minute busier than the sample has its percentiles from its latest completions.
-        let timed = sqlx::query(
+        let timed = self.sql(&format!(
             "SELECT client_id, completed_at - created_at AS latency FROM batches \
-             WHERE completed_at >= $1 AND completed_at < $2 AND status = 'completed' \
+             WHERE completed_at >= $1 AND completed_at < $2 AND status = 'completed'{} \
              ORDER BY completed_at DESC LIMIT $3",
+            of_client(4)
+        ));
+        let timed = bind_client(
+            sqlx::query(timed)
+                .bind(minute)
+                .bind(end)
+                .bind(LATENCY_SAMPLE),
         )
-        .bind(minute)
-        .bind(end)
-        .bind(LATENCY_SAMPLE)
         .fetch_all(self.pool())
         .await?;
         let mut all = Vec::with_capacity(timed.len());
@@ -154,13 +173,15 @@ impl Db {
         for (id, mut latencies) in by_client {
             client_sample(&mut clients, id, minute)?.latency = Latency::of(&mut latencies);
         }
-        let waiting = sqlx::query(
+        let waiting = self.sql(&format!(
             "SELECT client_id, status, COUNT(*) AS n FROM batches \
-             WHERE status IN ('awaiting_approval', 'ready', 'processing', 'dead') \
+             WHERE status IN ('awaiting_approval', 'ready', 'processing', 'dead'){} \
              GROUP BY client_id, status",
-        )
-        .fetch_all(self.pool())
-        .await?;
+            of_client(1)
+        ));
+        let waiting = bind_client(sqlx::query(waiting))
+            .fetch_all(self.pool())
+            .await?;
         for r in &waiting {
             let n = count(r.try_get("n")?);
             let status: String = r.try_get("status")?;
@@ -173,6 +194,12 @@ impl Db {
                     _ => depth.dead += n,
                 }
             }
+        }
+        if let Some(client) = only {
+            let alone = clients.remove(client.as_str());
+            return Ok(vec![
+                alone.unwrap_or_else(|| Sample::new(Some(client.clone()), minute)),
+            ]);
         }
         Ok(std::iter::once(fleet)
             .chain(clients.into_values())
