@@ -4,6 +4,7 @@
 use dataflow_contracts::time::rfc3339;
 use sqlx::Row;
 
+use super::filters::{Bind, Conditions};
 use super::{Db, split_page};
 use crate::Result;
 
@@ -56,14 +57,19 @@ impl Db {
         cursor: Option<i64>,
         limit: u32,
     ) -> Result<(Vec<ActionRecord>, Option<String>)> {
-        let rows = sqlx::query(
-            "SELECT id, at, operator, session, action, target, outcome, ip FROM ui_actions \
-             WHERE ($1 IS NULL OR id < $1) ORDER BY id DESC LIMIT $2",
-        )
-        .bind(cursor)
-        .bind(i64::from(limit) + 1)
-        .fetch_all(self.pool())
-        .await?;
+        let mut given = Conditions::default();
+        given.and("id <", cursor.map(Bind::Int));
+        let sql = sqlx::AssertSqlSafe(format!(
+            "SELECT id, at, operator, session, action, target, outcome, ip FROM ui_actions{} \
+             ORDER BY id DESC LIMIT ${}",
+            given.clause(),
+            given.next()
+        ));
+        let rows = given
+            .bind(sqlx::query(sql))
+            .bind(i64::from(limit) + 1)
+            .fetch_all(self.pool())
+            .await?;
         let items = rows
             .iter()
             .map(|r| {

@@ -17,6 +17,7 @@ use sqlx::Row;
 use sqlx::any::AnyRow;
 
 use super::clients::{StoredSchema, parse_id, parse_policy};
+use super::filters::{Bind, Conditions};
 use super::{Db, Dialect, Field, Outgoing, Tx, count, json_list, split_page};
 use crate::domain::prepare::{Chunk, RowError};
 use crate::{Error, Result, traces};
@@ -1023,16 +1024,18 @@ impl Db {
         cursor: Option<&BatchId>,
         limit: u32,
     ) -> Result<BatchPage> {
+        let mut given = Conditions::default();
+        given
+            .and("client_id =", client.map(|c| Bind::Text(c.as_str())))
+            .and("status =", status.map(|s| Bind::Text(s.as_str())))
+            .and("id <", cursor.map(|c| Bind::Text(c.as_str())));
         let sql = sqlx::AssertSqlSafe(format!(
-            "SELECT {BATCH_COLUMNS} FROM batches \
-             WHERE ($1 IS NULL OR client_id = $1) AND ($2 IS NULL OR status = $2) \
-                 AND ($3 IS NULL OR id < $3) \
-             ORDER BY id DESC LIMIT $4"
+            "SELECT {BATCH_COLUMNS} FROM batches{} ORDER BY id DESC LIMIT ${}",
+            given.clause(),
+            given.next()
         ));
-        let rows = sqlx::query_as::<_, BatchColumns>(sql)
-            .bind(client.map(ClientId::as_str))
-            .bind(status.map(BatchStatus::as_str))
-            .bind(cursor.map(BatchId::as_str))
+        let rows = given
+            .bind(sqlx::query_as::<_, BatchColumns>(sql))
             .bind(i64::from(limit) + 1)
             .fetch_all(self.pool())
             .await?;

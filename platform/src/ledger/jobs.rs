@@ -22,6 +22,7 @@ use sqlx::Row;
 
 use super::clients::{parse_id, parse_policy};
 use super::commits::Kinds;
+use super::filters::{Bind, Conditions};
 use super::{Db, Field, Outgoing, Tx, count, json_list, split_page};
 use crate::{Error, Result};
 
@@ -537,17 +538,22 @@ impl Db {
         cursor: Option<&JobId>,
         limit: u32,
     ) -> Result<JobPage> {
+        let mut given = Conditions::default();
+        given
+            .and("status =", filter.status.map(|s| Bind::Text(s.as_str())))
+            .and("kind =", filter.kind.map(|k| Bind::Text(k.as_str())))
+            .and(
+                "batch_id =",
+                filter.batch_id.as_ref().map(|b| Bind::Text(b.as_str())),
+            )
+            .and("id <", cursor.map(|c| Bind::Text(c.as_str())));
         let sql = sqlx::AssertSqlSafe(format!(
-            "SELECT {JOB_COLUMNS} FROM jobs \
-             WHERE ($1 IS NULL OR status = $1) AND ($2 IS NULL OR kind = $2) \
-               AND ($3 IS NULL OR batch_id = $3) AND ($4 IS NULL OR id < $4) \
-             ORDER BY id DESC LIMIT $5"
+            "SELECT {JOB_COLUMNS} FROM jobs{} ORDER BY id DESC LIMIT ${}",
+            given.clause(),
+            given.next()
         ));
-        let rows = sqlx::query_as::<_, JobColumns>(sql)
-            .bind(filter.status.map(JobStatus::as_str))
-            .bind(filter.kind.map(JobKind::as_str))
-            .bind(filter.batch_id.as_ref().map(BatchId::as_str))
-            .bind(cursor.map(JobId::as_str))
+        let rows = given
+            .bind(sqlx::query_as::<_, JobColumns>(sql))
             .bind(i64::from(limit) + 1)
             .fetch_all(self.pool())
             .await?;

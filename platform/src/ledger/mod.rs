@@ -34,6 +34,7 @@ pub mod charts;
 mod chunk_writes;
 pub mod clients;
 pub mod commits;
+mod filters;
 mod flush;
 mod gate;
 pub mod imports;

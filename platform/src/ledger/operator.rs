@@ -7,6 +7,7 @@ use sqlx::Row;
 
 use super::batches::{BATCH_COLUMNS, BatchColumns};
 use super::clients::parse_id;
+use super::filters::{Bind, Conditions};
 use super::{Db, count, split_page};
 use crate::Result;
 
@@ -65,17 +66,22 @@ impl Db {
         cursor: Option<&BatchId>,
         limit: u32,
     ) -> Result<(Vec<BatchRow>, Option<String>)> {
+        let mut given = Conditions::default();
+        given
+            .and(
+                "client_id =",
+                filter.client.as_ref().map(|c| Bind::Text(c.as_str())),
+            )
+            .and("status =", filter.status.map(|s| Bind::Text(s.as_str())))
+            .and("created_at >= {now} -", filter.max_age_ms.map(Bind::Int))
+            .and("id <", cursor.map(|c| Bind::Text(c.as_str())));
         let sql = self.sql(&format!(
-            "SELECT client_id, {BATCH_COLUMNS} FROM batches \
-             WHERE ($1 IS NULL OR client_id = $1) AND ($2 IS NULL OR status = $2) \
-                 AND ($3 IS NULL OR created_at >= {{now}} - $3) AND ($4 IS NULL OR id < $4) \
-             ORDER BY id DESC LIMIT $5"
+            "SELECT client_id, {BATCH_COLUMNS} FROM batches{} ORDER BY id DESC LIMIT ${}",
+            given.clause(),
+            given.next()
         ));
-        let rows = sqlx::query_as::<_, OperatorColumns>(sql)
-            .bind(filter.client.as_ref().map(ClientId::as_str))
-            .bind(filter.status.map(BatchStatus::as_str))
-            .bind(filter.max_age_ms)
-            .bind(cursor.map(BatchId::as_str))
+        let rows = given
+            .bind(sqlx::query_as::<_, OperatorColumns>(sql))
             .bind(i64::from(limit) + 1)
             .fetch_all(self.pool())
             .await?;

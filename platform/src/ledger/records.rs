@@ -12,6 +12,7 @@ use serde_json::value::RawValue;
 use sqlx::Row;
 
 use super::clients::parse_id;
+use super::filters::{Bind, Conditions};
 use super::payloads::delete_parts;
 use super::{Db, Dialect, NewAction, Tx, count};
 use crate::{Error, Result};
@@ -420,53 +421,34 @@ impl Db {
         after: Option<&str>,
         limit: u32,
     ) -> Result<Vec<RecordView>> {
-        // Only the conditions given, so that the planner walks the primary key from the
-        // first key wanted (an `x IS NULL OR …` form makes SQLite scan from the start,
-        // every page: an export in pages would take quadratic time).
-        enum Bind<'a> {
-            Text(&'a str),
-            Int(i64),
-        }
+        // Only the conditions given (see `filters`), so that the planner walks the primary
+        // key from the first key wanted: an export in pages would otherwise take
+        // quadratic time.
         // A key range for the prefix: the keys that start with it sort from it up to it
         // followed by the greatest character (bytewise: the "C" collation, SQLite's BINARY).
         let upper = filter.key_prefix.as_ref().map(|p| format!("{p}\u{10FFFF}"));
-        let mut conditions: Vec<(&str, Bind<'_>)> =
-            vec![("client_id =", Bind::Text(client.as_str()))];
-        if let Some(after) = after {
-            conditions.push(("record_key >", Bind::Text(after)));
-        }
-        if let (Some(prefix), Some(upper)) = (&filter.key_prefix, &upper) {
-            conditions.push(("record_key >=", Bind::Text(prefix)));
-            conditions.push(("record_key <", Bind::Text(upper)));
-        }
-        if let Some(since) = filter.updated_since_ms {
-            conditions.push(("updated_at >=", Bind::Int(since)));
-        }
-        if let Some(batch) = &filter.batch_id {
-            conditions.push(("batch_id =", Bind::Text(batch.as_str())));
-        }
-        let mut sql = format!("SELECT {RECORD_COLUMNS} FROM records WHERE ");
-        for (n, (condition, _)) in conditions.iter().enumerate() {
-            if n > 0 {
-                sql.push_str(" AND ");
-            }
-            sql.push_str(&format!("{condition} ${}", n + 1));
-        }
-        sql.push_str(&format!(
-            " ORDER BY record_key LIMIT ${}",
-            conditions.len() + 1
+        let mut given = Conditions::default();
+        given
+            .and("client_id =", Some(Bind::Text(client.as_str())))
+            .and("record_key >", after.map(Bind::Text))
+            .and(
+                "record_key >=",
+                filter.key_prefix.as_deref().map(Bind::Text),
+            )
+            .and("record_key <", upper.as_deref().map(Bind::Text))
+            .and("updated_at >=", filter.updated_since_ms.map(Bind::Int))
+            .and(
+                "batch_id =",
+                filter.batch_id.as_ref().map(|b| Bind::Text(b.as_str())),
+            );
+        let sql = sqlx::AssertSqlSafe(format!(
+            "SELECT {RECORD_COLUMNS} FROM records{} ORDER BY record_key LIMIT ${}",
+            given.clause(),
+            given.next()
         ));
-        let binds = conditions
-            .into_iter()
-            .map(|(_, b)| b)
-            .chain([Bind::Int(i64::from(limit))]);
-        let mut query = sqlx::query_as::<_, RecordColumns>(sqlx::AssertSqlSafe(sql));
-        for bind in binds {
-            query = match bind {
-                Bind::Text(t) => query.bind(t),
-                Bind::Int(i) => query.bind(i),
-            };
-        }
+        let query = given
+            .bind(sqlx::query_as::<_, RecordColumns>(sql))
+            .bind(i64::from(limit));
         let rows = query.fetch_all(self.pool()).await?;
         rows.into_iter().map(RecordColumns::view).collect()
     }
