@@ -71,7 +71,8 @@ async fn the_leader_samples_each_ended_minute_once_and_prunes_past_a_day(b: Back
         sample(&t.db, m).await;
         // A minute is written once: sampling it again (a second leader) adds nothing.
         assert_eq!(sample(&t.db, m).await, 0);
-        // A client's page measures that client alone, to the same figures.
+        // A client's page measures that client alone, to the same figures (in a minute
+        // of fewer completions than the latency sample, as here).
         let everyone = t.db.measure_minute(m, None).await.unwrap();
         for client in [&busy, &held, &idle] {
             let alone = t.db.measure_minute(m, Some(client)).await.unwrap();

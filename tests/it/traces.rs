@@ -381,18 +381,35 @@ async fn each_import_of_a_bundle_is_a_trace_of_its_own() {
     for id in &batches {
         api.wait_for(key, id, BatchStatus::Completed).await;
     }
-    let log = std::fs::read_to_string(stack.config.data_dir.join("worker.log")).unwrap();
-    assert!(
-        log.lines().any(|l| l.contains("batch completed")
-            && !l.contains("bundled=1")
-            && l.contains("bundled=")),
-        "the imports were completed as a bundle: {log}"
-    );
+    // Each batch's webhooks: its creation's (sent at submit, in its request's trace) and
+    // its completion's, which must continue the same trace.
+    let of_type = |hooks: &[crate::sinks::Hook], kind: &str| -> HashMap<String, String> {
+        hooks
+            .iter()
+            .filter(|h| h.json()["type"] == kind)
+            .map(|h| {
+                (
+                    h.json()["batch_id"].as_str().unwrap().to_owned(),
+                    trace_of(h).0,
+                )
+            })
+            .collect()
+    };
     let hooks = stack
         .hooks
-        .wait_until("three webhooks", |h| h.len() >= 3)
+        .wait_until("each batch's created and completed webhooks", |h| {
+            of_type(h, "BatchCreated").len() == 3 && of_type(h, "BatchCompleted").len() == 3
+        })
         .await;
-    let traces: HashSet<String> = hooks.iter().map(|h| trace_of(h).0).collect();
+    let (created, completed) = (
+        of_type(&hooks, "BatchCreated"),
+        of_type(&hooks, "BatchCompleted"),
+    );
+    assert_eq!(
+        created, completed,
+        "each completion in its own import's trace"
+    );
+    let traces: HashSet<&String> = completed.values().collect();
     assert_eq!(traces.len(), 3, "one trace per import: {traces:?}");
     for trace_id in &traces {
         let spans = stack
@@ -408,12 +425,31 @@ async fn each_import_of_a_bundle_is_a_trace_of_its_own() {
             .await;
         let roots = spans.iter().filter(|s| s.parent_id.is_empty()).count();
         assert_eq!(roots, 1, "one root in {trace_id}: {spans:#?}");
+    }
+    // The worker logs each member's completion after the shared commit, in its own trace.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let log = std::fs::read_to_string(stack.config.data_dir.join("worker.log")).unwrap();
+        let completions: Vec<&str> = log
+            .lines()
+            .filter(|l| l.contains("batch completed"))
+            .collect();
+        let bundled = completions
+            .iter()
+            .any(|l| l.contains("bundled=") && !l.contains("bundled=1"));
+        let named = traces.iter().all(|trace_id| {
+            completions
+                .iter()
+                .any(|l| l.contains(&format!("trace_id={trace_id}")))
+        });
+        if bundled && named {
+            break;
+        }
         assert!(
-            log.lines()
-                .any(|l| l.contains("batch completed")
-                    && l.contains(&format!("trace_id={trace_id}"))),
-            "the log line of each member names its trace"
+            Instant::now() < deadline,
+            "the imports were completed as a bundle, each logged in its trace: {log}"
         );
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
     stack.finish().await;
 }

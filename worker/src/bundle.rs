@@ -99,7 +99,11 @@ impl Worker {
         let spans: Vec<tracing::Span> = together
             .iter()
             .map(|(lease, _)| {
-                let span = tracing::info_span!("complete", batch_id = %lease.batch_id);
+                let span = tracing::info_span!(
+                    "complete",
+                    batch_id = %lease.batch_id,
+                    otel.status_code = tracing::field::Empty,
+                );
                 traces::follow(&span, lease.traceparent.as_deref());
                 span
             })
@@ -142,6 +146,10 @@ impl Worker {
                 }
             }
             Err(e) => {
+                // The member's trace shows this attempt failed; its completion alone follows.
+                for span in &spans {
+                    span.record("otel.status_code", "ERROR");
+                }
                 tracing::info!(error = %e, batches = members.len(), "a bundle's shared commit failed; its batches commit one at a time");
                 alone.extend(together.into_iter().map(|(lease, _)| lease));
             }

@@ -109,7 +109,10 @@ impl Db {
     /// The minute that starts at `minute`: the fleet's sample first, then one for each
     /// client with batches completed in it or unfinished (or dead) now, by client id. The
     /// depth is the ledger's now: for a minute just over, its end. With `only`, that
-    /// client's sample alone, read from its own rows (a client's page needs no other's).
+    /// client's sample alone, read from its own rows (a client's page needs no other's);
+    /// its percentiles then come from its own latest completions, where the stored
+    /// sample of a minute busier than [`LATENCY_SAMPLE`] has the client's share of the
+    /// fleet's latest.
     pub async fn measure_minute(
         &self,
         minute: i64,
