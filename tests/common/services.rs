@@ -124,3 +124,10 @@ where
     })
     .join();
 }
+
+/// The URL of a RabbitMQ node that is down: a loopback port nobody listens on now.
+pub fn down_amqp_url() -> String {
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = closed.local_addr().unwrap().port();
+    format!("amqp://guest:guest@127.0.0.1:{port}/%2f")
+}

@@ -976,12 +976,7 @@ async fn a_node_that_is_down_is_passed_over_for_the_next_listed() {
     let Some(broker) = TestBroker::new().await else {
         return;
     };
-    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let down = format!(
-        "amqp://guest:guest@127.0.0.1:{}/%2f",
-        closed.local_addr().unwrap().port()
-    );
-    drop(closed);
+    let down = crate::common::services::down_amqp_url();
     let urls = format!("{down},{}", broker.url);
     let t = spawn_tweaked(Backend::Sqlite, &broker, Roles::ALL, Some(&urls), |c| {
         c.amqp.safety_sweep_ms = 60_000;

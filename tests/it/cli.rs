@@ -502,12 +502,7 @@ async fn status_checks_every_listed_broker_node() {
     let Some(live) = crate::helpers::test_amqp_url().await else {
         return;
     };
-    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let down = format!(
-        "amqp://guest:guest@127.0.0.1:{}/%2f",
-        closed.local_addr().unwrap().port()
-    );
-    drop(closed);
+    let down = crate::common::services::down_amqp_url();
     let dir = std::env::temp_dir().join(format!("dataflow-status-{}", ulid::Ulid::new()));
     let events = |amqp_url: String| {
         let config = dataflow_platform::Config {

@@ -314,6 +314,17 @@ impl TestApp {
             .unwrap()
     }
 
+    /// `path` on the operations listener, as text.
+    pub async fn ops_text(&self, path: &str) -> String {
+        let resp = self.http.get(self.ops_url(path)).send().await.unwrap();
+        resp.text().await.unwrap()
+    }
+
+    /// `path` on the operations listener, as JSON.
+    pub async fn ops_json(&self, path: &str) -> Value {
+        serde_json::from_str(&self.ops_text(path).await).unwrap()
+    }
+
     /// An admin request without a body, sent.
     pub async fn admin_send(&self, method: reqwest::Method, path: &str) -> reqwest::Response {
         self.admin(method, path).send().await.unwrap()

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use dataflow::Roles;
 use dataflow_contracts::events::Envelope;
 use dataflow_contracts::{BatchId, BatchStatus};
-use serde_json::{Value, json};
+use serde_json::json;
 
 use crate::amqp::{TestBroker, collect, kinds_of, spawn_tweaked, wait_backlog};
 use crate::common::rabbitmq_cluster::RabbitCluster;
@@ -94,15 +94,7 @@ async fn the_broker_survives_the_loss_of_one_node_of_three() {
         assert_eq!(api.completions(id).await, 1, "one completion for {id}");
     }
     // The moves are counted by node (both processes share this test's metrics recorder).
-    let metrics = api
-        .http
-        .get(api.ops_url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = api.ops_text("/metrics").await;
     let links = |node: &str| {
         metrics
             .lines()
@@ -145,15 +137,7 @@ fn distinct(events: &[Envelope], batch: &BatchId) -> Vec<&'static str> {
 async fn wait_node(p: &TestApp, wanted: impl Fn(&str) -> bool) -> String {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let r: Value = p
-            .http
-            .get(p.ops_url("/readyz"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let r = p.ops_json("/readyz").await;
         if let Some(node) = r["events"]["node"].as_str().filter(|n| wanted(n))
             && r["events"]["mode"] == "broker"
         {

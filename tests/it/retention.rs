@@ -133,15 +133,7 @@ async fn an_ended_batchs_payload_goes_when_its_retention_is_over(b: Backend) {
         )
     );
 
-    let metrics = t
-        .http
-        .get(t.ops_url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = t.ops_text("/metrics").await;
     assert!(
         metrics.contains("dataflow_payload_bytes_expired_total"),
         "{metrics}"
