@@ -61,6 +61,7 @@ impl RedisCluster {
                 .args(["--cluster-node-timeout", "2000"])
                 .args(["--save", "", "--appendonly", "no"])
                 .args(["--maxmemory-policy", "noeviction"])
+                .args(["--logfile", &format!("node-{port}.log")])
                 .arg("--dir")
                 .arg(&dir)
                 .stdout(Stdio::null())
@@ -121,7 +122,7 @@ impl RedisCluster {
     }
 
     /// Runs `redis-cli -p port <args>` and returns what it printed.
-    pub fn cli(&self, port: u16, args: &[&str]) -> String {
+    fn cli(&self, port: u16, args: &[&str]) -> String {
         let out = Command::new("redis-cli")
             .args(["-h", "127.0.0.1", "-p", &port.to_string()])
             .args(args)
@@ -130,20 +131,72 @@ impl RedisCluster {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
+    /// Makes the replica on `port` take over its master (`CLUSTER FAILOVER`) and waits
+    /// until it is one. Redis aborts a manual failover that does not finish within its
+    /// own few seconds (a replica still catching up, an election slowed by a busy
+    /// machine) and says nothing of it, so the replica is first let catch up and the
+    /// failover asked again while the replica is not a master.
+    pub async fn fail_over(&self, port: u16) {
+        self.wait_for(port, "INFO replication", "master_link_status:up")
+            .await;
+        for _ in 0..5 {
+            // A failover that finished late has made it a master already, and a master
+            // refuses `CLUSTER FAILOVER`.
+            if self.cli(port, &["ROLE"]).contains("master") {
+                return;
+            }
+            let answer = self.cli(port, &["CLUSTER", "FAILOVER"]);
+            assert!(
+                answer.contains("OK"),
+                "replica {port} refused to take over: {answer}"
+            );
+            if self
+                .poll(port, "ROLE", "master", Duration::from_secs(10))
+                .await
+            {
+                return;
+            }
+        }
+        panic!(
+            "replica {port} never became a master; its log ends:\n{}",
+            self.log_tail(port)
+        );
+    }
+
     /// Waits until `command` on `port` prints something containing `expected`.
     pub async fn wait_for(&self, port: u16, command: &str, expected: &str) {
-        let deadline = Instant::now() + Duration::from_secs(30);
+        if !self
+            .poll(port, command, expected, Duration::from_secs(30))
+            .await
+        {
+            panic!(
+                "node {port} never answered {command} with {expected}; its log ends:\n{}",
+                self.log_tail(port)
+            );
+        }
+    }
+
+    /// Whether `command` on `port` printed something containing `expected` within `limit`.
+    async fn poll(&self, port: u16, command: &str, expected: &str, limit: Duration) -> bool {
+        let deadline = Instant::now() + limit;
         let args: Vec<&str> = command.split(' ').collect();
         loop {
             if self.cli(port, &args).contains(expected) {
-                return;
+                return true;
             }
-            assert!(
-                Instant::now() < deadline,
-                "node {port} never answered {command} with {expected}"
-            );
+            if Instant::now() >= deadline {
+                return false;
+            }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+
+    /// The last lines the node on `port` logged.
+    fn log_tail(&self, port: u16) -> String {
+        let log =
+            std::fs::read_to_string(self.dir.join(format!("node-{port}.log"))).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().collect();
+        lines[lines.len().saturating_sub(20)..].join("\n")
     }
 }
 

@@ -177,13 +177,7 @@ async fn the_job_queue_survives_a_failover_of_every_master() {
             let body = csv(&format!("f{replica}-{i}"), 3);
             batches.push(t.import(&key, "text/csv", body).await.batch_id);
         }
-        assert!(
-            cluster
-                .cli(replica, &["CLUSTER", "FAILOVER"])
-                .contains("OK"),
-            "replica {replica} refused to take over"
-        );
-        cluster.wait_for(replica, "ROLE", "master").await;
+        cluster.fail_over(replica).await;
     }
     for batch in &batches {
         t.wait_for(&key, batch, BatchStatus::Completed).await;
