@@ -59,8 +59,8 @@ async fn measure(args: &NeighboursArgs, p: &mut Processes, backend: &str) -> any
     let line = |phase: &str, l: &Latencies| {
         println!(
             "name=neighbours backend={backend} workers={} phase={phase} imports={} records={} \
-             p50_ms={:.0} p95_ms={:.0} p99_ms={:.0} max_ms={:.0} wait_p50_ms={:.0} \
-             wait_p95_ms={:.0}",
+             p50_ms={:.0} p95_ms={:.0} p99_ms={:.0} max_ms={:.0} answer_p50_ms={:.0} \
+             answer_p95_ms={:.0} wait_p50_ms={:.0} wait_p95_ms={:.0}",
             args.workers,
             args.imports,
             args.records,
@@ -68,6 +68,8 @@ async fn measure(args: &NeighboursArgs, p: &mut Processes, backend: &str) -> any
             l.at(0.95),
             l.at(0.99),
             l.at(1.0),
+            percentile(&l.answer, 0.50),
+            percentile(&l.answer, 0.95),
             l.wait_at(0.50),
             l.wait_at(0.95),
         );
@@ -118,14 +120,18 @@ async fn steady(
         tick.tick().await;
         let at = now_ms();
         let batch = api.submit(key, csv_body(i, args.records)).await?;
-        sent.push((batch, at));
+        sent.push((batch, at, now_ms()));
     }
     let mut latencies = Vec::with_capacity(sent.len());
-    for (batch, at) in sent {
+    for (batch, at, answered) in sent {
         let view = api.completion(key, &batch, phase).await?;
         let started = time_of(&view, "started_at")?;
         let done = time_of(&view, "completed_at")?;
-        latencies.push(((done - at) as f64, (started - at) as f64));
+        latencies.push(Sample {
+            total: (done - at) as f64,
+            answer: (answered - at) as f64,
+            wait: (started - at) as f64,
+        });
     }
     Ok(Latencies::of(latencies))
 }
@@ -165,19 +171,36 @@ async fn flood(api: Api, key: String, args: NeighboursArgs) -> anyhow::Result<f6
     Ok(started.elapsed().as_secs_f64())
 }
 
-/// B's latencies in milliseconds, ascending: submit → completed, and submit → started (the
-/// wait for a worker to take the batch).
+/// One of B's imports, in milliseconds from the moment its submit was sent.
+struct Sample {
+    /// Until its batch completed.
+    total: f64,
+    /// Until the API answered the submit (`202`).
+    answer: f64,
+    /// Until a worker started its batch.
+    wait: f64,
+}
+
+/// B's latencies in milliseconds, each ascending: submit → completed, submit → answered,
+/// and submit → started (the answer and the wait for a worker to take the batch).
 struct Latencies {
     total: Vec<f64>,
+    answer: Vec<f64>,
     wait: Vec<f64>,
 }
 
 impl Latencies {
-    fn of(samples: Vec<(f64, f64)>) -> Latencies {
-        let (mut total, mut wait): (Vec<f64>, Vec<f64>) = samples.into_iter().unzip();
-        total.sort_by(f64::total_cmp);
-        wait.sort_by(f64::total_cmp);
-        Latencies { total, wait }
+    fn of(samples: Vec<Sample>) -> Latencies {
+        let sorted = |part: fn(&Sample) -> f64| {
+            let mut v: Vec<f64> = samples.iter().map(part).collect();
+            v.sort_by(f64::total_cmp);
+            v
+        };
+        Latencies {
+            total: sorted(|s| s.total),
+            answer: sorted(|s| s.answer),
+            wait: sorted(|s| s.wait),
+        }
     }
 
     fn at(&self, q: f64) -> f64 {

@@ -70,7 +70,12 @@ impl Worker {
         // could wait for room that other bundles hold while they wait for its own.
         // A member's records before its checkpoint are read too.
         let records = leases.iter().map(|l| l.records_total).sum();
-        let _room = self.budget.room(records).await;
+        let budget = match leases.first() {
+            // A bundle is one client's batches.
+            Some(first) => self.budget.for_client(&first.client_id),
+            None => return leases,
+        };
+        let _room = budget.room(records).await;
         let prepared: Vec<(Lease, Option<Option<Chunk>>)> = futures::stream::iter(leases)
             .map(async |lease| {
                 let whole = self.whole(&lease).await;

@@ -420,7 +420,8 @@ impl Worker {
 
     /// Starts reading and preparing the records after the lease's checkpoint.
     pub async fn start(&self, lease: Lease) -> Result<BatchRun> {
-        self.start_in(lease, self.budget.clone()).await
+        let budget = self.budget.for_client(&lease.client_id);
+        self.start_in(lease, budget).await
     }
 
     /// [`Worker::start`], its chunks taking their room in `budget`.

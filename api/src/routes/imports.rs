@@ -596,7 +596,10 @@ async fn read_parts(
             }
         };
         let digest = kept.hasher.serialize();
-        if !db.append_part(&id, offset, &part, &digest, ttl_ms).await? {
+        if !db
+            .append_part(&p.client.id, &id, offset, &part, &digest, ttl_ms)
+            .await?
+        {
             return Err(dataflow_platform::Error::Conflict(
                 "the upload keeping this body ended while it was read".into(),
             )

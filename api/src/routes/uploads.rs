@@ -463,7 +463,14 @@ async fn store(
     if !state
         .backends
         .db
-        .append_part(&upload.id, offset, part, &digest, ttl_ms(state))
+        .append_part(
+            &upload.client_id,
+            &upload.id,
+            offset,
+            part,
+            &digest,
+            ttl_ms(state),
+        )
         .await?
     {
         return Err(ApiError::new(

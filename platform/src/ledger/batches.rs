@@ -569,7 +569,7 @@ impl Db {
         lease_ms: i64,
         chunk: &Chunk,
     ) -> Result<ChunkResult> {
-        let mut tx = self.begin_write().await?;
+        let mut tx = self.begin_write_for(&lease.client_id).await?;
         let written = async {
             let result = self
                 .write_chunks(&mut tx, &[(lease, chunk)])
@@ -615,7 +615,11 @@ impl Db {
     /// follows it is a fixed handful of statements whatever the bundle's size: the
     /// changes, the batches, the events and the jobs, each written for all at once.
     pub async fn complete_bundle(&self, bundle: &[Completing<'_>]) -> Result<Vec<BatchCompleted>> {
-        let mut tx = self.begin_write().await?;
+        // A bundle is one client's batches ([`Bundle`]).
+        let mut tx = match bundle.first() {
+            Some(first) => self.begin_write_for(&first.lease.client_id).await?,
+            None => self.begin_write().await?,
+        };
         let done = self.complete_in(&mut tx, bundle).await;
         tx.end(done).await
     }
@@ -779,7 +783,7 @@ impl Db {
         errors: &[RowError],
         reason: &str,
     ) -> Result<()> {
-        let mut tx = self.begin_write().await?;
+        let mut tx = self.begin_write_for(&lease.client_id).await?;
         let refused = async {
             // The fenced update first: it locks the batch's row, so a worker that takes the
             // batch over while the errors are written finds it rejected, rather than this
@@ -824,7 +828,7 @@ impl Db {
         backoff_ms: i64,
     ) -> Result<FailOutcome> {
         let error: String = error.chars().take(2000).collect();
-        let mut tx = self.begin_write().await?;
+        let mut tx = self.begin_write_for(&lease.client_id).await?;
         let sql = self.sql(concat!(
             "UPDATE batches SET status = CASE WHEN attempts >= $3 THEN 'dead' ELSE 'ready' END, \
                  available_at = {now} + $4, last_error = $5, updated_at = {now}, \

@@ -5,9 +5,12 @@
 //! `busy_timeout`). Two writers that meet lose those milliseconds even when the lock was
 //! held for a fraction of one: a claim that collides waits for a sum of that schedule
 //! before its worker can start. So every write to a SQLite ledger first
-//! passes this gate: writers of one process queue in it (first come, first
-//! served; claims, which a worker waits on to start a batch, go ahead of the other writes,
-//! and bookkeeping nobody waits on — relay marks, the job ledger — goes after them),
+//! passes this gate: writers of one process queue in it (claims, which a worker waits on
+//! to start a batch, go ahead of the other writes; the writes made for one client —
+//! its chunks, its completions, the parts of its files — take turns with every other
+//! client's, so a client whose flood fills the queue delays another client's write by one
+//! of its own, not by all of them; bookkeeping nobody waits on — relay marks, the job
+//! ledger — goes after them),
 //! and the process at the head of its queue takes an exclusive `flock` on a file
 //! beside the database, which the kernel hands from process to process as soon as it is
 //! released. When a writer reaches SQLite, the file lock is free. PostgreSQL has row locks
@@ -37,6 +40,7 @@ use dataflow_contracts::jobs::JobKind;
 use super::OutboxRow;
 use super::commits::{CommitWake, Wrote};
 use super::flush::Flusher;
+use crate::domain::lanes::{Lane, Lanes};
 use crate::{Error, Result};
 
 /// How long a writer waits for the gate, like SQLite's `busy_timeout` before it.
@@ -54,7 +58,8 @@ const BACKGROUND_AGE: Duration = Duration::from_millis(50);
 pub(crate) enum Urgency {
     /// Someone waits on this write to start work (a claim): served first.
     Urgent,
-    Normal,
+    /// Served in turn with the writers of the other clients' [`Lane`]s.
+    Normal(Lane),
     /// Nobody waits on this write (a relay mark, the job ledger): served when no other
     /// writer waits, or once it has waited [`BACKGROUND_AGE`], so that it is only delayed,
     /// never starved. Under load these are a large share of all writes, and batch steps
@@ -77,7 +82,7 @@ pub(crate) struct Gate {
 struct Turns {
     taken: bool,
     urgent: VecDeque<oneshot::Sender<()>>,
-    normal: VecDeque<oneshot::Sender<()>>,
+    normal: Lanes<oneshot::Sender<()>>,
     /// With the time each one started waiting.
     background: VecDeque<(Instant, oneshot::Sender<()>)>,
 }
@@ -93,10 +98,9 @@ impl Turns {
             .front()
             .is_some_and(|(since, _)| since.elapsed() >= BACKGROUND_AGE);
         if aged || self.normal.is_empty() {
-            self.background.pop_front().map(|(_, tx)| tx)
-        } else {
-            self.normal.pop_front()
+            return self.background.pop_front().map(|(_, tx)| tx);
         }
+        self.normal.pop()
     }
 }
 
@@ -191,7 +195,7 @@ impl Gate {
             let (tx, rx) = oneshot::channel();
             match urgency {
                 Urgency::Urgent => turns.urgent.push_back(tx),
-                Urgency::Normal => turns.normal.push_back(tx),
+                Urgency::Normal(lane) => turns.normal.push(lane, tx),
                 Urgency::Background => turns.background.push_back((Instant::now(), tx)),
             }
             rx
@@ -267,7 +271,7 @@ impl Gate {
         tokio::spawn(async move {
             let checkpoint = || sqlx::query("PRAGMA wal_checkpoint(PASSIVE)").execute(&pool);
             let done = match checkpoint().await {
-                Ok(_) => match gate.enter(&pool, Urgency::Normal).await {
+                Ok(_) => match gate.enter(&pool, Urgency::Normal(Lane::SHARED)).await {
                     Ok(_pass) => checkpoint().await.map(|_| ()).map_err(Error::from),
                     Err(e) => Err(e),
                 },
@@ -523,6 +527,8 @@ impl<C: DerefMut<Target = AnyConnection>> DerefMut for Held<C> {
 
 #[cfg(test)]
 mod tests {
+    use dataflow_contracts::ClientId;
+
     use super::*;
     use crate::ledger::Db;
 
@@ -713,7 +719,7 @@ mod tests {
         let (db, dir) = ledger().await;
         let held = db.writer().await.unwrap();
         let write = |n, urgency| write(&db, n, urgency);
-        let mut writers = vec![write(1, Urgency::Normal)];
+        let mut writers = vec![write(1, SHARED)];
         tokio::time::sleep(Duration::from_millis(20)).await;
         // One that gives up while waiting: its place in the queue must not stall the rest.
         let quitter = tokio::spawn({
@@ -722,17 +728,43 @@ mod tests {
         });
         tokio::time::sleep(Duration::from_millis(20)).await;
         quitter.abort();
-        writers.push(write(2, Urgency::Normal));
+        writers.push(write(2, SHARED));
         tokio::time::sleep(Duration::from_millis(20)).await;
         writers.push(write(3, Urgency::Urgent));
         tokio::time::sleep(Duration::from_millis(5)).await;
         // Bookkeeping queued before the last normal writer still goes after it.
         writers.push(write(4, Urgency::Background));
         tokio::time::sleep(Duration::from_millis(5)).await;
-        writers.push(write(5, Urgency::Normal));
+        writers.push(write(5, SHARED));
         tokio::time::sleep(Duration::from_millis(5)).await;
         drop(held);
         assert_eq!(written(&db, writers).await, [3, 1, 2, 5, 4]);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    const SHARED: Urgency = Urgency::Normal(Lane::SHARED);
+
+    #[tokio::test]
+    async fn clients_take_turns_however_many_writes_one_has_queued() {
+        let (db, dir) = ledger().await;
+        let (flood, steady) = (ClientId::generate(), ClientId::generate());
+        let for_client = |c: &ClientId| Urgency::Normal(Lane::of(c));
+        let held = db.writer().await.unwrap();
+        let mut writers = Vec::new();
+        for n in 1..=4 {
+            writers.push(write(&db, n, for_client(&flood)));
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        writers.push(write(&db, 10, for_client(&steady)));
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        writers.push(write(&db, 20, SHARED));
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        writers.push(write(&db, 11, for_client(&steady)));
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        drop(held);
+        // The flood's first write, then one of each lane in the order they came, until only
+        // the flood's are left.
+        assert_eq!(written(&db, writers).await, [1, 10, 20, 2, 11, 3, 4]);
         std::fs::remove_dir_all(dir).unwrap();
     }
 
@@ -742,7 +774,7 @@ mod tests {
         let held = db.writer().await.unwrap();
         let mut writers = vec![write(&db, 1, Urgency::Background)];
         tokio::time::sleep(BACKGROUND_AGE + Duration::from_millis(20)).await;
-        writers.push(write(&db, 2, Urgency::Normal));
+        writers.push(write(&db, 2, SHARED));
         writers.push(write(&db, 3, Urgency::Urgent));
         tokio::time::sleep(Duration::from_millis(10)).await;
         drop(held);

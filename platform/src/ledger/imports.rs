@@ -283,7 +283,7 @@ impl Db {
         if let Some(body) = new.joins_a_group() {
             return self.submit_grouped(new, body).await;
         }
-        let mut tx = self.begin_write().await?;
+        let mut tx = self.begin_write_for(new.client_id).await?;
         let import_id = ImportId::generate();
         let claimed = self
             .claim_keys(&mut tx, &[(new, import_id.clone())])

@@ -75,6 +75,9 @@ use sqlx::any::{AnyPoolOptions, install_default_drivers};
 use sqlx::migrate::Migrator;
 use sqlx::{AnyPool, AssertSqlSafe, Connection, Executor};
 
+use dataflow_contracts::ClientId;
+
+use crate::domain::lanes::Lane;
 use crate::{Error, Result};
 
 static SQLITE_MIGRATIONS: Migrator = sqlx::migrate!("../migrations/sqlite");
@@ -477,7 +480,16 @@ impl Db {
     /// up front, so a writer outside the gate makes it wait rather than fail when it would
     /// upgrade a read lock.
     pub(crate) async fn begin_write(&self) -> Result<Tx> {
-        self.begin_write_as(gate::Urgency::Normal).await
+        self.begin_write_as(gate::Urgency::Normal(Lane::SHARED))
+            .await
+    }
+
+    /// A [`Db::begin_write`] made for `client` alone: on SQLite it takes turns with the
+    /// writes of other clients rather than queueing behind all of this client's
+    /// ([`Lane`]), so one client's flood cannot hold the one writer from the others.
+    pub(crate) async fn begin_write_for(&self, client: &ClientId) -> Result<Tx> {
+        self.begin_write_as(gate::Urgency::Normal(Lane::of(client)))
+            .await
     }
 
     /// A [`Db::begin_write`] for bookkeeping nobody waits on: it lets the other writers
@@ -508,7 +520,7 @@ impl Db {
     /// task holds a [`Tx`] or another `Writer` of the same ledger: the gate is not
     /// reentrant (the second would wait out [`gate::WAIT`] and fail).
     pub async fn writer(&self) -> Result<Writer> {
-        self.writer_as(gate::Urgency::Normal).await
+        self.writer_as(gate::Urgency::Normal(Lane::SHARED)).await
     }
 
     /// A [`Db::writer`] that lets the other writers waiting in this process go first: for
@@ -523,7 +535,7 @@ impl Db {
         let pass = self.enter(urgency).await?;
         let pool = match urgency {
             gate::Urgency::Background => &self.bookkeeping,
-            gate::Urgency::Urgent | gate::Urgency::Normal => &self.pool,
+            gate::Urgency::Urgent | gate::Urgency::Normal(_) => &self.pool,
         };
         Ok(Writer::new(pool.acquire().await?, pass))
     }

@@ -270,13 +270,14 @@ impl Db {
     /// nothing was stored.
     pub async fn append_part(
         &self,
+        client: &ClientId,
         id: &UploadId,
         offset: u64,
         part: &[u8],
         digest: &[u8],
         ttl_ms: i64,
     ) -> Result<bool> {
-        let mut tx = self.begin_write().await?;
+        let mut tx = self.begin_write_for(client).await?;
         let sql = self.sql(
             "UPDATE uploads SET received = received + $1, parts = parts + 1, digest = $2, \
                                 updated_at = {now}, expires_at = {now} + $3 \
