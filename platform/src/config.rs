@@ -256,7 +256,9 @@ pub struct WorkerConfig {
     /// prepared or being committed: a chunk waits for room before it is read, so memory
     /// stays bounded whatever the size and number of files (a chunk larger than this takes
     /// all of it). Each batch overlaps reading one chunk with committing the one before
-    /// when the budget has room for both.
+    /// when the budget has room for both. The reserved slots keep their share of it
+    /// (`reserved_slots / concurrency`), so a newcomer's chunk does not wait for the room
+    /// a busy client's batches fill.
     pub records_in_memory: usize,
     /// Small batches one slot may take in one claim and complete in one commit (a bundle),
     /// as long as their records together fit in one chunk; 1 takes batches one at a time.
@@ -292,6 +294,12 @@ impl WorkerConfig {
     /// The slots kept for clients with nothing in progress: never all of them.
     pub fn reserved_slots(&self) -> usize {
         self.reserved_slots.min(self.concurrency.saturating_sub(1))
+    }
+
+    /// The records kept for the batches of the reserved slots: their share of
+    /// `records_in_memory`, as they are of the slots.
+    pub fn reserved_records(&self) -> usize {
+        self.records_in_memory * self.reserved_slots() / self.concurrency.max(1)
     }
 
     /// The summary schedule, or `None` when summaries are off.
@@ -890,6 +898,18 @@ mod tests {
         let c = Config::from_sources(None, env(&[])).unwrap();
         assert_eq!(c.database_url(), "sqlite://data/dataflow.db");
         assert_eq!(c.listen.to_string(), "127.0.0.1:8080");
+    }
+
+    #[test]
+    fn the_reserved_slots_keep_their_share_of_the_record_budget() {
+        let mut w = Config::from_sources(None, env(&[])).unwrap().worker;
+        assert_eq!((w.concurrency, w.reserved_slots()), (8, 1));
+        assert_eq!(w.reserved_records(), w.records_in_memory / 8);
+        w.reserved_slots = 0;
+        assert_eq!(w.reserved_records(), 0);
+        // Never all of the slots, so never all of the room.
+        (w.concurrency, w.reserved_slots) = (1, 1);
+        assert_eq!(w.reserved_records(), 0);
     }
 
     #[test]

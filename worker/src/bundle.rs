@@ -37,14 +37,27 @@ impl Worker {
         leases: Vec<Lease>,
         release: &CancellationToken,
     ) -> Vec<Outcome> {
+        self.process_all_in_room(leases, &self.budget, release)
+            .await
+    }
+
+    /// [`Worker::process_all`], the records taking their room in `room`: the open slots'
+    /// or the reserved ones'.
+    pub(crate) async fn process_all_in_room(
+        &self,
+        leases: Vec<Lease>,
+        room: &Budget,
+        release: &CancellationToken,
+    ) -> Vec<Outcome> {
         let alone = if leases.len() > 1 {
-            let worker = self.clone();
+            let (worker, room) = (self.clone(), room.clone());
             let bundle = leases.clone();
             // One commit for the bundle: its span continues the first member's trace, and
             // each member's completion is a span of its own import's trace inside it.
             let span = tracing::info_span!("bundle", batches = bundle.len());
             traces::follow(&span, bundle[0].traceparent.as_deref());
-            let together = async move { worker.complete_together(bundle).await }.instrument(span);
+            let together =
+                async move { worker.complete_together(bundle, &room).await }.instrument(span);
             // A panic in the shared part ends it, not the worker: every batch goes alone.
             match tokio::spawn(together).await {
                 Ok(left) => left,
@@ -58,21 +71,21 @@ impl Worker {
         };
         let mut outcomes = Vec::with_capacity(alone.len());
         for lease in alone {
-            outcomes.push(self.process(lease, release).await);
+            outcomes.push(self.process_in_room(lease, room, release).await);
         }
         outcomes
     }
 
     /// Completes in one commit the members whose file is a single chunk; the members left
     /// to process alone.
-    async fn complete_together(&self, leases: Vec<Lease>) -> Vec<Lease> {
+    async fn complete_together(&self, leases: Vec<Lease>, room: &Budget) -> Vec<Lease> {
         // The room of all the members at once: a bundle that took it member by member
         // could wait for room that other bundles hold while they wait for its own.
         // A member's records before its checkpoint are read too.
         let records = leases.iter().map(|l| l.records_total).sum();
         let budget = match leases.first() {
             // A bundle is one client's batches.
-            Some(first) => self.budget.for_client(&first.client_id),
+            Some(first) => room.for_client(&first.client_id),
             None => return leases,
         };
         let _room = budget.room(records).await;

@@ -141,8 +141,10 @@ pub struct Worker {
     /// (`worker.reserved_slots`).
     permits: Arc<Semaphore>,
     reserve: Arc<Semaphore>,
-    /// The records all its batches may hold in memory at once (`worker.records_in_memory`).
+    /// The records all its batches may hold in memory at once (`worker.records_in_memory`):
+    /// the open slots' room, and the reserved slots' share of it.
     budget: Budget,
+    reserved_room: Budget,
     inflight: TaskTracker,
     /// Asks in-flight batches to stop at the next chunk and hand their batch back.
     release: CancellationToken,
@@ -187,7 +189,8 @@ impl Worker {
             stats: Arc::default(),
             permits: Arc::new(Semaphore::new(config.concurrency - config.reserved_slots())),
             reserve: Arc::new(Semaphore::new(config.reserved_slots())),
-            budget: Budget::new(config.records_in_memory),
+            budget: Budget::new(config.records_in_memory - config.reserved_records()),
+            reserved_room: Budget::new(config.reserved_records()),
             config,
             mutex,
             locks: Arc::default(),
@@ -383,7 +386,10 @@ impl Worker {
     pub fn spawn_process(&self, leases: Vec<Lease>, slot: Slot) {
         let worker = self.clone();
         self.inflight.spawn(async move {
-            worker.process_all(leases, &worker.release.clone()).await;
+            let room = worker.room_of(&slot);
+            worker
+                .process_all_in_room(leases, room, &worker.release.clone())
+                .await;
             drop(slot);
             // The client's cap may have held back a batch of its own that nothing else
             // announces: look now, not at the next poll.
@@ -418,9 +424,23 @@ impl Worker {
         release(held).await;
     }
 
+    /// Where the batches a slot holds take their records' room.
+    fn room_of(&self, slot: &Slot) -> &Budget {
+        if slot.reserved {
+            &self.reserved_room
+        } else {
+            &self.budget
+        }
+    }
+
     /// Starts reading and preparing the records after the lease's checkpoint.
     pub async fn start(&self, lease: Lease) -> Result<BatchRun> {
-        let budget = self.budget.for_client(&lease.client_id);
+        self.start_in_room(lease, &self.budget).await
+    }
+
+    /// [`Worker::start`], the records taking their room in `room`.
+    async fn start_in_room(&self, lease: Lease, room: &Budget) -> Result<BatchRun> {
+        let budget = room.for_client(&lease.client_id);
         self.start_in(lease, budget).await
     }
 
@@ -546,6 +566,16 @@ impl Worker {
     /// boundary and hand the batch back. Its span continues the submit's trace, whichever
     /// way the batch was claimed.
     pub async fn process(&self, lease: Lease, release: &CancellationToken) -> Outcome {
+        self.process_in_room(lease, &self.budget, release).await
+    }
+
+    /// [`Worker::process`], the batch's records taking their room in `room`.
+    pub(crate) async fn process_in_room(
+        &self,
+        lease: Lease,
+        room: &Budget,
+        release: &CancellationToken,
+    ) -> Outcome {
         let span = tracing::info_span!(
             "process",
             batch_id = %lease.batch_id,
@@ -554,7 +584,7 @@ impl Worker {
         );
         traces::follow(&span, lease.traceparent.as_deref());
         let outcome = self
-            .process_in(lease, release)
+            .process_in(lease, room, release)
             .instrument(span.clone())
             .await;
         if matches!(outcome, Outcome::Retrying { .. } | Outcome::Dead) {
@@ -563,7 +593,12 @@ impl Worker {
         outcome
     }
 
-    async fn process_in(&self, lease: Lease, release: &CancellationToken) -> Outcome {
+    async fn process_in(
+        &self,
+        lease: Lease,
+        room: &Budget,
+        release: &CancellationToken,
+    ) -> Outcome {
         if lease.takeovers > self.config.max_takeovers {
             // Its holders died or stalled mid-batch every time: a poison batch.
             let error = AttemptError {
@@ -588,10 +623,10 @@ impl Worker {
         }
         let worker = self.clone();
         let task_lease = lease.clone();
-        let release = release.clone();
+        let (release, room) = (release.clone(), room.clone());
         // A panic in processing must end the attempt, not the worker.
         let joined = tokio::spawn(
-            async move { worker.run_batch(task_lease, &release).await }.in_current_span(),
+            async move { worker.run_batch(task_lease, &room, &release).await }.in_current_span(),
         )
         .await;
         let result = joined.unwrap_or_else(|e| {
@@ -627,9 +662,10 @@ impl Worker {
     async fn run_batch(
         &self,
         lease: Lease,
+        room: &Budget,
         release: &CancellationToken,
     ) -> Result<Outcome, AttemptError> {
-        let mut run = match self.start(lease).await {
+        let mut run = match self.start_in_room(lease, room).await {
             Ok(run) => run,
             Err(e) => return Err(e.into()),
         };
