@@ -68,8 +68,8 @@ async fn measure(args: &NeighboursArgs, p: &mut Processes, backend: &str) -> any
             l.at(0.95),
             l.at(0.99),
             l.at(1.0),
-            percentile(&l.answer, 0.50),
-            percentile(&l.answer, 0.95),
+            l.answer_at(0.50),
+            l.answer_at(0.95),
             l.wait_at(0.50),
             l.wait_at(0.95),
         );
@@ -205,6 +205,10 @@ impl Latencies {
 
     fn at(&self, q: f64) -> f64 {
         percentile(&self.total, q)
+    }
+
+    fn answer_at(&self, q: f64) -> f64 {
+        percentile(&self.answer, q)
     }
 
     fn wait_at(&self, q: f64) -> f64 {

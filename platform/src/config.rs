@@ -256,9 +256,9 @@ pub struct WorkerConfig {
     /// prepared or being committed: a chunk waits for room before it is read, so memory
     /// stays bounded whatever the size and number of files (a chunk larger than this takes
     /// all of it). Each batch overlaps reading one chunk with committing the one before
-    /// when the budget has room for both. The reserved slots keep their share of it
-    /// (`reserved_slots / concurrency`), so a newcomer's chunk does not wait for the room
-    /// a busy client's batches fill.
+    /// when the budget has room for both. The reserved slots keep a chunk's room each (or
+    /// their share, `reserved_slots / concurrency`, when that is more), so a newcomer's
+    /// chunk does not wait for the room a busy client's batches fill.
     pub records_in_memory: usize,
     /// Small batches one slot may take in one claim and complete in one commit (a bundle),
     /// as long as their records together fit in one chunk; 1 takes batches one at a time.
@@ -296,10 +296,17 @@ impl WorkerConfig {
         self.reserved_slots.min(self.concurrency.saturating_sub(1))
     }
 
-    /// The records kept for the batches of the reserved slots: their share of
-    /// `records_in_memory`, as they are of the slots.
+    /// The records kept for the batches of the reserved slots, out of `records_in_memory`:
+    /// their share of it, as they are of the slots, and at least a chunk each, so that a
+    /// reserved batch's chunk never holds more than its room; always leaving a chunk's room
+    /// to the open slots.
     pub fn reserved_records(&self) -> usize {
-        self.records_in_memory * self.reserved_slots() / self.concurrency.max(1)
+        let share =
+            self.records_in_memory.saturating_mul(self.reserved_slots()) / self.concurrency.max(1);
+        let chunks = self.reserved_slots().saturating_mul(self.chunk_size);
+        share
+            .max(chunks)
+            .min(self.records_in_memory.saturating_sub(self.chunk_size))
     }
 
     /// The summary schedule, or `None` when summaries are off.
@@ -901,10 +908,18 @@ mod tests {
     }
 
     #[test]
-    fn the_reserved_slots_keep_their_share_of_the_record_budget() {
+    fn the_reserved_slots_keep_a_chunks_room_each_or_their_share() {
         let mut w = Config::from_sources(None, env(&[])).unwrap().worker;
         assert_eq!((w.concurrency, w.reserved_slots()), (8, 1));
-        assert_eq!(w.reserved_records(), w.records_in_memory / 8);
+        // The default: one chunk, more than the reserve's eighth of the budget.
+        assert_eq!((w.records_in_memory, w.chunk_size), (20_000, 5_000));
+        assert_eq!(w.reserved_records(), 5_000);
+        // Their share, when it is more than a chunk each.
+        w.records_in_memory = 80_000;
+        assert_eq!(w.reserved_records(), 10_000);
+        // The open slots keep a chunk's room, however many slots are reserved.
+        (w.records_in_memory, w.reserved_slots) = (12_000, 4);
+        assert_eq!(w.reserved_records(), 7_000);
         w.reserved_slots = 0;
         assert_eq!(w.reserved_records(), 0);
         // Never all of the slots, so never all of the room.

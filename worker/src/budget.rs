@@ -53,15 +53,19 @@ impl Pool {
     fn give_back(&self, records: u32) {
         let mut state = self.state();
         state.free += records;
-        while let Some(&(wanted, _)) = state.waiting.peek() {
-            if wanted > state.free {
+        while let Some((wanted, tx)) = state.waiting.peek() {
+            // A waiter that left keeps no one behind it waiting.
+            if *wanted > state.free && !tx.is_closed() {
                 return;
             }
             let Some((wanted, tx)) = state.waiting.pop() else {
                 return;
             };
+            if tx.is_closed() {
+                continue;
+            }
             state.free -= wanted;
-            // A waiter that left: its room stays free for the next.
+            // A waiter that left meanwhile: its room stays free for the next.
             if tx.send(()).is_err() {
                 state.free += wanted;
             }
@@ -93,9 +97,13 @@ struct Waiting {
 impl Drop for Waiting {
     fn drop(&mut self) {
         self.rx.close();
-        if self.rx.try_recv().is_ok() {
-            self.pool.give_back(self.records);
-        }
+        // Room handed to it goes back; either way, the waiters it stood before may fit now.
+        let handed = if self.rx.try_recv().is_ok() {
+            self.records
+        } else {
+            0
+        };
+        self.pool.give_back(handed);
     }
 }
 
@@ -215,11 +223,15 @@ mod tests {
         drop(queued.remove(0));
         drop(held);
         // The steady client's chunk goes next, ahead of the flood's two others.
-        let small = small.await;
+        let small = tokio::time::timeout(std::time::Duration::from_secs(1), small)
+            .await
+            .expect("the steady client's turn comes before the flood's others");
         assert_eq!(free(&budget), 6);
         assert!(futures::poll!(&mut queued[0]).is_pending());
         drop(small);
-        drop(queued.remove(0).await);
+        // The next one is handed its room, then leaves before it looks: the room comes back
+        // and goes to the last.
+        drop(queued.remove(0));
         drop(queued.remove(0).await);
         assert_eq!(free(&budget), 10);
     }

@@ -141,8 +141,9 @@ pub struct Worker {
     /// (`worker.reserved_slots`).
     permits: Arc<Semaphore>,
     reserve: Arc<Semaphore>,
-    /// The records all its batches may hold in memory at once (`worker.records_in_memory`):
-    /// the open slots' room, and the reserved slots' share of it.
+    /// The records all its batches may hold in memory at once (`worker.records_in_memory`),
+    /// in two parts: the open slots' room, and the room kept for the batches of the
+    /// reserved slots (`WorkerConfig::reserved_records`).
     budget: Budget,
     reserved_room: Budget,
     inflight: TaskTracker,

@@ -887,7 +887,7 @@ impl Db {
             .bind(lease.batch_id.as_str())
             .bind(lease.epoch)
             .bind(lease_ms)
-            .execute(&mut *self.writer().await?)
+            .execute(&mut *self.writer_for(&lease.client_id).await?)
             .await?;
         if renewed.rows_affected() == 0 {
             return Err(fence_rejected(lease));
@@ -907,7 +907,7 @@ impl Db {
         let n = sqlx::query(sql)
             .bind(lease.batch_id.as_str())
             .bind(lease.epoch)
-            .execute(&mut *self.writer().await?)
+            .execute(&mut *self.writer_for(&lease.client_id).await?)
             .await?
             .rows_affected();
         if n == 0 {

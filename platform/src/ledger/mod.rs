@@ -531,6 +531,13 @@ impl Db {
         self.writer_as(gate::Urgency::Background).await
     }
 
+    /// A [`Db::writer`] for a statement made for `client` alone, in its turn among the
+    /// clients ([`Db::begin_write_for`]).
+    pub(crate) async fn writer_for(&self, client: &ClientId) -> Result<Writer> {
+        self.writer_as(gate::Urgency::Normal(Lane::of(client)))
+            .await
+    }
+
     async fn writer_as(&self, urgency: gate::Urgency) -> Result<Writer> {
         let pass = self.enter(urgency).await?;
         let pool = match urgency {

@@ -200,7 +200,7 @@ impl Db {
             .bind(new.idempotency_key)
             .bind(new.digest)
             .bind(new.ttl_ms)
-            .fetch_optional(&mut *self.writer().await?)
+            .fetch_optional(&mut *self.writer_for(new.client_id).await?)
             .await?;
         match row {
             Some(row) => Ok(UploadCreated::New(row.parse()?)),
