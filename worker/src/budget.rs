@@ -55,15 +55,16 @@ impl Pool {
         state.free += records;
         while let Some((wanted, tx)) = state.waiting.peek() {
             // A waiter that left keeps no one behind it waiting.
-            if *wanted > state.free && !tx.is_closed() {
+            if tx.is_closed() {
+                state.waiting.pop();
+                continue;
+            }
+            if *wanted > state.free {
                 return;
             }
             let Some((wanted, tx)) = state.waiting.pop() else {
                 return;
             };
-            if tx.is_closed() {
-                continue;
-            }
             state.free -= wanted;
             // A waiter that left meanwhile: its room stays free for the next.
             if tx.send(()).is_err() {
