@@ -2,7 +2,14 @@
 //!
 //! Client A submits `--flood` imports of `--flood-records` rows at once; client B submits an
 //! import of `--records` rows every `--interval-ms`. B's latency, from the moment its submit
-//! is sent to its batch's `completed_at`, is measured alone and then under A's flood.
+//! is sent to its batch's `completed_at`, is measured in three phases:
+//!
+//! - **alone**: nothing else runs;
+//! - **apart**: A floods a second DataFlow of its own (another ledger, prefix and set of
+//!   processes) on the same machine and the same database server. Nothing inside DataFlow
+//!   is shared, only the cores and the server: this is the best any scheduling inside
+//!   DataFlow can do, the machine's limit for the next phase;
+//! - **flood**: A floods the same DataFlow as B.
 //!
 //! DataFlow runs as real processes ([`crate::processes`]), so an older build of `dataflow`
 //! runs the same benchmark: that is how a change's before is measured.
@@ -13,7 +20,7 @@ use anyhow::Context;
 use clap::Args;
 use serde_json::{Value, json};
 
-use crate::processes::{Api, Processes, StackArgs, with_processes};
+use crate::processes::{Api, MachineCpu, Processes, StackArgs, with_processes};
 use crate::{csv_body, percentile};
 
 #[derive(Args, Debug, Clone)]
@@ -38,7 +45,8 @@ pub struct NeighboursArgs {
     /// Time between two of B's submits.
     #[arg(long, default_value_t = 1_000)]
     pub interval_ms: u64,
-    /// Skip the phase where B runs alone (when only the flood's figures are wanted).
+    /// Skip the phases where B runs alone and apart (when only the flood's figures are
+    /// wanted).
     #[arg(long)]
     pub flood_only: bool,
 }
@@ -60,7 +68,7 @@ async fn measure(args: &NeighboursArgs, p: &mut Processes, backend: &str) -> any
         println!(
             "name=neighbours backend={backend} workers={} phase={phase} imports={} records={} \
              p50_ms={:.0} p95_ms={:.0} p99_ms={:.0} max_ms={:.0} answer_p50_ms={:.0} \
-             answer_p95_ms={:.0} wait_p50_ms={:.0} wait_p95_ms={:.0}",
+             answer_p95_ms={:.0} wait_p50_ms={:.0} wait_p95_ms={:.0} machine_busy_pct={:.0}",
             args.workers,
             args.imports,
             args.records,
@@ -72,20 +80,33 @@ async fn measure(args: &NeighboursArgs, p: &mut Processes, backend: &str) -> any
             l.answer_at(0.95),
             l.wait_at(0.50),
             l.wait_at(0.95),
+            l.busy_pct,
         );
     };
 
-    let alone = if args.flood_only {
-        None
+    let (alone, apart) = if args.flood_only {
+        (None, None)
     } else {
         let l = steady(&api, &b, args, "alone", 0).await?;
         line("alone", &l);
-        Some(l)
+        let apart = with_processes(&args.stack, async |q, _| {
+            q.cli(&["migrate"])?;
+            let a = q.client("flood", &json!({"max_records": args.flood_records}), &open)?;
+            let other = q.start("serve", args.workers, &a).await?;
+            let flood = tokio::spawn(flood(other, a, args.clone()));
+            let l = steady(&api, &b, args, "apart", args.imports).await;
+            // Its processes stop with it: the flood's backlog there ends with the phase.
+            flood.abort();
+            l
+        })
+        .await?;
+        line("apart", &apart);
+        (Some(l), Some(apart))
     };
 
     let started = Instant::now();
     let flood = tokio::spawn(flood(api.clone(), a.clone(), args.clone()));
-    let under = steady(&api, &b, args, "flood", args.imports).await?;
+    let under = steady(&api, &b, args, "flood", 2 * args.imports).await?;
     let flood_submit_s = flood.await??;
     let a_done = api.completed(&a).await?;
     line("flood", &under);
@@ -95,13 +116,23 @@ async fn measure(args: &NeighboursArgs, p: &mut Processes, backend: &str) -> any
         args.flood,
         args.flood_records,
         started.elapsed().as_secs_f64(),
-        alone.map_or(String::new(), |l| format!(
-            " p95_ratio={:.2}",
-            under.at(0.95) / l.at(0.95)
-        )),
+        ratios(alone.as_ref(), apart.as_ref(), &under),
         p.peaks_line()?,
     );
     Ok(())
+}
+
+/// B's p95 under the flood, and apart from it, each over its p95 alone (empty without
+/// those phases).
+fn ratios(alone: Option<&Latencies>, apart: Option<&Latencies>, under: &Latencies) -> String {
+    let (Some(alone), Some(apart)) = (alone, apart) else {
+        return String::new();
+    };
+    format!(
+        " p95_ratio={:.2} apart_p95_ratio={:.2}",
+        under.at(0.95) / alone.at(0.95),
+        apart.at(0.95) / alone.at(0.95)
+    )
 }
 
 /// B's imports, one every `interval_ms`, numbered from `first` (each phase's records are
@@ -114,6 +145,7 @@ async fn steady(
     phase: &str,
     first: usize,
 ) -> anyhow::Result<Latencies> {
+    let cpu = MachineCpu::now()?;
     let mut sent = Vec::with_capacity(args.imports);
     let mut tick = tokio::time::interval(Duration::from_millis(args.interval_ms));
     for i in first..first + args.imports {
@@ -122,6 +154,8 @@ async fn steady(
         let batch = api.submit(key, csv_body(i, args.records)).await?;
         sent.push((batch, at, now_ms()));
     }
+    // The machine's load while B's imports were sent (their completions are read after).
+    let busy_pct = cpu.busy_pct_since()?;
     let mut latencies = Vec::with_capacity(sent.len());
     for (batch, at, answered) in sent {
         let view = api.completion(key, &batch, phase).await?;
@@ -133,7 +167,7 @@ async fn steady(
             wait: (started - at) as f64,
         });
     }
-    Ok(Latencies::of(latencies))
+    Ok(Latencies::of(latencies, busy_pct))
 }
 
 /// A timestamp of a batch view, in milliseconds since the epoch.
@@ -187,10 +221,12 @@ struct Latencies {
     total: Vec<f64>,
     answer: Vec<f64>,
     wait: Vec<f64>,
+    /// The share of the machine's CPU that was busy while they were sent.
+    busy_pct: f64,
 }
 
 impl Latencies {
-    fn of(samples: Vec<Sample>) -> Latencies {
+    fn of(samples: Vec<Sample>, busy_pct: f64) -> Latencies {
         let sorted = |part: fn(&Sample) -> f64| {
             let mut v: Vec<f64> = samples.iter().map(part).collect();
             v.sort_by(f64::total_cmp);
@@ -200,6 +236,7 @@ impl Latencies {
             total: sorted(|s| s.total),
             answer: sorted(|s| s.answer),
             wait: sorted(|s| s.wait),
+            busy_pct,
         }
     }
 

@@ -51,11 +51,12 @@ fn setting(text: &str) -> Result<(String, String), String> {
 
 /// Runs `measure`, which starts the processes it needs ([`Processes::spawn`]), on a scratch
 /// ledger, then stops them and removes everything the run created: the ledger, the Redis
-/// keys under its prefix, the broker's topology.
-pub(crate) async fn with_processes(
+/// keys under its prefix, the broker's topology. Each call is a stack of its own (ledger,
+/// prefix, port), so a benchmark can run two side by side.
+pub(crate) async fn with_processes<T>(
     stack: &StackArgs,
-    measure: impl AsyncFnOnce(&mut Processes, &'static str) -> anyhow::Result<()>,
-) -> anyhow::Result<()> {
+    measure: impl AsyncFnOnce(&mut Processes, &'static str) -> anyhow::Result<T>,
+) -> anyhow::Result<T> {
     let run = ulid::Ulid::new().to_string().to_lowercase();
     let ledger = ScratchLedger::create(stack.database_url.as_deref(), &run).await?;
     let prefix = format!("dataflow-bench-{run}");
@@ -483,4 +484,41 @@ pub(crate) fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
             .parse::<f64>()?)
     };
     Ok((ticks(11)? + ticks(12)?) / 100.0)
+}
+
+/// The whole machine's CPU ticks so far, from the first line of `/proc/stat` (Linux): the
+/// busy ones and all of them, idle and I/O wait included.
+#[derive(Clone, Copy)]
+pub(crate) struct MachineCpu {
+    busy: u64,
+    total: u64,
+}
+
+impl MachineCpu {
+    pub(crate) fn now() -> anyhow::Result<MachineCpu> {
+        let stat = std::fs::read_to_string("/proc/stat")
+            .context("reading the machine's CPU time (Linux)")?;
+        let ticks = stat
+            .lines()
+            .next()
+            .and_then(|l| l.strip_prefix("cpu "))
+            .context("no cpu line in /proc/stat")?
+            .split_whitespace()
+            .map(str::parse::<u64>)
+            .collect::<Result<Vec<_>, _>>()?;
+        ensure!(ticks.len() >= 5, "a short cpu line in /proc/stat");
+        // user nice system idle iowait irq softirq steal…: idle and iowait are not busy.
+        let total: u64 = ticks.iter().sum();
+        Ok(MachineCpu {
+            busy: total - ticks[3] - ticks[4],
+            total,
+        })
+    }
+
+    /// The share of the machine's CPU that was busy since `self`, in percent.
+    pub(crate) fn busy_pct_since(self) -> anyhow::Result<f64> {
+        let now = MachineCpu::now()?;
+        let total = now.total.saturating_sub(self.total).max(1);
+        Ok(100.0 * now.busy.saturating_sub(self.busy) as f64 / total as f64)
+    }
 }
