@@ -4,7 +4,7 @@
 use sqlx::Row;
 
 use super::batches::{ChunkResult, Lease};
-use super::records::{ChangeGroup, NewChange};
+use super::records::{ChangeGroup, NewChange, take_change_numbers};
 use super::{Db, Dialect, Tx, count};
 use crate::Result;
 use crate::domain::prepare::{Chunk, RecordRow, RowError};
@@ -63,7 +63,7 @@ macro_rules! upsert_records {
                (client_id, record_key, data, checksum, batch_id, accepted_seq, updated_at) \
              SELECT ",
             $client,
-            ", value ->> 'k', json(value -> 'd'), value ->> 'c', ",
+            ", value ->> 'k', value -> 'd', value ->> 'c', ",
             $batch,
             ", ",
             $seq,
@@ -88,8 +88,19 @@ impl Db {
         for (lease, chunk) in chunks {
             self.write_errors(tx, lease, &chunk.errors).await?;
         }
-        if let (Dialect::Postgres, [(lease, chunk)]) = (self.dialect, chunks) {
-            return Ok(vec![self.write_chunk_and_feed(tx, lease, chunk).await?]);
+        match (self.dialect, chunks) {
+            (Dialect::Postgres, [(lease, chunk)]) => {
+                return Ok(vec![self.write_chunk_and_feed(tx, lease, chunk).await?]);
+            }
+            (Dialect::Sqlite, [(lease, chunk)]) => {
+                let (touched, written) = self.upsert_chunk(tx, lease, &chunk.records).await?;
+                let mut result = self
+                    .chunk_result(tx, lease, chunk, touched, written.len() as u64)
+                    .await?;
+                result.changes = self.append_chunk_feed(tx, lease, written).await?;
+                return Ok(vec![result]);
+            }
+            _ => {}
         }
         let upserted = self.upsert_records(tx, chunks).await?;
         let mut results = Vec::with_capacity(chunks.len());
@@ -252,9 +263,6 @@ impl Db {
             d: &'a serde_json::value::RawValue,
             c: &'a str,
         }
-        if let (Dialect::Sqlite, [(lease, chunk)]) = (self.dialect, chunks) {
-            return Ok(vec![self.upsert_chunk(tx, lease, &chunk.records).await?]);
-        }
         // Each record's round: how many chunks before its own have its key.
         let mut rounds: Vec<Vec<(&str, usize, &RecordRow)>> = Vec::new();
         let mut seen: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
@@ -348,6 +356,47 @@ impl Db {
             }
         }
         Ok((touched.len() as u64, written))
+    }
+
+    /// [`Db::append_written`] for one chunk on SQLite, whose keys are distinct: each row the
+    /// upsert wrote holds this chunk's values, so the feed's entries take theirs from the
+    /// rows, and only the keys cross the connection again (a record's JSON is read once,
+    /// by the upsert). The numbers the changes took, first and last.
+    async fn append_chunk_feed(
+        &self,
+        tx: &mut Tx,
+        lease: &Lease,
+        mut written: Vec<(String, i64)>,
+    ) -> Result<Option<(i64, i64)>> {
+        if written.is_empty() {
+            return Ok(None);
+        }
+        written.sort_unstable();
+        let n = written.len() as i64;
+        let inserted = written.iter().filter(|(_, version)| *version == 1).count() as i64;
+        let last = take_change_numbers(tx, &lease.client_id, n, inserted).await?;
+        let keys: Vec<&str> = written.iter().map(|(key, _)| key.as_str()).collect();
+        // Numbered in key order, as `append_written` does; CROSS JOIN keeps the keys the
+        // outer loop, so each finds its row by the primary key.
+        let sql = self.sql(
+            "INSERT INTO record_changes \
+               (client_id, seq, record_key, kind, batch_id, data, changed_at) \
+             SELECT $1, $3 + k.key, r.record_key, \
+                 CASE WHEN r.version = 1 THEN $4 ELSE $5 END, $2, r.data, {now} \
+             FROM json_each($6) AS k CROSS JOIN records AS r \
+                 ON r.client_id = $1 AND r.record_key = k.value",
+        );
+        let first = last - n + 1;
+        sqlx::query(sql)
+            .bind(lease.client_id.as_str())
+            .bind(lease.batch_id.as_str())
+            .bind(first)
+            .bind(RecordChangeKind::Inserted.as_str())
+            .bind(RecordChangeKind::Updated.as_str())
+            .bind(serde_json::to_string(&keys).unwrap_or_default())
+            .execute(&mut **tx)
+            .await?;
+        Ok(Some((first, last)))
     }
 
     /// Appends the changes chunks made (`written`: by key with their versions, among the

@@ -51,10 +51,32 @@ macro_rules! insert_changes {
             $client,
             ", value ->> 's', value ->> 'k', value ->> 'kind', ",
             $batch,
-            ", CASE WHEN value ->> 'd' IS NULL THEN NULL ELSE json(value -> 'd') END, {now} \
+            ", CASE WHEN value ->> 'd' IS NULL THEN NULL ELSE value -> 'd' END, {now} \
              FROM json_each($1)"
         )
     };
+}
+
+/// Moves `client`'s feed counter past `n` more changes, which add `held` records to what it
+/// holds (negative: take them away); the last of the numbers they take. The counter's row
+/// lock orders the client's writers: the numbers are taken after the changes are written.
+pub(super) async fn take_change_numbers(
+    tx: &mut Tx,
+    client: &ClientId,
+    n: i64,
+    held: i64,
+) -> Result<i64> {
+    Ok(sqlx::query_scalar(
+        "INSERT INTO change_counters (client_id, last, records) VALUES ($1, $2, $3) \
+         ON CONFLICT (client_id) DO UPDATE SET last = change_counters.last + excluded.last, \
+             records = change_counters.records + excluded.records \
+         RETURNING last",
+    )
+    .bind(client.as_str())
+    .bind(n)
+    .bind(held)
+    .fetch_one(&mut **tx)
+    .await?)
 }
 
 /// A change to append to a client's feed.
@@ -159,17 +181,7 @@ impl Db {
         // Each client's next free number, once its counter moved past them all.
         let mut next: Vec<(&ClientId, i64)> = Vec::with_capacity(totals.len());
         for (client, n, records) in totals {
-            let last: i64 = sqlx::query_scalar(
-                "INSERT INTO change_counters (client_id, last, records) VALUES ($1, $2, $3) \
-                 ON CONFLICT (client_id) DO UPDATE SET last = change_counters.last + excluded.last, \
-                     records = change_counters.records + excluded.records \
-                 RETURNING last",
-            )
-            .bind(client.as_str())
-            .bind(n)
-            .bind(records)
-            .fetch_one(&mut **tx)
-            .await?;
+            let last = take_change_numbers(tx, client, n, records).await?;
             next.push((client, last - n + 1));
         }
         #[derive(serde::Serialize)]
