@@ -506,11 +506,12 @@ impl MachineCpu {
             .split_whitespace()
             .map(str::parse::<u64>)
             .collect::<Result<Vec<_>, _>>()?;
-        ensure!(ticks.len() >= 5, "a short cpu line in /proc/stat");
-        // user nice system idle iowait irq softirq steal…: idle and iowait are not busy.
-        let total: u64 = ticks.iter().sum();
+        ensure!(ticks.len() >= 8, "a short cpu line in /proc/stat");
+        // user nice system idle iowait irq softirq steal, then guest time, which user and
+        // nice already hold. Busy is this machine's own work: not idle, I/O wait or steal.
+        let total: u64 = ticks[..8].iter().sum();
         Ok(MachineCpu {
-            busy: total - ticks[3] - ticks[4],
+            busy: total - ticks[3] - ticks[4] - ticks[7],
             total,
         })
     }
