@@ -218,7 +218,7 @@ impl Db {
                 "INSERT INTO record_errors (batch_id, line, position, field, code, detail, value) \
                  SELECT $1, value ->> 'line', value ->> 'position', value ->> 'field', \
                         value ->> 'code', value ->> 'detail', value ->> 'value' \
-                 FROM json_each($2) WHERE true \
+                 FROM jsonb_each(jsonb($2)) WHERE true \
                  ON CONFLICT (batch_id, line, position) DO NOTHING"
             }
         };

@@ -211,7 +211,7 @@ impl Dialect {
     fn ticket_list(self) -> &'static str {
         match self {
             Dialect::Sqlite => {
-                "SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]') FROM json_each($1)"
+                "SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]') FROM jsonb_each(jsonb($1))"
             }
             Dialect::Postgres => {
                 "SELECT t->>0, (t->>1)::bigint FROM json_array_elements($1::json) t"
@@ -441,7 +441,7 @@ impl Db {
     }
 
     /// The rows of the JSON array of objects bound as `$1`, as a subquery with one column
-    /// per field: `(SELECT … FROM json_to_recordset($1) …)` on PostgreSQL, `json_each` on
+    /// per field: `(SELECT … FROM json_to_recordset($1) …)` on PostgreSQL, `jsonb_each` on
     /// SQLite. A [`Field::Hex`] arrives as hex text and reads as bytes. `rows`, the objects
     /// to be bound, must each name every field (a null is named too): checked in debug
     /// builds, since a misspelt name would read as NULL, not fail.
@@ -456,7 +456,7 @@ impl Db {
         };
         match self.dialect {
             Dialect::Sqlite => format!(
-                "(SELECT {} FROM json_each($1))",
+                "(SELECT {} FROM jsonb_each(jsonb($1)))",
                 list(&|(name, field)| match field {
                     Field::Hex => format!("unhex(json_extract(value, '$.{name}')) AS {name}"),
                     _ => format!("json_extract(value, '$.{name}') AS {name}"),

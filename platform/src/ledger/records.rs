@@ -52,7 +52,7 @@ macro_rules! insert_changes {
             ", value ->> 's', value ->> 'k', value ->> 'kind', ",
             $batch,
             ", CASE WHEN value ->> 'd' IS NULL THEN NULL ELSE value -> 'd' END, {now} \
-             FROM json_each($1)"
+             FROM jsonb_each(jsonb($1))"
         )
     };
 }
