@@ -2,7 +2,7 @@
 //! project's own clients, tuspy and tus-js-client), request bodies longer than a part, and
 //! compressed bodies with their bounds.
 
-use std::io::Write;
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
 use base64::Engine;
@@ -23,6 +23,7 @@ backend_tests!(
     an_upload_over_the_quota_waits_for_it,
     stock_tus_clients_upload_and_resume,
     a_body_longer_than_a_part_is_streamed_and_nothing_is_left_when_it_is_refused,
+    a_stored_file_is_read_a_part_at_a_time_when_the_parser_asks,
     compressed_bodies_are_read_and_bombs_refused,
 );
 
@@ -455,6 +456,67 @@ async fn a_body_longer_than_a_part_is_streamed_and_nothing_is_left_when_it_is_re
     .await
     .unwrap();
     assert_eq!(left, 0, "a refused body left parts behind");
+    t.stop().await;
+}
+
+/// A stored file is read back a part at a time, each when its parser asks for more: a
+/// reader holds none of the file before its first read and no part beyond the one it
+/// reads, so the files of a worker's batches that wait for room hold none of their bytes.
+async fn a_stored_file_is_read_a_part_at_a_time_when_the_parser_asks(b: Backend) {
+    let Some(t) = TestApp::spawn(b).await else {
+        return;
+    };
+    let id = "read-when-asked";
+    let parts: [&[u8]; 3] = [b"first,", b"second,", b"third"];
+    let bytes = parts.iter().map(|p| p.len() as u64).sum();
+    let reader = t.db.read_payload(id.into(), bytes);
+    // Stored after the reader was made: one that read ahead found no file and failed.
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    for (seq, body) in parts.iter().enumerate() {
+        sqlx::query("INSERT INTO payload_parts (payload_id, seq, body) VALUES ($1, $2, $3)")
+            .bind(id)
+            .bind(seq as i64)
+            .bind(*body)
+            .execute(t.db.pool())
+            .await
+            .unwrap();
+    }
+    let (reader, first) = tokio::task::spawn_blocking(move || {
+        let mut reader = reader;
+        let mut first = [0u8; 6];
+        reader.read_exact(&mut first).unwrap();
+        (reader, first)
+    })
+    .await
+    .unwrap();
+    assert_eq!(&first, b"first,");
+    // The second part is read only now: changed meanwhile, the reader sees the change.
+    sqlx::query("UPDATE payload_parts SET body = $2 WHERE payload_id = $1 AND seq = 1")
+        .bind(id)
+        .bind(&b"SECOND,"[..])
+        .execute(t.db.pool())
+        .await
+        .unwrap();
+    let rest = tokio::task::spawn_blocking(move || {
+        let mut reader = reader;
+        let mut rest = String::new();
+        reader.read_to_string(&mut rest).map(|_| rest)
+    })
+    .await
+    .unwrap();
+    assert_eq!(rest.unwrap(), "SECOND,third");
+    // Parts that do not add up to the bytes stored end the file with an error, not early.
+    for stored in [bytes - 1, bytes + 1] {
+        let reader = t.db.read_payload(id.into(), stored);
+        let read = tokio::task::spawn_blocking(move || {
+            let mut reader = reader;
+            reader.read_to_end(&mut Vec::new())
+        })
+        .await
+        .unwrap();
+        let e = read.unwrap_err().to_string();
+        assert!(e.contains(&format!("{stored} bytes were stored")), "{e}");
+    }
     t.stop().await;
 }
 

@@ -15,7 +15,7 @@ use dataflow_contracts::{ImportFormat, Policy};
 use dataflow_platform::domain::prepare::{Chunk, Preparer, RowError, Rules};
 use dataflow_platform::domain::records::{Limits, Record, Scanner};
 use dataflow_platform::domain::schema::Schema;
-use dataflow_platform::ledger::Db;
+use dataflow_platform::ledger::{Db, PartsReader};
 use dataflow_platform::{Error, Result};
 use tokio::sync::mpsc;
 
@@ -140,13 +140,9 @@ impl Source {
         tx: &'t mpsc::Sender<Result<Handed>>,
         mut each: impl FnMut(&[Record], u64, bool, Room, mpsc::Permit<'t, Result<Handed>>),
     ) -> Result<()> {
-        let reader = self.db.read_payload(self.payload_id.clone(), self.bytes);
-        // The API checked the limits when the file arrived.
-        let limits = Limits {
-            max_records: u64::MAX,
-            max_field_bytes: usize::MAX,
-        };
-        let mut scan = Scanner::new(self.format, reader, limits).map_err(unreadable)?;
+        // The file is opened once the first chunk has its room: a batch that waits for
+        // room holds none of its file.
+        let mut opened = None;
         let size = self.chunk_size.max(1);
         // No more room than the file can fill: every record takes at least two bytes (a
         // character and a line end), and a bundle holds many small files' chunks at once.
@@ -164,6 +160,10 @@ impl Source {
             let room = self
                 .budget
                 .room_blocking((size as u64).min(self.records.saturating_sub(done)));
+            let mut scan = match opened.take() {
+                Some(scan) => scan,
+                None => self.open()?,
+            };
             buffer.extend(after.take());
             while buffer.len() < size {
                 match scan.next_record().map_err(unreadable)? {
@@ -182,10 +182,23 @@ impl Source {
                 }
                 return Ok(());
             }
+            opened = Some(scan);
             done += buffer.len() as u64;
             each(&buffer, done, false, room, slot);
             buffer.clear();
         }
+    }
+}
+
+impl Source {
+    fn open(&self) -> Result<Scanner<PartsReader>> {
+        let reader = self.db.read_payload(self.payload_id.clone(), self.bytes);
+        // The API checked the limits when the file arrived.
+        let limits = Limits {
+            max_records: u64::MAX,
+            max_field_bytes: usize::MAX,
+        };
+        Scanner::new(self.format, reader, limits).map_err(unreadable)
     }
 }
 

@@ -404,41 +404,22 @@ impl Db {
         }
     }
 
-    /// Reads a stored file back in order, a part at a time, for a blocking thread: at
-    /// most two parts are in memory. Ends with an error if the parts do not add up to
-    /// `bytes`.
+    /// Reads a stored file back in order for a blocking thread, a part when the parser asks
+    /// for the next bytes ([`PartsReader`]). Ends with an error if the parts do not add up
+    /// to `bytes`. Must be called inside the runtime (a task or a blocking thread of it).
     pub fn read_payload(&self, payload_id: String, bytes: u64) -> PartsReader {
-        let (tx, rx) = mpsc::channel(1);
-        let db = self.clone();
-        tokio::spawn(async move {
-            let mut read = 0u64;
-            for seq in 0i64.. {
-                let part: Result<Option<Vec<u8>>> = sqlx::query_scalar(
-                    "SELECT body FROM payload_parts WHERE payload_id = $1 AND seq = $2",
-                )
-                .bind(&payload_id)
-                .bind(seq)
-                .fetch_optional(db.pool())
-                .await
-                .map_err(Error::from);
-                let item = match part {
-                    Ok(Some(body)) => {
-                        read += body.len() as u64;
-                        Ok(body)
-                    }
-                    Ok(None) if read == bytes => break,
-                    Ok(None) => Err(Error::stored(format!(
-                        "payload {payload_id} holds {read} bytes in {seq} parts; {bytes} were stored"
-                    ))),
-                    Err(e) => Err(e),
-                };
-                let stop = item.is_err();
-                if tx.send(item).await.is_err() || stop {
-                    break;
-                }
-            }
-        });
-        PartsReader::new(rx)
+        PartsReader {
+            source: Parts::Stored(StoredParts {
+                db: self.clone(),
+                runtime: tokio::runtime::Handle::current(),
+                payload_id,
+                bytes,
+                seq: 0,
+                read: 0,
+            }),
+            current: Vec::new(),
+            at: 0,
+        }
     }
 
     /// Deletes the payloads of the client's batches that ended more than `retention_ms`
@@ -520,13 +501,71 @@ pub(super) async fn delete_parts(tx: &mut super::Tx, payload_id: &str) -> Result
     Ok(())
 }
 
-/// A stored file as a `Read`, for the parsers on a blocking thread (see
-/// [`Db::read_payload`]); a failed read passes the ledger's error on inside the
-/// `io::Error`, so an outage stays one.
+/// A file as a `Read` for the parsers on a blocking thread, a part at a time: parts another
+/// task sends ([`PartsReader::new`], a request body on its way in), or a stored file read
+/// back from the ledger ([`Db::read_payload`]). A failed read passes the ledger's error on
+/// inside the `io::Error`, so an outage stays one.
 pub struct PartsReader {
-    parts: mpsc::Receiver<Result<Vec<u8>>>,
+    source: Parts,
     current: Vec<u8>,
     at: usize,
+}
+
+enum Parts {
+    Sent(mpsc::Receiver<Result<Vec<u8>>>),
+    Stored(StoredParts),
+}
+
+/// A stored file's parts, each read when the parser has used up the one before.
+///
+/// Why not read ahead: a worker reads up to `worker.concurrency` files at once, and most
+/// of them wait for room in its records budget with a part in hand. Read ahead, each held
+/// two or three parts (of [`PART_BYTES`] each) while it waited, the largest share of a
+/// worker's heap; read when asked, it holds the one it parses. The wait for a part is a
+/// small share of the time its records take to prepare and write.
+struct StoredParts {
+    db: Db,
+    runtime: tokio::runtime::Handle,
+    payload_id: String,
+    bytes: u64,
+    seq: i64,
+    read: u64,
+}
+
+impl StoredParts {
+    /// The next part, or `None` after the last.
+    fn next(&mut self) -> Result<Option<Vec<u8>>> {
+        // Whole once its bytes are read: no part after the last is looked for.
+        if self.read == self.bytes {
+            return Ok(None);
+        }
+        let part: Option<Vec<u8>> = self.runtime.block_on(
+            sqlx::query_scalar("SELECT body FROM payload_parts WHERE payload_id = $1 AND seq = $2")
+                .bind(&self.payload_id)
+                .bind(self.seq)
+                .fetch_optional(self.db.pool()),
+        )?;
+        match part {
+            Some(body) if self.read + body.len() as u64 <= self.bytes => {
+                self.seq += 1;
+                self.read += body.len() as u64;
+                Ok(Some(body))
+            }
+            part => Err(Error::stored(format!(
+                "payload {}: {} bytes were stored, but its parts before part {} hold {} and \
+                 part {} {}",
+                self.payload_id,
+                self.bytes,
+                self.seq,
+                self.read,
+                self.seq,
+                match part {
+                    Some(body) => format!("holds {} more", body.len()),
+                    None => "is missing".to_owned(),
+                }
+            ))),
+        }
+    }
 }
 
 impl PartsReader {
@@ -534,9 +573,16 @@ impl PartsReader {
     /// an `Err` ends it with that error, and the end of the channel ends the file.
     pub fn new(parts: mpsc::Receiver<Result<Vec<u8>>>) -> Self {
         Self {
-            parts,
+            source: Parts::Sent(parts),
             current: Vec::new(),
             at: 0,
+        }
+    }
+
+    fn next_part(&mut self) -> Result<Option<Vec<u8>>> {
+        match &mut self.source {
+            Parts::Sent(parts) => parts.blocking_recv().transpose(),
+            Parts::Stored(stored) => stored.next(),
         }
     }
 }
@@ -544,12 +590,11 @@ impl PartsReader {
 impl Read for PartsReader {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         while self.at == self.current.len() {
-            match self.parts.blocking_recv() {
-                Some(Ok(part)) => {
-                    self.current = part;
-                    self.at = 0;
-                }
-                Some(Err(e)) => return Err(io::Error::other(e)),
+            // The part used up goes before the next arrives.
+            self.current = Vec::new();
+            self.at = 0;
+            match self.next_part().map_err(io::Error::other)? {
+                Some(part) => self.current = part,
                 None => return Ok(0),
             }
         }
