@@ -405,8 +405,9 @@ impl Db {
     }
 
     /// Reads a stored file back in order for a blocking thread, a part when the parser asks
-    /// for the next bytes ([`PartsReader`]). Ends with an error if the parts do not add up
-    /// to `bytes`. Must be called inside the runtime (a task or a blocking thread of it).
+    /// for the next bytes ([`PartsReader`]). Ends after `bytes` (no part after the last is
+    /// looked for), or with an error when a part is missing before them or goes past them.
+    /// Must be called inside the runtime (a task or a blocking thread of it).
     pub fn read_payload(&self, payload_id: String, bytes: u64) -> PartsReader {
         PartsReader {
             source: Parts::Stored(StoredParts {
