@@ -10,6 +10,7 @@ use base64::engine::general_purpose::STANDARD as BASE64;
 use dataflow::Roles;
 use dataflow_contracts::http::{ErrorBody, ImportView, UploadState, UploadView};
 use dataflow_contracts::{BatchId, BatchStatus};
+use dataflow_platform::ledger::PartsReader;
 use reqwest::{Method, StatusCode};
 use serde_json::json;
 use sha2::{Digest, Sha256};
@@ -481,15 +482,12 @@ async fn a_stored_file_is_read_a_part_at_a_time_when_the_parser_asks(b: Backend)
             .await
             .unwrap();
     }
-    let (reader, first) = tokio::task::spawn_blocking(move || {
-        let mut reader = reader;
+    let (reader, first) = on_blocking_thread(reader, |r| {
         let mut first = [0u8; 6];
-        reader.read_exact(&mut first).unwrap();
-        (reader, first)
+        r.read_exact(&mut first).map(|_| first)
     })
-    .await
-    .unwrap();
-    assert_eq!(&first, b"first,");
+    .await;
+    assert_eq!(&first.unwrap(), b"first,");
     // The second part is read only now: changed meanwhile, the reader sees the change.
     sqlx::query("UPDATE payload_parts SET body = $2 WHERE payload_id = $1 AND seq = 1")
         .bind(id)
@@ -497,27 +495,34 @@ async fn a_stored_file_is_read_a_part_at_a_time_when_the_parser_asks(b: Backend)
         .execute(t.db.pool())
         .await
         .unwrap();
-    let rest = tokio::task::spawn_blocking(move || {
-        let mut reader = reader;
+    let (_, rest) = on_blocking_thread(reader, |r| {
         let mut rest = String::new();
-        reader.read_to_string(&mut rest).map(|_| rest)
+        r.read_to_string(&mut rest).map(|_| rest)
     })
-    .await
-    .unwrap();
+    .await;
     assert_eq!(rest.unwrap(), "SECOND,third");
     // Parts that do not add up to the bytes stored end the file with an error, not early.
     for stored in [bytes - 1, bytes + 1] {
         let reader = t.db.read_payload(id.into(), stored);
-        let read = tokio::task::spawn_blocking(move || {
-            let mut reader = reader;
-            reader.read_to_end(&mut Vec::new())
-        })
-        .await
-        .unwrap();
+        let (_, read) = on_blocking_thread(reader, |r| r.read_to_end(&mut Vec::new())).await;
         let e = read.unwrap_err().to_string();
         assert!(e.contains(&format!("{stored} bytes were stored")), "{e}");
     }
     t.stop().await;
+}
+
+/// Runs `read` on `reader` on a blocking thread, where a stored file's reader runs; hands
+/// the reader back with what `read` returned.
+async fn on_blocking_thread<T: Send + 'static>(
+    mut reader: PartsReader,
+    read: impl FnOnce(&mut PartsReader) -> std::io::Result<T> + Send + 'static,
+) -> (PartsReader, std::io::Result<T>) {
+    tokio::task::spawn_blocking(move || {
+        let out = read(&mut reader);
+        (reader, out)
+    })
+    .await
+    .unwrap()
 }
 
 async fn import_payload(t: &TestApp, batch: &BatchId) -> String {

@@ -188,9 +188,7 @@ impl Source {
             buffer.clear();
         }
     }
-}
 
-impl Source {
     fn open(&self) -> Result<Scanner<PartsReader>> {
         let reader = self.db.read_payload(self.payload_id.clone(), self.bytes);
         // The API checked the limits when the file arrived.

@@ -409,18 +409,14 @@ impl Db {
     /// looked for), or with an error when a part is missing before them or goes past them.
     /// Must be called inside the runtime (a task or a blocking thread of it).
     pub fn read_payload(&self, payload_id: String, bytes: u64) -> PartsReader {
-        PartsReader {
-            source: Parts::Stored(StoredParts {
-                db: self.clone(),
-                runtime: tokio::runtime::Handle::current(),
-                payload_id,
-                bytes,
-                seq: 0,
-                read: 0,
-            }),
-            current: Vec::new(),
-            at: 0,
-        }
+        PartsReader::of(Parts::Stored(StoredParts {
+            db: self.clone(),
+            runtime: tokio::runtime::Handle::current(),
+            payload_id,
+            bytes,
+            seq: 0,
+            read: 0,
+        }))
     }
 
     /// Deletes the payloads of the client's batches that ended more than `retention_ms`
@@ -552,19 +548,18 @@ impl StoredParts {
                 self.read += body.len() as u64;
                 Ok(Some(body))
             }
-            part => Err(Error::stored(format!(
-                "payload {}: {} bytes were stored, but its parts before part {} hold {} and \
-                 part {} {}",
-                self.payload_id,
-                self.bytes,
-                self.seq,
-                self.read,
-                self.seq,
-                match part {
+            part => {
+                let (id, seq) = (&self.payload_id, self.seq);
+                let found = match part {
                     Some(body) => format!("holds {} more", body.len()),
                     None => "is missing".to_owned(),
-                }
-            ))),
+                };
+                Err(Error::stored(format!(
+                    "payload {id}: {} bytes were stored, but its parts before part {seq} hold \
+                     {} and part {seq} {found}",
+                    self.bytes, self.read
+                )))
+            }
         }
     }
 }
@@ -573,8 +568,12 @@ impl PartsReader {
     /// A reader over parts sent by another task: each `Ok` is the next bytes of the file,
     /// an `Err` ends it with that error, and the end of the channel ends the file.
     pub fn new(parts: mpsc::Receiver<Result<Vec<u8>>>) -> Self {
+        Self::of(Parts::Sent(parts))
+    }
+
+    fn of(source: Parts) -> Self {
         Self {
-            source: Parts::Sent(parts),
+            source,
             current: Vec::new(),
             at: 0,
         }
