@@ -486,6 +486,24 @@ pub(crate) fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
     Ok((ticks(11)? + ticks(12)?) / 100.0)
 }
 
+/// The CPU time, in seconds, that PostgreSQL's processes on this machine have used so far
+/// (those that exited before are not counted: a benchmark reads it around a stretch in
+/// which the backends it measures stay connected).
+pub(crate) fn postgres_cpu() -> anyhow::Result<f64> {
+    let mut total = 0.0;
+    for entry in std::fs::read_dir("/proc")? {
+        let Some(pid) = entry?.file_name().to_str().and_then(|n| n.parse().ok()) else {
+            continue;
+        };
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+        if comm.trim() == "postgres" {
+            // It may have exited since it was listed.
+            total += cpu_seconds(pid).unwrap_or(0.0);
+        }
+    }
+    Ok(total)
+}
+
 /// The whole machine's CPU ticks so far, from the first line of `/proc/stat` (Linux): the
 /// busy ones and all of them, idle and I/O wait included.
 #[derive(Clone, Copy)]

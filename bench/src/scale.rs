@@ -16,7 +16,7 @@ use clap::{Args, ValueEnum};
 use serde_json::json;
 
 use crate::PgWork;
-use crate::processes::{Processes, StackArgs, cpu_seconds, with_processes};
+use crate::processes::{Processes, StackArgs, postgres_cpu, with_processes};
 
 #[derive(Args, Debug, Clone)]
 pub struct ScaleArgs {
@@ -158,22 +158,4 @@ async fn drain(
     }
     println!("{peaks}");
     Ok(())
-}
-
-/// The CPU time, in seconds, that PostgreSQL's processes on this machine have used so far
-/// (those that exited before are not counted: a benchmark reads it around a stretch in
-/// which the backends it measures stay connected).
-fn postgres_cpu() -> anyhow::Result<f64> {
-    let mut total = 0.0;
-    for entry in std::fs::read_dir("/proc")? {
-        let Some(pid) = entry?.file_name().to_str().and_then(|n| n.parse().ok()) else {
-            continue;
-        };
-        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
-        if comm.trim() == "postgres" {
-            // It may have exited since it was listed.
-            total += cpu_seconds(pid).unwrap_or(0.0);
-        }
-    }
-    Ok(total)
 }

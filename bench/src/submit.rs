@@ -22,7 +22,7 @@ use anyhow::{Context, ensure};
 use clap::Args;
 use serde_json::json;
 
-use crate::processes::{Processes, StackArgs, with_processes};
+use crate::processes::{Processes, StackArgs, cpu_seconds, postgres_cpu, with_processes};
 use crate::{csv_body, percentile};
 
 #[derive(Args, Debug, Clone)]
@@ -71,6 +71,7 @@ async fn measure(
     p.start(first, args.workers, &key).await?;
 
     let url = format!("http://{}/v1/imports", p.addr);
+    let cpu = CpuSpent::since(p)?;
     let next = Arc::new(AtomicUsize::new(0));
     let records = args.records;
     let started = Instant::now();
@@ -94,29 +95,39 @@ async fn measure(
         accepted as u64 + 1 - completed(&ledger).await?,
         Instant::now(),
     );
+    // The looks count only the batches still to run, through the claim index: a count of
+    // every batch by status reads the whole table, and at this pace took a large share of
+    // PostgreSQL's CPU from the workers it was timing.
     let done_s = loop {
-        let completed = completed(&ledger).await?;
-        if completed > accepted as u64 {
+        let unfinished = unfinished(&ledger).await?;
+        if unfinished == 0 {
             break started.elapsed().as_secs_f64();
         }
         ensure!(
             Instant::now() < deadline,
-            "{completed} of {accepted} batches completed after 10 minutes"
+            "{unfinished} of {accepted} batches still unfinished after 10 minutes"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
+    let drain_s = drain_started.elapsed().as_secs_f64();
+    let cpu = cpu.per_batch(p, accepted as f64)?;
+    let completed = completed(&ledger).await?;
+    ensure!(
+        completed > accepted as u64,
+        "{completed} of {} batches completed; the others ended otherwise",
+        accepted + 1
+    );
     let ceiling = ceiling.map_or(String::new(), |c| {
         format!(
             " hello_req_s={c:.0} accepted_per_hello={:.4}",
             accepted as f64 / submit_s / c
         )
     });
-    let drain_s = drain_started.elapsed().as_secs_f64();
     println!(
         "name=submit backend={backend} workers={} connections={} records={} seconds={submit_s:.1} \
          accepted={accepted} accepted_s={:.0} refused_429={} other={} p50_ms={:.1} p99_ms={:.1} \
          completed_batches_s={:.0} completed_records_s={:.0} backlog_after_load={left} \
-         drained_batches_s={:.0}{ceiling}{}",
+         drained_batches_s={:.0}{ceiling}{cpu}{}",
         args.workers,
         args.connections,
         args.records,
@@ -136,6 +147,64 @@ async fn measure(
         load.statuses
     );
     Ok(())
+}
+
+/// Batches still to run: `ready` or `processing`.
+async fn unfinished(ledger: &dataflow_platform::ledger::Db) -> anyhow::Result<u64> {
+    Ok(ledger
+        .queue_depths()
+        .await?
+        .iter()
+        .filter(|d| d.queue == "batches" && matches!(d.state.as_str(), "ready" | "processing"))
+        .map(|d| d.count)
+        .sum())
+}
+
+/// The CPU time each part of the run has used since it was made: DataFlow's processes,
+/// PostgreSQL's (when the ledger is there) and this load generator.
+struct CpuSpent {
+    processes: Vec<(String, f64)>,
+    postgres: Option<f64>,
+    load: f64,
+}
+
+impl CpuSpent {
+    fn since(p: &Processes) -> anyhow::Result<CpuSpent> {
+        Ok(CpuSpent {
+            processes: p.cpu_seconds()?,
+            postgres: p
+                .database_url
+                .starts_with("postgres")
+                .then(postgres_cpu)
+                .transpose()?,
+            load: cpu_seconds(std::process::id())?,
+        })
+    }
+
+    /// What each part spent per batch since `self`, in CPU microseconds, as `key=value`
+    /// fields (` cpu_us_per_batch_serve=…`), with their sum: the CPU a batch costs the
+    /// whole machine, submit to completion, which is what sets its ceiling on this one.
+    fn per_batch(self, p: &Processes, batches: f64) -> anyhow::Result<String> {
+        let now = CpuSpent::since(p)?;
+        let mut parts: Vec<(String, f64)> = now
+            .processes
+            .iter()
+            .map(|(name, s)| {
+                let before = self.processes.iter().find(|(n, _)| n == name);
+                (name.replace('-', "_"), s - before.map_or(0.0, |(_, b)| *b))
+            })
+            .collect();
+        if let (Some(before), Some(after)) = (self.postgres, now.postgres) {
+            parts.push(("postgres".to_owned(), after - before));
+        }
+        parts.push(("load".to_owned(), now.load - self.load));
+        let total: f64 = parts.iter().map(|(_, s)| s).sum();
+        parts.push(("total".to_owned(), total));
+        Ok(parts
+            .iter()
+            .map(|(name, s)| format!(" cpu_us_per_batch_{name}={:.0}", s * 1e6 / batches.max(1.0)))
+            .collect())
+    }
 }
 
 pub(crate) async fn completed(ledger: &dataflow_platform::ledger::Db) -> anyhow::Result<u64> {
