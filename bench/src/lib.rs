@@ -202,10 +202,15 @@ async fn run_ingest(args: &IngestArgs, config: Config, backend: &str) -> anyhow:
     };
     let total = (args.imports * args.records) as f64;
     let e2e_rate = total / e2e_s;
+    // The API, the worker, the ledger's connections and the load's bodies are one process
+    // here, so this is a bound on a worker's peak, not the worker's own: `submit --records
+    // 50000 --connections 10` runs the same files through DataFlow's processes, each
+    // measured apart.
+    let peak = processes::peak_mib(std::process::id())?;
     print!(
         "name=ingest backend={backend} durable_commits={} fields={} schema={} imports={} \
          records_per_import={} mib={:.1} submit_s={submit_s:.3} submit_records_per_s={:.0} \
-         e2e_s={e2e_s:.3} e2e_records_per_s={e2e_rate:.0}",
+         e2e_s={e2e_s:.3} e2e_records_per_s={e2e_rate:.0} peak_mib_all_in_one={peak:.0}",
         !args.fast_commits,
         if args.ten_fields { 10 } else { 6 },
         args.schema,

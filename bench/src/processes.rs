@@ -357,14 +357,8 @@ impl Processes {
         self.running
             .iter()
             .map(|(name, child)| {
-                let status = std::fs::read_to_string(format!("/proc/{}/status", child.id()))
-                    .with_context(|| format!("reading the status of {name} (Linux)"))?;
-                let kib: u64 = status
-                    .lines()
-                    .find_map(|l| l.strip_prefix("VmHWM:"))
-                    .and_then(|v| v.trim().trim_end_matches(" kB").parse().ok())
-                    .with_context(|| format!("no VmHWM for {name}"))?;
-                Ok((name.clone(), kib as f64 / 1024.0))
+                let mib = peak_mib(child.id()).with_context(|| format!("the peak of {name}"))?;
+                Ok((name.clone(), mib))
             })
             .collect()
     }
@@ -463,6 +457,19 @@ impl Drop for Processes {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// The peak resident memory of process `pid` so far, in MiB: the kernel's high-water mark
+/// (`VmHWM` in `/proc/<pid>/status`, Linux).
+pub(crate) fn peak_mib(pid: u32) -> anyhow::Result<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .with_context(|| format!("reading the status of process {pid} (Linux)"))?;
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches(" kB").parse().ok())
+        .with_context(|| format!("no VmHWM for process {pid}"))?;
+    Ok(kib as f64 / 1024.0)
 }
 
 /// The CPU time (user and system, every thread) process `pid` has used, in seconds, from
