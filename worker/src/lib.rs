@@ -448,7 +448,7 @@ impl Worker {
     /// [`Worker::start`], its chunks taking their room in `budget`.
     #[tracing::instrument(skip_all, fields(batch_id = %lease.batch_id, checkpoint = lease.checkpoint))]
     async fn start_in(&self, lease: Lease, budget: Budget) -> Result<BatchRun> {
-        let Some((payload_id, bytes)) = self.db.batch_payload(&lease.batch_id).await? else {
+        let Some((payload_id, bytes)) = lease.payload.clone() else {
             return Err(Error::Conflict(format!(
                 "the payload of batch {} was deleted when its retention ended; submit the \
                  file again",

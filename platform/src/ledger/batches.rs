@@ -18,6 +18,7 @@ use sqlx::any::AnyRow;
 
 use super::clients::{StoredSchema, parse_id, parse_policy};
 use super::filters::{Bind, Conditions};
+use super::payloads::stored_payload;
 use super::{Db, Dialect, Field, Outgoing, Tx, count, json_list, split_page};
 use crate::domain::prepare::{Chunk, RowError};
 use crate::{Error, Result, traces};
@@ -179,7 +180,7 @@ macro_rules! take_lease {
               took_over, checkpoint, records_total, format, policy, {now} - created_at AS waited_ms, \
               schema_version, (SELECT document FROM client_schemas s \
                 WHERE s.client_id = batches.client_id AND s.version = batches.schema_version) \
-                AS schema_document, traceparent"
+                AS schema_document, traceparent, payload_id, payload_bytes, payload_expired_at"
         )
     };
 }
@@ -290,6 +291,9 @@ pub struct Lease {
     pub waited_ms: u64,
     /// The trace context of the submit: processing the batch continues its trace.
     pub traceparent: Option<String>,
+    /// The stored file, read by the claim itself: its payload id and size in bytes; `None`
+    /// once its retention ended and it was deleted.
+    pub payload: Option<(String, u64)>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -1233,6 +1237,9 @@ struct LeaseColumns {
     schema_version: Option<i64>,
     schema_document: Option<String>,
     traceparent: Option<String>,
+    payload_id: Option<String>,
+    payload_bytes: i64,
+    payload_expired_at: Option<i64>,
 }
 
 impl LeaseColumns {
@@ -1254,6 +1261,7 @@ impl LeaseColumns {
             waited_ms: count(self.waited_ms),
             schema: StoredSchema::from_columns(self.schema_version, self.schema_document)?,
             traceparent: self.traceparent,
+            payload: stored_payload(self.payload_id, self.payload_bytes, self.payload_expired_at),
         })
     }
 }

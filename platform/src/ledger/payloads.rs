@@ -397,11 +397,8 @@ impl Db {
         .bind(batch.as_str())
         .fetch_optional(self.pool())
         .await?;
-        match row {
-            None => Err(Error::NotFound),
-            Some((Some(id), bytes, None)) => Ok(Some((id, count(bytes)))),
-            Some(_) => Ok(None),
-        }
+        let (id, bytes, expired_at) = row.ok_or(Error::NotFound)?;
+        Ok(stored_payload(id, bytes, expired_at))
     }
 
     /// Reads a stored file back in order for a blocking thread, a part when the parser asks
@@ -496,6 +493,19 @@ pub(super) async fn delete_parts(tx: &mut super::Tx, payload_id: &str) -> Result
         .execute(&mut **tx)
         .await?;
     Ok(())
+}
+
+/// A batch's stored file from its `payload_id`, `payload_bytes` and `payload_expired_at`
+/// columns: its id and size, or `None` once its retention ended and it was deleted.
+pub(super) fn stored_payload(
+    id: Option<String>,
+    bytes: i64,
+    expired_at: Option<i64>,
+) -> Option<(String, u64)> {
+    match (id, expired_at) {
+        (Some(id), None) => Some((id, count(bytes))),
+        _ => None,
+    }
 }
 
 /// A file as a `Read` for the parsers on a blocking thread, a part at a time: parts another
