@@ -131,13 +131,15 @@ async fn a_bundles_batch_that_fails_fails_alone(b: Backend) {
         let body = csv(&format!("m{i}"), 3);
         batches.push(t.import(&key, "text/csv", body).await.batch_id);
     }
+    // The third's file turns out longer than one chunk: its batch still counts three
+    // records, so the claim bundles it with the others.
+    replace_payload(&t.db, &batches[2], csv("long", 25).as_bytes()).await;
     let w = t.worker();
     let shutdown = tokio_util::sync::CancellationToken::new();
     let slot = w.slot(&shutdown).await.unwrap();
     let leases = w.claim_for(&slot).await.unwrap();
     assert_eq!(leases.len(), 3);
-    // The second's lease lapses and another worker takes it over; the third's file turns
-    // out longer than one chunk.
+    // The second's lease lapses and another worker takes it over.
     sqlx::query("UPDATE batches SET lease_expires_at = 0 WHERE id = $1")
         .bind(batches[1].as_str())
         .execute(t.db.pool())
@@ -145,7 +147,6 @@ async fn a_bundles_batch_that_fails_fails_alone(b: Backend) {
         .unwrap();
     let thief = t.worker().claim_batch(&batches[1]).await.unwrap();
     assert!(matches!(thief, dataflow_worker::BatchClaim::Taken(_)));
-    replace_payload(&t.db, &batches[2], csv("long", 25).as_bytes()).await;
 
     let outcomes = w.process_all(leases, &Default::default()).await;
     let completed = outcomes
