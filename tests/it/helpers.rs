@@ -272,10 +272,13 @@ impl TestApp {
         resp.json().await.unwrap()
     }
 
-    /// Waits (up to 20 s) until the batch reaches `status`, polling politely: a 429 from
-    /// the client's own rate limit means wait and ask again.
+    /// Waits until the batch reaches `status`, polling politely: a 429 from the client's
+    /// own rate limit means wait and ask again. Fails when the batch has not moved (its
+    /// status or the records it processed) for 20 s: a large file on a busy machine may
+    /// take longer than that as a whole, but not between two of its chunks.
     pub async fn wait_for(&self, key: &str, id: &BatchId, status: BatchStatus) -> BatchView {
-        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut deadline = Instant::now() + Duration::from_secs(20);
+        let mut seen = None;
         loop {
             let resp = self.get(key, &format!("/v1/batches/{id}")).await;
             if resp.status() == 429 {
@@ -287,6 +290,11 @@ impl TestApp {
             let b: BatchView = resp.json().await.unwrap();
             if b.status == status {
                 return b;
+            }
+            let now = Some((b.status, b.records_processed));
+            if now != seen {
+                seen = now;
+                deadline = Instant::now() + Duration::from_secs(20);
             }
             assert!(
                 Instant::now() < deadline,
