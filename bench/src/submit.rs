@@ -71,7 +71,7 @@ async fn measure(
     p.start(first, args.workers, &key).await?;
 
     let url = format!("http://{}/v1/imports", p.addr);
-    let cpu = CpuSpent::since(p)?;
+    let cpu = CpuSpent::since(p, backend == "postgres")?;
     let next = Arc::new(AtomicUsize::new(0));
     let records = args.records;
     let started = Instant::now();
@@ -169,14 +169,10 @@ struct CpuSpent {
 }
 
 impl CpuSpent {
-    fn since(p: &Processes) -> anyhow::Result<CpuSpent> {
+    fn since(p: &Processes, postgres: bool) -> anyhow::Result<CpuSpent> {
         Ok(CpuSpent {
             processes: p.cpu_seconds()?,
-            postgres: p
-                .database_url
-                .starts_with("postgres")
-                .then(postgres_cpu)
-                .transpose()?,
+            postgres: postgres.then(postgres_cpu).transpose()?,
             load: cpu_seconds(std::process::id())?,
         })
     }
@@ -185,7 +181,7 @@ impl CpuSpent {
     /// fields (` cpu_us_per_batch_serve=…`), with their sum: the CPU a batch costs the
     /// whole machine, submit to completion, which is what sets its ceiling on this one.
     fn per_batch(self, p: &Processes, batches: f64) -> anyhow::Result<String> {
-        let now = CpuSpent::since(p)?;
+        let now = CpuSpent::since(p, self.postgres.is_some())?;
         let mut parts: Vec<(String, f64)> = now
             .processes
             .iter()
